@@ -1,0 +1,137 @@
+"""Time grids: ``timesteps(schedule, steps, spacing)`` returns a descending float64 tensor of t values.
+
+With ``final="zero"`` (the default) the grid has ``steps`` evaluation points and ends at the data end
+(sigma = 0); with ``final="sigma_min"`` it ends at the least noisy trained level instead, which is what
+diffusers does for DDIM with ``set_alpha_to_one=False`` and DPM-Solver with
+``final_sigmas_type="sigma_min"``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .schedule import F64, FlowSchedule, Schedule, VPSchedule
+
+FINALS = ("zero", "sigma_min")
+
+
+def _karras(schedule, n, sigma_min=None, sigma_max=None, rho=7.0):
+    """Karras et al. 2022, eq. 5: n levels uniform in ve^(1/rho)."""
+    lo, hi = _ve_range(schedule, sigma_min, sigma_max, "karras")
+    ramp = torch.linspace(0, 1, n, dtype=F64)
+    ve = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return schedule.t_of_ve(ve)
+
+
+def _uniform_lam(schedule, n, sigma_min=None, sigma_max=None):
+    """n levels uniform in logSNR (Lu et al. 2022, 'logSNR' skip type)."""
+    lo, hi = _ve_range(schedule, sigma_min, sigma_max, "uniform_lam")
+    lam = torch.linspace(-math.log(hi), -math.log(lo), n, dtype=F64)
+    return schedule.t_of_lam(lam)
+
+
+def _uniform_t(schedule, n, t_start=None, t_end=None):
+    hi = schedule.t_max if t_start is None else float(t_start)
+    lo = _t_sigma_min(schedule) if t_end is None else float(t_end)
+    return torch.linspace(hi, lo, n, dtype=F64)
+
+
+def _ve_range(schedule, sigma_min, sigma_max, name):
+    lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
+    hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
+    if not (0 < lo < hi < math.inf):
+        raise ValueError(f"spacing {name!r} needs 0 < sigma_min < sigma_max < inf, got "
+                         f"sigma_min={lo:g}, sigma_max={hi:g} (a zero-terminal-SNR schedule must be "
+                         f"given a finite sigma_max)")
+    return lo, hi
+
+
+def _t_sigma_min(schedule) -> float:
+    return float(schedule.t_of_ve(torch.tensor(schedule.sigma_min, dtype=F64)))
+
+
+def _diffusers_grid(schedule, n, kind, steps_offset=0, round=True):
+    """diffusers' integer-index grids (DDIM/Euler conventions): n points, largest first."""
+    T = schedule.num_train_timesteps
+    if kind == "linspace":
+        t = np.linspace(0, T - 1, n)[::-1]
+        if round:
+            t = t.round()
+    elif kind == "leading":
+        ratio = T // n
+        t = (np.arange(0, n) * ratio).round()[::-1] + steps_offset
+    else:  # trailing
+        t = np.round(np.arange(T, 0, -T / n)) - 1
+    return torch.tensor(t.copy(), dtype=F64)
+
+
+SPACINGS = ("karras", "uniform_lam", "uniform_t", "linspace", "leading", "trailing")
+_DIFFUSERS = ("linspace", "leading", "trailing")
+
+
+def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final: str = "zero",
+              drop_last: bool = False, **options) -> torch.Tensor:
+    """Descending t grid of ``steps`` intervals for ``schedule``.
+
+    spacing: ``karras`` (rho, sigma_min, sigma_max), ``uniform_lam`` (sigma_min, sigma_max),
+    ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
+    ``trailing``. ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
+    the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
+    (FlowMatchEulerDiscreteScheduler's grid is ``t_end`` = its shifted sigma_min). ``drop_last=True`` builds a diffusers grid for steps + 1 points and drops the last,
+    the convention of diffusers' DPMSolverMultistepScheduler. Defaults to ``schedule.spacing``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    spacing = spacing or getattr(schedule, "spacing", "uniform_t")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+    if final not in FINALS:
+        raise ValueError(f"unknown final {final!r}; choose one of: {', '.join(FINALS)}")
+    allowed = {"karras": {"rho", "sigma_min", "sigma_max"}, "uniform_lam": {"sigma_min", "sigma_max"},
+               "uniform_t": {"t_start", "t_end"}, "linspace": {"round"}, "leading": {"steps_offset"},
+               "trailing": set()}[spacing]
+    bad = set(options) - allowed
+    if bad:
+        raise ValueError(f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "
+                         f"{', '.join(sorted(allowed)) or 'none'}")
+    if drop_last and spacing not in _DIFFUSERS:
+        raise ValueError(f"drop_last applies to the diffusers spacings {_DIFFUSERS}, not {spacing!r}")
+
+    if spacing in _DIFFUSERS:
+        if not isinstance(schedule, VPSchedule):
+            raise ValueError(f"spacing {spacing!r} indexes a discrete VP table; "
+                             f"{type(schedule).__name__} supports: karras, uniform_lam, uniform_t")
+        n = steps + 1 if drop_last else steps
+        if n > schedule.num_train_timesteps:
+            raise ValueError(f"steps={steps} exceeds the {schedule.num_train_timesteps} training "
+                             f"timesteps of this schedule")
+        points = _diffusers_grid(schedule, n, spacing, **options)[:steps]
+        end = schedule.t_min if final == "zero" else 0.0
+        ts = torch.cat([points, torch.tensor([end], dtype=F64)])
+    elif spacing == "uniform_t" and final == "zero" and options.get("t_end") is None:
+        # uniform in t all the way to the data end (trailing-like for VP, SD3-like for flow)
+        ts = _uniform_t(schedule, steps + 1, t_start=options.get("t_start"), t_end=schedule.t_min)
+    else:
+        rule = {"karras": _karras, "uniform_lam": _uniform_lam, "uniform_t": _uniform_t}[spacing]
+        if final == "sigma_min":
+            ts = rule(schedule, steps + 1, **options)
+        else:
+            ts = torch.cat([rule(schedule, steps, **options), torch.tensor([schedule.t_min], dtype=F64)])
+    schedule.check_t(ts, "timesteps")
+    if torch.any(ts[1:] >= ts[:-1]):
+        raise ValueError(f"spacing {spacing!r} with steps={steps} gives repeated or rising timesteps "
+                         f"{ts.tolist()}; use fewer steps or another spacing")
+    return ts
+
+
+def check_timesteps(schedule: Schedule, ts) -> torch.Tensor:
+    """Validate a user-provided grid: 1-D, at least two points, strictly descending, in range."""
+    ts = torch.as_tensor(ts, dtype=F64).detach().cpu()
+    if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(f"ts must be a 1-D grid with at least 2 points, got shape {tuple(ts.shape)}")
+    if torch.any(ts[1:] >= ts[:-1]):
+        raise ValueError("ts must be strictly descending (noise end first)")
+    schedule.check_t(ts, "ts")
+    return ts
