@@ -1,0 +1,60 @@
+"""Denoisers: callables ``(x, t, cond) -> Pred`` with a ``.schedule``.
+
+``t`` is a 0-dim tensor (one level for the batch, as in sampling) or shape [B] (one level per sample,
+as in training). ``NetDenoiser`` wraps a raw network: x stays in the schedule's native space, the
+network runs in its own dtype and sees ``schedule.model_time(t)``, and the output is converted to a
+Pred in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .pred import KINDS, Pred
+from .schedule import Schedule
+
+
+class Denoiser(Protocol):
+    schedule: Schedule
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any) -> Pred: ...
+
+
+def levels(schedule: Schedule, t: torch.Tensor, like: torch.Tensor):
+    """(a, s) at t as float64 scalars/[B] tensors, ready to broadcast against like."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    if t.ndim not in (0, 1) or (t.ndim == 1 and t.numel() != like.shape[0]):
+        raise ValueError(f"t must be a scalar or have one entry per sample ({like.shape[0]}), "
+                         f"got shape {tuple(t.shape)}")
+    return schedule.alpha(t), schedule.sigma(t)
+
+
+@dataclass(frozen=True, eq=False)
+class NetDenoiser:
+    """A network ``forward(x_in, model_time, cond) -> output`` of prediction ``kind``.
+
+    ``dtype`` is the network's input dtype (default: that of x). ``learned_sigma`` keeps only the first
+    half of the output channels (DiT, iDDPM).
+    """
+
+    forward: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+    schedule: Schedule
+    kind: str = "eps"
+    dtype: torch.dtype | None = None
+    learned_sigma: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown prediction kind {self.kind!r}; choose one of: {', '.join(KINDS)}")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> Pred:
+        a, s = levels(self.schedule, t, x)
+        tm = self.schedule.model_time(t).to(device=x.device, dtype=torch.float32)
+        if tm.ndim == 0:
+            tm = tm.expand(x.shape[0])
+        out = self.forward(x.to(self.dtype or x.dtype), tm, cond)
+        if self.learned_sigma:
+            out = out[:, : out.shape[1] // 2]
+        return Pred.from_output(self.kind, out, x, a, s)

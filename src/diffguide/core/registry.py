@@ -1,0 +1,129 @@
+"""Name registry for samplers and guidance methods: ``@register("sampler", "dpmpp_2m")``.
+
+Registered classes are frozen dataclasses whose fields are their options (diffusers' habit: the
+constructor arguments are the config). Specs ``name`` or ``name:key=value,key=value`` resolve here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+_REGISTRY: dict[str, dict[str, type]] = {"sampler": {}, "guidance": {}}
+
+
+def register(kind: str, name: str):
+    def deco(cls):
+        _REGISTRY[kind][name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def names(kind: str) -> list[str]:
+    return sorted(_REGISTRY[kind])
+
+
+def options(kind: str, name: str) -> dict[str, typing.Any]:
+    """Public options of a registered class and their defaults."""
+    cls = lookup(kind, name)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = None
+    return out
+
+
+def lookup(kind: str, name: str) -> type:
+    table = _REGISTRY[kind]
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def create(kind: str, name: str, **opts):
+    cls = lookup(kind, name)
+    allowed = options(kind, name)
+    for key, value in opts.items():
+        if key not in allowed:
+            raise ValueError(f"{kind} {name!r} has no option {key!r}; allowed: "
+                             f"{', '.join(allowed) or 'none'}")
+    try:
+        return cls(**opts)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{kind} {name!r}: {e}") from None
+
+
+def _coerce(text: str, default):
+    """Turn a spec value into the type of the option's default."""
+    low = text.strip().lower()
+    if isinstance(default, bool) or low in ("true", "false"):
+        if low not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return low in ("true", "1", "yes")
+    if low in ("none", "null") and not isinstance(default, str):
+        return None
+    if isinstance(default, (int, float)) or default is None:
+        try:
+            v = float(text) if low not in ("inf", "-inf") else float(low)
+        except ValueError:
+            if default is None:
+                return text.strip()
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if isinstance(default, int) and not isinstance(default, bool) and v.is_integer():
+            return int(v)
+        if default is None and math.isfinite(v) and v.is_integer() and "." not in text:
+            return int(v)
+        return v
+    if isinstance(default, tuple):
+        return tuple(_coerce(p, default[0] if default else None) for p in text.split("/") if p)
+    return text.strip()
+
+
+def parse_spec(kind: str, spec: str):
+    """``'cfg:scale=7.5,rescale=0.7'`` -> CFG(scale=7.5, rescale=0.7)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty {kind} spec; expected name or name:key=value,...")
+    name, _, rest = spec.strip().partition(":")
+    lookup(kind, name)
+    allowed = options(kind, name)
+    opts = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"malformed {kind} spec {spec!r}: {item!r} is not key=value")
+        if key not in allowed:
+            raise ValueError(f"{kind} {name!r} has no option {key!r}; allowed: "
+                             f"{', '.join(allowed) or 'none'}")
+        try:
+            opts[key] = _coerce(value, allowed[key])
+        except ValueError as e:
+            raise ValueError(f"{kind} {name!r} option {key}: {e}") from None
+    return create(kind, name, **opts)
+
+
+def to_spec(obj) -> str:
+    """Inverse of parse_spec for a registered config: only options that differ from the defaults."""
+    defaults = options(_kind_of(obj), obj.name)
+    parts = []
+    for key, default in defaults.items():
+        value = getattr(obj, key)
+        if value != default:
+            if isinstance(value, tuple):
+                value = "/".join(str(v) for v in value)
+            parts.append(f"{key}={value}")
+    return obj.name + (":" + ",".join(parts) if parts else "")
+
+
+def _kind_of(obj) -> str:
+    for kind, table in _REGISTRY.items():
+        if table.get(getattr(obj, "name", None)) is type(obj):
+            return kind
+    raise ValueError(f"{type(obj).__name__} is not a registered sampler or guidance method")
