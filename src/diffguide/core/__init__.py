@@ -1,0 +1,9 @@
+"""Torch-only core: schedules, Pred, denoisers, branch batching, the sampling loop, the registry."""
+from .denoiser import Denoiser, NetDenoiser
+from .guided import Branch, Guidance, GuidedDenoiser, Point, guide
+from .pred import Pred
+from .registry import parse_spec, register, to_spec
+from .sample import RandomNoise, Sampler, SeededNoise, Step, sample
+from .schedule import FlowSchedule, Schedule, VPSchedule
+from .spacing import SPACINGS, timesteps
+from .threshold import DynamicThreshold

@@ -1,0 +1,215 @@
+"""Guidance plumbing: methods declare branches, the GuidedDenoiser evaluates them batched.
+
+Each step a guidance method names the network evaluations it needs (``Branch``: which condition,
+which model, which perturbation). Identical branches are evaluated once, branches that share a model,
+perturbation and grad mode are concatenated into one forward pass, and the method combines the
+resulting Preds into one. Per-run state (momentum and the like) lives on the GuidedDenoiser, which
+``sample`` resets at the start of every run.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Hashable, Mapping
+
+import torch
+
+from .pred import Pred
+from .schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One network evaluation a guidance method needs at this step."""
+
+    cond: str = "pos"          # key into the run's conditions ("pos", "neg", ...)
+    model: str = "main"        # key into the run's models
+    perturb: Hashable = None   # an object with .apply(denoiser) -> context manager, or None
+    grad: bool = False         # evaluate under autograd
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where the sampler is: t with its (a, s); scalars in sampling, [B] tensors in training."""
+
+    t: torch.Tensor
+    a: Any
+    s: Any
+    schedule: Schedule
+
+    @property
+    def ve(self):
+        """VE-equivalent noise level s/a (Karras sigma)."""
+        return self.schedule.ve(self.t)
+
+    @property
+    def progress(self):
+        """0 at the schedule's noise end, 1 at its data end."""
+        sc = self.schedule
+        return (sc.t_max - self.t) / (sc.t_max - sc.t_min)
+
+
+class Guidance:
+    """Base for guidance methods (frozen dataclasses). Override branches and combine."""
+
+    def init_state(self) -> Any:
+        return None
+
+    def branches(self, pt: Point) -> Mapping[str, Branch]:
+        raise NotImplementedError
+
+    def combine(self, x: torch.Tensor, pt: Point, preds: Mapping[str, Pred], state: Any):
+        raise NotImplementedError
+
+
+class _Incompatible(Exception):
+    pass
+
+
+def _fit(cond, b: int, name: str):
+    """Broadcast batch-1 tensors to batch b; refuse other mismatches."""
+    if isinstance(cond, torch.Tensor):
+        if cond.ndim == 0 or cond.shape[0] not in (1, b):
+            raise ValueError(f"condition {name!r} has batch {tuple(cond.shape)[:1] or '()'} but the "
+                             f"sample has batch {b}; give one row per sample or a single row")
+        return cond.expand(b, *cond.shape[1:]) if cond.shape[0] != b else cond
+    if isinstance(cond, Mapping):
+        return {k: _fit(v, b, f"{name}.{k}") for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_fit(v, b, name) for v in cond)
+    return cond
+
+
+def _cat(conds: list):
+    first = conds[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(c, torch.Tensor) and c.shape[1:] == first.shape[1:]
+                   and c.dtype == first.dtype for c in conds):
+            raise _Incompatible
+        return torch.cat(conds)
+    if isinstance(first, Mapping):
+        if not all(isinstance(c, Mapping) and c.keys() == first.keys() for c in conds):
+            raise _Incompatible
+        return {k: _cat([c[k] for c in conds]) for k in first}
+    if isinstance(first, (list, tuple)):
+        if not all(type(c) is type(first) and len(c) == len(first) for c in conds):
+            raise _Incompatible
+        return type(first)(_cat(list(p)) for p in zip(*conds))
+    if not all(c is first or c == first for c in conds):
+        raise _Incompatible
+    return first
+
+
+def _rows(cond, sl: slice):
+    if isinstance(cond, torch.Tensor):
+        return cond[sl]
+    if isinstance(cond, Mapping):
+        return {k: _rows(v, sl) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(_rows(v, sl) for v in cond)
+    return cond
+
+
+class GuidedDenoiser:
+    """The ``(x, t) -> Pred`` callable samplers consume. One per run; counts NFE.
+
+    ``nfe`` counts network evaluations per sample (a batched cond + uncond pass is 2), ``forwards``
+    counts forward passes.
+    """
+
+    def __init__(self, models: Mapping[str, Any], guidance: Guidance, conds: Mapping[str, Any],
+                 threshold=None, max_batch: int | None = None):
+        if "main" not in models:
+            raise ValueError("models must include a 'main' denoiser")
+        for name, m in models.items():
+            if not callable(m) or not hasattr(m, "schedule"):
+                raise ValueError(f"model {name!r} must be a callable (x, t, cond) -> Pred with a "
+                                 f".schedule, got {type(m).__name__}")
+        if not isinstance(guidance, Guidance):
+            raise ValueError(f"guidance must be a Guidance object or a spec string, got "
+                             f"{type(guidance).__name__}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch!r}")
+        self.models, self.guidance, self.conds = dict(models), guidance, dict(conds)
+        self.threshold, self.max_batch = threshold, max_batch
+        self.schedule: Schedule = self.models["main"].schedule
+        self.reset()
+
+    def reset(self) -> None:
+        self.state = self.guidance.init_state()
+        self.nfe = 0
+        self.forwards = 0
+
+    def __call__(self, x: torch.Tensor, t) -> Pred:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+        pt = Point(t, a, s, self.schedule)
+        preds = self.evaluate(x, t, self.guidance.branches(pt))
+        pred, self.state = self.guidance.combine(x, pt, preds, self.state)
+        if self.threshold is not None:
+            pred = self.threshold(pred, x, a, s)
+        return pred
+
+    def evaluate(self, x: torch.Tensor, t: torch.Tensor, branches: Mapping[str, Branch]) -> dict:
+        """Evaluate the distinct branches, one forward pass per (model, perturb, grad) group."""
+        unique = list(dict.fromkeys(branches.values()))
+        groups: dict[tuple, list[Branch]] = {}
+        for br in unique:
+            if br.model not in self.models:
+                raise ValueError(f"branch needs model {br.model!r}; this run has: "
+                                 f"{', '.join(self.models)}")
+            if br.cond not in self.conds:
+                raise ValueError(f"{type(self.guidance).__name__} needs condition {br.cond!r}; this "
+                                 f"run has: {', '.join(self.conds) or 'none'} (pass uncond= for 'neg')")
+            groups.setdefault((br.model, br.perturb, br.grad), []).append(br)
+        out: dict[Branch, Pred] = {}
+        for (model, perturb, grad), brs in groups.items():
+            conds = [_fit(self.conds[br.cond], x.shape[0], br.cond) for br in brs]
+            try:
+                preds = self._forward(model, perturb, grad, x, t, _cat(conds), len(brs))
+            except _Incompatible:
+                preds = [self._forward(model, perturb, grad, x, t, c, 1)[0] for c in conds]
+            out.update(zip(brs, preds))
+            self.nfe += len(brs)
+        return {name: out[br] for name, br in branches.items()}
+
+    def _forward(self, model, perturb, grad, x, t, cond, k) -> list[Pred]:
+        net = self.models[model]
+        xs = x if k == 1 else torch.cat([x] * k)
+        ts = t if t.ndim == 0 or k == 1 else t.repeat(k)
+        step = xs.shape[0] if self.max_batch is None else self.max_batch
+        ctx = perturb.apply(net) if perturb is not None else contextlib.nullcontext()
+        chunks = []
+        with ctx, torch.set_grad_enabled(grad or torch.is_grad_enabled()):
+            for i in range(0, xs.shape[0], step):
+                sl = slice(i, i + step)
+                pred = net(xs[sl], ts if ts.ndim == 0 else ts[sl], _rows(cond, sl))
+                if not isinstance(pred, Pred):
+                    raise ValueError(f"model {model!r} returned {type(pred).__name__}, not a Pred")
+                chunks.append(pred)
+                self.forwards += 1
+        return (Pred.cat(chunks) if len(chunks) > 1 else chunks[0]).split(k)
+
+
+def guide(denoiser, guidance=None, cond=None, uncond=None, *, conds: Mapping[str, Any] | None = None,
+          models: Mapping[str, Any] | None = None, threshold=None,
+          max_batch: int | None = None) -> GuidedDenoiser:
+    """The ``(x, t) -> Pred`` callable a sampler consumes: ``denoiser`` guided by ``guidance``.
+
+    guidance: a Guidance object, a spec such as ``"cfg:scale=7.5"``, or None (conditional only).
+    cond / uncond become the conditions "pos" / "neg"; ``conds`` adds others, ``models`` adds
+    models beside "main". ``threshold`` (e.g. DynamicThreshold()) post-processes the guided x0;
+    ``max_batch`` caps the rows of one forward pass.
+    """
+    from .registry import parse_spec  # deferred: methods register on import
+
+    if guidance is None:
+        guidance = parse_spec("guidance", "none")
+    elif isinstance(guidance, str):
+        guidance = parse_spec("guidance", guidance)
+    all_models = {"main": denoiser, **(models or {})}
+    all_conds = {"pos": cond}
+    if uncond is not None:
+        all_conds["neg"] = uncond
+    all_conds.update(conds or {})
+    return GuidedDenoiser(all_models, guidance, all_conds, threshold=threshold, max_batch=max_batch)

@@ -1,0 +1,195 @@
+"""The sampling loop, the Step record, the Sampler base and noise sources.
+
+A sampler's ``step(denoise, x, st, state, noise)`` advances x from ``st.t`` to ``st.t_next`` and
+returns the new x and its history. Every update is written as a data anchor plus a renoise term,
+``x' = a' D + s' E``, with D built from x0 predictions and E from eps (plus fresh noise), never
+re-deriving one from x. Histories come from ``init_state()`` at the start of each run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .pred import Pred
+from .schedule import F64, Schedule
+from .spacing import check_timesteps
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], Pred]
+Noise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One interval t -> t_next; schedule facts are computed once, in float64."""
+
+    i: int
+    n: int
+    t: torch.Tensor
+    t_next: torch.Tensor
+    schedule: Schedule
+
+    @cached_property
+    def a(self) -> float:
+        return float(self.schedule.alpha(self.t))
+
+    @cached_property
+    def s(self) -> float:
+        return float(self.schedule.sigma(self.t))
+
+    @cached_property
+    def a_next(self) -> float:
+        return float(self.schedule.alpha(self.t_next))
+
+    @cached_property
+    def s_next(self) -> float:
+        return float(self.schedule.sigma(self.t_next))
+
+    @cached_property
+    def ve(self) -> float:
+        return float(self.schedule.ve(self.t))
+
+    @cached_property
+    def ve_next(self) -> float:
+        return float(self.schedule.ve(self.t_next))
+
+    @cached_property
+    def lam(self) -> float:
+        return float(self.schedule.lam(self.t))
+
+    @cached_property
+    def lam_next(self) -> float:
+        return float(self.schedule.lam(self.t_next))
+
+    @cached_property
+    def h(self) -> float:
+        return self.lam_next - self.lam
+
+    @property
+    def last(self) -> bool:
+        """True when this step lands on clean data (sigma = 0): only x0 matters there."""
+        return self.s_next == 0.0
+
+    def to(self, t=None, t_next=None) -> "Step":
+        """The same step position with other endpoints (churn, ancestral and singlestep substeps)."""
+        return Step(self.i, self.n, self.t if t is None else torch.as_tensor(t, dtype=F64),
+                    self.t_next if t_next is None else torch.as_tensor(t_next, dtype=F64),
+                    self.schedule)
+
+
+class Sampler:
+    """Base for samplers (frozen dataclasses whose fields are their options)."""
+
+    def init_state(self) -> Any:
+        return ()
+
+    def step(self, denoise: Denoise, x: torch.Tensor, st: Step, state: Any, noise: Noise):
+        raise NotImplementedError
+
+
+# -- shared pieces of the update rules ------------------------------------------------------------
+
+def ancestral(st: Step, eta: float) -> tuple[float, float]:
+    """(ve_down, ve_up) splitting ve_next into a deterministic and a fresh-noise part.
+
+    ve_up = min(ve', eta ve' sqrt(1 - e^{-2h})): eta = 1 is DDPM's posterior (Ho et al. 2020), equal
+    to DDIM's sigma_t(eta) (Song et al. 2021, eq. 16) and k-diffusion's get_ancestral_step.
+    """
+    if eta == 0 or st.last:
+        return st.ve_next, 0.0
+    up = min(st.ve_next, eta * st.ve_next * math.sqrt(-math.expm1(-2 * st.h)))
+    return math.sqrt(max(st.ve_next ** 2 - up ** 2, 0.0)), up
+
+
+def churn(x: torch.Tensor, st: Step, amount: float, s_tmin: float, s_tmax: float, s_noise: float,
+          noise: Noise) -> tuple[torch.Tensor, Step]:
+    """Karras et al. 2022, Alg. 2 lines 4-6: raise the level to ve (1 + gamma) with fresh noise."""
+    if amount <= 0 or not (s_tmin <= st.ve <= s_tmax) or st.s == 0:
+        return x, st
+    gamma = min(amount / st.n, math.sqrt(2) - 1)
+    sc = st.schedule
+    t_hat = sc.t_of_ve(torch.tensor(st.ve * (1 + gamma), dtype=F64))
+    hat = st.to(t=t_hat)
+    if hat.ve <= st.ve:  # already at the top of the schedule
+        return x, st
+    z = noise(x, st.t, hat.t)
+    return (hat.a / st.a) * x + (hat.a * math.sqrt(hat.ve ** 2 - st.ve ** 2) * s_noise) * z, hat
+
+
+# -- noise sources --------------------------------------------------------------------------------
+
+class RandomNoise:
+    """Standard normal draws from one generator (or torch's global RNG): batch-dependent."""
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def __call__(self, like: torch.Tensor, t=None, t_next=None) -> torch.Tensor:
+        z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype,
+                        device=self.generator.device if self.generator is not None else like.device)
+        return z.to(like.device)
+
+
+class SeededNoise:
+    """One generator per sample (EDM's StackedRandomGenerator), so a sample's noise depends on its
+    seed alone, not on the rest of its batch. Row i is drawn as torch.randn((1, ...)) from its own
+    generator, the same stream diffusers' randn_tensor draws from a list of generators.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: str | torch.device = "cpu"):
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("SeededNoise needs at least one seed")
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for batch {shape[0]} requested from {len(self.generators)} seeds")
+        rows = [torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device)
+                for g in self.generators]
+        return torch.cat(rows).to(device or rows[0].device)
+
+    def __call__(self, like: torch.Tensor, t=None, t_next=None) -> torch.Tensor:
+        return self.randn(like.shape, like.dtype, like.device)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None = None,
+           callback: Callable[[Step, torch.Tensor], None] | None = None, grad: bool = False) -> torch.Tensor:
+    """Integrate from x at ts[0] down the grid ts; returns the sample at ts[-1].
+
+    ``denoise`` is an ``(x, t) -> Pred`` callable with a ``.schedule`` (what ``guide`` returns).
+    ``sampler`` is a Sampler or a registry spec such as ``"dpmpp_2m"``. Gradients are off unless
+    ``grad=True``; guidance branches that need them turn them on for themselves.
+    """
+    from .registry import parse_spec  # deferred: samplers register on import
+
+    schedule = getattr(denoise, "schedule", None)
+    if not callable(denoise) or schedule is None:
+        raise ValueError("denoise must be an (x, t) -> Pred callable with a .schedule; wrap a "
+                         "denoiser with diffguide.guide(denoiser, guidance, cond)")
+    if isinstance(sampler, str):
+        sampler = parse_spec("sampler", sampler)
+    if not isinstance(sampler, Sampler):
+        raise ValueError(f"sampler must be a Sampler or a spec string, got {type(sampler).__name__}")
+    ts = check_timesteps(schedule, ts)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+        raise ValueError("x must be a floating-point tensor with a leading batch dimension")
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # the sampler state stays in float32 whatever the network runs in
+    noise = noise if noise is not None else RandomNoise()
+    if hasattr(denoise, "reset"):
+        denoise.reset()
+    state = sampler.init_state()
+    n = ts.numel() - 1
+    with torch.set_grad_enabled(grad):
+        for i in range(n):
+            st = Step(i, n, ts[i], ts[i + 1], schedule)
+            x, state = sampler.step(denoise, x, st, state, noise)
+            if callback is not None:
+                callback(st, x)
+    return x
