@@ -1,0 +1,35 @@
+"""diffguide: guidance methods and samplers for diffusion models, any guidance on any sampler."""
+from . import guidance as _guidance, samplers as _samplers  # noqa: F401  (register the built-ins)
+from .core import (Branch, Denoiser, DynamicThreshold, FlowSchedule, Guidance, GuidedDenoiser,
+                   NetDenoiser, Point, Pred, RandomNoise, Sampler, Schedule, SeededNoise, Step,
+                   VPSchedule, guide, parse_spec, register, sample, timesteps, to_spec)
+from .core import registry as _registry
+from .guidance import CFG
+from .toy import GaussianMixture
+
+__version__ = "0.1.0"
+
+
+def get_sampler(name: str, **options) -> Sampler:
+    """A sampler by registry name, e.g. get_sampler("dpmpp_2m", solver_type="heun")."""
+    return _registry.create("sampler", name, **options)
+
+
+def get_guidance(name: str, **options) -> Guidance:
+    """A guidance method by registry name, e.g. get_guidance("cfg", scale=7.5)."""
+    return _registry.create("guidance", name, **options)
+
+
+def list_samplers() -> list[str]:
+    return _registry.names("sampler")
+
+
+def list_guidance() -> list[str]:
+    return _registry.names("guidance")
+
+
+__all__ = ["Branch", "CFG", "Denoiser", "DynamicThreshold", "FlowSchedule", "GaussianMixture",
+           "Guidance", "GuidedDenoiser", "NetDenoiser", "Point", "Pred", "RandomNoise", "Sampler",
+           "Schedule", "SeededNoise", "Step", "VPSchedule", "get_guidance", "get_sampler", "guide",
+           "list_guidance", "list_samplers", "parse_spec", "register", "sample", "timesteps",
+           "to_spec"]

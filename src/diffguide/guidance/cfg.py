@@ -1,0 +1,109 @@
+"""Classifier-free guidance with weight schedules, a guidance interval and rescale."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..core.guided import Branch, Guidance, Point
+from ..core.pred import Pred
+from ..core.registry import register
+
+WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "clamp_linear", "clamp_cosine")
+RESCALE_SPACES = ("x0", "eps", "v")
+
+
+@register("guidance", "none")
+@dataclass(frozen=True)
+class NoGuidance(Guidance):
+    """The conditional prediction alone (one evaluation per step)."""
+
+    def branches(self, pt: Point):
+        return {"c": Branch("pos")}
+
+    def combine(self, x, pt, preds, state):
+        return preds["c"], state
+
+
+@register("guidance", "cfg")
+@dataclass(frozen=True)
+class CFG(Guidance):
+    """Classifier-free guidance (Ho & Salimans 2022): u + scale (c - u), scale as in diffusers.
+
+    weight_schedule varies w = scale - 1 with progress p (0 at noise, 1 at data) keeping its mean
+    (Wang et al. 2024, Sec. 3): linear 2 w p, cosine w (1 - cos pi p), clamp_* = max(floor, .).
+    Guidance applies only while the VE level s/a lies in [sigma_lo, sigma_hi] (Kynkaanniemi et al.
+    2024); elsewhere, and wherever the scale is 1, only the conditional branch is evaluated. rescale
+    mixes in the guided prediction rescaled to the conditional one's per-sample std (Lin et al. 2023,
+    Sec. 3.4) in rescale_space; diffusers rescales the raw output (eps, or v for v-models).
+    """
+
+    scale: float = 5.0
+    weight_schedule: str = "constant"
+    floor: float = 1.0
+    sigma_lo: float = 0.0
+    sigma_hi: float = math.inf
+    rescale: float = 0.0
+    rescale_space: str = "x0"
+
+    def __post_init__(self):
+        if self.weight_schedule not in WEIGHT_SCHEDULES:
+            raise ValueError(f"unknown weight_schedule {self.weight_schedule!r}; choose one of: "
+                             f"{', '.join(WEIGHT_SCHEDULES)}")
+        if self.rescale_space not in RESCALE_SPACES:
+            raise ValueError(f"unknown rescale_space {self.rescale_space!r}; choose one of: "
+                             f"{', '.join(RESCALE_SPACES)}")
+        if not 0 <= self.rescale <= 1:
+            raise ValueError(f"rescale must be in [0, 1], got {self.rescale!r}")
+        if not 0 <= self.sigma_lo <= self.sigma_hi:
+            raise ValueError(f"need 0 <= sigma_lo <= sigma_hi, got {self.sigma_lo!r}, {self.sigma_hi!r}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+
+    def scale_at(self, pt: Point) -> torch.Tensor:
+        """The diffusers-convention scale at this point (scalar, or per sample in training)."""
+        w, p = self.scale - 1.0, torch.as_tensor(pt.progress, dtype=torch.float64)
+        sched = self.weight_schedule
+        if sched == "constant":
+            w = torch.full_like(p, w)
+        elif sched.endswith("linear"):
+            w = 2 * w * p
+        else:
+            w = w * (1 - torch.cos(math.pi * p))
+        if sched.startswith("clamp"):
+            w = w.clamp(min=self.floor)
+        ve = torch.as_tensor(pt.ve, dtype=torch.float64)
+        inside = (ve >= self.sigma_lo) & (ve <= self.sigma_hi)
+        return torch.where(inside, 1 + w, torch.ones_like(w))
+
+    def branches(self, pt: Point):
+        g = self.scale_at(pt)
+        if torch.all(g == 1):
+            return {"c": Branch("pos")}
+        if torch.all(g == 0):
+            return {"u": Branch("neg")}
+        return {"c": Branch("pos"), "u": Branch("neg")}
+
+    def combine(self, x, pt, preds, state):
+        if "u" not in preds or "c" not in preds:
+            return preds.get("c", preds.get("u")), state
+        c, u = preds["c"], preds["u"]
+        g = self.scale_at(pt)
+        guided = u + g * (c - u)
+        if self.rescale > 0:
+            guided = self._rescale(x, pt, c, guided)
+        return guided, state
+
+    def _rescale(self, x, pt, c: Pred, guided: Pred) -> Pred:
+        space = self.rescale_space
+        get = {"x0": lambda p: p.x0, "eps": lambda p: p.eps, "v": lambda p: p.v(pt.a, pt.s)}[space]
+        pc, pg = get(c), get(guided)
+        dims = tuple(range(1, pg.ndim))
+        ratio = pc.std(dim=dims, keepdim=True) / pg.std(dim=dims, keepdim=True)
+        out = pg * (self.rescale * ratio + (1 - self.rescale))
+        if space == "x0":
+            return Pred.from_x0(x, out, pt.a, pt.s)
+        if space == "eps":
+            return Pred.from_eps(x, out, pt.a, pt.s)
+        return Pred.from_output("v", out, x, pt.a, pt.s)

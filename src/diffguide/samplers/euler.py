@@ -1,0 +1,57 @@
+"""First-order samplers: DDIM (with eta), Euler (with churn), Euler ancestral.
+
+With a Pred all three are the same data-anchor-plus-renoise update x' = a' x0 + s' eps (+ noise):
+Euler in VE coordinates, x~' = x~ + (ve' - ve)(x~ - x0)/ve, is exactly DDIM's eta = 0 step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..core.registry import register
+from ..core.sample import Sampler, ancestral, churn
+
+
+@register("sampler", "ddim")
+@dataclass(frozen=True)
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021, eq. 12): x' = a' x0 + a' ve_down eps + a' ve_up z; eta = 1 is DDPM."""
+
+    eta: float = 0.0
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+
+    def step(self, denoise, x, st, state, noise):
+        p = denoise(x, st.t)
+        down, up = ancestral(st, self.eta)
+        x = st.a_next * p.x0 + (st.a_next * down) * p.eps
+        if up > 0:
+            x = x + (st.a_next * up * self.s_noise) * noise(x, st.t, st.t_next)
+        return x, state
+
+
+@register("sampler", "euler_ancestral")
+@dataclass(frozen=True)
+class EulerAncestral(DDIM):
+    """Euler ancestral (k-diffusion's sample_euler_ancestral); eta = 1 is DDPM's ancestral step."""
+
+    eta: float = 1.0
+
+
+@register("sampler", "euler")
+@dataclass(frozen=True)
+class Euler(Sampler):
+    """Euler (Karras et al. 2022, Alg. 2 without the correction), with optional churn."""
+
+    churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def step(self, denoise, x, st, state, noise):
+        x, st = churn(x, st, self.churn, self.s_tmin, self.s_tmax, self.s_noise, noise)
+        p = denoise(x, st.t)
+        return st.a_next * p.x0 + st.s_next * p.eps, state

@@ -1,0 +1,2 @@
+"""Toy worlds whose true distribution is known exactly."""
+from .mixture import GaussianMixture
