@@ -1,0 +1,178 @@
+"""Shared by tests and bench: SD settings, a tiny UNet with a well-posed output, reference loops,
+the convergence measurement and the diffusers parity cases."""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+
+import diffguide as dg
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def sd_schedule(**kw) -> dg.VPSchedule:
+    return dg.VPSchedule.from_betas(**SD, **kw)
+
+
+def tiny_unet(seed: int = 0, in_channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=in_channels,
+        out_channels=in_channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
+        attention_head_dim=8).eval()
+
+
+class WellPosed:
+    """Network output = the exact prediction for N(0, I) data + 0.1 * a random UNet.
+
+    A bare random UNet predicts an eps inconsistent with x_t, so x0 = (x - s eps)/a blows up by 1/a
+    and samples end far from unit variance; this keeps them near it while the UNet still makes the
+    output depend on x, t and the condition. Called exactly like a diffusers UNet (x, timestep, emb).
+    """
+
+    def __init__(self, schedule: dg.VPSchedule, unet, kind: str = "eps"):
+        self.schedule, self.unet, self.kind = schedule, unet, kind
+
+    def __call__(self, x, t, emb):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[0]
+        a, s = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        base = {"eps": s * x, "v": 0 * x, "x0": a * x}[self.kind]
+        return base + 0.1 * self.unet(x, t.float(), encoder_hidden_states=emb).sample
+
+    def denoiser(self) -> dg.NetDenoiser:
+        return dg.NetDenoiser(lambda x, tm, c: self(x, tm, c), self.schedule, self.kind)
+
+
+def diffusers_loop(scheduler, model, z, steps, cond, uncond, scale, generator=None):
+    """The StableDiffusionPipeline denoising loop, verbatim in structure: batched CFG on the raw output."""
+    scheduler.set_timesteps(steps)
+    lat = z * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(torch.cat([lat] * 2), t)
+            out = model(inp, t, torch.cat([uncond, cond]))
+            u, c = out.chunk(2)
+            lat = scheduler.step(u + scale * (c - u), t, lat, generator=generator).prev_sample
+    return lat
+
+
+def ode_reference(gm: dg.GaussianMixture, y0: torch.Tensor, sigma_hi: float, sigma_lo: float, cond=None):
+    """Probability-flow ODE dy/dlam = D(y, lam) - y in VE coordinates (y = x/a), solved by scipy's
+    DOP853 at tolerance 1e-13: an integrator independent of diffguide's samplers."""
+    from scipy.integrate import solve_ivp
+
+    shape = y0.shape
+
+    def f(lam, flat):
+        y = torch.from_numpy(flat).view(shape)
+        ve = math.exp(-lam)
+        a = 1 / math.sqrt(1 + ve * ve)
+        return (gm.posterior_mean(y * a, a, ve * a, cond) - y).flatten().numpy()
+
+    sol = solve_ivp(f, (-math.log(sigma_hi), -math.log(sigma_lo)), y0.double().flatten().numpy(),
+                    method="DOP853", rtol=1e-13, atol=1e-13)
+    assert sol.success
+    return torch.from_numpy(sol.y[:, -1]).view(shape)
+
+
+# --- convergence ---------------------------------------------------------------------------------
+
+def convergence_errors(spec, gm, y0, labels, yref, steps, sigma_hi, sigma_lo):
+    """Max error at sigma_lo versus NFE on logSNR-uniform grids of the given step counts."""
+    sc = gm.schedule
+    errs, nfes = [], []
+    for n in steps:
+        ts = dg.timesteps(sc, n, "uniform_lam", final="sigma_min", sigma_min=sigma_lo, sigma_max=sigma_hi)
+        den = dg.guide(gm, None, labels)
+        x = dg.sample(den, spec, ts, y0 * float(sc.alpha(ts[0])))
+        errs.append(float((x / float(sc.alpha(ts[-1])) - yref).abs().max()))
+        nfes.append(den.nfe)
+    return errs, nfes
+
+
+def fitted_order(errs, nfes) -> float:
+    """Minus the least-squares slope of log(error) against log(NFE)."""
+    return -float(np.polyfit(np.log(nfes), np.log(errs), 1)[0])
+
+
+# --- parity with diffusers' scheduler loops --------------------------------------------------------
+
+PARITY_SCALE = 5.0
+PARITY_SEEDS = [11, 12]
+
+
+def _dm(name):
+    import diffusers
+    return getattr(diffusers, name)
+
+
+# case: (diffusers scheduler class, its settings beyond SD's, diffguide sampler spec, step kwargs)
+PARITY_CASES = {
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}, "dpmpp_2m", {}),
+    "dpmpp_2m_heun": ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m:solver_type=heun", {}),
+    "dpmpp_3m_published": ("DPMSolverMultistepScheduler", {"solver_order": 3}, "dpmpp_3m_published", {}),
+    "ddim": ("DDIMScheduler", {"steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}, "ddim", {}),
+    "euler": ("EulerDiscreteScheduler", {}, "euler", {}),
+    "heun": ("HeunDiscreteScheduler", {}, "heun", {}),
+    # stochastic: per-sample generator lists on both sides
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral", {}),
+    "ddim_eta": ("DDIMScheduler", {"steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False},
+                 "ddim:eta=1.0", {"eta": 1.0}),
+}
+
+
+def parity_grid(schedule, steps, case):
+    """The diffusers scheduler's own grid for SD settings, as a diffguide grid."""
+    if case.startswith("dpm"):
+        return dg.timesteps(schedule, steps, "linspace", drop_last=True)
+    if case.startswith("ddim"):
+        return dg.timesteps(schedule, steps, "leading", steps_offset=1, final="sigma_min")
+    return dg.timesteps(schedule, steps, "linspace", round=False)  # Euler / Heun / Euler ancestral
+
+
+def parity_run(case, steps, model_ref, den, schedule, shape, cond, uncond, kind="epsilon"):
+    """(diffguide result, diffusers result) for one case on the same model and initial noise."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    cls, extra, spec, step_kw = PARITY_CASES[case]
+    sched = _dm(cls)(**SD, **extra, prediction_type=kind)
+    takes_generator = "generator" in inspect.signature(sched.step).parameters
+
+    class WithKwargs:  # the shared loop, plus this scheduler's extra step arguments (eta)
+        def __getattr__(self, k):
+            return getattr(sched, k)
+
+        def step(self, *a, generator=None, **kw):
+            return sched.step(*a, **kw, **step_kw, **({"generator": generator} if takes_generator else {}))
+
+    gens = [torch.Generator().manual_seed(s) for s in PARITY_SEEDS]
+    z = randn_tensor(shape, generator=gens)
+    ref = diffusers_loop(WithKwargs(), model_ref, z, steps, cond, uncond, PARITY_SCALE, generator=gens)
+    noise = dg.SeededNoise(PARITY_SEEDS)
+    z_ours = noise.randn(shape)
+    assert torch.equal(z, z_ours)
+    ts = parity_grid(schedule, steps, case)
+    # diffusers starts VP schedulers (DDIM, DPM) at x_VP = z and VE ones (Euler, Heun) at
+    # x~ = init_noise_sigma z, i.e. x_VP = a(t0) init_noise_sigma z
+    start = z_ours * (float(sched.init_noise_sigma) * float(schedule.alpha(ts[0]))
+                      if sched.init_noise_sigma != 1.0 else 1.0)
+    x = dg.sample(dg.guide(den, dg.CFG(scale=PARITY_SCALE), cond, uncond), spec, ts, start, noise)
+    return x, ref
+
+
+def gmm_eps_model(gm):
+    """The mixture's exact eps as a diffusers-style model (x, timestep, labels)."""
+    sc = gm.schedule
+
+    def model(x, t, labels):
+        t = torch.as_tensor(t, dtype=torch.float64)
+        a, s = sc.alpha(t), sc.sigma(t)
+        return ((x.double() - a * gm.posterior_mean(x, a, s, labels)) / s).float()
+    return model
