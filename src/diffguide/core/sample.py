@@ -104,19 +104,25 @@ def ancestral(st: Step, eta: float) -> tuple[float, float]:
     return math.sqrt(max(st.ve_next ** 2 - up ** 2, 0.0)), up
 
 
-def churn(x: torch.Tensor, st: Step, amount: float, s_tmin: float, s_tmax: float, s_noise: float,
-          noise: Noise) -> tuple[torch.Tensor, Step]:
-    """Karras et al. 2022, Alg. 2 lines 4-6: raise the level to ve (1 + gamma) with fresh noise."""
-    if amount <= 0 or not (s_tmin <= st.ve <= s_tmax) or st.s == 0:
-        return x, st
-    gamma = min(amount / st.n, math.sqrt(2) - 1)
-    sc = st.schedule
-    t_hat = sc.t_of_ve(torch.tensor(st.ve * (1 + gamma), dtype=F64))
-    hat = st.to(t=t_hat)
-    if hat.ve <= st.ve:  # already at the top of the schedule
-        return x, st
-    z = noise(x, st.t, hat.t)
-    return (hat.a / st.a) * x + (hat.a * math.sqrt(hat.ve ** 2 - st.ve ** 2) * s_noise) * z, hat
+@dataclass(frozen=True)
+class Churn(Sampler):
+    """EDM's stochastic churn options (Karras et al. 2022, Alg. 2), shared by Euler and Heun."""
+
+    churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def churned(self, x: torch.Tensor, st: Step, noise: Noise) -> tuple[torch.Tensor, Step]:
+        """Alg. 2 lines 4-6: raise the level to ve (1 + gamma) with fresh noise."""
+        if self.churn <= 0 or not (self.s_tmin <= st.ve <= self.s_tmax) or st.s == 0:
+            return x, st
+        gamma = min(self.churn / st.n, math.sqrt(2) - 1)
+        hat = st.to(t=st.schedule.t_of_ve(torch.tensor(st.ve * (1 + gamma), dtype=F64)))
+        if hat.ve <= st.ve:  # already at the top of the schedule
+            return x, st
+        z = noise(x, st.t, hat.t)
+        return (hat.a / st.a) * x + (hat.a * math.sqrt(hat.ve ** 2 - st.ve ** 2) * self.s_noise) * z, hat
 
 
 # -- noise sources --------------------------------------------------------------------------------

@@ -5,11 +5,10 @@ Euler in VE coordinates, x~' = x~ + (ve' - ve)(x~ - x0)/ve, is exactly DDIM's et
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..core.registry import register
-from ..core.sample import Sampler, ancestral, churn
+from ..core.sample import Churn, Sampler, ancestral
 
 
 @register("sampler", "ddim")
@@ -43,15 +42,10 @@ class EulerAncestral(DDIM):
 
 @register("sampler", "euler")
 @dataclass(frozen=True)
-class Euler(Sampler):
+class Euler(Churn):
     """Euler (Karras et al. 2022, Alg. 2 without the correction), with optional churn."""
 
-    churn: float = 0.0
-    s_tmin: float = 0.0
-    s_tmax: float = math.inf
-    s_noise: float = 1.0
-
     def step(self, denoise, x, st, state, noise):
-        x, st = churn(x, st, self.churn, self.s_tmin, self.s_tmax, self.s_noise, noise)
+        x, st = self.churned(x, st, noise)
         p = denoise(x, st.t)
         return st.a_next * p.x0 + st.s_next * p.eps, state

@@ -1,16 +1,15 @@
 """Heun's second-order sampler (Karras et al. 2022, Alg. 1 and 2)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..core.registry import register
-from ..core.sample import Sampler, churn
+from ..core.sample import Churn
 
 
 @register("sampler", "heun")
 @dataclass(frozen=True)
-class Heun(Sampler):
+class Heun(Churn):
     """Heun (trapezoid) on the ODE in straight coordinates y = x/c, where y = (a/c) x0 + (s/c) eps.
 
     c = a (VE coordinates, EDM) on VP schedules and c = a + s (= 1, flow time, as diffusers'
@@ -18,13 +17,8 @@ class Heun(Sampler):
     renoise, each averaged. The step to sigma = 0 is plain Euler (one evaluation).
     """
 
-    churn: float = 0.0
-    s_tmin: float = 0.0
-    s_tmax: float = math.inf
-    s_noise: float = 1.0
-
     def step(self, denoise, x, st, state, noise):
-        x, st = churn(x, st, self.churn, self.s_tmin, self.s_tmax, self.s_noise, noise)
+        x, st = self.churned(x, st, noise)
         p = denoise(x, st.t)
         x_euler = st.a_next * p.x0 + st.s_next * p.eps
         if st.last:
