@@ -147,3 +147,14 @@ def test_per_sample_t_training_mode(gmm, sd):
     for i in range(3):
         q = dg.guide(gmm, dg.CFG(scale=3.0), torch.tensor([[0, 1, 2][i]]), torch.tensor([-1]))(x[i:i + 1], t[i])
         assert torch.allclose(p.x0[i], q.x0[0], atol=1e-6) and torch.allclose(p.eps[i], q.eps[0], atol=1e-5)
+
+
+def test_partial_run_is_a_shorter_grid(gmm, sd):
+    """img2img-style: restarting from the state at ts[k] on ts[k:] continues the same trajectory."""
+    ts = dg.timesteps(sd, 12, "karras")
+    labels = torch.arange(8) % 4
+    seen = {}
+    full = dg.sample(dg.guide(gmm, None, labels), "ddim", ts, _x(gmm, ts),
+                     callback=lambda st, x: seen.setdefault(st.i, x.clone()))
+    part = dg.sample(dg.guide(gmm, None, labels), "ddim", ts[5:], seen[4])
+    assert torch.equal(full, part)

@@ -34,7 +34,9 @@ class CFG(Guidance):
     weight_schedule varies w = scale - 1 with progress p (0 at noise, 1 at data) keeping its mean
     (Wang et al. 2024, Sec. 3): linear 2 w p, cosine w (1 - cos pi p), clamp_* = max(floor, .).
     Guidance applies only while the VE level s/a lies in [sigma_lo, sigma_hi] (Kynkaanniemi et al.
-    2024); elsewhere, and wherever the scale is 1, only the conditional branch is evaluated. rescale
+    2024), read at each evaluation's own level (the authors' Heun sampler decides once per step, so
+    its correction at t_next may differ at the interval's edges); elsewhere, and wherever the scale
+    is 1, only the conditional branch is evaluated. rescale
     mixes in the guided prediction rescaled to the conditional one's per-sample std (Lin et al. 2023,
     Sec. 3.4) in rescale_space; diffusers rescales the raw output (eps, or v for v-models).
     """
