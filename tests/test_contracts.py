@@ -158,3 +158,50 @@ def test_partial_run_is_a_shorter_grid(gmm, sd):
                      callback=lambda st, x: seen.setdefault(st.i, x.clone()))
     part = dg.sample(dg.guide(gmm, None, labels), "ddim", ts[5:], seen[4])
     assert torch.equal(full, part)
+
+
+@dataclass(frozen=True)
+class Flip:
+    """A perturbation: while applied, the test model negates its x0 (hashable, like real ones)."""
+
+    def apply(self, net):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            net.flipped = True
+            try:
+                yield
+            finally:
+                net.flipped = False
+        return ctx()
+
+
+@dataclass(frozen=True)
+class WithPerturbed(dg.Guidance):
+    def branches(self, pt):
+        return {"c": dg.Branch("pos"), "u": dg.Branch("neg"), "p": dg.Branch("pos", perturb=Flip())}
+
+    def combine(self, x, pt, preds, state):
+        return preds["c"] + 0.5 * (preds["c"] - preds["p"]), state
+
+
+def test_perturbed_branch_gets_its_own_forward(gmm, sd):
+    class Model:
+        schedule = sd
+        flipped = False
+        calls = []
+
+        def __call__(self, x, t, cond):
+            self.calls.append((x.shape[0], self.flipped))
+            p = gmm(x, t, cond)
+            return dg.Pred.from_x0(x, -p.x0 if self.flipped else p.x0, sd.alpha(t), sd.sigma(t))
+
+    m = Model()
+    den = dg.guide(m, WithPerturbed(), torch.tensor([0, 1]), torch.tensor([-1]))
+    x, t = torch.randn(2, 2), torch.tensor(300.0, dtype=torch.float64)
+    out = den(x, t)
+    assert sorted(m.calls) == [(2, True), (4, False)] and not m.flipped  # cond+uncond batched, perturbed apart
+    c = gmm(x, t, torch.tensor([0, 1]))
+    assert torch.allclose(out.x0, c.x0 + 0.5 * (c.x0 + c.x0), atol=1e-6)
+    assert den.nfe == 3 and den.forwards == 2
