@@ -10,8 +10,7 @@ from helpers import SD, diffusers_loop
 
 
 def _point(sc, t):
-    t = torch.as_tensor(t, dtype=torch.float64)
-    return dg.Point(t, sc.alpha(t), sc.sigma(t), sc)
+    return dg.Point(torch.as_tensor(t, dtype=torch.float64), sc)
 
 
 @pytest.mark.parametrize("sched,expected", [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Hashable, Mapping
 
 import torch
@@ -30,15 +31,22 @@ class Branch:
 
 @dataclass(frozen=True)
 class Point:
-    """Where the sampler is: t with its (a, s); scalars in sampling, [B] tensors in training."""
+    """Where the sampler is: t (a scalar in sampling, one per sample in training) and its schedule;
+    the levels are computed when a guidance method first asks for them."""
 
     t: torch.Tensor
-    a: Any
-    s: Any
     schedule: Schedule
 
-    @property
-    def ve(self):
+    @cached_property
+    def a(self) -> torch.Tensor:
+        return self.schedule.alpha(self.t)
+
+    @cached_property
+    def s(self) -> torch.Tensor:
+        return self.schedule.sigma(self.t)
+
+    @cached_property
+    def ve(self) -> torch.Tensor:
         """VE-equivalent noise level s/a (Karras sigma)."""
         return self.schedule.ve(self.t)
 
@@ -142,12 +150,11 @@ class GuidedDenoiser:
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
-        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-        pt = Point(t, a, s, self.schedule)
+        pt = Point(t, self.schedule)
         preds = self.evaluate(x, t, self.guidance.branches(pt))
         pred, self.state = self.guidance.combine(x, pt, preds, self.state)
         if self.threshold is not None:
-            pred = self.threshold(pred, x, a, s)
+            pred = self.threshold(pred, x, pt.a, pt.s)
         return pred
 
     def evaluate(self, x: torch.Tensor, t: torch.Tensor, branches: Mapping[str, Branch]) -> dict:

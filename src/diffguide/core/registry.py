@@ -81,8 +81,6 @@ def _coerce(text: str, default):
         if default is None and math.isfinite(v) and v.is_integer() and "." not in text:
             return int(v)
         return v
-    if isinstance(default, tuple):
-        return tuple(_coerce(p, default[0] if default else None) for p in text.split("/") if p)
     return text.strip()
 
 
@@ -116,8 +114,6 @@ def to_spec(obj) -> str:
     for key, default in defaults.items():
         value = getattr(obj, key)
         if value != default:
-            if isinstance(value, tuple):
-                value = "/".join(str(v) for v in value)
             parts.append(f"{key}={value}")
     return obj.name + (":" + ",".join(parts) if parts else "")
 
