@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,49 +21,46 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], Pred]
 Noise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _levels(schedule: Schedule, ts: torch.Tensor) -> tuple[list, list, list]:
+    """alpha, sigma and VE sigma at every t of ts, as float64 Python floats, in one pass."""
+    return schedule.alpha(ts).tolist(), schedule.sigma(ts).tolist(), schedule.ve(ts).tolist()
+
+
+def _lam(ve: float) -> float:
+    return math.inf if ve == 0 else -math.log(ve)
+
+
 @dataclass(frozen=True)
 class Step:
-    """One interval t -> t_next; schedule facts are computed once, in float64."""
+    """One interval t -> t_next with its levels (float64 floats); lam = -log ve, h = lam' - lam."""
 
     i: int
     n: int
     t: torch.Tensor
     t_next: torch.Tensor
     schedule: Schedule
+    a: float
+    s: float
+    ve: float
+    a_next: float
+    s_next: float
+    ve_next: float
 
-    @cached_property
-    def a(self) -> float:
-        return float(self.schedule.alpha(self.t))
+    @classmethod
+    def make(cls, i: int, n: int, t, t_next, schedule: Schedule) -> "Step":
+        t, t_next = torch.as_tensor(t, dtype=F64), torch.as_tensor(t_next, dtype=F64)
+        (a, a1), (s, s1), (ve, ve1) = _levels(schedule, torch.stack([t, t_next]))
+        return cls(i, n, t, t_next, schedule, a, s, ve, a1, s1, ve1)
 
-    @cached_property
-    def s(self) -> float:
-        return float(self.schedule.sigma(self.t))
-
-    @cached_property
-    def a_next(self) -> float:
-        return float(self.schedule.alpha(self.t_next))
-
-    @cached_property
-    def s_next(self) -> float:
-        return float(self.schedule.sigma(self.t_next))
-
-    @cached_property
-    def ve(self) -> float:
-        return float(self.schedule.ve(self.t))
-
-    @cached_property
-    def ve_next(self) -> float:
-        return float(self.schedule.ve(self.t_next))
-
-    @cached_property
+    @property
     def lam(self) -> float:
-        return float(self.schedule.lam(self.t))
+        return _lam(self.ve)
 
-    @cached_property
+    @property
     def lam_next(self) -> float:
-        return float(self.schedule.lam(self.t_next))
+        return _lam(self.ve_next)
 
-    @cached_property
+    @property
     def h(self) -> float:
         return self.lam_next - self.lam
 
@@ -75,9 +71,8 @@ class Step:
 
     def to(self, t=None, t_next=None) -> "Step":
         """The same step position with other endpoints (churn, ancestral and singlestep substeps)."""
-        return Step(self.i, self.n, self.t if t is None else torch.as_tensor(t, dtype=F64),
-                    self.t_next if t_next is None else torch.as_tensor(t_next, dtype=F64),
-                    self.schedule)
+        return Step.make(self.i, self.n, self.t if t is None else t,
+                         self.t_next if t_next is None else t_next, self.schedule)
 
 
 class Sampler:
@@ -192,9 +187,10 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
         denoise.reset()
     state = sampler.init_state()
     n = ts.numel() - 1
+    a, s, ve = _levels(schedule, ts)  # once per run, not twice per grid point
     with torch.set_grad_enabled(grad):
         for i in range(n):
-            st = Step(i, n, ts[i], ts[i + 1], schedule)
+            st = Step(i, n, ts[i], ts[i + 1], schedule, a[i], s[i], ve[i], a[i + 1], s[i + 1], ve[i + 1])
             x, state = sampler.step(denoise, x, st, state, noise)
             if callback is not None:
                 callback(st, x)
