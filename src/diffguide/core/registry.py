@@ -97,11 +97,8 @@ def parse_spec(kind: str, spec: str):
         key = key.strip()
         if not eq or not key:
             raise ValueError(f"malformed {kind} spec {spec!r}: {item!r} is not key=value")
-        if key not in allowed:
-            raise ValueError(f"{kind} {name!r} has no option {key!r}; allowed: "
-                             f"{', '.join(allowed) or 'none'}")
-        try:
-            opts[key] = _coerce(value, allowed[key])
+        try:  # unknown keys pass through uncoerced; create() names them
+            opts[key] = _coerce(value, allowed[key]) if key in allowed else value
         except ValueError as e:
             raise ValueError(f"{kind} {name!r} option {key}: {e}") from None
     return create(kind, name, **opts)
