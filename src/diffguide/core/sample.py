@@ -100,6 +100,18 @@ def ancestral(st: Step, eta: float) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class Ancestral(Sampler):
+    """Options of samplers that inject fresh noise by ``ancestral``: eta (0 = deterministic)."""
+
+    eta: float = 0.0
+    s_noise: float = 1.0
+
+    def __post_init__(self):
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+
+
+@dataclass(frozen=True)
 class Churn(Sampler):
     """EDM's stochastic churn options (Karras et al. 2022, Alg. 2), shared by Euler and Heun."""
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ..core.registry import register
-from ..core.sample import Sampler, ancestral
+from ..core.sample import Ancestral, Sampler, ancestral
 
 SOLVER_TYPES = ("midpoint", "heun")
 WARMUPS = ("lower_order", "singlestep")
@@ -145,19 +145,16 @@ class DPMpp3MSDE(DPMpp3M):
 
 @register("sampler", "dpmpp_2s")
 @dataclass(frozen=True)
-class DPMpp2S(Sampler):
+class DPMpp2S(Ancestral):
     """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1) at lambda + r h; two evaluations per step. With
     eta > 0 it is k-diffusion's dpmpp_2s_ancestral."""
 
     r: float = 0.5
-    eta: float = 0.0
-    s_noise: float = 1.0
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 < self.r <= 1:
             raise ValueError(f"r must be in (0, 1], got {self.r!r}")
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 
     def step(self, denoise, x, st, state, noise):
         p = denoise(x, st.t)

@@ -8,20 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.registry import register
-from ..core.sample import Churn, Sampler, ancestral
+from ..core.sample import Ancestral, Churn, ancestral
 
 
 @register("sampler", "ddim")
 @dataclass(frozen=True)
-class DDIM(Sampler):
+class DDIM(Ancestral):
     """DDIM (Song et al. 2021, eq. 12): x' = a' x0 + a' ve_down eps + a' ve_up z; eta = 1 is DDPM."""
-
-    eta: float = 0.0
-    s_noise: float = 1.0
-
-    def __post_init__(self):
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 
     def step(self, denoise, x, st, state, noise):
         p = denoise(x, st.t)
