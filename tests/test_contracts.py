@@ -205,3 +205,20 @@ def test_perturbed_branch_gets_its_own_forward(gmm, sd):
     c = gmm(x, t, torch.tensor([0, 1]))
     assert torch.allclose(out.x0, c.x0 + 0.5 * (c.x0 + c.x0), atol=1e-6)
     assert den.nfe == 3 and den.forwards == 2
+
+
+@pytest.mark.parametrize("spec", dg.list_samplers())
+@pytest.mark.parametrize("schedule", ["flow", "ztsnr"])
+def test_grid_from_pure_noise(spec, schedule):
+    """Grids that start where the signal is exactly zero (flow t = 1, zero-terminal-SNR VP), so
+    lambda = -inf at the first point: every sampler stays finite and lands in the right class."""
+    sc = dg.FlowSchedule(shift=3.0) if schedule == "flow" else sd_schedule(rescale_betas_zero_snr=True)
+    gm = dg.GaussianMixture.ring(sc)
+    ts = dg.timesteps(sc, 12, "uniform_t")
+    assert float(sc.alpha(ts[0])) == 0.0
+    labels = torch.tensor([1] * 64)
+    x = dg.sample(dg.guide(gm, None, labels), spec, ts, dg.SeededNoise(range(64)).randn((64, 2)),
+                  dg.SeededNoise(range(100, 164)))
+    assert torch.isfinite(x).all()
+    nearest = torch.cdist(x.double(), gm.means).argmin(1)
+    assert (gm.labels[nearest] == 1).double().mean() > 0.9

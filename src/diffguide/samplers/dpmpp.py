@@ -68,7 +68,9 @@ class _Multistep(Sampler):
     def step(self, denoise, x, st, state, noise):
         p = denoise(x, st.t)
         order = self.step_order(st, len(state))
-        keep = ((p.x0, st.lam),) + state[: self.order - 2]
+        # a point at lam = -inf (pure noise, flow t = 1) gives no slope information: the multistep
+        # correction vanishes as the previous step size goes to infinity, so it is not kept
+        keep = ((p.x0, st.lam),) + state[: self.order - 2] if math.isfinite(st.lam) else ()
         if (order == 1 and not state and self.order >= 3 and self.warmup == "singlestep"
                 and not st.last and math.isfinite(st.lam)):
             # a first-order start would cap the global order at 2; a 2S step (local error h^3) won't
@@ -93,7 +95,7 @@ class _Multistep(Sampler):
                 D = D + phi2 * d1 - ((2.0 if self.corrected else 1.0) * phi3) * d2
         x_next = st.a_next * D
         if st.s_next > 0:
-            x_next = x_next + (st.s_next * math.exp(-self.eta * st.h)) * p.eps
+            x_next = x_next + (st.s_next * (math.exp(-self.eta * st.h) if self.eta else 1.0)) * p.eps
             if self.eta > 0:
                 z = noise(x, st.t, st.t_next)
                 x_next = x_next + (st.s_next * math.sqrt(-math.expm1(-2 * self.eta * st.h)) * self.s_noise) * z
