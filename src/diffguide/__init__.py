@@ -1,6 +1,6 @@
 """diffguide: guidance methods and samplers for diffusion models, any guidance on any sampler."""
 from . import guidance as _guidance, samplers as _samplers  # noqa: F401  (register the built-ins)
-from .core import (Branch, Denoiser, DynamicThreshold, FlowSchedule, Guidance, GuidedDenoiser,
+from .core import (Branch, Clip, Denoiser, DynamicThreshold, FlowSchedule, Guidance, GuidedDenoiser,
                    NetDenoiser, Point, Pred, RandomNoise, Sampler, Schedule, SeededNoise, Step,
                    VPSchedule, guide, parse_spec, register, sample, timesteps, to_spec)
 from .core import registry as _registry
@@ -28,7 +28,7 @@ def list_guidance() -> list[str]:
     return _registry.names("guidance")
 
 
-__all__ = ["Branch", "CFG", "Denoiser", "DynamicThreshold", "FlowSchedule", "GaussianMixture",
+__all__ = ["Branch", "CFG", "Clip", "Denoiser", "DynamicThreshold", "FlowSchedule", "GaussianMixture",
            "Guidance", "GuidedDenoiser", "NetDenoiser", "Point", "Pred", "RandomNoise", "Sampler",
            "Schedule", "SeededNoise", "Step", "VPSchedule", "get_guidance", "get_sampler", "guide",
            "list_guidance", "list_samplers", "parse_spec", "register", "sample", "timesteps",

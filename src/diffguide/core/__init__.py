@@ -6,4 +6,4 @@ from .registry import parse_spec, register, to_spec
 from .sample import Ancestral, Churn, RandomNoise, Sampler, SeededNoise, Step, sample
 from .schedule import FlowSchedule, Schedule, VPSchedule
 from .spacing import SPACINGS, timesteps
-from .threshold import DynamicThreshold
+from .threshold import Clip, DynamicThreshold

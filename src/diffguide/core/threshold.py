@@ -1,4 +1,10 @@
-"""Dynamic thresholding of the x0 prediction (Saharia et al. 2022, Sec. 2.3), for pixel-space models."""
+"""Thresholding of the x0 prediction: dynamic (Saharia et al. 2022, Sec. 2.3) and static clipping.
+
+By default both move the renoise eps with x0 so that x = a x0 + s eps still holds (what an update
+written in x, as DPM-Solver++ and DDPM's posterior, does; for CFG++-style predictions the eps offset
+is kept). ``keep_eps=True`` leaves the model's eps alone, as diffusers' DDIM does unless
+``use_clipped_model_output``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,13 +22,13 @@ class DynamicThreshold:
 
     mode="diffusers": s = clamp(q, 1, max_value), as diffusers' ``_threshold_sample``.
     mode="imagen": s = max(q, max_value), the paper with DPM-Solver's ``thresholding_max_val`` floor.
-    Never use it on latents. The renoise eps moves with x0 so that x = a x0 + s eps still holds (the
-    diffusers update for consistent predictions); for CFG++-style predictions its offset is kept.
+    Never use it on latents.
     """
 
     ratio: float = 0.995
     max_value: float = 1.0
     mode: str = "diffusers"
+    keep_eps: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -41,5 +47,25 @@ class DynamicThreshold:
         else:
             q = q.clamp(min=self.max_value)
         q = q.to(x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
-        new = torch.maximum(torch.minimum(x0, q), -q) / q
-        return Pred(new, pred.eps + (_coef(a, x0) / _coef(s, x0)) * (x0 - new))
+        return _with_x0(pred, torch.maximum(torch.minimum(x0, q), -q) / q, a, s, self.keep_eps)
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Static thresholding: x0 <- clip(x0, -limit, limit) (diffusers' ``clip_sample``, DDPM's default)."""
+
+    limit: float = 1.0
+    keep_eps: bool = False
+
+    def __post_init__(self):
+        if not self.limit > 0:
+            raise ValueError(f"clip limit must be > 0, got {self.limit!r}")
+
+    def __call__(self, pred: Pred, x: torch.Tensor, a, s) -> Pred:
+        return _with_x0(pred, pred.x0.clamp(-self.limit, self.limit), a, s, self.keep_eps)
+
+
+def _with_x0(pred: Pred, new: torch.Tensor, a, s, keep_eps: bool) -> Pred:
+    if keep_eps:
+        return Pred(new, pred.eps)
+    return Pred(new, pred.eps + (_coef(a, new) / _coef(s, new)) * (pred.x0 - new))

@@ -1,0 +1,5 @@
+"""diffusers models as diffguide denoisers, and the GuidedPipeline. The only place diffusers is imported."""
+from .pipeline import GuidedOutput, GuidedPipeline
+from .schedulers import SchedulerInfo, from_scheduler
+
+__all__ = ["GuidedPipeline", "GuidedOutput", "SchedulerInfo", "from_scheduler"]

@@ -1,0 +1,243 @@
+"""Model families: how to condition, call and decode each kind of diffusers network.
+
+A family turns prompts into condition dicts (text encoders run through the diffusers pipeline's own
+``encode_prompt``, so tokenisation and padding are diffusers'), calls the network as
+``forward(x, model_time, cond)`` for ``NetDenoiser``, and decodes latents to images in [0, 1].
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+class Family:
+    """Base recipe. ``net`` is the denoising network; ``factor`` the pixel size of one latent cell."""
+
+    name = "base"
+    conditional = True
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def channels(self) -> int:
+        return self.net.config.in_channels
+
+    @property
+    def factor(self) -> int:
+        vae = getattr(self.pipe, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    @property
+    def default_size(self) -> int:
+        size = self.net.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.factor
+
+    @property
+    def multiple(self) -> int:
+        """Height and width must be multiples of this."""
+        return self.factor
+
+    def learned_sigma(self) -> bool:
+        cfg = self.net.config
+        return getattr(cfg, "out_channels", None) == 2 * cfg.in_channels
+
+    def encode(self, prompts: list, negatives: list, n: int, device) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    def extra(self, cond: dict, height: int, width: int) -> dict:
+        """Resolution-dependent conditions (SDXL time ids, PixArt resolution); none by default."""
+        return cond
+
+    def forward(self, x: torch.Tensor, tm: torch.Tensor, cond: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1], float32, [B, 3, H, W]."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:  # pixel-space model: x is the image in [-1, 1]
+            return (x.float() / 2 + 0.5).clamp(0, 1)
+        cfg = vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            mean = torch.tensor(mean, device=x.device).view(shape)
+            std = torch.tensor(std, device=x.device).view(shape)
+            z = x * std / cfg.scaling_factor + mean
+        else:
+            z = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+        if upcast:  # SDXL's fp16 VAE overflows; decode in float32 as its pipeline does
+            vae.to(torch.float32)
+        try:
+            img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype)
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+class StableDiffusion(Family):
+    """UNet2DConditionModel with CLIP text conditioning (SD 1.x/2.x, pixel-space text-to-image)."""
+
+    name = "sd"
+
+    def encode(self, prompts, negatives, n, device):
+        pos, neg = self.pipe.encode_prompt(prompts, device, n, True, negative_prompt=negatives)
+        return {"text": pos}, {"text": neg}
+
+    def forward(self, x, tm, cond):
+        return self.net(x, tm, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
+                        return_dict=False)[0]
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SDXL: two text encoders, pooled text embedding and size/crop time ids as added conditions."""
+
+    name = "sdxl"
+
+    def encode(self, prompts, negatives, n, device):
+        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompts, device=device, num_images_per_prompt=n, do_classifier_free_guidance=True,
+            negative_prompt=negatives)
+        return {"text": pos, "added": {"text_embeds": pooled}}, {"text": neg, "added": {"text_embeds": neg_pooled}}
+
+    def extra(self, cond, height, width):
+        te2 = getattr(self.pipe, "text_encoder_2", None)
+        proj = te2.config.projection_dim if te2 is not None else int(cond["added"]["text_embeds"].shape[-1])
+        ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width),
+                                          dtype=cond["text"].dtype, text_encoder_projection_dim=proj)
+        ids = ids.to(cond["text"].device).expand(cond["text"].shape[0], -1)
+        return {**cond, "added": {**cond["added"], "time_ids": ids}}
+
+
+class Unconditional(Family):
+    """UNet2DModel (DDPM-style pixel or latent models): no condition; prompts are ignored."""
+
+    name = "unconditional"
+    conditional = False
+
+    def encode(self, prompts, negatives, n, device):
+        return {}, {}
+
+    def forward(self, x, tm, cond):
+        return self.net(x, tm, return_dict=False)[0]
+
+
+class DiT(Family):
+    """DiTTransformer2DModel: class-conditional; the negative is the null class (num_classes)."""
+
+    name = "dit"
+
+    @property
+    def net(self):
+        return self.pipe.transformer
+
+    @property
+    def multiple(self) -> int:
+        return self.factor * self.net.config.patch_size
+
+    def labels(self, prompts: Sequence) -> list[int]:
+        out = []
+        names = {k.lower(): v for k, v in (getattr(self.pipe, "labels", None) or {}).items()}
+        classes = self.net.config.num_embeds_ada_norm
+        for p in prompts:
+            if isinstance(p, str) and p.strip().lstrip("-").isdigit():
+                p = int(p)
+            if isinstance(p, str):
+                if p.strip().lower() not in names:
+                    raise ValueError(f"unknown class label {p!r}; give a class index in 0..{classes - 1}"
+                                     + (" or a name from pipe.labels" if names else ""))
+                p = names[p.strip().lower()]
+            if not 0 <= int(p) < classes:
+                raise ValueError(f"class label {p} out of range 0..{classes - 1}")
+            out.append(int(p))
+        return out
+
+    def encode(self, prompts, negatives, n, device):
+        pos = torch.tensor(self.labels(prompts), device=device).repeat_interleave(n)
+        null = self.net.config.num_embeds_ada_norm
+        if negatives is None or all(q in (None, "") for q in negatives):
+            neg = torch.full_like(pos, null)
+        else:
+            neg = torch.tensor(self.labels(negatives), device=device).repeat_interleave(n)
+        return {"class": pos}, {"class": neg}
+
+    def forward(self, x, tm, cond):
+        return self.net(x, timestep=tm, class_labels=cond["class"], return_dict=False)[0]
+
+
+class PixArt(DiT):
+    """PixArtTransformer2DModel with T5 text conditioning and an attention mask."""
+
+    name = "pixart"
+
+    def encode(self, prompts, negatives, n, device):
+        negatives = negatives or [""] * len(prompts)  # its encode_prompt has no None default
+        pos, mask, neg, neg_mask = self.pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=True, negative_prompt=negatives,
+            num_images_per_prompt=n, device=device, clean_caption=False)
+        return {"text": pos, "mask": mask}, {"text": neg, "mask": neg_mask}
+
+    def extra(self, cond, height, width):
+        res = ratio = None
+        if getattr(self.net, "use_additional_conditions", False):
+            b, dt, dev = cond["text"].shape[0], cond["text"].dtype, cond["text"].device
+            res = torch.tensor([[height, width]], dtype=dt, device=dev).expand(b, -1)
+            ratio = torch.tensor([[height / width]], dtype=dt, device=dev).expand(b, -1)
+        return {**cond, "resolution": res, "aspect_ratio": ratio}
+
+    def forward(self, x, tm, cond):
+        return self.net(x, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
+                        timestep=tm, added_cond_kwargs={"resolution": cond.get("resolution"),
+                                                        "aspect_ratio": cond.get("aspect_ratio")},
+                        return_dict=False)[0]
+
+
+class StableDiffusion3(DiT):
+    """SD3Transformer2DModel: rectified flow (velocity), CLIP x2 + T5 text, pooled projections."""
+
+    name = "sd3"
+
+    def learned_sigma(self):
+        return False
+
+    def encode(self, prompts, negatives, n, device):
+        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompts, prompts, prompts, device=device, num_images_per_prompt=n,
+            do_classifier_free_guidance=True, negative_prompt=negatives, negative_prompt_2=negatives,
+            negative_prompt_3=negatives)
+        return {"text": pos, "pooled": pooled}, {"text": neg, "pooled": neg_pooled}
+
+    def forward(self, x, tm, cond):
+        return self.net(hidden_states=x, timestep=tm, encoder_hidden_states=cond["text"],
+                        pooled_projections=cond["pooled"], return_dict=False)[0]
+
+
+def family_of(pipe) -> Family:
+    """Pick the recipe from the pipeline's networks."""
+    tr = getattr(pipe, "transformer", None)
+    if tr is not None:
+        cls = type(tr).__name__
+        table = {"DiTTransformer2DModel": DiT, "PixArtTransformer2DModel": PixArt,
+                 "SD3Transformer2DModel": StableDiffusion3}
+        if cls in table:
+            return table[cls](pipe)
+        raise ValueError(f"unsupported transformer {cls}; supported: {', '.join(table)}")
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+    cls = type(unet).__name__
+    if cls == "UNet2DModel":
+        return Unconditional(pipe)
+    if cls != "UNet2DConditionModel":
+        raise ValueError(f"unsupported unet {cls}; supported: UNet2DConditionModel, UNet2DModel")
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return StableDiffusionXL(pipe)
+    return StableDiffusion(pipe)

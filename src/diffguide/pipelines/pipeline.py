@@ -1,0 +1,281 @@
+"""GuidedPipeline: any diffusers model folder or hub id, sampled by any diffguide sampler and guidance.
+
+Loading is diffusers' own (``DiffusionPipeline.from_pretrained``); the schedule, prediction kind and
+default time grid come from the loaded scheduler's config; the network becomes a ``NetDenoiser``
+and the loop is ``diffguide.sample``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..core.denoiser import NetDenoiser
+from ..core.guided import Guidance, guide
+from ..core.registry import parse_spec
+from ..core.sample import RandomNoise, Sampler, SeededNoise, Step, sample
+from .families import Family, family_of
+from .schedulers import SchedulerInfo, from_scheduler
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class GuidedOutput:
+    """Images and what they cost: NFE per image, forward passes, seconds per phase."""
+
+    images: Any
+    nfe: int
+    forwards: int
+    timings: dict = field(default_factory=dict)
+    seeds: list | None = None
+    nsfw: list | None = None
+
+
+def as_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use cpu")
+    return device
+
+
+class GuidedPipeline:
+    """Wraps a loaded diffusers pipeline. Call it like a diffusers pipeline; see ``__call__``."""
+
+    def __init__(self, pipe, progress: bool = True):
+        self.pipe = pipe
+        self.family: Family = family_of(pipe)
+        self.info: SchedulerInfo = from_scheduler(pipe.scheduler)
+        net = self.family.net
+        self.denoiser = NetDenoiser(self.family.forward, self.info.schedule, self.info.kind,
+                                    dtype=net.dtype, learned_sigma=self.family.learned_sigma())
+        self.progress = progress
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, torch_dtype=None, device=None, progress: bool = True,
+                        **kwargs) -> "GuidedPipeline":
+        """Load with ``diffusers.DiffusionPipeline.from_pretrained`` (a folder or a hub id)."""
+        from diffusers import DiffusionPipeline
+
+        path = os.fspath(path_or_id)
+        dtype = as_dtype(torch_dtype)
+        dev = check_device(device) if device is not None else None
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                raise ValueError(f"model folder {path!r} has no model_index.json (save one with "
+                                 f"diffusers' pipeline.save_pretrained)")
+        elif not _HUB_ID.match(path) or os.path.exists(path) or path.startswith((".", "/", "~")):
+            raise ValueError(f"model {path!r} is neither a diffusers folder nor a hub id like "
+                             f"'org/name'")
+        kw = {"torch_dtype": dtype} if dtype is not None else {}
+        # components saved as None (a pixel-space model has no VAE) must be passed as None again
+        index = DiffusionPipeline.load_config(path)
+        absent = {k: None for k, v in index.items() if not k.startswith("_")
+                  and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None and k not in kwargs}
+        pipe = DiffusionPipeline.from_pretrained(path, **kw, **absent, **kwargs)
+        if dev is not None:
+            pipe = pipe.to(dev)
+        out = cls(pipe, progress=progress)
+        out.source = path
+        return out
+
+    @classmethod
+    def from_pipe(cls, pipe, progress: bool = True) -> "GuidedPipeline":
+        """Wrap an already loaded diffusers pipeline (its scheduler decides the default grid)."""
+        return cls(pipe, progress=progress)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.family.net.parameters()).device
+
+    def to(self, device=None, dtype=None) -> "GuidedPipeline":
+        self.pipe.to(*([check_device(device)] if device is not None else []),
+                     **({"dtype": as_dtype(dtype)} if dtype is not None else {}))
+        self.denoiser = dataclasses.replace(self.denoiser, dtype=self.family.net.dtype)
+        return self
+
+    # -- a call ------------------------------------------------------------------------------------
+
+    def resolve(self, guidance, guidance_scale, sampler) -> tuple[Guidance, Sampler]:
+        """Guidance and sampler objects from specs; guidance_scale overrides the method's scale."""
+        g = parse_spec("guidance", guidance) if isinstance(guidance, str) else guidance
+        if g is None:
+            g = parse_spec("guidance", "cfg")
+        if not isinstance(g, Guidance):
+            raise ValueError(f"guidance must be a spec string or a Guidance object, got {type(g).__name__}")
+        if guidance_scale is not None:
+            if "scale" not in {f.name for f in dataclasses.fields(g)}:
+                raise ValueError(f"guidance_scale given but {type(g).__name__} has no scale option")
+            g = dataclasses.replace(g, scale=float(guidance_scale))
+        s = parse_spec("sampler", sampler) if isinstance(sampler, str) else sampler
+        if not isinstance(s, Sampler):
+            raise ValueError(f"sampler must be a spec string or a Sampler object, got {type(s).__name__}")
+        return g, s
+
+    def size(self, height, width) -> tuple[int, int]:
+        fam = self.family
+        h = fam.default_size if height is None else height
+        w = fam.default_size if width is None else width
+        for name, v in (("height", h), ("width", w)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < fam.multiple or v % fam.multiple:
+                raise ValueError(f"{name} {v!r} must be a positive multiple of {fam.multiple} for this "
+                                 f"model ({type(fam.net).__name__})")
+        return int(h), int(w)
+
+    def __call__(self, prompt: str | Sequence = "", negative_prompt=None, guidance="cfg",
+                 guidance_scale: float | None = None, sampler="dpmpp_2m", steps: int = 20,
+                 spacing: str | None = None, height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
+                 generator=None, output_type: str = "pil",
+                 callback: Callable[[Step, torch.Tensor], None] | None = None,
+                 progress: bool | None = None, max_batch: int | None = None,
+                 threshold="scheduler") -> GuidedOutput:
+        """Generate images.
+
+        prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
+        guidance / sampler: registry specs (``"cfg:scale=7.5,rescale=0.7"``) or objects.
+        seed: one int (image i gets seed + i), a list of per-image seeds, or None (random); each image
+        has its own generator, so an image does not depend on its batch. ``generator`` (a
+        torch.Generator or a list, as in diffusers) is the alternative. spacing None: the grid the
+        loaded scheduler would use. callback(step, x) runs after every step. threshold: x0 clipping,
+        by default what the scheduler config asks for (clip_sample, thresholding); None for none.
+        """
+        t_start = time.perf_counter()
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        g, s = self.resolve(guidance, guidance_scale, sampler)
+        h, w = self.size(height, width)
+        ts = self.info.timesteps(steps, spacing)
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        if not prompts:
+            raise ValueError("prompt list is empty")
+        negs = (list(negative_prompt) if isinstance(negative_prompt, (list, tuple))
+                else [negative_prompt] * len(prompts))
+        if len(negs) != len(prompts):
+            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+        b = len(prompts) * num_images_per_prompt
+        noise, seeds = self._noise(b, seed, generator)
+        device, fam = self.device, self.family
+
+        # -- conditions, once per call
+        with torch.no_grad():
+            if fam.conditional:
+                # all None stays None: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)
+                negs_text = (None if all(q is None for q in negs) else ["" if q is None else q for q in negs])
+                pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
+                pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
+            else:
+                pos, neg = None, None
+        t_encode = time.perf_counter()
+
+        # -- sampling
+        shape = (b, fam.channels, h // fam.factor, w // fam.factor)
+        z = noise.randn(shape) if isinstance(noise, SeededNoise) else _randn(shape, generator)
+        x = z.to(device=device, dtype=torch.float32) * self.info.start_scale(ts)
+        if isinstance(threshold, str):
+            if threshold != "scheduler":
+                raise ValueError(f"threshold must be 'scheduler', None or a threshold object, got {threshold!r}")
+            threshold = self.info.threshold
+        denoise = guide(self.denoiser, g, pos, neg, threshold=threshold, max_batch=max_batch)
+        bar = _bar(ts.numel() - 1, self.progress if progress is None else progress)
+
+        def each(st, xt):
+            bar.update(1)
+            if callback is not None:
+                callback(st, xt)
+        try:
+            x = sample(denoise, s, ts, x, noise, callback=each)
+        finally:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_sample = time.perf_counter()
+
+        # -- decoding
+        nsfw = None
+        with torch.no_grad():
+            if output_type == "latent":
+                images = x
+            else:
+                images = fam.decode(x.to(fam.net.dtype) if fam.net.dtype != torch.float32 else x)
+                images, nsfw = self._safety(images, device)
+                if output_type != "pt":
+                    images = images.cpu().permute(0, 2, 3, 1).numpy()
+                    if output_type == "pil":
+                        images = to_pil(images)
+        t_end = time.perf_counter()
+        timings = {"encode": t_encode - t_start, "sample": t_sample - t_encode,
+                   "decode": t_end - t_sample, "total": t_end - t_start}
+        return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw)
+
+    def _noise(self, b: int, seed, generator):
+        if seed is not None and generator is not None:
+            raise ValueError("give seed or generator, not both")
+        if generator is not None:
+            if isinstance(generator, (list, tuple)):
+                if len(generator) != b:
+                    raise ValueError(f"{len(generator)} generators for a batch of {b}")
+                return _GeneratorList(list(generator)), None
+            return RandomNoise(generator), None
+        if seed is None:
+            seed = random.randrange(2 ** 31)
+        if isinstance(seed, (list, tuple, range)):
+            seeds = [int(v) for v in seed]
+            if len(seeds) != b:
+                raise ValueError(f"{len(seeds)} seeds for a batch of {b} images")
+        else:
+            seeds = [int(seed) + i for i in range(b)]
+        return SeededNoise(seeds, device="cpu"), seeds
+
+    def _safety(self, images, device):
+        checker = getattr(self.pipe, "safety_checker", None)
+        if checker is None or not hasattr(self.pipe, "run_safety_checker"):
+            return images, None
+        out, flags = self.pipe.run_safety_checker(images, device, self.family.net.dtype)
+        return out.float(), flags
+
+
+class _GeneratorList(SeededNoise):
+    """Caller-made per-image generators (diffusers' generator list)."""
+
+    def __init__(self, generators):
+        self.generators = generators
+
+
+def _randn(shape, generator):
+    gen = generator.generator if isinstance(generator, RandomNoise) else generator
+    return torch.randn(shape, generator=gen, device=gen.device if gen is not None else "cpu")
+
+
+def to_pil(images: np.ndarray) -> list:
+    """[B, H, W, C] floats in [0, 1] to PIL images, rounded as diffusers' numpy_to_pil does."""
+    from PIL import Image
+
+    arr = (images * 255).round().astype("uint8")
+    return [Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a) for a in arr]
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, leave=False, desc="diffguide")

@@ -1,0 +1,111 @@
+"""A diffusers scheduler, read as diffguide objects: the noise schedule, the prediction kind, and the
+time grid and starting noise scale its ``set_timesteps`` would use.
+
+Only the scheduler's *config* and class decide these; its step rule plays no part (the sampler does).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.schedule import FlowSchedule, Schedule, VPSchedule
+from ..core.spacing import timesteps
+from ..core.threshold import Clip, DynamicThreshold
+
+KINDS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+
+# Families of diffusers schedulers by their set_timesteps conventions.
+_DDIM_LIKE = {"DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "DDIMParallelScheduler",
+              "DDPMParallelScheduler", "LCMScheduler", "TCDScheduler"}
+_DPM_LIKE = {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+             "DEISMultistepScheduler", "DPMSolverSDEScheduler", "SASolverScheduler"}
+_EULER_LIKE = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+               "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
+_DDIM_KEEPS_EPS = {"DDIMScheduler", "DDIMParallelScheduler"}
+_FLOW = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
+
+
+@dataclass(frozen=True)
+class SchedulerInfo:
+    """What a diffusers scheduler means in diffguide terms."""
+
+    schedule: Schedule
+    kind: str
+    grid: dict = field(default_factory=dict)  # timesteps() arguments reproducing set_timesteps
+    start: str = "unit"                        # initial noise: "unit" (x = z) or "sigma" (x = s z)
+    name: str = ""
+    threshold: object = None                   # x0 clipping the config asks for (clip_sample, thresholding)
+
+    def timesteps(self, steps: int, spacing: str | None = None) -> torch.Tensor:
+        """The scheduler's own grid, or ``spacing`` (all the way to the data end) when given."""
+        if spacing is None:
+            return timesteps(self.schedule, steps, **self.grid)
+        return timesteps(self.schedule, steps, spacing)
+
+    def start_scale(self, ts: torch.Tensor) -> float:
+        """Scale of the standard-normal initial latent at ts[0]: sqrt(a^2 + s^2) assumes unit-variance
+        data (1 for VP); "sigma" is the k-diffusion habit of diffusers' Euler schedulers, x = s z."""
+        a, s = float(self.schedule.alpha(ts[0])), float(self.schedule.sigma(ts[0]))
+        return s if self.start == "sigma" else math.sqrt(a * a + s * s)
+
+
+def _vp_schedule(cfg) -> VPSchedule:
+    if cfg.get("trained_betas") is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
+        return VPSchedule(torch.cumprod(1 - betas, 0))
+    return VPSchedule.from_betas(
+        beta_start=cfg.get("beta_start", 0.0001), beta_end=cfg.get("beta_end", 0.02),
+        beta_schedule=cfg.get("beta_schedule", "linear"),
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False))
+
+
+def from_scheduler(scheduler) -> SchedulerInfo:
+    """Read a diffusers scheduler (or scheduler class name + config) as a SchedulerInfo."""
+    name = type(scheduler).__name__
+    cfg = dict(scheduler.config)
+    if name in _FLOW:
+        if cfg.get("use_dynamic_shifting"):
+            raise ValueError(f"{name} with use_dynamic_shifting (resolution-dependent shift, Flux) is "
+                             f"not supported yet; set use_dynamic_shifting=False or pass shift")
+        T = cfg.get("num_train_timesteps", 1000)
+        schedule = FlowSchedule(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=T)
+        # set_timesteps spaces N points from 1 to its (already shifted) sigma_min, then shifts again
+        t_end = float(schedule.flow_time(torch.tensor(1.0 / T, dtype=torch.float64)))
+        return SchedulerInfo(schedule, "flow", {"spacing": "uniform_t", "t_end": t_end}, "unit", name)
+
+    kind = KINDS.get(cfg.get("prediction_type", "epsilon"))
+    if kind is None or kind == "flow":
+        raise ValueError(f"{name} has prediction_type {cfg.get('prediction_type')!r}; supported: "
+                         f"epsilon, v_prediction, sample")
+    schedule = _vp_schedule(cfg)
+    spacing = cfg.get("timestep_spacing", "leading" if name in _DDIM_LIKE else "linspace")
+    grid: dict = {"spacing": spacing}
+    if spacing == "leading":
+        grid["steps_offset"] = cfg.get("steps_offset", 0)
+    start = "unit"
+    if cfg.get("use_karras_sigmas"):
+        grid = {"spacing": "karras"}
+    elif name in _DPM_LIKE:
+        if spacing != "trailing":
+            grid["drop_last"] = True
+    elif name in _EULER_LIKE:
+        if spacing == "linspace":
+            grid["round"] = False  # fractional timesteps, interpolated sigmas
+    elif name in _DDIM_LIKE:
+        if spacing != "linspace" and cfg.get("set_alpha_to_one", True) is False:
+            grid["final"] = "sigma_min"  # DDIM's last step lands on alpha_bar[0], not on data
+    if name in _EULER_LIKE and spacing in ("linspace", "trailing"):
+        start = "sigma"
+    if name in _DPM_LIKE and cfg.get("final_sigmas_type") == "sigma_min":
+        grid["final"] = "sigma_min"
+    threshold = None
+    keep = name in _DDIM_KEEPS_EPS  # DDIM's step clips x0 but renoises with the model's eps
+    if cfg.get("thresholding"):
+        threshold = DynamicThreshold(cfg.get("dynamic_thresholding_ratio", 0.995),
+                                     cfg.get("sample_max_value", 1.0), keep_eps=keep)
+    elif cfg.get("clip_sample"):
+        threshold = Clip(cfg.get("clip_sample_range", 1.0), keep_eps=keep)
+    return SchedulerInfo(schedule, kind, grid, start, name, threshold)

@@ -1,0 +1,187 @@
+"""Tiny random-weight diffusers pipelines built in code (no hub): SD (eps / v), SDXL, DiT, PixArt,
+SD3 and a pixel-space text-to-image UNet. Each builder returns a diffusers pipeline object; tests save
+it with save_pretrained and load it back through GuidedPipeline.from_pretrained."""
+from __future__ import annotations
+
+import torch
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    num_train_timesteps=1000, steps_offset=1)
+DDIM_SD = dict(clip_sample=False, set_alpha_to_one=False)  # SD 1.5's DDIM settings
+
+
+def scheduler(name: str, **kw):
+    """A diffusers scheduler with SD's betas (and SD's DDIM settings for DDIM)."""
+    import diffusers
+
+    extra = DDIM_SD if name == "DDIMScheduler" else {}
+    return getattr(diffusers, name)(**SD_SCHEDULER, **extra, **kw)
+
+
+def clip_tokenizer(max_length: int = 16):
+    """A byte-level CLIP tokenizer with no merges (every word is split into characters)."""
+    from transformers import CLIPTokenizer
+
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
+    codes = list(keep) + [256 + i for i in range(256 - len(keep))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in codes:
+        vocab[chr(c)] = len(vocab)
+    for c in codes:
+        vocab[chr(c) + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 120):
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(chr(c), -1.0) for c in range(ord("a"), ord("z") + 1)] + [("\u2581", -1.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def clip_text(seed: int, hidden: int = 32, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                         projection_dim=projection or hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def t5_text(seed: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8)).eval()
+
+
+def vae(seed: int = 0, latent_channels: int = 4, **kw):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=latent_channels, sample_size=16, **kw).eval()
+
+
+def _calm(module, attr: str):
+    """Shrink a random output layer so the predicted noise is small and latents stay near unit scale
+    (a raw random network makes samples blow up and the decoded images saturate)."""
+    layer = getattr(module, attr)
+    with torch.no_grad():
+        layer.weight.mul_(0.05)
+        if layer.bias is not None:
+            layer.bias.mul_(0.05)
+
+
+def unet(seed=0, in_channels=4, cross=32, **kw):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    net = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=in_channels,
+        out_channels=in_channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross, norm_num_groups=8,
+        attention_head_dim=4, **kw).eval()
+    _calm(net, "conv_out")
+    return net
+
+
+def sd(prediction_type="epsilon", scheduler="DPMSolverMultistepScheduler", **sched_kw):
+    import diffusers
+
+    sch = globals()["scheduler"](scheduler, prediction_type=prediction_type, **sched_kw)
+    return diffusers.StableDiffusionPipeline(
+        vae=vae(), text_encoder=clip_text(1), tokenizer=clip_tokenizer(), unet=unet(2), scheduler=sch,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def pixel_sd(scheduler="DPMSolverMultistepScheduler"):
+    """Text-to-image directly in pixels (no VAE), the layout of diffguide's built-in model."""
+    import diffusers
+
+    sch = globals()["scheduler"](scheduler)
+    return diffusers.StableDiffusionPipeline(
+        vae=None, text_encoder=clip_text(1), tokenizer=clip_tokenizer(), unet=unet(3, in_channels=3),
+        scheduler=sch, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl(scheduler="EulerDiscreteScheduler"):
+    import diffusers
+
+    sch = globals()["scheduler"](scheduler)
+    net = unet(4, cross=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+               projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
+    return diffusers.StableDiffusionXLPipeline(
+        vae=vae(), text_encoder=clip_text(5), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_text(6, projection=32), tokenizer_2=clip_tokenizer(), unet=net, scheduler=sch,
+        force_zeros_for_empty_prompt=True)
+
+
+def dit(scheduler="DDIMScheduler"):
+    import diffusers
+
+    torch.manual_seed(7)
+    tr = diffusers.DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero").eval()
+    _calm(tr, "proj_out_2")
+    sch = getattr(diffusers, scheduler)(num_train_timesteps=1000, beta_schedule="linear")
+    return diffusers.DiTPipeline(transformer=tr, vae=vae(), scheduler=sch,
+                                 id2label={0: "circle", 1: "square", 2: "triangle"})
+
+
+def pixart(scheduler="DPMSolverMultistepScheduler"):
+    import diffusers
+
+    torch.manual_seed(8)
+    tr = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6).eval()
+    _calm(tr, "proj_out")
+    te = t5_text(9)
+    sch = getattr(diffusers, scheduler)(num_train_timesteps=1000, beta_schedule="linear")
+    return diffusers.PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=te, vae=vae(),
+                                         transformer=tr, scheduler=sch)
+
+
+def sd3(shift=3.0):
+    import diffusers
+
+    torch.manual_seed(10)
+    tr = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        pooled_projection_dim=32, out_channels=4).eval()
+    _calm(tr, "proj_out")
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=tr, scheduler=sch, vae=vae(shift_factor=0.06, scaling_factor=1.5),
+        text_encoder=clip_text(11, hidden=16, projection=16), tokenizer=clip_tokenizer(),
+        text_encoder_2=clip_text(12, hidden=16, projection=16), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5_text(13), tokenizer_3=t5_tokenizer(77))
+
+
+BUILDERS = {"sd": sd, "pixel_sd": pixel_sd, "sdxl": sdxl, "dit": dit, "pixart": pixart, "sd3": sd3}
+
+
+def ddpm():
+    """An unconditional pixel-space UNet2DModel with DDPM's scheduler (clip_sample on)."""
+    import diffusers
+
+    torch.manual_seed(14)
+    net = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    _calm(net, "conv_out")
+    return diffusers.DDPMPipeline(unet=net, scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
+
+
+BUILDERS["ddpm"] = ddpm
