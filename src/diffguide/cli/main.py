@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -17,8 +18,8 @@ from ..core.spacing import SPACINGS, timesteps
 from ..toy.mixture import GaussianMixture
 
 
-class UsageError(Exception):
-    pass
+from . import generate
+from .generate import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"diffguide {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("list", help="list samplers and guidance methods with their options")
+    generate.add_arguments(sub.add_parser("generate", help="generate images with a diffusers model"))
     m = sub.add_parser("mixture", help="sample the built-in 2-D Gaussian mixture (exact reference)")
     m.add_argument("--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun")
     m.add_argument("--guidance", default="cfg:scale=3", help="guidance spec, e.g. cfg:scale=3")
@@ -93,8 +95,21 @@ def main(argv=None) -> int:
             return _list(args)
         if args.command == "mixture":
             return _mixture(args)
+        if args.command == "generate":
+            return generate.run(args)
         parser.print_help()
         return 2
     except (UsageError, ValueError) as e:
-        print(f"diffguide: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:  # a failure, not bad usage: still one line unless debugging
+        if os.environ.get("DIFFGUIDE_DEBUG"):
+            raise
+        return _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _fail(message, code: int) -> int:
+    text = " ".join(str(message).split()) or type(message).__name__
+    print(f"diffguide: error: {text}", file=sys.stderr)
+    return code

@@ -11,6 +11,7 @@ import os
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -39,6 +40,22 @@ class GuidedOutput:
     timings: dict = field(default_factory=dict)
     seeds: list | None = None
     nsfw: list | None = None
+
+
+def quiet_loading() -> None:
+    """No loading progress bars or library warnings (the CLI keeps stderr for one-line errors)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import huggingface_hub
+
+    huggingface_hub.utils.logging.set_verbosity_error()
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(diffusers|transformers|huggingface_hub)\b")
 
 
 def as_dtype(dtype) -> torch.dtype | None:
@@ -86,10 +103,18 @@ class GuidedPipeline:
                              f"'org/name'")
         kw = {"torch_dtype": dtype} if dtype is not None else {}
         # components saved as None (a pixel-space model has no VAE) must be passed as None again
-        index = DiffusionPipeline.load_config(path)
+        try:
+            index = DiffusionPipeline.load_config(path)
+        except OSError as e:
+            raise ValueError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from e
         absent = {k: None for k, v in index.items() if not k.startswith("_")
                   and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None and k not in kwargs}
-        pipe = DiffusionPipeline.from_pretrained(path, **kw, **absent, **kwargs)
+        with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            try:
+                pipe = DiffusionPipeline.from_pretrained(path, **kw, **absent, **kwargs)
+            except OSError as e:  # not found locally nor on the hub, or no network
+                raise ValueError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from e
         if dev is not None:
             pipe = pipe.to(dev)
         out = cls(pipe, progress=progress)

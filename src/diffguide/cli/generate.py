@@ -1,0 +1,179 @@
+"""``diffguide generate``: text (or class) to PNG files with their settings in the PNG metadata."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+from .. import __version__
+from ..core.registry import parse_spec, to_spec
+from ..core.spacing import SPACINGS
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-3,7,9' -> [0, 1, 2, 3, 7, 9] (EDM's parse_int_list); seeds must be distinct and >= 0."""
+    out: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise UsageError(f"bad --seeds {text!r}: use numbers and ranges like 0-15 or 1,5,9-12")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"bad --seeds range {part.strip()!r}: the end is below the start")
+        out.extend(range(lo, hi + 1))
+    if len(set(out)) != len(out):
+        raise UsageError(f"--seeds {text!r} repeats a seed")
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("prompt", help="text prompt (a class index or name for class-conditional models)")
+    p.add_argument("--model", required=True, help="diffusers model folder or hub id")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--guidance", default="cfg", help="guidance spec, e.g. cfg:scale=7.5,rescale=0.7")
+    p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="time grid (default: the one the model's scheduler config uses)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    seeds.add_argument("--seeds", default=None, help="several seeds, e.g. 0-15 or 1,4,9")
+    p.add_argument("--batch", type=int, default=1, help="images per forward batch")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="network dtype (default: float16 on cuda, float32 on cpu)")
+    p.add_argument("-o", "--output", default="outputs", help="a .png path (one image) or a folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _targets(output: str, seeds: list[int]) -> list[str]:
+    if output.lower().endswith(".png"):
+        if len(seeds) == 1:
+            return [output]
+        stem = output[:-4]
+        return [f"{stem}-{s:06d}.png" for s in seeds]
+    return [os.path.join(output, f"{s:06d}.png") for s in seeds]
+
+
+def _check_writable(paths: list[str], overwrite: bool) -> None:
+    """Fail before any work if the files cannot be written; create nothing yet."""
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"cannot write to output folder {folder!r}: {probe!r} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to output folder {folder!r}: {probe!r} is not writable")
+    if not overwrite:
+        for p in paths:
+            if os.path.exists(p):
+                raise UsageError(f"output {p!r} exists; pass --overwrite to replace it")
+
+
+def parameters_text(meta: dict) -> str:
+    """The 'parameters' text chunk in the layout other image tools already parse."""
+    lines = [str(meta["prompt"])]
+    if meta.get("negative_prompt"):
+        lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    fields = [("Steps", meta["steps"]), ("Sampler", meta["sampler"]), ("Guidance", meta["guidance"])]
+    if meta.get("scale") is not None:
+        fields.append(("CFG scale", meta["scale"]))
+    fields += [("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"),
+               ("Model", meta["model"]), ("Version", f"diffguide {meta['version']}")]
+    if meta.get("spacing"):
+        fields.insert(3, ("Spacing", meta["spacing"]))
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def save_png(image, path: str, meta: dict) -> None:
+    """Write atomically: a temporary file in the same folder, renamed into place."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters_text(meta))
+    info.add_text("diffguide", json.dumps(meta, sort_keys=True))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".diffguide-", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a plain file is expected
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def run(args) -> int:
+    # everything that can be checked before loading the model is checked first
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {v}")
+    if args.scale is not None and not args.scale == args.scale:
+        raise UsageError("--scale must be a number")
+    sampler = parse_spec("sampler", args.sampler)
+    guidance = parse_spec("guidance", args.guidance)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [0 if args.seed is None else args.seed]
+    if any(s < 0 for s in seeds):
+        raise UsageError(f"seeds must be >= 0, got {min(seeds)}")
+    paths = _targets(args.output, seeds)
+    _check_writable(paths, args.overwrite)
+
+    import torch
+
+    from ..pipelines import GuidedPipeline
+    from ..pipelines.pipeline import quiet_loading
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    quiet_loading()
+    gp = GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
+                                        progress=not args.quiet)
+    g, s = gp.resolve(guidance, args.scale, sampler)
+    h, w = gp.size(args.height, args.width)
+    gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
+    meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "model": args.model,
+            "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
+            "width": w, "height": h, "version": __version__, "dtype": dtype,
+            "scale": getattr(g, "scale", None)}
+    t0 = time.perf_counter()
+    nfe = 0
+    for i in range(0, len(seeds), args.batch):
+        chunk = seeds[i:i + args.batch]
+        out = gp(args.prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
+                 spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
+                 output_type="pil")
+        nfe = out.nfe
+        for seed, img, path in zip(chunk, out.images, paths[i:i + args.batch]):
+            save_png(img, path, {**meta, "seed": seed})
+            print(path)
+    dt = time.perf_counter() - t0
+    print(f"{len(seeds)} image(s), {nfe} network evaluations each, {dt / len(seeds):.2f} s per image",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,114 @@
+"""``diffguide generate`` end to end on a tiny SD model saved with save_pretrained, and its errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_models as tm
+from diffguide.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tm.sd().save_pretrained(path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main(["generate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pixels(path):
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def test_png_size_metadata_and_determinism(model, tmp_path, capsys):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    args = ["a red circle", "--model", model, "--steps", "5", "--seed", "7", "--height", "24",
+            "--width", "16", "--negative", "blurry", "--guidance", "cfg:scale=6,rescale=0.5",
+            "--sampler", "euler", "--quiet"]
+    assert run(capsys, *args, "-o", str(a))[0] == 0
+    assert run(capsys, *args, "-o", str(b))[0] == 0
+    assert a.read_bytes() == b.read_bytes()  # same seed, byte-identical file
+    im = Image.open(a)
+    assert im.size == (16, 24)
+    meta = json.loads(im.text["diffguide"])
+    assert meta["prompt"] == "a red circle" and meta["negative_prompt"] == "blurry"
+    assert meta["seed"] == 7 and meta["steps"] == 5 and meta["model"] == model
+    assert meta["guidance"] == "cfg:scale=6.0,rescale=0.5" and meta["sampler"] == "euler"
+    assert (meta["width"], meta["height"]) == (16, 24) and meta["version"]
+    params = im.text["parameters"]
+    assert params.startswith("a red circle\nNegative prompt: blurry\nSteps: 5, Sampler: euler")
+    assert "Seed: 7" in params and "Size: 16x24" in params
+    assert oct(os.stat(a).st_mode & 0o777) != oct(0o600)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_seeds_differ_and_batches_equal_single_runs(model, tmp_path, capsys):
+    code, out, _ = run(capsys, "a blue square", "--model", model, "--steps", "4", "--seeds", "0-3",
+                       "--batch", "4", "-o", str(tmp_path / "batch"), "--quiet")
+    assert code == 0 and len(out.split()) == 4
+    batch = [pixels(tmp_path / "batch" / f"{s:06d}.png") for s in range(4)]
+    assert all(np.abs(batch[i] - batch[j]).max() > 0 for i in range(4) for j in range(i))
+    for s in range(4):
+        assert run(capsys, "a blue square", "--model", model, "--steps", "4", "--seed", str(s),
+                   "-o", str(tmp_path / f"single{s}.png"), "--quiet")[0] == 0
+        # one uint8 level allowed: a batched forward pass may round differently in the last bit
+        assert np.abs(pixels(tmp_path / f"single{s}.png") - batch[s]).max() <= 1
+
+
+def test_existing_file_needs_overwrite(model, tmp_path, capsys):
+    target = tmp_path / "x.png"
+    target.write_bytes(b"keep")
+    code, _, err = run(capsys, "a", "--model", model, "--steps", "2", "-o", str(target))
+    assert code == 2 and "--overwrite" in err and target.read_bytes() == b"keep"
+    assert run(capsys, "a", "--model", model, "--steps", "2", "-o", str(target), "--overwrite",
+               "--quiet")[0] == 0
+    assert target.read_bytes()[:4] == b"\x89PNG"
+
+
+BAD = {
+    "unknown guidance": (["--guidance", "cgf"], ["cgf", "cfg", "none"]),
+    "unknown sampler": (["--sampler", "dpm_2m"], ["dpm_2m", "dpmpp_2m", "euler"]),
+    "malformed spec": (["--guidance", "cfg:scale"], ["scale"]),
+    "unknown option": (["--guidance", "cfg:strength=3"], ["strength", "scale"]),
+    "zero steps": (["--steps", "0"], ["--steps", "0"]),
+    "negative steps": (["--steps", "-3"], ["--steps", "-3"]),
+    "bad height": (["--height", "15"], ["height", "15", "multiple of 2"]),
+    "bad seeds": (["--seeds", "3-1"], ["--seeds"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2(case, model, tmp_path, capsys):
+    extra, words = BAD[case]
+    code, out, err = run(capsys, "a", "--model", model, "-o", str(tmp_path / "out"), *extra)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffguide: error:"), err
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_and_unwritable_output(tmp_path, capsys, model):
+    code, _, err = run(capsys, "a", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "nope" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = run(capsys, "a", "--model", model, "-o", str(blocker / "sub" / "x.png"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot write" in err
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_console_entry_point_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "diffguide", "generate", "a", "--model",
+                        str(tmp_path / "missing"), "--steps", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["diffguide: error: --steps must be >= 1, got 0"]
