@@ -57,7 +57,7 @@ def test_rescale(sd, space):
     dims = (1, 2, 3)
     assert torch.allclose(get(full).std(dims), get(c).std(dims), rtol=1e-4)
     assert torch.allclose(get(half), 0.7 * get(full) + 0.3 * get(plain), atol=1e-4)
-    assert torch.allclose(pt.a.float() * full.x0 + pt.s.float() * full.eps, x, atol=1e-4)
+    assert torch.allclose(pt.a * full.x0 + pt.s * full.eps, x, atol=1e-4)
 
 
 def test_rescale_eps_matches_diffusers_formula(sd):

@@ -50,10 +50,13 @@ class NetDenoiser:
             raise ValueError(f"unknown prediction kind {self.kind!r}; choose one of: {', '.join(KINDS)}")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> Pred:
-        a, s = levels(self.schedule, t, x)
-        tm = self.schedule.model_time(t).to(device=x.device, dtype=torch.float32)
-        if tm.ndim == 0:
-            tm = tm.expand(x.shape[0])
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if t.ndim == 0:  # one level for the batch: memoised floats
+            a, s, _, tm = self.schedule.at(t)
+            tm = torch.full((x.shape[0],), tm, dtype=torch.float32, device=x.device)
+        else:
+            a, s = levels(self.schedule, t, x)
+            tm = self.schedule.model_time(t).to(device=x.device, dtype=torch.float32)
         out = self.forward(x.to(self.dtype or x.dtype), tm, cond)
         if self.learned_sigma:
             out = out[:, : out.shape[1] // 2]

@@ -38,23 +38,29 @@ class Point:
     schedule: Schedule
 
     @cached_property
-    def a(self) -> torch.Tensor:
-        return self.schedule.alpha(self.t)
+    def _scalar(self):
+        return self.schedule.at(self.t) if self.t.ndim == 0 else None
 
     @cached_property
-    def s(self) -> torch.Tensor:
-        return self.schedule.sigma(self.t)
+    def a(self):
+        """alpha: a float in sampling (one level), a [B] tensor in training."""
+        return self._scalar[0] if self._scalar else self.schedule.alpha(self.t)
 
     @cached_property
-    def ve(self) -> torch.Tensor:
+    def s(self):
+        return self._scalar[1] if self._scalar else self.schedule.sigma(self.t)
+
+    @cached_property
+    def ve(self):
         """VE-equivalent noise level s/a (Karras sigma)."""
-        return self.schedule.ve(self.t)
+        return self._scalar[2] if self._scalar else self.schedule.ve(self.t)
 
     @property
     def progress(self):
         """0 at the schedule's noise end, 1 at its data end."""
         sc = self.schedule
-        return (sc.t_max - self.t) / (sc.t_max - sc.t_min)
+        t = float(self.t) if self.t.ndim == 0 else self.t
+        return (sc.t_max - t) / (sc.t_max - sc.t_min)
 
 
 class Guidance:
@@ -147,6 +153,7 @@ class GuidedDenoiser:
         self.state = self.guidance.init_state()
         self.nfe = 0
         self.forwards = 0
+        self._batched = {}  # concatenated conditions per (branch conds, batch): fixed within a run
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -171,11 +178,18 @@ class GuidedDenoiser:
             groups.setdefault((br.model, br.perturb, br.grad), []).append(br)
         out: dict[Branch, Pred] = {}
         for (model, perturb, grad), brs in groups.items():
-            conds = [_fit(self.conds[br.cond], x.shape[0], br.cond) for br in brs]
-            try:
-                preds = self._forward(model, perturb, grad, x, t, _cat(conds), len(brs))
-            except _Incompatible:
-                preds = [self._forward(model, perturb, grad, x, t, c, 1)[0] for c in conds]
+            key = (tuple(br.cond for br in brs), x.shape[0])
+            if key not in self._batched:
+                conds = [_fit(self.conds[br.cond], x.shape[0], br.cond) for br in brs]
+                try:
+                    self._batched[key] = (True, _cat(conds))
+                except _Incompatible:
+                    self._batched[key] = (False, conds)
+            together, cond = self._batched[key]
+            if together:
+                preds = self._forward(model, perturb, grad, x, t, cond, len(brs))
+            else:
+                preds = [self._forward(model, perturb, grad, x, t, c, 1)[0] for c in cond]
             out.update(zip(brs, preds))
             self.nfe += len(brs)
         return {name: out[br] for name, br in branches.items()}

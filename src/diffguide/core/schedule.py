@@ -6,6 +6,7 @@ use, so they behave the same on VP and flow models. All arithmetic is float64.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -62,11 +63,23 @@ class Schedule:
     def sigma_max(self) -> float:
         raise NotImplementedError
 
+    def at(self, t) -> tuple[float, float, float, float]:
+        """(alpha, sigma, ve, model_time) at one time as float64 floats, memoised: a sampling run
+        asks for the same few times over and over, and tensor calls on scalars cost microseconds."""
+        return _at(self, float(t))
+
     def check_t(self, t: torch.Tensor, what: str = "t") -> None:
         lo, hi = min(self.t_min, self.t_max), max(self.t_min, self.t_max)
         if torch.any(t < lo - 1e-9) or torch.any(t > hi + 1e-9) or torch.any(torch.isnan(t)):
             raise ValueError(f"{what} has values outside this schedule's range [{lo}, {hi}]: "
                              f"min {t.min().item():g}, max {t.max().item():g}")
+
+
+@functools.lru_cache(maxsize=16384)
+def _at(schedule: Schedule, t: float) -> tuple[float, float, float, float]:
+    tt = torch.tensor([t], dtype=F64)
+    return (float(schedule.alpha(tt)), float(schedule.sigma(tt)), float(schedule.ve(tt)),
+            float(schedule.model_time(tt)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,6 +97,7 @@ class VPSchedule(Schedule):
     spacing: str = "linspace"
     _ve_ext: torch.Tensor = field(init=False, repr=False)
     _a_ext: torch.Tensor = field(init=False, repr=False)
+    _zero_snr: bool = field(init=False, repr=False)
 
     def __post_init__(self):
         ac = torch.as_tensor(self.alphas_cumprod).detach().to("cpu", F64).flatten()
@@ -96,6 +110,7 @@ class VPSchedule(Schedule):
         ve = torch.sqrt((1 - ac) / ac)  # inf where ac == 0
         object.__setattr__(self, "_ve_ext", torch.cat([ve.new_zeros(1), ve]))
         object.__setattr__(self, "_a_ext", torch.cat([ve.new_ones(1), ac.sqrt()]))
+        object.__setattr__(self, "_zero_snr", bool(ac[-1] == 0))
 
     @classmethod
     def from_betas(cls, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -136,7 +151,7 @@ class VPSchedule(Schedule):
 
     @property
     def zero_terminal_snr(self) -> bool:
-        return bool(self.alphas_cumprod[-1] == 0)
+        return self._zero_snr
 
     @property
     def sigma_min(self) -> float:

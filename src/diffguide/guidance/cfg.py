@@ -63,27 +63,33 @@ class CFG(Guidance):
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
 
-    def scale_at(self, pt: Point) -> torch.Tensor:
-        """The diffusers-convention scale at this point (scalar, or per sample in training)."""
-        w, p = self.scale - 1.0, torch.as_tensor(pt.progress, dtype=torch.float64)
-        sched = self.weight_schedule
+    def scale_at(self, pt: Point):
+        """The diffusers-convention scale at this point: a float in sampling, [B] in training."""
+        p, ve = pt.progress, pt.ve
+        if isinstance(p, torch.Tensor) or isinstance(ve, torch.Tensor):
+            p = torch.as_tensor(p, dtype=torch.float64)
+            ve = torch.as_tensor(ve, dtype=torch.float64)
+            cos, clamp, where = torch.cos, lambda w: w.clamp(min=self.floor), torch.where
+        else:
+            cos, clamp = math.cos, lambda w: max(w, self.floor)
+            where = lambda c, a, b: a if c else b
+        w, sched = self.scale - 1.0, self.weight_schedule
         if sched == "constant":
-            w = torch.full_like(p, w)
+            w = w + 0 * p
         elif sched.endswith("linear"):
             w = 2 * w * p
         else:
-            w = w * (1 - torch.cos(math.pi * p))
+            w = w * (1 - cos(math.pi * p))
         if sched.startswith("clamp"):
-            w = w.clamp(min=self.floor)
-        ve = torch.as_tensor(pt.ve, dtype=torch.float64)
+            w = clamp(w)
         inside = (ve >= self.sigma_lo) & (ve <= self.sigma_hi)
-        return torch.where(inside, 1 + w, torch.ones_like(w))
+        return where(inside, 1 + w, 1 + 0 * w)
 
     def branches(self, pt: Point):
         g = self.scale_at(pt)
-        if torch.all(g == 1):
+        if bool(torch.all(torch.as_tensor(g) == 1)):
             return {"c": Branch("pos")}
-        if torch.all(g == 0):
+        if bool(torch.all(torch.as_tensor(g) == 0)):
             return {"u": Branch("neg")}
         return {"c": Branch("pos"), "u": Branch("neg")}
 
