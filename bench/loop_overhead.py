@@ -1,6 +1,6 @@
 """Loop overhead: diffguide's GuidedPipeline versus the stock diffusers pipeline on the same model.
 
-Same tiny random SD model (tests/tiny_models.py), scheduler DPMSolverMultistep / sampler dpmpp_2m on
+Same tiny random SD model (diffguide.pipelines.tiny), scheduler DPMSolverMultistep / sampler dpmpp_2m on
 the same grid, CFG 7.5 batched in one forward, same prompt and seed, images decoded on both sides.
 Network time is measured by hooks on the UNet, so "non-network time per step" is everything else
 (scheduler or sampler maths, guidance, batching, conversions) divided by the step count. Median of
@@ -16,7 +16,7 @@ import torch
 
 from _common import emit
 
-import tiny_models as tm
+from diffguide.pipelines import tiny as tm
 from diffguide.pipelines import GuidedPipeline
 
 
@@ -88,7 +88,7 @@ def main():
                       "non_network_ms_per_step": round(1000 * (wall - net) / n, 4),
                       "all_seconds": [round(w, 5) for w in walls]}
     d, g = rows["diffusers"], rows["diffguide"]
-    emit({"model": "tiny random SD (tests/tiny_models.py::sd)", "image": args.size, "steps": n,
+    emit({"model": "tiny random SD (diffguide.pipelines.tiny::sd)", "image": args.size, "steps": n,
           "cfg_scale": args.scale, "nfe_per_image": 2 * n, "threads": torch.get_num_threads(),
           "max_abs_image_difference": diff, "results": rows,
           "time_ratio_diffguide_over_diffusers": round(g["seconds_per_image"] / d["seconds_per_image"], 4),

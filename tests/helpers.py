@@ -176,3 +176,49 @@ def gmm_eps_model(gm):
         a, s = sc.alpha(t), sc.sigma(t)
         return ((x.double() - a * gm.posterior_mean(x, a, s, labels)) / s).float()
     return model
+
+
+# --- parity with diffusers' pipelines --------------------------------------------------------------
+
+PIPELINE_SEEDS = [3, 4]
+_TWO = ["a red circle", "a cross"]
+# case: (tiny builder, builder options, diffusers call, diffguide call)
+PIPELINE_CASES = {
+    **{f"sd_{pred}_{sampler}": (
+        "sd", {"prediction_type": pred, "scheduler": sched},
+        dict(prompt=["a red circle", "a blue square"], negative_prompt=["", "green"],
+             num_inference_steps=12, guidance_scale=6.0),
+        dict(prompt=["a red circle", "a blue square"], negative_prompt=["", "green"], steps=12,
+             guidance_scale=6.0, sampler=sampler))
+       for pred in ("epsilon", "v_prediction")
+       for sched, sampler in (("DPMSolverMultistepScheduler", "dpmpp_2m"), ("DDIMScheduler", "ddim"),
+                              ("EulerDiscreteScheduler", "euler"))},
+    "dit_ddim": ("dit", {}, dict(class_labels=[1, 2], num_inference_steps=10, guidance_scale=4.0),
+                 dict(prompt=[1, "2"], steps=10, guidance_scale=4.0, sampler="ddim")),
+    "sd3_euler": ("sd3", {}, dict(prompt=_TWO, num_inference_steps=10, guidance_scale=5.0, height=16,
+                                  width=16),
+                  dict(prompt=_TWO, steps=10, guidance_scale=5.0, sampler="euler")),
+    "pixart_dpmpp_2m": ("pixart", {}, dict(prompt=_TWO, num_inference_steps=10, guidance_scale=4.5,
+                                           height=16, width=16, use_resolution_binning=False),
+                        dict(prompt=_TWO, steps=10, guidance_scale=4.5, sampler="dpmpp_2m")),
+    "sdxl_euler": ("sdxl", {}, dict(prompt=_TWO, num_inference_steps=10, guidance_scale=5.0, height=16,
+                                    width=16),
+                   dict(prompt=_TWO, steps=10, guidance_scale=5.0, sampler="euler")),
+    "ddpm_ddim_eta1": ("ddpm", {}, dict(batch_size=2, num_inference_steps=10),
+                       dict(steps=10, sampler="ddim:eta=1", guidance="none", num_images_per_prompt=2)),
+}
+
+
+def pipeline_parity(case, folder):
+    """(diffguide images, diffusers images) as float arrays in [0, 1] for one case on a saved folder."""
+    from diffusers import DiffusionPipeline
+    from diffguide.pipelines import GuidedPipeline
+
+    _, _, theirs, ours = PIPELINE_CASES[case]
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in PIPELINE_SEEDS]
+    ref = pipe(generator=gens, output_type="np", **theirs).images
+    gp = GuidedPipeline.from_pretrained(folder, progress=False)
+    out = gp(**{"guidance": "cfg", **ours}, seed=PIPELINE_SEEDS, output_type="np")
+    return out, ref

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tiny_models as tm
+from diffguide.pipelines import tiny as tm
 from diffguide.cli.main import main
 
 
@@ -112,3 +112,10 @@ def test_console_entry_point_has_no_traceback(tmp_path):
                         str(tmp_path / "missing"), "--steps", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["diffguide: error: --steps must be >= 1, got 0"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_request_without_cuda(model, tmp_path, capsys):
+    code, _, err = run(capsys, "a", "--model", model, "--device", "cuda", "-o", str(tmp_path / "o"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cuda" in err.lower()
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """The README's Python example runs as written; the CLI's commands and its error contract."""
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ def test_readme_python_example_runs(capsys):
         exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "torch.Size([256, 2]) NFE per sample: 40" in out
+    assert "2 (16, 16) NFE per image: 24" in out
 
 
 def test_readme_starts_with_the_two_commands():
@@ -51,3 +53,18 @@ def test_cli_errors_are_one_line(args, msg):
     assert r.returncode == 2
     assert msg in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_readme_generate_commands_run(tmp_path):
+    """The README's command-line block runs as written (in a scratch folder)."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "diffguide generate" in b)
+    lines = [ln for ln in block.strip().splitlines() if ln.startswith("diffguide ")]
+    assert len(lines) >= 2
+    for line in lines:
+        args = shlex.split(line)[1:]
+        r = subprocess.run([sys.executable, "-m", "diffguide", *args], capture_output=True, text=True,
+                           cwd=tmp_path)
+        assert r.returncode == 0, (line, r.stderr)
+    assert sorted(os.listdir(tmp_path / "out")) == [f"{s:06d}.png" for s in range(4)]
+    assert (tmp_path / "square.png").exists()

@@ -65,6 +65,36 @@ def _mixture(args) -> int:
     return 0
 
 
+def _tiny(args) -> int:
+    """Save a tiny random model; written to a temporary folder first, then renamed into place."""
+    import shutil
+    import tempfile
+
+    from ..pipelines import tiny
+    from ..pipelines.pipeline import quiet_loading
+
+    if args.family not in tiny.BUILDERS:
+        raise UsageError(f"unknown --family {args.family!r}; choose one of: {', '.join(tiny.BUILDERS)}")
+    target = os.path.abspath(args.folder)
+    if os.path.exists(target) and not args.overwrite:
+        raise UsageError(f"{args.folder!r} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write {args.folder!r}: folder {parent!r} does not exist")
+    quiet_loading()
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".diffguide-tiny-")
+    try:
+        tiny.save(tmp, args.family)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    print(target)
+    return 0
+
+
 def _in_class(gm: GaussianMixture, x: torch.Tensor, label: int) -> float:
     nearest = torch.cdist(x.double(), gm.means).argmin(1)
     return float((gm.labels[nearest] == label).double().mean())
@@ -76,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("list", help="list samplers and guidance methods with their options")
     generate.add_arguments(sub.add_parser("generate", help="generate images with a diffusers model"))
+    t = sub.add_parser("tiny-model", help="save a tiny random-weight diffusers model (offline tests)")
+    t.add_argument("folder")
+    t.add_argument("--family", default="sd", help="sd, pixel_sd, sdxl, dit, pixart, sd3 or ddpm")
+    t.add_argument("--overwrite", action="store_true")
     m = sub.add_parser("mixture", help="sample the built-in 2-D Gaussian mixture (exact reference)")
     m.add_argument("--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun")
     m.add_argument("--guidance", default="cfg:scale=3", help="guidance spec, e.g. cfg:scale=3")
@@ -97,6 +131,8 @@ def main(argv=None) -> int:
             return _mixture(args)
         if args.command == "generate":
             return generate.run(args)
+        if args.command == "tiny-model":
+            return _tiny(args)
         parser.print_help()
         return 2
     except (UsageError, ValueError) as e:

@@ -1,6 +1,10 @@
-"""Tiny random-weight diffusers pipelines built in code (no hub): SD (eps / v), SDXL, DiT, PixArt,
-SD3 and a pixel-space text-to-image UNet. Each builder returns a diffusers pipeline object; tests save
-it with save_pretrained and load it back through GuidedPipeline.from_pretrained."""
+"""Tiny random-weight diffusers pipelines built in code, with no download: SD (eps / v), SDXL, DiT,
+PixArt, SD3, a pixel-space text-to-image UNet and an unconditional DDPM UNet.
+
+They exist to test and benchmark pipelines offline (``diffguide tiny-model FOLDER``): each builder
+returns a diffusers pipeline; ``save_pretrained`` writes a standard folder that
+``GuidedPipeline.from_pretrained`` and diffusers both load. Outputs are meaningless images.
+"""
 from __future__ import annotations
 
 import torch
@@ -168,7 +172,6 @@ def sd3(shift=3.0):
         text_encoder_3=t5_text(13), tokenizer_3=t5_tokenizer(77))
 
 
-BUILDERS = {"sd": sd, "pixel_sd": pixel_sd, "sdxl": sdxl, "dit": dit, "pixart": pixart, "sd3": sd3}
 
 
 def ddpm():
@@ -184,4 +187,13 @@ def ddpm():
     return diffusers.DDPMPipeline(unet=net, scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
 
 
-BUILDERS["ddpm"] = ddpm
+BUILDERS = {"sd": sd, "pixel_sd": pixel_sd, "sdxl": sdxl, "dit": dit, "pixart": pixart, "sd3": sd3,
+            "ddpm": ddpm}
+
+
+def save(folder: str, family: str = "sd", **options) -> str:
+    """Build a tiny random model of ``family`` and save it as a diffusers folder."""
+    if family not in BUILDERS:
+        raise ValueError(f"unknown tiny model family {family!r}; choose one of: {', '.join(BUILDERS)}")
+    BUILDERS[family](**options).save_pretrained(folder)
+    return folder
