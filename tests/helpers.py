@@ -222,3 +222,8 @@ def pipeline_parity(case, folder):
     gp = GuidedPipeline.from_pretrained(folder, progress=False)
     out = gp(**{"guidance": "cfg", **ours}, seed=PIPELINE_SEEDS, output_type="np")
     return out, ref
+
+for _verdict in ("flag_all", "flag_none"):
+    PIPELINE_CASES[f"sd_safety_{_verdict}"] = (
+        "sd", {"safety": _verdict}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=5.0),
+        dict(prompt=_TWO, steps=6, guidance_scale=5.0, sampler="dpmpp_2m"))

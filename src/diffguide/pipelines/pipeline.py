@@ -273,11 +273,17 @@ class GuidedPipeline:
         return SeededNoise(seeds, device="cpu"), seeds
 
     def _safety(self, images, device):
+        """The pipeline's safety checker where it has one: flagged images come back black, as in
+        diffusers. Its run_safety_checker takes decoder output in [-1, 1]."""
         checker = getattr(self.pipe, "safety_checker", None)
         if checker is None or not hasattr(self.pipe, "run_safety_checker"):
             return images, None
-        out, flags = self.pipe.run_safety_checker(images, device, self.family.net.dtype)
-        return out.float(), flags
+        _, flags = self.pipe.run_safety_checker(images * 2 - 1, device, self.family.net.dtype)
+        flags = [bool(f) for f in flags]
+        if any(flags):
+            images = images.clone()
+            images[torch.tensor(flags, device=images.device)] = 0.0
+        return images, flags
 
 
 class _GeneratorList(SeededNoise):

@@ -95,13 +95,33 @@ def unet(seed=0, in_channels=4, cross=32, **kw):
     return net
 
 
-def sd(prediction_type="epsilon", scheduler="DPMSolverMultistepScheduler", **sched_kw):
+def sd(prediction_type="epsilon", scheduler="DPMSolverMultistepScheduler", safety=None, **sched_kw):
+    """Tiny SD 1.x layout; safety="flag_all" / "flag_none" adds a safety checker with fixed verdicts."""
     import diffusers
 
     sch = globals()["scheduler"](scheduler, prediction_type=prediction_type, **sched_kw)
+    checker, features = safety_checker(safety == "flag_all") if safety else (None, None)
     return diffusers.StableDiffusionPipeline(
         vae=vae(), text_encoder=clip_text(1), tokenizer=clip_tokenizer(), unet=unet(2), scheduler=sch,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=checker, feature_extractor=features, requires_safety_checker=False)
+
+
+def safety_checker(flag_all: bool, seed: int = 15):
+    """A tiny random StableDiffusionSafetyChecker whose thresholds flag every image or none."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=100),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    checker = StableDiffusionSafetyChecker(cfg).eval()
+    with torch.no_grad():  # cosine distances lie in [-1, 1]
+        checker.concept_embeds_weights.fill_(-2.0 if flag_all else 2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    return checker, CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 def pixel_sd(scheduler="DPMSolverMultistepScheduler"):
