@@ -2,9 +2,11 @@
 
 Same tiny random SD model (diffguide.pipelines.tiny), scheduler DPMSolverMultistep / sampler dpmpp_2m on
 the same grid, CFG 7.5 batched in one forward, same prompt and seed, images decoded on both sides.
-Network time is measured by hooks on the UNet, so "non-network time per step" is everything else
-(scheduler or sampler maths, guidance, batching, conversions) divided by the step count. Median of
---repeats timed runs after one warm-up. Prints JSON.
+Time inside the UNet, the text encoder and the VAE decoder is measured by hooks; "loop overhead per
+step" is the rest (scheduler or sampler maths, guidance, batching, conversions, the pipeline's own
+bookkeeping) divided by the step count. A second measurement swaps the UNet's forward for a
+stand-in that returns 0.1 x at once and skips decoding, so that what remains is the loop itself. Runs alternate between the two (after one warm-up each), so
+drifting machine load hits both alike; each figure is the median over --repeats runs. Prints JSON.
 
     python bench/loop_overhead.py [--steps 20] [--repeats 15] [--size 16] [--out FILE]
 """
@@ -20,13 +22,26 @@ from diffguide.pipelines import tiny as tm
 from diffguide.pipelines import GuidedPipeline
 
 
-class NetClock:
-    """Seconds spent inside a module's forward (pre/post hooks)."""
+class Clock:
+    """Seconds spent inside modules' forward passes (pre/post hooks) and inside wrapped methods."""
 
-    def __init__(self, module):
+    def __init__(self):
         self.total, self._t = 0.0, None
+
+    def watch(self, module):
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
+
+    def wrap(self, owner, name):
+        fn = getattr(owner, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.total += time.perf_counter() - t
+        setattr(owner, name, timed)
 
     def _pre(self, *_):
         self._t = time.perf_counter()
@@ -35,25 +50,22 @@ class NetClock:
         self.total += time.perf_counter() - self._t
 
 
-def timed(fns: dict, clock, repeats):
-    """Runs the candidates in turn (interleaved, so machine load drifts hit both alike); per
-    candidate the run with the median wall time, its network time and all wall times."""
+def timed(fns: dict, clocks: dict, repeats: int):
+    """Per candidate and per figure (wall and each clock), the median over interleaved runs."""
     for fn in fns.values():
         fn()  # warm-up
-    walls = {k: [] for k in fns}
-    nets = {k: [] for k in fns}
+    rec = {k: {c: [] for c in ["wall", *clocks]} for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            clock.total = 0.0
+            for c in clocks.values():
+                c.total = 0.0
             t = time.perf_counter()
             fn()
-            walls[k].append(time.perf_counter() - t)
-            nets[k].append(clock.total)
-    out = {}
-    for k in fns:
-        i = walls[k].index(statistics.median_low(walls[k]))
-        out[k] = (walls[k][i], statistics.median(nets[k]), walls[k])
-    return out
+            rec[k]["wall"].append(time.perf_counter() - t)
+            for name, c in clocks.items():
+                rec[k][name].append(c.total)
+    return {k: {c: statistics.median(v) for c, v in r.items()} | {"walls": r["wall"]}
+            for k, r in rec.items()}
 
 
 def main():
@@ -68,7 +80,10 @@ def main():
 
     pipe = tm.sd(scheduler="DPMSolverMultistepScheduler")
     pipe.set_progress_bar_config(disable=True)
-    clock = NetClock(pipe.unet)
+    clocks = {"unet": Clock(), "text_encoder": Clock(), "vae": Clock()}
+    clocks["unet"].watch(pipe.unet)
+    clocks["text_encoder"].watch(pipe.text_encoder)
+    clocks["vae"].wrap(pipe.vae, "decode")
     gp = GuidedPipeline.from_pipe(pipe, progress=False)
     prompt, n = "red circle", args.steps
 
@@ -82,17 +97,32 @@ def main():
 
     diff = float(abs(stock() - ours()).max())
     rows = {}
-    for name, (wall, net, walls) in timed({"diffusers": stock, "diffguide": ours}, clock,
-                                          args.repeats).items():
-        rows[name] = {"seconds_per_image": round(wall, 5), "network_seconds": round(net, 5),
-                      "non_network_ms_per_step": round(1000 * (wall - net) / n, 4),
-                      "all_seconds": [round(w, 5) for w in walls]}
+    for name, m in timed({"diffusers": stock, "diffguide": ours}, clocks, args.repeats).items():
+        rest = m["wall"] - m["unet"] - m["text_encoder"] - m["vae"]
+        rows[name] = {"seconds_per_image": round(m["wall"], 5), "unet_seconds": round(m["unet"], 5),
+                      "text_encoder_seconds": round(m["text_encoder"], 5),
+                      "vae_decode_seconds": round(m["vae"], 5),
+                      "loop_overhead_ms_per_step": round(1000 * rest / n, 4),
+                      "all_seconds": [round(w, 5) for w in m["walls"]]}
+    # the loop alone: a stand-in network, no decoding
+    pipe.unet.forward = lambda sample, *a, **k: (0.1 * sample,)
+    stub = timed({"diffusers": lambda: pipe(prompt, num_inference_steps=n, guidance_scale=args.scale,
+                                            height=args.size, width=args.size, output_type="latent",
+                                            generator=[torch.Generator().manual_seed(0)]),
+                  "diffguide": lambda: gp(prompt, guidance="cfg", guidance_scale=args.scale,
+                                          sampler="dpmpp_2m", steps=n, height=args.size, width=args.size,
+                                          seed=[0], output_type="latent")},
+                 clocks, args.repeats)
+    for name, m in stub.items():
+        rows[name]["stub_network_loop_ms_per_step"] = round(
+            1000 * (m["wall"] - m["unet"] - m["text_encoder"]) / n, 4)
     d, g = rows["diffusers"], rows["diffguide"]
-    emit({"model": "tiny random SD (diffguide.pipelines.tiny::sd)", "image": args.size, "steps": n,
+    emit({"model": "tiny random SD (diffguide.pipelines.tiny.sd)", "image": args.size, "steps": n,
           "cfg_scale": args.scale, "nfe_per_image": 2 * n, "threads": torch.get_num_threads(),
-          "max_abs_image_difference": diff, "results": rows,
+          "repeats": args.repeats, "max_abs_image_difference": diff, "results": rows,
           "time_ratio_diffguide_over_diffusers": round(g["seconds_per_image"] / d["seconds_per_image"], 4),
-          "non_network_ratio": round(g["non_network_ms_per_step"] / d["non_network_ms_per_step"], 4)},
+          "loop_overhead_ratio": round(g["loop_overhead_ms_per_step"] / d["loop_overhead_ms_per_step"], 4),
+          "stub_loop_ratio": round(g["stub_network_loop_ms_per_step"] / d["stub_network_loop_ms_per_step"], 4)},
          args.out)
 
 

@@ -97,3 +97,31 @@ def test_generator_and_seed_conventions(folders):
     g2 = gp(["a", "a"], steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert torch.equal(g1.images, g2.images) and not torch.allclose(g1.images[0], g1.images[1])
     assert set(pair.timings) == {"encode", "sample", "decode", "total"} and pair.seeds == [5, 6]
+
+
+def test_grad_guidance_runs_with_autograd(folders):
+    """Pipelines sample in inference mode unless the guidance method sets needs_grad; then a
+    grad branch really is differentiable (what gradient-based guidance needs)."""
+    from dataclasses import dataclass
+
+    from diffguide import Branch, Guidance
+
+    seen = []
+
+    @dataclass(frozen=True)
+    class Probe(Guidance):
+        needs_grad: bool = False
+
+        def branches(self, pt):
+            return {"c": Branch("pos", grad=True)}
+
+        def combine(self, x, pt, preds, state):
+            seen.append(preds["c"].x0.requires_grad)
+            return preds["c"].detach() if hasattr(preds["c"], "detach") else preds["c"], state
+
+    gp = GuidedPipeline.from_pretrained(folders("sd_epsilon_dpmpp_2m", "sd"), progress=False)
+    gp("a", guidance=Probe(needs_grad=True), steps=2, seed=0, output_type="latent")
+    assert seen == [True, True]
+    seen.clear()
+    out = gp("a", guidance=Probe(), steps=2, seed=0, output_type="pt")
+    assert seen == [False, False] and not out.images.is_inference()

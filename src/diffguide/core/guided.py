@@ -64,7 +64,13 @@ class Point:
 
 
 class Guidance:
-    """Base for guidance methods (frozen dataclasses). Override branches and combine."""
+    """Base for guidance methods (frozen dataclasses). Override branches and combine.
+
+    A method that differentiates through the network sets ``needs_grad = True`` (a class attribute)
+    so that pipelines run it with autograd available rather than in inference mode.
+    """
+
+    needs_grad = False
 
     def init_state(self) -> Any:
         return None

@@ -87,9 +87,12 @@ class CFG(Guidance):
 
     def branches(self, pt: Point):
         g = self.scale_at(pt)
-        if bool(torch.all(torch.as_tensor(g) == 1)):
+        if isinstance(g, torch.Tensor):  # per-sample scales (training): skip only if all agree
+            g = g.unique().tolist()
+            g = g[0] if len(g) == 1 else None
+        if g == 1:
             return {"c": Branch("pos")}
-        if bool(torch.all(torch.as_tensor(g) == 0)):
+        if g == 0:
             return {"u": Branch("neg")}
         return {"c": Branch("pos"), "u": Branch("neg")}
 

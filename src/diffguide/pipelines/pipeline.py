@@ -202,55 +202,54 @@ class GuidedPipeline:
         noise, seeds = self._noise(b, seed, generator)
         device, fam = self.device, self.family
 
-        # -- conditions, once per call
-        with torch.no_grad():
-            if fam.conditional:
-                # all None stays None: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)
-                negs_text = (None if all(q is None for q in negs) else ["" if q is None else q for q in negs])
-                pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
-                pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
-            else:
-                pos, neg = None, None
-        t_encode = time.perf_counter()
-
-        # -- sampling
-        shape = (b, fam.channels, h // fam.factor, w // fam.factor)
-        z = noise.randn(shape) if isinstance(noise, SeededNoise) else _randn(shape, generator)
-        x = z.to(device=device, dtype=torch.float32) * self.info.start_scale(ts)
         if isinstance(threshold, str):
             if threshold != "scheduler":
                 raise ValueError(f"threshold must be 'scheduler', None or a threshold object, got {threshold!r}")
             threshold = self.info.threshold
-        denoise = guide(self.denoiser, g, pos, neg, threshold=threshold, max_batch=max_batch)
-        bar = _bar(ts.numel() - 1, self.progress if progress is None else progress)
+        # inference mode skips autograd bookkeeping on every small tensor op of the loop; a guidance
+        # method that differentiates through the network (needs_grad) runs with plain no_grad
+        with (torch.no_grad() if getattr(g, "needs_grad", False) else torch.inference_mode()):
+            # -- conditions, once per call
+            pos = neg = None
+            if fam.conditional:
+                # all None stays None: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)
+                negs_text = None if all(q is None for q in negs) else ["" if q is None else q for q in negs]
+                pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
+                pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
+            t_encode = time.perf_counter()
 
-        def each(st, xt):
-            bar.update(1)
-            if callback is not None:
-                callback(st, xt)
-        try:
-            x = sample(denoise, s, ts, x, noise, callback=each)
-        finally:
-            bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_sample = time.perf_counter()
+            # -- sampling
+            shape = (b, fam.channels, h // fam.factor, w // fam.factor)
+            z = noise.randn(shape) if isinstance(noise, SeededNoise) else _randn(shape, generator)
+            x = z.to(device=device, dtype=torch.float32) * self.info.start_scale(ts)
+            denoise = guide(self.denoiser, g, pos, neg, threshold=threshold, max_batch=max_batch)
+            bar = _bar(ts.numel() - 1, self.progress if progress is None else progress)
 
-        # -- decoding
-        nsfw = None
-        with torch.no_grad():
-            if output_type == "latent":
-                images = x
-            else:
-                images = fam.decode(x.to(fam.net.dtype) if fam.net.dtype != torch.float32 else x)
-                images, nsfw = self._safety(images, device)
+            def each(st, xt):
+                bar.update(1)
+                if callback is not None:
+                    callback(st, xt)
+            try:
+                x = sample(denoise, s, ts, x, noise, callback=each)
+            finally:
+                bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t_sample = time.perf_counter()
+
+            # -- decoding
+            images, nsfw = x, None
+            if output_type != "latent":
+                images, nsfw = self._safety(fam.decode(x), device)
                 if output_type != "pt":
                     images = images.cpu().permute(0, 2, 3, 1).numpy()
                     if output_type == "pil":
                         images = to_pil(images)
-        t_end = time.perf_counter()
-        timings = {"encode": t_encode - t_start, "sample": t_sample - t_encode,
-                   "decode": t_end - t_sample, "total": t_end - t_start}
+            t_end = time.perf_counter()
+            timings = {"encode": t_encode - t_start, "sample": t_sample - t_encode,
+                       "decode": t_end - t_sample, "total": t_end - t_start}
+        if isinstance(images, torch.Tensor):
+            images = images.clone()  # a normal tensor, usable with autograd and in-place ops
         return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw)
 
     def _noise(self, b: int, seed, generator):
