@@ -125,3 +125,19 @@ def test_grad_guidance_runs_with_autograd(folders):
     seen.clear()
     out = gp("a", guidance=Probe(), steps=2, seed=0, output_type="pt")
     assert seen == [False, False] and not out.images.is_inference()
+
+
+def test_prompts_are_encoded_once_per_call(folders):
+    gp = GuidedPipeline.from_pretrained(folders("sd_epsilon_dpmpp_2m", "sd"), progress=False)
+    calls = []
+    hook = gp.pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        counts = []
+        for steps in (2, 7):
+            calls.clear()
+            out = gp(["a", "b"], steps=steps, seed=0, output_type="latent")
+            counts.append(len(calls))
+            assert out.nfe == 2 * steps
+    finally:
+        hook.remove()
+    assert counts[0] == counts[1] <= 2  # prompt and negative, whatever the number of steps
