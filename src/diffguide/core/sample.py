@@ -140,10 +140,13 @@ class RandomNoise:
     def __init__(self, generator: torch.Generator | None = None):
         self.generator = generator
 
+    def randn(self, shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
+        """The whole batch in one draw (diffusers' randn_tensor with a single generator)."""
+        where = self.generator.device if self.generator is not None else (device or "cpu")
+        return torch.randn(tuple(shape), generator=self.generator, dtype=dtype, device=where).to(device or where)
+
     def __call__(self, like: torch.Tensor, t=None, t_next=None) -> torch.Tensor:
-        z = torch.randn(like.shape, generator=self.generator, dtype=like.dtype,
-                        device=self.generator.device if self.generator is not None else like.device)
-        return z.to(like.device)
+        return self.randn(like.shape, like.dtype, like.device)
 
 
 class SeededNoise:
@@ -152,11 +155,14 @@ class SeededNoise:
     generator, the same stream diffusers' randn_tensor draws from a list of generators.
     """
 
-    def __init__(self, seeds: Sequence[int], device: str | torch.device = "cpu"):
-        seeds = [int(s) for s in seeds]
-        if not seeds:
+    def __init__(self, seeds: Sequence[int] = (), device: str | torch.device = "cpu",
+                 generators: Sequence[torch.Generator] | None = None):
+        """One generator per seed, or the caller's own per-sample ``generators``."""
+        if generators is None:
+            generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        if not generators:
             raise ValueError("SeededNoise needs at least one seed")
-        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.generators = list(generators)
 
     def randn(self, shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
         if shape[0] != len(self.generators):

@@ -205,9 +205,6 @@ class StableDiffusion3(DiT):
 
     name = "sd3"
 
-    def learned_sigma(self):
-        return False
-
     def encode(self, prompts, negatives, n, device):
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompts, prompts, prompts, device=device, num_images_per_prompt=n,

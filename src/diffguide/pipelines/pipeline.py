@@ -45,14 +45,12 @@ class GuidedOutput:
 def quiet_loading() -> None:
     """No loading progress bars or library warnings (the CLI keeps stderr for one-line errors)."""
     import diffusers
+    import huggingface_hub
     import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    import huggingface_hub
-
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
     huggingface_hub.utils.logging.set_verbosity_error()
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(diffusers|transformers|huggingface_hub)\b")
@@ -220,8 +218,7 @@ class GuidedPipeline:
 
             # -- sampling
             shape = (b, fam.channels, h // fam.factor, w // fam.factor)
-            z = noise.randn(shape) if isinstance(noise, SeededNoise) else _randn(shape, generator)
-            x = z.to(device=device, dtype=torch.float32) * self.info.start_scale(ts)
+            x = noise.randn(shape, device=device) * self.info.start_scale(ts)
             denoise = guide(self.denoiser, g, pos, neg, threshold=threshold, max_batch=max_batch)
             bar = _bar(ts.numel() - 1, self.progress if progress is None else progress)
 
@@ -259,7 +256,7 @@ class GuidedPipeline:
             if isinstance(generator, (list, tuple)):
                 if len(generator) != b:
                     raise ValueError(f"{len(generator)} generators for a batch of {b}")
-                return _GeneratorList(list(generator)), None
+                return SeededNoise(generators=generator), None
             return RandomNoise(generator), None
         if seed is None:
             seed = random.randrange(2 ** 31)
@@ -283,18 +280,6 @@ class GuidedPipeline:
             images = images.clone()
             images[torch.tensor(flags, device=images.device)] = 0.0
         return images, flags
-
-
-class _GeneratorList(SeededNoise):
-    """Caller-made per-image generators (diffusers' generator list)."""
-
-    def __init__(self, generators):
-        self.generators = generators
-
-
-def _randn(shape, generator):
-    gen = generator.generator if isinstance(generator, RandomNoise) else generator
-    return torch.randn(shape, generator=gen, device=gen.device if gen is not None else "cpu")
 
 
 def to_pil(images: np.ndarray) -> list:
