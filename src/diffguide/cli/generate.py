@@ -35,7 +35,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def add_arguments(p) -> None:
     p.add_argument("prompt", help="text prompt (a class index or name for class-conditional models)")
-    p.add_argument("--model", required=True, help="diffusers model folder or hub id")
+    p.add_argument("--model", default="builtin",
+                   help="diffusers model folder or hub id (default: the built-in toy model)")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--guidance", default="cfg", help="guidance spec, e.g. cfg:scale=7.5,rescale=0.7")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
@@ -66,7 +67,7 @@ def _targets(output: str, seeds: list[int]) -> list[str]:
     return [os.path.join(output, f"{s:06d}.png") for s in seeds]
 
 
-def _check_writable(paths: list[str], overwrite: bool) -> None:
+def check_writable(paths: list[str], overwrite: bool) -> None:
     """Fail before any work if the files cannot be written; create nothing yet."""
     folder = os.path.dirname(os.path.abspath(paths[0]))
     probe = folder
@@ -98,12 +99,14 @@ def parameters_text(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def save_png(image, path: str, meta: dict) -> None:
-    """Write atomically: a temporary file in the same folder, renamed into place."""
+def save_png(image, path: str, meta: dict, parameters: str | None = None) -> None:
+    """Write atomically: a temporary file in the same folder, renamed into place. ``meta`` goes into
+    a ``diffguide`` JSON text chunk, ``parameters`` (if given) into a ``parameters`` chunk."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", parameters_text(meta))
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     info.add_text("diffguide", json.dumps(meta, sort_keys=True))
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -143,7 +146,7 @@ def run(args) -> int:
     if any(s < 0 for s in seeds):
         raise UsageError(f"seeds must be >= 0, got {min(seeds)}")
     paths = _targets(args.output, seeds)
-    _check_writable(paths, args.overwrite)
+    check_writable(paths, args.overwrite)
 
     import torch
 
@@ -171,7 +174,8 @@ def run(args) -> int:
                  output_type="pil")
         nfe = out.nfe
         for seed, img, path in zip(chunk, out.images, paths[i:i + args.batch]):
-            save_png(img, path, {**meta, "seed": seed})
+            m = {**meta, "seed": seed}
+            save_png(img, path, m, parameters_text(m))
             print(path)
     dt = time.perf_counter() - t0
     print(f"{len(seeds)} image(s), {nfe} network evaluations each, {dt / len(seeds):.2f} s per image",

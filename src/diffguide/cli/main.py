@@ -18,7 +18,7 @@ from ..core.spacing import SPACINGS, timesteps
 from ..toy.mixture import GaussianMixture
 
 
-from . import generate
+from . import evaluate, generate
 from .generate import UsageError
 
 
@@ -65,6 +65,28 @@ def _mixture(args) -> int:
     return 0
 
 
+def _train_toy(args) -> int:
+    from ..pipelines import toy_model
+    from ..pipelines.pipeline import quiet_loading
+
+    if args.size not in toy_model.SIZES:
+        raise UsageError(f"unknown --size {args.size!r}; choose one of: {', '.join(toy_model.SIZES)}")
+    for name in ("steps", "batch", "dataset", "checkpoint_every"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    quiet_loading()
+    if args.export:
+        if not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+            raise UsageError(f"no checkpoint.pt in {args.out!r} to export")
+        print(toy_model.export_checkpoint(args.out))
+        return 0
+    cfg = toy_model.TrainConfig(out=args.out, size=args.size, steps=args.steps, batch=args.batch,
+                                lr=args.lr, seed=args.seed, dataset=args.dataset,
+                                checkpoint_every=args.checkpoint_every)
+    print(toy_model.train(cfg, progress=not args.quiet))
+    return 0
+
+
 def _tiny(args) -> int:
     """Save a tiny random model; written to a temporary folder first, then renamed into place."""
     import shutil
@@ -106,6 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("list", help="list samplers and guidance methods with their options")
     generate.add_arguments(sub.add_parser("generate", help="generate images with a diffusers model"))
+    evaluate.add_eval_arguments(sub.add_parser(
+        "eval", help="score a model on the toy world: adherence, Frechet distance, colour, diversity"))
+    evaluate.add_compare_arguments(sub.add_parser(
+        "compare", help="one prompt, several guidance settings: a labelled PNG grid"))
+    tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
+    tr.add_argument("out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)")
+    tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")
+    tr.add_argument("--steps", type=int, default=20000)
+    tr.add_argument("--batch", type=int, default=64)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--dataset", type=int, default=50000, help="distinct training scenes")
+    tr.add_argument("--checkpoint-every", type=int, default=500)
+    tr.add_argument("--export", action="store_true", help="only export the latest checkpoint's EMA")
+    tr.add_argument("--quiet", action="store_true")
     t = sub.add_parser("tiny-model", help="save a tiny random-weight diffusers model (offline tests)")
     t.add_argument("folder")
     t.add_argument("--family", default="sd", help="sd, pixel_sd, sdxl, dit, pixart, sd3 or ddpm")
@@ -131,6 +168,12 @@ def main(argv=None) -> int:
             return _mixture(args)
         if args.command == "generate":
             return generate.run(args)
+        if args.command == "eval":
+            return evaluate.run_eval(args)
+        if args.command == "compare":
+            return evaluate.run_compare(args)
+        if args.command == "train-toy":
+            return _train_toy(args)
         if args.command == "tiny-model":
             return _tiny(args)
         parser.print_help()

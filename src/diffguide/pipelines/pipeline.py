@@ -42,6 +42,22 @@ class GuidedOutput:
     nsfw: list | None = None
 
 
+BUILTIN = {"builtin": "toy", "builtin-small": "toy-small"}
+
+
+def builtin_path(name: str) -> str:
+    """'builtin' / 'builtin-small' name the toy models shipped in the package; other names pass."""
+    if name not in BUILTIN:
+        return name
+    from ..assets import path
+
+    folder = path(BUILTIN[name])
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise ValueError(f"the built-in model {name!r} is not installed ({folder} is missing); "
+                         f"pass a model folder or hub id")
+    return folder
+
+
 def quiet_loading() -> None:
     """No loading progress bars or library warnings (the CLI keeps stderr for one-line errors)."""
     import diffusers
@@ -89,7 +105,7 @@ class GuidedPipeline:
         """Load with ``diffusers.DiffusionPipeline.from_pretrained`` (a folder or a hub id)."""
         from diffusers import DiffusionPipeline
 
-        path = os.fspath(path_or_id)
+        path = builtin_path(os.fspath(path_or_id))
         dtype = as_dtype(torch_dtype)
         dev = check_device(device) if device is not None else None
         if os.path.isdir(path):

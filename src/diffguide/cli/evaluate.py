@@ -1,0 +1,171 @@
+"""``diffguide eval`` (metrics on the toy world) and ``diffguide compare`` (a labelled image grid)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .. import __version__
+from ..core.registry import parse_spec, to_spec
+from ..core.spacing import SPACINGS
+from .generate import UsageError, check_writable, save_png
+
+
+def _common(p, steps: int) -> None:
+    p.add_argument("--model", default="builtin", help="diffusers folder or hub id (default: built-in)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler spec")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--spacing", default=None, choices=SPACINGS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32, help="images per forward batch")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_eval_arguments(p) -> None:
+    _common(p, 25)
+    p.add_argument("--guidance", default="cfg", help="guidance spec")
+    p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in set)")
+    p.add_argument("--n", type=int, default=8, help="images per prompt")
+    p.add_argument("--grid", default=None, help="also write the images as a PNG grid (a row per prompt)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def add_compare_arguments(p) -> None:
+    _common(p, 25)
+    p.add_argument("prompt")
+    p.add_argument("--guidance", nargs="+", default=["none", "cfg"], help="guidance specs, one row each")
+    p.add_argument("--scales", default=None, help="comma-separated scales; each spec with a scale "
+                                                  "option gets a row per scale")
+    p.add_argument("--n", type=int, default=4, help="images per row (the same seeds in every row)")
+    p.add_argument("-o", "--output", default="compare.png")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _check(args) -> None:
+    for name in ("n", "steps", "batch"):
+        v = getattr(args, name)
+        if v < 1:
+            raise UsageError(f"--{name} must be >= 1, got {v}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+
+
+def _load(args):
+    import torch
+
+    from ..pipelines import GuidedPipeline
+    from ..pipelines.pipeline import quiet_loading
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    quiet_loading()
+    return GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
+                                          progress=not args.quiet)
+
+
+def _generate(gp, prompt: str, seeds: list, args, guidance, sampler) -> tuple[np.ndarray, int, float]:
+    """Images [n, H, W, 3] in [0, 1] for one prompt, NFE per image and seconds."""
+    out, nfe, t0 = [], 0, time.perf_counter()
+    for i in range(0, len(seeds), args.batch):
+        chunk = seeds[i:i + args.batch]
+        res = gp(prompt, guidance=guidance, sampler=sampler, steps=args.steps, spacing=args.spacing,
+                 num_images_per_prompt=len(chunk), seed=chunk, output_type="np", progress=False)
+        out.append(res.images)
+        nfe = res.nfe
+    return np.concatenate(out), nfe, time.perf_counter() - t0
+
+
+def grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 2):
+    """A PIL image: one row of images per entry, each [n, H, W, 3] in [0, 1], labels on the left."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
+    cols = max(len(r) for r in rows)
+    pad = 2
+    label_w = 0 if not labels else 8 + 6 * max(len(t) for t in labels)
+    canvas = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, imgs in enumerate(rows):
+        y = pad + r * (h + pad)
+        if labels:
+            draw.text((4, y + h // 2 - 5), labels[r], fill="black")
+        for c, img in enumerate(imgs):
+            tile = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype("uint8"))
+            canvas.paste(tile.resize((w, h), Image.NEAREST), (label_w + pad + c * (w + pad), y))
+    return canvas
+
+
+def run_eval(args) -> int:
+    from ..toy import evaluator, metrics
+
+    _check(args)
+    if args.prompts is not None and not os.path.isfile(args.prompts):
+        raise UsageError(f"--prompts {args.prompts!r} is not a file")
+    # every prompt must parse: one outside the toy world cannot be scored
+    prompts = metrics.read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
+    sampler = parse_spec("sampler", args.sampler)
+    guidance = parse_spec("guidance", args.guidance)
+    for path in (args.grid, args.out):
+        if path:
+            check_writable([path], overwrite=True)
+    judge = evaluator.load()
+    gp = _load(args)
+    guidance, sampler = gp.resolve(guidance, args.scale, sampler)
+    images, ids, seconds, nfe = [], [], 0.0, 0
+    for k, text in enumerate(prompts):
+        seeds = [args.seed * 100_000 + k * 1000 + j for j in range(args.n)]  # distinct across prompts
+        imgs, nfe, dt = _generate(gp, text, seeds, args, guidance, sampler)
+        images.append(imgs)
+        ids += [k] * len(imgs)
+        seconds += dt
+    images = np.concatenate(images)
+    result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
+              "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),
+              "nfe_per_image": nfe, "seconds_per_image": round(seconds / len(images), 4),
+              **metrics.evaluate(images, np.asarray(ids), prompts, judge), "version": __version__}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)
+    if args.grid:
+        rows = [images[np.asarray(ids) == k] for k in range(len(prompts))]
+        save_png(grid(rows, prompts), args.grid,
+                 {k: result[k] for k in ("model", "guidance", "sampler", "steps", "version")})
+    return 0
+
+
+def run_compare(args) -> int:
+    _check(args)
+    specs = [parse_spec("guidance", s) for s in args.guidance]
+    scales = None
+    if args.scales:
+        try:
+            scales = [float(v) for v in args.scales.split(",")]
+        except ValueError:
+            raise UsageError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
+    sampler = parse_spec("sampler", args.sampler)
+    check_writable([args.output], args.overwrite)
+    gp = _load(args)
+    rows, labels, seeds = [], [], [args.seed + j for j in range(args.n)]
+    for spec in specs:
+        has_scale = hasattr(spec, "scale")
+        for scale in (scales if scales and has_scale else [None]):
+            g, s = gp.resolve(spec, scale, sampler)
+            imgs, nfe, _ = _generate(gp, args.prompt, seeds, args, g, s)
+            rows.append(imgs)
+            labels.append(f"{to_spec(g)} ({nfe} NFE)")
+    meta = {"prompt": args.prompt, "rows": labels, "sampler": to_spec(sampler), "steps": args.steps,
+            "seeds": seeds, "model": args.model, "version": __version__}
+    save_png(grid(rows, labels), args.output, meta)
+    print(args.output)
+    print(f"{len(rows)} rows x {args.n} images", file=sys.stderr)
+    return 0
