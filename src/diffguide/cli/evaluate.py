@@ -11,7 +11,7 @@ import numpy as np
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
 from ..core.spacing import SPACINGS
-from .generate import UsageError, check_writable, save_png
+from .generate import UsageError, check_writable, load_model, save_png
 
 
 def _common(p, steps: int) -> None:
@@ -54,19 +54,6 @@ def _check(args) -> None:
             raise UsageError(f"--{name} must be >= 1, got {v}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-
-
-def _load(args):
-    import torch
-
-    from ..pipelines import GuidedPipeline
-    from ..pipelines.pipeline import quiet_loading
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
-    quiet_loading()
-    return GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
-                                          progress=not args.quiet)
 
 
 def _generate(gp, prompt: str, seeds: list, args, guidance, sampler) -> tuple[np.ndarray, int, float]:
@@ -115,7 +102,7 @@ def run_eval(args) -> int:
         if path:
             check_writable([path], overwrite=True)
     judge = evaluator.load()
-    gp = _load(args)
+    gp, _ = load_model(args)
     guidance, sampler = gp.resolve(guidance, args.scale, sampler)
     images, ids, seconds, nfe = [], [], 0.0, 0
     for k, text in enumerate(prompts):
@@ -154,7 +141,7 @@ def run_compare(args) -> int:
             raise UsageError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
     sampler = parse_spec("sampler", args.sampler)
     check_writable([args.output], args.overwrite)
-    gp = _load(args)
+    gp, _ = load_model(args)
     rows, labels, seeds = [], [], [args.seed + j for j in range(args.n)]
     for spec in specs:
         has_scale = hasattr(spec, "scale")

@@ -122,6 +122,21 @@ def save_png(image, path: str, meta: dict, parameters: str | None = None) -> Non
         raise
 
 
+def load_model(args):
+    """(GuidedPipeline, dtype name) from --model, --device (default cuda if available) and --dtype
+    (default float16 on cuda, float32 on cpu), with the libraries' loading chatter off."""
+    import torch
+
+    from ..pipelines import GuidedPipeline
+    from ..pipelines.pipeline import quiet_loading
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    quiet_loading()
+    return GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
+                                          progress=not args.quiet), dtype
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -148,16 +163,7 @@ def run(args) -> int:
     paths = _targets(args.output, seeds)
     check_writable(paths, args.overwrite)
 
-    import torch
-
-    from ..pipelines import GuidedPipeline
-    from ..pipelines.pipeline import quiet_loading
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
-    quiet_loading()
-    gp = GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
-                                        progress=not args.quiet)
+    gp, dtype = load_model(args)
     g, s = gp.resolve(guidance, args.scale, sampler)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
