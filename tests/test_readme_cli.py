@@ -58,7 +58,7 @@ def test_cli_errors_are_one_line(args, msg):
 def test_readme_generate_commands_run(tmp_path):
     """The README's command-line block runs as written (in a scratch folder)."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "diffguide generate" in b)
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "diffguide tiny-model" in b)
     lines = [ln for ln in block.strip().splitlines() if ln.startswith("diffguide ")]
     assert len(lines) >= 2
     for line in lines:
