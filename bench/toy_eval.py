@@ -4,12 +4,10 @@ a table of guidance settings (and the companion model). Prints JSON, one row per
     python bench/toy_eval.py [--n 8] [--steps 25] [--model builtin] [--out FILE]
 """
 import argparse
-import time
-
-import numpy as np
 
 from _common import emit
 
+from diffguide.cli.evaluate import prompt_set
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines.pipeline import quiet_loading
 from diffguide.toy import evaluator, metrics
@@ -19,17 +17,9 @@ SETTINGS = [("none", None), ("cfg", 1.5), ("cfg", 3.0), ("cfg", 5.0), ("cfg", 7.
 
 def run(gp, judge, guidance, scale, sampler, steps, n, seed=0):
     prompts = metrics.DEFAULT_PROMPTS
-    images, ids, t0 = [], [], time.perf_counter()
-    nfe = 0
-    for k, text in enumerate(prompts):
-        out = gp(text, guidance=guidance, guidance_scale=scale, sampler=sampler, steps=steps,
-                 num_images_per_prompt=n, seed=[seed * 100_000 + k * 1000 + j for j in range(n)],
-                 output_type="np", progress=False)
-        images.append(out.images)
-        ids += [k] * n
-        nfe = out.nfe
-    seconds = (time.perf_counter() - t0) / (n * len(prompts))
-    res = metrics.evaluate(np.concatenate(images), np.asarray(ids), prompts, judge)
+    g, s = gp.resolve(guidance, scale, sampler)
+    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, g, s, steps)
+    res = metrics.evaluate(images, ids, prompts, judge)
     res.pop("adherence_by_prompt")
     return {"guidance": guidance, "scale": scale, "sampler": sampler, "steps": steps,
             "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4), **res}

@@ -56,16 +56,32 @@ def _check(args) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
 
 
-def _generate(gp, prompt: str, seeds: list, args, guidance, sampler) -> tuple[np.ndarray, int, float]:
+def _generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None,
+              batch: int = 32) -> tuple[np.ndarray, int, float]:
     """Images [n, H, W, 3] in [0, 1] for one prompt, NFE per image and seconds."""
     out, nfe, t0 = [], 0, time.perf_counter()
-    for i in range(0, len(seeds), args.batch):
-        chunk = seeds[i:i + args.batch]
-        res = gp(prompt, guidance=guidance, sampler=sampler, steps=args.steps, spacing=args.spacing,
+    for i in range(0, len(seeds), batch):
+        chunk = seeds[i:i + batch]
+        res = gp(prompt, guidance=guidance, sampler=sampler, steps=steps, spacing=spacing,
                  num_images_per_prompt=len(chunk), seed=chunk, output_type="np", progress=False)
         out.append(res.images)
         nfe = res.nfe
     return np.concatenate(out), nfe, time.perf_counter() - t0
+
+
+def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
+               spacing=None, batch: int = 32) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """n images per prompt (seeds distinct across prompts): images, prompt index per image, NFE per
+    image, seconds per image. What eval and bench/toy_eval.py both score."""
+    images, ids, seconds, nfe = [], [], 0.0, 0
+    for k, text in enumerate(prompts):
+        seeds = [seed * 100_000 + k * 1000 + j for j in range(n)]
+        imgs, nfe, dt = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch)
+        images.append(imgs)
+        ids += [k] * len(imgs)
+        seconds += dt
+    images = np.concatenate(images)
+    return images, np.asarray(ids), nfe, seconds / len(images)
 
 
 def grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 2):
@@ -104,18 +120,12 @@ def run_eval(args) -> int:
     judge = evaluator.load()
     gp, _ = load_model(args)
     guidance, sampler = gp.resolve(guidance, args.scale, sampler)
-    images, ids, seconds, nfe = [], [], 0.0, 0
-    for k, text in enumerate(prompts):
-        seeds = [args.seed * 100_000 + k * 1000 + j for j in range(args.n)]  # distinct across prompts
-        imgs, nfe, dt = _generate(gp, text, seeds, args, guidance, sampler)
-        images.append(imgs)
-        ids += [k] * len(imgs)
-        seconds += dt
-    images = np.concatenate(images)
+    images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
+                                           args.steps, args.spacing, args.batch)
     result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
               "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),
-              "nfe_per_image": nfe, "seconds_per_image": round(seconds / len(images), 4),
-              **metrics.evaluate(images, np.asarray(ids), prompts, judge), "version": __version__}
+              "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4),
+              **metrics.evaluate(images, ids, prompts, judge), "version": __version__}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
@@ -124,7 +134,7 @@ def run_eval(args) -> int:
             f.write(text + "\n")
         os.replace(tmp, args.out)
     if args.grid:
-        rows = [images[np.asarray(ids) == k] for k in range(len(prompts))]
+        rows = [images[ids == k] for k in range(len(prompts))]
         save_png(grid(rows, prompts), args.grid,
                  {k: result[k] for k in ("model", "guidance", "sampler", "steps", "version")})
     return 0
@@ -147,7 +157,7 @@ def run_compare(args) -> int:
         has_scale = hasattr(spec, "scale")
         for scale in (scales if scales and has_scale else [None]):
             g, s = gp.resolve(spec, scale, sampler)
-            imgs, nfe, _ = _generate(gp, args.prompt, seeds, args, g, s)
+            imgs, nfe, _ = _generate(gp, args.prompt, seeds, g, s, args.steps, args.spacing, args.batch)
             rows.append(imgs)
             labels.append(f"{to_spec(g)} ({nfe} NFE)")
     meta = {"prompt": args.prompt, "rows": labels, "sampler": to_spec(sampler), "steps": args.steps,
