@@ -46,7 +46,7 @@ class WellPosed:
         return base + 0.1 * self.unet(x, t.float(), encoder_hidden_states=emb).sample
 
     def denoiser(self) -> dg.NetDenoiser:
-        return dg.NetDenoiser(lambda x, tm, c: self(x, tm, c), self.schedule, self.kind)
+        return dg.NetDenoiser(lambda x, tm, c: self(x, tm, c), self.schedule, self.kind, module=self.unet)
 
 
 def diffusers_loop(scheduler, model, z, steps, cond, uncond, scale, generator=None):

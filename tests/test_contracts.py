@@ -84,7 +84,7 @@ class Twice(dg.Guidance):
     def init_state(self):
         return 0
 
-    def branches(self, pt):
+    def branches(self, pt, state=None):
         return {"a": dg.Branch("pos"), "b": dg.Branch("pos"), "u": dg.Branch("neg")}
 
     def combine(self, x, pt, preds, state):
@@ -164,7 +164,7 @@ def test_partial_run_is_a_shorter_grid(gmm, sd):
 class Flip:
     """A perturbation: while applied, the test model negates its x0 (hashable, like real ones)."""
 
-    def apply(self, net):
+    def apply(self, net, noise=None):
         import contextlib
 
         @contextlib.contextmanager
@@ -179,7 +179,7 @@ class Flip:
 
 @dataclass(frozen=True)
 class WithPerturbed(dg.Guidance):
-    def branches(self, pt):
+    def branches(self, pt, state=None):
         return {"c": dg.Branch("pos"), "u": dg.Branch("neg"), "p": dg.Branch("pos", perturb=Flip())}
 
     def combine(self, x, pt, preds, state):

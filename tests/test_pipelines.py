@@ -112,7 +112,7 @@ def test_grad_guidance_runs_with_autograd(folders):
     class Probe(Guidance):
         needs_grad: bool = False
 
-        def branches(self, pt):
+        def branches(self, pt, state=None):
             return {"c": Branch("pos", grad=True)}
 
         def combine(self, x, pt, preds, state):

@@ -81,7 +81,7 @@ def _train_toy(args) -> int:
         print(toy_model.export_checkpoint(args.out))
         return 0
     cfg = toy_model.TrainConfig(out=args.out, size=args.size, steps=args.steps, batch=args.batch,
-                                lr=args.lr, seed=args.seed, dataset=args.dataset,
+                                lr=args.lr, min_snr=args.min_snr, seed=args.seed, dataset=args.dataset,
                                 checkpoint_every=args.checkpoint_every)
     print(toy_model.train(cfg, progress=not args.quiet))
     return 0
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")
     tr.add_argument("--steps", type=int, default=20000)
     tr.add_argument("--batch", type=int, default=64)
-    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weight; 0 turns it off")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--dataset", type=int, default=50000, help="distinct training scenes")
     tr.add_argument("--checkpoint-every", type=int, default=500)

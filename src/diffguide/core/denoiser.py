@@ -36,7 +36,8 @@ class NetDenoiser:
     """A network ``forward(x_in, model_time, cond) -> output`` of prediction ``kind``.
 
     ``dtype`` is the network's input dtype (default: that of x). ``learned_sigma`` keeps only the first
-    half of the output channels (DiT, iDDPM).
+    half of the output channels (DiT, iDDPM). ``module`` is the network as an ``nn.Module`` where
+    there is one, for branch perturbations that hook into it (TSG's time-embedding noise).
     """
 
     forward: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -44,6 +45,7 @@ class NetDenoiser:
     kind: str = "eps"
     dtype: torch.dtype | None = None
     learned_sigma: bool = False
+    module: Any = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

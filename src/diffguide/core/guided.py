@@ -25,8 +25,9 @@ class Branch:
 
     cond: str = "pos"          # key into the run's conditions ("pos", "neg", ...)
     model: str = "main"        # key into the run's models
-    perturb: Hashable = None   # an object with .apply(denoiser) -> context manager, or None
+    perturb: Hashable = None   # an object with .apply(denoiser, noise) -> context manager, or None
     grad: bool = False         # evaluate under autograd
+    rows: tuple | None = None  # evaluate only these samples of the batch (None: all)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class Point:
 class Guidance:
     """Base for guidance methods (frozen dataclasses). Override branches and combine.
 
+    ``branches(pt, state)`` names the evaluations this step needs (the state lets a method drop a
+    branch for the rest of a run); ``combine`` turns their Preds into one and returns the new state.
+    ``conditions`` may add conditions a method draws for itself at each evaluation (ICG's random one).
     A method that differentiates through the network sets ``needs_grad = True`` (a class attribute)
     so that pipelines run it with autograd available rather than in inference mode.
     """
@@ -75,7 +79,12 @@ class Guidance:
     def init_state(self) -> Any:
         return None
 
-    def branches(self, pt: Point) -> Mapping[str, Branch]:
+    def conditions(self, pt: Point, conds: Mapping[str, Any], x: torch.Tensor, noise) -> dict:
+        """Extra conditions for this evaluation (not cached between evaluations); ``noise`` is the
+        run's noise source (per-sample generators in pipelines) or None."""
+        return {}
+
+    def branches(self, pt: Point, state: Any) -> Mapping[str, Branch]:
         raise NotImplementedError
 
     def combine(self, x: torch.Tensor, pt: Point, preds: Mapping[str, Pred], state: Any):
@@ -133,8 +142,8 @@ def _rows(cond, sl: slice):
 class GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable samplers consume. One per run; counts NFE.
 
-    ``nfe`` counts network evaluations per sample (a batched cond + uncond pass is 2), ``forwards``
-    counts forward passes.
+    ``nfe`` counts network evaluations per sample (a batched cond + uncond pass is 2; a branch on some
+    rows only counts their share), ``forwards`` counts forward passes.
     """
 
     def __init__(self, models: Mapping[str, Any], guidance: Guidance, conds: Mapping[str, Any],
@@ -155,67 +164,84 @@ class GuidedDenoiser:
         self.schedule: Schedule = self.models["main"].schedule
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, noise=None) -> None:
+        """Start a run: fresh guidance state and counters; ``noise`` is the run's noise source."""
         self.state = self.guidance.init_state()
         self.nfe = 0
         self.forwards = 0
+        self.noise = noise
         self._batched = {}  # concatenated conditions per (branch conds, batch): fixed within a run
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
         pt = Point(t, self.schedule)
-        preds = self.evaluate(x, t, self.guidance.branches(pt))
+        extra = self.guidance.conditions(pt, self.conds, x, self.noise)
+        preds = self.evaluate(x, t, self.guidance.branches(pt, self.state), extra)
         pred, self.state = self.guidance.combine(x, pt, preds, self.state)
         if self.threshold is not None:
             pred = self.threshold(pred, x, pt.a, pt.s)
         return pred
 
-    def evaluate(self, x: torch.Tensor, t: torch.Tensor, branches: Mapping[str, Branch]) -> dict:
-        """Evaluate the distinct branches, one forward pass per (model, perturb, grad) group."""
+    def evaluate(self, x: torch.Tensor, t: torch.Tensor, branches: Mapping[str, Branch],
+                 extra: Mapping[str, Any] | None = None) -> dict:
+        """Evaluate the distinct branches, one forward pass per (model, perturb, grad) group.
+        ``extra`` conditions hold for this evaluation only."""
+        conds = {**self.conds, **extra} if extra else self.conds
         unique = list(dict.fromkeys(branches.values()))
         groups: dict[tuple, list[Branch]] = {}
         for br in unique:
             if br.model not in self.models:
                 raise ValueError(f"branch needs model {br.model!r}; this run has: "
                                  f"{', '.join(self.models)}")
-            if br.cond not in self.conds:
+            if br.cond not in conds:
                 raise ValueError(f"{type(self.guidance).__name__} needs condition {br.cond!r}; this "
-                                 f"run has: {', '.join(self.conds) or 'none'} (pass uncond= for 'neg')")
+                                 f"run has: {', '.join(conds) or 'none'} (pass uncond= for 'neg')")
             groups.setdefault((br.model, br.perturb, br.grad), []).append(br)
         out: dict[Branch, Pred] = {}
+        b = x.shape[0]
         for (model, perturb, grad), brs in groups.items():
-            key = (tuple(br.cond for br in brs), x.shape[0])
+            key = (tuple((br.cond, br.rows) for br in brs), b)
             if key not in self._batched:
-                conds = [_fit(self.conds[br.cond], x.shape[0], br.cond) for br in brs]
+                rows = [_fit(conds[br.cond], b, br.cond) for br in brs]
+                rows = [c if br.rows is None else _rows(c, list(br.rows)) for c, br in zip(rows, brs)]
                 try:
-                    self._batched[key] = (True, _cat(conds))
+                    self._batched[key] = (True, _cat(rows))
                 except _Incompatible:
-                    self._batched[key] = (False, conds)
+                    self._batched[key] = (False, rows)
             together, cond = self._batched[key]
+            xs = [x if br.rows is None else x[list(br.rows)] for br in brs]
+            ts = [t if t.ndim == 0 or br.rows is None else t[list(br.rows)] for br in brs]
             if together:
-                preds = self._forward(model, perturb, grad, x, t, cond, len(brs))
+                preds = self._forward(model, perturb, grad, xs, ts, cond)
             else:
-                preds = [self._forward(model, perturb, grad, x, t, c, 1)[0] for c in cond]
+                preds = [self._forward(model, perturb, grad, [xi], [ti], c)[0]
+                         for xi, ti, c in zip(xs, ts, cond)]
+            if extra and any(br.cond in extra for br in brs):  # drawn afresh next time
+                del self._batched[key]
             out.update(zip(brs, preds))
-            self.nfe += len(brs)
+            self.nfe += sum(len(xi) for xi in xs) / b
+        if isinstance(self.nfe, float) and self.nfe.is_integer():
+            self.nfe = int(self.nfe)
         return {name: out[br] for name, br in branches.items()}
 
-    def _forward(self, model, perturb, grad, x, t, cond, k) -> list[Pred]:
+    def _forward(self, model, perturb, grad, xs: list, ts: list, cond) -> list[Pred]:
+        """One batched pass over the branches' inputs (in max_batch chunks); a Pred per branch."""
         net = self.models[model]
-        xs = x if k == 1 else torch.cat([x] * k)
-        ts = t if t.ndim == 0 or k == 1 else t.repeat(k)
-        step = xs.shape[0] if self.max_batch is None else self.max_batch
-        ctx = perturb.apply(net) if perturb is not None else contextlib.nullcontext()
+        sizes = [xi.shape[0] for xi in xs]
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        t = ts[0] if len(ts) == 1 or ts[0].ndim == 0 else torch.cat(ts)
+        step = x.shape[0] if self.max_batch is None else self.max_batch
+        ctx = perturb.apply(net, self.noise) if perturb is not None else contextlib.nullcontext()
         chunks = []
         with ctx, torch.set_grad_enabled(grad or torch.is_grad_enabled()):
-            for i in range(0, xs.shape[0], step):
+            for i in range(0, x.shape[0], step):
                 sl = slice(i, i + step)
-                pred = net(xs[sl], ts if ts.ndim == 0 else ts[sl], _rows(cond, sl))
+                pred = net(x[sl], t if t.ndim == 0 else t[sl], _rows(cond, sl))
                 if not isinstance(pred, Pred):
                     raise ValueError(f"model {model!r} returned {type(pred).__name__}, not a Pred")
                 chunks.append(pred)
                 self.forwards += 1
-        return (Pred.cat(chunks) if len(chunks) > 1 else chunks[0]).split(k)
+        return (Pred.cat(chunks) if len(chunks) > 1 else chunks[0]).split(sizes)
 
 
 def guide(denoiser, guidance=None, cond=None, uncond=None, *, conds: Mapping[str, Any] | None = None,

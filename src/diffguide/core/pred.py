@@ -3,6 +3,9 @@
 Samplers anchor the update on ``x0`` and re-noise with ``eps``; they never re-derive one from x. For
 an ordinary prediction x = a x0 + s eps holds; CFG++ deliberately breaks it (guided x0, unconditional
 eps). Conversions run in float32 (float64 stays float64) whatever the network's dtype.
+
+``x0_hist`` is what a multistep sampler remembers of this step for later steps' slope estimates;
+None means x0. CFG++ sets it to the unconditional x0, as its authors' DPM++(2M) does.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def _coef(c, like: torch.Tensor):
 class Pred:
     x0: torch.Tensor
     eps: torch.Tensor
+    x0_hist: torch.Tensor | None = None
 
     @classmethod
     def from_output(cls, kind: str, out: torch.Tensor, x: torch.Tensor, a, s) -> "Pred":
@@ -64,8 +68,14 @@ class Pred:
     def v(self, a, s) -> torch.Tensor:
         return _coef(a, self.eps) * self.eps - _coef(s, self.x0) * self.x0
 
+    @property
+    def history(self) -> torch.Tensor:
+        """The x0 a multistep sampler keeps for this step."""
+        return self.x0 if self.x0_hist is None else self.x0_hist
+
     # Linear combinations keep x = a x0 + s eps when the weights sum to one, so CFG-type rules can
-    # be written once on Pred and hold in every parameterisation.
+    # be written once on Pred and hold in every parameterisation. They act on (x0, eps) only: the
+    # result's history is its own x0.
     def __add__(self, o: "Pred") -> "Pred":
         return Pred(self.x0 + o.x0, self.eps + o.eps)
 
@@ -78,8 +88,23 @@ class Pred:
 
     __rmul__ = __mul__
 
-    def split(self, n: int) -> list["Pred"]:
-        return [Pred(a, b) for a, b in zip(self.x0.chunk(n), self.eps.chunk(n))]
+    def split(self, n) -> list["Pred"]:
+        """n equal parts, or parts of the given sizes."""
+        if isinstance(n, int):
+            return [Pred(a, b) for a, b in zip(self.x0.chunk(n), self.eps.chunk(n))]
+        return [Pred(a, b) for a, b in zip(self.x0.split(list(n)), self.eps.split(list(n)))]
+
+    def output(self, kind: str, a, s) -> torch.Tensor:
+        """This prediction as a raw output of ``kind`` (the inverse of ``from_output``)."""
+        if kind == "eps":
+            return self.eps
+        if kind in ("x0", "sample"):
+            return self.x0
+        if kind == "v":
+            return self.v(a, s)
+        if kind == "flow":
+            return self.eps - self.x0
+        raise ValueError(f"unknown prediction kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
     @staticmethod
     def cat(preds) -> "Pred":

@@ -202,7 +202,7 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
         x = x.float()  # the sampler state stays in float32 whatever the network runs in
     noise = noise if noise is not None else RandomNoise()
     if hasattr(denoise, "reset"):
-        denoise.reset()
+        denoise.reset(noise)
     state = sampler.init_state()
     n = ts.numel() - 1
     a, s, ve = _levels(schedule, ts)  # once per run, not twice per grid point

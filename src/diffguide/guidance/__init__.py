@@ -1,2 +1,7 @@
 """Guidance methods, one file each; importing this package registers them."""
+from .ag import AdaptiveGuidance
+from .apg import APG
 from .cfg import CFG, NoGuidance
+from .cfgpp import CFGpp
+from .icg import ICG
+from .tsg import TSG, TimeEmbeddingNoise

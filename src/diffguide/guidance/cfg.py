@@ -19,7 +19,7 @@ RESCALE_SPACES = ("x0", "eps", "v")
 class NoGuidance(Guidance):
     """The conditional prediction alone (one evaluation per step)."""
 
-    def branches(self, pt: Point):
+    def branches(self, pt: Point, state=None):
         return {"c": Branch("pos")}
 
     def combine(self, x, pt, preds, state):
@@ -85,7 +85,7 @@ class CFG(Guidance):
         inside = (ve >= self.sigma_lo) & (ve <= self.sigma_hi)
         return where(inside, 1 + w, 1 + 0 * w)
 
-    def branches(self, pt: Point):
+    def branches(self, pt: Point, state=None):
         g = self.scale_at(pt)
         if isinstance(g, torch.Tensor):  # per-sample scales (training): skip only if all agree
             g = g.unique().tolist()
@@ -108,13 +108,7 @@ class CFG(Guidance):
 
     def _rescale(self, x, pt, c: Pred, guided: Pred) -> Pred:
         space = self.rescale_space
-        get = {"x0": lambda p: p.x0, "eps": lambda p: p.eps, "v": lambda p: p.v(pt.a, pt.s)}[space]
-        pc, pg = get(c), get(guided)
+        pc, pg = c.output(space, pt.a, pt.s), guided.output(space, pt.a, pt.s)
         dims = tuple(range(1, pg.ndim))
         ratio = pc.std(dim=dims, keepdim=True) / pg.std(dim=dims, keepdim=True)
-        out = pg * (self.rescale * ratio + (1 - self.rescale))
-        if space == "x0":
-            return Pred.from_x0(x, out, pt.a, pt.s)
-        if space == "eps":
-            return Pred.from_eps(x, out, pt.a, pt.s)
-        return Pred.from_output("v", out, x, pt.a, pt.s)
+        return Pred.from_output(space, pg * (self.rescale * ratio + (1 - self.rescale)), x, pt.a, pt.s)

@@ -96,7 +96,8 @@ class GuidedPipeline:
         self.info: SchedulerInfo = from_scheduler(pipe.scheduler)
         net = self.family.net
         self.denoiser = NetDenoiser(self.family.forward, self.info.schedule, self.info.kind,
-                                    dtype=net.dtype, learned_sigma=self.family.learned_sigma())
+                                    dtype=net.dtype, learned_sigma=self.family.learned_sigma(),
+                                    module=net)
         self.progress = progress
 
     @classmethod

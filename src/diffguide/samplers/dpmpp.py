@@ -4,7 +4,8 @@ All updates are exponential integrators in lambda written as data anchor plus re
   y' = D + ve' E,  x' = a' y',  D = x0 + (polynomial correction from the x0 history),
   E = e^{-eta h} eps + sqrt(1 - e^{-2 eta h}) z,
 with H = (1 + eta) h in the phi functions (k-diffusion's eta form; eta = 1 is diffusers' SDE variant).
-The renoise uses the current eps only; the correction uses the guided x0 history.
+The renoise uses the current eps only; the correction uses the x0 history each Pred names
+(``Pred.history``: the guided x0, or for CFG++ the unconditional one).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class _Multistep(Sampler):
         order = self.step_order(st, len(state))
         # a point at lam = -inf (pure noise, flow t = 1) gives no slope information: the multistep
         # correction vanishes as the previous step size goes to infinity, so it is not kept
-        keep = ((p.x0, st.lam),) + state[: self.order - 2] if math.isfinite(st.lam) else ()
+        keep = ((p.history, st.lam),) + state[: self.order - 2] if math.isfinite(st.lam) else ()
         if (order == 1 and not state and self.order >= 3 and self.warmup == "singlestep"
                 and not st.last and math.isfinite(st.lam)):
             # a first-order start would cap the global order at 2; a 2S step (local error h^3) won't
