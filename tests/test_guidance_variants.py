@@ -327,3 +327,46 @@ def test_every_method_on_every_sampler_and_model_type(tiny, kind):
             assert torch.isfinite(x).all(), (kind, method, spec)
             assert x.abs().max() < 20, (kind, method, spec)
             assert d.nfe >= 4
+
+
+# -- composition -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", ["weight_schedule=linear", "weight_schedule=cosine",
+                                  "sigma_lo=0.5,sigma_hi=3", "rescale=0.7"])
+def test_modulated_cfg_equals_cfg_options(gmm, sd, opts):
+    ts = dg.timesteps(sd, 10, "karras")
+    x = _x(gmm, ts)
+    a, da = _run(gmm, f"cfg:scale=4@{opts}", "dpmpp_2m", ts, x)
+    b, db = _run(gmm, f"cfg:scale=4,{opts}", "dpmpp_2m", ts, x)
+    assert (a - b).abs().max() < 1e-9 and da.nfe == db.nfe
+
+
+def test_modulated_interval_skips_any_methods_branches(gmm, sd):
+    ts = dg.timesteps(sd, 10, "karras")
+    _, d = _run(gmm, "apg:scale=4@sigma_lo=0.5,sigma_hi=3", "euler", ts, _x(gmm, ts))
+    inside = sum(0.5 <= float(sd.ve(t)) <= 3 for t in ts[:-1])
+    assert 0 < inside < 10 and d.nfe == 10 + inside
+
+
+def test_sum_shares_the_conditional_branch(gmm, sd):
+    """cfg 3 + cfg 2 = C + 2 (C - U) + (C - U) = cfg 4, at 2 NFE per step (C and U run once)."""
+    ts = dg.timesteps(sd, 10, "karras")
+    x = _x(gmm, ts)
+    a, da = _run(gmm, "cfg:scale=3+cfg:scale=2", "dpmpp_2m", ts, x)
+    b, _ = _run(gmm, "cfg:scale=4", "dpmpp_2m", ts, x)
+    assert (a - b).abs().max() < 1e-9 and da.nfe == 20
+
+
+def test_sum_of_cfg_and_tsg_is_one_forward_per_distinct_branch(tiny):
+    x, d = _tiny_run(tiny, "cfg:scale=3+tsg:scale=2,t_lo=0,t_hi=1", steps=4)
+    assert d.nfe == 12 and d.forwards == 8  # C and U batched, the perturbed C alone
+    assert torch.isfinite(x).all()
+
+
+def test_composite_specs_round_trip_and_refuse_bad_options():
+    for spec in ["cfg:scale=3.0+tsg:scale=2.0", "apg:scale=6.0@weight_schedule=linear,sigma_lo=0.3"]:
+        assert dg.to_spec(dg.parse_spec("guidance", spec)) == spec
+    with pytest.raises(ValueError, match="'@' takes no option 'bogus'"):
+        dg.parse_spec("guidance", "apg@bogus=1")
+    with pytest.raises(ValueError, match="unknown guidance 'nope'"):
+        dg.parse_spec("guidance", "cfg+nope")

@@ -84,28 +84,71 @@ def _coerce(text: str, default):
     return text.strip()
 
 
-def parse_spec(kind: str, spec: str):
-    """``'cfg:scale=7.5,rescale=0.7'`` -> CFG(scale=7.5, rescale=0.7)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty {kind} spec; expected name or name:key=value,...")
-    name, _, rest = spec.strip().partition(":")
-    lookup(kind, name)
-    allowed = options(kind, name)
+_COMBINATORS: dict[str, type] = {}  # "+" -> Sum, "@" -> Modulated (registered by guidance.compose)
+
+
+def combinator(symbol: str):
+    def deco(cls):
+        _COMBINATORS[symbol] = cls
+        return cls
+    return deco
+
+
+def _options_of(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.init and f.default is not dataclasses.MISSING}
+
+
+def _parse_options(what: str, spec: str, rest: str, allowed: dict) -> dict:
     opts = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise ValueError(f"malformed {kind} spec {spec!r}: {item!r} is not key=value")
-        try:  # unknown keys pass through uncoerced; create() names them
+            raise ValueError(f"malformed {what} spec {spec!r}: {item!r} is not key=value")
+        try:  # unknown keys pass through uncoerced; the constructor names them
             opts[key] = _coerce(value, allowed[key]) if key in allowed else value
         except ValueError as e:
-            raise ValueError(f"{kind} {name!r} option {key}: {e}") from None
+            raise ValueError(f"{what} option {key}: {e}") from None
+    return opts
+
+
+def parse_spec(kind: str, spec: str):
+    """``'cfg:scale=7.5,rescale=0.7'`` -> CFG(scale=7.5, rescale=0.7).
+
+    Guidance specs also compose: ``'cfg:scale=5+tsg:scale=2'`` sums methods (shared branches run
+    once) and ``'apg:scale=5@sigma_lo=0.3,weight_schedule=linear'`` wraps one in a schedule,
+    interval and rescale."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty {kind} spec; expected name or name:key=value,...")
+    if kind == "guidance" and "+" in spec and "+" in _COMBINATORS:
+        return _COMBINATORS["+"](tuple(parse_spec(kind, term) for term in spec.split("+")))
+    if kind == "guidance" and "@" in spec and "@" in _COMBINATORS:
+        inner, _, rest = spec.partition("@")
+        cls = _COMBINATORS["@"]
+        allowed = _options_of(cls)
+        opts = _parse_options("guidance '@'", spec, rest, allowed)
+        bad = sorted(set(opts) - set(allowed))
+        if bad:
+            raise ValueError(f"'@' takes no option {bad[0]!r}; allowed: {', '.join(allowed)}")
+        try:
+            return cls(parse_spec(kind, inner), **opts)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"guidance {spec!r}: {e}") from None
+    name, _, rest = spec.strip().partition(":")
+    lookup(kind, name)
+    opts = _parse_options(f"{kind} {name!r}", spec, rest, options(kind, name))
     return create(kind, name, **opts)
 
 
 def to_spec(obj) -> str:
     """Inverse of parse_spec for a registered config: only options that differ from the defaults."""
+    if type(obj) is _COMBINATORS.get("+"):
+        return "+".join(to_spec(p) for p in obj.parts)
+    if type(obj) is _COMBINATORS.get("@"):
+        extra = [f"{k}={getattr(obj, k)}" for k, d in _options_of(type(obj)).items()
+                 if getattr(obj, k) != d]
+        return to_spec(obj.inner) + ("@" + ",".join(extra) if extra else "")
     defaults = options(_kind_of(obj), obj.name)
     parts = []
     for key, default in defaults.items():

@@ -5,3 +5,4 @@ from .cfg import CFG, NoGuidance
 from .cfgpp import CFGpp
 from .icg import ICG
 from .tsg import TSG, TimeEmbeddingNoise
+from .compose import Modulated, Sum

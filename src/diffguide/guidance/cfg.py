@@ -14,6 +14,32 @@ WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "clamp_linear", "clamp_cosin
 RESCALE_SPACES = ("x0", "eps", "v")
 
 
+def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
+    """The schedule's multiplier at progress p (mean 1 over p in [0, 1]); clamp_* floored at floor.
+    A float in sampling, a [B] tensor when pt has one level per sample."""
+    p = pt.progress
+    if isinstance(p, torch.Tensor):
+        p = p.to(torch.float64)
+        cos, clamp = torch.cos, lambda k: k.clamp(min=floor)
+    else:
+        cos, clamp = math.cos, lambda k: max(k, floor)
+    if schedule == "constant":
+        k = 1.0 + 0 * p
+    elif schedule.endswith("linear"):
+        k = 2 * p
+    else:
+        k = 1 - cos(math.pi * p)
+    return clamp(k) if schedule.startswith("clamp") else k
+
+
+def rescaled(x, pt: Point, c: Pred, guided: Pred, phi: float, space: str) -> Pred:
+    """Lin et al. 2023, Sec. 3.4: mix in guided rescaled to c's per-sample std, in ``space``."""
+    pc, pg = c.output(space, pt.a, pt.s), guided.output(space, pt.a, pt.s)
+    dims = tuple(range(1, pg.ndim))
+    ratio = pc.std(dim=dims, keepdim=True) / pg.std(dim=dims, keepdim=True)
+    return Pred.from_output(space, pg * (phi * ratio + (1 - phi)), x, pt.a, pt.s)
+
+
 @register("guidance", "none")
 @dataclass(frozen=True)
 class NoGuidance(Guidance):
@@ -65,21 +91,13 @@ class CFG(Guidance):
 
     def scale_at(self, pt: Point):
         """The diffusers-convention scale at this point: a float in sampling, [B] in training."""
-        p, ve = pt.progress, pt.ve
-        if isinstance(p, torch.Tensor) or isinstance(ve, torch.Tensor):
-            p = torch.as_tensor(p, dtype=torch.float64)
-            ve = torch.as_tensor(ve, dtype=torch.float64)
-            cos, clamp, where = torch.cos, lambda w: w.clamp(min=self.floor), torch.where
+        ve, sched = pt.ve, self.weight_schedule
+        w = (self.scale - 1.0) * weight_factor(pt, sched.replace("clamp_", ""))
+        if isinstance(w, torch.Tensor) or isinstance(ve, torch.Tensor):
+            w, ve = torch.as_tensor(w, dtype=torch.float64), torch.as_tensor(ve, dtype=torch.float64)
+            clamp, where = lambda v: v.clamp(min=self.floor), torch.where
         else:
-            cos, clamp = math.cos, lambda w: max(w, self.floor)
-            where = lambda c, a, b: a if c else b
-        w, sched = self.scale - 1.0, self.weight_schedule
-        if sched == "constant":
-            w = w + 0 * p
-        elif sched.endswith("linear"):
-            w = 2 * w * p
-        else:
-            w = w * (1 - cos(math.pi * p))
+            clamp, where = lambda v: max(v, self.floor), lambda c, a, b: a if c else b
         if sched.startswith("clamp"):
             w = clamp(w)
         inside = (ve >= self.sigma_lo) & (ve <= self.sigma_hi)
@@ -103,12 +121,5 @@ class CFG(Guidance):
         g = self.scale_at(pt)
         guided = u + g * (c - u)
         if self.rescale > 0:
-            guided = self._rescale(x, pt, c, guided)
+            guided = rescaled(x, pt, c, guided, self.rescale, self.rescale_space)
         return guided, state
-
-    def _rescale(self, x, pt, c: Pred, guided: Pred) -> Pred:
-        space = self.rescale_space
-        pc, pg = c.output(space, pt.a, pt.s), guided.output(space, pt.a, pt.s)
-        dims = tuple(range(1, pg.ndim))
-        ratio = pc.std(dim=dims, keepdim=True) / pg.std(dim=dims, keepdim=True)
-        return Pred.from_output(space, pg * (self.rescale * ratio + (1 - self.rescale)), x, pt.a, pt.s)
