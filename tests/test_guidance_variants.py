@@ -370,3 +370,90 @@ def test_composite_specs_round_trip_and_refuse_bad_options():
         dg.parse_spec("guidance", "apg@bogus=1")
     with pytest.raises(ValueError, match="unknown guidance 'nope'"):
         dg.parse_spec("guidance", "cfg+nope")
+
+
+# -- LinearAG --------------------------------------------------------------------------------------
+
+def test_linear_ag_limits(gmm, sd):
+    ts = dg.timesteps(sd, 10, "karras")
+    x = _x(gmm, ts)
+    a, _ = _run(gmm, "linear_ag:scale=4,until=0,after=cfg", "dpmpp_2m", ts, x)
+    b, _ = _run(gmm, "cfg:scale=4", "dpmpp_2m", ts, x)
+    assert torch.equal(a, b)
+    a, _ = _run(gmm, "linear_ag:scale=4,until=0,after=cond", "dpmpp_2m", ts, x)
+    b, _ = _run(gmm, "none", "dpmpp_2m", ts, x)
+    assert torch.equal(a, b)
+
+
+def test_linear_ag_alternates_estimates_in_the_first_part(gmm, sd):
+    ts = dg.timesteps(sd, 10, "karras")
+    _, d = _run(gmm, "linear_ag:scale=4,until=1,after=cfg", "euler", ts, _x(gmm, ts))
+    assert d.nfe == 10 + 5  # evaluations 0, 2, 4, 6, 8 real; 1, 3, 5, 7, 9 estimated
+
+
+def test_linear_ag_estimate_formula(sd):
+    from diffguide.guidance.linear_ag import LinearAG
+
+    g = torch.Generator().manual_seed(0)
+    x, c0, c_prev, u_prev = (torch.randn(2, 3, generator=g, dtype=F64) for _ in range(4))
+    pt = dg.Point(torch.tensor(500.0, dtype=F64), sd)
+    lag = LinearAG(scale=3.0, until=1.0)
+    c = dg.Pred.from_x0(x, c0, pt.a, pt.s)
+    out, state = lag.combine(x, pt, {"c": c}, {"k": 1, "prev": (c_prev, u_prev)})
+    u0 = c0 + u_prev - c_prev  # the default: the last difference reused
+    assert (out.x0 - (u0 + 3 * (c0 - u0))).abs().max() < 1e-12
+    assert state["k"] == 2 and torch.equal(state["prev"][1], u0)
+
+
+def test_linear_ag_fit_recovers_known_coefficients():
+    from diffguide.guidance.linear_ag import fit
+
+    g = torch.Generator().manual_seed(0)
+    runs = []
+    for _ in range(3):
+        run, u = [], torch.randn(4, 5, generator=g, dtype=F64)
+        c = torch.randn(4, 5, generator=g, dtype=F64)
+        run.append((torch.randn(4, 5, generator=g, dtype=F64), c, u))
+        for _ in range(4):
+            x, c1 = torch.randn(4, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
+            u1 = 0.3 * c1 + 0.5 * run[-1][2] + 0.2 * run[-1][1] - 0.1 * x
+            run.append((x, c1, u1))
+        runs.append(run)
+    coef = fit(runs)
+    assert coef[0] is None and len(coef) == 5
+    for row in coef[1:]:
+        assert max(abs(a - b) for a, b in zip(row, (0.3, 0.5, 0.2, -0.1))) < 1e-10
+
+
+def test_linear_ag_refuses_a_missing_or_bad_file(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        dg.parse_spec("guidance", f"linear_ag:coefficients={tmp_path / 'none.json'}")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"coefficients": [[1, 2]]}')
+    from diffguide.guidance.linear_ag import load
+    with pytest.raises(ValueError, match="4 numbers"):
+        load(str(bad))
+
+
+def test_calibrate_linearag_cli_and_every_method_from_the_cli(tmp_path, capsys):
+    import json
+
+    from diffguide.cli.main import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square on a white background\n")
+    out = tmp_path / "lag.json"
+    assert main(["calibrate-linearag", "--prompts", str(prompts), "--n", "2", "--steps", "4",
+                 "-o", str(out), "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["coefficients"]) == 4 and data["coefficients"][0] is None
+    specs = [f"linear_ag:coefficients={out}", "cfgpp:scale=0.4", "apg:scale=6", "icg:scale=4", "tsg",
+             "ag:scale=5", "cfg:scale=4+tsg:scale=2", "apg@weight_schedule=linear"]
+    for spec in specs:
+        png = tmp_path / "x.png"
+        assert main(["generate", "a red circle", "--guidance", spec, "--steps", "4", "-o", str(png),
+                     "--overwrite", "--quiet"]) == 0, spec
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--guidance", "apg:space=z", "-o", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err
+    assert "space 'z'" in err and "x0, eps, v, flow" in err and "Traceback" not in err

@@ -166,3 +166,50 @@ def run_compare(args) -> int:
     print(args.output)
     print(f"{len(rows)} rows x {args.n} images", file=sys.stderr)
     return 0
+
+
+def add_calibrate_arguments(p) -> None:
+    _common(p, 25)
+    p.add_argument("--scale", type=float, default=5.0, help="CFG scale of the recorded trajectories")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in set)")
+    p.add_argument("--n", type=int, default=2, help="images per prompt")
+    p.add_argument("-o", "--output", default="linear_ag.json")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_calibrate(args) -> int:
+    """Record CFG trajectories and fit LinearAG's per-evaluation coefficients."""
+    from ..guidance.linear_ag import Recorder, fit
+    from ..toy import metrics
+
+    _check(args)
+    if args.prompts is not None and not os.path.isfile(args.prompts):
+        raise UsageError(f"--prompts {args.prompts!r} is not a file")
+    if args.prompts:
+        with open(args.prompts) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts {args.prompts!r} has no prompts")
+    else:
+        prompts = list(metrics.DEFAULT_PROMPTS)
+    sampler = parse_spec("sampler", args.sampler)
+    check_writable([args.output], args.overwrite)
+    gp, _ = load_model(args)
+    runs, t0 = [], time.perf_counter()
+    for k, text in enumerate(prompts):
+        rec = Recorder(scale=args.scale)
+        seeds = [args.seed * 100_000 + k * 1000 + j for j in range(args.n)]
+        gp(text, guidance=rec, sampler=sampler, steps=args.steps, spacing=args.spacing,
+           num_images_per_prompt=args.n, seed=seeds, output_type="latent", progress=False)
+        runs.append(rec.sink)
+    coefficients = fit(runs)
+    data = {"model": args.model, "sampler": to_spec(sampler), "steps": args.steps, "spacing": args.spacing,
+            "scale": args.scale, "prompts": len(prompts), "images_per_prompt": args.n,
+            "features": ["c", "u_prev", "c_prev", "x"], "coefficients": coefficients,
+            "seconds": round(time.perf_counter() - t0, 2), "version": __version__}
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, args.output)
+    print(args.output)
+    return 0

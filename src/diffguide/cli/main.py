@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score a model on the toy world: adherence, Frechet distance, colour, diversity"))
     evaluate.add_compare_arguments(sub.add_parser(
         "compare", help="one prompt, several guidance settings: a labelled PNG grid"))
+    evaluate.add_calibrate_arguments(sub.add_parser(
+        "calibrate-linearag", help="fit LinearAG's coefficients on recorded CFG trajectories"))
     tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
     tr.add_argument("out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)")
     tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")
@@ -173,6 +175,8 @@ def main(argv=None) -> int:
             return evaluate.run_eval(args)
         if args.command == "compare":
             return evaluate.run_compare(args)
+        if args.command == "calibrate-linearag":
+            return evaluate.run_calibrate(args)
         if args.command == "train-toy":
             return _train_toy(args)
         if args.command == "tiny-model":

@@ -6,3 +6,4 @@ from .cfgpp import CFGpp
 from .icg import ICG
 from .tsg import TSG, TimeEmbeddingNoise
 from .compose import Modulated, Sum
+from .linear_ag import LinearAG
