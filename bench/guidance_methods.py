@@ -1,0 +1,104 @@
+"""Every guidance method at several strengths on the built-in model (dpmpp_2m, 25 steps):
+adherence, Frechet distance, colour error, NFE and time, as JSON and a markdown table; plus one
+labelled comparison grid.
+
+    python bench/guidance_methods.py [--n 8] [--steps 25] [--out bench/results/guidance_methods.json]
+        [--md bench/results/guidance_methods.md] [--grid bench/results/guidance_methods.png]
+
+LinearAG is calibrated first (seed 1, so on other images than the evaluation's seed 0).
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+from _common import emit
+
+from diffguide.cli.evaluate import grid, prompt_set
+from diffguide.core.registry import to_spec
+from diffguide.guidance.linear_ag import Recorder, fit
+from diffguide.pipelines import GuidedPipeline
+from diffguide.pipelines.pipeline import quiet_loading
+from diffguide.toy import evaluator, metrics
+
+SPECS = ["none", "cfg:scale=3", "cfg:scale=5", "cfg:scale=7.5", "cfg:scale=12",
+         "apg:scale=5", "apg:scale=7.5", "apg:scale=12",
+         "cfgpp:scale=0.2", "cfgpp:scale=0.4", "cfgpp:scale=0.6",
+         "icg:scale=3", "icg:scale=5",
+         "tsg:scale=2", "tsg:scale=3",
+         "ag:scale=5", "ag:scale=5,threshold=0.995", "linear_ag:scale=5,coefficients={lag}",
+         "cfg:scale=5+tsg:scale=2"]
+GRID = ["none", "cfg:scale=5", "cfg:scale=12", "apg:scale=12", "cfgpp:scale=0.4", "icg:scale=5",
+        "tsg:scale=3", "ag:scale=5"]
+
+
+def calibrate(gp, sampler, steps, scale, path):
+    runs = []
+    for k, text in enumerate(metrics.DEFAULT_PROMPTS):
+        rec = Recorder(scale=scale)
+        gp(text, guidance=rec, sampler=sampler, steps=steps, num_images_per_prompt=2,
+           seed=[100_000 + 1000 * k, 100_001 + 1000 * k], output_type="latent", progress=False)
+        runs.append(rec.sink)
+    import json
+    with open(path, "w") as f:
+        json.dump({"coefficients": fit(runs)}, f)
+
+
+def table(rows) -> str:
+    head = ("| guidance | NFE | s/image | adherence | single | two | FD | colour error | saturation error |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| `{r['guidance']}` | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.3f} | {r['adherence']:.3f} | "
+        f"{r['adherence_by_group']['single']:.3f} | {r['adherence_by_group']['two']:.3f} | "
+        f"{r['frechet_distance']:.2f} | {r['colour_error']:.4f} | {r['saturation_error']:.4f} |\n" for r in rows)
+    return head + body
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sampler", default="dpmpp_2m")
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--only", default=None, help="comma-separated indices into SPECS")
+    ap.add_argument("--out")
+    ap.add_argument("--md")
+    ap.add_argument("--grid")
+    args = ap.parse_args()
+    quiet_loading()
+    judge = evaluator.load()
+    gp = GuidedPipeline.from_pretrained(args.model, progress=False)
+    lag = os.path.join(tempfile.mkdtemp(), "linear_ag.json")
+    t0 = time.perf_counter()
+    calibrate(gp, args.sampler, args.steps, 5.0, lag)
+    calib_seconds = time.perf_counter() - t0
+    prompts = metrics.DEFAULT_PROMPTS
+    specs = SPECS if args.only is None else [SPECS[int(i)] for i in args.only.split(",")]
+    rows = []
+    for spec in specs:
+        g, s = gp.resolve(spec.format(lag=lag), None, args.sampler)
+        images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, 0, g, s, args.steps)
+        res = metrics.evaluate(images, ids, prompts, judge)
+        res.pop("adherence_by_prompt")
+        rows.append({"guidance": spec.replace(",coefficients={lag}", " (calibrated)"), "spec": to_spec(g),
+                     "nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4), **res})
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    emit({"model": args.model, "sampler": args.sampler, "steps": args.steps, "prompts": len(prompts),
+          "images_per_prompt": args.n, "linear_ag_calibration_seconds": round(calib_seconds, 1),
+          "rows": rows}, args.out)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table(rows))
+    if args.grid:
+        text = "a red circle on a blue background"
+        imgs = []
+        for spec in GRID:
+            g, s = gp.resolve(spec, None, args.sampler)
+            imgs.append(gp(text, guidance=g, sampler=s, steps=args.steps, num_images_per_prompt=6,
+                           seed=list(range(6)), output_type="np", progress=False).images)
+        grid([np.asarray(i) for i in imgs], GRID).save(args.grid)
+
+
+if __name__ == "__main__":
+    main()
