@@ -25,7 +25,7 @@ def _draw(noise, like: torch.Tensor) -> torch.Tensor:
 def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     """A condition drawn independently of the prompt, shaped like ``pos``.
 
-    Parts equal in pos and neg (SDXL's size ids, masks) are kept; other float tensors become
+    Parts equal in pos and neg (SDXL's size ids) and integer masks are kept; other float tensors become
     Gaussian noise with each sample's std of ``pos``; integer tensors (class labels) become uniform
     random labels in [0, classes), classes defaulting to the null label in ``neg`` (DiT's convention).
     """
@@ -38,6 +38,8 @@ def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     if not isinstance(pos, torch.Tensor):
         return pos
     if isinstance(neg, torch.Tensor) and neg.shape == pos.shape and torch.equal(neg, pos):
+        return pos
+    if not pos.is_floating_point() and pos.ndim > 1:  # an attention mask: the prompt's
         return pos
     if pos.is_floating_point():
         std = pos.float().flatten(1).std(dim=1).view(-1, *([1] * (pos.ndim - 1))) if pos.ndim > 1 \
