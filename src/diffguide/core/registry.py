@@ -99,13 +99,13 @@ def _options_of(cls) -> dict:
             if f.init and f.default is not dataclasses.MISSING}
 
 
-def _parse_options(what: str, spec: str, rest: str, allowed: dict) -> dict:
+def _parse_options(kind: str, what: str, spec: str, rest: str, allowed: dict) -> dict:
     opts = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or not key:
-            raise ValueError(f"malformed {what} spec {spec!r}: {item!r} is not key=value")
+            raise ValueError(f"malformed {kind} spec {spec!r}: {item!r} is not key=value")
         try:  # unknown keys pass through uncoerced; the constructor names them
             opts[key] = _coerce(value, allowed[key]) if key in allowed else value
         except ValueError as e:
@@ -127,7 +127,7 @@ def parse_spec(kind: str, spec: str):
         inner, _, rest = spec.partition("@")
         cls = _COMBINATORS["@"]
         allowed = _options_of(cls)
-        opts = _parse_options("guidance '@'", spec, rest, allowed)
+        opts = _parse_options(kind, "guidance '@'", spec, rest, allowed)
         bad = sorted(set(opts) - set(allowed))
         if bad:
             raise ValueError(f"'@' takes no option {bad[0]!r}; allowed: {', '.join(allowed)}")
@@ -137,7 +137,7 @@ def parse_spec(kind: str, spec: str):
             raise ValueError(f"guidance {spec!r}: {e}") from None
     name, _, rest = spec.strip().partition(":")
     lookup(kind, name)
-    opts = _parse_options(f"{kind} {name!r}", spec, rest, options(kind, name))
+    opts = _parse_options(kind, f"{kind} {name!r}", spec, rest, options(kind, name))
     return create(kind, name, **opts)
 
 
