@@ -25,6 +25,15 @@ def _run(gm, guidance, sampler, ts, x, **kw):
     return out, d
 
 
+def _same(gm, sd, a, b, sampler="dpmpp_2m", tol=0.0):
+    """Specs a and b give the same samples (within tol) from the same noise; their denoisers."""
+    ts = dg.timesteps(sd, 10, "karras")
+    x = _x(gm, ts)
+    (ra, da), (rb, db) = _run(gm, a, sampler, ts, x), _run(gm, b, sampler, ts, x)
+    assert (ra - rb).abs().max() <= tol, (a, b)
+    return da, db
+
+
 # -- CFG++ -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", dg.list_samplers())
@@ -109,11 +118,7 @@ def test_cfgpp_rejects_a_cfg_scale():
 
 @pytest.mark.parametrize("space", ["x0", "eps", "v"])
 def test_apg_without_its_parts_is_cfg(gmm, sd, space):
-    ts = dg.timesteps(sd, 10, "karras")
-    x = _x(gmm, ts)
-    a, _ = _run(gmm, f"apg:scale=4,eta=1,norm_threshold=0,momentum=0,space={space}", "dpmpp_2m", ts, x)
-    b, _ = _run(gmm, "cfg:scale=4", "dpmpp_2m", ts, x)
-    assert (a - b).abs().max() < 1e-9
+    _same(gmm, sd, f"apg:scale=4,eta=1,norm_threshold=0,momentum=0,space={space}", "cfg:scale=4", tol=1e-9)
 
 
 def _apg_reference(dc, du, w, eta, r, beta, buf):
@@ -175,11 +180,7 @@ def test_apg_momentum_resets_between_runs(gmm, sd):
 # -- ICG -------------------------------------------------------------------------------------------
 
 def test_icg_with_the_null_condition_is_cfg(gmm, sd):
-    ts = dg.timesteps(sd, 10, "karras")
-    x = _x(gmm, ts)
-    a, _ = _run(gmm, "icg:scale=3,condition=null", "dpmpp_2m", ts, x)
-    b, _ = _run(gmm, "cfg:scale=3", "dpmpp_2m", ts, x)
-    assert torch.equal(a, b)
+    _same(gmm, sd, "icg:scale=3,condition=null", "cfg:scale=3")
 
 
 def test_icg_random_class_is_redrawn_per_step_and_reproducible(gmm, sd):
@@ -272,11 +273,8 @@ def test_tsg_needs_a_module(gmm, sd):
 
 @pytest.mark.parametrize("space", ["x0", "eps"])
 def test_ag_threshold_above_one_is_cfg(gmm, sd, space):
-    ts = dg.timesteps(sd, 10, "karras")
-    x = _x(gmm, ts)
-    a, d = _run(gmm, f"ag:scale=4,threshold=1.5,space={space}", "dpmpp_2m", ts, x)
-    b, _ = _run(gmm, "cfg:scale=4", "dpmpp_2m", ts, x)
-    assert torch.equal(a, b) and d.nfe == 20
+    d, _ = _same(gmm, sd, f"ag:scale=4,threshold=1.5,space={space}", "cfg:scale=4")
+    assert d.nfe == 20
 
 
 def test_ag_threshold_minus_one_is_conditional_after_the_first_step(gmm, sd):
@@ -336,11 +334,8 @@ def test_every_method_on_every_sampler_and_model_type(tiny, kind):
 @pytest.mark.parametrize("opts", ["weight_schedule=linear", "weight_schedule=cosine",
                                   "sigma_lo=0.5,sigma_hi=3", "rescale=0.7"])
 def test_modulated_cfg_equals_cfg_options(gmm, sd, opts):
-    ts = dg.timesteps(sd, 10, "karras")
-    x = _x(gmm, ts)
-    a, da = _run(gmm, f"cfg:scale=4@{opts}", "dpmpp_2m", ts, x)
-    b, db = _run(gmm, f"cfg:scale=4,{opts}", "dpmpp_2m", ts, x)
-    assert (a - b).abs().max() < 1e-9 and da.nfe == db.nfe
+    da, db = _same(gmm, sd, f"cfg:scale=4@{opts}", f"cfg:scale=4,{opts}", tol=1e-9)
+    assert da.nfe == db.nfe
 
 
 def test_modulated_interval_skips_any_methods_branches(gmm, sd):
@@ -352,11 +347,8 @@ def test_modulated_interval_skips_any_methods_branches(gmm, sd):
 
 def test_sum_shares_the_conditional_branch(gmm, sd):
     """cfg 3 + cfg 2 = C + 2 (C - U) + (C - U) = cfg 4, at 2 NFE per step (C and U run once)."""
-    ts = dg.timesteps(sd, 10, "karras")
-    x = _x(gmm, ts)
-    a, da = _run(gmm, "cfg:scale=3+cfg:scale=2", "dpmpp_2m", ts, x)
-    b, _ = _run(gmm, "cfg:scale=4", "dpmpp_2m", ts, x)
-    assert (a - b).abs().max() < 1e-9 and da.nfe == 20
+    d, _ = _same(gmm, sd, "cfg:scale=3+cfg:scale=2", "cfg:scale=4", tol=1e-9)
+    assert d.nfe == 20
 
 
 def test_sum_of_cfg_and_tsg_is_one_forward_per_distinct_branch(tiny):
@@ -377,14 +369,8 @@ def test_composite_specs_round_trip_and_refuse_bad_options():
 # -- LinearAG --------------------------------------------------------------------------------------
 
 def test_linear_ag_limits(gmm, sd):
-    ts = dg.timesteps(sd, 10, "karras")
-    x = _x(gmm, ts)
-    a, _ = _run(gmm, "linear_ag:scale=4,until=0,after=cfg", "dpmpp_2m", ts, x)
-    b, _ = _run(gmm, "cfg:scale=4", "dpmpp_2m", ts, x)
-    assert torch.equal(a, b)
-    a, _ = _run(gmm, "linear_ag:scale=4,until=0,after=cond", "dpmpp_2m", ts, x)
-    b, _ = _run(gmm, "none", "dpmpp_2m", ts, x)
-    assert torch.equal(a, b)
+    _same(gmm, sd, "linear_ag:scale=4,until=0,after=cfg", "cfg:scale=4")
+    _same(gmm, sd, "linear_ag:scale=4,until=0,after=cond", "none")
 
 
 def test_linear_ag_alternates_estimates_in_the_first_part(gmm, sd):

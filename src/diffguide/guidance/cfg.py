@@ -32,6 +32,20 @@ def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
     return clamp(k) if schedule.startswith("clamp") else k
 
 
+def check_shaping(g) -> None:
+    """Validate the weight_schedule, interval and rescale options (CFG's and Modulated's)."""
+    if g.weight_schedule not in WEIGHT_SCHEDULES:
+        raise ValueError(f"unknown weight_schedule {g.weight_schedule!r}; choose one of: "
+                         f"{', '.join(WEIGHT_SCHEDULES)}")
+    if g.rescale_space not in RESCALE_SPACES:
+        raise ValueError(f"unknown rescale_space {g.rescale_space!r}; choose one of: "
+                         f"{', '.join(RESCALE_SPACES)}")
+    if not 0 <= g.rescale <= 1:
+        raise ValueError(f"rescale must be in [0, 1], got {g.rescale!r}")
+    if not 0 <= g.sigma_lo <= g.sigma_hi:
+        raise ValueError(f"need 0 <= sigma_lo <= sigma_hi, got {g.sigma_lo!r}, {g.sigma_hi!r}")
+
+
 def rescaled(x, pt: Point, c: Pred, guided: Pred, phi: float, space: str) -> Pred:
     """Lin et al. 2023, Sec. 3.4: mix in guided rescaled to c's per-sample std, in ``space``."""
     pc, pg = c.output(space, pt.a, pt.s), guided.output(space, pt.a, pt.s)
@@ -76,16 +90,7 @@ class CFG(Guidance):
     rescale_space: str = "x0"
 
     def __post_init__(self):
-        if self.weight_schedule not in WEIGHT_SCHEDULES:
-            raise ValueError(f"unknown weight_schedule {self.weight_schedule!r}; choose one of: "
-                             f"{', '.join(WEIGHT_SCHEDULES)}")
-        if self.rescale_space not in RESCALE_SPACES:
-            raise ValueError(f"unknown rescale_space {self.rescale_space!r}; choose one of: "
-                             f"{', '.join(RESCALE_SPACES)}")
-        if not 0 <= self.rescale <= 1:
-            raise ValueError(f"rescale must be in [0, 1], got {self.rescale!r}")
-        if not 0 <= self.sigma_lo <= self.sigma_hi:
-            raise ValueError(f"need 0 <= sigma_lo <= sigma_hi, got {self.sigma_lo!r}, {self.sigma_hi!r}")
+        check_shaping(self)
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..core.guided import Branch, Guidance, Point
 from ..core.registry import combinator
-from .cfg import RESCALE_SPACES, WEIGHT_SCHEDULES, rescaled, weight_factor
+from .cfg import check_shaping, rescaled, weight_factor
 
 
 def _prefixed(prefix: str, d):
@@ -43,16 +43,7 @@ class Modulated(Guidance):
     def __post_init__(self):
         if not isinstance(self.inner, Guidance):
             raise ValueError(f"Modulated wraps a Guidance, got {type(self.inner).__name__}")
-        if self.weight_schedule not in WEIGHT_SCHEDULES:
-            raise ValueError(f"unknown weight_schedule {self.weight_schedule!r}; choose one of: "
-                             f"{', '.join(WEIGHT_SCHEDULES)}")
-        if self.rescale_space not in RESCALE_SPACES:
-            raise ValueError(f"unknown rescale_space {self.rescale_space!r}; choose one of: "
-                             f"{', '.join(RESCALE_SPACES)}")
-        if not 0 <= self.rescale <= 1:
-            raise ValueError(f"rescale must be in [0, 1], got {self.rescale!r}")
-        if not 0 <= self.sigma_lo <= self.sigma_hi:
-            raise ValueError(f"need 0 <= sigma_lo <= sigma_hi, got {self.sigma_lo!r}, {self.sigma_hi!r}")
+        check_shaping(self)
 
     @property
     def needs_grad(self):
