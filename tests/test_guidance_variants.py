@@ -168,13 +168,17 @@ def test_apg_matches_diffusers_guider_on_raw_output():
         assert (ours.eps - theirs).abs().max() < 1e-5
 
 
-def test_apg_momentum_resets_between_runs(gmm, sd):
+@pytest.mark.parametrize("spec", ["apg:scale=5,momentum=-0.5,norm_threshold=0.5", "ag:scale=5,threshold=0.995",
+                                  "linear_ag:scale=5,until=1", "icg:scale=3,classes=4"])
+def test_state_resets_between_runs(gmm, sd, spec):
+    """One guided denoiser used for two runs: momentum, switches and histories start afresh."""
     ts = dg.timesteps(sd, 8, "karras")
     x = _x(gmm, ts)
-    d = dg.guide(gmm, "apg:scale=5,momentum=-0.5,norm_threshold=0.5", LABELS, NULL)
-    first = dg.sample(d, "dpmpp_2m", ts, x.clone())
-    second = dg.sample(d, "dpmpp_2m", ts, x.clone())
-    assert torch.equal(first, second)
+    d = dg.guide(gmm, spec, LABELS, NULL)
+    first = dg.sample(d, "dpmpp_2m", ts, x.clone(), dg.SeededNoise(range(8)))
+    nfe = d.nfe
+    second = dg.sample(d, "dpmpp_2m", ts, x.clone(), dg.SeededNoise(range(8)))
+    assert torch.equal(first, second) and d.nfe == nfe
 
 
 # -- ICG -------------------------------------------------------------------------------------------
