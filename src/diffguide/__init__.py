@@ -2,7 +2,7 @@
 from . import guidance as _guidance, samplers as _samplers  # noqa: F401  (register the built-ins)
 from .core import (Branch, Clip, Denoiser, DynamicThreshold, FlowSchedule, Guidance, GuidedDenoiser,
                    NetDenoiser, Point, Pred, RandomNoise, Sampler, Schedule, SeededNoise, Step,
-                   VPSchedule, guide, parse_spec, register, sample, timesteps, to_spec)
+                   Stitch, VPSchedule, guide, parse_spec, register, sample, timesteps, to_spec)
 from .core import registry as _registry
 from .guidance import CFG
 from .toy import GaussianMixture
@@ -30,6 +30,6 @@ def list_guidance() -> list[str]:
 
 __all__ = ["Branch", "CFG", "Clip", "Denoiser", "DynamicThreshold", "FlowSchedule", "GaussianMixture",
            "Guidance", "GuidedDenoiser", "NetDenoiser", "Point", "Pred", "RandomNoise", "Sampler",
-           "Schedule", "SeededNoise", "Step", "VPSchedule", "get_guidance", "get_sampler", "guide",
+           "Schedule", "SeededNoise", "Step", "Stitch", "VPSchedule", "get_guidance", "get_sampler", "guide",
            "list_guidance", "list_samplers", "parse_spec", "register", "sample", "timesteps",
            "to_spec"]

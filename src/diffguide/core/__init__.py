@@ -6,4 +6,5 @@ from .registry import parse_spec, register, to_spec
 from .sample import Ancestral, Churn, RandomNoise, Sampler, SeededNoise, Step, sample
 from .schedule import FlowSchedule, Schedule, VPSchedule
 from .spacing import SPACINGS, timesteps
+from .stitch import Stitch
 from .threshold import Clip, DynamicThreshold

@@ -9,6 +9,7 @@ resulting Preds into one. Per-run state (momentum and the like) lives on the Gui
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Hashable, Mapping
@@ -147,7 +148,7 @@ class GuidedDenoiser:
     """
 
     def __init__(self, models: Mapping[str, Any], guidance: Guidance, conds: Mapping[str, Any],
-                 threshold=None, max_batch: int | None = None):
+                 threshold=None, max_batch: int | None = None, stitch=None):
         if "main" not in models:
             raise ValueError("models must include a 'main' denoiser")
         for name, m in models.items():
@@ -162,6 +163,13 @@ class GuidedDenoiser:
         self.models, self.guidance, self.conds = dict(models), guidance, dict(conds)
         self.threshold, self.max_batch = threshold, max_batch
         self.schedule: Schedule = self.models["main"].schedule
+        self.stitch = stitch
+        if stitch is not None:
+            from .stitch import check_same_schedule
+
+            if stitch.model not in self.models:
+                raise ValueError(f"stitch needs model {stitch.model!r}; this run has: {', '.join(self.models)}")
+            check_same_schedule(self.models["main"], self.models[stitch.model])
         self.reset()
 
     def reset(self, noise=None) -> None:
@@ -171,6 +179,15 @@ class GuidedDenoiser:
         self.forwards = 0
         self.noise = noise
         self._batched = {}  # concatenated conditions per (branch conds, batch): fixed within a run
+        self._main = "main"  # the model that "main" branches run on (T-Stitch swaps it)
+
+    def begin_step(self, st) -> bool:
+        """Called by ``sample`` before each step; True when this step switches models (T-Stitch)."""
+        if self.stitch is None:
+            return False
+        main = self.stitch.model if self.stitch.uses_small(st.i, st.n) else "main"
+        switched, self._main = main != self._main and st.i > 0, main
+        return switched
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -188,21 +205,27 @@ class GuidedDenoiser:
         ``extra`` conditions hold for this evaluation only."""
         conds = {**self.conds, **extra} if extra else self.conds
         unique = list(dict.fromkeys(branches.values()))
+        if self._main != "main":
+            unique = list(dict.fromkeys(
+                dataclasses.replace(br, model=self._main) if br.model == "main" else br for br in unique))
+            branches = {k: (dataclasses.replace(br, model=self._main) if br.model == "main" else br)
+                        for k, br in branches.items()}
         groups: dict[tuple, list[Branch]] = {}
         for br in unique:
             if br.model not in self.models:
                 raise ValueError(f"branch needs model {br.model!r}; this run has: "
                                  f"{', '.join(self.models)}")
-            if br.cond not in conds:
+            if br.cond not in conds and f"{br.cond}@{br.model}" not in conds:
                 raise ValueError(f"{type(self.guidance).__name__} needs condition {br.cond!r}; this "
                                  f"run has: {', '.join(conds) or 'none'} (pass uncond= for 'neg')")
             groups.setdefault((br.model, br.perturb, br.grad), []).append(br)
         out: dict[Branch, Pred] = {}
         b = x.shape[0]
         for (model, perturb, grad), brs in groups.items():
-            key = (tuple((br.cond, br.rows) for br in brs), b)
+            key = (model, tuple((br.cond, br.rows) for br in brs), b)
             if key not in self._batched:
-                rows = [_fit(conds[br.cond], b, br.cond) for br in brs]
+                # a model with its own encoders (a stitched small model) reads "cond@model"
+                rows = [_fit(conds.get(f"{br.cond}@{br.model}", conds.get(br.cond)), b, br.cond) for br in brs]
                 rows = [c if br.rows is None else _rows(c, list(br.rows)) for c, br in zip(rows, brs)]
                 try:
                     self._batched[key] = (True, _cat(rows))
@@ -246,13 +269,14 @@ class GuidedDenoiser:
 
 def guide(denoiser, guidance=None, cond=None, uncond=None, *, conds: Mapping[str, Any] | None = None,
           models: Mapping[str, Any] | None = None, threshold=None,
-          max_batch: int | None = None) -> GuidedDenoiser:
+          max_batch: int | None = None, stitch=None) -> GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable a sampler consumes: ``denoiser`` guided by ``guidance``.
 
     guidance: a Guidance object, a spec such as ``"cfg:scale=7.5"``, or None (conditional only).
     cond / uncond become the conditions "pos" / "neg"; ``conds`` adds others, ``models`` adds
     models beside "main". ``threshold`` (e.g. DynamicThreshold()) post-processes the guided x0;
-    ``max_batch`` caps the rows of one forward pass.
+    ``max_batch`` caps the rows of one forward pass. ``stitch`` (a ``Stitch``) runs the model it
+    names (in ``models``) for the first steps (T-Stitch).
     """
     from .registry import parse_spec  # deferred: methods register on import
 
@@ -265,4 +289,5 @@ def guide(denoiser, guidance=None, cond=None, uncond=None, *, conds: Mapping[str
     if uncond is not None:
         all_conds["neg"] = uncond
     all_conds.update(conds or {})
-    return GuidedDenoiser(all_models, guidance, all_conds, threshold=threshold, max_batch=max_batch)
+    return GuidedDenoiser(all_models, guidance, all_conds, threshold=threshold, max_batch=max_batch,
+                          stitch=stitch)

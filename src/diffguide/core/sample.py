@@ -204,11 +204,14 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
     if hasattr(denoise, "reset"):
         denoise.reset(noise)
     state = sampler.init_state()
+    begin = getattr(denoise, "begin_step", None)
     n = ts.numel() - 1
     a, s, ve = _levels(schedule, ts)  # once per run, not twice per grid point
     with torch.set_grad_enabled(grad):
         for i in range(n):
             st = Step(i, n, ts[i], ts[i + 1], schedule, a[i], s[i], ve[i], a[i + 1], s[i + 1], ve[i + 1])
+            if begin is not None and begin(st) and denoise.stitch.reset:
+                state = sampler.init_state()  # T-Stitch with reset: no history across the switch
             x, state = sampler.step(denoise, x, st, state, noise)
             if callback is not None:
                 callback(st, x)
