@@ -1,4 +1,5 @@
 """T-Stitch: the small model for the first steps, the large one after, history kept or reset."""
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +93,63 @@ def test_mismatched_schedules_are_refused(gmm, sd):
         dg.guide(gmm, "none", LABELS, stitch=dg.Stitch(0.4))
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
         dg.Stitch(1.5)
+
+
+# -- GuidedPipeline and the CLI ---------------------------------------------------------------------
+
+def _pipes():
+    from diffguide.pipelines import GuidedPipeline
+    from diffguide.pipelines import tiny as tm
+
+    large = GuidedPipeline.from_pipe(tm.sd(), progress=False)
+    small = tm.sd(prediction_type="v_prediction")  # other weights and prediction type, same space
+    small.unet = tm.unet(7)
+    return large, GuidedPipeline.from_pipe(small, progress=False)
+
+
+def test_pipeline_stitching_endpoints_and_middle():
+    from diffguide.pipelines import Stitching
+
+    large, small = _pipes()
+    kw = dict(guidance="cfg:scale=3", steps=6, seed=[0, 1], num_images_per_prompt=2, output_type="np")
+    alone_l, alone_s = large("a red circle", **kw).images, small("a red circle", **kw).images
+    assert np.abs(alone_l - alone_s).max() > 1e-3
+    r0 = large("a red circle", stitch=Stitching(small, 0.0), **kw)
+    r1 = large("a red circle", stitch=Stitching(small, 1.0), **kw)
+    mid = large("a red circle", stitch=Stitching(small, 0.5), **kw)
+    assert np.array_equal(r0.images, alone_l)
+    assert np.abs(r1.images - alone_s).max() < 1e-5  # the small model with its own prompt encoding
+    assert np.abs(mid.images - alone_l).max() > 1e-4 and np.abs(mid.images - alone_s).max() > 1e-4
+    assert mid.nfe == 12
+
+
+def test_pipeline_refuses_other_latent_spaces_and_schedules():
+    from diffguide.pipelines import GuidedPipeline, Stitching
+    from diffguide.pipelines import tiny as tm
+
+    large, _ = _pipes()
+    for other, msg in ((tm.dit(), "cannot stitch"), (tm.pixel_sd(), "latent spaces differ"),
+                       (tm.sd(beta_schedule="linear"), "noise schedules differ")):
+        with pytest.raises(ValueError, match=msg):
+            large("a red circle", steps=2, stitch=Stitching(GuidedPipeline.from_pipe(other, progress=False)))
+
+
+def test_cli_stitch(tmp_path, capsys):
+    import json
+
+    from diffguide.cli.main import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["eval", "--prompts", str(prompts), "--n", "2", "--steps", "4", "--stitch",
+                 "builtin-small:0.5", "--stitch-reset", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["stitch"] == "builtin-small:0.5" and res["stitch_reset"] is True and res["nfe_per_image"] == 8
+    out = tmp_path / "s.png"
+    assert main(["generate", "a red circle", "--stitch", "builtin-small", "--steps", "4", "-o", str(out),
+                 "--quiet"]) == 0
+    from PIL import Image
+    assert json.loads(Image.open(out).text["diffguide"])["stitch"] == "builtin-small"
+    capsys.readouterr()
+    assert main(["generate", "a red circle", "--stitch", "builtin-small:1.5", "-o", str(tmp_path / "t.png")]) == 2
+    assert "--stitch fraction must be in [0, 1], got 1.5" in capsys.readouterr().err

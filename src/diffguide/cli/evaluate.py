@@ -11,7 +11,8 @@ import numpy as np
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
 from ..core.spacing import SPACINGS
-from .generate import UsageError, check_writable, load_model, save_png
+from .generate import (UsageError, add_stitch_arguments, check_writable, load_model, load_stitch,
+                       parse_stitch, save_png)
 
 
 def _common(p, steps: int) -> None:
@@ -34,6 +35,7 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--grid", default=None, help="also write the images as a PNG grid (a row per prompt)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    add_stitch_arguments(p)
 
 
 def add_compare_arguments(p) -> None:
@@ -57,26 +59,27 @@ def _check(args) -> None:
 
 
 def _generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None,
-              batch: int = 32) -> tuple[np.ndarray, int, float]:
+              batch: int = 32, stitch=None) -> tuple[np.ndarray, int, float]:
     """Images [n, H, W, 3] in [0, 1] for one prompt, NFE per image and seconds."""
     out, nfe, t0 = [], 0, time.perf_counter()
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
         res = gp(prompt, guidance=guidance, sampler=sampler, steps=steps, spacing=spacing,
-                 num_images_per_prompt=len(chunk), seed=chunk, output_type="np", progress=False)
+                 num_images_per_prompt=len(chunk), seed=chunk, output_type="np", progress=False,
+                 stitch=stitch)
         out.append(res.images)
         nfe = res.nfe
     return np.concatenate(out), nfe, time.perf_counter() - t0
 
 
 def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
-               spacing=None, batch: int = 32) -> tuple[np.ndarray, np.ndarray, int, float]:
+               spacing=None, batch: int = 32, stitch=None) -> tuple[np.ndarray, np.ndarray, int, float]:
     """n images per prompt (seeds distinct across prompts): images, prompt index per image, NFE per
     image, seconds per image. What eval and bench/toy_eval.py both score."""
     images, ids, seconds, nfe = [], [], 0.0, 0
     for k, text in enumerate(prompts):
         seeds = [seed * 100_000 + k * 1000 + j for j in range(n)]
-        imgs, nfe, dt = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch)
+        imgs, nfe, dt = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch, stitch)
         images.append(imgs)
         ids += [k] * len(imgs)
         seconds += dt
@@ -117,12 +120,15 @@ def run_eval(args) -> int:
     for path in (args.grid, args.out):
         if path:
             check_writable([path], overwrite=True)
+    parse_stitch(args.stitch)
     judge = evaluator.load()
     gp, _ = load_model(args)
+    stitch = load_stitch(args, gp)
     guidance, sampler = gp.resolve(guidance, args.scale, sampler)
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
-                                           args.steps, args.spacing, args.batch)
+                                           args.steps, args.spacing, args.batch, stitch)
     result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
+              **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
               "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),
               "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4),
               **metrics.evaluate(images, ids, prompts, judge), "version": __version__}

@@ -53,9 +53,51 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="network dtype (default: float16 on cuda, float32 on cpu)")
+    add_stitch_arguments(p)
     p.add_argument("-o", "--output", default="outputs", help="a .png path (one image) or a folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_stitch_arguments(p) -> None:
+    p.add_argument("--stitch", default=None, metavar="SMALL_MODEL[:FRACTION]",
+                   help="T-Stitch: a small model (folder, hub id or builtin-small) for the first FRACTION "
+                        "of the steps (default 0.4)")
+    p.add_argument("--stitch-reset", action="store_true",
+                   help="restart the sampler's history at the switch (default: keep it)")
+
+
+def parse_stitch(text: str | None) -> tuple[str, float] | None:
+    """'builtin-small:0.4' -> ('builtin-small', 0.4); a model alone gets fraction 0.4."""
+    if text is None:
+        return None
+    model, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            fraction = float(tail)
+        except ValueError:
+            model, fraction = text, 0.4
+    else:
+        model, fraction = text, 0.4
+    if not model:
+        raise UsageError(f"--stitch {text!r} names no model; expected SMALL_MODEL[:FRACTION]")
+    if not 0 <= fraction <= 1:
+        raise UsageError(f"--stitch fraction must be in [0, 1], got {fraction!r}")
+    return model, fraction
+
+
+def load_stitch(args, gp):
+    """The Stitching for --stitch (the small model on the large one's device and dtype), or None."""
+    spec = parse_stitch(args.stitch)
+    if spec is None:
+        return None
+    from ..pipelines import GuidedPipeline, Stitching
+
+    small = GuidedPipeline.from_pretrained(spec[0], torch_dtype=gp.family.net.dtype, device=gp.device,
+                                           progress=False)
+    st = Stitching(small, spec[1], reset=args.stitch_reset)
+    st.check(gp)
+    return st
 
 
 def _targets(output: str, seeds: list[int]) -> list[str]:
@@ -162,22 +204,25 @@ def run(args) -> int:
         raise UsageError(f"seeds must be >= 0, got {min(seeds)}")
     paths = _targets(args.output, seeds)
     check_writable(paths, args.overwrite)
+    parse_stitch(args.stitch)
 
     gp, dtype = load_model(args)
+    stitch = load_stitch(args, gp)
     g, s = gp.resolve(guidance, args.scale, sampler)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "model": args.model,
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
-            "scale": getattr(g, "scale", None)}
+            "scale": getattr(g, "scale", None),
+            **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {})}
     t0 = time.perf_counter()
     nfe = 0
     for i in range(0, len(seeds), args.batch):
         chunk = seeds[i:i + args.batch]
         out = gp(args.prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
-                 output_type="pil")
+                 output_type="pil", stitch=stitch)
         nfe = out.nfe
         for seed, img, path in zip(chunk, out.images, paths[i:i + args.batch]):
             m = {**meta, "seed": seed}

@@ -22,6 +22,7 @@ from ..core.denoiser import NetDenoiser
 from ..core.guided import Guidance, guide
 from ..core.registry import parse_spec
 from ..core.sample import RandomNoise, Sampler, SeededNoise, Step, sample
+from ..core.stitch import Stitch, check_same_schedule
 from .families import Family, family_of
 from .schedulers import SchedulerInfo, from_scheduler
 
@@ -40,6 +41,37 @@ class GuidedOutput:
     timings: dict = field(default_factory=dict)
     seeds: list | None = None
     nsfw: list | None = None
+
+
+@dataclass(frozen=True)
+class Stitching:
+    """T-Stitch for a GuidedPipeline call: ``small`` (a GuidedPipeline, folder, hub id or
+    'builtin-small') runs the first ``fraction`` of the steps; ``reset`` restarts the sampler's
+    history at the switch. The small model encodes the prompt with its own text encoder."""
+
+    small: Any
+    fraction: float = 0.4
+    reset: bool = False
+
+    def __post_init__(self):
+        Stitch(self.fraction)  # validates the fraction
+        if not isinstance(self.small, GuidedPipeline):
+            object.__setattr__(self, "small", GuidedPipeline.from_pretrained(self.small, progress=False))
+
+    def check(self, large: "GuidedPipeline") -> None:
+        """Refuse a small model that does not share the large one's latent space and schedule."""
+        a, b = large.family, self.small.family
+        if (a.channels, a.factor) != (b.channels, b.factor):
+            raise ValueError(f"cannot stitch: latent spaces differ ({a.channels} channels at 1/{a.factor} "
+                             f"scale vs {b.channels} at 1/{b.factor})")
+        va, vb = getattr(large.pipe, "vae", None), getattr(self.small.pipe, "vae", None)
+        keys = ("latent_channels", "scaling_factor", "shift_factor", "latents_mean", "latents_std")
+        if (va is None) != (vb is None) or (va is not None and any(
+                va.config.get(k) != vb.config.get(k) for k in keys)):
+            raise ValueError("cannot stitch: the models' VAEs (latent spaces) differ")
+        if a.conditional != b.conditional:
+            raise ValueError("cannot stitch a conditional model with an unconditional one")
+        check_same_schedule(large.denoiser, self.small.denoiser)
 
 
 BUILTIN = {"builtin": "toy", "builtin-small": "toy-small"}
@@ -186,7 +218,7 @@ class GuidedPipeline:
                  generator=None, output_type: str = "pil",
                  callback: Callable[[Step, torch.Tensor], None] | None = None,
                  progress: bool | None = None, max_batch: int | None = None,
-                 threshold="scheduler") -> GuidedOutput:
+                 threshold="scheduler", stitch: Stitching | None = None) -> GuidedOutput:
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -196,6 +228,7 @@ class GuidedPipeline:
         torch.Generator or a list, as in diffusers) is the alternative. spacing None: the grid the
         loaded scheduler would use. callback(step, x) runs after every step. threshold: x0 clipping,
         by default what the scheduler config asks for (clip_sample, thresholding); None for none.
+        stitch: a ``Stitching`` (T-Stitch: a small model for the first steps).
         """
         t_start = time.perf_counter()
         if output_type not in OUTPUT_TYPES:
@@ -214,6 +247,10 @@ class GuidedPipeline:
         if len(negs) != len(prompts):
             raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
         b = len(prompts) * num_images_per_prompt
+        if stitch is not None:
+            if not isinstance(stitch, Stitching):
+                raise ValueError(f"stitch must be a Stitching, got {type(stitch).__name__}")
+            stitch.check(self)
         noise, seeds = self._noise(b, seed, generator)
         device, fam = self.device, self.family
 
@@ -231,12 +268,22 @@ class GuidedPipeline:
                 negs_text = None if all(q is None for q in negs) else ["" if q is None else q for q in negs]
                 pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
                 pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
+            extra_conds, models = {}, {}
+            if stitch is not None:
+                small = stitch.small
+                models["small"] = small.denoiser
+                if fam.conditional:  # the small model reads its own encoding of the prompts
+                    sp, sn = small.family.encode(prompts, negs_text, num_images_per_prompt, small.device)
+                    extra_conds = {"pos@small": small.family.extra(sp, h, w),
+                                   "neg@small": small.family.extra(sn, h, w)}
             t_encode = time.perf_counter()
 
             # -- sampling
             shape = (b, fam.channels, h // fam.factor, w // fam.factor)
             x = noise.randn(shape, device=device) * self.info.start_scale(ts)
-            denoise = guide(self.denoiser, g, pos, neg, threshold=threshold, max_batch=max_batch)
+            denoise = guide(self.denoiser, g, pos, neg, threshold=threshold, max_batch=max_batch,
+                            conds=extra_conds, models=models,
+                            stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
             bar = _bar(ts.numel() - 1, self.progress if progress is None else progress)
 
             def each(st, xt):

@@ -19,7 +19,7 @@ def scheduler(name: str, **kw):
     import diffusers
 
     extra = DDIM_SD if name == "DDIMScheduler" else {}
-    return getattr(diffusers, name)(**SD_SCHEDULER, **extra, **kw)
+    return getattr(diffusers, name)(**{**SD_SCHEDULER, **extra, **kw})
 
 
 def clip_tokenizer(max_length: int = 16):
