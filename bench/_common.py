@@ -14,3 +14,31 @@ def emit(result: dict, out: str | None) -> None:
         with open(tmp, "w") as f:
             f.write(text + "\n")
         os.replace(tmp, out)
+
+
+def line_plot(path: str, xs, series: dict, xlabel: str, title: str = "") -> None:
+    """A small PNG line plot with PIL (no plotting library needed): one line per series, each
+    scaled to its own [min, max] and labelled with it."""
+    from PIL import Image, ImageDraw
+
+    w, h, m = 520, 300, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    x0, x1 = min(xs), max(xs)
+    for k, (name, ys) in enumerate(series.items()):
+        lo, hi = min(ys), max(ys)
+        span = (hi - lo) or 1.0
+        pts = [(m + (x - x0) / ((x1 - x0) or 1) * (w - 2 * m), h - m - (y - lo) / span * (h - 2 * m))
+               for x, y in zip(xs, ys)]
+        d.line(pts, fill=colours[k % 4], width=2)
+        for p in pts:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colours[k % 4])
+        d.text((m + 5, m + 5 + 14 * k), f"{name}: {lo:.3g} .. {hi:.3g}", fill=colours[k % 4])
+    d.text((w // 2 - 60, h - m + 12), f"{xlabel}: {x0:g} .. {x1:g}", fill="black")
+    if title:
+        d.text((m, 12), title, fill="black")
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
