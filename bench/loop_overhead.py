@@ -74,26 +74,39 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--size", type=int, default=16, help="image side in pixels")
     ap.add_argument("--scale", type=float, default=7.5)
+    ap.add_argument("--model", default="tiny", choices=("tiny", "builtin"),
+                    help="tiny random SD, or the built-in pixel-space model (32 px, no VAE)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
-    pipe = tm.sd(scheduler="DPMSolverMultistepScheduler")
+    if args.model == "builtin":
+        from diffusers import StableDiffusionPipeline
+
+        from diffguide.pipelines.pipeline import builtin_path, quiet_loading
+        quiet_loading()
+        pipe = StableDiffusionPipeline.from_pretrained(builtin_path("builtin"), vae=None, safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.vae_scale_factor = 1  # the stock pipeline assumes a VAE; the model works on pixels
+        args.size, kind = 32, "latent"  # the stock pipeline cannot decode without a VAE: compare x
+    else:
+        pipe, kind = tm.sd(scheduler="DPMSolverMultistepScheduler"), "np"
     pipe.set_progress_bar_config(disable=True)
     clocks = {"unet": Clock(), "text_encoder": Clock(), "vae": Clock()}
     clocks["unet"].watch(pipe.unet)
     clocks["text_encoder"].watch(pipe.text_encoder)
-    clocks["vae"].wrap(pipe.vae, "decode")
+    if pipe.vae is not None:
+        clocks["vae"].wrap(pipe.vae, "decode")
     gp = GuidedPipeline.from_pipe(pipe, progress=False)
     prompt, n = "red circle", args.steps
 
     def stock():
         return pipe(prompt, num_inference_steps=n, guidance_scale=args.scale, height=args.size,
-                    width=args.size, generator=[torch.Generator().manual_seed(0)], output_type="np").images
+                    width=args.size, generator=[torch.Generator().manual_seed(0)], output_type=kind).images
 
     def ours():
         return gp(prompt, guidance="cfg", guidance_scale=args.scale, sampler="dpmpp_2m", steps=n,
-                  height=args.size, width=args.size, seed=[0], output_type="np").images
+                  height=args.size, width=args.size, seed=[0], output_type=kind).images
 
     diff = float(abs(stock() - ours()).max())
     rows = {}
@@ -117,7 +130,8 @@ def main():
         rows[name]["stub_network_loop_ms_per_step"] = round(
             1000 * (m["wall"] - m["unet"] - m["text_encoder"]) / n, 4)
     d, g = rows["diffusers"], rows["diffguide"]
-    emit({"model": "tiny random SD (diffguide.pipelines.tiny.sd)", "image": args.size, "steps": n,
+    emit({"model": "tiny random SD (diffguide.pipelines.tiny.sd)" if args.model == "tiny" else
+          "built-in toy model (pixel space, 32 px)", "image": args.size, "steps": n,
           "cfg_scale": args.scale, "nfe_per_image": 2 * n, "threads": torch.get_num_threads(),
           "repeats": args.repeats, "max_abs_image_difference": diff, "results": rows,
           "time_ratio_diffguide_over_diffusers": round(g["seconds_per_image"] / d["seconds_per_image"], 4),

@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--large", default="builtin")
     ap.add_argument("--small", default="builtin-small")
     ap.add_argument("--reset", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1 image, 3 steps, 3 prompts (CI)")
     ap.add_argument("--out")
     ap.add_argument("--plot")
     args = ap.parse_args()
@@ -31,7 +32,9 @@ def main():
     judge = evaluator.load()
     large = GuidedPipeline.from_pretrained(args.large, progress=False)
     small = GuidedPipeline.from_pretrained(args.small, progress=False)
-    prompts = metrics.DEFAULT_PROMPTS
+    prompts = metrics.DEFAULT_PROMPTS[:3] if args.quick else metrics.DEFAULT_PROMPTS
+    if args.quick:
+        args.n, args.steps = 1, 3
     g, s = large.resolve(args.guidance, None, args.sampler)
     rows = []
     for r in FRACTIONS:

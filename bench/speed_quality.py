@@ -1,0 +1,65 @@
+"""Speed versus quality on the built-in model: NFE and seconds per image against adherence and FD,
+for CFG at 10/15/25/50 steps of several samplers, Adaptive Guidance, T-Stitch and AG + T-Stitch.
+
+    python bench/speed_quality.py [--n 4] [--out FILE] [--plot PNG] [--quick]
+"""
+import argparse
+
+from _common import emit, line_plot
+
+from diffguide.cli.evaluate import prompt_set
+from diffguide.pipelines import GuidedPipeline, Stitching
+from diffguide.pipelines.pipeline import quiet_loading
+from diffguide.toy import evaluator, metrics
+
+SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m")
+STEPS = (10, 15, 25, 50)
+
+
+def settings(quick: bool):
+    samplers, steps = (("ddim", "dpmpp_2m"), (3, 4)) if quick else (SAMPLERS, STEPS)
+    out = [dict(sampler=s, steps=n, guidance="cfg:scale=5") for s in samplers for n in steps]
+    n = steps[-2]
+    out += [dict(sampler="dpmpp_2m", steps=n, guidance="ag:scale=5"),
+            dict(sampler="dpmpp_2m", steps=n, guidance="cfg:scale=5", stitch=0.4),
+            dict(sampler="dpmpp_2m", steps=n, guidance="ag:scale=5", stitch=0.4)]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--small", default="builtin-small")
+    ap.add_argument("--quick", action="store_true", help="two samplers, 3-4 steps, 1 image (CI)")
+    ap.add_argument("--out")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    quiet_loading()
+    judge = evaluator.load()
+    gp = GuidedPipeline.from_pretrained(args.model, progress=False)
+    small = GuidedPipeline.from_pretrained(args.small, progress=False)
+    prompts = metrics.DEFAULT_PROMPTS[:3] if args.quick else metrics.DEFAULT_PROMPTS
+    n = 1 if args.quick else args.n
+    rows = []
+    for cfg in settings(args.quick):
+        g, s = gp.resolve(cfg["guidance"], None, cfg["sampler"])
+        st = Stitching(small, cfg["stitch"]) if "stitch" in cfg else None
+        images, ids, nfe, seconds = prompt_set(gp, prompts, n, 0, g, s, cfg["steps"], stitch=st)
+        res = metrics.evaluate(images, ids, prompts, judge)
+        rows.append({**cfg, "nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4),
+                     "adherence": res["adherence"], "adherence_by_group": res["adherence_by_group"],
+                     "frechet_distance": res["frechet_distance"]})
+        print(rows[-1], flush=True)
+    emit({"model": args.model, "small": args.small, "images_per_prompt": n, "prompts": len(prompts),
+          "rows": rows}, args.out)
+    if args.plot:
+        cfg_rows = [r for r in rows if r["sampler"] == "dpmpp_2m" and r["guidance"].startswith("cfg")
+                    and "stitch" not in r]
+        line_plot(args.plot, [r["nfe_per_image"] for r in cfg_rows],
+                  {"adherence": [r["adherence"] for r in cfg_rows], "FD": [r["frechet_distance"] for r in cfg_rows]},
+                  "NFE per image (dpmpp_2m, CFG 5)", "speed vs quality on the built-in model")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""The bench scripts run in their quick modes (tiny sizes, a few steps) so that they cannot rot.
+Nothing here asserts a time."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPTS = [
+    ("guidance_methods.py", ["--quick"]),
+    ("stitch.py", ["--quick"]),
+    ("speed_quality.py", ["--quick"]),
+    ("loop_overhead.py", ["--steps", "2", "--repeats", "1"]),
+    ("loop_overhead.py", ["--steps", "2", "--repeats", "1", "--model", "builtin"]),
+    ("cuda.py", ["--quick", "--models", "dit", "--batches", "1"]),
+]
+
+
+@pytest.mark.parametrize("script,args", SCRIPTS, ids=[f"{s}{' '.join(a)}" for s, a in SCRIPTS])
+def test_bench_script_quick_mode(script, args, tmp_path):
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args, "--out", str(out)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data.get("rows") or data.get("results")
