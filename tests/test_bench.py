@@ -27,3 +27,15 @@ def test_bench_script_quick_mode(script, args, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data.get("rows") or data.get("results")
+
+
+def test_diffguide_bench_command(tmp_path, capsys, monkeypatch):
+    from diffguide.cli import bench
+    from diffguide.cli.main import main
+
+    monkeypatch.setattr(bench, "CPU_SUITE", bench.CPU_SUITE[:1])  # the rest run above
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--bench-dir", os.path.join(ROOT, "bench")]) == 0
+    out = capsys.readouterr().out
+    assert "loop overhead ratio" in out and (tmp_path / "loop_overhead_quick.json").exists()
+    assert main(["bench", "--bench-dir", str(tmp_path / "nowhere")]) == 2
+    assert "needs the repository's bench/ folder" in capsys.readouterr().err

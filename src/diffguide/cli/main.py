@@ -18,7 +18,7 @@ from ..core.spacing import SPACINGS, timesteps
 from ..toy.mixture import GaussianMixture
 
 
-from . import evaluate, generate
+from . import bench, evaluate, generate
 from .generate import UsageError
 
 
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="one prompt, several guidance settings: a labelled PNG grid"))
     evaluate.add_calibrate_arguments(sub.add_parser(
         "calibrate-linearag", help="fit LinearAG's coefficients on recorded CFG trajectories"))
+    bench.add_arguments(sub.add_parser("bench", help="run the CPU performance suite and print a summary"))
     tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
     tr.add_argument("out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)")
     tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")
@@ -175,6 +176,8 @@ def main(argv=None) -> int:
             return evaluate.run_eval(args)
         if args.command == "compare":
             return evaluate.run_compare(args)
+        if args.command == "bench":
+            return bench.run(args)
         if args.command == "calibrate-linearag":
             return evaluate.run_calibrate(args)
         if args.command == "train-toy":
