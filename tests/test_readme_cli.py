@@ -72,9 +72,11 @@ def test_readme_generate_commands_run(tmp_path):
 
 def test_readme_guidance_commands_run(tmp_path):
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "calibrate-linearag" in b)
-    for line in [ln.split("#")[0] for ln in block.strip().splitlines() if ln.startswith("diffguide ")]:
+    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "calibrate-linearag" in b or "--stitch" in b]
+    assert len(blocks) == 2
+    for line in [ln.split("#")[0] for b in blocks for ln in b.strip().splitlines() if ln.startswith("diffguide ")]:
         r = subprocess.run([sys.executable, "-m", "diffguide", *shlex.split(line)[1:]], capture_output=True,
                            text=True, cwd=tmp_path)
         assert r.returncode == 0, (line, r.stderr)
     assert (tmp_path / "lag.json").exists() and (tmp_path / "lag.png").exists()
+    assert (tmp_path / "stitch.png").exists() and (tmp_path / "stitch.json").exists()

@@ -67,5 +67,5 @@ class Clip:
 
 def _with_x0(pred: Pred, new: torch.Tensor, a, s, keep_eps: bool) -> Pred:
     if keep_eps:
-        return Pred(new, pred.eps)
-    return Pred(new, pred.eps + (_coef(a, new) / _coef(s, new)) * (pred.x0 - new))
+        return Pred(new, pred.eps, pred.x0_hist)
+    return Pred(new, pred.eps + (_coef(a, new) / _coef(s, new)) * (pred.x0 - new), pred.x0_hist)
