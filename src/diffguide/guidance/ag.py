@@ -15,9 +15,10 @@ SPACES = ("x0", "eps")
 @register("guidance", "ag")
 @dataclass(frozen=True)
 class AdaptiveGuidance(Guidance):
-    """AG (Castillo et al. 2023): CFG at ``scale`` while cos(P_c, P_u) < threshold, per sample; once a
-    sample's cosine reaches the threshold it is conditional-only for the rest of the run, and its
-    unconditional rows are no longer evaluated (NFE falls). The paper compares the eps predictions
+    """AG (Castillo et al. 2023): CFG until cos(P_c, P_u) reaches threshold, then conditional only.
+
+    Decided per sample: once a sample's cosine reaches the threshold it is conditional-only for the
+    rest of the run, and its unconditional rows are no longer evaluated (NFE falls). The paper compares the eps predictions
     (space="eps"); at high noise both are close to x/sigma, so that cosine starts near 1, whereas in
     x0 (as ComfyUI's port does) it rises along the trajectory. threshold > 1: always CFG;
     threshold -1: CFG on the first evaluation only.

@@ -56,7 +56,7 @@ def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
 @register("guidance", "icg")
 @dataclass(frozen=True)
 class ICG(Guidance):
-    """ICG (Sadat et al. 2024, eq. 6): D(y^) + scale (D(y) - D(y^)), y^ independent of the prompt.
+    """ICG (Sadat et al. 2024): D(y^) + scale (D(y) - D(y^)), y^ independent of the prompt.
 
     y^ is redrawn at every evaluation from the run's noise source (per sample): for text models
     Gaussian noise with the std of the prompt's embedding (the paper's scaled Gaussian; random

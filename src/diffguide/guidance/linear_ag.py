@@ -35,8 +35,9 @@ def load(path: str) -> tuple:
 @register("guidance", "linear_ag")
 @dataclass(frozen=True)
 class LinearAG(Guidance):
-    """LinearAG (Castillo et al. 2023): CFG at ``scale`` whose unconditional x0 is, on every other
-    evaluation while progress < ``until``, estimated as a c + b u_prev + g c_prev + d x (x0 space;
+    """LinearAG (Castillo et al. 2023): CFG with the unconditional x0 estimated on alternate steps.
+
+    On every other evaluation while progress < ``until`` the unconditional x0 is estimated as a c + b u_prev + g c_prev + d x (x0 space;
     c, u: this and the previous evaluation's conditional and unconditional x0) instead of evaluated.
     After ``until``: conditional only (after="cond", as AG) or plain CFG. ``coefficients``: a file
     written by ``diffguide calibrate-linearag`` (least squares per evaluation on CFG trajectories);
