@@ -38,9 +38,11 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="builtin",
                    help="diffusers model folder or hub id (default: the built-in toy model)")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--guidance", default="cfg", help="guidance spec, e.g. cfg:scale=7.5,rescale=0.7")
+    p.add_argument("--guidance", default=None,
+                   help="guidance spec, e.g. cfg:scale=7.5,rescale=0.7 (default: cfg; none for LCM students)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun")
+    p.add_argument("--sampler", default=None,
+                   help="sampler spec, e.g. dpmpp_2m:solver_type=heun (default: dpmpp_2m, or the model's own)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid (default: the one the model's scheduler config uses)")
@@ -197,8 +199,8 @@ def run(args) -> int:
             raise UsageError(f"--{name} must be a positive integer, got {v}")
     if args.scale is not None and not args.scale == args.scale:
         raise UsageError("--scale must be a number")
-    sampler = parse_spec("sampler", args.sampler)
-    guidance = parse_spec("guidance", args.guidance)
+    sampler = parse_spec("sampler", args.sampler) if args.sampler else None
+    guidance = parse_spec("guidance", args.guidance) if args.guidance else None
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [0 if args.seed is None else args.seed]
     if any(s < 0 for s in seeds):
         raise UsageError(f"seeds must be >= 0, got {min(seeds)}")
@@ -208,19 +210,21 @@ def run(args) -> int:
 
     gp, dtype = load_model(args)
     stitch = load_stitch(args, gp)
-    g, s = gp.resolve(guidance, args.scale, sampler)
+    embedded = gp.embedded_guidance
+    g, s = gp.resolve(guidance if guidance or not embedded else "none", None if embedded else args.scale, sampler)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "model": args.model,
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
-            "scale": getattr(g, "scale", None),
+            "scale": (args.scale if args.scale is not None else 8.5) if embedded else getattr(g, "scale", None),
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {})}
     t0 = time.perf_counter()
     nfe = 0
     for i in range(0, len(seeds), args.batch):
         chunk = seeds[i:i + args.batch]
         out = gp(args.prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
+                 guidance_scale=args.scale if embedded else None,
                  spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
                  output_type="pil", stitch=stitch)
         nfe = out.nfe

@@ -63,3 +63,41 @@ class NetDenoiser:
         if self.learned_sigma:
             out = out[:, : out.shape[1] // 2]
         return Pred.from_output(self.kind, out, x, a, s)
+
+
+@dataclass(frozen=True, eq=False)
+class Boundary:
+    """A consistency model's boundary condition (Song et al. 2023, eq. 7, with LCM's discrete form):
+    x0 <- c_skip(t) x + c_out(t) x0, c_skip = sd^2 / ((k t)^2 + sd^2), c_out = k t / sqrt((k t)^2 + sd^2)
+    with t the network's time, k = ``timestep_scaling`` and sd = ``sigma_data`` (diffusers' LCMScheduler)."""
+
+    inner: Any
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.inner.schedule
+
+    @property
+    def module(self):
+        return getattr(self.inner, "module", None)
+
+    def scalings(self, t: torch.Tensor):
+        """(c_skip, c_out) at t (float64, scalar or [B])."""
+        st = torch.as_tensor(self.schedule.model_time(torch.as_tensor(t, dtype=torch.float64)),
+                             dtype=torch.float64) * self.timestep_scaling
+        sd2 = self.sigma_data ** 2
+        return sd2 / (st * st + sd2), st / torch.sqrt(st * st + sd2)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> Pred:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        p = self.inner(x, t, cond)
+        c_skip, c_out = self.scalings(t)
+        a, s = levels(self.schedule, t, x)
+        if t.ndim == 0:
+            c_skip, c_out = float(c_skip), float(c_out)
+        else:
+            c_skip = c_skip.to(x.device, p.x0.dtype).view(-1, *([1] * (x.ndim - 1)))
+            c_out = c_out.to(x.device, p.x0.dtype).view(-1, *([1] * (x.ndim - 1)))
+        return Pred.from_x0(x, c_skip * x + c_out * p.x0, a, s)

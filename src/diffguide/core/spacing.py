@@ -67,8 +67,23 @@ def _diffusers_grid(schedule, n, kind, steps_offset=0, round=True):
     return torch.tensor(t.copy(), dtype=F64)
 
 
-SPACINGS = ("karras", "uniform_lam", "uniform_t", "linspace", "leading", "trailing")
+SPACINGS = ("karras", "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm")
 _DIFFUSERS = ("linspace", "leading", "trailing")
+
+
+def _lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> torch.Tensor:
+    """LCM's timesteps (Luo et al. 2023; diffusers' LCMScheduler): ``steps`` points picked evenly from
+    the distillation grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), noise end first."""
+    if not isinstance(schedule, VPSchedule):
+        raise ValueError(f"spacing 'lcm' indexes a discrete VP table, not {type(schedule).__name__}")
+    n_train = schedule.num_train_timesteps
+    if not 1 <= steps <= original_steps <= n_train:
+        raise ValueError(f"spacing 'lcm' needs 1 <= steps <= original_steps <= {n_train}, got steps={steps}, "
+                         f"original_steps={original_steps}")
+    k = n_train // int(original_steps)
+    grid = (torch.arange(1, int(original_steps) + 1, dtype=torch.int64) * k - 1).flip(0)
+    idx = np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)
+    return grid[torch.from_numpy(idx)].to(F64)
 
 
 def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final: str = "zero",
@@ -77,7 +92,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
 
     spacing: ``karras`` (rho, sigma_min, sigma_max), ``uniform_lam`` (sigma_min, sigma_max),
     ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
-    ``trailing``. ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
+    ``trailing``, or LCM's ``lcm`` (original_steps). ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
     the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
     (FlowMatchEulerDiscreteScheduler's grid is ``t_end`` = its shifted sigma_min). ``drop_last=True`` builds a diffusers grid for steps + 1 points and drops the last,
     the convention of diffusers' DPMSolverMultistepScheduler. Defaults to ``schedule.spacing``.
@@ -91,7 +106,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
         raise ValueError(f"unknown final {final!r}; choose one of: {', '.join(FINALS)}")
     allowed = {"karras": {"rho", "sigma_min", "sigma_max"}, "uniform_lam": {"sigma_min", "sigma_max"},
                "uniform_t": {"t_start", "t_end"}, "linspace": {"round"}, "leading": {"steps_offset"},
-               "trailing": set()}[spacing]
+               "trailing": set(), "lcm": {"original_steps"}}[spacing]
     bad = set(options) - allowed
     if bad:
         raise ValueError(f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "
@@ -99,7 +114,9 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     if drop_last and spacing not in _DIFFUSERS:
         raise ValueError(f"drop_last applies to the diffusers spacings {_DIFFUSERS}, not {spacing!r}")
 
-    if spacing in _DIFFUSERS:
+    if spacing == "lcm":
+        ts = torch.cat([_lcm_grid(schedule, steps, **options), torch.tensor([schedule.t_min], dtype=F64)])
+    elif spacing in _DIFFUSERS:
         if not isinstance(schedule, VPSchedule):
             raise ValueError(f"spacing {spacing!r} indexes a discrete VP table; "
                              f"{type(schedule).__name__} supports: karras, uniform_lam, uniform_t")

@@ -94,7 +94,7 @@ class StableDiffusion(Family):
 
     def forward(self, x, tm, cond):
         return self.net(x, tm, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
-                        return_dict=False)[0]
+                        timestep_cond=cond.get("timestep_cond"), return_dict=False)[0]
 
 
 class StableDiffusionXL(StableDiffusion):

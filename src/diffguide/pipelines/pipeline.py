@@ -7,6 +7,7 @@ and the loop is ``diffguide.sample``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import re
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..core.denoiser import NetDenoiser
+from ..core.denoiser import Boundary, NetDenoiser
 from ..core.guided import Guidance, guide
 from ..core.registry import parse_spec
 from ..core.sample import RandomNoise, Sampler, SeededNoise, Step, sample
@@ -74,6 +75,15 @@ class Stitching:
         check_same_schedule(large.denoiser, self.small.denoiser)
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight w (x 1000), as LCM's pipelines compute it."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = (w.float() * 1000.0)[:, None] * freq[None]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 BUILTIN = {"builtin": "toy", "builtin-small": "toy-small"}
 
 
@@ -127,9 +137,9 @@ class GuidedPipeline:
         self.family: Family = family_of(pipe)
         self.info: SchedulerInfo = from_scheduler(pipe.scheduler)
         net = self.family.net
-        self.denoiser = NetDenoiser(self.family.forward, self.info.schedule, self.info.kind,
-                                    dtype=net.dtype, learned_sigma=self.family.learned_sigma(),
-                                    module=net)
+        self.net_denoiser = NetDenoiser(self.family.forward, self.info.schedule, self.info.kind,
+                                        dtype=net.dtype, learned_sigma=self.family.learned_sigma(),
+                                        module=net)
         self.progress = progress
 
     @classmethod
@@ -180,7 +190,7 @@ class GuidedPipeline:
     def to(self, device=None, dtype=None) -> "GuidedPipeline":
         self.pipe.to(*([check_device(device)] if device is not None else []),
                      **({"dtype": as_dtype(dtype)} if dtype is not None else {}))
-        self.denoiser = dataclasses.replace(self.denoiser, dtype=self.family.net.dtype)
+        self.net_denoiser = dataclasses.replace(self.net_denoiser, dtype=self.family.net.dtype)
         return self
 
     # -- a call ------------------------------------------------------------------------------------
@@ -196,6 +206,7 @@ class GuidedPipeline:
             if "scale" not in {f.name for f in dataclasses.fields(g)}:
                 raise ValueError(f"guidance_scale given but {type(g).__name__} has no scale option")
             g = dataclasses.replace(g, scale=float(guidance_scale))
+        sampler = self.info.sampler if sampler is None else sampler  # None: the model's own
         s = parse_spec("sampler", sampler) if isinstance(sampler, str) else sampler
         if not isinstance(s, Sampler):
             raise ValueError(f"sampler must be a spec string or a Sampler object, got {type(s).__name__}")
@@ -211,8 +222,20 @@ class GuidedPipeline:
                                  f"model ({type(fam.net).__name__})")
         return int(h), int(w)
 
-    def __call__(self, prompt: str | Sequence = "", negative_prompt=None, guidance="cfg",
-                 guidance_scale: float | None = None, sampler="dpmpp_2m", steps: int = 20,
+    @property
+    def denoiser(self):
+        """The network as an (x, t, cond) -> Pred denoiser (with a consistency model's boundary)."""
+        if self.info.boundary is not None:
+            return Boundary(self.net_denoiser, timestep_scaling=self.info.boundary)
+        return self.net_denoiser
+
+    @property
+    def embedded_guidance(self) -> int | None:
+        """The width of the guidance-scale embedding of a guidance-distilled UNet (LCM), or None."""
+        return getattr(self.family.net.config, "time_cond_proj_dim", None)
+
+    def __call__(self, prompt: str | Sequence = "", negative_prompt=None, guidance=None,
+                 guidance_scale: float | None = None, sampler=None, steps: int = 20,
                  spacing: str | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
                  generator=None, output_type: str = "pil",
@@ -236,7 +259,11 @@ class GuidedPipeline:
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        g, s = self.resolve(guidance, guidance_scale, sampler)
+        embedded = self.embedded_guidance
+        if embedded:  # the scale is an input of the network, not a guidance method's
+            w_scale = 8.5 if guidance_scale is None else float(guidance_scale)
+            guidance_scale, guidance = None, "none" if guidance is None else guidance
+        g, s = self.resolve(guidance, guidance_scale, self.info.sampler if sampler is None else sampler)
         h, w = self.size(height, width)
         ts = self.info.timesteps(steps, spacing)
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
@@ -268,6 +295,10 @@ class GuidedPipeline:
                 negs_text = None if all(q is None for q in negs) else ["" if q is None else q for q in negs]
                 pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
                 pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
+            if embedded:  # LCM: w = scale - 1, embedded as the pipeline's get_guidance_scale_embedding
+                emb = guidance_embedding(torch.full((b,), w_scale - 1.0), embedded).to(device, self.family.net.dtype)
+                pos = {**(pos or {}), "timestep_cond": emb}
+                neg = {**neg, "timestep_cond": emb} if neg is not None else None
             extra_conds, models = {}, {}
             if stitch is not None:
                 small = stitch.small

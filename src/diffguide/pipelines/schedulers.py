@@ -37,6 +37,8 @@ class SchedulerInfo:
     start: str = "unit"                        # initial noise: "unit" (x = z) or "sigma" (x = s z)
     name: str = ""
     threshold: object = None                   # x0 clipping the config asks for (clip_sample, thresholding)
+    sampler: str = "dpmpp_2m"                  # the default sampler for this model
+    boundary: float | None = None              # a consistency model's timestep_scaling (LCMScheduler)
 
     def timesteps(self, steps: int, spacing: str | None = None) -> torch.Tensor:
         """The scheduler's own grid, or ``spacing`` (all the way to the data end) when given."""
@@ -108,4 +110,8 @@ def from_scheduler(scheduler) -> SchedulerInfo:
                                      cfg.get("sample_max_value", 1.0), keep_eps=keep)
     elif cfg.get("clip_sample"):
         threshold = Clip(cfg.get("clip_sample_range", 1.0), keep_eps=keep)
+    if name == "LCMScheduler":  # a consistency-distilled model: boundary condition and its own sampler
+        grid = {"spacing": "lcm", "original_steps": int(cfg.get("original_inference_steps", 50))}
+        return SchedulerInfo(schedule, kind, grid, start, name, threshold, "consistency",
+                             float(cfg.get("timestep_scaling", 10.0)))
     return SchedulerInfo(schedule, kind, grid, start, name, threshold)

@@ -2,3 +2,4 @@
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp2S, DPMpp2SAncestral, DPMpp3M, DPMpp3MPublished, DPMpp3MSDE
 from .euler import DDIM, Euler, EulerAncestral
 from .heun import Heun
+from .consistency import Consistency
