@@ -42,3 +42,25 @@ def line_plot(path: str, xs, series: dict, xlabel: str, title: str = "") -> None
     tmp = path + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
+
+
+def toy_setup(models, quick: bool = False):
+    """Quiet loading; (evaluator, pipelines for ``models``, prompt set: 3 prompts when quick)."""
+    from diffguide.pipelines import GuidedPipeline
+    from diffguide.pipelines.pipeline import quiet_loading
+    from diffguide.toy import evaluator, metrics
+
+    quiet_loading()
+    pipes = [GuidedPipeline.from_pretrained(m, progress=False) for m in models]
+    return evaluator.load(), pipes, list(metrics.DEFAULT_PROMPTS[:3] if quick else metrics.DEFAULT_PROMPTS)
+
+
+def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0) -> dict:
+    """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown)."""
+    from diffguide.cli.evaluate import prompt_set
+    from diffguide.toy import metrics
+
+    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, stitch=stitch)
+    res = metrics.evaluate(images, ids, prompts, judge)
+    res.pop("adherence_by_prompt")
+    return {"nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4), **res}

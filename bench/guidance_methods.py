@@ -13,14 +13,12 @@ import tempfile
 import time
 
 import numpy as np
-from _common import emit
+from _common import emit, scored, toy_setup
 
-from diffguide.cli.evaluate import grid, prompt_set
+from diffguide.cli.evaluate import grid
 from diffguide.core.registry import to_spec
 from diffguide.guidance.linear_ag import Recorder, fit
-from diffguide.pipelines import GuidedPipeline
-from diffguide.pipelines.pipeline import quiet_loading
-from diffguide.toy import evaluator, metrics
+from diffguide.toy import metrics
 
 SPECS = ["none", "cfg:scale=3", "cfg:scale=5", "cfg:scale=7.5", "cfg:scale=12",
          "apg:scale=5", "apg:scale=7.5", "apg:scale=12",
@@ -68,27 +66,21 @@ def main():
     ap.add_argument("--md")
     ap.add_argument("--grid")
     args = ap.parse_args()
-    quiet_loading()
-    judge = evaluator.load()
-    gp = GuidedPipeline.from_pretrained(args.model, progress=False)
+    judge, (gp,), prompts = toy_setup([args.model], args.quick)
     lag = os.path.join(tempfile.mkdtemp(), "linear_ag.json")
     t0 = time.perf_counter()
     if args.quick:
         args.n, args.steps = 1, 3
-    calibrate(gp, args.sampler, args.steps, 5.0, lag, metrics.DEFAULT_PROMPTS[:3] if args.quick else metrics.DEFAULT_PROMPTS)
+    calibrate(gp, args.sampler, args.steps, 5.0, lag, prompts)
     calib_seconds = time.perf_counter() - t0
-    prompts = metrics.DEFAULT_PROMPTS[:3] if args.quick else metrics.DEFAULT_PROMPTS
     specs = SPECS if args.only is None else [SPECS[int(i)] for i in args.only.split(",")]
     if args.quick:
         specs = [sp for sp in specs if ":scale=3" not in sp and ":scale=12" not in sp and "0.2" not in sp]
     rows = []
     for spec in specs:
         g, s = gp.resolve(spec.format(lag=lag), None, args.sampler)
-        images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, 0, g, s, args.steps)
-        res = metrics.evaluate(images, ids, prompts, judge)
-        res.pop("adherence_by_prompt")
         rows.append({"guidance": spec.replace(",coefficients={lag}", " (calibrated)"), "spec": to_spec(g),
-                     "nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4), **res})
+                     **scored(gp, judge, prompts, args.n, g, s, args.steps)})
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     emit({"model": args.model, "sampler": args.sampler, "steps": args.steps, "prompts": len(prompts),
           "images_per_prompt": args.n, "linear_ag_calibration_seconds": round(calib_seconds, 1),

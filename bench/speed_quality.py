@@ -5,12 +5,9 @@ for CFG at 10/15/25/50 steps of several samplers, Adaptive Guidance, T-Stitch an
 """
 import argparse
 
-from _common import emit, line_plot
+from _common import emit, line_plot, scored, toy_setup
 
-from diffguide.cli.evaluate import prompt_set
-from diffguide.pipelines import GuidedPipeline, Stitching
-from diffguide.pipelines.pipeline import quiet_loading
-from diffguide.toy import evaluator, metrics
+from diffguide.pipelines import Stitching
 
 SAMPLERS = ("ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m")
 STEPS = (10, 15, 25, 50)
@@ -35,21 +32,15 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    quiet_loading()
-    judge = evaluator.load()
-    gp = GuidedPipeline.from_pretrained(args.model, progress=False)
-    small = GuidedPipeline.from_pretrained(args.small, progress=False)
-    prompts = metrics.DEFAULT_PROMPTS[:3] if args.quick else metrics.DEFAULT_PROMPTS
+    judge, (gp, small), prompts = toy_setup([args.model, args.small], args.quick)
     n = 1 if args.quick else args.n
     rows = []
     for cfg in settings(args.quick):
         g, s = gp.resolve(cfg["guidance"], None, cfg["sampler"])
         st = Stitching(small, cfg["stitch"]) if "stitch" in cfg else None
-        images, ids, nfe, seconds = prompt_set(gp, prompts, n, 0, g, s, cfg["steps"], stitch=st)
-        res = metrics.evaluate(images, ids, prompts, judge)
-        rows.append({**cfg, "nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4),
-                     "adherence": res["adherence"], "adherence_by_group": res["adherence_by_group"],
-                     "frechet_distance": res["frechet_distance"]})
+        res = scored(gp, judge, prompts, n, g, s, cfg["steps"], st)
+        rows.append({**cfg, **{k: res[k] for k in ("nfe_per_image", "seconds_per_image", "adherence",
+                                                    "adherence_by_group", "frechet_distance")}})
         print(rows[-1], flush=True)
     emit({"model": args.model, "small": args.small, "images_per_prompt": n, "prompts": len(prompts),
           "rows": rows}, args.out)

@@ -5,12 +5,10 @@ fraction r of steps given to the small model, r in {0, 0.2, 0.4, 0.6, 0.8, 1} (d
 """
 import argparse
 
-from _common import emit, line_plot
+from _common import emit, line_plot, scored, toy_setup
 
 from diffguide.cli.evaluate import prompt_set
-from diffguide.pipelines import GuidedPipeline, Stitching
-from diffguide.pipelines.pipeline import quiet_loading
-from diffguide.toy import evaluator, metrics
+from diffguide.pipelines import Stitching
 
 FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -28,11 +26,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    quiet_loading()
-    judge = evaluator.load()
-    large = GuidedPipeline.from_pretrained(args.large, progress=False)
-    small = GuidedPipeline.from_pretrained(args.small, progress=False)
-    prompts = metrics.DEFAULT_PROMPTS[:3] if args.quick else metrics.DEFAULT_PROMPTS
+    judge, (large, small), prompts = toy_setup([args.large, args.small], args.quick)
     if args.quick:
         args.n, args.steps = 1, 3
     g, s = large.resolve(args.guidance, None, args.sampler)
@@ -40,11 +34,10 @@ def main():
     for r in FRACTIONS:
         st = Stitching(small, r, reset=args.reset)
         prompt_set(large, prompts[:1], 2, 9, g, s, args.steps, stitch=st)  # warm-up
-        images, ids, nfe, seconds = prompt_set(large, prompts, args.n, 0, g, s, args.steps, stitch=st)
-        res = metrics.evaluate(images, ids, prompts, judge)
-        rows.append({"fraction": r, "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4),
-                     "adherence": res["adherence"], "adherence_by_group": res["adherence_by_group"],
-                     "frechet_distance": res["frechet_distance"], "colour_error": res["colour_error"]})
+        res = scored(large, judge, prompts, args.n, g, s, args.steps, st)
+        rows.append({"fraction": r, **{k: res[k] for k in ("nfe_per_image", "seconds_per_image", "adherence",
+                                                            "adherence_by_group", "frechet_distance",
+                                                            "colour_error")}})
         print(rows[-1], flush=True)
     base = rows[0]["seconds_per_image"]
     for row in rows:

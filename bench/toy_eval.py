@@ -5,24 +5,15 @@ a table of guidance settings (and the companion model). Prints JSON, one row per
 """
 import argparse
 
-from _common import emit
-
-from diffguide.cli.evaluate import prompt_set
-from diffguide.pipelines import GuidedPipeline
-from diffguide.pipelines.pipeline import quiet_loading
-from diffguide.toy import evaluator, metrics
+from _common import emit, scored, toy_setup
 
 SETTINGS = [("none", None), ("cfg", 1.5), ("cfg", 3.0), ("cfg", 5.0), ("cfg", 7.5)]
 
 
-def run(gp, judge, guidance, scale, sampler, steps, n, seed=0):
-    prompts = metrics.DEFAULT_PROMPTS
+def run(gp, judge, prompts, guidance, scale, sampler, steps, n, seed=0):
     g, s = gp.resolve(guidance, scale, sampler)
-    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, g, s, steps)
-    res = metrics.evaluate(images, ids, prompts, judge)
-    res.pop("adherence_by_prompt")
     return {"guidance": guidance, "scale": scale, "sampler": sampler, "steps": steps,
-            "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4), **res}
+            **scored(gp, judge, prompts, n, g, s, steps, seed=seed)}
 
 
 def main():
@@ -31,16 +22,19 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--models", default="builtin,builtin-small")
+    ap.add_argument("--quick", action="store_true", help="3 prompts, 1 image, 3 steps (CI)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    quiet_loading()
-    judge = evaluator.load()
+    models = args.models.split(",")
+    judge, pipes, prompts = toy_setup(models, args.quick)
+    if args.quick:
+        args.n, args.steps = 1, 3
     rows = []
-    for model in args.models.split(","):
-        gp = GuidedPipeline.from_pretrained(model, progress=False)
+    for model, gp in zip(models, pipes):
         for guidance, scale in SETTINGS:
-            rows.append({"model": model, **run(gp, judge, guidance, scale, args.sampler, args.steps, args.n)})
-    emit({"prompts": len(metrics.DEFAULT_PROMPTS), "images_per_prompt": args.n, "rows": rows}, args.out)
+            rows.append({"model": model, **run(gp, judge, prompts, guidance, scale, args.sampler, args.steps,
+                                               args.n)})
+    emit({"prompts": len(prompts), "images_per_prompt": args.n, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":
