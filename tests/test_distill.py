@@ -73,3 +73,31 @@ def test_bad_arguments(setup):
         ConsistencyLoss(gp.net_denoiser, gp.net_denoiser, gp.net_denoiser, skip=0)
     with pytest.raises(ValueError, match="unknown sampler"):
         ConsistencyLoss(gp.net_denoiser, gp.net_denoiser, gp.net_denoiser, solver="nope")
+
+
+def test_checkpoints_are_atomic_and_verified(tmp_path, monkeypatch):
+    import os
+
+    from diffguide.distill import checkpoint
+
+    path = str(tmp_path / "checkpoint.pt")
+    checkpoint.save(path, {"step": 1, "w": torch.arange(5.0)})
+    assert checkpoint.load(path)["step"] == 1
+    # a crash while writing the next one leaves this one intact
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        checkpoint.save(path, {"step": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-10])  # truncated
+    with pytest.raises(ValueError, match="corrupt"):
+        checkpoint.load(path)
+    open(path, "wb").write(data[:20])
+    with pytest.raises(ValueError, match="truncated"):
+        checkpoint.load(path)
+    flipped = bytearray(data)
+    flipped[-3] ^= 1
+    open(path, "wb").write(bytes(flipped))
+    with pytest.raises(ValueError, match="checksum"):
+        checkpoint.load(path)
