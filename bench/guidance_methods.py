@@ -8,6 +8,7 @@ labelled comparison grid.
 LinearAG is calibrated first (seed 1, so on other images than the evaluation's seed 0).
 """
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -15,10 +16,8 @@ import time
 import numpy as np
 from _common import emit, scored, toy_setup
 
-from diffguide.cli.evaluate import grid
+from diffguide.cli.evaluate import calibrate_linear_ag, grid
 from diffguide.core.registry import to_spec
-from diffguide.guidance.linear_ag import Recorder, fit
-from diffguide.toy import metrics
 
 SPECS = ["none", "cfg:scale=3", "cfg:scale=5", "cfg:scale=7.5", "cfg:scale=12",
          "apg:scale=5", "apg:scale=7.5", "apg:scale=12",
@@ -31,16 +30,10 @@ GRID = ["none", "cfg:scale=5", "cfg:scale=12", "apg:scale=12", "cfgpp:scale=0.4"
         "tsg:scale=3", "ag:scale=5"]
 
 
-def calibrate(gp, sampler, steps, scale, path, prompts=metrics.DEFAULT_PROMPTS):
-    runs = []
-    for k, text in enumerate(prompts):
-        rec = Recorder(scale=scale)
-        gp(text, guidance=rec, sampler=sampler, steps=steps, num_images_per_prompt=2,
-           seed=[100_000 + 1000 * k, 100_001 + 1000 * k], output_type="latent", progress=False)
-        runs.append(rec.sink)
-    import json
+def calibrate(gp, sampler, steps, scale, path, prompts):
+    """LinearAG coefficients from 2 images per prompt at seed 1 (the evaluation uses seed 0)."""
     with open(path, "w") as f:
-        json.dump({"coefficients": fit(runs)}, f)
+        json.dump({"coefficients": calibrate_linear_ag(gp, prompts, 2, 1, sampler, steps, scale)}, f)
 
 
 def table(rows) -> str:

@@ -183,9 +183,22 @@ def add_calibrate_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def calibrate_linear_ag(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float,
+                       spacing=None) -> list:
+    """LinearAG coefficients fitted on CFG trajectories of n images per prompt (prompt_set's seeds)."""
+    from ..guidance.linear_ag import Recorder, fit
+
+    runs = []
+    for k, text in enumerate(prompts):
+        rec = Recorder(scale=scale)
+        gp(text, guidance=rec, sampler=sampler, steps=steps, spacing=spacing, num_images_per_prompt=n,
+           seed=[seed * 100_000 + k * 1000 + j for j in range(n)], output_type="latent", progress=False)
+        runs.append(rec.sink)
+    return fit(runs)
+
+
 def run_calibrate(args) -> int:
     """Record CFG trajectories and fit LinearAG's per-evaluation coefficients."""
-    from ..guidance.linear_ag import Recorder, fit
     from ..toy import metrics
 
     _check(args)
@@ -201,14 +214,9 @@ def run_calibrate(args) -> int:
     sampler = parse_spec("sampler", args.sampler)
     check_writable([args.output], args.overwrite)
     gp, _ = load_model(args)
-    runs, t0 = [], time.perf_counter()
-    for k, text in enumerate(prompts):
-        rec = Recorder(scale=args.scale)
-        seeds = [args.seed * 100_000 + k * 1000 + j for j in range(args.n)]
-        gp(text, guidance=rec, sampler=sampler, steps=args.steps, spacing=args.spacing,
-           num_images_per_prompt=args.n, seed=seeds, output_type="latent", progress=False)
-        runs.append(rec.sink)
-    coefficients = fit(runs)
+    t0 = time.perf_counter()
+    coefficients = calibrate_linear_ag(gp, prompts, args.n, args.seed, sampler, args.steps, args.scale,
+                                       args.spacing)
     data = {"model": args.model, "sampler": to_spec(sampler), "steps": args.steps, "spacing": args.spacing,
             "scale": args.scale, "prompts": len(prompts), "images_per_prompt": args.n,
             "features": ["c", "u_prev", "c_prev", "x"], "coefficients": coefficients,

@@ -97,9 +97,7 @@ def load_stitch(args, gp):
 
     small = GuidedPipeline.from_pretrained(spec[0], torch_dtype=gp.family.net.dtype, device=gp.device,
                                            progress=False)
-    st = Stitching(small, spec[1], reset=args.stitch_reset)
-    st.check(gp)
-    return st
+    return Stitching(small, spec[1], reset=args.stitch_reset)  # checked against gp on each call
 
 
 def _targets(output: str, seeds: list[int]) -> list[str]:

@@ -175,6 +175,17 @@ class SeededNoise:
         return self.randn(like.shape, like.dtype, like.device)
 
 
+def draw(noise, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` from a run's noise source (per-sample generators
+    when its rows are one per seed), else from torch's global generator."""
+    if noise is not None and hasattr(noise, "randn"):
+        try:
+            return noise.randn(like.shape, dtype=torch.float32, device=like.device).to(like.dtype)
+        except ValueError:  # rows that are not one per seed (several branches batched together)
+            pass
+    return torch.randn(like.shape, device=like.device, dtype=like.dtype)
+
+
 # -- the loop -------------------------------------------------------------------------------------
 
 def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None = None,

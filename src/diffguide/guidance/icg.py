@@ -9,17 +9,9 @@ import torch
 
 from ..core.guided import Branch, Guidance, Point
 from ..core.registry import register
+from ..core.sample import draw
 
 CONDITIONS = ("random", "null")
-
-
-def _draw(noise, like: torch.Tensor) -> torch.Tensor:
-    if noise is not None and hasattr(noise, "randn"):
-        try:
-            return noise.randn(like.shape, dtype=torch.float32, device=like.device)
-        except ValueError:  # rows that are not one per seed (a batched condition)
-            pass
-    return torch.randn(like.shape, device=like.device)
 
 
 def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
@@ -44,12 +36,12 @@ def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     if pos.is_floating_point():
         std = pos.float().flatten(1).std(dim=1).view(-1, *([1] * (pos.ndim - 1))) if pos.ndim > 1 \
             else pos.float().std()
-        return (_draw(noise, pos) * std).to(pos.dtype)
+        return (draw(noise, pos) * std).to(pos.dtype)
     k = classes or (int(neg.max()) if isinstance(neg, torch.Tensor) and neg.numel() else 0)
     if k < 2:
         raise ValueError("ICG on class labels needs the number of classes: pass classes=N (the "
                          "negative condition is not a null label it could be read from)")
-    u = _draw(noise, pos.float())  # uniform labels from normal draws: floor(k Phi(u))
+    u = draw(noise, pos.float())  # uniform labels from normal draws: floor(k Phi(u))
     return (torch.special.ndtr(u) * k).long().clamp(max=k - 1).to(pos.device)
 
 

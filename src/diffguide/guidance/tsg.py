@@ -9,19 +9,11 @@ import torch
 
 from ..core.guided import Branch, Guidance, Point
 from ..core.registry import register
+from ..core.sample import draw
 
 # where diffusers networks embed the time step: UNets' time_embedding, DiT/PixArt/SD3's
 # timestep_embedder (SDXL's add_embedding is also a TimestepEmbedding but embeds text and sizes)
 EMBEDDERS = ("time_embedding", "timestep_embedder")
-
-
-def _draw(noise, like: torch.Tensor) -> torch.Tensor:
-    if noise is not None and hasattr(noise, "randn"):
-        try:
-            return noise.randn(like.shape, dtype=torch.float32, device=like.device).to(like.dtype)
-        except ValueError:  # rows that are not one per seed (several perturbed branches together)
-            pass
-    return torch.randn(like.shape, device=like.device, dtype=like.dtype)
 
 
 @dataclass(frozen=True)
@@ -49,7 +41,7 @@ class TimeEmbeddingNoise:
         def hook(mod, args, out):
             key = tuple(out.shape)
             if key not in drawn:
-                drawn[key] = _draw(noise, out)
+                drawn[key] = draw(noise, out)
             std = out.float().flatten(1).std(dim=1).view(-1, *([1] * (out.ndim - 1))).to(out.dtype)
             return out + self.level * std * drawn[key]
 
