@@ -17,8 +17,11 @@ from .generate import (UsageError, add_stitch_arguments, check_writable, load_mo
 
 def _common(p, steps: int) -> None:
     p.add_argument("--model", default="builtin", help="diffusers folder or hub id (default: built-in)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler spec")
-    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--sampler", default=None, help="sampler spec (default: the model's own; dpmpp_2m "
+                                                   "for the built-in model)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: a distilled student's own, else {steps})")
+    p.set_defaults(default_steps=steps)
     p.add_argument("--spacing", default=None, choices=SPACINGS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="images per forward batch")
@@ -29,7 +32,8 @@ def _common(p, steps: int) -> None:
 
 def add_eval_arguments(p) -> None:
     _common(p, 25)
-    p.add_argument("--guidance", default="cfg", help="guidance spec")
+    p.add_argument("--guidance", default=None, help="guidance spec (default: cfg; none for a distilled "
+                                                    "student)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in set)")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
@@ -52,10 +56,16 @@ def add_compare_arguments(p) -> None:
 def _check(args) -> None:
     for name in ("n", "steps", "batch"):
         v = getattr(args, name)
-        if v < 1:
+        if v is not None and v < 1:
             raise UsageError(f"--{name} must be >= 1, got {v}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+
+
+def _model_defaults(args, gp) -> None:
+    """Fill what the user left out from the model (a distilled student's folder records its own)."""
+    if args.steps is None:
+        args.steps = gp.defaults.get("steps", args.default_steps)
 
 
 def _generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None,
@@ -115,15 +125,18 @@ def run_eval(args) -> int:
         raise UsageError(f"--prompts {args.prompts!r} is not a file")
     # every prompt must parse: one outside the toy world cannot be scored
     prompts = metrics.read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
-    sampler = parse_spec("sampler", args.sampler)
-    guidance = parse_spec("guidance", args.guidance)
+    sampler = parse_spec("sampler", args.sampler) if args.sampler else None
+    guidance = parse_spec("guidance", args.guidance) if args.guidance else None
     for path in (args.grid, args.out):
         if path:
             check_writable([path], overwrite=True)
     parse_stitch(args.stitch)
     judge = evaluator.load()
     gp, _ = load_model(args)
+    _model_defaults(args, gp)
     stitch = load_stitch(args, gp)
+    if guidance is None:
+        guidance = gp.defaults.get("guidance") or ("none" if gp.embedded_guidance else "cfg")
     guidance, sampler = gp.resolve(guidance, args.scale, sampler)
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
                                            args.steps, args.spacing, args.batch, stitch)
@@ -155,9 +168,11 @@ def run_compare(args) -> int:
             scales = [float(v) for v in args.scales.split(",")]
         except ValueError:
             raise UsageError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
-    sampler = parse_spec("sampler", args.sampler)
+    sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     check_writable([args.output], args.overwrite)
     gp, _ = load_model(args)
+    _model_defaults(args, gp)
+    sampler = gp.resolve("none", None, sampler)[1]
     rows, labels, seeds = [], [], [args.seed + j for j in range(args.n)]
     for spec in specs:
         has_scale = hasattr(spec, "scale")
@@ -211,9 +226,11 @@ def run_calibrate(args) -> int:
             raise UsageError(f"--prompts {args.prompts!r} has no prompts")
     else:
         prompts = list(metrics.DEFAULT_PROMPTS)
-    sampler = parse_spec("sampler", args.sampler)
+    sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     check_writable([args.output], args.overwrite)
     gp, _ = load_model(args)
+    _model_defaults(args, gp)
+    sampler = gp.resolve("none", None, sampler)[1]
     t0 = time.perf_counter()
     coefficients = calibrate_linear_ag(gp, prompts, args.n, args.seed, sampler, args.steps, args.scale,
                                        args.spacing)

@@ -43,7 +43,8 @@ def add_arguments(p) -> None:
     p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
     p.add_argument("--sampler", default=None,
                    help="sampler spec, e.g. dpmpp_2m:solver_type=heun (default: dpmpp_2m, or the model's own)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the model's own, 20 unless a distilled student says)")
     p.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="time grid (default: the one the model's scheduler config uses)")
     seeds = p.add_mutually_exclusive_group()
@@ -187,7 +188,7 @@ def _umask() -> int:
 
 def run(args) -> int:
     # everything that can be checked before loading the model is checked first
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
@@ -209,7 +210,10 @@ def run(args) -> int:
     gp, dtype = load_model(args)
     stitch = load_stitch(args, gp)
     embedded = gp.embedded_guidance
-    g, s = gp.resolve(guidance if guidance or not embedded else "none", None if embedded else args.scale, sampler)
+    if args.steps is None:
+        args.steps = gp.default_steps
+    guidance = guidance or gp.defaults.get("guidance") or ("none" if embedded else None)
+    g, s = gp.resolve(guidance, None if embedded else args.scale, sampler)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "model": args.model,

@@ -18,7 +18,7 @@ from ..core.spacing import SPACINGS, timesteps
 from ..toy.mixture import GaussianMixture
 
 
-from . import bench, evaluate, generate
+from . import bench, distill, evaluate, generate
 from .generate import UsageError
 
 
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_calibrate_arguments(sub.add_parser(
         "calibrate-linearag", help="fit LinearAG's coefficients on recorded CFG trajectories"))
     bench.add_arguments(sub.add_parser("bench", help="run the CPU performance suite and print a summary"))
+    distill.add_arguments(sub.add_parser(
+        "distill", help="distil a guided teacher into a 1-8 step student (consistency or dmd2)"))
     tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
     tr.add_argument("out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)")
     tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")
@@ -180,6 +182,8 @@ def main(argv=None) -> int:
             return bench.run(args)
         if args.command == "calibrate-linearag":
             return evaluate.run_calibrate(args)
+        if args.command == "distill":
+            return distill.run(args)
         if args.command == "train-toy":
             return _train_toy(args)
         if args.command == "tiny-model":

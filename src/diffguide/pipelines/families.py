@@ -57,6 +57,21 @@ class Family:
     def forward(self, x: torch.Tensor, tm: torch.Tensor, cond: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1], [B, 3, H, W], to the network's space (the VAE posterior mean): the
+        inverse of ``decode``, for training data."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            return images
+        cfg = vae.config
+        z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            return (z - torch.tensor(mean, device=z.device).view(shape)) * cfg.scaling_factor \
+                / torch.tensor(std, device=z.device).view(shape)
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1], float32, [B, 3, H, W]."""
         vae = getattr(self.pipe, "vae", None)
@@ -92,8 +107,9 @@ class StableDiffusion(Family):
         pos, neg = self.pipe.encode_prompt(prompts, device, n, True, negative_prompt=negatives)
         return {"text": pos}, {"text": neg}
 
-    def forward(self, x, tm, cond):
-        return self.net(x, tm, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
+    def forward(self, x, tm, cond, net=None):
+        """net: another UNet of this config (a distillation student) in place of the pipeline's."""
+        return (net or self.net)(x, tm, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
                         timestep_cond=cond.get("timestep_cond"), return_dict=False)[0]
 
 

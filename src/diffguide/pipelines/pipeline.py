@@ -87,6 +87,31 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 BUILTIN = {"builtin": "toy", "builtin-small": "toy-small"}
 
 
+DEFAULTS_FILE = "diffguide.json"
+
+
+def read_defaults(folder: str) -> dict:
+    """A model folder's ``diffguide.json`` (steps, sampler, guidance a distilled student was made for);
+    {} when absent (hub ids, ordinary models). Only known keys of the right type are kept."""
+    import json
+
+    path = os.path.join(folder, DEFAULTS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    out = {}
+    if isinstance(raw.get("steps"), int) and raw["steps"] >= 1:
+        out["steps"] = raw["steps"]
+    for k in ("sampler", "guidance"):
+        if isinstance(raw.get(k), str):
+            out[k] = raw[k]
+    return out
+
+
 def builtin_path(name: str) -> str:
     """'builtin' / 'builtin-small' name the toy models shipped in the package; other names pass."""
     if name not in BUILTIN:
@@ -141,6 +166,7 @@ class GuidedPipeline:
                                         dtype=net.dtype, learned_sigma=self.family.learned_sigma(),
                                         module=net)
         self.progress = progress
+        self.defaults: dict = {}  # a distilled student's own steps and guidance (its diffguide.json)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, torch_dtype=None, device=None, progress: bool = True,
@@ -176,6 +202,7 @@ class GuidedPipeline:
             pipe = pipe.to(dev)
         out = cls(pipe, progress=progress)
         out.source = path
+        out.defaults = read_defaults(path)
         return out
 
     @classmethod
@@ -206,7 +233,7 @@ class GuidedPipeline:
             if "scale" not in {f.name for f in dataclasses.fields(g)}:
                 raise ValueError(f"guidance_scale given but {type(g).__name__} has no scale option")
             g = dataclasses.replace(g, scale=float(guidance_scale))
-        sampler = self.info.sampler if sampler is None else sampler  # None: the model's own
+        sampler = self.defaults.get("sampler", self.info.sampler) if sampler is None else sampler  # the model's own
         s = parse_spec("sampler", sampler) if isinstance(sampler, str) else sampler
         if not isinstance(s, Sampler):
             raise ValueError(f"sampler must be a spec string or a Sampler object, got {type(s).__name__}")
@@ -230,12 +257,16 @@ class GuidedPipeline:
         return self.net_denoiser
 
     @property
+    def default_steps(self) -> int:
+        return int(self.defaults.get("steps", 20))
+
+    @property
     def embedded_guidance(self) -> int | None:
         """The width of the guidance-scale embedding of a guidance-distilled UNet (LCM), or None."""
         return getattr(self.family.net.config, "time_cond_proj_dim", None)
 
     def __call__(self, prompt: str | Sequence = "", negative_prompt=None, guidance=None,
-                 guidance_scale: float | None = None, sampler=None, steps: int = 20,
+                 guidance_scale: float | None = None, sampler=None, steps: int | None = None,
                  spacing: str | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
                  generator=None, output_type: str = "pil",
@@ -246,6 +277,7 @@ class GuidedPipeline:
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
         guidance / sampler: registry specs (``"cfg:scale=7.5,rescale=0.7"``) or objects.
+        steps None: the model's own (a distilled student's folder records it; else 20).
         seed: one int (image i gets seed + i), a list of per-image seeds, or None (random); each image
         has its own generator, so an image does not depend on its batch. ``generator`` (a
         torch.Generator or a list, as in diffusers) is the alternative. spacing None: the grid the
@@ -259,11 +291,14 @@ class GuidedPipeline:
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        steps = self.default_steps if steps is None else steps
+        if guidance is None:
+            guidance = self.defaults.get("guidance")
         embedded = self.embedded_guidance
         if embedded:  # the scale is an input of the network, not a guidance method's
             w_scale = 8.5 if guidance_scale is None else float(guidance_scale)
             guidance_scale, guidance = None, "none" if guidance is None else guidance
-        g, s = self.resolve(guidance, guidance_scale, self.info.sampler if sampler is None else sampler)
+        g, s = self.resolve(guidance, guidance_scale, sampler)
         h, w = self.size(height, width)
         ts = self.info.timesteps(steps, spacing)
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]

@@ -1,0 +1,62 @@
+"""``diffguide distill consistency|dmd2``: a few-step student from a guided teacher."""
+from __future__ import annotations
+
+import re
+
+from .generate import UsageError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("method", help="consistency or dmd2")
+    p.add_argument("--teacher", default="builtin", help="diffusers folder or hub id (default: built-in)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.jsonl, val/, student/")
+    p.add_argument("--guidance", default="cfg", help="the teacher's guidance spec (DMD2: the real score's); "
+                                                    "consistency + cfg draws the scale per example (LCM)")
+    p.add_argument("--student-steps", type=int, default=4, help="the student's sampling steps (1-8)")
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (consistency), 1e-5 (dmd2)")
+    p.add_argument("--data", default="toy", help="'toy' (the built-in world) or a folder of images with "
+                                                 "metadata.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", type=float, default=0.95)
+    p.add_argument("--skip", type=int, default=20, help="consistency: the teacher solver's step k")
+    p.add_argument("--solver", default="ddim", help="consistency: the teacher's ODE solver (a sampler spec)")
+    p.add_argument("--fake-ratio", type=int, default=5, help="dmd2: fake-score updates per generator update")
+    p.add_argument("--fake-lr", type=float, default=None, help="dmd2: default --lr")
+    p.add_argument("--gan", action="store_true", help="dmd2: add the GAN head against the data")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--validate-every", type=int, default=0, help="validation grid and metrics every N "
+                                                                 "steps (0: at the end only)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> int:
+    from ..distill.trainer import METHODS, DistillConfig, train
+    from ..pipelines.pipeline import quiet_loading
+
+    if args.method not in METHODS:
+        raise UsageError(f"unknown distillation method {args.method!r}; choose one of: {', '.join(METHODS)}")
+    if not 1 <= args.student_steps <= 8:
+        raise UsageError(f"--student-steps must be in 1..8, got {args.student_steps}")
+    lr = args.lr if args.lr is not None else (1e-4 if args.method == "consistency" else 1e-5)
+    cfg = DistillConfig(out=args.out, method=args.method, teacher=args.teacher, guidance=args.guidance,
+                        student_steps=args.student_steps, max_steps=args.max_steps, batch=args.batch, lr=lr,
+                        ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip,
+                        fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan,
+                        grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
+                        gradient_checkpointing=args.gradient_checkpointing,
+                        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+                        resume=args.resume)
+    try:
+        cfg.check()
+    except ValueError as e:  # "batch must be ..." -> "--batch must be ..."
+        m = re.match(r"([a-z_]+) (must .*)", str(e))
+        raise UsageError(f"--{m[1].replace('_', '-')} {m[2]}" if m else str(e)) from None
+    quiet_loading()
+    print(train(cfg, progress=not args.quiet))
+    return 0

@@ -1,0 +1,482 @@
+"""One distillation trainer on accelerate for both methods (consistency distillation, DMD2).
+
+Every step draws its randomness from a generator seeded by (seed, step) and its batch from a fixed
+per-epoch permutation, so a run resumed from a checkpoint repeats exactly the steps it would have
+taken. Checkpoints are atomic and checksummed (``checkpoint.py``). Multi-GPU: ``accelerate launch``.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from ..core.denoiser import Boundary, NetDenoiser
+from . import checkpoint
+from .consistency import ConsistencyLoss, student_unet
+from .dmd2 import DMD2Loss, GANHead, conditioning_times
+
+METHODS = ("consistency", "dmd2")
+EMBED_DIM = 256          # LCM's guidance-scale embedding width
+TIMESTEP_SCALING = 10.0  # LCMScheduler's boundary constant, used in training and written to the folder
+
+
+@dataclass
+class DistillConfig:
+    """Everything a run needs; saved as ``config.json`` beside its checkpoint."""
+
+    out: str
+    method: str = "consistency"
+    teacher: str = "builtin"
+    guidance: str = "cfg"           # the teacher's guidance (DMD2: the real score's)
+    student_steps: int = 4
+    max_steps: int = 2000
+    batch: int = 32
+    lr: float = 1e-4
+    ema: float = 0.95               # EMA of the student (consistency: the target network); exported
+    data: str = "toy"               # "toy" (the built-in world) or a folder of images + metadata.jsonl
+    dataset: int = 50000            # toy scenes to draw from
+    seed: int = 0
+    # consistency distillation
+    solver: str = "ddim"
+    skip: int = 20
+    huber_c: float = 0.001
+    scale_min: float = 3.0
+    scale_max: float = 13.0
+    # DMD2
+    fake_ratio: int = 5             # fake-score updates per generator update (two time-scale rule)
+    fake_lr: float | None = None    # default: lr
+    gan: bool = False               # GAN head on the fake score's bottleneck, against the data
+    gan_generator: float = 1e-3
+    gan_fake: float = 1e-2
+    # the loop
+    grad_accum: int = 1
+    clip: float | None = None       # default: 1 (consistency, as LCM) / 10 (DMD2)
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 200
+    log_every: int = 20
+    validate_every: int = 0         # 0: only at the end
+    validate_n: int = 2             # images per toy prompt in validation metrics
+    resume: bool = False
+
+    # settings a resumed run must share with its checkpoint (the rest may change, e.g. max_steps)
+    FIXED = ("method", "teacher", "guidance", "student_steps", "batch", "data", "dataset", "seed", "solver",
+             "skip", "gan", "grad_accum")
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown distillation method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        for name in ("student_steps", "max_steps", "batch", "checkpoint_every", "log_every", "grad_accum",
+                     "fake_ratio", "dataset", "validate_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.validate_every < 0:
+            raise ValueError(f"validate_every must be >= 0, got {self.validate_every!r}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
+        for name in ("lr", "fake_lr", "huber_c", "clip"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v!r}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"scale range must satisfy 0 < min <= max, got {self.scale_min}, {self.scale_max}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.data != "toy" and not os.path.isdir(self.data):
+            raise ValueError(f"data {self.data!r} is neither 'toy' nor a folder of images")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+class ToyData:
+    """The built-in world's training scenes: 3x32x32 images in [-1, 1] and a caption each."""
+
+    def __init__(self, cfg: DistillConfig):
+        from ..pipelines.toy_model import SceneData
+
+        self.scenes = SceneData(cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz"))
+        self.n, self.shape = cfg.dataset, (3, 32, 32)
+
+    def items(self, idx: np.ndarray, epoch: int):
+        return self.scenes.batch(idx, epoch, np.zeros(len(idx), dtype=bool))
+
+
+class FolderData:
+    """A folder of images with captions in ``metadata.jsonl`` (lines {"file_name": ..., "text": ...},
+    the imagefolder convention), loaded once into memory."""
+
+    def __init__(self, folder: str):
+        from PIL import Image
+
+        meta = os.path.join(folder, "metadata.jsonl")
+        if not os.path.isfile(meta):
+            raise ValueError(f"data folder {folder!r} has no metadata.jsonl (one JSON line per image: "
+                             f'{{"file_name": "a.png", "text": "a caption"}})')
+        imgs, self.captions = [], []
+        with open(meta) as f:
+            for k, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    name, text = rec["file_name"], rec["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{meta} line {k + 1}: expected {{\"file_name\": ..., \"text\": ...}}") from None
+                with Image.open(os.path.join(folder, name)) as im:
+                    imgs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                self.captions.append(str(text))
+        if not imgs:
+            raise ValueError(f"{meta} lists no images")
+        if len({a.shape for a in imgs}) != 1:
+            raise ValueError(f"images in {folder!r} differ in size; all must match the teacher's")
+        self.images = np.stack(imgs)
+        self.n = len(imgs)
+        self.shape = (3,) + self.images.shape[1:3]
+
+    def items(self, idx: np.ndarray, epoch: int):
+        x = torch.from_numpy(self.images[idx].astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+        return x.contiguous(), [self.captions[i] for i in idx]
+
+
+def batches(cfg: DistillConfig, data, family, device):
+    """step -> (x0 in the teacher's space, captions); a fixed permutation per epoch."""
+    size = family.default_size
+    if data.shape != (3, size, size):
+        raise ValueError(f"the data has {data.shape[1]}x{data.shape[2]} images but the teacher makes "
+                         f"{size}x{size} ones; use data of the teacher's size")
+    if data.n < cfg.batch:
+        raise ValueError(f"batch {cfg.batch} is larger than the data ({data.n} images)")
+    per_epoch = data.n // cfg.batch
+
+    def get(step: int):
+        epoch, k = divmod(step, per_epoch)
+        order = np.random.Generator(np.random.PCG64([cfg.seed, epoch, 2])).permutation(data.n)
+        images, caps = data.items(order[k * cfg.batch:(k + 1) * cfg.batch], epoch)
+        with torch.no_grad():
+            x0 = family.encode_images(images.to(device))
+        return x0, caps
+    return get
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def _net(teacher_net):
+    """A trainable copy of the teacher UNet (same config and weights)."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(teacher_net, UNet2DConditionModel):
+        raise ValueError(f"distillation needs a UNet2DConditionModel teacher, got {type(teacher_net).__name__}")
+    net = UNet2DConditionModel.from_config(teacher_net.config)
+    net.load_state_dict(teacher_net.state_dict())
+    return net.to(teacher_net.device, teacher_net.dtype)
+
+
+def _denoiser(teacher, net, boundary: bool):
+    d = NetDenoiser(functools.partial(teacher.family.forward, net=net), teacher.info.schedule,
+                    teacher.info.kind, module=net)
+    return Boundary(d, timestep_scaling=TIMESTEP_SCALING) if boundary else d
+
+
+def _embeds(cfg: DistillConfig, guidance) -> bool:
+    """LCM's scale embedding: only when the teacher's guidance is CFG (its scale is drawn per sample)."""
+    return cfg.method == "consistency" and type(guidance).__name__ == "CFG"
+
+
+class Run:
+    """The networks, optimisers and losses of one run, with ``state()`` / ``load()`` for checkpoints."""
+
+    def __init__(self, cfg: DistillConfig, teacher, acc):
+        from ..core.registry import parse_spec
+        from ..pipelines.pipeline import guidance_embedding
+
+        self.cfg, self.teacher, self.acc = cfg, teacher, acc
+        guidance = parse_spec("guidance", cfg.guidance)
+        tnet = teacher.family.net
+        _net(tnet)  # checks the teacher's kind
+        torch.manual_seed(cfg.seed)  # any fresh weights (the GAN head) depend on the seed only
+        self.embed = _embeds(cfg, guidance)
+        student = student_unet(tnet, EMBED_DIM) if self.embed else _net(tnet)
+        if cfg.gradient_checkpointing and student._supports_gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        self.ema = copy.deepcopy(student).requires_grad_(False).eval()
+        decay = dict(weight_decay=0.0) if cfg.method == "consistency" else dict(weight_decay=0.01)
+        self.opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, **decay)
+        self.fake = self.head = self.fake_opt = None
+        if cfg.method == "dmd2":
+            self.fake = _net(tnet)
+            if cfg.gradient_checkpointing and self.fake._supports_gradient_checkpointing:
+                self.fake.enable_gradient_checkpointing()
+            params = list(self.fake.parameters())
+            if cfg.gan:
+                self.head = GANHead(tnet.config.block_out_channels[-1]).to(tnet.device)
+                params += list(self.head.parameters())
+            self.fake_opt = torch.optim.AdamW(params, lr=cfg.fake_lr or cfg.lr, weight_decay=0.01)
+        self.student = student
+        self.clip = cfg.clip or (1.0 if cfg.method == "consistency" else 10.0)
+        embed = (lambda w: guidance_embedding(w, EMBED_DIM)) if self.embed else None
+        if cfg.method == "consistency":
+            self.loss = ConsistencyLoss(teacher.net_denoiser, _denoiser(teacher, student, False),
+                                        _denoiser(teacher, self.ema, False), guidance, cfg.solver, cfg.skip,
+                                        cfg.huber_c, (cfg.scale_min, cfg.scale_max), embed=embed)
+        else:
+            T = teacher.info.schedule.num_train_timesteps
+            self.loss = DMD2Loss(teacher.net_denoiser, _denoiser(teacher, self.fake, False),
+                                 _denoiser(teacher, student, True), guidance,
+                                 tuple(conditioning_times(cfg.student_steps, T)), head=self.head,
+                                 bottleneck=self.fake.mid_block if self.head is not None else None,
+                                 gan_generator=cfg.gan_generator, gan_fake=cfg.gan_fake)
+
+    def prepare(self):
+        acc = self.acc
+        if self.fake is None:
+            self.student, self.opt = acc.prepare(self.student, self.opt)
+        else:
+            mods = [self.student, self.opt, self.fake, self.fake_opt] + ([self.head] if self.head else [])
+            out = acc.prepare(*mods)
+            self.student, self.opt, self.fake, self.fake_opt = out[:4]
+            if self.head is not None:
+                self.head = out[4]
+        self.ema.to(acc.device)
+
+    def state(self, step: int) -> dict:
+        un = self.acc.unwrap_model
+        s = {"step": step, "config": asdict(self.cfg), "student": un(self.student).state_dict(),
+             "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+        if self.fake is not None:
+            s.update(fake=un(self.fake).state_dict(), fake_opt=self.fake_opt.state_dict())
+            if self.head is not None:
+                s["head"] = un(self.head).state_dict()
+        return s
+
+    def load(self, s: dict) -> int:
+        self.student.load_state_dict(s["student"])
+        self.ema.load_state_dict(s["ema"])
+        self.opt.load_state_dict(s["opt"])
+        if self.fake is not None:
+            self.fake.load_state_dict(s["fake"])
+            self.fake_opt.load_state_dict(s["fake_opt"])
+            if self.head is not None:
+                self.head.load_state_dict(s["head"])
+        return int(s["step"])
+
+    def _update(self, params, opt, loss_of, n: int):
+        """One optimiser step over ``grad_accum`` micro-batches; returns the mean logs."""
+        opt.zero_grad(set_to_none=True)
+        logs: dict = {}
+        for j in range(n):
+            with self.acc.autocast():
+                loss, lg = loss_of(j)
+            self.acc.backward(loss / n)
+            for k, v in lg.items():
+                logs[k] = logs.get(k, 0.0) + v / n
+        self.acc.clip_grad_norm_(params, self.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return logs
+
+    def step(self, step: int, get) -> dict:
+        """One training step: micro-batches ``get(step * grad_accum + j)``."""
+        cfg, fam, dev = self.cfg, self.teacher.family, self.acc.device
+        n = cfg.grad_accum
+        micro = []
+        for j in range(n):
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * n + j)  # resume repeats it
+            x0, caps = get(step * n + j)
+            with torch.no_grad():
+                pos, neg = fam.encode(caps, [""] * len(caps), 1, dev)
+            micro.append((g, x0, pos, neg))
+        if cfg.method == "consistency":
+            def loss_of(j):
+                g, x0, pos, neg = micro[j]
+                loss = self.loss(x0, pos, neg, g)
+                return loss, {"loss": loss.item()}
+            logs = self._update(self.student.parameters(), self.opt, loss_of, n)
+        else:
+            logs = self._dmd2(step, micro)
+        with torch.no_grad():
+            for pe, ps in zip(self.ema.parameters(), self.acc.unwrap_model(self.student).parameters()):
+                pe.lerp_(ps.detach(), 1 - cfg.ema)
+        return logs
+
+    def _dmd2(self, step: int, micro) -> dict:
+        cfg, logs = self.cfg, {}
+        samples = []
+        for g, x0, pos, neg in micro:
+            noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+            samples.append(noise)
+        if step % cfg.fake_ratio == 0:  # the generator moves on the slow time scale
+            gens = [None] * len(micro)
+
+            def gen_loss(j):
+                g, x0, pos, neg = micro[j]
+                x, _ = self.loss.sample(samples[j], pos, g)
+                gens[j] = x.detach()
+                return self.loss.generator_loss(x, pos, neg, g)
+            logs.update(self._update(self.student.parameters(), self.opt, gen_loss, len(micro)))
+        else:
+            with torch.no_grad(), self.acc.autocast():
+                gens = [self.loss.sample(samples[j], micro[j][2], micro[j][0])[0] for j in range(len(micro))]
+        fake_params = [p for group in self.fake_opt.param_groups for p in group["params"]]
+
+        def fake_loss(j):
+            g, x0, pos, _ = micro[j]
+            return self.loss.fake_loss(gens[j], pos, g, real=x0 if cfg.gan else None)
+        logs.update(self._update(fake_params, self.fake_opt, fake_loss, len(micro)))
+        return logs
+
+
+def train(cfg: DistillConfig, progress: bool = True) -> str:
+    """Distil (or resume with ``cfg.resume``); returns the exported student folder ``cfg.out/student``."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from ..pipelines import GuidedPipeline
+
+    cfg.check()
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    state = None
+    if os.path.exists(ckpt):
+        if not cfg.resume:
+            raise ValueError(f"{ckpt} exists; pass --resume to continue it or choose another --out")
+        state = checkpoint.load(ckpt)
+        for k in DistillConfig.FIXED:
+            if state["config"].get(k) != getattr(cfg, k):
+                raise ValueError(f"{ckpt} was trained with {k}={state['config'].get(k)!r}, not "
+                                 f"{getattr(cfg, k)!r}; resume with the same setting")
+    os.makedirs(cfg.out, exist_ok=True)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    teacher = GuidedPipeline.from_pretrained(cfg.teacher, progress=False, device=acc.device)
+    for m in teacher.pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).eval()
+    data = ToyData(cfg) if cfg.data == "toy" else FolderData(cfg.data)
+    get = batches(cfg, data, teacher.family, acc.device)
+    run = Run(cfg, teacher, acc)
+    step = run.load(state) if state is not None else 0
+    run.prepare()
+    if acc.is_main_process:
+        _write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+    log = open(os.path.join(cfg.out, "loss.jsonl"), "a") if acc.is_main_process else None
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or not acc.is_main_process,
+               desc=f"distill {cfg.method}")
+    running: dict = {}
+    t0 = time.time()
+    while step < cfg.max_steps:
+        logs = run.step(step, get)
+        step += 1
+        for k, v in logs.items():
+            running.setdefault(k, []).append(v)
+        bar.update(1)
+        if acc.is_main_process:
+            if step % cfg.log_every == 0:
+                rec = {"step": step, **{k: float(np.mean(v)) for k, v in running.items()},
+                       "seconds": round(time.time() - t0, 2)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "seconds")})
+                running = {}
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                checkpoint.save(ckpt, run.state(step))
+            if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
+                validate(teacher, run.ema, cfg, step)
+        acc.wait_for_everyone()
+    bar.close()
+    folder = os.path.join(cfg.out, "student")
+    if acc.is_main_process:
+        log.close()
+        export(teacher, run.ema, cfg, folder)
+        validate(teacher, run.ema, cfg, step)
+    acc.wait_for_everyone()
+    return folder
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -- the student as a diffusers folder -------------------------------------------------------------
+
+def student_pipe(teacher, net, cfg: DistillConfig):
+    """The teacher's pipeline with the student UNet and an LCMScheduler whose grid is the student's:
+    LCM's original_inference_steps = T / skip (consistency) or = student steps (DMD2's 999, 749, ...)."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    sc = dict(teacher.pipe.scheduler.config)
+    T = sc.get("num_train_timesteps", 1000)
+    keep = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+            "rescale_betas_zero_snr", "num_train_timesteps")
+    sch = LCMScheduler(**{k: sc[k] for k in keep if k in sc}, timestep_scaling=TIMESTEP_SCALING,
+                       original_inference_steps=T // cfg.skip if cfg.method == "consistency" else cfg.student_steps)
+    p = teacher.pipe
+    return LatentConsistencyModelPipeline(vae=getattr(p, "vae", None), text_encoder=p.text_encoder,
+                                          tokenizer=p.tokenizer, unet=net.eval(), scheduler=sch,
+                                          safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+
+
+def export(teacher, net, cfg: DistillConfig, folder: str) -> str:
+    """Write the student folder (aside, then renamed) with ``diffguide.json`` giving its default steps."""
+    pipe = student_pipe(teacher, net, cfg)
+    tmp = folder.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    _write_json(os.path.join(tmp, "diffguide.json"),
+                {"steps": cfg.student_steps, "sampler": "consistency", "guidance": "none", "method": cfg.method,
+                 "teacher": cfg.teacher, "teacher_guidance": cfg.guidance})
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
+    """Validation at ``step``: a grid of the student's samples (``val/step_N.png``) and, for a toy-world
+    teacher, ``diffguide eval`` metrics at the student's steps (appended to ``val.jsonl``)."""
+    from ..cli.evaluate import grid, prompt_set
+    from ..pipelines import GuidedPipeline
+    from ..toy import evaluator, metrics
+
+    was = net.training
+    gp = GuidedPipeline.from_pipe(student_pipe(teacher, net, cfg), progress=False)
+    try:
+        prompts = list(metrics.DEFAULT_PROMPTS)
+        images, ids, nfe, seconds = prompt_set(gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps)
+        os.makedirs(os.path.join(cfg.out, "val"), exist_ok=True)
+        img = grid([images[ids == k] for k in range(len(prompts))], prompts)
+        tmp = os.path.join(cfg.out, "val", f".step_{step}.png")
+        img.save(tmp, format="PNG")
+        os.replace(tmp, os.path.join(cfg.out, "val", f"step_{step}.png"))
+        if data_is_toy(teacher):
+            res = metrics.evaluate(images, ids, prompts, evaluator.load())
+            res.pop("adherence_by_prompt", None)
+            rec = {"step": step, "steps": cfg.student_steps, "nfe_per_image": nfe,
+                   "seconds_per_image": round(seconds, 4), **res}
+            with open(os.path.join(cfg.out, "val.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            return rec
+        return None
+    finally:
+        net.train(was)
+
+
+def data_is_toy(teacher) -> bool:
+    """Whether the teacher draws the toy world (32x32 pixels, the built-in tokenizer's vocabulary)."""
+    fam = teacher.family
+    return fam.default_size == 32 and fam.factor == 1 and getattr(teacher.pipe, "vae", None) is None

@@ -1,0 +1,215 @@
+"""The distillation trainer on a tiny pixel-space teacher: exact resume, corrupt checkpoints refused,
+the student folder loads with its own steps, DMD2's gradient against its closed form, bad arguments."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffguide.core.pred import Pred
+from diffguide.core.schedule import VPSchedule
+from diffguide.distill import checkpoint
+from diffguide.distill.dmd2 import DMD2Loss, conditioning_times
+from diffguide.distill.trainer import DistillConfig, train
+from diffguide.pipelines import GuidedPipeline
+from diffguide.pipelines import tiny as tm
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return tm.save(str(tmp_path_factory.mktemp("teacher") / "t"), "pixel_sd")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """16 random 8x8 images with captions, in the imagefolder layout."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": ["a red circle", "a blue square"][i % 2]}) + "\n")
+    return str(folder)
+
+
+def _cfg(out, teacher, data, **kw):
+    base = dict(out=str(out), teacher=teacher, data=data, batch=4, max_steps=4, checkpoint_every=2,
+                log_every=1, skip=100, validate_n=1, lr=1e-3)
+    return DistillConfig(**{**base, **kw})
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if k == "config":  # the output folder and max_steps differ by design
+            continue
+        if isinstance(x, dict):
+            if not _states_equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif isinstance(x, (list, tuple)) and x and isinstance(x[0], dict):
+            if not all(_states_equal(p, q) for p, q in zip(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("method,extra", [("consistency", {}),
+                                          ("dmd2", {"student_steps": 2, "fake_ratio": 2, "gan": True})])
+def test_resume_is_bit_identical(tmp_path, teacher, data, method, extra):
+    whole = _cfg(tmp_path / "whole", teacher, data, method=method, **extra)
+    train(whole, progress=False)
+    part = _cfg(tmp_path / "part", teacher, data, method=method, max_steps=2, **extra)
+    train(part, progress=False)  # "interrupted" after its step-2 checkpoint
+    train(_cfg(tmp_path / "part", teacher, data, method=method, resume=True, **extra), progress=False)
+    a = checkpoint.load(str(tmp_path / "whole" / "checkpoint.pt"))
+    b = checkpoint.load(str(tmp_path / "part" / "checkpoint.pt"))
+    assert a["step"] == b["step"] == 4
+    assert _states_equal(a, b)
+    # the losses moved the student
+    t = GuidedPipeline.from_pretrained(teacher, progress=False).family.net.state_dict()
+    assert any(not torch.equal(t[k], v) for k, v in a["student"].items() if k in t)
+    log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert os.path.isfile(tmp_path / "whole" / "val" / "step_4.png")
+
+
+@pytest.mark.parametrize("method,steps", [("consistency", 4), ("dmd2", 2)])
+def test_student_folder_loads_with_its_own_steps(tmp_path, teacher, data, method, steps):
+    folder = train(_cfg(tmp_path / "run", teacher, data, method=method, student_steps=steps, max_steps=1),
+                   progress=False)
+    gp = GuidedPipeline.from_pretrained(folder, progress=False)
+    assert gp.default_steps == steps and gp.info.sampler == "consistency"
+    out = gp("a red circle", seed=0, output_type="np", progress=False)
+    assert out.nfe == steps and out.images.shape == (1, 8, 8, 3) and np.isfinite(out.images).all()
+    if method == "dmd2":  # the generator's conditioning times come back from the folder's scheduler
+        assert gp.info.timesteps(steps).tolist()[:steps] == conditioning_times(steps)
+
+
+def test_conditioning_times_match_lcm_scheduler():
+    """DMD2's 999/749/499/249 are LCMScheduler's grid with original_inference_steps = n (diffusers)."""
+    from diffusers import LCMScheduler
+
+    assert conditioning_times(4) == [999, 749, 499, 249]
+    for n in (1, 2, 4):
+        s = LCMScheduler(original_inference_steps=n)
+        s.set_timesteps(n)
+        assert s.timesteps.tolist() == conditioning_times(n)
+
+
+def test_corrupt_checkpoint_is_refused_by_train(tmp_path, teacher, data):
+    cfg = _cfg(tmp_path / "run", teacher, data, max_steps=2)
+    train(cfg, progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="corrupt|truncated"):
+        train(_cfg(tmp_path / "run", teacher, data, max_steps=4, resume=True), progress=False)
+
+
+def test_bad_arguments(tmp_path, teacher, data):
+    with pytest.raises(ValueError, match="unknown distillation method 'lcm'"):
+        _cfg(tmp_path, teacher, data, method="lcm").check()
+    with pytest.raises(ValueError, match="student_steps must be an integer >= 1, got 0"):
+        _cfg(tmp_path, teacher, data, student_steps=0).check()
+    with pytest.raises(ValueError, match="32x32 images but the teacher makes 8x8"):
+        train(_cfg(tmp_path / "toy", teacher, "toy", dataset=8), progress=False)
+    train(_cfg(tmp_path / "run", teacher, data, max_steps=1), progress=False)
+    with pytest.raises(ValueError, match="pass --resume"):
+        train(_cfg(tmp_path / "run", teacher, data, max_steps=2), progress=False)
+    with pytest.raises(ValueError, match="batch=4, not 2"):
+        train(_cfg(tmp_path / "run", teacher, data, max_steps=2, batch=2, resume=True), progress=False)
+
+
+class _Const:
+    """A denoiser whose x0 is a fixed tensor."""
+
+    def __init__(self, x0, schedule, kind="eps"):
+        self.x0, self.schedule, self.kind = x0, schedule, kind
+
+    def __call__(self, x, t, cond=None):
+        a, s = float(self.schedule.alpha(t)), float(self.schedule.sigma(t))
+        return Pred.from_x0(x, self.x0.expand_as(x).to(x.dtype), a, s)
+
+
+def test_dmd2_gradient_matches_closed_form():
+    """d loss / d x0 = (x̂_fake − x̂_real) / mean|x0 − x̂_real| / numel (DMD2's normalised gradient)."""
+    sched = VPSchedule.from_betas(num_train_timesteps=1000)
+    real, fake = torch.full((1, 2, 2, 2), 0.5), torch.full((1, 2, 2, 2), -0.25)
+    loss = DMD2Loss(_Const(real, sched), _Const(fake, sched), None, "none")
+    x0 = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    value, _ = loss.generator_loss(x0, {}, {}, torch.Generator().manual_seed(1))
+    value.backward()
+    norm = (x0.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = (fake - real) / norm / x0.numel()
+    assert torch.allclose(x0.grad, expected, atol=1e-7)
+
+
+def test_dmd2_gradient_vanishes_when_fake_is_real(teacher):
+    gp = GuidedPipeline.from_pretrained(teacher, progress=False)
+    loss = DMD2Loss(gp.net_denoiser, gp.net_denoiser, gp.net_denoiser, "none", taus=(999, 499))
+    pos, neg = gp.family.encode(["a red circle"] * 2, ["", ""], 1, "cpu")
+    x0 = torch.randn(2, 3, 8, 8).requires_grad_(True)
+    value, _ = loss.generator_loss(x0, pos, neg, torch.Generator().manual_seed(0))
+    assert value.item() == 0.0
+
+
+def test_dmd2_fake_loss_falls_on_a_fixed_batch(teacher):
+    import copy
+
+    gp = GuidedPipeline.from_pretrained(teacher, progress=False)
+    fake = copy.deepcopy(gp.family.net).train().requires_grad_(True)
+    from diffguide.distill.trainer import _denoiser
+
+    loss = DMD2Loss(gp.net_denoiser, _denoiser(gp, fake, False), gp.net_denoiser, "none")
+    with torch.no_grad():
+        pos, _ = gp.family.encode(["a red circle"] * 4, [""] * 4, 1, "cpu")
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    opt = torch.optim.Adam(fake.parameters(), lr=1e-3)
+    values = []
+    for _ in range(25):
+        v, _ = loss.fake_loss(x0, pos, torch.Generator().manual_seed(3))
+        opt.zero_grad()
+        v.backward()
+        opt.step()
+        values.append(v.item())
+    assert values[-1] < 0.7 * values[0], values
+
+
+def test_cli_distill_then_generate_with_the_students_steps(tmp_path, teacher, data, capsys):
+    from PIL import Image
+
+    from diffguide.cli.main import main
+
+    out = str(tmp_path / "run")
+    assert main(["distill", "dmd2", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "1",
+                 "--batch", "4", "--student-steps", "2", "--quiet"]) == 0
+    student = capsys.readouterr().out.strip().splitlines()[-1]
+    assert student == os.path.join(out, "student")
+    png = str(tmp_path / "a.png")
+    assert main(["generate", "a red circle", "--model", student, "-o", png]) == 0
+    meta = json.loads(Image.open(png).text["diffguide"])
+    assert (meta["steps"], meta["sampler"], meta["guidance"]) == (2, "consistency", "none")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["lcm"], "unknown distillation method 'lcm'; choose one of: consistency, dmd2"),
+    (["dmd2", "--student-steps", "0"], "--student-steps must be in 1..8, got 0"),
+    (["consistency", "--batch", "0"], "--batch must be an integer >= 1, got 0"),
+    (["consistency", "--data", "/nonexistent"], "data '/nonexistent' is neither 'toy' nor a folder"),
+])
+def test_cli_distill_bad_arguments(tmp_path, capsys, argv, message):
+    from diffguide.cli.main import main
+
+    assert main(["distill", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "o")
