@@ -37,6 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("prompt", help="text prompt (a class index or name for class-conditional models)")
     p.add_argument("--model", default="builtin",
                    help="diffusers model folder or hub id (default: the built-in toy model)")
+    p.add_argument("--fast", action="store_true",
+                   help="use the built-in distilled student (4 steps) instead of the built-in model")
     p.add_argument("--negative", default=None, help="negative prompt")
     p.add_argument("--guidance", default=None,
                    help="guidance spec, e.g. cfg:scale=7.5,rescale=0.7 (default: cfg; none for LCM students)")
@@ -188,6 +190,11 @@ def _umask() -> int:
 
 def run(args) -> int:
     # everything that can be checked before loading the model is checked first
+    if args.fast:
+        if args.model != "builtin":
+            raise UsageError(f"--fast picks the built-in distilled student; it cannot be combined with "
+                             f"--model {args.model!r}")
+        args.model = "builtin-fast"
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:

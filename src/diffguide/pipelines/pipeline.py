@@ -84,7 +84,7 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-BUILTIN = {"builtin": "toy", "builtin-small": "toy-small"}
+BUILTIN = {"builtin": "toy", "builtin-small": "toy-small", "builtin-fast": "toy-fast"}
 
 
 DEFAULTS_FILE = "diffguide.json"
@@ -113,7 +113,7 @@ def read_defaults(folder: str) -> dict:
 
 
 def builtin_path(name: str) -> str:
-    """'builtin' / 'builtin-small' name the toy models shipped in the package; other names pass."""
+    """'builtin' / 'builtin-small' / 'builtin-fast' (the distilled student) name the toy models shipped in the package; other names pass."""
     if name not in BUILTIN:
         return name
     from ..assets import path
