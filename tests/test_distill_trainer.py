@@ -213,3 +213,23 @@ def test_cli_distill_bad_arguments(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_scale_embedding_student_defaults_to_its_trained_scale(tmp_path, teacher, data):
+    """Consistency + CFG: the student takes the scale as an input; its folder records the default."""
+    folder = train(_cfg(tmp_path / "run", teacher, data, guidance="cfg:scale=4", scale_min=2.0, scale_max=6.0,
+                        max_steps=1), progress=False)
+    gp = GuidedPipeline.from_pretrained(folder, progress=False)
+    assert gp.embedded_guidance == 256 and gp.embedded_scale == 4.0
+    a = gp("a red circle", seed=0, output_type="np", progress=False).images
+    b = gp("a red circle", seed=0, guidance_scale=4.0, output_type="np", progress=False).images
+    assert np.array_equal(a, b)
+
+
+def test_generate_fast_flag(tmp_path, capsys):
+    from diffguide.cli.main import main
+    from diffguide.pipelines.pipeline import BUILTIN
+
+    assert main(["generate", "a red circle", "--fast", "--model", "x/y", "-o", str(tmp_path / "a.png")]) == 2
+    assert "--fast picks the built-in distilled student" in capsys.readouterr().err
+    assert BUILTIN["builtin-fast"] == "toy-fast"

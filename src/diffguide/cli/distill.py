@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", type=float, default=0.95)
     p.add_argument("--skip", type=int, default=20, help="consistency: the teacher solver's step k")
+    p.add_argument("--scale-range", default="3,13", help="consistency + cfg: the per-example CFG scales "
+                                                          "(LO,HI, diffusers' convention)")
     p.add_argument("--solver", default="ddim", help="consistency: the teacher's ODE solver (a sampler spec)")
     p.add_argument("--fake-ratio", type=int, default=5, help="dmd2: fake-score updates per generator update")
     p.add_argument("--fake-lr", type=float, default=None, help="dmd2: default --lr")
@@ -43,10 +45,14 @@ def run(args) -> int:
         raise UsageError(f"unknown distillation method {args.method!r}; choose one of: {', '.join(METHODS)}")
     if not 1 <= args.student_steps <= 8:
         raise UsageError(f"--student-steps must be in 1..8, got {args.student_steps}")
+    try:
+        lo, hi = (float(v) for v in args.scale_range.split(","))
+    except ValueError:
+        raise UsageError(f"--scale-range must be two numbers LO,HI, got {args.scale_range!r}") from None
     lr = args.lr if args.lr is not None else (1e-4 if args.method == "consistency" else 1e-5)
     cfg = DistillConfig(out=args.out, method=args.method, teacher=args.teacher, guidance=args.guidance,
                         student_steps=args.student_steps, max_steps=args.max_steps, batch=args.batch, lr=lr,
-                        ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip,
+                        ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip, scale_min=lo, scale_max=hi,
                         fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan,
                         grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
                         gradient_checkpointing=args.gradient_checkpointing,

@@ -226,7 +226,7 @@ def run(args) -> int:
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "model": args.model,
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
-            "scale": (args.scale if args.scale is not None else 8.5) if embedded else getattr(g, "scale", None),
+            "scale": (args.scale if args.scale is not None else gp.embedded_scale) if embedded else getattr(g, "scale", None),
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {})}
     t0 = time.perf_counter()
     nfe = 0

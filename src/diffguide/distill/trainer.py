@@ -288,13 +288,15 @@ class Run:
         return logs
 
     def step(self, step: int, get) -> dict:
-        """One training step: micro-batches ``get(step * grad_accum + j)``."""
+        """One training step: ``grad_accum`` micro-batches per process, then one optimiser step."""
         cfg, fam, dev = self.cfg, self.teacher.family, self.acc.device
         n = cfg.grad_accum
         micro = []
+        world, rank = self.acc.num_processes, self.acc.process_index
         for j in range(n):
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * n + j)  # resume repeats it
-            x0, caps = get(step * n + j)
+            k = (step * n + j) * world + rank  # each process its own micro-batch; resume repeats it
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
+            x0, caps = get(k)
             with torch.no_grad():
                 pos, neg = fam.encode(caps, [""] * len(caps), 1, dev)
             micro.append((g, x0, pos, neg))
@@ -392,7 +394,8 @@ def train(cfg: DistillConfig, progress: bool = True) -> str:
                 checkpoint.save(ckpt, run.state(step))
             if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
                 validate(teacher, run.ema, cfg, step)
-        acc.wait_for_everyone()
+        if step % cfg.checkpoint_every == 0 or (cfg.validate_every and step % cfg.validate_every == 0):
+            acc.wait_for_everyone()
     bar.close()
     folder = os.path.join(cfg.out, "student")
     if acc.is_main_process:
@@ -437,13 +440,24 @@ def export(teacher, net, cfg: DistillConfig, folder: str) -> str:
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    _write_json(os.path.join(tmp, "diffguide.json"),
-                {"steps": cfg.student_steps, "sampler": "consistency", "guidance": "none", "method": cfg.method,
-                 "teacher": cfg.teacher, "teacher_guidance": cfg.guidance})
+    meta = {"steps": cfg.student_steps, "sampler": "consistency", "guidance": "none", "method": cfg.method,
+            "teacher": cfg.teacher, "teacher_guidance": cfg.guidance}
+    if getattr(net.config, "time_cond_proj_dim", None):  # the scale the student is sampled at by default
+        meta["guidance_scale"] = default_scale(cfg)
+    _write_json(os.path.join(tmp, "diffguide.json"), meta)
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def default_scale(cfg: DistillConfig) -> float:
+    """A scale-embedding student's default: the CFG spec's scale when inside the trained range, else
+    the middle of the range."""
+    from ..core.registry import parse_spec
+
+    w = getattr(parse_spec("guidance", cfg.guidance), "scale", None)
+    return float(w) if w is not None and cfg.scale_min <= w <= cfg.scale_max else (cfg.scale_min + cfg.scale_max) / 2
 
 
 def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
@@ -455,6 +469,7 @@ def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
 
     was = net.training
     gp = GuidedPipeline.from_pipe(student_pipe(teacher, net, cfg), progress=False)
+    gp.defaults = {"guidance_scale": default_scale(cfg)}
     try:
         prompts = list(metrics.DEFAULT_PROMPTS)
         images, ids, nfe, seconds = prompt_set(gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps)

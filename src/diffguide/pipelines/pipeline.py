@@ -106,6 +106,8 @@ def read_defaults(folder: str) -> dict:
     out = {}
     if isinstance(raw.get("steps"), int) and raw["steps"] >= 1:
         out["steps"] = raw["steps"]
+    if isinstance(raw.get("guidance_scale"), (int, float)) and raw["guidance_scale"] > 0:
+        out["guidance_scale"] = float(raw["guidance_scale"])
     for k in ("sampler", "guidance"):
         if isinstance(raw.get(k), str):
             out[k] = raw[k]
@@ -257,6 +259,11 @@ class GuidedPipeline:
         return self.net_denoiser
 
     @property
+    def embedded_scale(self) -> float:
+        """The default scale of a guidance-embedding student: its folder's, else LCM's 8.5."""
+        return float(self.defaults.get("guidance_scale", 8.5))
+
+    @property
     def default_steps(self) -> int:
         return int(self.defaults.get("steps", 20))
 
@@ -296,7 +303,7 @@ class GuidedPipeline:
             guidance = self.defaults.get("guidance")
         embedded = self.embedded_guidance
         if embedded:  # the scale is an input of the network, not a guidance method's
-            w_scale = 8.5 if guidance_scale is None else float(guidance_scale)
+            w_scale = self.embedded_scale if guidance_scale is None else float(guidance_scale)
             guidance_scale, guidance = None, "none" if guidance is None else guidance
         g, s = self.resolve(guidance, guidance_scale, sampler)
         h, w = self.size(height, width)
