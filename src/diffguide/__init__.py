@@ -1,5 +1,5 @@
 """diffguide: guidance methods and samplers for diffusion models, any guidance on any sampler."""
-from . import guidance as _guidance, samplers as _samplers  # noqa: F401  (register the built-ins)
+from . import guidance as _guidance, noise as _noise, samplers as _samplers  # noqa: F401  (register the built-ins)
 from .core import (Branch, Clip, Denoiser, DynamicThreshold, FlowSchedule, Guidance, GuidedDenoiser,
                    NetDenoiser, Point, Pred, RandomNoise, Sampler, Schedule, SeededNoise, Step,
                    Stitch, VPSchedule, guide, parse_spec, register, sample, timesteps, to_spec)

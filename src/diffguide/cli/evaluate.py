@@ -11,8 +11,8 @@ import numpy as np
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
 from ..core.spacing import SPACINGS
-from .generate import (UsageError, add_stitch_arguments, check_writable, load_model, load_stitch,
-                       parse_stitch, save_png)
+from .generate import (UsageError, add_noise_arguments, add_stitch_arguments, check_writable, load_model,
+                       load_stitch, noise_spec, parse_stitch, save_png)
 
 
 def _common(p, steps: int) -> None:
@@ -40,6 +40,7 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--grid", default=None, help="also write the images as a PNG grid (a row per prompt)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     add_stitch_arguments(p)
+    add_noise_arguments(p)
 
 
 def add_compare_arguments(p) -> None:
@@ -69,32 +70,47 @@ def _model_defaults(args, gp) -> None:
 
 
 def _generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None,
-              batch: int = 32, stitch=None) -> tuple[np.ndarray, int, float]:
-    """Images [n, H, W, 3] in [0, 1] for one prompt, NFE per image and seconds."""
-    out, nfe, t0 = [], 0, time.perf_counter()
+              batch: int = 32, stitch=None, noise=None) -> tuple[np.ndarray, dict]:
+    """Images [n, H, W, 3] in [0, 1] for one prompt, and costs: NFE per image (sampling, and noise
+    optimisation with its backward passes) and seconds (all, and noise optimisation)."""
+    out, t0 = [], time.perf_counter()
+    cost = {"nfe": 0, "noise_nfe": 0.0, "noise_backward": 0.0, "noise_seconds": 0.0}
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
         res = gp(prompt, guidance=guidance, sampler=sampler, steps=steps, spacing=spacing,
                  num_images_per_prompt=len(chunk), seed=chunk, output_type="np", progress=False,
-                 stitch=stitch)
+                 stitch=stitch, noise_optimizer=noise)
         out.append(res.images)
-        nfe = res.nfe
-    return np.concatenate(out), nfe, time.perf_counter() - t0
+        cost["nfe"] = res.nfe
+        if res.noise:
+            cost["noise_nfe"] += res.noise["nfe"] * len(chunk)
+            cost["noise_backward"] += res.noise["backward"] * len(chunk)
+            cost["noise_seconds"] += res.timings["noise"]
+    cost["seconds"] = time.perf_counter() - t0
+    return np.concatenate(out), cost
 
 
 def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
-               spacing=None, batch: int = 32, stitch=None) -> tuple[np.ndarray, np.ndarray, int, float]:
+               spacing=None, batch: int = 32, stitch=None, noise=None,
+               costs: dict | None = None) -> tuple[np.ndarray, np.ndarray, int, float]:
     """n images per prompt (seeds distinct across prompts): images, prompt index per image, NFE per
-    image, seconds per image. What eval and bench/toy_eval.py both score."""
-    images, ids, seconds, nfe = [], [], 0.0, 0
+    image, seconds per image. What eval and bench/toy_eval.py both score. ``costs``, if given, gets
+    a noise optimiser's extra NFE, backward passes and seconds per image."""
+    images, ids, total = [], [], {}
     for k, text in enumerate(prompts):
         seeds = [seed * 100_000 + k * 1000 + j for j in range(n)]
-        imgs, nfe, dt = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch, stitch)
+        imgs, cost = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch, stitch, noise)
         images.append(imgs)
         ids += [k] * len(imgs)
-        seconds += dt
+        for key, v in cost.items():
+            total[key] = v if key == "nfe" else total.get(key, 0) + v
     images = np.concatenate(images)
-    return images, np.asarray(ids), nfe, seconds / len(images)
+    m = len(images)
+    if costs is not None:
+        costs.update(noise_nfe_per_image=total["noise_nfe"] / m,
+                     noise_backward_per_image=total["noise_backward"] / m,
+                     noise_seconds_per_image=round(total["noise_seconds"] / m, 4))
+    return images, np.asarray(ids), total["nfe"], total["seconds"] / m
 
 
 def grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 2):
@@ -131,6 +147,7 @@ def run_eval(args) -> int:
         if path:
             check_writable([path], overwrite=True)
     parse_stitch(args.stitch)
+    noise = noise_spec(args)
     judge = evaluator.load()
     gp, _ = load_model(args)
     _model_defaults(args, gp)
@@ -138,10 +155,12 @@ def run_eval(args) -> int:
     if guidance is None:
         guidance = gp.defaults.get("guidance") or ("none" if gp.embedded_guidance else "cfg")
     guidance, sampler = gp.resolve(guidance, args.scale, sampler)
+    costs = {}
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
-                                           args.steps, args.spacing, args.batch, stitch)
+                                           args.steps, args.spacing, args.batch, stitch, noise, costs)
     result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
               **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
+              **({"noise_optimizer": noise, **costs} if noise else {}),
               "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),
               "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4),
               **metrics.evaluate(images, ids, prompts, judge), "version": __version__}
@@ -178,7 +197,8 @@ def run_compare(args) -> int:
         has_scale = hasattr(spec, "scale")
         for scale in (scales if scales and has_scale else [None]):
             g, s = gp.resolve(spec, scale, sampler)
-            imgs, nfe, _ = _generate(gp, args.prompt, seeds, g, s, args.steps, args.spacing, args.batch)
+            imgs, cost = _generate(gp, args.prompt, seeds, g, s, args.steps, args.spacing, args.batch)
+            nfe = cost["nfe"]
             rows.append(imgs)
             labels.append(f"{to_spec(g)} ({nfe} NFE)")
     meta = {"prompt": args.prompt, "rows": labels, "sampler": to_spec(sampler), "steps": args.steps,

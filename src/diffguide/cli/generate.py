@@ -59,6 +59,7 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="network dtype (default: float16 on cuda, float32 on cpu)")
     add_stitch_arguments(p)
+    add_noise_arguments(p)
     p.add_argument("-o", "--output", default="outputs", help="a .png path (one image) or a folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,6 +71,27 @@ def add_stitch_arguments(p) -> None:
                         "of the steps (default 0.4)")
     p.add_argument("--stitch-reset", action="store_true",
                    help="restart the sampler's history at the switch (default: keep it)")
+
+
+def add_noise_arguments(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--initno", nargs="?", const="", default=None, metavar="OPTIONS",
+                   help="InitNO initial-noise optimisation before sampling; OPTIONS like "
+                        "subjects=cat|dog,iterations=10")
+    g.add_argument("--reno", nargs="?", const="", default=None, metavar="OPTIONS",
+                   help="ReNO reward-based noise optimisation (for 1-4 step models); OPTIONS like "
+                        "iterations=50,lr=5,reward=toy")
+
+
+def noise_spec(args) -> str | None:
+    """The noise optimiser spec from --initno / --reno (checked now, before any loading), or None."""
+    for name in ("initno", "reno"):
+        opts = getattr(args, name, None)
+        if opts is not None:
+            spec = name + (":" + opts if opts else "")
+            parse_spec("noise", spec)
+            return spec
+    return None
 
 
 def parse_stitch(text: str | None) -> tuple[str, float] | None:
@@ -213,6 +235,7 @@ def run(args) -> int:
     paths = _targets(args.output, seeds)
     check_writable(paths, args.overwrite)
     parse_stitch(args.stitch)
+    noise = noise_spec(args)
 
     gp, dtype = load_model(args)
     stitch = load_stitch(args, gp)
@@ -227,7 +250,8 @@ def run(args) -> int:
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
             "scale": (args.scale if args.scale is not None else gp.embedded_scale) if embedded else getattr(g, "scale", None),
-            **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {})}
+            **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
+            **({"noise_optimizer": noise} if noise else {})}
     t0 = time.perf_counter()
     nfe = 0
     for i in range(0, len(seeds), args.batch):
@@ -235,13 +259,13 @@ def run(args) -> int:
         out = gp(args.prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  guidance_scale=args.scale if embedded else None,
                  spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
-                 output_type="pil", stitch=stitch)
-        nfe = out.nfe
+                 output_type="pil", stitch=stitch, noise_optimizer=noise)
+        nfe = out.nfe + (out.noise["nfe"] if out.noise else 0)
         for seed, img, path in zip(chunk, out.images, paths[i:i + args.batch]):
             m = {**meta, "seed": seed}
             save_png(img, path, m, parameters_text(m))
             print(path)
     dt = time.perf_counter() - t0
-    print(f"{len(seeds)} image(s), {nfe} network evaluations each, {dt / len(seeds):.2f} s per image",
+    print(f"{len(seeds)} image(s), {nfe:g} network evaluations each, {dt / len(seeds):.2f} s per image",
           file=sys.stderr)
     return 0

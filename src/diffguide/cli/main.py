@@ -28,8 +28,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _list(args) -> int:
-    for kind in ("sampler", "guidance"):
-        print("samplers:" if kind == "sampler" else "guidance methods:")
+    titles = {"sampler": "samplers:", "guidance": "guidance methods:",
+              "noise": "noise optimisers (--initno, --reno):"}
+    for kind, title in titles.items():
+        print(title)
         for name in registry.names(kind):
             opts = ", ".join(f"{k}={v}" for k, v in registry.options(kind, name).items())
             doc = (registry.lookup(kind, name).__doc__ or "").strip().splitlines()[0]

@@ -1,4 +1,4 @@
-"""Name registry for samplers and guidance methods: ``@register("sampler", "dpmpp_2m")``.
+"""Name registry for samplers, guidance methods and noise optimisers: ``@register("sampler", "dpmpp_2m")``.
 
 Registered classes are frozen dataclasses whose fields are their options (diffusers' habit: the
 constructor arguments are the config). Specs ``name`` or ``name:key=value,key=value`` resolve here.
@@ -9,7 +9,7 @@ import dataclasses
 import math
 import typing
 
-_REGISTRY: dict[str, dict[str, type]] = {"sampler": {}, "guidance": {}}
+_REGISTRY: dict[str, dict[str, type]] = {"sampler": {}, "guidance": {}, "noise": {}}
 
 
 def register(kind: str, name: str):

@@ -6,6 +6,7 @@ and the loop is ``diffguide.sample``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core.denoiser import Boundary, NetDenoiser
-from ..core.guided import Guidance, guide
+from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec
 from ..core.sample import RandomNoise, Sampler, SeededNoise, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
@@ -42,6 +43,7 @@ class GuidedOutput:
     timings: dict = field(default_factory=dict)
     seeds: list | None = None
     nsfw: list | None = None
+    noise: dict | None = None  # a noise optimiser's report: extra NFE and backward passes per image
 
 
 @dataclass(frozen=True)
@@ -279,7 +281,8 @@ class GuidedPipeline:
                  generator=None, output_type: str = "pil",
                  callback: Callable[[Step, torch.Tensor], None] | None = None,
                  progress: bool | None = None, max_batch: int | None = None,
-                 threshold="scheduler", stitch: Stitching | None = None) -> GuidedOutput:
+                 threshold="scheduler", stitch: Stitching | None = None,
+                 noise_optimizer=None) -> GuidedOutput:
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -291,6 +294,9 @@ class GuidedPipeline:
         loaded scheduler would use. callback(step, x) runs after every step. threshold: x0 clipping,
         by default what the scheduler config asks for (clip_sample, thresholding); None for none.
         stitch: a ``Stitching`` (T-Stitch: a small model for the first steps).
+        noise_optimizer: a spec (``"initno"``, ``"reno:iterations=20"``) or a ``diffguide.noise``
+        optimiser that prepares the initial noise before sampling; its extra network evaluations
+        and seconds are reported in ``noise`` and ``timings["noise"]``.
         """
         t_start = time.perf_counter()
         if output_type not in OUTPUT_TYPES:
@@ -322,6 +328,10 @@ class GuidedPipeline:
             stitch.check(self)
         noise, seeds = self._noise(b, seed, generator)
         device, fam = self.device, self.family
+        opt = parse_spec("noise", noise_optimizer) if isinstance(noise_optimizer, str) else noise_optimizer
+        if opt is not None and not hasattr(opt, "optimise"):
+            raise ValueError(f"noise_optimizer must be a spec string or a diffguide.noise optimiser, got "
+                             f"{type(opt).__name__}")
 
         if isinstance(threshold, str):
             if threshold != "scheduler":
@@ -329,7 +339,8 @@ class GuidedPipeline:
             threshold = self.info.threshold
         # inference mode skips autograd bookkeeping on every small tensor op of the loop; a guidance
         # method that differentiates through the network (needs_grad) runs with plain no_grad
-        with (torch.no_grad() if getattr(g, "needs_grad", False) else torch.inference_mode()):
+        grads = getattr(g, "needs_grad", False) or opt is not None
+        with (torch.no_grad() if grads else torch.inference_mode()):
             # -- conditions, once per call
             pos = neg = None
             if fam.conditional:
@@ -354,9 +365,19 @@ class GuidedPipeline:
             # -- sampling
             shape = (b, fam.channels, h // fam.factor, w // fam.factor)
             x = noise.randn(shape, device=device) * self.info.start_scale(ts)
-            denoise = guide(self.denoiser, g, pos, neg, threshold=threshold, max_batch=max_batch,
-                            conds=extra_conds, models=models,
-                            stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
+
+            def make(rows=None):
+                pick = (lambda c: c) if rows is None else (lambda c: _rows(c, rows))
+                return guide(self.denoiser, g, pick(pos), pick(neg), threshold=threshold, max_batch=max_batch,
+                             conds=pick(extra_conds), models=models,
+                             stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
+            report = None
+            if opt is not None:
+                texts = [p for p in prompts for _ in range(num_images_per_prompt)]
+                x, report = self._optimise_noise(opt, x, seeds, texts, pos, make, s, ts,
+                                                 smalls=[stitch.small] if stitch is not None else [])
+            t_noise = time.perf_counter()
+            denoise = make()
             bar = _bar(ts.numel() - 1, self.progress if progress is None else progress)
 
             def each(st, xt):
@@ -380,11 +401,56 @@ class GuidedPipeline:
                     if output_type == "pil":
                         images = to_pil(images)
             t_end = time.perf_counter()
-            timings = {"encode": t_encode - t_start, "sample": t_sample - t_encode,
+            timings = {"encode": t_encode - t_start, "noise": t_noise - t_encode, "sample": t_sample - t_noise,
                        "decode": t_end - t_sample, "total": t_end - t_start}
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor, usable with autograd and in-place ops
-        return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw)
+        return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report)
+
+    def _optimise_noise(self, opt, x, seeds, texts, pos, make, sampler, ts, smalls=()):
+        """Run a noise optimiser with this model's pieces; (x, report with per-image costs)."""
+        from ..noise import NoiseContext
+        from .attention import capture, choose
+
+        fam, b = self.family, x.shape[0]
+        scale = float(self.info.start_scale(ts))
+        counts = {"forward": 0, "backward": 0}
+        tok = getattr(self.pipe, "tokenizer", None)
+
+        def attention(xi, i):
+            grid = choose(fam.net, tuple(x.shape[-2:]))
+            with capture(fam.net, grid) as store:
+                self.denoiser(xi, ts[0], _rows(pos, [i]))
+            counts["forward"] += 1
+            if not store["cross"] or not store["self"]:
+                raise ValueError(f"no attention maps at {grid[0]}x{grid[1]} in {type(fam.net).__name__}")
+            return torch.stack(store["cross"]).mean(0)[0], torch.stack(store["self"]).mean(0)[0], grid
+
+        def render(xr, rows):
+            src = SeededNoise([seeds[r] for r in rows]) if seeds is not None else RandomNoise()
+            if seeds is not None:
+                src.randn(xr.shape)  # past the initial draw, where the plain run's stream is
+            d = make(rows)
+            out = sample(d, sampler, ts, xr, src, grad=True)
+            counts["forward"] += d.nfe * len(rows)
+            return fam.decode(out)
+
+        def draw(i, k):
+            base = seeds[i] if seeds is not None else random.randrange(2 ** 31)
+            gen = torch.Generator().manual_seed((base + 1_000_003 * k) % 2 ** 63)
+            return torch.randn((1, *x.shape[1:]), generator=gen).to(x.device)
+
+        ctx = NoiseContext(texts, scale, seeds,
+                           tokenize=(lambda t: tok(t, truncation=True).input_ids) if tok is not None else None,
+                           special=frozenset(tok.all_special_ids) if tok is not None else frozenset(),
+                           attention=attention if fam.conditional and tok is not None else None,
+                           render=render, draw=draw, counts=counts)
+        nets = [m for pipe in (self.pipe, *(small.pipe for small in smalls))
+                for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+        with frozen(*nets):
+            x, info = opt.optimise(ctx, x)
+        return x.detach(), {"optimizer": opt.name, "nfe": counts["forward"] / b,
+                            "backward": counts["backward"] / b, **info}
 
     def _noise(self, b: int, seed, generator):
         if seed is not None and generator is not None:
@@ -417,6 +483,21 @@ class GuidedPipeline:
             images = images.clone()
             images[torch.tensor(flags, device=images.device)] = 0.0
         return images, flags
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """Parameters out of autograd for a while (noise optimisation needs gradients in x only);
+    their requires_grad flags are restored afterwards."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 def to_pil(images: np.ndarray) -> list:
