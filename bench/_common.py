@@ -55,12 +55,16 @@ def toy_setup(models, quick: bool = False):
     return evaluator.load(), pipes, list(metrics.DEFAULT_PROMPTS[:3] if quick else metrics.DEFAULT_PROMPTS)
 
 
-def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0) -> dict:
-    """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown)."""
+def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0, noise=None) -> dict:
+    """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown); with a
+    noise optimiser also its extra NFE, backward passes and seconds per image."""
     from diffguide.cli.evaluate import prompt_set
     from diffguide.toy import metrics
 
-    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, stitch=stitch)
+    costs = {}
+    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, stitch=stitch,
+                                           noise=noise, costs=costs)
     res = metrics.evaluate(images, ids, prompts, judge)
     res.pop("adherence_by_prompt")
-    return {"nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4), **res}
+    return {"nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4),
+            **(costs if noise else {}), **res}

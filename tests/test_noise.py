@@ -218,3 +218,43 @@ def test_initno_needs_cross_attention():
     ctx = NoiseContext(["a cat"], 1.0)
     with pytest.raises(ValueError, match="needs attention"):
         InitNO().optimise(ctx, torch.zeros(1, 4, 8, 8))
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+def test_cli_generate_and_eval_report_noise_costs(tmp_path, capsys):
+    import json
+
+    from diffguide.cli.main import main
+
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle and a blue square", "--steps", "3", "--quiet", "-o", str(out),
+                 "--initno", "iterations=2,rounds=1,final_iterations=0"]) == 0
+    err = capsys.readouterr().err
+    assert "8 network evaluations" in err  # 2 InitNO forwards + 3 steps x 2 (CFG)
+    from PIL import Image
+    meta = json.loads(Image.open(out).text["diffguide"])
+    assert meta["noise_optimizer"] == "initno:iterations=2,rounds=1,final_iterations=0"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["eval", "--prompts", str(prompts), "--n", "2", "--steps", "2", "--sampler", "ddim",
+                 "--quiet", "--initno", "iterations=3,rounds=1,final_iterations=0,tau_cross=0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["noise_optimizer"].startswith("initno:")
+    assert res["nfe_per_image"] == 4 and res["noise_nfe_per_image"] == 3
+    assert res["noise_backward_per_image"] == 3 and res["noise_seconds_per_image"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reno", "bogus=1"], "has no option 'bogus'"),
+    (["--reno", "reward=nope"], "unknown reward 'nope'"),
+    (["--initno", "iterations=-2"], "iterations must be an integer >= 0"),
+    (["--initno", "--reno"], "not allowed with argument"),
+])
+def test_cli_bad_noise_options(argv, message, tmp_path, capsys):
+    from diffguide.cli.main import main
+
+    code = main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()

@@ -70,16 +70,17 @@ def _model_defaults(args, gp) -> None:
 
 
 def _generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None,
-              batch: int = 32, stitch=None, noise=None) -> tuple[np.ndarray, dict]:
+              batch: int = 32, stitch=None, noise=None, scale=None) -> tuple[np.ndarray, dict]:
     """Images [n, H, W, 3] in [0, 1] for one prompt, and costs: NFE per image (sampling, and noise
-    optimisation with its backward passes) and seconds (all, and noise optimisation)."""
+    optimisation with its backward passes) and seconds (all, and noise optimisation). ``scale``: the
+    guidance scale of a student with the scale embedded in its network (LCM)."""
     out, t0 = [], time.perf_counter()
     cost = {"nfe": 0, "noise_nfe": 0.0, "noise_backward": 0.0, "noise_seconds": 0.0}
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
         res = gp(prompt, guidance=guidance, sampler=sampler, steps=steps, spacing=spacing,
                  num_images_per_prompt=len(chunk), seed=chunk, output_type="np", progress=False,
-                 stitch=stitch, noise_optimizer=noise)
+                 stitch=stitch, noise_optimizer=noise, guidance_scale=scale)
         out.append(res.images)
         cost["nfe"] = res.nfe
         if res.noise:
@@ -92,14 +93,14 @@ def _generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spaci
 
 def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
                spacing=None, batch: int = 32, stitch=None, noise=None,
-               costs: dict | None = None) -> tuple[np.ndarray, np.ndarray, int, float]:
+               costs: dict | None = None, scale=None) -> tuple[np.ndarray, np.ndarray, int, float]:
     """n images per prompt (seeds distinct across prompts): images, prompt index per image, NFE per
     image, seconds per image. What eval and bench/toy_eval.py both score. ``costs``, if given, gets
     a noise optimiser's extra NFE, backward passes and seconds per image."""
     images, ids, total = [], [], {}
     for k, text in enumerate(prompts):
         seeds = [seed * 100_000 + k * 1000 + j for j in range(n)]
-        imgs, cost = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch, stitch, noise)
+        imgs, cost = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch, stitch, noise, scale)
         images.append(imgs)
         ids += [k] * len(imgs)
         for key, v in cost.items():
@@ -154,13 +155,16 @@ def run_eval(args) -> int:
     stitch = load_stitch(args, gp)
     if guidance is None:
         guidance = gp.defaults.get("guidance") or ("none" if gp.embedded_guidance else "cfg")
-    guidance, sampler = gp.resolve(guidance, args.scale, sampler)
+    embedded = gp.embedded_guidance  # a student's scale is a network input, not a method option
+    guidance, sampler = gp.resolve(guidance, None if embedded else args.scale, sampler)
     costs = {}
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
-                                           args.steps, args.spacing, args.batch, stitch, noise, costs)
+                                           args.steps, args.spacing, args.batch, stitch, noise, costs,
+                                           scale=args.scale if embedded else None)
     result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
               **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
               **({"noise_optimizer": noise, **costs} if noise else {}),
+              **({"embedded_scale": gp.embedded_scale if args.scale is None else args.scale} if embedded else {}),
               "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),
               "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4),
               **metrics.evaluate(images, ids, prompts, judge), "version": __version__}

@@ -118,7 +118,7 @@ class ReNO(NoiseOptimizer):
                     bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
                     if bad:
                         raise ValueError(f"reward {getattr(fn, '__name__', type(fn).__name__)} returned "
-                                         f"{float(r[bad[0]])} for image {bad[0]} (prompt "
+                                         f"{float(r[bad[0]].detach())} for image {bad[0]} (prompt "
                                          f"{ctx.prompts[bad[0]]!r}); rewards must be finite")
                     loss = loss - w * r.float()
                 per = loss.detach().cpu()
