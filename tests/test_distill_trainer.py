@@ -233,3 +233,16 @@ def test_generate_fast_flag(tmp_path, capsys):
     assert main(["generate", "a red circle", "--fast", "--model", "x/y", "-o", str(tmp_path / "a.png")]) == 2
     assert "--fast picks the built-in distilled student" in capsys.readouterr().err
     assert BUILTIN["builtin-fast"] == "toy-fast"
+    # the shipped student: its own steps, sampler and embedded scale, and a real image
+    out = tmp_path / "fast.png"
+    assert main(["generate", "a red circle on a blue background", "--fast", "--quiet", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    from PIL import Image
+
+    from diffguide.pipelines.pipeline import builtin_path, read_defaults
+    steps = read_defaults(builtin_path("builtin-fast"))["steps"]
+    assert f"{steps} network evaluations each" in err and steps <= 4
+    meta = json.loads(Image.open(out).text["diffguide"])
+    assert meta["model"] == "builtin-fast" and meta["steps"] == steps and meta["sampler"] == "consistency"
+    img = np.asarray(Image.open(out)).astype(float) / 255
+    assert img.shape == (32, 32, 3) and img.std() > 0.05  # a picture, not a flat field
