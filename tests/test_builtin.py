@@ -51,7 +51,9 @@ def test_wheel_contains_the_models_and_evaluator(tmp_path):
     names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
     for part in ("toy/model_index.json", "toy/unet/diffusion_pytorch_model.safetensors",
                  "toy/text_encoder/model.safetensors", "toy/tokenizer/tokenizer_config.json",
-                 "toy-small/unet/diffusion_pytorch_model.safetensors", "evaluator.safetensors"):
+                 "toy-small/unet/diffusion_pytorch_model.safetensors", "evaluator.safetensors",
+                 "toy-fast/diffguide.json", "toy-fast/unet/diffusion_pytorch_model.safetensors",
+                 "reward.safetensors"):
         assert f"diffguide/assets/{part}" in names, part
 
 
