@@ -6,6 +6,7 @@ and the extra NFE, backward passes and seconds per image.
         [--md bench/results/noise.md]
 """
 import argparse
+import os
 
 from _common import emit, scored, toy_setup
 
@@ -22,9 +23,13 @@ def table(rows) -> str:
         f"| {r['run']} | {r['noise'] or '-'} | {r['nfe_per_image']:g} | {r.get('noise_nfe_per_image', 0):.1f} | "
         f"{r.get('noise_backward_per_image', 0):.1f} | {r['seconds_per_image']:.3f} | "
         f"{r.get('noise_seconds_per_image', 0):.3f} | {r['adherence']:.3f} | "
-        f"{r['adherence_by_group'].get('single', float('nan')):.3f} | "
-        f"{r['adherence_by_group'].get('two', float('nan')):.3f} | {r['frechet_distance']:.1f} | "
-        f"{r['colour_error']:.4f} |\n" for r in rows)
+        f"{_num(r['adherence_by_group'].get('single'))} | "
+        f"{_num(r['adherence_by_group'].get('two'))} | {r['frechet_distance']:.1f} | "
+        f"{_num(r['colour_error'])} |\n" for r in rows)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def main():
@@ -67,7 +72,6 @@ def main():
     if args.md:
         with open(args.md + ".tmp", "w") as f:
             f.write(table(rows))
-        import os
         os.replace(args.md + ".tmp", args.md)
 
 

@@ -14,6 +14,7 @@ SCRIPTS = [
     ("stitch.py", ["--quick"]),
     ("speed_quality.py", ["--quick"]),
     ("toy_eval.py", ["--quick"]),
+    ("noise.py", ["--quick"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1", "--model", "builtin"]),
     ("cuda.py", ["--quick", "--models", "dit", "--batches", "1"]),

@@ -9,14 +9,13 @@ are what Frechet distance and diversity are computed on.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import scenes
+from . import scenes, weights
 
 COLOURS = list(scenes.COLOURS)
 SHAPES = ["none", *scenes.SHAPES]  # class 0: this colour is absent
@@ -92,7 +91,6 @@ def train(out: str, steps: int = 2000, batch_size: int = 128, seed: int = 1, poo
           noise: float = 0.08, progress: bool = True) -> dict:
     """Train on a pool of rendered scenes with flips and pixel noise; save weights to ``out``
     (safetensors, written aside and renamed). Accuracy is measured on other, fresh scenes."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -104,11 +102,7 @@ def train(out: str, steps: int = 2000, batch_size: int = 128, seed: int = 1, poo
     g = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), disable=not progress, desc="evaluator"):
         idx = torch.randint(0, pool, (batch_size,), generator=g)
-        x = px[idx]
-        flip = torch.rand(batch_size, generator=g) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        sd = torch.rand(batch_size, 1, 1, 1, generator=g) * noise
-        x = (x + sd * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        x = weights.augment(px[idx], g, noise)
         logits, bg, _ = model(x)
         loss = nn.functional.cross_entropy(logits.reshape(-1, len(SHAPES)), py[idx].reshape(-1)) \
             + nn.functional.cross_entropy(bg, pb[idx])
@@ -117,25 +111,13 @@ def train(out: str, steps: int = 2000, batch_size: int = 128, seed: int = 1, poo
         opt.step()
         sched.step()
     acc = accuracy(model)
-    tmp = out + ".tmp"
-    save_file(model.state_dict(), tmp)
-    os.replace(tmp, out)
+    weights.save(model, out)
     return {"steps": steps, "batch": batch_size, "pool": pool, "seconds": round(time.time() - t0, 1),
             "held_out_exact_match": acc}
 
 
 def load(path: str | None = None) -> Evaluator:
-    from safetensors.torch import load_file
-
-    from ..assets import path as asset_path
-
-    path = path or asset_path("evaluator.safetensors")
-    if not os.path.exists(path):
-        raise ValueError(f"evaluator weights {path!r} not found (train them with "
-                         f"`python -m diffguide.toy.evaluator OUT`)")
-    model = Evaluator()
-    model.load_state_dict(load_file(path))
-    return model.eval()
+    return weights.load(Evaluator(), path, "evaluator.safetensors", "evaluator")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Trained on the training split only (held-out colour-shape pairs never appear).
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics, scenes
+from . import metrics, scenes, weights
 
 DIM = 64
 MAX_WORDS = 16
@@ -113,7 +112,6 @@ def train(out: str, steps: int = 3000, batch_size: int = 256, seed: int = 2, poo
           noise: float = 0.08, progress: bool = True) -> dict:
     """Multi-positive InfoNCE in both directions on a pool of training-split scenes, with flips and
     pixel noise; weights saved atomically to ``out`` (safetensors)."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -127,9 +125,7 @@ def train(out: str, steps: int = 3000, batch_size: int = 256, seed: int = 2, poo
     g = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), disable=not progress, desc="reward"):
         idx = torch.randint(0, pool, (batch_size,), generator=g)
-        x = px[idx]
-        x = torch.where((torch.rand(batch_size, generator=g) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
-        x = (x + torch.rand(batch_size, 1, 1, 1, generator=g) * noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
+        x = weights.augment(px[idx], g, noise)
         ok = table[pid[idx]][:, sid[idx]].float()
         logits = model.log_scale.exp() * model.text(ids[idx]) @ model.image(x).T  # [texts, images]
         loss = -(ok / ok.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean() \
@@ -142,25 +138,13 @@ def train(out: str, steps: int = 3000, batch_size: int = 256, seed: int = 2, poo
             model.log_scale.clamp_(max=float(np.log(100.0)))
     model.eval()
     acc = retrieval(model)
-    tmp = out + ".tmp"
-    save_file(model.state_dict(), tmp)
-    os.replace(tmp, out)
+    weights.save(model, out)
     return {"steps": steps, "batch": batch_size, "pool": pool, "seconds": round(time.time() - t0, 1),
             "retrieval_accuracy": acc, "loss": loss.item()}
 
 
 def load(path: str | None = None) -> Reward:
-    from safetensors.torch import load_file
-
-    from ..assets import path as asset_path
-
-    path = path or asset_path("reward.safetensors")
-    if not os.path.exists(path):
-        raise ValueError(f"reward weights {path!r} not found (train them with "
-                         f"`python -m diffguide.toy.reward OUT`)")
-    model = Reward()
-    model.load_state_dict(load_file(path))
-    return model.eval().requires_grad_(False)
+    return weights.load(Reward(), path, "reward.safetensors", "reward").requires_grad_(False)
 
 
 if __name__ == "__main__":
