@@ -17,7 +17,7 @@ SCRIPTS = [
     ("noise.py", ["--quick"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1", "--model", "builtin"]),
-    ("cuda.py", ["--quick", "--models", "dit", "--batches", "1"]),
+    ("cuda_bench.py", ["--quick", "--models", "dit", "--batches", "1"]),
 ]
 
 

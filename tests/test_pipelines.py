@@ -96,7 +96,7 @@ def test_generator_and_seed_conventions(folders):
     g1 = gp(["a", "a"], steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
     g2 = gp(["a", "a"], steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert torch.equal(g1.images, g2.images) and not torch.allclose(g1.images[0], g1.images[1])
-    assert set(pair.timings) == {"encode", "sample", "decode", "total"} and pair.seeds == [5, 6]
+    assert set(pair.timings) == {"encode", "noise", "sample", "decode", "total"} and pair.seeds == [5, 6]
 
 
 def test_grad_guidance_runs_with_autograd(folders):

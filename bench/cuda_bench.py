@@ -7,9 +7,9 @@ sides; the denoising loop only, output_type="latent", text encoding included). R
 images per second, peak GPU memory and achieved TFLOP/s (network FLOPs from torch's FLOP counter
 times the forwards) against the GPU's dense peak.
 
-    python bench/cuda.py [--models sd15,sdxl,dit] [--dtypes float16,bfloat16] [--batches 1,4]
+    python bench/cuda_bench.py [--models sd15,sdxl,dit] [--dtypes float16,bfloat16] [--batches 1,4]
                          [--steps 20] [--repeats 3] [--out bench/results/cuda.json]
-    python bench/cuda.py --quick   # tiny configs on whatever device there is (CI: it cannot rot)
+    python bench/cuda_bench.py --quick   # tiny configs on whatever device there is (CI: it cannot rot)
 
 diffguide options: "compile" is torch.compile of the network (default mode), "graphs" adds CUDA
 graph capture of the fixed-shape forward (mode="reduce-overhead"), "channels_last" the memory
