@@ -417,8 +417,9 @@ class GuidedPipeline:
         counts = {"forward": 0, "backward": 0}
         tok = getattr(self.pipe, "tokenizer", None)
 
+        grid = choose(fam.net, tuple(x.shape[-2:])) if "attention" in getattr(opt, "needs", ()) else None
+
         def attention(xi, i):
-            grid = choose(fam.net, tuple(x.shape[-2:]))
             with capture(fam.net, grid) as store:
                 self.denoiser(xi, ts[0], _rows(pos, [i]))
             counts["forward"] += 1
