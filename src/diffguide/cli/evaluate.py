@@ -153,8 +153,6 @@ def run_eval(args) -> int:
     gp, _ = load_model(args)
     _model_defaults(args, gp)
     stitch = load_stitch(args, gp)
-    if guidance is None:
-        guidance = gp.defaults.get("guidance") or ("none" if gp.embedded_guidance else "cfg")
     embedded = gp.embedded_guidance  # a student's scale is a network input, not a method option
     guidance, sampler = gp.resolve(guidance, None if embedded else args.scale, sampler)
     costs = {}

@@ -242,7 +242,6 @@ def run(args) -> int:
     embedded = gp.embedded_guidance
     if args.steps is None:
         args.steps = gp.default_steps
-    guidance = guidance or gp.defaults.get("guidance") or ("none" if embedded else None)
     g, s = gp.resolve(guidance, None if embedded else args.scale, sampler)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work

@@ -227,10 +227,12 @@ class GuidedPipeline:
     # -- a call ------------------------------------------------------------------------------------
 
     def resolve(self, guidance, guidance_scale, sampler) -> tuple[Guidance, Sampler]:
-        """Guidance and sampler objects from specs; guidance_scale overrides the method's scale."""
+        """Guidance and sampler objects from specs; guidance_scale overrides the method's scale.
+        None picks the model's own: a student folder's, else none where the scale is embedded in
+        the network (LCM), else cfg."""
+        if guidance is None:
+            guidance = self.defaults.get("guidance") or ("none" if self.embedded_guidance else "cfg")
         g = parse_spec("guidance", guidance) if isinstance(guidance, str) else guidance
-        if g is None:
-            g = parse_spec("guidance", "cfg")
         if not isinstance(g, Guidance):
             raise ValueError(f"guidance must be a spec string or a Guidance object, got {type(g).__name__}")
         if guidance_scale is not None:
@@ -305,12 +307,10 @@ class GuidedPipeline:
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         steps = self.default_steps if steps is None else steps
-        if guidance is None:
-            guidance = self.defaults.get("guidance")
         embedded = self.embedded_guidance
         if embedded:  # the scale is an input of the network, not a guidance method's
             w_scale = self.embedded_scale if guidance_scale is None else float(guidance_scale)
-            guidance_scale, guidance = None, "none" if guidance is None else guidance
+            guidance_scale = None
         g, s = self.resolve(guidance, guidance_scale, sampler)
         h, w = self.size(height, width)
         ts = self.info.timesteps(steps, spacing)

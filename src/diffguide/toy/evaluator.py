@@ -121,12 +121,4 @@ def load(path: str | None = None) -> Evaluator:
 
 
 if __name__ == "__main__":
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(description="train the toy-world evaluator")
-    ap.add_argument("out")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=1)
-    a = ap.parse_args()
-    print(json.dumps(train(a.out, steps=a.steps, seed=a.seed)))
+    weights.main(train, "train the toy-world evaluator", steps=2000, seed=1)

@@ -148,12 +148,4 @@ def load(path: str | None = None) -> Reward:
 
 
 if __name__ == "__main__":
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(description="train the toy-world reward model (ReNO's default reward)")
-    ap.add_argument("out")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--seed", type=int, default=2)
-    a = ap.parse_args()
-    print(json.dumps(train(a.out, steps=a.steps, seed=a.seed)))
+    weights.main(train, "train the toy-world reward model (ReNO's default reward)", steps=3000, seed=2)

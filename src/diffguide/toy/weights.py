@@ -2,6 +2,7 @@
 safetensors weights written atomically and loaded from the package's assets."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -36,3 +37,15 @@ def load(model: torch.nn.Module, path: str | None, asset: str, module: str) -> t
                          f"`python -m diffguide.toy.{module} OUT`)")
     model.load_state_dict(load_file(path))
     return model.eval()
+
+
+def main(train, description: str, steps: int, seed: int) -> None:
+    """``python -m diffguide.toy.<module> OUT [--steps N] [--seed S]``: train, print the report."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("out")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--seed", type=int, default=seed)
+    a = ap.parse_args()
+    print(json.dumps(train(a.out, steps=a.steps, seed=a.seed)))
