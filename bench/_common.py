@@ -58,7 +58,7 @@ def toy_setup(models, quick: bool = False):
 def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0, noise=None) -> dict:
     """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown); with a
     noise optimiser also its extra NFE, backward passes and seconds per image."""
-    from diffguide.cli.evaluate import prompt_set
+    from diffguide.evaluate import prompt_set
     from diffguide.toy import metrics
 
     costs = {}

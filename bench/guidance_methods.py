@@ -16,7 +16,7 @@ import time
 import numpy as np
 from _common import emit, scored, toy_setup
 
-from diffguide.cli.evaluate import calibrate_linear_ag, grid
+from diffguide.evaluate import calibrate_linear_ag, grid
 from diffguide.core.registry import to_spec
 
 SPECS = ["none", "cfg:scale=3", "cfg:scale=5", "cfg:scale=7.5", "cfg:scale=12",

@@ -227,3 +227,26 @@ for _verdict in ("flag_all", "flag_none"):
     PIPELINE_CASES[f"sd_safety_{_verdict}"] = (
         "sd", {"safety": _verdict}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=5.0),
         dict(prompt=_TWO, steps=6, guidance_scale=5.0, sampler="dpmpp_2m"))
+
+
+def states_equal(a: dict, b: dict, skip=("config",)) -> bool:
+    """Two training states equal bit for bit (tensors with torch.equal), ignoring the keys in
+    ``skip`` (the run's own settings: output folder, max_steps, process count)."""
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if k in skip:
+            continue
+        if isinstance(x, dict):
+            if not states_equal(x, y, ()):
+                return False
+        elif isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif isinstance(x, (list, tuple)) and x and isinstance(x[0], dict):
+            if not all(states_equal(p, q, ()) for p, q in zip(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True

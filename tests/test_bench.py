@@ -15,6 +15,7 @@ SCRIPTS = [
     ("speed_quality.py", ["--quick"]),
     ("toy_eval.py", ["--quick"]),
     ("noise.py", ["--quick"]),
+    ("eval_processes.py", ["--quick"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1", "--model", "builtin"]),
     ("cuda_bench.py", ["--quick", "--models", "dit", "--batches", "1"]),

@@ -14,6 +14,7 @@ from diffguide.distill.dmd2 import DMD2Loss, conditioning_times
 from diffguide.distill.trainer import DistillConfig, train
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
+from helpers import states_equal
 
 
 @pytest.fixture(scope="module")
@@ -41,27 +42,6 @@ def _cfg(out, teacher, data, **kw):
     return DistillConfig(**{**base, **kw})
 
 
-def _states_equal(a: dict, b: dict) -> bool:
-    if a.keys() != b.keys():
-        return False
-    for k in a:
-        x, y = a[k], b[k]
-        if k == "config":  # the output folder and max_steps differ by design
-            continue
-        if isinstance(x, dict):
-            if not _states_equal(x, y):
-                return False
-        elif isinstance(x, torch.Tensor):
-            if not torch.equal(x, y):
-                return False
-        elif isinstance(x, (list, tuple)) and x and isinstance(x[0], dict):
-            if not all(_states_equal(p, q) for p, q in zip(x, y)):
-                return False
-        elif x != y:
-            return False
-    return True
-
-
 @pytest.mark.parametrize("method,extra", [("consistency", {}),
                                           ("dmd2", {"student_steps": 2, "fake_ratio": 2, "gan": True})])
 def test_resume_is_bit_identical(tmp_path, teacher, data, method, extra):
@@ -73,7 +53,7 @@ def test_resume_is_bit_identical(tmp_path, teacher, data, method, extra):
     a = checkpoint.load(str(tmp_path / "whole" / "checkpoint.pt"))
     b = checkpoint.load(str(tmp_path / "part" / "checkpoint.pt"))
     assert a["step"] == b["step"] == 4
-    assert _states_equal(a, b)
+    assert states_equal(a, b)
     # the losses moved the student
     t = GuidedPipeline.from_pretrained(teacher, progress=False).family.net.state_dict()
     assert any(not torch.equal(t[k], v) for k, v in a["student"].items() if k in t)
@@ -125,8 +105,12 @@ def test_bad_arguments(tmp_path, teacher, data):
     train(_cfg(tmp_path / "run", teacher, data, max_steps=1), progress=False)
     with pytest.raises(ValueError, match="pass --resume"):
         train(_cfg(tmp_path / "run", teacher, data, max_steps=2), progress=False)
-    with pytest.raises(ValueError, match="batch=4, not 2"):
+    with pytest.raises(ValueError, match=r"effective batch of 4 \(batch 4 x 1 process x accumulation 1\), "
+                                         r"but this run has 2 \(batch 2"):
         train(_cfg(tmp_path / "run", teacher, data, max_steps=2, batch=2, resume=True), progress=False)
+    # the same effective batch split another way resumes
+    train(_cfg(tmp_path / "run", teacher, data, max_steps=2, batch=2, grad_accum=2, resume=True), progress=False)
+    assert checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 2
 
 
 class _Const:

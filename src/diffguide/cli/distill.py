@@ -32,6 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--log-every", type=int, default=20, help="a loss.jsonl line every N steps")
     p.add_argument("--validate-every", type=int, default=0, help="validation grid and metrics every N "
                                                                  "steps (0: at the end only)")
     p.add_argument("--quiet", action="store_true")
@@ -39,6 +40,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..distill.trainer import METHODS, DistillConfig, train
+    from ..pipelines.parallel import launched_rank
     from ..pipelines.pipeline import quiet_loading
 
     if args.method not in METHODS:
@@ -56,7 +58,8 @@ def run(args) -> int:
                         fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan,
                         grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
                         gradient_checkpointing=args.gradient_checkpointing,
-                        checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+                        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                        validate_every=args.validate_every,
                         resume=args.resume)
     try:
         cfg.check()
@@ -64,5 +67,7 @@ def run(args) -> int:
         m = re.match(r"([a-z_]+) (must .*)", str(e))
         raise UsageError(f"--{m[1].replace('_', '-')} {m[2]}" if m else str(e)) from None
     quiet_loading()
-    print(train(cfg, progress=not args.quiet))
+    folder = train(cfg, progress=not args.quiet)
+    if launched_rank() == 0:  # one line, however many processes trained
+        print(folder)
     return 0

@@ -11,6 +11,7 @@ import numpy as np
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
 from ..core.spacing import SPACINGS
+from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
 from .generate import (UsageError, add_noise_arguments, add_stitch_arguments, check_writable, load_model,
                        load_stitch, noise_spec, parse_stitch, save_png)
 
@@ -36,9 +37,14 @@ def add_eval_arguments(p) -> None:
                                                     "student)")
     p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in set)")
-    p.add_argument("--n", type=int, default=8, help="images per prompt")
+    # torchrun's own parser takes --n for an abbreviation of its options: the long name passes through
+    p.add_argument("--n", "--images-per-prompt", dest="n", type=int, default=8,
+                   help="images per prompt (spell it --images-per-prompt after torchrun)")
     p.add_argument("--grid", default=None, help="also write the images as a PNG grid (a row per prompt)")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--per-image", default=None, metavar="FILE",
+                   help="also write one JSON line per image (prompt, seed, what the evaluator read, "
+                        "which attributes are right)")
     add_stitch_arguments(p)
     add_noise_arguments(p)
 
@@ -69,72 +75,10 @@ def _model_defaults(args, gp) -> None:
         args.steps = gp.defaults.get("steps", args.default_steps)
 
 
-def _generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None,
-              batch: int = 32, stitch=None, noise=None, scale=None) -> tuple[np.ndarray, dict]:
-    """Images [n, H, W, 3] in [0, 1] for one prompt, and costs: NFE per image (sampling, and noise
-    optimisation with its backward passes) and seconds (all, and noise optimisation). ``scale``: the
-    guidance scale of a student with the scale embedded in its network (LCM)."""
-    out, t0 = [], time.perf_counter()
-    cost = {"nfe": 0, "noise_nfe": 0.0, "noise_backward": 0.0, "noise_seconds": 0.0}
-    for i in range(0, len(seeds), batch):
-        chunk = seeds[i:i + batch]
-        res = gp(prompt, guidance=guidance, sampler=sampler, steps=steps, spacing=spacing,
-                 num_images_per_prompt=len(chunk), seed=chunk, output_type="np", progress=False,
-                 stitch=stitch, noise_optimizer=noise, guidance_scale=scale)
-        out.append(res.images)
-        cost["nfe"] = res.nfe
-        if res.noise:
-            cost["noise_nfe"] += res.noise["nfe"] * len(chunk)
-            cost["noise_backward"] += res.noise["backward"] * len(chunk)
-            cost["noise_seconds"] += res.timings["noise"]
-    cost["seconds"] = time.perf_counter() - t0
-    return np.concatenate(out), cost
-
-
-def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
-               spacing=None, batch: int = 32, stitch=None, noise=None,
-               costs: dict | None = None, scale=None) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """n images per prompt (seeds distinct across prompts): images, prompt index per image, NFE per
-    image, seconds per image. What eval and bench/toy_eval.py both score. ``costs``, if given, gets
-    a noise optimiser's extra NFE, backward passes and seconds per image."""
-    images, ids, total = [], [], {}
-    for k, text in enumerate(prompts):
-        seeds = [seed * 100_000 + k * 1000 + j for j in range(n)]
-        imgs, cost = _generate(gp, text, seeds, guidance, sampler, steps, spacing, batch, stitch, noise, scale)
-        images.append(imgs)
-        ids += [k] * len(imgs)
-        for key, v in cost.items():
-            total[key] = v if key == "nfe" else total.get(key, 0) + v
-    images = np.concatenate(images)
-    m = len(images)
-    if costs is not None:
-        costs.update(noise_nfe_per_image=total["noise_nfe"] / m,
-                     noise_backward_per_image=total["noise_backward"] / m,
-                     noise_seconds_per_image=round(total["noise_seconds"] / m, 4))
-    return images, np.asarray(ids), total["nfe"], total["seconds"] / m
-
-
-def grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 2):
-    """A PIL image: one row of images per entry, each [n, H, W, 3] in [0, 1], labels on the left."""
-    from PIL import Image, ImageDraw
-
-    h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
-    cols = max(len(r) for r in rows)
-    pad = 2
-    label_w = 0 if not labels else 8 + 6 * max(len(t) for t in labels)
-    canvas = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, imgs in enumerate(rows):
-        y = pad + r * (h + pad)
-        if labels:
-            draw.text((4, y + h // 2 - 5), labels[r], fill="black")
-        for c, img in enumerate(imgs):
-            tile = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype("uint8"))
-            canvas.paste(tile.resize((w, h), Image.NEAREST), (label_w + pad + c * (w + pad), y))
-    return canvas
-
-
 def run_eval(args) -> int:
+    """Generate and score a prompt set. Launched on several processes (torchrun, accelerate launch)
+    the batches are shared between them and the main process alone scores, prints and writes."""
+    from ..pipelines.parallel import is_main, process_state
     from ..toy import evaluator, metrics
 
     _check(args)
@@ -144,13 +88,14 @@ def run_eval(args) -> int:
     prompts = metrics.read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     guidance = parse_spec("guidance", args.guidance) if args.guidance else None
-    for path in (args.grid, args.out):
+    for path in (args.grid, args.out, args.per_image):
         if path:
             check_writable([path], overwrite=True)
     parse_stitch(args.stitch)
     noise = noise_spec(args)
+    state = process_state(cpu=args.device == "cpu")
     judge = evaluator.load()
-    gp, _ = load_model(args)
+    gp, _ = load_model(args, state)
     _model_defaults(args, gp)
     stitch = load_stitch(args, gp)
     embedded = gp.embedded_guidance  # a student's scale is a network input, not a method option
@@ -158,26 +103,37 @@ def run_eval(args) -> int:
     costs = {}
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
                                            args.steps, args.spacing, args.batch, stitch, noise, costs,
-                                           scale=args.scale if embedded else None)
+                                           scale=args.scale if embedded else None, process_state=state)
+    if not is_main(state):
+        return 0
+    records = []
     result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
               **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
               **({"noise_optimizer": noise, **costs} if noise else {}),
               **({"embedded_scale": gp.embedded_scale if args.scale is None else args.scale} if embedded else {}),
               "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),
+              "processes": state.num_processes if state is not None else 1,
               "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4),
-              **metrics.evaluate(images, ids, prompts, judge), "version": __version__}
+              **metrics.evaluate(images, ids, prompts, judge, per_image=records), "version": __version__}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)
+        _write_text(args.out, text + "\n")
+    if args.per_image:
+        seeds = [s for k in range(len(prompts)) for s in prompt_seeds(args.seed, k, args.n)]
+        _write_text(args.per_image, "".join(json.dumps({"seed": s, **r}) + "\n" for s, r in zip(seeds, records)))
     if args.grid:
         rows = [images[ids == k] for k in range(len(prompts))]
         save_png(grid(rows, prompts), args.grid,
                  {k: result[k] for k in ("model", "guidance", "sampler", "steps", "version")})
     return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def run_compare(args) -> int:
@@ -199,10 +155,11 @@ def run_compare(args) -> int:
         has_scale = hasattr(spec, "scale")
         for scale in (scales if scales and has_scale else [None]):
             g, s = gp.resolve(spec, scale, sampler)
-            imgs, cost = _generate(gp, args.prompt, seeds, g, s, args.steps, args.spacing, args.batch)
-            nfe = cost["nfe"]
-            rows.append(imgs)
-            labels.append(f"{to_spec(g)} ({nfe} NFE)")
+            parts = [generate(gp, args.prompt, seeds[i:i + args.batch], g, s, args.steps, args.spacing)
+                     for i in range(0, len(seeds), args.batch)]
+            nfe = sum(c["nfe"] * len(imgs) for imgs, c in parts) / len(seeds)
+            rows.append(np.concatenate([imgs for imgs, _ in parts]))
+            labels.append(f"{to_spec(g)} ({nfe:g} NFE)")
     meta = {"prompt": args.prompt, "rows": labels, "sampler": to_spec(sampler), "steps": args.steps,
             "seeds": seeds, "model": args.model, "version": __version__}
     save_png(grid(rows, labels), args.output, meta)
@@ -215,23 +172,9 @@ def add_calibrate_arguments(p) -> None:
     _common(p, 25)
     p.add_argument("--scale", type=float, default=5.0, help="CFG scale of the recorded trajectories")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in set)")
-    p.add_argument("--n", type=int, default=2, help="images per prompt")
+    p.add_argument("--n", "--images-per-prompt", dest="n", type=int, default=2, help="images per prompt")
     p.add_argument("-o", "--output", default="linear_ag.json")
     p.add_argument("--overwrite", action="store_true")
-
-
-def calibrate_linear_ag(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float,
-                       spacing=None) -> list:
-    """LinearAG coefficients fitted on CFG trajectories of n images per prompt (prompt_set's seeds)."""
-    from ..guidance.linear_ag import Recorder, fit
-
-    runs = []
-    for k, text in enumerate(prompts):
-        rec = Recorder(scale=scale)
-        gp(text, guidance=rec, sampler=sampler, steps=steps, spacing=spacing, num_images_per_prompt=n,
-           seed=[seed * 100_000 + k * 1000 + j for j in range(n)], output_type="latent", progress=False)
-        runs.append(rec.sink)
-    return fit(runs)
 
 
 def run_calibrate(args) -> int:
@@ -260,9 +203,6 @@ def run_calibrate(args) -> int:
             "scale": args.scale, "prompts": len(prompts), "images_per_prompt": args.n,
             "features": ["c", "u_prev", "c_prev", "x"], "coefficients": coefficients,
             "seconds": round(time.perf_counter() - t0, 2), "version": __version__}
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, args.output)
+    _write_text(args.output, json.dumps(data, indent=1))
     print(args.output)
     return 0

@@ -11,6 +11,7 @@ import time
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
 from ..core.spacing import SPACINGS
+from ..pipelines.parallel import barrier, gather, is_main, process_state, shard
 
 
 class UsageError(Exception):
@@ -189,19 +190,22 @@ def save_png(image, path: str, meta: dict, parameters: str | None = None) -> Non
         raise
 
 
-def load_model(args):
-    """(GuidedPipeline, dtype name) from --model, --device (default cuda if available) and --dtype
-    (default float16 on cuda, float32 on cpu), with the libraries' loading chatter off."""
+def load_model(args, state=None):
+    """(GuidedPipeline, dtype name) from --model, --device (default cuda if available; this
+    process's own device when launched on several, from ``state``) and --dtype (default float16 on
+    cuda, float32 on cpu), with the libraries' loading chatter off."""
     import torch
 
     from ..pipelines import GuidedPipeline
     from ..pipelines.pipeline import quiet_loading
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    if state is not None and device == "cuda":
+        device = state.device
+    dtype = args.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
     quiet_loading()
     return GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
-                                          progress=not args.quiet), dtype
+                                          progress=not args.quiet and state is None), dtype
 
 
 def _umask() -> int:
@@ -237,7 +241,8 @@ def run(args) -> int:
     parse_stitch(args.stitch)
     noise = noise_spec(args)
 
-    gp, dtype = load_model(args)
+    state = process_state(cpu=args.device == "cpu")
+    gp, dtype = load_model(args, state)
     stitch = load_stitch(args, gp)
     embedded = gp.embedded_guidance
     if args.steps is None:
@@ -252,19 +257,30 @@ def run(args) -> int:
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
             **({"noise_optimizer": noise} if noise else {})}
     t0 = time.perf_counter()
-    nfe = 0
-    for i in range(0, len(seeds), args.batch):
-        chunk = seeds[i:i + args.batch]
+    written, nfe = [], []
+    # one unit of work is one --batch of seeds, made as a single process would make it; launched on
+    # several processes each takes its share and writes its own files (named by seed)
+    batches = [(seeds[i:i + args.batch], paths[i:i + args.batch]) for i in range(0, len(seeds), args.batch)]
+    for chunk, targets in shard(batches, state):
         out = gp(args.prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  guidance_scale=args.scale if embedded else None,
                  spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
                  output_type="pil", stitch=stitch, noise_optimizer=noise)
-        nfe = out.nfe + (out.noise["nfe"] if out.noise else 0)
-        for seed, img, path in zip(chunk, out.images, paths[i:i + args.batch]):
+        nfe.append((out.nfe + (out.noise["nfe"] if out.noise else 0)) * len(chunk))
+        for seed, img, path in zip(chunk, out.images, targets):
             m = {**meta, "seed": seed}
             save_png(img, path, m, parameters_text(m))
-            print(path)
+            written.append(path)
+            if state is None:
+                print(path)
+    written, nfe = gather(written, state), gather(nfe, state)
+    barrier(state)
     dt = time.perf_counter() - t0
-    print(f"{len(seeds)} image(s), {nfe:g} network evaluations each, {dt / len(seeds):.2f} s per image",
+    if not is_main(state):
+        return 0
+    if state is not None:
+        print("\n".join(written))
+    print(f"{len(seeds)} image(s), {sum(nfe) / len(seeds):g} network evaluations each, "
+          f"{dt / len(seeds):.2f} s per image" + (f" on {state.num_processes} processes" if state else ""),
           file=sys.stderr)
     return 0

@@ -1,17 +1,22 @@
 """One distillation trainer on accelerate for both methods (consistency distillation, DMD2).
 
-Every step draws its randomness from a generator seeded by (seed, step) and its batch from a fixed
-per-epoch permutation, so a run resumed from a checkpoint repeats exactly the steps it would have
-taken. Checkpoints are atomic and checksummed (``checkpoint.py``). Multi-GPU: ``accelerate launch``.
+Every micro-batch draws its randomness from a generator seeded by (seed, step, micro-batch) and its
+examples from a fixed per-epoch permutation, so a run resumed from a checkpoint repeats exactly the
+steps it would have taken. Checkpoints are atomic and checksummed (``checkpoint.py``). Several
+processes (``torchrun``, ``accelerate launch``): gradients are averaged across them and the
+effective batch is batch x processes x grad_accum.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
 import os
 import shutil
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -67,8 +72,8 @@ class DistillConfig:
     resume: bool = False
 
     # settings a resumed run must share with its checkpoint (the rest may change, e.g. max_steps)
-    FIXED = ("method", "teacher", "guidance", "student_steps", "batch", "data", "dataset", "seed", "solver",
-             "skip", "gan", "grad_accum")
+    # (the effective batch, batch x processes x grad_accum, must match too; its split may change)
+    FIXED = ("method", "teacher", "guidance", "student_steps", "data", "dataset", "seed", "solver", "skip", "gan")
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -151,20 +156,26 @@ class FolderData:
         return x.contiguous(), [self.captions[i] for i in idx]
 
 
-def batches(cfg: DistillConfig, data, family, device):
-    """step -> (x0 in the teacher's space, captions); a fixed permutation per epoch."""
+def batches(cfg: DistillConfig, data, family, device, parts: int):
+    """(step, part) -> (x0 in the teacher's space, captions). A step's examples are one slice of a
+    fixed per-epoch permutation, as large as the effective batch (``parts`` micro-batches of
+    ``cfg.batch``: processes x accumulation), so the data a step sees does not depend on how its
+    batch is split between processes and accumulation."""
     size = family.default_size
     if data.shape != (3, size, size):
         raise ValueError(f"the data has {data.shape[1]}x{data.shape[2]} images but the teacher makes "
                          f"{size}x{size} ones; use data of the teacher's size")
-    if data.n < cfg.batch:
-        raise ValueError(f"batch {cfg.batch} is larger than the data ({data.n} images)")
-    per_epoch = data.n // cfg.batch
+    total = cfg.batch * parts
+    if data.n < total:
+        raise ValueError(f"the effective batch {total} (batch {cfg.batch} x {parts}) is larger than the "
+                         f"data ({data.n} images)")
+    per_epoch = data.n // total
 
-    def get(step: int):
+    def get(step: int, part: int):
         epoch, k = divmod(step, per_epoch)
         order = np.random.Generator(np.random.PCG64([cfg.seed, epoch, 2])).permutation(data.n)
-        images, caps = data.items(order[k * cfg.batch:(k + 1) * cfg.batch], epoch)
+        lo = k * total + part * cfg.batch
+        images, caps = data.items(order[lo:lo + cfg.batch], epoch)
         with torch.no_grad():
             x0 = family.encode_images(images.to(device))
         return x0, caps
@@ -185,8 +196,10 @@ def _net(teacher_net):
 
 
 def _denoiser(teacher, net, boundary: bool):
+    """``net`` (a teacher-shaped UNet, possibly wrapped for distributed training) as a denoiser."""
+    module = getattr(net, "module", net)  # hooks (perturbations, the GAN bottleneck) go on the bare UNet
     d = NetDenoiser(functools.partial(teacher.family.forward, net=net), teacher.info.schedule,
-                    teacher.info.kind, module=net)
+                    teacher.info.kind, module=module)
     return Boundary(d, timestep_scaling=TIMESTEP_SCALING) if boundary else d
 
 
@@ -196,24 +209,27 @@ def _embeds(cfg: DistillConfig, guidance) -> bool:
 
 
 class Run:
-    """The networks, optimisers and losses of one run, with ``state()`` / ``load()`` for checkpoints."""
+    """The networks, optimisers and losses of one run, with ``state()`` / ``load()`` for checkpoints.
 
-    def __init__(self, cfg: DistillConfig, teacher, acc):
+    The trainable networks (student; DMD2's fake score and GAN head) go through
+    ``accelerator.prepare`` and the losses call what it returned, so that on several processes every
+    backward pass averages the gradients across them."""
+
+    def __init__(self, cfg: DistillConfig, teacher, acc, state: dict | None = None):
         from ..core.registry import parse_spec
-        from ..pipelines.pipeline import guidance_embedding
 
         self.cfg, self.teacher, self.acc = cfg, teacher, acc
-        guidance = parse_spec("guidance", cfg.guidance)
+        self.guidance = parse_spec("guidance", cfg.guidance)
         tnet = teacher.family.net
         _net(tnet)  # checks the teacher's kind
         torch.manual_seed(cfg.seed)  # any fresh weights (the GAN head) depend on the seed only
-        self.embed = _embeds(cfg, guidance)
+        self.embed = _embeds(cfg, self.guidance)
         student = student_unet(tnet, EMBED_DIM) if self.embed else _net(tnet)
         if cfg.gradient_checkpointing and student._supports_gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.ema = copy.deepcopy(student).requires_grad_(False).eval()
         decay = dict(weight_decay=0.0) if cfg.method == "consistency" else dict(weight_decay=0.01)
-        self.opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, **decay)
+        self.student, self.opt = student, torch.optim.AdamW(student.parameters(), lr=cfg.lr, **decay)
         self.fake = self.head = self.fake_opt = None
         if cfg.method == "dmd2":
             self.fake = _net(tnet)
@@ -224,32 +240,43 @@ class Run:
                 self.head = GANHead(tnet.config.block_out_channels[-1]).to(tnet.device)
                 params += list(self.head.parameters())
             self.fake_opt = torch.optim.AdamW(params, lr=cfg.fake_lr or cfg.lr, weight_decay=0.01)
-        self.student = student
         self.clip = cfg.clip or (1.0 if cfg.method == "consistency" else 10.0)
-        embed = (lambda w: guidance_embedding(w, EMBED_DIM)) if self.embed else None
-        if cfg.method == "consistency":
-            self.loss = ConsistencyLoss(teacher.net_denoiser, _denoiser(teacher, student, False),
-                                        _denoiser(teacher, self.ema, False), guidance, cfg.solver, cfg.skip,
-                                        cfg.huber_c, (cfg.scale_min, cfg.scale_max), embed=embed)
-        else:
-            T = teacher.info.schedule.num_train_timesteps
-            self.loss = DMD2Loss(teacher.net_denoiser, _denoiser(teacher, self.fake, False),
-                                 _denoiser(teacher, student, True), guidance,
-                                 tuple(conditioning_times(cfg.student_steps, T)), head=self.head,
-                                 bottleneck=self.fake.mid_block if self.head is not None else None,
-                                 gan_generator=cfg.gan_generator, gan_fake=cfg.gan_fake)
+        self.step0 = self.load(state) if state is not None else 0
+        self._prepare()
+        self.loss = self._loss()
 
-    def prepare(self):
+    def _prepare(self):
+        """Wrap the trainable networks and optimisers (DDP on several processes); load first, as
+        DDP starts every process from rank 0's weights."""
         acc = self.acc
-        if self.fake is None:
-            self.student, self.opt = acc.prepare(self.student, self.opt)
-        else:
-            mods = [self.student, self.opt, self.fake, self.fake_opt] + ([self.head] if self.head else [])
+        mods = [self.student, self.opt] + ([self.fake, self.fake_opt] if self.fake is not None else []) \
+            + ([self.head] if self.head is not None else [])
+        with warnings.catch_warnings():  # torch renamed broadcast_buffers; accelerate passes the old name
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             out = acc.prepare(*mods)
-            self.student, self.opt, self.fake, self.fake_opt = out[:4]
-            if self.head is not None:
-                self.head = out[4]
+        self.student, self.opt = out[:2]
+        if self.fake is not None:
+            self.fake, self.fake_opt = out[2:4]
+        if self.head is not None:
+            self.head = out[4]
         self.ema.to(acc.device)
+
+    def _loss(self):
+        """The method's loss on the prepared networks (calls go through the distributed wrappers)."""
+        from ..pipelines.pipeline import guidance_embedding
+
+        cfg, teacher, un = self.cfg, self.teacher, self.acc.unwrap_model
+        if cfg.method == "consistency":
+            embed = (lambda w: guidance_embedding(w, EMBED_DIM)) if self.embed else None
+            return ConsistencyLoss(teacher.net_denoiser, _denoiser(teacher, self.student, False),
+                                   _denoiser(teacher, self.ema, False), self.guidance, cfg.solver, cfg.skip,
+                                   cfg.huber_c, (cfg.scale_min, cfg.scale_max), embed=embed)
+        T = teacher.info.schedule.num_train_timesteps
+        return DMD2Loss(teacher.net_denoiser, _denoiser(teacher, self.fake, False),
+                        _denoiser(teacher, self.student, True), self.guidance,
+                        tuple(conditioning_times(cfg.student_steps, T)), head=self.head,
+                        bottleneck=un(self.fake).mid_block if self.head is not None else None,
+                        gan_generator=cfg.gan_generator, gan_fake=cfg.gan_fake)
 
     def state(self, step: int) -> dict:
         un = self.acc.unwrap_model
@@ -272,31 +299,37 @@ class Run:
                 self.head.load_state_dict(s["head"])
         return int(s["step"])
 
-    def _update(self, params, opt, loss_of, n: int):
-        """One optimiser step over ``grad_accum`` micro-batches; returns the mean logs."""
+    def _update(self, modules, opt, loss_of, n: int):
+        """One optimiser step over ``n`` micro-batches (gradients averaged across processes once, at
+        the last); returns the mean logs."""
         opt.zero_grad(set_to_none=True)
         logs: dict = {}
         for j in range(n):
-            with self.acc.autocast():
-                loss, lg = loss_of(j)
-            self.acc.backward(loss / n)
+            with contextlib.ExitStack() as stack:
+                if j < n - 1:
+                    for m in modules:
+                        stack.enter_context(self.acc.no_sync(m))
+                with self.acc.autocast():
+                    loss, lg = loss_of(j)
+                self.acc.backward(loss / n)
             for k, v in lg.items():
                 logs[k] = logs.get(k, 0.0) + v / n
-        self.acc.clip_grad_norm_(params, self.clip)
+        self.acc.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], self.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return logs
 
     def step(self, step: int, get) -> dict:
-        """One training step: ``grad_accum`` micro-batches per process, then one optimiser step."""
+        """One training step: ``grad_accum`` micro-batches per process, then one optimiser step.
+        Micro-batch ``part`` = j x processes + rank has its own data slice and generator, so one
+        process with accumulation 2 and two processes without take the same step."""
         cfg, fam, dev = self.cfg, self.teacher.family, self.acc.device
-        n = cfg.grad_accum
+        n, world = cfg.grad_accum, self.acc.num_processes
         micro = []
-        world, rank = self.acc.num_processes, self.acc.process_index
         for j in range(n):
-            k = (step * n + j) * world + rank  # each process its own micro-batch; resume repeats it
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + k)
-            x0, caps = get(k)
+            part = j * world + self.acc.process_index
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * n * world + part)
+            x0, caps = get(step, part)
             with torch.no_grad():
                 pos, neg = fam.encode(caps, [""] * len(caps), 1, dev)
             micro.append((g, x0, pos, neg))
@@ -305,20 +338,27 @@ class Run:
                 g, x0, pos, neg = micro[j]
                 loss = self.loss(x0, pos, neg, g)
                 return loss, {"loss": loss.item()}
-            logs = self._update(self.student.parameters(), self.opt, loss_of, n)
+            logs = self._update([self.student], self.opt, loss_of, n)
         else:
             logs = self._dmd2(step, micro)
         with torch.no_grad():
             for pe, ps in zip(self.ema.parameters(), self.acc.unwrap_model(self.student).parameters()):
                 pe.lerp_(ps.detach(), 1 - cfg.ema)
+        if world > 1:  # the step's mean over every process's micro-batches
+            keys = sorted(logs)
+            mean = self.acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=dev), "mean")
+            logs = dict(zip(keys, mean.tolist()))
         return logs
 
     def _dmd2(self, step: int, micro) -> dict:
-        cfg, logs = self.cfg, {}
+        from ..pipelines.pipeline import frozen
+
+        cfg, logs, un = self.cfg, {}, self.acc.unwrap_model
         samples = []
         for g, x0, pos, neg in micro:
             noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
             samples.append(noise)
+        critics = [un(m) for m in (self.fake, self.head) if m is not None]
         if step % cfg.fake_ratio == 0:  # the generator moves on the slow time scale
             gens = [None] * len(micro)
 
@@ -327,54 +367,118 @@ class Run:
                 x, _ = self.loss.sample(samples[j], pos, g)
                 gens[j] = x.detach()
                 return self.loss.generator_loss(x, pos, neg, g)
-            logs.update(self._update(self.student.parameters(), self.opt, gen_loss, len(micro)))
+            with frozen(*critics):  # the GAN term reaches the generator through them, not into them
+                logs.update(self._update([self.student], self.opt, gen_loss, len(micro)))
         else:
             with torch.no_grad(), self.acc.autocast():
                 gens = [self.loss.sample(samples[j], micro[j][2], micro[j][0])[0] for j in range(len(micro))]
-        fake_params = [p for group in self.fake_opt.param_groups for p in group["params"]]
 
         def fake_loss(j):
             g, x0, pos, _ = micro[j]
             return self.loss.fake_loss(gens[j], pos, g, real=x0 if cfg.gan else None)
-        logs.update(self._update(fake_params, self.fake_opt, fake_loss, len(micro)))
+        logs.update(self._update([m for m in (self.fake, self.head) if m is not None], self.fake_opt,
+                                 fake_loss, len(micro)))
         return logs
 
 
+def effective_batch(batch: int, processes: int, grad_accum: int) -> str:
+    return f"{batch * processes * grad_accum} (batch {batch} x {processes} process{'es' * (processes > 1)} " \
+           f"x accumulation {grad_accum})"
+
+
+def _check_resume(cfg: DistillConfig, state: dict, processes: int, ckpt: str) -> None:
+    """Settings that shape the run must match the checkpoint's; the effective batch must too, however
+    it is split between processes and accumulation."""
+    old = state["config"]
+    for k in DistillConfig.FIXED:
+        if old.get(k) != getattr(cfg, k):
+            raise ValueError(f"{ckpt} was trained with {k}={old.get(k)!r}, not {getattr(cfg, k)!r}; resume "
+                             f"with the same setting")
+    was = (old["batch"], state.get("processes", 1), old["grad_accum"])
+    if was[0] * was[1] * was[2] != cfg.batch * processes * cfg.grad_accum:
+        raise ValueError(f"{ckpt} was trained with an effective batch of {effective_batch(*was)}, but this "
+                         f"run has {effective_batch(cfg.batch, processes, cfg.grad_accum)}; resume with the "
+                         f"same effective batch (change --batch or --grad-accum to match)")
+
+
+def _tidy(out: str, step: int) -> None:
+    """Before resuming at ``step``: remove temporary files a killed save left, and the log lines
+    written after the checkpoint (they will be written again)."""
+    for name in os.listdir(out):
+        if name.startswith(("checkpoint.pt.tmp", "student.tmp")):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    for name in ("loss.jsonl", "val.jsonl"):
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line cut short by the kill
+                    continue
+                if isinstance(rec, dict) and rec.get("step", step + 1) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
 def train(cfg: DistillConfig, progress: bool = True) -> str:
-    """Distil (or resume with ``cfg.resume``); returns the exported student folder ``cfg.out/student``."""
+    """Distil (or resume with ``cfg.resume``); returns the exported student folder ``cfg.out/student``.
+
+    Launched on several processes (``torchrun``, ``accelerate launch``) each process trains on its
+    own micro-batches and the gradients are averaged: the effective batch is batch x processes x
+    grad_accum. Only the main process writes; the others wait for it."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
     from tqdm.auto import tqdm
 
     from ..pipelines import GuidedPipeline
+    from ..pipelines.parallel import check_world, launched, on_cpu
 
     cfg.check()
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    # no buffer broadcast: processes may run different numbers of no-grad forwards (DMD2's backward
+    # simulation), and the UNets have no buffers that training changes
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=launched() and on_cpu(),
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    world = acc.num_processes
+    check_world(world)
     state = None
     if os.path.exists(ckpt):
         if not cfg.resume:
             raise ValueError(f"{ckpt} exists; pass --resume to continue it or choose another --out")
         state = checkpoint.load(ckpt)
-        for k in DistillConfig.FIXED:
-            if state["config"].get(k) != getattr(cfg, k):
-                raise ValueError(f"{ckpt} was trained with {k}={state['config'].get(k)!r}, not "
-                                 f"{getattr(cfg, k)!r}; resume with the same setting")
-    os.makedirs(cfg.out, exist_ok=True)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        _check_resume(cfg, state, world, ckpt)
+    acc.wait_for_everyone()  # every process has read the checkpoint before the main one tidies
+    if acc.is_main_process:
+        os.makedirs(cfg.out, exist_ok=True)
+        _tidy(cfg.out, state["step"] if state is not None else 0)
     teacher = GuidedPipeline.from_pretrained(cfg.teacher, progress=False, device=acc.device)
     for m in teacher.pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval()
-    data = ToyData(cfg) if cfg.data == "toy" else FolderData(cfg.data)
-    get = batches(cfg, data, teacher.family, acc.device)
-    run = Run(cfg, teacher, acc)
-    step = run.load(state) if state is not None else 0
-    run.prepare()
+    with acc.main_process_first():  # the main process renders and caches the toy scenes once
+        data = ToyData(cfg) if cfg.data == "toy" else FolderData(cfg.data)
+    get = batches(cfg, data, teacher.family, acc.device, world * cfg.grad_accum)
+    run = Run(cfg, teacher, acc, state)
+    step = run.step0
+    running: dict = dict(state.get("log_window", {})) if state is not None else {}
+    log = None
     if acc.is_main_process:
-        _write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
-    log = open(os.path.join(cfg.out, "loss.jsonl"), "a") if acc.is_main_process else None
+        _write_json(os.path.join(cfg.out, "config.json"),
+                    {**asdict(cfg), "processes": world,
+                     "effective_batch": cfg.batch * world * cfg.grad_accum})
+        log = open(os.path.join(cfg.out, "loss.jsonl"), "a")
+        if progress:
+            print(f"distill {cfg.method}: effective batch {effective_batch(cfg.batch, world, cfg.grad_accum)}",
+                  file=sys.stderr)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or not acc.is_main_process,
                desc=f"distill {cfg.method}")
-    running: dict = {}
     t0 = time.time()
     while step < cfg.max_steps:
         logs = run.step(step, get)
@@ -391,7 +495,7 @@ def train(cfg: DistillConfig, progress: bool = True) -> str:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "seconds")})
                 running = {}
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                checkpoint.save(ckpt, run.state(step))
+                checkpoint.save(ckpt, {**run.state(step), "processes": world, "log_window": running})
             if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
                 validate(teacher, run.ema, cfg, step)
         if step % cfg.checkpoint_every == 0 or (cfg.validate_every and step % cfg.validate_every == 0):
@@ -463,7 +567,7 @@ def default_scale(cfg: DistillConfig) -> float:
 def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
     """Validation at ``step``: a grid of the student's samples (``val/step_N.png``) and, for a toy-world
     teacher, ``diffguide eval`` metrics at the student's steps (appended to ``val.jsonl``)."""
-    from ..cli.evaluate import grid, prompt_set
+    from ..evaluate import grid, prompt_set
     from ..pipelines import GuidedPipeline
     from ..toy import evaluator, metrics
 

@@ -44,6 +44,7 @@ class GuidedOutput:
     seeds: list | None = None
     nsfw: list | None = None
     noise: dict | None = None  # a noise optimiser's report: extra NFE and backward passes per image
+    indices: list | None = None  # with process_state: which of the call's images this process made
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ class GuidedPipeline:
                  callback: Callable[[Step, torch.Tensor], None] | None = None,
                  progress: bool | None = None, max_batch: int | None = None,
                  threshold="scheduler", stitch: Stitching | None = None,
-                 noise_optimizer=None) -> GuidedOutput:
+                 noise_optimizer=None, process_state=None) -> GuidedOutput:
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -299,7 +300,18 @@ class GuidedPipeline:
         noise_optimizer: a spec (``"initno"``, ``"reno:iterations=20"``) or a ``diffguide.noise``
         optimiser that prepares the initial noise before sampling; its extra network evaluations
         and seconds are reported in ``noise`` and ``timings["noise"]``.
+        process_state: accelerate's ``PartialState`` (or an ``Accelerator``) of a run launched on
+        several processes: the call's images (prompt-major, each with its own seed or generator)
+        are shared between the processes in contiguous parts and this process makes only its own
+        part, in one batch; ``indices`` and ``seeds`` say which images it holds.
         """
+        if process_state is not None:
+            return self._share(process_state, prompt, negative_prompt, num_images_per_prompt, seed, generator,
+                               dict(guidance=guidance, guidance_scale=guidance_scale, sampler=sampler,
+                                    steps=steps, spacing=spacing, height=height, width=width,
+                                    output_type=output_type, callback=callback, progress=progress,
+                                    max_batch=max_batch, threshold=threshold, stitch=stitch,
+                                    noise_optimizer=noise_optimizer))
         t_start = time.perf_counter()
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
@@ -406,6 +418,38 @@ class GuidedPipeline:
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor, usable with autograd and in-place ops
         return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report)
+
+    def _share(self, state, prompt, negative_prompt, n: int, seed, generator, kw: dict) -> GuidedOutput:
+        """This process's contiguous part of a call's images (see ``process_state`` in __call__)."""
+        from .parallel import bounds
+
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        negs = (list(negative_prompt) if isinstance(negative_prompt, (list, tuple))
+                else [negative_prompt] * len(prompts))
+        if len(negs) != len(prompts):
+            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+        b = len(prompts) * n
+        if generator is not None and not isinstance(generator, (list, tuple)):
+            raise ValueError("with process_state, give seed= or one generator per image: a single "
+                             "generator's stream cannot be shared between processes")
+        if seed is None and generator is None:
+            raise ValueError("with process_state, give seed= (or one generator per image) so that every "
+                             "process draws its own images' noise")
+        if generator is None:
+            seed = [int(v) for v in seed] if isinstance(seed, (list, tuple, range)) else [int(seed) + i for i in range(b)]
+        per_image = seed if generator is None else list(generator)
+        if len(per_image) != b:
+            raise ValueError(f"{len(per_image)} {'seeds' if generator is None else 'generators'} for a "
+                             f"batch of {b} images")
+        lo, hi = bounds(b, state)
+        if lo == hi:  # more processes than images: nothing to make here
+            return GuidedOutput([] if kw["output_type"] == "pil" else None, 0, 0, {}, [], indices=[])
+        rows = range(lo, hi)
+        mine = {"seed": [per_image[i] for i in rows]} if generator is None else {"generator": [per_image[i] for i in rows]}
+        out = self([prompts[i // n] for i in rows], negative_prompt=[negs[i // n] for i in rows],
+                   num_images_per_prompt=1, **mine, **kw)
+        out.indices = list(rows)
+        return out
 
     def _optimise_noise(self, opt, x, seeds, texts, pos, make, sampler, ts, smalls=()):
         """Run a noise optimiser with this model's pieces; (x, report with per-image costs)."""

@@ -130,10 +130,13 @@ def _diversity(feats: np.ndarray, ids: np.ndarray) -> float:
 
 
 def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], model: ev.Evaluator,
-             true_images: np.ndarray | None = None, true_ids: np.ndarray | None = None) -> dict:
+             true_images: np.ndarray | None = None, true_ids: np.ndarray | None = None,
+             per_image: list | None = None) -> dict:
     """Every metric for images [N, 32, 32, 3] in [0, 1], image i made for prompts[prompt_ids[i]].
 
-    true_images default to as many exact samples per prompt as there are generated ones.
+    true_images default to as many exact samples per prompt as there are generated ones. A
+    ``per_image`` list gets one record per image: its prompt, what the evaluator read (objects as
+    [colour, shape], background) and which prompted attributes it got right.
     """
     parsed = [scenes.parse_prompt(t) for t in prompts]
     prompt_ids = np.asarray(prompt_ids)
@@ -151,6 +154,10 @@ def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], mod
     feats, true_feats = feats.numpy(), true_feats.numpy()
 
     checks = [check(parsed[k], pr, bg) for k, pr, bg in zip(prompt_ids, present, backs)]
+    if per_image is not None:
+        per_image.extend({"prompt": prompts[k], "objects": sorted([c, s] for c, s in pr), "background": bg,
+                          "adherent": c["all"], "checks": {a: v for a, v in c.items() if a != "all"}}
+                         for k, pr, bg, c in zip(prompt_ids, present, backs, checks))
     groups = {}
     for k, c in zip(prompt_ids, checks):
         groups.setdefault(group(parsed[k]), []).append(c["all"])
