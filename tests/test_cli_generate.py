@@ -45,7 +45,7 @@ def test_png_size_metadata_and_determinism(model, tmp_path, capsys):
     assert meta["guidance"] == "cfg:scale=6.0,rescale=0.5" and meta["sampler"] == "euler"
     assert (meta["width"], meta["height"]) == (16, 24) and meta["version"]
     params = im.text["parameters"]
-    assert params.startswith("a red circle\nNegative prompt: blurry\nSteps: 5, Sampler: euler")
+    assert params.startswith("a red circle\nNegative prompt: blurry\nSteps: 5, Sampler: Euler")
     assert "Seed: 7" in params and "Size: 16x24" in params
     assert oct(os.stat(a).st_mode & 0o777) != oct(0o600)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]

@@ -1,7 +1,7 @@
 """diffguide: guidance methods and samplers for diffusion models, any guidance on any sampler."""
 from . import guidance as _guidance, noise as _noise, samplers as _samplers  # noqa: F401  (register the built-ins)
 from .core import (Branch, Clip, Denoiser, DynamicThreshold, FlowSchedule, Guidance, GuidedDenoiser,
-                   NetDenoiser, Point, Pred, RandomNoise, Sampler, Schedule, SeededNoise, Step,
+                   NetDenoiser, NonFiniteError, Point, Pred, RandomNoise, Sampler, Schedule, SeededNoise, Step,
                    Stitch, VPSchedule, guide, parse_spec, register, sample, timesteps, to_spec)
 from .core import registry as _registry
 from .guidance import CFG
@@ -28,8 +28,19 @@ def list_guidance() -> list[str]:
     return _registry.names("guidance")
 
 
+def __getattr__(name: str):
+    """``diffguide.GuidedPipeline`` (and ``GuidedOutput``, ``Stitching``) without importing diffusers
+    until they are used: the core stays torch-only."""
+    if name in ("GuidedPipeline", "GuidedOutput", "Stitching"):
+        from . import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'diffguide' has no attribute {name!r}")
+
+
 __all__ = ["Branch", "CFG", "Clip", "Denoiser", "DynamicThreshold", "FlowSchedule", "GaussianMixture",
-           "Guidance", "GuidedDenoiser", "NetDenoiser", "Point", "Pred", "RandomNoise", "Sampler",
+           "Guidance", "GuidedDenoiser", "GuidedOutput", "GuidedPipeline", "NetDenoiser", "NonFiniteError",
+           "Stitching", "Point", "Pred", "RandomNoise", "Sampler",
            "Schedule", "SeededNoise", "Step", "Stitch", "VPSchedule", "get_guidance", "get_sampler", "guide",
            "list_guidance", "list_samplers", "parse_spec", "register", "sample", "timesteps",
            "to_spec"]

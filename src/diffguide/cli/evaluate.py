@@ -12,30 +12,20 @@ from .. import __version__
 from ..core.registry import parse_spec, to_spec
 from ..core.spacing import SPACINGS
 from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
-from .generate import (UsageError, add_noise_arguments, add_stitch_arguments, check_writable, load_model,
-                       load_stitch, noise_spec, parse_stitch, save_png)
+from ..pipelines.images import Outputs, prove_writable
+from .generate import (MAX_SEED, UsageError, add_model_arguments, add_noise_arguments, add_stitch_arguments, load_model,
+                       load_stitch, noise_spec, parse_stitch)
 
 
-def _common(p, steps: int) -> None:
-    p.add_argument("--model", default="builtin", help="diffusers folder or hub id (default: built-in)")
-    p.add_argument("--sampler", default=None, help="sampler spec (default: the model's own; dpmpp_2m "
-                                                   "for the built-in model)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"sampling steps (default: a distilled student's own, else {steps})")
-    p.set_defaults(default_steps=steps)
-    p.add_argument("--spacing", default=None, choices=SPACINGS)
+def _common(p, guidance: bool = False) -> None:
+    add_model_arguments(p, guidance)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="images per forward batch")
-    p.add_argument("--device", default=None, choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def add_eval_arguments(p) -> None:
-    _common(p, 25)
-    p.add_argument("--guidance", default=None, help="guidance spec (default: cfg; none for a distilled "
-                                                    "student)")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
+    _common(p, guidance=True)
     p.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in set)")
     # torchrun's own parser takes --n for an abbreviation of its options: the long name passes through
     p.add_argument("--n", "--images-per-prompt", dest="n", type=int, default=8,
@@ -50,7 +40,7 @@ def add_eval_arguments(p) -> None:
 
 
 def add_compare_arguments(p) -> None:
-    _common(p, 25)
+    _common(p)
     p.add_argument("prompt")
     p.add_argument("--guidance", nargs="+", default=["none", "cfg"], help="guidance specs, one row each")
     p.add_argument("--scales", default=None, help="comma-separated scales; each spec with a scale "
@@ -65,14 +55,15 @@ def _check(args) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name} must be >= 1, got {v}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    top = MAX_SEED // 100_000 - 1  # prompt sets derive seed x 100000 + 1000 k + j
+    if not 0 <= args.seed <= top:
+        raise UsageError(f"--seed must be in 0..{top}, got {args.seed}")
 
 
 def _model_defaults(args, gp) -> None:
     """Fill what the user left out from the model (a distilled student's folder records its own)."""
     if args.steps is None:
-        args.steps = gp.defaults.get("steps", args.default_steps)
+        args.steps = gp.default_steps
 
 
 def run_eval(args) -> int:
@@ -88,9 +79,10 @@ def run_eval(args) -> int:
     prompts = metrics.read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     guidance = parse_spec("guidance", args.guidance) if args.guidance else None
-    for path in (args.grid, args.out, args.per_image):
+    grid_out = Outputs(args.grid, [0], overwrite=True) if args.grid else None
+    for path in (args.out, args.per_image):
         if path:
-            check_writable([path], overwrite=True)
+            prove_writable(os.path.dirname(os.path.abspath(path)))
     parse_stitch(args.stitch)
     noise = noise_spec(args)
     state = process_state(cpu=args.device == "cpu")
@@ -122,10 +114,10 @@ def run_eval(args) -> int:
     if args.per_image:
         seeds = [s for k in range(len(prompts)) for s in prompt_seeds(args.seed, k, args.n)]
         _write_text(args.per_image, "".join(json.dumps({"seed": s, **r}) + "\n" for s, r in zip(seeds, records)))
-    if args.grid:
+    if grid_out is not None:
         rows = [images[ids == k] for k in range(len(prompts))]
-        save_png(grid(rows, prompts), args.grid,
-                 {k: result[k] for k in ("model", "guidance", "sampler", "steps", "version")})
+        grid_out.write(grid(rows, prompts), 0, {k: result[k] for k in ("model", "guidance", "sampler", "steps",
+                                                                     "version")})
     return 0
 
 
@@ -146,7 +138,7 @@ def run_compare(args) -> int:
         except ValueError:
             raise UsageError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
-    check_writable([args.output], args.overwrite)
+    out = Outputs(args.output, [0], args.overwrite)
     gp, _ = load_model(args)
     _model_defaults(args, gp)
     sampler = gp.resolve("none", None, sampler)[1]
@@ -162,14 +154,13 @@ def run_compare(args) -> int:
             labels.append(f"{to_spec(g)} ({nfe:g} NFE)")
     meta = {"prompt": args.prompt, "rows": labels, "sampler": to_spec(sampler), "steps": args.steps,
             "seeds": seeds, "model": args.model, "version": __version__}
-    save_png(grid(rows, labels), args.output, meta)
-    print(args.output)
+    print(out.write(grid(rows, labels), 0, meta))
     print(f"{len(rows)} rows x {args.n} images", file=sys.stderr)
     return 0
 
 
 def add_calibrate_arguments(p) -> None:
-    _common(p, 25)
+    _common(p)
     p.add_argument("--scale", type=float, default=5.0, help="CFG scale of the recorded trajectories")
     p.add_argument("--prompts", default=None, help="file with one prompt per line (default: built-in set)")
     p.add_argument("--n", "--images-per-prompt", dest="n", type=int, default=2, help="images per prompt")
@@ -192,7 +183,9 @@ def run_calibrate(args) -> int:
     else:
         prompts = list(metrics.DEFAULT_PROMPTS)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
-    check_writable([args.output], args.overwrite)
+    prove_writable(os.path.dirname(os.path.abspath(args.output)))
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UsageError(f"output {args.output!r} exists; pass --overwrite to replace it")
     gp, _ = load_model(args)
     _model_defaults(args, gp)
     sampler = gp.resolve("none", None, sampler)[1]

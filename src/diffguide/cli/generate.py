@@ -1,11 +1,8 @@
-"""``diffguide generate``: text (or class) to PNG files with their settings in the PNG metadata."""
+"""``diffguide generate``: text (or class) to image files with their settings in the file's metadata."""
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
-import tempfile
 import time
 
 from .. import __version__
@@ -13,9 +10,17 @@ from ..core.registry import parse_spec, to_spec
 from ..core.spacing import SPACINGS
 from ..pipelines.parallel import barrier, gather, is_main, process_state, shard
 
+MAX_SEED = 2 ** 64 - 1  # torch generators take seeds in [0, 2^64)
+
 
 class UsageError(Exception):
     pass
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"{flag} {seed} is out of range; seeds are integers in 0..{MAX_SEED}")
+    return seed
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -28,42 +33,69 @@ def parse_seeds(text: str) -> list[int]:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise UsageError(f"bad --seeds range {part.strip()!r}: the end is below the start")
+        if hi - lo > 10_000_000:
+            raise UsageError(f"--seeds range {part.strip()!r} is too long (at most 10,000,000 seeds)")
         out.extend(range(lo, hi + 1))
     if len(set(out)) != len(out):
         raise UsageError(f"--seeds {text!r} repeats a seed")
+    for s in out:
+        check_seed(s, "--seeds")
     return out
 
 
 def add_arguments(p) -> None:
-    p.add_argument("prompt", help="text prompt (a class index or name for class-conditional models)")
-    p.add_argument("--model", default="builtin",
-                   help="diffusers model folder or hub id (default: the built-in toy model)")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="text prompt (a class index or name for class-conditional models; none for "
+                        "unconditional models or with --from-png)")
     p.add_argument("--fast", action="store_true",
                    help="use the built-in distilled student (4 steps) instead of the built-in model")
+    p.add_argument("--from-png", default=None, metavar="FILE",
+                   help="re-create an image diffguide wrote (PNG, JPEG or WebP) from its own settings, "
+                        "bit for bit on the same machine; other flags given override them")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--guidance", default=None,
-                   help="guidance spec, e.g. cfg:scale=7.5,rescale=0.7 (default: cfg; none for LCM students)")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale (overrides the spec's)")
-    p.add_argument("--sampler", default=None,
-                   help="sampler spec, e.g. dpmpp_2m:solver_type=heun (default: dpmpp_2m, or the model's own)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampling steps (default: the model's own, 20 unless a distilled student says)")
-    p.add_argument("--spacing", default=None, choices=SPACINGS,
-                   help="time grid (default: the one the model's scheduler config uses)")
+    add_model_arguments(p)
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", default=None, help="several seeds, e.g. 0-15 or 1,4,9")
-    p.add_argument("--batch", type=int, default=1, help="images per forward batch")
+    p.add_argument("--batch", type=int, default=1,
+                   help="images per forward batch (an image is the same at the same batch size; another "
+                        "size can move a pixel by 1/255 through batched kernels)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    add_stitch_arguments(p)
+    add_noise_arguments(p)
+    p.add_argument("-o", "--output", default=None,
+                   help="a .png, .jpg or .webp path, or a folder (files named by seed); default: "
+                        "outputs/ with A1111-style names, a running counter and the seed (00012-7.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_model_arguments(p, guidance: bool = True) -> None:
+    """The model, sampling and device options generate, eval and compare share, with one set of defaults."""
+    from ..pipelines.pipeline import DEFAULT_STEPS
+
+    p.add_argument("--model", default=None,
+                   help="diffusers model folder or hub id (default: the built-in toy model)")
+    if guidance:
+        p.add_argument("--guidance", default=None,
+                       help="guidance spec, e.g. cfg:scale=7.5,rescale=0.7 (default: the model's own: cfg; "
+                            "none for distilled students and unconditional models)")
+        p.add_argument("--scale", type=float, default=None,
+                       help="guidance scale, overriding the spec's (default: the method's own, cfg 5)")
+    p.add_argument("--sampler", default=None,
+                   help="sampler spec, e.g. dpmpp_2m:solver_type=heun (default: the model's own; dpmpp_2m "
+                        "for the built-in model)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default: the model's own; {DEFAULT_STEPS} unless a distilled "
+                        f"student's folder says)")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="time grid (default: the one the model's scheduler config uses)")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="network dtype (default: float16 on cuda, float32 on cpu)")
-    add_stitch_arguments(p)
-    add_noise_arguments(p)
-    p.add_argument("-o", "--output", default="outputs", help="a .png path (one image) or a folder")
-    p.add_argument("--overwrite", action="store_true", help="replace existing files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--vae-dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="the VAE's dtype (default: --dtype); float32 avoids float16 VAE overflow")
 
 
 def add_stitch_arguments(p) -> None:
@@ -126,70 +158,6 @@ def load_stitch(args, gp):
     return Stitching(small, spec[1], reset=args.stitch_reset)  # checked against gp on each call
 
 
-def _targets(output: str, seeds: list[int]) -> list[str]:
-    if output.lower().endswith(".png"):
-        if len(seeds) == 1:
-            return [output]
-        stem = output[:-4]
-        return [f"{stem}-{s:06d}.png" for s in seeds]
-    return [os.path.join(output, f"{s:06d}.png") for s in seeds]
-
-
-def check_writable(paths: list[str], overwrite: bool) -> None:
-    """Fail before any work if the files cannot be written; create nothing yet."""
-    folder = os.path.dirname(os.path.abspath(paths[0]))
-    probe = folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise UsageError(f"cannot write to output folder {folder!r}: {probe!r} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to output folder {folder!r}: {probe!r} is not writable")
-    if not overwrite:
-        for p in paths:
-            if os.path.exists(p):
-                raise UsageError(f"output {p!r} exists; pass --overwrite to replace it")
-
-
-def parameters_text(meta: dict) -> str:
-    """The 'parameters' text chunk in the layout other image tools already parse."""
-    lines = [str(meta["prompt"])]
-    if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    fields = [("Steps", meta["steps"]), ("Sampler", meta["sampler"]), ("Guidance", meta["guidance"])]
-    if meta.get("scale") is not None:
-        fields.append(("CFG scale", meta["scale"]))
-    fields += [("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"),
-               ("Model", meta["model"]), ("Version", f"diffguide {meta['version']}")]
-    if meta.get("spacing"):
-        fields.insert(3, ("Spacing", meta["spacing"]))
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
-    return "\n".join(lines)
-
-
-def save_png(image, path: str, meta: dict, parameters: str | None = None) -> None:
-    """Write atomically: a temporary file in the same folder, renamed into place. ``meta`` goes into
-    a ``diffguide`` JSON text chunk, ``parameters`` (if given) into a ``parameters`` chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", parameters)
-    info.add_text("diffguide", json.dumps(meta, sort_keys=True))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".diffguide-", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a plain file is expected
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def load_model(args, state=None):
     """(GuidedPipeline, dtype name) from --model, --device (default cuda if available; this
     process's own device when launched on several, from ``state``) and --dtype (default float16 on
@@ -204,23 +172,50 @@ def load_model(args, state=None):
         device = state.device
     dtype = args.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
     quiet_loading()
+    args.model = args.model or "builtin"
     return GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
+                                          vae_dtype=getattr(args, "vae_dtype", None),
                                           progress=not args.quiet and state is None), dtype
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model", "guidance": "guidance",
+            "sampler": "sampler", "steps": "steps", "spacing": "spacing", "height": "height", "width": "width",
+            "dtype": "dtype", "vae_dtype": "vae_dtype", "stitch": "stitch", "scale": "scale",
+            "noise_optimizer": None}
+
+
+def apply_png(args) -> list[int] | None:
+    """Fill every setting the user did not give from the image's own (``--from-png``); the batch it
+    was made in, so that the image comes out bit for bit."""
+    from ..pipelines.images import read_metadata
+
+    meta = read_metadata(args.from_png)
+    for key, attr in FROM_PNG.items():
+        if attr is not None and getattr(args, attr, None) is None and meta.get(key) not in (None, ""):
+            setattr(args, attr, meta[key])
+    if args.initno is None and args.reno is None and meta.get("noise_optimizer"):
+        name, _, opts = meta["noise_optimizer"].partition(":")
+        setattr(args, name, opts)
+    if meta.get("stitch_reset"):
+        args.stitch_reset = True
+    if args.seed is None and args.seeds is None:
+        args.seed = int(meta["seed"])
+        batch = [int(v) for v in meta.get("batch_seeds") or [args.seed]]
+        return batch
+    return None
 
 
 def run(args) -> int:
+    from ..pipelines.images import Outputs, parameters_text
+
     # everything that can be checked before loading the model is checked first
+    batch_seeds = apply_png(args) if args.from_png else None
     if args.fast:
-        if args.model != "builtin":
+        if args.model not in (None, "builtin"):
             raise UsageError(f"--fast picks the built-in distilled student; it cannot be combined with "
                              f"--model {args.model!r}")
         args.model = "builtin-fast"
+    args.model = args.model or "builtin"
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.batch < 1:
@@ -233,16 +228,17 @@ def run(args) -> int:
         raise UsageError("--scale must be a number")
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     guidance = parse_spec("guidance", args.guidance) if args.guidance else None
-    seeds = parse_seeds(args.seeds) if args.seeds is not None else [0 if args.seed is None else args.seed]
-    if any(s < 0 for s in seeds):
-        raise UsageError(f"seeds must be >= 0, got {min(seeds)}")
-    paths = _targets(args.output, seeds)
-    check_writable(paths, args.overwrite)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else \
+        [check_seed(0 if args.seed is None else args.seed)]
+    outputs = Outputs(args.output, seeds, args.overwrite)
     parse_stitch(args.stitch)
     noise = noise_spec(args)
 
     state = process_state(cpu=args.device == "cpu")
     gp, dtype = load_model(args, state)
+    if gp.family.conditional and args.prompt is None:
+        raise UsageError(f"give a prompt: {type(gp.family.net).__name__} is conditioned on one")
+    prompt = "" if args.prompt is None else args.prompt
     stitch = load_stitch(args, gp)
     embedded = gp.embedded_guidance
     if args.steps is None:
@@ -250,27 +246,32 @@ def run(args) -> int:
     g, s = gp.resolve(guidance, None if embedded else args.scale, sampler)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
-    meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "model": args.model,
+    meta = {"prompt": prompt, "negative_prompt": args.negative or "", "model": args.model,
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
+            **({"vae_dtype": args.vae_dtype} if args.vae_dtype else {}),
             "scale": (args.scale if args.scale is not None else gp.embedded_scale) if embedded else getattr(g, "scale", None),
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
             **({"noise_optimizer": noise} if noise else {})}
     t0 = time.perf_counter()
     written, nfe = [], []
-    # one unit of work is one --batch of seeds, made as a single process would make it; launched on
-    # several processes each takes its share and writes its own files (named by seed)
-    batches = [(seeds[i:i + args.batch], paths[i:i + args.batch]) for i in range(0, len(seeds), args.batch)]
-    for chunk, targets in shard(batches, state):
-        out = gp(args.prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
+    # one unit of work is one --batch of seeds (with --from-png: the batch the image was made in),
+    # made as a single process would make it; launched on several processes each takes its share
+    # and writes its own files (named by seed)
+    batches = [seeds[i:i + args.batch] for i in range(0, len(seeds), args.batch)] if batch_seeds is None \
+        else [batch_seeds]
+    for chunk in shard(batches, state):
+        out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  guidance_scale=args.scale if embedded else None,
                  spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
                  output_type="pil", stitch=stitch, noise_optimizer=noise)
-        nfe.append((out.nfe + (out.noise["nfe"] if out.noise else 0)) * len(chunk))
-        for seed, img, path in zip(chunk, out.images, targets):
-            m = {**meta, "seed": seed}
-            save_png(img, path, m, parameters_text(m))
+        for seed, img in zip(chunk, out.images):
+            if seed not in seeds:  # --from-png: the batch's other images are not asked for
+                continue
+            m = {**meta, "seed": seed, "batch_seeds": chunk}
+            path = outputs.write(img, seed, m, parameters_text(m))
             written.append(path)
+            nfe.append(out.nfe + (out.noise["nfe"] if out.noise else 0))
             if state is None:
                 print(path)
     written, nfe = gather(written, state), gather(nfe, state)

@@ -19,7 +19,7 @@ from ..toy.mixture import GaussianMixture
 
 
 from . import bench, distill, evaluate, generate
-from .generate import UsageError
+from .generate import MAX_SEED, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,9 +49,11 @@ def _mixture(args) -> int:
     gm = GaussianMixture.ring(schedule)
     sampler = parse_spec("sampler", args.sampler)
     guidance = parse_spec("guidance", args.guidance)
-    labels = torch.full((args.n,), args.label)
-    if args.label >= int(gm.labels.max()) + 1:
+    if not 0 <= args.seed <= MAX_SEED - args.n:
+        raise UsageError(f"--seed must be in 0..{MAX_SEED - args.n}, got {args.seed}")
+    if not 0 <= args.label <= int(gm.labels.max()):
         raise UsageError(f"--label must be in 0..{int(gm.labels.max())}, got {args.label}")
+    labels = torch.full((args.n,), args.label)
     denoise = guide(gm, guidance, labels, torch.full((args.n,), -1))
     noise = SeededNoise(range(args.seed, args.seed + args.n))
     ts = timesteps(schedule, args.steps, args.spacing)
@@ -196,10 +198,22 @@ def main(argv=None) -> int:
         return _fail(e, 2)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:  # the reader went away (diffguide list | head -1): nothing to report
+        _quiet_stdout()
+        return 0
     except Exception as e:  # a failure, not bad usage: still one line unless debugging
         if os.environ.get("DIFFGUIDE_DEBUG"):
             raise
         return _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that Python's flush at exit does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(message, code: int) -> int:

@@ -3,7 +3,7 @@ from .denoiser import Denoiser, NetDenoiser
 from .guided import Branch, Guidance, GuidedDenoiser, Point, guide
 from .pred import Pred
 from .registry import parse_spec, register, to_spec
-from .sample import Ancestral, Churn, RandomNoise, Sampler, SeededNoise, Step, sample
+from .sample import Ancestral, Churn, NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
 from .schedule import FlowSchedule, Schedule, VPSchedule
 from .spacing import SPACINGS, timesteps
 from .stitch import Stitch

@@ -106,6 +106,8 @@ def _parse_options(kind: str, what: str, spec: str, rest: str, allowed: dict) ->
         key = key.strip()
         if not eq or not key:
             raise ValueError(f"malformed {kind} spec {spec!r}: {item!r} is not key=value")
+        if key in opts:
+            raise ValueError(f"{kind} spec {spec!r} gives {key} twice; give each option once")
         try:  # unknown keys pass through uncoerced; the constructor names them
             opts[key] = _coerce(value, allowed[key]) if key in allowed else value
         except ValueError as e:

@@ -188,13 +188,29 @@ def draw(noise, like: torch.Tensor) -> torch.Tensor:
 
 # -- the loop -------------------------------------------------------------------------------------
 
+class NonFiniteError(ValueError):
+    """A run produced NaN or infinite values: ``where`` ("sampling", "decoding"), the first bad
+    ``step`` (0-based) of ``steps`` for sampling."""
+
+    def __init__(self, message: str, where: str = "sampling", step: int | None = None, steps: int | None = None):
+        super().__init__(message)
+        self.where, self.step, self.steps = where, step, steps
+
+
+FINITE_EVERY = 8  # steps between host reads of the non-finite flag (the flag itself is kept every step)
+
+
 def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None = None,
-           callback: Callable[[Step, torch.Tensor], None] | None = None, grad: bool = False) -> torch.Tensor:
+           callback: Callable[[Step, torch.Tensor], None] | None = None, grad: bool = False,
+           check_finite: bool = True) -> torch.Tensor:
     """Integrate from x at ts[0] down the grid ts; returns the sample at ts[-1].
 
     ``denoise`` is an ``(x, t) -> Pred`` callable with a ``.schedule`` (what ``guide`` returns).
     ``sampler`` is a Sampler or a registry spec such as ``"dpmpp_2m"``. Gradients are off unless
     ``grad=True``; guidance branches that need them turn them on for themselves.
+    ``check_finite``: raise ``NonFiniteError`` naming the first step whose x has a NaN or inf. The
+    first bad step is tracked on x's device and read back every ``FINITE_EVERY`` steps and at the
+    end, so a GPU run is not synchronised at every step.
     """
     from .registry import parse_spec  # deferred: samplers register on import
 
@@ -218,12 +234,23 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
     begin = getattr(denoise, "begin_step", None)
     n = ts.numel() - 1
     a, s, ve = _levels(schedule, ts)  # once per run, not twice per grid point
+    first_bad = torch.full((), n, device=x.device) if check_finite else None
     with torch.set_grad_enabled(grad):
         for i in range(n):
             st = Step(i, n, ts[i], ts[i + 1], schedule, a[i], s[i], ve[i], a[i + 1], s[i + 1], ve[i + 1])
             if begin is not None and begin(st) and denoise.stitch.reset:
                 state = sampler.init_state()  # T-Stitch with reset: no history across the switch
             x, state = sampler.step(denoise, x, st, state, noise)
+            if first_bad is not None:
+                first_bad = torch.where(torch.isfinite(x.detach()).all() | (first_bad < n), first_bad, i)
+                if (i + 1) % FINITE_EVERY == 0 or i == n - 1:
+                    _raise_if_bad(int(first_bad), n, ts)
             if callback is not None:
                 callback(st, x)
     return x
+
+
+def _raise_if_bad(first: int, n: int, ts) -> None:
+    if first < n:
+        raise NonFiniteError(f"sampling produced NaN or inf at step {first + 1} of {n} (t {float(ts[first]):.4g} "
+                             f"-> {float(ts[first + 1]):.4g})", "sampling", first, n)

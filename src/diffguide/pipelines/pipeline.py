@@ -22,8 +22,8 @@ import torch
 
 from ..core.denoiser import Boundary, NetDenoiser
 from ..core.guided import Guidance, _rows, guide
-from ..core.registry import parse_spec
-from ..core.sample import RandomNoise, Sampler, SeededNoise, Step, sample
+from ..core.registry import parse_spec, to_spec
+from ..core.sample import NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
 from .families import Family, family_of
 from .schedulers import SchedulerInfo, from_scheduler
@@ -91,6 +91,7 @@ BUILTIN = {"builtin": "toy", "builtin-small": "toy-small", "builtin-fast": "toy-
 
 
 DEFAULTS_FILE = "diffguide.json"
+DEFAULT_STEPS = 25  # every command's and __call__'s default unless a student's folder records its own
 
 
 def read_defaults(folder: str) -> dict:
@@ -175,8 +176,10 @@ class GuidedPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, torch_dtype=None, device=None, progress: bool = True,
-                        **kwargs) -> "GuidedPipeline":
-        """Load with ``diffusers.DiffusionPipeline.from_pretrained`` (a folder or a hub id)."""
+                        vae_dtype=None, **kwargs) -> "GuidedPipeline":
+        """Load with ``diffusers.DiffusionPipeline.from_pretrained`` (a folder or a hub id).
+        ``vae_dtype``: the VAE's own dtype (float32 decoding beside a float16 network avoids the
+        classic fp16 VAE overflow)."""
         from diffusers import DiffusionPipeline
 
         path = builtin_path(os.fspath(path_or_id))
@@ -205,6 +208,8 @@ class GuidedPipeline:
                 raise ValueError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from e
         if dev is not None:
             pipe = pipe.to(dev)
+        if vae_dtype is not None and getattr(pipe, "vae", None) is not None:
+            pipe.vae.to(as_dtype(vae_dtype))
         out = cls(pipe, progress=progress)
         out.source = path
         out.defaults = read_defaults(path)
@@ -230,9 +235,10 @@ class GuidedPipeline:
     def resolve(self, guidance, guidance_scale, sampler) -> tuple[Guidance, Sampler]:
         """Guidance and sampler objects from specs; guidance_scale overrides the method's scale.
         None picks the model's own: a student folder's, else none where the scale is embedded in
-        the network (LCM), else cfg."""
+        the network (LCM) or there is no condition (unconditional models), else cfg."""
         if guidance is None:
-            guidance = self.defaults.get("guidance") or ("none" if self.embedded_guidance else "cfg")
+            guidance = self.defaults.get("guidance") or (
+                "none" if self.embedded_guidance or not self.family.conditional else "cfg")
         g = parse_spec("guidance", guidance) if isinstance(guidance, str) else guidance
         if not isinstance(g, Guidance):
             raise ValueError(f"guidance must be a spec string or a Guidance object, got {type(g).__name__}")
@@ -270,7 +276,7 @@ class GuidedPipeline:
 
     @property
     def default_steps(self) -> int:
-        return int(self.defaults.get("steps", 20))
+        return int(self.defaults.get("steps", DEFAULT_STEPS))
 
     @property
     def embedded_guidance(self) -> int | None:
@@ -285,12 +291,12 @@ class GuidedPipeline:
                  callback: Callable[[Step, torch.Tensor], None] | None = None,
                  progress: bool | None = None, max_batch: int | None = None,
                  threshold="scheduler", stitch: Stitching | None = None,
-                 noise_optimizer=None, process_state=None) -> GuidedOutput:
+                 noise_optimizer=None, process_state=None, check_finite: bool = True) -> GuidedOutput:
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
         guidance / sampler: registry specs (``"cfg:scale=7.5,rescale=0.7"``) or objects.
-        steps None: the model's own (a distilled student's folder records it; else 20).
+        steps None: the model's own (a distilled student's folder records it; else 25).
         seed: one int (image i gets seed + i), a list of per-image seeds, or None (random); each image
         has its own generator, so an image does not depend on its batch. ``generator`` (a
         torch.Generator or a list, as in diffusers) is the alternative. spacing None: the grid the
@@ -304,6 +310,9 @@ class GuidedPipeline:
         several processes: the call's images (prompt-major, each with its own seed or generator)
         are shared between the processes in contiguous parts and this process makes only its own
         part, in one batch; ``indices`` and ``seeds`` say which images it holds.
+        check_finite: raise ``diffguide.NonFiniteError`` (a ValueError) naming the step, the guidance
+        and the likely fix when sampling or decoding produces NaN or inf, instead of returning a
+        black or NaN image; False returns whatever came out.
         """
         if process_state is not None:
             return self._share(process_state, prompt, negative_prompt, num_images_per_prompt, seed, generator,
@@ -311,7 +320,7 @@ class GuidedPipeline:
                                     steps=steps, spacing=spacing, height=height, width=width,
                                     output_type=output_type, callback=callback, progress=progress,
                                     max_batch=max_batch, threshold=threshold, stitch=stitch,
-                                    noise_optimizer=noise_optimizer))
+                                    noise_optimizer=noise_optimizer, check_finite=check_finite))
         t_start = time.perf_counter()
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
@@ -326,6 +335,8 @@ class GuidedPipeline:
         g, s = self.resolve(guidance, guidance_scale, sampler)
         h, w = self.size(height, width)
         ts = self.info.timesteps(steps, spacing)
+        if not self.family.conditional:
+            self._check_unconditional(g, ts)
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         if not prompts:
             raise ValueError("prompt list is empty")
@@ -397,7 +408,14 @@ class GuidedPipeline:
                 if callback is not None:
                     callback(st, xt)
             try:
-                x = sample(denoise, s, ts, x, noise, callback=each)
+                x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite)
+            except NonFiniteError as e:
+                half = fam.net.dtype == torch.float16
+                raise NonFiniteError(
+                    f"{e} with guidance {to_spec(g)} and sampler {to_spec(s)}: the guidance scale may be too "
+                    f"large for this model (lower it)" + (", or the network overflowed in float16 (run it in "
+                                                         "float32 or bfloat16: --dtype)" if half else ""),
+                    e.where, e.step, e.steps) from None
             finally:
                 bar.close()
             if device.type == "cuda":
@@ -407,7 +425,15 @@ class GuidedPipeline:
             # -- decoding
             images, nsfw = x, None
             if output_type != "latent":
-                images, nsfw = self._safety(fam.decode(x), device)
+                decoded = fam.decode(x)
+                if check_finite and not bool(torch.isfinite(decoded).all()):
+                    vae = getattr(self.pipe, "vae", None)
+                    raise NonFiniteError(
+                        "decoding produced NaN pixels from finite latents" + (
+                            f": the VAE overflowed in {str(vae.dtype).replace('torch.', '')}; decode in float32 "
+                            f"(--vae-dtype float32, vae_dtype=torch.float32)" if vae is not None else ""),
+                        "decoding")
+                images, nsfw = self._safety(decoded, device)
                 if output_type != "pt":
                     images = images.cpu().permute(0, 2, 3, 1).numpy()
                     if output_type == "pil":
@@ -418,6 +444,16 @@ class GuidedPipeline:
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor, usable with autograd and in-place ops
         return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report)
+
+    def _check_unconditional(self, g: Guidance, ts) -> None:
+        """A method that compares conditions cannot run on a model that has none."""
+        from ..core.guided import Point
+
+        needs = {br.cond for br in g.branches(Point(ts[0], self.info.schedule), g.init_state()).values()}
+        if needs - {"pos"}:
+            raise ValueError(f"guidance {to_spec(g)!r} compares a prompt with a negative, but "
+                             f"{type(self.family.net).__name__} is unconditional; use guidance 'none' "
+                             f"(--guidance none)")
 
     def _share(self, state, prompt, negative_prompt, n: int, seed, generator, kw: dict) -> GuidedOutput:
         """This process's contiguous part of a call's images (see ``process_state`` in __call__)."""
