@@ -230,3 +230,40 @@ def test_list_into_a_closed_pipe():
     res = subprocess.run(f"{sys.executable} -m diffguide list | head -1", shell=True, capture_output=True,
                          text=True, executable="/bin/bash")
     assert res.stdout.strip() == "samplers:" and res.stderr == ""
+
+
+# -- threads ---------------------------------------------------------------------------------------
+
+def test_threads_sharing_a_pipeline_match_their_serial_twins(sd):
+    """Three threads share one pipeline and one stateful guidance object (APG with momentum), with
+    stochastic samplers; the calls start together (a barrier) so that their prompt encodings
+    overlap. Every image equals the one a lone call makes."""
+    import threading
+
+    gp = GuidedPipeline.from_pretrained(sd, progress=False)
+    g = dg.parse_spec("guidance", "apg:scale=5,momentum=-0.5")
+    samplers = ("dpmpp_2m_sde", "euler_ancestral", "dpmpp_3m_sde")
+    prompts = ("a red circle", "a blue square on a white background", "a yellow triangle")
+
+    def make(seed, k):
+        return gp(prompts[k], guidance=g, sampler=samplers[k], steps=4, seed=seed, output_type="np",
+                  progress=False).images
+    serial = {(seed, k): make(seed, k) for seed in range(12) for k in range(3)}
+    start = threading.Barrier(3)
+    got, errors = {}, []
+
+    def worker(k):
+        try:
+            for seed in range(12):
+                start.wait()
+                got[seed, k] = make(seed, k)
+        except Exception as e:  # reported below, not lost in the thread
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    differ = [key for key in serial if not np.array_equal(serial[key], got[key])]
+    assert not differ, differ

@@ -6,9 +6,16 @@ A family turns prompts into condition dicts (text encoders run through the diffu
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
+
+# Tokenizers keep their padding and truncation settings on the object: diffusers' encode_prompt
+# tokenises with "max_length" and then "longest", so two threads encoding at once can swap them and
+# get text embeddings of the wrong length. Encoding is cheap next to sampling; it runs one at a time.
+ENCODE_LOCK = threading.RLock()
+UPCAST_LOCK = threading.Lock()
 
 
 class Family:
@@ -88,13 +95,15 @@ class Family:
             z = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
         dtype = vae.dtype
         upcast = dtype == torch.float16 and getattr(cfg, "force_upcast", False)
-        if upcast:  # SDXL's fp16 VAE overflows; decode in float32 as its pipeline does
-            vae.to(torch.float32)
-        try:
-            img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        finally:
-            if upcast:
-                vae.to(dtype)
+        if not upcast:
+            img = vae.decode(z.to(dtype), return_dict=False)[0]
+        else:  # SDXL's fp16 VAE overflows; decode in float32 as its pipeline does (one thread at a
+            with UPCAST_LOCK:  # time: the cast changes the shared VAE)
+                vae.to(torch.float32)
+                try:
+                    img = vae.decode(z.float(), return_dict=False)[0]
+                finally:
+                    vae.to(dtype)
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec, to_spec
 from ..core.sample import NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
-from .families import Family, family_of
+from .families import ENCODE_LOCK, Family, family_of
 from .schedulers import SchedulerInfo, from_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -369,7 +370,8 @@ class GuidedPipeline:
             if fam.conditional:
                 # all None stays None: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)
                 negs_text = None if all(q is None for q in negs) else ["" if q is None else q for q in negs]
-                pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
+                with ENCODE_LOCK:
+                    pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
                 pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
             if embedded:  # LCM: w = scale - 1, embedded as the pipeline's get_guidance_scale_embedding
                 emb = guidance_embedding(torch.full((b,), w_scale - 1.0), embedded).to(device, self.family.net.dtype)
@@ -380,7 +382,8 @@ class GuidedPipeline:
                 small = stitch.small
                 models["small"] = small.denoiser
                 if fam.conditional:  # the small model reads its own encoding of the prompts
-                    sp, sn = small.family.encode(prompts, negs_text, num_images_per_prompt, small.device)
+                    with ENCODE_LOCK:
+                        sp, sn = small.family.encode(prompts, negs_text, num_images_per_prompt, small.device)
                     extra_conds = {"pos@small": small.family.extra(sp, h, w),
                                    "neg@small": small.family.extra(sn, h, w)}
             t_encode = time.perf_counter()
@@ -522,7 +525,7 @@ class GuidedPipeline:
             return torch.randn((1, *x.shape[1:]), generator=gen).to(x.device)
 
         ctx = NoiseContext(texts, scale, seeds,
-                           tokenize=(lambda t: tok(t, truncation=True).input_ids) if tok is not None else None,
+                           tokenize=(lambda t: _tokenize(tok, t)) if tok is not None else None,
                            special=frozenset(tok.all_special_ids) if tok is not None else frozenset(),
                            attention=attention if fam.conditional and tok is not None else None,
                            render=render, draw=draw, counts=counts)
@@ -566,19 +569,39 @@ class GuidedPipeline:
         return images, flags
 
 
+def _tokenize(tok, text: str) -> list:
+    with ENCODE_LOCK:
+        return tok(text, truncation=True).input_ids
+
+
+_FREEZE_LOCK = threading.Lock()
+_FROZEN: dict = {}  # parameter -> [holders, its requires_grad before the first holder]
+
+
 @contextlib.contextmanager
 def frozen(*modules):
-    """Parameters out of autograd for a while (noise optimisation needs gradients in x only);
-    their requires_grad flags are restored afterwards."""
-    params = [p for m in modules for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
+    """Parameters out of autograd for a while (noise optimisation needs gradients in x only); their
+    requires_grad flags come back when the last holder leaves, so concurrent runs on one model
+    cannot leave it frozen or thaw it under each other."""
+    params = list({id(p): p for m in modules for p in m.parameters()}.values())
+    with _FREEZE_LOCK:
+        for p in params:
+            entry = _FROZEN.get(p)
+            if entry is None:
+                _FROZEN[p] = [1, p.requires_grad]
+                p.requires_grad_(False)
+            else:
+                entry[0] += 1
     try:
         yield
     finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+        with _FREEZE_LOCK:
+            for p in params:
+                entry = _FROZEN[p]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    p.requires_grad_(entry[1])
+                    del _FROZEN[p]
 
 
 def to_pil(images: np.ndarray) -> list:
