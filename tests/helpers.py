@@ -223,6 +223,18 @@ def pipeline_parity(case, folder):
     out = gp(**{"guidance": "cfg", **ours}, seed=PIPELINE_SEEDS, output_type="np")
     return out, ref
 
+# "DPM++ 2M Karras": diffusers evaluates the network at rounded timesteps beside exact Karras sigmas
+for _pred in ("epsilon", "v_prediction"):
+    for _steps in (10, 30):
+        PIPELINE_CASES[f"sd_{_pred}_dpmpp_2m_karras_{_steps}"] = (
+            "sd", {"prediction_type": _pred, "scheduler": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
+            dict(prompt=_TWO, num_inference_steps=_steps, guidance_scale=6.0),
+            dict(prompt=_TWO, steps=_steps, guidance_scale=6.0, sampler="dpmpp_2m"))
+    PIPELINE_CASES[f"sd_{_pred}_euler_karras"] = (
+        "sd", {"prediction_type": _pred, "scheduler": "EulerDiscreteScheduler", "use_karras_sigmas": True},
+        dict(prompt=_TWO, num_inference_steps=12, guidance_scale=6.0),
+        dict(prompt=_TWO, steps=12, guidance_scale=6.0, sampler="euler"))
+
 for _verdict in ("flag_all", "flag_none"):
     PIPELINE_CASES[f"sd_safety_{_verdict}"] = (
         "sd", {"safety": _verdict}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=5.0),

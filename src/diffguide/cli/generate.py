@@ -260,11 +260,18 @@ def run(args) -> int:
     # and writes its own files (named by seed)
     batches = [seeds[i:i + args.batch] for i in range(0, len(seeds), args.batch)] if batch_seeds is None \
         else [batch_seeds]
+    import warnings
+
+    from ..pipelines.pipeline import PromptTruncated
+
+    warnings.filterwarnings("ignore", category=PromptTruncated)  # said once below, as a notice
     for chunk in shard(batches, state):
         out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  guidance_scale=args.scale if embedded else None,
                  spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
                  output_type="pil", stitch=stitch, noise_optimizer=noise)
+        for text in out.notices if not written and is_main(state) else ():
+            print(f"diffguide: notice: {text}", file=sys.stderr)
         for seed, img in zip(chunk, out.images):
             if seed not in seeds:  # --from-png: the batch's other images are not asked for
                 continue

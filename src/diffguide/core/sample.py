@@ -208,6 +208,7 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
     ``denoise`` is an ``(x, t) -> Pred`` callable with a ``.schedule`` (what ``guide`` returns).
     ``sampler`` is a Sampler or a registry spec such as ``"dpmpp_2m"``. Gradients are off unless
     ``grad=True``; guidance branches that need them turn them on for themselves.
+    ``callback(st, x)`` runs after every step; a tensor it returns replaces x.
     ``check_finite``: raise ``NonFiniteError`` naming the first step whose x has a NaN or inf. The
     first bad step is tracked on x's device and read back every ``FINITE_EVERY`` steps and at the
     end, so a GPU run is not synchronised at every step.
@@ -246,7 +247,9 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
                 if (i + 1) % FINITE_EVERY == 0 or i == n - 1:
                     _raise_if_bad(int(first_bad), n, ts)
             if callback is not None:
-                callback(st, x)
+                out = callback(st, x)
+                if out is not None:  # a callback may replace x (diffusers' callback_on_step_end)
+                    x = out
     return x
 
 

@@ -54,8 +54,25 @@ class Family:
         cfg = self.net.config
         return getattr(cfg, "out_channels", None) == 2 * cfg.in_channels
 
-    def encode(self, prompts: list, negatives: list, n: int, device) -> tuple[dict, dict]:
+    def encode(self, prompts: list, negatives: list, n: int, device, **extra) -> tuple[dict, dict]:
+        """Condition dicts for prompts and negatives, n images each. ``extra``: diffusers'
+        ``encode_prompt`` arguments (prompt_embeds, negative_prompt_embeds, clip_skip, lora_scale...)."""
         raise NotImplementedError
+
+    def notice(self, prompts: Sequence) -> str | None:
+        """A line saying which prompts the text encoder cannot read whole (None: all fit). Families
+        that encode long prompts in windows (``chunks``) have nothing to say."""
+        tok = getattr(self.pipe, "tokenizer", None)
+        if tok is None or self.chunks or not self.conditional:
+            return None
+        window = tok.model_max_length - 2
+        long = [p for p in prompts if isinstance(p, str) and len(tok(p, add_special_tokens=False).input_ids) > window]
+        if not long:
+            return None
+        return (f"{len(long)} prompt(s) longer than {type(self.net).__name__}'s text window of {window} tokens; "
+                f"only the first {window} are read ({long[0][:40]!r}...)")
+
+    chunks = False  # long prompts are encoded in windows and concatenated (A1111's practice)
 
     def extra(self, cond: dict, height: int, width: int) -> dict:
         """Resolution-dependent conditions (SDXL time ids, PixArt resolution); none by default."""
@@ -107,30 +124,125 @@ class Family:
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
+def clip_windows(tok, prompts: list, window: int, always: bool = False) -> list[list[list[int]]] | None:
+    """Each prompt's tokens cut into windows of ``window`` (no special tokens), every prompt given
+    the same number of windows (empty ones pad); None when every prompt fits one window, unless
+    ``always``."""
+    ids = [tok(p or "", add_special_tokens=False).input_ids for p in prompts]
+    if all(len(i) <= window for i in ids) and not always:
+        return None
+    k = max(1, max(-(-len(i) // window) for i in ids))
+    return [[i[j * window:(j + 1) * window] for j in range(k)] for i in ids]
+
+
+def clip_window_states(tok, encoder, windows: list[list[int]], device, layer: int | None, final_norm: bool):
+    """Hidden states of each window ([BOS] + tokens + [EOS], padded as the tokenizer pads) joined
+    along the sequence, and the pooled output of the first window. ``layer`` None: the last hidden
+    state; else hidden_states[layer] (with the final layer norm where ``final_norm``)."""
+    L = tok.model_max_length
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = [[tok.bos_token_id, *w, tok.eos_token_id] + [pad] * (L - len(w) - 2) for w in windows]
+    ids = torch.tensor(rows, device=device)
+    mask = torch.tensor([[1] * (len(w) + 2) + [0] * (L - len(w) - 2) for w in windows], device=device) \
+        if getattr(encoder.config, "use_attention_mask", False) else None
+    out = encoder(ids, attention_mask=mask, output_hidden_states=layer is not None)
+    h = out[0] if layer is None else out.hidden_states[layer]
+    if layer is not None and final_norm:  # transformers 5 flattened CLIPTextModel (no .text_model)
+        h = getattr(encoder, "text_model", encoder).final_layer_norm(h)
+    return h.reshape(1, -1, h.shape[-1]), out[0][:1] if out[0].ndim == 2 else None
+
+
 class StableDiffusion(Family):
-    """UNet2DConditionModel with CLIP text conditioning (SD 1.x/2.x, pixel-space text-to-image)."""
+    """UNet2DConditionModel with CLIP text conditioning (SD 1.x/2.x, pixel-space text-to-image).
+    Prompts longer than the CLIP window are encoded in windows of 75 tokens and concatenated."""
 
     name = "sd"
 
-    def encode(self, prompts, negatives, n, device):
-        pos, neg = self.pipe.encode_prompt(prompts, device, n, True, negative_prompt=negatives)
+    @property
+    def chunks(self) -> bool:
+        """Long prompts in windows where the text encoder is CLIP with SD's 77-token window."""
+        tok, enc = getattr(self.pipe, "tokenizer", None), getattr(self.pipe, "text_encoder", None)
+        return tok is not None and enc is not None and type(enc).__name__.startswith("CLIPTextModel") \
+            and tok.model_max_length == 77
+
+    def _long(self, prompts, negatives, device, extra) -> dict | None:
+        """prompt_embeds / negative_prompt_embeds for prompts longer than the window, or with
+        clip_skip (diffusers' own clip_skip path needs transformers' old CLIPTextModel layout); else
+        None (diffusers' encode_prompt)."""
+        skip = extra.get("clip_skip")
+        if prompts is None or "prompt_embeds" in extra or not (self.chunks or skip is not None):
+            return None
+        tok = self.pipe.tokenizer
+        windows = clip_windows(tok, list(prompts) + list(negatives or [""] * len(prompts)),
+                               tok.model_max_length - 2, always=skip is not None)
+        if windows is None:
+            return None
+        if len(windows[0]) > 1 and not self.chunks:
+            windows = [w[:1] for w in windows]  # cut as diffusers cuts; the notice says so
+        layer = None if skip is None else -(skip + 1)
+        states = [clip_window_states(tok, self.pipe.text_encoder, w, device, layer, True)[0] for w in windows]
+        dtype = self.pipe.text_encoder.dtype
+        return {"prompt_embeds": torch.cat(states[:len(prompts)]).to(dtype),
+                "negative_prompt_embeds": torch.cat(states[len(prompts):]).to(dtype)}
+
+    def encode(self, prompts, negatives, n, device, **extra):
+        long = self._long(prompts, negatives, device, extra)
+        if long is not None:
+            prompts, negatives, extra = None, None, {**extra, **long}
+        pos, neg = self.pipe.encode_prompt(prompts, device, n, True, negative_prompt=negatives, **extra)
         return {"text": pos}, {"text": neg}
 
     def forward(self, x, tm, cond, net=None):
         """net: another UNet of this config (a distillation student) in place of the pipeline's."""
         return (net or self.net)(x, tm, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
-                        timestep_cond=cond.get("timestep_cond"), return_dict=False)[0]
+                                 timestep_cond=cond.get("timestep_cond"),
+                                 cross_attention_kwargs=cond.get("attention"), return_dict=False)[0]
 
 
 class StableDiffusionXL(StableDiffusion):
-    """SDXL: two text encoders, pooled text embedding and size/crop time ids as added conditions."""
+    """SDXL: two text encoders, pooled text embedding and size/crop time ids as added conditions.
+    Long prompts: windows through both encoders, the pooled embedding of the first window."""
 
     name = "sdxl"
 
-    def encode(self, prompts, negatives, n, device):
+    @property
+    def chunks(self) -> bool:
+        tok = getattr(self.pipe, "tokenizer_2", None)
+        return tok is not None and tok.model_max_length == 77
+
+    def _long(self, prompts, negatives, device, extra):
+        if prompts is None or "prompt_embeds" in extra or not self.chunks:
+            return None
+        pairs = [(t, e) for t, e in ((self.pipe.tokenizer, self.pipe.text_encoder),
+                                     (self.pipe.tokenizer_2, self.pipe.text_encoder_2)) if t is not None]
+        texts = list(prompts) + list(negatives or [""] * len(prompts))
+        windows = clip_windows(pairs[-1][0], texts, pairs[-1][0].model_max_length - 2)
+        if windows is None:
+            return None
+        skip = extra.get("clip_skip")
+        layer = -2 if skip is None else -(skip + 2)
+        embeds, pooled = [], []
+        for w in windows:
+            parts = [clip_window_states(t, e, w, device, layer, False) for t, e in pairs]
+            embeds.append(torch.cat([h for h, _ in parts], dim=-1))
+            pooled.append(parts[-1][1])
+        b, dtype = len(prompts), self.pipe.text_encoder_2.dtype
+        out = {"prompt_embeds": torch.cat(embeds[:b]).to(dtype), "pooled_prompt_embeds": torch.cat(pooled[:b]).to(dtype)}
+        if negatives is None and self.pipe.config.force_zeros_for_empty_prompt:
+            out.update(negative_prompt_embeds=torch.zeros_like(out["prompt_embeds"]),
+                       negative_pooled_prompt_embeds=torch.zeros_like(out["pooled_prompt_embeds"]))
+        else:
+            out.update(negative_prompt_embeds=torch.cat(embeds[b:]).to(dtype),
+                       negative_pooled_prompt_embeds=torch.cat(pooled[b:]).to(dtype))
+        return out
+
+    def encode(self, prompts, negatives, n, device, **extra):
+        long = self._long(prompts, negatives, device, extra)
+        if long is not None:
+            prompts, negatives, extra = None, None, {**extra, **long}
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=n, do_classifier_free_guidance=True,
-            negative_prompt=negatives)
+            negative_prompt=negatives, **extra)
         return {"text": pos, "added": {"text_embeds": pooled}}, {"text": neg, "added": {"text_embeds": neg_pooled}}
 
     def extra(self, cond, height, width):
@@ -148,7 +260,8 @@ class Unconditional(Family):
     name = "unconditional"
     conditional = False
 
-    def encode(self, prompts, negatives, n, device):
+    def encode(self, prompts, negatives, n, device, **extra):
+        _no_extra(self, extra)
         return {}, {}
 
     def forward(self, x, tm, cond):
@@ -185,7 +298,8 @@ class DiT(Family):
             out.append(int(p))
         return out
 
-    def encode(self, prompts, negatives, n, device):
+    def encode(self, prompts, negatives, n, device, **extra):
+        _no_extra(self, extra)
         pos = torch.tensor(self.labels(prompts), device=device).repeat_interleave(n)
         null = self.net.config.num_embeds_ada_norm
         if negatives is None or all(q in (None, "") for q in negatives):
@@ -203,11 +317,12 @@ class PixArt(DiT):
 
     name = "pixart"
 
-    def encode(self, prompts, negatives, n, device):
-        negatives = negatives or [""] * len(prompts)  # its encode_prompt has no None default
+    def encode(self, prompts, negatives, n, device, **extra):
+        if prompts is not None:
+            negatives = negatives or [""] * len(prompts)  # its encode_prompt has no None default
         pos, mask, neg, neg_mask = self.pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=True, negative_prompt=negatives,
-            num_images_per_prompt=n, device=device, clean_caption=False)
+            prompts, do_classifier_free_guidance=True, negative_prompt=negatives or "",
+            num_images_per_prompt=n, device=device, clean_caption=False, **extra)
         return {"text": pos, "mask": mask}, {"text": neg, "mask": neg_mask}
 
     def extra(self, cond, height, width):
@@ -230,16 +345,21 @@ class StableDiffusion3(DiT):
 
     name = "sd3"
 
-    def encode(self, prompts, negatives, n, device):
+    def encode(self, prompts, negatives, n, device, **extra):
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompts, prompts, prompts, device=device, num_images_per_prompt=n,
             do_classifier_free_guidance=True, negative_prompt=negatives, negative_prompt_2=negatives,
-            negative_prompt_3=negatives)
+            negative_prompt_3=negatives, **extra)
         return {"text": pos, "pooled": pooled}, {"text": neg, "pooled": neg_pooled}
 
     def forward(self, x, tm, cond):
         return self.net(hidden_states=x, timestep=tm, encoder_hidden_states=cond["text"],
                         pooled_projections=cond["pooled"], return_dict=False)[0]
+
+
+def _no_extra(family: Family, extra: dict) -> None:
+    if extra:
+        raise ValueError(f"{type(family.net).__name__} models take no {', '.join(sorted(extra))}")
 
 
 def family_of(pipe) -> Family:

@@ -46,6 +46,7 @@ class GuidedOutput:
     nsfw: list | None = None
     noise: dict | None = None  # a noise optimiser's report: extra NFE and backward passes per image
     indices: list | None = None  # with process_state: which of the call's images this process made
+    notices: list = field(default_factory=list)  # e.g. a prompt longer than the text encoder reads
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class Stitching:
         if a.conditional != b.conditional:
             raise ValueError("cannot stitch a conditional model with an unconditional one")
         check_same_schedule(large.denoiser, self.small.denoiser)
+
+
+class PromptTruncated(UserWarning):
+    """A prompt is longer than the model's text encoder reads (and the family cannot window it)."""
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -223,13 +228,65 @@ class GuidedPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.family.net.parameters()).device
+        """Where the call's tensors live: the pipeline's execution device (the GPU under
+        ``enable_model_cpu_offload``, while the weights wait on the CPU), else the network's."""
+        dev = getattr(self.pipe, "_execution_device", None)
+        return torch.device(dev) if dev is not None else next(self.family.net.parameters()).device
 
-    def to(self, device=None, dtype=None) -> "GuidedPipeline":
+    def to(self, *args, device=None, dtype=None) -> "GuidedPipeline":
+        """Move and/or cast, as diffusers' ``pipe.to``: ``to("cuda")``, ``to(torch.float16)``,
+        ``to("cuda", torch.float16)`` or by keyword."""
+        for a in args:
+            if isinstance(a, torch.dtype) or (isinstance(a, str) and a in DTYPES):
+                if dtype is not None:
+                    raise ValueError(f"two dtypes given: {dtype} and {a}")
+                dtype = a
+            elif device is None:
+                device = a
+            else:
+                raise ValueError(f"cannot read {a!r} as a device or dtype")
         self.pipe.to(*([check_device(device)] if device is not None else []),
                      **({"dtype": as_dtype(dtype)} if dtype is not None else {}))
         self.net_denoiser = dataclasses.replace(self.net_denoiser, dtype=self.family.net.dtype)
         return self
+
+    def save_pretrained(self, folder: str, **kwargs) -> None:
+        """diffusers' save_pretrained, plus this model's own defaults (``diffguide.json``) if any."""
+        import json
+
+        self.pipe.save_pretrained(folder, **kwargs)
+        if self.defaults:
+            with open(os.path.join(folder, DEFAULTS_FILE), "w") as f:
+                json.dump(self.defaults, f, indent=1)
+
+    def __getattr__(self, name: str):
+        """diffusers' memory and LoRA switches pass through to the wrapped pipeline:
+        enable_model_cpu_offload, enable_sequential_cpu_offload, enable_attention_slicing,
+        load_lora_weights, set_adapters, fuse_lora..."""
+        if name.startswith(("enable_", "disable_", "load_lora", "set_adapters", "fuse_lora", "unfuse_lora",
+                            "unload_lora", "set_progress_bar_config")) and "pipe" in self.__dict__:
+            return getattr(self.pipe, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def enable_vae_slicing(self):
+        """Decode a batch one image at a time (newer diffusers keep the switch on the VAE only)."""
+        self._vae_switch("slicing", True)
+
+    def disable_vae_slicing(self):
+        self._vae_switch("slicing", False)
+
+    def enable_vae_tiling(self):
+        """Decode large images in overlapping tiles."""
+        self._vae_switch("tiling", True)
+
+    def disable_vae_tiling(self):
+        self._vae_switch("tiling", False)
+
+    def _vae_switch(self, what: str, on: bool) -> None:
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            raise ValueError(f"{type(self.pipe).__name__} has no VAE to switch {what} on")
+        getattr(vae, f"{'enable' if on else 'disable'}_{what}")()
 
     # -- a call ------------------------------------------------------------------------------------
 
@@ -266,9 +323,16 @@ class GuidedPipeline:
     @property
     def denoiser(self):
         """The network as an (x, t, cond) -> Pred denoiser (with a consistency model's boundary)."""
-        if self.info.boundary is not None:
-            return Boundary(self.net_denoiser, timestep_scaling=self.info.boundary)
-        return self.net_denoiser
+        return self.denoiser_for()
+
+    def denoiser_for(self, spacing: str | None = None, round_timesteps: bool | None = None):
+        """The denoiser of a call: the network sees rounded times where the scheduler config makes
+        diffusers round them (its own grid, Karras sigmas in multistep schedulers) unless
+        ``round_timesteps`` says otherwise (False: k-diffusion's fractional times)."""
+        flag = (self.info.round_time and spacing is None) if round_timesteps is None else bool(round_timesteps)
+        d = self.net_denoiser if flag == self.net_denoiser.round_time else \
+            dataclasses.replace(self.net_denoiser, round_time=flag)
+        return Boundary(d, timestep_scaling=self.info.boundary) if self.info.boundary is not None else d
 
     @property
     def embedded_scale(self) -> float:
@@ -292,7 +356,13 @@ class GuidedPipeline:
                  callback: Callable[[Step, torch.Tensor], None] | None = None,
                  progress: bool | None = None, max_batch: int | None = None,
                  threshold="scheduler", stitch: Stitching | None = None,
-                 noise_optimizer=None, process_state=None, check_finite: bool = True) -> GuidedOutput:
+                 noise_optimizer=None, process_state=None, check_finite: bool = True,
+                 round_timesteps: bool | None = None, *, num_inference_steps: int | None = None,
+                 latents: torch.Tensor | None = None, prompt_embeds=None, negative_prompt_embeds=None,
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), eta: float | None = None,
+                 guidance_rescale: float = 0.0, cross_attention_kwargs: dict | None = None,
+                 clip_skip: int | None = None, return_dict: bool = True):
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -314,15 +384,50 @@ class GuidedPipeline:
         check_finite: raise ``diffguide.NonFiniteError`` (a ValueError) naming the step, the guidance
         and the likely fix when sampling or decoding produces NaN or inf, instead of returning a
         black or NaN image; False returns whatever came out.
+        round_timesteps: None shows the network the times diffusers would (rounded on a multistep
+        scheduler's own Karras grid); False always the exact fractional times (k-diffusion), True
+        always rounded ones.
+
+        diffusers' names work as they do there: ``num_inference_steps`` (= steps), ``latents``
+        (initial noise before scaling; later noise still comes from the seeds), ``prompt_embeds`` /
+        ``negative_prompt_embeds`` (and SDXL's pooled ones), ``callback_on_step_end(pipe, i, t,
+        {"latents": x})`` (a returned "latents" replaces x), ``eta`` (for samplers that take one),
+        ``guidance_rescale`` (CFG rescale of the raw network output, as diffusers), ``clip_skip``,
+        ``cross_attention_kwargs`` (UNets; its "scale" is the LoRA scale of the text encoder too) and
+        ``return_dict=False`` (a tuple: images, NSFW flags).
         """
         if process_state is not None:
-            return self._share(process_state, prompt, negative_prompt, num_images_per_prompt, seed, generator,
-                               dict(guidance=guidance, guidance_scale=guidance_scale, sampler=sampler,
-                                    steps=steps, spacing=spacing, height=height, width=width,
-                                    output_type=output_type, callback=callback, progress=progress,
-                                    max_batch=max_batch, threshold=threshold, stitch=stitch,
-                                    noise_optimizer=noise_optimizer, check_finite=check_finite))
+            if latents is not None or prompt_embeds is not None:
+                raise ValueError("with process_state, give prompts and seeds (not latents or prompt_embeds): "
+                                 "each process makes its own images from them")
+            kw = {k: v for k, v in locals().items() if k not in ("self", "process_state", "prompt", "negative_prompt",
+                                                                "num_images_per_prompt", "seed", "generator", "kw")}
+            return self._share(process_state, prompt, negative_prompt, num_images_per_prompt, seed, generator, kw)
         t_start = time.perf_counter()
+        if num_inference_steps is not None:
+            if steps is not None and steps != num_inference_steps:
+                raise ValueError(f"steps={steps} and num_inference_steps={num_inference_steps} disagree; give one")
+            steps = num_inference_steps
+        text_extra = {k: v for k, v in dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                            pooled_prompt_embeds=pooled_prompt_embeds,
+                                            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                                            clip_skip=clip_skip).items() if v is not None}
+        if cross_attention_kwargs is not None:
+            if not isinstance(self.family.net, torch.nn.Module) or self.family.name not in ("sd", "sdxl"):
+                raise ValueError(f"cross_attention_kwargs applies to UNet models, not {type(self.family.net).__name__}")
+            from diffusers.utils import USE_PEFT_BACKEND
+
+            if cross_attention_kwargs.get("scale") is not None and USE_PEFT_BACKEND:  # LoRA needs peft
+                text_extra["lora_scale"] = cross_attention_kwargs["scale"]
+        if prompt_embeds is not None:
+            if prompt not in (None, "") and not (isinstance(prompt, (list, tuple)) and not prompt):
+                raise ValueError("give prompt or prompt_embeds, not both")
+            if noise_optimizer is not None:
+                raise ValueError("noise optimisers read the prompt's words: give prompt, not prompt_embeds")
+            prompt = [None] * int(prompt_embeds.shape[0])
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name only 'latents', got "
+                             f"{list(callback_on_step_end_tensor_inputs)}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
@@ -334,6 +439,7 @@ class GuidedPipeline:
             w_scale = self.embedded_scale if guidance_scale is None else float(guidance_scale)
             guidance_scale = None
         g, s = self.resolve(guidance, guidance_scale, sampler)
+        g, s = self._diffusers_options(g, s, eta, guidance_rescale)
         h, w = self.size(height, width)
         ts = self.info.timesteps(steps, spacing)
         if not self.family.conditional:
@@ -349,8 +455,14 @@ class GuidedPipeline:
         if stitch is not None:
             if not isinstance(stitch, Stitching):
                 raise ValueError(f"stitch must be a Stitching, got {type(stitch).__name__}")
+            if prompt_embeds is not None:
+                raise ValueError("stitch encodes the prompt with the small model's own encoder: give prompt, "
+                                 "not prompt_embeds")
             stitch.check(self)
         noise, seeds = self._noise(b, seed, generator)
+        notice = self.family.notice(prompts) if prompt_embeds is None else None
+        if notice:
+            warnings.warn(notice, PromptTruncated, stacklevel=2)
         device, fam = self.device, self.family
         opt = parse_spec("noise", noise_optimizer) if isinstance(noise_optimizer, str) else noise_optimizer
         if opt is not None and not hasattr(opt, "optimise"):
@@ -371,8 +483,11 @@ class GuidedPipeline:
                 # all None stays None: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)
                 negs_text = None if all(q is None for q in negs) else ["" if q is None else q for q in negs]
                 with ENCODE_LOCK:
-                    pos, neg = fam.encode(prompts, negs_text, num_images_per_prompt, device)
+                    pos, neg = fam.encode(None if prompt_embeds is not None else prompts, negs_text,
+                                          num_images_per_prompt, device, **text_extra)
                 pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
+                if cross_attention_kwargs is not None:
+                    pos, neg = {**pos, "attention": cross_attention_kwargs}, {**neg, "attention": cross_attention_kwargs}
             if embedded:  # LCM: w = scale - 1, embedded as the pipeline's get_guidance_scale_embedding
                 emb = guidance_embedding(torch.full((b,), w_scale - 1.0), embedded).to(device, self.family.net.dtype)
                 pos = {**(pos or {}), "timestep_cond": emb}
@@ -390,11 +505,18 @@ class GuidedPipeline:
 
             # -- sampling
             shape = (b, fam.channels, h // fam.factor, w // fam.factor)
-            x = noise.randn(shape, device=device) * self.info.start_scale(ts)
+            if latents is None:
+                x = noise.randn(shape, device=device) * self.info.start_scale(ts)
+            else:  # diffusers' prepare_latents: the given noise, scaled; the generators draw nothing yet
+                if tuple(latents.shape) != shape:
+                    raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+                x = latents.to(device, torch.float32) * self.info.start_scale(ts)
+
+            main = self.denoiser_for(spacing, round_timesteps)
 
             def make(rows=None):
                 pick = (lambda c: c) if rows is None else (lambda c: _rows(c, rows))
-                return guide(self.denoiser, g, pick(pos), pick(neg), threshold=threshold, max_batch=max_batch,
+                return guide(main, g, pick(pos), pick(neg), threshold=threshold, max_batch=max_batch,
                              conds=pick(extra_conds), models=models,
                              stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
             report = None
@@ -410,6 +532,12 @@ class GuidedPipeline:
                 bar.update(1)
                 if callback is not None:
                     callback(st, xt)
+                if callback_on_step_end is not None:  # diffusers' signature; it may replace the latents
+                    tm = torch.tensor(self.info.schedule.model_time(st.t), dtype=torch.float32)
+                    got = callback_on_step_end(self, st.i, tm, {"latents": xt})
+                    if isinstance(got, dict) and got.get("latents") is not None:
+                        return got["latents"].to(xt.device, xt.dtype)
+                return None
             try:
                 x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite)
             except NonFiniteError as e:
@@ -446,7 +574,25 @@ class GuidedPipeline:
                        "decode": t_end - t_sample, "total": t_end - t_start}
         if isinstance(images, torch.Tensor):
             images = images.clone()  # a normal tensor, usable with autograd and in-place ops
-        return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report)
+        if not return_dict:
+            return images, nsfw
+        return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report,
+                            notices=[notice] if notice else [])
+
+    def _diffusers_options(self, g: Guidance, s: Sampler, eta, guidance_rescale) -> tuple[Guidance, Sampler]:
+        """diffusers' eta (on samplers that have one) and guidance_rescale (CFG's rescale of the raw
+        network output: eps, or v for v-models)."""
+        if eta is not None:
+            if "eta" not in {f.name for f in dataclasses.fields(s)}:
+                raise ValueError(f"sampler {to_spec(s)!r} takes no eta; samplers with one: ddim, "
+                                 f"euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_2s_ancestral")
+            s = dataclasses.replace(s, eta=float(eta))
+        if guidance_rescale:
+            names = {f.name for f in dataclasses.fields(g)}
+            if not {"rescale", "rescale_space"} <= names:
+                raise ValueError(f"guidance_rescale needs a guidance with a rescale option (cfg), got {to_spec(g)!r}")
+            g = dataclasses.replace(g, rescale=float(guidance_rescale), rescale_space=self.info.kind)
+        return g, s
 
     def _check_unconditional(self, g: Guidance, ts) -> None:
         """A method that compares conditions cannot run on a model that has none."""

@@ -24,6 +24,10 @@ _DPM_LIKE = {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "Uni
 _EULER_LIKE = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
                "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
 _DDIM_KEEPS_EPS = {"DDIMScheduler", "DDIMParallelScheduler"}
+# with use_karras_sigmas these show the network round(t(sigma)) beside the exact Karras sigma
+_ROUND_KARRAS = {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                 "DEISMultistepScheduler", "SASolverScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler"}
 _FLOW = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
 
 
@@ -39,6 +43,7 @@ class SchedulerInfo:
     threshold: object = None                   # x0 clipping the config asks for (clip_sample, thresholding)
     sampler: str = "dpmpp_2m"                  # the default sampler for this model
     boundary: float | None = None              # a consistency model's timestep_scaling (LCMScheduler)
+    round_time: bool = False                   # the network sees rounded times on the own grid
 
     def timesteps(self, steps: int, spacing: str | None = None) -> torch.Tensor:
         """The scheduler's own grid, or ``spacing`` (all the way to the data end) when given."""
@@ -88,8 +93,11 @@ def from_scheduler(scheduler) -> SchedulerInfo:
     if spacing == "leading":
         grid["steps_offset"] = cfg.get("steps_offset", 0)
     start = "unit"
+    round_time = False
     if cfg.get("use_karras_sigmas"):
         grid = {"spacing": "karras"}
+        round_time = name in _ROUND_KARRAS and not (name == "DPMSolverMultistepScheduler"
+                                                    and cfg.get("beta_schedule") == "squaredcos_cap_v2")
     elif name in _DPM_LIKE:
         if spacing != "trailing":
             grid["drop_last"] = True
@@ -114,4 +122,4 @@ def from_scheduler(scheduler) -> SchedulerInfo:
         grid = {"spacing": "lcm", "original_steps": int(cfg.get("original_inference_steps", 50))}
         return SchedulerInfo(schedule, kind, grid, start, name, threshold, "consistency",
                              float(cfg.get("timestep_scaling", 10.0)))
-    return SchedulerInfo(schedule, kind, grid, start, name, threshold)
+    return SchedulerInfo(schedule, kind, grid, start, name, threshold, round_time=round_time)
