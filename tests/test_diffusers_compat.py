@@ -222,3 +222,62 @@ def test_models_that_cannot_window_say_so(tmp_path):
     res = subprocess.run([sys.executable, "-m", "diffguide", "generate", text, "--steps", "2", "--quiet",
                           "-o", str(tmp_path / "a.png")], capture_output=True, text=True)
     assert res.returncode == 0 and res.stderr.count("diffguide: notice:") == 1, res.stderr
+
+
+# -- --lora and --vae ------------------------------------------------------------------------------
+
+def _lora(folder, out):
+    """Random (non-zero) LoRA weights for the tiny UNet's attention, saved as diffusers saves them."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    torch.manual_seed(5)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return out
+
+
+def test_cli_lora_and_vae_match_diffusers(folder, tmp_path):
+    from PIL import Image
+
+    from diffguide.cli.main import main
+    from diffguide.pipelines.images import read_metadata
+
+    path = folder["epsilon"]
+    lora = _lora(path, str(tmp_path / "lora"))
+    vae = str(tmp_path / "vae")
+    tm.vae(seed=9).save_pretrained(vae)
+    args = ["a red circle", "--model", path, "--steps", "4", "--seed", "3", "--scale", "7.5", "--quiet"]
+    assert main(["generate", *args, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main(["generate", *args, "--lora", f"{lora}:0.5", "--vae", vae, "-o", str(tmp_path / "both.png")]) == 0
+    ref, _ = _pipes(path)
+    from diffusers import AutoencoderKL
+
+    ref.vae = AutoencoderKL.from_pretrained(vae)
+    ref.load_lora_weights(lora, adapter_name="x")
+    ref.set_adapters(["x"], adapter_weights=[0.5])
+    theirs = ref("a red circle", num_inference_steps=4, guidance_scale=7.5, generator=gens(1),
+                 output_type="np").images[0]
+    ours = np.asarray(Image.open(tmp_path / "both.png")).astype(float) / 255
+    plain = np.asarray(Image.open(tmp_path / "plain.png")).astype(float) / 255
+    assert np.abs(ours - theirs).max() <= 1 / 255 + 1e-6 < np.abs(plain - ours).max()
+    meta = read_metadata(str(tmp_path / "both.png"))
+    assert meta["lora"] == [f"{lora}:0.5"] and meta["vae"] == vae
+    assert main(["generate", "--from-png", str(tmp_path / "both.png"), "--quiet", "-o", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "both.png").read_bytes()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--lora", ":0.5"], ["--lora", "names no weights"]),
+    (["--lora", "/nonexistent/lora"], ["cannot load LoRA", "/nonexistent/lora"]),
+    (["--vae", "/nonexistent/vae"], ["cannot load VAE", "/nonexistent/vae"]),
+])
+def test_cli_lora_and_vae_errors(folder, tmp_path, capsys, argv, words):
+    from diffguide.cli.main import main
+
+    assert main(["generate", "a", "--model", folder["epsilon"], "--steps", "2", *argv, "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(w in err for w in words), err

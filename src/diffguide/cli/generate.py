@@ -96,6 +96,11 @@ def add_model_arguments(p, guidance: bool = True) -> None:
                    help="network dtype (default: float16 on cuda, float32 on cpu)")
     p.add_argument("--vae-dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="the VAE's dtype (default: --dtype); float32 avoids float16 VAE overflow")
+    p.add_argument("--vae", default=None, metavar="PATH",
+                   help="another VAE: a folder, hub id or .safetensors file")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="LoRA weights (folder, file or hub id) at SCALE (default 1); repeat for several "
+                        "(needs peft: pip install 'diffguide[lora]')")
 
 
 def add_stitch_arguments(p) -> None:
@@ -146,6 +151,23 @@ def parse_stitch(text: str | None) -> tuple[str, float] | None:
     return model, fraction
 
 
+def parse_loras(items) -> list[tuple[str, float]]:
+    """['style.safetensors:0.8', 'x'] -> [('style.safetensors', 0.8), ('x', 1.0)]."""
+    out = []
+    for item in items or []:
+        path, scale = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                pass
+        if not path.strip() or path.startswith(":"):
+            raise UsageError(f"--lora {item!r} names no weights; expected PATH[:SCALE]")
+        out.append((path, scale))
+    return out
+
+
 def load_stitch(args, gp):
     """The Stitching for --stitch (the small model on the large one's device and dtype), or None."""
     spec = parse_stitch(args.stitch)
@@ -174,13 +196,14 @@ def load_model(args, state=None):
     quiet_loading()
     args.model = args.model or "builtin"
     return GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
-                                          vae_dtype=getattr(args, "vae_dtype", None),
+                                          vae_dtype=getattr(args, "vae_dtype", None), vae=getattr(args, "vae", None),
+                                          loras=parse_loras(getattr(args, "lora", None)),
                                           progress=not args.quiet and state is None), dtype
 
 
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model", "guidance": "guidance",
             "sampler": "sampler", "steps": "steps", "spacing": "spacing", "height": "height", "width": "width",
-            "dtype": "dtype", "vae_dtype": "vae_dtype", "stitch": "stitch", "scale": "scale",
+            "dtype": "dtype", "vae_dtype": "vae_dtype", "vae": "vae", "lora": "lora", "stitch": "stitch", "scale": "scale",
             "noise_optimizer": None}
 
 
@@ -232,6 +255,7 @@ def run(args) -> int:
         [check_seed(0 if args.seed is None else args.seed)]
     outputs = Outputs(args.output, seeds, args.overwrite)
     parse_stitch(args.stitch)
+    parse_loras(args.lora)
     noise = noise_spec(args)
 
     state = process_state(cpu=args.device == "cpu")
@@ -250,6 +274,7 @@ def run(args) -> int:
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
             **({"vae_dtype": args.vae_dtype} if args.vae_dtype else {}),
+            **({"vae": args.vae} if args.vae else {}), **({"lora": args.lora} if args.lora else {}),
             "scale": (args.scale if args.scale is not None else gp.embedded_scale) if embedded else getattr(g, "scale", None),
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
             **({"noise_optimizer": noise} if noise else {})}

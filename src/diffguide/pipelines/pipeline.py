@@ -124,6 +124,21 @@ def read_defaults(folder: str) -> dict:
     return out
 
 
+def load_vae(path, dtype=None):
+    """An AutoencoderKL from a folder (or its ``vae`` subfolder), a hub id or one .safetensors file."""
+    from diffusers import AutoencoderKL
+
+    path = os.fspath(path)
+    kw = {"torch_dtype": as_dtype(dtype)} if dtype is not None else {}
+    try:
+        if os.path.isfile(path):
+            return AutoencoderKL.from_single_file(path, **kw)
+        sub = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
+        return AutoencoderKL.from_pretrained(path, subfolder=sub, **kw)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load VAE {path!r}: {str(e).splitlines()[0]}") from None
+
+
 def builtin_path(name: str) -> str:
     """'builtin' / 'builtin-small' / 'builtin-fast' (the distilled student) name the toy models shipped in the package; other names pass."""
     if name not in BUILTIN:
@@ -182,10 +197,12 @@ class GuidedPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, torch_dtype=None, device=None, progress: bool = True,
-                        vae_dtype=None, **kwargs) -> "GuidedPipeline":
+                        vae_dtype=None, vae=None, loras=(), **kwargs) -> "GuidedPipeline":
         """Load with ``diffusers.DiffusionPipeline.from_pretrained`` (a folder or a hub id).
         ``vae_dtype``: the VAE's own dtype (float32 decoding beside a float16 network avoids the
-        classic fp16 VAE overflow)."""
+        classic fp16 VAE overflow). ``vae``: another VAE (a module, or a folder, hub id or single
+        .safetensors file). ``loras``: (path, scale) pairs loaded with diffusers'
+        ``load_lora_weights`` (needs peft: ``pip install 'diffguide[lora]'``)."""
         from diffusers import DiffusionPipeline
 
         path = builtin_path(os.fspath(path_or_id))
@@ -199,6 +216,8 @@ class GuidedPipeline:
             raise ValueError(f"model {path!r} is neither a diffusers folder nor a hub id like "
                              f"'org/name'")
         kw = {"torch_dtype": dtype} if dtype is not None else {}
+        if vae is not None:
+            kw["vae"] = load_vae(vae, dtype) if isinstance(vae, (str, os.PathLike)) else vae
         # components saved as None (a pixel-space model has no VAE) must be passed as None again
         try:
             index = DiffusionPipeline.load_config(path)
@@ -217,6 +236,8 @@ class GuidedPipeline:
         if vae_dtype is not None and getattr(pipe, "vae", None) is not None:
             pipe.vae.to(as_dtype(vae_dtype))
         out = cls(pipe, progress=progress)
+        if loras:
+            out.add_loras(loras)
         out.source = path
         out.defaults = read_defaults(path)
         return out
@@ -267,6 +288,24 @@ class GuidedPipeline:
                             "unload_lora", "set_progress_bar_config")) and "pipe" in self.__dict__:
             return getattr(self.pipe, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def add_loras(self, loras) -> None:
+        """Load LoRA weights, ``(path, scale)`` pairs, as named adapters applied together."""
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ValueError("LoRA weights need peft: pip install 'diffguide[lora]'") from None
+        if not hasattr(self.pipe, "load_lora_weights"):
+            raise ValueError(f"{type(self.pipe).__name__} takes no LoRA weights")
+        names = []
+        for i, (path, scale) in enumerate(loras):
+            name = f"lora_{i}"
+            try:
+                self.pipe.load_lora_weights(path, adapter_name=name)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot load LoRA {path!r}: {str(e).splitlines()[0]}") from None
+            names.append(name)
+        self.pipe.set_adapters(names, adapter_weights=[float(sc) for _, sc in loras])
 
     def enable_vae_slicing(self):
         """Decode a batch one image at a time (newer diffusers keep the switch on the VAE only)."""
