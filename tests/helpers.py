@@ -230,6 +230,12 @@ for _pred in ("epsilon", "v_prediction"):
             "sd", {"prediction_type": _pred, "scheduler": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
             dict(prompt=_TWO, num_inference_steps=_steps, guidance_scale=6.0),
             dict(prompt=_TWO, steps=_steps, guidance_scale=6.0, sampler="dpmpp_2m"))
+    for _sig in ("exponential", "beta"):
+        for _sched, _sampler in (("DPMSolverMultistepScheduler", "dpmpp_2m"), ("EulerDiscreteScheduler", "euler")):
+            PIPELINE_CASES[f"sd_{_pred}_{_sampler}_{_sig}"] = (
+                "sd", {"prediction_type": _pred, "scheduler": _sched, f"use_{_sig}_sigmas": True},
+                dict(prompt=_TWO, num_inference_steps=12, guidance_scale=6.0),
+                dict(prompt=_TWO, steps=12, guidance_scale=6.0, sampler=_sampler))
     PIPELINE_CASES[f"sd_{_pred}_euler_karras"] = (
         "sd", {"prediction_type": _pred, "scheduler": "EulerDiscreteScheduler", "use_karras_sigmas": True},
         dict(prompt=_TWO, num_inference_steps=12, guidance_scale=6.0),

@@ -58,7 +58,7 @@ def test_bad_steps(sd, steps):
 
 
 def test_spacing_that_does_not_fit(sd):
-    with pytest.raises(ValueError, match=r"unknown spacing 'cosine'; choose one of: karras, uniform_lam"):
+    with pytest.raises(ValueError, match=r"unknown spacing 'cosine'; choose one of: karras, exponential, beta, uniform_lam"):
         dg.timesteps(sd, 10, "cosine")
     with pytest.raises(ValueError, match=r"spacing 'leading' indexes a discrete VP table; FlowSchedule supports"):
         dg.timesteps(dg.FlowSchedule(), 10, "leading")

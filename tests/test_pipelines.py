@@ -151,8 +151,31 @@ def test_karras_rounding_follows_the_scheduler_and_fractional_is_an_option(folde
     path = folders(case, builder, **options)
     out, ref = pipeline_parity(case, path)
     gp = GuidedPipeline.from_pretrained(path, progress=False)
-    assert gp.info.round_time and not GuidedPipeline.from_pretrained(
+    assert gp.info.time_fn.mode == "round" and GuidedPipeline.from_pretrained(
         folders("sd_epsilon_euler_karras", "sd", prediction_type="epsilon", scheduler="EulerDiscreteScheduler",
-                use_karras_sigmas=True), progress=False).info.round_time
+                use_karras_sigmas=True), progress=False).info.time_fn.mode == "float"
     frac = gp(**{"guidance": "cfg", **ours}, seed=PIPELINE_SEEDS, output_type="np", round_timesteps=False).images
     assert np.abs(out.images - ref).max() < TOL < np.abs(frac - ref).max()
+
+
+@pytest.mark.parametrize("sched", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                   "DEISMultistepScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("sigmas", ["karras", "exponential", "beta"])
+def test_network_times_on_sigma_grids_are_diffusers_own(sched, sigmas):
+    """The times the network sees on a scheduler's own sigma grid equal its set_timesteps, steps
+    5 to 50: integers where it rounds or casts them, its float32 fractions where it keeps them."""
+    import diffusers
+
+    from diffguide.pipelines.schedulers import from_scheduler
+
+    s = getattr(diffusers, sched)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  **{f"use_{sigmas}_sigmas": True})
+    info = from_scheduler(s)
+    for n in (5, 12, 25, 50):
+        s.set_timesteps(n)
+        ts = info.timesteps(n)[:n]
+        ours, theirs = info.time_fn(ts), s.timesteps.double()
+        if info.time_fn.mode != "float":
+            assert ours.tolist() == theirs.tolist(), (n, ours.tolist(), theirs.tolist())
+        else:  # diffusers keeps float32 times
+            assert torch.allclose(ours, theirs, atol=1e-4), (n, ours.tolist(), theirs.tolist())

@@ -255,10 +255,11 @@ def test_threads_sharing_a_pipeline_match_their_serial_twins(sd):
     def worker(k):
         try:
             for seed in range(12):
-                start.wait()
+                start.wait(timeout=120)
                 got[seed, k] = make(seed, k)
-        except Exception as e:  # reported below, not lost in the thread
+        except Exception as e:  # reported below, not lost in the thread; the others stop waiting
             errors.append(e)
+            start.abort()
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
     for t in threads:
         t.start()

@@ -136,3 +136,26 @@ def test_uniform_t_ends_at_data(sd):
     assert ts[:-1].tolist() == ref.timesteps.double().tolist() and ts[-1] == sd.t_min
     flow = dg.timesteps(dg.FlowSchedule(), 4, "uniform_t")
     assert flow.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_beta_spacing_is_diffusers_beta_sigmas_and_its_quantile_is_scipys():
+    """use_beta_sigmas: ve_i = lo + F^-1(1 - i/(n-1)) (hi - lo) with Beta(0.6, 0.6) (diffusers
+    computes F^-1 with scipy; diffguide has its own, checked here against scipy's)."""
+    import numpy as np
+    import scipy.stats
+    from diffusers import EulerDiscreteScheduler
+
+    from diffguide.core.spacing import beta_cdf, beta_quantile
+
+    for p in (1e-6, 0.01, 0.3, 0.5, 0.77, 0.999999):
+        for a, b in ((0.6, 0.6), (2.0, 5.0), (0.5, 3.0)):
+            assert abs(beta_quantile(p, a, b) - scipy.stats.beta.ppf(p, a, b)) < 1e-11
+            assert abs(beta_cdf(p, a, b) - scipy.stats.beta.cdf(p, a, b)) < 1e-11
+    s = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_beta_sigmas=True)
+    sched = dg.VPSchedule.from_betas(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    for n in (4, 10, 30):
+        s.set_timesteps(n)
+        ours = sched.ve(dg.timesteps(sched, n, "beta")).numpy()
+        assert np.allclose(ours, s.sigmas.numpy(), rtol=1e-5, atol=1e-6)
+    ours = sched.ve(dg.timesteps(sched, 10, "exponential"))
+    assert torch.allclose(ours, sched.ve(dg.timesteps(sched, 10, "uniform_lam")))

@@ -191,6 +191,9 @@ def main(argv=None) -> int:
         if args.command == "train-toy":
             return _train_toy(args)
         if args.command == "tiny-model":
+            from ..versions import check
+
+            check()
             return _tiny(args)
         parser.print_help()
         return 2

@@ -38,8 +38,9 @@ class NetDenoiser:
     ``dtype`` is the network's input dtype (default: that of x). ``learned_sigma`` keeps only the first
     half of the output channels (DiT, iDDPM). ``module`` is the network as an ``nn.Module`` where
     there is one, for branch perturbations that hook into it (TSG's time-embedding noise).
-    ``round_time`` shows the network its time rounded to an integer while the levels stay exact:
-    diffusers' multistep schedulers do this with Karras sigmas.
+    ``time_fn`` (t -> the network's time, a float for a scalar t) replaces ``schedule.model_time`` for
+    what the network sees while the levels stay exact: diffusers' multistep schedulers show integer
+    times beside exact Karras, exponential or beta sigmas.
     """
 
     forward: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -48,7 +49,7 @@ class NetDenoiser:
     dtype: torch.dtype | None = None
     learned_sigma: bool = False
     module: Any = None
-    round_time: bool = False
+    time_fn: Any = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,11 +59,13 @@ class NetDenoiser:
         t = torch.as_tensor(t, dtype=torch.float64)
         if t.ndim == 0:  # one level for the batch: memoised floats
             a, s, _, tm = self.schedule.at(t)
-            tm = torch.full((x.shape[0],), round(tm) if self.round_time else tm, dtype=torch.float32, device=x.device)
+            if self.time_fn is not None:
+                tm = float(self.time_fn(t))
+            tm = torch.full((x.shape[0],), tm, dtype=torch.float32, device=x.device)
         else:
             a, s = levels(self.schedule, t, x)
-            tm = self.schedule.model_time(t)
-            tm = (tm.round() if self.round_time else tm).to(device=x.device, dtype=torch.float32)
+            tm = (self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t))
+            tm = torch.as_tensor(tm).to(device=x.device, dtype=torch.float32)
         out = self.forward(x.to(self.dtype or x.dtype), tm, cond)
         if self.learned_sigma:
             out = out[:, : out.shape[1] // 2]

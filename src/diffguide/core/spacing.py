@@ -32,6 +32,60 @@ def _uniform_lam(schedule, n, sigma_min=None, sigma_max=None):
     return schedule.t_of_lam(lam)
 
 
+def _beta(schedule, n, alpha=0.6, beta=0.6, sigma_min=None, sigma_max=None):
+    """n levels at the Beta(alpha, beta) quantiles of the ve range (Lee et al. 2024, 'Beta
+    sampling is all you need'; diffusers' use_beta_sigmas): ve_i = lo + F^-1(1 - i/(n-1)) (hi - lo)."""
+    if not (alpha > 0 and beta > 0):
+        raise ValueError(f"spacing 'beta' needs alpha > 0 and beta > 0, got alpha={alpha}, beta={beta}")
+    lo, hi = _ve_range(schedule, sigma_min, sigma_max, "beta")
+    q = [beta_quantile(1 - i / (n - 1), alpha, beta) if n > 1 else 1.0 for i in range(n)]
+    return schedule.t_of_ve(torch.tensor([lo + v * (hi - lo) for v in q], dtype=F64))
+
+
+def _beta_cf(x: float, a: float, b: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz's method)."""
+    tiny = 1e-300
+
+    def guard(v):
+        return v if abs(v) > tiny else tiny
+    c, d = 1.0, 1 / guard(1 - (a + b) * x / (a + 1))
+    h = d
+    for m in range(1, 1000):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 / guard(1 + num * d)
+            c = guard(1 + num / c)
+            h *= d * c
+        if abs(d * c - 1) < 1e-16:
+            break
+    return h
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularised incomplete beta function I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _beta_cf(x, a, b) / a
+    return 1 - front * _beta_cf(1 - x, b, a) / b
+
+
+def beta_quantile(p: float, a: float, b: float) -> float:
+    """The inverse of ``beta_cdf`` by bisection (monotone; 60 halvings reach 1e-18)."""
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if beta_cdf(mid, a, b) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
 def _uniform_t(schedule, n, t_start=None, t_end=None):
     hi = schedule.t_max if t_start is None else float(t_start)
     lo = _t_sigma_min(schedule) if t_end is None else float(t_end)
@@ -67,7 +121,7 @@ def _diffusers_grid(schedule, n, kind, steps_offset=0, round=True):
     return torch.tensor(t.copy(), dtype=F64)
 
 
-SPACINGS = ("karras", "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm")
+SPACINGS = ("karras", "exponential", "beta", "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm")
 _DIFFUSERS = ("linspace", "leading", "trailing")
 
 
@@ -90,7 +144,8 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
               drop_last: bool = False, **options) -> torch.Tensor:
     """Descending t grid of ``steps`` intervals for ``schedule``.
 
-    spacing: ``karras`` (rho, sigma_min, sigma_max), ``uniform_lam`` (sigma_min, sigma_max),
+    spacing: ``karras`` (rho, sigma_min, sigma_max), ``exponential`` (uniform in log ve, which is
+    ``uniform_lam``: uniform in logSNR), ``beta`` (alpha, beta, sigma_min, sigma_max), ``uniform_lam`` (sigma_min, sigma_max),
     ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
     ``trailing``, or LCM's ``lcm`` (original_steps). ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
     the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
@@ -105,6 +160,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     if final not in FINALS:
         raise ValueError(f"unknown final {final!r}; choose one of: {', '.join(FINALS)}")
     allowed = {"karras": {"rho", "sigma_min", "sigma_max"}, "uniform_lam": {"sigma_min", "sigma_max"},
+               "exponential": {"sigma_min", "sigma_max"}, "beta": {"alpha", "beta", "sigma_min", "sigma_max"},
                "uniform_t": {"t_start", "t_end"}, "linspace": {"round"}, "leading": {"steps_offset"},
                "trailing": set(), "lcm": {"original_steps"}}[spacing]
     bad = set(options) - allowed
@@ -119,7 +175,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     elif spacing in _DIFFUSERS:
         if not isinstance(schedule, VPSchedule):
             raise ValueError(f"spacing {spacing!r} indexes a discrete VP table; "
-                             f"{type(schedule).__name__} supports: karras, uniform_lam, uniform_t")
+                             f"{type(schedule).__name__} supports: karras, exponential, beta, uniform_lam, uniform_t")
         n = steps + 1 if drop_last else steps
         if n > schedule.num_train_timesteps:
             raise ValueError(f"steps={steps} exceeds the {schedule.num_train_timesteps} training "
@@ -131,7 +187,8 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
         # uniform in t all the way to the data end (trailing-like for VP, SD3-like for flow)
         ts = _uniform_t(schedule, steps + 1, t_start=options.get("t_start"), t_end=schedule.t_min)
     else:
-        rule = {"karras": _karras, "uniform_lam": _uniform_lam, "uniform_t": _uniform_t}[spacing]
+        rule = {"karras": _karras, "uniform_lam": _uniform_lam, "exponential": _uniform_lam, "beta": _beta,
+                "uniform_t": _uniform_t}[spacing]
         if final == "sigma_min":
             ts = rule(schedule, steps + 1, **options)
         else:

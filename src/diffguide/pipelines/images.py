@@ -116,10 +116,13 @@ def _encode(image, folder: str, ext: str, meta: dict, parameters: str | None) ->
                 info.add_text("diffguide", json.dumps(meta, sort_keys=True))
                 image.save(f, format="PNG", pnginfo=info)
             else:
-                exif = image.getexif()
+                from PIL import Image
+
+                exif = Image.Exif()
                 exif[IMAGE_DESCRIPTION] = json.dumps(meta, sort_keys=True)  # ASCII: json escapes the rest
                 if parameters is not None:  # A1111's own encoding: 'UNICODE\0' + UTF-16 big-endian
-                    exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+                    # (a dict set on the IFD tag: Pillow before 13 drops edits made through get_ifd)
+                    exif[EXIF_IFD] = {EXIF_USER_COMMENT: b"UNICODE\0" + parameters.encode("utf-16-be")}
                 image.save(f, format=fmt, quality=95, exif=exif)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a plain file is expected
         return tmp

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .. import versions
 from ..core.denoiser import Boundary, NetDenoiser
 from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec, to_spec
@@ -185,6 +186,7 @@ class GuidedPipeline:
     """Wraps a loaded diffusers pipeline. Call it like a diffusers pipeline; see ``__call__``."""
 
     def __init__(self, pipe, progress: bool = True):
+        versions.check()
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         self.info: SchedulerInfo = from_scheduler(pipe.scheduler)
@@ -365,12 +367,11 @@ class GuidedPipeline:
         return self.denoiser_for()
 
     def denoiser_for(self, spacing: str | None = None, round_timesteps: bool | None = None):
-        """The denoiser of a call: the network sees rounded times where the scheduler config makes
-        diffusers round them (its own grid, Karras sigmas in multistep schedulers) unless
-        ``round_timesteps`` says otherwise (False: k-diffusion's fractional times)."""
-        flag = (self.info.round_time and spacing is None) if round_timesteps is None else bool(round_timesteps)
-        d = self.net_denoiser if flag == self.net_denoiser.round_time else \
-            dataclasses.replace(self.net_denoiser, round_time=flag)
+        """The denoiser of a call: the network sees integer times where the scheduler config makes
+        diffusers use them (its own sigma grid in multistep schedulers) unless ``round_timesteps``
+        is False (k-diffusion's fractional times)."""
+        fn = self.info.time_fn if spacing is None and round_timesteps is not False else None
+        d = self.net_denoiser if fn is self.net_denoiser.time_fn else dataclasses.replace(self.net_denoiser, time_fn=fn)
         return Boundary(d, timestep_scaling=self.info.boundary) if self.info.boundary is not None else d
 
     @property
@@ -423,9 +424,9 @@ class GuidedPipeline:
         check_finite: raise ``diffguide.NonFiniteError`` (a ValueError) naming the step, the guidance
         and the likely fix when sampling or decoding produces NaN or inf, instead of returning a
         black or NaN image; False returns whatever came out.
-        round_timesteps: None shows the network the times diffusers would (rounded on a multistep
-        scheduler's own Karras grid); False always the exact fractional times (k-diffusion), True
-        always rounded ones.
+        round_timesteps: None shows the network the times diffusers would (integers on a multistep
+        scheduler's own Karras, exponential or beta grid); False always the exact fractional times
+        (k-diffusion).
 
         diffusers' names work as they do there: ``num_inference_steps`` (= steps), ``latents``
         (initial noise before scaling; later noise still comes from the seeds), ``prompt_embeds`` /
@@ -499,7 +500,8 @@ class GuidedPipeline:
                                  "not prompt_embeds")
             stitch.check(self)
         noise, seeds = self._noise(b, seed, generator)
-        notice = self.family.notice(prompts) if prompt_embeds is None else None
+        with ENCODE_LOCK:  # it tokenises: one thread at a time (see ENCODE_LOCK)
+            notice = self.family.notice(prompts) if prompt_embeds is None else None
         if notice:
             warnings.warn(notice, PromptTruncated, stacklevel=2)
         device, fam = self.device, self.family

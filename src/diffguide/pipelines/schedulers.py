@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..core.schedule import FlowSchedule, Schedule, VPSchedule
@@ -24,11 +25,43 @@ _DPM_LIKE = {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "Uni
 _EULER_LIKE = {"EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
                "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"}
 _DDIM_KEEPS_EPS = {"DDIMScheduler", "DDIMParallelScheduler"}
-# with use_karras_sigmas these show the network round(t(sigma)) beside the exact Karras sigma
+# with sigma-derived grids (Karras, exponential, beta) these show the network an integer time beside
+# the exact sigma: rounded (Karras) or truncated by their int64 timesteps (exponential, beta)
 _ROUND_KARRAS = {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
                  "DEISMultistepScheduler", "SASolverScheduler", "KDPM2DiscreteScheduler",
                  "KDPM2AncestralDiscreteScheduler"}
+_INT_TIMESTEPS = {"DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                  "DEISMultistepScheduler", "SASolverScheduler"}
 _FLOW = {"FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"}
+
+
+@dataclass(frozen=True, eq=False)
+class SigmaTimes:
+    """The times diffusers' schedulers show the network beside exact Karras, exponential or beta
+    sigmas: t from sigma by interpolating log sigma in the scheduler's own float32 table (its
+    ``_sigma_to_t``; diffguide's schedule interpolates sigma itself), then rounded (multistep
+    schedulers with Karras sigmas), truncated by their int64 cast (with exponential or beta
+    sigmas) or kept ("float": Euler and the other k-diffusion ports)."""
+
+    schedule: Schedule
+    log_sigmas: np.ndarray  # float32, as the scheduler computes it
+    mode: str               # "round", "trunc" or "float"
+
+    @classmethod
+    def of(cls, scheduler, schedule: Schedule, mode: str) -> "SigmaTimes":
+        ac = scheduler.alphas_cumprod.detach().cpu().float().numpy()
+        return cls(schedule, np.log(((1 - ac) / ac) ** 0.5), mode)
+
+    def __call__(self, t: torch.Tensor):
+        ve = np.atleast_1d(self.schedule.ve(torch.as_tensor(t, dtype=torch.float64)).numpy())
+        log_sigma = np.log(np.maximum(ve, 1e-10))
+        dists = log_sigma - self.log_sigmas[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(self.log_sigmas) - 2)
+        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+        w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+        tm = (1 - w) * low + w * (low + 1)
+        tm = {"round": np.round, "trunc": np.trunc, "float": lambda v: v}[self.mode](tm)
+        return torch.from_numpy(tm).reshape(torch.as_tensor(t).shape)
 
 
 @dataclass(frozen=True)
@@ -43,7 +76,7 @@ class SchedulerInfo:
     threshold: object = None                   # x0 clipping the config asks for (clip_sample, thresholding)
     sampler: str = "dpmpp_2m"                  # the default sampler for this model
     boundary: float | None = None              # a consistency model's timestep_scaling (LCMScheduler)
-    round_time: bool = False                   # the network sees rounded times on the own grid
+    time_fn: object = None                     # the network's times on the own sigma grid (SigmaTimes)
 
     def timesteps(self, steps: int, spacing: str | None = None) -> torch.Tensor:
         """The scheduler's own grid, or ``spacing`` (all the way to the data end) when given."""
@@ -93,11 +126,14 @@ def from_scheduler(scheduler) -> SchedulerInfo:
     if spacing == "leading":
         grid["steps_offset"] = cfg.get("steps_offset", 0)
     start = "unit"
-    round_time = False
-    if cfg.get("use_karras_sigmas"):
-        grid = {"spacing": "karras"}
-        round_time = name in _ROUND_KARRAS and not (name == "DPMSolverMultistepScheduler"
-                                                    and cfg.get("beta_schedule") == "squaredcos_cap_v2")
+    rounding = None
+    sigma_grid = next((k for k in ("karras", "exponential", "beta") if cfg.get(f"use_{k}_sigmas")), None)
+    if sigma_grid is not None:
+        grid = {"spacing": sigma_grid}  # exponential: uniform in log sigma; beta: Beta(0.6, 0.6) quantiles
+        rounds = sigma_grid == "karras" and name in _ROUND_KARRAS and not (
+            name == "DPMSolverMultistepScheduler" and cfg.get("beta_schedule") == "squaredcos_cap_v2")
+        mode = "round" if rounds else "trunc" if name in _INT_TIMESTEPS else "float"
+        rounding = SigmaTimes.of(scheduler, schedule, mode) if hasattr(scheduler, "alphas_cumprod") else None
     elif name in _DPM_LIKE:
         if spacing != "trailing":
             grid["drop_last"] = True
@@ -122,4 +158,4 @@ def from_scheduler(scheduler) -> SchedulerInfo:
         grid = {"spacing": "lcm", "original_steps": int(cfg.get("original_inference_steps", 50))}
         return SchedulerInfo(schedule, kind, grid, start, name, threshold, "consistency",
                              float(cfg.get("timestep_scaling", 10.0)))
-    return SchedulerInfo(schedule, kind, grid, start, name, threshold, round_time=round_time)
+    return SchedulerInfo(schedule, kind, grid, start, name, threshold, time_fn=rounding)
