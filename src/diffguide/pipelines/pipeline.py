@@ -343,7 +343,8 @@ class GuidedPipeline:
             raise ValueError(f"guidance must be a spec string or a Guidance object, got {type(g).__name__}")
         if guidance_scale is not None:
             if "scale" not in {f.name for f in dataclasses.fields(g)}:
-                raise ValueError(f"guidance_scale given but {type(g).__name__} has no scale option")
+                raise ValueError(f"a guidance scale was given (--scale, guidance_scale) but guidance {to_spec(g)!r} "
+                                 f"has no scale option")
             g = dataclasses.replace(g, scale=float(guidance_scale))
         sampler = self.defaults.get("sampler", self.info.sampler) if sampler is None else sampler  # the model's own
         s = parse_spec("sampler", sampler) if isinstance(sampler, str) else sampler
