@@ -268,3 +268,20 @@ def states_equal(a: dict, b: dict, skip=("config",)) -> bool:
         elif x != y:
             return False
     return True
+
+
+def caption_folder(folder, n: int, size: int = 8) -> str:
+    """n random size x size images with alternating captions, in the imagefolder layout
+    (metadata.jsonl) the distillation trainer reads."""
+    import json
+    import os
+
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+            f.write(json.dumps({"file_name": f"{i}.png", "text": ["a red circle", "a blue square"][i % 2]}) + "\n")
+    return str(folder)

@@ -2,7 +2,6 @@
 images as diffguide's own (and as diffusers' pipeline), ``to``/``save_pretrained`` and the memory
 switches work on the wrapper, long prompts are read whole."""
 import json
-import os
 import warnings
 
 import numpy as np

@@ -14,7 +14,7 @@ from diffguide.distill.dmd2 import DMD2Loss, conditioning_times
 from diffguide.distill.trainer import DistillConfig, train
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
-from helpers import states_equal
+from helpers import caption_folder, states_equal
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,7 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """16 random 8x8 images with captions, in the imagefolder layout."""
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(16):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": ["a red circle", "a blue square"][i % 2]}) + "\n")
-    return str(folder)
+    return caption_folder(tmp_path_factory.mktemp("data"), 16)
 
 
 def _cfg(out, teacher, data, **kw):

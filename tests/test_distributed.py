@@ -15,7 +15,7 @@ from diffguide.distill import checkpoint
 from diffguide.distill.trainer import DistillConfig, train
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
-from helpers import states_equal
+from helpers import caption_folder, states_equal
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -53,15 +53,8 @@ def teacher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(32):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": ["a red circle", "a blue square"][i % 2]}) + "\n")
-    return str(folder)
+    """32 random 8x8 images with captions, in the imagefolder layout."""
+    return caption_folder(tmp_path_factory.mktemp("data"), 32)
 
 
 @pytest.fixture(scope="module")

@@ -39,20 +39,14 @@ def test_parity_with_diffusers_pipeline(tmp_path):
 
 
 def test_one_dmd2_step_and_its_student(tmp_path):
-    import json
-
     from diffguide.distill.trainer import DistillConfig, train
     from diffguide.pipelines import GuidedPipeline
     from diffguide.pipelines import tiny as tm
 
     teacher = tm.save(str(tmp_path / "teacher"), "pixel_sd")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    with open(data / "metadata.jsonl", "w") as f:
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(data / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": "a red circle"}) + "\n")
+    from helpers import caption_folder
+
+    data = caption_folder(tmp_path / "data", 8)
     folder = train(DistillConfig(out=str(tmp_path / "run"), method="dmd2", teacher=teacher, data=str(data),
                                  batch=4, max_steps=1, student_steps=2, gan=True, skip=100, validate_n=1),
                    progress=False)

@@ -10,7 +10,6 @@ import numpy as np
 
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
-from ..core.spacing import SPACINGS
 from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
 from ..pipelines.images import Outputs, prove_writable
 from .generate import (MAX_SEED, UsageError, add_model_arguments, add_noise_arguments, add_stitch_arguments, load_model,
