@@ -145,7 +145,7 @@ def test_apg_matches_the_paper_algorithm_on_the_mixture(gmm, sd):
         d, buf = _apg_reference(gmm.posterior_mean(ref, a, s, LABELS), gmm.posterior_mean(ref, a, s, NULL),
                                 w, eta, r, beta, buf)
         ref = a1 * d + s1 * (ref - a * d) / s  # DDIM
-    out, _ = _run(gmm, f"apg:scale={w},eta={eta},norm_threshold={r},momentum={beta}", "ddim", ts, x)
+    out, _ = _run(gmm, f"apg:scale={w},eta={eta},norm_threshold={r},momentum={beta},norm=l2", "ddim", ts, x)
     assert (out - ref).abs().max() < 1e-9
     plain, _ = _run(gmm, f"cfg:scale={w}", "ddim", ts, x)
     assert (out - plain).abs().max() > 1e-2  # the projection, clamp and momentum all bite here
@@ -157,7 +157,7 @@ def test_apg_matches_diffusers_guider_on_raw_output():
     sd = dg.VPSchedule.from_betas()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
-    apg = dg.parse_spec("guidance", "apg:scale=7.5,eta=0.4,norm_threshold=20,momentum=-0.3,space=eps,base=uncond")
+    apg = dg.parse_spec("guidance", "apg:scale=7.5,eta=0.4,norm_threshold=20,momentum=-0.3,space=eps,base=uncond,norm=l2")
     buf, state = MomentumBuffer(-0.3), apg.init_state()
     for t in (900, 700, 500):
         pt = dg.Point(torch.tensor(float(t), dtype=F64), sd)
@@ -470,3 +470,25 @@ def test_methods_on_every_model_family(family):
         b = gp(prompt, guidance=spec, steps=3, seed=[0, 1], num_images_per_prompt=2, output_type="np")
         assert np.isfinite(a.images).all() and np.array_equal(a.images, b.images), (family, spec)
         assert np.abs(a.images - base.images).max() > 1e-4, (family, spec)
+
+
+def test_apg_rms_threshold_clamps_alike_on_any_sample_size():
+    """The same per-value statistics clamp equally on 3 x 32 x 32 pixels and on 4 x 128 x 128
+    latents with norm=rms; the paper's absolute L2 radius clamps one and not the other."""
+    sd = dg.VPSchedule.from_betas()
+    pt = dg.Point(torch.tensor(500.0, dtype=F64), sd)
+    factors = {}
+    for norm, r in (("rms", 0.05), ("l2", 10.0)):
+        for shape in ((3, 32, 32), (4, 128, 128)):
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(8, *shape, generator=g)
+            c = torch.randn(8, *shape, generator=g)
+            u = c - 0.1 * torch.randn(8, *shape, generator=g)  # per-value rms of the difference: 0.1
+            apg = dg.parse_spec("guidance", f"apg:scale=2,eta=1,momentum=0,norm_threshold={r},norm={norm}")
+            preds = {"c": dg.Pred.from_x0(x, c, pt.a, pt.s), "u": dg.Pred.from_x0(x, u, pt.a, pt.s)}
+            out, _ = apg.combine(x, pt, preds, apg.init_state())
+            shift = (out.x0 - c).flatten(1).norm(dim=1) / (c - u).flatten(1).norm(dim=1)  # 1 = no clamp
+            factors[norm, shape] = shift.mean().item()
+    assert abs(factors["rms", (3, 32, 32)] - 0.5) < 0.01 and abs(factors["rms", (4, 128, 128)] - 0.5) < 0.01
+    assert factors["l2", (3, 32, 32)] == pytest.approx(1.0) and factors["l2", (4, 128, 128)] < 0.5
+    assert dg.get_guidance("apg").norm_threshold == pytest.approx(15 / 256, abs=1e-4)

@@ -174,13 +174,7 @@ def run_calibrate(args) -> int:
     _check(args)
     if args.prompts is not None and not os.path.isfile(args.prompts):
         raise UsageError(f"--prompts {args.prompts!r} is not a file")
-    if args.prompts:
-        with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        if not prompts:
-            raise UsageError(f"--prompts {args.prompts!r} has no prompts")
-    else:
-        prompts = list(metrics.DEFAULT_PROMPTS)
+    prompts = _read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     prove_writable(os.path.dirname(os.path.abspath(args.output)))
     if os.path.exists(args.output) and not args.overwrite:
@@ -198,3 +192,53 @@ def run_calibrate(args) -> int:
     _write_text(args.output, json.dumps(data, indent=1))
     print(args.output)
     return 0
+
+
+def add_tune_arguments(p) -> None:
+    p.add_argument("method", help="ag, apg or linear_ag")
+    _common(p)
+    p.set_defaults(seed=1)  # other images than eval's seed 0
+    p.add_argument("--scale", type=float, default=5.0, help="the method's scale (diffusers' convention)")
+    p.add_argument("--prompts", default=None, help="probe prompts, one per line (default: built-in set)")
+    p.add_argument("--n", "--images-per-prompt", dest="n", type=int, default=2, help="probe images per prompt")
+    p.add_argument("--target-nfe", type=float, default=0.75,
+                   help="ag: the NFE to reach, as a fraction of CFG's (default 0.75: 25%% fewer)")
+    p.add_argument("--quantile", type=float, default=0.5,
+                   help="apg: the quantile of the probe's update norms used as norm_threshold")
+    p.add_argument("-o", "--output", default="tuned.json", help="the spec file (load it with --guidance @FILE)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_tune(args) -> int:
+    """Pick a method's options for this model from probe runs; write a spec file."""
+    from ..evaluate.tune import METHODS, tune, write
+    from ..toy import metrics
+
+    _check(args)
+    if args.method not in METHODS:
+        raise UsageError(f"unknown method {args.method!r} to tune; choose one of: {', '.join(METHODS)}")
+    if args.prompts is not None and not os.path.isfile(args.prompts):
+        raise UsageError(f"--prompts {args.prompts!r} is not a file")
+    prompts = _read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
+    sampler = parse_spec("sampler", args.sampler) if args.sampler else None
+    prove_writable(os.path.dirname(os.path.abspath(args.output)))
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UsageError(f"output {args.output!r} exists; pass --overwrite to replace it")
+    gp, _ = load_model(args)
+    _model_defaults(args, gp)
+    t0 = time.perf_counter()
+    result = tune(gp, args.method, prompts, args.n, args.seed, sampler, args.steps, args.scale,
+                  args.target_nfe, args.quantile, args.spacing)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    spec = write(result, args.output, args.model)
+    print(spec)
+    print(f"written to {args.output}; use it with --guidance @{args.output}", file=sys.stderr)
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts {path!r} has no prompts")
+    return prompts

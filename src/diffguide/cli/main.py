@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="one prompt, several guidance settings: a labelled PNG grid"))
     evaluate.add_calibrate_arguments(sub.add_parser(
         "calibrate-linearag", help="fit LinearAG's coefficients on recorded CFG trajectories"))
+    evaluate.add_tune_arguments(sub.add_parser(
+        "tune", help="pick a guidance method's options for a model from probe runs (ag, apg, linear_ag)"))
     bench.add_arguments(sub.add_parser("bench", help="run the CPU performance suite and print a summary"))
     distill.add_arguments(sub.add_parser(
         "distill", help="distil a guided teacher into a 1-8 step student (consistency or dmd2)"))
@@ -186,6 +188,8 @@ def main(argv=None) -> int:
             return bench.run(args)
         if args.command == "calibrate-linearag":
             return evaluate.run_calibrate(args)
+        if args.command == "tune":
+            return evaluate.run_tune(args)
         if args.command == "distill":
             return distill.run(args)
         if args.command == "train-toy":

@@ -85,6 +85,11 @@ class Guidance:
         run's noise source (per-sample generators in pipelines) or None."""
         return {}
 
+    def prompt_sets(self) -> dict:
+        """Texts a pipeline should encode once per call and pass as conditions under these names
+        (ICG's stand-in prompts); {} for most methods."""
+        return {}
+
     def branches(self, pt: Point, state: Any) -> Mapping[str, Branch]:
         raise NotImplementedError
 

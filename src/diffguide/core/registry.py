@@ -115,14 +115,33 @@ def _parse_options(kind: str, what: str, spec: str, rest: str, allowed: dict) ->
     return opts
 
 
+def _spec_file(kind: str, path: str) -> str:
+    """The ``kind`` entry (e.g. "guidance") of a JSON spec file."""
+    import json
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {kind} spec file {path!r}: {e.strerror or e}") from None
+    except ValueError:
+        raise ValueError(f"{kind} spec file {path!r} is not JSON") from None
+    spec = data.get(kind) if isinstance(data, dict) else None
+    if not isinstance(spec, str) or spec.startswith("@"):
+        raise ValueError(f"{kind} spec file {path!r} has no {kind!r} entry (a spec string)")
+    return spec
+
+
 def parse_spec(kind: str, spec: str):
     """``'cfg:scale=7.5,rescale=0.7'`` -> CFG(scale=7.5, rescale=0.7).
 
     Guidance specs also compose: ``'cfg:scale=5+tsg:scale=2'`` sums methods (shared branches run
     once) and ``'apg:scale=5@sigma_lo=0.3,weight_schedule=linear'`` wraps one in a schedule,
-    interval and rescale."""
+    interval and rescale. ``'@tuned.json'`` reads the spec from a file's ``kind`` entry."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty {kind} spec; expected name or name:key=value,...")
+    if spec.startswith("@"):  # a spec file, e.g. written by diffguide tune
+        return parse_spec(kind, _spec_file(kind, spec[1:]))
     if kind == "guidance" and "+" in spec and "+" in _COMBINATORS:
         return _COMBINATORS["+"](tuple(parse_spec(kind, term) for term in spec.split("+")))
     if kind == "guidance" and "@" in spec and "@" in _COMBINATORS:

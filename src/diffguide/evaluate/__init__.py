@@ -83,10 +83,10 @@ def grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 2
     return canvas
 
 
-def calibrate_linear_ag(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float,
-                        spacing=None) -> list:
-    """LinearAG coefficients fitted on CFG trajectories of n images per prompt (prompt_set's seeds)."""
-    from ..guidance.linear_ag import Recorder, fit
+def record(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float, spacing=None) -> list:
+    """CFG trajectories: per prompt, the list of (x, c x0, u x0) of every evaluation (n images each,
+    prompt_set's seeds)."""
+    from ..guidance.linear_ag import Recorder
 
     runs = []
     for k, text in enumerate(prompts):
@@ -94,4 +94,12 @@ def calibrate_linear_ag(gp, prompts: list[str], n: int, seed: int, sampler, step
         gp(text, guidance=rec, sampler=sampler, steps=steps, spacing=spacing, num_images_per_prompt=n,
            seed=prompt_seeds(seed, k, n), output_type="latent", progress=False)
         runs.append(rec.sink)
-    return fit(runs)
+    return runs
+
+
+def calibrate_linear_ag(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float,
+                        spacing=None) -> list:
+    """LinearAG coefficients fitted on CFG trajectories of n images per prompt (prompt_set's seeds)."""
+    from ..guidance.linear_ag import fit
+
+    return fit(record(gp, prompts, n, seed, sampler, steps, scale, spacing))

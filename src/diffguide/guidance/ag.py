@@ -20,13 +20,17 @@ class AdaptiveGuidance(Guidance):
     Decided per sample: once a sample's cosine reaches the threshold it is conditional-only for the
     rest of the run, and its unconditional rows are no longer evaluated (NFE falls). The paper compares the eps predictions
     (space="eps"); at high noise both are close to x/sigma, so that cosine starts near 1, whereas in
-    x0 (as ComfyUI's port does) it rises along the trajectory. threshold > 1: always CFG;
-    threshold -1: CFG on the first evaluation only.
+    x0 (as ComfyUI's port does) it rises along the trajectory. centre=True (default) takes each
+    prediction's mean out first (a correlation): a constant part shared by both predictions, such as
+    a flat background in pixels or a latent's offset, no longer counts as agreement, so the same
+    threshold means the same on pixels and latents. threshold > 1: always CFG; threshold -1: CFG on
+    the first evaluation only. ``diffguide tune ag`` picks a threshold for a target NFE.
     """
 
     scale: float = 5.0
     threshold: float = 0.99
     space: str = "x0"
+    centre: bool = True
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -55,6 +59,8 @@ class AdaptiveGuidance(Guidance):
         guided = u + self.scale * (cr - u)
         a = getattr(cr, self.space).flatten(1).double()
         b = getattr(u, self.space).flatten(1).double()
+        if self.centre:
+            a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
         done = torch.nn.functional.cosine_similarity(a, b, dim=1) >= self.threshold
         x0, eps = c.x0.clone(), c.eps.clone()
         x0[rows], eps[rows] = guided.x0, guided.eps

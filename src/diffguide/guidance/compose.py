@@ -52,6 +52,9 @@ class Modulated(Guidance):
     def init_state(self):
         return self.inner.init_state()
 
+    def prompt_sets(self):
+        return self.inner.prompt_sets()
+
     def conditions(self, pt, conds, x, noise):
         return self.inner.conditions(pt, conds, x, noise) if self._active(pt) else {}
 
@@ -95,6 +98,12 @@ class Sum(Guidance):
 
     def init_state(self):
         return tuple(p.init_state() for p in self.parts)
+
+    def prompt_sets(self):
+        out = {}
+        for p in self.parts:
+            out.update(p.prompt_sets())
+        return out
 
     def conditions(self, pt, conds, x, noise):
         out = {}

@@ -7,11 +7,12 @@ from typing import Any, Mapping
 
 import torch
 
-from ..core.guided import Branch, Guidance, Point
+from ..core.guided import Branch, Guidance, Point, _rows
 from ..core.registry import register
 from ..core.sample import draw
 
-CONDITIONS = ("random", "null")
+CONDITIONS = ("random", "null", "prompts")
+POOL = "icg_prompts"  # the condition name under which a pipeline passes the encoded stand-in prompts
 
 
 def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
@@ -45,20 +46,48 @@ def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     return (torch.special.ndtr(u) * k).long().clamp(max=k - 1).to(pos.device)
 
 
+def stand_in_prompts(spec: str) -> list[str] | None:
+    """ICG's prompts option: a file (one per line, # comments), texts joined by '|', or '' (None:
+    the pipeline's own caption set)."""
+    import os
+
+    if not spec:
+        return None
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            texts = [t.strip() for t in f if t.strip() and not t.lstrip().startswith("#")]
+    else:
+        texts = [t.strip() for t in spec.split("|") if t.strip()]
+    if not texts:
+        raise ValueError(f"ICG prompts {spec!r} has no prompts (a file with one per line, or texts joined by '|')")
+    return texts
+
+
+def _count(cond) -> int:
+    if isinstance(cond, torch.Tensor):
+        return int(cond.shape[0])
+    if isinstance(cond, Mapping):
+        return next(_count(v) for v in cond.values() if isinstance(v, (torch.Tensor, Mapping)))
+    raise ValueError("ICG's prompt pool holds no tensors")
+
+
 @register("guidance", "icg")
 @dataclass(frozen=True)
 class ICG(Guidance):
     """ICG (Sadat et al. 2024): D(y^) + scale (D(y) - D(y^)), y^ independent of the prompt.
 
     y^ is redrawn at every evaluation from the run's noise source (per sample): for text models
-    Gaussian noise with the std of the prompt's embedding (the paper's scaled Gaussian; random
-    prompts are its alternative), for class-conditional ones a uniform random class. No
+    Gaussian noise with the std of the prompt's embedding (the paper's scaled Gaussian), for
+    class-conditional ones a uniform random class. condition="prompts" draws y^ from real prompts
+    instead (the paper's alternative): ``prompts`` is a file with one per line, or texts joined by
+    '|'; empty means the model's own caption set (the toy world's for the built-in models). No
     condition-dropout training is needed. condition="null" uses the null condition: exactly CFG.
     """
 
     scale: float = 5.0
     condition: str = "random"
     classes: int = 0
+    prompts: str = ""
 
     def __post_init__(self):
         if self.condition not in CONDITIONS:
@@ -69,11 +98,25 @@ class ICG(Guidance):
         if self.classes < 0:
             raise ValueError(f"classes must be >= 0 (0: read from the null label), got {self.classes!r}")
 
+    def prompt_sets(self):
+        if self.condition != "prompts" or self.scale == 1:
+            return {}
+        return {POOL: stand_in_prompts(self.prompts)}
+
     def conditions(self, pt: Point, conds, x, noise):
         if self.condition == "null" or self.scale == 1:
             return {}
         if conds.get("pos") is None:
             raise ValueError("ICG needs a conditional model and a prompt (condition 'pos')")
+        if self.condition == "prompts":
+            pool = conds.get(POOL)
+            if pool is None:
+                raise ValueError(f"ICG condition=prompts needs its prompts encoded: GuidedPipeline does this; "
+                                 f"with bare denoisers pass conds={{'{POOL}': <encoded prompts>}}")
+            k = _count(pool)
+            u = draw(noise, torch.zeros(x.shape[0], device=x.device))  # per sample, uniform index below
+            idx = (torch.special.ndtr(u) * k).long().clamp(max=k - 1).cpu().tolist()
+            return {"icg": _rows(pool, idx)}
         return {"icg": independent(conds["pos"], conds.get("neg"), noise, self.classes)}
 
     def branches(self, pt: Point, state=None):

@@ -479,7 +479,15 @@ class GuidedPipeline:
         if embedded:  # the scale is an input of the network, not a guidance method's
             w_scale = self.embedded_scale if guidance_scale is None else float(guidance_scale)
             guidance_scale = None
-        g, s = self.resolve(guidance, guidance_scale, sampler)
+        try:
+            g, s = self.resolve(guidance, guidance_scale, sampler)
+        except ValueError as e:
+            if "CFG++ scale is lambda" not in str(e):
+                raise
+            from ..guidance.cfgpp import equivalence  # the hint on this run's own grid
+
+            ve = self.info.schedule.ve(self.info.timesteps(steps, spacing)).tolist()
+            raise ValueError(f"{str(e).split(';')[0]}; on this run's grid ({steps} steps) {equivalence(ve)}") from None
         g, s = self._diffusers_options(g, s, eta, guidance_rescale)
         h, w = self.size(height, width)
         ts = self.info.timesteps(steps, spacing)
@@ -535,6 +543,13 @@ class GuidedPipeline:
                 pos = {**(pos or {}), "timestep_cond": emb}
                 neg = {**neg, "timestep_cond": emb} if neg is not None else None
             extra_conds, models = {}, {}
+            for name, texts in g.prompt_sets().items():  # e.g. ICG's stand-in prompts, encoded once
+                if stitch is not None:
+                    raise ValueError("a guidance with its own prompt set cannot run with stitch yet")
+                texts = self.caption_set() if texts is None else texts
+                with ENCODE_LOCK:
+                    pool, _ = fam.encode(texts, [""] * len(texts), 1, device)
+                extra_conds[name] = fam.extra(pool, h, w)
             if stitch is not None:
                 small = stitch.small
                 models["small"] = small.denoiser
@@ -635,6 +650,24 @@ class GuidedPipeline:
                 raise ValueError(f"guidance_rescale needs a guidance with a rescale option (cfg), got {to_spec(g)!r}")
             g = dataclasses.replace(g, rescale=float(guidance_rescale), rescale_space=self.info.kind)
         return g, s
+
+    @property
+    def builtin(self) -> bool:
+        """Whether this is one of the models shipped in the package (the toy world's)."""
+        from ..assets import ROOT
+
+        source = os.path.abspath(getattr(self, "source", "") or "")
+        return source.startswith(os.path.abspath(ROOT) + os.sep)
+
+    def caption_set(self) -> list[str]:
+        """The model's own caption set (for ICG's real-prompt stand-ins): the toy world's for the
+        built-in models; other models have none and need prompts given."""
+        if self.builtin:
+            from ..toy.scenes import captions
+
+            return captions()
+        raise ValueError("this model has no caption set of its own: give prompts (icg:condition=prompts,"
+                         "prompts=FILE with one prompt per line)")
 
     def _check_unconditional(self, g: Guidance, ts) -> None:
         """A method that compares conditions cannot run on a model that has none."""

@@ -228,3 +228,10 @@ def vocabulary() -> list[str]:
     """Every word a caption can contain."""
     words = set(_FILLER) | set(COLOURS) | set(BACKGROUNDS) | set(_SHAPE_OF) | set(COLOUR_WORDS)
     return sorted(words)
+
+
+def captions(n: int = 256, seed: int = 7) -> list[str]:
+    """n captions of independent random training scenes: the toy world's own prompts, e.g. as ICG's
+    stand-in conditions."""
+    rng = np.random.default_rng(seed)
+    return [caption(random_scene(rng, train=True), rng) for _ in range(n)]
