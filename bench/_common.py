@@ -61,10 +61,26 @@ def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0,
     from diffguide.evaluate import prompt_set
     from diffguide.toy import metrics
 
-    costs = {}
+    costs, per_image = {}, []
     images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, stitch=stitch,
                                            noise=noise, costs=costs)
-    res = metrics.evaluate(images, ids, prompts, judge)
+    res = metrics.evaluate(images, ids, prompts, judge, per_image=per_image)
     res.pop("adherence_by_prompt")
+    m = len(per_image)
+    p = res["adherence"]
     return {"nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4),
-            **(costs if noise else {}), **res}
+            **(costs if noise else {}), **res, "adherence_se": round((p * (1 - p) / m) ** 0.5, 4),
+            "adherent": [int(r["adherent"]) for r in per_image]}
+
+
+def paired(a: list, b: list) -> dict:
+    """Adherence of b minus a on the same images (same prompts and seeds), with the discordant
+    counts and a two-sided exact sign-test p-value (McNemar)."""
+    from math import comb
+
+    worse = sum(1 for x, y in zip(a, b) if x and not y)
+    better = sum(1 for x, y in zip(a, b) if y and not x)
+    k, n = min(worse, better), worse + better
+    pval = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"difference": round((better - worse) / len(a), 4), "better": better, "worse": worse,
+            "p_value": round(pval, 4)}

@@ -5,7 +5,10 @@ labelled comparison grid.
     python bench/guidance_methods.py [--n 8] [--steps 25] [--out bench/results/guidance_methods.json]
         [--md bench/results/guidance_methods.md] [--grid bench/results/guidance_methods.png]
 
-LinearAG is calibrated first (seed 1, so on other images than the evaluation's seed 0).
+LinearAG is calibrated and APG and AG are tuned first (``diffguide tune``, probe seed 1, so on other
+images than the evaluation's seed 0). Each row carries its adherence's standard error; the rows
+named in COMPARE are also compared image by image with their CFG row (paired: same prompts and
+seeds), with the discordant counts and an exact sign-test p-value.
 """
 import argparse
 import json
@@ -14,19 +17,24 @@ import tempfile
 import time
 
 import numpy as np
-from _common import emit, scored, toy_setup
+from _common import emit, paired, scored, toy_setup
 
-from diffguide.evaluate import calibrate_linear_ag, grid
 from diffguide.core.registry import to_spec
+from diffguide.evaluate import calibrate_linear_ag, grid
+from diffguide.evaluate.tune import tune
 
 SPECS = ["none", "cfg:scale=3", "cfg:scale=5", "cfg:scale=7.5", "cfg:scale=12",
-         "apg:scale=5", "apg:scale=7.5", "apg:scale=12",
-         "cfgpp:scale=0.2", "cfgpp:scale=0.4", "cfgpp:scale=0.6",
-         "icg:scale=3", "icg:scale=5",
+         "apg:scale=5", "apg:scale=7.5", "apg:scale=12", "{apg12}",
+         "cfgpp:scale=0.4", "cfgpp:scale=0.6", "cfgpp:scale=1",
+         "icg:scale=3", "icg:scale=3,condition=prompts", "icg:scale=5,condition=prompts",
          "tsg:scale=2", "tsg:scale=3",
-         "ag:scale=5", "ag:scale=5,threshold=0.995", "linear_ag:scale=5,coefficients={lag}",
+         "ag:scale=5", "{ag5}", "linear_ag:scale=5,coefficients={lag}",
          "cfg:scale=5+tsg:scale=2"]
-GRID = ["none", "cfg:scale=5", "cfg:scale=12", "apg:scale=12", "cfgpp:scale=0.4", "icg:scale=5",
+# (row, the CFG row it is compared with image by image)
+COMPARE = [("apg:scale=12", "cfg:scale=12"), ("{apg12}", "cfg:scale=12"), ("ag:scale=5", "cfg:scale=5"),
+           ("{ag5}", "cfg:scale=5"), ("icg:scale=3", "cfg:scale=3"), ("icg:scale=3,condition=prompts", "cfg:scale=3"),
+           ("linear_ag:scale=5,coefficients={lag}", "cfg:scale=5")]
+GRID = ["none", "cfg:scale=5", "cfg:scale=12", "apg:scale=12", "cfgpp:scale=0.6", "icg:scale=5,condition=prompts",
         "tsg:scale=3", "ag:scale=5"]
 
 
@@ -37,10 +45,11 @@ def calibrate(gp, sampler, steps, scale, path, prompts):
 
 
 def table(rows) -> str:
-    head = ("| guidance | NFE | s/image | adherence | single | two | FD | colour error | saturation error |\n"
+    head = ("| guidance | NFE | s/image | adherence (± se) | single | two | FD | colour error | saturation error |\n"
             "|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| `{r['guidance']}` | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.3f} | {r['adherence']:.3f} | "
+        f"| `{r['guidance']}` | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.3f} | "
+        f"{r['adherence']:.3f} ± {r['adherence_se']:.3f} | "
         f"{r['adherence_by_group'].get('single', float('nan')):.3f} | "
         f"{r['adherence_by_group'].get('two', float('nan')):.3f} | "
         f"{r['frechet_distance']:.2f} | {r['colour_error']:.4f} | {r['saturation_error']:.4f} |\n" for r in rows)
@@ -66,17 +75,31 @@ def main():
         args.n, args.steps = 1, 3
     calibrate(gp, args.sampler, args.steps, 5.0, lag, prompts)
     calib_seconds = time.perf_counter() - t0
+    probe_n = 1 if args.quick else 2
+    t0 = time.perf_counter()
+    tuned = {"apg12": tune(gp, "apg", prompts, probe_n, 1, args.sampler, args.steps, 12.0),
+             "ag5": tune(gp, "ag", prompts, probe_n, 1, args.sampler, args.steps, 5.0, target_nfe=0.75)}
+    tune_seconds = time.perf_counter() - t0
+    names = {k: v["guidance"] for k, v in tuned.items()}
     specs = SPECS if args.only is None else [SPECS[int(i)] for i in args.only.split(",")]
     if args.quick:
-        specs = [sp for sp in specs if ":scale=3" not in sp and ":scale=12" not in sp and "0.2" not in sp]
-    rows = []
+        specs = [sp for sp in specs if ":scale=3" not in sp and ":scale=12" not in sp and "0.4" not in sp]
+    rows, by_name = [], {}
     for spec in specs:
-        g, s = gp.resolve(spec.format(lag=lag), None, args.sampler)
-        rows.append({"guidance": spec.replace(",coefficients={lag}", " (calibrated)"), "spec": to_spec(g),
-                     **scored(gp, judge, prompts, args.n, g, s, args.steps)})
+        concrete = spec.format(lag=lag, **names)
+        g, s = gp.resolve(concrete, None, args.sampler)
+        label = spec.replace(",coefficients={lag}", " (calibrated)")
+        label = {"{apg12}": f"{names['apg12']} (tuned)", "{ag5}": f"{names['ag5']} (tuned)"}.get(spec, label)
+        rows.append({"guidance": label, "spec": to_spec(g), **scored(gp, judge, prompts, args.n, g, s, args.steps)})
+        by_name[spec] = rows[-1]
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+    comparisons = [{"row": by_name[a]["guidance"], "against": b, **paired(by_name[b]["adherent"], by_name[a]["adherent"])}
+                   for a, b in COMPARE if a in by_name and b in by_name]
+    for c in comparisons:
+        print(c, flush=True)
     emit({"model": args.model, "sampler": args.sampler, "steps": args.steps, "prompts": len(prompts),
           "images_per_prompt": args.n, "linear_ag_calibration_seconds": round(calib_seconds, 1),
+          "tune_seconds": round(tune_seconds, 1), "tuned": tuned, "comparisons": comparisons,
           "rows": rows}, args.out)
     if args.md:
         with open(args.md, "w") as f:

@@ -157,10 +157,11 @@ def test_two_process_run_killed_and_resumed_is_bit_identical(tmp_path, teacher, 
     assert 2 <= killed_at < 20 and not os.path.exists(os.path.join(out, "student"))
     # what a kill during a save leaves behind, and a log line cut short
     open(os.path.join(out, "checkpoint.pt.tmp4242"), "wb").write(b"partial")
+    open(os.path.join(out, ".checkpoint.pt.x1y2.tmp"), "wb").write(b"partial")
     with open(log, "a") as f:
         f.write('{"step": 99, "fa')
     two(*args, "--resume")
-    assert not any(n.startswith("checkpoint.pt.tmp") for n in os.listdir(out))
+    assert not any(n.startswith(("checkpoint.pt.tmp", ".checkpoint.pt.")) for n in os.listdir(out))
     a = checkpoint.load(os.path.join(out, "checkpoint.pt"))
     b = checkpoint.load(os.path.join(dmd2_two, "checkpoint.pt"))
     assert states_equal(a, b)

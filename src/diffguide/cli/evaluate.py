@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
+from ..files import atomic_text
 from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
 from ..pipelines.images import Outputs, prove_writable
 from .generate import (MAX_SEED, UsageError, add_model_arguments, add_noise_arguments, add_stitch_arguments, load_model,
@@ -121,10 +122,7 @@ def run_eval(args) -> int:
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_text(path, text)
 
 
 def run_compare(args) -> int:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 
 import torch
+
+from ..files import atomic_write
 
 MAGIC = b"DGCKPT01"
 
@@ -19,16 +20,7 @@ def save(path: str, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(payload).digest() + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # the write failed: no half-written file is left behind
-            os.remove(tmp)
+    atomic_write(path, lambda f: f.write(MAGIC + hashlib.sha256(payload).digest() + payload))
 
 
 def load(path: str) -> dict:

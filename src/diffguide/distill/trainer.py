@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..core.denoiser import Boundary, NetDenoiser
+from ..files import atomic_text, atomic_write
 from . import checkpoint
 from .consistency import ConsistencyLoss, student_unet
 from .dmd2 import DMD2Loss, GANHead, conditioning_times
@@ -110,7 +111,7 @@ class ToyData:
     """The built-in world's training scenes: 3x32x32 images in [-1, 1] and a caption each."""
 
     def __init__(self, cfg: DistillConfig):
-        from ..pipelines.toy_model import SceneData
+        from ..toy.data import SceneData
 
         self.scenes = SceneData(cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz"))
         self.n, self.shape = cfg.dataset, (3, 32, 32)
@@ -405,7 +406,7 @@ def _tidy(out: str, step: int) -> None:
     """Before resuming at ``step``: remove temporary files a killed save left, and the log lines
     written after the checkpoint (they will be written again)."""
     for name in os.listdir(out):
-        if name.startswith(("checkpoint.pt.tmp", "student.tmp")):
+        if name.startswith(("checkpoint.pt.tmp", "student.tmp", ".checkpoint.pt.")):
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     for name in ("loss.jsonl", "val.jsonl"):
@@ -421,10 +422,7 @@ def _tidy(out: str, step: int) -> None:
                     continue
                 if isinstance(rec, dict) and rec.get("step", step + 1) <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        atomic_text(path, "".join(keep))
 
 
 def train(cfg: DistillConfig, progress: bool = True) -> str:
@@ -511,10 +509,7 @@ def train(cfg: DistillConfig, progress: bool = True) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    atomic_text(path, json.dumps(obj, indent=1))
 
 
 # -- the student as a diffusers folder -------------------------------------------------------------
@@ -579,9 +574,7 @@ def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
         images, ids, nfe, seconds = prompt_set(gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps)
         os.makedirs(os.path.join(cfg.out, "val"), exist_ok=True)
         img = grid([images[ids == k] for k in range(len(prompts))], prompts)
-        tmp = os.path.join(cfg.out, "val", f".step_{step}.png")
-        img.save(tmp, format="PNG")
-        os.replace(tmp, os.path.join(cfg.out, "val", f"step_{step}.png"))
+        atomic_write(os.path.join(cfg.out, "val", f"step_{step}.png"), lambda f: img.save(f, format="PNG"))
         if data_is_toy(teacher):
             res = metrics.evaluate(images, ids, prompts, evaluator.load())
             res.pop("adherence_by_prompt", None)

@@ -18,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+from ..files import atomic_text
 from . import prompt_set, record
 
 METHODS = ("ag", "apg", "linear_ag")
@@ -120,8 +121,5 @@ def write(result: dict, path: str, model: str) -> str:
 
     data = {**result, "model": model, "version": __version__}
     data["guidance"] = data["guidance"].replace("@self", os.path.abspath(path))
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    atomic_text(path, json.dumps(data, indent=1))
     return data["guidance"]

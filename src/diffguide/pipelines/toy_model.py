@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from ..toy import scenes
+from ..toy.data import SceneData  # noqa: F401  (the training data; also the distillation trainer's)
 
 SIZES = {  # UNet variants: the companion is about 3x cheaper per evaluation
     "main": dict(block_out_channels=(32, 64, 64)),
@@ -99,38 +101,6 @@ class TrainConfig:
     dataset: int = 50000          # distinct scenes, rendered once; captions are redrawn every epoch
     checkpoint_every: int = 500
     log_every: int = 50
-
-
-class SceneData:
-    """The first ``n`` training scenes of the world with this seed, rendered once (uint8)."""
-
-    def __init__(self, n: int, seed: int, cache: str | None = None):
-        if cache and os.path.exists(cache):
-            z = np.load(cache, allow_pickle=False)
-            self.images = z["images"]
-        else:
-            self.images = np.stack([(scenes.example(seed, i)[0] * 255).round().astype(np.uint8)
-                                    for i in range(n)])
-            if cache:
-                _atomic(cache, lambda f: np.savez(f, images=self.images))
-        self.n, self.seed = n, seed
-
-    def batch(self, idx: np.ndarray, epoch: int, flip: np.ndarray) -> tuple[torch.Tensor, list]:
-        imgs = self.images[idx].astype(np.float32) / 127.5 - 1
-        imgs = np.where(flip[:, None, None, None], imgs[:, :, ::-1], imgs)
-        caps = []
-        for i in idx:  # the scene is recomputed from its seed (cheap), the caption drawn per epoch
-            rng = scenes.scene_rng(self.seed, int(i))
-            scene = scenes.random_scene(rng, train=True)
-            caps.append(scenes.caption(scene, np.random.Generator(np.random.PCG64([self.seed, int(i), epoch, 7]))))
-        return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2), caps
-
-
-def _atomic(path: str, write) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> str:
@@ -225,7 +195,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> str:
             state = {"unet": acc.unwrap_model(net).state_dict(), "text": acc.unwrap_model(te).state_dict(),
                      "ema_unet": ema_net.state_dict(), "ema_text": ema_te.state_dict(),
                      "opt": opt.state_dict(), "step": step, "config": asdict(cfg)}
-            _atomic(ckpt, lambda f: torch.save(state, f))
+            atomic_write(ckpt, lambda f: torch.save(state, f))
     bar.close()
     log.close()
     folder = os.path.join(cfg.out, "model")

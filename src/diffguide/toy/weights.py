@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from ..files import atomic_write
+
 
 def augment(x: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tensor:
     """Random horizontal flips and pixel noise of a random strength up to ``noise``; x in [0, 1]."""
@@ -17,12 +19,10 @@ def augment(x: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tensor:
 
 def save(model: torch.nn.Module, out: str) -> None:
     """Weights to ``out``, written aside and renamed into place."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    tmp = out + ".tmp"
-    save_file(model.state_dict(), tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    data = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    atomic_write(out, lambda f: f.write(data))
 
 
 def load(model: torch.nn.Module, path: str | None, asset: str, module: str) -> torch.nn.Module:
