@@ -5,8 +5,12 @@ the same grid, CFG 7.5 batched in one forward, same prompt and seed, images deco
 Time inside the UNet, the text encoder and the VAE decoder is measured by hooks; "loop overhead per
 step" is the rest (scheduler or sampler maths, guidance, batching, conversions, the pipeline's own
 bookkeeping) divided by the step count. A second measurement swaps the UNet's forward for a
-stand-in that returns 0.1 x at once and skips decoding, so that what remains is the loop itself. Runs alternate between the two (after one warm-up each), so
-drifting machine load hits both alike; each figure is the median over --repeats runs. Prints JSON.
+stand-in that returns 0.1 x at once and skips decoding, so that what remains is the loop itself.
+Runs alternate between the candidates (after one warm-up each), so drifting machine load hits them
+alike; each figure is the median over --repeats runs, and the ratios are medians of the per-round
+(paired) ratios with their spread, in wall time and in this process's CPU time. A third candidate,
+the stock pipeline under torch.inference_mode (diffguide's default; diffusers uses no_grad), shows
+how much of a difference is the grad mode rather than the loop. Prints JSON.
 
     python bench/loop_overhead.py [--steps 20] [--repeats 15] [--size 16] [--out FILE]
 """
@@ -51,21 +55,31 @@ class Clock:
 
 
 def timed(fns: dict, clocks: dict, repeats: int):
-    """Per candidate and per figure (wall and each clock), the median over interleaved runs."""
+    """Per candidate and per figure (wall, CPU and each clock), the median over interleaved runs, and
+    the per-round lists of wall and CPU seconds."""
     for fn in fns.values():
         fn()  # warm-up
-    rec = {k: {c: [] for c in ["wall", *clocks]} for k in fns}
+    rec = {k: {c: [] for c in ["wall", "cpu", *clocks]} for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             for c in clocks.values():
                 c.total = 0.0
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             fn()
             rec[k]["wall"].append(time.perf_counter() - t)
+            rec[k]["cpu"].append(time.process_time() - cpu)
             for name, c in clocks.items():
                 rec[k][name].append(c.total)
-    return {k: {c: statistics.median(v) for c, v in r.items()} | {"walls": r["wall"]}
+    return {k: {c: statistics.median(v) for c, v in r.items()} | {"walls": r["wall"], "cpus": r["cpu"]}
             for k, r in rec.items()}
+
+
+def paired(a: list, b: list) -> dict:
+    """The median of the per-round ratios a_i / b_i, with their quartiles and extremes."""
+    r = sorted(x / y for x, y in zip(a, b))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return {"median": round(statistics.median(r), 4), "q25": round(q[0], 4), "q75": round(q[2], 4),
+            "min": round(r[0], 4), "max": round(r[-1], 4), "rounds": len(r)}
 
 
 def main():
@@ -108,14 +122,21 @@ def main():
         return gp(prompt, guidance="cfg", guidance_scale=args.scale, sampler="dpmpp_2m", steps=n,
                   height=args.size, width=args.size, seed=[0], output_type=kind).images
 
+    def stock_inference_mode():
+        with torch.inference_mode():
+            return stock()
+
     diff = float(abs(stock() - ours()).max())
     rows = {}
-    for name, m in timed({"diffusers": stock, "diffguide": ours}, clocks, args.repeats).items():
+    runs = timed({"diffusers": stock, "diffusers_inference_mode": stock_inference_mode, "diffguide": ours},
+                 clocks, args.repeats)
+    for name, m in runs.items():
         rest = m["wall"] - m["unet"] - m["text_encoder"] - m["vae"]
         rows[name] = {"seconds_per_image": round(m["wall"], 5), "unet_seconds": round(m["unet"], 5),
                       "text_encoder_seconds": round(m["text_encoder"], 5),
                       "vae_decode_seconds": round(m["vae"], 5),
                       "loop_overhead_ms_per_step": round(1000 * rest / n, 4),
+                      "cpu_seconds_per_image": round(m["cpu"], 5),
                       "all_seconds": [round(w, 5) for w in m["walls"]]}
     # the loop alone: a stand-in network, no decoding
     pipe.unet.forward = lambda sample, *a, **k: (0.1 * sample,)
@@ -130,13 +151,19 @@ def main():
         rows[name]["stub_network_loop_ms_per_step"] = round(
             1000 * (m["wall"] - m["unet"] - m["text_encoder"]) / n, 4)
     d, g = rows["diffusers"], rows["diffguide"]
+    ours_r, stock_r, stock_im = runs["diffguide"], runs["diffusers"], runs["diffusers_inference_mode"]
+    ratios = {"wall_diffguide_over_diffusers": paired(ours_r["walls"], stock_r["walls"]),
+              "cpu_diffguide_over_diffusers": paired(ours_r["cpus"], stock_r["cpus"]),
+              "cpu_diffguide_over_diffusers_inference_mode": paired(ours_r["cpus"], stock_im["cpus"]),
+              "cpu_diffusers_inference_mode_over_diffusers": paired(stock_im["cpus"], stock_r["cpus"])}
     emit({"model": "tiny random SD (diffguide.pipelines.tiny.sd)" if args.model == "tiny" else
           "built-in toy model (pixel space, 32 px)", "image": args.size, "steps": n,
           "cfg_scale": args.scale, "nfe_per_image": 2 * n, "threads": torch.get_num_threads(),
           "repeats": args.repeats, "max_abs_image_difference": diff, "results": rows,
           "time_ratio_diffguide_over_diffusers": round(g["seconds_per_image"] / d["seconds_per_image"], 4),
           "loop_overhead_ratio": round(g["loop_overhead_ms_per_step"] / d["loop_overhead_ms_per_step"], 4),
-          "stub_loop_ratio": round(g["stub_network_loop_ms_per_step"] / d["stub_network_loop_ms_per_step"], 4)},
+          "stub_loop_ratio": round(g["stub_network_loop_ms_per_step"] / d["stub_network_loop_ms_per_step"], 4),
+          "paired_ratios": ratios},
          args.out)
 
 

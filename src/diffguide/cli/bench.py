@@ -37,8 +37,9 @@ def find_bench(explicit: str | None) -> str:
 
 def _summary(name: str, data: dict) -> list[str]:
     if name.startswith("loop_overhead"):
-        return [f"{data['model']}: diffguide/diffusers time {data['time_ratio_diffguide_over_diffusers']}, "
-                f"loop overhead ratio {data['loop_overhead_ratio']}"]
+        cpu = data.get("paired_ratios", {}).get("cpu_diffguide_over_diffusers", {}).get("median")
+        return [f"{data['model']}: diffguide/diffusers time {data['time_ratio_diffguide_over_diffusers']}"
+                + (f" (CPU, paired: {cpu})" if cpu is not None else "") + f", loop overhead ratio {data['loop_overhead_ratio']}"]
     rows = data.get("rows", [])
     out = []
     for r in rows:
