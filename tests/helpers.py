@@ -241,6 +241,21 @@ for _pred in ("epsilon", "v_prediction"):
         dict(prompt=_TWO, num_inference_steps=12, guidance_scale=6.0),
         dict(prompt=_TWO, steps=12, guidance_scale=6.0, sampler="euler"))
 
+# Flux.1: embedded guidance (dev), true CFG with a negative prompt, a resolution-dependent shift, schnell
+for _hw in (16, 32):
+    PIPELINE_CASES[f"flux_embedded_{_hw}"] = (
+        "flux", {}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=3.5, height=_hw, width=_hw),
+        dict(prompt=_TWO, steps=6, height=_hw, width=_hw, guidance="none"))
+PIPELINE_CASES["flux_true_cfg"] = (
+    "flux", {}, dict(prompt=_TWO, negative_prompt=["", "blurry"], true_cfg_scale=4.0, guidance_scale=2.0,
+                     num_inference_steps=6, height=16, width=16),
+    dict(prompt=_TWO, negative_prompt=["", "blurry"], guidance_scale=4.0, embedded_guidance=2.0, steps=6,
+         height=16, width=16))
+PIPELINE_CASES["flux_schnell"] = (
+    "flux", {"guidance_embeds": False, "dynamic": False},
+    dict(prompt=_TWO, num_inference_steps=4, guidance_scale=0.0, height=16, width=16),
+    dict(prompt=_TWO, steps=4, height=16, width=16, guidance="none"))
+
 for _verdict in ("flag_all", "flag_none"):
     PIPELINE_CASES[f"sd_safety_{_verdict}"] = (
         "sd", {"safety": _verdict}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=5.0),

@@ -196,10 +196,13 @@ def test_scale_embedding_student_defaults_to_its_trained_scale(tmp_path, teacher
     folder = train(_cfg(tmp_path / "run", teacher, data, guidance="cfg:scale=4", scale_min=2.0, scale_max=6.0,
                         max_steps=1), progress=False)
     gp = GuidedPipeline.from_pretrained(folder, progress=False)
-    assert gp.embedded_guidance == 256 and gp.embedded_scale == 4.0
+    assert gp.embedded_guidance == 4.0 and gp.family.net.config.time_cond_proj_dim == 256
     a = gp("a red circle", seed=0, output_type="np", progress=False).images
-    b = gp("a red circle", seed=0, guidance_scale=4.0, output_type="np", progress=False).images
-    assert np.array_equal(a, b)
+    b = gp("a red circle", seed=0, embedded_guidance=4.0, output_type="np", progress=False).images
+    c = gp("a red circle", seed=0, embedded_guidance=6.0, output_type="np", progress=False).images
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(ValueError, match="has no scale option; this model's own guidance input is set with"):
+        gp("a red circle", seed=0, guidance_scale=4.0)
 
 
 def test_generate_fast_flag(tmp_path, capsys):

@@ -90,19 +90,19 @@ def run_eval(args) -> int:
     gp, _ = load_model(args, state)
     _model_defaults(args, gp)
     stitch = load_stitch(args, gp)
-    embedded = gp.embedded_guidance  # a student's scale is a network input, not a method option
-    guidance, sampler = gp.resolve(guidance, None if embedded else args.scale, sampler)
+    guidance, sampler = gp.resolve(guidance, args.scale, sampler)
+    embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
     costs = {}
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
                                            args.steps, args.spacing, args.batch, stitch, noise, costs,
-                                           scale=args.scale if embedded else None, process_state=state)
+                                           embedded_guidance=args.embedded_guidance, process_state=state)
     if not is_main(state):
         return 0
     records = []
     result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
               **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
               **({"noise_optimizer": noise, **costs} if noise else {}),
-              **({"embedded_scale": gp.embedded_scale if args.scale is None else args.scale} if embedded else {}),
+              **({"embedded_guidance": embedded} if embedded is not None else {}),
               "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),
               "processes": state.num_processes if state is not None else 1,
               "nfe_per_image": nfe, "seconds_per_image": round(seconds, 4),

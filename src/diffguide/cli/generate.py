@@ -83,6 +83,9 @@ def add_model_arguments(p, guidance: bool = True) -> None:
                             "none for distilled students and unconditional models)")
         p.add_argument("--scale", type=float, default=None,
                        help="guidance scale, overriding the spec's (default: the method's own, cfg 5)")
+    p.add_argument("--embedded-guidance", type=float, default=None, metavar="VALUE",
+                   help="the model's own guidance input (Flux.1-dev's guidance, an LCM student's w; "
+                        "default: the model's); --guidance/--scale stay diffguide's method")
     p.add_argument("--sampler", default=None,
                    help="sampler spec, e.g. dpmpp_2m:solver_type=heun (default: the model's own; dpmpp_2m "
                         "for the built-in model)")
@@ -204,6 +207,7 @@ def load_model(args, state=None):
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model", "guidance": "guidance",
             "sampler": "sampler", "steps": "steps", "spacing": "spacing", "height": "height", "width": "width",
             "dtype": "dtype", "vae_dtype": "vae_dtype", "vae": "vae", "lora": "lora", "stitch": "stitch", "scale": "scale",
+            "embedded_guidance": "embedded_guidance",
             "noise_optimizer": None}
 
 
@@ -264,10 +268,13 @@ def run(args) -> int:
         raise UsageError(f"give a prompt: {type(gp.family.net).__name__} is conditioned on one")
     prompt = "" if args.prompt is None else args.prompt
     stitch = load_stitch(args, gp)
-    embedded = gp.embedded_guidance
     if args.steps is None:
         args.steps = gp.default_steps
-    g, s = gp.resolve(guidance, None if embedded else args.scale, sampler)
+    g, s = gp.resolve(guidance, args.scale, sampler)
+    embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
+    if args.embedded_guidance is not None and gp.embedded_guidance is None:
+        raise UsageError(f"--embedded-guidance given but {type(gp.family.net).__name__} has no embedded guidance "
+                         f"input; use --guidance and --scale")
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
     meta = {"prompt": prompt, "negative_prompt": args.negative or "", "model": args.model,
@@ -275,7 +282,8 @@ def run(args) -> int:
             "width": w, "height": h, "version": __version__, "dtype": dtype,
             **({"vae_dtype": args.vae_dtype} if args.vae_dtype else {}),
             **({"vae": args.vae} if args.vae else {}), **({"lora": args.lora} if args.lora else {}),
-            "scale": (args.scale if args.scale is not None else gp.embedded_scale) if embedded else getattr(g, "scale", None),
+            "scale": getattr(g, "scale", None),
+            **({"embedded_guidance": embedded} if embedded is not None else {}),
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
             **({"noise_optimizer": noise} if noise else {})}
     t0 = time.perf_counter()
@@ -292,8 +300,7 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", category=PromptTruncated)  # said once below, as a notice
     for chunk in shard(batches, state):
         out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
-                 guidance_scale=args.scale if embedded else None,
-                 spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
+                 embedded_guidance=args.embedded_guidance, spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
                  output_type="pil", stitch=stitch, noise_optimizer=noise)
         for text in out.notices if not written and is_main(state) else ():
             print(f"diffguide: notice: {text}", file=sys.stderr)

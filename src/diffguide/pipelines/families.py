@@ -6,6 +6,7 @@ A family turns prompts into condition dicts (text encoders run through the diffu
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Sequence
 
@@ -18,11 +19,26 @@ ENCODE_LOCK = threading.RLock()
 UPCAST_LOCK = threading.Lock()
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight w (x 1000), as LCM's pipelines compute it."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = (w.float() * 1000.0)[:, None] * freq[None]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 class Family:
-    """Base recipe. ``net`` is the denoising network; ``factor`` the pixel size of one latent cell."""
+    """Base recipe. ``net`` is the denoising network; ``factor`` the pixel size of one latent cell.
+
+    ``default_guidance`` is the method a model runs with when none is asked for. A model with an
+    embedded guidance input (a guidance-distilled Flux, an LCM student) gives its default value by
+    ``embedded_default`` and writes a value into its condition by ``embed_guidance``."""
 
     name = "base"
     conditional = True
+    default_guidance = "cfg"
+    grid = None  # the time grid the pipeline itself passes (overriding the scheduler's), if any
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -54,10 +70,24 @@ class Family:
         cfg = self.net.config
         return getattr(cfg, "out_channels", None) == 2 * cfg.in_channels
 
-    def encode(self, prompts: list, negatives: list, n: int, device, **extra) -> tuple[dict, dict]:
+    def encode(self, prompts: list, negatives: list, n: int, device, negative: bool = True,
+               **extra) -> tuple[dict, dict]:
         """Condition dicts for prompts and negatives, n images each. ``extra``: diffusers'
-        ``encode_prompt`` arguments (prompt_embeds, negative_prompt_embeds, clip_skip, lora_scale...)."""
+        ``encode_prompt`` arguments (prompt_embeds, negative_prompt_embeds, clip_skip, lora_scale...).
+        ``negative`` False: no guidance method needs the negative, and a family whose negative costs a
+        second text encoding (Flux) may skip it."""
         raise NotImplementedError
+
+    def embedded_default(self) -> float | None:
+        """The default value of the network's embedded guidance input, or None if it has none."""
+        return None
+
+    def embed_guidance(self, cond: dict, value: float, b: int) -> dict:
+        raise ValueError(f"{type(self.net).__name__} has no embedded guidance input")
+
+    def seq_len(self, height: int, width: int) -> int:
+        """Latent tokens of an image of this size (for resolution-dependent schedules)."""
+        return (height // self.factor) * (width // self.factor)
 
     def notice(self, prompts: Sequence) -> str | None:
         """A line saying which prompts the text encoder cannot read whole (None: all fit). Families
@@ -185,12 +215,24 @@ class StableDiffusion(Family):
         return {"prompt_embeds": torch.cat(states[:len(prompts)]).to(dtype),
                 "negative_prompt_embeds": torch.cat(states[len(prompts):]).to(dtype)}
 
-    def encode(self, prompts, negatives, n, device, **extra):
+    def encode(self, prompts, negatives, n, device, negative=True, **extra):
         long = self._long(prompts, negatives, device, extra)
         if long is not None:
             prompts, negatives, extra = None, None, {**extra, **long}
         pos, neg = self.pipe.encode_prompt(prompts, device, n, True, negative_prompt=negatives, **extra)
         return {"text": pos}, {"text": neg}
+
+    def embedded_default(self):
+        """An LCM student's guidance-scale embedding (time_cond_proj_dim): LCM's default w 8.5."""
+        return 8.5 if getattr(self.net.config, "time_cond_proj_dim", None) else None
+
+    def embed_guidance(self, cond, value, b):
+        """LCM: w = value - 1, sinusoidally embedded (get_guidance_scale_embedding) as timestep_cond."""
+        dim = getattr(self.net.config, "time_cond_proj_dim", None)
+        if not dim:
+            return super().embed_guidance(cond, value, b)
+        emb = guidance_embedding(torch.full((b,), float(value) - 1.0), dim)
+        return {**cond, "timestep_cond": emb.to(cond["text"].device, self.net.dtype)}
 
     def forward(self, x, tm, cond, net=None):
         """net: another UNet of this config (a distillation student) in place of the pipeline's."""
@@ -236,7 +278,7 @@ class StableDiffusionXL(StableDiffusion):
                        negative_pooled_prompt_embeds=torch.cat(pooled[b:]).to(dtype))
         return out
 
-    def encode(self, prompts, negatives, n, device, **extra):
+    def encode(self, prompts, negatives, n, device, negative=True, **extra):
         long = self._long(prompts, negatives, device, extra)
         if long is not None:
             prompts, negatives, extra = None, None, {**extra, **long}
@@ -260,7 +302,7 @@ class Unconditional(Family):
     name = "unconditional"
     conditional = False
 
-    def encode(self, prompts, negatives, n, device, **extra):
+    def encode(self, prompts, negatives, n, device, negative=True, **extra):
         _no_extra(self, extra)
         return {}, {}
 
@@ -298,7 +340,7 @@ class DiT(Family):
             out.append(int(p))
         return out
 
-    def encode(self, prompts, negatives, n, device, **extra):
+    def encode(self, prompts, negatives, n, device, negative=True, **extra):
         _no_extra(self, extra)
         pos = torch.tensor(self.labels(prompts), device=device).repeat_interleave(n)
         null = self.net.config.num_embeds_ada_norm
@@ -317,7 +359,7 @@ class PixArt(DiT):
 
     name = "pixart"
 
-    def encode(self, prompts, negatives, n, device, **extra):
+    def encode(self, prompts, negatives, n, device, negative=True, **extra):
         if prompts is not None:
             negatives = negatives or [""] * len(prompts)  # its encode_prompt has no None default
         pos, mask, neg, neg_mask = self.pipe.encode_prompt(
@@ -345,7 +387,7 @@ class StableDiffusion3(DiT):
 
     name = "sd3"
 
-    def encode(self, prompts, negatives, n, device, **extra):
+    def encode(self, prompts, negatives, n, device, negative=True, **extra):
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompts, prompts, prompts, device=device, num_images_per_prompt=n,
             do_classifier_free_guidance=True, negative_prompt=negatives, negative_prompt_2=negatives,
@@ -355,6 +397,89 @@ class StableDiffusion3(DiT):
     def forward(self, x, tm, cond):
         return self.net(hidden_states=x, timestep=tm, encoder_hidden_states=cond["text"],
                         pooled_projections=cond["pooled"], return_dict=False)[0]
+
+
+class Flux(Family):
+    """FluxTransformer2DModel (Flux.1 dev / schnell): rectified flow, T5 + CLIP pooled text, latents
+    packed 2 x 2 into tokens with positional ids, an embedded guidance input on guidance-distilled
+    models (dev), a resolution-dependent shift. The sampler works on the unpacked latent (B, C, H, W),
+    which is also the shape the initial noise is drawn in (as diffusers draws it, then packs); only
+    the network sees tokens. True CFG is ``guidance="cfg:scale=4"`` with a negative prompt."""
+
+    name = "flux"
+    default_guidance = "none"  # guidance-distilled (dev) or timestep-distilled (schnell)
+    grid = {"spacing": "uniform_t"}  # FluxPipeline passes sigmas linspace(1, 1/n, n), then 0
+    max_sequence_length = 512
+
+    @property
+    def net(self):
+        return self.pipe.transformer
+
+    @property
+    def channels(self) -> int:
+        return self.net.config.in_channels // 4
+
+    @property
+    def factor(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", None) or super().factor)
+
+    @property
+    def multiple(self) -> int:
+        return 2 * self.factor
+
+    @property
+    def default_size(self) -> int:
+        return int(getattr(self.pipe, "default_sample_size", 64)) * self.factor
+
+    def seq_len(self, height, width):
+        return (height // self.multiple) * (width // self.multiple)
+
+    def embedded_default(self):
+        return 3.5 if getattr(self.net.config, "guidance_embeds", False) else None  # FluxPipeline's default
+
+    def notice(self, prompts):
+        """T5 reads up to max_sequence_length tokens (CLIP only feeds the pooled vector)."""
+        tok = getattr(self.pipe, "tokenizer_2", None)
+        if tok is None:
+            return None
+        long = [p for p in prompts if isinstance(p, str)
+                and len(tok(p, add_special_tokens=False).input_ids) > self.max_sequence_length - 1]
+        if not long:
+            return None
+        return (f"{len(long)} prompt(s) longer than Flux's T5 window of {self.max_sequence_length} tokens; the "
+                f"rest is not read ({long[0][:40]!r}...)")
+
+    def embed_guidance(self, cond, value, b):
+        if not getattr(self.net.config, "guidance_embeds", False):
+            return super().embed_guidance(cond, value, b)
+        return {**cond, "guidance": torch.full((b,), float(value), dtype=torch.float32, device=cond["text"].device)}
+
+    def _encode(self, texts, n, device, extra, prefix=""):
+        keep = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix) and (prefix or not k.startswith("negative_"))}
+        embeds, pooled, _ = self.pipe.encode_prompt(texts, texts, device=device, num_images_per_prompt=n,
+                                                    max_sequence_length=self.max_sequence_length, **keep)
+        return {"text": embeds, "pooled": pooled}
+
+    def encode(self, prompts, negatives, n, device, negative=True, **extra):
+        pos = self._encode(prompts, n, device, extra)
+        if not negative:
+            return pos, None
+        if negatives is None and prompts is not None:
+            negatives = [""] * len(prompts)
+        return pos, self._encode(negatives, n, device, extra, "negative_")
+
+    def forward(self, x, tm, cond):
+        b, c, h, w = x.shape
+        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+        txt_ids = torch.zeros(cond["text"].shape[1], 3, device=x.device, dtype=cond["text"].dtype)
+        out = self.net(hidden_states=tokens, timestep=tm / 1000, guidance=cond.get("guidance"),
+                       pooled_projections=cond["pooled"], encoder_hidden_states=cond["text"], txt_ids=txt_ids,
+                       img_ids=img_ids.reshape(-1, 3), joint_attention_kwargs=cond.get("attention"),
+                       return_dict=False)[0]
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def _no_extra(family: Family, extra: dict) -> None:
@@ -368,7 +493,7 @@ def family_of(pipe) -> Family:
     if tr is not None:
         cls = type(tr).__name__
         table = {"DiTTransformer2DModel": DiT, "PixArtTransformer2DModel": PixArt,
-                 "SD3Transformer2DModel": StableDiffusion3}
+                 "SD3Transformer2DModel": StableDiffusion3, "FluxTransformer2DModel": Flux}
         if cls in table:
             return table[cls](pipe)
         raise ValueError(f"unsupported transformer {cls}; supported: {', '.join(table)}")

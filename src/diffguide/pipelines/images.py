@@ -201,6 +201,8 @@ def parameters_text(meta: dict) -> str:
         fields.append(("Schedule type", A1111_SCHEDULES[meta["spacing"]]))
     if meta.get("scale") is not None:
         fields.append(("CFG scale", meta["scale"]))
+    if meta.get("embedded_guidance") is not None:  # Forge's name for Flux's guidance input
+        fields.append(("Distilled CFG Scale", meta["embedded_guidance"]))
     fields += [("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"), ("Model", meta["model"])]
     fields += [("diffguide guidance", meta["guidance"]), ("diffguide sampler", meta["sampler"])]
     if meta.get("spacing"):

@@ -27,7 +27,7 @@ from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec, to_spec
 from ..core.sample import NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
-from .families import ENCODE_LOCK, Family, family_of
+from .families import ENCODE_LOCK, Family, family_of, guidance_embedding  # noqa: F401 (re-exported)
 from .schedulers import SchedulerInfo, from_scheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -83,15 +83,6 @@ class Stitching:
 
 class PromptTruncated(UserWarning):
     """A prompt is longer than the model's text encoder reads (and the family cannot window it)."""
-
-
-def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of the guidance weight w (x 1000), as LCM's pipelines compute it."""
-    half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    emb = (w.float() * 1000.0)[:, None] * freq[None]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 BUILTIN = {"builtin": "toy", "builtin-small": "toy-small", "builtin-fast": "toy-fast"}
@@ -190,6 +181,8 @@ class GuidedPipeline:
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         self.info: SchedulerInfo = from_scheduler(pipe.scheduler)
+        if self.family.grid is not None:  # the pipeline passes its own grid (Flux's sigmas)
+            self.info = dataclasses.replace(self.info, grid=self.family.grid)
         net = self.family.net
         self.net_denoiser = NetDenoiser(self.family.forward, self.info.schedule, self.info.kind,
                                         dtype=net.dtype, learned_sigma=self.family.learned_sigma(),
@@ -333,18 +326,22 @@ class GuidedPipeline:
 
     def resolve(self, guidance, guidance_scale, sampler) -> tuple[Guidance, Sampler]:
         """Guidance and sampler objects from specs; guidance_scale overrides the method's scale.
-        None picks the model's own: a student folder's, else none where the scale is embedded in
-        the network (LCM) or there is no condition (unconditional models), else cfg."""
+        None picks the model's own: a student folder's, else none where guidance is embedded in the
+        network (LCM students, Flux.1-dev) or there is no condition (unconditional models), else the
+        family's (cfg; none for Flux)."""
         if guidance is None:
             guidance = self.defaults.get("guidance") or (
-                "none" if self.embedded_guidance or not self.family.conditional else "cfg")
+                "none" if self.embedded_guidance is not None or not self.family.conditional
+                else self.family.default_guidance)
         g = parse_spec("guidance", guidance) if isinstance(guidance, str) else guidance
         if not isinstance(g, Guidance):
             raise ValueError(f"guidance must be a spec string or a Guidance object, got {type(g).__name__}")
         if guidance_scale is not None:
             if "scale" not in {f.name for f in dataclasses.fields(g)}:
+                hint = "; this model's own guidance input is set with --embedded-guidance / embedded_guidance=" \
+                    if self.embedded_guidance is not None else ""
                 raise ValueError(f"a guidance scale was given (--scale, guidance_scale) but guidance {to_spec(g)!r} "
-                                 f"has no scale option")
+                                 f"has no scale option{hint}")
             g = dataclasses.replace(g, scale=float(guidance_scale))
         sampler = self.defaults.get("sampler", self.info.sampler) if sampler is None else sampler  # the model's own
         s = parse_spec("sampler", sampler) if isinstance(sampler, str) else sampler
@@ -367,27 +364,27 @@ class GuidedPipeline:
         """The network as an (x, t, cond) -> Pred denoiser (with a consistency model's boundary)."""
         return self.denoiser_for()
 
-    def denoiser_for(self, spacing: str | None = None, round_timesteps: bool | None = None):
+    def denoiser_for(self, spacing: str | None = None, round_timesteps: bool | None = None, info=None):
         """The denoiser of a call: the network sees integer times where the scheduler config makes
         diffusers use them (its own sigma grid in multistep schedulers) unless ``round_timesteps``
         is False (k-diffusion's fractional times)."""
-        fn = self.info.time_fn if spacing is None and round_timesteps is not False else None
-        d = self.net_denoiser if fn is self.net_denoiser.time_fn else dataclasses.replace(self.net_denoiser, time_fn=fn)
-        return Boundary(d, timestep_scaling=self.info.boundary) if self.info.boundary is not None else d
-
-    @property
-    def embedded_scale(self) -> float:
-        """The default scale of a guidance-embedding student: its folder's, else LCM's 8.5."""
-        return float(self.defaults.get("guidance_scale", 8.5))
+        info = self.info if info is None else info  # a call's own (a resolution-dependent shift)
+        fn = info.time_fn if spacing is None and round_timesteps is not False else None
+        d = self.net_denoiser
+        if fn is not d.time_fn or info.schedule is not d.schedule:
+            d = dataclasses.replace(d, time_fn=fn, schedule=info.schedule)
+        return Boundary(d, timestep_scaling=info.boundary) if info.boundary is not None else d
 
     @property
     def default_steps(self) -> int:
         return int(self.defaults.get("steps", DEFAULT_STEPS))
 
     @property
-    def embedded_guidance(self) -> int | None:
-        """The width of the guidance-scale embedding of a guidance-distilled UNet (LCM), or None."""
-        return getattr(self.family.net.config, "time_cond_proj_dim", None)
+    def embedded_guidance(self) -> float | None:
+        """The default value of the model's embedded guidance input (Flux.1-dev's guidance, an LCM
+        student's w: its folder's own, else the family's), or None for a model without one."""
+        base = self.family.embedded_default()
+        return None if base is None else float(self.defaults.get("guidance_scale", base))
 
     def __call__(self, prompt: str | Sequence = "", negative_prompt=None, guidance=None,
                  guidance_scale: float | None = None, sampler=None, steps: int | None = None,
@@ -403,7 +400,7 @@ class GuidedPipeline:
                  pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), eta: float | None = None,
                  guidance_rescale: float = 0.0, cross_attention_kwargs: dict | None = None,
-                 clip_skip: int | None = None, return_dict: bool = True):
+                 clip_skip: int | None = None, return_dict: bool = True, embedded_guidance: float | None = None):
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -436,6 +433,9 @@ class GuidedPipeline:
         ``guidance_rescale`` (CFG rescale of the raw network output, as diffusers), ``clip_skip``,
         ``cross_attention_kwargs`` (UNets; its "scale" is the LoRA scale of the text encoder too) and
         ``return_dict=False`` (a tuple: images, NSFW flags).
+        embedded_guidance: the value of the model's own guidance input (Flux.1-dev's guidance, an LCM
+        student's w), default the model's; ``guidance``/``guidance_scale`` stay the diffguide method
+        and its scale, so "true CFG" on Flux is guidance="cfg:scale=4" with a negative prompt.
         """
         if process_state is not None:
             if latents is not None or prompt_embeds is not None:
@@ -475,10 +475,12 @@ class GuidedPipeline:
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         steps = self.default_steps if steps is None else steps
-        embedded = self.embedded_guidance
-        if embedded:  # the scale is an input of the network, not a guidance method's
-            w_scale = self.embedded_scale if guidance_scale is None else float(guidance_scale)
-            guidance_scale = None
+        embedded = self.embedded_guidance if embedded_guidance is None else float(embedded_guidance)
+        if embedded_guidance is not None and self.embedded_guidance is None:
+            raise ValueError(f"embedded_guidance given but {type(self.family.net).__name__} has no embedded "
+                             f"guidance input; guide it with guidance= and guidance_scale=")
+        h, w = self.size(height, width)
+        info = self.info.at_size(self.family.seq_len(h, w))
         try:
             g, s = self.resolve(guidance, guidance_scale, sampler)
         except ValueError as e:
@@ -486,13 +488,15 @@ class GuidedPipeline:
                 raise
             from ..guidance.cfgpp import equivalence  # the hint on this run's own grid
 
-            ve = self.info.schedule.ve(self.info.timesteps(steps, spacing)).tolist()
+            ve = info.schedule.ve(info.timesteps(steps, spacing)).tolist()
             raise ValueError(f"{str(e).split(';')[0]}; on this run's grid ({steps} steps) {equivalence(ve)}") from None
         g, s = self._diffusers_options(g, s, eta, guidance_rescale)
-        h, w = self.size(height, width)
-        ts = self.info.timesteps(steps, spacing)
-        if not self.family.conditional:
-            self._check_unconditional(g, ts)
+        ts = info.timesteps(steps, spacing)
+        needed = self._needed_conditions(g, ts, info)
+        if not self.family.conditional and needed - {"pos"}:
+            raise ValueError(f"guidance {to_spec(g)!r} compares a prompt with a negative, but "
+                             f"{type(self.family.net).__name__} is unconditional; use guidance 'none' "
+                             f"(--guidance none)")
         prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
         if not prompts:
             raise ValueError("prompt list is empty")
@@ -522,7 +526,7 @@ class GuidedPipeline:
         if isinstance(threshold, str):
             if threshold != "scheduler":
                 raise ValueError(f"threshold must be 'scheduler', None or a threshold object, got {threshold!r}")
-            threshold = self.info.threshold
+            threshold = info.threshold
         # inference mode skips autograd bookkeeping on every small tensor op of the loop; a guidance
         # method that differentiates through the network (needs_grad) runs with plain no_grad
         grads = getattr(g, "needs_grad", False) or opt is not None
@@ -534,42 +538,45 @@ class GuidedPipeline:
                 negs_text = None if all(q is None for q in negs) else ["" if q is None else q for q in negs]
                 with ENCODE_LOCK:
                     pos, neg = fam.encode(None if prompt_embeds is not None else prompts, negs_text,
-                                          num_images_per_prompt, device, **text_extra)
-                pos, neg = fam.extra(pos, h, w), fam.extra(neg, h, w)
+                                          num_images_per_prompt, device, negative="neg" in needed, **text_extra)
+                pos = fam.extra(pos, h, w)
+                neg = fam.extra(neg, h, w) if neg is not None else None
                 if cross_attention_kwargs is not None:
-                    pos, neg = {**pos, "attention": cross_attention_kwargs}, {**neg, "attention": cross_attention_kwargs}
-            if embedded:  # LCM: w = scale - 1, embedded as the pipeline's get_guidance_scale_embedding
-                emb = guidance_embedding(torch.full((b,), w_scale - 1.0), embedded).to(device, self.family.net.dtype)
-                pos = {**(pos or {}), "timestep_cond": emb}
-                neg = {**neg, "timestep_cond": emb} if neg is not None else None
+                    pos = {**pos, "attention": cross_attention_kwargs}
+                    neg = {**neg, "attention": cross_attention_kwargs} if neg is not None else None
+
+            def embed(cond, rows):  # the model's own guidance input, in every condition it is given
+                return fam.embed_guidance(cond, embedded, rows) if embedded is not None and cond is not None else cond
+            pos, neg = embed(pos, b), embed(neg, b)
             extra_conds, models = {}, {}
             for name, texts in g.prompt_sets().items():  # e.g. ICG's stand-in prompts, encoded once
                 if stitch is not None:
                     raise ValueError("a guidance with its own prompt set cannot run with stitch yet")
                 texts = self.caption_set() if texts is None else texts
                 with ENCODE_LOCK:
-                    pool, _ = fam.encode(texts, [""] * len(texts), 1, device)
-                extra_conds[name] = fam.extra(pool, h, w)
+                    pool, _ = fam.encode(texts, [""] * len(texts), 1, device, negative=False)
+                extra_conds[name] = embed(fam.extra(pool, h, w), len(texts))
             if stitch is not None:
                 small = stitch.small
                 models["small"] = small.denoiser
                 if fam.conditional:  # the small model reads its own encoding of the prompts
                     with ENCODE_LOCK:
-                        sp, sn = small.family.encode(prompts, negs_text, num_images_per_prompt, small.device)
+                        sp, sn = small.family.encode(prompts, negs_text, num_images_per_prompt, small.device,
+                                                     negative="neg" in needed)
                     extra_conds = {"pos@small": small.family.extra(sp, h, w),
-                                   "neg@small": small.family.extra(sn, h, w)}
+                                   "neg@small": small.family.extra(sn, h, w) if sn is not None else None}
             t_encode = time.perf_counter()
 
             # -- sampling
             shape = (b, fam.channels, h // fam.factor, w // fam.factor)
             if latents is None:
-                x = noise.randn(shape, device=device) * self.info.start_scale(ts)
+                x = noise.randn(shape, device=device) * info.start_scale(ts)
             else:  # diffusers' prepare_latents: the given noise, scaled; the generators draw nothing yet
                 if tuple(latents.shape) != shape:
                     raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-                x = latents.to(device, torch.float32) * self.info.start_scale(ts)
+                x = latents.to(device, torch.float32) * info.start_scale(ts)
 
-            main = self.denoiser_for(spacing, round_timesteps)
+            main = self.denoiser_for(spacing, round_timesteps, info)
 
             def make(rows=None):
                 pick = (lambda c: c) if rows is None else (lambda c: _rows(c, rows))
@@ -590,7 +597,7 @@ class GuidedPipeline:
                 if callback is not None:
                     callback(st, xt)
                 if callback_on_step_end is not None:  # diffusers' signature; it may replace the latents
-                    tm = torch.tensor(self.info.schedule.model_time(st.t), dtype=torch.float32)
+                    tm = torch.tensor(info.schedule.model_time(st.t), dtype=torch.float32)
                     got = callback_on_step_end(self, st.i, tm, {"latents": xt})
                     if isinstance(got, dict) and got.get("latents") is not None:
                         return got["latents"].to(xt.device, xt.dtype)
@@ -669,15 +676,16 @@ class GuidedPipeline:
         raise ValueError("this model has no caption set of its own: give prompts (icg:condition=prompts,"
                          "prompts=FILE with one prompt per line)")
 
-    def _check_unconditional(self, g: Guidance, ts) -> None:
-        """A method that compares conditions cannot run on a model that has none."""
+    def _needed_conditions(self, g: Guidance, ts, info) -> set:
+        """The conditions the method's branches ask for anywhere on the grid (from a fresh state): a
+        negative nobody reads need not be encoded, and an unconditional model can run no method that
+        compares with one."""
         from ..core.guided import Point
 
-        needs = {br.cond for br in g.branches(Point(ts[0], self.info.schedule), g.init_state()).values()}
-        if needs - {"pos"}:
-            raise ValueError(f"guidance {to_spec(g)!r} compares a prompt with a negative, but "
-                             f"{type(self.family.net).__name__} is unconditional; use guidance 'none' "
-                             f"(--guidance none)")
+        state, out = g.init_state(), set()
+        for t in ts[:-1]:
+            out |= {br.cond for br in g.branches(Point(t, info.schedule), state).values()}
+        return out
 
     def _share(self, state, prompt, negative_prompt, n: int, seed, generator, kw: dict) -> GuidedOutput:
         """This process's contiguous part of a call's images (see ``process_state`` in __call__)."""

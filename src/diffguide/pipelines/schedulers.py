@@ -5,6 +5,7 @@ Only the scheduler's *config* and class decide these; its step rule plays no par
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -77,6 +78,20 @@ class SchedulerInfo:
     sampler: str = "dpmpp_2m"                  # the default sampler for this model
     boundary: float | None = None              # a consistency model's timestep_scaling (LCMScheduler)
     time_fn: object = None                     # the network's times on the own sigma grid (SigmaTimes)
+    dynamic: tuple | None = None               # resolution-dependent shift (Flux): see at_size
+
+    def at_size(self, seq_len: int) -> "SchedulerInfo":
+        """The schedule for an image of ``seq_len`` latent tokens: with dynamic shifting (Flux), mu
+        grows linearly in the token count between (base_seq_len, base_shift) and (max_seq_len,
+        max_shift), and the flow time is shifted by exp(mu) ("exponential") or mu ("linear") -- the
+        static shift s t / (1 + (s - 1) t) with s = exp(mu)."""
+        if self.dynamic is None:
+            return self
+        base_len, max_len, base_shift, max_shift, kind = self.dynamic
+        m = (max_shift - base_shift) / (max_len - base_len)
+        mu = seq_len * m + base_shift - m * base_len
+        shift = math.exp(mu) if kind == "exponential" else mu
+        return dataclasses.replace(self, schedule=dataclasses.replace(self.schedule, shift=shift), dynamic=None)
 
     def timesteps(self, steps: int, spacing: str | None = None) -> torch.Tensor:
         """The scheduler's own grid, or ``spacing`` (all the way to the data end) when given."""
@@ -107,14 +122,20 @@ def from_scheduler(scheduler) -> SchedulerInfo:
     name = type(scheduler).__name__
     cfg = dict(scheduler.config)
     if name in _FLOW:
-        if cfg.get("use_dynamic_shifting"):
-            raise ValueError(f"{name} with use_dynamic_shifting (resolution-dependent shift, Flux) is "
-                             f"not supported yet; set use_dynamic_shifting=False or pass shift")
         T = cfg.get("num_train_timesteps", 1000)
+        dynamic = None
+        if cfg.get("use_dynamic_shifting"):
+            kind = cfg.get("time_shift_type", "exponential")
+            if kind not in ("exponential", "linear"):
+                raise ValueError(f"{name} time_shift_type {kind!r} is not supported; supported: exponential, linear")
+            dynamic = (cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                       cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15), kind)
         schedule = FlowSchedule(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=T)
         # set_timesteps spaces N points from 1 to its (already shifted) sigma_min, then shifts again
         t_end = float(schedule.flow_time(torch.tensor(1.0 / T, dtype=torch.float64)))
-        return SchedulerInfo(schedule, "flow", {"spacing": "uniform_t", "t_end": t_end}, "unit", name)
+        sampler = "heun" if name == "FlowMatchHeunDiscreteScheduler" else "euler"
+        return SchedulerInfo(schedule, "flow", {"spacing": "uniform_t", "t_end": t_end}, "unit", name,
+                             sampler=sampler, dynamic=dynamic)
 
     kind = KINDS.get(cfg.get("prediction_type", "epsilon"))
     if kind is None or kind == "flow":

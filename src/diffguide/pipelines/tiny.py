@@ -194,6 +194,27 @@ def sd3(shift=3.0):
 
 
 
+def flux(guidance_embeds: bool = True, dynamic: bool = True):
+    """Tiny Flux.1: dev-like (guidance embedded, resolution-dependent shift) by default; schnell-like
+    with guidance_embeds=False, dynamic=False."""
+    import diffusers
+
+    torch.manual_seed(16)
+    tr = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                          pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                          axes_dims_rope=(4, 6, 6)).eval()
+    _calm(tr, "proj_out")
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(
+        **(dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16,
+                max_image_seq_len=64) if dynamic else dict(shift=1.0)))
+    pipe = diffusers.FluxPipeline(scheduler=sch, vae=vae(17, shift_factor=0.06, scaling_factor=1.5),
+                                  text_encoder=clip_text(18), tokenizer=clip_tokenizer(77),
+                                  text_encoder_2=t5_text(19), tokenizer_2=t5_tokenizer(77), transformer=tr)
+    pipe.default_sample_size = 8  # 16 px images by default (the VAE halves them), not 1024
+    return pipe
+
+
 def ddpm():
     """An unconditional pixel-space UNet2DModel with DDPM's scheduler (clip_sample on)."""
     import diffusers
@@ -208,7 +229,7 @@ def ddpm():
 
 
 BUILDERS = {"sd": sd, "pixel_sd": pixel_sd, "sdxl": sdxl, "dit": dit, "pixart": pixart, "sd3": sd3,
-            "ddpm": ddpm}
+            "ddpm": ddpm, "flux": flux}
 
 
 def save(folder: str, family: str = "sd", **options) -> str:
