@@ -256,6 +256,17 @@ PIPELINE_CASES["flux_schnell"] = (
     dict(prompt=_TWO, num_inference_steps=4, guidance_scale=0.0, height=16, width=16),
     dict(prompt=_TWO, steps=4, height=16, width=16, guidance="none"))
 
+# Qwen-Image: no guidance without a negative prompt (as diffusers); with one, true CFG renormalised per token
+for _hw in (16, 32):
+    PIPELINE_CASES[f"qwenimage_true_cfg_{_hw}"] = (
+        "qwenimage", {}, dict(prompt=_TWO, negative_prompt=["", "blurry"], true_cfg_scale=4.0, num_inference_steps=5,
+                              height=_hw, width=_hw),
+        dict(prompt=_TWO, negative_prompt=["", "blurry"], guidance="cfg:scale=4,renorm=2,rescale_space=flow",
+             steps=5, height=_hw, width=_hw))
+PIPELINE_CASES["qwenimage_plain"] = (
+    "qwenimage", {}, dict(prompt=_TWO, num_inference_steps=5, height=16, width=16),
+    dict(prompt=_TWO, steps=5, height=16, width=16, guidance="none"))
+
 for _verdict in ("flag_all", "flag_none"):
     PIPELINE_CASES[f"sd_safety_{_verdict}"] = (
         "sd", {"safety": _verdict}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=5.0),

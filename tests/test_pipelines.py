@@ -42,7 +42,7 @@ def test_matches_diffusers_pipeline(case, folders):
     between = np.abs(ref[0] - ref[1]).max()  # two seeds: what a real difference looks like
     assert between > 50 * TOL, f"images hardly depend on the noise ({between})"
     assert np.abs(out.images - ref).max() < TOL
-    per_step = 2 if ours.get("guidance", "cfg") == "cfg" else 1
+    per_step = 1 if ours.get("guidance") == "none" else 2
     assert out.nfe == per_step * ours["steps"]
 
 
@@ -179,3 +179,23 @@ def test_network_times_on_sigma_grids_are_diffusers_own(sched, sigmas):
             assert ours.tolist() == theirs.tolist(), (n, ours.tolist(), theirs.tolist())
         else:  # diffusers keeps float32 times
             assert torch.allclose(ours, theirs, atol=1e-4), (n, ours.tolist(), theirs.tolist())
+
+
+def test_default_guidance_follows_the_model(folders):
+    """Flux (guidance-distilled) and Qwen-Image without a negative prompt run unguided, as their
+    diffusers pipelines do; Qwen-Image with a negative prompt runs its norm-preserving true CFG."""
+    flux = GuidedPipeline.from_pretrained(folders("flux_embedded_16", "flux"), progress=False)
+    assert dg_spec(flux.resolve(None, None, None)[0]) == "none" and flux.embedded_guidance == 3.5
+    qwen = GuidedPipeline.from_pretrained(folders("qwenimage_plain", "qwenimage"), progress=False)
+    assert dg_spec(qwen.resolve(None, None, None)[0]) == "none"
+    assert dg_spec(qwen.resolve(None, None, None, negative=True)[0]) == "cfg:scale=4.0,rescale_space=flow,renorm=2"
+    out = qwen("a red circle", negative_prompt="blurry", steps=3, height=16, width=16, seed=0, output_type="np")
+    assert out.nfe == 6
+    with pytest.raises(ValueError, match="has no embedded guidance input"):
+        qwen("a", embedded_guidance=2.0, steps=2, height=16, width=16)
+
+
+def dg_spec(g):
+    import diffguide as dg
+
+    return dg.to_spec(g)

@@ -270,7 +270,7 @@ def run(args) -> int:
     stitch = load_stitch(args, gp)
     if args.steps is None:
         args.steps = gp.default_steps
-    g, s = gp.resolve(guidance, args.scale, sampler)
+    g, s = gp.resolve(guidance, args.scale, sampler, negative=args.negative is not None)
     embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
     if args.embedded_guidance is not None and gp.embedded_guidance is None:
         raise UsageError(f"--embedded-guidance given but {type(gp.family.net).__name__} has no embedded guidance "

@@ -11,7 +11,7 @@ from ..core.pred import Pred
 from ..core.registry import register
 
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "clamp_linear", "clamp_cosine")
-RESCALE_SPACES = ("x0", "eps", "v")
+RESCALE_SPACES = ("x0", "eps", "v", "flow")
 
 
 def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
@@ -54,6 +54,21 @@ def rescaled(x, pt: Point, c: Pred, guided: Pred, phi: float, space: str) -> Pre
     return Pred.from_output(space, pg * (phi * ratio + (1 - phi)), x, pt.a, pt.s)
 
 
+def renormed(x, pt: Point, c: Pred, guided: Pred, patch: int, space: str) -> Pred:
+    """The guided prediction scaled, per patch x patch block over all channels, to the L2 norm of
+    the conditional one, in ``space`` (QwenImagePipeline's true CFG: per 2 x 2 latent token of the
+    raw flow output)."""
+    pc, pg = c.output(space, pt.a, pt.s), guided.output(space, pt.a, pt.s)
+    b, ch, h, w = pg.shape
+    if h % patch or w % patch:
+        raise ValueError(f"renorm={patch} needs height and width divisible by it, got {h}x{w}")
+
+    def block_norm(v):
+        return torch.linalg.vector_norm(v.reshape(b, ch, h // patch, patch, w // patch, patch), dim=(1, 3, 5), keepdim=True)
+    ratio = (block_norm(pc) / block_norm(pg)).expand(b, ch, h // patch, patch, w // patch, patch).reshape(b, ch, h, w)
+    return Pred.from_output(space, pg * ratio, x, pt.a, pt.s)
+
+
 @register("guidance", "none")
 @dataclass(frozen=True)
 class NoGuidance(Guidance):
@@ -79,6 +94,8 @@ class CFG(Guidance):
     is 1, only the conditional branch is evaluated. rescale
     mixes in the guided prediction rescaled to the conditional one's per-sample std (Lin et al. 2023,
     Sec. 3.4) in rescale_space; diffusers rescales the raw output (eps, or v for v-models).
+    renorm=p keeps the conditional prediction's L2 norm over each p x p block (all channels) in
+    rescale_space: renorm=2, rescale_space=flow is QwenImagePipeline's norm-preserving true CFG.
     """
 
     scale: float = 5.0
@@ -88,11 +105,14 @@ class CFG(Guidance):
     sigma_hi: float = math.inf
     rescale: float = 0.0
     rescale_space: str = "x0"
+    renorm: int = 0
 
     def __post_init__(self):
         check_shaping(self)
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        if self.renorm < 0:
+            raise ValueError(f"renorm must be 0 (off) or a patch size >= 1, got {self.renorm!r}")
 
     def scale_at(self, pt: Point):
         """The diffusers-convention scale at this point: a float in sampling, [B] in training."""
@@ -127,4 +147,6 @@ class CFG(Guidance):
         guided = u + g * (c - u)
         if self.rescale > 0:
             guided = rescaled(x, pt, c, guided, self.rescale, self.rescale_space)
+        if self.renorm:
+            guided = renormed(x, pt, c, guided, self.renorm, self.rescale_space)
         return guided, state

@@ -89,6 +89,10 @@ class Family:
         """Latent tokens of an image of this size (for resolution-dependent schedules)."""
         return (height // self.factor) * (width // self.factor)
 
+    def default_guidance_for(self, negative: bool) -> str:
+        """The method a model runs with when none is asked for (``negative``: a negative prompt was given)."""
+        return self.default_guidance
+
     def notice(self, prompts: Sequence) -> str | None:
         """A line saying which prompts the text encoder cannot read whole (None: all fit). Families
         that encode long prompts in windows (``chunks``) have nothing to say."""
@@ -399,6 +403,17 @@ class StableDiffusion3(DiT):
                         pooled_projections=cond["pooled"], return_dict=False)[0]
 
 
+def pack2(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents to (B, H/2 x W/2, 4C) tokens of 2 x 2 patches (Flux's, Qwen-Image's packing)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack2(tokens: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+    b = tokens.shape[0]
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class Flux(Family):
     """FluxTransformer2DModel (Flux.1 dev / schnell): rectified flow, T5 + CLIP pooled text, latents
     packed 2 x 2 into tokens with positional ids, an embedded guidance input on guidance-distilled
@@ -470,7 +485,7 @@ class Flux(Family):
 
     def forward(self, x, tm, cond):
         b, c, h, w = x.shape
-        tokens = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        tokens = pack2(x)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
         img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
         img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
@@ -479,7 +494,61 @@ class Flux(Family):
                        pooled_projections=cond["pooled"], encoder_hidden_states=cond["text"], txt_ids=txt_ids,
                        img_ids=img_ids.reshape(-1, 3), joint_attention_kwargs=cond.get("attention"),
                        return_dict=False)[0]
-        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack2(out, c, h, w)
+
+
+class QwenImage(Flux):
+    """QwenImageTransformer2DModel (Qwen-Image): rectified flow, Qwen2.5-VL text with a mask, 2 x 2
+    packed tokens, a 3-D VAE with per-channel latent mean and std, a resolution-dependent shift.
+    diffusers' true CFG (a negative prompt and true_cfg_scale 4) renormalises the guided output per
+    token to the conditional one's norm: the default here, ``cfg:scale=4,renorm=2,rescale_space=flow``,
+    when a negative prompt is given (like diffusers, no guidance without one)."""
+
+    name = "qwenimage"
+    max_sequence_length = 1024
+    true_cfg = "cfg:scale=4,renorm=2,rescale_space=flow"
+
+    def default_guidance_for(self, negative: bool) -> str:
+        return self.true_cfg if negative else "none"
+
+    def embedded_default(self):
+        return None if not getattr(self.net.config, "guidance_embeds", False) else 1.0
+
+    def notice(self, prompts):
+        return None  # a 1024-token window
+
+    def _encode(self, texts, n, device, extra, prefix=""):
+        keep = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix) and (prefix or not k.startswith("negative_"))}
+        embeds, mask = self.pipe.encode_prompt(texts, device=device, num_images_per_prompt=n,
+                                               max_sequence_length=self.max_sequence_length, **keep)
+        return {"text": embeds, "mask": mask}
+
+    def forward(self, x, tm, cond):
+        b, c, h, w = x.shape
+        out = self.net(hidden_states=pack2(x), timestep=tm / 1000, guidance=cond.get("guidance"),
+                       encoder_hidden_states=cond["text"], encoder_hidden_states_mask=cond.get("mask"),
+                       img_shapes=[[(1, h // 2, w // 2)]] * b, attention_kwargs=cond.get("attention"),
+                       return_dict=False)[0]
+        return unpack2(out, c, h, w)
+
+    def _stats(self, like):
+        cfg = self.pipe.vae.config
+        shape = (1, cfg.z_dim, 1, 1)
+        return (torch.tensor(cfg.latents_mean, device=like.device).view(shape),
+                torch.tensor(cfg.latents_std, device=like.device).view(shape))
+
+    def decode(self, x):
+        vae = self.pipe.vae
+        mean, std = self._stats(x)
+        z = (x.float() * std + mean)[:, :, None]  # a one-frame video
+        img = vae.decode(z.to(vae.dtype), return_dict=False)[0][:, :, 0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images):
+        vae = self.pipe.vae
+        z = vae.encode(images.to(vae.device, vae.dtype)[:, :, None]).latent_dist.mean[:, :, 0].float()
+        mean, std = self._stats(z)
+        return (z - mean) / std
 
 
 def _no_extra(family: Family, extra: dict) -> None:
@@ -493,7 +562,8 @@ def family_of(pipe) -> Family:
     if tr is not None:
         cls = type(tr).__name__
         table = {"DiTTransformer2DModel": DiT, "PixArtTransformer2DModel": PixArt,
-                 "SD3Transformer2DModel": StableDiffusion3, "FluxTransformer2DModel": Flux}
+                 "SD3Transformer2DModel": StableDiffusion3, "FluxTransformer2DModel": Flux,
+                 "QwenImageTransformer2DModel": QwenImage}
         if cls in table:
             return table[cls](pipe)
         raise ValueError(f"unsupported transformer {cls}; supported: {', '.join(table)}")

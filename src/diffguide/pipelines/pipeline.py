@@ -324,7 +324,7 @@ class GuidedPipeline:
 
     # -- a call ------------------------------------------------------------------------------------
 
-    def resolve(self, guidance, guidance_scale, sampler) -> tuple[Guidance, Sampler]:
+    def resolve(self, guidance, guidance_scale, sampler, negative: bool = False) -> tuple[Guidance, Sampler]:
         """Guidance and sampler objects from specs; guidance_scale overrides the method's scale.
         None picks the model's own: a student folder's, else none where guidance is embedded in the
         network (LCM students, Flux.1-dev) or there is no condition (unconditional models), else the
@@ -332,7 +332,7 @@ class GuidedPipeline:
         if guidance is None:
             guidance = self.defaults.get("guidance") or (
                 "none" if self.embedded_guidance is not None or not self.family.conditional
-                else self.family.default_guidance)
+                else self.family.default_guidance_for(negative))
         g = parse_spec("guidance", guidance) if isinstance(guidance, str) else guidance
         if not isinstance(g, Guidance):
             raise ValueError(f"guidance must be a spec string or a Guidance object, got {type(g).__name__}")
@@ -481,8 +481,10 @@ class GuidedPipeline:
                              f"guidance input; guide it with guidance= and guidance_scale=")
         h, w = self.size(height, width)
         info = self.info.at_size(self.family.seq_len(h, w))
+        has_negative = negative_prompt is not None and any(
+            q is not None for q in (negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt]))
         try:
-            g, s = self.resolve(guidance, guidance_scale, sampler)
+            g, s = self.resolve(guidance, guidance_scale, sampler, negative=has_negative or negative_prompt_embeds is not None)
         except ValueError as e:
             if "CFG++ scale is lambda" not in str(e):
                 raise

@@ -215,6 +215,52 @@ def flux(guidance_embeds: bool = True, dynamic: bool = True):
     return pipe
 
 
+def qwen_tokenizer():
+    """A byte-level BPE tokenizer with no merges (one token per byte) and Qwen's chat markers."""
+    from transformers import Qwen2Tokenizer
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(161, 173)) + list(range(174, 256))
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    vocab = {chr(c): i for i, c in enumerate(cs)}
+    for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[t] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=1100)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def qwenimage():
+    """Tiny Qwen-Image: a two-layer Qwen2.5-VL text encoder, a one-block transformer, a 3-D VAE."""
+    import diffusers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tok = qwen_tokenizer()
+    torch.manual_seed(20)
+    text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=2, spatial_merge_size=1, temporal_patch_size=1),
+        vocab_size=len(tok), hidden_size=32)).eval()
+    tr = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                               attention_head_dim=16, num_attention_heads=2,
+                                               joint_attention_dim=32, axes_dims_rope=(4, 6, 6)).eval()
+    _calm(tr, "proj_out")
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1,
+                                           temperal_downsample=[False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                           latents_std=[1.5, 0.8, 1.2, 1.0]).eval()
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=16, max_image_seq_len=64)
+    pipe = diffusers.QwenImagePipeline(scheduler=sch, vae=vae, text_encoder=text, tokenizer=tok, transformer=tr)
+    return pipe
+
+
 def ddpm():
     """An unconditional pixel-space UNet2DModel with DDPM's scheduler (clip_sample on)."""
     import diffusers
@@ -229,7 +275,7 @@ def ddpm():
 
 
 BUILDERS = {"sd": sd, "pixel_sd": pixel_sd, "sdxl": sdxl, "dit": dit, "pixart": pixart, "sd3": sd3,
-            "ddpm": ddpm, "flux": flux}
+            "ddpm": ddpm, "flux": flux, "qwenimage": qwenimage}
 
 
 def save(folder: str, family: str = "sd", **options) -> str:
