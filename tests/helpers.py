@@ -267,6 +267,19 @@ PIPELINE_CASES["qwenimage_plain"] = (
     "qwenimage", {}, dict(prompt=_TWO, num_inference_steps=5, height=16, width=16),
     dict(prompt=_TWO, steps=5, height=16, width=16, guidance="none"))
 
+# Sana (DPM-Solver on a flow, CFG 4.5) and SANA-Sprint (TrigFlow, embedded guidance, its own 2-step grid)
+PIPELINE_CASES["sana_dpmpp_2m"] = (
+    "sana", {}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=4.5, height=32, width=32,
+                     use_resolution_binning=False),
+    dict(prompt=_TWO, steps=6, guidance_scale=4.5, height=32, width=32))
+PIPELINE_CASES["sana_sprint_2"] = (
+    "sana_sprint", {}, dict(prompt=_TWO, num_inference_steps=2, height=32, width=32, use_resolution_binning=False),
+    dict(prompt=_TWO, steps=2, height=32, width=32, guidance="none"))
+PIPELINE_CASES["sana_sprint_4"] = (
+    "sana_sprint", {}, dict(prompt=_TWO, num_inference_steps=4, intermediate_timesteps=None, guidance_scale=3.0,
+                            height=32, width=32, use_resolution_binning=False),
+    dict(prompt=_TWO, steps=4, embedded_guidance=3.0, height=32, width=32, guidance="none"))
+
 for _verdict in ("flag_all", "flag_none"):
     PIPELINE_CASES[f"sd_safety_{_verdict}"] = (
         "sd", {"safety": _verdict}, dict(prompt=_TWO, num_inference_steps=6, guidance_scale=5.0),

@@ -245,3 +245,49 @@ class FlowSchedule(Schedule):
     @property
     def sigma_max(self) -> float:
         return float(self.ve(1.0 - 1.0 / self.num_train_timesteps))
+
+
+@dataclass(frozen=True)
+class TrigFlowSchedule(Schedule):
+    """TrigFlow (Lu & Song 2024, sCM, eq. 1; SANA-Sprint): x_t = cos(t) x0 + sin(t) sigma_d z with
+    t in [0, pi/2], held here in units of sigma_d (x / sigma_d, whose x0 is the VAE latent that
+    SanaSprintPipeline decodes): alpha = cos t, sigma = sin t, VE level tan t (sigma_d tan t in EDM's
+    units). The network sees the flow time it was trained with, tau = sin t / (cos t + sin t)
+    (``model_time``); its input and output conversions belong to the model family."""
+
+    sigma_data: float = 0.5
+    num_train_timesteps: int = 1000
+    spacing: str = "uniform_t"
+
+    def __post_init__(self):
+        if not (self.sigma_data > 0 and math.isfinite(self.sigma_data)):
+            raise ValueError(f"TrigFlowSchedule sigma_data must be a positive number, got {self.sigma_data!r}")
+
+    t_min = 0.0
+    t_max = math.pi / 2
+    ode_space = "ve"
+
+    def ve(self, t) -> torch.Tensor:
+        t = _t64(t)
+        return torch.where(t >= self.t_max, torch.full_like(t, math.inf), torch.tan(t))
+
+    def t_of_ve(self, ve) -> torch.Tensor:
+        return torch.atan(_t64(ve))
+
+    def alpha(self, t) -> torch.Tensor:
+        return torch.cos(_t64(t)).clamp(min=0.0)
+
+    def sigma(self, t) -> torch.Tensor:
+        return torch.sin(_t64(t))
+
+    def model_time(self, t) -> torch.Tensor:
+        t = _t64(t)
+        return torch.sin(t) / (torch.cos(t) + torch.sin(t))
+
+    @property
+    def sigma_min(self) -> float:
+        return 0.002 / self.sigma_data  # EDM's range (0.002 to 80), in units of sigma_d
+
+    @property
+    def sigma_max(self) -> float:
+        return 80.0 / self.sigma_data

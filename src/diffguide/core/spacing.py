@@ -121,7 +121,8 @@ def _diffusers_grid(schedule, n, kind, steps_offset=0, round=True):
     return torch.tensor(t.copy(), dtype=F64)
 
 
-SPACINGS = ("karras", "exponential", "beta", "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm")
+SPACINGS = ("karras", "exponential", "beta", "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm",
+            "scm")
 _DIFFUSERS = ("linspace", "leading", "trailing")
 
 
@@ -147,7 +148,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     spacing: ``karras`` (rho, sigma_min, sigma_max), ``exponential`` (uniform in log ve, which is
     ``uniform_lam``: uniform in logSNR), ``beta`` (alpha, beta, sigma_min, sigma_max), ``uniform_lam`` (sigma_min, sigma_max),
     ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
-    ``trailing``, or LCM's ``lcm`` (original_steps). ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
+    ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate). ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
     the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
     (FlowMatchEulerDiscreteScheduler's grid is ``t_end`` = its shifted sigma_min). ``drop_last=True`` builds a diffusers grid for steps + 1 points and drops the last,
     the convention of diffusers' DPMSolverMultistepScheduler. Defaults to ``schedule.spacing``.
@@ -162,7 +163,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     allowed = {"karras": {"rho", "sigma_min", "sigma_max"}, "uniform_lam": {"sigma_min", "sigma_max"},
                "exponential": {"sigma_min", "sigma_max"}, "beta": {"alpha", "beta", "sigma_min", "sigma_max"},
                "uniform_t": {"t_start", "t_end"}, "linspace": {"round"}, "leading": {"steps_offset"},
-               "trailing": set(), "lcm": {"original_steps"}}[spacing]
+               "trailing": set(), "lcm": {"original_steps"}, "scm": {"intermediate"}}[spacing]
     bad = set(options) - allowed
     if bad:
         raise ValueError(f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "
@@ -172,6 +173,10 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
 
     if spacing == "lcm":
         ts = torch.cat([_lcm_grid(schedule, steps, **options), torch.tensor([schedule.t_min], dtype=F64)])
+    elif spacing == "scm":  # SCMScheduler: two steps through an intermediate time, else uniform in t
+        mid = options.get("intermediate", 1.3)
+        ts = torch.tensor([schedule.t_max, float(mid), schedule.t_min], dtype=F64) if steps == 2 else \
+            torch.linspace(schedule.t_max, schedule.t_min, steps + 1, dtype=F64)
     elif spacing in _DIFFUSERS:
         if not isinstance(schedule, VPSchedule):
             raise ValueError(f"spacing {spacing!r} indexes a discrete VP table; "

@@ -377,7 +377,7 @@ class GuidedPipeline:
 
     @property
     def default_steps(self) -> int:
-        return int(self.defaults.get("steps", DEFAULT_STEPS))
+        return int(self.defaults.get("steps", self.info.steps or DEFAULT_STEPS))
 
     @property
     def embedded_guidance(self) -> float | None:

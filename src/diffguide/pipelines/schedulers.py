@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core.schedule import FlowSchedule, Schedule, VPSchedule
+from ..core.schedule import FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
 from ..core.spacing import timesteps
 from ..core.threshold import Clip, DynamicThreshold
 
@@ -65,6 +65,17 @@ class SigmaTimes:
         return torch.from_numpy(tm).reshape(torch.as_tensor(t).shape)
 
 
+@dataclass(frozen=True, eq=False)
+class TruncatedTimes:
+    """The network's time truncated to an integer, as multistep schedulers' int64 timesteps do with
+    flow sigmas (Sana's DPM-Solver: 1000 x shifted sigma, cast)."""
+
+    schedule: Schedule
+
+    def __call__(self, t: torch.Tensor):
+        return torch.trunc(self.schedule.model_time(torch.as_tensor(t, dtype=torch.float64)))
+
+
 @dataclass(frozen=True)
 class SchedulerInfo:
     """What a diffusers scheduler means in diffguide terms."""
@@ -72,13 +83,14 @@ class SchedulerInfo:
     schedule: Schedule
     kind: str
     grid: dict = field(default_factory=dict)  # timesteps() arguments reproducing set_timesteps
-    start: str = "unit"                        # initial noise: "unit" (x = z) or "sigma" (x = s z)
+    start: str = "unit"                        # initial noise: "unit" (sqrt(a^2 + s^2) z), "sigma" (s z), "noise" (z)
     name: str = ""
     threshold: object = None                   # x0 clipping the config asks for (clip_sample, thresholding)
     sampler: str = "dpmpp_2m"                  # the default sampler for this model
     boundary: float | None = None              # a consistency model's timestep_scaling (LCMScheduler)
     time_fn: object = None                     # the network's times on the own sigma grid (SigmaTimes)
     dynamic: tuple | None = None               # resolution-dependent shift (Flux): see at_size
+    steps: int | None = None                   # the scheduler's own default step count, if it has one
 
     def at_size(self, seq_len: int) -> "SchedulerInfo":
         """The schedule for an image of ``seq_len`` latent tokens: with dynamic shifting (Flux), mu
@@ -102,6 +114,8 @@ class SchedulerInfo:
     def start_scale(self, ts: torch.Tensor) -> float:
         """Scale of the standard-normal initial latent at ts[0]: sqrt(a^2 + s^2) assumes unit-variance
         data (1 for VP); "sigma" is the k-diffusion habit of diffusers' Euler schedulers, x = s z."""
+        if self.start == "noise":  # the pipeline starts from plain noise whatever the first level
+            return 1.0
         a, s = float(self.schedule.alpha(ts[0])), float(self.schedule.sigma(ts[0]))
         return s if self.start == "sigma" else math.sqrt(a * a + s * s)
 
@@ -136,6 +150,24 @@ def from_scheduler(scheduler) -> SchedulerInfo:
         sampler = "heun" if name == "FlowMatchHeunDiscreteScheduler" else "euler"
         return SchedulerInfo(schedule, "flow", {"spacing": "uniform_t", "t_end": t_end}, "unit", name,
                              sampler=sampler, dynamic=dynamic)
+
+    if name == "SCMScheduler":  # sCM's TrigFlow (SANA-Sprint): the family turns the output into x0
+        if cfg.get("prediction_type", "trigflow") != "trigflow":
+            raise ValueError(f"SCMScheduler prediction_type {cfg.get('prediction_type')!r} is not supported; supported: trigflow")
+        schedule = TrigFlowSchedule(sigma_data=float(cfg.get("sigma_data", 0.5)),
+                                    num_train_timesteps=cfg.get("num_train_timesteps", 1000))
+        return SchedulerInfo(schedule, "x0", {"spacing": "scm"}, "unit", name, sampler="consistency", steps=2)
+    if name in _DPM_LIKE and cfg.get("use_flow_sigmas"):  # Sana: DPM-Solver on a rectified flow
+        if cfg.get("prediction_type") != "flow_prediction":
+            raise ValueError(f"{name} with use_flow_sigmas needs prediction_type flow_prediction, got "
+                             f"{cfg.get('prediction_type')!r}")
+        T = cfg.get("num_train_timesteps", 1000)
+        schedule = FlowSchedule(shift=float(cfg.get("flow_shift", 1.0)), num_train_timesteps=T)
+        grid = {"spacing": "uniform_t", "t_start": 1 - 1 / T}  # 1 - linspace(1, 1/T, n + 1), the last dropped
+        if cfg.get("final_sigmas_type") == "sigma_min":
+            raise ValueError(f"{name} with flow sigmas and final_sigmas_type sigma_min is not supported")
+        return SchedulerInfo(schedule, "flow", grid, "noise", name,  # init_noise_sigma 1 at sigma 1 - 1/T
+                             time_fn=TruncatedTimes(schedule) if name in _INT_TIMESTEPS else None)
 
     kind = KINDS.get(cfg.get("prediction_type", "epsilon"))
     if kind is None or kind == "flow":

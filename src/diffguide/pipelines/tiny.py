@@ -261,6 +261,52 @@ def qwenimage():
     return pipe
 
 
+def gemma_tokenizer():
+    """A character-level Gemma tokenizer (no merges) covering plain English text."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.:;-'\"?!()/\n\u2581":
+        vocab.setdefault(c, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=512)
+
+
+def sana(sprint: bool = False):
+    """Tiny Sana (DPM-Solver on a flow, Gemma-2 text, a deep-compression autoencoder); sprint=True is
+    SANA-Sprint (the same transformer with an embedded guidance input, SCMScheduler's TrigFlow)."""
+    import diffusers
+    from transformers import Gemma2Config, Gemma2Model
+
+    tok = gemma_tokenizer()
+    torch.manual_seed(21)
+    text = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                    max_position_embeddings=1024, pad_token_id=0, bos_token_id=2,
+                                    eos_token_id=1)).eval()
+    tr = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                          num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                          cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=1,
+                                          guidance_embeds=sprint, qk_norm="rms_norm_across_heads" if sprint else None
+                                          ).eval()
+    _calm(tr, "proj_out")
+    ae = diffusers.AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4,
+                                 encoder_block_types=("ResBlock", "ResBlock"), decoder_block_types=("ResBlock", "ResBlock"),
+                                 encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
+                                 encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                                 encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()),
+                                 scaling_factor=0.41).eval()
+    if sprint:
+        return diffusers.SanaSprintPipeline(tokenizer=tok, text_encoder=text, vae=ae, transformer=tr,
+                                            scheduler=diffusers.SCMScheduler())
+    sch = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                flow_shift=3.0)
+    return diffusers.SanaPipeline(tokenizer=tok, text_encoder=text, vae=ae, transformer=tr, scheduler=sch)
+
+
+def sana_sprint():
+    return sana(sprint=True)
+
+
 def ddpm():
     """An unconditional pixel-space UNet2DModel with DDPM's scheduler (clip_sample on)."""
     import diffusers
@@ -275,7 +321,7 @@ def ddpm():
 
 
 BUILDERS = {"sd": sd, "pixel_sd": pixel_sd, "sdxl": sdxl, "dit": dit, "pixart": pixart, "sd3": sd3,
-            "ddpm": ddpm, "flux": flux, "qwenimage": qwenimage}
+            "ddpm": ddpm, "flux": flux, "qwenimage": qwenimage, "sana": sana, "sana_sprint": sana_sprint}
 
 
 def save(folder: str, family: str = "sd", **options) -> str:
