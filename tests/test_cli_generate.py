@@ -83,12 +83,21 @@ BAD = {
     "negative steps": (["--steps", "-3"], ["--steps", "-3"]),
     "bad height": (["--height", "15"], ["height", "15", "multiple of 2"]),
     "bad seeds": (["--seeds", "3-1"], ["--seeds"]),
+    "strength alone": (["--strength", "0.5"], ["--strength", "--init-image"]),
+    "missing init image": (["--init-image", "nope.png"], ["--init-image", "nope.png"]),
+    "init image not an image": (["--init-image", __file__], ["--init-image", "cannot read"]),
+    "strength out of range": (["--init-image", "INIT", "--strength", "1.5"], ["--strength", "1.5", "[0, 1]"]),
+    "strength leaves no step": (["--init-image", "INIT", "--strength", "0.01", "--steps", "10"],
+                                ["strength 0.01", "10 steps"]),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_one_line_exit_2(case, model, tmp_path, capsys):
     extra, words = BAD[case]
+    init = tmp_path / "init.png"
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(init)
+    extra = [str(init) if a == "INIT" else a for a in extra]
     code, out, err = run(capsys, "a", "--model", model, "-o", str(tmp_path / "out"), *extra)
     assert code == 2
     lines = err.strip().splitlines()
@@ -119,3 +128,29 @@ def test_cuda_request_without_cuda(model, tmp_path, capsys):
     code, _, err = run(capsys, "a", "--model", model, "--device", "cuda", "-o", str(tmp_path / "o"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "cuda" in err.lower()
     assert not (tmp_path / "o").exists()
+
+
+def test_init_image_round_trip(model, tmp_path, capsys):
+    """--init-image/--strength: equal to the Python call, the strength recorded for A1111 and in the
+    settings, and --from-png makes the same image again."""
+    import torch
+
+    from diffguide.pipelines import GuidedPipeline
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 16, 3), dtype=np.uint8)).save(init)
+    out = tmp_path / "edit.png"
+    code, _, err = run(capsys, "a red circle", "--model", model, "--init-image", str(init), "--strength", "0.5",
+                       "--steps", "8", "--seed", "3", "-o", str(out), "--quiet")
+    assert code == 0, err
+    im = Image.open(out)
+    assert im.size == (16, 24)  # the init image's size
+    meta = json.loads(im.text["diffguide"])
+    assert meta["strength"] == 0.5 and meta["init_image"] == str(init)
+    assert "Denoising strength: 0.5" in im.text["parameters"]
+    gp = GuidedPipeline.from_pretrained(model, progress=False)
+    ref = gp("a red circle", image=Image.open(init), strength=0.5, steps=8, seed=3, output_type="np").images[0]
+    assert np.abs(pixels(out) - np.round(ref * 255)).max() <= 1
+    code, _, err = run(capsys, "--from-png", str(out), "-o", str(tmp_path / "again.png"), "--quiet")
+    assert code == 0 and np.array_equal(pixels(tmp_path / "again.png"), pixels(out)), err
+    assert torch.is_tensor(gp.prepare_image(Image.open(init))[0])

@@ -199,3 +199,87 @@ def dg_spec(g):
     import diffguide as dg
 
     return dg.to_spec(g)
+
+
+# (tiny builder, builder options, diffusers img2img pipeline, its call, diffguide's call)
+IMG2IMG_CASES = {
+    **{f"sd_{pred}_{sampler}": ("sd", {"prediction_type": pred, "scheduler": sched}, "StableDiffusionImg2ImgPipeline",
+                                dict(num_inference_steps=10, guidance_scale=6.0),
+                                dict(steps=10, guidance_scale=6.0, sampler=sampler))
+       for pred, sched, sampler in (("epsilon", "DPMSolverMultistepScheduler", "dpmpp_2m"),
+                                    ("epsilon", "DDIMScheduler", "ddim"),
+                                    ("v_prediction", "EulerDiscreteScheduler", "euler"))},
+    # 7 steps: 7 * 0.6 = 4.2 keeps 4 steps on the UNet pipelines, 5 on Flux (rounded after subtracting)
+    "sd_7_steps": ("sd", {"scheduler": "DPMSolverMultistepScheduler"}, "StableDiffusionImg2ImgPipeline",
+                   dict(num_inference_steps=7, guidance_scale=6.0), dict(steps=7, guidance_scale=6.0, sampler="dpmpp_2m")),
+    **{f"flux_{n}_steps": ("flux", {}, "FluxImg2ImgPipeline", dict(num_inference_steps=n, guidance_scale=3.5),
+                           dict(steps=n, guidance="none")) for n in (6, 7)},
+    "flux_true_cfg": ("flux", {}, "FluxImg2ImgPipeline",
+                      dict(num_inference_steps=6, guidance_scale=2.0, true_cfg_scale=4.0, negative_prompt=["", "blurry"]),
+                      dict(steps=6, embedded_guidance=2.0, guidance="cfg:scale=4", negative_prompt=["", "blurry"])),
+}
+
+
+@pytest.mark.parametrize("case", list(IMG2IMG_CASES))
+def test_img2img_matches_diffusers(case, folders):
+    """SDEdit at strength 0.6 against diffusers' img2img pipelines: the same grid cut, the same VAE
+    posterior draw and noise from each image's generator, two different init images."""
+    import diffusers
+
+    builder, options, cls, theirs, ours = IMG2IMG_CASES[case]
+    path = folders(f"i2i_{builder}_{options.get('prediction_type', '')}_{options.get('scheduler', '')}",
+                   builder, **options)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    common = dict(prompt=_I2I_PROMPTS, height=32, width=32, strength=0.6)
+    pipe = getattr(diffusers, cls).from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in PIPELINE_SEEDS]
+    ref = pipe(image=images, generator=gens, output_type="np", **common, **theirs).images
+    gp = GuidedPipeline.from_pretrained(path, progress=False)
+    out = gp(image=images, seed=PIPELINE_SEEDS, output_type="np", **common, **ours)
+    kept = ours["steps"] - gp.family.start_index(ours["steps"], 0.6)
+    if ours["steps"] == 7:
+        assert kept == {"flux": 5, "sd": 4}[builder]
+    assert out.nfe == kept * (1 if ours.get("guidance") == "none" else 2)
+    assert np.abs(ref[0] - ref[1]).max() > 50 * TOL
+    assert np.abs(out.images - ref).max() < TOL
+
+
+_I2I_PROMPTS = ["a red circle", "a cross"]
+
+
+def test_img2img_keeps_the_image_at_low_strength_and_checks_inputs(folders):
+    """Strength near 0 returns nearly the VAE round trip of the image, 1 is text-to-image from the
+    grid's top with the image barely mixed in; image shapes, strengths and conflicts are checked."""
+    gp = GuidedPipeline.from_pretrained(folders("pixel", "pixel_sd"), progress=False)
+    img = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    near = gp("a", image=img, strength=0.1, steps=20, guidance="none", seed=0, output_type="pt").images
+    far = gp("a", image=img, strength=1.0, steps=20, guidance="none", seed=0, output_type="pt").images
+    assert (near - img).abs().mean() < 0.5 * (far - img).abs().mean()
+    assert gp("a", image=img, strength=0.5, steps=10, seed=0).nfe == 10  # 5 steps, 2 branches
+    two = gp(["a", "b"], image=[img[0], img[0]], strength=0.5, steps=4, seed=0, num_images_per_prompt=2)
+    assert len(two.images) == 4
+    for kwargs, msg in [(dict(strength=1.5), "strength must be a number in [0, 1], got 1.5"),
+                        (dict(strength=0.01), "strength 0.01 leaves none of the 10 steps"),
+                        (dict(image=[img[0]] * 3), "3 images for 1 prompt"),
+                        (dict(image="nope.png"), "image must be a PIL image"),
+                        (dict(latents=torch.zeros(1, 3, 8, 8)), "give image or latents"),
+                        (dict(image=None, strength=0.5), "strength applies to image-to-image")]:
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+            gp("a", **{"image": img, "steps": 10, **kwargs})
+
+
+@pytest.mark.parametrize("builder,prompt,hw", [("sdxl", "a", 16), ("sd3", "a", 16), ("pixart", "a", 16),
+                                               ("dit", 1, 16), ("ddpm", "", 8)])
+def test_img2img_on_the_other_families(builder, prompt, hw, folders):
+    """The families without an img2img parity case start from the image too: finite images, the
+    strength's share of the steps, the family's default strength."""
+    gp = GuidedPipeline.from_pretrained(folders(f"i2i_{builder}", builder), progress=False)
+    image = torch.rand(1, 3, hw, hw, generator=torch.Generator().manual_seed(1))
+    guidance = "none" if builder == "ddpm" else "cfg"
+    for strength in (0.3, 1.0):
+        out = gp(prompt, image=image, strength=strength, steps=10, height=hw, width=hw, seed=0,
+                 guidance=guidance, output_type="pt")
+        kept = 10 - gp.steps_skipped(10, strength)
+        assert torch.isfinite(out.images).all() and out.nfe == kept * (1 if guidance == "none" else 2)
+    assert gp.steps_skipped(10, None) == 10 - int(10 * gp.family.default_strength + 1e-9)

@@ -1,6 +1,7 @@
 """``diffguide generate``: text (or class) to image files with their settings in the file's metadata."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -53,6 +54,12 @@ def add_arguments(p) -> None:
                    help="re-create an image diffguide wrote (PNG, JPEG or WebP) from its own settings, "
                         "bit for bit on the same machine; other flags given override them")
     p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--init-image", default=None, metavar="FILE",
+                   help="image-to-image (SDEdit): start from this image, noised to --strength; its size "
+                        "is the default size")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --init-image: how much of the schedule to run, 0-1 (1: all, the image "
+                        "barely kept; default: the model's img2img pipeline's, 0.8 for SD, 0.6 for Flux)")
     add_model_arguments(p)
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
@@ -207,7 +214,7 @@ def load_model(args, state=None):
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model", "guidance": "guidance",
             "sampler": "sampler", "steps": "steps", "spacing": "spacing", "height": "height", "width": "width",
             "dtype": "dtype", "vae_dtype": "vae_dtype", "vae": "vae", "lora": "lora", "stitch": "stitch", "scale": "scale",
-            "embedded_guidance": "embedded_guidance",
+            "embedded_guidance": "embedded_guidance", "init_image": "init_image", "strength": "strength",
             "noise_optimizer": None}
 
 
@@ -230,6 +237,25 @@ def apply_png(args) -> list[int] | None:
         batch = [int(v) for v in meta.get("batch_seeds") or [args.seed]]
         return batch
     return None
+
+
+def load_init_image(args, noise):
+    """--init-image as a PIL image (checked before the model loads), or None."""
+    if args.init_image is None:
+        if args.strength is not None:
+            raise UsageError("--strength applies to image-to-image: give --init-image too")
+        return None
+    if noise:
+        raise UsageError("--init-image starts from an image: it cannot be combined with --initno or --reno")
+    if args.strength is not None and not 0 <= args.strength <= 1:
+        raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.init_image) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"cannot read --init-image {args.init_image!r}: {e}") from None
 
 
 def run(args) -> int:
@@ -261,6 +287,7 @@ def run(args) -> int:
     parse_stitch(args.stitch)
     parse_loras(args.lora)
     noise = noise_spec(args)
+    init = load_init_image(args, noise)
 
     state = process_state(cpu=args.device == "cpu")
     gp, dtype = load_model(args, state)
@@ -275,6 +302,9 @@ def run(args) -> int:
     if args.embedded_guidance is not None and gp.embedded_guidance is None:
         raise UsageError(f"--embedded-guidance given but {type(gp.family.net).__name__} has no embedded guidance "
                          f"input; use --guidance and --scale")
+    if init is not None:
+        _, args.height, args.width = gp.prepare_image(init, args.height, args.width)
+        gp.steps_skipped(args.steps, args.strength)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
     meta = {"prompt": prompt, "negative_prompt": args.negative or "", "model": args.model,
@@ -284,6 +314,8 @@ def run(args) -> int:
             **({"vae": args.vae} if args.vae else {}), **({"lora": args.lora} if args.lora else {}),
             "scale": getattr(g, "scale", None),
             **({"embedded_guidance": embedded} if embedded is not None else {}),
+            **({"init_image": os.path.abspath(args.init_image), "strength": args.strength if args.strength is not None
+                else gp.family.default_strength} if init is not None else {}),
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
             **({"noise_optimizer": noise} if noise else {})}
     t0 = time.perf_counter()
@@ -301,7 +333,7 @@ def run(args) -> int:
     for chunk in shard(batches, state):
         out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  embedded_guidance=args.embedded_guidance, spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
-                 output_type="pil", stitch=stitch, noise_optimizer=noise)
+                 output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength)
         for text in out.notices if not written and is_main(state) else ():
             print(f"diffguide: notice: {text}", file=sys.stderr)
         for seed, img in zip(chunk, out.images):

@@ -19,6 +19,11 @@ import torch
 from .pred import Pred
 from .schedule import Schedule
 
+# condition keys that carry the model's own inputs rather than the prompt (an embedded guidance value:
+# Flux/SANA-Sprint's "guidance", an LCM student's "timestep_cond"; UNet attention kwargs): a method
+# that replaces the prompt (ICG) keeps them
+MODEL_INPUTS = frozenset({"guidance", "timestep_cond", "attention"})
+
 
 @dataclass(frozen=True)
 class Branch:

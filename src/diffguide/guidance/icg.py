@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..core.guided import Branch, Guidance, Point, _rows
+from ..core.guided import MODEL_INPUTS, Branch, Guidance, Point, _rows
 from ..core.registry import register
 from ..core.sample import draw
 
@@ -18,13 +18,14 @@ POOL = "icg_prompts"  # the condition name under which a pipeline passes the enc
 def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     """A condition drawn independently of the prompt, shaped like ``pos``.
 
-    Parts equal in pos and neg (SDXL's size ids) and integer masks are kept; other float tensors become
+    Parts equal in pos and neg (SDXL's size ids), integer masks and the model's own inputs
+    (``MODEL_INPUTS``: an embedded guidance value) are kept; other float tensors become
     Gaussian noise with each sample's std of ``pos``; integer tensors (class labels) become uniform
     random labels in [0, classes), classes defaulting to the null label in ``neg`` (DiT's convention).
     """
     if isinstance(pos, Mapping):
-        return {k: independent(v, neg.get(k) if isinstance(neg, Mapping) else None, noise, classes)
-                for k, v in pos.items()}
+        return {k: v if k in MODEL_INPUTS else independent(v, neg.get(k) if isinstance(neg, Mapping) else None,
+                                                           noise, classes) for k, v in pos.items()}
     if isinstance(pos, (list, tuple)):
         negs = neg if isinstance(neg, (list, tuple)) and len(neg) == len(pos) else [None] * len(pos)
         return type(pos)(independent(p, q, noise, classes) for p, q in zip(pos, negs))

@@ -115,20 +115,36 @@ class Family:
     def forward(self, x: torch.Tensor, tm: torch.Tensor, cond: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], [B, 3, H, W], to the network's space (the VAE posterior mean): the
-        inverse of ``decode``, for training data."""
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images in [-1, 1], [B, 3, H, W], to the network's space: the mean and standard deviation
+        of the VAE posterior (std None: a deterministic encoder, or a pixel-space model). The
+        inverse of ``decode``."""
         vae = getattr(self.pipe, "vae", None)
         if vae is None:
-            return images
+            return images.float(), None
         cfg = vae.config
-        z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean.float()
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        z, std = dist.mean.float(), dist.std.float()
+        mean, spread = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and spread is not None:
             shape = (1, -1, 1, 1)
-            return (z - torch.tensor(mean, device=z.device).view(shape)) * cfg.scaling_factor \
-                / torch.tensor(std, device=z.device).view(shape)
-        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+            scale = cfg.scaling_factor / torch.tensor(spread, device=z.device).view(shape)
+            return (z - torch.tensor(mean, device=z.device).view(shape)) * scale, std * scale
+        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor, std * cfg.scaling_factor
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of ``posterior``: training data in the network's space."""
+        return self.posterior(images)[0]
+
+    default_strength = 0.8  # StableDiffusionImg2ImgPipeline's
+    truncate_strength = True  # the UNet img2img pipelines take int(steps * strength) first
+
+    def start_index(self, steps: int, strength: float) -> int:
+        """How many of ``steps`` image-to-image skips (SDEdit at ``strength``), rounded as the
+        family's img2img pipeline rounds (they differ when steps * strength is not a whole number)."""
+        if self.truncate_strength:
+            return steps - min(int(steps * strength), steps)
+        return int(max(steps - min(steps * strength, steps), 0))
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents to images in [0, 1], float32, [B, 3, H, W]."""
@@ -250,6 +266,7 @@ class StableDiffusionXL(StableDiffusion):
     Long prompts: windows through both encoders, the pooled embedding of the first window."""
 
     name = "sdxl"
+    default_strength = 0.3  # StableDiffusionXLImg2ImgPipeline's
 
     @property
     def chunks(self) -> bool:
@@ -390,6 +407,7 @@ class StableDiffusion3(DiT):
     """SD3Transformer2DModel: rectified flow (velocity), CLIP x2 + T5 text, pooled projections."""
 
     name = "sd3"
+    default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
@@ -422,6 +440,7 @@ class Flux(Family):
     the network sees tokens. True CFG is ``guidance="cfg:scale=4"`` with a negative prompt."""
 
     name = "flux"
+    default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
     default_guidance = "none"  # guidance-distilled (dev) or timestep-distilled (schnell)
     grid = {"spacing": "uniform_t"}  # FluxPipeline passes sigmas linspace(1, 1/n, n), then 0
     max_sequence_length = 512
@@ -544,11 +563,12 @@ class QwenImage(Flux):
         img = vae.decode(z.to(vae.dtype), return_dict=False)[0][:, :, 0]
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
-    def encode_images(self, images):
+    def posterior(self, images):
         vae = self.pipe.vae
-        z = vae.encode(images.to(vae.device, vae.dtype)[:, :, None]).latent_dist.mean[:, :, 0].float()
+        dist = vae.encode(images.to(vae.device, vae.dtype)[:, :, None]).latent_dist
+        z = dist.mean[:, :, 0].float()
         mean, std = self._stats(z)
-        return (z - mean) / std
+        return (z - mean) / std, dist.std[:, :, 0].float() / std
 
 
 class Sana(Family):
@@ -557,6 +577,7 @@ class Sana(Family):
     rectified flow. Without resolution binning (the pipeline's option), as PixArt here."""
 
     name = "sana"
+    default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
     default_guidance = "cfg:scale=4.5"  # SanaPipeline's default scale
     max_sequence_length = 300
 
@@ -589,9 +610,9 @@ class Sana(Family):
                         timestep=tm * self.net.config.timestep_scale, guidance=cond.get("guidance"),
                         attention_kwargs=cond.get("attention"), return_dict=False)[0]
 
-    def encode_images(self, images):
-        vae = self.pipe.vae
-        return vae.encode(images.to(vae.device, vae.dtype)).latent.float() * vae.config.scaling_factor
+    def posterior(self, images):
+        vae = self.pipe.vae  # a deterministic encoder
+        return vae.encode(images.to(vae.device, vae.dtype)).latent.float() * vae.config.scaling_factor, None
 
 
 class SanaSprint(Sana):

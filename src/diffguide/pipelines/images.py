@@ -204,6 +204,8 @@ def parameters_text(meta: dict) -> str:
     if meta.get("embedded_guidance") is not None:  # Forge's name for Flux's guidance input
         fields.append(("Distilled CFG Scale", meta["embedded_guidance"]))
     fields += [("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"), ("Model", meta["model"])]
+    if meta.get("strength") is not None:  # image-to-image
+        fields.append(("Denoising strength", meta["strength"]))
     fields += [("diffguide guidance", meta["guidance"]), ("diffguide sampler", meta["sampler"])]
     if meta.get("spacing"):
         fields.append(("diffguide spacing", meta["spacing"]))

@@ -400,7 +400,8 @@ class GuidedPipeline:
                  pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), eta: float | None = None,
                  guidance_rescale: float = 0.0, cross_attention_kwargs: dict | None = None,
-                 clip_skip: int | None = None, return_dict: bool = True, embedded_guidance: float | None = None):
+                 clip_skip: int | None = None, return_dict: bool = True, embedded_guidance: float | None = None,
+                 image=None, strength: float | None = None):
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -436,6 +437,10 @@ class GuidedPipeline:
         embedded_guidance: the value of the model's own guidance input (Flux.1-dev's guidance, an LCM
         student's w), default the model's; ``guidance``/``guidance_scale`` stay the diffguide method
         and its scale, so "true CFG" on Flux is guidance="cfg:scale=4" with a negative prompt.
+        image / strength: image-to-image (SDEdit): the image (PIL, array or tensor in [0, 1]; one for
+        every output, one per prompt or one per output) is encoded, noised to the level ``strength``
+        selects on the sampler's grid (1: pure noise; default the family's img2img pipeline's) and
+        sampled from there, as diffusers' img2img pipelines do; its size is the default size.
         """
         if process_state is not None:
             if latents is not None or prompt_embeds is not None:
@@ -479,6 +484,14 @@ class GuidedPipeline:
         if embedded_guidance is not None and self.embedded_guidance is None:
             raise ValueError(f"embedded_guidance given but {type(self.family.net).__name__} has no embedded "
                              f"guidance input; guide it with guidance= and guidance_scale=")
+        init = None
+        if image is not None:
+            if latents is not None or noise_optimizer is not None:
+                raise ValueError("image-to-image starts from the image: give image or "
+                                 + ("latents" if latents is not None else "noise_optimizer") + ", not both")
+            init, height, width = self.prepare_image(image, height, width)
+        elif strength is not None:
+            raise ValueError("strength applies to image-to-image: give image= too")
         h, w = self.size(height, width)
         info = self.info.at_size(self.family.seq_len(h, w))
         has_negative = negative_prompt is not None and any(
@@ -494,6 +507,8 @@ class GuidedPipeline:
             raise ValueError(f"{str(e).split(';')[0]}; on this run's grid ({steps} steps) {equivalence(ve)}") from None
         g, s = self._diffusers_options(g, s, eta, guidance_rescale)
         ts = info.timesteps(steps, spacing)
+        if init is not None:
+            ts = ts[self.steps_skipped(ts.numel() - 1, strength):]
         needed = self._needed_conditions(g, ts, info)
         if not self.family.conditional and needed - {"pos"}:
             raise ValueError(f"guidance {to_spec(g)!r} compares a prompt with a negative, but "
@@ -507,6 +522,7 @@ class GuidedPipeline:
         if len(negs) != len(prompts):
             raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
         b = len(prompts) * num_images_per_prompt
+        image_rows = None if init is None else self._image_rows(init.shape[0], len(prompts), num_images_per_prompt)
         if stitch is not None:
             if not isinstance(stitch, Stitching):
                 raise ValueError(f"stitch must be a Stitching, got {type(stitch).__name__}")
@@ -571,7 +587,12 @@ class GuidedPipeline:
 
             # -- sampling
             shape = (b, fam.channels, h // fam.factor, w // fam.factor)
-            if latents is None:
+            if init is not None:  # SDEdit; the posterior's draw first, as diffusers' img2img draws
+                x0, std = fam.posterior(init.to(device))
+                x0 = x0[image_rows] if std is None else x0[image_rows] + std[image_rows] * noise.randn(shape, device=device)
+                a, sd = (float(f(ts[0])) for f in (info.schedule.alpha, info.schedule.sigma))
+                x = a * x0 + sd * noise.randn(shape, device=device)
+            elif latents is None:
                 x = noise.randn(shape, device=device) * info.start_scale(ts)
             else:  # diffusers' prepare_latents: the given noise, scaled; the generators draw nothing yet
                 if tuple(latents.shape) != shape:
@@ -645,6 +666,52 @@ class GuidedPipeline:
         return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report,
                             notices=[notice] if notice else [])
 
+    def prepare_image(self, image, height=None, width=None):
+        """Image-to-image input as [k, 3, H, W] in [-1, 1], resized to height x width (default: its
+        own size, rounded down to what the model takes) as diffusers' pipelines prepare it (a
+        VaeImageProcessor on the multiple this model takes: the pipelines' own may round to 8 for a
+        pixel model)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        proc = VaeImageProcessor(vae_scale_factor=self.family.multiple)
+        if isinstance(image, (list, tuple)) and image and all(isinstance(i, torch.Tensor) and i.ndim == 3 for i in image):
+            image = torch.stack(list(image))
+        elif isinstance(image, torch.Tensor) and image.ndim == 3:
+            image = image[None]
+        try:
+            first = image[0] if isinstance(image, (list, tuple)) else image
+            if height is None or width is None:  # PIL, tensors (N)CHW, arrays (N)HWC
+                dh, dw = ((first.height, first.width) if hasattr(first, "height") else tuple(first.shape[-2:])
+                          if isinstance(first, torch.Tensor) else tuple(first.shape[-3:-1]))
+                m = self.family.multiple
+                height, width = height or dh // m * m, width or dw // m * m
+            return proc.preprocess(image, height=height, width=width).float(), height, width
+        except (ValueError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"image must be a PIL image, an array or a tensor in [0, 1] (or a list of "
+                             f"them), got {type(image).__name__}: {e}") from None
+
+    @staticmethod
+    def _image_rows(k: int, prompts: int, n: int) -> list[int]:
+        if k == 1:
+            return [0] * (prompts * n)
+        if k == prompts:
+            return [i for i in range(k) for _ in range(n)]
+        if k == prompts * n:
+            return list(range(k))
+        raise ValueError(f"{k} images for {prompts} prompt(s) x {n} image(s) each; give 1, {prompts} or "
+                         f"{prompts * n}")
+
+    def steps_skipped(self, steps: int, strength: float | None = None) -> int:
+        """How many of ``steps`` image-to-image at ``strength`` skips (None: the family's default)."""
+        strength = self.family.default_strength if strength is None else strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+        k = self.family.start_index(steps, float(strength))
+        if k >= steps:
+            raise ValueError(f"strength {strength} leaves none of the {steps} steps to run; raise strength "
+                             f"or steps")
+        return k
+
     def _diffusers_options(self, g: Guidance, s: Sampler, eta, guidance_rescale) -> tuple[Guidance, Sampler]:
         """diffusers' eta (on samplers that have one) and guidance_rescale (CFG's rescale of the raw
         network output: eps, or v for v-models)."""
@@ -716,6 +783,11 @@ class GuidedPipeline:
             return GuidedOutput([] if kw["output_type"] == "pil" else None, 0, 0, {}, [], indices=[])
         rows = range(lo, hi)
         mine = {"seed": [per_image[i] for i in rows]} if generator is None else {"generator": [per_image[i] for i in rows]}
+        image = kw.get("image")
+        k = len(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == 4 else 1
+        if k > 1:  # several init images: each process takes those of its own rows
+            which = self._image_rows(k, len(prompts), n)
+            kw = {**kw, "image": [image[which[i]] for i in rows]}
         out = self([prompts[i // n] for i in rows], negative_prompt=[negs[i // n] for i in rows],
                    num_images_per_prompt=1, **mine, **kw)
         out.indices = list(rows)
