@@ -56,12 +56,12 @@ def test_lcm_student_matches_diffusers_pipeline(steps, tmp_path):
     pipe = _lcm_pipe()
     pipe.save_pretrained(tmp_path)
     gp = GuidedPipeline.from_pretrained(str(tmp_path), progress=False)
-    assert gp.info.sampler == "consistency" and gp.embedded_guidance == 8
+    assert gp.info.sampler == "consistency" and gp.embedded_guidance == 8.5  # LatentConsistencyModelPipeline's default
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
     ref = pipe(["a red circle"] * 2, num_inference_steps=steps, guidance_scale=6.0, generator=gens,
                output_type="np").images
-    out = gp("a red circle", num_images_per_prompt=2, steps=steps, guidance_scale=6.0, seed=[3, 4],
+    out = gp("a red circle", num_images_per_prompt=2, steps=steps, embedded_guidance=6.0, seed=[3, 4],
              output_type="np")
     assert out.nfe == steps  # one forward per step: the guidance is an input of the network
     assert np.abs(out.images - ref).max() < 1e-4

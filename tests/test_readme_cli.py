@@ -19,6 +19,7 @@ def test_readme_python_example_runs(capsys):
     out = capsys.readouterr().out
     assert "torch.Size([256, 2]) NFE per sample: 40" in out
     assert "2 (16, 16) NFE per image: 24" in out
+    assert "true CFG NFE per image: 12" in out
 
 
 def test_readme_starts_with_the_two_commands():
@@ -68,6 +69,19 @@ def test_readme_generate_commands_run(tmp_path):
         assert r.returncode == 0, (line, r.stderr)
     assert sorted(os.listdir(tmp_path / "out")) == [f"{s:06d}.png" for s in range(4)]
     assert (tmp_path / "square.png").exists()
+
+
+def test_readme_family_commands_run(tmp_path):
+    """The Flux, SANA-Sprint and image-to-image commands run as written."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "--family flux" in b)
+    lines = [ln for ln in block.strip().splitlines() if ln.startswith("diffguide ")]
+    assert any("sana_sprint" in ln for ln in lines) and any("--init-image" in ln for ln in lines)
+    for line in lines:
+        r = subprocess.run([sys.executable, "-m", "diffguide", *shlex.split(line)[1:]], capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode == 0, (line, r.stderr)
+    assert {"flux.png", "flux-cfg.png", "sprint.png", "flux-edit.png"} <= set(os.listdir(tmp_path))
 
 
 def test_readme_guidance_commands_run(tmp_path):

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true")
     t = sub.add_parser("tiny-model", help="save a tiny random-weight diffusers model (offline tests)")
     t.add_argument("folder")
-    t.add_argument("--family", default="sd", help="sd, pixel_sd, sdxl, dit, pixart, sd3 or ddpm")
+    t.add_argument("--family", default="sd", help="sd, pixel_sd, sdxl, dit, pixart, sd3, ddpm, flux, qwenimage, sana or sana_sprint")
     t.add_argument("--overwrite", action="store_true")
     m = sub.add_parser("mixture", help="sample the built-in 2-D Gaussian mixture (exact reference)")
     m.add_argument("--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun")

@@ -1,5 +1,6 @@
 """Tiny random-weight diffusers pipelines built in code, with no download: SD (eps / v), SDXL, DiT,
-PixArt, SD3, a pixel-space text-to-image UNet and an unconditional DDPM UNet.
+PixArt, SD3, Flux.1 (dev-like), Qwen-Image, Sana, SANA-Sprint, a pixel-space text-to-image UNet and an
+unconditional DDPM UNet.
 
 They exist to test and benchmark pipelines offline (``diffguide tiny-model FOLDER``): each builder
 returns a diffusers pipeline; ``save_pretrained`` writes a standard folder that
