@@ -132,8 +132,11 @@ def main():
     ap.add_argument("--flux-heads", type=int, default=24, help="24 x 128 is Flux.1's width")
     ap.add_argument("--sana-blocks", type=int, default=2)
     ap.add_argument("--sana-heads", type=int, default=70, help="70 x 32 is Sana-1.6B's width")
+    ap.add_argument("--quick", action="store_true", help="narrow networks, 1 step, 1 round (CI)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.repeats, args.flux_heads, args.sana_heads, args.text_tokens = 1, 1, 2, 4, 16
     from diffguide.pipelines.pipeline import quiet_loading
     quiet_loading()
     rows, n, s = [], args.steps, args.size
