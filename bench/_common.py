@@ -55,7 +55,7 @@ def toy_setup(models, quick: bool = False):
     return evaluator.load(), pipes, list(metrics.DEFAULT_PROMPTS[:3] if quick else metrics.DEFAULT_PROMPTS)
 
 
-def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0, noise=None) -> dict:
+def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0, noise=None, guide_model=None) -> dict:
     """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown); with a
     noise optimiser also its extra NFE, backward passes and seconds per image."""
     from diffguide.evaluate import prompt_set
@@ -63,7 +63,7 @@ def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0,
 
     costs, per_image = {}, []
     images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, stitch=stitch,
-                                           noise=noise, costs=costs)
+                                           noise=noise, costs=costs, guide_model=guide_model)
     res = metrics.evaluate(images, ids, prompts, judge, per_image=per_image)
     res.pop("adherence_by_prompt")
     m = len(per_image)

@@ -11,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPTS = [
     ("guidance_methods.py", ["--quick"]),
+    ("guiders.py", ["--quick"]),
+    ("families_true_cfg.py", ["--quick"]),
     ("stitch.py", ["--quick"]),
     ("speed_quality.py", ["--quick"]),
     ("toy_eval.py", ["--quick"]),

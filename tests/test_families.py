@@ -55,11 +55,17 @@ def test_every_sampler_with_cfg(family, spec):
 def test_every_guidance(family, spec):
     name, gp = family
     hw = SIZES[name]
-    nfe = run(gp, hw, guidance=spec, sampler="euler")
+    extra = {"guide_model": gp} if spec == "autoguidance" else {}  # the model as its own guide: any will do
+    nfe = run(gp, hw, guidance=spec, sampler="euler", **extra)
     if spec == "none":
         assert nfe == STEPS
     elif spec in ("ag", "linear_ag", "tsg"):  # they skip the second branch on some steps
         assert STEPS < nfe < 2 * STEPS
+    elif spec == "slg":  # SD3.5's window, steps 1% to 20%: none of 4
+        assert nfe == STEPS
+        assert run(gp, hw, guidance="slg:stop=1", sampler="euler") == 2 * STEPS - 1  # from step 1 (0.01 n < i)
+    elif spec == "cfg_zero_star":  # the first step is zero-initialised, with no network
+        assert nfe == 2 * (STEPS - 1)
     else:
         assert nfe == 2 * STEPS
 

@@ -13,8 +13,8 @@ from ..core.registry import parse_spec, to_spec
 from ..files import atomic_text
 from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
 from ..pipelines.images import Outputs, prove_writable
-from .generate import (MAX_SEED, UsageError, add_model_arguments, add_noise_arguments, add_stitch_arguments, load_model,
-                       load_stitch, noise_spec, parse_stitch)
+from .generate import (MAX_SEED, UsageError, add_model_arguments, add_noise_arguments, add_stitch_arguments, load_guide,
+                       load_model, load_stitch, noise_spec, parse_stitch)
 
 
 def _common(p, guidance: bool = False) -> None:
@@ -90,17 +90,20 @@ def run_eval(args) -> int:
     gp, _ = load_model(args, state)
     _model_defaults(args, gp)
     stitch = load_stitch(args, gp)
+    guide = load_guide(args, gp)
     guidance, sampler = gp.resolve(guidance, args.scale, sampler)
     embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
     costs = {}
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
                                            args.steps, args.spacing, args.batch, stitch, noise, costs,
-                                           embedded_guidance=args.embedded_guidance, process_state=state)
+                                           embedded_guidance=args.embedded_guidance, process_state=state,
+                                           guide_model=guide)
     if not is_main(state):
         return 0
     records = []
     result = {"model": args.model, "guidance": to_spec(guidance), "sampler": to_spec(sampler),
               **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
+              **({"guide_model": args.guide_model} if guide else {}),
               **({"noise_optimizer": noise, **costs} if noise else {}),
               **({"embedded_guidance": embedded} if embedded is not None else {}),
               "steps": args.steps, "images_per_prompt": args.n, "prompts": len(prompts),

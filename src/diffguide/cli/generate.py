@@ -119,6 +119,9 @@ def add_stitch_arguments(p) -> None:
                         "of the steps (default 0.4)")
     p.add_argument("--stitch-reset", action="store_true",
                    help="restart the sampler's history at the switch (default: keep it)")
+    p.add_argument("--guide-model", default=None, metavar="MODEL",
+                   help="the weaker model --guidance autoguidance guides away from (folder, hub id or "
+                        "builtin-small for the built-in model)")
 
 
 def add_noise_arguments(p) -> None:
@@ -190,6 +193,19 @@ def load_stitch(args, gp):
     return Stitching(small, spec[1], reset=args.stitch_reset)  # checked against gp on each call
 
 
+def load_guide(args, gp):
+    """The GuidedPipeline for --guide-model (on the main model's device and dtype), or None."""
+    if getattr(args, "guide_model", None) is None:
+        return None
+    from ..pipelines import GuidedPipeline
+    from ..pipelines.pipeline import check_companion
+
+    guide = GuidedPipeline.from_pretrained(args.guide_model, torch_dtype=gp.family.net.dtype, device=gp.device,
+                                           progress=False)
+    check_companion(gp, guide, "guide with this model")
+    return guide
+
+
 def load_model(args, state=None):
     """(GuidedPipeline, dtype name) from --model, --device (default cuda if available; this
     process's own device when launched on several, from ``state``) and --dtype (default float16 on
@@ -213,7 +229,7 @@ def load_model(args, state=None):
 
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model", "guidance": "guidance",
             "sampler": "sampler", "steps": "steps", "spacing": "spacing", "height": "height", "width": "width",
-            "dtype": "dtype", "vae_dtype": "vae_dtype", "vae": "vae", "lora": "lora", "stitch": "stitch", "scale": "scale",
+            "dtype": "dtype", "vae_dtype": "vae_dtype", "vae": "vae", "lora": "lora", "stitch": "stitch", "guide_model": "guide_model", "scale": "scale",
             "embedded_guidance": "embedded_guidance", "init_image": "init_image", "strength": "strength",
             "noise_optimizer": None}
 
@@ -295,6 +311,7 @@ def run(args) -> int:
         raise UsageError(f"give a prompt: {type(gp.family.net).__name__} is conditioned on one")
     prompt = "" if args.prompt is None else args.prompt
     stitch = load_stitch(args, gp)
+    guide = load_guide(args, gp)
     if args.steps is None:
         args.steps = gp.default_steps
     g, s = gp.resolve(guidance, args.scale, sampler, negative=args.negative is not None)
@@ -317,6 +334,7 @@ def run(args) -> int:
             **({"init_image": os.path.abspath(args.init_image), "strength": args.strength if args.strength is not None
                 else gp.family.default_strength} if init is not None else {}),
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
+            **({"guide_model": args.guide_model} if guide else {}),
             **({"noise_optimizer": noise} if noise else {})}
     t0 = time.perf_counter()
     written, nfe = [], []
@@ -333,7 +351,8 @@ def run(args) -> int:
     for chunk in shard(batches, state):
         out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  embedded_guidance=args.embedded_guidance, spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
-                 output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength)
+                 output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength,
+                 guide_model=guide)
         for text in out.notices if not written and is_main(state) else ():
             print(f"diffguide: notice: {text}", file=sys.stderr)
         for seed, img in zip(chunk, out.images):

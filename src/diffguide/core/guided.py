@@ -31,7 +31,9 @@ class Branch:
 
     cond: str = "pos"          # key into the run's conditions ("pos", "neg", ...)
     model: str = "main"        # key into the run's models
-    perturb: Hashable = None   # an object with .apply(denoiser, noise) -> context manager, or None
+    # an object with .apply(denoiser, noise, rows) -> context manager, or None; with rowwise = True it
+    # perturbs only the rows rows (a [B] bool mask) of a forward, so it shares one with other branches
+    perturb: Hashable = None
     grad: bool = False         # evaluate under autograd
     rows: tuple | None = None  # evaluate only these samples of the batch (None: all)
 
@@ -43,6 +45,9 @@ class Point:
 
     t: torch.Tensor
     schedule: Schedule
+    step: int | None = None   # the sampler's step index and step count, where a sampler reports them
+    steps: int | None = None
+    kind: str | None = None   # the main network's output kind (eps, v, flow, x0), where known
 
     @cached_property
     def _scalar(self):
@@ -84,6 +89,9 @@ class Guidance:
 
     def init_state(self) -> Any:
         return None
+
+    def check(self, models: Mapping[str, Any]) -> None:
+        """Refuse, before sampling, models this method cannot act on (e.g. layers it cannot find)."""
 
     def conditions(self, pt: Point, conds: Mapping[str, Any], x: torch.Tensor, noise) -> dict:
         """Extra conditions for this evaluation (not cached between evaluations); ``noise`` is the
@@ -173,7 +181,10 @@ class GuidedDenoiser:
         self.models, self.guidance, self.conds = dict(models), guidance, dict(conds)
         self.threshold, self.max_batch = threshold, max_batch
         self.schedule: Schedule = self.models["main"].schedule
+        main = self.models["main"]
+        self._kind = getattr(main, "kind", None) or getattr(getattr(main, "inner", None), "kind", None)
         self.stitch = stitch
+        guidance.check(self.models)
         if stitch is not None:
             from .stitch import check_same_schedule
 
@@ -190,9 +201,11 @@ class GuidedDenoiser:
         self.noise = noise
         self._batched = {}  # concatenated conditions per (branch conds, batch): fixed within a run
         self._main = "main"  # the model that "main" branches run on (T-Stitch swaps it)
+        self._step = (None, None)
 
     def begin_step(self, st) -> bool:
         """Called by ``sample`` before each step; True when this step switches models (T-Stitch)."""
+        self._step = (st.i, st.n)
         if self.stitch is None:
             return False
         main = self.stitch.model if self.stitch.uses_small(st.i, st.n) else "main"
@@ -201,7 +214,7 @@ class GuidedDenoiser:
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
-        pt = Point(t, self.schedule)
+        pt = Point(t, self.schedule, *self._step, self._kind)
         extra = self.guidance.conditions(pt, self.conds, x, self.noise)
         preds = self.evaluate(x, t, self.guidance.branches(pt, self.state), extra)
         pred, self.state = self.guidance.combine(x, pt, preds, self.state)
@@ -228,7 +241,8 @@ class GuidedDenoiser:
             if br.cond not in conds and f"{br.cond}@{br.model}" not in conds:
                 raise ValueError(f"{type(self.guidance).__name__} needs condition {br.cond!r}; this "
                                  f"run has: {', '.join(conds) or 'none'} (pass uncond= for 'neg')")
-            groups.setdefault((br.model, br.perturb, br.grad), []).append(br)
+            alone = br.perturb if not getattr(br.perturb, "rowwise", False) else None
+            groups.setdefault((br.model, alone, br.grad), []).append(br)
         out: dict[Branch, Pred] = {}
         b = x.shape[0]
         for (model, perturb, grad), brs in groups.items():
@@ -245,10 +259,10 @@ class GuidedDenoiser:
             xs = [x if br.rows is None else x[list(br.rows)] for br in brs]
             ts = [t if t.ndim == 0 or br.rows is None else t[list(br.rows)] for br in brs]
             if together:
-                preds = self._forward(model, perturb, grad, xs, ts, cond)
+                preds = self._forward(model, grad, xs, ts, cond, [br.perturb for br in brs])
             else:
-                preds = [self._forward(model, perturb, grad, [xi], [ti], c)[0]
-                         for xi, ti, c in zip(xs, ts, cond)]
+                preds = [self._forward(model, grad, [xi], [ti], c, [br.perturb])[0]
+                         for xi, ti, c, br in zip(xs, ts, cond, brs)]
             if extra and any(br.cond in extra for br in brs):  # drawn afresh next time
                 del self._batched[key]
             out.update(zip(brs, preds))
@@ -257,19 +271,32 @@ class GuidedDenoiser:
             self.nfe = int(self.nfe)
         return {name: out[br] for name, br in branches.items()}
 
-    def _forward(self, model, perturb, grad, xs: list, ts: list, cond) -> list[Pred]:
-        """One batched pass over the branches' inputs (in max_batch chunks); a Pred per branch."""
+    def _forward(self, model, grad, xs: list, ts: list, cond, perturbs: list) -> list[Pred]:
+        """One batched pass over the branches' inputs (in max_batch chunks); a Pred per branch.
+        ``perturbs`` holds each branch's perturbation (None: none); rowwise ones act on their rows."""
         net = self.models[model]
         sizes = [xi.shape[0] for xi in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         t = ts[0] if len(ts) == 1 or ts[0].ndim == 0 else torch.cat(ts)
         step = x.shape[0] if self.max_batch is None else self.max_batch
-        ctx = perturb.apply(net, self.noise) if perturb is not None else contextlib.nullcontext()
+        masks, whole = {}, contextlib.ExitStack()
+        for p in dict.fromkeys(perturbs):
+            if p is None:
+                continue
+            if not getattr(p, "rowwise", False):  # then it is this group's only branch
+                whole.enter_context(p.apply(net, self.noise))
+                continue
+            masks[p] = torch.cat([torch.full((n,), q == p, dtype=torch.bool, device=x.device)
+                                  for n, q in zip(sizes, perturbs)])
         chunks = []
-        with ctx, torch.set_grad_enabled(grad or torch.is_grad_enabled()):
+        with whole, torch.set_grad_enabled(grad or torch.is_grad_enabled()):
             for i in range(0, x.shape[0], step):
                 sl = slice(i, i + step)
-                pred = net(x[sl], t if t.ndim == 0 else t[sl], _rows(cond, sl))
+                with contextlib.ExitStack() as stack:
+                    for p, mask in masks.items():
+                        if mask[sl].any():
+                            stack.enter_context(p.apply(net, self.noise, mask[sl]))
+                    pred = net(x[sl], t if t.ndim == 0 else t[sl], _rows(cond, sl))
                 if not isinstance(pred, Pred):
                     raise ValueError(f"model {model!r} returned {type(pred).__name__}, not a Pred")
                 chunks.append(pred)

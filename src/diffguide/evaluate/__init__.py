@@ -17,13 +17,14 @@ def prompt_seeds(seed: int, k: int, n: int) -> list[int]:
 
 
 def generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None, stitch=None,
-             noise=None, embedded_guidance=None) -> tuple[np.ndarray, dict]:
+             noise=None, embedded_guidance=None, guide_model=None) -> tuple[np.ndarray, dict]:
     """One batch: images [len(seeds), H, W, 3] in [0, 1] for one prompt and what they cost per image
     (NFE of sampling; a noise optimiser's NFE, backward passes and seconds). ``embedded_guidance``:
-    the value of the model's own guidance input (Flux.1-dev, LCM students), default the model's."""
+    the value of the model's own guidance input (Flux.1-dev, LCM students), default the model's;
+    ``guide_model``: AutoGuidance's weaker model."""
     res = gp(prompt, guidance=guidance, sampler=sampler, steps=steps, spacing=spacing,
              num_images_per_prompt=len(seeds), seed=list(seeds), output_type="np", progress=False,
-             stitch=stitch, noise_optimizer=noise, embedded_guidance=embedded_guidance)
+             stitch=stitch, noise_optimizer=noise, embedded_guidance=embedded_guidance, guide_model=guide_model)
     cost = {"nfe": float(res.nfe)}
     if res.noise:
         cost.update(noise_nfe=float(res.noise["nfe"]), noise_backward=float(res.noise["backward"]),
@@ -34,7 +35,7 @@ def generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacin
 def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
                spacing=None, batch: int = 32, stitch=None, noise=None,
                costs: dict | None = None, embedded_guidance=None,
-               process_state=None) -> tuple[np.ndarray, np.ndarray, float, float]:
+               process_state=None, guide_model=None) -> tuple[np.ndarray, np.ndarray, float, float]:
     """n images per prompt (seeds from ``prompt_seeds``): images, prompt index per image, NFE per
     image (the mean over every image) and wall seconds per image. ``costs``, if given, gets a noise
     optimiser's extra NFE, backward passes and seconds per image.
@@ -46,7 +47,7 @@ def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, ste
              for s in [prompt_seeds(seed, k, n)] for chunk in (s[i:i + batch] for i in range(0, n, batch))]
     t0 = time.perf_counter()
     mine = [(k, chunk, *generate(gp, prompts[k], chunk, guidance, sampler, steps, spacing, stitch, noise,
-                                 embedded_guidance))
+                                 embedded_guidance, guide_model))
             for k, chunk in shard(units, process_state)]
     done = gather(mine, process_state)
     barrier(process_state)

@@ -7,3 +7,10 @@ from .icg import ICG
 from .tsg import TSG, TimeEmbeddingNoise
 from .compose import Modulated, Sum
 from .linear_ag import LinearAG
+from .pag import PAG
+from .seg import SEG
+from .slg import SLG
+from .cfg_zero_star import CFGZeroStar
+from .tcfg import TCFG
+from .fdg import FDG
+from .autoguidance import AutoGuidance

@@ -46,6 +46,23 @@ def check_shaping(g) -> None:
         raise ValueError(f"need 0 <= sigma_lo <= sigma_hi, got {g.sigma_lo!r}, {g.sigma_hi!r}")
 
 
+OUTPUT_SPACES = ("auto", "eps", "x0", "v", "flow")
+
+
+def output_space(space: str, pt: Point) -> str:
+    """``auto``: the main network's own output kind (eps, v, flow; x0 for x0 models), as diffusers'
+    guiders see the raw output; eps where the kind is unknown."""
+    if space != "auto":
+        return space
+    kind = pt.kind or "eps"
+    return "x0" if kind == "sample" else kind
+
+
+def check_space(space: str) -> None:
+    if space not in OUTPUT_SPACES:
+        raise ValueError(f"unknown space {space!r}; choose one of: {', '.join(OUTPUT_SPACES)}")
+
+
 def rescaled(x, pt: Point, c: Pred, guided: Pred, phi: float, space: str) -> Pred:
     """Lin et al. 2023, Sec. 3.4: mix in guided rescaled to c's per-sample std, in ``space``."""
     pc, pg = c.output(space, pt.a, pt.s), guided.output(space, pt.a, pt.s)

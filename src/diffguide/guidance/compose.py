@@ -52,6 +52,9 @@ class Modulated(Guidance):
     def init_state(self):
         return self.inner.init_state()
 
+    def check(self, models):
+        self.inner.check(models)
+
     def prompt_sets(self):
         return self.inner.prompt_sets()
 
@@ -98,6 +101,10 @@ class Sum(Guidance):
 
     def init_state(self):
         return tuple(p.init_state() for p in self.parts)
+
+    def check(self, models):
+        for p in self.parts:
+            p.check(models)
 
     def prompt_sets(self):
         out = {}

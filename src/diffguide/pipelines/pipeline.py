@@ -66,19 +66,24 @@ class Stitching:
             object.__setattr__(self, "small", GuidedPipeline.from_pretrained(self.small, progress=False))
 
     def check(self, large: "GuidedPipeline") -> None:
-        """Refuse a small model that does not share the large one's latent space and schedule."""
-        a, b = large.family, self.small.family
-        if (a.channels, a.factor) != (b.channels, b.factor):
-            raise ValueError(f"cannot stitch: latent spaces differ ({a.channels} channels at 1/{a.factor} "
-                             f"scale vs {b.channels} at 1/{b.factor})")
-        va, vb = getattr(large.pipe, "vae", None), getattr(self.small.pipe, "vae", None)
-        keys = ("latent_channels", "scaling_factor", "shift_factor", "latents_mean", "latents_std")
-        if (va is None) != (vb is None) or (va is not None and any(
-                va.config.get(k) != vb.config.get(k) for k in keys)):
-            raise ValueError("cannot stitch: the models' VAEs (latent spaces) differ")
-        if a.conditional != b.conditional:
-            raise ValueError("cannot stitch a conditional model with an unconditional one")
-        check_same_schedule(large.denoiser, self.small.denoiser)
+        check_companion(large, self.small, "stitch")
+
+
+def check_companion(large: "GuidedPipeline", small: "GuidedPipeline", what: str) -> None:
+    """Refuse a second model (T-Stitch's small one, AutoGuidance's guide) that does not share the
+    main one's latent space and schedule."""
+    a, b = large.family, small.family
+    if (a.channels, a.factor) != (b.channels, b.factor):
+        raise ValueError(f"cannot {what}: latent spaces differ ({a.channels} channels at 1/{a.factor} "
+                         f"scale vs {b.channels} at 1/{b.factor})")
+    va, vb = getattr(large.pipe, "vae", None), getattr(small.pipe, "vae", None)
+    keys = ("latent_channels", "scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    if (va is None) != (vb is None) or (va is not None and any(
+            va.config.get(k) != vb.config.get(k) for k in keys)):
+        raise ValueError(f"cannot {what}: the models' VAEs (latent spaces) differ")
+    if a.conditional != b.conditional:
+        raise ValueError(f"cannot {what} a conditional model with an unconditional one")
+    check_same_schedule(large.denoiser, small.denoiser)
 
 
 class PromptTruncated(UserWarning):
@@ -401,7 +406,7 @@ class GuidedPipeline:
                  callback_on_step_end_tensor_inputs=("latents",), eta: float | None = None,
                  guidance_rescale: float = 0.0, cross_attention_kwargs: dict | None = None,
                  clip_skip: int | None = None, return_dict: bool = True, embedded_guidance: float | None = None,
-                 image=None, strength: float | None = None):
+                 image=None, strength: float | None = None, guide_model=None):
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -441,6 +446,9 @@ class GuidedPipeline:
         every output, one per prompt or one per output) is encoded, noised to the level ``strength``
         selects on the sampler's grid (1: pure noise; default the family's img2img pipeline's) and
         sampled from there, as diffusers' img2img pipelines do; its size is the default size.
+        guide_model: the weaker model AutoGuidance (``guidance="autoguidance"``) guides away from
+        (a GuidedPipeline, folder, hub id or 'builtin-small'); it must share this model's latent
+        space and schedule, and encodes the prompts with its own text encoder.
         """
         if process_state is not None:
             if latents is not None or prompt_embeds is not None:
@@ -530,6 +538,15 @@ class GuidedPipeline:
                 raise ValueError("stitch encodes the prompt with the small model's own encoder: give prompt, "
                                  "not prompt_embeds")
             stitch.check(self)
+        if guide_model is not None:
+            if isinstance(guide_model, str):
+                guide_model = GuidedPipeline.from_pretrained(guide_model, torch_dtype=self.family.net.dtype,
+                                                             device=self.device, progress=False)
+            if not isinstance(guide_model, GuidedPipeline):
+                raise ValueError(f"guide_model must be a GuidedPipeline, folder or hub id, got {type(guide_model).__name__}")
+            if prompt_embeds is not None:
+                raise ValueError("guide_model encodes the prompt with its own encoder: give prompt, not prompt_embeds")
+            check_companion(self, guide_model, "guide with this model")
         noise, seeds = self._noise(b, seed, generator)
         with ENCODE_LOCK:  # it tokenises: one thread at a time (see ENCODE_LOCK)
             notice = self.family.notice(prompts) if prompt_embeds is None else None
@@ -574,15 +591,20 @@ class GuidedPipeline:
                 with ENCODE_LOCK:
                     pool, _ = fam.encode(texts, [""] * len(texts), 1, device, negative=False)
                 extra_conds[name] = embed(fam.extra(pool, h, w), len(texts))
-            if stitch is not None:
-                small = stitch.small
-                models["small"] = small.denoiser
-                if fam.conditional:  # the small model reads its own encoding of the prompts
+            for key, other in (("small", stitch.small if stitch is not None else None), ("guide", guide_model)):
+                if other is None:
+                    continue
+                models[key] = other.denoiser
+                if fam.conditional:  # a second model reads its own encoding of the prompts
                     with ENCODE_LOCK:
-                        sp, sn = small.family.encode(prompts, negs_text, num_images_per_prompt, small.device,
+                        sp, sn = other.family.encode(prompts, negs_text, num_images_per_prompt, other.device,
                                                      negative="neg" in needed)
-                    extra_conds = {"pos@small": small.family.extra(sp, h, w),
-                                   "neg@small": small.family.extra(sn, h, w) if sn is not None else None}
+                    value = other.embedded_guidance if embedded is None else embedded
+
+                    def own(cond, rows, ofam=other.family, value=value):  # its own guidance input too
+                        cond = ofam.extra(cond, h, w)
+                        return ofam.embed_guidance(cond, value, rows) if value is not None else cond
+                    extra_conds.update({f"pos@{key}": own(sp, b), f"neg@{key}": own(sn, b) if sn is not None else None})
             t_encode = time.perf_counter()
 
             # -- sampling
@@ -751,9 +773,9 @@ class GuidedPipeline:
         compares with one."""
         from ..core.guided import Point
 
-        state, out = g.init_state(), set()
-        for t in ts[:-1]:
-            out |= {br.cond for br in g.branches(Point(t, info.schedule), state).values()}
+        state, out, n = g.init_state(), set(), ts.numel() - 1
+        for i, t in enumerate(ts[:-1]):
+            out |= {br.cond for br in g.branches(Point(t, info.schedule, i, n), state).values()}
         return out
 
     def _share(self, state, prompt, negative_prompt, n: int, seed, generator, kw: dict) -> GuidedOutput:

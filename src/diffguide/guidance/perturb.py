@@ -1,0 +1,332 @@
+"""Branch perturbations inside the network: identity self-attention (PAG), blurred queries (SEG),
+skipped blocks (SLG). Each acts on chosen rows of a forward pass only, so a perturbed branch runs
+in the same batched forward as the plain ones (``rowwise``).
+
+They work through forward hooks on diffusers modules found by duck typing (``to_q``/``to_v``/
+``to_out`` attention modules, ``transformer_blocks`` lists), so UNets and the transformer families
+share them. Hooks are installed on entry and removed on exit, reference-counted across threads;
+a hook only acts for the thread (and forward) that entered the perturbation, so a concurrent plain
+forward of the same network in another thread is unaffected.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..core.guided import Branch, Guidance, Point
+
+_LOCK = threading.Lock()
+_INSTALLED: dict = {}  # (id(module), kind) -> [handle, users]
+_LOCAL = threading.local()
+
+
+def _active(module, kind):
+    """The rows mask this thread applies to ``module`` for ``kind``, or None."""
+    return getattr(_LOCAL, "acts", {}).get((id(module), kind))
+
+
+@contextlib.contextmanager
+def _hooked(targets, kind, install, rows):
+    """Install ``install(module)`` (returns a hook handle) once per module across threads, and mark
+    ``rows`` active for these modules in this thread."""
+    acts = _LOCAL.__dict__.setdefault("acts", {})
+    keys = [(id(m), kind) for m in targets]
+    with _LOCK:
+        for m, key in zip(targets, keys):
+            if key not in _INSTALLED:
+                _INSTALLED[key] = [install(m), 0]
+            _INSTALLED[key][1] += 1
+    saved = {k: acts.get(k) for k in keys}
+    for k in keys:  # two perturbations of one kind on a layer (e.g. two PAG terms): the union
+        acts[k] = rows if saved[k] is None else rows | saved[k]
+    try:
+        yield
+    finally:
+        for k in keys:
+            if saved[k] is None:
+                acts.pop(k, None)
+            else:
+                acts[k] = saved[k]
+        with _LOCK:
+            for key in keys:
+                entry = _INSTALLED[key]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    entry[0].remove()
+                    del _INSTALLED[key]
+
+
+def _module(denoiser, method: str) -> torch.nn.Module:
+    module = getattr(denoiser, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"{method} needs a denoiser with .module (the network) to hook its layers; "
+                         "NetDenoiser(..., module=net) or a GuidedPipeline provides it")
+    return module
+
+
+def _is_self_attention(m) -> bool:
+    return (hasattr(m, "to_q") and hasattr(m, "to_v") and hasattr(m, "processor")
+            and not getattr(m, "is_cross_attention", False))
+
+
+def _items(layers: str) -> list[str]:
+    return [s for s in re.split(r"[;\s]+", layers.strip()) if s]
+
+
+def _pattern(item: str) -> str:
+    """An integer names a block of the network's ``transformer_blocks``; anything else is a regular
+    expression searched in module names (diffusers' pag_applied_layers)."""
+    return rf"(^|\.)transformer_blocks\.{item}\." if item.isdigit() else item
+
+
+def self_attention_layers(module, layers: str, method: str) -> list:
+    """Self-attention modules matching ``layers`` as diffusers' PAG pipelines match
+    pag_applied_layers (a regular expression searched in the module's name, except a bare number
+    that equals the name's last part)."""
+    found = []
+    for item in _items(layers):
+        pat, hits = _pattern(item), []
+        for name, m in module.named_modules():
+            last, pl = name.rsplit(".", 1)[-1], pat.rsplit(".", 1)[-1]
+            fake = last.isnumeric() and pl.isnumeric() and last == pl
+            if _is_self_attention(m) and re.search(pat, name) and not fake:
+                hits.append(m)
+        if not hits:
+            names = [n for n, m in module.named_modules() if _is_self_attention(m)]
+            raise ValueError(f"{method} layer {item!r} matches no self-attention layer of {type(module).__name__}; "
+                             f"its self-attention layers are: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+        found += [m for m in hits if m not in found]
+    return found
+
+
+def blocks(module, layers: str, method: str) -> list:
+    """Transformer blocks: an integer i is ``transformer_blocks.i``; other items are regular
+    expressions searched in the names of the blocks (``...transformer_blocks.N``, also Flux's
+    ``single_transformer_blocks.N``)."""
+    named = [(n, m) for n, m in module.named_modules() if re.search(r"transformer_blocks\.\d+$", n)]
+    found = []
+    for item in _items(layers):
+        if item.isdigit():
+            hits = [m for n, m in named if n == f"transformer_blocks.{item}"]
+        else:
+            hits = [m for n, m in named if re.search(item, n)]
+        if not hits:
+            top = sum(1 for n, _ in named if re.fullmatch(r"transformer_blocks\.\d+", n))
+            raise ValueError(f"{method} layer {item!r} matches no transformer block of {type(module).__name__} "
+                             f"({top} in transformer_blocks; names such as {named[0][0] if named else 'none'})")
+        found += [m for m in hits if m not in found]
+    return found
+
+
+def default_layers(module) -> str:
+    """'mid' on a UNet (the PAG and SEG papers' choice for SD), else the middle transformer block."""
+    if hasattr(module, "mid_block"):
+        return "mid"
+    n = sum(1 for name, _ in module.named_modules() if re.fullmatch(r"transformer_blocks\.\d+", name))
+    return str(n // 2)
+
+
+def _where(rows, a, b):
+    """Rows of a where rows is set, else b (batch first)."""
+    return torch.where(rows.view(-1, *([1] * (a.ndim - 1))), a, b)
+
+
+def _split_inputs(args, kwargs):
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return h, e
+
+
+@dataclass(frozen=True)
+class IdentityAttention:
+    """PAG's perturbation (Ahn et al. 2024): the chosen self-attention layers output their value
+    projection (the attention map replaced by the identity), as diffusers' PAG processors do; with
+    joint attention (SD3, Flux, Qwen-Image) both streams' values."""
+
+    layers: str = "auto"
+    rowwise = True
+
+    def targets(self, denoiser) -> list:
+        net = _module(denoiser, "PAG")
+        return self_attention_layers(net, default_layers(net) if self.layers == "auto" else self.layers, "PAG")
+
+    def apply(self, denoiser, noise, rows):
+        return _hooked(self.targets(denoiser), "pag",
+                       lambda m: m.register_forward_hook(_identity_hook, with_kwargs=True), rows)
+
+
+def _identity_hook(attn, args, kwargs, out):
+    rows = _active(attn, "pag")
+    if rows is None:
+        return None
+    h, e = _split_inputs(args, kwargs)
+    ident = _value_path(attn, h)
+    if isinstance(out, tuple):  # joint attention: (image stream, text stream)
+        enc = out[1]
+        if e is not None and enc is not None and hasattr(attn, "add_v_proj"):
+            ev = attn.add_v_proj(e).to(enc.dtype)
+            to_add = getattr(attn, "to_add_out", None)
+            if to_add is not None and not getattr(attn, "context_pre_only", False):
+                ev = to_add(ev)
+            enc = _where(rows, ev, enc)
+        return (_where(rows, ident.to(out[0].dtype), out[0]), enc, *out[2:])
+    return _where(rows, ident.to(out.dtype), out)
+
+
+def _value_path(attn, h):
+    """to_out(to_v(h)) with the processor's input and output handling (4-D inputs, group norm,
+    residual connection, output rescaling)."""
+    residual = h
+    four_d = h.ndim == 4
+    if four_d:
+        b, c, hh, ww = h.shape
+        h = h.view(b, c, hh * ww).transpose(1, 2)
+    if getattr(attn, "group_norm", None) is not None:
+        h = attn.group_norm(h.transpose(1, 2)).transpose(1, 2)
+    v = attn.to_v(h)
+    out = getattr(attn, "to_out", None)
+    if out is not None:
+        v = out[0](v)
+        if len(out) > 1:
+            v = out[1](v)
+    if four_d:
+        v = v.transpose(-1, -2).reshape(b, c, hh, ww)
+    if getattr(attn, "residual_connection", False):
+        v = v + residual
+    return v / getattr(attn, "rescale_output_factor", 1.0)
+
+
+@dataclass(frozen=True)
+class BlurredQuery:
+    """SEG's perturbation (Hong 2024): the chosen self-attention layers' queries blurred over the
+    token grid by a Gaussian of std ``sigma`` tokens (kernel ceil(6 sigma) + 1 made odd, capped at
+    the grid, reflect padding), as the authors' code does; sigma above ``inf_threshold`` replaces
+    every query by their mean (the limit of infinite blur)."""
+
+    layers: str = "auto"
+    sigma: float = 100.0
+    inf_threshold: float = 9999.0
+    rowwise = True
+
+    def targets(self, denoiser) -> list:
+        net = _module(denoiser, "SEG")
+        layers = default_layers(net) if self.layers == "auto" else self.layers
+        return [m.to_q for m in self_attention_layers(net, layers, "SEG")]
+
+    def apply(self, denoiser, noise, rows):
+        hook = self._hook
+        return _hooked(self.targets(denoiser), ("seg", self.sigma, self.inf_threshold),
+                       lambda q: q.register_forward_hook(hook), rows)
+
+    def _hook(self, proj, args, out):
+        rows = _active(proj, ("seg", self.sigma, self.inf_threshold))
+        if rows is None:
+            return None
+        return _where(rows, blur_tokens(out, self.sigma, self.inf_threshold), out)
+
+
+def blur_tokens(q: torch.Tensor, sigma: float, inf_threshold: float = 9999.0) -> torch.Tensor:
+    """Gaussian blur of (B, N, C) tokens on their square grid (SEG, eq. 9 and the authors' code)."""
+    b, n, c = q.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"SEG blurs queries on a square token grid; this layer has {n} tokens "
+                         "(use a square image, or choose other layers)")
+    grid = q.transpose(1, 2).reshape(b, c, side, side)
+    if sigma > inf_threshold:
+        grid = grid.mean(dim=(-2, -1), keepdim=True).expand_as(grid)
+    else:
+        k = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+        k = min(k, side - (side % 2 - 1))
+        x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
+        pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+        k1 = (pdf / pdf.sum()).to(device=q.device, dtype=q.dtype)
+        kernel = (k1[:, None] * k1[None, :]).expand(c, 1, k, k)
+        grid = F.conv2d(F.pad(grid, [k // 2] * 4, mode="reflect"), kernel, groups=c)
+    return grid.reshape(b, c, n).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class SkipBlocks:
+    """SLG's perturbation (Stability AI, SD3.5): the chosen transformer blocks pass their inputs
+    through unchanged, as StableDiffusion3Pipeline's skip_layers does."""
+
+    layers: str = "auto"
+    rowwise = True
+
+    def targets(self, denoiser) -> list:
+        net = _module(denoiser, "SLG")
+        layers = self.layers
+        if layers == "auto":
+            n = sum(1 for name, _ in net.named_modules() if re.fullmatch(r"transformer_blocks\.\d+", name))
+            layers = "7;8;9" if n >= 10 else default_layers(net)
+            layers = "mid_block" if layers == "mid" else layers
+        return blocks(net, layers, "SLG")
+
+    def apply(self, denoiser, noise, rows):
+        return _hooked(self.targets(denoiser), "slg",
+                       lambda m: m.register_forward_hook(_skip_hook, with_kwargs=True), rows)
+
+
+def _skip_hook(block, args, kwargs, out):
+    rows = _active(block, "slg")
+    if rows is None:
+        return None
+    h, e = _split_inputs(args, kwargs)
+    if isinstance(out, tuple):  # diffusers' dual-stream blocks return (text stream, image stream)
+        enc, hid = out[0], out[1]
+        enc = enc if enc is None or e is None else _where(rows, e.to(enc.dtype), enc)
+        return (enc, _where(rows, h.to(hid.dtype), hid), *out[2:])
+    return _where(rows, h.to(out.dtype), out)
+
+
+def in_window(pt: Point, start: float, stop: float) -> bool:
+    """Step i of n is inside when start n < i < stop n (StableDiffusion3Pipeline's rule for SLG),
+    from the first step when start is 0; always inside where the sampler reports no steps."""
+    if pt.step is None:
+        return True
+    i, n = pt.step, pt.steps
+    return (start == 0 or i > start * n) and i < stop * n
+
+
+@dataclass(frozen=True)
+class PerturbedGuidance(Guidance):
+    """C + scale (C - P), P the conditional prediction under a perturbation of the network (PAG,
+    SEG, SLG, as in their papers and diffusers' pipelines); only C is evaluated outside the step
+    window [start, stop] (fractions of the steps) and at scale 0. Composed with CFG by ``+`` it is
+    U + g (C - U) + scale (C - P) with C shared, and P runs in the same forward as C and U."""
+
+    scale: float = 3.0
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        if not 0 <= self.start <= self.stop <= 1:
+            raise ValueError(f"need 0 <= start <= stop <= 1 (fractions of the steps), got {self.start!r}, {self.stop!r}")
+
+    def perturbation(self):
+        raise NotImplementedError
+
+    def check(self, models) -> None:
+        """Find the layers now, so that a bad name fails before sampling, not at the first step
+        inside the window."""
+        self.perturbation().targets(models["main"])
+
+    def branches(self, pt: Point, state=None):
+        if self.scale == 0 or not in_window(pt, self.start, self.stop):
+            return {"c": Branch("pos")}
+        return {"c": Branch("pos"), "p": Branch("pos", perturb=self.perturbation())}
+
+    def combine(self, x, pt, preds, state):
+        c = preds["c"]
+        if "p" not in preds:
+            return c, state
+        return c + self.scale * (c - preds["p"]), state
