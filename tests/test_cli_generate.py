@@ -154,3 +154,29 @@ def test_init_image_round_trip(model, tmp_path, capsys):
     code, _, err = run(capsys, "--from-png", str(out), "-o", str(tmp_path / "again.png"), "--quiet")
     assert code == 0 and np.array_equal(pixels(tmp_path / "again.png"), pixels(out)), err
     assert torch.is_tensor(gp.prepare_image(Image.open(init))[0])
+
+
+def test_autoguidance_and_perturbed_guiders_from_the_command_line(tmp_path, capsys):
+    """--guide-model feeds autoguidance, is recorded and re-made by --from-png; PAG and SEG compose
+    with CFG by +; without a guide model, one line and exit status 2."""
+    from diffguide.pipelines import GuidedPipeline
+
+    out = tmp_path / "ag.png"
+    code, _, err = run(capsys, "a red circle", "--guidance", "cfg+autoguidance:scale=2", "--guide-model",
+                       "builtin-small", "--steps", "5", "--seed", "2", "-o", str(out), "--quiet")
+    assert code == 0, err
+    meta = json.loads(Image.open(out).text["diffguide"])
+    assert meta["guide_model"] == "builtin-small"
+    gp = GuidedPipeline.from_pretrained("builtin", progress=False)
+    ref = gp("a red circle", guidance="cfg+autoguidance:scale=2", guide_model="builtin-small", steps=5, seed=2,
+             output_type="np").images[0]
+    assert np.abs(pixels(out) - np.round(ref * 255)).max() <= 1
+    code, _, err = run(capsys, "--from-png", str(out), "-o", str(tmp_path / "again.png"), "--quiet")
+    assert code == 0 and np.array_equal(pixels(tmp_path / "again.png"), pixels(out)), err
+    code, _, err = run(capsys, "a red circle", "--guidance", "cfg:scale=5+pag:scale=2+seg:sigma=inf", "--steps", "3",
+                       "-o", str(tmp_path / "pag.png"), "--quiet")
+    assert code == 0, err
+    code, _, err = run(capsys, "a red circle", "--guidance", "autoguidance", "--steps", "3",
+                       "-o", str(tmp_path / "none.png"), "--quiet")
+    assert code == 2 and "--guide-model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none.png").exists()

@@ -39,6 +39,22 @@ def _ours(folder, **kw):
     return gp(P, seed=[0, 1], output_type="np", **kw)
 
 
+def test_pag_on_a_v_model_with_a_schedule(tmp_path):
+    """PAG under @ (a weight schedule) on a v-prediction model equals diffusers' PAG pipeline with
+    the same constant weight, and the linear schedule changes it."""
+    import diffusers
+
+    from diffguide.pipelines import tiny
+
+    tiny.sd(prediction_type="v_prediction").save_pretrained(tmp_path)
+    pipe = diffusers.StableDiffusionPAGPipeline.from_pretrained(tmp_path, pag_applied_layers=["mid"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(P, num_inference_steps=6, guidance_scale=5.0, pag_scale=3.0, generator=_gens(), output_type="np").images
+    const = _ours(str(tmp_path), guidance="cfg+pag:scale=3@weight_schedule=constant", steps=6, sampler="dpmpp_2m")
+    linear = _ours(str(tmp_path), guidance="cfg+pag:scale=3@weight_schedule=linear", steps=6, sampler="dpmpp_2m")
+    assert np.abs(const.images - ref).max() < 1e-5 < np.abs(linear.images - ref).max()
+
+
 @pytest.mark.parametrize("fam,cls,cfg", [("sd", "StableDiffusionPAGPipeline", 7.5),
                                          ("sd", "StableDiffusionPAGPipeline", 1.0),
                                          ("sdxl", "StableDiffusionXLPAGPipeline", 5.0),

@@ -7,7 +7,8 @@ from .generate import UsageError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("method", help="consistency or dmd2")
+    p.add_argument("method", help="consistency, dmd2 or ict (improved consistency training from the data, "
+                                  "no teacher)")
     p.add_argument("--teacher", default="builtin", help="diffusers folder or hub id (default: built-in)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.jsonl, val/, student/")
     p.add_argument("--guidance", default="cfg", help="the teacher's guidance spec (DMD2: the real score's); "
@@ -28,6 +29,10 @@ def add_arguments(p) -> None:
     p.add_argument("--fake-ratio", type=int, default=5, help="dmd2: fake-score updates per generator update")
     p.add_argument("--fake-lr", type=float, default=None, help="dmd2: default --lr")
     p.add_argument("--gan", action="store_true", help="dmd2: add the GAN head against the data")
+    p.add_argument("--init", default="teacher", choices=("teacher", "random"),
+                   help="ict: start from --teacher's weights (default) or from random ones (the paper's)")
+    p.add_argument("--ict-total", type=int, default=0,
+                   help="ict: the discretisation curriculum's length in steps (default: --max-steps)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -51,11 +56,12 @@ def run(args) -> int:
         lo, hi = (float(v) for v in args.scale_range.split(","))
     except ValueError:
         raise UsageError(f"--scale-range must be two numbers LO,HI, got {args.scale_range!r}") from None
-    lr = args.lr if args.lr is not None else (1e-4 if args.method == "consistency" else 1e-5)
+    lr = args.lr if args.lr is not None else (1e-5 if args.method == "dmd2" else 1e-4)
     cfg = DistillConfig(out=args.out, method=args.method, teacher=args.teacher, guidance=args.guidance,
                         student_steps=args.student_steps, max_steps=args.max_steps, batch=args.batch, lr=lr,
                         ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip, scale_min=lo, scale_max=hi,
-                        fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan,
+                        fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan, init=args.init,
+                        ict_total=args.ict_total,
                         grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
                         gradient_checkpointing=args.gradient_checkpointing,
                         checkpoint_every=args.checkpoint_every, log_every=args.log_every,

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="pick a guidance method's options for a model from probe runs (ag, apg, linear_ag)"))
     bench.add_arguments(sub.add_parser("bench", help="run the CPU performance suite and print a summary"))
     distill.add_arguments(sub.add_parser(
-        "distill", help="distil a guided teacher into a 1-8 step student (consistency or dmd2)"))
+        "distill", help="distil a guided teacher into a 1-8 step student (consistency or dmd2), or train a "
+                        "consistency model from data (ict)"))
     tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
     tr.add_argument("out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)")
     tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")

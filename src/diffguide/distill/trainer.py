@@ -1,4 +1,5 @@
-"""One distillation trainer on accelerate for both methods (consistency distillation, DMD2).
+"""One distillation trainer on accelerate for every method (consistency distillation, DMD2, and
+improved consistency training from data, iCT).
 
 Every micro-batch draws its randomness from a generator seeded by (seed, step, micro-batch) and its
 examples from a fixed per-epoch permutation, so a run resumed from a checkpoint repeats exactly the
@@ -27,8 +28,10 @@ from ..files import atomic_text, atomic_write
 from . import checkpoint
 from .consistency import ConsistencyLoss, student_unet
 from .dmd2 import DMD2Loss, GANHead, conditioning_times
+from .ict import ICTLoss
 
-METHODS = ("consistency", "dmd2")
+METHODS = ("consistency", "dmd2", "ict")
+ICT_STEPS = 50  # the exported iCT student's LCMScheduler original_inference_steps (diffusers' default)
 EMBED_DIM = 256          # LCM's guidance-scale embedding width
 TIMESTEP_SCALING = 10.0  # LCMScheduler's boundary constant, used in training and written to the folder
 
@@ -61,6 +64,14 @@ class DistillConfig:
     gan: bool = False               # GAN head on the fake score's bottleneck, against the data
     gan_generator: float = 1e-3
     gan_fake: float = 1e-2
+    # iCT (Song & Dhariwal 2023): no teacher; "teacher" is the model whose architecture (and, with
+    # init="teacher", weights) the student starts from
+    init: str = "teacher"           # "teacher" (fine-tune a diffusion model) or "random" (the paper's)
+    ict_s0: int = 10
+    ict_s1: int = 1280
+    ict_p_mean: float = -1.1
+    ict_p_std: float = 2.0
+    ict_total: int = 0              # the curriculum's length K in steps (0: max_steps)
     # the loop
     grad_accum: int = 1
     clip: float | None = None       # default: 1 (consistency, as LCM) / 10 (DMD2)
@@ -74,7 +85,8 @@ class DistillConfig:
 
     # settings a resumed run must share with its checkpoint (the rest may change, e.g. max_steps)
     # (the effective batch, batch x processes x grad_accum, must match too; its split may change)
-    FIXED = ("method", "teacher", "guidance", "student_steps", "data", "dataset", "seed", "solver", "skip", "gan")
+    FIXED = ("method", "teacher", "guidance", "student_steps", "data", "dataset", "seed", "solver", "skip", "gan",
+             "init", "ict_s0", "ict_s1", "ict_p_mean", "ict_p_std", "ict_total")
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -94,6 +106,14 @@ class DistillConfig:
                 raise ValueError(f"{name} must be > 0, got {v!r}")
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError(f"scale range must satisfy 0 < min <= max, got {self.scale_min}, {self.scale_max}")
+        if self.init not in ("teacher", "random"):
+            raise ValueError(f"init must be teacher or random, got {self.init!r}")
+        if not 1 <= self.ict_s0 <= self.ict_s1:
+            raise ValueError(f"ict_s0 and ict_s1 must satisfy 1 <= s0 <= s1, got {self.ict_s0}, {self.ict_s1}")
+        if isinstance(self.ict_total, bool) or not isinstance(self.ict_total, int) or self.ict_total < 0:
+            raise ValueError(f"ict_total must be an integer >= 0 (0: max_steps), got {self.ict_total!r}")
+        if not self.ict_p_std > 0:
+            raise ValueError(f"ict_p_std must be > 0, got {self.ict_p_std!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.data != "toy" and not os.path.isdir(self.data):
@@ -226,10 +246,12 @@ class Run:
         torch.manual_seed(cfg.seed)  # any fresh weights (the GAN head) depend on the seed only
         self.embed = _embeds(cfg, self.guidance)
         student = student_unet(tnet, EMBED_DIM) if self.embed else _net(tnet)
+        if cfg.method == "ict" and cfg.init == "random":
+            student = type(student).from_config(student.config).to(tnet.device, tnet.dtype)
         if cfg.gradient_checkpointing and student._supports_gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.ema = copy.deepcopy(student).requires_grad_(False).eval()
-        decay = dict(weight_decay=0.0) if cfg.method == "consistency" else dict(weight_decay=0.01)
+        decay = dict(weight_decay=0.0) if cfg.method in ("consistency", "ict") else dict(weight_decay=0.01)
         self.student, self.opt = student, torch.optim.AdamW(student.parameters(), lr=cfg.lr, **decay)
         self.fake = self.head = self.fake_opt = None
         if cfg.method == "dmd2":
@@ -241,7 +263,7 @@ class Run:
                 self.head = GANHead(tnet.config.block_out_channels[-1]).to(tnet.device)
                 params += list(self.head.parameters())
             self.fake_opt = torch.optim.AdamW(params, lr=cfg.fake_lr or cfg.lr, weight_decay=0.01)
-        self.clip = cfg.clip or (1.0 if cfg.method == "consistency" else 10.0)
+        self.clip = cfg.clip or (10.0 if cfg.method == "dmd2" else 1.0)
         self.step0 = self.load(state) if state is not None else 0
         self._prepare()
         self.loss = self._loss()
@@ -272,6 +294,9 @@ class Run:
             return ConsistencyLoss(teacher.net_denoiser, _denoiser(teacher, self.student, False),
                                    _denoiser(teacher, self.ema, False), self.guidance, cfg.solver, cfg.skip,
                                    cfg.huber_c, (cfg.scale_min, cfg.scale_max), embed=embed)
+        if cfg.method == "ict":
+            return ICTLoss(_denoiser(teacher, self.student, False), cfg.ict_total or cfg.max_steps, cfg.ict_s0, cfg.ict_s1,
+                           p_mean=cfg.ict_p_mean, p_std=cfg.ict_p_std, timestep_scaling=TIMESTEP_SCALING)
         T = teacher.info.schedule.num_train_timesteps
         return DMD2Loss(teacher.net_denoiser, _denoiser(teacher, self.fake, False),
                         _denoiser(teacher, self.student, True), self.guidance,
@@ -340,6 +365,11 @@ class Run:
                 loss = self.loss(x0, pos, neg, g)
                 return loss, {"loss": loss.item()}
             logs = self._update([self.student], self.opt, loss_of, n)
+        elif cfg.method == "ict":
+            def loss_of(j):
+                g, x0, pos, _ = micro[j]
+                return self.loss(x0, pos, step, g)
+            logs = self._update([self.student], self.opt, loss_of, n)
         else:
             logs = self._dmd2(step, micro)
         with torch.no_grad():
@@ -395,6 +425,10 @@ def _check_resume(cfg: DistillConfig, state: dict, processes: int, ckpt: str) ->
         if old.get(k) != getattr(cfg, k):
             raise ValueError(f"{ckpt} was trained with {k}={old.get(k)!r}, not {getattr(cfg, k)!r}; resume "
                              f"with the same setting")
+    if cfg.method == "ict" and not cfg.ict_total and old.get("max_steps") != cfg.max_steps:
+        raise ValueError(f"{ckpt} was trained with max_steps={old.get('max_steps')!r}, over which iCT's "
+                         f"discretisation curriculum is laid out; resume with the same --max-steps (or fix the "
+                         f"curriculum's length with --ict-total from the start)")
     was = (old["batch"], state.get("processes", 1), old["grad_accum"])
     if was[0] * was[1] * was[2] != cfg.batch * processes * cfg.grad_accum:
         raise ValueError(f"{ckpt} was trained with an effective batch of {effective_batch(*was)}, but this "
@@ -524,7 +558,8 @@ def student_pipe(teacher, net, cfg: DistillConfig):
     keep = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
             "rescale_betas_zero_snr", "num_train_timesteps")
     sch = LCMScheduler(**{k: sc[k] for k in keep if k in sc}, timestep_scaling=TIMESTEP_SCALING,
-                       original_inference_steps=T // cfg.skip if cfg.method == "consistency" else cfg.student_steps)
+                       original_inference_steps={"consistency": T // cfg.skip, "ict": ICT_STEPS}.get(
+                           cfg.method, cfg.student_steps))
     p = teacher.pipe
     return LatentConsistencyModelPipeline(vae=getattr(p, "vae", None), text_encoder=p.text_encoder,
                                           tokenizer=p.tokenizer, unet=net.eval(), scheduler=sch,

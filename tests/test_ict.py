@@ -1,0 +1,84 @@
+"""Improved consistency training (Song & Dhariwal 2023): the paper's formulas against independent
+computations, the loss falls on a fixed batch, the trainer resumes bit for bit and its student loads
+and samples."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffguide.distill import checkpoint
+from diffguide.distill.ict import ICTLoss, curriculum, karras_levels, lognormal_probs
+from diffguide.distill.trainer import DistillConfig, train
+from diffguide.pipelines import GuidedPipeline
+from diffguide.pipelines import tiny as tm
+from helpers import caption_folder, states_equal
+
+
+def test_curriculum_is_the_papers_exponential_schedule():
+    # CIFAR-10 in the paper: K = 400,000, s0 = 10, s1 = 1280 -> K' = 400000 / 8 = 50,000
+    assert [curriculum(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 300_000, 350_000, 399_999)] == \
+        [11, 11, 21, 41, 641, 1281, 1281]
+    assert [curriculum(k, 3) for k in range(3)] == [11, 21, 41]  # K' = floor(3 / 8) = 0 is taken as 1
+
+
+def test_levels_and_lognormal_sampling_match_their_formulas():
+    from scipy.stats import norm
+
+    s = karras_levels(11, 0.002, 80.0).numpy()
+    assert s[0] == pytest.approx(0.002) and s[-1] == pytest.approx(80.0)
+    assert s[5] == pytest.approx(((0.002 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7)
+    p = lognormal_probs(torch.tensor(s)).numpy()
+    ref = norm.cdf((np.log(s[1:]) + 1.1) / 2.0) - norm.cdf((np.log(s[:-1]) + 1.1) / 2.0)  # log sigma ~ N(-1.1, 2^2)
+    assert np.allclose(p, ref / ref.sum(), atol=1e-9)
+
+
+def _student():
+    from diffguide.core.denoiser import NetDenoiser
+    from diffguide.core.schedule import VPSchedule
+
+    gp = GuidedPipeline.from_pipe(tm.pixel_sd(), progress=False)
+    net = gp.family.net.train()
+    return gp, NetDenoiser(gp.family.forward, VPSchedule.from_betas(), "eps", module=net), net
+
+
+def test_ict_loss_samples_levels_by_their_probabilities_and_falls():
+    gp, den, net = _student()
+    loss = ICTLoss(den, total=100)
+    assert loss.sigma_min == pytest.approx(float(den.schedule.sigma_min))
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        cond, _ = gp.family.encode(["a red circle"] * 4, [""] * 4, 1, "cpu")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    first = None
+    for i in range(40):
+        value, logs = loss(x0, cond, 0, torch.Generator().manual_seed(1))  # the same levels and noise
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        first = first if first is not None else value.item()
+    assert logs["levels"] == 11 and value.item() < 0.6 * first
+
+
+def test_ict_trains_resumes_bit_identically_and_its_student_samples(tmp_path):
+    teacher = tm.save(str(tmp_path / "t"), "pixel_sd")
+    data = caption_folder(tmp_path / "data", 16)
+    base = dict(teacher=teacher, data=data, batch=4, log_every=1, checkpoint_every=2, validate_n=1, lr=1e-3,
+                method="ict", ict_total=4, student_steps=2)
+    train(DistillConfig(out=str(tmp_path / "whole"), max_steps=4, **base), progress=False)
+    train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
+    folder = train(DistillConfig(out=str(tmp_path / "part"), max_steps=4, resume=True, **base), progress=False)
+    a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
+    assert states_equal(a, b)
+    log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    gp = GuidedPipeline.from_pretrained(folder, progress=False)
+    out = gp("a red circle", seed=0, output_type="np")
+    assert gp.info.sampler == "consistency" and out.nfe == 2 and np.isfinite(out.images).all()
+    with pytest.raises(ValueError, match="ict_total must be an integer >= 0"):
+        DistillConfig(out=str(tmp_path / "x"), **{**base, "ict_total": -1}).check()
+    short = {**base, "ict_total": 0, "checkpoint_every": 1}
+    train(DistillConfig(out=str(tmp_path / "short"), max_steps=1, **short), progress=False)
+    with pytest.raises(ValueError, match="resume with the same --max-steps"):
+        train(DistillConfig(out=str(tmp_path / "short"), max_steps=3, resume=True, **short), progress=False)
