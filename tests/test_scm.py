@@ -1,0 +1,111 @@
+"""sCM's pieces (Lu & Song 2024): the TrigFlow view of any denoiser, the student's time derivative by
+forward-mode AD against a finite difference, the loss on a fixed batch."""
+import math
+
+import pytest
+import torch
+
+import diffguide as dg
+from diffguide.core.denoiser import NetDenoiser
+from diffguide.distill.scm import (AdaptiveWeight, SCMLoss, TrigFlowView, sample_times, time_derivative,
+                                   trig_output, trig_pred)
+from diffguide.pipelines import GuidedPipeline
+from diffguide.pipelines import tiny as tm
+
+SD = 0.5
+
+
+def _trig_point(b=6, dim=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(b, generator=g, dtype=torch.float64) * 1.4 + 0.05
+    x0 = torch.randn(b, dim, generator=g, dtype=torch.float64)
+    z = torch.randn(b, dim, generator=g, dtype=torch.float64)
+    return t, torch.cos(t)[:, None] * x0 + torch.sin(t)[:, None] * SD * z
+
+
+def test_the_trigflow_view_is_the_same_model_on_any_schedule():
+    """One Gaussian mixture's exact denoiser on a VP table and on a rectified flow: their TrigFlow
+    views agree (each converts to its own coordinates and back), and f = x0 holds."""
+    vp, flow = dg.VPSchedule.from_betas(), dg.FlowSchedule()
+    t, x_t = _trig_point()
+    t = t.clamp(max=math.atan(float(vp.sigma_max) / SD) - 1e-3)
+    outs = []
+    for sched in (vp, flow):
+        view = TrigFlowView(dg.GaussianMixture.ring(sched), SD)
+        F = view(x_t / SD, t, None)
+        p = trig_pred(F, x_t, t, SD)
+        assert torch.allclose(p.x0, view.pred(x_t, t, None).x0, atol=1e-6)  # f(x_t, t) = x0
+        outs.append(F)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    # and back: a Pred at TrigFlow time t, as F, gives the same Pred
+    x0, eps = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    x = torch.cos(t)[:, None] * x0 + torch.sin(t)[:, None] * SD * eps
+    back = trig_pred(trig_output(dg.Pred(x0, eps), t, SD), x, t, SD)
+    assert torch.allclose(back.x0, x0, atol=1e-9) and torch.allclose(back.eps, eps, atol=1e-9)
+
+
+def _view(name):
+    """A tiny network's TrigFlow view in float64 (a finite difference in float32 is too noisy to
+    check against)."""
+    gp = GuidedPipeline.from_pipe(tm.BUILDERS[name](), progress=False)
+    net = gp.family.net.double()
+    den = NetDenoiser(gp.family.forward, gp.info.schedule, gp.info.kind, dtype=torch.float64, module=net,
+                      learned_sigma=name == "dit")
+    if name == "dit":
+        cond, _ = gp.family.encode([1, 2], None, 1, "cpu")
+    else:
+        cond, _ = gp.family.encode(["a red circle"] * 2, [""] * 2, 1, "cpu")
+        cond = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()} \
+            if isinstance(cond, dict) else cond.double()
+    return TrigFlowView(den, SD), cond, (2, 4 if name == "dit" else 3, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["pixel_sd", "dit"])
+def test_the_time_derivative_by_jvp_matches_a_finite_difference(name):
+    view, cond, shape = _view(name)
+    g = torch.Generator().manual_seed(0)
+    x_in = torch.randn(shape, generator=g, dtype=torch.float64)
+    dx = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.7, 1.1], dtype=torch.float64)
+    with torch.no_grad():
+        F, dF = time_derivative(view, x_in, t, dx, cond, "jvp")
+        F2, fd = time_derivative(view, x_in, t, dx, cond, "finite_difference", h=1e-4)
+    assert torch.allclose(F, F2)
+    scale = float(fd.abs().max())
+    assert scale > 1 and float((dF - fd).abs().max()) <= 1e-3 * scale
+
+
+def test_time_sampling_and_weight():
+    t = sample_times(10000, torch.Generator().manual_seed(0), -0.8, 1.6, SD, math.pi / 2)
+    tau = torch.log(SD * torch.tan(t))  # tan t = e^tau / sigma_d: tau ~ N(-0.8, 1.6^2)
+    assert abs(float(tau.mean()) + 0.8) < 0.05 and abs(float(tau.std()) - 1.6) < 0.05
+    assert sample_times(100, torch.Generator().manual_seed(0), -0.8, 1.6, SD, 1.2).max() <= 1.2
+    w = AdaptiveWeight()
+    assert torch.equal(w(t[:5]), torch.zeros(5))
+
+
+def test_scm_loss_trains_the_student_towards_consistency():
+    """On a fixed batch with the teacher as the student's start, the loss (with its learned weight)
+    falls and the normalised tangent shrinks."""
+    import copy
+
+    gp = GuidedPipeline.from_pipe(tm.pixel_sd(), progress=False)
+    teacher = gp.net_denoiser
+    net = copy.deepcopy(gp.family.net).train()
+    student = NetDenoiser(lambda x, tm_, c: gp.family.forward(x, tm_, c, net=net), gp.info.schedule, gp.info.kind,
+                          module=net)
+    weight = AdaptiveWeight()
+    loss = SCMLoss(teacher, student, weight, guidance="cfg:scale=3", warmup=0)
+    x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        pos, neg = gp.family.encode(["a red circle"] * 4, [""] * 4, 1, "cpu")
+    opt = torch.optim.Adam(list(net.parameters()) + list(weight.parameters()), lr=1e-3)
+    values = []
+    for _ in range(30):
+        value, logs = loss(x0, pos, neg, 100, torch.Generator().manual_seed(1))
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        values.append(value.item())
+    assert all(math.isfinite(v) for v in values)
+    assert values[-1] < values[0] - 0.1, values
