@@ -160,15 +160,15 @@ def test_dmd2_fake_loss_falls_on_a_fixed_batch(teacher):
     assert values[-1] < 0.7 * values[0], values
 
 
-@pytest.mark.parametrize("method", ["dmd2", "ict"])
-def test_cli_distill_then_generate_with_the_students_steps(tmp_path, teacher, data, capsys, method):
+@pytest.mark.parametrize("method,extra", [("dmd2", []), ("ict", []), ("scm", ["--scm-derivative", "finite_difference"])])
+def test_cli_distill_then_generate_with_the_students_steps(tmp_path, teacher, data, capsys, method, extra):
     from PIL import Image
 
     from diffguide.cli.main import main
 
     out = str(tmp_path / "run")
     assert main(["distill", method, "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "1",
-                 "--batch", "4", "--student-steps", "2", "--quiet"]) == 0
+                 "--batch", "4", "--student-steps", "2", "--quiet", *extra]) == 0
     student = capsys.readouterr().out.strip().splitlines()[-1]
     assert student == os.path.join(out, "student")
     png = str(tmp_path / "a.png")
@@ -178,8 +178,9 @@ def test_cli_distill_then_generate_with_the_students_steps(tmp_path, teacher, da
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["lcm"], "unknown distillation method 'lcm'; choose one of: consistency, dmd2, ict"),
+    (["lcm"], "unknown distillation method 'lcm'; choose one of: consistency, dmd2, ict, scm"),
     (["ict", "--ict-total", "-1"], "--ict-total must be an integer >= 0 (0: max_steps), got -1"),
+    (["scm", "--scm-warmup", "-1"], "sCM needs scm_p_std > 0, scm_tangent_c > 0 and scm_warmup >= 0"),
     (["dmd2", "--student-steps", "0"], "--student-steps must be in 1..8, got 0"),
     (["consistency", "--batch", "0"], "--batch must be an integer >= 1, got 0"),
     (["consistency", "--data", "/nonexistent"], "data '/nonexistent' is neither 'toy' nor a folder"),

@@ -109,3 +109,32 @@ def test_scm_loss_trains_the_student_towards_consistency():
         values.append(value.item())
     assert all(math.isfinite(v) for v in values)
     assert values[-1] < values[0] - 0.1, values
+
+
+def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_steps(tmp_path):
+    import json
+
+    import numpy as np
+
+    from diffguide.distill import checkpoint
+    from diffguide.distill.trainer import DistillConfig, train
+    from helpers import caption_folder, states_equal
+
+    teacher = tm.save(str(tmp_path / "t"), "pixel_sd")
+    data = caption_folder(tmp_path / "data", 16)
+    base = dict(teacher=teacher, data=data, batch=4, log_every=1, checkpoint_every=2, validate_n=1, lr=1e-4,
+                method="scm", student_steps=2, scm_warmup=2, guidance="cfg:scale=4", scale_min=2.0, scale_max=6.0)
+    train(DistillConfig(out=str(tmp_path / "whole"), max_steps=4, **base), progress=False)
+    train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
+    folder = train(DistillConfig(out=str(tmp_path / "part"), max_steps=4, resume=True, **base), progress=False)
+    a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
+    assert states_equal(a, b) and "weight" in a
+    log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    gp = GuidedPipeline.from_pretrained(folder, progress=False)
+    assert gp.defaults["spacing"] == "scm" and gp.embedded_guidance == 4.0
+    out = gp("a red circle", seed=0, output_type="np")
+    assert out.nfe == 2 and np.isfinite(out.images).all()
+    ts = gp.info.timesteps(2, "scm")
+    ve = gp.info.schedule.ve(ts[1])
+    assert abs(float(ve) - 0.5 * math.tan(1.3)) < 1e-6  # SCMScheduler's intermediate time, as a VE level

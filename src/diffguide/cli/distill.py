@@ -7,8 +7,8 @@ from .generate import UsageError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("method", help="consistency, dmd2 or ict (improved consistency training from the data, "
-                                  "no teacher)")
+    p.add_argument("method", help="consistency, dmd2, scm (continuous-time consistency distillation) or ict "
+                                  "(improved consistency training from the data, no teacher)")
     p.add_argument("--teacher", default="builtin", help="diffusers folder or hub id (default: built-in)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.jsonl, val/, student/")
     p.add_argument("--guidance", default="cfg", help="the teacher's guidance spec (DMD2: the real score's); "
@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
                    help="ict: start from --teacher's weights (default) or from random ones (the paper's)")
     p.add_argument("--ict-total", type=int, default=0,
                    help="ict: the discretisation curriculum's length in steps (default: --max-steps)")
+    p.add_argument("--scm-warmup", type=int, default=10000, help="scm: tangent warm-up steps")
+    p.add_argument("--scm-derivative", default="jvp", choices=("jvp", "finite_difference"),
+                   help="scm: the student's time derivative by forward-mode AD (default) or a central difference")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -61,7 +64,8 @@ def run(args) -> int:
                         student_steps=args.student_steps, max_steps=args.max_steps, batch=args.batch, lr=lr,
                         ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip, scale_min=lo, scale_max=hi,
                         fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan, init=args.init,
-                        ict_total=args.ict_total,
+                        ict_total=args.ict_total, scm_warmup=args.scm_warmup,
+                        scm_derivative=args.scm_derivative,
                         grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
                         gradient_checkpointing=args.gradient_checkpointing,
                         checkpoint_every=args.checkpoint_every, log_every=args.log_every,

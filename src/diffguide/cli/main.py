@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="pick a guidance method's options for a model from probe runs (ag, apg, linear_ag)"))
     bench.add_arguments(sub.add_parser("bench", help="run the CPU performance suite and print a summary"))
     distill.add_arguments(sub.add_parser(
-        "distill", help="distil a guided teacher into a 1-8 step student (consistency or dmd2), or train a "
+        "distill", help="distil a guided teacher into a 1-8 step student (consistency, dmd2, scm), or train a "
                         "consistency model from data (ict)"))
     tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
     tr.add_argument("out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)")

@@ -141,6 +141,18 @@ def _lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> torch
     return grid[torch.from_numpy(idx)].to(F64)
 
 
+def _scm_grid(schedule: Schedule, steps: int, intermediate: float = 1.3, sigma_data: float = 0.5) -> torch.Tensor:
+    """SCMScheduler's TrigFlow times (pi/2, ``intermediate``, 0 for two steps, else uniform in t). On
+    another schedule each TrigFlow time t is the time with the same VE level sigma_data tan(t), the
+    first being the schedule's own noise end (an sCM student of a VP or flow teacher)."""
+    trig = torch.tensor([math.pi / 2, float(intermediate), 0.0], dtype=F64) if steps == 2 else \
+        torch.linspace(math.pi / 2, 0.0, steps + 1, dtype=F64)
+    if type(schedule).__name__ == "TrigFlowSchedule":
+        return trig.clamp(schedule.t_min, schedule.t_max)
+    ts = schedule.t_of_ve(sigma_data * torch.tan(trig[1:-1]))
+    return torch.cat([torch.tensor([schedule.t_max], dtype=F64), ts.to(F64), torch.tensor([schedule.t_min], dtype=F64)])
+
+
 def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final: str = "zero",
               drop_last: bool = False, **options) -> torch.Tensor:
     """Descending t grid of ``steps`` intervals for ``schedule``.
@@ -163,7 +175,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     allowed = {"karras": {"rho", "sigma_min", "sigma_max"}, "uniform_lam": {"sigma_min", "sigma_max"},
                "exponential": {"sigma_min", "sigma_max"}, "beta": {"alpha", "beta", "sigma_min", "sigma_max"},
                "uniform_t": {"t_start", "t_end"}, "linspace": {"round"}, "leading": {"steps_offset"},
-               "trailing": set(), "lcm": {"original_steps"}, "scm": {"intermediate"}}[spacing]
+               "trailing": set(), "lcm": {"original_steps"}, "scm": {"intermediate", "sigma_data"}}[spacing]
     bad = set(options) - allowed
     if bad:
         raise ValueError(f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "
@@ -174,9 +186,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     if spacing == "lcm":
         ts = torch.cat([_lcm_grid(schedule, steps, **options), torch.tensor([schedule.t_min], dtype=F64)])
     elif spacing == "scm":  # SCMScheduler: two steps through an intermediate time, else uniform in t
-        mid = options.get("intermediate", 1.3)
-        ts = torch.tensor([schedule.t_max, float(mid), schedule.t_min], dtype=F64) if steps == 2 else \
-            torch.linspace(schedule.t_max, schedule.t_min, steps + 1, dtype=F64)
+        ts = _scm_grid(schedule, steps, **options)
     elif spacing in _DIFFUSERS:
         if not isinstance(schedule, VPSchedule):
             raise ValueError(f"spacing {spacing!r} indexes a discrete VP table; "

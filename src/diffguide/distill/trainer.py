@@ -29,8 +29,9 @@ from . import checkpoint
 from .consistency import ConsistencyLoss, student_unet
 from .dmd2 import DMD2Loss, GANHead, conditioning_times
 from .ict import ICTLoss
+from .scm import AdaptiveWeight, SCMLoss
 
-METHODS = ("consistency", "dmd2", "ict")
+METHODS = ("consistency", "dmd2", "ict", "scm")
 ICT_STEPS = 50  # the exported iCT student's LCMScheduler original_inference_steps (diffusers' default)
 EMBED_DIM = 256          # LCM's guidance-scale embedding width
 TIMESTEP_SCALING = 10.0  # LCMScheduler's boundary constant, used in training and written to the folder
@@ -72,6 +73,12 @@ class DistillConfig:
     ict_p_mean: float = -1.1
     ict_p_std: float = 2.0
     ict_total: int = 0              # the curriculum's length K in steps (0: max_steps)
+    # sCM (Lu & Song 2024): TrigFlow time proposal, tangent warm-up and normalisation, the derivative
+    scm_p_mean: float = -0.8
+    scm_p_std: float = 1.6
+    scm_warmup: int = 10000
+    scm_tangent_c: float = 0.1
+    scm_derivative: str = "jvp"     # or finite_difference
     # the loop
     grad_accum: int = 1
     clip: float | None = None       # default: 1 (consistency, as LCM) / 10 (DMD2)
@@ -86,7 +93,8 @@ class DistillConfig:
     # settings a resumed run must share with its checkpoint (the rest may change, e.g. max_steps)
     # (the effective batch, batch x processes x grad_accum, must match too; its split may change)
     FIXED = ("method", "teacher", "guidance", "student_steps", "data", "dataset", "seed", "solver", "skip", "gan",
-             "init", "ict_s0", "ict_s1", "ict_p_mean", "ict_p_std", "ict_total")
+             "init", "ict_s0", "ict_s1", "ict_p_mean", "ict_p_std", "ict_total", "scm_p_mean", "scm_p_std",
+             "scm_warmup", "scm_tangent_c", "scm_derivative")
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -112,6 +120,11 @@ class DistillConfig:
             raise ValueError(f"ict_s0 and ict_s1 must satisfy 1 <= s0 <= s1, got {self.ict_s0}, {self.ict_s1}")
         if isinstance(self.ict_total, bool) or not isinstance(self.ict_total, int) or self.ict_total < 0:
             raise ValueError(f"ict_total must be an integer >= 0 (0: max_steps), got {self.ict_total!r}")
+        if self.scm_derivative not in ("jvp", "finite_difference"):
+            raise ValueError(f"scm_derivative must be jvp or finite_difference, got {self.scm_derivative!r}")
+        if not (self.scm_p_std > 0 and self.scm_tangent_c > 0) or self.scm_warmup < 0:
+            raise ValueError(f"sCM needs scm_p_std > 0, scm_tangent_c > 0 and scm_warmup >= 0, got "
+                             f"{self.scm_p_std!r}, {self.scm_tangent_c!r}, {self.scm_warmup!r}")
         if not self.ict_p_std > 0:
             raise ValueError(f"ict_p_std must be > 0, got {self.ict_p_std!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -226,7 +239,7 @@ def _denoiser(teacher, net, boundary: bool):
 
 def _embeds(cfg: DistillConfig, guidance) -> bool:
     """LCM's scale embedding: only when the teacher's guidance is CFG (its scale is drawn per sample)."""
-    return cfg.method == "consistency" and type(guidance).__name__ == "CFG"
+    return cfg.method in ("consistency", "scm") and type(guidance).__name__ == "CFG"
 
 
 class Run:
@@ -251,8 +264,10 @@ class Run:
         if cfg.gradient_checkpointing and student._supports_gradient_checkpointing:
             student.enable_gradient_checkpointing()
         self.ema = copy.deepcopy(student).requires_grad_(False).eval()
-        decay = dict(weight_decay=0.0) if cfg.method in ("consistency", "ict") else dict(weight_decay=0.01)
-        self.student, self.opt = student, torch.optim.AdamW(student.parameters(), lr=cfg.lr, **decay)
+        decay = dict(weight_decay=0.0) if cfg.method != "dmd2" else dict(weight_decay=0.01)
+        self.weight = AdaptiveWeight().to(tnet.device) if cfg.method == "scm" else None
+        params = list(student.parameters()) + (list(self.weight.parameters()) if self.weight is not None else [])
+        self.student, self.opt = student, torch.optim.AdamW(params, lr=cfg.lr, **decay)
         self.fake = self.head = self.fake_opt = None
         if cfg.method == "dmd2":
             self.fake = _net(tnet)
@@ -273,7 +288,7 @@ class Run:
         DDP starts every process from rank 0's weights."""
         acc = self.acc
         mods = [self.student, self.opt] + ([self.fake, self.fake_opt] if self.fake is not None else []) \
-            + ([self.head] if self.head is not None else [])
+            + ([self.head] if self.head is not None else []) + ([self.weight] if self.weight is not None else [])
         with warnings.catch_warnings():  # torch renamed broadcast_buffers; accelerate passes the old name
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             out = acc.prepare(*mods)
@@ -282,6 +297,8 @@ class Run:
             self.fake, self.fake_opt = out[2:4]
         if self.head is not None:
             self.head = out[4]
+        if self.weight is not None:
+            self.weight = out[-1]
         self.ema.to(acc.device)
 
     def _loss(self):
@@ -294,6 +311,10 @@ class Run:
             return ConsistencyLoss(teacher.net_denoiser, _denoiser(teacher, self.student, False),
                                    _denoiser(teacher, self.ema, False), self.guidance, cfg.solver, cfg.skip,
                                    cfg.huber_c, (cfg.scale_min, cfg.scale_max), embed=embed)
+        if cfg.method == "scm":
+            return SCMLoss(teacher.net_denoiser, _denoiser(teacher, self.student, False), self.weight, self.guidance,
+                           p_mean=cfg.scm_p_mean, p_std=cfg.scm_p_std, tangent_c=cfg.scm_tangent_c,
+                           warmup=cfg.scm_warmup, method=cfg.scm_derivative)
         if cfg.method == "ict":
             return ICTLoss(_denoiser(teacher, self.student, False), cfg.ict_total or cfg.max_steps, cfg.ict_s0, cfg.ict_s1,
                            p_mean=cfg.ict_p_mean, p_std=cfg.ict_p_std, timestep_scaling=TIMESTEP_SCALING)
@@ -308,6 +329,8 @@ class Run:
         un = self.acc.unwrap_model
         s = {"step": step, "config": asdict(self.cfg), "student": un(self.student).state_dict(),
              "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+        if self.weight is not None:
+            s["weight"] = un(self.weight).state_dict()
         if self.fake is not None:
             s.update(fake=un(self.fake).state_dict(), fake_opt=self.fake_opt.state_dict())
             if self.head is not None:
@@ -318,6 +341,8 @@ class Run:
         self.student.load_state_dict(s["student"])
         self.ema.load_state_dict(s["ema"])
         self.opt.load_state_dict(s["opt"])
+        if self.weight is not None:
+            self.weight.load_state_dict(s["weight"])
         if self.fake is not None:
             self.fake.load_state_dict(s["fake"])
             self.fake_opt.load_state_dict(s["fake_opt"])
@@ -365,6 +390,12 @@ class Run:
                 loss = self.loss(x0, pos, neg, g)
                 return loss, {"loss": loss.item()}
             logs = self._update([self.student], self.opt, loss_of, n)
+        elif cfg.method == "scm":
+            def loss_of(j):
+                g, x0, pos, neg = micro[j]
+                guidance, cond = self._scales(pos, g, x0.shape[0])
+                return self.loss(x0, pos, neg, step, g, guidance=guidance, student_cond=cond)
+            logs = self._update([self.student, self.weight], self.opt, loss_of, n)
         elif cfg.method == "ict":
             def loss_of(j):
                 g, x0, pos, _ = micro[j]
@@ -380,6 +411,19 @@ class Run:
             mean = self.acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=dev), "mean")
             logs = dict(zip(keys, mean.tolist()))
         return logs
+
+    def _scales(self, pos, g, b):
+        """sCM with CFG: a scale per example in [scale_min, scale_max] for the teacher, embedded into
+        the student as SANA-Sprint embeds its guidance (LCM's w-embedding); other methods as given."""
+        from ..pipelines.pipeline import guidance_embedding
+        from .consistency import PerSampleCFG
+
+        if not self.embed:
+            return None, None
+        lo, hi = self.cfg.scale_min, self.cfg.scale_max
+        w = lo + (hi - lo) * torch.rand(b, generator=g, dtype=torch.float64)
+        cond = {**pos, "timestep_cond": guidance_embedding(w - 1.0, EMBED_DIM).to(self.acc.device)}
+        return PerSampleCFG(w), cond
 
     def _dmd2(self, step: int, micro) -> dict:
         from ..pipelines.pipeline import frozen
@@ -553,6 +597,8 @@ def student_pipe(teacher, net, cfg: DistillConfig):
     LCM's original_inference_steps = T / skip (consistency) or = student steps (DMD2's 999, 749, ...)."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
+    if cfg.method == "scm":  # no boundary to add: TrigFlow's f is the network's own x0 (see scm.py)
+        return type(teacher.pipe)(**{**teacher.pipe.components, "unet": net.eval()})
     sc = dict(teacher.pipe.scheduler.config)
     T = sc.get("num_train_timesteps", 1000)
     keep = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
@@ -575,7 +621,7 @@ def export(teacher, net, cfg: DistillConfig, folder: str) -> str:
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     meta = {"steps": cfg.student_steps, "sampler": "consistency", "guidance": "none", "method": cfg.method,
-            "teacher": cfg.teacher, "teacher_guidance": cfg.guidance}
+            "teacher": cfg.teacher, "teacher_guidance": cfg.guidance, **_own_grid(cfg)}
     if getattr(net.config, "time_cond_proj_dim", None):  # the scale the student is sampled at by default
         meta["guidance_scale"] = default_scale(cfg)
     _write_json(os.path.join(tmp, "diffguide.json"), meta)
@@ -583,6 +629,11 @@ def export(teacher, net, cfg: DistillConfig, folder: str) -> str:
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def _own_grid(cfg: DistillConfig) -> dict:
+    """An sCM student samples on SCMScheduler's TrigFlow times mapped to its schedule."""
+    return {"spacing": "scm"} if cfg.method == "scm" else {}
 
 
 def default_scale(cfg: DistillConfig) -> float:
@@ -603,7 +654,7 @@ def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
 
     was = net.training
     gp = GuidedPipeline.from_pipe(student_pipe(teacher, net, cfg), progress=False)
-    gp.defaults = {"guidance_scale": default_scale(cfg)}
+    gp.defaults = {"guidance_scale": default_scale(cfg), "sampler": "consistency", **_own_grid(cfg)}
     try:
         prompts = list(metrics.DEFAULT_PROMPTS)
         images, ids, nfe, seconds = prompt_set(gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps)

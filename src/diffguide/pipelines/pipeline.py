@@ -115,7 +115,7 @@ def read_defaults(folder: str) -> dict:
         out["steps"] = raw["steps"]
     if isinstance(raw.get("guidance_scale"), (int, float)) and raw["guidance_scale"] > 0:
         out["guidance_scale"] = float(raw["guidance_scale"])
-    for k in ("sampler", "guidance"):
+    for k in ("sampler", "guidance", "spacing"):
         if isinstance(raw.get(k), str):
             out[k] = raw[k]
     return out
@@ -488,6 +488,7 @@ class GuidedPipeline:
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
         steps = self.default_steps if steps is None else steps
+        spacing = self.defaults.get("spacing") if spacing is None else spacing  # an sCM student's own grid
         embedded = self.embedded_guidance if embedded_guidance is None else float(embedded_guidance)
         if embedded_guidance is not None and self.embedded_guidance is None:
             raise ValueError(f"embedded_guidance given but {type(self.family.net).__name__} has no embedded "
