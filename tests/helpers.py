@@ -309,7 +309,7 @@ def states_equal(a: dict, b: dict, skip=("config",)) -> bool:
     return True
 
 
-def caption_folder(folder, n: int, size: int = 8) -> str:
+def caption_folder(folder, n: int, size: int = 8, texts=("a red circle", "a blue square")) -> str:
     """n random size x size images with alternating captions, in the imagefolder layout
     (metadata.jsonl) the distillation trainer reads."""
     import json
@@ -322,5 +322,5 @@ def caption_folder(folder, n: int, size: int = 8) -> str:
     with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
         for i in range(n):
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
-            f.write(json.dumps({"file_name": f"{i}.png", "text": ["a red circle", "a blue square"][i % 2]}) + "\n")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": texts[i % len(texts)]}) + "\n")
     return str(folder)

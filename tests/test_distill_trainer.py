@@ -228,3 +228,40 @@ def test_generate_fast_flag(tmp_path, capsys):
     assert meta["model"] == "builtin-fast" and meta["steps"] == steps and meta["sampler"] == "consistency"
     img = np.asarray(Image.open(out)).astype(float) / 255
     assert img.shape == (32, 32, 3) and img.std() > 0.05  # a picture, not a flat field
+
+
+@pytest.mark.parametrize("family,method,extra", [
+    ("pixart", "consistency", {"guidance": "cfg:scale=4"}),
+    ("pixart", "dmd2", {"gan": True, "fake_ratio": 1}),
+    ("pixart", "ict", {}),
+    ("dit", "dmd2", {}),
+    ("dit", "scm", {"guidance": "cfg:scale=4"}),
+    ("sd3", "scm", {}),
+    ("flux", "scm", {}),
+    ("sana", "scm", {"guidance": "cfg:scale=3"}),
+    ("sdxl", "consistency", {"guidance": "cfg:scale=4"}),
+])
+def test_transformer_teachers(tmp_path, family, method, extra):
+    """Each trainer takes a transformer teacher; the student folder is that family's pipeline and
+    samples in the student's steps."""
+    folder = tm.save(str(tmp_path / "t"), family)
+    gp = GuidedPipeline.from_pretrained(folder, progress=False)
+    texts = ("1", "2") if family == "dit" else ("a red circle", "a blue square")
+    data = caption_folder(tmp_path / "data", 8, size=gp.family.default_size, texts=texts)
+    cfg = DistillConfig(out=str(tmp_path / "run"), teacher=folder, data=data, method=method, batch=2, max_steps=2,
+                        checkpoint_every=2, log_every=1, student_steps=2, validate_n=1, lr=1e-4, skip=100, **extra)
+    student = train(cfg, progress=False)
+    log = [json.loads(x) for x in open(tmp_path / "run" / "loss.jsonl")]
+    assert len(log) == 2 and all(np.isfinite(v) for r in log for v in r.values())
+    sp = GuidedPipeline.from_pretrained(student, progress=False)
+    assert type(sp.family.net).__name__ == type(gp.family.net).__name__
+    out = sp(1 if family == "dit" else "a red circle", seed=0, output_type="np")
+    assert out.nfe == 2 and np.isfinite(out.images).all()
+
+
+def test_flow_teachers_need_scm(tmp_path):
+    folder = tm.save(str(tmp_path / "t"), "sd3")
+    data = caption_folder(tmp_path / "data", 4, size=16)
+    with pytest.raises(ValueError, match="distil it with scm"):
+        train(DistillConfig(out=str(tmp_path / "run"), teacher=folder, data=data, method="consistency", batch=2,
+                            max_steps=1), progress=False)

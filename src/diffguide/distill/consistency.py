@@ -92,7 +92,7 @@ class ConsistencyLoss:
         a, s = float(sched.alpha(t)), float(sched.sigma(t))
         x = a * x0 + s * eps
         guidance, w = self.guidance, None
-        if type(guidance).__name__ == "CFG":  # LCM: a scale per example, embedded in the student
+        if type(guidance).__name__ == "CFG" and self.embed is not None:  # LCM: a scale per example, embedded
             lo, hi = self.scale_range
             w = lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)
             guidance = PerSampleCFG(w)

@@ -41,7 +41,11 @@ class GANHead(torch.nn.Module):
             torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 1))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h) -> torch.Tensor:
+        if isinstance(h, tuple):  # a dual-stream transformer block: (text, image) streams
+            h = h[-1]
+        if h.ndim == 3:  # transformer tokens [B, N, C]: a 1-pixel-wide image of N rows
+            h = h.transpose(1, 2).unsqueeze(-1)
         return self.net(h.float()).squeeze(1)
 
 

@@ -219,21 +219,37 @@ def batches(cfg: DistillConfig, data, family, device, parts: int):
 # -- the run ---------------------------------------------------------------------------------------
 
 def _net(teacher_net):
-    """A trainable copy of the teacher UNet (same config and weights)."""
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(teacher_net, UNet2DConditionModel):
-        raise ValueError(f"distillation needs a UNet2DConditionModel teacher, got {type(teacher_net).__name__}")
-    net = UNet2DConditionModel.from_config(teacher_net.config)
+    """A trainable copy of the teacher's network, UNet or transformer (same config and weights)."""
+    if not (isinstance(teacher_net, torch.nn.Module) and hasattr(type(teacher_net), "from_config")):
+        raise ValueError(f"distillation needs a diffusers network as the teacher, got {type(teacher_net).__name__}")
+    net = type(teacher_net).from_config(teacher_net.config)
     net.load_state_dict(teacher_net.state_dict())
     return net.to(teacher_net.device, teacher_net.dtype)
+
+
+def _is_unet(net) -> bool:
+    return type(net).__name__ == "UNet2DConditionModel"
+
+
+def _bottleneck(net):
+    """Where DMD2's GAN head reads features: a UNet's mid block, a transformer's middle block."""
+    if hasattr(net, "mid_block"):
+        return net.mid_block
+    blocks = net.transformer_blocks
+    return blocks[len(blocks) // 2]
+
+
+def _width(net) -> int:
+    """The bottleneck's channels."""
+    c = net.config
+    return c.block_out_channels[-1] if hasattr(net, "mid_block") else c.num_attention_heads * c.attention_head_dim
 
 
 def _denoiser(teacher, net, boundary: bool):
     """``net`` (a teacher-shaped UNet, possibly wrapped for distributed training) as a denoiser."""
     module = getattr(net, "module", net)  # hooks (perturbations, the GAN bottleneck) go on the bare UNet
     d = NetDenoiser(functools.partial(teacher.family.forward, net=net), teacher.info.schedule,
-                    teacher.info.kind, module=module)
+                    teacher.info.kind, learned_sigma=teacher.family.learned_sigma(), module=module)
     return Boundary(d, timestep_scaling=TIMESTEP_SCALING) if boundary else d
 
 
@@ -256,8 +272,13 @@ class Run:
         self.guidance = parse_spec("guidance", cfg.guidance)
         tnet = teacher.family.net
         _net(tnet)  # checks the teacher's kind
+        if cfg.method != "scm" and type(teacher.info.schedule).__name__ != "VPSchedule":
+            raise ValueError(f"{cfg.method} needs a teacher on a discrete VP schedule (DDPM-style scheduler); "
+                             f"{type(tnet).__name__} is a {type(teacher.info.schedule).__name__} model: distil "
+                             f"it with scm")
         torch.manual_seed(cfg.seed)  # any fresh weights (the GAN head) depend on the seed only
-        self.embed = _embeds(cfg, self.guidance)
+        # a scale embedding needs a UNet's time_cond_proj_dim; transformer students bake the guidance in
+        self.embed = _embeds(cfg, self.guidance) and _is_unet(tnet)
         student = student_unet(tnet, EMBED_DIM) if self.embed else _net(tnet)
         if cfg.method == "ict" and cfg.init == "random":
             student = type(student).from_config(student.config).to(tnet.device, tnet.dtype)
@@ -275,7 +296,7 @@ class Run:
                 self.fake.enable_gradient_checkpointing()
             params = list(self.fake.parameters())
             if cfg.gan:
-                self.head = GANHead(tnet.config.block_out_channels[-1]).to(tnet.device)
+                self.head = GANHead(_width(tnet)).to(tnet.device)
                 params += list(self.head.parameters())
             self.fake_opt = torch.optim.AdamW(params, lr=cfg.fake_lr or cfg.lr, weight_decay=0.01)
         self.clip = cfg.clip or (10.0 if cfg.method == "dmd2" else 1.0)
@@ -322,7 +343,7 @@ class Run:
         return DMD2Loss(teacher.net_denoiser, _denoiser(teacher, self.fake, False),
                         _denoiser(teacher, self.student, True), self.guidance,
                         tuple(conditioning_times(cfg.student_steps, T)), head=self.head,
-                        bottleneck=un(self.fake).mid_block if self.head is not None else None,
+                        bottleneck=_bottleneck(un(self.fake)) if self.head is not None else None,
                         gan_generator=cfg.gan_generator, gan_fake=cfg.gan_fake)
 
     def state(self, step: int) -> dict:
@@ -383,6 +404,11 @@ class Run:
             x0, caps = get(step, part)
             with torch.no_grad():
                 pos, neg = fam.encode(caps, [""] * len(caps), 1, dev)
+                size = fam.default_size  # the data's size (checked in batches()), in pixels
+                pos, neg = (fam.extra(c, size, size) if c is not None else c for c in (pos, neg))
+                w = self.teacher.embedded_guidance  # the teacher's own guidance input (Flux.1-dev), its default
+                if w is not None:
+                    pos, neg = (fam.embed_guidance(c, w, len(caps)) for c in (pos, neg))
             micro.append((g, x0, pos, neg))
         if cfg.method == "consistency":
             def loss_of(j):
@@ -597,8 +623,9 @@ def student_pipe(teacher, net, cfg: DistillConfig):
     LCM's original_inference_steps = T / skip (consistency) or = student steps (DMD2's 999, 749, ...)."""
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
+    key = "unet" if _is_unet(net) else "transformer"
     if cfg.method == "scm":  # no boundary to add: TrigFlow's f is the network's own x0 (see scm.py)
-        return type(teacher.pipe)(**{**teacher.pipe.components, "unet": net.eval()})
+        return type(teacher.pipe)(**{**teacher.pipe.components, key: net.eval()})
     sc = dict(teacher.pipe.scheduler.config)
     T = sc.get("num_train_timesteps", 1000)
     keep = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
@@ -607,6 +634,8 @@ def student_pipe(teacher, net, cfg: DistillConfig):
                        original_inference_steps={"consistency": T // cfg.skip, "ict": ICT_STEPS}.get(
                            cfg.method, cfg.student_steps))
     p = teacher.pipe
+    if type(p).__name__ != "StableDiffusionPipeline":  # its own pipeline with LCM's scheduler (as PixArt-LCM)
+        return type(p)(**{**p.components, key: net.eval(), "scheduler": sch})
     return LatentConsistencyModelPipeline(vae=getattr(p, "vae", None), text_encoder=p.text_encoder,
                                           tokenizer=p.tokenizer, unet=net.eval(), scheduler=sch,
                                           safety_checker=None, feature_extractor=None,
@@ -656,10 +685,11 @@ def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
     gp = GuidedPipeline.from_pipe(student_pipe(teacher, net, cfg), progress=False)
     gp.defaults = {"guidance_scale": default_scale(cfg), "sampler": "consistency", **_own_grid(cfg)}
     try:
-        prompts = list(metrics.DEFAULT_PROMPTS)
+        # a class-conditional teacher (DiT) is shown its first classes instead of the toy prompts
+        prompts = list(metrics.DEFAULT_PROMPTS) if teacher.family.name != "dit" else list(range(4))
         images, ids, nfe, seconds = prompt_set(gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps)
         os.makedirs(os.path.join(cfg.out, "val"), exist_ok=True)
-        img = grid([images[ids == k] for k in range(len(prompts))], prompts)
+        img = grid([images[ids == k] for k in range(len(prompts))], [str(p) for p in prompts])
         atomic_write(os.path.join(cfg.out, "val", f"step_{step}.png"), lambda f: img.save(f, format="PNG"))
         if data_is_toy(teacher):
             res = metrics.evaluate(images, ids, prompts, evaluator.load())

@@ -112,7 +112,9 @@ class Family:
         """Resolution-dependent conditions (SDXL time ids, PixArt resolution); none by default."""
         return cond
 
-    def forward(self, x: torch.Tensor, tm: torch.Tensor, cond: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tm: torch.Tensor, cond: Any, net=None) -> torch.Tensor:
+        """The network's raw output at x, model time tm; ``net``: another network of this config (a
+        distillation student) in place of the pipeline's."""
         raise NotImplementedError
 
     def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -256,7 +258,7 @@ class StableDiffusion(Family):
 
     def forward(self, x, tm, cond, net=None):
         """net: another UNet of this config (a distillation student) in place of the pipeline's."""
-        return (net or self.net)(x, tm, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
+        return (self.net if net is None else net)(x, tm, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
                                  timestep_cond=cond.get("timestep_cond"),
                                  cross_attention_kwargs=cond.get("attention"), return_dict=False)[0]
 
@@ -327,8 +329,8 @@ class Unconditional(Family):
         _no_extra(self, extra)
         return {}, {}
 
-    def forward(self, x, tm, cond):
-        return self.net(x, tm, return_dict=False)[0]
+    def forward(self, x, tm, cond, net=None):
+        return (self.net if net is None else net)(x, tm, return_dict=False)[0]
 
 
 class DiT(Family):
@@ -371,8 +373,8 @@ class DiT(Family):
             neg = torch.tensor(self.labels(negatives), device=device).repeat_interleave(n)
         return {"class": pos}, {"class": neg}
 
-    def forward(self, x, tm, cond):
-        return self.net(x, timestep=tm, class_labels=cond["class"], return_dict=False)[0]
+    def forward(self, x, tm, cond, net=None):
+        return (self.net if net is None else net)(x, timestep=tm, class_labels=cond["class"], return_dict=False)[0]
 
 
 class PixArt(DiT):
@@ -396,8 +398,8 @@ class PixArt(DiT):
             ratio = torch.tensor([[height / width]], dtype=dt, device=dev).expand(b, -1)
         return {**cond, "resolution": res, "aspect_ratio": ratio}
 
-    def forward(self, x, tm, cond):
-        return self.net(x, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
+    def forward(self, x, tm, cond, net=None):
+        return (self.net if net is None else net)(x, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
                         timestep=tm, added_cond_kwargs={"resolution": cond.get("resolution"),
                                                         "aspect_ratio": cond.get("aspect_ratio")},
                         return_dict=False)[0]
@@ -416,8 +418,8 @@ class StableDiffusion3(DiT):
             negative_prompt_3=negatives, **extra)
         return {"text": pos, "pooled": pooled}, {"text": neg, "pooled": neg_pooled}
 
-    def forward(self, x, tm, cond):
-        return self.net(hidden_states=x, timestep=tm, encoder_hidden_states=cond["text"],
+    def forward(self, x, tm, cond, net=None):
+        return (self.net if net is None else net)(hidden_states=x, timestep=tm, encoder_hidden_states=cond["text"],
                         pooled_projections=cond["pooled"], return_dict=False)[0]
 
 
@@ -502,14 +504,14 @@ class Flux(Family):
             negatives = [""] * len(prompts)
         return pos, self._encode(negatives, n, device, extra, "negative_")
 
-    def forward(self, x, tm, cond):
+    def forward(self, x, tm, cond, net=None):
         b, c, h, w = x.shape
         tokens = pack2(x)
         img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
         img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
         img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
         txt_ids = torch.zeros(cond["text"].shape[1], 3, device=x.device, dtype=cond["text"].dtype)
-        out = self.net(hidden_states=tokens, timestep=tm / 1000, guidance=cond.get("guidance"),
+        out = (self.net if net is None else net)(hidden_states=tokens, timestep=tm / 1000, guidance=cond.get("guidance"),
                        pooled_projections=cond["pooled"], encoder_hidden_states=cond["text"], txt_ids=txt_ids,
                        img_ids=img_ids.reshape(-1, 3), joint_attention_kwargs=cond.get("attention"),
                        return_dict=False)[0]
@@ -542,9 +544,9 @@ class QwenImage(Flux):
                                                max_sequence_length=self.max_sequence_length, **keep)
         return {"text": embeds, "mask": mask}
 
-    def forward(self, x, tm, cond):
+    def forward(self, x, tm, cond, net=None):
         b, c, h, w = x.shape
-        out = self.net(hidden_states=pack2(x), timestep=tm / 1000, guidance=cond.get("guidance"),
+        out = (self.net if net is None else net)(hidden_states=pack2(x), timestep=tm / 1000, guidance=cond.get("guidance"),
                        encoder_hidden_states=cond["text"], encoder_hidden_states_mask=cond.get("mask"),
                        img_shapes=[[(1, h // 2, w // 2)]] * b, attention_kwargs=cond.get("attention"),
                        return_dict=False)[0]
@@ -605,8 +607,8 @@ class Sana(Family):
             complex_human_instruction=self._instruction(), **extra)
         return {"text": pos, "mask": mask}, ({"text": neg, "mask": neg_mask} if negative else None)
 
-    def forward(self, x, tm, cond):
-        return self.net(x, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
+    def forward(self, x, tm, cond, net=None):
+        return (self.net if net is None else net)(x, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
                         timestep=tm * self.net.config.timestep_scale, guidance=cond.get("guidance"),
                         attention_kwargs=cond.get("attention"), return_dict=False)[0]
 
@@ -646,10 +648,10 @@ class SanaSprint(Sana):
             return pos, None
         return pos, one(negatives if negatives is not None else [""] * len(prompts))
 
-    def forward(self, x, tm, cond):
+    def forward(self, x, tm, cond, net=None):
         tau = tm.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         x_in = x * torch.sqrt(tau * tau + (1 - tau) ** 2)
-        v = self.net(x_in, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
+        v = (self.net if net is None else net)(x_in, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
                      guidance=cond.get("guidance"), timestep=tm, attention_kwargs=cond.get("attention"),
                      return_dict=False)[0]
         return x_in - tau * v.to(x.dtype)
