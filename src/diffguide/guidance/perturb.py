@@ -14,6 +14,7 @@ import contextlib
 import math
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,18 @@ def _hooked(targets, kind, install, rows):
                 if entry[1] == 0:
                     entry[0].remove()
                     del _INSTALLED[key]
+
+
+_FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # network -> {(what, layers): modules}
+
+
+def _cached(net, key, find):
+    """The layers ``find()`` picks in ``net``, found once per network and key (a forward pass
+    should not walk every module by regular expression)."""
+    per = _FOUND.setdefault(net, {})
+    if key not in per:
+        per[key] = find()
+    return per[key]
 
 
 def _module(denoiser, method: str) -> torch.nn.Module:
@@ -137,6 +150,15 @@ def _where(rows, a, b):
     return torch.where(rows.view(-1, *([1] * (a.ndim - 1))), a, b)
 
 
+def _put(rows, new, out):
+    """out with its rows ``rows`` replaced by ``new`` (computed for those rows only)."""
+    if bool(rows.all()):
+        return new.to(out.dtype)
+    res = out.clone()
+    res[rows] = new.to(out.dtype)
+    return res
+
+
 def _split_inputs(args, kwargs):
     h = kwargs.get("hidden_states", args[0] if args else None)
     e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
@@ -154,7 +176,8 @@ class IdentityAttention:
 
     def targets(self, denoiser) -> list:
         net = _module(denoiser, "PAG")
-        return self_attention_layers(net, default_layers(net) if self.layers == "auto" else self.layers, "PAG")
+        return _cached(net, ("attention", self.layers), lambda: self_attention_layers(
+            net, default_layers(net) if self.layers == "auto" else self.layers, "PAG"))
 
     def apply(self, denoiser, noise, rows):
         return _hooked(self.targets(denoiser), "pag",
@@ -166,17 +189,17 @@ def _identity_hook(attn, args, kwargs, out):
     if rows is None:
         return None
     h, e = _split_inputs(args, kwargs)
-    ident = _value_path(attn, h)
+    ident = _value_path(attn, h[rows])  # only the perturbed rows
     if isinstance(out, tuple):  # joint attention: (image stream, text stream)
         enc = out[1]
         if e is not None and enc is not None and hasattr(attn, "add_v_proj"):
-            ev = attn.add_v_proj(e).to(enc.dtype)
+            ev = attn.add_v_proj(e[rows])
             to_add = getattr(attn, "to_add_out", None)
             if to_add is not None and not getattr(attn, "context_pre_only", False):
                 ev = to_add(ev)
-            enc = _where(rows, ev, enc)
-        return (_where(rows, ident.to(out[0].dtype), out[0]), enc, *out[2:])
-    return _where(rows, ident.to(out.dtype), out)
+            enc = _put(rows, ev, enc)
+        return (_put(rows, ident, out[0]), enc, *out[2:])
+    return _put(rows, ident, out)
 
 
 def _value_path(attn, h):
@@ -217,7 +240,8 @@ class BlurredQuery:
     def targets(self, denoiser) -> list:
         net = _module(denoiser, "SEG")
         layers = default_layers(net) if self.layers == "auto" else self.layers
-        return [m.to_q for m in self_attention_layers(net, layers, "SEG")]
+        return [m.to_q for m in _cached(net, ("attention", self.layers),
+                                        lambda: self_attention_layers(net, layers, "SEG"))]
 
     def apply(self, denoiser, noise, rows):
         hook = self._hook
@@ -228,7 +252,7 @@ class BlurredQuery:
         rows = _active(proj, ("seg", self.sigma, self.inf_threshold))
         if rows is None:
             return None
-        return _where(rows, blur_tokens(out, self.sigma, self.inf_threshold), out)
+        return _put(rows, blur_tokens(out[rows], self.sigma, self.inf_threshold), out)
 
 
 def blur_tokens(q: torch.Tensor, sigma: float, inf_threshold: float = 9999.0) -> torch.Tensor:
@@ -262,6 +286,9 @@ class SkipBlocks:
 
     def targets(self, denoiser) -> list:
         net = _module(denoiser, "SLG")
+        return _cached(net, ("blocks", self.layers), lambda: self._find(net))
+
+    def _find(self, net) -> list:
         layers = self.layers
         if layers == "auto":
             n = sum(1 for name, _ in net.named_modules() if re.fullmatch(r"transformer_blocks\.\d+", name))
