@@ -1,7 +1,9 @@
 """Bench scripts reuse the measuring code the tests use (tests/helpers.py)."""
 import json
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
@@ -84,3 +86,26 @@ def paired(a: list, b: list) -> dict:
     pval = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
     return {"difference": round((better - worse) / len(a), 4), "better": better, "worse": worse,
             "p_value": round(pval, 4)}
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Wall and process CPU seconds of each candidate, one run of each per round after a warm-up of
+    each, so that drifting machine load hits them alike: {name: {"wall": [...], "cpu": [...]}}."""
+    for fn in fns.values():
+        fn()
+    rec = {k: {"wall": [], "cpu": []} for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            rec[k]["wall"].append(time.perf_counter() - t)
+            rec[k]["cpu"].append(time.process_time() - c)
+    return rec
+
+
+def ratio_summary(a: list, b: list) -> dict:
+    """The median of the per-round ratios a_i / b_i, with their quartiles and extremes."""
+    r = sorted(x / y for x, y in zip(a, b))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return {"median": round(statistics.median(r), 4), "q25": round(q[0], 4), "q75": round(q[2], 4),
+            "min": round(r[0], 4), "max": round(r[-1], 4), "rounds": len(r)}

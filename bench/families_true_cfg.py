@@ -15,11 +15,10 @@ wall time and in this process's CPU time. Prints JSON; --out writes it.
 """
 import argparse
 import statistics
-import time
 
 import torch
 
-from _common import emit
+from _common import emit, interleaved, ratio_summary
 
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
@@ -72,27 +71,6 @@ def sana(blocks: int, heads: int):
     return diffusers.SanaPipeline(tokenizer=tok, text_encoder=text, vae=ae, transformer=tr, scheduler=sch)
 
 
-def paired(a: list, b: list) -> dict:
-    """The median of the per-round ratios a_i / b_i, with their quartiles and extremes."""
-    r = sorted(x / y for x, y in zip(a, b))
-    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-    return {"median": round(statistics.median(r), 4), "q25": round(q[0], 4), "q75": round(q[2], 4),
-            "min": round(r[0], 4), "max": round(r[-1], 4), "rounds": len(r)}
-
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn()  # warm-up
-    rec = {k: {"wall": [], "cpu": []} for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            rec[k]["wall"].append(time.perf_counter() - t)
-            rec[k]["cpu"].append(time.process_time() - c)
-    return rec
-
-
 def case(name: str, pipe, stock_kw: dict, ours_kw: dict, nfe: int, repeats: int) -> dict:
     pipe.set_progress_bar_config(disable=True)
     gp = GuidedPipeline.from_pipe(pipe, progress=False)
@@ -117,8 +95,8 @@ def case(name: str, pipe, stock_kw: dict, ours_kw: dict, nfe: int, repeats: int)
     return {"family": name, "nfe_per_image": nfe, "network_calls_per_image": {"diffusers": stock_forwards,
                                                                               "diffguide": ours_forwards},
             "max_abs_image_difference": float(abs(a - b).max()), "median_seconds_per_image": med,
-            "wall_diffguide_over_diffusers": paired(rec["diffguide"]["wall"], rec["diffusers"]["wall"]),
-            "cpu_diffguide_over_diffusers": paired(rec["diffguide"]["cpu"], rec["diffusers"]["cpu"])}
+            "wall_diffguide_over_diffusers": ratio_summary(rec["diffguide"]["wall"], rec["diffusers"]["wall"]),
+            "cpu_diffguide_over_diffusers": ratio_summary(rec["diffguide"]["cpu"], rec["diffusers"]["cpu"])}
 
 
 def main():

@@ -9,9 +9,8 @@ separate forwards (the way diffusers' guiders run them), interleaved, in wall an
 """
 import argparse
 import statistics
-import time
 
-from _common import emit, paired, scored, toy_setup
+from _common import emit, interleaved, paired, ratio_summary, scored, toy_setup
 
 from diffguide.core.registry import to_spec
 from diffguide.pipelines import GuidedPipeline
@@ -40,13 +39,6 @@ def table(rows) -> str:
         f"{r['colour_error']:.4f} | {r['saturation_error']:.4f} |\n" for r in rows)
 
 
-def ratio(a: list, b: list) -> dict:
-    r = sorted(x / y for x, y in zip(a, b))
-    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-    return {"median": round(statistics.median(r), 4), "q25": round(q[0], 4), "q75": round(q[2], 4),
-            "min": round(r[0], 4), "max": round(r[-1], 4), "rounds": len(r)}
-
-
 def batching(gp, steps: int, images: int, repeats: int) -> dict:
     """cfg+pag with the three branches in one forward vs one forward per branch (max_batch = the
     images of one branch), same images; interleaved rounds after a warm-up."""
@@ -55,20 +47,14 @@ def batching(gp, steps: int, images: int, repeats: int) -> dict:
               progress=False)
     runs = {"batched": lambda: gp("a red circle", **kw), "separate": lambda: gp("a red circle", max_batch=images, **kw)}
     first = {k: f() for k, f in runs.items()}
-    rec = {k: {"wall": [], "cpu": []} for k in runs}
-    for _ in range(repeats):
-        for k, f in runs.items():
-            t, c = time.perf_counter(), time.process_time()
-            f()
-            rec[k]["wall"].append(time.perf_counter() - t)
-            rec[k]["cpu"].append(time.process_time() - c)
+    rec = interleaved(runs, repeats)
     return {"images_per_call": images, "steps": steps,
             "forwards_per_call": {k: v.forwards for k, v in first.items()},
             "max_abs_image_difference": float(abs(first["batched"].images - first["separate"].images).max()),
             "median_seconds_per_image": {k: {m: round(statistics.median(v) / images, 4) for m, v in r.items()}
                                          for k, r in rec.items()},
-            "wall_batched_over_separate": ratio(rec["batched"]["wall"], rec["separate"]["wall"]),
-            "cpu_batched_over_separate": ratio(rec["batched"]["cpu"], rec["separate"]["cpu"])}
+            "wall_batched_over_separate": ratio_summary(rec["batched"]["wall"], rec["separate"]["wall"]),
+            "cpu_batched_over_separate": ratio_summary(rec["batched"]["cpu"], rec["separate"]["cpu"])}
 
 
 def main():

@@ -21,6 +21,7 @@ import time
 import torch
 
 from _common import emit
+from _common import ratio_summary as paired
 
 from diffguide.pipelines import tiny as tm
 from diffguide.pipelines import GuidedPipeline
@@ -72,14 +73,6 @@ def timed(fns: dict, clocks: dict, repeats: int):
                 rec[k][name].append(c.total)
     return {k: {c: statistics.median(v) for c, v in r.items()} | {"walls": r["wall"], "cpus": r["cpu"]}
             for k, r in rec.items()}
-
-
-def paired(a: list, b: list) -> dict:
-    """The median of the per-round ratios a_i / b_i, with their quartiles and extremes."""
-    r = sorted(x / y for x, y in zip(a, b))
-    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-    return {"median": round(statistics.median(r), 4), "q25": round(q[0], 4), "q75": round(q[2], 4),
-            "min": round(r[0], 4), "max": round(r[-1], 4), "rounds": len(r)}
 
 
 def main():

@@ -128,6 +128,20 @@ def test_cfg_zero_star_tcfg_fdg_combine_as_diffusers_guiders(kind):
         assert torch.allclose(ours.output(kind, pt.a, pt.s), theirs, atol=1e-5), spec
 
 
+@pytest.mark.parametrize("kind", ["flow", "eps"])
+def test_seg_and_autoguidance_combine_as_diffusers_guiders(kind):
+    """SEG (with CFG) fed C, U and the perturbed P; AutoGuidance fed C and the guide's prediction."""
+    x, pt, (c, u, p), (pc, pu, pp) = _preds(kind)
+    ours, _ = parse_spec("guidance", "cfg:scale=5+seg:scale=3").combine(
+        x, pt, {"c": pc, "0.u": pu, "0.c": pc, "1.c": pc, "1.p": pp}, (None, None))
+    theirs = _quiet_guider("SmoothedEnergyGuidance", guidance_scale=5.0, seg_guidance_scale=3.0,
+                           seg_guidance_layers=[0]).forward(c, u, p).pred
+    assert torch.allclose(ours.output(kind, pt.a, pt.s), theirs, atol=1e-5)
+    ours, _ = parse_spec("guidance", "autoguidance:scale=2.5").combine(x, pt, {"c": pc, "g": pu}, None)
+    theirs = _quiet_guider("AutoGuidance", guidance_scale=2.5, auto_guidance_layers=[0], dropout=0.1).forward(c, u).pred
+    assert torch.allclose(ours.output(kind, pt.a, pt.s), theirs, atol=1e-5)
+
+
 def test_fdg_is_cfg_when_every_band_has_one_scale_and_separates_bands():
     from diffguide.guidance.fdg import from_pyramid, laplacian_pyramid
 
