@@ -64,8 +64,9 @@ def _view(name):
 def test_the_time_derivative_by_jvp_matches_a_finite_difference(name):
     view, cond, shape = _view(name)
     g = torch.Generator().manual_seed(0)
-    x_in = torch.randn(shape, generator=g, dtype=torch.float64)
-    dx = torch.randn(shape, generator=g, dtype=torch.float64)
+    # channels-last, as data batches permuted from HWC images are (forward-mode group norm failed on them)
+    x_in = torch.randn(shape, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+    dx = torch.randn(shape, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
     t = torch.tensor([0.7, 1.1], dtype=torch.float64)
     with torch.no_grad():
         F, dF = time_derivative(view, x_in, t, dx, cond, "jvp")
@@ -138,3 +139,21 @@ def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_step
     ts = gp.info.timesteps(2, "scm")
     ve = gp.info.schedule.ve(ts[1])
     assert abs(float(ve) - 0.5 * math.tan(1.3)) < 1e-6  # SCMScheduler's intermediate time, as a VE level
+
+
+def test_jvp_falls_back_to_a_finite_difference_and_says_so(monkeypatch):
+    import diffguide.distill.scm as scm
+
+    view, cond, shape = _view("pixel_sd")
+    x_in, dx = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    t = torch.tensor([0.7, 1.1], dtype=torch.float64)
+
+    def no_forward_mode(*a, **k):
+        raise NotImplementedError("Trying to use forward AD with some_kernel that does not support it")
+    monkeypatch.setattr(torch.func, "jvp", no_forward_mode)
+    monkeypatch.setattr(scm, "_warned", [])
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="some_kernel.*central difference"):
+        F, dF = time_derivative(view, x_in, t, dx, cond, "jvp")
+    with torch.no_grad():
+        _, fd = time_derivative(view, x_in, t, dx, cond, "finite_difference")
+    assert torch.equal(dF, fd)
