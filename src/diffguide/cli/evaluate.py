@@ -168,11 +168,12 @@ def add_calibrate_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-def run_calibrate(args) -> int:
-    """Record CFG trajectories and fit LinearAG's per-evaluation coefficients."""
+def _probe_setup(args):
+    """calibrate-linearag's and tune's shared start: (prompts, sampler spec or None, the model),
+    every argument checked and the output proven writable (and new, unless --overwrite) before the
+    model loads."""
     from ..toy import metrics
 
-    _check(args)
     if args.prompts is not None and not os.path.isfile(args.prompts):
         raise UsageError(f"--prompts {args.prompts!r} is not a file")
     prompts = _read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
@@ -182,6 +183,13 @@ def run_calibrate(args) -> int:
         raise UsageError(f"output {args.output!r} exists; pass --overwrite to replace it")
     gp, _ = load_model(args)
     _model_defaults(args, gp)
+    return prompts, sampler, gp
+
+
+def run_calibrate(args) -> int:
+    """Record CFG trajectories and fit LinearAG's per-evaluation coefficients."""
+    _check(args)
+    prompts, sampler, gp = _probe_setup(args)
     sampler = gp.resolve("none", None, sampler)[1]
     t0 = time.perf_counter()
     coefficients = calibrate_linear_ag(gp, prompts, args.n, args.seed, sampler, args.steps, args.scale,
@@ -213,20 +221,11 @@ def add_tune_arguments(p) -> None:
 def run_tune(args) -> int:
     """Pick a method's options for this model from probe runs; write a spec file."""
     from ..evaluate.tune import METHODS, tune, write
-    from ..toy import metrics
 
     _check(args)
     if args.method not in METHODS:
         raise UsageError(f"unknown method {args.method!r} to tune; choose one of: {', '.join(METHODS)}")
-    if args.prompts is not None and not os.path.isfile(args.prompts):
-        raise UsageError(f"--prompts {args.prompts!r} is not a file")
-    prompts = _read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
-    sampler = parse_spec("sampler", args.sampler) if args.sampler else None
-    prove_writable(os.path.dirname(os.path.abspath(args.output)))
-    if os.path.exists(args.output) and not args.overwrite:
-        raise UsageError(f"output {args.output!r} exists; pass --overwrite to replace it")
-    gp, _ = load_model(args)
-    _model_defaults(args, gp)
+    prompts, sampler, gp = _probe_setup(args)
     t0 = time.perf_counter()
     result = tune(gp, args.method, prompts, args.n, args.seed, sampler, args.steps, args.scale,
                   args.target_nfe, args.quantile, args.spacing)
