@@ -286,16 +286,16 @@ class GuidedDenoiser:
             if not getattr(p, "rowwise", False):  # then it is this group's only branch
                 whole.enter_context(p.apply(net, self.noise))
                 continue
-            masks[p] = torch.cat([torch.full((n,), q == p, dtype=torch.bool, device=x.device)
-                                  for n, q in zip(sizes, perturbs)])
+            masks[p] = [q == p for n, q in zip(sizes, perturbs) for _ in range(n)]  # a flag per row
         chunks = []
         with whole, torch.set_grad_enabled(grad or torch.is_grad_enabled()):
             for i in range(0, x.shape[0], step):
                 sl = slice(i, i + step)
                 with contextlib.ExitStack() as stack:
-                    for p, mask in masks.items():
-                        if mask[sl].any():
-                            stack.enter_context(p.apply(net, self.noise, mask[sl]))
+                    for p, flags in masks.items():
+                        if any(flags[sl]):
+                            rows = torch.tensor(flags[sl], dtype=torch.bool, device=x.device)
+                            stack.enter_context(p.apply(net, self.noise, rows))
                     pred = net(x[sl], t if t.ndim == 0 else t[sl], _rows(cond, sl))
                 if not isinstance(pred, Pred):
                     raise ValueError(f"model {model!r} returned {type(pred).__name__}, not a Pred")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .schedule import F64, FlowSchedule, Schedule, VPSchedule
+from .schedule import F64, FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
 
 FINALS = ("zero", "sigma_min")
 
@@ -147,7 +147,7 @@ def _scm_grid(schedule: Schedule, steps: int, intermediate: float = 1.3, sigma_d
     first being the schedule's own noise end (an sCM student of a VP or flow teacher)."""
     trig = torch.tensor([math.pi / 2, float(intermediate), 0.0], dtype=F64) if steps == 2 else \
         torch.linspace(math.pi / 2, 0.0, steps + 1, dtype=F64)
-    if type(schedule).__name__ == "TrigFlowSchedule":
+    if isinstance(schedule, TrigFlowSchedule):
         return trig.clamp(schedule.t_min, schedule.t_max)
     ts = schedule.t_of_ve(sigma_data * torch.tan(trig[1:-1]))
     return torch.cat([torch.tensor([schedule.t_max], dtype=F64), ts.to(F64), torch.tensor([schedule.t_min], dtype=F64)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -76,20 +77,23 @@ class FDG(Guidance):
     space: str = "auto"
 
     def __post_init__(self):
-        n = len(_floats(self.scales, None, "scales"))
-        _floats(self.parallel, n, "parallel")
         check_space(self.space)
+        self._weights  # parsed (and checked) now
+
+    @cached_property
+    def _weights(self) -> tuple[list, list]:
+        ws = _floats(self.scales, None, "scales")
+        return ws, _floats(self.parallel, len(ws), "parallel")
 
     def branches(self, pt, state=None):
-        if all(w == 1 for w in _floats(self.scales, None, "scales")):
+        if all(w == 1 for w in self._weights[0]):
             return {"c": Branch("pos")}
         return {"c": Branch("pos"), "u": Branch("neg")}
 
     def combine(self, x, pt, preds, state):
         if "u" not in preds:
             return preds["c"], state
-        ws = _floats(self.scales, None, "scales")
-        ps = _floats(self.parallel, len(ws), "parallel")
+        ws, ps = self._weights
         space = output_space(self.space, pt)
         c, u = (preds[k].output(space, pt.a, pt.s) for k in ("c", "u"))
         if c.ndim != 4:

@@ -16,6 +16,7 @@ import re
 import threading
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,11 @@ def _cached(net, key, find):
     if key not in per:
         per[key] = find()
     return per[key]
+
+
+def _installer(hook, with_kwargs: bool = True):
+    """module -> the handle of ``hook`` registered as its forward hook (what ``_hooked`` installs)."""
+    return lambda m: m.register_forward_hook(hook, with_kwargs=with_kwargs)
 
 
 def _module(denoiser, method: str) -> torch.nn.Module:
@@ -180,8 +186,7 @@ class IdentityAttention:
             net, default_layers(net) if self.layers == "auto" else self.layers, "PAG"))
 
     def apply(self, denoiser, noise, rows):
-        return _hooked(self.targets(denoiser), "pag",
-                       lambda m: m.register_forward_hook(_identity_hook, with_kwargs=True), rows)
+        return _hooked(self.targets(denoiser), "pag", _installer(_identity_hook), rows)
 
 
 def _identity_hook(attn, args, kwargs, out):
@@ -244,9 +249,8 @@ class BlurredQuery:
                                         lambda: self_attention_layers(net, layers, "SEG"))]
 
     def apply(self, denoiser, noise, rows):
-        hook = self._hook
         return _hooked(self.targets(denoiser), ("seg", self.sigma, self.inf_threshold),
-                       lambda q: q.register_forward_hook(hook), rows)
+                       _installer(self._hook, with_kwargs=False), rows)
 
     def _hook(self, proj, args, out):
         rows = _active(proj, ("seg", self.sigma, self.inf_threshold))
@@ -297,8 +301,7 @@ class SkipBlocks:
         return blocks(net, layers, "SLG")
 
     def apply(self, denoiser, noise, rows):
-        return _hooked(self.targets(denoiser), "slg",
-                       lambda m: m.register_forward_hook(_skip_hook, with_kwargs=True), rows)
+        return _hooked(self.targets(denoiser), "slg", _installer(_skip_hook), rows)
 
 
 def _skip_hook(block, args, kwargs, out):
@@ -342,15 +345,19 @@ class PerturbedGuidance(Guidance):
     def perturbation(self):
         raise NotImplementedError
 
+    @cached_property
+    def _perturb(self):
+        return self.perturbation()  # built once, not at every evaluation
+
     def check(self, models) -> None:
         """Find the layers now, so that a bad name fails before sampling, not at the first step
         inside the window."""
-        self.perturbation().targets(models["main"])
+        self._perturb.targets(models["main"])
 
     def branches(self, pt: Point, state=None):
         if self.scale == 0 or not in_window(pt, self.start, self.stop):
             return {"c": Branch("pos")}
-        return {"c": Branch("pos"), "p": Branch("pos", perturb=self.perturbation())}
+        return {"c": Branch("pos"), "p": Branch("pos", perturb=self._perturb)}
 
     def combine(self, x, pt, preds, state):
         c = preds["c"]
