@@ -98,9 +98,9 @@ def time_derivative(F, x_in, t, dx_in, cond, method: str = "jvp", h: float = 1e-
     """(F(x_in, t), d/dt F along x_in' = dx_in, t' = 1): forward-mode AD (``torch.func.jvp``, with
     attention computed by the math kernel: torch has no forward-mode rule for its fused CPU and
     flash kernels), or a central finite difference with step h where forward mode is unavailable.
-    Measured on tiny UNet and DiT views in float64 (tests/test_scm.py): the two agree to 2e-4 of
-    the tangent's scale at h = 1e-4; at h = 1e-3 the difference's own error is 2%, and below 1e-5
-    float32 time embeddings make it noisy."""
+    On tiny UNet and DiT views in float64 the two agree within 1e-3 of the tangent's scale at
+    h = 1e-4 (tests/test_scm.py); larger h adds truncation error, and much smaller h is dominated
+    by the float32 time embeddings."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # contiguous: group norm's forward-mode rule views its input, which fails on a channels-last batch
@@ -113,8 +113,8 @@ def time_derivative(F, x_in, t, dx_in, cond, method: str = "jvp", h: float = 1e-
         except (NotImplementedError, RuntimeError) as e:
             if not _warned:
                 warnings.warn(f"forward-mode AD failed in this network ({str(e).splitlines()[0][:160]}); sCM "
-                              f"uses a central difference instead (h = {h}: within about 2e-4 of the tangent's "
-                              f"scale, measured)", RuntimeWarning, stacklevel=2)
+                              f"uses a central difference instead (h = {h}; within 1e-3 of the tangent's scale "
+                              f"on the tiny test networks)", RuntimeWarning, stacklevel=2)
                 _warned.append(True)
             method = "finite_difference"
     if method != "finite_difference":
