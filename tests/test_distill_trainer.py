@@ -184,6 +184,9 @@ def test_cli_distill_then_generate_with_the_students_steps(tmp_path, teacher, da
     (["dmd2", "--student-steps", "0"], "--student-steps must be in 1..8, got 0"),
     (["consistency", "--batch", "0"], "--batch must be an integer >= 1, got 0"),
     (["consistency", "--data", "/nonexistent"], "data '/nonexistent' is neither 'toy' nor a folder"),
+    (["dmd2", "--ladd"], "ladd is an sCM option (SANA-Sprint's hybrid); dmd2 has --gan"),
+    (["scm", "--gan"], "gan is a DMD2 option; scm has --ladd"),
+    (["scm", "--ladd", "--ladd-weight", "0"], "--ladd-weight must be > 0, got 0.0"),
 ])
 def test_cli_distill_bad_arguments(tmp_path, capsys, argv, message):
     from diffguide.cli.main import main
@@ -240,6 +243,10 @@ def test_generate_fast_flag(tmp_path, capsys):
     ("flux", "scm", {}),
     ("sana", "scm", {"guidance": "cfg:scale=3"}),
     ("sdxl", "consistency", {"guidance": "cfg:scale=4"}),
+    ("sd3", "consistency", {"guidance": "cfg:scale=4"}),
+    ("sd3", "dmd2", {"gan": True, "fake_ratio": 1}),
+    ("flux", "ict", {}),
+    ("sana", "dmd2", {}),
 ])
 def test_transformer_teachers(tmp_path, family, method, extra):
     """Each trainer takes a transformer teacher; the student folder is that family's pipeline and
@@ -257,11 +264,19 @@ def test_transformer_teachers(tmp_path, family, method, extra):
     assert type(sp.family.net).__name__ == type(gp.family.net).__name__
     out = sp(1 if family == "dit" else "a red circle", seed=0, output_type="np")
     assert out.nfe == 2 and np.isfinite(out.images).all()
+    flow = type(gp.info.schedule).__name__ == "FlowSchedule"
+    if flow and method != "scm":  # the teacher's own scheduler, no boundary, and the LCM grid of its training
+        assert type(sp.pipe.scheduler) is type(gp.pipe.scheduler) and sp.info.boundary is None
+        assert sp.info.grid == {"spacing": "lcm", "original_steps": {"consistency": 10, "ict": 50}.get(method, 2)}
 
 
-def test_flow_teachers_need_scm(tmp_path):
-    folder = tm.save(str(tmp_path / "t"), "sd3")
-    data = caption_folder(tmp_path / "data", 4, size=16)
-    with pytest.raises(ValueError, match="distil it with scm"):
-        train(DistillConfig(out=str(tmp_path / "run"), teacher=folder, data=data, method="consistency", batch=2,
-                            max_steps=1), progress=False)
+def test_flow_students_lcm_grid_is_the_training_indices_as_flow_times():
+    """A flow student's grid: LCM's training indices i (999, 749, ... for 4 original steps) at the
+    flow times (i + 1) / T of FlowMatchEulerDiscreteScheduler's training sigmas, then the data end."""
+    import diffguide as dg
+    from diffguide.core.spacing import timesteps
+
+    ts = timesteps(dg.FlowSchedule(shift=3.0), 4, "lcm", original_steps=4)
+    assert torch.allclose(ts, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    vp = timesteps(dg.VPSchedule.from_betas(), 4, "lcm", original_steps=4)
+    assert vp[:-1].tolist() == [999.0, 749.0, 499.0, 249.0]

@@ -36,6 +36,16 @@ def add_arguments(p) -> None:
     p.add_argument("--scm-warmup", type=int, default=10000, help="scm: tangent warm-up steps")
     p.add_argument("--scm-derivative", default="jvp", choices=("jvp", "finite_difference"),
                    help="scm: the student's time derivative by forward-mode AD (default) or a central difference")
+    p.add_argument("--scm-p-mean", type=float, default=-0.8,
+                   help="scm: mean of log(sigma_d tan t) in training (the paper's ImageNet -0.8; SANA-Sprint 0.2)")
+    p.add_argument("--scm-p-std", type=float, default=1.6, help="scm: its standard deviation")
+    p.add_argument("--scm-prior-weight", action="store_true",
+                   help="scm: weight the loss by 1/(sigma_d tan t), as SANA-Sprint's training code does")
+    p.add_argument("--ladd", action="store_true",
+                   help="scm: add latent adversarial distillation (heads on the frozen teacher's features, SANA-Sprint)")
+    p.add_argument("--ladd-weight", type=float, default=0.5, help="scm --ladd: the adversarial term's weight")
+    p.add_argument("--clip", type=float, default=None,
+                   help="gradient-norm clipping (default 1; dmd2 10; SANA-Sprint used 0.1)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -65,7 +75,9 @@ def run(args) -> int:
                         ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip, scale_min=lo, scale_max=hi,
                         fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan, init=args.init,
                         ict_total=args.ict_total, scm_warmup=args.scm_warmup,
-                        scm_derivative=args.scm_derivative,
+                        scm_derivative=args.scm_derivative, scm_p_mean=args.scm_p_mean, scm_p_std=args.scm_p_std,
+                        scm_prior_weight=args.scm_prior_weight, clip=args.clip,
+                        ladd=args.ladd, ladd_weight=args.ladd_weight,
                         grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
                         gradient_checkpointing=args.gradient_checkpointing,
                         checkpoint_every=args.checkpoint_every, log_every=args.log_every,

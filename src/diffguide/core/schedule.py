@@ -149,6 +149,10 @@ class VPSchedule(Schedule):
     def t_max(self) -> float:
         return float(self.num_train_timesteps - 1)
 
+    def index_time(self, i) -> torch.Tensor:
+        """The time of training timestep index i (-1: the data end): the index itself."""
+        return _t64(i)
+
     @property
     def zero_terminal_snr(self) -> bool:
         return self._zero_snr
@@ -220,6 +224,11 @@ class FlowSchedule(Schedule):
     def flow_time(self, t) -> torch.Tensor:
         t = _t64(t)
         return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def index_time(self, i) -> torch.Tensor:
+        """The time of training timestep index i: (i + 1) / n, as FlowMatchEulerDiscreteScheduler's
+        training sigmas 1/n .. 1 (so -1 is the data end and n - 1 pure noise), before the shift."""
+        return (_t64(i) + 1) / self.num_train_timesteps
 
     def ve(self, t) -> torch.Tensor:
         t = _t64(t)

@@ -128,9 +128,10 @@ _DIFFUSERS = ("linspace", "leading", "trailing")
 
 def _lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> torch.Tensor:
     """LCM's timesteps (Luo et al. 2023; diffusers' LCMScheduler): ``steps`` points picked evenly from
-    the distillation grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), noise end first."""
-    if not isinstance(schedule, VPSchedule):
-        raise ValueError(f"spacing 'lcm' indexes a discrete VP table, not {type(schedule).__name__}")
+    the distillation grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), noise end first; on a flow
+    schedule those training indices are the flow times (i + 1) / T (a flow-teacher student's grid)."""
+    if not hasattr(schedule, "index_time"):
+        raise ValueError(f"spacing 'lcm' indexes training timesteps, which {type(schedule).__name__} has not")
     n_train = schedule.num_train_timesteps
     if not 1 <= steps <= original_steps <= n_train:
         raise ValueError(f"spacing 'lcm' needs 1 <= steps <= original_steps <= {n_train}, got steps={steps}, "
@@ -138,7 +139,7 @@ def _lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> torch
     k = n_train // int(original_steps)
     grid = (torch.arange(1, int(original_steps) + 1, dtype=torch.int64) * k - 1).flip(0)
     idx = np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)
-    return grid[torch.from_numpy(idx)].to(F64)
+    return schedule.index_time(grid[torch.from_numpy(idx)].to(F64))
 
 
 def _scm_grid(schedule: Schedule, steps: int, intermediate: float = 1.3, sigma_data: float = 0.5) -> torch.Tensor:

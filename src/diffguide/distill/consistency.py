@@ -67,6 +67,7 @@ class ConsistencyLoss:
     huber_c: float = 0.001
     scale_range: tuple = (3.0, 13.0)   # CFG scales (diffusers' convention) drawn per example
     embed: Any = None                  # w -> the student's timestep_cond (None: no embedding)
+    timestep_scaling: float | None = 10.0  # LCM's boundary; None: none (a flow student's x - s v is x at s = 0)
 
     def __post_init__(self):
         if isinstance(self.guidance, str):
@@ -80,14 +81,15 @@ class ConsistencyLoss:
             raise ValueError(f"skip must be in [1, {n - 1}], got {self.skip!r}")
 
     def grid(self) -> torch.Tensor:
+        """The teacher's training indices k - 1, 2k - 1, ..., T - 1 (their times: ``index_time``)."""
         n = self.teacher.schedule.num_train_timesteps
         return torch.arange(self.skip - 1, n, self.skip, dtype=torch.float64)
 
     def __call__(self, x0: torch.Tensor, pos: dict, neg: dict, generator: torch.Generator) -> torch.Tensor:
         sched, b = self.teacher.schedule, x0.shape[0]
         grid = self.grid()
-        t = grid[int(torch.randint(len(grid), (1,), generator=generator))]  # one level per batch
-        t_prev = torch.clamp(t - self.skip, min=sched.t_min)
+        i = grid[int(torch.randint(len(grid), (1,), generator=generator))]  # one level per batch
+        t, t_prev = sched.index_time(i), sched.index_time(torch.clamp(i - self.skip, min=-1.0))
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         a, s = float(sched.alpha(t)), float(sched.sigma(t))
         x = a * x0 + s * eps
@@ -104,6 +106,9 @@ class ConsistencyLoss:
             gd.reset(RandomNoise(generator))
             st = Step.make(0, 1, t, t_prev, sched)
             x_prev, _ = self.solver.step(gd, x, st, self.solver.init_state(), RandomNoise(generator))
-            target = Boundary(self.target)(x_prev, t_prev, cond).x0
-        online = Boundary(self.student)(x, t, cond).x0
+            target = self._f(self.target)(x_prev, t_prev, cond).x0
+        online = self._f(self.student)(x, t, cond).x0
         return pseudo_huber(online, target, self.huber_c)
+
+    def _f(self, d):
+        return d if self.timestep_scaling is None else Boundary(d, timestep_scaling=self.timestep_scaling)

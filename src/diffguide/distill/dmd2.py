@@ -42,8 +42,8 @@ class GANHead(torch.nn.Module):
             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 1))
 
     def forward(self, h) -> torch.Tensor:
-        if isinstance(h, tuple):  # a dual-stream transformer block: (text, image) streams
-            h = h[-1]
+        if isinstance(h, tuple):  # dual-stream transformer blocks return (text, image): the image stream
+            h = [o for o in h if torch.is_tensor(o)][-1]
         if h.ndim == 3:  # transformer tokens [B, N, C]: a 1-pixel-wide image of N rows
             h = h.transpose(1, 2).unsqueeze(-1)
         return self.net(h.float()).squeeze(1)
@@ -90,6 +90,9 @@ class DMD2Loss:
         if (self.head is None) != (self.bottleneck is None):
             raise ValueError("the GAN head needs the fake network's bottleneck module, and vice versa")
 
+    def _time(self, i) -> torch.Tensor:
+        return self.teacher.schedule.index_time(torch.tensor(float(i), dtype=torch.float64))
+
     def _noised(self, x0, t, g):
         sched = self.teacher.schedule
         eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
@@ -99,26 +102,26 @@ class DMD2Loss:
         """G's x0 at a random stage k (with grad), from an input made by backward simulation: G run
         without grad through stages 0..k-1 from ``noise``, each x0 re-noised to the next tau."""
         k = int(torch.randint(len(self.taus), (1,), generator=g))
-        x = noise * math.sqrt(float(self.teacher.schedule.alpha(self.taus[0])) ** 2
-                              + float(self.teacher.schedule.sigma(self.taus[0])) ** 2)
+        taus = [self._time(i) for i in self.taus]
+        x = noise * math.sqrt(float(self.teacher.schedule.alpha(taus[0])) ** 2
+                              + float(self.teacher.schedule.sigma(taus[0])) ** 2)
         with torch.no_grad():
             for j in range(k):
-                x0 = self.generator(x, torch.tensor(float(self.taus[j]), dtype=torch.float64), cond).x0
-                x, _ = self._noised(x0, torch.tensor(float(self.taus[j + 1]), dtype=torch.float64), g)
-        return self.generator(x, torch.tensor(float(self.taus[k]), dtype=torch.float64), cond).x0, k
+                x0 = self.generator(x, taus[j], cond).x0
+                x, _ = self._noised(x0, taus[j + 1], g)
+        return self.generator(x, taus[k], cond).x0, k
 
     def _level(self, g, lo: float, hi: float) -> torch.Tensor:
         n = self.teacher.schedule.num_train_timesteps
         a, b = int(lo * n), min(int(hi * n), n - 1)
-        return torch.tensor(float(torch.randint(a, b + 1, (1,), generator=g)), dtype=torch.float64)
+        return self._time(int(torch.randint(a, b + 1, (1,), generator=g)))
 
     def _logits(self, x0, cond, g) -> torch.Tensor:
         t = self._level(g, 0.0, 1.0)
         x, _ = self._noised(x0, t, g)
         with Bottleneck(self.bottleneck) as b:
             self.fake(x, t, cond)
-        out = b.out[0] if isinstance(b.out, tuple) else b.out
-        return self.head(out)
+        return self.head(b.out)
 
     def generator_loss(self, x0: torch.Tensor, pos: dict, neg: dict, g: torch.Generator) -> tuple:
         """½‖x0 − sg(x0 − grad)‖² with grad = (x̂_fake − x̂_real) / mean|x0 − x̂_real| (DMD eq. 7 and

@@ -62,7 +62,7 @@ class ICTLoss:
     sigma_min: float | None = None   # None: the schedule's own range (VE sigma)
     sigma_max: float | None = None
     huber_c: float | None = None     # None: 0.00054 sqrt(d)
-    timestep_scaling: float = 10.0
+    timestep_scaling: float | None = 10.0  # LCM's boundary; None: none (a flow student needs none)
 
     def __post_init__(self):
         sc = self.student.schedule
@@ -87,7 +87,8 @@ class ICTLoss:
         def noised(t):
             a, s = (f(t).to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1))) for f in (sc.alpha, sc.sigma))
             return a * x0 + s * z
-        f = Boundary(self.student, timestep_scaling=self.timestep_scaling)
+        f = self.student if self.timestep_scaling is None else \
+            Boundary(self.student, timestep_scaling=self.timestep_scaling)
         online = f(noised(t_hi), t_hi, cond).x0
         with torch.no_grad():
             target = f(noised(t_lo), t_lo, cond).x0

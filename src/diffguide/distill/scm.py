@@ -141,12 +141,17 @@ class SCMLoss:
     tangent_c: float = 0.1          # tangent normalisation g / (||g|| + c)
     warmup: int = 10000             # tangent warm-up: r = min(1, step / warmup)
     method: str = "jvp"             # or finite_difference
+    prior_weight: bool = False      # SANA-Sprint's code: the loss also weighted by 1 / (sigma_d tan t)
+    ladd: Any = None                # a LADD term (ladd.py) beside the consistency loss
+    ladd_weight: float = 0.5        # SANA-Sprint's adv_lambda
 
     def __post_init__(self):
         self.t_max = math.atan(float(self.teacher.schedule.sigma_max) / self.sigma_d)
 
     def __call__(self, x0: torch.Tensor, pos, neg, step: int, generator: torch.Generator, guidance=None,
-                 student_cond=None) -> tuple[torch.Tensor, dict]:
+                 student_cond=None, keep: list | None = None) -> tuple[torch.Tensor, dict]:
+        """(loss, logs); with LADD the student's x0 estimates are appended to ``keep`` for the heads'
+        own update."""
         sd, b = self.sigma_d, x0.shape[0]
         t = sample_times(b, generator, self.p_mean, self.p_std, sd, self.t_max).to(x0.device)
         z = sd * torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
@@ -170,5 +175,15 @@ class SCMLoss:
         d = x0[0].numel()
         F_theta = F(x_t / sd, t, cond)
         err = (F_theta - F_minus - g).flatten(1).pow(2).sum(1)
+        if self.prior_weight:
+            err = err / (sd * torch.tan(t)).to(err.dtype)
         loss = (torch.exp(w) / d * err - w).mean()
-        return loss, {"loss": float(loss.detach()), "tangent_norm": float(gnorm.mean())}
+        logs = {"loss": float(loss.detach()), "tangent_norm": float(gnorm.mean())}
+        if self.ladd is not None:  # the student's x0 at t, judged by the teacher's features
+            x0_hat = c * x_t - s * sd * F_theta
+            adv = self.ladd.generator_loss(x0_hat, pos, generator)
+            loss = loss + self.ladd_weight * adv
+            logs["adv_g"] = float(adv.detach())
+            if keep is not None:
+                keep.append(x0_hat.detach())
+        return loss, logs

@@ -79,6 +79,9 @@ class DistillConfig:
     scm_warmup: int = 10000
     scm_tangent_c: float = 0.1
     scm_derivative: str = "jvp"     # or finite_difference
+    scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code does
+    ladd: bool = False              # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
+    ladd_weight: float = 0.5
     # the loop
     grad_accum: int = 1
     clip: float | None = None       # default: 1 (consistency, as LCM) / 10 (DMD2)
@@ -94,7 +97,7 @@ class DistillConfig:
     # (the effective batch, batch x processes x grad_accum, must match too; its split may change)
     FIXED = ("method", "teacher", "guidance", "student_steps", "data", "dataset", "seed", "solver", "skip", "gan",
              "init", "ict_s0", "ict_s1", "ict_p_mean", "ict_p_std", "ict_total", "scm_p_mean", "scm_p_std",
-             "scm_warmup", "scm_tangent_c", "scm_derivative")
+             "scm_warmup", "scm_tangent_c", "scm_derivative", "scm_prior_weight", "ladd")
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -127,6 +130,14 @@ class DistillConfig:
                              f"{self.scm_p_std!r}, {self.scm_tangent_c!r}, {self.scm_warmup!r}")
         if not self.ict_p_std > 0:
             raise ValueError(f"ict_p_std must be > 0, got {self.ict_p_std!r}")
+        if self.ladd and self.method != "scm":
+            raise ValueError(f"ladd is an sCM option (SANA-Sprint's hybrid); {self.method} has "
+                             f"{'--gan' if self.method == 'dmd2' else 'no adversarial term'}")
+        if self.gan and self.method != "dmd2":
+            raise ValueError(f"gan is a DMD2 option; {self.method} has "
+                             f"{'--ladd' if self.method == 'scm' else 'no adversarial term'}")
+        if not self.ladd_weight > 0:
+            raise ValueError(f"ladd_weight must be > 0, got {self.ladd_weight!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.data != "toy" and not os.path.isdir(self.data):
@@ -250,7 +261,13 @@ def _denoiser(teacher, net, boundary: bool):
     module = getattr(net, "module", net)  # hooks (perturbations, the GAN bottleneck) go on the bare UNet
     d = NetDenoiser(functools.partial(teacher.family.forward, net=net), teacher.info.schedule,
                     teacher.info.kind, learned_sigma=teacher.family.learned_sigma(), module=module)
-    return Boundary(d, timestep_scaling=TIMESTEP_SCALING) if boundary else d
+    return Boundary(d, timestep_scaling=TIMESTEP_SCALING) if boundary and _scaling(teacher) else d
+
+
+def _scaling(teacher) -> float | None:
+    """The student's boundary constant: LCM's on a VP teacher. A flow student needs none: its x0 = x - s v
+    is x itself at s = 0 (as TrigFlow's f), and its folder keeps the teacher's own scheduler."""
+    return TIMESTEP_SCALING if type(teacher.info.schedule).__name__ == "VPSchedule" else None
 
 
 def _embeds(cfg: DistillConfig, guidance) -> bool:
@@ -272,10 +289,9 @@ class Run:
         self.guidance = parse_spec("guidance", cfg.guidance)
         tnet = teacher.family.net
         _net(tnet)  # checks the teacher's kind
-        if cfg.method != "scm" and type(teacher.info.schedule).__name__ != "VPSchedule":
-            raise ValueError(f"{cfg.method} needs a teacher on a discrete VP schedule (DDPM-style scheduler); "
-                             f"{type(tnet).__name__} is a {type(teacher.info.schedule).__name__} model: distil "
-                             f"it with scm")
+        if not hasattr(teacher.info.schedule, "index_time"):
+            raise ValueError(f"{cfg.method} needs a teacher with training timesteps (a VP or flow-matching "
+                             f"scheduler); {type(tnet).__name__} has a {type(teacher.info.schedule).__name__}")
         torch.manual_seed(cfg.seed)  # any fresh weights (the GAN head) depend on the seed only
         # a scale embedding needs a UNet's time_cond_proj_dim; transformer students bake the guidance in
         self.embed = _embeds(cfg, self.guidance) and _is_unet(tnet)
@@ -299,6 +315,11 @@ class Run:
                 self.head = GANHead(_width(tnet)).to(tnet.device)
                 params += list(self.head.parameters())
             self.fake_opt = torch.optim.AdamW(params, lr=cfg.fake_lr or cfg.lr, weight_decay=0.01)
+        if cfg.ladd:  # heads on the frozen teacher's blocks; the teacher is the discriminator's body
+            from .ladd import feature_widths
+
+            self.head = torch.nn.ModuleList(GANHead(w) for w in feature_widths(tnet)).to(tnet.device)
+            self.fake_opt = torch.optim.AdamW(self.head.parameters(), lr=cfg.fake_lr or cfg.lr, weight_decay=0.0)
         self.clip = cfg.clip or (10.0 if cfg.method == "dmd2" else 1.0)
         self.step0 = self.load(state) if state is not None else 0
         self._prepare()
@@ -308,18 +329,12 @@ class Run:
         """Wrap the trainable networks and optimisers (DDP on several processes); load first, as
         DDP starts every process from rank 0's weights."""
         acc = self.acc
-        mods = [self.student, self.opt] + ([self.fake, self.fake_opt] if self.fake is not None else []) \
-            + ([self.head] if self.head is not None else []) + ([self.weight] if self.weight is not None else [])
+        names = [n for n in ("student", "opt", "fake", "fake_opt", "head", "weight") if getattr(self, n) is not None]
         with warnings.catch_warnings():  # torch renamed broadcast_buffers; accelerate passes the old name
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            out = acc.prepare(*mods)
-        self.student, self.opt = out[:2]
-        if self.fake is not None:
-            self.fake, self.fake_opt = out[2:4]
-        if self.head is not None:
-            self.head = out[4]
-        if self.weight is not None:
-            self.weight = out[-1]
+            out = acc.prepare(*(getattr(self, n) for n in names))
+        for n, m in zip(names, out if len(names) > 1 else [out]):
+            setattr(self, n, m)
         self.ema.to(acc.device)
 
     def _loss(self):
@@ -331,14 +346,21 @@ class Run:
             embed = (lambda w: guidance_embedding(w, EMBED_DIM)) if self.embed else None
             return ConsistencyLoss(teacher.net_denoiser, _denoiser(teacher, self.student, False),
                                    _denoiser(teacher, self.ema, False), self.guidance, cfg.solver, cfg.skip,
-                                   cfg.huber_c, (cfg.scale_min, cfg.scale_max), embed=embed)
+                                   cfg.huber_c, (cfg.scale_min, cfg.scale_max), embed=embed,
+                                   timestep_scaling=_scaling(teacher))
         if cfg.method == "scm":
+            ladd = None
+            if cfg.ladd:
+                from .ladd import LADD, feature_modules
+
+                ladd = LADD(teacher.net_denoiser, feature_modules(teacher.family.net), self.head)
             return SCMLoss(teacher.net_denoiser, _denoiser(teacher, self.student, False), self.weight, self.guidance,
                            p_mean=cfg.scm_p_mean, p_std=cfg.scm_p_std, tangent_c=cfg.scm_tangent_c,
-                           warmup=cfg.scm_warmup, method=cfg.scm_derivative)
+                           warmup=cfg.scm_warmup, method=cfg.scm_derivative, prior_weight=cfg.scm_prior_weight,
+                           ladd=ladd, ladd_weight=cfg.ladd_weight)
         if cfg.method == "ict":
             return ICTLoss(_denoiser(teacher, self.student, False), cfg.ict_total or cfg.max_steps, cfg.ict_s0, cfg.ict_s1,
-                           p_mean=cfg.ict_p_mean, p_std=cfg.ict_p_std, timestep_scaling=TIMESTEP_SCALING)
+                           p_mean=cfg.ict_p_mean, p_std=cfg.ict_p_std, timestep_scaling=_scaling(teacher))
         T = teacher.info.schedule.num_train_timesteps
         return DMD2Loss(teacher.net_denoiser, _denoiser(teacher, self.fake, False),
                         _denoiser(teacher, self.student, True), self.guidance,
@@ -353,9 +375,11 @@ class Run:
         if self.weight is not None:
             s["weight"] = un(self.weight).state_dict()
         if self.fake is not None:
-            s.update(fake=un(self.fake).state_dict(), fake_opt=self.fake_opt.state_dict())
-            if self.head is not None:
-                s["head"] = un(self.head).state_dict()
+            s["fake"] = un(self.fake).state_dict()
+        if self.fake_opt is not None:
+            s["fake_opt"] = self.fake_opt.state_dict()
+        if self.head is not None:
+            s["head"] = un(self.head).state_dict()
         return s
 
     def load(self, s: dict) -> int:
@@ -366,9 +390,10 @@ class Run:
             self.weight.load_state_dict(s["weight"])
         if self.fake is not None:
             self.fake.load_state_dict(s["fake"])
+        if self.fake_opt is not None:
             self.fake_opt.load_state_dict(s["fake_opt"])
-            if self.head is not None:
-                self.head.load_state_dict(s["head"])
+        if self.head is not None:
+            self.head.load_state_dict(s["head"])
         return int(s["step"])
 
     def _update(self, modules, opt, loss_of, n: int):
@@ -417,11 +442,23 @@ class Run:
                 return loss, {"loss": loss.item()}
             logs = self._update([self.student], self.opt, loss_of, n)
         elif cfg.method == "scm":
+            from ..pipelines.pipeline import frozen
+
+            fakes: list = []
+
             def loss_of(j):
                 g, x0, pos, neg = micro[j]
                 guidance, cond = self._scales(pos, g, x0.shape[0])
-                return self.loss(x0, pos, neg, step, g, guidance=guidance, student_cond=cond)
-            logs = self._update([self.student, self.weight], self.opt, loss_of, n)
+                return self.loss(x0, pos, neg, step, g, guidance=guidance, student_cond=cond, keep=fakes)
+            heads = [self.acc.unwrap_model(self.head)] if self.head is not None else []
+            with frozen(*heads):  # the adversarial term reaches the student through the heads, not into them
+                logs = self._update([self.student, self.weight], self.opt, loss_of, n)
+            if self.head is not None:
+                def head_loss(j):
+                    g, x0, pos, _ = micro[j]
+                    d = self.loss.ladd.discriminator_loss(fakes[j], x0, pos, g)
+                    return d, {"adv_d": d.item()}
+                logs.update(self._update([self.head], self.fake_opt, head_loss, n))
         elif cfg.method == "ict":
             def loss_of(j):
                 g, x0, pos, _ = micro[j]
@@ -624,7 +661,8 @@ def student_pipe(teacher, net, cfg: DistillConfig):
     from diffusers import LatentConsistencyModelPipeline, LCMScheduler
 
     key = "unet" if _is_unet(net) else "transformer"
-    if cfg.method == "scm":  # no boundary to add: TrigFlow's f is the network's own x0 (see scm.py)
+    if cfg.method == "scm" or _scaling(teacher) is None:
+        # no boundary to add (TrigFlow's f, a flow's x - s v): the teacher's pipeline and scheduler
         return type(teacher.pipe)(**{**teacher.pipe.components, key: net.eval()})
     sc = dict(teacher.pipe.scheduler.config)
     T = sc.get("num_train_timesteps", 1000)
@@ -650,7 +688,7 @@ def export(teacher, net, cfg: DistillConfig, folder: str) -> str:
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     meta = {"steps": cfg.student_steps, "sampler": "consistency", "guidance": "none", "method": cfg.method,
-            "teacher": cfg.teacher, "teacher_guidance": cfg.guidance, **_own_grid(cfg)}
+            "teacher": cfg.teacher, "teacher_guidance": cfg.guidance, **_own_grid(cfg, teacher)}
     if getattr(net.config, "time_cond_proj_dim", None):  # the scale the student is sampled at by default
         meta["guidance_scale"] = default_scale(cfg)
     _write_json(os.path.join(tmp, "diffguide.json"), meta)
@@ -660,9 +698,15 @@ def export(teacher, net, cfg: DistillConfig, folder: str) -> str:
     return folder
 
 
-def _own_grid(cfg: DistillConfig) -> dict:
-    """An sCM student samples on SCMScheduler's TrigFlow times mapped to its schedule."""
-    return {"spacing": "scm"} if cfg.method == "scm" else {}
+def _own_grid(cfg: DistillConfig, teacher) -> dict:
+    """An sCM student samples on SCMScheduler's TrigFlow times mapped to its schedule; a flow student of
+    the other methods on the LCM grid its LCMScheduler would carry (``original_steps``)."""
+    if cfg.method == "scm":
+        return {"spacing": "scm"}
+    if _scaling(teacher) is None:
+        T = teacher.info.schedule.num_train_timesteps
+        return {"original_steps": {"consistency": T // cfg.skip, "ict": ICT_STEPS}.get(cfg.method, cfg.student_steps)}
+    return {}
 
 
 def default_scale(cfg: DistillConfig) -> float:
@@ -683,7 +727,7 @@ def validate(teacher, net, cfg: DistillConfig, step: int) -> dict | None:
 
     was = net.training
     gp = GuidedPipeline.from_pipe(student_pipe(teacher, net, cfg), progress=False)
-    gp.defaults = {"guidance_scale": default_scale(cfg), "sampler": "consistency", **_own_grid(cfg)}
+    gp.set_defaults({"guidance_scale": default_scale(cfg), "sampler": "consistency", **_own_grid(cfg, teacher)})
     try:
         # a class-conditional teacher (DiT) is shown its first classes instead of the toy prompts
         prompts = list(metrics.DEFAULT_PROMPTS) if teacher.family.name != "dit" else list(range(4))

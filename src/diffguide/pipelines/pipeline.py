@@ -118,6 +118,8 @@ def read_defaults(folder: str) -> dict:
     for k in ("sampler", "guidance", "spacing"):
         if isinstance(raw.get(k), str):
             out[k] = raw[k]
+    if isinstance(raw.get("original_steps"), int) and raw["original_steps"] >= 1:
+        out["original_steps"] = raw["original_steps"]
     return out
 
 
@@ -239,8 +241,16 @@ class GuidedPipeline:
         if loras:
             out.add_loras(loras)
         out.source = path
-        out.defaults = read_defaults(path)
+        out.set_defaults(read_defaults(path))
         return out
+
+    def set_defaults(self, defaults: dict) -> None:
+        """A distilled student's own defaults (its ``diffguide.json``). ``original_steps``: the LCM grid a
+        flow-teacher student samples on (what an LCMScheduler's original_inference_steps gives a VP one)."""
+        self.defaults = dict(defaults)
+        if "original_steps" in defaults:
+            self.info = dataclasses.replace(self.info, grid={"spacing": "lcm",
+                                                             "original_steps": defaults["original_steps"]})
 
     @classmethod
     def from_pipe(cls, pipe, progress: bool = True) -> "GuidedPipeline":
