@@ -287,3 +287,220 @@ def test_reward_is_differentiable_in_the_image():
     model(x, ["a circle", "a red square"]).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in model.parameters())
+
+
+# -- to the letter of the authors' code (issue 23) -------------------------------------------------
+
+def _authors_smoothing(m):
+    """InitNO's utils/gaussian_smoothing.py, re-derived: a 3x3 kernel, the product over both axes of
+    1/(sigma sqrt(2 pi)) exp(-((x - mean) / (2 sigma))^2) at sigma 0.5, normalised; reflected borders."""
+    sigma, size = 0.5, 3
+    ax = torch.arange(size, dtype=torch.float64)
+    g = 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-(((ax - (size - 1) / 2) / (2 * sigma)) ** 2))
+    k = g[:, None] * g[None, :]
+    k = k / k.sum()
+    padded = torch.nn.functional.pad(m[None, None].double(), (1, 1, 1, 1), mode="reflect")
+    return torch.nn.functional.conv2d(padded, k[None, None])[0, 0]
+
+
+def _authors_scores(cross, self_, res, indices):
+    """fn_compute_loss of pipeline_sd_initno.py without its Otsu term: cross [res*res, 77] over the whole
+    padded sequence, columns 1..-1 softmaxed at temperature 1/100, indices shifted by one."""
+    maps = torch.softmax(cross.double().reshape(res, res, -1)[:, :, 1:-1] * 100, dim=-1)
+    tops, selfs = [], []
+    for i in [j - 1 for j in indices]:
+        m = _authors_smoothing(maps[:, :, i])
+        flat = int(m.flatten().argmax())
+        tops.append(m[flat // res, flat % res])
+        selfs.append(_authors_smoothing(self_.double().reshape(res, res, res * res)[flat // res, flat % res]
+                                        .view(res, res)))
+    s_ca = max(max(0.0, 1.0 - float(v)) for v in tops)
+    pairs = [(a, b) for a in range(len(selfs)) for b in range(a + 1, len(selfs))]
+    s_sa = sum(float(torch.min(selfs[a], selfs[b]).sum() / ((selfs[a] + selfs[b]).sum() + 1e-6))
+               for a, b in pairs) / max(len(pairs), 1)
+    return s_ca, (0.0 if s_ca > 0.5 else s_sa)
+
+
+def test_initno_kernel_is_the_authors():
+    m = torch.zeros(5, 5)
+    m[2, 2] = 1.0
+    assert float(smooth(m)[2, 2]) == pytest.approx(0.332, abs=1e-3)  # exp(-x^2): not exp(-2 x^2)'s 0.619
+    r = torch.rand(7, 9, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(smooth(r).double(), _authors_smoothing(r), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_initno_scores_equal_the_authors_on_random_maps(seed):
+    g = torch.Generator().manual_seed(seed)
+    res, T = 8, 77
+    sharp = 1 + 30 * torch.rand(1, generator=g)  # from flat maps (S_CA gated) to peaked ones
+    cross = torch.softmax(torch.randn(res * res, T, generator=g) * sharp, -1)
+    self_ = torch.softmax(torch.randn(res * res, res * res, generator=g) * 3, -1)
+    indices = sorted(torch.randperm(6, generator=g)[:3].add(2).tolist())  # token positions, as get_indices'
+    s_ca, s_sa = scores(cross, self_, (res, res), None, [p - 1 for p in indices])
+    a_ca, a_sa = _authors_scores(cross, self_, res, indices)
+    assert float(s_ca) == pytest.approx(a_ca, abs=1e-6) and float(s_sa) == pytest.approx(a_sa, abs=1e-6)
+
+
+def test_initno_padded_token_range_is_the_default(builtin):
+    """The default softmax runs over every position but the first and last of the padded sequence; the
+    prompt-only range is an option."""
+    seen = {}
+
+    class Spy(InitNO):
+        def _run(self, ctx, i, z0, keep, subj, steps):
+            seen[self.tokens] = (keep, subj)
+            return z0, 0.0, True
+
+    for tokens in ("padded", "prompt"):
+        builtin("a red circle and a blue square", steps=2, seed=0, noise_optimizer=Spy(tokens=tokens))
+    keep, subj = seen["padded"]
+    pkeep, psubj = seen["prompt"]
+    assert keep is None and subj == [pkeep[k] - 1 for k in psubj]
+    with pytest.raises(ValueError, match="tokens must be padded or prompt"):
+        InitNO(tokens="all")
+
+
+def test_initno_attention_time_is_the_first_of_a_50_step_grid():
+    """SD's leading DDIM grid: 981 at 50 steps, 751 at 4 (the run's own, with attention_steps=0)."""
+    builtin = GuidedPipeline.from_pipe(tiny.sd(scheduler="DDIMScheduler"), progress=False)
+    times = []
+    net = builtin.family.net
+    hook = net.register_forward_pre_hook(lambda m, a, k: times.append(float(a[1] if len(a) > 1 else k["timestep"])),
+                                         with_kwargs=True)
+    try:
+        builtin("a red circle", steps=4, seed=0, guidance="none",
+                noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0, tau_cross=0.0))
+        first = times[0]
+        times.clear()
+        builtin("a red circle", steps=4, seed=0, guidance="none",
+                noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0, tau_cross=0.0, attention_steps=0))
+        own = times[0]
+    finally:
+        hook.remove()
+    expect = float(builtin.info.schedule.model_time(builtin.info.timesteps(50)[0]))
+    run = float(builtin.info.schedule.model_time(builtin.info.timesteps(4)[0]))
+    assert first == pytest.approx(expect) and own == pytest.approx(run) and (expect, run) == (981, 751)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.Generator().manual_seed(11),
+                                  lambda: [torch.Generator().manual_seed(11 + i) for i in range(2)]])
+def test_noise_optimisers_repeat_with_generators(builtin, make):
+    """generator= (one, or one per image) drives every draw: InitNO's restarts and ReNO's renders under
+    a stochastic sampler repeat bit for bit, and ReNO's image is the one whose reward it reports."""
+    initno = InitNO(iterations=1, rounds=3, final_iterations=1, tau_cross=0.0)  # never passes: restarts
+    runs = [builtin(["a red circle and a blue square"] * 2, steps=3, generator=make(), output_type="pt",
+                    noise_optimizer=initno).images for _ in range(2)]
+    assert torch.equal(*runs)
+    reno = ReNO(iterations=3, reward=redness)
+    outs = [builtin(["a circle", "a square"], sampler="euler_ancestral", steps=3, generator=make(),
+                    output_type="pt", noise_optimizer=reno) for _ in range(2)]
+    assert torch.equal(outs[0].images, outs[1].images)
+    torch.testing.assert_close(-redness(outs[0].images, None), torch.tensor(outs[0].noise["reward_loss_best"]),
+                               atol=1e-4, rtol=0)
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_reno_nan_gradient_keeps_the_best_earlier_noise(k):
+    z0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def render(x, rows):
+        seen.append(x.detach().clone())
+        return x[:, :1].expand(-1, 3, -1, -1).sigmoid()
+
+    def reward(images, prompts):
+        r = 10 * images.mean((1, 2, 3))
+        return _NanGrad.apply(r) if len(seen) == k + 1 else r  # finite value, NaN gradient at iteration k
+
+    ctx = NoiseContext(["a", "b"], 1.0, render=render)
+    z, info = ReNO(iterations=10, reward=reward).optimise(ctx, z0)
+    assert len(seen) == k + 1 and torch.isfinite(z).all()  # stopped there, every image
+    values = torch.stack([-10 * torch.sigmoid(x[:, :1]).mean((1, 2, 3)) for x in seen])  # reward loss per iteration
+    best = values.argmin(0)
+    for j in range(2):
+        assert torch.equal(z[j], seen[int(best[j])][j])
+    assert info["stopped"] == [{"iteration": k, "reason": "non-finite gradient"}] * 2
+
+
+def test_reno_nonfinite_reward_later_stops_that_image_only():
+    z0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def render(x, rows):
+        return x[:, :1].expand(-1, 3, -1, -1).sigmoid()
+
+    def reward(images, prompts):
+        calls.append(1)
+        r = 10 * images.mean((1, 2, 3))
+        if len(calls) == 3:
+            r = torch.stack([r[0], r[1] * float("nan")])
+        return r
+
+    z, info = ReNO(iterations=6, reward=reward).optimise(NoiseContext(["a", "b"], 1.0, render=render), z0)
+    assert info["stopped"][0] is None and info["stopped"][1] == {"iteration": 2, "reason": "non-finite reward"}
+    assert len(calls) == 6 and torch.isfinite(z).all()
+
+
+SUBJECTS = {
+    "a cat sitting on a mat": ["cat", "mat"],
+    "an astronaut riding a horse": ["astronaut", "horse"],
+    "a red circle above a blue square": ["circle", "square"],
+    "a red circle on a blue background": ["circle"],
+    "a cat and a dog": ["cat", "dog"],
+    "a photo of a cat wearing a hat": ["cat", "hat"],
+    "a small green square and a yellow triangle": ["square", "triangle"],
+    "a running dog": ["dog"],
+    "a building next to a tree": ["building", "tree"],
+    "a dog tied to a post": ["dog", "post"],
+    "a cat to the left of a dog": ["cat", "dog"],
+    "a man holding an umbrella": ["man", "umbrella"],
+    "a bowl of fruit on a wooden table": ["bowl", "fruit", "table"],
+    "two cats sleeping on a sofa": ["cats", "sofa"],
+    "a car parked in front of a house": ["car", "house"],
+    "a painting of a sunflower": ["sunflower"],
+    "a teddy bear is sitting on a bench": ["bear", "bench"],
+    "an oil painting of a fox": ["fox"],
+    "a glass filled with orange juice": ["glass", "juice"],
+    "red disc, blue backdrop": ["disc"],
+}
+
+
+def test_subject_finder_on_twenty_prompts():
+    assert {p: subjects_of(p) for p in SUBJECTS} == SUBJECTS
+
+
+def test_initno_reports_its_subjects(builtin, tmp_path, capsys):
+    from diffguide.cli.main import main
+
+    out = builtin("an astronaut riding a horse", steps=2, seed=0, output_type="pt",
+                  noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0))
+    assert out.noise["subjects"] == [["astronaut", "horse"]]
+    assert main(["generate", "a cat sitting on a mat", "--model", "builtin", "--steps", "2", "--initno",
+                 "iterations=1,rounds=1,final_iterations=0", "-o", str(tmp_path / "x.png")]) == 0
+    assert "InitNO subjects: cat, mat" in capsys.readouterr().err
+
+
+def test_eval_with_one_image_reports_undefined_statistics(tmp_path, capsys):
+    """`diffguide eval --n 1` on one prompt: exit 0; FD and diversity null, each with its reason."""
+    import json
+
+    from diffguide.cli.main import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["eval", "--model", "builtin", "--n", "1", "--prompts", str(prompts), "--steps", "2",
+                 "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["images"] == 1 and res["frechet_distance"] is None and res["diversity"] is None
+    assert "at least 2 images" in res["frechet_distance_undefined"] and res["diversity_undefined"]

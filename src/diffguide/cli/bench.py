@@ -51,7 +51,7 @@ def _summary(name: str, data: dict) -> list[str]:
         if "stitch" in r:
             what += f" + stitch {r['stitch']}"
         out.append(f"{what:<44} NFE {r['nfe_per_image']:>5}  {r['seconds_per_image']:.4f} s/img  "
-                   f"adherence {r['adherence']:.3f}  FD {r['frechet_distance']:.1f}")
+                   f"adherence {r['adherence']:.3f}  FD " + (f"{r['frechet_distance']:.1f}" if r['frechet_distance'] is not None else "undefined"))
     return out
 
 

@@ -355,6 +355,9 @@ def run(args) -> int:
                  guide_model=guide)
         for text in out.notices if not written and is_main(state) else ():
             print(f"diffguide: notice: {text}", file=sys.stderr)
+        if not written and is_main(state) and out.noise and out.noise.get("subjects"):  # InitNO's reading
+            print(f"diffguide: InitNO subjects: {', '.join(out.noise['subjects'][0])} (set others with "
+                  f"--initno subjects=word|word)", file=sys.stderr)
         for seed, img in zip(chunk, out.images):
             if seed not in seeds:  # --from-png: the batch's other images are not asked for
                 continue

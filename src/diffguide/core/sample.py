@@ -175,6 +175,57 @@ class SeededNoise:
         return self.randn(like.shape, like.dtype, like.device)
 
 
+class RowsNoise:
+    """Rows of a batch-wide noise source: each draw is the whole batch's, sliced, so a sub-batch sees
+    exactly the noise its rows would get in the full run (one shared generator)."""
+
+    def __init__(self, source, rows: Sequence[int], batch: int):
+        self.source, self.rows, self.batch = source, list(rows), batch
+
+    def randn(self, shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
+        return self.source.randn((self.batch, *shape[1:]), dtype, device)[self.rows]
+
+    def __call__(self, like: torch.Tensor, t=None, t_next=None) -> torch.Tensor:
+        return self.randn(like.shape, like.dtype, like.device)
+
+
+class NoiseFork:
+    """A run's noise source as it stood before its first draw, to be replayed: ``source(rows)`` is a
+    fresh copy for those rows, positioned after the run's initial draw of ``initial`` (its full
+    batch shape; None when the run drew none), so a re-render of some images sees the noise the run
+    will give them; ``seed(i)`` is an integer fixed by image i's own stream (seeds, a generator per
+    image, or one shared generator), for further draws that must repeat with the run."""
+
+    def __init__(self, noise, batch: int, seeds: Sequence[int] | None = None):
+        self.batch, self.seeds, self.initial = batch, seeds, None
+        gens = noise.generators if isinstance(noise, SeededNoise) else [getattr(noise, "generator", None)]
+        if any(g is None for g in gens):
+            raise ValueError("a replayable run needs seeds or generators")
+        self.shared = not isinstance(noise, SeededNoise)
+        self.states = [(g.device, g.get_state()) for g in gens]
+
+    def _gen(self, k: int) -> torch.Generator:
+        device, state = self.states[k]
+        g = torch.Generator(device)
+        g.set_state(state)
+        return g
+
+    def source(self, rows: Sequence[int]):
+        rows = list(rows)
+        src = RowsNoise(RandomNoise(self._gen(0)), rows, self.batch) if self.shared else \
+            SeededNoise(generators=[self._gen(r) for r in rows])
+        if self.initial is not None:
+            src.randn((len(rows), *self.initial[1:]))
+        return src
+
+    def seed(self, i: int) -> int:
+        if self.seeds is not None:
+            return int(self.seeds[i])
+        if self.shared:
+            return int(torch.randint(2 ** 62, (self.batch,), generator=self._gen(0))[i])
+        return int(torch.randint(2 ** 62, (1,), generator=self._gen(i)))
+
+
 def draw(noise, like: torch.Tensor) -> torch.Tensor:
     """Standard normal noise shaped like ``like`` from a run's noise source (per-sample generators
     when its rows are one per seed), else from torch's global generator."""

@@ -26,27 +26,62 @@ import torch.nn.functional as F
 from ..core.registry import register
 from . import NoiseContext, NoiseOptimizer, positive
 
-# words that end a noun phrase; a phrase after a place preposition is where, not what
-_SPLIT = {",", "and", "with", "of", "holding", "wearing", "beside", "near", "next", "to",
-          "on", "in", "at", "under", "over", "behind", "above", "below", "against", "inside", "by"}
-_PLACE = {"on", "in", "at", "under", "over", "behind", "above", "below", "against", "inside", "by"}
-_SKIP = {"a", "an", "the", "some", "two", "three", "small", "large", "big", "little", "one"}
-_SCENE = {"background", "backdrop", "scene", "photo", "picture", "image", "painting", "drawing",
-          "style", "view", "room", "sky", "ground", "floor", "wall"}
+# A small part-of-speech heuristic (no tagger to download): function words and verbs end a noun
+# phrase; its head is its last remaining word. Scene words and relation nouns ("the left of") are
+# not subjects.
+_SPLIT = {",", ".", ";", "and", "or", "with", "of", "to", "beside", "near", "next", "on", "in", "at", "under",
+          "over", "behind", "above", "below", "against", "inside", "by", "from", "into", "onto", "through",
+          "across", "around", "between", "among", "beneath", "underneath", "atop", "toward", "towards",
+          "while", "that", "which", "who", "where", "as", "for", "without", "like", "its", "their", "his", "her"}
+_VERBS = {"is", "are", "was", "were", "be", "been", "has", "have", "had", "does", "do", "can", "will",
+          "sits", "sit", "stands", "stand", "rides", "ride", "holds", "hold", "eats", "eat", "jumps", "jump",
+          "flies", "fly", "runs", "run", "looks", "look", "lies", "lie", "walks", "walk", "plays", "play",
+          "wears", "wear", "swims", "swim", "sleeps", "sleep", "reads", "read", "drinks", "drink", "chases",
+          "chase", "carries", "carry", "watches", "watch", "floats", "float", "hangs", "hang", "rests", "rest",
+          "leans", "lean", "grows", "grow", "shines", "shine", "made", "covered", "filled"}
+_SKIP = {"a", "an", "the", "some", "two", "three", "four", "five", "small", "large", "big", "little", "one",
+         "very", "this", "these", "those", "many", "several", "few", "each", "every", "tiny", "huge"}
+_SCENE = {"background", "backdrop", "scene", "photo", "photograph", "picture", "image", "painting", "drawing",
+          "illustration", "render", "style", "view", "room", "sky", "ground", "floor", "wall", "art",
+          "artwork", "sketch", "close", "closeup", "side", "left", "right", "top", "bottom", "front", "middle",
+          "center", "centre", "corner", "edge", "day", "night", "sunset", "distance", "foreground", "detail"}
+
+
+_ING_NOUNS = {"painting", "building", "drawing", "ring", "king", "wing", "string", "ceiling", "clothing",
+              "pudding", "earring", "wedding", "evening", "morning", "swing", "spring", "dumpling", "sibling",
+              "duckling", "seedling", "sapling", "icing", "frosting", "lightning", "stocking", "sling"}
+_ED_NOUNS = {"bed", "shed", "sled", "red", "seed", "weed", "reed", "steed", "speed", "bread"}
+
+
+def _verbal(word: str) -> bool:
+    """A participle, gerund or adverb by its ending (sitting, tied, quickly), unless a known noun."""
+    if word in _ING_NOUNS or word in _ED_NOUNS:
+        return False
+    return (len(word) > 4 and word.endswith("ing")) or (len(word) > 3 and word.endswith("ed")) \
+        or (len(word) > 4 and word.endswith("ly"))
 
 
 def subjects_of(prompt: str) -> list[str]:
-    """The head nouns of a prompt's noun phrases (the last word of each phrase), without phrases of
-    place ("on a blue background") or scene words. A heuristic; pass ``subjects`` where it errs."""
-    words = re.findall(r"[a-z]+|,", prompt.lower())
-    out, phrase, place = [], [], False
+    """The head nouns of a prompt's noun phrases: "an astronaut riding a horse" -> astronaut, horse;
+    "a cat sitting on a mat" -> cat, mat; "a red circle above a blue square" -> circle, square.
+    Verbs and participles end a phrase (after a noun; before one, "a running dog", they describe it);
+    scene words (background, photo) and relation nouns (the left of) are left out. A heuristic: pass
+    ``subjects`` where it errs."""
+    words = re.findall(r"[a-z]+|[,.;]", prompt.lower())
+    out, phrase = [], []
+
+    def close():
+        head = [v for v in phrase if v not in _SKIP]
+        if head and not _verbal(head[-1]) and head[-1] not in _SCENE and head[-1] not in out:
+            out.append(head[-1])
+        phrase.clear()
+
     for w in words + [","]:
-        if w in _SPLIT:
-            head = [v for v in phrase if v not in _SKIP]
-            if head and not place and head[-1] not in _SCENE and head[-1] not in out:
-                out.append(head[-1])
-            phrase, place = [], w in _PLACE or (place and w == "to")
-        else:
+        if w in _SPLIT or w in _VERBS:
+            close()
+        elif _verbal(w) and any(v not in _SKIP for v in phrase):
+            close()  # "a cat sitting": the participle ends the cat's phrase
+        elif not _verbal(w) or phrase:  # a participle alone after a verb ("is sitting") is no subject
             phrase.append(w)
     return out
 
@@ -66,18 +101,22 @@ def token_positions(ctx: NoiseContext, prompt: str, words: list[str]) -> tuple[l
     return keep, found
 
 
-def smooth(m: torch.Tensor) -> torch.Tensor:
-    """3x3 Gaussian (sigma 0.5) with reflected borders, as Attend-and-Excite smooths its maps."""
-    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0], device=m.device) ** 2 / (2 * 0.25))
+def smooth(m: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """The authors' 3x3 smoothing with reflected borders (InitNO's and Attend-and-Excite's
+    GaussianSmoothing): weights exp(-((x - mean) / (2 sigma))^2), so exp(-x^2) at sigma 0.5, normalised."""
+    g = torch.exp(-(torch.tensor([-1.0, 0.0, 1.0], device=m.device) / (2 * sigma)) ** 2)
     k = (g[:, None] * g[None, :]) / g.sum() ** 2
     return F.conv2d(F.pad(m[None, None], (1, 1, 1, 1), mode="reflect"), k[None, None].to(m.dtype))[0, 0]
 
 
-def scores(cross: torch.Tensor, self_: torch.Tensor, hw: tuple, keep: list[int],
+def scores(cross: torch.Tensor, self_: torch.Tensor, hw: tuple, keep: list[int] | None,
            subjects: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S_CA, S_SA) from head- and layer-averaged maps: cross [h*w, T], self [h*w, h*w]."""
+    """(S_CA, S_SA) from head- and layer-averaged maps: cross [h*w, T], self [h*w, h*w]. The token
+    softmax runs over the columns ``keep`` (None: positions 1 .. T - 2 of the whole padded sequence, the
+    authors' ``[:, :, 1:-1]``); ``subjects`` index those columns."""
     h, w = hw
-    a = (cross[:, [p for p in keep if p < cross.shape[1]]] * 100).softmax(-1)
+    cols = list(range(1, cross.shape[1] - 1)) if keep is None else [p for p in keep if p < cross.shape[1]]
+    a = (cross[:, cols] * 100).softmax(-1)
     maps = [smooth(a[:, k].reshape(h, w)) for k in subjects]
     s_ca = torch.stack([1 - m.max() for m in maps]).max()
     picks = [smooth(self_[int(m.argmax())].reshape(h, w)) for m in maps]
@@ -108,6 +147,8 @@ class InitNO(NoiseOptimizer):
     tau_self: float = 0.3
     kl_bound: float = 1e-3
     kl_steps: int = 100
+    tokens: str = "padded"      # the token softmax: "padded" (the authors') or "prompt" (its own tokens only)
+    attention_steps: int = 50   # attention at the first time of this many steps of the model's grid; 0: the run's
     needs = ("attention", "tokenize")
 
     def __post_init__(self):
@@ -115,6 +156,9 @@ class InitNO(NoiseOptimizer):
             positive(k, getattr(self, k), integer=True, zero=k != "rounds")
         for k in ("lr", "kl_bound"):
             positive(k, getattr(self, k))
+        positive("attention_steps", self.attention_steps, integer=True, zero=True)
+        if self.tokens not in ("padded", "prompt"):
+            raise ValueError(f"tokens must be padded or prompt, got {self.tokens!r}")
         if not isinstance(self.subjects, str):
             raise ValueError(f"subjects must be words separated by '|', got {self.subjects!r}")
 
@@ -154,10 +198,14 @@ class InitNO(NoiseOptimizer):
         self.check(ctx)
         if self.iterations == 0:
             return x, {"passed": []}
-        out, passed, final = [], [], []
+        out, passed, final, chosen = [], [], [], []
         with torch.enable_grad():
             for i, prompt in enumerate(ctx.prompts):
-                keep, subj = token_positions(ctx, prompt, self.words(prompt))
+                words = self.words(prompt)
+                keep, subj = token_positions(ctx, prompt, words)
+                if self.tokens == "padded":  # columns 1 .. T - 2: token position p is column p - 1
+                    keep, subj = None, [keep[k] - 1 for k in subj]
+                chosen.append(words)
                 z0, tried = x[i:i + 1].detach().float() / ctx.scale, []
                 for r in range(self.rounds):
                     z, score, ok = self._run(ctx, i, z0, keep, subj, self.iterations)
@@ -172,4 +220,4 @@ class InitNO(NoiseOptimizer):
                 out.append(z)
                 passed.append(ok)
                 final.append(round(score, 4))
-        return torch.cat(out).to(x.dtype) * ctx.scale, {"passed": passed, "score": final}
+        return torch.cat(out).to(x.dtype) * ctx.scale, {"passed": passed, "score": final, "subjects": chosen}

@@ -6,7 +6,9 @@ norm regulariser R(z) = |z|^2 / 2 - (d - 1) log|z| (the negative log-density of 
 chi distribution with d degrees of freedom, eq. 5) computed in float32. As the authors' code:
 SGD with Nesterov momentum 0.9, lr 5, 50 iterations, gradient norm clipped to 0.1 (per image
 here, so an image does not depend on its batch), no update after the last iteration, and each
-image keeps its noise of lowest reward loss. A reward is a callable (images [B, 3, H, W] in [0, 1],
+image keeps its noise of lowest reward loss. As the authors' loop keeps its best earlier latents, an
+image whose reward, gradient or noise turns non-finite stops there with its best noise so far (said
+in the report's ``stopped``); only a reward that is not finite on the starting noise is an error. A reward is a callable (images [B, 3, H, W] in [0, 1],
 prompts) -> scores [B], higher is better.
 """
 from __future__ import annotations
@@ -104,35 +106,62 @@ class ReNO(NoiseOptimizer):
         opt = torch.optim.SGD([z], lr=self.lr, momentum=self.momentum, nesterov=self.momentum > 0)
         best = torch.full((len(rows),), math.inf)
         best_z = z.detach().clone()
+        active = torch.ones(len(rows), dtype=torch.bool)
+        stopped: list = [None] * len(rows)
+
+        def stop(mask, it, why):
+            for j in mask.nonzero().flatten().tolist():
+                stopped[j] = {"iteration": it, "reason": why}
+            active[mask] = False
+
         first = None
         with torch.enable_grad():
             for it in range(self.iterations):
-                images = ctx.render(z * ctx.scale, rows)
-                loss = 0
-                for fn, w in rewards:
-                    r = fn(images, ctx.prompts)
-                    if not isinstance(r, torch.Tensor) or r.shape != (len(rows),):
-                        raise ValueError(f"reward {getattr(fn, '__name__', type(fn).__name__)} must return "
-                                         f"one score per image ({len(rows)}), got "
-                                         f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
-                    bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
-                    if bad:
-                        raise ValueError(f"reward {getattr(fn, '__name__', type(fn).__name__)} returned "
-                                         f"{float(r[bad[0]].detach())} for image {bad[0]} (prompt "
-                                         f"{ctx.prompts[bad[0]]!r}); rewards must be finite")
-                    loss = loss - w * r.float()
+                if not active.any():  # every image stopped
+                    break
+                loss = self._loss(rewards, ctx.render(z * ctx.scale, rows), ctx.prompts, it)
                 per = loss.detach().cpu()
                 first = per.clone() if first is None else first
-                better = per < best
+                stop(active & ~torch.isfinite(per), it, "non-finite reward")
+                better = active & (per < best)
                 best = torch.where(better, per, best)
                 best_z[better] = z.detach()[better]
-                if it == self.iterations - 1:
+                if it == self.iterations - 1 or not active.any():
                     break
                 opt.zero_grad()
-                (loss.sum() + self.regularization * norm_penalty(z).sum()).backward()
-                ctx.counts["backward"] += len(rows)
-                with torch.no_grad():  # clip each image's gradient on its own
-                    n = z.grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+                keep = active.to(loss.device)
+                (torch.where(keep, loss, 0).sum()
+                 + self.regularization * torch.where(keep, norm_penalty(z), 0).sum()).backward()
+                ctx.counts["backward"] += int(active.sum())
+                with torch.no_grad():
+                    g = z.grad.flatten(1)
+                    stop(active & ~torch.isfinite(g).all(1).cpu(), it, "non-finite gradient")
+                    g[~active.to(g.device)] = 0
+                    n = g.norm(dim=1).clamp_min(1e-12)  # clip each image's gradient on its own
                     z.grad.mul_((self.clip / n).clamp(max=1.0).view(-1, *[1] * (z.ndim - 1)))
                 opt.step()
-        return best_z.to(x.dtype) * ctx.scale, {"reward_loss_start": first.tolist(), "reward_loss_best": best.tolist()}
+                with torch.no_grad():  # a stopped image stays at its best noise (momentum cannot move it)
+                    stop(active & ~torch.isfinite(z.detach().flatten(1)).all(1).cpu(), it, "non-finite noise")
+                    z[~active.to(z.device)] = best_z[~active].to(z.device)
+        report = {"reward_loss_start": first.tolist(), "reward_loss_best": best.tolist()}
+        if any(stopped):
+            report["stopped"] = stopped
+        return best_z.to(x.dtype) * ctx.scale, report
+
+    @staticmethod
+    def _loss(rewards, images, prompts, it: int) -> torch.Tensor:
+        """-sum_i w_i r_i per image; a reward that is not finite at the start is an error (later, the
+        image stops where it was best)."""
+        loss = 0
+        for fn, w in rewards:
+            r = fn(images, prompts)
+            name = getattr(fn, "__name__", type(fn).__name__)
+            if not isinstance(r, torch.Tensor) or r.shape != (images.shape[0],):
+                raise ValueError(f"reward {name} must return one score per image ({images.shape[0]}), got "
+                                 f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
+            bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+            if bad and it == 0:
+                raise ValueError(f"reward {name} returned {float(r[bad[0]].detach())} for image {bad[0]} (prompt "
+                                 f"{prompts[bad[0]]!r}) on the starting noise; rewards must be finite")
+            loss = loss - w * r.float()
+        return loss

@@ -25,7 +25,7 @@ from .. import versions
 from ..core.denoiser import Boundary, NetDenoiser
 from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec, to_spec
-from ..core.sample import NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
+from ..core.sample import NoiseFork, NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
 from .families import ENCODE_LOCK, Family, family_of, guidance_embedding  # noqa: F401 (re-exported)
 from .schedulers import SchedulerInfo, from_scheduler
@@ -568,6 +568,7 @@ class GuidedPipeline:
         if opt is not None and not hasattr(opt, "optimise"):
             raise ValueError(f"noise_optimizer must be a spec string or a diffguide.noise optimiser, got "
                              f"{type(opt).__name__}")
+        fork = NoiseFork(noise, b, seeds) if opt is not None else None  # replayed by the noise optimiser
 
         if isinstance(threshold, str):
             if threshold != "scheduler":
@@ -627,6 +628,8 @@ class GuidedPipeline:
                 x = a * x0 + sd * noise.randn(shape, device=device)
             elif latents is None:
                 x = noise.randn(shape, device=device) * info.start_scale(ts)
+                if fork is not None:
+                    fork.initial = shape
             else:  # diffusers' prepare_latents: the given noise, scaled; the generators draw nothing yet
                 if tuple(latents.shape) != shape:
                     raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
@@ -642,7 +645,7 @@ class GuidedPipeline:
             report = None
             if opt is not None:
                 texts = [p for p in prompts for _ in range(num_images_per_prompt)]
-                x, report = self._optimise_noise(opt, x, seeds, texts, pos, make, s, ts,
+                x, report = self._optimise_noise(opt, x, fork, texts, pos, make, s, ts, info,
                                                  smalls=[stitch.small] if stitch is not None else [])
             t_noise = time.perf_counter()
             denoise = make()
@@ -826,8 +829,9 @@ class GuidedPipeline:
         out.indices = list(rows)
         return out
 
-    def _optimise_noise(self, opt, x, seeds, texts, pos, make, sampler, ts, smalls=()):
-        """Run a noise optimiser with this model's pieces; (x, report with per-image costs)."""
+    def _optimise_noise(self, opt, x, fork, texts, pos, make, sampler, ts, info, smalls=()):
+        """Run a noise optimiser with this model's pieces; (x, report with per-image costs). Every draw it
+        makes comes from the run's own noise (``fork``), whether seeds or generators gave it."""
         from ..noise import NoiseContext
         from .attention import capture, choose
 
@@ -838,29 +842,31 @@ class GuidedPipeline:
 
         grid = choose(fam.net, tuple(x.shape[-2:])) if "attention" in getattr(opt, "needs", ()) else None
 
+        # the optimiser's attention time: the first of an n-step grid of the model's own spacing (InitNO's
+        # authors: 50 steps), else the run's first time
+        n_att = getattr(opt, "attention_steps", 0)
+        t_att = info.timesteps(n_att)[0] if n_att else ts[0]
+
         def attention(xi, i):
             with capture(fam.net, grid) as store:
-                self.denoiser(xi, ts[0], _rows(pos, [i]))
+                self.denoiser_for(info=info)(xi, t_att, _rows(pos, [i]))
             counts["forward"] += 1
             if not store["cross"] or not store["self"]:
                 raise ValueError(f"no attention maps at {grid[0]}x{grid[1]} in {type(fam.net).__name__}")
             return torch.stack(store["cross"]).mean(0)[0], torch.stack(store["self"]).mean(0)[0], grid
 
         def render(xr, rows):
-            src = SeededNoise([seeds[r] for r in rows]) if seeds is not None else RandomNoise()
-            if seeds is not None:
-                src.randn(xr.shape)  # past the initial draw, where the plain run's stream is
+            src = fork.source(rows)  # where the run's stream for these rows stands after its initial draw
             d = make(rows)
             out = sample(d, sampler, ts, xr, src, grad=True)
             counts["forward"] += d.nfe * len(rows)
             return fam.decode(out)
 
         def draw(i, k):
-            base = seeds[i] if seeds is not None else random.randrange(2 ** 31)
-            gen = torch.Generator().manual_seed((base + 1_000_003 * k) % 2 ** 63)
+            gen = torch.Generator().manual_seed((fork.seed(i) + 1_000_003 * k) % 2 ** 63)
             return torch.randn((1, *x.shape[1:]), generator=gen).to(x.device)
 
-        ctx = NoiseContext(texts, scale, seeds,
+        ctx = NoiseContext(texts, scale, fork.seeds,
                            tokenize=(lambda t: _tokenize(tok, t)) if tok is not None else None,
                            special=frozenset(tok.all_special_ids) if tok is not None else frozenset(),
                            attention=attention if fam.conditional and tok is not None else None,

@@ -73,9 +73,12 @@ def check(p: scenes.Prompt, present: set, background: str) -> dict:
     return out
 
 
-def frechet(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (FID's formula)."""
+def frechet(f1: np.ndarray, f2: np.ndarray) -> float | None:
+    """Frechet distance between Gaussians fitted to two feature sets (FID's formula); None when either
+    set has fewer than two samples (no covariance to fit)."""
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if min(len(f1), len(f2)) < 2:
+        return None
     m1, m2 = f1.mean(0), f2.mean(0)
     c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     w, v = np.linalg.eigh(c1)
@@ -118,15 +121,16 @@ def colour_fidelity(images: np.ndarray, prompts: list) -> dict:
             "objects_measured": len(errs)}
 
 
-def _diversity(feats: np.ndarray, ids: np.ndarray) -> float:
-    """Mean pairwise feature distance between images of the same prompt, averaged over prompts."""
+def _diversity(feats: np.ndarray, ids: np.ndarray) -> float | None:
+    """Mean pairwise feature distance between images of the same prompt, averaged over prompts; None
+    when no prompt has two images."""
     vals = []
     for k in np.unique(ids):
         f = feats[ids == k]
         if len(f) > 1:
             d = np.linalg.norm(f[:, None] - f[None], axis=-1)
             vals.append(d[np.triu_indices(len(f), 1)].mean())
-    return float(np.mean(vals)) if vals else 0.0
+    return float(np.mean(vals)) if vals else None
 
 
 def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], model: ev.Evaluator,
@@ -166,6 +170,11 @@ def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], mod
         for key, v in c.items():
             if key != "all":
                 attrs.setdefault(key, []).append(v)
+    undefined = {}  # statistics a small run cannot give: null, with the reason
+    if min(len(feats), len(true_feats)) < 2:
+        undefined["frechet_distance_undefined"] = f"needs at least 2 images, got {len(feats)}"
+    if not any((prompt_ids == k).sum() > 1 for k in np.unique(prompt_ids)):
+        undefined["diversity_undefined"] = "needs at least 2 images of one prompt"
     per_prompt = {}
     for k, text in enumerate(prompts):
         sel = [c["all"] for i, c in zip(prompt_ids, checks) if i == k]
@@ -183,4 +192,5 @@ def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], mod
         "diversity": _diversity(feats, prompt_ids),
         "true_diversity": _diversity(true_feats, np.asarray(true_ids)),
         "adherence_by_prompt": per_prompt,
+        **undefined,
     }
