@@ -20,7 +20,7 @@ SCRIPTS = [
     ("eval_processes.py", ["--quick"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1", "--model", "builtin"]),
-    ("cuda_bench.py", ["--quick", "--models", "dit", "--batches", "1"]),
+    ("device_bench.py", ["--quick", "--models", "sd15,dit", "--guidance", "cfg,cfg+pag,cfg cut"]),
 ]
 
 
@@ -44,3 +44,21 @@ def test_diffguide_bench_command(tmp_path, capsys, monkeypatch):
     assert "loop overhead ratio" in out and (tmp_path / "loop_overhead_quick.json").exists()
     assert main(["bench", "--bench-dir", str(tmp_path / "nowhere")]) == 2
     assert "needs the repository's bench/ folder" in capsys.readouterr().err
+
+
+def test_device_check_script_quick_mode_and_parity_gate(tmp_path):
+    """The prepared device script: its CPU quick mode writes JSON and a table with parity checked on every
+    guidance setting; an impossible tolerance makes the bench exit 1."""
+    script = os.path.join(ROOT, "bench", "device_check.sh")
+    r = subprocess.run(["bash", script, str(tmp_path / "out"), "--quick"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "out" / "device.json").read_text())
+    assert data["parity"] and all(p["ok"] and p["nfe_diffusers"] == p["nfe_diffguide"] for p in data["parity"])
+    assert {p["guidance"] for p in data["parity"]} >= {"cfg", "cfg+pag", "cfg cut", "embedded 3.5"}
+    assert "| sd15 |" in (tmp_path / "out" / "device.md").read_text()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "device_bench.py"), "--quick", "--models", "dit",
+                        "--tolerance", "0", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 1 and "parity failure" in r.stderr
+    assert subprocess.run(["bash", script], capture_output=True).returncode == 2

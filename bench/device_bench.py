@@ -1,0 +1,333 @@
+"""GPU speed, fair: stock diffusers against diffguide at equal settings (the prepared device check).
+
+Random weights from the published configs (speed does not depend on the weights; no downloads): an
+SD 1.5 UNet at 512 px, SDXL's UNet at 1024 px, Flux.1-dev's transformer (512 px by default, to fit the
+time budget) and DiT-XL/2 at 256 px, each with its published VAE architecture. Text encoders are small
+stand-ins with the right output widths (their cost is the same on both sides and not what is compared).
+
+Fairness, point by point:
+- both sides run under ``torch.inference_mode`` (diffusers' ``__call__`` adds ``no_grad`` inside it);
+- both sides get the same speed options: eager, ``torch.compile`` of the denoiser, and CUDA graphs of
+  the denoiser (``mode="reduce-overhead"``); the network module is swapped in the one pipeline both use;
+- VAE decoding is in every timed call (``output_type="pt"``) and is also timed alone (``decode_ms``);
+- the variants run interleaved, ``--repeats`` rounds of one call each, after one warm-up call each;
+  a row gives the median and quartiles of its times, and the median and quartiles of its per-round
+  ratio to stock diffusers eager with the same guidance (the paired ratio);
+- every guidance setting is checked first: diffguide's image against diffusers' at equal settings, in
+  the run's dtype (``--tolerance``, max |diff| in [0, 1]); the script exits 1 on a parity failure;
+- CFG; CFG + PAG (diffusers' PAG pipeline, three branches in one batch, against diffguide's
+  ``cfg+pag``); CFG cut off after a fixed step (diffusers' documented ``callback_on_step_end`` that
+  drops the unconditional half, against diffguide's CFG with ``sigma_lo`` at the same step), so the
+  NFE saving of skipped branches is the same on both sides. Flux.1-dev has its guidance embedded (one
+  branch on both sides).
+
+Not here: capture of the whole guided step (branch concatenation, network, combine, sampler update) in
+one CUDA graph; the graph rows capture the network forward only, on both sides.
+
+    python bench/device_bench.py --out DIR            # the device run (see device_check.sh)
+    python bench/device_bench.py --quick --out DIR    # tiny configs on the CPU, seconds (CI)
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import emit  # noqa: E402
+
+from diffguide.pipelines import GuidedPipeline  # noqa: E402
+from diffguide.pipelines import tiny as tm  # noqa: E402
+
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56))
+DIT = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32)
+VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+QUICK = {"sd15": dict(SD15, sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                      cross_attention_dim=32, norm_num_groups=8),
+         "sdxl": dict(SDXL, sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1,
+                      transformer_layers_per_block=(1, 1, 1), attention_head_dim=(2, 4, 4),
+                      cross_attention_dim=64, addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8),
+         "flux": dict(FLUX, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                      num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                      axes_dims_rope=(4, 6, 6)),
+         "dit": dict(DIT, num_attention_heads=2, attention_head_dim=8, num_layers=2, sample_size=8),
+         "vae": dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8)}
+SIZES = {"sd15": 512, "sdxl": 1024, "flux": 512, "dit": 256}
+TOLERANCE = {"float16": 0.05, "bfloat16": 0.1, "float32": 1e-3}
+
+
+def _vae(quick: bool, latent_channels: int = 4, **kw):
+    from diffusers import AutoencoderKL
+
+    cfg = QUICK["vae"] if quick else VAE
+    n = len(cfg["block_out_channels"])
+    return AutoencoderKL(**cfg, latent_channels=latent_channels, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, **kw)
+
+
+def build(name: str, quick: bool, device, dtype):
+    """A diffusers pipeline with random weights of the named architecture, built on ``device``."""
+    import diffusers
+
+    cfg = QUICK[name] if quick else {"sd15": SD15, "sdxl": SDXL, "flux": FLUX, "dit": DIT}[name]
+    torch.manual_seed(0)
+    with torch.device(device):
+        sd = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+        if name == "sd15":
+            pipe = diffusers.StableDiffusionPipeline(
+                vae=_vae(quick), text_encoder=tm.clip_text(1, hidden=cfg["cross_attention_dim"]),
+                tokenizer=tm.clip_tokenizer(77), unet=diffusers.UNet2DConditionModel(**cfg),
+                scheduler=diffusers.DPMSolverMultistepScheduler(**sd), safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+        elif name == "sdxl":
+            d = cfg["cross_attention_dim"]
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            pipe = diffusers.StableDiffusionXLPipeline(
+                vae=_vae(quick), text_encoder=tm.clip_text(1, hidden=d - pooled), tokenizer=tm.clip_tokenizer(77),
+                text_encoder_2=tm.clip_text(2, hidden=pooled, projection=pooled), tokenizer_2=tm.clip_tokenizer(77),
+                unet=diffusers.UNet2DConditionModel(**cfg), scheduler=diffusers.DPMSolverMultistepScheduler(**sd))
+        elif name == "flux":
+            from transformers import T5Config, T5EncoderModel
+
+            t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=cfg["joint_attention_dim"], d_kv=64, d_ff=256,
+                                         num_layers=1, num_heads=4, relative_attention_num_buckets=8))
+            pipe = diffusers.FluxPipeline(
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+                    use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                    max_image_seq_len=4096),
+                vae=_vae(quick, 16, shift_factor=0.1159, scaling_factor=0.3611),
+                text_encoder=tm.clip_text(1, hidden=cfg["pooled_projection_dim"]), tokenizer=tm.clip_tokenizer(77),
+                text_encoder_2=t5, tokenizer_2=tm.t5_tokenizer(128), transformer=diffusers.FluxTransformer2DModel(**cfg))
+        else:
+            tr = diffusers.DiTTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000,
+                                                 norm_type="ada_norm_zero", **cfg)
+            pipe = diffusers.DiTPipeline(transformer=tr, vae=_vae(quick),
+                                         scheduler=diffusers.DPMSolverMultistepScheduler(beta_schedule="linear"),
+                                         id2label={0: "zero"})
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    return pipe.to(device, dtype)
+
+
+def quartiles(v):
+    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+    return round(q[0], 4), round(statistics.median(v), 4), round(q[2], 4)
+
+
+class Case:
+    """One model, dtype and guidance: the diffusers call and the diffguide call at equal settings."""
+
+    def __init__(self, name, pipe, guidance, steps, size, cut, device):
+        self.name, self.pipe, self.guidance, self.steps, self.size, self.device = name, pipe, guidance, steps, size, device
+        self.gp = GuidedPipeline.from_pipe(pipe, progress=False)
+        self.cut = cut  # the cut-off step (CFG on steps 0 .. cut-1)
+        self.stock_pipe = pipe
+        if guidance == "cfg+pag":
+            from diffusers import AutoPipelineForText2Image
+
+            self.stock_pipe = AutoPipelineForText2Image.from_pipe(pipe, enable_pag=True, pag_applied_layers=["mid"])
+        self.stock_pipe.set_progress_bar_config(disable=True)
+
+    def gens(self):
+        return [torch.Generator(self.device).manual_seed(0)]
+
+    def stock(self):
+        n, kw = self.steps, dict(generator=self.gens(), output_type="pt")
+        if self.name == "dit":
+            return self.stock_pipe(class_labels=[0], num_inference_steps=n, guidance_scale=5.0, **kw).images
+        kw.update(prompt="a photograph of a red circle", num_inference_steps=n, height=self.size, width=self.size)
+        if self.name == "flux":
+            return self.stock_pipe(guidance_scale=3.5, **kw).images
+        if self.guidance == "cfg+pag":
+            return self.stock_pipe(guidance_scale=5.0, pag_scale=3.0, **kw).images
+        if self.guidance == "cfg cut":
+            def cutoff(p, i, t, tensors):  # diffusers' "dynamic CFG" recipe: drop the unconditional half
+                if i == self.cut - 1:
+                    p._guidance_scale = 0.0
+                    tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[-1]
+                    if "add_text_embeds" in tensors:
+                        tensors["add_text_embeds"] = tensors["add_text_embeds"].chunk(2)[-1]
+                        tensors["add_time_ids"] = tensors["add_time_ids"].chunk(2)[-1]
+                return tensors
+            names = ["prompt_embeds"] + (["add_text_embeds", "add_time_ids"] if self.name == "sdxl" else [])
+            return self.stock_pipe(guidance_scale=5.0, callback_on_step_end=cutoff,
+                                   callback_on_step_end_tensor_inputs=names, **kw).images
+        return self.stock_pipe(guidance_scale=5.0, **kw).images
+
+    def spec(self):
+        if self.name == "flux":
+            return "none"
+        if self.guidance == "cfg+pag":
+            return "cfg:scale=5+pag:scale=3"
+        if self.guidance == "cfg cut":  # CFG while the VE level is above the one between steps cut-1 and cut
+            ts = self.gp.info.timesteps(self.steps)
+            lo = float(self.gp.info.schedule.ve(ts[self.cut])) * (1 + 1e-9)
+            return f"cfg:scale=5,sigma_lo={lo!r}"
+        return "cfg:scale=5"
+
+    def ours(self):
+        prompt = 0 if self.name == "dit" else "a photograph of a red circle"
+        extra = {"embedded_guidance": 3.5} if self.name == "flux" else {}
+        out = self.gp(prompt, guidance=self.spec(), steps=self.steps, height=self.size, width=self.size,
+                      generator=self.gens(), output_type="pt", **extra)
+        self.nfe = out.nfe
+        return out.images
+
+    def stock_nfe(self):
+        if self.name == "flux":
+            return self.steps
+        if self.guidance == "cfg cut":
+            return 2 * self.cut + (self.steps - self.cut)
+        return (3 if self.guidance == "cfg+pag" else 2) * self.steps
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def run_case(case, variants, repeats, device, dtype_name, tolerance):
+    """Parity first, then the variants interleaved; rows with medians, quartiles and paired ratios."""
+    with torch.inference_mode():
+        a, b = case.stock(), case.ours()
+    diff = float((a.float().cpu() - b.float().cpu()).abs().max())
+    parity = {"model": case.name, "dtype": dtype_name, "guidance": case.guidance, "max_abs_diff": diff,
+              "tolerance": tolerance, "ok": diff <= tolerance, "nfe_diffusers": case.stock_nfe(), "nfe_diffguide": case.nfe}
+    print(json.dumps(parity), flush=True)
+    net_name = "transformer" if hasattr(case.pipe, "transformer") and case.pipe.transformer is not None else "unet"
+    net = getattr(case.pipe, net_name)
+    compiled = {}
+    times = {}
+    for mode in variants:
+        if mode != "eager":
+            torch._dynamo.reset()
+            compiled[mode] = torch.compile(net, mode="reduce-overhead" if mode == "graphs" else None, dynamic=False)
+        for side in ("diffusers", "diffguide"):
+            setattr(case.pipe, net_name, compiled.get(mode, net))
+            if case.stock_pipe is not case.pipe:
+                setattr(case.stock_pipe, net_name, compiled.get(mode, net))
+            timed(case.stock if side == "diffusers" else case.ours, device)  # warm-up (and compilation)
+            times[(side, mode)] = []
+    vae = case.pipe.vae
+    lat = torch.randn(1, vae.config.latent_channels, case.size // 8, case.size // 8, device=device, dtype=vae.dtype)
+    decode = []
+    for _ in range(repeats):
+        for mode in variants:
+            for side in ("diffusers", "diffguide"):
+                setattr(case.pipe, net_name, compiled.get(mode, net))
+                if case.stock_pipe is not case.pipe:
+                    setattr(case.stock_pipe, net_name, compiled.get(mode, net))
+                times[(side, mode)].append(timed(case.stock if side == "diffusers" else case.ours, device))
+        decode.append(timed(lambda: vae.decode(lat), device))
+    setattr(case.pipe, net_name, net)
+    if case.stock_pipe is not case.pipe:
+        setattr(case.stock_pipe, net_name, net)
+    base = times[("diffusers", "eager")]
+    rows = []
+    for (side, mode), v in times.items():
+        ratio = [b0 / t for b0, t in zip(base, v)]  # > 1: faster than stock diffusers eager
+        rows.append({"model": case.name, "dtype": dtype_name, "guidance": case.guidance, "side": side, "mode": mode,
+                     "nfe": case.stock_nfe() if side == "diffusers" else case.nfe,
+                     "ms_per_image": [round(1000 * q, 2) for q in quartiles(v)],
+                     "speedup_vs_diffusers_eager": list(quartiles(ratio)),
+                     "decode_ms": [round(1000 * q, 2) for q in quartiles(decode)], "repeats": repeats})
+        print(json.dumps(rows[-1]), flush=True)
+    return parity, rows
+
+
+def table(rows) -> str:
+    out = ["| model | dtype | guidance | side | mode | NFE | ms/image (median, quartiles) | speed-up vs diffusers eager | "
+           "VAE decode ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q, s = r["ms_per_image"], r["speedup_vs_diffusers_eager"]
+        out.append(f"| {r['model']} | {r['dtype']} | {r['guidance']} | {r['side']} | {r['mode']} | {r['nfe']} | "
+                   f"{q[1]} ({q[0]}-{q[2]}) | {s[1]:.3f} ({s[0]:.3f}-{s[2]:.3f}) | {r['decode_ms'][1]} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="sd15,sdxl,flux,dit")
+    ap.add_argument("--dtypes", default="float16,bfloat16", help="flux runs in bfloat16 only")
+    ap.add_argument("--guidance", default="cfg,cfg+pag,cfg cut", help="for the UNets; DiT: cfg; Flux: embedded")
+    ap.add_argument("--variants", default="eager,compile,graphs")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cut", type=int, default=8, help="'cfg cut': CFG on the first CUT steps")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
+    ap.add_argument("--quick", action="store_true", help="tiny configs in float32 on the CPU, 2 steps, eager")
+    ap.add_argument("--tolerance", type=float, default=None,
+                    help="parity bound, max |diff| in [0, 1] (default: 0.05 float16, 0.1 bfloat16, 1e-3 float32)")
+    ap.add_argument("--out", help="a JSON file, or a folder for device.json and device.md")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    dtypes, variants = args.dtypes.split(","), args.variants.split(",")
+    if args.quick:
+        args.steps, args.cut, args.repeats, dtypes, variants = 3, 1, 2, ["float32"], ["eager"]
+    if device.type != "cuda":
+        variants = [v for v in variants if v == "eager"]  # compile and graph capture are GPU rows
+    t0, parities, rows, skipped = time.perf_counter(), [], [], []
+    for name in args.models.split(","):
+        for dtype_name in (["bfloat16"] if name == "flux" and not args.quick else dtypes):
+            guidances = {"dit": ["cfg"], "flux": ["embedded 3.5"]}.get(name, args.guidance.split(","))
+            if time.perf_counter() - t0 > args.budget_s:
+                skipped.append(f"{name} {dtype_name}")
+                continue
+            pipe = build(name, args.quick, device, getattr(torch, dtype_name))
+            size = 64 if args.quick else SIZES[name]
+            for g in guidances:
+                case = Case(name, pipe, g, args.steps, size if name != "dit" else (64 if args.quick else 256),
+                            args.cut, device)
+                tol = args.tolerance if args.tolerance is not None else TOLERANCE[dtype_name]
+                parity, r = run_case(case, variants, args.repeats, device, dtype_name, tol)
+                parities.append(parity)
+                rows += r
+            del pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1), "parity": parities, "rows": rows,
+              "skipped_for_budget": skipped, "quick": args.quick}
+    out = args.out
+    if out and not out.endswith(".json"):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "device.md.tmp"), "w") as f:
+            f.write(table(rows))
+        os.replace(os.path.join(out, "device.md.tmp"), os.path.join(out, "device.md"))
+        out = os.path.join(out, "device.json")
+    emit(result, out)
+    bad = [p for p in parities if not p["ok"]]
+    if bad:
+        print(f"parity failure: {bad}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
