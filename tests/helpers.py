@@ -120,6 +120,7 @@ PARITY_CASES = {
     "ddim": ("DDIMScheduler", {"steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}, "ddim", {}),
     "euler": ("EulerDiscreteScheduler", {}, "euler", {}),
     "heun": ("HeunDiscreteScheduler", {}, "heun", {}),
+    "lms": ("LMSDiscreteScheduler", {}, "lms", {}),
     # stochastic: per-sample generator lists on both sides
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral", {}),
@@ -324,3 +325,12 @@ def caption_folder(folder, n: int, size: int = 8, texts=("a red circle", "a blue
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
             f.write(json.dumps({"file_name": f"{i}.png", "text": texts[i % len(texts)]}) + "\n")
     return str(folder)
+
+# a folder's scheduler decides the default sampler (issue 24): no sampler given on our side
+for _pred in ("epsilon", "v_prediction"):
+    for _sched in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                   "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler"):
+        PIPELINE_CASES[f"sd_{_pred}_default_{_sched}"] = (
+            "sd", {"prediction_type": _pred, "scheduler": _sched},
+            dict(prompt=_TWO, num_inference_steps=8, guidance_scale=6.0),
+            dict(prompt=_TWO, steps=8, guidance_scale=6.0))

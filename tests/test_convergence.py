@@ -19,6 +19,10 @@ STEPS = [40, 80, 160, 320, 640]
 EXPECTED = {
     "ddim": (0.9, 1.15), "euler": (0.9, 1.15), "heun": (1.85, 2.2),
     "dpmpp_2m": (1.85, 2.2), "dpmpp_2m:solver_type=heun": (1.85, 2.2), "dpmpp_2s": (1.85, 2.2),
+    # LMS as k-diffusion and diffusers ship it starts at first order (one level of history), and that
+    # first step's O(h^2) local error caps the global order at 2 here (measured 2.19), as DPM++(3M)'s
+    # lower-order warm-up does; the fourth-order steps show in the flow test of test_samplers_more.py
+    "lms": (1.8, 2.4), "dpm2": (1.85, 2.2),
     "dpmpp_3m": (2.8, 3.6), "dpmpp_3m_published": (1.8, 2.2), "dpmpp_3m:warmup=lower_order": (1.8, 2.3),
 }
 

@@ -700,7 +700,9 @@ class GuidedPipeline:
         if not return_dict:
             return images, nsfw
         return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report,
-                            notices=[notice] if notice else [])
+                            notices=([notice] if notice else [])
+                            + ([self.info.notice] if self.info.notice and sampler is None
+                               and "sampler" not in self.defaults else []))
 
     def prepare_image(self, image, height=None, width=None):
         """Image-to-image input as [k, 3, H, W] in [-1, 1], resized to height x width (default: its

@@ -91,6 +91,7 @@ class SchedulerInfo:
     time_fn: object = None                     # the network's times on the own sigma grid (SigmaTimes)
     dynamic: tuple | None = None               # resolution-dependent shift (Flux): see at_size
     steps: int | None = None                   # the scheduler's own default step count, if it has one
+    notice: str | None = None                  # said when the scheduler's step rule has no diffguide sampler
 
     def at_size(self, seq_len: int) -> "SchedulerInfo":
         """The schedule for an image of ``seq_len`` latent tokens: with dynamic shifting (Flux), mu
@@ -211,4 +212,37 @@ def from_scheduler(scheduler) -> SchedulerInfo:
         grid = {"spacing": "lcm", "original_steps": int(cfg.get("original_inference_steps", 50))}
         return SchedulerInfo(schedule, kind, grid, start, name, threshold, "consistency",
                              float(cfg.get("timestep_scaling", 10.0)))
-    return SchedulerInfo(schedule, kind, grid, start, name, threshold, time_fn=rounding)
+    sampler, notice = own_sampler(name, cfg)
+    return SchedulerInfo(schedule, kind, grid, start, name, threshold, sampler=sampler, time_fn=rounding,
+                         notice=notice)
+
+
+# diffusers scheduler -> the diffguide sampler with its step rule (the grid comes from the config)
+_SAMPLERS = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
+             "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms", "KDPM2DiscreteScheduler": "dpm2",
+             "KDPM2AncestralDiscreteScheduler": "dpm2_ancestral", "DDIMScheduler": "ddim",
+             "DDIMParallelScheduler": "ddim", "DDPMScheduler": "ddim:eta=1", "DDPMParallelScheduler": "ddim:eta=1"}
+
+
+def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
+    """(the diffguide sampler that reproduces the scheduler's step rule, a notice where none does)."""
+    if name == "DPMSolverMultistepScheduler":
+        algo, order = cfg.get("algorithm_type", "dpmsolver++"), cfg.get("solver_order", 2)
+        base = {("dpmsolver++", 2): "dpmpp_2m", ("dpmsolver++", 3): "dpmpp_3m_published",
+                ("sde-dpmsolver++", 2): "dpmpp_2m_sde"}.get((algo, order))
+        if base is None:
+            return "dpmpp_2m", (f"{name} with algorithm_type {algo!r} and solver_order {order} has no diffguide "
+                                f"sampler; sampling with dpmpp_2m")
+        opts = [f"solver_type={cfg['solver_type']}"] if cfg.get("solver_type", "midpoint") != "midpoint" else []
+        if cfg.get("euler_at_final"):
+            opts.append("euler_at_final=True")
+        if cfg.get("lower_order_final", True) is False:
+            opts.append("lower_order_final=False")
+        return base + (":" + ",".join(opts) if opts else ""), None
+    if name in ("DDPMScheduler", "DDPMParallelScheduler") and cfg.get("variance_type", "fixed_small") != "fixed_small":
+        return "ddim:eta=1", (f"{name} with variance_type {cfg.get('variance_type')!r} has no diffguide sampler; "
+                              f"sampling with ddim:eta=1 (its fixed_small posterior)")
+    if name in _SAMPLERS:
+        return _SAMPLERS[name], None
+    return "dpmpp_2m", f"{name} has no diffguide sampler yet; sampling with dpmpp_2m on its grid"
+

@@ -19,8 +19,12 @@ def scheduler(name: str, **kw):
     """A diffusers scheduler with SD's betas (and SD's DDIM settings for DDIM)."""
     import diffusers
 
+    import inspect
+
+    cls = getattr(diffusers, name)
     extra = DDIM_SD if name == "DDIMScheduler" else {}
-    return getattr(diffusers, name)(**{**SD_SCHEDULER, **extra, **kw})
+    takes = inspect.signature(cls.__init__).parameters  # not every scheduler has steps_offset
+    return cls(**{k: v for k, v in {**SD_SCHEDULER, **extra}.items() if k in takes}, **kw)
 
 
 def clip_tokenizer(max_length: int = 16):

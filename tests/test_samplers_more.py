@@ -1,0 +1,160 @@
+"""The samplers A1111 and ComfyUI users pick (issue 24), each against an independent reference on the
+closed-form Gaussian mixture: transcriptions of k-diffusion's sample_lms, sample_dpm_2 and
+sample_dpm_2_ancestral (VE sigmas, a denoiser D(x, sigma)); diffusers' own schedulers in a plain loop
+are in test_parity.py. CFG++ runs on each and, with equal conditional and unconditional predictions,
+gives exactly the sampler's own result."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffguide as dg
+
+SEEDS = [5, 6]
+
+
+def _setup(gmm, steps):
+    sc = gmm.schedule
+    ts = dg.timesteps(sc, steps, "karras")
+    sigmas = [float(sc.ve(t)) for t in ts]
+    labels = torch.tensor([0, 2])
+
+    def D(xt, sigma):  # k-diffusion's denoiser: x~ in VE coordinates at level sigma
+        if sigma == 0:
+            return xt
+        t = sc.t_of_ve(torch.tensor(sigma, dtype=torch.float64))
+        return gmm(float(sc.alpha(t)) * xt, t, labels).x0
+    return sc, ts, sigmas, labels, D
+
+
+def _lms_coeff(order, t, i, j):
+    """k-diffusion's linear_multistep_coeff, with the Lagrange basis integrated exactly."""
+    nodes = [t[i - k] for k in range(order)]
+    p = np.poly1d([1.0])
+    for k, tk in enumerate(nodes):
+        if k != j:
+            p = p * np.poly1d([1.0, -tk]) / (nodes[j] - tk)
+    q = p.integ()
+    return q(t[i + 1]) - q(t[i])
+
+
+def ref_lms(D, x, sigmas, order=4):
+    ds = []
+    for i in range(len(sigmas) - 1):
+        den = D(x, sigmas[i])
+        ds.append((x - den) / sigmas[i])
+        ds = ds[-order:]
+        cur = min(i + 1, order)
+        coeffs = [_lms_coeff(cur, sigmas, i, j) for j in range(cur)]
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+def _ancestral(s, s1, eta):
+    if not eta:
+        return s1, 0.0
+    up = min(s1, eta * math.sqrt(s1 ** 2 * (s ** 2 - s1 ** 2) / s ** 2))
+    return math.sqrt(s1 ** 2 - up ** 2), up
+
+
+def ref_dpm2(D, x, sigmas, eta=0.0, noise=None):
+    for i in range(len(sigmas) - 1):
+        s = sigmas[i]
+        down, up = _ancestral(s, sigmas[i + 1], eta)
+        d = (x - D(x, s)) / s
+        if down == 0:
+            x = x + d * (down - s)
+        else:
+            mid = math.exp(0.5 * (math.log(s) + math.log(down)))
+            x2 = x + d * (mid - s)
+            d2 = (x2 - D(x2, mid)) / mid
+            x = x + d2 * (down - s)
+        if up > 0:
+            x = x + noise.randn(x.shape).double() * up
+    return x
+
+
+@pytest.mark.parametrize("spec,ref", [("lms", ref_lms), ("lms:order=2", lambda D, x, s: ref_lms(D, x, s, 2)),
+                                      ("dpm2", ref_dpm2)])
+def test_deterministic_samplers_match_k_diffusion(gmm, spec, ref):
+    sc, ts, sigmas, labels, D = _setup(gmm, 12)
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expect = ref(D, z * sigmas[0], sigmas)
+    got = dg.sample(_bound(gmm, labels), spec, ts,
+                    z * sigmas[0] * float(sc.alpha(ts[0])))
+    assert (got - expect).abs().max() < 1e-5, (got, expect)
+
+
+def _bound(gmm, labels):
+    return dg.guide(gmm, dg.parse_spec("guidance", "none"), labels)
+
+
+def test_dpm2_ancestral_matches_k_diffusion(gmm):
+    sc, ts, sigmas, labels, D = _setup(gmm, 10)
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expect = ref_dpm2(D, z * sigmas[0], sigmas, eta=1.0, noise=dg.SeededNoise(SEEDS))
+    got = dg.sample(_bound(gmm, labels), "dpm2_ancestral", ts, z * sigmas[0] * float(sc.alpha(ts[0])),
+                    dg.SeededNoise(SEEDS))
+    assert (got - expect).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral"])
+def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
+    sc = gmm.schedule
+    ts = dg.timesteps(sc, 8, "karras")
+    labels = torch.tensor([1, 3])
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * float(sc.ve(ts[0])) \
+        * float(sc.alpha(ts[0]))
+    plain = dg.sample(dg.guide(gmm, dg.parse_spec("guidance", "none"), labels, labels), spec, ts, z, dg.SeededNoise(SEEDS))
+    cfgpp = dg.sample(dg.guide(gmm, dg.parse_spec("guidance", "cfgpp:scale=0.6"), labels, labels), spec, ts, z,
+                      dg.SeededNoise(SEEDS))
+    assert torch.allclose(plain, cfgpp, atol=1e-9)
+
+
+def test_lms_on_a_flow_schedule_converges_at_high_order(gmm):
+    """In flow coordinates (dy/ds = eps - x0) LMS converges to the ODE's solution (a 2000-step
+    DPM-Solver++(3M) run), its error falling more than 8x when the steps double."""
+    flow = dg.FlowSchedule(shift=2.0)
+    fgm = dg.GaussianMixture(gmm.means, gmm.stds, gmm.weights, gmm.labels, flow)
+    bound = _bound(fgm, torch.tensor([0, 1]))
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = dg.sample(bound, "dpmpp_3m", dg.timesteps(flow, 2000, "uniform_t"), z)
+    e40, e80 = (float((dg.sample(bound, "lms", dg.timesteps(flow, n, "uniform_t"), z) - ref).abs().max())
+                for n in (40, 80))
+    assert e80 < 1e-3 and e80 < e40 / 8, (e40, e80)
+    with pytest.raises(ValueError, match="order must be an integer"):
+        dg.parse_spec("sampler", "lms:order=0")
+
+
+# -- a diffusers folder's scheduler decides the sampler (pipeline parity: test_pipelines.py's default cases)
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                                  "DPMSolverSinglestepScheduler", "TCDScheduler"])
+def test_schedulers_without_a_sampler_say_so(name):
+    from diffguide.pipelines import GuidedPipeline
+    from diffguide.pipelines import tiny as tm
+
+    gp = GuidedPipeline.from_pipe(tm.sd(scheduler=name), progress=False)
+    out = gp("a red circle", steps=3, seed=0, output_type="np")
+    assert out.notices == [f"{name} has no diffguide sampler yet; sampling with dpmpp_2m on its grid"]
+    assert gp("a red circle", steps=3, seed=0, sampler="euler", output_type="np").notices == []
+
+
+@pytest.mark.parametrize("name,cfg,expect", [
+    ("DPMSolverMultistepScheduler", {}, ("dpmpp_2m", None)),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, ("dpmpp_3m_published", None)),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, ("dpmpp_2m_sde", None)),
+    ("DPMSolverMultistepScheduler", {"solver_type": "heun", "euler_at_final": True},
+     ("dpmpp_2m:solver_type=heun,euler_at_final=True", None)),
+    ("EulerAncestralDiscreteScheduler", {}, ("euler_ancestral", None)),
+    ("KDPM2AncestralDiscreteScheduler", {}, ("dpm2_ancestral", None)),
+    ("DDPMScheduler", {}, ("ddim:eta=1", None)),
+])
+def test_scheduler_to_sampler_map(name, cfg, expect):
+    from diffguide.pipelines.schedulers import own_sampler
+
+    assert own_sampler(name, cfg) == expect
+    dg.parse_spec("sampler", expect[0])  # a valid spec
+    sampler, notice = own_sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"})
+    assert sampler == "dpmpp_2m" and "algorithm_type 'dpmsolver'" in notice
