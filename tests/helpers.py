@@ -121,6 +121,12 @@ PARITY_CASES = {
     "euler": ("EulerDiscreteScheduler", {}, "euler", {}),
     "heun": ("HeunDiscreteScheduler", {}, "heun", {}),
     "lms": ("LMSDiscreteScheduler", {}, "lms", {}),
+    "unipc": ("UniPCMultistepScheduler", {}, "unipc", {}),
+    # bh1 onto sigma = 0 gives NaN in diffusers (B(h) = -h is infinite there): compared ending at sigma_min
+    "unipc_bh1_sigma_min": ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+                            "unipc:solver_type=bh1", {}),
+    "unipc_3": ("UniPCMultistepScheduler", {"solver_order": 3}, "unipc:order=3", {}),
+    "unipc_no_corrector": ("UniPCMultistepScheduler", {"disable_corrector": [0, 2]}, "unipc:disable_corrector=0|2", {}),
     # stochastic: per-sample generator lists on both sides
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde", {}),
     "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}, "euler_ancestral", {}),
@@ -131,8 +137,9 @@ PARITY_CASES = {
 
 def parity_grid(schedule, steps, case):
     """The diffusers scheduler's own grid for SD settings, as a diffguide grid."""
-    if case.startswith("dpm"):
-        return dg.timesteps(schedule, steps, "linspace", drop_last=True)
+    if case.startswith(("dpm", "unipc")):
+        final = "sigma_min" if case.endswith("sigma_min") else "zero"
+        return dg.timesteps(schedule, steps, "linspace", drop_last=True, final=final)
     if case.startswith("ddim"):
         return dg.timesteps(schedule, steps, "leading", steps_offset=1, final="sigma_min")
     return dg.timesteps(schedule, steps, "linspace", round=False)  # Euler / Heun / Euler ancestral
@@ -329,6 +336,7 @@ def caption_folder(folder, n: int, size: int = 8, texts=("a red circle", "a blue
 # a folder's scheduler decides the default sampler (issue 24): no sampler given on our side
 for _pred in ("epsilon", "v_prediction"):
     for _sched in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                   "UniPCMultistepScheduler",
                    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler"):
         PIPELINE_CASES[f"sd_{_pred}_default_{_sched}"] = (
             "sd", {"prediction_type": _pred, "scheduler": _sched},

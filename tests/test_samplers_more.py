@@ -99,7 +99,7 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
     assert (got - expect).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral"])
+@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1"])
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
     sc = gmm.schedule
     ts = dg.timesteps(sc, 8, "karras")
@@ -129,7 +129,7 @@ def test_lms_on_a_flow_schedule_converges_at_high_order(gmm):
 
 # -- a diffusers folder's scheduler decides the sampler (pipeline parity: test_pipelines.py's default cases)
 
-@pytest.mark.parametrize("name", ["PNDMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DEISMultistepScheduler",
                                   "DPMSolverSinglestepScheduler", "TCDScheduler"])
 def test_schedulers_without_a_sampler_say_so(name):
     from diffguide.pipelines import GuidedPipeline
@@ -150,6 +150,9 @@ def test_schedulers_without_a_sampler_say_so(name):
     ("EulerAncestralDiscreteScheduler", {}, ("euler_ancestral", None)),
     ("KDPM2AncestralDiscreteScheduler", {}, ("dpm2_ancestral", None)),
     ("DDPMScheduler", {}, ("ddim:eta=1", None)),
+    ("UniPCMultistepScheduler", {}, ("unipc", None)),
+    ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1", "disable_corrector": [0, 2]},
+     ("unipc:order=3,solver_type=bh1,disable_corrector=0|2", None)),
 ])
 def test_scheduler_to_sampler_map(name, cfg, expect):
     from diffguide.pipelines.schedulers import own_sampler

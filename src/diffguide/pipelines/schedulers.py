@@ -239,6 +239,17 @@ def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
         if cfg.get("lower_order_final", True) is False:
             opts.append("lower_order_final=False")
         return base + (":" + ",".join(opts) if opts else ""), None
+    if name == "UniPCMultistepScheduler":
+        if cfg.get("predict_x0", True) is False or cfg.get("solver_p") is not None:
+            return "unipc", f"{name} with predict_x0=False or a solver_p has no diffguide sampler; sampling with unipc"
+        opts = [f"order={cfg.get('solver_order', 2)}"] if cfg.get("solver_order", 2) != 2 else []
+        if cfg.get("solver_type", "bh2") != "bh2":
+            opts.append(f"solver_type={cfg['solver_type']}")
+        if cfg.get("lower_order_final", True) is False:
+            opts.append("lower_order_final=False")
+        if cfg.get("disable_corrector"):
+            opts.append("disable_corrector=" + "|".join(str(int(v)) for v in cfg["disable_corrector"]))
+        return "unipc" + (":" + ",".join(opts) if opts else ""), None
     if name in ("DDPMScheduler", "DDPMParallelScheduler") and cfg.get("variance_type", "fixed_small") != "fixed_small":
         return "ddim:eta=1", (f"{name} with variance_type {cfg.get('variance_type')!r} has no diffguide sampler; "
                               f"sampling with ddim:eta=1 (its fixed_small posterior)")

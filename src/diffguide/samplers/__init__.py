@@ -4,3 +4,4 @@ from .euler import DDIM, Euler, EulerAncestral
 from .heun import Heun
 from .lms import DPM2, LMS, DPM2Ancestral
 from .consistency import Consistency
+from .unipc import UniPC
