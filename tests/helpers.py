@@ -121,6 +121,7 @@ PARITY_CASES = {
     "euler": ("EulerDiscreteScheduler", {}, "euler", {}),
     "heun": ("HeunDiscreteScheduler", {}, "heun", {}),
     "lms": ("LMSDiscreteScheduler", {}, "lms", {}),
+    "plms": ("PNDMScheduler", {"steps_offset": 1, "skip_prk_steps": True, "set_alpha_to_one": False}, "plms", {}),
     "unipc": ("UniPCMultistepScheduler", {}, "unipc", {}),
     # bh1 onto sigma = 0 gives NaN in diffusers (B(h) = -h is infinite there): compared ending at sigma_min
     "unipc_bh1_sigma_min": ("UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
@@ -140,7 +141,7 @@ def parity_grid(schedule, steps, case):
     if case.startswith(("dpm", "unipc")):
         final = "sigma_min" if case.endswith("sigma_min") else "zero"
         return dg.timesteps(schedule, steps, "linspace", drop_last=True, final=final)
-    if case.startswith("ddim"):
+    if case.startswith(("ddim", "plms")):
         return dg.timesteps(schedule, steps, "leading", steps_offset=1, final="sigma_min")
     return dg.timesteps(schedule, steps, "linspace", round=False)  # Euler / Heun / Euler ancestral
 
@@ -336,9 +337,10 @@ def caption_folder(folder, n: int, size: int = 8, texts=("a red circle", "a blue
 # a folder's scheduler decides the default sampler (issue 24): no sampler given on our side
 for _pred in ("epsilon", "v_prediction"):
     for _sched in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
-                   "UniPCMultistepScheduler",
+                   "UniPCMultistepScheduler", "PNDMScheduler",
                    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler"):
         PIPELINE_CASES[f"sd_{_pred}_default_{_sched}"] = (
-            "sd", {"prediction_type": _pred, "scheduler": _sched},
+            "sd", {"prediction_type": _pred, "scheduler": _sched,
+                   **({"skip_prk_steps": True, "set_alpha_to_one": False} if _sched == "PNDMScheduler" else {})},
             dict(prompt=_TWO, num_inference_steps=8, guidance_scale=6.0),
             dict(prompt=_TWO, steps=8, guidance_scale=6.0))

@@ -51,6 +51,19 @@ def ref_lms(D, x, sigmas, order=4):
     return x
 
 
+def ref_ipndm(D, x, sigmas, order=4):
+    """k-diffusion's sample_ipndm."""
+    ds = []
+    for i in range(len(sigmas) - 1):
+        d = (x - D(x, sigmas[i])) / sigmas[i]
+        k = min(order, i + 1)
+        w = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}[k]
+        hist = [d] + ds[::-1][: k - 1]
+        x = x + (sigmas[i + 1] - sigmas[i]) * sum(c * v for c, v in zip(w, hist))
+        ds = (ds + [d])[-(order - 1):]
+    return x
+
+
 def _ancestral(s, s1, eta):
     if not eta:
         return s1, 0.0
@@ -76,7 +89,7 @@ def ref_dpm2(D, x, sigmas, eta=0.0, noise=None):
 
 
 @pytest.mark.parametrize("spec,ref", [("lms", ref_lms), ("lms:order=2", lambda D, x, s: ref_lms(D, x, s, 2)),
-                                      ("dpm2", ref_dpm2)])
+                                      ("dpm2", ref_dpm2), ("ipndm", ref_ipndm)])
 def test_deterministic_samplers_match_k_diffusion(gmm, spec, ref):
     sc, ts, sigmas, labels, D = _setup(gmm, 12)
     z = torch.randn(2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -99,7 +112,8 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
     assert (got - expect).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1"])
+@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms",
+                                  "ipndm"])
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
     sc = gmm.schedule
     ts = dg.timesteps(sc, 8, "karras")
@@ -129,7 +143,7 @@ def test_lms_on_a_flow_schedule_converges_at_high_order(gmm):
 
 # -- a diffusers folder's scheduler decides the sampler (pipeline parity: test_pipelines.py's default cases)
 
-@pytest.mark.parametrize("name", ["PNDMScheduler", "DEISMultistepScheduler",
+@pytest.mark.parametrize("name", ["DEISMultistepScheduler",
                                   "DPMSolverSinglestepScheduler", "TCDScheduler"])
 def test_schedulers_without_a_sampler_say_so(name):
     from diffguide.pipelines import GuidedPipeline
@@ -151,6 +165,7 @@ def test_schedulers_without_a_sampler_say_so(name):
     ("KDPM2AncestralDiscreteScheduler", {}, ("dpm2_ancestral", None)),
     ("DDPMScheduler", {}, ("ddim:eta=1", None)),
     ("UniPCMultistepScheduler", {}, ("unipc", None)),
+    ("PNDMScheduler", {"skip_prk_steps": True}, ("plms", None)),
     ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1", "disable_corrector": [0, 2]},
      ("unipc:order=3,solver_type=bh1,disable_corrector=0|2", None)),
 ])

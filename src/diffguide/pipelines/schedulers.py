@@ -250,6 +250,12 @@ def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
         if cfg.get("disable_corrector"):
             opts.append("disable_corrector=" + "|".join(str(int(v)) for v in cfg["disable_corrector"]))
         return "unipc" + (":" + ",".join(opts) if opts else ""), None
+    if name == "PNDMScheduler":
+        plms = "plms:space=v" if cfg.get("prediction_type") == "v_prediction" else "plms"
+        if cfg.get("skip_prk_steps", False):
+            return plms, None
+        return plms, (f"{name} without skip_prk_steps starts with Runge-Kutta (PRK) steps, which diffguide does not "
+                        f"have; sampling with plms (its pseudo improved-Euler start)")
     if name in ("DDPMScheduler", "DDPMParallelScheduler") and cfg.get("variance_type", "fixed_small") != "fixed_small":
         return "ddim:eta=1", (f"{name} with variance_type {cfg.get('variance_type')!r} has no diffguide sampler; "
                               f"sampling with ddim:eta=1 (its fixed_small posterior)")

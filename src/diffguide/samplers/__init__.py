@@ -5,3 +5,4 @@ from .heun import Heun
 from .lms import DPM2, LMS, DPM2Ancestral
 from .consistency import Consistency
 from .unipc import UniPC
+from .pndm import IPNDM, PLMS
