@@ -176,3 +176,53 @@ def test_scheduler_to_sampler_map(name, cfg, expect):
     dg.parse_spec("sampler", expect[0])  # a valid spec
     sampler, notice = own_sampler("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"})
     assert sampler == "dpmpp_2m" and "algorithm_type 'dpmsolver'" in notice
+
+
+# -- the schedules (spacings) ComfyUI and k-diffusion users pick -----------------------------------
+
+def test_new_spacings_follow_their_formulas(sd):
+    n, ve = 12, lambda ts: sd.ve(ts[:-1])
+    lo, hi = sd.sigma_min, sd.sigma_max
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** 2.0
+    expect = torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo))  # k-diffusion polyexponential, rho 2
+    torch.testing.assert_close(ve(dg.timesteps(sd, n, "polyexponential", rho=2.0)), expect, rtol=1e-9, atol=0)
+    w = torch.arange(n, dtype=torch.float64) / (n - 1)  # ComfyUI kl_optimal
+    expect = torch.tan(w * math.atan(lo) + (1 - w) * math.atan(hi))
+    torch.testing.assert_close(ve(dg.timesteps(sd, n, "kl_optimal")), expect, rtol=1e-9, atol=0)
+    T = sd.num_train_timesteps  # ComfyUI simple: sigmas[-(1 + int(x * len(sigmas) / steps))]
+    table = sd.ve(torch.arange(T, dtype=torch.float64))
+    expect = torch.stack([table[-(1 + int(x * T / n))] for x in range(n)])
+    torch.testing.assert_close(ve(dg.timesteps(sd, n, "simple")), expect, rtol=1e-12, atol=0)
+    ts = dg.timesteps(sd, n, "sgm_uniform")  # ComfyUI sgm_uniform: linspace(t_max, t_min, n + 1)[:-1]
+    torch.testing.assert_close(ts[:-1], torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1])
+    assert float(ts[-1]) == sd.t_min
+
+
+def test_ays_tables_and_their_interpolation(sd):
+    from diffguide.core.spacing import AYS_LEVELS
+
+    for model in ("sd1", "sdxl"):
+        got = sd.ve(dg.timesteps(sd, 10, "ays", model=model)[:-1])
+        torch.testing.assert_close(got, torch.tensor(AYS_LEVELS[model][:-1], dtype=torch.float64), rtol=1e-6, atol=0)
+    t20 = sd.ve(dg.timesteps(sd, 20, "ays")[:-1])
+    levels = AYS_LEVELS["sd1"]
+    # 21 log-linear points on the 11-point table: every other one is a table level, the others geometric means
+    torch.testing.assert_close(t20[::2], torch.tensor(levels[:-1], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(t20[1], torch.tensor(math.sqrt(levels[0] * levels[1]), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="tables for sd1, sdxl"):
+        dg.timesteps(sd, 10, "ays", model="svd3")
+
+
+def test_every_new_sampler_runs_on_a_flow_schedule_and_new_spacings_on_flow(gmm):
+    flow = dg.FlowSchedule(shift=3.0)
+    fgm = dg.GaussianMixture(gmm.means, gmm.stds, gmm.weights, gmm.labels, flow)
+    bound = _bound(fgm, torch.tensor([0, 1]))
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = dg.sample(bound, "dpmpp_3m", dg.timesteps(flow, 500, "uniform_t"), z)
+    for spec in ("lms", "dpm2", "unipc", "plms", "ipndm"):
+        out = dg.sample(bound, spec, dg.timesteps(flow, 60, "uniform_t"), z)
+        assert (out - ref).abs().max() < 0.02, spec  # dpmpp_2m: 0.011 here
+    for spacing in ("simple", "sgm_uniform", "kl_optimal", "polyexponential"):
+        out = dg.sample(bound, "dpmpp_2m", dg.timesteps(flow, 30, spacing), z)
+        assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.1, spacing

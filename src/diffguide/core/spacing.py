@@ -92,6 +92,60 @@ def _uniform_t(schedule, n, t_start=None, t_end=None):
     return torch.linspace(hi, lo, n, dtype=F64)
 
 
+def _polyexponential(schedule, n, rho=1.0, sigma_min=None, sigma_max=None):
+    """k-diffusion's get_sigmas_polyexponential: log ve falls as a polynomial of degree rho in the
+    step index (rho 1: uniform in log ve)."""
+    lo, hi = _ve_range(schedule, sigma_min, sigma_max, "polyexponential")
+    ramp = torch.linspace(1, 0, n, dtype=F64) ** float(rho)
+    return schedule.t_of_ve(torch.exp(ramp * (math.log(hi) - math.log(lo)) + math.log(lo)))
+
+
+def _kl_optimal(schedule, n, sigma_min=None, sigma_max=None):
+    """ComfyUI's kl_optimal (Sabour et al. 2024, "Align Your Steps", eq. for the KL-optimal grid of a
+    Gaussian): ve_i = tan((1 - i/(n-1)) atan(hi) + i/(n-1) atan(lo))."""
+    lo, hi = _ve_range(schedule, sigma_min, sigma_max, "kl_optimal")
+    w = torch.linspace(0, 1, n, dtype=F64) if n > 1 else torch.zeros(1, dtype=F64)
+    return schedule.t_of_ve(torch.tan(w * math.atan(lo) + (1 - w) * math.atan(hi)))
+
+
+def _simple(schedule, n):
+    """ComfyUI's "simple": every (T / n)-th training level from the top, index T - 1 - floor(k T / n)."""
+    _indexed(schedule, "simple")
+    T = schedule.num_train_timesteps
+    return schedule.index_time(torch.tensor([T - 1 - int(k * T / n) for k in range(n)], dtype=F64))
+
+
+def _indexed(schedule, name):
+    if not hasattr(schedule, "index_time"):
+        raise ValueError(f"spacing {name!r} reads training timesteps, which {type(schedule).__name__} has not")
+
+
+def _sgm_uniform(schedule, n):
+    """ComfyUI's "sgm_uniform" (SGM's discretisation): n times uniform from the top level's time to the
+    lowest level's, the endpoint excluded."""
+    _indexed(schedule, "sgm_uniform")
+    hi, lo = float(schedule.index_time(schedule.num_train_timesteps - 1)), float(schedule.index_time(0))
+    return torch.linspace(hi, lo, n + 1, dtype=F64)[:-1]
+
+
+# Align Your Steps (Sabour et al. 2024): the published 10-step VE levels (NVIDIA's how-to page)
+AYS_LEVELS = {"sd1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+                      0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+              "sdxl": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+                       0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582]}
+
+
+def _ays(schedule, n, model="sd1"):
+    """Align Your Steps: the published table for ``model`` (sd1, sdxl), interpolated linearly in log ve
+    over a uniform position for other step counts (the authors' loglinear_interp); the last level is
+    the data end."""
+    if model not in AYS_LEVELS:
+        raise ValueError(f"spacing 'ays' has tables for {', '.join(AYS_LEVELS)}, not {model!r}")
+    lv = np.log(np.asarray(AYS_LEVELS[model])[::-1])
+    ve = np.exp(np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(lv)), lv))[::-1][:-1].copy()
+    return schedule.t_of_ve(torch.from_numpy(ve))
+
+
 def _ve_range(schedule, sigma_min, sigma_max, name):
     lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
     hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
@@ -121,7 +175,8 @@ def _diffusers_grid(schedule, n, kind, steps_offset=0, round=True):
     return torch.tensor(t.copy(), dtype=F64)
 
 
-SPACINGS = ("karras", "exponential", "beta", "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm",
+SPACINGS = ("karras", "exponential", "beta", "polyexponential", "kl_optimal", "simple", "sgm_uniform", "ays",
+            "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm",
             "scm")
 _DIFFUSERS = ("linspace", "leading", "trailing")
 
@@ -161,7 +216,9 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     spacing: ``karras`` (rho, sigma_min, sigma_max), ``exponential`` (uniform in log ve, which is
     ``uniform_lam``: uniform in logSNR), ``beta`` (alpha, beta, sigma_min, sigma_max), ``uniform_lam`` (sigma_min, sigma_max),
     ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
-    ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate). ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
+    ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate), or the
+    ComfyUI / k-diffusion schedules ``polyexponential`` (rho), ``kl_optimal``, ``simple``, ``sgm_uniform``
+    and Align Your Steps' ``ays`` (model: sd1, sdxl). ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
     the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
     (FlowMatchEulerDiscreteScheduler's grid is ``t_end`` = its shifted sigma_min). ``drop_last=True`` builds a diffusers grid for steps + 1 points and drops the last,
     the convention of diffusers' DPMSolverMultistepScheduler. Defaults to ``schedule.spacing``.
@@ -176,7 +233,9 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     allowed = {"karras": {"rho", "sigma_min", "sigma_max"}, "uniform_lam": {"sigma_min", "sigma_max"},
                "exponential": {"sigma_min", "sigma_max"}, "beta": {"alpha", "beta", "sigma_min", "sigma_max"},
                "uniform_t": {"t_start", "t_end"}, "linspace": {"round"}, "leading": {"steps_offset"},
-               "trailing": set(), "lcm": {"original_steps"}, "scm": {"intermediate", "sigma_data"}}[spacing]
+               "trailing": set(), "lcm": {"original_steps"}, "scm": {"intermediate", "sigma_data"},
+               "polyexponential": {"rho", "sigma_min", "sigma_max"}, "kl_optimal": {"sigma_min", "sigma_max"},
+               "simple": set(), "sgm_uniform": set(), "ays": {"model"}}[spacing]
     bad = set(options) - allowed
     if bad:
         raise ValueError(f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "
@@ -204,7 +263,8 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
         ts = _uniform_t(schedule, steps + 1, t_start=options.get("t_start"), t_end=schedule.t_min)
     else:
         rule = {"karras": _karras, "uniform_lam": _uniform_lam, "exponential": _uniform_lam, "beta": _beta,
-                "uniform_t": _uniform_t}[spacing]
+                "uniform_t": _uniform_t, "polyexponential": _polyexponential, "kl_optimal": _kl_optimal,
+                "simple": _simple, "sgm_uniform": _sgm_uniform, "ays": _ays}[spacing]
         if final == "sigma_min":
             ts = rule(schedule, steps + 1, **options)
         else:
