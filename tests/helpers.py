@@ -121,6 +121,8 @@ PARITY_CASES = {
     "euler": ("EulerDiscreteScheduler", {}, "euler", {}),
     "heun": ("HeunDiscreteScheduler", {}, "heun", {}),
     "lms": ("LMSDiscreteScheduler", {}, "lms", {}),
+    "tcd": ("TCDScheduler", {}, "tcd", {"eta": 0.3}),
+    "tcd_gamma_0.6": ("TCDScheduler", {}, "tcd:gamma=0.6", {"eta": 0.6}),
     "plms": ("PNDMScheduler", {"steps_offset": 1, "skip_prk_steps": True, "set_alpha_to_one": False}, "plms", {}),
     "unipc": ("UniPCMultistepScheduler", {}, "unipc", {}),
     # bh1 onto sigma = 0 gives NaN in diffusers (B(h) = -h is infinite there): compared ending at sigma_min
@@ -141,6 +143,8 @@ def parity_grid(schedule, steps, case):
     if case.startswith(("dpm", "unipc")):
         final = "sigma_min" if case.endswith("sigma_min") else "zero"
         return dg.timesteps(schedule, steps, "linspace", drop_last=True, final=final)
+    if case.startswith("tcd"):
+        return dg.timesteps(schedule, steps, "lcm", original_steps=50, final="sigma_min")
     if case.startswith(("ddim", "plms")):
         return dg.timesteps(schedule, steps, "leading", steps_offset=1, final="sigma_min")
     return dg.timesteps(schedule, steps, "linspace", round=False)  # Euler / Heun / Euler ancestral
@@ -335,9 +339,12 @@ def caption_folder(folder, n: int, size: int = 8, texts=("a red circle", "a blue
     return str(folder)
 
 # a folder's scheduler decides the default sampler (issue 24): no sampler given on our side
+PIPELINE_CASES["sd_epsilon_TCDScheduler_eta"] = (  # TCD with the authors' gamma, as diffusers' eta
+    "sd", {"scheduler": "TCDScheduler"}, dict(prompt=_TWO, num_inference_steps=4, guidance_scale=6.0, eta=0.3),
+    dict(prompt=_TWO, steps=4, guidance_scale=6.0, eta=0.3))
 for _pred in ("epsilon", "v_prediction"):
     for _sched in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
-                   "UniPCMultistepScheduler", "PNDMScheduler",
+                   "UniPCMultistepScheduler", "PNDMScheduler", "TCDScheduler",
                    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler"):
         PIPELINE_CASES[f"sd_{_pred}_default_{_sched}"] = (
             "sd", {"prediction_type": _pred, "scheduler": _sched,

@@ -112,7 +112,7 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
     assert (got - expect).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms",
+@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd",
                                   "ipndm"])
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
     sc = gmm.schedule
@@ -143,8 +143,7 @@ def test_lms_on_a_flow_schedule_converges_at_high_order(gmm):
 
 # -- a diffusers folder's scheduler decides the sampler (pipeline parity: test_pipelines.py's default cases)
 
-@pytest.mark.parametrize("name", ["DEISMultistepScheduler",
-                                  "DPMSolverSinglestepScheduler", "TCDScheduler"])
+@pytest.mark.parametrize("name", ["DEISMultistepScheduler", "DPMSolverSinglestepScheduler"])
 def test_schedulers_without_a_sampler_say_so(name):
     from diffguide.pipelines import GuidedPipeline
     from diffguide.pipelines import tiny as tm

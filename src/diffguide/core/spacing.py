@@ -244,7 +244,8 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
         raise ValueError(f"drop_last applies to the diffusers spacings {_DIFFUSERS}, not {spacing!r}")
 
     if spacing == "lcm":
-        ts = torch.cat([_lcm_grid(schedule, steps, **options), torch.tensor([schedule.t_min], dtype=F64)])
+        end = schedule.t_min if final == "zero" else 0.0  # TCDScheduler ends on the table's first level
+        ts = torch.cat([_lcm_grid(schedule, steps, **options), torch.tensor([end], dtype=F64)])
     elif spacing == "scm":  # SCMScheduler: two steps through an intermediate time, else uniform in t
         ts = _scm_grid(schedule, steps, **options)
     elif spacing in _DIFFUSERS:

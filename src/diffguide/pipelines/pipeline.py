@@ -753,7 +753,9 @@ class GuidedPipeline:
     def _diffusers_options(self, g: Guidance, s: Sampler, eta, guidance_rescale) -> tuple[Guidance, Sampler]:
         """diffusers' eta (on samplers that have one) and guidance_rescale (CFG's rescale of the raw
         network output: eps, or v for v-models)."""
-        if eta is not None:
+        if eta is not None and "gamma" in {f.name for f in dataclasses.fields(s)}:  # TCD: diffusers' eta is gamma
+            s = dataclasses.replace(s, gamma=float(eta))
+        elif eta is not None:
             if "eta" not in {f.name for f in dataclasses.fields(s)}:
                 raise ValueError(f"sampler {to_spec(s)!r} takes no eta; samplers with one: ddim, "
                                  f"euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_2s_ancestral")

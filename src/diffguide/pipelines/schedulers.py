@@ -208,6 +208,10 @@ def from_scheduler(scheduler) -> SchedulerInfo:
                                      cfg.get("sample_max_value", 1.0), keep_eps=keep)
     elif cfg.get("clip_sample"):
         threshold = Clip(cfg.get("clip_sample_range", 1.0), keep_eps=keep)
+    if name == "TCDScheduler":  # TCD: LCM's grid, no boundary, ending on the table's first level
+        grid = {"spacing": "lcm", "original_steps": int(cfg.get("original_inference_steps", 50)), "final": "sigma_min"}
+        # the pipelines pass eta = 0 unless told (TCD's gamma); eta=0.3 is the authors' recommendation
+        return SchedulerInfo(schedule, kind, grid, start, name, threshold, "tcd:gamma=0")
     if name == "LCMScheduler":  # a consistency-distilled model: boundary condition and its own sampler
         grid = {"spacing": "lcm", "original_steps": int(cfg.get("original_inference_steps", 50))}
         return SchedulerInfo(schedule, kind, grid, start, name, threshold, "consistency",

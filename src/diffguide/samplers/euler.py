@@ -5,10 +5,14 @@ Euler in VE coordinates, x~' = x~ + (ve' - ve)(x~ - x0)/ve, is exactly DDIM's et
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
+
 from ..core.registry import register
-from ..core.sample import Ancestral, Churn, ancestral
+from ..core.sample import Ancestral, Churn, Sampler, ancestral
+from ..core.schedule import VPSchedule
 
 
 @register("sampler", "ddim")
@@ -42,3 +46,30 @@ class Euler(Churn):
         x, st = self.churned(x, st, noise)
         p = denoise(x, st.t)
         return st.a_next * p.x0 + st.s_next * p.eps, state
+
+
+@register("sampler", "tcd")
+@dataclass(frozen=True)
+class TCD(Sampler):
+    """TCD's strategic stochastic sampling (Zheng et al. 2024, arXiv 2402.19159, eq. 10; diffusers'
+    TCDScheduler): the prediction is put at the earlier level s = floor((1 - gamma) t') by DDIM, then
+    noised forward from s to t' with fresh noise. gamma = 0 is DDIM; diffusers calls gamma eta."""
+
+    gamma: float = 0.3
+
+    def __post_init__(self):
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
+
+    def step(self, denoise, x, st, state, noise):
+        p = denoise(x, st.t)
+        tn = float(st.t_next)
+        # training indices on a discrete table (floor, as diffusers), a continuous time otherwise
+        ts = math.floor((1 - self.gamma) * tn) if isinstance(st.schedule, VPSchedule) else (1 - self.gamma) * tn
+        s = st.to(t_next=torch.tensor(max(ts, st.schedule.t_min), dtype=torch.float64))
+        k = st.a_next / s.a_next  # the forward transition from s to t': x' = k x_s + std z
+        x = st.a_next * p.x0 + (k * s.s_next) * p.eps
+        std = math.sqrt(max(st.s_next ** 2 - (k * s.s_next) ** 2, 0.0))
+        if std > 0:
+            x = x + std * noise(x, st.t, st.t_next)
+        return x, state
