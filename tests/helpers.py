@@ -122,6 +122,8 @@ PARITY_CASES = {
     "heun": ("HeunDiscreteScheduler", {}, "heun", {}),
     "lms": ("LMSDiscreteScheduler", {}, "lms", {}),
     "tcd": ("TCDScheduler", {}, "tcd", {"eta": 0.3}),
+    "deis": ("DEISMultistepScheduler", {}, "deis", {}),
+    "deis_3": ("DEISMultistepScheduler", {"solver_order": 3}, "deis:order=3", {}),
     "tcd_gamma_0.6": ("TCDScheduler", {}, "tcd:gamma=0.6", {"eta": 0.6}),
     "plms": ("PNDMScheduler", {"steps_offset": 1, "skip_prk_steps": True, "set_alpha_to_one": False}, "plms", {}),
     "unipc": ("UniPCMultistepScheduler", {}, "unipc", {}),
@@ -140,8 +142,8 @@ PARITY_CASES = {
 
 def parity_grid(schedule, steps, case):
     """The diffusers scheduler's own grid for SD settings, as a diffguide grid."""
-    if case.startswith(("dpm", "unipc")):
-        final = "sigma_min" if case.endswith("sigma_min") else "zero"
+    if case.startswith(("dpm", "unipc", "deis")):
+        final = "sigma_min" if case.endswith("sigma_min") or case.startswith("deis") else "zero"  # DEIS ends on sigma(0)
         return dg.timesteps(schedule, steps, "linspace", drop_last=True, final=final)
     if case.startswith("tcd"):
         return dg.timesteps(schedule, steps, "lcm", original_steps=50, final="sigma_min")
@@ -344,7 +346,7 @@ PIPELINE_CASES["sd_epsilon_TCDScheduler_eta"] = (  # TCD with the authors' gamma
     dict(prompt=_TWO, steps=4, guidance_scale=6.0, eta=0.3))
 for _pred in ("epsilon", "v_prediction"):
     for _sched in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
-                   "UniPCMultistepScheduler", "PNDMScheduler", "TCDScheduler",
+                   "UniPCMultistepScheduler", "PNDMScheduler", "TCDScheduler", "DEISMultistepScheduler",
                    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler"):
         PIPELINE_CASES[f"sd_{_pred}_default_{_sched}"] = (
             "sd", {"prediction_type": _pred, "scheduler": _sched,

@@ -112,7 +112,8 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
     assert (got - expect).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd",
+@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd", "deis",
+                                  "deis:order=3",
                                   "ipndm"])
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
     sc = gmm.schedule
@@ -143,7 +144,7 @@ def test_lms_on_a_flow_schedule_converges_at_high_order(gmm):
 
 # -- a diffusers folder's scheduler decides the sampler (pipeline parity: test_pipelines.py's default cases)
 
-@pytest.mark.parametrize("name", ["DEISMultistepScheduler", "DPMSolverSinglestepScheduler"])
+@pytest.mark.parametrize("name", ["DPMSolverSinglestepScheduler", "SASolverScheduler"])
 def test_schedulers_without_a_sampler_say_so(name):
     from diffguide.pipelines import GuidedPipeline
     from diffguide.pipelines import tiny as tm
@@ -165,6 +166,7 @@ def test_schedulers_without_a_sampler_say_so(name):
     ("DDPMScheduler", {}, ("ddim:eta=1", None)),
     ("UniPCMultistepScheduler", {}, ("unipc", None)),
     ("PNDMScheduler", {"skip_prk_steps": True}, ("plms", None)),
+    ("DEISMultistepScheduler", {"solver_order": 3}, ("deis:order=3", None)),
     ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1", "disable_corrector": [0, 2]},
      ("unipc:order=3,solver_type=bh1,disable_corrector=0|2", None)),
 ])

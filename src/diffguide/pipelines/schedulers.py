@@ -199,7 +199,8 @@ def from_scheduler(scheduler) -> SchedulerInfo:
             grid["final"] = "sigma_min"  # DDIM's last step lands on alpha_bar[0], not on data
     if name in _EULER_LIKE and spacing in ("linspace", "trailing"):
         start = "sigma"
-    if name in _DPM_LIKE and cfg.get("final_sigmas_type") == "sigma_min":
+    if name in _DPM_LIKE and (cfg.get("final_sigmas_type") == "sigma_min"
+                              or name == "DEISMultistepScheduler" and sigma_grid is None):  # DEIS ends on sigma(0)
         grid["final"] = "sigma_min"
     threshold = None
     keep = name in _DDIM_KEEPS_EPS  # DDIM's step clips x0 but renoises with the model's eps
@@ -254,6 +255,13 @@ def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
         if cfg.get("disable_corrector"):
             opts.append("disable_corrector=" + "|".join(str(int(v)) for v in cfg["disable_corrector"]))
         return "unipc" + (":" + ",".join(opts) if opts else ""), None
+    if name == "DEISMultistepScheduler":
+        if cfg.get("algorithm_type", "deis") != "deis":
+            return "deis", f"{name} with algorithm_type {cfg.get('algorithm_type')!r} has no diffguide sampler; sampling with deis"
+        opts = [f"order={cfg.get('solver_order', 2)}"] if cfg.get("solver_order", 2) != 2 else []
+        if cfg.get("lower_order_final", True) is False:
+            opts.append("lower_order_final=False")
+        return "deis" + (":" + ",".join(opts) if opts else ""), None
     if name == "PNDMScheduler":
         plms = "plms:space=v" if cfg.get("prediction_type") == "v_prediction" else "plms"
         if cfg.get("skip_prk_steps", False):

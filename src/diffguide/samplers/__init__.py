@@ -6,3 +6,4 @@ from .lms import DPM2, LMS, DPM2Ancestral
 from .consistency import Consistency
 from .unipc import UniPC
 from .pndm import IPNDM, PLMS
+from .deis import DEIS

@@ -37,6 +37,16 @@ def _singlestep(denoise, p, st, r, eta, s_noise, noise):
     return st.a_next * y
 
 
+def multistep_order(st, history: int, order: int, lower_order_final: bool = True, euler_at_final: bool = False) -> int:
+    """History-limited order; first order onto sigma = 0 and, as diffusers' lower_order_final, on the
+    last step (and at most second on the one before) when there are fewer than 15 steps."""
+    low = lower_order_final and st.n < 15
+    if st.last or (st.i == st.n - 1 and (low or euler_at_final)):
+        return 1
+    order = min(order, history + 1)
+    return min(order, 2) if low and st.i == st.n - 2 else order
+
+
 @dataclass(frozen=True)
 class _Multistep(Sampler):
     solver_type: str = "midpoint"
@@ -58,13 +68,7 @@ class _Multistep(Sampler):
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 
     def step_order(self, st, history: int) -> int:
-        """History-limited order; first order onto sigma = 0 and, as diffusers' lower_order_final,
-        on the last step (and at most second on the one before) when there are fewer than 15 steps."""
-        low = self.lower_order_final and st.n < 15
-        if st.last or (st.i == st.n - 1 and (low or self.euler_at_final)):
-            return 1
-        order = min(self.order, history + 1)
-        return min(order, 2) if low and st.i == st.n - 2 else order
+        return multistep_order(st, history, self.order, self.lower_order_final, self.euler_at_final)
 
     def step(self, denoise, x, st, state, noise):
         p = denoise(x, st.t)
