@@ -103,6 +103,41 @@ def _bound(gmm, labels):
     return dg.guide(gmm, dg.parse_spec("guidance", "none"), labels)
 
 
+def ref_restart(D, x, sigmas, rmin, rmax, rsteps, rtimes, noise):
+    """Restart sampling (Xu et al. 2023, Alg. 1) as ComfyUI's sample_restart runs it, with the restart
+    interval [the grid level that reaches rmin, rmax] and Karras levels inside it."""
+    def heun(x, s, s1):
+        d = (x - D(x, s)) / s
+        if s1 == 0:
+            return x + d * (s1 - s)
+        x2 = x + d * (s1 - s)
+        return x + 0.5 * (d + (x2 - D(x2, s1)) / s1) * (s1 - s)
+    for i in range(len(sigmas) - 1):
+        x = heun(x, sigmas[i], sigmas[i + 1])
+        if sigmas[i] > rmin >= sigmas[i + 1] > 0:
+            ramp = torch.linspace(0, 1, rsteps, dtype=torch.float64)
+            lv = (rmax ** (1 / 7) + ramp * (sigmas[i + 1] ** (1 / 7) - rmax ** (1 / 7))) ** 7
+            for _ in range(rtimes):
+                x = x + noise.randn(x.shape).double() * math.sqrt(rmax ** 2 - sigmas[i + 1] ** 2)
+                for k in range(rsteps - 1):
+                    x = heun(x, float(lv[k]), float(lv[k + 1]))
+    return x
+
+
+def test_restart_matches_the_papers_algorithm(gmm):
+    sc, ts, sigmas, labels, D = _setup(gmm, 14)
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expect = ref_restart(D, z * sigmas[0], sigmas, 0.5, 3.0, 5, 2, dg.SeededNoise(SEEDS))
+    bound = _bound(gmm, labels)
+    got = dg.sample(bound, "restart:restart_min=0.5,restart_max=3.0,restart_steps=5,restart_times=2", ts,
+                    z * sigmas[0] * float(sc.alpha(ts[0])), dg.SeededNoise(SEEDS))
+    assert (got - expect).abs().max() < 1e-5
+    plain = dg.sample(bound, "heun", ts, z * sigmas[0] * float(sc.alpha(ts[0])))
+    assert (got - plain).abs().max() > 1e-3  # the restarts did something
+    with pytest.raises(ValueError, match="restart_min < restart_max"):
+        dg.parse_spec("sampler", "restart:restart_min=3,restart_max=2")
+
+
 def test_dpm2_ancestral_matches_k_diffusion(gmm):
     sc, ts, sigmas, labels, D = _setup(gmm, 10)
     z = torch.randn(2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -112,7 +147,7 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
     assert (got - expect).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd", "deis",
+@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd", "deis", "restart",
                                   "deis:order=3",
                                   "ipndm"])
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):

@@ -1,7 +1,7 @@
 """Samplers; importing this package registers them."""
 from .dpmpp import DPMpp2M, DPMpp2MSDE, DPMpp2S, DPMpp2SAncestral, DPMpp3M, DPMpp3MPublished, DPMpp3MSDE
 from .euler import DDIM, TCD, Euler, EulerAncestral
-from .heun import Heun
+from .heun import Heun, Restart
 from .lms import DPM2, LMS, DPM2Ancestral
 from .consistency import Consistency
 from .unipc import UniPC
