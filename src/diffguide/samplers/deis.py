@@ -12,23 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..core.registry import register
 from ..core.sample import Sampler
 from .dpmpp import multistep_order
+from .lms import lagrange_basis
 
 
 def deis_coefficients(rhos: list[float], r0: float, r1: float) -> list[float]:
     """Integrals over rho in [r0, r1] of the Lagrange basis polynomials in log rho on ``rhos``."""
-    us = [math.log(r) for r in rhos]
     out = []
-    for j, uj in enumerate(us):
-        p = np.poly1d([1.0])
-        for m, um in enumerate(us):
-            if m != j:
-                p = p * np.poly1d([1.0, -um]) / (uj - um)
-
+    for p in lagrange_basis([math.log(r) for r in rhos]):
         def F(u, p=p):  # an antiderivative of P(u) e^u: e^u sum_k (-1)^k P^(k)(u)
             total, d, sign = 0.0, p, 1.0
             while True:

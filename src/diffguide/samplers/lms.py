@@ -26,18 +26,22 @@ def straight(st, nxt: bool = False) -> tuple[float, float, bool]:
     return c, s / c, flow
 
 
-def lms_coefficients(us: list[float], u0: float, u1: float) -> list[float]:
-    """Integrals over [u0, u1] of the Lagrange basis polynomials on the nodes ``us`` (exact, by
-    polynomial antiderivatives: k-diffusion integrates the same polynomials with scipy's quad)."""
+def lagrange_basis(us: list[float]) -> list:
+    """The Lagrange basis polynomials (numpy poly1d) on the nodes ``us``: L_j(u_m) = [j == m]."""
     out = []
     for j, uj in enumerate(us):
         p = np.poly1d([1.0])
         for m, um in enumerate(us):
             if m != j:
                 p = p * np.poly1d([1.0, -um]) / (uj - um)
-        q = p.integ()
-        out.append(float(q(u1) - q(u0)))
+        out.append(p)
     return out
+
+
+def lms_coefficients(us: list[float], u0: float, u1: float) -> list[float]:
+    """Integrals over [u0, u1] of the Lagrange basis polynomials on the nodes ``us`` (exact, by
+    polynomial antiderivatives: k-diffusion integrates the same polynomials with scipy's quad)."""
+    return [float(p.integ()(u1) - p.integ()(u0)) for p in lagrange_basis(us)]
 
 
 @register("sampler", "lms")
