@@ -40,7 +40,8 @@ class Heun(Churn):
 @dataclass(frozen=True)
 class Restart(Sampler):
     """Restart sampling (Xu et al. 2023, arXiv 2306.14878, Alg. 1): Heun steps, and on the step that
-    first reaches VE level ``restart_min``, ``restart_times`` times: forward noise up to ``restart_max``
+    first reaches VE level ``restart_min`` (or the grid's last level above data, if none is that low),
+    ``restart_times`` times: forward noise up to ``restart_max``
     (fresh noise, x~ += sqrt(max^2 - min^2) z) and Heun back down over ``restart_steps`` Karras levels
     from restart_max to that level (ComfyUI's sample_restart with an explicit restart interval)."""
 
@@ -61,7 +62,10 @@ class Restart(Sampler):
     def step(self, denoise, x, st, state, noise):
         heun = Heun()
         x, _ = heun.step(denoise, x, st, (), noise)
-        if not (st.ve > self.restart_min >= st.ve_next > 0) or self.restart_max <= st.ve_next:
+        # once: at the first level <= restart_min, or at the last level above data on a grid too coarse to
+        # have one (ComfyUI takes the grid level nearest to restart_min)
+        reach = st.ve_next <= self.restart_min or st.i == st.n - 2
+        if state or not reach or st.ve_next <= 0 or st.ve_next >= self.restart_max:
             return x, state
         lo, hi = st.ve_next, self.restart_max
         rho = 7.0
@@ -75,4 +79,4 @@ class Restart(Sampler):
             for k in range(len(times) - 1):
                 sub = st.to(t=times[k], t_next=times[k + 1])
                 x, _ = heun.step(denoise, x, sub, (), noise)
-        return x, state
+        return x, ("restarted",)
