@@ -138,6 +138,56 @@ def test_restart_matches_the_papers_algorithm(gmm):
         dg.parse_spec("sampler", "restart:restart_min=3,restart_max=2")
 
 
+def ref_dpmpp_sde(D, x, sigmas, tree, eta=1.0, r=0.5):
+    """k-diffusion's sample_dpmpp_sde, its noise_sampler(sigma, sigma_next) the same Brownian tree."""
+    for i in range(len(sigmas) - 1):
+        den = D(x, sigmas[i])
+        if sigmas[i + 1] == 0:
+            x = x + (x - den) / sigmas[i] * (0 - sigmas[i])
+            continue
+        t, tn = -math.log(sigmas[i]), -math.log(sigmas[i + 1])
+        h = tn - t
+        s = t + h * r
+        sd, su = _ancestral(math.exp(-t), math.exp(-s), eta)
+        x2 = (sd / math.exp(-t)) * x - math.expm1(t + math.log(sd)) * den
+        x2 = x2 + tree.increment(math.exp(-t), math.exp(-s)) * su
+        den2 = D(x2, math.exp(-s))
+        sd, su = _ancestral(math.exp(-t), math.exp(-tn), eta)
+        dd = (1 - 1 / (2 * r)) * den + 1 / (2 * r) * den2
+        x = (sd / math.exp(-t)) * x - math.expm1(t + math.log(sd)) * dd
+        x = x + tree.increment(math.exp(-t), math.exp(-tn)) * su
+    return x
+
+
+def test_dpmpp_sde_matches_k_diffusion_with_the_same_brownian_noise(gmm):
+    import struct
+
+    from diffguide.core.sample import BrownianTree
+
+    sc, ts, sigmas, labels, D = _setup(gmm, 10)
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    first = dg.SeededNoise(SEEDS).randn((2, 2), torch.float64)  # the draw the sampler turns into the trees' seeds
+    seeds = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in first[:, 0].double()]
+    tree = BrownianTree(seeds, float(sc.sigma_min), float(sc.sigma_max), (2,))
+    expect = ref_dpmpp_sde(D, z * sigmas[0], sigmas, tree)
+    got = dg.sample(_bound(gmm, labels), "dpmpp_sde", ts, z * sigmas[0] * float(sc.alpha(ts[0])), dg.SeededNoise(SEEDS))
+    assert (got - expect).abs().max() < 1e-5
+
+
+def test_brownian_tree_is_a_brownian_motion_fixed_by_its_seed():
+    from diffguide.core.sample import BrownianTree
+
+    tree = BrownianTree(list(range(4000)), 0.0, 4.0, ())
+    w1, w2, w3 = tree(1.0), tree(2.5), tree(4.0)
+    assert abs(float(w1.var()) - 1.0) < 0.08 and abs(float((w2 - w1).var()) - 1.5) < 0.12  # Var W(t) = t
+    assert abs(float(torch.corrcoef(torch.stack([w1, w2 - w1]))[0, 1])) < 0.05  # independent increments
+    assert abs(float(w3.var()) - 4.0) < 0.3
+    again = BrownianTree(list(range(4000)), 0.0, 4.0, ())
+    assert torch.equal(again(2.5), w2) and torch.equal(again(1.0), w1)  # any order, any other queries
+    inc = tree.increment(1.0, 2.5)
+    torch.testing.assert_close(inc, (w2 - w1) / math.sqrt(1.5))
+
+
 def test_dpm2_ancestral_matches_k_diffusion(gmm):
     sc, ts, sigmas, labels, D = _setup(gmm, 10)
     z = torch.randn(2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -147,7 +197,7 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
     assert (got - expect).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd", "deis", "restart",
+@pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd", "deis", "restart", "dpmpp_sde",
                                   "deis:order=3",
                                   "ipndm"])
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):

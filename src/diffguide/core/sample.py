@@ -175,6 +175,44 @@ class SeededNoise:
         return self.randn(like.shape, like.dtype, like.device)
 
 
+class BrownianTree:
+    """A Brownian motion W on [lo, hi], one independent path per row, each a fixed function of its row's
+    seed: W(q) comes from a bisection to depth ``depth`` whose midpoint values are Brownian-bridge draws
+    seeded by (seed, depth, node), so W at a level does not depend on which other levels were asked for
+    (any step count, any order: the property of torchsde's Brownian tree that k-diffusion's DPM++ SDE
+    relies on), then linear between the last two nodes. ``increment(a, b)`` is (W(b) - W(a)) / sqrt|b - a|,
+    a standard normal for one interval and correlated across overlapping ones."""
+
+    def __init__(self, seeds: Sequence[int], lo: float, hi: float, shape: Sequence[int], depth: int = 24):
+        if not 0 <= lo < hi < math.inf:
+            raise ValueError(f"a Brownian tree needs 0 <= lo < hi < inf, got {lo}, {hi}")
+        self.seeds, self.lo, self.hi, self.shape, self.depth = [int(v) for v in seeds], lo, hi, tuple(shape), depth
+
+    def _normal(self, seed: int, level: int, node: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + level * 65_537 + node) % 2 ** 63)
+        return torch.randn(self.shape, generator=g, dtype=torch.float64)
+
+    def _row(self, seed: int, q: float) -> torch.Tensor:
+        a, b = self.lo, self.hi
+        wa, wb = torch.zeros(self.shape, dtype=torch.float64), math.sqrt(b - a) * self._normal(seed, 0, 0)
+        node = 0
+        for level in range(1, self.depth + 1):
+            m = 0.5 * (a + b)
+            wm = 0.5 * (wa + wb) + math.sqrt((b - a) / 4) * self._normal(seed, level, node)
+            if q < m:
+                b, wb, node = m, wm, 2 * node
+            else:
+                a, wa, node = m, wm, 2 * node + 1
+        return wa + (q - a) / (b - a) * (wb - wa)
+
+    def __call__(self, q: float) -> torch.Tensor:
+        q = min(max(float(q), self.lo), self.hi)
+        return torch.stack([self._row(s, q) for s in self.seeds])
+
+    def increment(self, a: float, b: float) -> torch.Tensor:
+        return (self(b) - self(a)) / math.sqrt(abs(b - a))
+
+
 class RowsNoise:
     """Rows of a batch-wide noise source: each draw is the whole batch's, sliced, so a sub-batch sees
     exactly the noise its rows would get in the full run (one shared generator)."""

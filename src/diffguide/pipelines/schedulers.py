@@ -262,6 +262,9 @@ def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
         if cfg.get("lower_order_final", True) is False:
             opts.append("lower_order_final=False")
         return "deis" + (":" + ",".join(opts) if opts else ""), None
+    if name == "DPMSolverSDEScheduler":
+        return "dpmpp_sde", (f"{name}: sampling with dpmpp_sde, whose Brownian noise is diffguide's own tree, not "
+                             f"torchsde's: the images differ from diffusers' for the same seed")
     if name == "PNDMScheduler":
         plms = "plms:space=v" if cfg.get("prediction_type") == "v_prediction" else "plms"
         if cfg.get("skip_prk_steps", False):

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..core.registry import register
-from ..core.sample import Ancestral, Sampler, ancestral
+from ..core.sample import Ancestral, BrownianTree, Sampler, ancestral
 
 SOLVER_TYPES = ("midpoint", "heun")
 WARMUPS = ("lower_order", "singlestep")
@@ -174,3 +174,54 @@ class DPMpp2SAncestral(DPMpp2S):
     """DPM++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral)."""
 
     eta: float = 1.0
+
+
+@register("sampler", "dpmpp_sde")
+@dataclass(frozen=True)
+class DPMppSDE(Ancestral):
+    """DPM++ SDE (k-diffusion's sample_dpmpp_sde): a 2S step at lambda + r h with ancestral noise on both
+    substeps, the noise read from a Brownian tree over the schedule's VE range, so an image's noise is
+    fixed by its seed whatever the step count. The tree's per-image seeds come from one draw of the
+    run's noise (an image's own stream with seed= or per-image generators)."""
+
+    eta: float = 1.0
+    r: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.r <= 1:
+            raise ValueError(f"r must be in (0, 1], got {self.r!r}")
+
+    def init_state(self):
+        return None
+
+    def step(self, denoise, x, st, state, noise):
+        p = denoise(x, st.t)
+        if st.last or not math.isfinite(st.lam):  # onto data, or from infinite noise: first order
+            down, up = ancestral(st, self.eta) if not st.last else (0.0, 0.0)
+            y = p.x0 + down * p.eps
+            if up > 0:
+                y = y + (up * self.s_noise) * noise(p.x0, st.t, st.t_next)
+            return st.a_next * y, state
+        tree = state
+        if tree is None:
+            import struct
+
+            z = noise(x, st.t, st.t_next).flatten(1)[:, 0].double()  # one draw per image fixes its tree
+            seeds = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in z]
+            sc = st.schedule
+            tree = BrownianTree(seeds, float(sc.sigma_min), float(sc.sigma_max), tuple(x.shape[1:]))
+        ve_s = math.exp(-(st.lam + self.r * st.h))
+        mid = st.to(t_next=st.schedule.t_of_ve(torch.tensor(ve_s, dtype=torch.float64)))
+        down, up = ancestral(mid, self.eta)
+        y2 = p.x0 + down * p.eps
+        if up > 0:
+            y2 = y2 + (up * self.s_noise) * tree.increment(st.ve, ve_s).to(x)
+        q = denoise(mid.a_next * y2, mid.t_next)
+        down, up = ancestral(st, self.eta)
+        fac = 1 / (2 * self.r)
+        shift = fac * (q.history - p.history)  # D - x0: the 2S correction from the x0 history
+        y = p.x0 + down * p.eps + (1 - down / st.ve) * shift
+        if up > 0:
+            y = y + (up * self.s_noise) * tree.increment(st.ve, st.ve_next).to(x)
+        return st.a_next * y, tree
