@@ -17,6 +17,7 @@ SCRIPTS = [
     ("speed_quality.py", ["--quick"]),
     ("toy_eval.py", ["--quick"]),
     ("noise.py", ["--quick"]),
+    ("samplers.py", ["--quick"]),
     ("eval_processes.py", ["--quick"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1"]),
     ("loop_overhead.py", ["--steps", "2", "--repeats", "1", "--model", "builtin"]),

@@ -210,7 +210,10 @@ class DPMppSDE(Ancestral):
             z = noise(x, st.t, st.t_next).flatten(1)[:, 0].double()  # one draw per image fixes its tree
             seeds = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in z]
             sc = st.schedule
-            tree = BrownianTree(seeds, float(sc.sigma_min), float(sc.sigma_max), tuple(x.shape[1:]))
+            # the schedule's whole VE range, so the path does not depend on the grid; a zero-terminal-SNR
+            # table has no finite top, and there the run's first finite level is the top instead
+            hi = float(sc.sigma_max) if math.isfinite(float(sc.sigma_max)) else st.ve
+            tree = BrownianTree(seeds, min(float(sc.sigma_min), st.ve_next or st.ve), hi, tuple(x.shape[1:]))
         ve_s = math.exp(-(st.lam + self.r * st.h))
         mid = st.to(t_next=st.schedule.t_of_ve(torch.tensor(ve_s, dtype=torch.float64)))
         down, up = ancestral(mid, self.eta)

@@ -23,7 +23,7 @@ def straight(st, nxt: bool = False) -> tuple[float, float, bool]:
     a, s = (st.a_next, st.s_next) if nxt else (st.a, st.s)
     flow = getattr(st.schedule, "ode_space", "ve") == "flow"
     c = (a + s) if flow else a
-    return c, s / c, flow
+    return c, (s / c if c > 0 else math.inf), flow  # a = 0: zero terminal SNR, infinitely far
 
 
 def lagrange_basis(us: list[float]) -> list:
