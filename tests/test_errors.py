@@ -6,7 +6,7 @@ import diffguide as dg
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown sampler 'dpm_2m'; choose one of: consistency, ddim, dpmpp_2m, .*heun"):
+    with pytest.raises(ValueError, match=r"unknown sampler 'dpm_2m'; choose one of: consistency, ddim, .*dpmpp_2m, .*heun"):
         dg.get_sampler("dpm_2m")
     with pytest.raises(ValueError, match=r"unknown guidance 'cgf'; choose one of: ag, apg, autoguidance, cfg, cfg_zero_star, cfgpp, fdg, icg, .*, tsg"):
         dg.get_guidance("cgf")
@@ -58,7 +58,7 @@ def test_bad_steps(sd, steps):
 
 
 def test_spacing_that_does_not_fit(sd):
-    with pytest.raises(ValueError, match=r"unknown spacing 'cosine'; choose one of: karras, exponential, beta, uniform_lam"):
+    with pytest.raises(ValueError, match=r"unknown spacing 'cosine'; choose one of: karras, exponential, beta, .*uniform_lam"):
         dg.timesteps(sd, 10, "cosine")
     with pytest.raises(ValueError, match=r"spacing 'leading' indexes a discrete VP table; FlowSchedule supports"):
         dg.timesteps(dg.FlowSchedule(), 10, "leading")

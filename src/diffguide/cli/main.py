@@ -213,6 +213,19 @@ def main(argv=None) -> int:
         if os.environ.get("DIFFGUIDE_DEBUG"):
             raise
         return _fail(f"{type(e).__name__}: {e}", 1)
+    finally:
+        _end_processes()
+
+
+def _end_processes() -> None:
+    """Close a process group the command opened (torchrun): left to interpreter exit, gloo's threads
+    sometimes abort the process after its work is done ("terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already torn down by accelerate or a failed peer: nothing left to close
+            pass
 
 
 def _quiet_stdout() -> None:

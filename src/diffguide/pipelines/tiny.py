@@ -24,7 +24,7 @@ def scheduler(name: str, **kw):
     cls = getattr(diffusers, name)
     extra = DDIM_SD if name == "DDIMScheduler" else {}
     takes = inspect.signature(cls.__init__).parameters  # not every scheduler has steps_offset
-    return cls(**{k: v for k, v in {**SD_SCHEDULER, **extra}.items() if k in takes}, **kw)
+    return cls(**{**{k: v for k, v in {**SD_SCHEDULER, **extra}.items() if k in takes}, **kw})
 
 
 def clip_tokenizer(max_length: int = 16):
