@@ -122,6 +122,7 @@ PARITY_CASES = {
     "heun": ("HeunDiscreteScheduler", {}, "heun", {}),
     "lms": ("LMSDiscreteScheduler", {}, "lms", {}),
     "tcd": ("TCDScheduler", {}, "tcd", {"eta": 0.3}),
+    "dpmpp_2s_singlestep": ("DPMSolverSinglestepScheduler", {}, "dpmpp_2s_singlestep", {}),
     "deis": ("DEISMultistepScheduler", {}, "deis", {}),
     "deis_3": ("DEISMultistepScheduler", {"solver_order": 3}, "deis:order=3", {}),
     "tcd_gamma_0.6": ("TCDScheduler", {}, "tcd:gamma=0.6", {"eta": 0.6}),
@@ -347,6 +348,7 @@ PIPELINE_CASES["sd_epsilon_TCDScheduler_eta"] = (  # TCD with the authors' gamma
 for _pred in ("epsilon", "v_prediction"):
     for _sched in ("EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
                    "UniPCMultistepScheduler", "PNDMScheduler", "TCDScheduler", "DEISMultistepScheduler",
+                   "DPMSolverSinglestepScheduler",
                    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DDPMScheduler"):
         PIPELINE_CASES[f"sd_{_pred}_default_{_sched}"] = (
             "sd", {"prediction_type": _pred, "scheduler": _sched,

@@ -198,6 +198,7 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
 
 
 @pytest.mark.parametrize("spec", ["lms", "dpm2", "dpm2_ancestral", "unipc", "unipc:order=3,solver_type=bh1", "plms", "tcd", "deis", "restart", "dpmpp_sde",
+                                  "dpmpp_2s_singlestep",
                                   "deis:order=3",
                                   "ipndm"])
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
@@ -229,7 +230,7 @@ def test_lms_on_a_flow_schedule_converges_at_high_order(gmm):
 
 # -- a diffusers folder's scheduler decides the sampler (pipeline parity: test_pipelines.py's default cases)
 
-@pytest.mark.parametrize("name", ["DPMSolverSinglestepScheduler", "SASolverScheduler"])
+@pytest.mark.parametrize("name", ["SASolverScheduler"])
 def test_schedulers_without_a_sampler_say_so(name):
     from diffguide.pipelines import GuidedPipeline
     from diffguide.pipelines import tiny as tm
@@ -252,6 +253,7 @@ def test_schedulers_without_a_sampler_say_so(name):
     ("UniPCMultistepScheduler", {}, ("unipc", None)),
     ("PNDMScheduler", {"skip_prk_steps": True}, ("plms", None)),
     ("DEISMultistepScheduler", {"solver_order": 3}, ("deis:order=3", None)),
+    ("DPMSolverSinglestepScheduler", {}, ("dpmpp_2s_singlestep", None)),
     ("UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1", "disable_corrector": [0, 2]},
      ("unipc:order=3,solver_type=bh1,disable_corrector=0|2", None)),
 ])
@@ -312,3 +314,17 @@ def test_every_new_sampler_runs_on_a_flow_schedule_and_new_spacings_on_flow(gmm)
     for spacing in ("simple", "sgm_uniform", "kl_optimal", "polyexponential"):
         out = dg.sample(bound, "dpmpp_2m", dg.timesteps(flow, 30, spacing), z)
         assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.1, spacing
+
+
+def test_list_shows_the_new_samplers_and_spacings_with_options(capsys):
+    from diffguide.cli.main import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("unipc", "deis", "lms", "plms", "ipndm", "dpm2", "dpm2_ancestral", "tcd", "restart", "dpmpp_sde"):
+        assert f"  {name} " in out, name
+    assert "options: order=2, solver_type=bh2" in out and "options: gamma=0.3" in out
+    spacings = out.split("spacings (--spacing, spacing=):")[1]
+    for name in ("ays", "kl_optimal", "sgm_uniform", "simple", "polyexponential"):
+        assert f"  {name} " in spacings, name
+    assert "options: model" in spacings and "options: rho, sigma_min, sigma_max" in spacings

@@ -38,6 +38,13 @@ def _list(args) -> int:
             print(f"  {name:20s} {doc}")
             if opts:
                 print(f"  {'':20s} options: {opts}")
+    from ..core.spacing import SPACING_DOCS, SPACING_OPTIONS
+
+    print("spacings (--spacing, spacing=):")
+    for name in SPACINGS:
+        print(f"  {name:20s} {SPACING_DOCS[name]}")
+        if SPACING_OPTIONS[name]:
+            print(f"  {'':20s} options: {', '.join(SPACING_OPTIONS[name])}")
     return 0
 
 

@@ -209,6 +209,25 @@ def _scm_grid(schedule: Schedule, steps: int, intermediate: float = 1.3, sigma_d
     return torch.cat([torch.tensor([schedule.t_max], dtype=F64), ts.to(F64), torch.tensor([schedule.t_min], dtype=F64)])
 
 
+# spacing -> (its options, one line for ``diffguide list``)
+SPACING_OPTIONS = {
+    "karras": ("rho", "sigma_min", "sigma_max"), "exponential": ("sigma_min", "sigma_max"),
+    "beta": ("alpha", "beta", "sigma_min", "sigma_max"), "polyexponential": ("rho", "sigma_min", "sigma_max"),
+    "kl_optimal": ("sigma_min", "sigma_max"), "simple": (), "sgm_uniform": (), "ays": ("model",),
+    "uniform_lam": ("sigma_min", "sigma_max"), "uniform_t": ("t_start", "t_end"), "linspace": ("round",),
+    "leading": ("steps_offset",), "trailing": (), "lcm": ("original_steps",), "scm": ("intermediate", "sigma_data")}
+SPACING_DOCS = {
+    "karras": "Karras et al. 2022: uniform in ve^(1/rho)", "exponential": "uniform in log ve (= uniform_lam)",
+    "beta": "Beta(alpha, beta) quantiles of the ve range (diffusers' use_beta_sigmas)",
+    "polyexponential": "k-diffusion's: log ve falls as a polynomial of degree rho",
+    "kl_optimal": "ComfyUI's kl_optimal: uniform in arctan(ve)", "simple": "ComfyUI's simple: every T/n-th training level",
+    "sgm_uniform": "ComfyUI's sgm_uniform: uniform in training time, endpoint excluded",
+    "ays": "Align Your Steps' published tables (model sd1, sdxl), log-linear between",
+    "uniform_lam": "uniform in logSNR (DPM-Solver's)", "uniform_t": "uniform in the schedule's time (SD3-like on flows)",
+    "linspace": "diffusers' linspace grid", "leading": "diffusers' leading grid", "trailing": "diffusers' trailing grid",
+    "lcm": "LCMScheduler's grid (original_steps)", "scm": "SCMScheduler's TrigFlow times"}
+
+
 def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final: str = "zero",
               drop_last: bool = False, **options) -> torch.Tensor:
     """Descending t grid of ``steps`` intervals for ``schedule``.
@@ -230,12 +249,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
     if final not in FINALS:
         raise ValueError(f"unknown final {final!r}; choose one of: {', '.join(FINALS)}")
-    allowed = {"karras": {"rho", "sigma_min", "sigma_max"}, "uniform_lam": {"sigma_min", "sigma_max"},
-               "exponential": {"sigma_min", "sigma_max"}, "beta": {"alpha", "beta", "sigma_min", "sigma_max"},
-               "uniform_t": {"t_start", "t_end"}, "linspace": {"round"}, "leading": {"steps_offset"},
-               "trailing": set(), "lcm": {"original_steps"}, "scm": {"intermediate", "sigma_data"},
-               "polyexponential": {"rho", "sigma_min", "sigma_max"}, "kl_optimal": {"sigma_min", "sigma_max"},
-               "simple": set(), "sgm_uniform": set(), "ays": {"model"}}[spacing]
+    allowed = set(SPACING_OPTIONS[spacing])
     bad = set(options) - allowed
     if bad:
         raise ValueError(f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "

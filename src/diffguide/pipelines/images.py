@@ -26,6 +26,7 @@ _COUNTER = re.compile(r"^(\d+)-")
 A1111_SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "lms": "LMS",
                   "dpm2": "DPM2", "dpm2_ancestral": "DPM2 a", "unipc": "UniPC", "plms": "PLMS", "ipndm": "iPNDM",
                   "deis": "DEIS", "tcd": "TCD", "restart": "Restart", "dpmpp_sde": "DPM++ SDE",
+                  "dpmpp_2s_singlestep": "DPM++ 2S",
                   "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2s_ancestral": "DPM++ 2S a",
                   "dpmpp_3m_sde": "DPM++ 3M SDE", "consistency": "LCM"}
 A1111_SCHEDULES = {"karras": "Karras", "uniform_lam": "Exponential", "exponential": "Exponential",

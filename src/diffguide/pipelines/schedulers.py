@@ -262,6 +262,13 @@ def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
         if cfg.get("lower_order_final", True) is False:
             opts.append("lower_order_final=False")
         return "deis" + (":" + ",".join(opts) if opts else ""), None
+    if name == "DPMSolverSinglestepScheduler":
+        algo, order = cfg.get("algorithm_type", "dpmsolver++"), cfg.get("solver_order", 2)
+        if algo == "dpmsolver++" and order == 2 and cfg.get("solver_type", "midpoint") == "midpoint":
+            low = cfg.get("lower_order_final", True)
+            return "dpmpp_2s_singlestep" + ("" if low else ":lower_order_final=False"), None
+        return "dpmpp_2m", (f"{name} with algorithm_type {algo!r}, solver_order {order} and solver_type "
+                            f"{cfg.get('solver_type', 'midpoint')!r} has no diffguide sampler; sampling with dpmpp_2m")
     if name == "DPMSolverSDEScheduler":
         return "dpmpp_sde", (f"{name}: sampling with dpmpp_sde, whose Brownian noise is diffguide's own tree, not "
                              f"torchsde's: the images differ from diffusers' for the same seed")

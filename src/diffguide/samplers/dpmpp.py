@@ -228,3 +228,39 @@ class DPMppSDE(Ancestral):
         if up > 0:
             y = y + (up * self.s_noise) * tree.increment(st.ve, st.ve_next).to(x)
         return st.a_next * y, tree
+
+
+def singlestep_orders(steps: int, lower_order_final: bool = True, final_zero: bool = True) -> list[int]:
+    """DPMSolverSinglestepScheduler's order list for solver_order 2: pairs (1, 2) of grid steps, the
+    last steps first order (its get_order_list)."""
+    if lower_order_final:
+        orders = [1, 2] * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * (steps // 2) + [1]
+    else:
+        orders = [1, 2] * (steps // 2) + ([1] if steps % 2 else [])
+    if final_zero:
+        orders[-1] = 1
+    return orders
+
+
+@register("sampler", "dpmpp_2s_singlestep")
+@dataclass(frozen=True)
+class DPMpp2SSinglestep(Sampler):
+    """DPM-Solver++(2S) laid on the grid as diffusers' DPMSolverSinglestepScheduler does (solver_order 2,
+    midpoint): grid steps in pairs, a first-order step to the pair's middle point, then one 2S update
+    from the pair's start with the middle point's x0 (Lu et al. 2022, Alg. 1 with r = h0 / h)."""
+
+    lower_order_final: bool = True
+
+    def init_state(self):
+        return None
+
+    def step(self, denoise, x, st, state, noise):
+        p = denoise(x, st.t)
+        order = singlestep_orders(st.n, self.lower_order_final, True)[st.i]
+        if order == 1 or state is None or not math.isfinite(state[3]):
+            # the pair's start: remember its prediction; a DDIM step to the middle point
+            return st.a_next * p.x0 + st.s_next * p.eps, (p.x0, p.history, p.eps, st.lam)
+        x0_s, hist_s, eps_s, lam_s = state
+        h, h0 = st.lam_next - lam_s, st.lam - lam_s
+        d1 = (p.history - hist_s) / (h0 / h)
+        return st.a_next * (x0_s + 0.5 * (-math.expm1(-h)) * d1) + st.s_next * eps_s, None
