@@ -328,3 +328,13 @@ def test_list_shows_the_new_samplers_and_spacings_with_options(capsys):
     for name in ("ays", "kl_optimal", "sgm_uniform", "simple", "polyexponential"):
         assert f"  {name} " in spacings, name
     assert "options: model" in spacings and "options: rho, sigma_min, sigma_max" in spacings
+
+
+def test_deis_on_sigma_grids_says_where_it_differs_from_diffusers():
+    import diffusers
+
+    from diffguide.pipelines.schedulers import from_scheduler
+
+    info = from_scheduler(diffusers.DEISMultistepScheduler(use_karras_sigmas=True))
+    assert info.sampler == "deis" and "zero-length step" in info.notice
+    assert from_scheduler(diffusers.DEISMultistepScheduler()).notice is None

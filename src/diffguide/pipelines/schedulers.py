@@ -218,6 +218,9 @@ def from_scheduler(scheduler) -> SchedulerInfo:
         return SchedulerInfo(schedule, kind, grid, start, name, threshold, "consistency",
                              float(cfg.get("timestep_scaling", 10.0)))
     sampler, notice = own_sampler(name, cfg)
+    if name == "DEISMultistepScheduler" and sigma_grid is not None:  # diffusers' last step there is empty
+        notice = (f"{name} with use_{sigma_grid}_sigmas ends with a zero-length step in diffusers, so its images keep "
+                  f"sigma_min's noise; diffguide's grid lands on data")
     return SchedulerInfo(schedule, kind, grid, start, name, threshold, sampler=sampler, time_fn=rounding,
                          notice=notice)
 
