@@ -57,14 +57,15 @@ def toy_setup(models, quick: bool = False):
     return evaluator.load(), pipes, list(metrics.DEFAULT_PROMPTS[:3] if quick else metrics.DEFAULT_PROMPTS)
 
 
-def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0, noise=None, guide_model=None) -> dict:
+def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0, noise=None, guide_model=None,
+           spacing=None) -> dict:
     """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown); with a
     noise optimiser also its extra NFE, backward passes and seconds per image."""
     from diffguide.evaluate import prompt_set
     from diffguide.toy import metrics
 
     costs, per_image = {}, []
-    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, stitch=stitch,
+    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, spacing=spacing, stitch=stitch,
                                            noise=noise, costs=costs, guide_model=guide_model)
     res = metrics.evaluate(images, ids, prompts, judge, per_image=per_image)
     res.pop("adherence_by_prompt")

@@ -46,7 +46,7 @@ def main():
     rows = []
     for sampler, spacing, k in settings:
         s = gp.resolve(None, None, sampler)[1]
-        res = scored_with_spacing(gp, judge, prompts, n, g, s, k, spacing)
+        res = scored(gp, judge, prompts, n, g, s, k, spacing=spacing)
         rows.append({"sampler": sampler, "spacing": spacing, "steps": k,
                      **{key: res[key] for key in ("nfe_per_image", "seconds_per_image", "adherence", "adherence_se",
                                                   "adherence_by_group", "frechet_distance")},
@@ -66,17 +66,6 @@ def main():
         import os
         os.replace(args.md + ".tmp", args.md)
 
-
-def scored_with_spacing(gp, judge, prompts, n, g, s, steps, spacing):
-    """``scored`` on a grid of the given spacing (None: the model's own)."""
-    if spacing is None:
-        return scored(gp, judge, prompts, n, g, s, steps)
-    saved = gp.defaults
-    gp.defaults = {**saved, "spacing": spacing}
-    try:
-        return scored(gp, judge, prompts, n, g, s, steps)
-    finally:
-        gp.defaults = saved
 
 
 if __name__ == "__main__":

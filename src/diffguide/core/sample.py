@@ -99,6 +99,24 @@ def ancestral(st: Step, eta: float) -> tuple[float, float]:
     return math.sqrt(max(st.ve_next ** 2 - up ** 2, 0.0)), up
 
 
+def straight(st: Step, nxt: bool = False) -> tuple[float, float, bool]:
+    """(c, u, flow) at the step's start (or end) for the straight coordinates y = x / c with level
+    u = s / c, where the probability-flow ODE is dy/du = d: c = a and u the VE level on VP schedules
+    (EDM), c = a + s = 1 and u the flow time on flow schedules (``ode_space``)."""
+    a, s = (st.a_next, st.s_next) if nxt else (st.a, st.s)
+    flow = getattr(st.schedule, "ode_space", "ve") == "flow"
+    c = (a + s) if flow else a
+    return c, (s / c if c > 0 else math.inf), flow  # a = 0: zero terminal SNR, infinitely far
+
+
+def straight_point(p: Pred, u: float, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, dy/du) at level u rebuilt from a prediction: y = (a/c) x0 + u eps with a/c = 1 - u on flows
+    (1 on VP schedules), and the slope eps - x0 on flows (eps on VP schedules)."""
+    if flow:
+        return p.x0 * (1 - u) + u * p.eps, p.eps - p.x0
+    return p.x0 + u * p.eps, p.eps
+
+
 @dataclass(frozen=True)
 class Ancestral(Sampler):
     """Options of samplers that inject fresh noise by ``ancestral``: eta (0 = deterministic)."""
@@ -209,8 +227,9 @@ class BrownianTree:
         q = min(max(float(q), self.lo), self.hi)
         return torch.stack([self._row(s, q) for s in self.seeds])
 
-    def increment(self, a: float, b: float) -> torch.Tensor:
-        return (self(b) - self(a)) / math.sqrt(abs(b - a))
+    def increment(self, a: float, b: float, wa: torch.Tensor | None = None) -> torch.Tensor:
+        """(W(b) - W(a)) / sqrt|b - a|; ``wa``: W(a) when the caller has it already."""
+        return (self(b) - (self(a) if wa is None else wa)) / math.sqrt(abs(b - a))
 
 
 class RowsNoise:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .dmd2 import Bottleneck
-from .scm import TrigFlowView, sample_times
+from .scm import TrigFlowView, noised
 
 
 def feature_modules(net) -> list:
@@ -59,13 +59,10 @@ class LADD:
 
     def logits(self, x0: torch.Tensor, cond, g: torch.Generator) -> torch.Tensor:
         """D(x0): the heads' mean logit on the teacher's features at a fresh noisy x_{t_D}."""
-        sd, b = self.sigma_d, x0.shape[0]
-        t = sample_times(b, g, self.p_mean, self.p_std, sd, self.t_max).to(x0.device)
-        z = sd * torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        c, s = (f(t).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1))) for f in (torch.cos, torch.sin))
+        t, _, _, x_t = noised(x0, g, self.p_mean, self.p_std, self.sigma_d, self.t_max)
         with contextlib.ExitStack() as stack:
             taps = [stack.enter_context(Bottleneck(m)) for m in self.modules]
-            TrigFlowView(self.teacher, sd).pred(c * x0 + s * z, t, cond)
+            TrigFlowView(self.teacher, self.sigma_d).pred(x_t, t, cond)
         return torch.stack([h(tap.out) for h, tap in zip(self.heads, taps)]).mean(0)
 
     def generator_loss(self, x0: torch.Tensor, cond, g: torch.Generator) -> torch.Tensor:

@@ -54,16 +54,21 @@ class TrigFlowView:
         return trig_output(p, t, self.sigma_d)
 
 
+def cos_sin(t: torch.Tensor, like: torch.Tensor):
+    """(cos t, sin t) per sample, shaped to broadcast over ``like``'s batch."""
+    return (f(t).to(like.dtype).view(-1, *([1] * (like.ndim - 1))) for f in (torch.cos, torch.sin))
+
+
 def trig_output(p: Pred, t: torch.Tensor, sigma_d: float) -> torch.Tensor:
     """TrigFlow's network output for a Pred at TrigFlow time t: cos(t) eps - sin(t) x0 / sigma_d."""
-    c, s = (f(t).to(p.x0.dtype).view(-1, *([1] * (p.x0.ndim - 1))) for f in (torch.cos, torch.sin))
+    c, s = cos_sin(t, p.x0)
     return c * p.eps - s * p.x0 / sigma_d
 
 
 def trig_pred(F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, sigma_d: float) -> Pred:
     """The other way: x0 = cos(t) x_t - sin(t) sigma_d F, eps = (x_t - cos(t) x0) / (sin(t) sigma_d)
     (in TrigFlow's coordinates, x_t = cos(t) x0 + sin(t) sigma_d eps)."""
-    c, s = (f(t).to(F.dtype).view(-1, *([1] * (F.ndim - 1))) for f in (torch.cos, torch.sin))
+    c, s = cos_sin(t, F)
     x0 = c * x_t - s * sigma_d * F
     return Pred(x0, (x_t - c * x0) / (s * sigma_d))
 
@@ -73,6 +78,15 @@ def sample_times(b: int, generator: torch.Generator, p_mean: float, p_std: float
     """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (Sec. 4.2's proposal), capped at t_max."""
     tau = p_mean + p_std * torch.randn(b, generator=generator, dtype=torch.float64)
     return torch.atan(torch.exp(tau) / sigma_d).clamp(max=t_max)
+
+
+def noised(x0: torch.Tensor, generator: torch.Generator, p_mean: float, p_std: float, sigma_d: float, t_max: float):
+    """(t, cos t, sin t, x_t): a TrigFlow time per sample from the proposal, and x_t = cos(t) x0 + sin(t) z,
+    z ~ N(0, sigma_d^2 I)."""
+    t = sample_times(x0.shape[0], generator, p_mean, p_std, sigma_d, t_max).to(x0.device)
+    z = sigma_d * torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    c, s = cos_sin(t, x0)
+    return t, c, s, c * x0 + s * z
 
 
 class AdaptiveWeight(torch.nn.Module):
@@ -152,11 +166,8 @@ class SCMLoss:
                  student_cond=None, keep: list | None = None) -> tuple[torch.Tensor, dict]:
         """(loss, logs); with LADD the student's x0 estimates are appended to ``keep`` for the heads'
         own update."""
-        sd, b = self.sigma_d, x0.shape[0]
-        t = sample_times(b, generator, self.p_mean, self.p_std, sd, self.t_max).to(x0.device)
-        z = sd * torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        c, s = (f(t).to(x0.dtype).view(-1, *([1] * (x0.ndim - 1))) for f in (torch.cos, torch.sin))
-        x_t = c * x0 + s * z
+        sd = self.sigma_d
+        t, c, s, x_t = noised(x0, generator, self.p_mean, self.p_std, sd, self.t_max)
         with torch.no_grad():  # the teacher's velocity, guided: dx_t/dt = sigma_d F_teacher
             gd = guide(self.teacher, guidance if guidance is not None else self.guidance, pos, neg)
             gd.reset(RandomNoise(generator))

@@ -850,10 +850,11 @@ class GuidedPipeline:
         # authors: 50 steps), else the run's first time
         n_att = getattr(opt, "attention_steps", 0)
         t_att = info.timesteps(n_att)[0] if n_att else ts[0]
+        att_denoiser = self.denoiser_for(info=info)
 
         def attention(xi, i):
             with capture(fam.net, grid) as store:
-                self.denoiser_for(info=info)(xi, t_att, _rows(pos, [i]))
+                att_denoiser(xi, t_att, _rows(pos, [i]))
             counts["forward"] += 1
             if not store["cross"] or not store["self"]:
                 raise ValueError(f"no attention maps at {grid[0]}x{grid[1]} in {type(fam.net).__name__}")

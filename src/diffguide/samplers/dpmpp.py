@@ -214,19 +214,20 @@ class DPMppSDE(Ancestral):
             # table has no finite top, and there the run's first finite level is the top instead
             hi = float(sc.sigma_max) if math.isfinite(float(sc.sigma_max)) else st.ve
             tree = BrownianTree(seeds, min(float(sc.sigma_min), st.ve_next or st.ve), hi, tuple(x.shape[1:]))
+        w = tree(st.ve)  # W at this level, shared by both substeps' increments
         ve_s = math.exp(-(st.lam + self.r * st.h))
         mid = st.to(t_next=st.schedule.t_of_ve(torch.tensor(ve_s, dtype=torch.float64)))
         down, up = ancestral(mid, self.eta)
         y2 = p.x0 + down * p.eps
         if up > 0:
-            y2 = y2 + (up * self.s_noise) * tree.increment(st.ve, ve_s).to(x)
+            y2 = y2 + (up * self.s_noise) * tree.increment(st.ve, ve_s, w).to(x)
         q = denoise(mid.a_next * y2, mid.t_next)
         down, up = ancestral(st, self.eta)
         fac = 1 / (2 * self.r)
         shift = fac * (q.history - p.history)  # D - x0: the 2S correction from the x0 history
         y = p.x0 + down * p.eps + (1 - down / st.ve) * shift
         if up > 0:
-            y = y + (up * self.s_noise) * tree.increment(st.ve, st.ve_next).to(x)
+            y = y + (up * self.s_noise) * tree.increment(st.ve, st.ve_next, w).to(x)
         return st.a_next * y, tree
 
 

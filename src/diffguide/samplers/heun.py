@@ -4,10 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 
 from ..core.registry import register
-from ..core.sample import Churn, Sampler
+from ..core.sample import Churn, Sampler, straight
+from ..core.spacing import timesteps
 
 
 @register("sampler", "heun")
@@ -25,11 +25,11 @@ class Heun(Churn):
         x, st = self.churned(x, st, noise)
         p = denoise(x, st.t)
         x_euler = st.a_next * p.x0 + st.s_next * p.eps
-        flow = getattr(st.schedule, "ode_space", "ve") == "flow"
+        c, _, flow = straight(st)
         if st.last or (st.a == 0 and not flow):
             return x_euler, state
         q = denoise(x_euler, st.t_next)
-        c, c_next = (st.a + st.s, st.a_next + st.s_next) if flow else (st.a, st.a_next)
+        c_next = straight(st, nxt=True)[0]
         da, ds = st.a_next / c_next - st.a / c, st.s_next / c_next - st.s / c
         y = (st.a / c) * p.x0 + (st.s / c) * p.eps  # y at t, rebuilt from the prediction
         y_next = y + (0.5 * da) * (p.x0 + q.x0) + (0.5 * ds) * (p.eps + q.eps)
@@ -68,10 +68,7 @@ class Restart(Sampler):
         if state or not reach or st.ve_next <= 0 or st.ve_next >= self.restart_max:
             return x, state
         lo, hi = st.ve_next, self.restart_max
-        rho = 7.0
-        ramp = torch.linspace(0, 1, self.restart_steps, dtype=torch.float64)
-        levels = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho  # Karras, hi -> lo
-        times = st.schedule.t_of_ve(levels)
+        times = timesteps(st.schedule, self.restart_steps - 1, "karras", final="sigma_min", sigma_min=lo, sigma_max=hi)
         top = st.to(t=times[0], t_next=times[0])
         for _ in range(self.restart_times):
             z = noise(x, st.t_next, times[0])

@@ -1,10 +1,9 @@
 """Linear multistep (k-diffusion's sample_lms, diffusers' LMSDiscreteScheduler) and DPM2 (Karras et al.
 2022's second-order sampler as k-diffusion's sample_dpm_2 / sample_dpm_2_ancestral).
 
-Both work in straight coordinates y = x / c with level u = s / c, where the probability-flow ODE is
-dy/du = d: c = a and u the VE level on VP schedules (d = eps), c = 1 and u the flow time on flow
-schedules (d = eps - x0). y is rebuilt from each prediction, so the data anchor is always the
-current x0 and CFG++'s unconditional eps enters as the derivative, as in Euler.
+LMS works in the straight coordinates of ``core.sample.straight`` (VE levels on VP schedules, flow
+time on flows); y is rebuilt from each prediction, so the data anchor is always the current x0 and
+CFG++'s unconditional eps enters as the derivative, as in Euler.
 """
 from __future__ import annotations
 
@@ -15,15 +14,7 @@ import numpy as np
 import torch
 
 from ..core.registry import register
-from ..core.sample import Ancestral, Sampler, ancestral
-
-
-def straight(st, nxt: bool = False) -> tuple[float, float, bool]:
-    """(c, u, flow) at the step's start (or end): y = x / c, u = s / c."""
-    a, s = (st.a_next, st.s_next) if nxt else (st.a, st.s)
-    flow = getattr(st.schedule, "ode_space", "ve") == "flow"
-    c = (a + s) if flow else a
-    return c, (s / c if c > 0 else math.inf), flow  # a = 0: zero terminal SNR, infinitely far
+from ..core.sample import Ancestral, Sampler, ancestral, straight, straight_point
 
 
 def lagrange_basis(us: list[float]) -> list:
@@ -62,10 +53,9 @@ class LMS(Sampler):
         c1, u1, _ = straight(st, nxt=True)
         if not math.isfinite(st.ve) or not math.isfinite(u):  # from infinite noise: Euler, no history kept
             return st.a_next * p.x0 + st.s_next * p.eps, ()
-        d = p.eps - p.x0 if flow else p.eps
+        y, d = straight_point(p, u, flow)
         hist = ((d, u),) + tuple(state[: self.order - 1])
         coeffs = lms_coefficients([v for _, v in hist], u, u1)
-        y = (p.x0 * (1 - u) if flow else p.x0) + u * p.eps
         for k, (dk, _) in zip(coeffs, hist):
             y = y + k * dk
         return c1 * y, hist

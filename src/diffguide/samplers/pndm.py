@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.registry import register
-from ..core.sample import Sampler
-from .lms import straight
+from ..core.sample import Sampler, straight, straight_point
 
 WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
@@ -87,9 +86,8 @@ class IPNDM(Sampler):
         p = denoise(x, st.t)
         c, u, flow = straight(st)
         c1, u1, _ = straight(st, nxt=True)
-        d = p.eps - p.x0 if flow else p.eps
         if not (u < float("inf")):  # from infinite VE (zero terminal SNR): Euler, no slope kept
             return st.a_next * p.x0 + st.s_next * p.eps, ()
+        y, d = straight_point(p, u, flow)
         slopes = (d,) + state[: self.order - 1]
-        y = (p.x0 * (1 - u) if flow else p.x0) + u * p.eps
         return c1 * (y + (u1 - u) * combine(slopes)), slopes

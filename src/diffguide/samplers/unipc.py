@@ -60,14 +60,12 @@ class UniPC(Sampler):
             raise ValueError(f"unknown solver_type {self.solver_type!r}; choose one of: {', '.join(SOLVER_TYPES)}")
         if isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
-        self.skipped()
-
-    def skipped(self) -> set[int]:
-        try:
-            return {int(v) for v in str(self.disable_corrector).split("|") if v.strip()}
+        try:  # parsed once, not at every step
+            skipped = frozenset(int(v) for v in str(self.disable_corrector).split("|") if v.strip())
         except ValueError:
             raise ValueError(f"disable_corrector must be step indices separated by '|', got "
                              f"{self.disable_corrector!r}") from None
+        object.__setattr__(self, "_skipped", skipped)
 
     def init_state(self):
         return ((), None)
@@ -77,7 +75,7 @@ class UniPC(Sampler):
         p = denoise(x, st.t)
         cur, lam = p.history, st.lam
         offset = 0.0
-        if carry is not None and (st.i - 1) not in self.skipped() and math.isfinite(lam):
+        if carry is not None and (st.i - 1) not in self._skipped and math.isfinite(lam):
             pred_res, order_c = carry  # UniC: the previous step again, with this point's x0 known
             x0_s, lam_s = hist[0]
             h = lam - lam_s
