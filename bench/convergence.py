@@ -16,7 +16,9 @@ import diffguide as dg
 from helpers import convergence_errors, fitted_order, ode_reference
 
 SPECS = ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m:solver_type=heun", "dpmpp_2s", "dpmpp_3m",
-         "dpmpp_3m:warmup=lower_order", "dpmpp_3m_published"]
+         "dpmpp_3m:warmup=lower_order", "dpmpp_3m_published", "unipc", "unipc:lower_order_final=False",
+         "unipc:solver_type=bh1,lower_order_final=False", "unipc:order=3,lower_order_final=False", "deis",
+         "deis:order=3", "lms", "dpm2", "plms", "ipndm"]
 
 
 def main():
