@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Hashable, Mapping
@@ -86,6 +87,9 @@ class Guidance:
     """
 
     needs_grad = False
+    # False where branches or combine read the data back on the host (AG's switch, ICG's labels): the
+    # sampling loop then cannot be captured in a CUDA graph (core.graphs)
+    capturable = True
 
     def init_state(self) -> Any:
         return None
@@ -156,6 +160,26 @@ def _rows(cond, sl: slice):
     if isinstance(cond, (list, tuple)):
         return type(cond)(_rows(v, sl) for v in cond)
     return cond
+
+
+@functools.lru_cache(maxsize=256)
+def constant(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """A small host-made tensor (a kernel) on a device, made once, so that a step copies nothing from
+    the host: a captured loop (``core.graphs``) cannot."""
+    with torch.inference_mode(False):  # usable in runs with autograd too
+        return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def row_mask(flags: tuple, device: str) -> torch.Tensor:
+    """The [B] bool mask a rowwise perturbation gets, made once per (flags, device) so that a step
+    copies nothing from the host (a captured loop cannot); ``row_index`` holds its set rows' indices
+    and ``all_rows`` whether every row is set, so that hooks need not read the mask back."""
+    with torch.inference_mode(False):  # usable in runs with autograd too
+        mask = torch.tensor(flags, dtype=torch.bool, device=device)
+        mask.row_index = torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long, device=device)
+    mask.all_rows = all(flags)
+    return mask
 
 
 class GuidedDenoiser:
@@ -294,7 +318,7 @@ class GuidedDenoiser:
                 with contextlib.ExitStack() as stack:
                     for p, flags in masks.items():
                         if any(flags[sl]):
-                            rows = torch.tensor(flags[sl], dtype=torch.bool, device=x.device)
+                            rows = row_mask(tuple(flags[sl]), str(x.device))
                             stack.enter_context(p.apply(net, self.noise, rows))
                     pred = net(x[sl], t if t.ndim == 0 else t[sl], _rows(cond, sl))
                 if not isinstance(pred, Pred):

@@ -76,7 +76,10 @@ class Step:
 
 
 class Sampler:
-    """Base for samplers (frozen dataclasses whose fields are their options)."""
+    """Base for samplers (frozen dataclasses whose fields are their options). ``capturable`` False:
+    the step reads data back on the host or makes its noise there (no CUDA graph of its loop)."""
+
+    capturable = True
 
     def init_state(self) -> Any:
         return ()
@@ -321,6 +324,11 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
     first bad step is tracked on x's device and read back every ``FINITE_EVERY`` steps and at the
     end, so a GPU run is not synchronised at every step.
     """
+    ts, x, sampler = _checked(denoise, sampler, ts, x)
+    return run_loop(denoise, sampler, ts, x, noise, callback, grad, "read" if check_finite else None)[0]
+
+
+def _checked(denoise, sampler, ts, x):
     from .registry import parse_spec  # deferred: samplers register on import
 
     schedule = getattr(denoise, "schedule", None)
@@ -336,14 +344,25 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
         raise ValueError("x must be a floating-point tensor with a leading batch dimension")
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # the sampler state stays in float32 whatever the network runs in
+    return ts, x, sampler
+
+
+def run_loop(denoise: Denoise, sampler: Sampler, ts: torch.Tensor, x: torch.Tensor, noise=None,
+             callback=None, grad: bool = False, finite: str | None = "read"):
+    """The loop of ``sample`` on checked arguments; returns (x, first_bad), first_bad a 0-dim tensor on
+    x's device: the first step whose x is not finite (n when none). ``finite``: "read" reads it back
+    every ``FINITE_EVERY`` steps and raises; "keep" only keeps it, so that the loop has no host read
+    of device data (capturable in a CUDA graph: ``core.graphs``) and the caller reads it once at the
+    end; None tracks nothing (first_bad None)."""
     noise = noise if noise is not None else RandomNoise()
     if hasattr(denoise, "reset"):
         denoise.reset(noise)
     state = sampler.init_state()
     begin = getattr(denoise, "begin_step", None)
+    schedule = denoise.schedule
     n = ts.numel() - 1
     a, s, ve = _levels(schedule, ts)  # once per run, not twice per grid point
-    first_bad = torch.full((), n, device=x.device) if check_finite else None
+    first_bad = torch.full((), n, device=x.device) if finite else None
     with torch.set_grad_enabled(grad):
         for i in range(n):
             st = Step(i, n, ts[i], ts[i + 1], schedule, a[i], s[i], ve[i], a[i + 1], s[i + 1], ve[i + 1])
@@ -352,13 +371,13 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
             x, state = sampler.step(denoise, x, st, state, noise)
             if first_bad is not None:
                 first_bad = torch.where(torch.isfinite(x.detach()).all() | (first_bad < n), first_bad, i)
-                if (i + 1) % FINITE_EVERY == 0 or i == n - 1:
+                if finite == "read" and ((i + 1) % FINITE_EVERY == 0 or i == n - 1):
                     _raise_if_bad(int(first_bad), n, ts)
             if callback is not None:
                 out = callback(st, x)
                 if out is not None:  # a callback may replace x (diffusers' callback_on_step_end)
                     x = out
-    return x
+    return x, first_bad
 
 
 def _raise_if_bad(first: int, n: int, ts) -> None:

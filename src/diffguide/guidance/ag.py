@@ -27,6 +27,8 @@ class AdaptiveGuidance(Guidance):
     the first evaluation only. ``diffguide tune ag`` picks a threshold for a target NFE.
     """
 
+    capturable = False  # the switch reads the cosine back on the host
+
     scale: float = 5.0
     threshold: float = 0.99
     space: str = "x0"

@@ -49,6 +49,10 @@ class Modulated(Guidance):
     def needs_grad(self):
         return self.inner.needs_grad
 
+    @property
+    def capturable(self):
+        return self.inner.capturable
+
     def init_state(self):
         return self.inner.init_state()
 
@@ -98,6 +102,10 @@ class Sum(Guidance):
     @property
     def needs_grad(self):
         return any(p.needs_grad for p in self.parts)
+
+    @property
+    def capturable(self):
+        return all(p.capturable for p in self.parts)
 
     def init_state(self):
         return tuple(p.init_state() for p in self.parts)

@@ -8,16 +8,16 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ..core.guided import Branch, Guidance
+from ..core.guided import Branch, Guidance, constant
 from ..core.pred import Pred
 from ..core.registry import register
 from .cfg import check_space, output_space
 
-_BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+_BINOMIAL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 
 
 def _blur(x):
-    k = _BINOMIAL.to(device=x.device, dtype=x.dtype)
+    k = constant(_BINOMIAL, str(x.device), x.dtype)
     kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 5, 5)
     return F.conv2d(F.pad(x, [2, 2, 2, 2], mode="reflect"), kernel, groups=x.shape[1])
 

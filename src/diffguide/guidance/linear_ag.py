@@ -95,6 +95,7 @@ class Recorder(Guidance):
 
     scale: float = 5.0
     sink: list = field(default_factory=list, compare=False, hash=False)
+    capturable = False  # it copies every evaluation to the host
 
     def branches(self, pt, state=None):
         return {"c": Branch("pos"), "u": Branch("neg")}

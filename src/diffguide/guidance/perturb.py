@@ -21,7 +21,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ..core.guided import Branch, Guidance, Point
+from ..core.guided import Branch, Guidance, Point, constant
 
 _LOCK = threading.Lock()
 _INSTALLED: dict = {}  # (id(module), kind) -> [handle, users]
@@ -156,13 +156,23 @@ def _where(rows, a, b):
     return torch.where(rows.view(-1, *([1] * (a.ndim - 1))), a, b)
 
 
+def _index(rows) -> torch.Tensor:
+    """The set rows' indices: ``row_mask``'s own (no read of the mask), else read from it."""
+    index = getattr(rows, "row_index", None)
+    return index if index is not None else rows.nonzero()[:, 0]
+
+
+def _take(rows, t):
+    """t's rows ``rows`` (a gather by index: no data-dependent shape on the device)."""
+    return t if getattr(rows, "all_rows", False) else t.index_select(0, _index(rows))
+
+
 def _put(rows, new, out):
     """out with its rows ``rows`` replaced by ``new`` (computed for those rows only)."""
-    if bool(rows.all()):
+    every = getattr(rows, "all_rows", None)
+    if every if every is not None else bool(rows.all()):
         return new.to(out.dtype)
-    res = out.clone()
-    res[rows] = new.to(out.dtype)
-    return res
+    return out.index_copy(0, _index(rows), new.to(out.dtype))
 
 
 def _split_inputs(args, kwargs):
@@ -194,11 +204,11 @@ def _identity_hook(attn, args, kwargs, out):
     if rows is None:
         return None
     h, e = _split_inputs(args, kwargs)
-    ident = _value_path(attn, h[rows])  # only the perturbed rows
+    ident = _value_path(attn, _take(rows, h))  # only the perturbed rows
     if isinstance(out, tuple):  # joint attention: (image stream, text stream)
         enc = out[1]
         if e is not None and enc is not None and hasattr(attn, "add_v_proj"):
-            ev = attn.add_v_proj(e[rows])
+            ev = attn.add_v_proj(_take(rows, e))
             to_add = getattr(attn, "to_add_out", None)
             if to_add is not None and not getattr(attn, "context_pre_only", False):
                 ev = to_add(ev)
@@ -256,7 +266,7 @@ class BlurredQuery:
         rows = _active(proj, ("seg", self.sigma, self.inf_threshold))
         if rows is None:
             return None
-        return _put(rows, blur_tokens(out[rows], self.sigma, self.inf_threshold), out)
+        return _put(rows, blur_tokens(_take(rows, out), self.sigma, self.inf_threshold), out)
 
 
 def blur_tokens(q: torch.Tensor, sigma: float, inf_threshold: float = 9999.0) -> torch.Tensor:
@@ -274,7 +284,7 @@ def blur_tokens(q: torch.Tensor, sigma: float, inf_threshold: float = 9999.0) ->
         k = min(k, side - (side % 2 - 1))
         x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
         pdf = torch.exp(-0.5 * (x / sigma) ** 2)
-        k1 = (pdf / pdf.sum()).to(device=q.device, dtype=q.dtype)
+        k1 = constant(tuple((pdf / pdf.sum()).tolist()), str(q.device), q.dtype)
         kernel = (k1[:, None] * k1[None, :]).expand(c, 1, k, k)
         grid = F.conv2d(F.pad(grid, [k // 2] * 4, mode="reflect"), kernel, groups=c)
     return grid.reshape(b, c, n).transpose(1, 2)

@@ -23,6 +23,7 @@ import torch
 
 from .. import versions
 from ..core.denoiser import Boundary, NetDenoiser
+from ..core.graphs import CudaGraphs, LoopGraphs
 from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec, to_spec
 from ..core.sample import NoiseFork, NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
@@ -196,6 +197,7 @@ class GuidedPipeline:
                                         module=net)
         self.progress = progress
         self.defaults: dict = {}  # a distilled student's own steps and guidance (its diffguide.json)
+        self.graphs = LoopGraphs()  # captured sampling loops (cuda_graph=True), per settings
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, torch_dtype=None, device=None, progress: bool = True,
@@ -279,6 +281,7 @@ class GuidedPipeline:
         self.pipe.to(*([check_device(device)] if device is not None else []),
                      **({"dtype": as_dtype(dtype)} if dtype is not None else {}))
         self.net_denoiser = dataclasses.replace(self.net_denoiser, dtype=self.family.net.dtype)
+        self.graphs.clear()  # their memory pools, on the old device or for the old dtype
         return self
 
     def save_pretrained(self, folder: str, **kwargs) -> None:
@@ -416,7 +419,7 @@ class GuidedPipeline:
                  callback_on_step_end_tensor_inputs=("latents",), eta: float | None = None,
                  guidance_rescale: float = 0.0, cross_attention_kwargs: dict | None = None,
                  clip_skip: int | None = None, return_dict: bool = True, embedded_guidance: float | None = None,
-                 image=None, strength: float | None = None, guide_model=None):
+                 image=None, strength: float | None = None, guide_model=None, cuda_graph: bool = False):
         """Generate images.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
@@ -456,6 +459,13 @@ class GuidedPipeline:
         every output, one per prompt or one per output) is encoded, noised to the level ``strength``
         selects on the sampler's grid (1: pure noise; default the family's img2img pipeline's) and
         sampled from there, as diffusers' img2img pipelines do; its size is the default size.
+        cuda_graph: capture the whole sampling loop (every step's branch batching, network, guidance and
+        sampler update) in one CUDA graph on the first call with given settings and shapes, and replay
+        it on later calls (``core.graphs``; the per-run buffers are the graph's, made once). The first
+        call runs eagerly and captures; the images are those of an eager run, noise and seeds
+        included. A loop that cannot be captured (AG, ICG, DPM++ SDE) runs eagerly with a notice.
+        Captures are kept in ``self.graphs`` (the four most recent); changing the network other than
+        by its weights' storage, dtype or LoRA scales needs ``self.graphs.clear()``.
         guide_model: the weaker model AutoGuidance (``guidance="autoguidance"``) guides away from
         (a GuidedPipeline, folder, hub id or 'builtin-small'); it must share this model's latent
         space and schedule, and encodes the prompts with its own text encoder.
@@ -525,6 +535,8 @@ class GuidedPipeline:
             ve = info.schedule.ve(info.timesteps(steps, spacing)).tolist()
             raise ValueError(f"{str(e).split(';')[0]}; on this run's grid ({steps} steps) {equivalence(ve)}") from None
         g, s = self._diffusers_options(g, s, eta, guidance_rescale)
+        if cuda_graph:
+            self._check_graph(g, callback, callback_on_step_end)
         ts = info.timesteps(steps, spacing)
         if init is not None:
             ts = ts[self.steps_skipped(ts.numel() - 1, strength):]
@@ -648,8 +660,8 @@ class GuidedPipeline:
                 x, report = self._optimise_noise(opt, x, fork, texts, pos, make, s, ts, info,
                                                  smalls=[stitch.small] if stitch is not None else [])
             t_noise = time.perf_counter()
-            denoise = make()
-            bar = _bar(ts.numel() - 1, self.progress if progress is None else progress)
+            bar = _bar(ts.numel() - 1, (self.progress if progress is None else progress) and not cuda_graph)
+            graph_notices = len(self.graphs.notices)
 
             def each(st, xt):
                 bar.update(1)
@@ -662,7 +674,20 @@ class GuidedPipeline:
                         return got["latents"].to(xt.device, xt.dtype)
                 return None
             try:
-                x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite)
+                if cuda_graph:
+                    def build(c):
+                        return guide(main, g, c["pos"], c["neg"], threshold=threshold, max_batch=max_batch,
+                                     conds=c["extra"], models=models,
+                                     stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
+                    key = (to_spec(g), repr(threshold), max_batch, (stitch.fraction, stitch.reset) if stitch else None,
+                           spacing, round_timesteps, h, w, tuple((k, _weights_key(m)) for k, m in models.items()),
+                           _weights_key(self.net_denoiser))
+                    x, nfe, forwards = self.graphs.sample(key, build, {"pos": pos, "neg": neg, "extra": extra_conds},
+                                                          s, ts, x, noise, check_finite)
+                else:
+                    denoise = make()
+                    x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite)
+                    nfe, forwards = denoise.nfe, denoise.forwards
             except NonFiniteError as e:
                 half = fam.net.dtype == torch.float16
                 raise NonFiniteError(
@@ -699,10 +724,19 @@ class GuidedPipeline:
             images = images.clone()  # a normal tensor, usable with autograd and in-place ops
         if not return_dict:
             return images, nsfw
-        return GuidedOutput(images, denoise.nfe, denoise.forwards, timings, seeds, nsfw, report,
-                            notices=([notice] if notice else [])
+        return GuidedOutput(images, nfe, forwards, timings, seeds, nsfw, report,
+                            notices=([notice] if notice else []) + self.graphs.notices[graph_notices:]
                             + ([self.info.notice] if self.info.notice and sampler is None
                                and "sampler" not in self.defaults else []))
+
+    def _check_graph(self, g, callback, callback_on_step_end) -> None:
+        if isinstance(self.graphs.backend, CudaGraphs) and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; it is on {self.device}")
+        if callback is not None or callback_on_step_end is not None:
+            raise ValueError("cuda_graph=True replays the whole loop at once: no callback can run between steps")
+        if getattr(g, "needs_grad", False):
+            raise ValueError(f"guidance {to_spec(g)!r} differentiates through the network; it cannot run "
+                             f"in a captured loop (cuda_graph=False)")
 
     def prepare_image(self, image, height=None, width=None):
         """Image-to-image input as [k, 3, H, W] in [-1, 1], resized to height x width (default: its
@@ -914,6 +948,20 @@ class GuidedPipeline:
             images = images.clone()
             images[torch.tensor(flags, device=images.device)] = 0.0
         return images, flags
+
+
+def _weights_key(denoiser) -> tuple:
+    """What a captured loop bakes in of a network: its weights' storage and dtypes, and peft's LoRA
+    scales and active adapters (Python numbers in its forward)."""
+    module = getattr(denoiser, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        return (id(denoiser),)
+    parts = [id(module)] + [(p.data_ptr(), p.dtype) for p in module.parameters()]
+    for m in module.modules():
+        scaling = getattr(m, "scaling", None)
+        if isinstance(scaling, dict):
+            parts.append((tuple(sorted(scaling.items())), tuple(getattr(m, "active_adapters", ()))))
+    return tuple(parts)
 
 
 def _tokenize(tok, text: str) -> list:

@@ -186,6 +186,7 @@ class DPMppSDE(Ancestral):
 
     eta: float = 1.0
     r: float = 0.5
+    capturable = False  # the Brownian tree is built on the host
 
     def __post_init__(self):
         super().__post_init__()
