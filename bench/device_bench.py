@@ -21,8 +21,16 @@ Fairness, point by point:
   NFE saving of skipped branches is the same on both sides. Flux.1-dev has its guidance embedded (one
   branch on both sides).
 
-Not here: capture of the whole guided step (branch concatenation, network, combine, sampler update) in
-one CUDA graph; the graph rows capture the network forward only, on both sides.
+diffguide alone has ``loop-graph`` rows: the whole sampling loop (branch concatenation, network,
+combine, sampler update at every step) captured in one CUDA graph (``cuda_graph=True``). The
+``compile+loop-graph`` rows put the compiled network (default mode) inside that graph. Their
+counterpart on the diffusers side is its best row, ``graphs`` (``reduce-overhead``). Their parity
+is checked against diffguide eager. The first call captures, and the warm-up call makes it.
+
+``overhead`` (SD 1.5 with CFG, batch 1): the loop's time without decoding against the network's own
+time for the same forwards (the batched CFG forward run ``steps`` times alone, eagerly and as one
+CUDA graph), interleaved. (loop - network) / network is the step's non-network work; the goal is
+under 2%.
 
     python bench/device_bench.py --out DIR            # the device run (see device_check.sh)
     python bench/device_bench.py --quick --out DIR    # tiny configs on the CPU, seconds (CI)
@@ -39,6 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit  # noqa: E402
 
+from diffguide.core.graphs import EagerReplay, LoopGraphs  # noqa: E402
 from diffguide.pipelines import GuidedPipeline  # noqa: E402
 from diffguide.pipelines import tiny as tm  # noqa: E402
 
@@ -145,6 +154,8 @@ class Case:
 
             self.stock_pipe = AutoPipelineForText2Image.from_pipe(pipe, enable_pag=True, pag_applied_layers=["mid"])
         self.stock_pipe.set_progress_bar_config(disable=True)
+        if device.type != "cuda":  # the loop-graph rows check their wiring only, by eager replay
+            self.gp.graphs = LoopGraphs(EagerReplay())
 
     def gens(self):
         return [torch.Generator(self.device).manual_seed(0)]
@@ -183,11 +194,12 @@ class Case:
             return f"cfg:scale=5,sigma_lo={lo!r}"
         return "cfg:scale=5"
 
-    def ours(self):
+    def ours(self, graph=False, output_type="pt"):
         prompt = 0 if self.name == "dit" else "a photograph of a red circle"
         extra = {"embedded_guidance": 3.5} if self.name == "flux" else {}
         out = self.gp(prompt, guidance=self.spec(), steps=self.steps, height=self.size, width=self.size,
-                      generator=self.gens(), output_type="pt", **extra)
+                      generator=self.gens(), output_type=output_type, cuda_graph=graph, **extra)
+        self.notices, self.timings = out.notices, out.timings
         self.nfe = out.nfe
         return out.images
 
@@ -213,6 +225,13 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
+LOOP_GRAPH = ("loop-graph", "compile+loop-graph")  # diffguide only: the whole loop in one CUDA graph
+
+
+def _call(case, side, mode):
+    return case.stock if side == "diffusers" else (lambda: case.ours(graph=mode in LOOP_GRAPH))
+
+
 def run_case(case, variants, repeats, device, dtype_name, tolerance):
     """Parity first, then the variants interleaved; rows with medians, quartiles and paired ratios."""
     with torch.inference_mode():
@@ -220,21 +239,39 @@ def run_case(case, variants, repeats, device, dtype_name, tolerance):
     diff = float((a.float().cpu() - b.float().cpu()).abs().max())
     parity = {"model": case.name, "dtype": dtype_name, "guidance": case.guidance, "max_abs_diff": diff,
               "tolerance": tolerance, "ok": diff <= tolerance, "nfe_diffusers": case.stock_nfe(), "nfe_diffguide": case.nfe}
-    print(json.dumps(parity), flush=True)
     net_name = "transformer" if hasattr(case.pipe, "transformer") and case.pipe.transformer is not None else "unet"
     net = getattr(case.pipe, net_name)
     compiled = {}
     times = {}
     for mode in variants:
-        if mode != "eager":
+        if mode in ("compile", "graphs") or (mode == "compile+loop-graph" and "compile" not in compiled):
             torch._dynamo.reset()
             compiled[mode] = torch.compile(net, mode="reduce-overhead" if mode == "graphs" else None, dynamic=False)
-        for side in ("diffusers", "diffguide"):
+        if mode == "compile+loop-graph":
+            compiled[mode] = compiled.get("compile", compiled.get(mode))
+        for side in ("diffusers", "diffguide") if mode not in LOOP_GRAPH else ("diffguide",):
             setattr(case.pipe, net_name, compiled.get(mode, net))
             if case.stock_pipe is not case.pipe:
                 setattr(case.stock_pipe, net_name, compiled.get(mode, net))
-            timed(case.stock if side == "diffusers" else case.ours, device)  # warm-up (and compilation)
+            captures = case.gp.graphs.captures
+            timed(_call(case, side, mode), device)  # warm-up (and compilation, and the loop's capture)
             times[(side, mode)] = []
+            if mode in LOOP_GRAPH:  # the replay against diffguide eager: the same image
+                key = "loop_graph" if mode == "loop-graph" else "compile_loop_graph"
+                parity[f"{key}_captured"] = case.gp.graphs.captures > captures
+                parity[f"{key}_notices"] = case.notices  # why, where the loop ran eagerly
+                with torch.inference_mode():
+                    replayed = case.ours(graph=True)
+                parity[f"{key}_diff"] = float((replayed.float().cpu() - b.float().cpu()).abs().max())
+                parity["ok"] = parity["ok"] and parity[f"{key}_diff"] <= tolerance
+    if sum(m in ("compile", "graphs", "compile+loop-graph") for m in variants) > 1:
+        for mode in variants:  # each compile above reset dynamo: compile the others again before timing
+            for side in ("diffusers", "diffguide") if mode not in LOOP_GRAPH else ("diffguide",):
+                setattr(case.pipe, net_name, compiled.get(mode, net))
+                if case.stock_pipe is not case.pipe:
+                    setattr(case.stock_pipe, net_name, compiled.get(mode, net))
+                timed(_call(case, side, mode), device)
+    print(json.dumps(parity), flush=True)
     vae = case.pipe.vae
     lat = torch.randn(1, vae.config.latent_channels, case.size // 8, case.size // 8, device=device, dtype=vae.dtype)
     decode = []
@@ -244,7 +281,8 @@ def run_case(case, variants, repeats, device, dtype_name, tolerance):
                 setattr(case.pipe, net_name, compiled.get(mode, net))
                 if case.stock_pipe is not case.pipe:
                     setattr(case.stock_pipe, net_name, compiled.get(mode, net))
-                times[(side, mode)].append(timed(case.stock if side == "diffusers" else case.ours, device))
+                if (side, mode) in times:
+                    times[(side, mode)].append(timed(_call(case, side, mode), device))
         decode.append(timed(lambda: vae.decode(lat), device))
     setattr(case.pipe, net_name, net)
     if case.stock_pipe is not case.pipe:
@@ -262,6 +300,64 @@ def run_case(case, variants, repeats, device, dtype_name, tolerance):
     return parity, rows
 
 
+def overhead(case, device, repeats):
+    """The step's non-network work: diffguide's sampling time (``timings["sample"]``, no encoding or
+    decoding) against the same forwards of the network alone (the batched CFG input, ``steps`` calls),
+    eagerly and, on a GPU, each as one CUDA graph; interleaved rounds, medians and paired ratios."""
+    unet, n = case.pipe.unet, case.steps
+    side = case.size // case.pipe.vae_scale_factor
+    x = torch.randn(2, unet.config.in_channels, side, side, device=device, dtype=unet.dtype)
+    emb = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
+    t = torch.full((2,), 500.0, device=device)
+
+    def network():
+        for _ in range(n):
+            unet(x, t, encoder_hidden_states=emb)
+
+    def loop(graph):
+        def run():
+            case.ours(graph=graph, output_type="latent")
+            return case.timings["sample"]
+        return run
+    fns = {"network": network, "loop": loop(False), "loop_graph": loop(True)}
+    if device.type == "cuda":
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                network()
+            torch.cuda.current_stream().wait_stream(stream)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                network()
+        fns["network_graph"] = g.replay
+
+    def once(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            own = fn()
+        sync(device)
+        return own if isinstance(own, float) else time.perf_counter() - t0
+    for fn in fns.values():
+        once(fn)  # warm-up, and the loop's capture
+    got = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            got[k].append(once(fn))
+    out = {"model": case.name, "dtype": str(unet.dtype).replace("torch.", ""), "steps": n, "repeats": repeats,
+           "graph_backend": case.gp.graphs.backend.name}
+    for k, v in got.items():
+        out[f"{k}_ms"] = [round(1000 * q, 3) for q in quartiles(v)]
+    pairs = [("overhead_eager", "loop", "network")]
+    if "network_graph" in got:
+        pairs.append(("overhead_graph", "loop_graph", "network_graph"))
+    for name, a, b in pairs:  # (loop - network) / network per round
+        out[name] = list(quartiles([la / nb - 1 for la, nb in zip(got[a], got[b])]))
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def table(rows) -> str:
     out = ["| model | dtype | guidance | side | mode | NFE | ms/image (median, quartiles) | speed-up vs diffusers eager | "
            "VAE decode ms |", "|---|---|---|---|---|---|---|---|---|"]
@@ -272,16 +368,30 @@ def table(rows) -> str:
     return "\n".join(out) + "\n"
 
 
+def overhead_table(items) -> str:
+    if not items:
+        return ""
+    out = ["", "| model | dtype | steps | network ms | loop ms | non-network / network | network graph ms | "
+           "loop graph ms | non-network / network (graphs) |", "|---|---|---|---|---|---|---|---|---|"]
+    for o in items:
+        g = o.get("overhead_graph")
+        out.append(f"| {o['model']} | {o['dtype']} | {o['steps']} | {o['network_ms'][1]} | {o['loop_ms'][1]} | "
+                   f"{o['overhead_eager'][1]:.4f} | {o.get('network_graph_ms', ['-'] * 3)[1]} | "
+                   f"{o['loop_graph_ms'][1]} | {g[1] if g else '-'} |")
+    return "\n".join(out) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="sd15,sdxl,flux,dit")
     ap.add_argument("--dtypes", default="float16,bfloat16", help="flux runs in bfloat16 only")
     ap.add_argument("--guidance", default="cfg,cfg+pag,cfg cut", help="for the UNets; DiT: cfg; Flux: embedded")
-    ap.add_argument("--variants", default="eager,compile,graphs")
+    ap.add_argument("--variants", default="eager,compile,graphs,loop-graph,compile+loop-graph")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cut", type=int, default=8, help="'cfg cut': CFG on the first CUT steps")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the SD 1.5 non-network overhead rounds")
     ap.add_argument("--quick", action="store_true", help="tiny configs in float32 on the CPU, 2 steps, eager")
     ap.add_argument("--tolerance", type=float, default=None,
                     help="parity bound, max |diff| in [0, 1] (default: 0.05 float16, 0.1 bfloat16, 1e-3 float32)")
@@ -290,10 +400,11 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtypes, variants = args.dtypes.split(","), args.variants.split(",")
     if args.quick:
-        args.steps, args.cut, args.repeats, dtypes, variants = 3, 1, 2, ["float32"], ["eager"]
-    if device.type != "cuda":
-        variants = [v for v in variants if v == "eager"]  # compile and graph capture are GPU rows
-    t0, parities, rows, skipped = time.perf_counter(), [], [], []
+        args.steps, args.cut, args.repeats, dtypes = 3, 1, 2, ["float32"]
+        variants = [v for v in variants if v in ("eager", "loop-graph")]
+    if device.type != "cuda":  # compile and graph capture are GPU rows; the loop graph's wiring is checked
+        variants = [v for v in variants if v in ("eager", "loop-graph")]  # by eager replay (EagerReplay)
+    t0, parities, rows, skipped, overheads = time.perf_counter(), [], [], [], []
     for name in args.models.split(","):
         for dtype_name in (["bfloat16"] if name == "flux" and not args.quick else dtypes):
             guidances = {"dit": ["cfg"], "flux": ["embedded 3.5"]}.get(name, args.guidance.split(","))
@@ -309,17 +420,21 @@ def main():
                 parity, r = run_case(case, variants, args.repeats, device, dtype_name, tol)
                 parities.append(parity)
                 rows += r
+                if name == "sd15" and g == "cfg" and not args.no_overhead:
+                    overheads.append(overhead(case, device, args.repeats))
             del pipe
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1), "parity": parities, "rows": rows,
+              "overhead": overheads,
+              "loop_graph_backend": "cuda" if device.type == "cuda" else "eager replay (CPU: wiring and parity only)",
               "skipped_for_budget": skipped, "quick": args.quick}
     out = args.out
     if out and not out.endswith(".json"):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "device.md.tmp"), "w") as f:
-            f.write(table(rows))
+            f.write(table(rows) + overhead_table(overheads))
         os.replace(os.path.join(out, "device.md.tmp"), os.path.join(out, "device.md"))
         out = os.path.join(out, "device.json")
     emit(result, out)

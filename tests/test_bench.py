@@ -58,6 +58,11 @@ def test_device_check_script_quick_mode_and_parity_gate(tmp_path):
     assert data["parity"] and all(p["ok"] and p["nfe_diffusers"] == p["nfe_diffguide"] for p in data["parity"])
     assert {p["guidance"] for p in data["parity"]} >= {"cfg", "cfg+pag", "cfg cut", "embedded 3.5"}
     assert "| sd15 |" in (tmp_path / "out" / "device.md").read_text()
+    # the loop-graph rows' wiring (eager replay on the CPU): captured, and the replay is diffguide's eager image
+    assert all(p["loop_graph_captured"] and p["loop_graph_diff"] <= 1e-5 for p in data["parity"])
+    assert {r["mode"] for r in data["rows"]} == {"eager", "loop-graph"}
+    (o,) = data["overhead"]
+    assert o["model"] == "sd15" and o["network_ms"][1] > 0 and o["loop_ms"][1] > 0 and "overhead_eager" in o
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "device_bench.py"), "--quick", "--models", "dit",
                         "--tolerance", "0", "--out", str(tmp_path / "x.json")], capture_output=True, text=True,
                        cwd=tmp_path)

@@ -19,6 +19,7 @@ a sampler that builds its noise on the host (DPM++ SDE's Brownian tree). Their c
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Any, Callable, Mapping
 
 import torch
@@ -147,13 +148,19 @@ class LoopGraphs:
         self.refused: dict = {}
         self.notices: list[str] = []
         self.captures = self.replays = 0
+        self._lock = threading.Lock()  # one run at a time: a replay owns the static buffers
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.refused.clear()
+        with self._lock:
+            self.entries.clear()
+            self.refused.clear()
 
     def sample(self, key, build: Callable[[Any], Any], inputs, sampler, ts, x: torch.Tensor, noise,
                check_finite: bool = True):
+        with self._lock:
+            return self._sample(key, build, inputs, sampler, ts, x, noise, check_finite)
+
+    def _sample(self, key, build, inputs, sampler, ts, x, noise, check_finite):
         ts = torch.as_tensor(ts, dtype=torch.float64)
         key = (key, repr(sampler), tuple(ts.tolist()), signature(inputs), tuple(x.shape), x.dtype, str(x.device))
         entry = self.entries.get(key)
