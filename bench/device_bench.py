@@ -225,6 +225,15 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
+def _compiled(net, mode: str):
+    """One compiled wrapper per network and mode, shared by every case on that network (its compiled
+    code is kept per input shape; dynamo keys cache entries by backend, so the modes coexist)."""
+    cache = net.__dict__.setdefault("_bench_compiled", {})
+    if mode not in cache:
+        cache[mode] = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
+    return cache[mode]
+
+
 LOOP_GRAPH = ("loop-graph", "compile+loop-graph")  # diffguide only: the whole loop in one CUDA graph
 
 
@@ -244,11 +253,8 @@ def run_case(case, variants, repeats, device, dtype_name, tolerance):
     compiled = {}
     times = {}
     for mode in variants:
-        if mode in ("compile", "graphs") or (mode == "compile+loop-graph" and "compile" not in compiled):
-            torch._dynamo.reset()
-            compiled[mode] = torch.compile(net, mode="reduce-overhead" if mode == "graphs" else None, dynamic=False)
-        if mode == "compile+loop-graph":
-            compiled[mode] = compiled.get("compile", compiled.get(mode))
+        if mode in ("compile", "graphs", "compile+loop-graph"):
+            compiled[mode] = _compiled(net, "reduce-overhead" if mode == "graphs" else "default")
         for side in ("diffusers", "diffguide") if mode not in LOOP_GRAPH else ("diffguide",):
             setattr(case.pipe, net_name, compiled.get(mode, net))
             if case.stock_pipe is not case.pipe:
@@ -264,13 +270,6 @@ def run_case(case, variants, repeats, device, dtype_name, tolerance):
                     replayed = case.ours(graph=True)
                 parity[f"{key}_diff"] = float((replayed.float().cpu() - b.float().cpu()).abs().max())
                 parity["ok"] = parity["ok"] and parity[f"{key}_diff"] <= tolerance
-    if sum(m in ("compile", "graphs", "compile+loop-graph") for m in variants) > 1:
-        for mode in variants:  # each compile above reset dynamo: compile the others again before timing
-            for side in ("diffusers", "diffguide") if mode not in LOOP_GRAPH else ("diffguide",):
-                setattr(case.pipe, net_name, compiled.get(mode, net))
-                if case.stock_pipe is not case.pipe:
-                    setattr(case.stock_pipe, net_name, compiled.get(mode, net))
-                timed(_call(case, side, mode), device)
     print(json.dumps(parity), flush=True)
     vae = case.pipe.vae
     lat = torch.randn(1, vae.config.latent_channels, case.size // 8, case.size // 8, device=device, dtype=vae.dtype)
@@ -381,63 +380,102 @@ def overhead_table(items) -> str:
     return "\n".join(out) + "\n"
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="sd15,sdxl,flux,dit")
-    ap.add_argument("--dtypes", default="float16,bfloat16", help="flux runs in bfloat16 only")
-    ap.add_argument("--guidance", default="cfg,cfg+pag,cfg cut", help="for the UNets; DiT: cfg; Flux: embedded")
-    ap.add_argument("--variants", default="eager,compile,graphs,loop-graph,compile+loop-graph")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cut", type=int, default=8, help="'cfg cut': CFG on the first CUT steps")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
-    ap.add_argument("--no-overhead", action="store_true", help="skip the SD 1.5 non-network overhead rounds")
-    ap.add_argument("--quick", action="store_true", help="tiny configs in float32 on the CPU, 2 steps, eager")
-    ap.add_argument("--tolerance", type=float, default=None,
-                    help="parity bound, max |diff| in [0, 1] (default: 0.05 float16, 0.1 bfloat16, 1e-3 float32)")
-    ap.add_argument("--out", help="a JSON file, or a folder for device.json and device.md")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    dtypes, variants = args.dtypes.split(","), args.variants.split(",")
-    if args.quick:
-        args.steps, args.cut, args.repeats, dtypes = 3, 1, 2, ["float32"]
-        variants = [v for v in variants if v in ("eager", "loop-graph")]
-    if device.type != "cuda":  # compile and graph capture are GPU rows; the loop graph's wiring is checked
-        variants = [v for v in variants if v in ("eager", "loop-graph")]  # by eager replay (EagerReplay)
-    t0, parities, rows, skipped, overheads = time.perf_counter(), [], [], [], []
-    for name in args.models.split(","):
-        for dtype_name in (["bfloat16"] if name == "flux" and not args.quick else dtypes):
-            guidances = {"dit": ["cfg"], "flux": ["embedded 3.5"]}.get(name, args.guidance.split(","))
-            if time.perf_counter() - t0 > args.budget_s:
-                skipped.append(f"{name} {dtype_name}")
-                continue
-            pipe = build(name, args.quick, device, getattr(torch, dtype_name))
-            size = 64 if args.quick else SIZES[name]
-            for g in guidances:
-                case = Case(name, pipe, g, args.steps, size if name != "dit" else (64 if args.quick else 256),
-                            args.cut, device)
-                tol = args.tolerance if args.tolerance is not None else TOLERANCE[dtype_name]
-                parity, r = run_case(case, variants, args.repeats, device, dtype_name, tol)
-                parities.append(parity)
-                rows += r
-                if name == "sd15" and g == "cfg" and not args.no_overhead:
-                    overheads.append(overhead(case, device, args.repeats))
-            del pipe
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1), "parity": parities, "rows": rows,
-              "overhead": overheads,
-              "loop_graph_backend": "cuda" if device.type == "cuda" else "eager replay (CPU: wiring and parity only)",
-              "skipped_for_budget": skipped, "quick": args.quick}
-    out = args.out
-    if out and not out.endswith(".json"):
+# The default plan, most important first: the issue's goals on SD 1.5 float16 at batch 1 (CFG with every
+# speed option on both sides, then the skipped branches of AG as "cfg cut"), then the other settings
+# eager and with the loop graph (the compiles of every shape would not fit the time); each case starts
+# only while the budget lasts, and the results are saved after each.
+PLAN = [("sd15", "float16", "cfg", "all"), ("sd15", "float16", "cfg cut", "eager"), ("sd15", "float16", "cfg+pag", "eager"),
+        ("dit", "float16", "cfg", "eager"), ("sdxl", "float16", "cfg", "eager"), ("flux", "bfloat16", "embedded 3.5", "eager"),
+        ("sd15", "bfloat16", "cfg", "eager"), ("sdxl", "float16", "cfg+pag", "eager"), ("sdxl", "bfloat16", "cfg", "eager"),
+        ("dit", "bfloat16", "cfg", "eager"), ("sdxl", "float16", "cfg cut", "eager")]
+
+
+def plan(args) -> list:
+    """(model, dtype, guidance, variants) in run order: PLAN, or every combination of the options given."""
+    variants = args.variants.split(",")
+    light = [v for v in variants if v in ("eager", "loop-graph")]
+    if not (args.models or args.dtypes or args.guidance):
+        return [(m, d, g, variants if v == "all" else light) for m, d, g, v in PLAN]
+    out = []
+    for name in (args.models or "sd15,sdxl,flux,dit").split(","):
+        for dtype_name in (["bfloat16"] if name == "flux" else (args.dtypes or "float16,bfloat16").split(",")):
+            for g in {"dit": ["cfg"], "flux": ["embedded 3.5"]}.get(name, (args.guidance or "cfg,cfg+pag,cfg cut").split(",")):
+                out.append((name, dtype_name, g, variants))
+    return out
+
+
+def save(result: dict, rows, overheads, out: str | None) -> str | None:
+    """device.json and device.md (written to temporary names, then renamed): after every case, so that a
+    run stopped by its time limit keeps what it measured."""
+    if not out:
+        return None
+    if not out.endswith(".json"):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "device.md.tmp"), "w") as f:
             f.write(table(rows) + overhead_table(overheads))
         os.replace(os.path.join(out, "device.md.tmp"), os.path.join(out, "device.md"))
         out = os.path.join(out, "device.json")
-    emit(result, out)
+    with open(out + ".tmp", "w") as f:
+        f.write(json.dumps(result, indent=1) + "\n")
+    os.replace(out + ".tmp", out)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", help="e.g. sd15,sdxl,flux,dit (default: the priority plan, PLAN)")
+    ap.add_argument("--dtypes", help="float16,bfloat16 (flux runs in bfloat16 only)")
+    ap.add_argument("--guidance", help="cfg,cfg+pag,cfg cut for the UNets; DiT: cfg; Flux: embedded")
+    ap.add_argument("--variants", default="eager,compile,graphs,loop-graph,compile+loop-graph",
+                    help="with the default plan, the compiled ones run on SD 1.5 float16 CFG only")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cut", type=int, default=8, help="'cfg cut': CFG on the first CUT steps")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the SD 1.5 non-network overhead rounds")
+    ap.add_argument("--quick", action="store_true", help="tiny configs in float32 on the CPU, 3 steps")
+    ap.add_argument("--tolerance", type=float, default=None,
+                    help="parity bound, max |diff| in [0, 1] (default: 0.05 float16, 0.1 bfloat16, 1e-3 float32)")
+    ap.add_argument("--out", help="a JSON file, or a folder for device.json and device.md")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    cases = plan(args)
+    if args.quick:  # every case once, in float32
+        args.steps, args.cut, args.repeats = 3, 1, 2
+        first = {}
+        for m, _, g, v in cases:
+            first.setdefault((m, g), (m, "float32", g, v))
+        cases = list(first.values())
+    if device.type != "cuda":  # compile and graph capture are GPU rows; the loop graph's wiring is checked
+        cases = [(m, d, g, [v for v in vs if v in ("eager", "loop-graph")]) for m, d, g, vs in cases]  # by replay
+    t0, parities, rows, skipped, overheads = time.perf_counter(), [], [], [], []
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "steps": args.steps, "parity": parities, "rows": rows, "overhead": overheads,
+              "loop_graph_backend": "cuda" if device.type == "cuda" else "eager replay (CPU: wiring and parity only)",
+              "skipped_for_budget": skipped, "quick": args.quick, "complete": False}
+    pipe, built = None, None
+    for name, dtype_name, g, variants in cases:
+        if parities and time.perf_counter() - t0 > args.budget_s:  # the first case always runs
+            skipped.append(f"{name} {dtype_name} {g}")
+            continue
+        if built != (name, dtype_name):
+            pipe = None
+            if device.type == "cuda":
+                torch._dynamo.reset()  # the previous model's compiled code
+                torch.cuda.empty_cache()
+            pipe, built = build(name, args.quick, device, getattr(torch, dtype_name)), (name, dtype_name)
+        size = 64 if args.quick else SIZES[name]
+        case = Case(name, pipe, g, args.steps, size, args.cut, device)
+        tol = args.tolerance if args.tolerance is not None else TOLERANCE[dtype_name]
+        parity, r = run_case(case, list(variants), args.repeats, device, dtype_name, tol)
+        parities.append(parity)
+        rows += r
+        if name == "sd15" and g == "cfg" and not args.no_overhead and not any(o["dtype"] == dtype_name for o in overheads):
+            overheads.append(overhead(case, device, args.repeats))
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        save(result, rows, overheads, args.out)
+    result["seconds"], result["complete"] = round(time.perf_counter() - t0, 1), True
+    emit(result, save(result, rows, overheads, args.out))
     bad = [p for p in parities if not p["ok"]]
     if bad:
         print(f"parity failure: {bad}", file=sys.stderr)

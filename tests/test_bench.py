@@ -68,3 +68,9 @@ def test_device_check_script_quick_mode_and_parity_gate(tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 1 and "parity failure" in r.stderr
     assert subprocess.run(["bash", script], capture_output=True).returncode == 2
+    # past its budget the plan stops starting cases, and what ran is saved
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "device_bench.py"), "--quick", "--budget-s", "0",
+                        "--no-overhead", "--out", str(tmp_path / "b")], capture_output=True, text=True, cwd=tmp_path)
+    data = json.loads((tmp_path / "b" / "device.json").read_text())
+    assert r.returncode == 0 and data["complete"] and [(p["model"], p["guidance"]) for p in data["parity"]] == [("sd15", "cfg")]
+    assert "sdxl float32 cfg" in data["skipped_for_budget"] and not data["overhead"]

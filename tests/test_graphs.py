@@ -213,6 +213,28 @@ def test_new_weight_storage_captures_anew():
     assert gp.graphs.captures == 2 and torch.allclose(got.images, want.images, atol=1e-5)
 
 
+def test_another_network_on_the_pipe_captures_anew():
+    """A wrapper set on the pipe (pipe.unet = torch.compile(unet)) is another network: its own capture."""
+    gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
+    gp.graphs = LoopGraphs(EagerReplay())
+    run = dict(seed=[0], steps=3, height=64, width=64, output_type="latent", cuda_graph=True)
+    unet = gp.pipe.unet
+    gp("a red circle", **run)
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config, self.dtype, self.device = unet, unet.config, unet.dtype, unet.device
+
+        def forward(self, *a, **k):
+            out = self.inner(*a, **k)
+            return (out[0] * 0.5, *out[1:]) if isinstance(out, tuple) else type(out)(sample=out.sample * 0.5)
+    gp.pipe.unet = Scaled()
+    got = gp("a red circle", **run)
+    want = gp("a red circle", **{**run, "cuda_graph": False})
+    assert gp.graphs.captures == 2 and torch.allclose(got.images, want.images, atol=1e-5)
+
+
 def test_the_option_refuses_what_it_cannot_do():
     gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
     run = dict(seed=[0], steps=3, height=64, width=64, output_type="latent", cuda_graph=True)

@@ -103,9 +103,17 @@ class CudaGraphs:
     name = "cuda"
 
     def capture(self, fn: Callable[[], tuple], device) -> tuple[Callable[[], None], tuple]:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(g):
-            outputs = fn()
+        with torch.cuda.device(device):
+            # one run on a side stream first, as torch's CUDA-graph notes ask: libraries (cuBLAS,
+            # cuDNN) set up their per-stream state lazily, which a capture cannot do
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                outputs = fn()
         return g.replay, outputs
 
 

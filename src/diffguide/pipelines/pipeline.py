@@ -681,7 +681,8 @@ class GuidedPipeline:
                                      stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
                     key = (to_spec(g), repr(threshold), max_batch, (stitch.fraction, stitch.reset) if stitch else None,
                            spacing, round_timesteps, h, w, tuple((k, _weights_key(m)) for k, m in models.items()),
-                           _weights_key(self.net_denoiser))
+                           _weights_key(self.net_denoiser), id(fam.net))  # the module the call runs (a
+                    # compiled wrapper set on the pipe is another network to capture)
                     x, nfe, forwards = self.graphs.sample(key, build, {"pos": pos, "neg": neg, "extra": extra_conds},
                                                           s, ts, x, noise, check_finite)
                 else:
