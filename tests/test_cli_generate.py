@@ -89,6 +89,7 @@ BAD = {
     "strength out of range": (["--init-image", "INIT", "--strength", "1.5"], ["--strength", "1.5", "[0, 1]"]),
     "strength leaves no step": (["--init-image", "INIT", "--strength", "0.01", "--steps", "10"],
                                 ["strength 0.01", "10 steps"]),
+    "cuda graph on the cpu": (["--cuda-graph", "--device", "cpu"], ["--cuda-graph", "CUDA device"]),
 }
 
 

@@ -61,6 +61,9 @@ def add_arguments(p) -> None:
                    help="with --init-image: how much of the schedule to run, 0-1 (1: all, the image "
                         "barely kept; default: the model's img2img pipeline's, 0.8 for SD, 0.6 for Flux)")
     add_model_arguments(p)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole sampling loop in one CUDA graph on the first --batch and replay it "
+                        "on the next ones (same images; needs --device cuda)")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", default=None, help="several seeds, e.g. 0-15 or 1,4,9")
@@ -306,6 +309,11 @@ def run(args) -> int:
     init = load_init_image(args, noise)
 
     state = process_state(cpu=args.device == "cpu")
+    if args.cuda_graph:
+        import torch
+
+        if args.device == "cpu" or not torch.cuda.is_available():
+            raise UsageError("--cuda-graph needs a CUDA device (--device cuda); this run is on the CPU")
     gp, dtype = load_model(args, state)
     if gp.family.conditional and args.prompt is None:
         raise UsageError(f"give a prompt: {type(gp.family.net).__name__} is conditioned on one")
@@ -352,7 +360,7 @@ def run(args) -> int:
         out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  embedded_guidance=args.embedded_guidance, spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
                  output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength,
-                 guide_model=guide)
+                 guide_model=guide, cuda_graph=args.cuda_graph)
         for text in out.notices if not written and is_main(state) else ():
             print(f"diffguide: notice: {text}", file=sys.stderr)
         if not written and is_main(state) and out.noise and out.noise.get("subjects"):  # InitNO's reading
