@@ -145,6 +145,23 @@ def test_a_capturable_loop_reads_nothing_back_and_copies_nothing_in(world, guida
     assert x.device.type == "meta" and first_bad.device.type == "meta"
 
 
+def test_a_thresholded_loop_is_capturable(world):
+    schedule, _ = world
+    den = net(tiny_unet(0).to("meta"), schedule)
+    c = {k: v.to("meta") for k, v in conds(0).items()}
+    g, s = dg.parse_spec("guidance", "cfg:scale=5"), dg.parse_spec("sampler", "dpmpp_2m")
+
+    def loop(noise):
+        return run_loop(dg.guide(den, g, c["pos"], c["neg"], threshold=dg.DynamicThreshold(0.995, 1.5)), s,
+                        dg.timesteps(schedule, 4), torch.empty(2, 4, 8, 8, device="meta"), noise, finite="keep")
+    with torch.inference_mode():
+        tape = NoiseTape(dg.RandomNoise())
+        loop(tape)
+        tape.freeze()
+        with HostTraffic():
+            loop(tape)
+
+
 @pytest.mark.parametrize("guidance,sampler,why", [("ag:scale=5", "dpmpp_2m", "host read|nonzero"),
                                                   ("cfg:scale=5", "dpmpp_sde", "host read|meta tensors")])
 def test_the_checker_catches_what_cannot_be_captured(world, guidance, sampler, why):

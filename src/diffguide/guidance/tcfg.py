@@ -22,6 +22,8 @@ class TCFG(Guidance):
 
     scale: float = 5.0
     space: str = "auto"
+    # on CUDA torch.linalg.svd reads its solver's status back on the host (a check the meta device skips)
+    capturable = False
 
     def __post_init__(self):
         if not math.isfinite(self.scale):
