@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit  # noqa: E402
 
-from diffguide.core.graphs import EagerReplay, LoopGraphs  # noqa: E402
+from diffguide.core.graphs import CudaGraphs, EagerReplay, LoopGraphs  # noqa: E402
 from diffguide.pipelines import GuidedPipeline  # noqa: E402
 from diffguide.pipelines import tiny as tm  # noqa: E402
 
@@ -319,17 +319,9 @@ def overhead(case, device, repeats):
             return case.timings["sample"]
         return run
     fns = {"network": network, "loop": loop(False), "loop_graph": loop(True)}
-    if device.type == "cuda":
+    if device.type == "cuda":  # the network's forwards alone, captured as diffguide captures its loop
         with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                network()
-            torch.cuda.current_stream().wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                network()
-        fns["network_graph"] = g.replay
+            fns["network_graph"] = CudaGraphs().capture(lambda: (network(),), device)[0]
 
     def once(fn):
         sync(device)
