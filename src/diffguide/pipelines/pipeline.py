@@ -463,7 +463,7 @@ class GuidedPipeline:
         sampler update) in one CUDA graph on the first call with given settings and shapes, and replay
         it on later calls (``core.graphs``; the per-run buffers are the graph's, made once). The first
         call runs eagerly and captures; the images are those of an eager run, noise and seeds
-        included. A loop that cannot be captured (AG, ICG, DPM++ SDE) runs eagerly with a notice.
+        included. No progress bar (the steps run as one launch). A loop that cannot be captured (AG, ICG, DPM++ SDE) runs eagerly with a notice.
         Captures are kept in ``self.graphs`` (the four most recent); changing the network other than
         by its weights' storage, dtype or LoRA scales needs ``self.graphs.clear()``.
         guide_model: the weaker model AutoGuidance (``guidance="autoguidance"``) guides away from
