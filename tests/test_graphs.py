@@ -287,3 +287,31 @@ def test_each_familys_forward_is_capturable(family, guidance):
              output_type="latent", cuda_graph=True, check_finite=False, **kw)
     assert out.images.device.type == "meta"
     assert gp.graphs.captures == 1 and not gp.graphs.notices, gp.graphs.notices
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return GuidedPipeline.from_pretrained("builtin", progress=False), GuidedPipeline.from_pretrained("builtin-small", progress=False)
+
+
+@pytest.mark.parametrize("case", ["img2img", "latents", "stitch", "autoguidance", "images per prompt", "reno"])
+def test_options_that_prepare_the_loop_replay_too(builtin, case):
+    """What comes before the loop (an encoded image, given latents, a noise optimiser) or beside it (a
+    stitched small model, a guide model) replays as its eager call, call after call."""
+    import numpy as np
+
+    from diffguide.pipelines.pipeline import Stitching
+
+    gp, small = builtin
+    kw = {"img2img": dict(image=np.random.RandomState(0).rand(32, 32, 3).astype(np.float32), strength=0.6),
+          "latents": dict(latents=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), seed=None),
+          "stitch": dict(stitch=Stitching(small, 0.4)),
+          "autoguidance": dict(guidance="autoguidance:scale=2", guide_model=small),
+          "images per prompt": dict(num_images_per_prompt=2, seed=[1, 2, 3, 4]),
+          "reno": dict(noise_optimizer="reno:iterations=2")}[case]
+    run = {"prompt": ["a red circle", "a blue square"], "steps": 6, "output_type": "np", "seed": [3, 4], **kw}
+    gp.graphs = LoopGraphs(EagerReplay())
+    for _ in range(2):
+        want, got = gp(**run), gp(**run, cuda_graph=True)
+        assert np.abs(np.asarray(got.images) - np.asarray(want.images)).max() <= 1e-5 and got.nfe == want.nfe
+    assert (gp.graphs.captures, gp.graphs.replays) == (1, 1) and not gp.graphs.notices
