@@ -217,12 +217,14 @@ def sync(device):
 
 
 def timed(fn, device) -> float:
+    """Seconds of fn() between device syncs, under inference mode; fn's own figure where it returns one
+    (a call that timed its part itself)."""
     sync(device)
     t = time.perf_counter()
     with torch.inference_mode():
-        fn()
+        own = fn()
     sync(device)
-    return time.perf_counter() - t
+    return own if isinstance(own, float) else time.perf_counter() - t
 
 
 def _compiled(net, mode: str):
@@ -323,19 +325,12 @@ def overhead(case, device, repeats):
         with torch.inference_mode():
             fns["network_graph"] = CudaGraphs().capture(lambda: (network(),), device)[0]
 
-    def once(fn):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            own = fn()
-        sync(device)
-        return own if isinstance(own, float) else time.perf_counter() - t0
     for fn in fns.values():
-        once(fn)  # warm-up, and the loop's capture
+        timed(fn, device)  # warm-up, and the loop's capture
     got = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            got[k].append(once(fn))
+            got[k].append(timed(fn, device))
     out = {"model": case.name, "dtype": str(unet.dtype).replace("torch.", ""), "steps": n, "repeats": repeats,
            "graph_backend": case.gp.graphs.backend.name}
     for k, v in got.items():

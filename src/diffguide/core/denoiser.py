@@ -108,3 +108,9 @@ class Boundary:
             c_skip = c_skip.to(x.device, p.x0.dtype).view(-1, *([1] * (x.ndim - 1)))
             c_out = c_out.to(x.device, p.x0.dtype).view(-1, *([1] * (x.ndim - 1)))
         return Pred.from_x0(x, c_skip * x + c_out * p.x0, a, s)
+
+
+def with_boundary(denoiser, timestep_scaling: float | None):
+    """``denoiser`` under LCM's boundary condition with that constant; None: the denoiser itself (a flow
+    or TrigFlow student, whose own x0 is x at the data end already)."""
+    return denoiser if timestep_scaling is None else Boundary(denoiser, timestep_scaling=timestep_scaling)

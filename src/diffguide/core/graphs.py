@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .sample import NonFiniteError, _checked, _raise_if_bad, run_loop
+from .sample import _checked, _raise_if_bad, run_loop
 
 
 class NoiseTape:
@@ -101,6 +101,7 @@ class CudaGraphs:
     """Capture with ``torch.cuda.graph``: ``capture(fn)`` returns (replay, outputs)."""
 
     name = "cuda"
+    device_types = ("cuda",)  # the devices it captures on (None: any)
 
     def capture(self, fn: Callable[[], tuple], device) -> tuple[Callable[[], None], tuple]:
         with torch.cuda.device(device):
@@ -123,6 +124,7 @@ class EagerReplay:
     read anything but the static buffers would give the captured run's result, not the new one."""
 
     name = "eager"
+    device_types = None
 
     def capture(self, fn, device):
         outputs = fn()
@@ -211,8 +213,6 @@ class LoopGraphs:
             return run_loop(captured, sampler, ts, static_x, tape, finite="keep")
         try:
             replay, outputs = self.backend.capture(loop, x.device)
-        except NonFiniteError:
-            raise
         except Exception as e:  # a host read or host-made noise inside the loop: stay eager
             self._refuse(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return out, denoise.nfe, denoise.forwards

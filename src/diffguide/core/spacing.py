@@ -175,9 +175,6 @@ def _diffusers_grid(schedule, n, kind, steps_offset=0, round=True):
     return torch.tensor(t.copy(), dtype=F64)
 
 
-SPACINGS = ("karras", "exponential", "beta", "polyexponential", "kl_optimal", "simple", "sgm_uniform", "ays",
-            "uniform_lam", "uniform_t", "linspace", "leading", "trailing", "lcm",
-            "scm")
 _DIFFUSERS = ("linspace", "leading", "trailing")
 
 
@@ -185,8 +182,7 @@ def _lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> torch
     """LCM's timesteps (Luo et al. 2023; diffusers' LCMScheduler): ``steps`` points picked evenly from
     the distillation grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), noise end first; on a flow
     schedule those training indices are the flow times (i + 1) / T (a flow-teacher student's grid)."""
-    if not hasattr(schedule, "index_time"):
-        raise ValueError(f"spacing 'lcm' indexes training timesteps, which {type(schedule).__name__} has not")
+    _indexed(schedule, "lcm")
     n_train = schedule.num_train_timesteps
     if not 1 <= steps <= original_steps <= n_train:
         raise ValueError(f"spacing 'lcm' needs 1 <= steps <= original_steps <= {n_train}, got steps={steps}, "
@@ -216,6 +212,7 @@ SPACING_OPTIONS = {
     "kl_optimal": ("sigma_min", "sigma_max"), "simple": (), "sgm_uniform": (), "ays": ("model",),
     "uniform_lam": ("sigma_min", "sigma_max"), "uniform_t": ("t_start", "t_end"), "linspace": ("round",),
     "leading": ("steps_offset",), "trailing": (), "lcm": ("original_steps",), "scm": ("intermediate", "sigma_data")}
+SPACINGS = tuple(SPACING_OPTIONS)
 SPACING_DOCS = {
     "karras": "Karras et al. 2022: uniform in ve^(1/rho)", "exponential": "uniform in log ve (= uniform_lam)",
     "beta": "Beta(alpha, beta) quantiles of the ve range (diffusers' use_beta_sigmas)",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..core.denoiser import Boundary
+from ..core.denoiser import with_boundary
 from ..core.guided import Branch, Guidance, guide
 from ..core.registry import parse_spec
 from ..core.sample import RandomNoise, Sampler, Step
@@ -106,9 +106,6 @@ class ConsistencyLoss:
             gd.reset(RandomNoise(generator))
             st = Step.make(0, 1, t, t_prev, sched)
             x_prev, _ = self.solver.step(gd, x, st, self.solver.init_state(), RandomNoise(generator))
-            target = self._f(self.target)(x_prev, t_prev, cond).x0
-        online = self._f(self.student)(x, t, cond).x0
+            target = with_boundary(self.target, self.timestep_scaling)(x_prev, t_prev, cond).x0
+        online = with_boundary(self.student, self.timestep_scaling)(x, t, cond).x0
         return pseudo_huber(online, target, self.huber_c)
-
-    def _f(self, d):
-        return d if self.timestep_scaling is None else Boundary(d, timestep_scaling=self.timestep_scaling)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..core.denoiser import Boundary
+from ..core.denoiser import with_boundary
 
 
 def curriculum(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
@@ -87,8 +87,7 @@ class ICTLoss:
         def noised(t):
             a, s = (f(t).to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1))) for f in (sc.alpha, sc.sigma))
             return a * x0 + s * z
-        f = self.student if self.timestep_scaling is None else \
-            Boundary(self.student, timestep_scaling=self.timestep_scaling)
+        f = with_boundary(self.student, self.timestep_scaling)
         online = f(noised(t_hi), t_hi, cond).x0
         with torch.no_grad():
             target = f(noised(t_lo), t_lo, cond).x0

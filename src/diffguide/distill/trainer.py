@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from ..core.denoiser import Boundary, NetDenoiser
+from ..core.denoiser import NetDenoiser, with_boundary
 from ..files import atomic_text, atomic_write
 from . import checkpoint
 from .consistency import ConsistencyLoss, student_unet
@@ -261,7 +261,7 @@ def _denoiser(teacher, net, boundary: bool):
     module = getattr(net, "module", net)  # hooks (perturbations, the GAN bottleneck) go on the bare UNet
     d = NetDenoiser(functools.partial(teacher.family.forward, net=net), teacher.info.schedule,
                     teacher.info.kind, learned_sigma=teacher.family.learned_sigma(), module=module)
-    return Boundary(d, timestep_scaling=TIMESTEP_SCALING) if boundary and _scaling(teacher) else d
+    return with_boundary(d, _scaling(teacher) if boundary else None)
 
 
 def _scaling(teacher) -> float | None:

@@ -88,11 +88,11 @@ class ICG(Guidance):
     scale: float = 5.0
     condition: str = "random"
     classes: int = 0
+    prompts: str = ""
 
     @property
     def capturable(self):  # random labels and prompts are picked on the host at every evaluation
         return self.condition == "null"
-    prompts: str = ""
 
     def __post_init__(self):
         if self.condition not in CONDITIONS:

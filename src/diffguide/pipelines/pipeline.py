@@ -23,7 +23,7 @@ import torch
 
 from .. import versions
 from ..core.denoiser import Boundary, NetDenoiser
-from ..core.graphs import CudaGraphs, LoopGraphs
+from ..core.graphs import LoopGraphs
 from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec, to_spec
 from ..core.sample import NoiseFork, NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
@@ -649,11 +649,15 @@ class GuidedPipeline:
 
             main = self.denoiser_for(spacing, round_timesteps, info)
 
-            def make(rows=None):
-                pick = (lambda c: c) if rows is None else (lambda c: _rows(c, rows))
-                return guide(main, g, pick(pos), pick(neg), threshold=threshold, max_batch=max_batch,
-                             conds=pick(extra_conds), models=models,
+            conds = {"pos": pos, "neg": neg, "extra": extra_conds}
+
+            def guided(c):  # the run's guided denoiser on a condition tree like conds
+                return guide(main, g, c["pos"], c["neg"], threshold=threshold, max_batch=max_batch,
+                             conds=c["extra"], models=models,
                              stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
+
+            def make(rows=None):
+                return guided(conds if rows is None else _rows(conds, rows))
             report = None
             if opt is not None:
                 texts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -675,16 +679,11 @@ class GuidedPipeline:
                 return None
             try:
                 if cuda_graph:
-                    def build(c):
-                        return guide(main, g, c["pos"], c["neg"], threshold=threshold, max_batch=max_batch,
-                                     conds=c["extra"], models=models,
-                                     stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
+                    # id(fam.net): the module this call runs (a compiled wrapper set on the pipe is another)
                     key = (to_spec(g), repr(threshold), max_batch, (stitch.fraction, stitch.reset) if stitch else None,
                            spacing, round_timesteps, h, w, tuple((k, _weights_key(m)) for k, m in models.items()),
-                           _weights_key(self.net_denoiser), id(fam.net))  # the module the call runs (a
-                    # compiled wrapper set on the pipe is another network to capture)
-                    x, nfe, forwards = self.graphs.sample(key, build, {"pos": pos, "neg": neg, "extra": extra_conds},
-                                                          s, ts, x, noise, check_finite)
+                           _weights_key(self.net_denoiser), id(fam.net))
+                    x, nfe, forwards = self.graphs.sample(key, guided, conds, s, ts, x, noise, check_finite)
                 else:
                     denoise = make()
                     x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite)
@@ -731,7 +730,7 @@ class GuidedPipeline:
                                and "sampler" not in self.defaults else []))
 
     def _check_graph(self, g, callback, callback_on_step_end) -> None:
-        if isinstance(self.graphs.backend, CudaGraphs) and self.device.type != "cuda":
+        if self.graphs.backend.device_types and self.device.type not in self.graphs.backend.device_types:
             raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; it is on {self.device}")
         if callback is not None or callback_on_step_end is not None:
             raise ValueError("cuda_graph=True replays the whole loop at once: no callback can run between steps")
@@ -788,13 +787,12 @@ class GuidedPipeline:
     def _diffusers_options(self, g: Guidance, s: Sampler, eta, guidance_rescale) -> tuple[Guidance, Sampler]:
         """diffusers' eta (on samplers that have one) and guidance_rescale (CFG's rescale of the raw
         network output: eps, or v for v-models)."""
-        if eta is not None and "gamma" in {f.name for f in dataclasses.fields(s)}:  # TCD: diffusers' eta is gamma
-            s = dataclasses.replace(s, gamma=float(eta))
-        elif eta is not None:
-            if "eta" not in {f.name for f in dataclasses.fields(s)}:
+        if eta is not None:
+            fields = {f.name for f in dataclasses.fields(s)}
+            if "eta" not in fields and "gamma" not in fields:
                 raise ValueError(f"sampler {to_spec(s)!r} takes no eta; samplers with one: ddim, "
                                  f"euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_2s_ancestral")
-            s = dataclasses.replace(s, eta=float(eta))
+            s = dataclasses.replace(s, **{"gamma" if "gamma" in fields else "eta": float(eta)})  # TCD: eta is gamma
         if guidance_rescale:
             names = {f.name for f in dataclasses.fields(g)}
             if not {"rescale", "rescale_space"} <= names:

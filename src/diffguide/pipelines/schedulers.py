@@ -232,6 +232,13 @@ _SAMPLERS = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler
              "DDIMParallelScheduler": "ddim", "DDPMScheduler": "ddim:eta=1", "DDPMParallelScheduler": "ddim:eta=1"}
 
 
+def _spec(base: str, opts: list, cfg: dict) -> str:
+    """A sampler spec from its options, with the scheduler's lower_order_final where it is off."""
+    if cfg.get("lower_order_final", True) is False:
+        opts = [*opts, "lower_order_final=False"]
+    return base + (":" + ",".join(opts) if opts else "")
+
+
 def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
     """(the diffguide sampler that reproduces the scheduler's step rule, a notice where none does)."""
     if name == "DPMSolverMultistepScheduler":
@@ -244,32 +251,25 @@ def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
         opts = [f"solver_type={cfg['solver_type']}"] if cfg.get("solver_type", "midpoint") != "midpoint" else []
         if cfg.get("euler_at_final"):
             opts.append("euler_at_final=True")
-        if cfg.get("lower_order_final", True) is False:
-            opts.append("lower_order_final=False")
-        return base + (":" + ",".join(opts) if opts else ""), None
+        return _spec(base, opts, cfg), None
     if name == "UniPCMultistepScheduler":
         if cfg.get("predict_x0", True) is False or cfg.get("solver_p") is not None:
             return "unipc", f"{name} with predict_x0=False or a solver_p has no diffguide sampler; sampling with unipc"
         opts = [f"order={cfg.get('solver_order', 2)}"] if cfg.get("solver_order", 2) != 2 else []
         if cfg.get("solver_type", "bh2") != "bh2":
             opts.append(f"solver_type={cfg['solver_type']}")
-        if cfg.get("lower_order_final", True) is False:
-            opts.append("lower_order_final=False")
         if cfg.get("disable_corrector"):
             opts.append("disable_corrector=" + "|".join(str(int(v)) for v in cfg["disable_corrector"]))
-        return "unipc" + (":" + ",".join(opts) if opts else ""), None
+        return _spec("unipc", opts, cfg), None
     if name == "DEISMultistepScheduler":
         if cfg.get("algorithm_type", "deis") != "deis":
             return "deis", f"{name} with algorithm_type {cfg.get('algorithm_type')!r} has no diffguide sampler; sampling with deis"
         opts = [f"order={cfg.get('solver_order', 2)}"] if cfg.get("solver_order", 2) != 2 else []
-        if cfg.get("lower_order_final", True) is False:
-            opts.append("lower_order_final=False")
-        return "deis" + (":" + ",".join(opts) if opts else ""), None
+        return _spec("deis", opts, cfg), None
     if name == "DPMSolverSinglestepScheduler":
         algo, order = cfg.get("algorithm_type", "dpmsolver++"), cfg.get("solver_order", 2)
         if algo == "dpmsolver++" and order == 2 and cfg.get("solver_type", "midpoint") == "midpoint":
-            low = cfg.get("lower_order_final", True)
-            return "dpmpp_2s_singlestep" + ("" if low else ":lower_order_final=False"), None
+            return _spec("dpmpp_2s_singlestep", [], cfg), None
         return "dpmpp_2m", (f"{name} with algorithm_type {algo!r}, solver_order {order} and solver_type "
                             f"{cfg.get('solver_type', 'midpoint')!r} has no diffguide sampler; sampling with dpmpp_2m")
     if name == "DPMSolverSDEScheduler":

@@ -8,6 +8,8 @@ returns a diffusers pipeline; ``save_pretrained`` writes a standard folder that
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -18,8 +20,6 @@ DDIM_SD = dict(clip_sample=False, set_alpha_to_one=False)  # SD 1.5's DDIM setti
 def scheduler(name: str, **kw):
     """A diffusers scheduler with SD's betas (and SD's DDIM settings for DDIM)."""
     import diffusers
-
-    import inspect
 
     cls = getattr(diffusers, name)
     extra = DDIM_SD if name == "DDIMScheduler" else {}

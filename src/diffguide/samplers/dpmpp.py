@@ -9,7 +9,9 @@ The renoise uses the current eps only; the correction uses the x0 history each P
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -206,8 +208,6 @@ class DPMppSDE(Ancestral):
             return st.a_next * y, state
         tree = state
         if tree is None:
-            import struct
-
             z = noise(x, st.t, st.t_next).flatten(1)[:, 0].double()  # one draw per image fixes its tree
             seeds = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in z]
             sc = st.schedule
@@ -232,16 +232,17 @@ class DPMppSDE(Ancestral):
         return st.a_next * y, tree
 
 
-def singlestep_orders(steps: int, lower_order_final: bool = True, final_zero: bool = True) -> list[int]:
+@functools.lru_cache(maxsize=64)
+def singlestep_orders(steps: int, lower_order_final: bool = True, final_zero: bool = True) -> tuple[int, ...]:
     """DPMSolverSinglestepScheduler's order list for solver_order 2: pairs (1, 2) of grid steps, the
-    last steps first order (its get_order_list)."""
+    last steps first order (its get_order_list). Made once per step count, not at every step."""
     if lower_order_final:
         orders = [1, 2] * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * (steps // 2) + [1]
     else:
         orders = [1, 2] * (steps // 2) + ([1] if steps % 2 else [])
     if final_zero:
         orders[-1] = 1
-    return orders
+    return tuple(orders)
 
 
 @register("sampler", "dpmpp_2s_singlestep")

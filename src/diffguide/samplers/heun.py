@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 from ..core.registry import register
 from ..core.sample import Churn, Sampler, straight
 from ..core.spacing import timesteps
@@ -36,6 +35,9 @@ class Heun(Churn):
         return c_next * y_next, state
 
 
+_HEUN = Heun()  # Restart's steps: plain Heun, no churn
+
+
 @register("sampler", "restart")
 @dataclass(frozen=True)
 class Restart(Sampler):
@@ -60,7 +62,7 @@ class Restart(Sampler):
                 raise ValueError(f"{k} must be an integer >= {2 if k == 'restart_steps' else 0}, got {v!r}")
 
     def step(self, denoise, x, st, state, noise):
-        heun = Heun()
+        heun = _HEUN
         x, _ = heun.step(denoise, x, st, (), noise)
         # once: at the first level <= restart_min, or at the last level above data on a grid too coarse to
         # have one (ComfyUI takes the grid level nearest to restart_min)

@@ -170,10 +170,11 @@ def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], mod
         for key, v in c.items():
             if key != "all":
                 attrs.setdefault(key, []).append(v)
+    fd, diversity = frechet(feats, true_feats), _diversity(feats, prompt_ids)
     undefined = {}  # statistics a small run cannot give: null, with the reason
-    if min(len(feats), len(true_feats)) < 2:
+    if fd is None:
         undefined["frechet_distance_undefined"] = f"needs at least 2 images, got {len(feats)}"
-    if not any((prompt_ids == k).sum() > 1 for k in np.unique(prompt_ids)):
+    if diversity is None:
         undefined["diversity_undefined"] = "needs at least 2 images of one prompt"
     per_prompt = {}
     for k, text in enumerate(prompts):
@@ -185,11 +186,11 @@ def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], mod
         "adherence": float(np.mean([c["all"] for c in checks])),
         "adherence_by_group": {g: float(np.mean(v)) for g, v in sorted(groups.items())},
         "attribute_accuracy": {k: float(np.mean(v)) for k, v in sorted(attrs.items())},
-        "frechet_distance": frechet(feats, true_feats),
+        "frechet_distance": fd,
         **colour_fidelity(images, [parsed[k] for k in prompt_ids]),
         **{f"true_{k}": v for k, v in colour_fidelity(true_images, [parsed[k] for k in true_ids]).items()
            if k != "objects_measured"},
-        "diversity": _diversity(feats, prompt_ids),
+        "diversity": diversity,
         "true_diversity": _diversity(true_feats, np.asarray(true_ids)),
         "adherence_by_prompt": per_prompt,
         **undefined,
