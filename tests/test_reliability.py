@@ -166,8 +166,8 @@ def test_a1111_names_only_where_they_mean_the_same():
     base = dict(prompt="p", steps=1, seed=0, width=8, height=8, model="m", guidance="cfg", version="0")
     names = {s: parse_a1111(parameters_text({**base, "sampler": s}))["Sampler"]
              for s in ("euler_ancestral", "dpmpp_2m_sde", "consistency", "dpmpp_3m")}
-    assert names == {"euler_ancestral": "Euler a", "dpmpp_2m_sde": "DPM++ 2M SDE", "consistency": "LCM",
-                     "dpmpp_3m": "dpmpp_3m"}  # no A1111 sampler is the corrected 3M
+    assert names == {"euler_ancestral": "Euler a", "dpmpp_2m_sde": "DPM++ 2M SDE", "consistency": "consistency",
+                     "dpmpp_3m": "dpmpp_3m"}  # no A1111 sampler is the corrected 3M; A1111's LCM has its own table
 
 
 def test_from_png_recreates_the_image_bit_for_bit(sd, tmp_path):

@@ -277,12 +277,16 @@ def test_new_spacings_follow_their_formulas(sd):
     w = torch.arange(n, dtype=torch.float64) / (n - 1)  # ComfyUI kl_optimal
     expect = torch.tan(w * math.atan(lo) + (1 - w) * math.atan(hi))
     torch.testing.assert_close(ve(dg.timesteps(sd, n, "kl_optimal")), expect, rtol=1e-9, atol=0)
-    T = sd.num_train_timesteps  # ComfyUI simple: sigmas[-(1 + int(x * len(sigmas) / steps))]
+    T = sd.num_train_timesteps  # ComfyUI simple: ss = len(sigmas) / steps; sigmas[-(1 + int(x * ss))]
     table = sd.ve(torch.arange(T, dtype=torch.float64))
-    expect = torch.stack([table[-(1 + int(x * T / n))] for x in range(n)])
+    expect = torch.stack([table[-(1 + int(x * (T / n)))] for x in range(n)])
     torch.testing.assert_close(ve(dg.timesteps(sd, n, "simple")), expect, rtol=1e-12, atol=0)
-    ts = dg.timesteps(sd, n, "sgm_uniform")  # ComfyUI sgm_uniform: linspace(t_max, t_min, n + 1)[:-1]
-    torch.testing.assert_close(ts[:-1], torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1])
+    ts = dg.timesteps(sd, n, "sgm_uniform")  # ComfyUI sgm_uniform: indices linspace(T - 1, 0, n + 1)[:-1],
+    idx = torch.linspace(T - 1, 0, n + 1, dtype=torch.float64)[:-1]  # levels log-linear between entries
+    low = idx.floor().long().clamp(max=T - 2)
+    w = idx - low
+    expect = torch.exp((1 - w) * table[low].log() + w * table[low + 1].log())
+    torch.testing.assert_close(ve(ts), expect, rtol=1e-12, atol=0)
     assert float(ts[-1]) == sd.t_min
 
 

@@ -240,9 +240,11 @@ FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model",
 def apply_png(args) -> list[int] | None:
     """Fill every setting the user did not give from the image's own (``--from-png``); the batch it
     was made in, so that the image comes out bit for bit."""
-    from ..pipelines.images import read_metadata
+    from ..pipelines.images import read_settings
 
-    meta = read_metadata(args.from_png)
+    meta, notices = read_settings(args.from_png)  # an image A1111 wrote: its labels read as specs
+    for text in notices:
+        print(f"diffguide: notice: {text}", file=sys.stderr)
     for key, attr in FROM_PNG.items():
         if attr is not None and getattr(args, attr, None) is None and meta.get(key) not in (None, ""):
             setattr(args, attr, meta[key])
@@ -256,6 +258,42 @@ def apply_png(args) -> list[int] | None:
         batch = [int(v) for v in meta.get("batch_seeds") or [args.seed]]
         return batch
     return None
+
+
+def parse_guidance(spec: str | None):
+    """The --guidance spec checked now, except a CFG++ scale outside [0, 1]: its hint quotes the run's
+    own grid, known once the model is loaded (``cfgpp_hint``)."""
+    if not spec:
+        return None
+    try:
+        return parse_spec("guidance", spec)
+    except ValueError as e:
+        if "CFG++ scale is lambda" not in str(e):
+            raise
+        return spec  # parsed again by resolve, which raises again, with the model at hand
+
+
+def cfgpp_hint(error: ValueError, gp, args, init) -> ValueError:
+    """A CFG++ scale error with the hint on this run's grid (the steps, spacing and size it will run
+    with), as the Python call words it; any other error as it is."""
+    if "CFG++ scale is lambda" not in str(error):
+        return error
+    from ..guidance.cfgpp import equivalence
+
+    h, w = gp.prepare_image(init, args.height, args.width)[1:] if init is not None else (args.height, args.width)
+    h, w = gp.size(h, w)
+    info = gp.info.at_size(gp.family.seq_len(h, w))
+    spacing = gp.defaults.get("spacing") if args.spacing is None else args.spacing
+    ve = info.schedule.ve(info.timesteps(args.steps, spacing)).tolist()
+    return ValueError(f"{str(error).split(';')[0]}; on this run's grid ({args.steps} steps) {equivalence(ve)}")
+
+
+def model_grid(gp, spacing: str | None) -> dict:
+    """The grid a run uses as ``timesteps`` arguments: the spacing given, else the model's own."""
+    own = spacing or gp.defaults.get("spacing")
+    if own:
+        return {"spacing": own}
+    return {"spacing": getattr(gp.info.schedule, "spacing", "uniform_t"), **gp.info.grid}
 
 
 def load_init_image(args, noise):
@@ -299,7 +337,7 @@ def run(args) -> int:
     if args.scale is not None and not args.scale == args.scale:
         raise UsageError("--scale must be a number")
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
-    guidance = parse_spec("guidance", args.guidance) if args.guidance else None
+    guidance = parse_guidance(args.guidance)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else \
         [check_seed(0 if args.seed is None else args.seed)]
     outputs = Outputs(args.output, seeds, args.overwrite)
@@ -322,7 +360,10 @@ def run(args) -> int:
     guide = load_guide(args, gp)
     if args.steps is None:
         args.steps = gp.default_steps
-    g, s = gp.resolve(guidance, args.scale, sampler, negative=args.negative is not None)
+    try:
+        g, s = gp.resolve(guidance, args.scale, sampler, negative=args.negative is not None)
+    except ValueError as e:
+        raise cfgpp_hint(e, gp, args, init) from None
     embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
     if args.embedded_guidance is not None and gp.embedded_guidance is None:
         raise UsageError(f"--embedded-guidance given but {type(gp.family.net).__name__} has no embedded guidance "
@@ -344,6 +385,7 @@ def run(args) -> int:
             **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
             **({"guide_model": args.guide_model} if guide else {}),
             **({"noise_optimizer": noise} if noise else {})}
+    own_grid = model_grid(gp, args.spacing)  # the grid the A1111 "Schedule type" names
     t0 = time.perf_counter()
     written, nfe = [], []
     # one unit of work is one --batch of seeds (with --from-png: the batch the image was made in),
@@ -370,7 +412,7 @@ def run(args) -> int:
             if seed not in seeds:  # --from-png: the batch's other images are not asked for
                 continue
             m = {**meta, "seed": seed, "batch_seeds": chunk}
-            path = outputs.write(img, seed, m, parameters_text(m))
+            path = outputs.write(img, seed, m, parameters_text(m, gp.family.name, own_grid))
             written.append(path)
             nfe.append(out.nfe + (out.noise["nfe"] if out.noise else 0))
             if state is None:

@@ -109,10 +109,12 @@ def _kl_optimal(schedule, n, sigma_min=None, sigma_max=None):
 
 
 def _simple(schedule, n):
-    """ComfyUI's "simple": every (T / n)-th training level from the top, index T - 1 - floor(k T / n)."""
+    """ComfyUI's and A1111's "simple": every (T / n)-th training level from the top, index
+    T - 1 - int(k (T / n))."""
     _indexed(schedule, "simple")
     T = schedule.num_train_timesteps
-    return schedule.index_time(torch.tensor([T - 1 - int(k * T / n) for k in range(n)], dtype=F64))
+    step = T / n  # rounded first, as theirs: k (T / n) falls just below an integer k T / n at 70 of n <= 1000
+    return schedule.index_time(torch.tensor([T - 1 - int(k * step) for k in range(n)], dtype=F64))
 
 
 def _indexed(schedule, name):
@@ -121,11 +123,27 @@ def _indexed(schedule, name):
 
 
 def _sgm_uniform(schedule, n):
-    """ComfyUI's "sgm_uniform" (SGM's discretisation): n times uniform from the top level's time to the
-    lowest level's, the endpoint excluded."""
+    """ComfyUI's and A1111's "sgm_uniform" (SGM's discretisation): n training indices uniform from the
+    top one to the lowest, the endpoint excluded; on a VP table the level at a fractional index is
+    interpolated log-linearly between its two entries, as their model_sampling.sigma / t_to_sigma do."""
     _indexed(schedule, "sgm_uniform")
     hi, lo = float(schedule.index_time(schedule.num_train_timesteps - 1)), float(schedule.index_time(0))
-    return torch.linspace(hi, lo, n + 1, dtype=F64)[:-1]
+    ts = torch.linspace(hi, lo, n + 1, dtype=F64)[:-1]
+    if not isinstance(schedule, VPSchedule):  # a flow's levels are a formula of t, not a table
+        return ts
+    return schedule.t_of_ve(_table_levels(schedule, ts))
+
+
+def _table_levels(schedule, idx):
+    """VE levels at fractional indices of a VP table, log-linear between entries (k-diffusion's
+    t_to_sigma); the VP schedule itself is linear in ve there (on SD's table up to 1e-4 apart on
+    sgm_uniform's grids of 1 to 59 steps, 1.5% between the first two entries)."""
+    low = idx.floor().clamp(max=schedule.t_max - 1)
+    w = idx - low
+    lo_ve, hi_ve = schedule.ve(low), schedule.ve(low + 1)
+    # an entry itself is taken as it is, so that an infinite top level (zero terminal SNR) stays exact
+    mixed = torch.exp((1 - w) * torch.log(lo_ve) + w * torch.log(hi_ve))
+    return torch.where(w == 0, lo_ve, torch.where(w == 1, hi_ve, mixed))
 
 
 # Align Your Steps (Sabour et al. 2024): the published 10-step VE levels (NVIDIA's how-to page)
@@ -144,6 +162,34 @@ def _ays(schedule, n, model="sd1"):
     lv = np.log(np.asarray(AYS_LEVELS[model])[::-1])
     ve = np.exp(np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(lv)), lv))[::-1][:-1].copy()
     return schedule.t_of_ve(torch.from_numpy(ve))
+
+
+# A1111's Align Your Steps tables (its sd_schedulers.py): the published levels to three decimals, the
+# top one 14.615 a little above SD's largest trained level (14.6146), where a VP table's grid stops
+AYS_LEVELS_A1111 = {"sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+                    "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
+
+
+def _ays_a1111(schedule, n, model="sd1"):
+    """A1111's Align Your Steps: its table (sd1, sdxl) as the n levels when n is its length, else
+    interpolated linearly in log ve onto n points, the lowest level kept (ComfyUI's, ``ays``, takes
+    n + 1 points and puts the data end in place of the lowest)."""
+    if model not in AYS_LEVELS_A1111:
+        raise ValueError(f"spacing 'ays_a1111' has tables for {', '.join(AYS_LEVELS_A1111)}, not {model!r}")
+    levels = np.asarray(AYS_LEVELS_A1111[model])
+    if n != len(levels):
+        rising = np.log(levels[::-1])
+        levels = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(rising)), rising))[::-1]
+    return schedule.t_of_ve(torch.from_numpy(levels.copy()))
+
+
+def _kl_optimal_a1111(schedule, n, sigma_min=None, sigma_max=None):
+    """A1111's KL Optimal: n + 1 levels uniform in arctan(ve) from sigma_max down to sigma_min itself,
+    with no step onto data (ComfyUI's, ``kl_optimal``, spreads n levels and then steps to zero)."""
+    return _kl_optimal(schedule, n + 1, sigma_min, sigma_max)
+
+
+ABOVE_DATA = ("kl_optimal_a1111",)  # spacings whose grid ends at sigma_min, never at the data end
 
 
 def _ve_range(schedule, sigma_min, sigma_max, name):
@@ -210,6 +256,7 @@ SPACING_OPTIONS = {
     "karras": ("rho", "sigma_min", "sigma_max"), "exponential": ("sigma_min", "sigma_max"),
     "beta": ("alpha", "beta", "sigma_min", "sigma_max"), "polyexponential": ("rho", "sigma_min", "sigma_max"),
     "kl_optimal": ("sigma_min", "sigma_max"), "simple": (), "sgm_uniform": (), "ays": ("model",),
+    "kl_optimal_a1111": ("sigma_min", "sigma_max"), "ays_a1111": ("model",),
     "uniform_lam": ("sigma_min", "sigma_max"), "uniform_t": ("t_start", "t_end"), "linspace": ("round",),
     "leading": ("steps_offset",), "trailing": (), "lcm": ("original_steps",), "scm": ("intermediate", "sigma_data")}
 SPACINGS = tuple(SPACING_OPTIONS)
@@ -219,7 +266,9 @@ SPACING_DOCS = {
     "polyexponential": "k-diffusion's: log ve falls as a polynomial of degree rho",
     "kl_optimal": "ComfyUI's kl_optimal: uniform in arctan(ve)", "simple": "ComfyUI's simple: every T/n-th training level",
     "sgm_uniform": "ComfyUI's sgm_uniform: uniform in training time, endpoint excluded",
-    "ays": "Align Your Steps' published tables (model sd1, sdxl), log-linear between",
+    "ays": "Align Your Steps' published tables (model sd1, sdxl), log-linear between (ComfyUI's)",
+    "kl_optimal_a1111": "A1111's KL Optimal: uniform in arctan(ve) down to sigma_min, no step onto data",
+    "ays_a1111": "A1111's Align Your Steps: its rounded tables interpolated onto the steps' levels",
     "uniform_lam": "uniform in logSNR (DPM-Solver's)", "uniform_t": "uniform in the schedule's time (SD3-like on flows)",
     "linspace": "diffusers' linspace grid", "leading": "diffusers' leading grid", "trailing": "diffusers' trailing grid",
     "lcm": "LCMScheduler's grid (original_steps)", "scm": "SCMScheduler's TrigFlow times"}
@@ -234,8 +283,9 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
     ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate), or the
     ComfyUI / k-diffusion schedules ``polyexponential`` (rho), ``kl_optimal``, ``simple``, ``sgm_uniform``
-    and Align Your Steps' ``ays`` (model: sd1, sdxl). ``uniform_t`` with ``final="zero"`` and no ``t_end`` spaces all steps evenly down to
-    the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
+    and Align Your Steps' ``ays`` (model: sd1, sdxl), or A1111's own ``kl_optimal_a1111`` (which ends at
+    sigma_min whatever ``final`` says) and ``ays_a1111`` (model). ``uniform_t`` with ``final="zero"``
+    and no ``t_end`` spaces all steps evenly down to the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
     (FlowMatchEulerDiscreteScheduler's grid is ``t_end`` = its shifted sigma_min). ``drop_last=True`` builds a diffusers grid for steps + 1 points and drops the last,
     the convention of diffusers' DPMSolverMultistepScheduler. Defaults to ``schedule.spacing``.
     """
@@ -257,6 +307,8 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     if spacing == "lcm":
         end = schedule.t_min if final == "zero" else 0.0  # TCDScheduler ends on the table's first level
         ts = torch.cat([_lcm_grid(schedule, steps, **options), torch.tensor([end], dtype=F64)])
+    elif spacing in ABOVE_DATA:  # A1111 takes no step onto data here, whatever final says
+        ts = _kl_optimal_a1111(schedule, steps, **options)
     elif spacing == "scm":  # SCMScheduler: two steps through an intermediate time, else uniform in t
         ts = _scm_grid(schedule, steps, **options)
     elif spacing in _DIFFUSERS:
@@ -276,7 +328,7 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     else:
         rule = {"karras": _karras, "uniform_lam": _uniform_lam, "exponential": _uniform_lam, "beta": _beta,
                 "uniform_t": _uniform_t, "polyexponential": _polyexponential, "kl_optimal": _kl_optimal,
-                "simple": _simple, "sgm_uniform": _sgm_uniform, "ays": _ays}[spacing]
+                "simple": _simple, "sgm_uniform": _sgm_uniform, "ays": _ays, "ays_a1111": _ays_a1111}[spacing]
         if final == "sigma_min":
             ts = rule(schedule, steps + 1, **options)
         else:

@@ -19,7 +19,14 @@ class CFGZeroStar(Guidance):
     the optimised scale), and a zero output for the first ``zero_init_steps`` steps (Sec. 4.2;
     no network is run then). Both act on the raw output in ``space`` (auto: the model's own, the
     velocity on flow models as in the paper), as diffusers' ClassifierFreeZeroStarGuidance and the
-    authors' code do."""
+    authors' code do.
+
+    ``zero_init_steps`` counts the zeroed steps: the authors' pipelines (WeichenFan/CFG-Zero-star,
+    models/*/pipeline.py) zero step i while ``i <= zero_steps``, so theirs is ``zero_init_steps - 1``;
+    the default 1 is their SD3 and Flux default ``zero_steps=0`` (HiDream and their CogView4 and
+    Hunyuan examples use 1, i.e. 2 here). Their Flux.1-dev pipeline (guidance-distilled, no
+    true CFG) uses the zero-init alone: ``cfg_zero_star:scale=1`` here, where c is the output and s*
+    never enters (no unconditional branch runs)."""
 
     scale: float = 5.0
     zero_init_steps: int = 1

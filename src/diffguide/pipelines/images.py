@@ -7,7 +7,9 @@
   which fails if the name exists (``overwrite`` renames over it instead). Nothing half-written is
   ever visible under a final name.
 - Metadata: PNG text chunks (``parameters`` in A1111's layout, ``diffguide`` as JSON); JPEG and WebP
-  carry the same two in EXIF (UserComment, as A1111 writes it, and ImageDescription).
+  carry the same two in EXIF (UserComment, as A1111 writes it, and ImageDescription). A1111's sampler
+  and schedule names are written only where diffguide runs what A1111 runs under them, and an image
+  A1111 wrote reads back as the specs that reproduce its names (``read_settings``).
 """
 from __future__ import annotations
 
@@ -22,16 +24,37 @@ UNSUPPORTED = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl")
 DEFAULT_FOLDER = "outputs"
 _COUNTER = re.compile(r"^(\d+)-")
 
-# diffguide sampler -> A1111's sampler name; spacing -> A1111's "Schedule type"
-A1111_SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "lms": "LMS",
-                  "dpm2": "DPM2", "dpm2_ancestral": "DPM2 a", "unipc": "UniPC", "plms": "PLMS", "ipndm": "iPNDM",
-                  "deis": "DEIS", "tcd": "TCD", "restart": "Restart", "dpmpp_sde": "DPM++ SDE",
-                  "dpmpp_2s_singlestep": "DPM++ 2S",
-                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2s_ancestral": "DPM++ 2S a",
-                  "dpmpp_3m_sde": "DPM++ 3M SDE", "consistency": "LCM"}
-A1111_SCHEDULES = {"karras": "Karras", "uniform_lam": "Exponential", "exponential": "Exponential",
-                   "polyexponential": "Polyexponential", "sgm_uniform": "SGM Uniform", "kl_optimal": "KL Optimal",
-                   "ays": "Align Your Steps", "simple": "Simple", "beta": "Beta"}
+# -- A1111's names, each checked against a transcription of A1111's code in tests/test_a1111_labels.py --
+
+# A1111 sampler label -> the diffguide sampler that runs the same function (k-diffusion's, with A1111's
+# options) on the same levels
+A1111_SAMPLERS = {"Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "LMS": "lms",
+                  "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
+                  "DPM++ 2M SDE Heun": "dpmpp_2m_sde:solver_type=heun", "DPM++ 2S a": "dpmpp_2s_ancestral",
+                  "DPM++ SDE": "dpmpp_sde"}
+# A1111 labels that no diffguide sampler and spacing reproduce: the nearest spec and what differs. They
+# are read from A1111's own images (with a notice) and never written.
+_DISCARD = ("A1111 drops the next-to-last level of a grid made for steps + 1, which no diffguide spacing "
+            "does")
+_OWN_TIMESTEPS = "A1111 runs its own timesteps 1, 1 + 1000 // steps, ... and stops at timestep 1"
+A1111_SAMPLERS_NEAREST = {
+    "DPM2": ("dpm2", _DISCARD), "DPM2 a": ("dpm2_ancestral", _DISCARD),
+    "DPM++ 3M SDE": ("dpmpp_3m_published:eta=1,solver_type=heun,lower_order_final=False", _DISCARD),
+    "Restart": ("restart", "from 20 steps A1111 re-spaces the grid as Karras levels and restarts once "
+                           "(twice from 36 steps) at 0.1 with its own counts"),
+    "DDIM": ("ddim", _OWN_TIMESTEPS), "PLMS": ("plms", _OWN_TIMESTEPS + ", with a Heun-like first step"),
+    "UniPC": ("unipc:order=3,solver_type=bh1", "A1111 runs its own time-uniform grid, which stops at the "
+                                               "lowest trained level"),
+    "LCM": ("consistency", "A1111's LCM runs on its own 50-level table")}
+A1111_RESTART_PLAIN = 20  # below this many steps A1111's Restart restarts nothing: it is Heun
+# A1111 schedule label ("Schedule type") -> the diffguide spacing with the same levels at the same steps
+A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Polyexponential": "polyexponential",
+                   "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal_a1111", "Align Your Steps": "ays_a1111",
+                   "Simple": "simple", "Beta": "beta"}
+SAME_SPACINGS = {"uniform_lam": "exponential"}  # one grid under two names
+# the multistep samplers' lower_order_final acts on a last step that does not land on data, below this
+# many steps (samplers.dpmpp.multistep_order); k-diffusion has no such option
+LOWER_ORDER_FINAL_BELOW = 15
 EXIF_USER_COMMENT, EXIF_IFD, IMAGE_DESCRIPTION = 0x9286, 0x8769, 0x010E
 
 
@@ -193,17 +216,68 @@ def quote(value) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def parameters_text(meta: dict) -> str:
+def a1111_sampler_name(sampler: str, steps: int, above_data: bool = False) -> str:
+    """A1111's label for a diffguide sampler spec where A1111 runs the same function on the same levels
+    (``A1111_SAMPLERS``), else the spec itself. ``above_data``: the grid's last step does not land on
+    data (A1111's KL Optimal), where k-diffusion keeps the multistep order that diffguide's
+    lower_order_final lowers."""
+    for label, own in A1111_SAMPLERS.items():
+        if _same_sampler(sampler, own, steps, above_data):
+            return label
+    return sampler
+
+
+def _same_sampler(spec: str, label_spec: str, steps: int, above_data: bool) -> bool:
+    """Whether two sampler specs make the same steps on a grid of ``steps`` steps."""
+    import dataclasses
+
+    from ..core.registry import parse_spec
+
+    mine, theirs = parse_spec("sampler", spec), parse_spec("sampler", label_spec)
+    if type(mine) is not type(theirs):
+        return False
+    if hasattr(theirs, "lower_order_final"):
+        # k-diffusion never lowers the order; diffguide's option does only where above_data and few steps
+        theirs = dataclasses.replace(theirs, lower_order_final=False)
+        if not (above_data and steps < LOWER_ORDER_FINAL_BELOW):
+            mine = dataclasses.replace(mine, lower_order_final=False)
+    return mine == theirs
+
+
+def a1111_schedule_name(spacing: str, family: str | None = None) -> str:
+    """A1111's "Schedule type" for a diffguide spacing with the same levels (``A1111_SCHEDULES``), else
+    the spacing's own name. Align Your Steps only for a known SD 1/2 model: A1111 takes its SDXL table
+    for SDXL, and diffguide's spacing by name runs the SD 1 table."""
+    name = SAME_SPACINGS.get(spacing, spacing)
+    for label, own in A1111_SCHEDULES.items():
+        if own == name and (own != "ays_a1111" or family == "sd"):
+            return label
+    return spacing
+
+
+def _grid_name(grid: dict) -> str:
+    """A grid's spacing with its options, in spec form ('leading:steps_offset=1')."""
+    options = ",".join(f"{k}={v}" for k, v in grid.items() if k != "spacing")
+    return str(grid["spacing"]) + (":" + options if options else "")
+
+
+def parameters_text(meta: dict, family: str | None = None, grid: dict | None = None) -> str:
     """The ``parameters`` text in A1111's layout (prompt; ``Negative prompt:``; one line of
     ``Key: value`` fields), readable by its ``parse_generation_parameters`` with every field intact:
-    its sampler and schedule names where diffguide's sampler has one, diffguide's own specs beside."""
+    A1111's sampler and schedule names where diffguide runs what A1111 runs under them, diffguide's own
+    names otherwise, and diffguide's specs beside. ``grid``: the model's own grid (its ``timesteps``
+    arguments) when ``meta`` names no spacing; ``family``: the model family's name ('sd', 'sdxl')."""
+    from ..core.spacing import ABOVE_DATA
+
     lines = [str(meta["prompt"])]
     if meta.get("negative_prompt"):
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    name = str(meta["sampler"]).split(":")[0]
-    fields = [("Steps", meta["steps"]), ("Sampler", A1111_SAMPLERS.get(name, meta["sampler"]))]
-    if meta.get("spacing") in A1111_SCHEDULES:
-        fields.append(("Schedule type", A1111_SCHEDULES[meta["spacing"]]))
+    grid = {"spacing": meta["spacing"]} if meta.get("spacing") else grid
+    above = grid is not None and (grid["spacing"] in ABOVE_DATA or grid.get("final") == "sigma_min")
+    fields = [("Steps", meta["steps"]), ("Sampler", a1111_sampler_name(meta["sampler"], meta["steps"], above))]
+    if grid is not None:  # a grid with options of its own is no A1111 schedule: it keeps its own name
+        plain = set(grid) == {"spacing"}
+        fields.append(("Schedule type", a1111_schedule_name(grid["spacing"], family) if plain else _grid_name(grid)))
     if meta.get("scale") is not None:
         fields.append(("CFG scale", meta["scale"]))
     if meta.get("embedded_guidance") is not None:  # Forge's name for Flux's guidance input
@@ -222,16 +296,50 @@ def parameters_text(meta: dict) -> str:
 def read_metadata(path: str) -> dict:
     """The ``diffguide`` JSON an image written by ``Outputs.write`` carries (PNG text chunk, or EXIF
     ImageDescription in JPEG/WebP)."""
+    raw, _ = _read_texts(path)
+    if not raw:
+        raise ValueError(f"{path!r} carries no diffguide settings (it was not written by diffguide generate)")
+    return _settings_json(raw, path)
+
+
+def read_settings(path: str) -> tuple[dict, list[str]]:
+    """The settings to make an image again, and notices: diffguide's own JSON where the image carries
+    it (no notices), else the ``parameters`` of an image A1111 wrote, mapped by ``a1111_settings``."""
+    raw, parameters = _read_texts(path)
+    if raw:
+        return _settings_json(raw, path), []
+    if parameters:
+        return a1111_settings(parse_parameters(parameters))
+    raise ValueError(f"{path!r} carries no diffguide settings and no A1111 parameters")
+
+
+def _read_texts(path: str) -> tuple[str | None, str | None]:
+    """(diffguide JSON, A1111 parameters) an image carries: PNG text chunks, or EXIF ImageDescription
+    and UserComment in JPEG and WebP."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            raw = getattr(im, "text", {}).get("diffguide") if im.format == "PNG" else \
-                im.getexif().get(IMAGE_DESCRIPTION)
+            if im.format == "PNG":
+                text = getattr(im, "text", {})
+                return text.get("diffguide"), text.get("parameters")
+            exif = im.getexif()
+            return exif.get(IMAGE_DESCRIPTION), _user_comment(exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT))
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image {path!r}: {e}") from None
-    if not raw:
-        raise ValueError(f"{path!r} carries no diffguide settings (it was not written by diffguide generate)")
+
+
+def _user_comment(raw) -> str | None:
+    """EXIF UserComment text: an 8-byte character-code prefix, then UTF-16 (big-endian, as A1111
+    writes it) or ASCII."""
+    if raw is None or isinstance(raw, str):
+        return raw
+    if raw.startswith(b"UNICODE\0"):
+        return raw[8:].decode("utf-16-be", errors="replace")
+    return raw[8:].decode("ascii", errors="replace") if raw.startswith(b"ASCII") else None
+
+
+def _settings_json(raw: str, path: str) -> dict:
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -239,3 +347,156 @@ def read_metadata(path: str) -> dict:
     if not isinstance(meta, dict) or "prompt" not in meta or "seed" not in meta:
         raise ValueError(f"{path!r} has incomplete diffguide settings")
     return meta
+
+
+# -- reading the settings of an image A1111 wrote ------------------------------------------------------
+
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# fields that say who made the image, not how: nothing to carry over
+_IDENTITY = {"Version", "Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes"}
+_SCHEDULE_SUFFIXES = (" Karras", " Exponential")  # A1111 before 1.9 named the schedule in the sampler
+
+
+def parse_parameters(text: str) -> dict:
+    """A1111's ``parameters`` text as a dict of 'Prompt', 'Negative prompt' and the last line's fields
+    (JSON-quoted values unquoted), read as its parse_generation_parameters reads it: the last line is
+    fields only when it holds at least three."""
+    lines = text.strip().split("\n")
+    fields = {}
+    if len(_FIELD.findall(lines[-1])) >= 3:
+        for key, value in _FIELD.findall(lines.pop()):
+            fields[key.strip()] = _unquote(value.strip())
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **fields}
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def a1111_sampler_spec(label: str, steps: int, above_data: bool = False) -> tuple[str, str | None]:
+    """(diffguide spec, notice) for A1111's sampler label: the spec that reproduces it, or the nearest
+    one with a notice saying what differs; a label with no diffguide sampler is an error."""
+    import dataclasses
+
+    from ..core.registry import parse_spec, to_spec
+
+    if label in A1111_SAMPLERS:
+        spec = parse_spec("sampler", A1111_SAMPLERS[label])
+        if hasattr(spec, "lower_order_final") and above_data and steps < LOWER_ORDER_FINAL_BELOW:
+            spec = dataclasses.replace(spec, lower_order_final=False)  # k-diffusion keeps the order
+        return to_spec(spec), None
+    if label == "Restart" and steps < A1111_RESTART_PLAIN:
+        return "heun", None
+    if label in A1111_SAMPLERS_NEAREST:
+        spec, why = A1111_SAMPLERS_NEAREST[label]
+        return spec, f"A1111's sampler {label!r} is not reproduced ({why}); running the nearest, {spec}"
+    raise ValueError(f"diffguide has no sampler for A1111's {label!r}; give --sampler (diffguide list shows them)")
+
+
+def a1111_spacing(schedule: str | None, sampler_label: str) -> tuple[str | None, list[str]]:
+    """(diffguide spacing or None for the model's own grid, notices) for A1111's "Schedule type"."""
+    if schedule in A1111_SCHEDULES:
+        spacing = A1111_SCHEDULES[schedule]
+        return spacing, (["ays_a1111 runs A1111's SD 1 table (A1111 takes its SDXL table for SDXL models)"]
+                         if spacing == "ays_a1111" else [])
+    if schedule is None:  # A1111 names no schedule for its timestep samplers, or where it ran Uniform
+        own_grid = sampler_label in ("DDIM", "PLMS", "UniPC", "LCM")
+        return None, [] if own_grid else [
+            "A1111 ran its Uniform levels (no Schedule type), which no diffguide spacing gives; the model's "
+            "own grid is used"]
+    return None, [f"A1111's schedule {schedule!r} has no diffguide spacing; the model's own grid is used"]
+
+
+def a1111_settings(fields: dict) -> tuple[dict, list[str]]:
+    """diffguide settings and notices for an image A1111 made (``parse_parameters``' fields): its
+    sampler and schedule labels as the specs that reproduce them (``A1111_SAMPLERS``,
+    ``A1111_SCHEDULES``), CFG scale as cfg's scale, and a notice for everything that does not carry
+    over."""
+    missing = [k for k in ("Steps", "Sampler", "Seed", "Size") if k not in fields]
+    if missing:
+        raise ValueError(f"A1111 parameters without {', '.join(missing)}: cannot make the image again")
+    used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "Seed", "Size", "CFG scale",
+            "Model", "Eta", "Beta schedule alpha", "Beta schedule beta", "Denoising strength"}
+    steps, seed = _integer(fields, "Steps"), _integer(fields, "Seed")
+    width, height = _size(fields["Size"])
+    label, schedule = _legacy_label(fields["Sampler"], fields.get("Schedule type"))
+    from ..core.spacing import ABOVE_DATA
+
+    spacing, notices = a1111_spacing(schedule, label)
+    sampler, notice = a1111_sampler_spec(label, steps, spacing in ABOVE_DATA)
+    notices += [notice] if notice else []
+    sampler, eta_notice = _with_eta(sampler, fields.get("Eta"))
+    notices += [eta_notice] if eta_notice else []
+    if spacing == "beta" and any(fields.get(k, "0.6") != "0.6" for k in ("Beta schedule alpha", "Beta schedule beta")):
+        notices.append("A1111's Beta schedule alpha/beta other than 0.6 cannot be given by spacing name; "
+                       "0.6 is used")
+    meta = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"], "steps": steps,
+            "sampler": sampler, "spacing": spacing, "seed": seed, "width": width, "height": height}
+    if "CFG scale" in fields:
+        meta.update(guidance="cfg", scale=float(fields["CFG scale"]))
+    notices += _a1111_caveats(fields, used)
+    return meta, notices
+
+
+def _a1111_caveats(fields: dict, used: set) -> list[str]:
+    """What of an A1111 image does not carry over: its model, its noise, its prompt syntax, an input
+    image, and every other field."""
+    notes = ["A1111 draws its noise with its own generator: the same seed gives other noise here"]
+    if "Model" in fields:
+        notes.append(f"A1111's model {fields['Model']!r} is a checkpoint name, not loaded: --model picks the "
+                     f"model (default: the built-in one)")
+    if re.search(r"[()\[\]]|<lora:|\bAND\b|\bBREAK\b", fields["Prompt"] + fields["Negative prompt"]):
+        notes.append("A1111's prompt syntax (weights, [from:to:when], <lora:...>, AND, BREAK) is read as plain text")
+    if "Denoising strength" in fields:
+        notes.append("an image-to-image run: A1111 records no input image, so this one starts from noise")
+    rest = [k for k in fields if k not in used and k not in _IDENTITY]
+    if rest:
+        notes.append(f"A1111 settings not carried over: {', '.join(rest)}")
+    return notes
+
+
+def _legacy_label(sampler: str, schedule: str | None) -> tuple[str, str | None]:
+    """('DPM++ 2M', 'Karras') from A1111's older 'DPM++ 2M Karras', which named no Schedule type."""
+    if schedule is None:
+        for suffix in _SCHEDULE_SUFFIXES:
+            if sampler.endswith(suffix):
+                return sampler[: -len(suffix)], suffix.strip()
+    return sampler, schedule
+
+
+def _with_eta(spec: str, eta: str | None) -> tuple[str, str | None]:
+    """A1111's Eta (written where it is not 1) as the sampler's eta option."""
+    import dataclasses
+
+    from ..core.registry import parse_spec, to_spec
+
+    if eta is None:
+        return spec, None
+    sampler = parse_spec("sampler", spec)
+    if not hasattr(sampler, "eta"):
+        return spec, f"A1111's Eta {eta} has no place in {spec}; not used"
+    return to_spec(dataclasses.replace(sampler, eta=float(eta))), None
+
+
+def _integer(fields: dict, key: str) -> int:
+    try:
+        return int(fields[key])
+    except ValueError:
+        raise ValueError(f"A1111 parameters have {key} {fields[key]!r}, not an integer") from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"A1111 parameters have Size {text!r}, not WIDTHxHEIGHT")
+    return int(m.group(1)), int(m.group(2))
