@@ -76,6 +76,18 @@ def _cached(net, key, find):
     return per[key]
 
 
+@contextlib.contextmanager
+def _unperturbed():
+    """This thread's perturbations paused: a hook recomputing its own rows (a sub-batch) through
+    submodules must not meet the hooks of other branches (SEG's on to_q) meant for the whole batch."""
+    acts = getattr(_LOCAL, "acts", {})
+    _LOCAL.acts = {}
+    try:
+        yield
+    finally:
+        _LOCAL.acts = acts
+
+
 def _installer(hook, with_kwargs: bool = True):
     """module -> the handle of ``hook`` registered as its forward hook (what ``_hooked`` installs)."""
     return lambda m: m.register_forward_hook(hook, with_kwargs=with_kwargs)
@@ -181,40 +193,151 @@ def _split_inputs(args, kwargs):
     return h, e
 
 
+# PAG on joint attention (SD3, Flux, Qwen-Image: text and image tokens in one attention, each
+# stream with its own projections). The paper replaces self-attention, i.e. the image-image block of
+# the joint map; "diagonal" does just that (StableDiffusion3PAGPipeline's mask), "values" makes every
+# token of both streams output its own value (diffusers' modular PAG guider's rule).
+JOINT_RULES = {"diagonal": "image tokens attend to themselves and to the text; text attention unchanged",
+               "values": "every token of both streams outputs its own value projection"}
+
+
+def check_joint_rule(joint: str) -> None:
+    if joint not in JOINT_RULES:
+        rules = "; ".join(f"{k} ({v})" for k, v in JOINT_RULES.items())
+        raise ValueError(f"PAG joint={joint!r} is not a rule; choose one of: {rules}")
+
+
 @dataclass(frozen=True)
 class IdentityAttention:
-    """PAG's perturbation (Ahn et al. 2024): the chosen self-attention layers output their value
-    projection (the attention map replaced by the identity), as diffusers' PAG processors do; with
-    joint attention (SD3, Flux, Qwen-Image) both streams' values."""
+    """PAG's perturbation (Ahn et al. 2024): the chosen self-attention layers' attention maps replaced
+    by the identity (each token outputs its value projection), as diffusers' PAG processors do. On
+    joint attention ``joint`` picks the rule (``JOINT_RULES``): "diagonal" (the default) as
+    StableDiffusion3PAGPipeline, "values" as diffusers' modular PAG guider."""
 
     layers: str = "auto"
+    joint: str = "diagonal"
     rowwise = True
+
+    def __post_init__(self):
+        check_joint_rule(self.joint)
 
     def targets(self, denoiser) -> list:
         net = _module(denoiser, "PAG")
-        return _cached(net, ("attention", self.layers), lambda: self_attention_layers(
+        found = _cached(net, ("attention", self.layers), lambda: self_attention_layers(
             net, default_layers(net) if self.layers == "auto" else self.layers, "PAG"))
+        if self.joint == "diagonal":
+            _check_streams_apart(net, found)
+        return found
 
     def apply(self, denoiser, noise, rows):
-        return _hooked(self.targets(denoiser), "pag", _installer(_identity_hook), rows)
+        hook = _diagonal_hook if self.joint == "diagonal" else _values_hook
+        return _hooked(self.targets(denoiser), ("pag", self.joint), _installer(hook), rows)
 
 
-def _identity_hook(attn, args, kwargs, out):
-    rows = _active(attn, "pag")
+def _check_streams_apart(net, found) -> None:
+    """The diagonal rule needs the text and image tokens in separate inputs; a single-stream block
+    (Flux's single_transformer_blocks) attends over one sequence holding both."""
+    mixed = _cached(net, ("single_stream",), lambda: {id(m): n for n, m in net.named_modules()
+                                                      if re.search(r"(^|\.)single_transformer_blocks\.", n)})
+    names = [mixed[id(m)] for m in found if id(m) in mixed]
+    if names:
+        raise ValueError(f"PAG joint=diagonal cannot tell text from image tokens in {names[0]} (a single-stream "
+                         "block: one sequence holds both); choose transformer_blocks layers, or joint=values")
+
+
+def _values_hook(attn, args, kwargs, out):
+    """PAG, joint=values: the perturbed rows' outputs are their value paths, in both streams."""
+    rows = _active(attn, ("pag", "values"))
     if rows is None:
         return None
     h, e = _split_inputs(args, kwargs)
-    ident = _value_path(attn, _take(rows, h))  # only the perturbed rows
-    if isinstance(out, tuple):  # joint attention: (image stream, text stream)
-        enc = out[1]
+    with _unperturbed():
+        ident = _value_path(attn, _take(rows, h))  # only the perturbed rows
+        if not isinstance(out, tuple):
+            return _put(rows, ident, out)
+        enc = out[1]  # joint attention: (image stream, text stream)
         if e is not None and enc is not None and hasattr(attn, "add_v_proj"):
             ev = attn.add_v_proj(_take(rows, e))
             to_add = getattr(attn, "to_add_out", None)
             if to_add is not None and not getattr(attn, "context_pre_only", False):
                 ev = to_add(ev)
             enc = _put(rows, ev, enc)
-        return (_put(rows, ident, out[0]), enc, *out[2:])
-    return _put(rows, ident, out)
+    return (_put(rows, ident, out[0]), enc, *out[2:])
+
+
+def _diagonal_hook(attn, args, kwargs, out):
+    """PAG, joint=diagonal: the perturbed rows' self-attention is the identity; on joint attention
+    only the image-image block is (StableDiffusion3PAGPipeline)."""
+    rows = _active(attn, ("pag", "diagonal"))
+    if rows is None:
+        return None
+    h, e = _split_inputs(args, kwargs)
+    if not isinstance(out, tuple):  # plain self-attention: the identity map
+        with _unperturbed():
+            return _put(rows, _value_path(attn, _take(rows, h)), out)
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError("PAG joint=diagonal does not combine with an attention_mask given to a joint attention "
+                         "layer; use joint=values")
+    mask = kwargs.get("encoder_hidden_states_mask")  # Qwen-Image's text padding
+    mask = None if mask is None else _take(rows, mask).bool()
+    with _unperturbed():
+        image = _diagonal_attention(attn, _take(rows, h), _take(rows, e), mask, kwargs.get("image_rotary_emb"))
+    return (_put(rows, image, out[0]), *out[1:])  # a text query's row of the mask is whole: unchanged
+
+
+def _diagonal_attention(attn, h, e, text_mask, rope):
+    """The image stream's joint-attention output with the image-image block of the map masked to its
+    diagonal: each image token attends to itself and to every text token (StableDiffusion3PAGPipeline's
+    PAG processor), computed as a softmax over 1 + text logits instead of a full masked map.
+    The layer's q/k norms apply, as in its own processor (diffusers' PAG processor skips them on
+    every row, which only matters on layers that have them, e.g. SD3.5's)."""
+    q, k, v = (_heads(attn, f(h), norm) for f, norm in
+               ((attn.to_q, "norm_q"), (attn.to_k, "norm_k"), (attn.to_v, None)))
+    kt, vt = (_heads(attn, f(e), norm) for f, norm in ((attn.add_k_proj, "norm_added_k"), (attn.add_v_proj, None)))
+    if rope is not None:
+        text_angles, image_angles = _rotary_tables(rope, e.shape[1])
+        q, k, kt = _rotate(q, *image_angles), _rotate(k, *image_angles), _rotate(kt, *text_angles)
+    own = (q * k).sum(-1, keepdim=True)  # (b, n, heads, 1): the diagonal
+    text = torch.einsum("bnhd,bthd->bnht", q, kt)
+    if text_mask is not None:
+        text = text.masked_fill(~text_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(torch.cat([own, text], -1).float() * q.shape[-1] ** -0.5, -1).to(v.dtype)
+    o = (p[..., :1] * v + torch.einsum("bnht,bthd->bnhd", p[..., 1:], vt)).flatten(2)
+    for layer in attn.to_out:  # projection, dropout
+        o = layer(o)
+    return o
+
+
+def _heads(attn, x, norm):
+    """(b, s, heads * d) -> (b, s, heads, d), with the layer's per-head q/k normalisation if it has one."""
+    x = x.unflatten(-1, (attn.heads, -1))
+    norm = getattr(attn, norm, None) if norm else None
+    return x if norm is None else norm(x)
+
+
+def _rotary_tables(rope, n_text):
+    """(text, image) (cos, sin) tables over interleaved channel pairs from a joint layer's rotary
+    embedding: Flux's one real (cos, sin) pair over the text-then-image sequence, or Qwen-Image's
+    complex (image, text) tables."""
+    a, b = rope
+    if a.is_complex():
+        return _cos_sin(b), _cos_sin(a)
+    return (a[:n_text], b[:n_text]), (a[n_text:], b[n_text:])
+
+
+def _cos_sin(freqs):
+    return freqs.real.repeat_interleave(2, -1), freqs.imag.repeat_interleave(2, -1)
+
+
+def _rotate(x, cos, sin):
+    """x (b, s, heads, d) with each channel pair (2i, 2i+1) turned by its angle (rotary embedding)."""
+    if cos.ndim != 2 or cos.shape[0] != x.shape[1]:
+        raise ValueError(f"PAG joint=diagonal expects a (tokens, channels) rotary table for {x.shape[1]} tokens, "
+                         f"got {tuple(cos.shape)}; use joint=values")
+    xf = x.float()
+    pairs = xf.unflatten(-1, (-1, 2))
+    turned = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+    return (xf * cos[:, None] + turned * sin[:, None]).to(x.dtype)
 
 
 def _value_path(attn, h):
