@@ -166,16 +166,17 @@ class LoopGraphs:
             self.refused.clear()
 
     def sample(self, key, build: Callable[[Any], Any], inputs, sampler, ts, x: torch.Tensor, noise,
-               check_finite: bool = True):
+               check_finite: bool = True, stride=None):
         with self._lock:
-            return self._sample(key, build, inputs, sampler, ts, x, noise, check_finite)
+            return self._sample(key, build, inputs, sampler, ts, x, noise, check_finite, stride)
 
-    def _sample(self, key, build, inputs, sampler, ts, x, noise, check_finite):
+    def _sample(self, key, build, inputs, sampler, ts, x, noise, check_finite, stride):
         ts = torch.as_tensor(ts, dtype=torch.float64)
-        key = (key, repr(sampler), tuple(ts.tolist()), signature(inputs), tuple(x.shape), x.dtype, str(x.device))
+        key = (key, repr(sampler), tuple(ts.tolist()), stride, signature(inputs), tuple(x.shape), x.dtype,
+               str(x.device))
         entry = self.entries.get(key)
         if entry is None:
-            return self._first(key, build, inputs, sampler, ts, x, noise, check_finite)
+            return self._first(key, build, inputs, sampler, ts, x, noise, check_finite, stride)
         self.entries.move_to_end(key)
         copy_tree(entry.inputs, inputs)
         entry.x.copy_(x)
@@ -191,11 +192,11 @@ class LoopGraphs:
         self.refused[key] = why
         self.notices.append(f"the sampling loop could not be captured in a CUDA graph and runs eagerly ({why})")
 
-    def _first(self, key, build, inputs, sampler, ts, x, noise, check_finite):
+    def _first(self, key, build, inputs, sampler, ts, x, noise, check_finite, stride):
         tape = NoiseTape(noise)
         denoise = build(inputs)
         ts, x, sampler = _checked(denoise, sampler, ts, x)
-        out, first_bad = run_loop(denoise, sampler, ts, x, tape, finite="keep")
+        out, first_bad = run_loop(denoise, sampler, ts, x, tape, finite="keep", stride=stride)
         if check_finite:
             _raise_if_bad(int(first_bad), ts.numel() - 1, ts)
         if key not in self.refused:
@@ -210,7 +211,7 @@ class LoopGraphs:
 
         def loop():
             tape.k = 0
-            return run_loop(captured, sampler, ts, static_x, tape, finite="keep")
+            return run_loop(captured, sampler, ts, static_x, tape, finite="keep", stride=stride)
         try:
             replay, outputs = self.backend.capture(loop, x.device)
         except Exception as e:  # a host read or host-made noise inside the loop: stay eager

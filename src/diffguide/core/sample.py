@@ -31,8 +31,23 @@ def _lam(ve: float) -> float:
 
 
 @dataclass(frozen=True)
+class IndexStride:
+    """diffusers' DDIM and PNDM step rule: an update from training index t lands at t - r with r = T // n,
+    whatever the grid's next point is (they differ on linspace and trailing grids), and below index 0 at
+    ``final`` (-1: clean data; 0: alpha_bar[0], as with set_alpha_to_one False). The next step still
+    starts from the grid's next point: the sample is relabelled there, as those schedulers do."""
+
+    r: int
+    final: float = -1.0
+
+    def land(self, t: float) -> float:
+        return t - self.r if t - self.r >= 0 else self.final
+
+
+@dataclass(frozen=True)
 class Step:
-    """One interval t -> t_next with its levels (float64 floats); lam = -log ve, h = lam' - lam."""
+    """One interval t -> t_next with its levels (float64 floats); lam = -log ve, h = lam' - lam.
+    ``stride``: where the scheduler being reproduced lands an update instead (``landing``)."""
 
     i: int
     n: int
@@ -45,12 +60,13 @@ class Step:
     a_next: float
     s_next: float
     ve_next: float
+    stride: IndexStride | None = None
 
     @classmethod
-    def make(cls, i: int, n: int, t, t_next, schedule: Schedule) -> "Step":
+    def make(cls, i: int, n: int, t, t_next, schedule: Schedule, stride: IndexStride | None = None) -> "Step":
         t, t_next = torch.as_tensor(t, dtype=F64), torch.as_tensor(t_next, dtype=F64)
         (a, a1), (s, s1), (ve, ve1) = _levels(schedule, torch.stack([t, t_next]))
-        return cls(i, n, t, t_next, schedule, a, s, ve, a1, s1, ve1)
+        return cls(i, n, t, t_next, schedule, a, s, ve, a1, s1, ve1, stride)
 
     @property
     def lam(self) -> float:
@@ -72,7 +88,16 @@ class Step:
     def to(self, t=None, t_next=None) -> "Step":
         """The same step position with other endpoints (churn, ancestral and singlestep substeps)."""
         return Step.make(self.i, self.n, self.t if t is None else t,
-                         self.t_next if t_next is None else t_next, self.schedule)
+                         self.t_next if t_next is None else t_next, self.schedule, self.stride)
+
+    def landing(self) -> "Step":
+        """This step as the reproduced scheduler lands its update (``stride``), else itself."""
+        return self if self.stride is None else self.to(t_next=self.stride.land(float(self.t)))
+
+    def rising(self) -> "Step":
+        """PNDM's pseudo improved-Euler correction, which steps to t_next from the level t_next + r
+        (not from t) when a ``stride`` is set; else itself."""
+        return self if self.stride is None else self.to(t=float(self.t_next) + self.stride.r)
 
 
 class Sampler:
@@ -313,7 +338,7 @@ FINITE_EVERY = 8  # steps between host reads of the non-finite flag (the flag it
 
 def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None = None,
            callback: Callable[[Step, torch.Tensor], None] | None = None, grad: bool = False,
-           check_finite: bool = True) -> torch.Tensor:
+           check_finite: bool = True, stride: IndexStride | None = None) -> torch.Tensor:
     """Integrate from x at ts[0] down the grid ts; returns the sample at ts[-1].
 
     ``denoise`` is an ``(x, t) -> Pred`` callable with a ``.schedule`` (what ``guide`` returns).
@@ -323,9 +348,11 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
     ``check_finite``: raise ``NonFiniteError`` naming the first step whose x has a NaN or inf. The
     first bad step is tracked on x's device and read back every ``FINITE_EVERY`` steps and at the
     end, so a GPU run is not synchronised at every step.
+    ``stride``: land each update where diffusers' DDIM or PNDM would (``IndexStride``); samplers that
+    reproduce those schedulers (ddim, plms) read it.
     """
     ts, x, sampler = _checked(denoise, sampler, ts, x)
-    return run_loop(denoise, sampler, ts, x, noise, callback, grad, "read" if check_finite else None)[0]
+    return run_loop(denoise, sampler, ts, x, noise, callback, grad, "read" if check_finite else None, stride)[0]
 
 
 def _checked(denoise, sampler, ts, x):
@@ -348,7 +375,7 @@ def _checked(denoise, sampler, ts, x):
 
 
 def run_loop(denoise: Denoise, sampler: Sampler, ts: torch.Tensor, x: torch.Tensor, noise=None,
-             callback=None, grad: bool = False, finite: str | None = "read"):
+             callback=None, grad: bool = False, finite: str | None = "read", stride: IndexStride | None = None):
     """The loop of ``sample`` on checked arguments; returns (x, first_bad), first_bad a 0-dim tensor on
     x's device: the first step whose x is not finite (n when none). ``finite``: "read" reads it back
     every ``FINITE_EVERY`` steps and raises; "keep" only keeps it, so that the loop has no host read
@@ -365,7 +392,7 @@ def run_loop(denoise: Denoise, sampler: Sampler, ts: torch.Tensor, x: torch.Tens
     first_bad = torch.full((), n, device=x.device) if finite else None
     with torch.set_grad_enabled(grad):
         for i in range(n):
-            st = Step(i, n, ts[i], ts[i + 1], schedule, a[i], s[i], ve[i], a[i + 1], s[i + 1], ve[i + 1])
+            st = Step(i, n, ts[i], ts[i + 1], schedule, a[i], s[i], ve[i], a[i + 1], s[i + 1], ve[i + 1], stride)
             if begin is not None and begin(st) and denoise.stitch.reset:
                 state = sampler.init_state()  # T-Stitch with reset: no history across the switch
             x, state = sampler.step(denoise, x, st, state, noise)

@@ -22,6 +22,7 @@ class DDIM(Ancestral):
 
     def step(self, denoise, x, st, state, noise):
         p = denoise(x, st.t)
+        st = st.landing()  # diffusers' DDIM lands at t - T // n on linspace and trailing grids
         down, up = ancestral(st, self.eta)
         x = st.a_next * p.x0 + (st.a_next * down) * p.eps
         if up > 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.registry import register
+from ..core.pred import Pred
 from ..core.sample import Sampler, straight, straight_point
 
 WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -52,22 +53,31 @@ class PLMS(Sampler):
     def _slope(self, p, st):
         return p.eps if self.space == "eps" else p.v(st.a, st.s)
 
-    def _eps(self, slope, p, st):
+    def _eps(self, slope, p, st, x=None):
         """The eps a combined slope means at this step's start; a v is converted with the current
-        sample a x0 + s eps, as diffusers converts its combined v output (a VP schedule: a^2 + s^2 = 1)."""
-        return slope if self.space == "eps" else st.a * slope + st.s * (st.a * p.x0 + st.s * p.eps)
+        sample (a x0 + s eps, or ``x``), as diffusers converts its combined v output (a VP schedule:
+        a^2 + s^2 = 1)."""
+        if self.space == "eps":
+            return slope
+        return st.a * slope + st.s * (st.a * p.x0 + st.s * p.eps if x is None else x)
 
     def step(self, denoise, x, st, state, noise):
         p = denoise(x, st.t)
         e = self._slope(p, st)
+        land = st.landing()  # diffusers' PNDM lands at t - T // n on linspace and trailing grids
         if not state:  # start: DDIM to t', evaluate there, step again from x with the mean slope
-            if st.last:
-                return st.a_next * p.x0, (e,)
-            q = denoise(_transfer(st, p, p.eps), st.t_next)
+            if land.last:
+                return land.a_next * p.x0, (e,)
+            q = denoise(_transfer(land, p, p.eps), st.t_next)
             mean = 0.5 * (e + self._slope(q, st.to(t=st.t_next)))
-            return _transfer(st, p, self._eps(mean, p, st)), (e,)
+            rise = st.rising()
+            if rise is st:
+                return _transfer(st, p, self._eps(mean, p, st)), (e,)
+            # with a stride the correction starts from level t' + r, on x itself (PNDM's counter 1)
+            at = Pred.from_eps(x, self._eps(mean, p, rise, x), rise.a, rise.s)
+            return _transfer(rise, at, at.eps), (e,)
         slopes = (e,) + state[:3]
-        return _transfer(st, p, self._eps(combine(slopes), p, st)), slopes
+        return _transfer(land, p, self._eps(combine(slopes), p, st)), slopes
 
 
 @register("sampler", "ipndm")
