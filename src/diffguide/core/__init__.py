@@ -4,7 +4,7 @@ from .guided import Branch, Guidance, GuidedDenoiser, Point, guide
 from .pred import Pred
 from .registry import parse_spec, register, to_spec
 from .sample import Ancestral, Churn, NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
-from .schedule import FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
+from .schedule import EDMSchedule, FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
 from .spacing import SPACINGS, timesteps
 from .stitch import Stitch
 from .threshold import Clip, DynamicThreshold

@@ -16,6 +16,26 @@ from .pred import KINDS, Pred
 from .schedule import Schedule
 
 
+@dataclass(frozen=True)
+class EDMPrecondition:
+    """EDM's network scalings (Karras et al. 2022, eq. 7; diffusers' EDM schedulers) on a VP-form state
+    x = a x0 + s eps with VE level ve = s / a: the network sees c_in x / a, c_in = 1 / sqrt(ve^2 + sd^2), and
+    its raw F gives x0 = c_skip x / a + c_out F with c_skip = sd^2 / (ve^2 + sd^2) and
+    c_out = sign ve sd / sqrt(ve^2 + sd^2) (sign +1 where diffusers calls the output epsilon, -1 for v)."""
+
+    sigma_data: float = 0.5
+    sign: float = 1.0
+
+    def scale_in(self, a, s) -> float:
+        ve = s / a
+        return 1.0 / (a * (ve * ve + self.sigma_data ** 2) ** 0.5)
+
+    def pred(self, out: torch.Tensor, x: torch.Tensor, a, s) -> Pred:
+        ve, sd2 = s / a, self.sigma_data ** 2
+        c_skip, c_out = sd2 / (ve * ve + sd2), self.sign * ve * self.sigma_data / (ve * ve + sd2) ** 0.5
+        return Pred.from_x0(x, c_skip * x.float() / a + c_out * out.float(), a, s)
+
+
 class Denoiser(Protocol):
     schedule: Schedule
 
@@ -40,7 +60,8 @@ class NetDenoiser:
     there is one, for branch perturbations that hook into it (TSG's time-embedding noise).
     ``time_fn`` (t -> the network's time, a float for a scalar t) replaces ``schedule.model_time`` for
     what the network sees while the levels stay exact: diffusers' multistep schedulers show integer
-    times beside exact Karras, exponential or beta sigmas.
+    times beside exact Karras, exponential or beta sigmas. ``precondition`` (an ``EDMPrecondition``)
+    scales the network's input and turns its output into the prediction instead of ``kind``.
     """
 
     forward: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -50,6 +71,7 @@ class NetDenoiser:
     learned_sigma: bool = False
     module: Any = None
     time_fn: Any = None
+    precondition: Any = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -66,10 +88,21 @@ class NetDenoiser:
             a, s = levels(self.schedule, t, x)
             tm = (self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t))
             tm = torch.as_tensor(tm).to(device=x.device, dtype=torch.float32)
-        out = self.forward(x.to(self.dtype or x.dtype), tm, cond)
+        pre = self.precondition
+        x_in = x if pre is None else x * _per_sample(pre.scale_in(a, s), x)
+        out = self.forward(x_in.to(self.dtype or x.dtype), tm, cond)
         if self.learned_sigma:
             out = out[:, : out.shape[1] // 2]
+        if pre is not None:
+            return pre.pred(out, x, _per_sample(a, x), _per_sample(s, x))
         return Pred.from_output(self.kind, out, x, a, s)
+
+
+def _per_sample(c, like: torch.Tensor):
+    """A float, or a [B] tensor shaped to broadcast against like (in like's dtype)."""
+    if isinstance(c, torch.Tensor):
+        return c.to(like.device, torch.float32 if like.dtype != torch.float64 else like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return c
 
 
 @dataclass(frozen=True, eq=False)

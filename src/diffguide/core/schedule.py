@@ -300,3 +300,48 @@ class TrigFlowSchedule(Schedule):
     @property
     def sigma_max(self) -> float:
         return 80.0 / self.sigma_data
+
+
+@dataclass(frozen=True)
+class EDMSchedule(Schedule):
+    """EDM's continuous VE levels (Karras et al. 2022; diffusers' EDM schedulers) in VP form: t is the
+    VE level itself, alpha = 1 / sqrt(1 + t^2), so the state is x_VE / sqrt(1 + sigma^2) and ends as
+    the data. The network sees c_noise = ln(sigma) / 4 (EDM's Table 1); its input and output
+    scalings with ``sigma_data`` are an ``EDMPrecondition`` of the denoiser."""
+
+    sigma_lo: float = 0.002
+    sigma_hi: float = 80.0
+    sigma_data: float = 0.5
+    num_train_timesteps: int = 1000
+    spacing: str = "karras"
+
+    def __post_init__(self):
+        if not (0 < self.sigma_lo < self.sigma_hi < math.inf) or not self.sigma_data > 0:
+            raise ValueError(f"EDMSchedule needs 0 < sigma_min < sigma_max < inf and sigma_data > 0, got "
+                             f"{self.sigma_lo}, {self.sigma_hi}, {self.sigma_data}")
+
+    t_min = 0.0
+
+    @property
+    def t_max(self) -> float:
+        return self.sigma_hi
+
+    def ve(self, t) -> torch.Tensor:
+        return _t64(t)
+
+    def t_of_ve(self, ve) -> torch.Tensor:
+        return _t64(ve)
+
+    def alpha(self, t) -> torch.Tensor:
+        return torch.rsqrt(1 + _t64(t) ** 2)
+
+    def model_time(self, t) -> torch.Tensor:
+        return 0.25 * torch.log(_t64(t))
+
+    @property
+    def sigma_min(self) -> float:
+        return self.sigma_lo
+
+    @property
+    def sigma_max(self) -> float:
+        return self.sigma_hi

@@ -20,7 +20,8 @@ MODES = ("diffusers", "imagen")
 class DynamicThreshold:
     """Per sample, s = quantile(|x0|, ratio); x0 <- clip(x0, -s, s) / s.
 
-    mode="diffusers": s = clamp(q, 1, max_value), as diffusers' ``_threshold_sample``.
+    mode="diffusers": s = clamp(q, 1, max_value), as diffusers' ``_threshold_sample`` (a max_value
+    below 1 makes s = max_value, as torch's clamp does there).
     mode="imagen": s = max(q, max_value), the paper with DPM-Solver's ``thresholding_max_val`` floor.
     Never use it on latents.
     """
@@ -35,8 +36,8 @@ class DynamicThreshold:
             raise ValueError(f"unknown threshold mode {self.mode!r}; choose one of: {', '.join(MODES)}")
         if not 0 < self.ratio <= 1:
             raise ValueError(f"threshold ratio must be in (0, 1], got {self.ratio!r}")
-        if not self.max_value >= 1 and self.mode == "diffusers":
-            raise ValueError(f"threshold max_value must be >= 1, got {self.max_value!r}")
+        if not self.max_value > 0:
+            raise ValueError(f"threshold max_value must be > 0, got {self.max_value!r}")
 
     def __call__(self, pred: Pred, x: torch.Tensor, a, s) -> Pred:
         x0 = pred.x0
