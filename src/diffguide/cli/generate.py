@@ -111,6 +111,9 @@ def add_model_arguments(p, guidance: bool = True) -> None:
                    help="the VAE's dtype (default: --dtype); float32 avoids float16 VAE overflow")
     p.add_argument("--vae", default=None, metavar="PATH",
                    help="another VAE: a folder, hub id or .safetensors file")
+    p.add_argument("--strict-config", action="store_true",
+                   help="refuse a model whose scheduler config has a key diffguide does not reproduce "
+                        "(default: one notice naming it)")
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
                    help="LoRA weights (folder, file or hub id) at SCALE (default 1); repeat for several "
                         "(needs peft: pip install 'diffguide[lora]')")
@@ -224,10 +227,14 @@ def load_model(args, state=None):
     dtype = args.dtype or ("float16" if torch.device(device).type == "cuda" else "float32")
     quiet_loading()
     args.model = args.model or "builtin"
-    return GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
-                                          vae_dtype=getattr(args, "vae_dtype", None), vae=getattr(args, "vae", None),
-                                          loras=parse_loras(getattr(args, "lora", None)),
-                                          progress=not args.quiet and state is None), dtype
+    gp = GuidedPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device,
+                                        vae_dtype=getattr(args, "vae_dtype", None), vae=getattr(args, "vae", None),
+                                        loras=parse_loras(getattr(args, "lora", None)),
+                                        strict_config=getattr(args, "strict_config", False),
+                                        progress=not args.quiet and state is None)
+    if gp.info.config_notice and is_main(state):  # once, for every command
+        print(f"diffguide: notice: {gp.info.config_notice}", file=sys.stderr)
+    return gp, dtype
 
 
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model", "guidance": "guidance",
@@ -404,7 +411,8 @@ def run(args) -> int:
                  output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength,
                  guide_model=guide, cuda_graph=args.cuda_graph)
         for text in out.notices if not written and is_main(state) else ():
-            print(f"diffguide: notice: {text}", file=sys.stderr)
+            if text != gp.info.config_notice:  # said at loading
+                print(f"diffguide: notice: {text}", file=sys.stderr)
         if not written and is_main(state) and out.noise and out.noise.get("subjects"):  # InitNO's reading
             print(f"diffguide: InitNO subjects: {', '.join(out.noise['subjects'][0])} (set others with "
                   f"--initno subjects=word|word)", file=sys.stderr)

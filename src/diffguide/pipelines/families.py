@@ -6,6 +6,7 @@ A family turns prompts into condition dicts (text encoders run through the diffu
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any, Sequence
@@ -39,6 +40,9 @@ class Family:
     conditional = True
     default_guidance = "cfg"
     grid = None  # the time grid the pipeline itself passes (overriding the scheduler's), if any
+    # the VAE config keys the family's diffusers pipeline reads beside scaling_factor (and so diffguide):
+    # shift_factor (SD3, Flux), latents_mean / latents_std and force_upcast in float16 (SDXL)
+    vae_shift = vae_stats = vae_upcast = False
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -125,14 +129,39 @@ class Family:
         if vae is None:
             return images.float(), None
         cfg = vae.config
-        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        with self._vae_dtype(vae) as dtype:
+            dist = vae.encode(images.to(vae.device, dtype)).latent_dist
         z, std = dist.mean.float(), dist.std.float()
-        mean, spread = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and spread is not None:
+        mean, spread = self._latent_stats(cfg)
+        if mean is not None:
             shape = (1, -1, 1, 1)
             scale = cfg.scaling_factor / torch.tensor(spread, device=z.device).view(shape)
             return (z - torch.tensor(mean, device=z.device).view(shape)) * scale, std * scale
-        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor, std * cfg.scaling_factor
+        return (z - self._shift(cfg)) * cfg.scaling_factor, std * cfg.scaling_factor
+
+    def _latent_stats(self, cfg):
+        """The VAE's per-channel latents_mean and latents_std where the family's pipeline reads them."""
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        return (mean, std) if self.vae_stats and mean is not None and std is not None else (None, None)
+
+    def _shift(self, cfg) -> float:
+        return (getattr(cfg, "shift_factor", None) or 0.0) if self.vae_shift else 0.0
+
+    @contextlib.contextmanager
+    def _vae_dtype(self, vae):
+        """The dtype to run the VAE in: float32 for a float16 VAE with force_upcast where the family's
+        pipeline upcasts (SDXL's fp16 VAE overflows), one thread at a time (the cast changes the shared
+        VAE); else its own."""
+        dtype = vae.dtype
+        if not (self.vae_upcast and dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
+            yield dtype
+            return
+        with UPCAST_LOCK:
+            vae.to(torch.float32)
+            try:
+                yield torch.float32
+            finally:
+                vae.to(dtype)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """The posterior mean of ``posterior``: training data in the network's space."""
@@ -154,25 +183,16 @@ class Family:
         if vae is None:  # pixel-space model: x is the image in [-1, 1]
             return (x.float() / 2 + 0.5).clamp(0, 1)
         cfg = vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        if mean is not None and std is not None:
+        mean, std = self._latent_stats(cfg)
+        if mean is not None:
             shape = (1, -1) + (1,) * (x.ndim - 2)
             mean = torch.tensor(mean, device=x.device).view(shape)
             std = torch.tensor(std, device=x.device).view(shape)
             z = x * std / cfg.scaling_factor + mean
         else:
-            z = x / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        dtype = vae.dtype
-        upcast = dtype == torch.float16 and getattr(cfg, "force_upcast", False)
-        if not upcast:
+            z = x / cfg.scaling_factor + self._shift(cfg)
+        with self._vae_dtype(vae) as dtype:
             img = vae.decode(z.to(dtype), return_dict=False)[0]
-        else:  # SDXL's fp16 VAE overflows; decode in float32 as its pipeline does (one thread at a
-            with UPCAST_LOCK:  # time: the cast changes the shared VAE)
-                vae.to(torch.float32)
-                try:
-                    img = vae.decode(z.float(), return_dict=False)[0]
-                finally:
-                    vae.to(dtype)
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -269,6 +289,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "sdxl"
     default_strength = 0.3  # StableDiffusionXLImg2ImgPipeline's
+    vae_stats = vae_upcast = True
 
     @property
     def chunks(self) -> bool:
@@ -410,6 +431,7 @@ class StableDiffusion3(DiT):
 
     name = "sd3"
     default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
+    vae_shift = True
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
@@ -443,6 +465,7 @@ class Flux(Family):
 
     name = "flux"
     default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
+    vae_shift = True
     default_guidance = "none"  # guidance-distilled (dev) or timestep-distilled (schnell)
     grid = {"spacing": "uniform_t"}  # FluxPipeline passes sigmas linspace(1, 1/n, n), then 0
     max_sequence_length = 512

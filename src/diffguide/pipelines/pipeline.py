@@ -91,6 +91,10 @@ class PromptTruncated(UserWarning):
     """A prompt is longer than the model's text encoder reads (and the family cannot window it)."""
 
 
+class ConfigNotReproduced(UserWarning):
+    """A scheduler config key is set to a value diffguide does not reproduce (``scheduler_keys``)."""
+
+
 BUILTIN = {"builtin": "toy", "builtin-small": "toy-small", "builtin-fast": "toy-fast"}
 
 
@@ -164,6 +168,7 @@ def quiet_loading() -> None:
     huggingface_hub.utils.logging.set_verbosity_error()
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(diffusers|transformers|huggingface_hub)\b")
+    warnings.filterwarnings("ignore", category=ConfigNotReproduced)  # the CLI prints it as one notice
 
 
 def as_dtype(dtype) -> torch.dtype | None:
@@ -184,29 +189,35 @@ def check_device(device) -> torch.device:
 class GuidedPipeline:
     """Wraps a loaded diffusers pipeline. Call it like a diffusers pipeline; see ``__call__``."""
 
-    def __init__(self, pipe, progress: bool = True):
+    def __init__(self, pipe, progress: bool = True, strict_config: bool = False):
         versions.check()
         self.pipe = pipe
         self.family: Family = family_of(pipe)
         self.info: SchedulerInfo = from_scheduler(pipe.scheduler)
-        if self.family.grid is not None:  # the pipeline passes its own grid (Flux's sigmas)
-            self.info = dataclasses.replace(self.info, grid=self.family.grid)
+        if self.family.grid is not None:  # the pipeline passes its own sigmas (Flux, Qwen-Image)
+            self.info = self.info.passing_sigmas(self.family.grid)
+        if self.info.config_notice:
+            if strict_config:
+                raise ValueError(self.info.config_notice)
+            warnings.warn(self.info.config_notice, ConfigNotReproduced, stacklevel=3)
         net = self.family.net
         self.net_denoiser = NetDenoiser(self.family.forward, self.info.schedule, self.info.kind,
                                         dtype=net.dtype, learned_sigma=self.family.learned_sigma(),
-                                        module=net)
+                                        module=net, precondition=self.info.precondition)
         self.progress = progress
         self.defaults: dict = {}  # a distilled student's own steps and guidance (its diffguide.json)
         self.graphs = LoopGraphs()  # captured sampling loops (cuda_graph=True), per settings
 
     @classmethod
     def from_pretrained(cls, path_or_id: str, torch_dtype=None, device=None, progress: bool = True,
-                        vae_dtype=None, vae=None, loras=(), **kwargs) -> "GuidedPipeline":
+                        vae_dtype=None, vae=None, loras=(), strict_config: bool = False,
+                        **kwargs) -> "GuidedPipeline":
         """Load with ``diffusers.DiffusionPipeline.from_pretrained`` (a folder or a hub id).
         ``vae_dtype``: the VAE's own dtype (float32 decoding beside a float16 network avoids the
         classic fp16 VAE overflow). ``vae``: another VAE (a module, or a folder, hub id or single
         .safetensors file). ``loras``: (path, scale) pairs loaded with diffusers'
-        ``load_lora_weights`` (needs peft: ``pip install 'diffguide[lora]'``)."""
+        ``load_lora_weights`` (needs peft: ``pip install 'diffguide[lora]'``). ``strict_config``: refuse a
+        scheduler config with a key diffguide does not reproduce (by default: one notice)."""
         from diffusers import DiffusionPipeline
 
         path = builtin_path(os.fspath(path_or_id))
@@ -239,7 +250,7 @@ class GuidedPipeline:
             pipe = pipe.to(dev)
         if vae_dtype is not None and getattr(pipe, "vae", None) is not None:
             pipe.vae.to(as_dtype(vae_dtype))
-        out = cls(pipe, progress=progress)
+        out = cls(pipe, progress=progress, strict_config=strict_config)
         if loras:
             out.add_loras(loras)
         out.source = path
@@ -255,9 +266,9 @@ class GuidedPipeline:
                                                              "original_steps": defaults["original_steps"]})
 
     @classmethod
-    def from_pipe(cls, pipe, progress: bool = True) -> "GuidedPipeline":
+    def from_pipe(cls, pipe, progress: bool = True, strict_config: bool = False) -> "GuidedPipeline":
         """Wrap an already loaded diffusers pipeline (its scheduler decides the default grid)."""
-        return cls(pipe, progress=progress)
+        return cls(pipe, progress=progress, strict_config=strict_config)
 
     @property
     def device(self) -> torch.device:
@@ -538,6 +549,7 @@ class GuidedPipeline:
         if cuda_graph:
             self._check_graph(g, callback, callback_on_step_end)
         ts = info.timesteps(steps, spacing)
+        stride = info.stride(steps, s, spacing)  # DDIM's and PNDM's landing rule, with their own sampler
         if init is not None:
             ts = ts[self.steps_skipped(ts.numel() - 1, strength):]
         needed = self._needed_conditions(g, ts, info)
@@ -683,10 +695,10 @@ class GuidedPipeline:
                     key = (to_spec(g), repr(threshold), max_batch, (stitch.fraction, stitch.reset) if stitch else None,
                            spacing, round_timesteps, h, w, tuple((k, _weights_key(m)) for k, m in models.items()),
                            _weights_key(self.net_denoiser), id(fam.net))
-                    x, nfe, forwards = self.graphs.sample(key, guided, conds, s, ts, x, noise, check_finite)
+                    x, nfe, forwards = self.graphs.sample(key, guided, conds, s, ts, x, noise, check_finite, stride)
                 else:
                     denoise = make()
-                    x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite)
+                    x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite, stride=stride)
                     nfe, forwards = denoise.nfe, denoise.forwards
             except NonFiniteError as e:
                 half = fam.net.dtype == torch.float16
@@ -727,7 +739,8 @@ class GuidedPipeline:
         return GuidedOutput(images, nfe, forwards, timings, seeds, nsfw, report,
                             notices=([notice] if notice else []) + self.graphs.notices[graph_notices:]
                             + ([self.info.notice] if self.info.notice and sampler is None
-                               and "sampler" not in self.defaults else []))
+                               and "sampler" not in self.defaults else [])
+                            + ([self.info.config_notice] if self.info.config_notice else []))
 
     def _check_graph(self, g, callback, callback_on_step_end) -> None:
         if self.graphs.backend.device_types and self.device.type not in self.graphs.backend.device_types:

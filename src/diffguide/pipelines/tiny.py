@@ -100,14 +100,15 @@ def unet(seed=0, in_channels=4, cross=32, **kw):
     return net
 
 
-def sd(prediction_type="epsilon", scheduler="DPMSolverMultistepScheduler", safety=None, **sched_kw):
-    """Tiny SD 1.x layout; safety="flag_all" / "flag_none" adds a safety checker with fixed verdicts."""
+def sd(prediction_type="epsilon", scheduler="DPMSolverMultistepScheduler", safety=None, net=None, **sched_kw):
+    """Tiny SD 1.x layout; safety="flag_all" / "flag_none" adds a safety checker with fixed verdicts;
+    ``net``: UNet config keys a real model sets (time_cond_proj_dim for an LCM student)."""
     import diffusers
 
     sch = globals()["scheduler"](scheduler, prediction_type=prediction_type, **sched_kw)
     checker, features = safety_checker(safety == "flag_all") if safety else (None, None)
     return diffusers.StableDiffusionPipeline(
-        vae=vae(), text_encoder=clip_text(1), tokenizer=clip_tokenizer(), unet=unet(2), scheduler=sch,
+        vae=vae(), text_encoder=clip_text(1), tokenizer=clip_tokenizer(), unet=unet(2, **(net or {})), scheduler=sch,
         safety_checker=checker, feature_extractor=features, requires_safety_checker=False)
 
 
@@ -139,12 +140,12 @@ def pixel_sd(scheduler="DPMSolverMultistepScheduler"):
         scheduler=sch, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def sdxl(scheduler="EulerDiscreteScheduler"):
+def sdxl(scheduler="EulerDiscreteScheduler", net=None):
     import diffusers
 
     sch = globals()["scheduler"](scheduler)
     net = unet(4, cross=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-               projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
+               projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True, **(net or {}))
     return diffusers.StableDiffusionXLPipeline(
         vae=vae(), text_encoder=clip_text(5), tokenizer=clip_tokenizer(),
         text_encoder_2=clip_text(6, projection=32), tokenizer_2=clip_tokenizer(), unet=net, scheduler=sch,
@@ -164,30 +165,33 @@ def dit(scheduler="DDIMScheduler"):
                                  id2label={0: "circle", 1: "square", 2: "triangle"})
 
 
-def pixart(scheduler="DPMSolverMultistepScheduler"):
+def pixart(scheduler="DPMSolverMultistepScheduler", net=None, sigma=False):
+    """Tiny PixArt-alpha (``sigma``: PixArt-Sigma's pipeline); ``net``: transformer config keys a real
+    model sets (use_additional_conditions, interpolation_scale)."""
     import diffusers
 
     torch.manual_seed(8)
-    tr = diffusers.PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6).eval()
+    tr = diffusers.PixArtTransformer2DModel(**{
+        "sample_size": 8, "num_layers": 2, "patch_size": 2, "attention_head_dim": 8, "num_attention_heads": 3,
+        "caption_channels": 32, "in_channels": 4, "cross_attention_dim": 24, "out_channels": 8, "attention_bias": True,
+        "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False, "norm_eps": 1e-6, **(net or {})}).eval()
     _calm(tr, "proj_out")
     te = t5_text(9)
     sch = getattr(diffusers, scheduler)(num_train_timesteps=1000, beta_schedule="linear")
-    return diffusers.PixArtAlphaPipeline(tokenizer=t5_tokenizer(), text_encoder=te, vae=vae(),
-                                         transformer=tr, scheduler=sch)
+    cls = diffusers.PixArtSigmaPipeline if sigma else diffusers.PixArtAlphaPipeline
+    return cls(tokenizer=t5_tokenizer(), text_encoder=te, vae=vae(), transformer=tr, scheduler=sch)
 
 
-def sd3(shift=3.0):
+def sd3(shift=3.0, net=None):
+    """Tiny SD3; ``net``: transformer config keys a real model sets (SD 3.5's qk_norm, dual_attention_layers)."""
     import diffusers
 
     torch.manual_seed(10)
     tr = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-        pooled_projection_dim=32, out_channels=4).eval()
+        pooled_projection_dim=32, out_channels=4, **(net or {})).eval()
     _calm(tr, "proj_out")
     sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     return diffusers.StableDiffusion3Pipeline(
@@ -276,9 +280,10 @@ def gemma_tokenizer():
     return GemmaTokenizer(vocab=vocab, merges=[], model_max_length=512)
 
 
-def sana(sprint: bool = False):
+def sana(sprint: bool = False, net=None):
     """Tiny Sana (DPM-Solver on a flow, Gemma-2 text, a deep-compression autoencoder); sprint=True is
-    SANA-Sprint (the same transformer with an embedded guidance input, SCMScheduler's TrigFlow)."""
+    SANA-Sprint (the same transformer with an embedded guidance input, SCMScheduler's TrigFlow);
+    ``net``: transformer config keys a real model sets (guidance_embeds_scale, timestep_scale)."""
     import diffusers
     from transformers import Gemma2Config, Gemma2Model
 
@@ -291,7 +296,8 @@ def sana(sprint: bool = False):
     tr = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
                                           num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
                                           cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=1,
-                                          guidance_embeds=sprint, qk_norm="rms_norm_across_heads" if sprint else None
+                                          **{"guidance_embeds": sprint,
+                                             "qk_norm": "rms_norm_across_heads" if sprint else None, **(net or {})}
                                           ).eval()
     _calm(tr, "proj_out")
     ae = diffusers.AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4,
@@ -308,8 +314,8 @@ def sana(sprint: bool = False):
     return diffusers.SanaPipeline(tokenizer=tok, text_encoder=text, vae=ae, transformer=tr, scheduler=sch)
 
 
-def sana_sprint():
-    return sana(sprint=True)
+def sana_sprint(net=None):
+    return sana(sprint=True, net=net)
 
 
 def ddpm():
