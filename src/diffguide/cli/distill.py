@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--data", default="toy", help="'toy' (the built-in world) or a folder of images with "
                                                  "metadata.jsonl")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a new run into a folder with a previous run's files: replace them by name (config.json, "
+                        "loss.jsonl, val.jsonl, val/, the student's model files); never a checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", type=float, default=0.95)
     p.add_argument("--skip", type=int, default=20, help="consistency: the teacher solver's step k")
@@ -89,7 +92,7 @@ def run(args) -> int:
         m = re.match(r"([a-z_]+) (must .*)", str(e))
         raise UsageError(f"--{m[1].replace('_', '-')} {m[2]}" if m else str(e)) from None
     quiet_loading()
-    folder = train(cfg, progress=not args.quiet)
+    folder = train(cfg, progress=not args.quiet, overwrite=args.overwrite)
     if launched_rank() == 0:  # one line, however many processes trained
         print(folder)
     return 0

@@ -10,11 +10,12 @@ import numpy as np
 
 from .. import __version__
 from ..core.registry import parse_spec, to_spec
-from ..files import atomic_text
+from ..files import check_new_file, write_text
 from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
-from ..pipelines.images import Outputs, prove_writable
-from .generate import (MAX_SEED, UsageError, add_model_arguments, add_noise_arguments, add_stitch_arguments, load_guide,
-                       load_model, load_stitch, noise_spec, parse_stitch)
+from ..pipelines.images import Outputs
+from .generate import (MAX_SEED, UsageError, add_large_argument, add_model_arguments, add_noise_arguments,
+                       add_stitch_arguments, check_work, estimate, load_guide, load_model, load_stitch,
+                       noise_spec, parse_stitch)
 
 
 def _common(p, guidance: bool = False) -> None:
@@ -35,6 +36,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--per-image", default=None, metavar="FILE",
                    help="also write one JSON line per image (prompt, seed, what the evaluator read, "
                         "which attributes are right)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --out, --grid and --per-image files")
+    add_large_argument(p)
     add_stitch_arguments(p)
     add_noise_arguments(p)
 
@@ -46,8 +49,9 @@ def add_compare_arguments(p) -> None:
     p.add_argument("--scales", default=None, help="comma-separated scales; each spec with a scale "
                                                   "option gets a row per scale")
     p.add_argument("--n", type=int, default=4, help="images per row (the same seeds in every row)")
-    p.add_argument("-o", "--output", default="compare.png")
+    p.add_argument("-o", "--output", default="compare.png", help="the grid: a .png, .jpg or .webp file")
     p.add_argument("--overwrite", action="store_true")
+    add_large_argument(p)
 
 
 def _check(args) -> None:
@@ -79,25 +83,27 @@ def run_eval(args) -> int:
     prompts = metrics.read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     guidance = parse_spec("guidance", args.guidance) if args.guidance else None
-    grid_out = Outputs(args.grid, [0], overwrite=True) if args.grid else None
-    for path in (args.out, args.per_image):
-        if path:
-            prove_writable(os.path.dirname(os.path.abspath(path)))
+    grid_out = _check_files(args)
     parse_stitch(args.stitch)
     noise = noise_spec(args)
+    images = args.n * len(prompts)
+    check_work(images, args.steps, None, None, args.large)  # what is known before loading
     state = process_state(cpu=args.device == "cpu")
     judge = evaluator.load()
     gp, _ = load_model(args, state)
     _model_defaults(args, gp)
+    h, w = gp.size(None, None)
+    check_work(images, args.steps, h, w, args.large)  # again, exactly, with the model's own size
     stitch = load_stitch(args, gp)
     guide = load_guide(args, gp)
     guidance, sampler = gp.resolve(guidance, args.scale, sampler)
     embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
     costs = {}
+    on_batch = _announce(images, args, h, w, state)
     images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
                                            args.steps, args.spacing, args.batch, stitch, noise, costs,
                                            embedded_guidance=args.embedded_guidance, process_state=state,
-                                           guide_model=guide)
+                                           guide_model=guide, on_batch=on_batch)
     if not is_main(state):
         return 0
     records = []
@@ -113,10 +119,11 @@ def run_eval(args) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        _write_text(args.out, text + "\n")
+        write_text(args.out, text + "\n", args.overwrite)
     if args.per_image:
         seeds = [s for k in range(len(prompts)) for s in prompt_seeds(args.seed, k, args.n)]
-        _write_text(args.per_image, "".join(json.dumps({"seed": s, **r}) + "\n" for s, r in zip(seeds, records)))
+        write_text(args.per_image, "".join(json.dumps({"seed": s, **r}) + "\n" for s, r in zip(seeds, records)),
+                   args.overwrite)
     if grid_out is not None:
         rows = [images[ids == k] for k in range(len(prompts))]
         grid_out.write(grid(rows, prompts), 0, {k: result[k] for k in ("model", "guidance", "sampler", "steps",
@@ -124,8 +131,33 @@ def run_eval(args) -> int:
     return 0
 
 
-def _write_text(path: str, text: str) -> None:
-    atomic_text(path, text)
+def _check_files(args):
+    """eval's --out, --per-image and --grid checked before any work: files (not folders), distinct,
+    new unless --overwrite; the grid's Outputs, or None."""
+    given = [(flag, path) for flag, path in (("--out", args.out), ("--per-image", args.per_image),
+                                             ("--grid", args.grid)) if path]
+    for flag, path in given:
+        check_new_file(path, args.overwrite, flag)
+    names = [os.path.realpath(path) for _, path in given]
+    if len(set(names)) < len(names):
+        raise UsageError(f"{', '.join(f'{f} {p!r}' for f, p in given)}: each file must be another one")
+    return Outputs(args.grid, [0], args.overwrite) if args.grid else None
+
+
+def _announce(images: int, args, h: int, w: int, state):
+    """Say a run's size up front when it takes more than one batch; returns the callback that says
+    the time estimate once the first batch is done (None for a one-batch run)."""
+    from ..pipelines.parallel import is_main
+
+    if images <= args.batch or not is_main(state):
+        return None
+    print(f"diffguide: {images:,} images x {args.steps} steps at {w}x{h}, in batches of up to {args.batch}; "
+          f"a time estimate follows the first batch", file=sys.stderr)
+    t0 = time.perf_counter()
+
+    def on_batch(done: int, left: int) -> None:
+        print(estimate(time.perf_counter() - t0, done, left), file=sys.stderr)
+    return on_batch
 
 
 def run_compare(args) -> int:
@@ -138,9 +170,14 @@ def run_compare(args) -> int:
         except ValueError:
             raise UsageError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
+    if os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output!r} is a folder; give the grid's file path (.png, .jpg or .webp)")
     out = Outputs(args.output, [0], args.overwrite)
+    images = args.n * sum(len(scales) if scales and hasattr(spec, "scale") else 1 for spec in specs)
+    check_work(images, args.steps, None, None, args.large)
     gp, _ = load_model(args)
     _model_defaults(args, gp)
+    check_work(images, args.steps, *gp.size(None, None), args.large)
     sampler = gp.resolve("none", None, sampler)[1]
     rows, labels, seeds = [], [], [args.seed + j for j in range(args.n)]
     for spec in specs:
@@ -178,9 +215,7 @@ def _probe_setup(args):
         raise UsageError(f"--prompts {args.prompts!r} is not a file")
     prompts = _read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
-    prove_writable(os.path.dirname(os.path.abspath(args.output)))
-    if os.path.exists(args.output) and not args.overwrite:
-        raise UsageError(f"output {args.output!r} exists; pass --overwrite to replace it")
+    check_new_file(args.output, args.overwrite)
     gp, _ = load_model(args)
     _model_defaults(args, gp)
     return prompts, sampler, gp
@@ -198,7 +233,7 @@ def run_calibrate(args) -> int:
             "scale": args.scale, "prompts": len(prompts), "images_per_prompt": args.n,
             "features": ["c", "u_prev", "c_prev", "x"], "coefficients": coefficients,
             "seconds": round(time.perf_counter() - t0, 2), "version": __version__}
-    _write_text(args.output, json.dumps(data, indent=1))
+    write_text(args.output, json.dumps(data, indent=1), args.overwrite)
     print(args.output)
     return 0
 
@@ -230,7 +265,7 @@ def run_tune(args) -> int:
     result = tune(gp, args.method, prompts, args.n, args.seed, sampler, args.steps, args.scale,
                   args.target_nfe, args.quantile, args.spacing)
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    spec = write(result, args.output, args.model)
+    spec = write(result, args.output, args.model, args.overwrite)
     print(spec)
     print(f"written to {args.output}; use it with --guidance @{args.output}", file=sys.stderr)
     return 0

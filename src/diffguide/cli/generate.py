@@ -12,6 +12,12 @@ from ..core.spacing import SPACINGS
 from ..pipelines.parallel import barrier, gather, is_main, process_state, shard
 
 MAX_SEED = 2 ** 64 - 1  # torch generators take seeds in [0, 2^64)
+# what one run may ask without --large: no sampler needs more steps; 4096x4096 is four times the largest
+# size today's models are trained at; 2^40 pixel-steps is about 42,000 SDXL-size images (1024x1024, 25
+# steps), far more than one sitting on one GPU and weeks on a CPU
+MAX_STEPS, MAX_PIXELS, MAX_WORK = 10_000, 4096 * 4096, 2 ** 40
+SPACE_HINT = ("free some space, write elsewhere (-o), or pass --large to try anyway (the estimate takes every "
+              "image as incompressible)")
 
 
 class UsageError(Exception):
@@ -78,7 +84,46 @@ def add_arguments(p) -> None:
                    help="a .png, .jpg or .webp path, or a folder (files named by seed); default: "
                         "outputs/ with A1111-style names, a running counter and the seed (00012-7.png)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    add_large_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_large_argument(p) -> None:
+    p.add_argument("--large", action="store_true",
+                   help=f"run a request beyond the limits (over {MAX_STEPS:,} steps, {MAX_PIXELS:,} pixels an "
+                        f"image, 2^40 images x steps x pixels, or the estimated free space)")
+
+
+def check_work(images: int, steps: int | None, height: int | None, width: int | None, large: bool) -> None:
+    """Refuse, before any work, a request far beyond what a model and a machine can do, unless
+    ``large``; what is not known yet (None: the model's default) counts at its least, so the check
+    can run before the model loads and again, exactly, once it has."""
+    if large:
+        return
+    if steps is not None and steps > MAX_STEPS:
+        raise UsageError(f"--steps {steps:,} is over {MAX_STEPS:,}; pass --large to run it anyway")
+    pixels = (height or 1) * (width or 1)
+    if pixels > MAX_PIXELS:
+        raise UsageError(f"{width or '?'}x{height or '?'} is {pixels:,} pixels an image, over {MAX_PIXELS:,} "
+                         f"(4096x4096); pass --large to run it anyway")
+    work = images * (steps or 1) * pixels
+    if work > MAX_WORK:
+        raise UsageError(f"{images:,} images x {steps or 1:,} steps x {pixels:,} pixels is {work:.3g} pixel-steps, "
+                         f"over the limit of 2^40 ({MAX_WORK:.3g}); ask for fewer, or pass --large to run it anyway")
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3.5 min', '2.1 h', '3.0 days'."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def estimate(first: float, done: int, left: int) -> str:
+    """The line said once the first batch is done: its time, and the rest's at that pace."""
+    return (f"diffguide: the first {done:,} image(s) took {duration(first)}; about {duration(first * left / done)} "
+            f"more for the other {left:,}")
 
 
 def add_model_arguments(p, guidance: bool = True) -> None:
@@ -352,6 +397,10 @@ def run(args) -> int:
     parse_loras(args.lora)
     noise = noise_spec(args)
     init = load_init_image(args, noise)
+    computed = len(batch_seeds) if batch_seeds else len(seeds)  # --from-png makes its whole batch again
+    check_work(computed, args.steps, args.height, args.width, args.large)  # what is known before loading
+    if args.height and args.width and not args.large:
+        outputs.check_space(args.height, args.width, SPACE_HINT)
 
     state = process_state(cpu=args.device == "cpu")
     if args.cuda_graph:
@@ -380,6 +429,9 @@ def run(args) -> int:
         gp.steps_skipped(args.steps, args.strength)
     h, w = gp.size(args.height, args.width)
     gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
+    check_work(computed, args.steps, h, w, args.large)  # again, exactly, with the model's own defaults
+    if not args.large:
+        outputs.check_space(h, w, SPACE_HINT)
     meta = {"prompt": prompt, "negative_prompt": args.negative or "", "model": args.model,
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
@@ -405,7 +457,11 @@ def run(args) -> int:
     from ..pipelines.pipeline import PromptTruncated
 
     warnings.filterwarnings("ignore", category=PromptTruncated)  # said once below, as a notice
-    for chunk in shard(batches, state):
+    mine, wanted = shard(batches, state), set(seeds)
+    if len(batches) > 1 and is_main(state):
+        print(f"diffguide: {len(seeds):,} images x {args.steps} steps at {w}x{h}, in {len(batches):,} batches; "
+              f"a time estimate follows the first batch", file=sys.stderr)
+    for k, chunk in enumerate(mine):
         out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
                  embedded_guidance=args.embedded_guidance, spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
                  output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength,
@@ -417,7 +473,7 @@ def run(args) -> int:
             print(f"diffguide: InitNO subjects: {', '.join(out.noise['subjects'][0])} (set others with "
                   f"--initno subjects=word|word)", file=sys.stderr)
         for seed, img in zip(chunk, out.images):
-            if seed not in seeds:  # --from-png: the batch's other images are not asked for
+            if seed not in wanted:  # --from-png: the batch's other images are not asked for
                 continue
             m = {**meta, "seed": seed, "batch_seeds": chunk}
             path = outputs.write(img, seed, m, parameters_text(m, gp.family.name, own_grid))
@@ -425,6 +481,8 @@ def run(args) -> int:
             nfe.append(out.nfe + (out.noise["nfe"] if out.noise else 0))
             if state is None:
                 print(path)
+        if k == 0 and len(mine) > 1 and is_main(state):
+            print(estimate(time.perf_counter() - t0, len(chunk), sum(map(len, mine[1:]))), file=sys.stderr)
     written, nfe = gather(written, state), gather(nfe, state)
     barrier(state)
     dt = time.perf_counter() - t0

@@ -99,33 +99,57 @@ def _train_toy(args) -> int:
 
 
 def _tiny(args) -> int:
-    """Save a tiny random model; written to a temporary folder first, then renamed into place."""
+    """Save a tiny random model: written aside, then renamed into place (a new or empty folder) or
+    moved in file by file over the model a folder holds (``files.replace_model_files``)."""
     import shutil
     import tempfile
 
+    from ..files import check_link, check_path, replace_model_files
     from ..pipelines import tiny
     from ..pipelines.pipeline import quiet_loading
 
     if args.family not in tiny.BUILDERS:
         raise UsageError(f"unknown --family {args.family!r}; choose one of: {', '.join(tiny.BUILDERS)}")
     target = os.path.abspath(args.folder)
-    if os.path.exists(target) and not args.overwrite:
-        raise UsageError(f"{args.folder!r} exists; pass --overwrite to replace it")
+    check_path(target, "folder")
+    check_link(args.folder, "folder")
+    _tiny_target(args.folder, target, args.overwrite)
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise UsageError(f"cannot write {args.folder!r}: folder {parent!r} does not exist")
     quiet_loading()
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".diffguide-tiny-")
+    # written beside its final place, on the same file system, so that each rename is atomic
+    tmp = tempfile.mkdtemp(dir=target if os.path.isdir(target) else parent, prefix=".diffguide-tiny-")
     try:
         tiny.save(tmp, args.family)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if os.path.isdir(target):  # a model's folder, or an empty one
+            replace_model_files(tmp, target)
+        else:
+            os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp)  # this run's own temporary folder
     print(target)
     return 0
+
+
+def _tiny_target(folder: str, target: str, overwrite: bool) -> None:
+    """Refuse a file, a folder with other files in it (even with --overwrite), and a model folder
+    without --overwrite; a new or empty folder is taken as it is."""
+    from ..files import is_model_folder
+
+    if not os.path.exists(target):
+        return
+    if not os.path.isdir(target):
+        raise UsageError(f"{folder!r} is a file; give a new folder, an empty one or a model folder")
+    if not os.listdir(target):
+        return
+    if not is_model_folder(target):
+        raise UsageError(f"{folder!r} holds files and is not a diffusers model folder (no model_index.json); "
+                         f"give a new or empty folder (--overwrite replaces only a model's files)")
+    if not overwrite:
+        raise UsageError(f"{folder!r} holds a model; pass --overwrite to replace its files (nothing else in "
+                         f"the folder is touched)")
 
 
 def _in_class(gm: GaussianMixture, x: torch.Tensor, label: int) -> float:
@@ -164,9 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--export", action="store_true", help="only export the latest checkpoint's EMA")
     tr.add_argument("--quiet", action="store_true")
     t = sub.add_parser("tiny-model", help="save a tiny random-weight diffusers model (offline tests)")
-    t.add_argument("folder")
+    t.add_argument("folder", help="a new or empty folder, or a model folder to replace (with --overwrite)")
     t.add_argument("--family", default="sd", help="sd, pixel_sd, sdxl, dit, pixart, sd3, ddpm, flux, qwenimage, sana or sana_sprint")
-    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the model in a model folder: its files by name, the old model's other own files "
+                        "removed, nothing else in the folder touched")
     m = sub.add_parser("mixture", help="sample the built-in 2-D Gaussian mixture (exact reference)")
     m.add_argument("--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun")
     m.add_argument("--guidance", default="cfg:scale=3", help="guidance spec, e.g. cfg:scale=3")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..core.denoiser import NetDenoiser, with_boundary
-from ..files import atomic_text, atomic_write
+from ..files import atomic_text, atomic_write, replace_model_files
 from . import checkpoint
 from .consistency import ConsistencyLoss, student_unet
 from .dmd2 import DMD2Loss, GANHead, conditioning_times
@@ -543,6 +543,30 @@ def _check_resume(cfg: DistillConfig, state: dict, processes: int, ckpt: str) ->
                          f"same effective batch (change --batch or --grad-accum to match)")
 
 
+RUN_FILES = ("config.json", "loss.jsonl", "val.jsonl", "val", "student")  # what a run writes beside checkpoint.pt
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """The run folder checked before any work: a folder (or a new path) the system takes; a new run
+    finds none of a run's files there unless ``overwrite``; a student folder that is not a model
+    folder is never written into."""
+    from ..files import check_link, check_path, is_model_folder
+
+    # the deepest path a run writes: the student's export, aside and in place
+    check_path(os.path.join(out, "student.tmp", "text_encoder_2", "model.safetensors.index.json"), "--out")
+    check_link(out, "--out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; give a folder for the run")
+    student = os.path.join(out, "student")
+    if os.path.isdir(student) and os.listdir(student) and not is_model_folder(student):
+        raise ValueError(f"{student!r} holds files and is not a model folder; the student is written there: "
+                         f"move them or choose another --out")
+    found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    if found and not overwrite:
+        raise ValueError(f"{os.path.join(out, found[0])!r} exists (a previous run's); pass --resume to continue "
+                         f"that run, --overwrite to replace its files, or choose another --out")
+
+
 def _tidy(out: str, step: int) -> None:
     """Before resuming at ``step``: remove temporary files a killed save left, and the log lines
     written after the checkpoint (they will be written again)."""
@@ -566,8 +590,10 @@ def _tidy(out: str, step: int) -> None:
         atomic_text(path, "".join(keep))
 
 
-def train(cfg: DistillConfig, progress: bool = True) -> str:
+def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) -> str:
     """Distil (or resume with ``cfg.resume``); returns the exported student folder ``cfg.out/student``.
+    A new run into a folder that holds a run's files (config, logs, validation, a student) is refused
+    unless ``overwrite``, which replaces them by name (``check_out``); a resumed run's files are its own.
 
     Launched on several processes (``torchrun``, ``accelerate launch``) each process trains on its
     own micro-batches and the gradients are averaged: the effective batch is batch x processes x
@@ -593,14 +619,16 @@ def train(cfg: DistillConfig, progress: bool = True) -> str:
             raise ValueError(f"{ckpt} exists; pass --resume to continue it or choose another --out")
         state = checkpoint.load(ckpt)
         _check_resume(cfg, state, world, ckpt)
+    check_out(cfg.out, overwrite or state is not None)  # a resumed run's files are its own
     acc.wait_for_everyone()  # every process has read the checkpoint before the main one tidies
-    if acc.is_main_process:
-        os.makedirs(cfg.out, exist_ok=True)
+    if acc.is_main_process and os.path.isdir(cfg.out):
         _tidy(cfg.out, state["step"] if state is not None else 0)
     teacher = GuidedPipeline.from_pretrained(cfg.teacher, progress=False, device=acc.device)
     for m in teacher.pipe.components.values():
         if isinstance(m, torch.nn.Module):
             m.requires_grad_(False).eval()
+    if acc.is_main_process:  # made once the teacher loads: a run that cannot start leaves no empty folder
+        os.makedirs(cfg.out, exist_ok=True)
     with acc.main_process_first():  # the main process renders and caches the toy scenes once
         data = ToyData(cfg) if cfg.data == "toy" else FolderData(cfg.data)
     get = batches(cfg, data, teacher.family, acc.device, world * cfg.grad_accum)
@@ -692,9 +720,11 @@ def export(teacher, net, cfg: DistillConfig, folder: str) -> str:
     if getattr(net.config, "time_cond_proj_dim", None):  # the scale the student is sampled at by default
         meta["guidance_scale"] = default_scale(cfg)
     _write_json(os.path.join(tmp, "diffguide.json"), meta)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    if os.path.isdir(folder):  # the model's files replaced by name; nothing else in the folder touched
+        replace_model_files(tmp, folder)
+        shutil.rmtree(tmp)  # this run's own temporary folder, empty by now
+    else:
+        os.replace(tmp, folder)
     return folder
 
 

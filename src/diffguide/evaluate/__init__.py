@@ -35,10 +35,11 @@ def generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacin
 def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
                spacing=None, batch: int = 32, stitch=None, noise=None,
                costs: dict | None = None, embedded_guidance=None,
-               process_state=None, guide_model=None) -> tuple[np.ndarray, np.ndarray, float, float]:
+               process_state=None, guide_model=None, on_batch=None) -> tuple[np.ndarray, np.ndarray, float, float]:
     """n images per prompt (seeds from ``prompt_seeds``): images, prompt index per image, NFE per
     image (the mean over every image) and wall seconds per image. ``costs``, if given, gets a noise
-    optimiser's extra NFE, backward passes and seconds per image.
+    optimiser's extra NFE, backward passes and seconds per image. ``on_batch(done, left)``, if given,
+    is called once, after this process's first batch, with its image counts (for a time estimate).
 
     With ``process_state`` (accelerate's PartialState) the batches are shared between processes
     and every process returns the whole set, in the same order and with the same images as one
@@ -46,9 +47,13 @@ def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, ste
     units = [(k, chunk) for k in range(len(prompts))
              for s in [prompt_seeds(seed, k, n)] for chunk in (s[i:i + batch] for i in range(0, n, batch))]
     t0 = time.perf_counter()
-    mine = [(k, chunk, *generate(gp, prompts[k], chunk, guidance, sampler, steps, spacing, stitch, noise,
-                                 embedded_guidance, guide_model))
-            for k, chunk in shard(units, process_state)]
+    mine = []
+    share = shard(units, process_state)
+    for i, (k, chunk) in enumerate(share):
+        mine.append((k, chunk, *generate(gp, prompts[k], chunk, guidance, sampler, steps, spacing, stitch, noise,
+                                         embedded_guidance, guide_model)))
+        if i == 0 and on_batch is not None and len(share) > 1:
+            on_batch(len(chunk), sum(len(c) for _, c in share[1:]))
     done = gather(mine, process_state)
     barrier(process_state)
     seconds = time.perf_counter() - t0

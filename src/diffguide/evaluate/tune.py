@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from ..files import atomic_text
+from ..files import write_text
 from . import prompt_set, record
 
 METHODS = ("ag", "apg", "linear_ag")
@@ -115,11 +115,12 @@ def _tune_apg(gp, runs, probe, prompts, n, seed, sampler, steps, scale, quantile
     return {"guidance": best["guidance"], "probe": {**probe, "rule": "evaluator grid", "grid": rows}}
 
 
-def write(result: dict, path: str, model: str) -> str:
-    """The spec file (written aside and renamed); a LinearAG file is its own coefficients file."""
+def write(result: dict, path: str, model: str, overwrite: bool = True) -> str:
+    """The spec file (written aside, then given its name: only if no file has it, unless ``overwrite``);
+    a LinearAG file is its own coefficients file."""
     from .. import __version__
 
     data = {**result, "model": model, "version": __version__}
     data["guidance"] = data["guidance"].replace("@self", os.path.abspath(path))
-    atomic_text(path, json.dumps(data, indent=1))
+    write_text(path, json.dumps(data, indent=1), overwrite)
     return data["guidance"]

@@ -19,6 +19,8 @@ import os
 import re
 import tempfile
 
+from ..files import check_link, check_path, check_space, make_folders, prove_writable, remove_empty
+
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 UNSUPPORTED = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl")
 DEFAULT_FOLDER = "outputs"
@@ -82,22 +84,41 @@ class Outputs:
             self.folder = os.path.abspath(output)
             self.paths = [None] * len(seeds) if self.counter else \
                 [os.path.join(output, f"{s:06d}.png") for s in seeds]
-        self.seeds = list(seeds)
-        if not overwrite:
-            for p in self.paths:
-                if p is not None and os.path.exists(p):
-                    raise ValueError(f"output {p!r} exists; pass --overwrite to replace it")
+        self.seeds, self.index = list(seeds), {s: i for i, s in enumerate(seeds)}
+        self.made, self.written = [], 0  # folders this run made (removed again if nothing lands in them)
+        check_link(output)
+        for p in self.paths if not self.counter else ():
+            _check_target(p, overwrite)
+        longest = max(self.paths, key=len) if not self.counter else \
+            os.path.join(self.folder, f"99999-{max(seeds, default=0)}.png")
+        check_path(longest)
         prove_writable(self.folder)
 
     def path_for(self, seed: int) -> str | None:
         """The seed's final path (None: a counter name, claimed when written)."""
-        return self.paths[self.seeds.index(seed)]
+        return self.paths[self.index[seed]]
+
+    def check_space(self, height: int, width: int, hint: str) -> None:
+        """Refuse, before any work, images that cannot fit the free space (an upper estimate per file)."""
+        check_space(self.folder, len(self.paths) * image_bytes(height, width), hint)
 
     def write(self, image, seed: int, meta: dict, parameters: str | None = None) -> str:
         """Write one image (never replacing a file unless ``overwrite``); returns its path."""
         target = self.path_for(seed)
         ext = ".png" if target is None else os.path.splitext(target)[1].lower()
-        os.makedirs(self.folder, exist_ok=True)
+        self.made += make_folders(self.folder)
+        try:
+            path = self._place(image, target, seed, ext, meta, parameters)
+        except OSError as e:  # a full disk names the file it was writing
+            self._tidy()
+            raise OSError(e.errno, e.strerror or str(e), target or self.folder) from None
+        except BaseException:
+            self._tidy()
+            raise
+        self.written += 1
+        return path
+
+    def _place(self, image, target, seed: int, ext: str, meta: dict, parameters) -> str:
         tmp = _encode(image, self.folder, ext, meta, parameters)
         try:
             if target is None:
@@ -111,22 +132,29 @@ class Outputs:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+    def _tidy(self) -> None:
+        """After a failed write: the folders this run made go again while nothing was written in them."""
+        if not self.written:
+            remove_empty(self.made)
 
-def prove_writable(folder: str) -> None:
-    """Create and remove a temporary file in the folder, or in its deepest existing parent when it
-    does not exist yet (it is created when the first image is written): a path that cannot be
-    written fails here, before any work, and leaves nothing behind."""
-    probe = os.path.abspath(folder)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"cannot write to output folder {folder!r}: {probe!r} is a file")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".diffguide-probe-")
-        os.close(fd)
-        os.remove(tmp)
-    except OSError as e:
-        raise ValueError(f"cannot write to output folder {folder!r}: {e.strerror or e}") from None
+
+def _check_target(path: str, overwrite: bool) -> None:
+    """One image's final name, before any work: no folder or dangling link in the way, new unless
+    ``overwrite``."""
+    if not os.path.lexists(path):
+        return
+    check_link(path)
+    if os.path.isdir(path):
+        raise ValueError(f"output {path!r} is a folder, where this run writes an image; give another path")
+    if not overwrite:
+        raise ValueError(f"output {path!r} exists; pass --overwrite to replace it")
+
+
+def image_bytes(height: int, width: int) -> int:
+    """An upper bound on one image file: PNG's unfiltered rows (3 bytes a pixel and a filter byte a
+    row), zlib's worst-case growth, and 16 KB for the chunks and metadata (a few KB in practice)."""
+    raw = height * (3 * width + 1)
+    return raw + raw // 1000 + 16 * 1024
 
 
 def _encode(image, folder: str, ext: str, meta: dict, parameters: str | None) -> str:

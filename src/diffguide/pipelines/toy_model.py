@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, replace_model_files
 from ..toy import scenes
 from ..toy.data import SceneData  # noqa: F401  (the training data; also the distillation trainer's)
 
@@ -217,9 +217,11 @@ def export(net, te, tok, folder: str) -> str:
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    if os.path.isdir(folder):  # the model's files replaced by name; nothing else in the folder touched
+        replace_model_files(tmp, folder)
+        shutil.rmtree(tmp)  # this export's own temporary folder, empty by now
+    else:
+        os.replace(tmp, folder)
     return folder
 
 
