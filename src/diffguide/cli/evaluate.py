@@ -13,9 +13,9 @@ from ..core.registry import parse_spec, to_spec
 from ..files import check_new_file, write_text
 from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
 from ..pipelines.images import Outputs
-from .generate import (MAX_SEED, UsageError, add_large_argument, add_model_arguments, add_noise_arguments,
-                       add_stitch_arguments, check_work, estimate, load_guide, load_model, load_stitch,
-                       noise_spec, parse_stitch)
+from .generate import (MAX_SEED, SaidNotices, UsageError, add_large_argument, add_model_arguments,
+                       add_noise_arguments, add_stitch_arguments, check_work, estimate, load_guide, load_model,
+                       load_stitch, loading_notices, noise_spec, parse_stitch)
 
 
 def _common(p, guidance: bool = False) -> None:
@@ -100,7 +100,8 @@ def run_eval(args) -> int:
     embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
     costs = {}
     on_batch = _announce(images, args, h, w, state)
-    images, ids, nfe, seconds = prompt_set(gp, prompts, args.n, args.seed, guidance, sampler,
+    calls = SaidNotices(gp, loading_notices(gp, args), state)  # the API's notices on stderr
+    images, ids, nfe, seconds = prompt_set(calls, prompts, args.n, args.seed, guidance, sampler,
                                            args.steps, args.spacing, args.batch, stitch, noise, costs,
                                            embedded_guidance=args.embedded_guidance, process_state=state,
                                            guide_model=guide, on_batch=on_batch)
@@ -179,12 +180,13 @@ def run_compare(args) -> int:
     _model_defaults(args, gp)
     check_work(images, args.steps, *gp.size(None, None), args.large)
     sampler = gp.resolve("none", None, sampler)[1]
+    calls = SaidNotices(gp, loading_notices(gp, args))  # the API's notices on stderr
     rows, labels, seeds = [], [], [args.seed + j for j in range(args.n)]
     for spec in specs:
         has_scale = hasattr(spec, "scale")
         for scale in (scales if scales and has_scale else [None]):
             g, s = gp.resolve(spec, scale, sampler)
-            parts = [generate(gp, args.prompt, seeds[i:i + args.batch], g, s, args.steps, args.spacing)
+            parts = [generate(calls, args.prompt, seeds[i:i + args.batch], g, s, args.steps, args.spacing)
                      for i in range(0, len(seeds), args.batch)]
             nfe = sum(c["nfe"] * len(imgs) for imgs, c in parts) / len(seeds)
             rows.append(np.concatenate([imgs for imgs, _ in parts]))

@@ -7,7 +7,7 @@ import sys
 import time
 
 from .. import __version__
-from ..core.registry import parse_spec, to_spec
+from ..core.registry import parse_spec, terms, to_spec
 from ..core.spacing import SPACINGS
 from ..pipelines.parallel import barrier, gather, is_main, process_state, shard
 
@@ -277,39 +277,193 @@ def load_model(args, state=None):
                                         loras=parse_loras(getattr(args, "lora", None)),
                                         strict_config=getattr(args, "strict_config", False),
                                         progress=not args.quiet and state is None)
-    if gp.info.config_notice and is_main(state):  # once, for every command
-        print(f"diffguide: notice: {gp.info.config_notice}", file=sys.stderr)
+    if is_main(state):  # once, for every command
+        for text in loading_notices(gp, args):
+            print(f"diffguide: notice: {text}", file=sys.stderr)
     return gp, dtype
 
 
-FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "model": "model", "guidance": "guidance",
-            "sampler": "sampler", "steps": "steps", "spacing": "spacing", "height": "height", "width": "width",
-            "dtype": "dtype", "vae_dtype": "vae_dtype", "vae": "vae", "lora": "lora", "stitch": "stitch", "guide_model": "guide_model", "scale": "scale",
-            "embedded_guidance": "embedded_guidance", "init_image": "init_image", "strength": "strength",
-            "noise_optimizer": None}
+def loading_notices(gp, args) -> list[str]:
+    """What a model says once loaded: a scheduler config key not reproduced, and the sampler its
+    scheduler falls back to where the user named none (the Python API says it in out.notices only
+    for a call with sampler=None; the commands pass the sampler they resolved)."""
+    fallback = gp.info.notice if getattr(args, "sampler", None) is None and "sampler" not in gp.defaults else None
+    return [text for text in (gp.info.config_notice, fallback) if text]
+
+
+class SaidNotices:
+    """A GuidedPipeline whose calls say their notices on stderr, each once per run (``out.notices``, the
+    PromptTruncated warning's text among them): eval and compare call it through the evaluation
+    library, which returns images only."""
+
+    def __init__(self, gp, said=(), state=None):
+        self.gp, self.said, self.main = gp, set(said), is_main(state)
+
+    def __getattr__(self, name):
+        return getattr(self.gp, name)
+
+    def __call__(self, *args, **kwargs):
+        import warnings
+
+        from ..pipelines.pipeline import PromptTruncated
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PromptTruncated)  # said below, once, as a notice
+            out = self.gp(*args, **kwargs)
+        for text in getattr(out, "notices", ()):
+            if self.main and text not in self.said:
+                self.said.add(text)
+                print(f"diffguide: notice: {text}", file=sys.stderr)
+        return out
+
+
+# --from-png: an image is untrusted input. Only these generation settings are read from it, each given
+# as the flag that sets it on the command line and parsed by that flag (its type and choices); nothing
+# in a file decides where images go or what they replace, and the user's own flags win.
+FROM_PNG = {"negative_prompt": "--negative", "model": "--model", "guidance": "--guidance", "sampler": "--sampler",
+            "steps": "--steps", "spacing": "--spacing", "height": "--height", "width": "--width",
+            "dtype": "--dtype", "vae_dtype": "--vae-dtype", "vae": "--vae", "lora": "--lora", "stitch": "--stitch",
+            "guide_model": "--guide-model", "scale": "--scale", "embedded_guidance": "--embedded-guidance",
+            "init_image": "--init-image", "strength": "--strength"}
+# read apart (the prompt, the seeds, the noise optimiser, T-Stitch's reset), or no setting (version)
+FROM_PNG_OWN = ("prompt", "seed", "batch_seeds", "noise_optimizer", "stitch_reset", "version")
+GUIDANCE_OPTIONS = ("scale", "guide_model")  # the file's, dropped when the user gives another --guidance
+NOISE_OPTIMIZERS = ("initno", "reno")
 
 
 def apply_png(args) -> list[int] | None:
-    """Fill every setting the user did not give from the image's own (``--from-png``); the batch it
-    was made in, so that the image comes out bit for bit."""
+    """Fill every setting the user did not give from the image's own (``--from-png``), each checked as
+    its flag is and before the model loads; the batch it was made in, so that the image comes out
+    bit for bit."""
     from ..pipelines.images import read_settings
 
-    meta, notices = read_settings(args.from_png)  # an image A1111 wrote: its labels read as specs
+    path = args.from_png
+    meta, notices = read_settings(path)  # an image A1111 wrote: its labels read as specs
     for text in notices:
         print(f"diffguide: notice: {text}", file=sys.stderr)
-    for key, attr in FROM_PNG.items():
-        if attr is not None and getattr(args, attr, None) is None and meta.get(key) not in (None, ""):
-            setattr(args, attr, meta[key])
-    if args.initno is None and args.reno is None and meta.get("noise_optimizer"):
-        name, _, opts = meta["noise_optimizer"].partition(":")
-        setattr(args, name, opts)
-    if meta.get("stitch_reset"):
+    unread = sorted(k for k in meta if k not in FROM_PNG and k not in FROM_PNG_OWN)
+    if unread:  # never silently: the file said them, and they are not settings diffguide takes from it
+        print(f"diffguide: notice: {path}: not read (not generation settings): {', '.join(unread)}", file=sys.stderr)
+    dropped = [k for k in GUIDANCE_OPTIONS if meta.get(k) is not None] if args.guidance is not None else []
+    if dropped:  # they belong to the file's guidance, which the user's replaces
+        print(f"diffguide: notice: {path}: its {' and '.join(dropped)} (part of its guidance {meta.get('guidance')!r}) "
+              f"{'is' if len(dropped) == 1 else 'are'} not applied to --guidance {args.guidance}", file=sys.stderr)
+    parser = png_parser()
+    for key, flag in FROM_PNG.items():
+        attr = flag[2:].replace("-", "_")
+        if key not in dropped and getattr(args, attr, None) is None and meta.get(key) not in (None, "", []):
+            setattr(args, attr, png_value(parser, path, key, flag, meta[key]))
+    if args.prompt is None and meta.get("prompt") not in (None, ""):
+        args.prompt = png_text(path, "prompt", meta["prompt"])
+    apply_png_noise(args, path, meta.get("noise_optimizer"))
+    if meta.get("stitch_reset") not in (None, False):
+        if meta["stitch_reset"] is not True:
+            raise UsageError(f"{path}: stitch_reset {meta['stitch_reset']!r} is not true or false")
         args.stitch_reset = True
-    if args.seed is None and args.seeds is None:
+    batch = png_batch(path, meta) if args.seed is None and args.seeds is None else None
+    if batch is not None:
         args.seed = int(meta["seed"])
-        batch = [int(v) for v in meta.get("batch_seeds") or [args.seed]]
-        return batch
-    return None
+    check_png_settings(args, path, batch)
+    return batch
+
+
+def png_parser():
+    """generate's own parser, whose flags read a file's settings as they read the command line."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError(message)
+
+    parser = Parser(prog="diffguide generate", add_help=False)
+    add_arguments(parser)
+    return parser
+
+
+def png_value(parser, path: str, key: str, flag: str, value):
+    """One of a file's settings through its flag (``--steps=...``): the flag's type and choices, so a
+    file says nothing the command line could not."""
+    items = value if flag == "--lora" and isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise UsageError(f"{path}: {key} {value!r} is not allowed; a file's settings are text or numbers, "
+                             f"as {flag} takes them on the command line")
+    try:
+        parsed = parser.parse_args([f"{flag}={item}" for item in items])
+    except UsageError as e:
+        raise UsageError(f"{path}: {key} {value!r} is not allowed ({e})") from None
+    if key in ("guidance", "sampler") and any(term.strip().startswith("@") for term in terms(value)):
+        raise UsageError(f"{path}: {key} {value!r} reads a spec file (@); an image's settings cannot make "
+                         f"diffguide read other files")
+    return getattr(parsed, flag[2:].replace("-", "_"))
+
+
+def png_text(path: str, key: str, value) -> str:
+    if not isinstance(value, str):
+        raise UsageError(f"{path}: {key} {value!r} is not text")
+    return value
+
+
+def apply_png_noise(args, path: str, spec) -> None:
+    """A file's noise optimiser as --initno / --reno would give it (unless the user gave one)."""
+    if spec in (None, "") or args.initno is not None or args.reno is not None:
+        return
+    name, _, opts = png_text(path, "noise_optimizer", spec).partition(":")
+    if name not in NOISE_OPTIMIZERS:  # the name picks a flag: nothing else may be set this way
+        raise UsageError(f"{path}: noise_optimizer {spec!r} is not allowed; it names one of: "
+                         f"{', '.join(NOISE_OPTIMIZERS)}")
+    setattr(args, name, opts)
+
+
+def png_batch(path: str, meta: dict) -> list[int]:
+    """The seeds of the batch a file's image was made in: distinct seeds in range, its own among them
+    (otherwise the run would make its batch and write nothing)."""
+    seed = png_seed(path, "seed", meta.get("seed"))
+    batch = meta.get("batch_seeds", [seed])
+    if not isinstance(batch, list) or not batch:
+        raise UsageError(f"{path}: batch_seeds {batch!r} is not a list of seeds")
+    batch = [png_seed(path, "batch_seeds", v) for v in batch]
+    if len(set(batch)) != len(batch):
+        raise UsageError(f"{path}: batch_seeds repeats a seed")
+    if seed not in batch:
+        raise UsageError(f"{path}: its seed {seed} is not in its batch_seeds, so replaying it would write no "
+                         f"image; give --seed to make that seed's image")
+    return batch
+
+
+def png_seed(path: str, key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{path}: {key} {value!r} is not a seed (an integer in 0..{MAX_SEED})")
+    return check_seed(value, f"{path}: {key}")
+
+
+def check_png_settings(args, path: str, batch: list[int] | None) -> None:
+    """The checks the command line's values get before the model loads, on the settings as the file
+    filled them, with the file named."""
+    try:
+        check_numbers(args)
+        check_work(len(batch or [0]), args.steps, args.height, args.width, args.large)
+        parse_spec("sampler", args.sampler) if args.sampler else None
+        parse_guidance(args.guidance)
+        parse_stitch(args.stitch)
+        parse_loras(args.lora)
+        noise_spec(args)
+    except (UsageError, ValueError) as e:
+        raise UsageError(f"--from-png {path}: {e}") from None
+
+
+def check_numbers(args) -> None:
+    """The numbers generate takes, in range."""
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {v}")
+    if args.scale is not None and not args.scale == args.scale:
+        raise UsageError("--scale must be a number")
 
 
 def parse_guidance(spec: str | None):
@@ -348,6 +502,19 @@ def model_grid(gp, spacing: str | None) -> dict:
     return {"spacing": getattr(gp.info.schedule, "spacing", "uniform_t"), **gp.info.grid}
 
 
+def stored_path(path: str) -> str:
+    """A model, VAE or LoRA path as an image's settings record it: a local file or folder as an absolute
+    path (so that --from-png finds it from any folder), a built-in name or hub id as given."""
+    from ..pipelines.pipeline import BUILTIN
+
+    return path if path in BUILTIN or not os.path.exists(path) else os.path.abspath(path)
+
+
+def stored_prefix(text: str, path: str) -> str:
+    """'style.safetensors:0.8' with its path part (``path``, the text's start) as ``stored_path`` gives it."""
+    return stored_path(path) + text[len(path):]
+
+
 def load_init_image(args, noise):
     """--init-image as a PIL image (checked before the model loads), or None."""
     if args.init_image is None:
@@ -378,16 +545,7 @@ def run(args) -> int:
                              f"--model {args.model!r}")
         args.model = "builtin-fast"
     args.model = args.model or "builtin"
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    for name in ("height", "width"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {v}")
-    if args.scale is not None and not args.scale == args.scale:
-        raise UsageError("--scale must be a number")
+    check_numbers(args)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     guidance = parse_guidance(args.guidance)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else \
@@ -432,17 +590,20 @@ def run(args) -> int:
     check_work(computed, args.steps, h, w, args.large)  # again, exactly, with the model's own defaults
     if not args.large:
         outputs.check_space(h, w, SPACE_HINT)
-    meta = {"prompt": prompt, "negative_prompt": args.negative or "", "model": args.model,
+    meta = {"prompt": prompt, "negative_prompt": args.negative or "", "model": stored_path(args.model),
             "guidance": to_spec(g), "sampler": to_spec(s), "steps": args.steps, "spacing": args.spacing,
             "width": w, "height": h, "version": __version__, "dtype": dtype,
             **({"vae_dtype": args.vae_dtype} if args.vae_dtype else {}),
-            **({"vae": args.vae} if args.vae else {}), **({"lora": args.lora} if args.lora else {}),
+            **({"vae": stored_path(args.vae)} if args.vae else {}),
+            **({"lora": [stored_prefix(item, path) for item, (path, _) in zip(args.lora, parse_loras(args.lora))]}
+               if args.lora else {}),
             "scale": getattr(g, "scale", None),
             **({"embedded_guidance": embedded} if embedded is not None else {}),
             **({"init_image": os.path.abspath(args.init_image), "strength": args.strength if args.strength is not None
                 else gp.family.default_strength} if init is not None else {}),
-            **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
-            **({"guide_model": args.guide_model} if guide else {}),
+            **({"stitch": stored_prefix(args.stitch, parse_stitch(args.stitch)[0]), "stitch_reset": args.stitch_reset}
+               if stitch else {}),
+            **({"guide_model": stored_path(args.guide_model)} if guide else {}),
             **({"noise_optimizer": noise} if noise else {})}
     own_grid = model_grid(gp, args.spacing)  # the grid the A1111 "Schedule type" names
     t0 = time.perf_counter()
@@ -467,7 +628,7 @@ def run(args) -> int:
                  output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength,
                  guide_model=guide, cuda_graph=args.cuda_graph)
         for text in out.notices if not written and is_main(state) else ():
-            if text != gp.info.config_notice:  # said at loading
+            if text not in loading_notices(gp, args):  # said at loading
                 print(f"diffguide: notice: {text}", file=sys.stderr)
         if not written and is_main(state) and out.noise and out.noise.get("subjects"):  # InitNO's reading
             print(f"diffguide: InitNO subjects: {', '.join(out.noise['subjects'][0])} (set others with "

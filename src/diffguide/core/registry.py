@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 
 _REGISTRY: dict[str, dict[str, type]] = {"sampler": {}, "guidance": {}, "noise": {}}
@@ -85,6 +86,14 @@ def _coerce(text: str, default):
 
 
 _COMBINATORS: dict[str, type] = {}  # "+" -> Sum, "@" -> Modulated (registered by guidance.compose)
+# "+" composes guidance methods, except where it is an exponent's sign: 1e+20 is how Python writes 1e20
+_SUM = re.compile(r"(?<![0-9.][eE])\+")
+MAX_SPEC_LENGTH, MAX_TERMS = 4096, 16  # far beyond any real spec; a spec is also read from image files
+
+
+def terms(spec: str) -> list[str]:
+    """A guidance spec's composed terms: 'cfg:scale=1e+3+tsg' -> ['cfg:scale=1e+3', 'tsg']."""
+    return _SUM.split(spec)
 
 
 def combinator(symbol: str):
@@ -140,10 +149,15 @@ def parse_spec(kind: str, spec: str):
     interval and rescale. ``'@tuned.json'`` reads the spec from a file's ``kind`` entry."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"empty {kind} spec; expected name or name:key=value,...")
+    if len(spec) > MAX_SPEC_LENGTH:
+        raise ValueError(f"{kind} spec of {len(spec):,} characters; at most {MAX_SPEC_LENGTH:,}")
     if spec.startswith("@"):  # a spec file, e.g. written by diffguide tune
         return parse_spec(kind, _spec_file(kind, spec[1:]))
-    if kind == "guidance" and "+" in spec and "+" in _COMBINATORS:
-        return _COMBINATORS["+"](tuple(parse_spec(kind, term) for term in spec.split("+")))
+    parts = terms(spec) if kind == "guidance" and "+" in _COMBINATORS else [spec]
+    if len(parts) > MAX_TERMS:
+        raise ValueError(f"guidance spec composes {len(parts)} methods with '+'; at most {MAX_TERMS}")
+    if len(parts) > 1:
+        return _COMBINATORS["+"](tuple(parse_spec(kind, term) for term in parts))
     if kind == "guidance" and "@" in spec and "@" in _COMBINATORS:
         inner, _, rest = spec.partition("@")
         cls = _COMBINATORS["@"]

@@ -474,6 +474,10 @@ class PerturbedGuidance(Guidance):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
         if not 0 <= self.start <= self.stop <= 1:
             raise ValueError(f"need 0 <= start <= stop <= 1 (fractions of the steps), got {self.start!r}, {self.stop!r}")
+        layers = getattr(self, "layers", None)
+        if isinstance(layers, str) and not _items(layers):  # P would equal C, at the cost of a branch
+            raise ValueError(f"layers={layers!r} names no layer, so the perturbed branch would change nothing "
+                             f"and cost an evaluation; name layers (e.g. layers=mid) or leave layers=auto")
 
     def perturbation(self):
         raise NotImplementedError

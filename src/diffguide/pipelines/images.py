@@ -353,7 +353,8 @@ def _read_texts(path: str) -> tuple[str | None, str | None]:
                 return text.get("diffguide"), text.get("parameters")
             exif = im.getexif()
             return exif.get(IMAGE_DESCRIPTION), _user_comment(exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT))
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        # ValueError: Pillow's limits on text chunks (an image is untrusted input)
         raise ValueError(f"cannot read image {path!r}: {e}") from None
 
 
@@ -368,13 +369,21 @@ def _user_comment(raw) -> str | None:
 
 
 def _settings_json(raw: str, path: str) -> dict:
+    """The settings JSON an image carries, read as untrusted input: an object of plain values (no NaN
+    or Infinity, which diffguide never writes; no nesting that exhausts the parser)."""
     try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise ValueError(f"{path!r} has unreadable diffguide settings") from None
+        meta = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"{path!r} has diffguide settings nested too deeply to be settings") from None
+    except ValueError as e:
+        raise ValueError(f"{path!r} has unreadable diffguide settings ({str(e).splitlines()[0]})") from None
     if not isinstance(meta, dict) or "prompt" not in meta or "seed" not in meta:
         raise ValueError(f"{path!r} has incomplete diffguide settings")
     return meta
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number diffguide writes")
 
 
 # -- reading the settings of an image A1111 wrote ------------------------------------------------------

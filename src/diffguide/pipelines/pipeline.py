@@ -28,6 +28,7 @@ from ..core.guided import Guidance, _rows, guide
 from ..core.registry import parse_spec, to_spec
 from ..core.sample import NoiseFork, NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
+from . import loading
 from .families import ENCODE_LOCK, Family, family_of, guidance_embedding  # noqa: F401 (re-exported)
 from .schedulers import SchedulerInfo, from_scheduler
 
@@ -227,6 +228,7 @@ class GuidedPipeline:
             if not os.path.isfile(os.path.join(path, "model_index.json")):
                 raise ValueError(f"model folder {path!r} has no model_index.json (save one with "
                                  f"diffusers' pipeline.save_pretrained)")
+            loading.check_folder(path)  # damage named by file, before diffusers meets it
         elif not _HUB_ID.match(path) or os.path.exists(path) or path.startswith((".", "/", "~")):
             raise ValueError(f"model {path!r} is neither a diffusers folder nor a hub id like "
                              f"'org/name'")
@@ -246,6 +248,7 @@ class GuidedPipeline:
                 pipe = DiffusionPipeline.from_pretrained(path, **kw, **absent, **kwargs)
             except OSError as e:  # not found locally nor on the hub, or no network
                 raise ValueError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from e
+        loading.check_loaded(pipe, path, {*kw, *absent, *kwargs}, kwargs.get("variant"))  # no random weights
         if dev is not None:
             pipe = pipe.to(dev)
         if vae_dtype is not None and getattr(pipe, "vae", None) is not None:
