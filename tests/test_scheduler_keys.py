@@ -204,3 +204,47 @@ def test_cli_prints_the_config_notice_once_and_strict_config_exits_2(tmp_path):
     run = subprocess.run(cmd[:-2] + ["--strict-config", "-o", str(tmp_path / "b.png")], capture_output=True, text=True)
     assert run.returncode == 2 and "lambda_min_clipped" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "b.png").exists()
+
+
+# model-side keys: each family reads the VAE keys its diffusers pipeline reads, and no others
+VAE_CASES = {
+    "sd_ignores_shift_and_stats": ("sd", {"shift_factor": 0.3, "latents_mean": [0.1, -0.2, 0.3, 0.0],
+                                         "latents_std": [1.5, 0.8, 1.2, 1.0]}, sd_call(6)),
+    "sdxl_reads_stats": ("sdxl", {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.8, 1.2, 1.0],
+                                  "shift_factor": 0.3}, tuple({**c, "height": 16, "width": 16} for c in sd_call(6))),
+    "sd3_reads_shift": ("sd3", {"shift_factor": 0.3, "latents_mean": [0.1, -0.2, 0.3, 0.0],
+                                "latents_std": [1.5, 0.8, 1.2, 1.0]}, flow_call(6, guidance_scale=5.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(VAE_CASES))
+def test_vae_keys_are_read_as_the_familys_pipeline_reads_them(case):
+    builder, keys, (theirs, ours) = VAE_CASES[case]
+    pipe = tm.BUILDERS[builder]()
+    pipe.vae.register_to_config(**keys)
+    folder = tempfile.mkdtemp()
+    pipe.save_pretrained(folder)
+    diff, between, _ = parity(folder, theirs, ours)
+    assert between > 50 * TOL and diff < TOL, f"{case}: {diff:.2e}"
+
+
+@pytest.mark.parametrize("builder,upcasts", [("sd", False), ("sdxl", True)])
+def test_force_upcast_only_where_the_familys_pipeline_upcasts(builder, upcasts):
+    """SDXL's pipeline decodes a float16 VAE with force_upcast in float32; SD's decodes it as it is."""
+    gp = GuidedPipeline.from_pipe(tm.BUILDERS[builder](), progress=False)
+    vae = gp.pipe.vae.to(torch.float16)
+    vae.register_to_config(force_upcast=True)
+    seen = []
+    decode = vae.decode
+    vae.decode = lambda z, **kw: (seen.append(z.dtype), decode(z, **kw))[1]
+    gp.family.decode(torch.zeros(1, 4, 2, 2))
+    assert seen == [torch.float32 if upcasts else torch.float16]
+    assert vae.dtype == torch.float16  # cast back after an upcast
+
+
+def test_the_docs_table_lists_every_key_and_class():
+    import pathlib
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    missing = [k for k in HOW if f"`{k}`" not in text] + [c for c in CLASSES if c not in text]
+    assert not missing, f"docs/models.md does not list {missing}"

@@ -499,7 +499,10 @@ def model_grid(gp, spacing: str | None) -> dict:
     own = spacing or gp.defaults.get("spacing")
     if own:
         return {"spacing": own}
-    return {"spacing": getattr(gp.info.schedule, "spacing", "uniform_t"), **gp.info.grid}
+    grid = gp.info.grid
+    if callable(grid):  # a flow-matching scheduler's own grid (FlowGrid)
+        return {"spacing": "flow_match", **grid.options()}
+    return {"spacing": getattr(gp.info.schedule, "spacing", "uniform_t"), **grid}
 
 
 def stored_path(path: str) -> str:

@@ -97,8 +97,14 @@ class FlowGrid:
     terminal: float | None = None
     respace: str | None = None
 
+    def options(self) -> dict:
+        """The settings that make this grid other than the plain shifted one, for metadata."""
+        return {k: v for k, v in (("shift_terminal", self.terminal), ("sigmas", self.respace)) if v}
+
     def __call__(self, schedule: FlowSchedule, steps: int) -> torch.Tensor:
         base = torch.linspace(1.0, 1.0 / steps if self.passes else self.t_end, steps, dtype=torch.float64)
+        if not self.terminal and self.respace is None:  # the shifted base times themselves, exactly
+            return torch.cat([base, torch.zeros(1, dtype=torch.float64)])
         s = schedule.flow_time(base)
         if self.terminal:
             z = 1 - s
