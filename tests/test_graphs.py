@@ -5,7 +5,7 @@
    A loop that read the first call's tensors, or drew its noise anywhere but the tape, would fail.
 2. Capturability: the loop runs on the meta device under a dispatch mode that refuses what a CUDA
    graph cannot hold. That means a host read of device data (``.item()``, ``bool``, ``int``) and a
-   host-to-device copy of more than a scalar. A step with either would fail capture, or would replay
+   host-to-device copy of any array (0-dim scalars are kernel arguments, not copies). A step with either would fail capture, or would replay
    stale host data.
 """
 import pytest
@@ -108,7 +108,8 @@ class HostTraffic(TorchDispatchMode):
             raise AssertionError(f"host read of device data: {func}")
         out = func(*args, **kwargs)
         if any(t.device.type == "meta" for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
-            host = [t for t in leaves if t.device.type == "cpu" and t.numel() > 1]
+            # any host array, a one-element one too (only 0-dim CPU tensors are passed as scalar values)
+            host = [t for t in leaves if t.device.type == "cpu" and t.ndim > 0]
             if host:
                 raise AssertionError(f"host-to-device copy of {tuple(host[0].shape)} in {func}")
         return out
@@ -315,3 +316,84 @@ def test_options_that_prepare_the_loop_replay_too(builtin, case):
         want, got = gp(**run), gp(**run, cuda_graph=True)
         assert np.abs(np.asarray(got.images) - np.asarray(want.images)).max() <= 1e-5 and got.nfe == want.nfe
     assert (gp.graphs.captures, gp.graphs.replays) == (1, 1) and not gp.graphs.notices
+
+
+def test_a_capture_owns_the_cached_tensors_its_replays_read():
+    """PAG's row masks come from a bounded cache: after a capture they must outlive an eviction (a real
+    graph would replay freed memory otherwise), held by the capture's entry."""
+    import gc
+    import weakref
+
+    from diffguide.core import guided
+
+    gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
+    gp.graphs = LoopGraphs(EagerReplay())
+    run = dict(seed=[0], steps=3, height=64, width=64, output_type="latent", cuda_graph=True,
+               guidance="cfg:scale=5+pag:scale=3", negative_prompt="")
+    gp("a red circle", **run)
+    (entry,) = gp.graphs.entries.values()
+    masks = [t for t in entry.held if t.dtype == torch.bool]
+    assert masks, "the capture holds no row mask"
+    refs = [weakref.ref(t) for t in entry.held]
+    del masks
+    guided._row_mask.cache_clear()  # eviction, forced
+    guided._constant.cache_clear()
+    gc.collect()
+    assert all(r() is not None for r in refs)
+    del entry
+    got = gp("a red circle", **run)
+    want = gp("a red circle", **{**run, "cuda_graph": False})
+    assert torch.allclose(got.images, want.images, atol=1e-5) and gp.graphs.replays == 1
+
+
+def test_cpu_offload_is_refused_in_one_line():
+    gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
+    gp.graphs = LoopGraphs(EagerReplay())
+    gp.pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match="cannot run with CPU offload .*unet"):
+        gp("a red circle", seed=[0], steps=2, height=64, width=64, output_type="latent", cuda_graph=True)
+
+
+def test_the_weights_key_sees_a_cast_and_lora_scales_without_walking_every_parameter(monkeypatch):
+    from diffguide.pipelines.pipeline import _weights_key
+
+    gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
+    d = gp.net_denoiser
+    first = _weights_key(d)
+    walks = []
+    monkeypatch.setattr(torch.nn.Module, "parameters", lambda self, recurse=True: walks.append(1) or iter(()))
+    assert _weights_key(d) == first and not walks  # a second call walks nothing
+    monkeypatch.undo()
+    gp.pipe.unet.to(torch.float64)
+    assert _weights_key(d) != first  # every parameter's storage and dtype changed
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    unet = gp.pipe.unet.to(torch.float32)
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="a")
+    with_lora = _weights_key(d)
+    assert with_lora != first
+    unet.set_adapters(["a"], weights=[0.5])
+    assert _weights_key(d) != with_lora  # a LoRA scale is a Python number in the forward
+
+
+def test_the_checker_refuses_a_one_element_host_copy(world):
+    """A [1]-shaped host tensor sent to the device inside a step is a real copy (a 0-dim one is a kernel
+    argument): the check refuses it, where it used to let anything of one element through."""
+    schedule, _ = world
+    inner = net(tiny_unet(0).to("meta"), schedule)
+
+    class Copying:
+        schedule = inner.schedule
+        module = inner.module
+
+        def __call__(self, x, t, cond=None):
+            p = inner(x, t, cond)
+            return dg.Pred(p.x0 + torch.zeros(1).to(x.device), p.eps)
+    c = {k: v.to("meta") for k, v in conds(0).items()}
+    tape = NoiseTape(dg.RandomNoise())
+    tape.freeze()
+    with torch.inference_mode(), pytest.raises(AssertionError, match=r"host-to-device copy of \(1,\)"), HostTraffic():
+        run_loop(dg.guide(Copying(), dg.parse_spec("guidance", "cfg:scale=5"), c["pos"], c["neg"]),
+                 dg.parse_spec("sampler", "euler"), dg.timesteps(schedule, 3), torch.empty(2, 4, 8, 8, device="meta"),
+                 tape, finite="keep")

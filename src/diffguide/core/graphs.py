@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .guided import holding
 from .sample import _checked, _raise_if_bad, run_loop
 
 
@@ -97,6 +99,9 @@ def copy_tree(dst, src) -> None:
             copy_tree(d, s)
 
 
+CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process: two would share a mempool's state
+
+
 class CudaGraphs:
     """Capture with ``torch.cuda.graph``: ``capture(fn)`` returns (replay, outputs)."""
 
@@ -104,7 +109,7 @@ class CudaGraphs:
     device_types = ("cuda",)  # the devices it captures on (None: any)
 
     def capture(self, fn: Callable[[], tuple], device) -> tuple[Callable[[], None], tuple]:
-        with torch.cuda.device(device):
+        with CAPTURE_LOCK, torch.cuda.device(device):
             # one run on a side stream first, as torch's CUDA-graph notes ask: libraries (cuBLAS,
             # cuDNN) set up their per-stream state lazily, which a capture cannot do
             side = torch.cuda.Stream()
@@ -113,7 +118,9 @@ class CudaGraphs:
                 fn()
             torch.cuda.current_stream().wait_stream(side)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            # thread-local: CUDA calls of other threads (another pipeline's eager run) stay legal
+            # while this thread captures; the default global mode makes them fail
+            with torch.cuda.graph(g, capture_error_mode="thread_local"):
                 outputs = fn()
         return g.replay, outputs
 
@@ -136,9 +143,13 @@ class EagerReplay:
 
 
 class _Entry:
-    def __init__(self, inputs, x, tape, replay, outputs, nfe, forwards, ts):
+    """A capture and everything its replays read: static inputs, noise buffers, and the cached device
+    tensors (row masks, kernels) the loop used, held here so that no cache can free them."""
+
+    def __init__(self, inputs, x, tape, replay, outputs, nfe, forwards, ts, held=()):
         self.inputs, self.x, self.tape, self.replay, self.outputs = inputs, x, tape, replay, outputs
         self.nfe, self.forwards, self.ts = nfe, forwards, ts
+        self.held = list({id(t): t for t in held}.values())
 
 
 class LoopGraphs:
@@ -158,6 +169,7 @@ class LoopGraphs:
         self.refused: dict = {}
         self.notices: list[str] = []
         self.captures = self.replays = 0
+        self.capture_seconds: list[float] = []  # each capture's own time (warm-up run and capture)
         self._lock = threading.Lock()  # one run at a time: a replay owns the static buffers
 
     def clear(self) -> None:
@@ -212,13 +224,18 @@ class LoopGraphs:
         def loop():
             tape.k = 0
             return run_loop(captured, sampler, ts, static_x, tape, finite="keep", stride=stride)
+        held: list = []
+        started = time.perf_counter()
         try:
-            replay, outputs = self.backend.capture(loop, x.device)
+            with holding(held):  # what the loop reads from caches, owned by the entry
+                replay, outputs = self.backend.capture(loop, x.device)
+            self.capture_seconds.append(time.perf_counter() - started)
         except Exception as e:  # a host read or host-made noise inside the loop: stay eager
             self._refuse(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return out, denoise.nfe, denoise.forwards
         self.captures += 1
-        self.entries[key] = _Entry(static_in, static_x, tape, replay, outputs, denoise.nfe, denoise.forwards, ts)
+        self.entries[key] = _Entry(static_in, static_x, tape, replay, outputs, denoise.nfe, denoise.forwards, ts,
+                                   held)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return out, denoise.nfe, denoise.forwards

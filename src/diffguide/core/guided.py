@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Hashable, Mapping
@@ -162,19 +163,52 @@ def _rows(cond, sl: slice):
     return cond
 
 
-@functools.lru_cache(maxsize=256)
+_HOLDERS = threading.local()
+
+
+@contextlib.contextmanager
+def holding(keep: list):
+    """Every cached device tensor ``constant`` and ``row_mask`` hand out in this thread meanwhile is also
+    appended to ``keep``: a captured loop reads them by address at every replay, so its entry must own
+    them, whatever the caches evict later."""
+    saved = getattr(_HOLDERS, "keep", None)
+    _HOLDERS.keep = keep
+    try:
+        yield keep
+    finally:
+        _HOLDERS.keep = saved
+
+
+def _held(t: torch.Tensor) -> torch.Tensor:
+    keep = getattr(_HOLDERS, "keep", None)
+    if keep is not None:
+        keep.append(t)
+    return t
+
+
 def constant(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
     """A small host-made tensor (a kernel) on a device, made once, so that a step copies nothing from
     the host: a captured loop (``core.graphs``) cannot."""
+    return _held(_constant(values, device, dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
     with torch.inference_mode(False):  # usable in runs with autograd too
         return torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=256)
 def row_mask(flags: tuple, device: str) -> torch.Tensor:
     """The [B] bool mask a rowwise perturbation gets, made once per (flags, device) so that a step
     copies nothing from the host (a captured loop cannot); ``row_index`` holds its set rows' indices
     and ``all_rows`` whether every row is set, so that hooks need not read the mask back."""
+    mask = _row_mask(flags, device)
+    _held(mask.row_index)
+    return _held(mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_mask(flags: tuple, device: str) -> torch.Tensor:
     with torch.inference_mode(False):  # usable in runs with autograd too
         mask = torch.tensor(flags, dtype=torch.bool, device=device)
         mask.row_index = torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long, device=device)

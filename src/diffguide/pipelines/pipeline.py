@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -748,6 +749,12 @@ class GuidedPipeline:
     def _check_graph(self, g, callback, callback_on_step_end) -> None:
         if self.graphs.backend.device_types and self.device.type not in self.graphs.backend.device_types:
             raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; it is on {self.device}")
+        # accelerate hooks the offloaded models themselves (model and sequential offload alike)
+        offloaded = [name for name, m in getattr(self.pipe, "components", {}).items()
+                     if isinstance(m, torch.nn.Module) and hasattr(m, "_hf_hook")]
+        if offloaded:  # the weights move between calls: a graph would replay freed GPU copies
+            raise ValueError(f"cuda_graph=True cannot run with CPU offload ({', '.join(offloaded)} offloaded); "
+                             f"keep the pipeline on the GPU (pipe.to('cuda')) or leave cuda_graph off")
         if callback is not None or callback_on_step_end is not None:
             raise ValueError("cuda_graph=True replays the whole loop at once: no callback can run between steps")
         if getattr(g, "needs_grad", False):
@@ -965,18 +972,29 @@ class GuidedPipeline:
         return images, flags
 
 
+_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # network -> (adapters, sample, lora layers)
+
+
 def _weights_key(denoiser) -> tuple:
-    """What a captured loop bakes in of a network: its weights' storage and dtypes, and peft's LoRA
-    scales and active adapters (Python numbers in its forward)."""
+    """What a captured loop bakes in of a network, read without walking it at every call: its weights'
+    storage and dtype (sampled at the first, middle and last parameter: a move or cast replaces them
+    all), its LoRA adapters (diffusers' ``peft_config``), and each LoRA layer's scales, active adapters
+    and merged state (Python values in its forward). The layers are found again only when the adapters
+    change."""
     module = getattr(denoiser, "module", None)
     if not isinstance(module, torch.nn.Module):
         return (id(denoiser),)
-    parts = [id(module)] + [(p.data_ptr(), p.dtype) for p in module.parameters()]
-    for m in module.modules():
-        scaling = getattr(m, "scaling", None)
-        if isinstance(scaling, dict):
-            parts.append((tuple(sorted(scaling.items())), tuple(getattr(m, "active_adapters", ()))))
-    return tuple(parts)
+    adapters = tuple(sorted(getattr(module, "peft_config", None) or {}))
+    found = _STRUCTURE.get(module)
+    if found is None or found[0] != adapters:
+        params = list(module.parameters())
+        sample = [params[i] for i in sorted({0, len(params) // 2, len(params) - 1})] if params else []
+        loras = [m for m in module.modules() if isinstance(getattr(m, "scaling", None), dict)]
+        found = _STRUCTURE[module] = (adapters, sample, loras)
+    _, sample, loras = found
+    return (id(module), adapters, tuple((p.data_ptr(), p.dtype, p.device) for p in sample),
+            tuple((tuple(sorted(m.scaling.items())), tuple(getattr(m, "active_adapters", ())),
+                   tuple(getattr(m, "merged_adapters", ()))) for m in loras))
 
 
 def _tokenize(tok, text: str) -> list:
