@@ -100,5 +100,23 @@ def test_an_older_library_is_named_in_one_line(monkeypatch, tmp_path, capsys):
     assert main(["generate", "a", "-o", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("diffguide: error: diffusers 0.30.3 is installed, but diffguide needs diffusers >= 0.36.0: "
-                   "pip install -U 'diffusers>=0.36.0'")
+                   "pip install -U 'diffusers>=0.36.0' (or set DIFFGUIDE_UNTESTED_VERSIONS=diffusers to run untested)")
     assert not (tmp_path / "a.png").exists()
+
+
+def test_a_version_below_its_floor_runs_only_when_named_untested(monkeypatch):
+    """The lent GPU's torch 2.11 cannot be changed: DIFFGUIDE_UNTESTED_VERSIONS=torch lets it run, saying so."""
+    import pytest
+
+    from diffguide import versions
+
+    monkeypatch.setattr(versions, "installed", lambda name: "2.11.0+cu130" if name == "torch" else "99.0")
+    with pytest.raises(ValueError, match="torch 2.11.0.cu130 is installed"):
+        versions.check()
+    monkeypatch.setenv("DIFFGUIDE_UNTESTED_VERSIONS", "torch")
+    monkeypatch.setattr(versions, "_SAID", set())
+    with pytest.warns(UserWarning, match="torch 2.11.0.cu130 is below diffguide's tested floor 2.13.0"):
+        assert len(versions.check()) == 1
+    monkeypatch.setenv("DIFFGUIDE_UNTESTED_VERSIONS", "diffusers")  # naming another package allows nothing else
+    with pytest.raises(ValueError, match="torch"):
+        versions.check()
