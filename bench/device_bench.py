@@ -642,7 +642,8 @@ def _tolerance(args, dtype_name) -> float:
 def exit_code(result, device) -> int:
     """1 on a parity failure or a loop that was not captured on a GPU (the rows are flagged and the
     capture's error is in them); 124 when stopped by SIGTERM; else 0."""
-    bad = [p for p in result["parity"] if not p["ok"]] + [s for s in result["smoke"] if not s.get("ok")]
+    # a row a SIGTERM cut short has no verdict yet ("ok" missing): it fails nothing
+    bad = [p for p in result["parity"] if p.get("ok") is False] + [s for s in result["smoke"] if s.get("ok") is False]
     uncaptured = [r for r in result["rows"] if r.get("captured") is False] if device.type == "cuda" else []
     if bad or uncaptured:
         print(f"parity failure: {bad}" if bad else "", f"not captured: {uncaptured}" if uncaptured else "",

@@ -229,6 +229,9 @@ parts = gather([(out.indices, out.seeds, out.images)], state)
 if state.is_main_process:
     np.savez(sys.argv[1], indices=np.concatenate([p[0] for p in parts]), seeds=np.concatenate([p[1] for p in parts]),
              images=np.concatenate([p[2] for p in parts]))
+state.wait_for_everyone()
+import torch.distributed as dist
+dist.destroy_process_group()  # a gloo group left to interpreter exit sometimes aborts ("terminate called ...")
 """
 
 
