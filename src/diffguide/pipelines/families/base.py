@@ -1,0 +1,197 @@
+"""The base recipe every model family derives from, and what families share: the encode and
+upcast locks, the guidance embedding of LCM students."""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Sequence
+
+import torch
+
+# Tokenizers keep their padding and truncation settings on the object: diffusers' encode_prompt
+# tokenises with "max_length" and then "longest", so two threads encoding at once can swap them and
+# get text embeddings of the wrong length. Encoding is cheap next to sampling; it runs one at a time.
+ENCODE_LOCK = threading.RLock()
+UPCAST_LOCK = threading.Lock()
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight w (x 1000), as LCM's pipelines compute it."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = (w.float() * 1000.0)[:, None] * freq[None]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class Family:
+    """Base recipe. ``net`` is the denoising network; ``factor`` the pixel size of one latent cell.
+
+    ``default_guidance`` is the method a model runs with when none is asked for. A model with an
+    embedded guidance input (a guidance-distilled Flux, an LCM student) gives its default value by
+    ``embedded_default`` and writes a value into its condition by ``embed_guidance``."""
+
+    name = "base"
+    conditional = True
+    default_guidance = "cfg"
+    grid = None  # the time grid the pipeline itself passes (overriding the scheduler's), if any
+    # the VAE config keys the family's diffusers pipeline reads beside scaling_factor (and so diffguide):
+    # shift_factor (SD3, Flux), latents_mean / latents_std and force_upcast in float16 (SDXL)
+    vae_shift = vae_stats = vae_upcast = False
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def channels(self) -> int:
+        return self.net.config.in_channels
+
+    @property
+    def factor(self) -> int:
+        vae = getattr(self.pipe, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    @property
+    def default_size(self) -> int:
+        size = self.net.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.factor
+
+    @property
+    def multiple(self) -> int:
+        """Height and width must be multiples of this."""
+        return self.factor
+
+    def learned_sigma(self) -> bool:
+        cfg = self.net.config
+        return getattr(cfg, "out_channels", None) == 2 * cfg.in_channels
+
+    def encode(self, prompts: list, negatives: list, n: int, device, negative: bool = True,
+               **extra) -> tuple[dict, dict]:
+        """Condition dicts for prompts and negatives, n images each. ``extra``: diffusers'
+        ``encode_prompt`` arguments (prompt_embeds, negative_prompt_embeds, clip_skip, lora_scale...).
+        ``negative`` False: no guidance method needs the negative, and a family whose negative costs a
+        second text encoding (Flux) may skip it."""
+        raise NotImplementedError
+
+    def embedded_default(self) -> float | None:
+        """The default value of the network's embedded guidance input, or None if it has none."""
+        return None
+
+    def embed_guidance(self, cond: dict, value: float, b: int) -> dict:
+        raise ValueError(f"{type(self.net).__name__} has no embedded guidance input")
+
+    def seq_len(self, height: int, width: int) -> int:
+        """Latent tokens of an image of this size (for resolution-dependent schedules)."""
+        return (height // self.factor) * (width // self.factor)
+
+    def default_guidance_for(self, negative: bool) -> str:
+        """The method a model runs with when none is asked for (``negative``: a negative prompt was given)."""
+        return self.default_guidance
+
+    def notice(self, prompts: Sequence) -> str | None:
+        """A line saying which prompts the text encoder cannot read whole (None: all fit). Families
+        that encode long prompts in windows (``chunks``) have nothing to say."""
+        tok = getattr(self.pipe, "tokenizer", None)
+        if tok is None or self.chunks or not self.conditional:
+            return None
+        window = tok.model_max_length - 2
+        long = [p for p in prompts if isinstance(p, str) and len(tok(p, add_special_tokens=False).input_ids) > window]
+        if not long:
+            return None
+        return (f"{len(long)} prompt(s) longer than {type(self.net).__name__}'s text window of {window} tokens; "
+                f"only the first {window} are read ({long[0][:40]!r}...)")
+
+    chunks = False  # long prompts are encoded in windows and concatenated (A1111's practice)
+
+    def extra(self, cond: dict, height: int, width: int) -> dict:
+        """Resolution-dependent conditions (SDXL time ids, PixArt resolution); none by default."""
+        return cond
+
+    def forward(self, x: torch.Tensor, tm: torch.Tensor, cond: Any, net=None) -> torch.Tensor:
+        """The network's raw output at x, model time tm; ``net``: another network of this config (a
+        distillation student) in place of the pipeline's."""
+        raise NotImplementedError
+
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images in [-1, 1], [B, 3, H, W], to the network's space: the mean and standard deviation
+        of the VAE posterior (std None: a deterministic encoder, or a pixel-space model). The
+        inverse of ``decode``."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:
+            return images.float(), None
+        cfg = vae.config
+        with self._vae_dtype(vae) as dtype:
+            dist = vae.encode(images.to(vae.device, dtype)).latent_dist
+        z, std = dist.mean.float(), dist.std.float()
+        mean, spread = self._latent_stats(cfg)
+        if mean is not None:
+            shape = (1, -1, 1, 1)
+            scale = cfg.scaling_factor / torch.tensor(spread, device=z.device).view(shape)
+            return (z - torch.tensor(mean, device=z.device).view(shape)) * scale, std * scale
+        return (z - self._shift(cfg)) * cfg.scaling_factor, std * cfg.scaling_factor
+
+    def _latent_stats(self, cfg):
+        """The VAE's per-channel latents_mean and latents_std where the family's pipeline reads them."""
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        return (mean, std) if self.vae_stats and mean is not None and std is not None else (None, None)
+
+    def _shift(self, cfg) -> float:
+        return (getattr(cfg, "shift_factor", None) or 0.0) if self.vae_shift else 0.0
+
+    @contextlib.contextmanager
+    def _vae_dtype(self, vae):
+        """The dtype to run the VAE in: float32 for a float16 VAE with force_upcast where the family's
+        pipeline upcasts (SDXL's fp16 VAE overflows), one thread at a time (the cast changes the shared
+        VAE); else its own."""
+        dtype = vae.dtype
+        if not (self.vae_upcast and dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
+            yield dtype
+            return
+        with UPCAST_LOCK:
+            vae.to(torch.float32)
+            try:
+                yield torch.float32
+            finally:
+                vae.to(dtype)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of ``posterior``: training data in the network's space."""
+        return self.posterior(images)[0]
+
+    default_strength = 0.8  # StableDiffusionImg2ImgPipeline's
+    truncate_strength = True  # the UNet img2img pipelines take int(steps * strength) first
+
+    def start_index(self, steps: int, strength: float) -> int:
+        """How many of ``steps`` image-to-image skips (SDEdit at ``strength``), rounded as the
+        family's img2img pipeline rounds (they differ when steps * strength is not a whole number)."""
+        if self.truncate_strength:
+            return steps - min(int(steps * strength), steps)
+        return int(max(steps - min(steps * strength, steps), 0))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents to images in [0, 1], float32, [B, 3, H, W]."""
+        vae = getattr(self.pipe, "vae", None)
+        if vae is None:  # pixel-space model: x is the image in [-1, 1]
+            return (x.float() / 2 + 0.5).clamp(0, 1)
+        cfg = vae.config
+        mean, std = self._latent_stats(cfg)
+        if mean is not None:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            mean = torch.tensor(mean, device=x.device).view(shape)
+            std = torch.tensor(std, device=x.device).view(shape)
+            z = x * std / cfg.scaling_factor + mean
+        else:
+            z = x / cfg.scaling_factor + self._shift(cfg)
+        with self._vae_dtype(vae) as dtype:
+            img = vae.decode(z.to(dtype), return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _no_extra(family: Family, extra: dict) -> None:
+    if extra:
+        raise ValueError(f"{type(family.net).__name__} models take no {', '.join(sorted(extra))}")
