@@ -468,7 +468,7 @@ def check_numbers(args) -> None:
 
 def parse_guidance(spec: str | None):
     """The --guidance spec checked now, except a CFG++ scale outside [0, 1]: its hint quotes the run's
-    own grid, known once the model is loaded (``cfgpp_hint``)."""
+    own grid, known once the model is loaded (the pipeline's plan words it)."""
     if not spec:
         return None
     try:
@@ -477,21 +477,6 @@ def parse_guidance(spec: str | None):
         if "CFG++ scale is lambda" not in str(e):
             raise
         return spec  # parsed again by resolve, which raises again, with the model at hand
-
-
-def cfgpp_hint(error: ValueError, gp, args, init) -> ValueError:
-    """A CFG++ scale error with the hint on this run's grid (the steps, spacing and size it will run
-    with), as the Python call words it; any other error as it is."""
-    if "CFG++ scale is lambda" not in str(error):
-        return error
-    from ..guidance.cfgpp import equivalence
-
-    h, w = gp.prepare_image(init, args.height, args.width)[1:] if init is not None else (args.height, args.width)
-    h, w = gp.size(h, w)
-    info = gp.info.at_size(gp.family.seq_len(h, w))
-    spacing = gp.defaults.get("spacing") if args.spacing is None else args.spacing
-    ve = info.schedule.ve(info.timesteps(args.steps, spacing)).tolist()
-    return ValueError(f"{str(error).split(';')[0]}; on this run's grid ({args.steps} steps) {equivalence(ve)}")
 
 
 def model_grid(gp, spacing: str | None) -> dict:
@@ -575,21 +560,18 @@ def run(args) -> int:
     prompt = "" if args.prompt is None else args.prompt
     stitch = load_stitch(args, gp)
     guide = load_guide(args, gp)
-    if args.steps is None:
-        args.steps = gp.default_steps
-    try:
-        g, s = gp.resolve(guidance, args.scale, sampler, negative=args.negative is not None)
-    except ValueError as e:
-        raise cfgpp_hint(e, gp, args, init) from None
-    embedded = args.embedded_guidance if args.embedded_guidance is not None else gp.embedded_guidance
+    batches = [seeds[i:i + args.batch] for i in range(0, len(seeds), args.batch)] if batch_seeds is None \
+        else [batch_seeds]
     if args.embedded_guidance is not None and gp.embedded_guidance is None:
         raise UsageError(f"--embedded-guidance given but {type(gp.family.net).__name__} has no embedded guidance "
                          f"input; use --guidance and --scale")
-    if init is not None:
-        _, args.height, args.width = gp.prepare_image(init, args.height, args.width)
-        gp.steps_skipped(args.steps, args.strength)
-    h, w = gp.size(args.height, args.width)
-    gp.info.timesteps(args.steps, args.spacing)  # grid errors before any work
+    # the one place the call is checked and resolved: the pipeline's plan, for the first batch
+    req = gp.plan(prompt, negative_prompt=args.negative, guidance=guidance, guidance_scale=args.scale,
+                  sampler=sampler, steps=args.steps, embedded_guidance=args.embedded_guidance, spacing=args.spacing,
+                  height=args.height, width=args.width, num_images_per_prompt=len(batches[0]), seed=batches[0],
+                  output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength,
+                  guide_model=guide, cuda_graph=args.cuda_graph)
+    g, s, h, w, embedded, args.steps = req.guidance, req.sampler, req.height, req.width, req.embedded, req.steps
     check_work(computed, args.steps, h, w, args.large)  # again, exactly, with the model's own defaults
     if not args.large:
         outputs.check_space(h, w, SPACE_HINT)
@@ -602,7 +584,7 @@ def run(args) -> int:
                if args.lora else {}),
             "scale": getattr(g, "scale", None),
             **({"embedded_guidance": embedded} if embedded is not None else {}),
-            **({"init_image": os.path.abspath(args.init_image), "strength": args.strength if args.strength is not None
+            **({"init_image": os.path.abspath(args.init_image), "strength": req.strength if req.strength is not None
                 else gp.family.default_strength} if init is not None else {}),
             **({"stitch": stored_prefix(args.stitch, parse_stitch(args.stitch)[0]), "stitch_reset": args.stitch_reset}
                if stitch else {}),
@@ -614,8 +596,6 @@ def run(args) -> int:
     # one unit of work is one --batch of seeds (with --from-png: the batch the image was made in),
     # made as a single process would make it; launched on several processes each takes its share
     # and writes its own files (named by seed)
-    batches = [seeds[i:i + args.batch] for i in range(0, len(seeds), args.batch)] if batch_seeds is None \
-        else [batch_seeds]
     import warnings
 
     from ..pipelines.pipeline import PromptTruncated
@@ -626,10 +606,7 @@ def run(args) -> int:
         print(f"diffguide: {len(seeds):,} images x {args.steps} steps at {w}x{h}, in {len(batches):,} batches; "
               f"a time estimate follows the first batch", file=sys.stderr)
     for k, chunk in enumerate(mine):
-        out = gp(prompt, negative_prompt=args.negative, guidance=g, sampler=s, steps=args.steps,
-                 embedded_guidance=args.embedded_guidance, spacing=args.spacing, height=h, width=w, num_images_per_prompt=len(chunk), seed=chunk,
-                 output_type="pil", stitch=stitch, noise_optimizer=noise, image=init, strength=args.strength,
-                 guide_model=guide, cuda_graph=args.cuda_graph)
+        out = gp.run(req.for_seeds(chunk))
         for text in out.notices if not written and is_main(state) else ():
             if text not in loading_notices(gp, args):  # said at loading
                 print(f"diffguide: notice: {text}", file=sys.stderr)

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
-import random
 import re
 import threading
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -25,32 +23,19 @@ import torch
 from .. import versions
 from ..core.denoiser import Boundary, NetDenoiser
 from ..core.graphs import LoopGraphs
-from ..core.guided import Guidance, _rows, guide
+from ..core.guided import Guidance, _rows
 from ..core.registry import parse_spec, to_spec
-from ..core.sample import NoiseFork, NonFiniteError, RandomNoise, Sampler, SeededNoise, Step, sample
+from ..core.sample import Sampler, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
 from . import loading
+from . import conditions, output, sampling
 from .families import ENCODE_LOCK, Family, family_of, guidance_embedding  # noqa: F401 (re-exported)
+from .output import GuidedOutput, to_pil  # noqa: F401 (re-exported)
+from .request import OUTPUT_TYPES, Request, check_generators, image_rows, image_seeds, noise_source, normalise_prompts, plan  # noqa: F401
 from .schedulers import SchedulerInfo, from_scheduler
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass
-class GuidedOutput:
-    """Images and what they cost: NFE per image, forward passes, seconds per phase."""
-
-    images: Any
-    nfe: int
-    forwards: int
-    timings: dict = field(default_factory=dict)
-    seeds: list | None = None
-    nsfw: list | None = None
-    noise: dict | None = None  # a noise optimiser's report: extra NFE and backward passes per image
-    indices: list | None = None  # with process_state: which of the call's images this process made
-    notices: list = field(default_factory=list)  # e.g. a prompt longer than the text encoder reads
 
 
 @dataclass(frozen=True)
@@ -419,23 +404,16 @@ class GuidedPipeline:
         base = self.family.embedded_default()
         return None if base is None else float(self.defaults.get("guidance_scale", base))
 
-    def __call__(self, prompt: str | Sequence = "", negative_prompt=None, guidance=None,
-                 guidance_scale: float | None = None, sampler=None, steps: int | None = None,
-                 spacing: str | None = None, height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None,
-                 generator=None, output_type: str = "pil",
-                 callback: Callable[[Step, torch.Tensor], None] | None = None,
-                 progress: bool | None = None, max_batch: int | None = None,
-                 threshold="scheduler", stitch: Stitching | None = None,
-                 noise_optimizer=None, process_state=None, check_finite: bool = True,
-                 round_timesteps: bool | None = None, *, num_inference_steps: int | None = None,
-                 latents: torch.Tensor | None = None, prompt_embeds=None, negative_prompt_embeds=None,
-                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), eta: float | None = None,
-                 guidance_rescale: float = 0.0, cross_attention_kwargs: dict | None = None,
-                 clip_skip: int | None = None, return_dict: bool = True, embedded_guidance: float | None = None,
-                 image=None, strength: float | None = None, guide_model=None, cuda_graph: bool = False):
-        """Generate images.
+    def plan(self, prompt: str | Sequence = "", negative_prompt=None, guidance=None,
+             guidance_scale: float | None = None, sampler=None, steps: int | None = None,
+             spacing: str | None = None, height: int | None = None, width: int | None = None,
+             num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, generator=None,
+             output_type: str = "pil", callback: Callable[[Step, torch.Tensor], None] | None = None,
+             progress: bool | None = None, max_batch: int | None = None, threshold="scheduler",
+             stitch: Stitching | None = None, noise_optimizer=None, check_finite: bool = True,
+             round_timesteps: bool | None = None, **diffusers_names) -> Request:
+        """Check and resolve a call's arguments once, before any work: a frozen ``Request`` that ``run``
+        reads. ``__call__`` is ``run(plan(...))``; the command line plans, then runs each batch.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
         guidance / sampler: registry specs (``"cfg:scale=7.5,rescale=0.7"``) or objects.
@@ -449,10 +427,6 @@ class GuidedPipeline:
         noise_optimizer: a spec (``"initno"``, ``"reno:iterations=20"``) or a ``diffguide.noise``
         optimiser that prepares the initial noise before sampling; its extra network evaluations
         and seconds are reported in ``noise`` and ``timings["noise"]``.
-        process_state: accelerate's ``PartialState`` (or an ``Accelerator``) of a run launched on
-        several processes: the call's images (prompt-major, each with its own seed or generator)
-        are shared between the processes in contiguous parts and this process makes only its own
-        part, in one batch; ``indices`` and ``seeds`` say which images it holds.
         check_finite: raise ``diffguide.NonFiniteError`` (a ValueError) naming the step, the guidance
         and the likely fix when sampling or decoding produces NaN or inf, instead of returning a
         black or NaN image; False returns whatever came out.
@@ -478,273 +452,62 @@ class GuidedPipeline:
         sampler update) in one CUDA graph on the first call with given settings and shapes, and replay
         it on later calls (``core.graphs``; the per-run buffers are the graph's, made once). The first
         call runs eagerly and captures; the images are those of an eager run, noise and seeds
-        included. No progress bar (the steps run as one launch). A loop that cannot be captured (AG, ICG, DPM++ SDE) runs eagerly with a notice.
-        Captures are kept in ``self.graphs`` (the four most recent); changing the network other than
-        by its weights' storage, dtype or LoRA scales needs ``self.graphs.clear()``.
+        included. No progress bar (the steps run as one launch). A loop that cannot be captured (AG, ICG,
+        DPM++ SDE) runs eagerly with a notice. Captures are kept in ``self.graphs`` (the four most
+        recent); changing the network other than by its weights' storage, dtype or LoRA scales needs
+        ``self.graphs.clear()``.
         guide_model: the weaker model AutoGuidance (``guidance="autoguidance"``) guides away from
         (a GuidedPipeline, folder, hub id or 'builtin-small'); it must share this model's latent
         space and schedule, and encodes the prompts with its own text encoder.
         """
+        return plan(self, prompt, negative_prompt, guidance, guidance_scale, sampler, steps, spacing, height, width,
+                    num_images_per_prompt, seed, generator, output_type, callback, progress, max_batch, threshold,
+                    stitch, noise_optimizer, check_finite, round_timesteps, **diffusers_names)
+
+    def __call__(self, prompt: str | Sequence = "", negative_prompt=None, *args, process_state=None, **kwargs):
+        """Generate images: ``plan`` (every argument, documented there), then ``run``.
+
+        process_state: accelerate's ``PartialState`` (or an ``Accelerator``) of a run launched on
+        several processes: the call's images (prompt-major, each with its own seed or generator)
+        are shared between the processes in contiguous parts and this process makes only its own
+        part, in one batch; ``indices`` and ``seeds`` say which images it holds.
+        """
         if process_state is not None:
-            if latents is not None or prompt_embeds is not None:
-                raise ValueError("with process_state, give prompts and seeds (not latents or prompt_embeds): "
-                                 "each process makes its own images from them")
-            kw = {k: v for k, v in locals().items() if k not in ("self", "process_state", "prompt", "negative_prompt",
-                                                                "num_images_per_prompt", "seed", "generator", "kw")}
-            return self._share(process_state, prompt, negative_prompt, num_images_per_prompt, seed, generator, kw)
-        t_start = time.perf_counter()
-        if num_inference_steps is not None:
-            if steps is not None and steps != num_inference_steps:
-                raise ValueError(f"steps={steps} and num_inference_steps={num_inference_steps} disagree; give one")
-            steps = num_inference_steps
-        text_extra = {k: v for k, v in dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                            pooled_prompt_embeds=pooled_prompt_embeds,
-                                            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                                            clip_skip=clip_skip).items() if v is not None}
-        if cross_attention_kwargs is not None:
-            if not isinstance(self.family.net, torch.nn.Module) or self.family.name not in ("sd", "sdxl"):
-                raise ValueError(f"cross_attention_kwargs applies to UNet models, not {type(self.family.net).__name__}")
-            from diffusers.utils import USE_PEFT_BACKEND
+            if args or kwargs.get("latents") is not None or kwargs.get("prompt_embeds") is not None:
+                raise ValueError("with process_state, give prompts and seeds (not latents or prompt_embeds), by "
+                                 "keyword: each process makes its own images from them")
+            return self._share(process_state, prompt, negative_prompt, kwargs)
+        return self.run(self.plan(prompt, negative_prompt, *args, **kwargs))
 
-            if cross_attention_kwargs.get("scale") is not None and USE_PEFT_BACKEND:  # LoRA needs peft
-                text_extra["lora_scale"] = cross_attention_kwargs["scale"]
-        if prompt_embeds is not None:
-            if prompt not in (None, "") and not (isinstance(prompt, (list, tuple)) and not prompt):
-                raise ValueError("give prompt or prompt_embeds, not both")
-            if noise_optimizer is not None:
-                raise ValueError("noise optimisers read the prompt's words: give prompt, not prompt_embeds")
-            prompt = [None] * int(prompt_embeds.shape[0])
-        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may name only 'latents', got "
-                             f"{list(callback_on_step_end_tensor_inputs)}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        steps = self.default_steps if steps is None else steps
-        spacing = self.defaults.get("spacing") if spacing is None else spacing  # an sCM student's own grid
-        embedded = self.embedded_guidance if embedded_guidance is None else float(embedded_guidance)
-        if embedded_guidance is not None and self.embedded_guidance is None:
-            raise ValueError(f"embedded_guidance given but {type(self.family.net).__name__} has no embedded "
-                             f"guidance input; guide it with guidance= and guidance_scale=")
-        init = None
-        if image is not None:
-            if latents is not None or noise_optimizer is not None:
-                raise ValueError("image-to-image starts from the image: give image or "
-                                 + ("latents" if latents is not None else "noise_optimizer") + ", not both")
-            init, height, width = self.prepare_image(image, height, width)
-        elif strength is not None:
-            raise ValueError("strength applies to image-to-image: give image= too")
-        h, w = self.size(height, width)
-        info = self.info.at_size(self.family.seq_len(h, w))
-        has_negative = negative_prompt is not None and any(
-            q is not None for q in (negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt]))
-        try:
-            g, s = self.resolve(guidance, guidance_scale, sampler, negative=has_negative or negative_prompt_embeds is not None)
-        except ValueError as e:
-            if "CFG++ scale is lambda" not in str(e):
-                raise
-            from ..guidance.cfgpp import equivalence  # the hint on this run's own grid
-
-            ve = info.schedule.ve(info.timesteps(steps, spacing)).tolist()
-            raise ValueError(f"{str(e).split(';')[0]}; on this run's grid ({steps} steps) {equivalence(ve)}") from None
-        g, s = self._diffusers_options(g, s, eta, guidance_rescale)
-        if cuda_graph:
-            self._check_graph(g, callback, callback_on_step_end)
-        ts = info.timesteps(steps, spacing)
-        stride = info.stride(steps, s, spacing)  # DDIM's and PNDM's landing rule, with their own sampler
-        if init is not None:
-            ts = ts[self.steps_skipped(ts.numel() - 1, strength):]
-        needed = self._needed_conditions(g, ts, info)
-        if not self.family.conditional and needed - {"pos"}:
-            raise ValueError(f"guidance {to_spec(g)!r} compares a prompt with a negative, but "
-                             f"{type(self.family.net).__name__} is unconditional; use guidance 'none' "
-                             f"(--guidance none)")
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
-        if not prompts:
-            raise ValueError("prompt list is empty")
-        negs = (list(negative_prompt) if isinstance(negative_prompt, (list, tuple))
-                else [negative_prompt] * len(prompts))
-        if len(negs) != len(prompts):
-            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-        b = len(prompts) * num_images_per_prompt
-        image_rows = None if init is None else self._image_rows(init.shape[0], len(prompts), num_images_per_prompt)
-        if stitch is not None:
-            if not isinstance(stitch, Stitching):
-                raise ValueError(f"stitch must be a Stitching, got {type(stitch).__name__}")
-            if prompt_embeds is not None:
-                raise ValueError("stitch encodes the prompt with the small model's own encoder: give prompt, "
-                                 "not prompt_embeds")
-            stitch.check(self)
-        if guide_model is not None:
-            if isinstance(guide_model, str):
-                guide_model = GuidedPipeline.from_pretrained(guide_model, torch_dtype=self.family.net.dtype,
-                                                             device=self.device, progress=False)
-            if not isinstance(guide_model, GuidedPipeline):
-                raise ValueError(f"guide_model must be a GuidedPipeline, folder or hub id, got {type(guide_model).__name__}")
-            if prompt_embeds is not None:
-                raise ValueError("guide_model encodes the prompt with its own encoder: give prompt, not prompt_embeds")
-            check_companion(self, guide_model, "guide with this model")
-        noise, seeds = self._noise(b, seed, generator)
-        with ENCODE_LOCK:  # it tokenises: one thread at a time (see ENCODE_LOCK)
-            notice = self.family.notice(prompts) if prompt_embeds is None else None
-        if notice:
-            warnings.warn(notice, PromptTruncated, stacklevel=2)
-        device, fam = self.device, self.family
-        opt = parse_spec("noise", noise_optimizer) if isinstance(noise_optimizer, str) else noise_optimizer
-        if opt is not None and not hasattr(opt, "optimise"):
-            raise ValueError(f"noise_optimizer must be a spec string or a diffguide.noise optimiser, got "
-                             f"{type(opt).__name__}")
-        fork = NoiseFork(noise, b, seeds) if opt is not None else None  # replayed by the noise optimiser
-
-        if isinstance(threshold, str):
-            if threshold != "scheduler":
-                raise ValueError(f"threshold must be 'scheduler', None or a threshold object, got {threshold!r}")
-            threshold = info.threshold
+    def run(self, req: Request):
+        """A planned request through its stages: conditions, initial latents, noise optimisation, the
+        loop, decoding (``conditions``, ``sampling``, ``output``)."""
+        start = time.perf_counter()
+        noise, seeds = noise_source(req)
+        fork = sampling.fork_for(req, noise, seeds)  # before any draw: a noise optimiser replays the stream
+        truncated = conditions.truncation_notice(self, req)
+        if truncated:
+            warnings.warn(truncated, PromptTruncated, stacklevel=3)
         # inference mode skips autograd bookkeeping on every small tensor op of the loop; a guidance
         # method that differentiates through the network (needs_grad) runs with plain no_grad
-        grads = getattr(g, "needs_grad", False) or opt is not None
+        grads = getattr(req.guidance, "needs_grad", False) or req.noise_optimizer is not None
         with (torch.no_grad() if grads else torch.inference_mode()):
-            # -- conditions, once per call
-            pos = neg = None
-            if fam.conditional:
-                # all None stays None: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)
-                negs_text = None if all(q is None for q in negs) else ["" if q is None else q for q in negs]
-                with ENCODE_LOCK:
-                    pos, neg = fam.encode(None if prompt_embeds is not None else prompts, negs_text,
-                                          num_images_per_prompt, device, negative="neg" in needed, **text_extra)
-                pos = fam.extra(pos, h, w)
-                neg = fam.extra(neg, h, w) if neg is not None else None
-                if cross_attention_kwargs is not None:
-                    pos = {**pos, "attention": cross_attention_kwargs}
-                    neg = {**neg, "attention": cross_attention_kwargs} if neg is not None else None
-
-            def embed(cond, rows):  # the model's own guidance input, in every condition it is given
-                return fam.embed_guidance(cond, embedded, rows) if embedded is not None and cond is not None else cond
-            pos, neg = embed(pos, b), embed(neg, b)
-            extra_conds, models = {}, {}
-            for name, texts in g.prompt_sets().items():  # e.g. ICG's stand-in prompts, encoded once
-                if stitch is not None:
-                    raise ValueError("a guidance with its own prompt set cannot run with stitch yet")
-                texts = self.caption_set() if texts is None else texts
-                with ENCODE_LOCK:
-                    pool, _ = fam.encode(texts, [""] * len(texts), 1, device, negative=False)
-                extra_conds[name] = embed(fam.extra(pool, h, w), len(texts))
-            for key, other in (("small", stitch.small if stitch is not None else None), ("guide", guide_model)):
-                if other is None:
-                    continue
-                models[key] = other.denoiser
-                if fam.conditional:  # a second model reads its own encoding of the prompts
-                    with ENCODE_LOCK:
-                        sp, sn = other.family.encode(prompts, negs_text, num_images_per_prompt, other.device,
-                                                     negative="neg" in needed)
-                    value = other.embedded_guidance if embedded is None else embedded
-
-                    def own(cond, rows, ofam=other.family, value=value):  # its own guidance input too
-                        cond = ofam.extra(cond, h, w)
-                        return ofam.embed_guidance(cond, value, rows) if value is not None else cond
-                    extra_conds.update({f"pos@{key}": own(sp, b), f"neg@{key}": own(sn, b) if sn is not None else None})
-            t_encode = time.perf_counter()
-
-            # -- sampling
-            shape = (b, fam.channels, h // fam.factor, w // fam.factor)
-            if init is not None:  # SDEdit; the posterior's draw first, as diffusers' img2img draws
-                x0, std = fam.posterior(init.to(device))
-                x0 = x0[image_rows] if std is None else x0[image_rows] + std[image_rows] * noise.randn(shape, device=device)
-                a, sd = (float(f(ts[0])) for f in (info.schedule.alpha, info.schedule.sigma))
-                x = a * x0 + sd * noise.randn(shape, device=device)
-            elif latents is None:
-                x = noise.randn(shape, device=device) * info.start_scale(ts)
-                if fork is not None:
-                    fork.initial = shape
-            else:  # diffusers' prepare_latents: the given noise, scaled; the generators draw nothing yet
-                if tuple(latents.shape) != shape:
-                    raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-                x = latents.to(device, torch.float32) * info.start_scale(ts)
-
-            main = self.denoiser_for(spacing, round_timesteps, info)
-
-            conds = {"pos": pos, "neg": neg, "extra": extra_conds}
-
-            def guided(c):  # the run's guided denoiser on a condition tree like conds
-                return guide(main, g, c["pos"], c["neg"], threshold=threshold, max_batch=max_batch,
-                             conds=c["extra"], models=models,
-                             stitch=Stitch(stitch.fraction, reset=stitch.reset) if stitch else None)
-
-            def make(rows=None):
-                return guided(conds if rows is None else _rows(conds, rows))
-            report = None
-            if opt is not None:
-                texts = [p for p in prompts for _ in range(num_images_per_prompt)]
-                x, report = self._optimise_noise(opt, x, fork, texts, pos, make, s, ts, info,
-                                                 smalls=[stitch.small] if stitch is not None else [])
-            t_noise = time.perf_counter()
-            bar = _bar(ts.numel() - 1, (self.progress if progress is None else progress) and not cuda_graph)
-            graph_notices = len(self.graphs.notices)
-
-            def each(st, xt):
-                bar.update(1)
-                if callback is not None:
-                    callback(st, xt)
-                if callback_on_step_end is not None:  # diffusers' signature; it may replace the latents
-                    tm = torch.tensor(info.schedule.model_time(st.t), dtype=torch.float32)
-                    got = callback_on_step_end(self, st.i, tm, {"latents": xt})
-                    if isinstance(got, dict) and got.get("latents") is not None:
-                        return got["latents"].to(xt.device, xt.dtype)
-                return None
-            try:
-                if cuda_graph:
-                    # id(fam.net): the module this call runs (a compiled wrapper set on the pipe is another)
-                    key = (to_spec(g), repr(threshold), max_batch, (stitch.fraction, stitch.reset) if stitch else None,
-                           spacing, round_timesteps, h, w, tuple((k, _weights_key(m)) for k, m in models.items()),
-                           _weights_key(self.net_denoiser), id(fam.net))
-                    x, nfe, forwards = self.graphs.sample(key, guided, conds, s, ts, x, noise, check_finite, stride)
-                else:
-                    denoise = make()
-                    x = sample(denoise, s, ts, x, noise, callback=each, check_finite=check_finite, stride=stride)
-                    nfe, forwards = denoise.nfe, denoise.forwards
-            except NonFiniteError as e:
-                half = fam.net.dtype == torch.float16
-                raise NonFiniteError(
-                    f"{e} with guidance {to_spec(g)} and sampler {to_spec(s)}: the guidance scale may be too "
-                    f"large for this model (lower it)" + (", or the network overflowed in float16 (run it in "
-                                                         "float32 or bfloat16: --dtype)" if half else ""),
-                    e.where, e.step, e.steps) from None
-            finally:
-                bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t_sample = time.perf_counter()
-
-            # -- decoding
-            images, nsfw = x, None
-            if output_type != "latent":
-                decoded = fam.decode(x)
-                if check_finite and not bool(torch.isfinite(decoded).all()):
-                    vae = getattr(self.pipe, "vae", None)
-                    raise NonFiniteError(
-                        "decoding produced NaN pixels from finite latents" + (
-                            f": the VAE overflowed in {str(vae.dtype).replace('torch.', '')}; decode in float32 "
-                            f"(--vae-dtype float32, vae_dtype=torch.float32)" if vae is not None else ""),
-                        "decoding")
-                images, nsfw = self._safety(decoded, device)
-                if output_type != "pt":
-                    images = images.cpu().permute(0, 2, 3, 1).numpy()
-                    if output_type == "pil":
-                        images = to_pil(images)
-            t_end = time.perf_counter()
-            timings = {"encode": t_encode - t_start, "noise": t_noise - t_encode, "sample": t_sample - t_noise,
-                       "decode": t_end - t_sample, "total": t_end - t_start}
-        if isinstance(images, torch.Tensor):
-            images = images.clone()  # a normal tensor, usable with autograd and in-place ops
-        if not return_dict:
-            return images, nsfw
-        return GuidedOutput(images, nfe, forwards, timings, seeds, nsfw, report,
-                            notices=([notice] if notice else []) + self.graphs.notices[graph_notices:]
-                            + ([self.info.notice] if self.info.notice and sampler is None
-                               and "sampler" not in self.defaults else [])
-                            + ([self.info.config_notice] if self.info.config_notice else []))
+            conds = conditions.encode(self, req)
+            encoded = time.perf_counter()
+            x = sampling.initial(self, req, noise, fork)
+            guided, make = sampling.guided_maker(self, req, conds)
+            x, report = sampling.optimise(self, req, x, fork, conds, make)
+            optimised, before = time.perf_counter(), len(self.graphs.notices)
+            x, nfe, forwards = sampling.loop(self, req, conds, guided, make, x, noise)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            sampled = time.perf_counter()
+            images, nsfw = output.decode(self, req, x)
+        end = time.perf_counter()
+        timings = {"encode": encoded - start, "noise": optimised - encoded, "sample": sampled - optimised,
+                   "decode": end - sampled, "total": end - start}
+        said = output.notices(self, req, truncated, self.graphs.notices[before:])
+        return output.result(req, images, nsfw, nfe, forwards, timings, seeds, report, said)
 
     def _check_graph(self, g, callback, callback_on_step_end) -> None:
         if self.graphs.backend.device_types and self.device.type not in self.graphs.backend.device_types:
@@ -784,17 +547,6 @@ class GuidedPipeline:
         except (ValueError, TypeError, IndexError, AttributeError) as e:
             raise ValueError(f"image must be a PIL image, an array or a tensor in [0, 1] (or a list of "
                              f"them), got {type(image).__name__}: {e}") from None
-
-    @staticmethod
-    def _image_rows(k: int, prompts: int, n: int) -> list[int]:
-        if k == 1:
-            return [0] * (prompts * n)
-        if k == prompts:
-            return [i for i in range(k) for _ in range(n)]
-        if k == prompts * n:
-            return list(range(k))
-        raise ValueError(f"{k} images for {prompts} prompt(s) x {n} image(s) each; give 1, {prompts} or "
-                         f"{prompts * n}")
 
     def steps_skipped(self, steps: int, strength: float | None = None) -> int:
         """How many of ``steps`` image-to-image at ``strength`` skips (None: the family's default)."""
@@ -841,26 +593,13 @@ class GuidedPipeline:
         raise ValueError("this model has no caption set of its own: give prompts (icg:condition=prompts,"
                          "prompts=FILE with one prompt per line)")
 
-    def _needed_conditions(self, g: Guidance, ts, info) -> set:
-        """The conditions the method's branches ask for anywhere on the grid (from a fresh state): a
-        negative nobody reads need not be encoded, and an unconditional model can run no method that
-        compares with one."""
-        from ..core.guided import Point
-
-        state, out, n = g.init_state(), set(), ts.numel() - 1
-        for i, t in enumerate(ts[:-1]):
-            out |= {br.cond for br in g.branches(Point(t, info.schedule, i, n), state).values()}
-        return out
-
-    def _share(self, state, prompt, negative_prompt, n: int, seed, generator, kw: dict) -> GuidedOutput:
-        """This process's contiguous part of a call's images (see ``process_state`` in __call__)."""
+    def _share(self, state, prompt, negative_prompt, kw: dict) -> GuidedOutput:
+        """This process's contiguous part of a call's images (see ``process_state`` in __call__), under
+        the one seed rule and prompt normalisation of a single-process call."""
         from .parallel import bounds
 
-        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
-        negs = (list(negative_prompt) if isinstance(negative_prompt, (list, tuple))
-                else [negative_prompt] * len(prompts))
-        if len(negs) != len(prompts):
-            raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+        n, seed, generator = kw.pop("num_images_per_prompt", 1), kw.pop("seed", None), kw.pop("generator", None)
+        prompts, negs = normalise_prompts(prompt, negative_prompt)
         b = len(prompts) * n
         if generator is not None and not isinstance(generator, (list, tuple)):
             raise ValueError("with process_state, give seed= or one generator per image: a single "
@@ -868,21 +607,17 @@ class GuidedPipeline:
         if seed is None and generator is None:
             raise ValueError("with process_state, give seed= (or one generator per image) so that every "
                              "process draws its own images' noise")
-        if generator is None:
-            seed = [int(v) for v in seed] if isinstance(seed, (list, tuple, range)) else [int(seed) + i for i in range(b)]
-        per_image = seed if generator is None else list(generator)
-        if len(per_image) != b:
-            raise ValueError(f"{len(per_image)} {'seeds' if generator is None else 'generators'} for a "
-                             f"batch of {b} images")
+        check_generators(b, seed, generator)
+        per_image = image_seeds(b, seed) if generator is None else list(generator)
         lo, hi = bounds(b, state)
         if lo == hi:  # more processes than images: nothing to make here
-            return GuidedOutput([] if kw["output_type"] == "pil" else None, 0, 0, {}, [], indices=[])
+            return GuidedOutput([] if kw.get("output_type", "pil") == "pil" else None, 0, 0, {}, [], indices=[])
         rows = range(lo, hi)
         mine = {"seed": [per_image[i] for i in rows]} if generator is None else {"generator": [per_image[i] for i in rows]}
         image = kw.get("image")
         k = len(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == 4 else 1
         if k > 1:  # several init images: each process takes those of its own rows
-            which = self._image_rows(k, len(prompts), n)
+            which = image_rows(k, len(prompts), n)
             kw = {**kw, "image": [image[which[i]] for i in rows]}
         out = self([prompts[i // n] for i in rows], negative_prompt=[negs[i // n] for i in rows],
                    num_images_per_prompt=1, **mine, **kw)
@@ -938,38 +673,6 @@ class GuidedPipeline:
             x, info = opt.optimise(ctx, x)
         return x.detach(), {"optimizer": opt.name, "nfe": counts["forward"] / b,
                             "backward": counts["backward"] / b, **info}
-
-    def _noise(self, b: int, seed, generator):
-        if seed is not None and generator is not None:
-            raise ValueError("give seed or generator, not both")
-        if generator is not None:
-            if isinstance(generator, (list, tuple)):
-                if len(generator) != b:
-                    raise ValueError(f"{len(generator)} generators for a batch of {b}")
-                return SeededNoise(generators=generator), None
-            return RandomNoise(generator), None
-        if seed is None:
-            seed = random.randrange(2 ** 31)
-        if isinstance(seed, (list, tuple, range)):
-            seeds = [int(v) for v in seed]
-            if len(seeds) != b:
-                raise ValueError(f"{len(seeds)} seeds for a batch of {b} images")
-        else:
-            seeds = [int(seed) + i for i in range(b)]
-        return SeededNoise(seeds, device="cpu"), seeds
-
-    def _safety(self, images, device):
-        """The pipeline's safety checker where it has one: flagged images come back black, as in
-        diffusers. Its run_safety_checker takes decoder output in [-1, 1]."""
-        checker = getattr(self.pipe, "safety_checker", None)
-        if checker is None or not hasattr(self.pipe, "run_safety_checker"):
-            return images, None
-        _, flags = self.pipe.run_safety_checker(images * 2 - 1, device, self.family.net.dtype)
-        flags = [bool(f) for f in flags]
-        if any(flags):
-            images = images.clone()
-            images[torch.tensor(flags, device=images.device)] = 0.0
-        return images, flags
 
 
 _STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # network -> (adapters, sample, lora layers)
@@ -1030,14 +733,6 @@ def frozen(*modules):
                 if entry[0] == 0:
                     p.requires_grad_(entry[1])
                     del _FROZEN[p]
-
-
-def to_pil(images: np.ndarray) -> list:
-    """[B, H, W, C] floats in [0, 1] to PIL images, rounded as diffusers' numpy_to_pil does."""
-    from PIL import Image
-
-    arr = (images * 255).round().astype("uint8")
-    return [Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a) for a in arr]
 
 
 def _bar(total: int, enabled: bool):
