@@ -306,7 +306,8 @@ class Run:
         self.result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                        "versions": versions_seen(), "steps": args.steps, "quick": args.quick,
                        "loop_graph_backend": "cuda" if device.type == "cuda" else "eager replay (CPU: wiring and parity only)",
-                       "budget_s": {"smoke": args.smoke_budget_s, "plan": args.budget_s},
+                       "budget_s": {k: (None if v == float("inf") else v)  # none: a quick run's
+                                    for k, v in (("smoke", args.smoke_budget_s), ("plan", args.budget_s))},
                        "seconds": {"smoke": None, "plan": None}, "smoke": [], "parity": [], "rows": [],
                        "overhead": [], "errors": [], "skipped_for_budget": [], "complete": False}
 
@@ -565,8 +566,10 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cut", type=int, default=8, help="'cfg cut': CFG on the first CUT steps")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--smoke-budget-s", type=float, default=110.0, help="start no smoke model after this many seconds")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="start no case after this many seconds in all")
+    ap.add_argument("--smoke-budget-s", type=float, default=None,
+                    help="start no smoke model after this many seconds (default 110; none with --quick)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no case after this many seconds in all (default 420; none with --quick)")
     ap.add_argument("--no-smoke", action="store_true", help="skip the smoke stage")
     ap.add_argument("--no-overhead", action="store_true", help="skip the SD 1.5 non-network overhead rounds")
     ap.add_argument("--quick", action="store_true", help="tiny configs in float32 on the CPU, 3 steps")
@@ -574,6 +577,9 @@ def main():
                     help="parity bound, max |diff| in [0, 1] (default: 0.05 float16, 0.1 bfloat16, 1e-3 float32)")
     ap.add_argument("--out", help="a JSON file, or a folder for device.json and device.md")
     args = ap.parse_args()
+    for name, default in (("smoke_budget_s", 110.0), ("budget_s", 420.0)):  # a quick run's are its own
+        if getattr(args, name) is None:
+            setattr(args, name, float("inf") if args.quick else default)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     cases, smokes = plan(args), list(SMOKE)
     if args.quick:  # every case once, in float32

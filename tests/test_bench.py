@@ -100,11 +100,11 @@ def test_device_bench_keeps_going_after_an_error_and_saves_on_sigterm(tmp_path):
     assert [p["model"] for p in data["parity"]] == ["sd15"] and data["complete"]
     p = subprocess.Popen([sys.executable, bench, "--quick", "--no-overhead", "--out", str(tmp_path / "s")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for _ in range(600):  # until the first smoke row is saved
+    for _ in range(3000):  # until the first smoke row is saved (minutes on a loaded machine)
         if (tmp_path / "s" / "device.json").exists() and json.loads((tmp_path / "s" / "device.json").read_text())["smoke"]:
             break
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=120) == 124
+    assert p.wait(timeout=300) == 124
     data = json.loads((tmp_path / "s" / "device.json").read_text())
     assert data["stopped"] == "SIGTERM" and data["smoke"] and not data["complete"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.registry import register
-from . import NoiseContext, NoiseOptimizer, positive
+from .base import NoiseContext, NoiseOptimizer, positive
 
 # A small part-of-speech heuristic (no tagger to download): function words and verbs end a noun
 # phrase; its head is its last remaining word. Scene words and relation nouns ("the left of") are

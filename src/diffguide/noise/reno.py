@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..core.registry import register
-from . import NoiseContext, NoiseOptimizer, positive
+from .base import NoiseContext, NoiseOptimizer, positive
 
 _REWARDS: dict[str, Callable[[], Callable]] = {}
 

@@ -6,11 +6,9 @@ and the loop is ``diffguide.sample``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
-import threading
 import time
 import warnings
 import weakref
@@ -31,6 +29,7 @@ from . import loading
 from . import conditions, output, sampling
 from .families import ENCODE_LOCK, Family, family_of, guidance_embedding  # noqa: F401 (re-exported)
 from .output import GuidedOutput, to_pil  # noqa: F401 (re-exported)
+from ..core.freeze import frozen  # noqa: F401 (re-exported)
 from .request import OUTPUT_TYPES, Request, check_generators, image_rows, image_seeds, noise_source, normalise_prompts, plan  # noqa: F401
 from .schedulers import SchedulerInfo, from_scheduler
 
@@ -703,36 +702,6 @@ def _weights_key(denoiser) -> tuple:
 def _tokenize(tok, text: str) -> list:
     with ENCODE_LOCK:
         return tok(text, truncation=True).input_ids
-
-
-_FREEZE_LOCK = threading.Lock()
-_FROZEN: dict = {}  # parameter -> [holders, its requires_grad before the first holder]
-
-
-@contextlib.contextmanager
-def frozen(*modules):
-    """Parameters out of autograd for a while (noise optimisation needs gradients in x only); their
-    requires_grad flags come back when the last holder leaves, so concurrent runs on one model
-    cannot leave it frozen or thaw it under each other."""
-    params = list({id(p): p for m in modules for p in m.parameters()}.values())
-    with _FREEZE_LOCK:
-        for p in params:
-            entry = _FROZEN.get(p)
-            if entry is None:
-                _FROZEN[p] = [1, p.requires_grad]
-                p.requires_grad_(False)
-            else:
-                entry[0] += 1
-    try:
-        yield
-    finally:
-        with _FREEZE_LOCK:
-            for p in params:
-                entry = _FROZEN[p]
-                entry[0] -= 1
-                if entry[0] == 0:
-                    p.requires_grad_(entry[1])
-                    del _FROZEN[p]
 
 
 def _bar(total: int, enabled: bool):
