@@ -143,7 +143,7 @@ def test_dmd2_fake_loss_falls_on_a_fixed_batch(teacher):
 
     gp = GuidedPipeline.from_pretrained(teacher, progress=False)
     fake = copy.deepcopy(gp.family.net).train().requires_grad_(True)
-    from diffguide.distill.trainer import _denoiser
+    from diffguide.distill.methods import network_denoiser as _denoiser
 
     loss = DMD2Loss(gp.net_denoiser, _denoiser(gp, fake, False), gp.net_denoiser, "none")
     with torch.no_grad():

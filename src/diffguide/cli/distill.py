@@ -60,19 +60,23 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..distill.trainer import METHODS, DistillConfig, train
+    from ..distill import methods
+    from ..distill.config import DistillConfig
+    from ..distill.run import train
     from ..pipelines.parallel import launched_rank
     from ..pipelines.pipeline import quiet_loading
 
-    if args.method not in METHODS:
-        raise UsageError(f"unknown distillation method {args.method!r}; choose one of: {', '.join(METHODS)}")
+    try:
+        method = methods.get(args.method)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if not 1 <= args.student_steps <= 8:
         raise UsageError(f"--student-steps must be in 1..8, got {args.student_steps}")
     try:
         lo, hi = (float(v) for v in args.scale_range.split(","))
     except ValueError:
         raise UsageError(f"--scale-range must be two numbers LO,HI, got {args.scale_range!r}") from None
-    lr = args.lr if args.lr is not None else (1e-5 if args.method == "dmd2" else 1e-4)
+    lr = args.lr if args.lr is not None else method.default_lr
     cfg = DistillConfig(out=args.out, method=args.method, teacher=args.teacher, guidance=args.guidance,
                         student_steps=args.student_steps, max_steps=args.max_steps, batch=args.batch, lr=lr,
                         ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip, scale_min=lo, scale_max=hi,

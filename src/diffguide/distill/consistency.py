@@ -7,7 +7,6 @@ the student as LCM's guidance-scale embedding.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +16,20 @@ from ..core.denoiser import with_boundary
 from ..core.guided import Branch, Guidance, guide
 from ..core.registry import parse_spec
 from ..core.sample import RandomNoise, Sampler, Step
+from ..guidance.cfg import CFG
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     """Pseudo-Huber distance sqrt((a - b)^2 + c^2) - c, averaged (Song & Dhariwal 2023, Sec. 3.3)."""
     d = (a.float() - b.float()) ** 2
     return (torch.sqrt(d + c * c) - c).mean()
+
+
+def draw_scales(scale_range: tuple, b: int, generator: torch.Generator) -> torch.Tensor:
+    """LCM's CFG scales, one per example, w ~ U[lo, hi] (diffusers' convention; Luo et al. 2023,
+    Alg. 1)."""
+    lo, hi = scale_range
+    return lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,9 +101,8 @@ class ConsistencyLoss:
         a, s = float(sched.alpha(t)), float(sched.sigma(t))
         x = a * x0 + s * eps
         guidance, w = self.guidance, None
-        if type(guidance).__name__ == "CFG" and self.embed is not None:  # LCM: a scale per example, embedded
-            lo, hi = self.scale_range
-            w = lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)
+        if isinstance(guidance, CFG) and self.embed is not None:  # LCM's scale per example, embedded
+            w = draw_scales(self.scale_range, b, generator)
             guidance = PerSampleCFG(w)
         cond = dict(pos)
         if self.embed is not None and w is not None:

@@ -21,23 +21,25 @@ from .dmd2 import Bottleneck
 from .scm import TrigFlowView, noised
 
 
-def feature_modules(net) -> list:
-    """The teacher blocks the heads read: a UNet's mid block and up blocks; four blocks spread along
-    a transformer's depth (SANA-Sprint uses blocks 2, 8, 14, 19 of 20)."""
-    if hasattr(net, "mid_block"):
-        return [net.mid_block, *net.up_blocks]
-    blocks = list(net.transformer_blocks)
-    n = len(blocks)
-    picks = sorted({min(n - 1, round((2 * k + 1) * n / 8)) for k in range(4)}) if n > 4 else range(n)
-    return [blocks[i] for i in picks]
+def _family(net, family):
+    """``family``, or for a bare network (no pipeline at hand) the recipe whose hooks fit it."""
+    if family is not None:
+        return family
+    from ..pipelines.families import Family, TransformerFamily
+
+    return (TransformerFamily if hasattr(net, "transformer_blocks") else Family)(None)
 
 
-def feature_widths(net) -> list[int]:
-    """The channels of ``feature_modules(net)``'s outputs."""
-    c = net.config
-    if hasattr(net, "mid_block"):
-        return [c.block_out_channels[-1], *reversed(c.block_out_channels)]
-    return [c.num_attention_heads * c.attention_head_dim] * len(feature_modules(net))
+def feature_modules(net, family=None) -> list:
+    """The teacher blocks the heads read (``Family.feature_blocks``): a UNet's mid block and up
+    blocks; four blocks spread along a transformer's depth (SANA-Sprint reads 2, 8, 14, 19 of
+    20)."""
+    return _family(net, family).feature_blocks(net)
+
+
+def feature_widths(net, family=None) -> list[int]:
+    """The channels of ``feature_modules(net)``'s outputs (``Family.feature_widths``)."""
+    return _family(net, family).feature_widths(net)
 
 
 @dataclass

@@ -7,7 +7,7 @@ One module per model line; ``family_of`` picks the recipe from the pipeline's ne
 """
 from __future__ import annotations
 
-from .base import ENCODE_LOCK, UPCAST_LOCK, Family, guidance_embedding
+from .base import ENCODE_LOCK, UPCAST_LOCK, Family, TransformerFamily, guidance_embedding
 from .dit import DiT, PixArt
 from .flux import Flux, pack2, unpack2
 from .qwenimage import QwenImage
@@ -17,8 +17,8 @@ from .sd3 import StableDiffusion3
 from .unconditional import Unconditional
 
 __all__ = ["ENCODE_LOCK", "UPCAST_LOCK", "DiT", "Family", "Flux", "PixArt", "QwenImage", "Sana", "SanaSprint",
-           "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "Unconditional", "clip_window_states",
-           "clip_windows", "family_of", "guidance_embedding", "pack2", "unpack2"]
+           "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "TransformerFamily", "Unconditional",
+           "clip_window_states", "clip_windows", "family_of", "guidance_embedding", "pack2", "unpack2"]
 
 
 def family_of(pipe) -> Family:

@@ -191,6 +191,62 @@ class Family:
             img = vae.decode(z.to(dtype), return_dict=False)[0]
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
+    # -- what distillation asks (distill/); ``net``: this family's network or a trained copy of it
+
+    component = "unet"  # the pipeline component that holds the network
+    scale_embedding = False  # the network takes LCM's guidance-scale embedding (timestep_cond)
+
+    def bottleneck(self, net) -> torch.nn.Module:
+        """Where DMD2's GAN head reads features (Yin et al. 2024, Sec. 4.3): a UNet's mid block."""
+        return net.mid_block
+
+    def bottleneck_width(self, net) -> int:
+        """The channels of ``bottleneck(net)``'s output."""
+        return net.config.block_out_channels[-1]
+
+    def feature_blocks(self, net) -> list:
+        """The blocks whose outputs LADD's heads read (Sauer et al. 2024): a UNet's mid and up
+        blocks."""
+        return [net.mid_block, *net.up_blocks]
+
+    def feature_widths(self, net) -> list[int]:
+        """The channels of ``feature_blocks(net)``'s outputs."""
+        channels = net.config.block_out_channels
+        return [channels[-1], *reversed(channels)]
+
+    def student_pipeline(self, net, scheduler=None):
+        """The family's pipeline with ``net`` (a distilled student) as its network and, if given,
+        ``scheduler`` as its scheduler."""
+        swap = {self.component: net, **({"scheduler": scheduler} if scheduler is not None else {})}
+        return type(self.pipe)(**{**self.pipe.components, **swap})
+
+
+class TransformerFamily(Family):
+    """The transformer families' answers to distillation's questions: a stack of blocks."""
+
+    component = "transformer"
+
+    def bottleneck(self, net):
+        """The middle transformer block."""
+        blocks = net.transformer_blocks
+        return blocks[len(blocks) // 2]
+
+    def bottleneck_width(self, net):
+        return net.config.num_attention_heads * net.config.attention_head_dim
+
+    def feature_blocks(self, net):
+        """Four blocks spread along the depth (SANA-Sprint, arXiv 2503.09641, reads 2, 8, 14, 19
+        of 20)."""
+        blocks = list(net.transformer_blocks)
+        n = len(blocks)
+        picks = range(n)
+        if n > 4:  # the middles of four equal quarters
+            picks = sorted({min(n - 1, round((2 * k + 1) * n / 8)) for k in range(4)})
+        return [blocks[i] for i in picks]
+
+    def feature_widths(self, net):
+        return [self.bottleneck_width(net)] * len(self.feature_blocks(net))
+
 
 def _no_extra(family: Family, extra: dict) -> None:
     if extra:

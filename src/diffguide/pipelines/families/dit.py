@@ -5,10 +5,10 @@ from typing import Sequence
 
 import torch
 
-from .base import Family, _no_extra
+from .base import TransformerFamily, _no_extra
 
 
-class DiT(Family):
+class DiT(TransformerFamily):
     """DiTTransformer2DModel: class-conditional; the negative is the null class (num_classes)."""
 
     name = "dit"

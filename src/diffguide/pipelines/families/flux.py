@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family
+from .base import TransformerFamily
 
 
 def pack2(x: torch.Tensor) -> torch.Tensor:
@@ -17,7 +17,7 @@ def unpack2(tokens: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-class Flux(Family):
+class Flux(TransformerFamily):
     """FluxTransformer2DModel (Flux.1 dev / schnell): rectified flow, T5 + CLIP pooled text, latents
     packed 2 x 2 into tokens with positional ids, an embedded guidance input on guidance-distilled
     models (dev), a resolution-dependent shift. The sampler works on the unpacked latent (B, C, H, W),

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Family
+from .base import TransformerFamily
 
 
-class Sana(Family):
+class Sana(TransformerFamily):
     """SanaTransformer2DModel (Sana): Gemma-2 text with a mask (and the pipeline's own "complex human
     instruction" prepended), a deep-compression autoencoder (AutoencoderDC), DPM-Solver on a
     rectified flow. Without resolution binning (the pipeline's option), as PixArt here."""

@@ -92,6 +92,22 @@ class StableDiffusion(Family):
                                  timestep_cond=cond.get("timestep_cond"),
                                  cross_attention_kwargs=cond.get("attention"), return_dict=False)[0]
 
+    scale_embedding = True  # UNet2DConditionModel's time_cond_proj_dim
+
+    def student_pipeline(self, net, scheduler=None):
+        """With LCM's scheduler, SD 1.x/2.x's own pipeline becomes diffusers'
+        LatentConsistencyModelPipeline; any other (SDXL's) keeps its class and takes the
+        scheduler."""
+        from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+        p = self.pipe
+        if scheduler is None or type(p) is not StableDiffusionPipeline:
+            return super().student_pipeline(net, scheduler)
+        return LatentConsistencyModelPipeline(
+            vae=getattr(p, "vae", None), text_encoder=p.text_encoder, tokenizer=p.tokenizer,
+            unet=net, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+
 
 class StableDiffusionXL(StableDiffusion):
     """SDXL: two text encoders, pooled text embedding and size/crop time ids as added conditions.

@@ -1,0 +1,474 @@
+"""The distillation methods behind one interface: consistency distillation (LCM), DMD2, sCM and iCT,
+with LADD as an add-on of sCM.
+
+A ``Method`` owns the networks it trains and their optimisers (``modules()``, ``optimisers()``, by
+their checkpoint keys), says what one training step optimises (``updates(batch, step)``: a list of
+``Update``), and how its student is exported (``student_scheduler()``, ``student_grid()``). The run
+loop (``run.py``) does everything else the same way for every method: distributed wrapping,
+accumulation, clipping, the EMA, checkpoints, validation and logs.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ..core.denoiser import NetDenoiser, with_boundary
+from ..core.registry import parse_spec
+from ..core.schedule import VPSchedule
+from ..guidance.cfg import CFG
+from .consistency import ConsistencyLoss, PerSampleCFG, draw_scales, student_unet
+from .dmd2 import DMD2Loss, GANHead, conditioning_times
+from .ict import ICTLoss
+from .ladd import LADD, feature_modules, feature_widths
+from .scm import AdaptiveWeight, SCMLoss
+
+if TYPE_CHECKING:
+    from .config import DistillConfig
+    from .data import MicroBatch
+
+ICT_STEPS = 50  # the iCT student's LCMScheduler original_inference_steps (diffusers' default)
+EMBED_DIM = 256  # LCM's guidance-scale embedding width
+TIMESTEP_SCALING = 10.0  # LCMScheduler's boundary constant, in training and in the student's folder
+
+METHODS: dict[str, type[Method]] = {}  # name -> Method class, filled by @register
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Method]:
+    """The Method registered as ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown distillation method {name!r}; choose one of: "
+                         f"{', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def method_class(config: DistillConfig) -> type[Method]:
+    """The Method a config names: the one place its ``method`` field is read."""
+    return get(config.method)
+
+
+def create(config: DistillConfig, teacher) -> Method:
+    """The Method a config names, its networks built from ``teacher`` (a GuidedPipeline)."""
+    return method_class(config)(config, teacher)
+
+
+# -- pieces the methods share ----------------------------------------------------------------------
+
+def check_network(net) -> None:
+    if not (isinstance(net, torch.nn.Module) and hasattr(type(net), "from_config")):
+        raise ValueError(f"distillation needs a diffusers network as the teacher, got "
+                         f"{type(net).__name__}")
+
+
+def copy_network(net):
+    """A trainable copy of the teacher's network, UNet or transformer (same config and weights)."""
+    check_network(net)
+    copied = type(net).from_config(net.config)
+    copied.load_state_dict(net.state_dict())
+    return copied.to(net.device, net.dtype)
+
+
+def checkpointed(net, cfg: DistillConfig):
+    """``net`` with gradient checkpointing where asked for and supported."""
+    if cfg.gradient_checkpointing and net._supports_gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    return net
+
+
+def lcm_boundary(schedule) -> float | None:
+    """The student's boundary constant: LCM's on a VP teacher. A flow student needs none: its
+    x0 = x - s v is x itself at s = 0 (as TrigFlow's f), and its folder keeps the teacher's own
+    scheduler."""
+    return TIMESTEP_SCALING if isinstance(schedule, VPSchedule) else None
+
+
+def network_denoiser(teacher, net, boundary: bool = False):
+    """``net`` (a teacher-shaped network, possibly wrapped for distributed training) as a denoiser,
+    under LCM's boundary when ``boundary`` (and the teacher's schedule has one)."""
+    # hooks (perturbations, the GAN bottleneck) go on the bare network
+    module = getattr(net, "module", net)
+    d = NetDenoiser(functools.partial(teacher.family.forward, net=net), teacher.info.schedule,
+                    teacher.info.kind, learned_sigma=teacher.family.learned_sigma(), module=module)
+    return with_boundary(d, lcm_boundary(teacher.info.schedule) if boundary else None)
+
+
+def embed_scale(w: torch.Tensor) -> torch.Tensor:
+    """LCM's sinusoidal embedding of the guidance scale (the student's ``timestep_cond``)."""
+    from ..pipelines.families import guidance_embedding
+
+    return guidance_embedding(w, EMBED_DIM)
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimiser step of a training step. ``loss(j)`` is micro-batch j's (loss, logs); gradients
+    reach ``modules`` (their cross-process sync deferred to the last micro-batch), never ``frozen``
+    (bare networks a loss reaches through, e.g. a GAN's critic seen from the generator)."""
+
+    modules: list
+    optimiser: Any
+    loss: Callable[[int], tuple]
+    frozen: tuple = ()
+
+
+# -- the interface ---------------------------------------------------------------------------------
+
+class Method:
+    """A distillation method: its student (and any other trained networks), their optimisers, the
+    updates of one training step, and the export of its student.
+
+    Life of a Method: built on the teacher (fresh weights seeded by the config), loaded from a
+    checkpoint if resuming (``modules()`` / ``optimisers()``: raw objects by checkpoint key), then
+    ``bind`` takes the prepared (distributed) versions from the run and builds the losses on
+    them."""
+
+    name = ""
+    default_lr = 1e-4  # the CLI's --lr when none is given
+    default_clip = 1.0  # the gradient-norm clipping when --clip is not given (LCM's)
+    weight_decay = 0.0  # the student's AdamW weight decay
+    adversarial: str | None = None  # the config flag of its adversarial term, if it has one
+    lcm_boundary = True  # on a VP teacher the student has LCM's boundary (sCM: TrigFlow's f)
+    scale_input = False  # with CFG: a scale per example, embedded where the student takes one
+
+    def __init__(self, cfg: DistillConfig, teacher):
+        self.cfg, self.teacher, self.family = cfg, teacher, teacher.family
+        self.accelerator = None  # given by bind
+        self.guidance = parse_spec("guidance", cfg.guidance)
+        net = self.family.net
+        check_network(net)
+        if not hasattr(teacher.info.schedule, "index_time"):
+            raise ValueError(f"{self.name} needs a teacher with training timesteps (a VP or "
+                             f"flow-matching scheduler); {type(net).__name__} has a "
+                             f"{type(teacher.info.schedule).__name__}")
+        self.boundary = lcm_boundary(teacher.info.schedule) if self.lcm_boundary else None
+        # a scale embedding needs a UNet's time_cond_proj_dim; transformers bake the guidance in
+        self.embed = (self.scale_input and isinstance(self.guidance, CFG)
+                      and self.family.scale_embedding)
+        torch.manual_seed(cfg.seed)  # any fresh weights (the GAN heads) depend on the seed only
+        self.student = checkpointed(self.initial_student(net), cfg)
+        # the student's EMA (consistency: the target network), updated by the run loop; exported
+        self.ema = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.build()
+
+    def initial_student(self, net):
+        """The student before training: the teacher's copy (LCM's scale input where embedded)."""
+        return student_unet(net, EMBED_DIM) if self.embed else copy_network(net)
+
+    def build(self) -> None:
+        """The trained networks beside the student, in the order their fresh weights are drawn, and
+        the optimisers."""
+        self.optimiser = adamw(self.student.parameters(), self.cfg.lr, self.weight_decay)
+
+    def modules(self) -> dict:
+        """The trained networks by checkpoint key (the student's EMA is the run's, key "ema")."""
+        return {"student": self.student}
+
+    def optimisers(self) -> dict:
+        return {"opt": self.optimiser}
+
+    def bind(self, prepared: dict, accelerator) -> None:
+        """Take the prepared networks and optimisers (by checkpoint key) and build the losses on
+        them: every call goes through the distributed wrappers, which average the gradients."""
+        self.accelerator = accelerator
+        self.student, self.optimiser = prepared["student"], prepared["opt"]
+
+    def updates(self, batch: list[MicroBatch], step: int) -> list[Update]:
+        """The optimiser steps of training step ``step`` on its micro-batches, in order (an update's
+        loss may use what an earlier one computed)."""
+        raise NotImplementedError
+
+    def student_update(self, loss: Callable[[int], tuple], frozen: tuple = ()) -> Update:
+        """The student's step by its optimiser on ``loss``."""
+        return Update([self.student], self.optimiser, loss, frozen)
+
+    @classmethod
+    def check_resume(cls, cfg: DistillConfig, old: dict, ckpt: str) -> None:
+        """Refuse to resume where a setting the method depends on changed (beyond
+        DistillConfig.FIXED)."""
+
+    # -- the student's folder (export.py) --
+
+    def original_steps(self, train_steps: int) -> int:
+        """The grid the student was trained on, as LCMScheduler's original_inference_steps: by
+        default the student's own steps (DMD2's conditioning times 999, 749, ... are LCM's grid
+        for them)."""
+        return self.cfg.student_steps
+
+    def student_scheduler(self):
+        """LCMScheduler for the student's folder: the teacher's noise table, LCM's boundary and the
+        student's training grid; None: no boundary, the student keeps the teacher's scheduler."""
+        from diffusers import LCMScheduler
+
+        if self.boundary is None:
+            return None
+        sc = dict(self.teacher.pipe.scheduler.config)
+        keep = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                "rescale_betas_zero_snr", "num_train_timesteps")
+        steps = self.original_steps(sc.get("num_train_timesteps", 1000))
+        return LCMScheduler(**{k: sc[k] for k in keep if k in sc}, timestep_scaling=self.boundary,
+                            original_inference_steps=steps)
+
+    def student_grid(self) -> dict:
+        """The student's sampling grid for ``diffguide.json``: a flow student samples on the LCM
+        grid its LCMScheduler would carry (``original_steps``); a VP student's LCMScheduler
+        carries it."""
+        if self.boundary is not None:
+            return {}
+        steps = self.original_steps(self.teacher.info.schedule.num_train_timesteps)
+        return {"original_steps": steps}
+
+
+# -- the methods -----------------------------------------------------------------------------------
+
+@register
+class Consistency(Method):
+    """Consistency distillation (LCM: Luo et al. 2023, Alg. 1): the student at x_{t_{n+k}} matches
+    its EMA at one guided teacher solver step x_{t_n} (``consistency.ConsistencyLoss``)."""
+
+    name = "consistency"
+    scale_input = True
+
+    def bind(self, prepared, accelerator):
+        super().bind(prepared, accelerator)
+        cfg, teacher = self.cfg, self.teacher
+        self.loss = ConsistencyLoss(teacher.net_denoiser, network_denoiser(teacher, self.student),
+                                    network_denoiser(teacher, self.ema), self.guidance, cfg.solver,
+                                    cfg.skip, cfg.huber_c, (cfg.scale_min, cfg.scale_max),
+                                    embed=embed_scale if self.embed else None,
+                                    timestep_scaling=self.boundary)
+
+    def updates(self, batch, step):
+        def loss(j):
+            m = batch[j]
+            value = self.loss(m.x0, m.pos, m.neg, m.generator)
+            return value, {"loss": value.item()}
+        return [self.student_update(loss)]
+
+    def original_steps(self, train_steps):
+        """LCM's grid: T / k teacher levels, k the solver's skip."""
+        return train_steps // self.cfg.skip
+
+
+@register
+class DMD2(Method):
+    """DMD2 (Yin et al. 2024): the generator follows the difference of the guided teacher's score
+    and a fake score fitted to its samples, updated fake_ratio times as often (two time-scale
+    rule); an optional GAN head on the fake score's bottleneck (``--gan``)."""
+
+    name = "dmd2"
+    default_lr = 1e-5
+    default_clip = 10.0
+    weight_decay = 0.01
+    adversarial = "gan"
+
+    def build(self):
+        super().build()
+        cfg, net = self.cfg, self.family.net
+        self.fake = checkpointed(copy_network(net), cfg)
+        params = list(self.fake.parameters())
+        self.head = None
+        if cfg.gan:
+            self.head = GANHead(self.family.bottleneck_width(net)).to(net.device)
+            params += list(self.head.parameters())
+        self.fake_optimiser = adamw(params, cfg.fake_lr or cfg.lr, 0.01)
+
+    def modules(self):
+        head = {"head": self.head} if self.head is not None else {}
+        return {**super().modules(), "fake": self.fake, **head}
+
+    def optimisers(self):
+        return {**super().optimisers(), "fake_opt": self.fake_optimiser}
+
+    def bind(self, prepared, accelerator):
+        super().bind(prepared, accelerator)
+        self.fake, self.fake_optimiser = prepared["fake"], prepared["fake_opt"]
+        self.head = prepared.get("head")
+        self.critics = [m for m in (self.fake, self.head) if m is not None]
+        cfg, teacher = self.cfg, self.teacher
+        taus = conditioning_times(cfg.student_steps, teacher.info.schedule.num_train_timesteps)
+        bottleneck = None
+        if self.head is not None:
+            bottleneck = self.family.bottleneck(accelerator.unwrap_model(self.fake))
+        self.loss = DMD2Loss(teacher.net_denoiser, network_denoiser(teacher, self.fake),
+                             network_denoiser(teacher, self.student, boundary=True), self.guidance,
+                             tuple(taus), head=self.head, bottleneck=bottleneck,
+                             gan_generator=cfg.gan_generator, gan_fake=cfg.gan_fake)
+
+    def updates(self, batch, step):
+        noise = [torch.randn(m.x0.shape, generator=m.generator).to(m.x0.device, m.x0.dtype)
+                 for m in batch]
+        samples: list = [None] * len(batch)  # G's x0 per micro-batch, what the fake score fits
+        plan = []
+        if step % self.cfg.fake_ratio == 0:  # the generator moves on the slow time scale
+            def generator_loss(j):
+                m = batch[j]
+                x, _ = self.loss.sample(noise[j], m.pos, m.generator)
+                samples[j] = x.detach()
+                return self.loss.generator_loss(x, m.pos, m.neg, m.generator)
+            # the GAN term reaches the generator through the critics, not into them
+            critics = tuple(self.accelerator.unwrap_model(m) for m in self.critics)
+            plan.append(self.student_update(generator_loss, critics))
+        else:
+            with torch.no_grad(), self.accelerator.autocast():
+                samples[:] = [self.loss.sample(noise[j], m.pos, m.generator)[0]
+                              for j, m in enumerate(batch)]
+
+        def fake_loss(j):
+            m = batch[j]
+            real = m.x0 if self.cfg.gan else None
+            return self.loss.fake_loss(samples[j], m.pos, m.generator, real=real)
+        plan.append(Update(self.critics, self.fake_optimiser, fake_loss))
+        return plan
+
+
+class LADDAddOn:
+    """LADD beside a method's own loss (Sauer et al. 2024; SANA-Sprint's sCM + LADD): heads on the
+    frozen teacher's feature blocks (``Family.feature_blocks``) with their own optimiser and hinge
+    loss. The method adds ``term``'s generator loss to its own and keeps its x0 estimates for
+    ``update``."""
+
+    def __init__(self, cfg: DistillConfig, teacher):
+        self.teacher, net = teacher, teacher.family.net
+        widths = feature_widths(net, teacher.family)
+        self.heads = torch.nn.ModuleList(GANHead(w) for w in widths).to(net.device)
+        self.optimiser = adamw(self.heads.parameters(), cfg.fake_lr or cfg.lr, 0.0)
+
+    def modules(self) -> dict:
+        return {"head": self.heads}
+
+    def optimisers(self) -> dict:
+        return {"fake_opt": self.optimiser}
+
+    def bind(self, prepared: dict, accelerator) -> None:
+        self.heads, self.optimiser = prepared["head"], prepared["fake_opt"]
+        family = self.teacher.family
+        self.term = LADD(self.teacher.net_denoiser, feature_modules(family.net, family), self.heads)
+        # the adversarial term reaches the student through the heads, not into them
+        self.frozen = (accelerator.unwrap_model(self.heads),)
+
+    def update(self, batch: list[MicroBatch], fakes: list) -> Update:
+        """The heads' step on micro-batch j's kept student estimates ``fakes[j]`` against its
+        data."""
+        def loss(j):
+            m = batch[j]
+            d = self.term.discriminator_loss(fakes[j], m.x0, m.pos, m.generator)
+            return d, {"adv_d": d.item()}
+        return Update([self.heads], self.optimiser, loss)
+
+
+@register
+class SCM(Method):
+    """Continuous-time consistency distillation, sCM (Lu & Song 2024, Alg. 1, sCD) in TrigFlow,
+    with a learned weighting w_phi(t) trained beside the student; optional LADD (``--ladd``,
+    SANA-Sprint)."""
+
+    name = "scm"
+    adversarial = "ladd"
+    lcm_boundary = False
+    scale_input = True
+
+    def build(self):
+        cfg = self.cfg
+        self.weight = AdaptiveWeight().to(self.family.net.device)  # w_phi(t), Sec. 4.3
+        params = [*self.student.parameters(), *self.weight.parameters()]
+        self.optimiser = adamw(params, cfg.lr, self.weight_decay)
+        self.ladd = LADDAddOn(cfg, self.teacher) if cfg.ladd else None
+
+    def modules(self):
+        ladd = self.ladd.modules() if self.ladd else {}
+        return {**super().modules(), "weight": self.weight, **ladd}
+
+    def optimisers(self):
+        return {**super().optimisers(), **(self.ladd.optimisers() if self.ladd else {})}
+
+    def bind(self, prepared, accelerator):
+        super().bind(prepared, accelerator)
+        self.weight, cfg = prepared["weight"], self.cfg
+        if self.ladd:
+            self.ladd.bind(prepared, accelerator)
+        self.loss = SCMLoss(self.teacher.net_denoiser, network_denoiser(self.teacher, self.student),
+                            self.weight, self.guidance, p_mean=cfg.scm_p_mean, p_std=cfg.scm_p_std,
+                            tangent_c=cfg.scm_tangent_c, warmup=cfg.scm_warmup,
+                            method=cfg.scm_derivative, prior_weight=cfg.scm_prior_weight,
+                            ladd=self.ladd.term if self.ladd else None, ladd_weight=cfg.ladd_weight)
+
+    def updates(self, batch, step):
+        fakes: list = []  # the student's x0 estimates, for the LADD heads' update
+
+        def loss(j):
+            m = batch[j]
+            guidance, cond = self._scales(m)
+            return self.loss(m.x0, m.pos, m.neg, step, m.generator, guidance=guidance,
+                             student_cond=cond, keep=fakes)
+        frozen = self.ladd.frozen if self.ladd else ()
+        plan = [Update([self.student, self.weight], self.optimiser, loss, frozen)]
+        if self.ladd:
+            plan.append(self.ladd.update(batch, fakes))
+        return plan
+
+    def _scales(self, m: MicroBatch):
+        """With CFG: a scale per example for the teacher, embedded into the student as SANA-Sprint
+        embeds its guidance (LCM's w-embedding); else the method's guidance as given."""
+        if not self.embed:
+            return None, None
+        w = draw_scales((self.cfg.scale_min, self.cfg.scale_max), m.x0.shape[0], m.generator)
+        embedded = embed_scale(w - 1.0).to(self.accelerator.device)
+        return PerSampleCFG(w), {**m.pos, "timestep_cond": embedded}
+
+    def student_grid(self):
+        """SCMScheduler's TrigFlow times, mapped to the student's schedule."""
+        return {"spacing": "scm"}
+
+
+@register
+class ICT(Method):
+    """Improved consistency training (Song & Dhariwal 2023): from the data alone, the student pulled
+    towards its own stop-gradient output one curriculum level lower (``ict.ICTLoss``)."""
+
+    name = "ict"
+
+    def initial_student(self, net):
+        """The teacher's copy, or with init="random" (the paper's) fresh weights in its
+        architecture."""
+        student = super().initial_student(net)
+        if self.cfg.init == "random":
+            student = type(student).from_config(student.config).to(net.device, net.dtype)
+        return student
+
+    def bind(self, prepared, accelerator):
+        super().bind(prepared, accelerator)
+        cfg = self.cfg
+        self.loss = ICTLoss(network_denoiser(self.teacher, self.student),
+                            cfg.ict_total or cfg.max_steps, cfg.ict_s0, cfg.ict_s1,
+                            p_mean=cfg.ict_p_mean, p_std=cfg.ict_p_std,
+                            timestep_scaling=self.boundary)
+
+    def updates(self, batch, step):
+        def loss(j):
+            m = batch[j]
+            return self.loss(m.x0, m.pos, step, m.generator)
+        return [self.student_update(loss)]
+
+    @classmethod
+    def check_resume(cls, cfg, old, ckpt):
+        """The discretisation curriculum is laid out over max_steps unless its length is fixed."""
+        if not cfg.ict_total and old.get("max_steps") != cfg.max_steps:
+            raise ValueError(f"{ckpt} was trained with max_steps={old.get('max_steps')!r}, over "
+                             f"which iCT's discretisation curriculum is laid out; resume with the "
+                             f"same --max-steps (or fix the curriculum's length with --ict-total "
+                             f"from the start)")
+
+    def original_steps(self, train_steps):
+        return ICT_STEPS
