@@ -76,7 +76,7 @@ class Run:
     def _apply(self, update: Update, n: int) -> dict:
         """One optimiser step over ``n`` micro-batches (gradients averaged across processes once, at
         the last), ``update.frozen`` out of autograd throughout; returns the mean logs."""
-        from ..pipelines.pipeline import frozen
+        from ..core.freeze import frozen
 
         opt = update.optimiser
         with frozen(*update.frozen):
