@@ -1,4 +1,5 @@
 """Bench scripts reuse the measuring code the tests use (tests/helpers.py)."""
+
 import json
 import os
 import statistics
@@ -32,8 +33,10 @@ def line_plot(path: str, xs, series: dict, xlabel: str, title: str = "") -> None
     for k, (name, ys) in enumerate(series.items()):
         lo, hi = min(ys), max(ys)
         span = (hi - lo) or 1.0
-        pts = [(m + (x - x0) / ((x1 - x0) or 1) * (w - 2 * m), h - m - (y - lo) / span * (h - 2 * m))
-               for x, y in zip(xs, ys)]
+        pts = [
+            (m + (x - x0) / ((x1 - x0) or 1) * (w - 2 * m), h - m - (y - lo) / span * (h - 2 * m))
+            for x, y in zip(xs, ys)
+        ]
         d.line(pts, fill=colours[k % 4], width=2)
         for p in pts:
             d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colours[k % 4])
@@ -54,26 +57,59 @@ def toy_setup(models, quick: bool = False):
 
     quiet_loading()
     pipes = [GuidedPipeline.from_pretrained(m, progress=False) for m in models]
-    return evaluator.load(), pipes, list(metrics.DEFAULT_PROMPTS[:3] if quick else metrics.DEFAULT_PROMPTS)
+    return (
+        evaluator.load(),
+        pipes,
+        list(metrics.DEFAULT_PROMPTS[:3] if quick else metrics.DEFAULT_PROMPTS),
+    )
 
 
-def scored(gp, judge, prompts, n, guidance, sampler, steps, stitch=None, seed=0, noise=None, guide_model=None,
-           spacing=None) -> dict:
+def scored(
+    gp,
+    judge,
+    prompts,
+    n,
+    guidance,
+    sampler,
+    steps,
+    stitch=None,
+    seed=0,
+    noise=None,
+    guide_model=None,
+    spacing=None,
+) -> dict:
     """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown); with a
     noise optimiser also its extra NFE, backward passes and seconds per image."""
     from diffguide.evaluate import prompt_set
     from diffguide.toy import metrics
 
     costs, per_image = {}, []
-    images, ids, nfe, seconds = prompt_set(gp, prompts, n, seed, guidance, sampler, steps, spacing=spacing, stitch=stitch,
-                                           noise=noise, costs=costs, guide_model=guide_model)
+    images, ids, nfe, seconds = prompt_set(
+        gp,
+        prompts,
+        n,
+        seed,
+        guidance,
+        sampler,
+        steps,
+        spacing=spacing,
+        stitch=stitch,
+        noise=noise,
+        costs=costs,
+        guide_model=guide_model,
+    )
     res = metrics.evaluate(images, ids, prompts, judge, per_image=per_image)
     res.pop("adherence_by_prompt")
     m = len(per_image)
     p = res["adherence"]
-    return {"nfe_per_image": float(nfe), "seconds_per_image": round(seconds, 4),
-            **(costs if noise else {}), **res, "adherence_se": round((p * (1 - p) / m) ** 0.5, 4),
-            "adherent": [int(r["adherent"]) for r in per_image]}
+    return {
+        "nfe_per_image": float(nfe),
+        "seconds_per_image": round(seconds, 4),
+        **(costs if noise else {}),
+        **res,
+        "adherence_se": round((p * (1 - p) / m) ** 0.5, 4),
+        "adherent": [int(r["adherent"]) for r in per_image],
+    }
 
 
 def paired(a: list, b: list) -> dict:
@@ -84,9 +120,13 @@ def paired(a: list, b: list) -> dict:
     worse = sum(1 for x, y in zip(a, b) if x and not y)
     better = sum(1 for x, y in zip(a, b) if y and not x)
     k, n = min(worse, better), worse + better
-    pval = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-    return {"difference": round((better - worse) / len(a), 4), "better": better, "worse": worse,
-            "p_value": round(pval, 4)}
+    pval = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {
+        "difference": round((better - worse) / len(a), 4),
+        "better": better,
+        "worse": worse,
+        "p_value": round(pval, 4),
+    }
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
@@ -108,5 +148,11 @@ def ratio_summary(a: list, b: list) -> dict:
     """The median of the per-round ratios a_i / b_i, with their quartiles and extremes."""
     r = sorted(x / y for x, y in zip(a, b))
     q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-    return {"median": round(statistics.median(r), 4), "q25": round(q[0], 4), "q75": round(q[2], 4),
-            "min": round(r[0], 4), "max": round(r[-1], 4), "rounds": len(r)}
+    return {
+        "median": round(statistics.median(r), 4),
+        "q25": round(q[0], 4),
+        "q75": round(q[2], 4),
+        "min": round(r[0], 4),
+        "max": round(r[-1], 4),
+        "rounds": len(r),
+    }

@@ -1,12 +1,16 @@
 """The per-call key of a captured loop (``cuda_graph=True``): what it costs on real network sizes.
 
-The old key walked every parameter (data pointer, dtype) and every module (LoRA scales) at every call;
-``pipelines.pipeline._weights_key`` samples three parameters and finds the LoRA layers again only when
-the adapters change. Both run here on SD 1.5's, SDXL's and Flux.1's denoisers built on the meta device
+The old key walked every parameter (data pointer, dtype) and every module (LoRA scales) at every
+call;
+``pipelines.pipeline._weights_key`` samples three parameters and finds the LoRA layers again only
+when
+the adapters change. Both run here on SD 1.5's, SDXL's and Flux.1's denoisers built on the meta
+device
 (no memory; the walk is what costs), interleaved, medians of per-round times and of paired ratios.
 
     python bench/graph_key.py --out bench/results/graph_key.json [--repeats 21]
 """
+
 import argparse
 import os
 import statistics
@@ -40,8 +44,11 @@ def networks(quick: bool) -> dict:
     with torch.device("meta"):
         if quick:
             return {"sd15 (quick)": diffusers.UNet2DConditionModel(**QUICK["sd15"])}
-        return {"sd15": diffusers.UNet2DConditionModel(**SD15), "sdxl": diffusers.UNet2DConditionModel(**SDXL),
-                "flux": diffusers.FluxTransformer2DModel(**FLUX)}
+        return {
+            "sd15": diffusers.UNet2DConditionModel(**SD15),
+            "sdxl": diffusers.UNet2DConditionModel(**SDXL),
+            "flux": diffusers.FluxTransformer2DModel(**FLUX),
+        }
 
 
 def per_call(fn, calls: int) -> float:
@@ -69,14 +76,30 @@ def main():
             old.append(per_call(lambda: walked_key(net), args.calls))
             new.append(per_call(lambda: _weights_key(den), args.calls))
         ratio = [o / n for o, n in zip(old, new)]
-        rows.append({"network": name, "parameters": sum(1 for _ in net.parameters()),
-                     "modules": sum(1 for _ in net.modules()),
-                     "walked_key_ms": round(1000 * statistics.median(old), 4),
-                     "sampled_key_ms": round(1000 * statistics.median(new), 4),
-                     "ratio_median": round(statistics.median(ratio), 1),
-                     "ratio_quartiles": [round(q, 1) for q in statistics.quantiles(ratio, n=4, method="inclusive")]
-                     if len(ratio) > 1 else None})
-    emit({"repeats": args.repeats, "calls_per_round": args.calls, "clock": "process CPU time", "rows": rows}, args.out)
+        rows.append(
+            {
+                "network": name,
+                "parameters": sum(1 for _ in net.parameters()),
+                "modules": sum(1 for _ in net.modules()),
+                "walked_key_ms": round(1000 * statistics.median(old), 4),
+                "sampled_key_ms": round(1000 * statistics.median(new), 4),
+                "ratio_median": round(statistics.median(ratio), 1),
+                "ratio_quartiles": [
+                    round(q, 1) for q in statistics.quantiles(ratio, n=4, method="inclusive")
+                ]
+                if len(ratio) > 1
+                else None,
+            }
+        )
+    emit(
+        {
+            "repeats": args.repeats,
+            "calls_per_round": args.calls,
+            "clock": "process CPU time",
+            "rows": rows,
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

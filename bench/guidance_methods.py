@@ -2,7 +2,8 @@
 adherence, Frechet distance, colour error, NFE and time, as JSON and a markdown table; plus one
 labelled comparison grid.
 
-    python bench/guidance_methods.py [--n 8] [--steps 25] [--out bench/results/guidance_methods.json]
+    python bench/guidance_methods.py [--n 8] [--steps 25] [--out
+    bench/results/guidance_methods.json]
         [--md bench/results/guidance_methods.md] [--grid bench/results/guidance_methods.png]
 
 LinearAG is calibrated and APG and AG are tuned first (``diffguide tune``, probe seed 1, so on other
@@ -10,6 +11,7 @@ images than the evaluation's seed 0). Each row carries its adherence's standard 
 named in COMPARE are also compared image by image with their CFG row (paired: same prompts and
 seeds), with the discordant counts and an exact sign-test p-value.
 """
+
 import argparse
 import json
 import os
@@ -23,36 +25,73 @@ from diffguide.core.registry import to_spec
 from diffguide.evaluate import calibrate_linear_ag, grid
 from diffguide.evaluate.tune import tune
 
-SPECS = ["none", "cfg:scale=3", "cfg:scale=5", "cfg:scale=7.5", "cfg:scale=12",
-         "apg:scale=5", "apg:scale=7.5", "apg:scale=12", "{apg12}",
-         "cfgpp:scale=0.4", "cfgpp:scale=0.6", "cfgpp:scale=1",
-         "icg:scale=3", "icg:scale=3,condition=prompts", "icg:scale=5,condition=prompts",
-         "tsg:scale=2", "tsg:scale=3",
-         "ag:scale=5", "{ag5}", "linear_ag:scale=5,coefficients={lag}",
-         "cfg:scale=5+tsg:scale=2"]
+SPECS = [
+    "none",
+    "cfg:scale=3",
+    "cfg:scale=5",
+    "cfg:scale=7.5",
+    "cfg:scale=12",
+    "apg:scale=5",
+    "apg:scale=7.5",
+    "apg:scale=12",
+    "{apg12}",
+    "cfgpp:scale=0.4",
+    "cfgpp:scale=0.6",
+    "cfgpp:scale=1",
+    "icg:scale=3",
+    "icg:scale=3,condition=prompts",
+    "icg:scale=5,condition=prompts",
+    "tsg:scale=2",
+    "tsg:scale=3",
+    "ag:scale=5",
+    "{ag5}",
+    "linear_ag:scale=5,coefficients={lag}",
+    "cfg:scale=5+tsg:scale=2",
+]
 # (row, the CFG row it is compared with image by image)
-COMPARE = [("apg:scale=12", "cfg:scale=12"), ("{apg12}", "cfg:scale=12"), ("ag:scale=5", "cfg:scale=5"),
-           ("{ag5}", "cfg:scale=5"), ("icg:scale=3", "cfg:scale=3"), ("icg:scale=3,condition=prompts", "cfg:scale=3"),
-           ("linear_ag:scale=5,coefficients={lag}", "cfg:scale=5")]
-GRID = ["none", "cfg:scale=5", "cfg:scale=12", "apg:scale=12", "cfgpp:scale=0.6", "icg:scale=5,condition=prompts",
-        "tsg:scale=3", "ag:scale=5"]
+COMPARE = [
+    ("apg:scale=12", "cfg:scale=12"),
+    ("{apg12}", "cfg:scale=12"),
+    ("ag:scale=5", "cfg:scale=5"),
+    ("{ag5}", "cfg:scale=5"),
+    ("icg:scale=3", "cfg:scale=3"),
+    ("icg:scale=3,condition=prompts", "cfg:scale=3"),
+    ("linear_ag:scale=5,coefficients={lag}", "cfg:scale=5"),
+]
+GRID = [
+    "none",
+    "cfg:scale=5",
+    "cfg:scale=12",
+    "apg:scale=12",
+    "cfgpp:scale=0.6",
+    "icg:scale=5,condition=prompts",
+    "tsg:scale=3",
+    "ag:scale=5",
+]
 
 
 def calibrate(gp, sampler, steps, scale, path, prompts):
     """LinearAG coefficients from 2 images per prompt at seed 1 (the evaluation uses seed 0)."""
     with open(path, "w") as f:
-        json.dump({"coefficients": calibrate_linear_ag(gp, prompts, 2, 1, sampler, steps, scale)}, f)
+        json.dump(
+            {"coefficients": calibrate_linear_ag(gp, prompts, 2, 1, sampler, steps, scale)}, f
+        )
 
 
 def table(rows) -> str:
-    head = ("| guidance | NFE | s/image | adherence (± se) | single | two | FD | colour error | saturation error |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| guidance | NFE | s/image | adherence (± se) | single | two | FD | colour error | "
+        "saturation error |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
+    )
     body = "".join(
         f"| `{r['guidance']}` | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.3f} | "
         f"{r['adherence']:.3f} ± {r['adherence_se']:.3f} | "
         f"{r['adherence_by_group'].get('single', float('nan')):.3f} | "
         f"{r['adherence_by_group'].get('two', float('nan')):.3f} | "
-        f"{r['frechet_distance']:.2f} | {r['colour_error']:.4f} | {r['saturation_error']:.4f} |\n" for r in rows)
+        f"{r['frechet_distance']:.2f} | {r['colour_error']:.4f} | {r['saturation_error']:.4f} |\n"
+        for r in rows
+    )
     return head + body
 
 
@@ -63,7 +102,9 @@ def main():
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--only", default=None, help="comma-separated indices into SPECS")
-    ap.add_argument("--quick", action="store_true", help="every method once, 3 steps, 3 prompts (CI)")
+    ap.add_argument(
+        "--quick", action="store_true", help="every method once, 3 steps, 3 prompts (CI)"
+    )
     ap.add_argument("--out")
     ap.add_argument("--md")
     ap.add_argument("--grid")
@@ -77,30 +118,60 @@ def main():
     calib_seconds = time.perf_counter() - t0
     probe_n = 1 if args.quick else 2
     t0 = time.perf_counter()
-    tuned = {"apg12": tune(gp, "apg", prompts, probe_n, 1, args.sampler, args.steps, 12.0),
-             "ag5": tune(gp, "ag", prompts, probe_n, 1, args.sampler, args.steps, 5.0, target_nfe=0.75)}
+    tuned = {
+        "apg12": tune(gp, "apg", prompts, probe_n, 1, args.sampler, args.steps, 12.0),
+        "ag5": tune(gp, "ag", prompts, probe_n, 1, args.sampler, args.steps, 5.0, target_nfe=0.75),
+    }
     tune_seconds = time.perf_counter() - t0
     names = {k: v["guidance"] for k, v in tuned.items()}
     specs = SPECS if args.only is None else [SPECS[int(i)] for i in args.only.split(",")]
     if args.quick:
-        specs = [sp for sp in specs if ":scale=3" not in sp and ":scale=12" not in sp and "0.4" not in sp]
+        specs = [
+            sp for sp in specs if ":scale=3" not in sp and ":scale=12" not in sp and "0.4" not in sp
+        ]
     rows, by_name = [], {}
     for spec in specs:
         concrete = spec.format(lag=lag, **names)
         g, s = gp.resolve(concrete, None, args.sampler)
         label = spec.replace(",coefficients={lag}", " (calibrated)")
-        label = {"{apg12}": f"{names['apg12']} (tuned)", "{ag5}": f"{names['ag5']} (tuned)"}.get(spec, label)
-        rows.append({"guidance": label, "spec": to_spec(g), **scored(gp, judge, prompts, args.n, g, s, args.steps)})
+        label = {"{apg12}": f"{names['apg12']} (tuned)", "{ag5}": f"{names['ag5']} (tuned)"}.get(
+            spec, label
+        )
+        rows.append(
+            {
+                "guidance": label,
+                "spec": to_spec(g),
+                **scored(gp, judge, prompts, args.n, g, s, args.steps),
+            }
+        )
         by_name[spec] = rows[-1]
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    comparisons = [{"row": by_name[a]["guidance"], "against": b, **paired(by_name[b]["adherent"], by_name[a]["adherent"])}
-                   for a, b in COMPARE if a in by_name and b in by_name]
+    comparisons = [
+        {
+            "row": by_name[a]["guidance"],
+            "against": b,
+            **paired(by_name[b]["adherent"], by_name[a]["adherent"]),
+        }
+        for a, b in COMPARE
+        if a in by_name and b in by_name
+    ]
     for c in comparisons:
         print(c, flush=True)
-    emit({"model": args.model, "sampler": args.sampler, "steps": args.steps, "prompts": len(prompts),
-          "images_per_prompt": args.n, "linear_ag_calibration_seconds": round(calib_seconds, 1),
-          "tune_seconds": round(tune_seconds, 1), "tuned": tuned, "comparisons": comparisons,
-          "rows": rows}, args.out)
+    emit(
+        {
+            "model": args.model,
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "prompts": len(prompts),
+            "images_per_prompt": args.n,
+            "linear_ag_calibration_seconds": round(calib_seconds, 1),
+            "tune_seconds": round(tune_seconds, 1),
+            "tuned": tuned,
+            "comparisons": comparisons,
+            "rows": rows,
+        },
+        args.out,
+    )
     if args.md:
         with open(args.md, "w") as f:
             f.write(table(rows))
@@ -110,8 +181,18 @@ def main():
         for spec in GRID:
             g, s = gp.resolve(spec, None, args.sampler)
             k = 2 if args.quick else 6
-            imgs.append(gp(text, guidance=g, sampler=s, steps=args.steps, num_images_per_prompt=k,
-                           seed=list(range(k)), output_type="np", progress=False).images)
+            imgs.append(
+                gp(
+                    text,
+                    guidance=g,
+                    sampler=s,
+                    steps=args.steps,
+                    num_images_per_prompt=k,
+                    seed=list(range(k)),
+                    output_type="np",
+                    progress=False,
+                ).images
+            )
         grid([np.asarray(i) for i in imgs], GRID).save(args.grid)
 
 

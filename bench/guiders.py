@@ -1,5 +1,6 @@
 """The guiders users know from diffusers (PAG, SEG, SLG, CFG-Zero*, AutoGuidance, FDG, TCFG) on the
-built-in model: adherence (with its standard error and a paired comparison against the CFG row of the
+built-in model: adherence (with its standard error and a paired comparison against the CFG row of
+the
 same strength), Frechet distance, colour and saturation error and NFE, beside CFG and APG; then the
 time per image of "cfg+pag" with its three branches in one forward against the same branches run as
 separate forwards (the way diffusers' guiders run them), interleaved, in wall and process CPU time.
@@ -7,6 +8,7 @@ separate forwards (the way diffusers' guiders run them), interleaved, in wall an
     python bench/guiders.py [--n 8] [--steps 25] [--out bench/results/guiders.json]
         [--md bench/results/guiders.md] [--repeats 9]
 """
+
 import argparse
 import statistics
 
@@ -15,46 +17,90 @@ from _common import emit, interleaved, paired, ratio_summary, scored, toy_setup
 from diffguide.core.registry import to_spec
 from diffguide.pipelines import GuidedPipeline
 
-SPECS = ["cfg:scale=3", "cfg:scale=5", "cfg:scale=7.5", "apg:scale=7.5",
-         "pag:scale=1.5", "pag:scale=3", "cfg:scale=5+pag:scale=1.5", "cfg:scale=5+pag:scale=3",
-         "seg:scale=3", "seg:scale=3,sigma=2", "cfg:scale=5+seg:scale=3",
-         "cfg:scale=5+slg:scale=2.8", "cfg:scale=5+slg:scale=2.8,stop=1",
-         "cfg_zero_star:scale=5", "cfg_zero_star:scale=7.5",
-         "autoguidance:scale=2", "autoguidance:scale=3", "cfg:scale=5+autoguidance:scale=1.5",
-         "fdg:scales=7.5;3", "fdg:scales=10;5",
-         "tcfg:scale=5", "tcfg:scale=7.5"]
-COMPARE = [("cfg:scale=5+pag:scale=1.5", "cfg:scale=5"), ("cfg:scale=5+pag:scale=3", "cfg:scale=5"),
-           ("cfg:scale=5+seg:scale=3", "cfg:scale=5"), ("cfg:scale=5+slg:scale=2.8,stop=1", "cfg:scale=5"),
-           ("cfg_zero_star:scale=5", "cfg:scale=5"), ("cfg_zero_star:scale=7.5", "cfg:scale=7.5"),
-           ("tcfg:scale=5", "cfg:scale=5"), ("tcfg:scale=7.5", "cfg:scale=7.5"),
-           ("fdg:scales=7.5;3", "cfg:scale=5"), ("cfg:scale=5+autoguidance:scale=1.5", "cfg:scale=5")]
+SPECS = [
+    "cfg:scale=3",
+    "cfg:scale=5",
+    "cfg:scale=7.5",
+    "apg:scale=7.5",
+    "pag:scale=1.5",
+    "pag:scale=3",
+    "cfg:scale=5+pag:scale=1.5",
+    "cfg:scale=5+pag:scale=3",
+    "seg:scale=3",
+    "seg:scale=3,sigma=2",
+    "cfg:scale=5+seg:scale=3",
+    "cfg:scale=5+slg:scale=2.8",
+    "cfg:scale=5+slg:scale=2.8,stop=1",
+    "cfg_zero_star:scale=5",
+    "cfg_zero_star:scale=7.5",
+    "autoguidance:scale=2",
+    "autoguidance:scale=3",
+    "cfg:scale=5+autoguidance:scale=1.5",
+    "fdg:scales=7.5;3",
+    "fdg:scales=10;5",
+    "tcfg:scale=5",
+    "tcfg:scale=7.5",
+]
+COMPARE = [
+    ("cfg:scale=5+pag:scale=1.5", "cfg:scale=5"),
+    ("cfg:scale=5+pag:scale=3", "cfg:scale=5"),
+    ("cfg:scale=5+seg:scale=3", "cfg:scale=5"),
+    ("cfg:scale=5+slg:scale=2.8,stop=1", "cfg:scale=5"),
+    ("cfg_zero_star:scale=5", "cfg:scale=5"),
+    ("cfg_zero_star:scale=7.5", "cfg:scale=7.5"),
+    ("tcfg:scale=5", "cfg:scale=5"),
+    ("tcfg:scale=7.5", "cfg:scale=7.5"),
+    ("fdg:scales=7.5;3", "cfg:scale=5"),
+    ("cfg:scale=5+autoguidance:scale=1.5", "cfg:scale=5"),
+]
 
 
 def table(rows) -> str:
-    head = ("| guidance | NFE | s/image | adherence (± se) | FD | colour error | saturation error |\n"
-            "|---|---|---|---|---|---|---|\n")
+    head = (
+        "| guidance | NFE | s/image | adherence (± se) | FD | colour error | saturation error |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
     return head + "".join(
         f"| `{r['guidance']}` | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.3f} | "
         f"{r['adherence']:.3f} ± {r['adherence_se']:.3f} | {r['frechet_distance']:.2f} | "
-        f"{r['colour_error']:.4f} | {r['saturation_error']:.4f} |\n" for r in rows)
+        f"{r['colour_error']:.4f} | {r['saturation_error']:.4f} |\n"
+        for r in rows
+    )
 
 
 def batching(gp, steps: int, images: int, repeats: int) -> dict:
     """cfg+pag with the three branches in one forward vs one forward per branch (max_batch = the
     images of one branch), same images; interleaved rounds after a warm-up."""
-    kw = dict(guidance="cfg:scale=5+pag:scale=3", steps=steps, seed=list(range(images)), output_type="np",
-              num_images_per_prompt=images,
-              progress=False)
-    runs = {"batched": lambda: gp("a red circle", **kw), "separate": lambda: gp("a red circle", max_batch=images, **kw)}
+    kw = dict(
+        guidance="cfg:scale=5+pag:scale=3",
+        steps=steps,
+        seed=list(range(images)),
+        output_type="np",
+        num_images_per_prompt=images,
+        progress=False,
+    )
+    runs = {
+        "batched": lambda: gp("a red circle", **kw),
+        "separate": lambda: gp("a red circle", max_batch=images, **kw),
+    }
     first = {k: f() for k, f in runs.items()}
     rec = interleaved(runs, repeats)
-    return {"images_per_call": images, "steps": steps,
-            "forwards_per_call": {k: v.forwards for k, v in first.items()},
-            "max_abs_image_difference": float(abs(first["batched"].images - first["separate"].images).max()),
-            "median_seconds_per_image": {k: {m: round(statistics.median(v) / images, 4) for m, v in r.items()}
-                                         for k, r in rec.items()},
-            "wall_batched_over_separate": ratio_summary(rec["batched"]["wall"], rec["separate"]["wall"]),
-            "cpu_batched_over_separate": ratio_summary(rec["batched"]["cpu"], rec["separate"]["cpu"])}
+    return {
+        "images_per_call": images,
+        "steps": steps,
+        "forwards_per_call": {k: v.forwards for k, v in first.items()},
+        "max_abs_image_difference": float(
+            abs(first["batched"].images - first["separate"].images).max()
+        ),
+        "median_seconds_per_image": {
+            k: {m: round(statistics.median(v) / images, 4) for m, v in r.items()}
+            for k, r in rec.items()
+        },
+        "wall_batched_over_separate": ratio_summary(
+            rec["batched"]["wall"], rec["separate"]["wall"]
+        ),
+        "cpu_batched_over_separate": ratio_summary(rec["batched"]["cpu"], rec["separate"]["cpu"]),
+    }
 
 
 def main():
@@ -75,16 +121,42 @@ def main():
     rows, by = [], {}
     for spec in SPECS:
         g, s = gp.resolve(spec, None, args.sampler)
-        rows.append({"guidance": spec, "spec": to_spec(g),
-                     **scored(gp, judge, prompts, args.n, g, s, args.steps,
-                              guide_model=guide if "autoguidance" in spec else None)})
+        rows.append(
+            {
+                "guidance": spec,
+                "spec": to_spec(g),
+                **scored(
+                    gp,
+                    judge,
+                    prompts,
+                    args.n,
+                    g,
+                    s,
+                    args.steps,
+                    guide_model=guide if "autoguidance" in spec else None,
+                ),
+            }
+        )
         by[spec] = rows[-1]
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    comparisons = [{"row": a, "against": b, **paired(by[b]["adherent"], by[a]["adherent"])} for a, b in COMPARE]
+    comparisons = [
+        {"row": a, "against": b, **paired(by[b]["adherent"], by[a]["adherent"])} for a, b in COMPARE
+    ]
     timing = batching(gp, args.steps, args.batch_images, args.repeats)
-    emit({"model": "builtin", "guide_model": "builtin-small", "sampler": args.sampler, "steps": args.steps,
-          "prompts": len(prompts), "images_per_prompt": args.n, "comparisons": comparisons, "rows": rows,
-          "cfg_pag_batching": timing}, args.out)
+    emit(
+        {
+            "model": "builtin",
+            "guide_model": "builtin-small",
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "prompts": len(prompts),
+            "images_per_prompt": args.n,
+            "comparisons": comparisons,
+            "rows": rows,
+            "cfg_pag_batching": timing,
+        },
+        args.out,
+    )
     if args.md:
         with open(args.md, "w") as f:
             f.write(table(rows))

@@ -6,6 +6,7 @@ Gaussian-mixture denoiser. Prints JSON.
 
     python bench/parity.py [--out FILE]
 """
+
 import argparse
 
 import torch
@@ -31,15 +32,32 @@ def main():
         for steps in (8, 20):
             for kind, label in (("eps", "epsilon"), ("v", "v_prediction")):
                 m = WellPosed(sc, unet, kind)
-                x, ref = parity_run(case, steps, m, m.denoiser(), sc, (2, 4, 8, 8), *text, kind=label)
+                x, ref = parity_run(
+                    case, steps, m, m.denoiser(), sc, (2, 4, 8, 8), *text, kind=label
+                )
                 row[f"unet_{kind}_{steps}"] = float(f"{(x - ref).abs().max():.2e}")
-        x, ref = parity_run(case, 15, gmm_eps_model(gm), gm, sc, (2, 2), torch.tensor([0, 2]),
-                            torch.tensor([-1, -1]))
+        x, ref = parity_run(
+            case,
+            15,
+            gmm_eps_model(gm),
+            gm,
+            sc,
+            (2, 2),
+            torch.tensor([0, 2]),
+            torch.tensor([-1, -1]),
+        )
         row["gmm_15"] = float(f"{(x - ref).abs().max():.2e}")
         row["worst"] = max(row.values())
         rows[case] = row
-    emit({"metric": "max |diffguide - diffusers| on unit-variance samples", "cfg_scale": 5.0,
-          "cases": rows, "worst": max(r["worst"] for r in rows.values())}, args.out)
+    emit(
+        {
+            "metric": "max |diffguide - diffusers| on unit-variance samples",
+            "cfg_scale": 5.0,
+            "cases": rows,
+            "worst": max(r["worst"] for r in rows.values()),
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

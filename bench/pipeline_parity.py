@@ -5,6 +5,7 @@ same prompts, per-image generators, steps and guidance scale. Prints JSON.
 
     python bench/pipeline_parity.py [--out FILE]
 """
+
 import argparse
 import tempfile
 
@@ -27,11 +28,19 @@ def main():
         with tempfile.TemporaryDirectory() as folder:
             tiny.BUILDERS[builder](**options).save_pretrained(folder)
             out, ref = pipeline_parity(case, folder)
-        rows[case] = {"max_abs_error": float(f"{np.abs(out.images - ref).max():.2e}"),
-                      "seed_to_seed_difference": round(float(np.abs(ref[0] - ref[1]).max()), 3),
-                      "nfe_per_image": out.nfe}
-    emit({"metric": "max |diffguide - diffusers| over images in [0, 1], 2 images per case",
-          "cases": rows, "worst": max(r["max_abs_error"] for r in rows.values())}, args.out)
+        rows[case] = {
+            "max_abs_error": float(f"{np.abs(out.images - ref).max():.2e}"),
+            "seed_to_seed_difference": round(float(np.abs(ref[0] - ref[1]).max()), 3),
+            "nfe_per_image": out.nfe,
+        }
+    emit(
+        {
+            "metric": "max |diffguide - diffusers| over images in [0, 1], 2 images per case",
+            "cases": rows,
+            "worst": max(r["max_abs_error"] for r in rows.values()),
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ for CFG at 10/15/25/50 steps of several samplers, Adaptive Guidance, T-Stitch an
 
     python bench/speed_quality.py [--n 4] [--out FILE] [--plot PNG] [--quick]
 """
+
 import argparse
 
 from _common import emit, line_plot, scored, toy_setup
@@ -17,9 +18,11 @@ def settings(quick: bool):
     samplers, steps = (("ddim", "dpmpp_2m"), (3, 4)) if quick else (SAMPLERS, STEPS)
     out = [dict(sampler=s, steps=n, guidance="cfg:scale=5") for s in samplers for n in steps]
     n = steps[-2]
-    out += [dict(sampler="dpmpp_2m", steps=n, guidance="ag:scale=5"),
-            dict(sampler="dpmpp_2m", steps=n, guidance="cfg:scale=5", stitch=0.4),
-            dict(sampler="dpmpp_2m", steps=n, guidance="ag:scale=5", stitch=0.4)]
+    out += [
+        dict(sampler="dpmpp_2m", steps=n, guidance="ag:scale=5"),
+        dict(sampler="dpmpp_2m", steps=n, guidance="cfg:scale=5", stitch=0.4),
+        dict(sampler="dpmpp_2m", steps=n, guidance="ag:scale=5", stitch=0.4),
+    ]
     return out
 
 
@@ -39,17 +42,48 @@ def main():
         g, s = gp.resolve(cfg["guidance"], None, cfg["sampler"])
         st = Stitching(small, cfg["stitch"]) if "stitch" in cfg else None
         res = scored(gp, judge, prompts, n, g, s, cfg["steps"], st)
-        rows.append({**cfg, **{k: res[k] for k in ("nfe_per_image", "seconds_per_image", "adherence",
-                                                    "adherence_by_group", "frechet_distance")}})
+        rows.append(
+            {
+                **cfg,
+                **{
+                    k: res[k]
+                    for k in (
+                        "nfe_per_image",
+                        "seconds_per_image",
+                        "adherence",
+                        "adherence_by_group",
+                        "frechet_distance",
+                    )
+                },
+            }
+        )
         print(rows[-1], flush=True)
-    emit({"model": args.model, "small": args.small, "images_per_prompt": n, "prompts": len(prompts),
-          "rows": rows}, args.out)
+    emit(
+        {
+            "model": args.model,
+            "small": args.small,
+            "images_per_prompt": n,
+            "prompts": len(prompts),
+            "rows": rows,
+        },
+        args.out,
+    )
     if args.plot:
-        cfg_rows = [r for r in rows if r["sampler"] == "dpmpp_2m" and r["guidance"].startswith("cfg")
-                    and "stitch" not in r]
-        line_plot(args.plot, [r["nfe_per_image"] for r in cfg_rows],
-                  {"adherence": [r["adherence"] for r in cfg_rows], "FD": [r["frechet_distance"] for r in cfg_rows]},
-                  "NFE per image (dpmpp_2m, CFG 5)", "speed vs quality on the built-in model")
+        cfg_rows = [
+            r
+            for r in rows
+            if r["sampler"] == "dpmpp_2m" and r["guidance"].startswith("cfg") and "stitch" not in r
+        ]
+        line_plot(
+            args.plot,
+            [r["nfe_per_image"] for r in cfg_rows],
+            {
+                "adherence": [r["adherence"] for r in cfg_rows],
+                "FD": [r["frechet_distance"] for r in cfg_rows],
+            },
+            "NFE per image (dpmpp_2m, CFG 5)",
+            "speed vs quality on the built-in model",
+        )
 
 
 if __name__ == "__main__":

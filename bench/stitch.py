@@ -8,6 +8,7 @@ pass's own time is kept as ``eval_seconds_per_image``.
 
     python bench/stitch.py [--n 8] [--steps 25] [--guidance cfg:scale=5] [--out FILE] [--plot PNG]
 """
+
 import argparse
 import statistics
 import time
@@ -42,17 +43,39 @@ def main():
     for r in FRACTIONS:
         st = Stitching(small, r, reset=args.reset)
         res = scored(large, judge, prompts, args.n, g, s, args.steps, st)
-        rows.append({"fraction": r, "eval_seconds_per_image": res["seconds_per_image"],
-                     **{k: res[k] for k in ("nfe_per_image", "adherence", "adherence_by_group",
-                                             "frechet_distance", "colour_error")}})
+        rows.append(
+            {
+                "fraction": r,
+                "eval_seconds_per_image": res["seconds_per_image"],
+                **{
+                    k: res[k]
+                    for k in (
+                        "nfe_per_image",
+                        "adherence",
+                        "adherence_by_group",
+                        "frechet_distance",
+                        "colour_error",
+                    )
+                },
+            }
+        )
         print(rows[-1], flush=True)
     times = {r: [] for r in FRACTIONS}
     seeds = list(range(args.timing_batch))
     for rep in range(args.repeats + 1):  # round 0 warms up
         for r in FRACTIONS:
             t0 = time.perf_counter()
-            large(prompts[0], guidance=g, sampler=s, steps=args.steps, seed=seeds, output_type="np",
-                  num_images_per_prompt=len(seeds), progress=False, stitch=Stitching(small, r, reset=args.reset))
+            large(
+                prompts[0],
+                guidance=g,
+                sampler=s,
+                steps=args.steps,
+                seed=seeds,
+                output_type="np",
+                num_images_per_prompt=len(seeds),
+                progress=False,
+                stitch=Stitching(small, r, reset=args.reset),
+            )
             if rep:
                 times[r].append((time.perf_counter() - t0) / len(seeds))
     for row in rows:
@@ -60,13 +83,30 @@ def main():
     base = rows[0]["seconds_per_image"]
     for row in rows:
         row["speedup"] = round(base / row["seconds_per_image"], 3)
-    emit({"large": args.large, "small": args.small, "guidance": args.guidance, "sampler": args.sampler,
-          "steps": args.steps, "images_per_prompt": args.n, "timing_batch": args.timing_batch,
-          "repeats": args.repeats, "reset": args.reset, "rows": rows}, args.out)
+    emit(
+        {
+            "large": args.large,
+            "small": args.small,
+            "guidance": args.guidance,
+            "sampler": args.sampler,
+            "steps": args.steps,
+            "images_per_prompt": args.n,
+            "timing_batch": args.timing_batch,
+            "repeats": args.repeats,
+            "reset": args.reset,
+            "rows": rows,
+        },
+        args.out,
+    )
     if args.plot:
-        line_plot(args.plot, [r["fraction"] for r in rows],
-                  {"speed-up": [r["speedup"] for r in rows], "adherence": [r["adherence"] for r in rows]},
-                  "fraction of steps on the small model", "T-Stitch on the built-in model")
+        line_plot(
+            args.plot,
+            [r["fraction"] for r in rows],
+            {"speed-up": [r["speedup"] for r in rows], "adherence": [r["adherence"] for r in rows]},
+            "fraction of steps on the small model",
+            "T-Stitch on the built-in model",
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ a table of guidance settings (and the companion model). Prints JSON, one row per
 
     python bench/toy_eval.py [--n 8] [--steps 25] [--model builtin] [--out FILE]
 """
+
 import argparse
 
 from _common import emit, scored, toy_setup
@@ -12,8 +13,13 @@ SETTINGS = [("none", None), ("cfg", 1.5), ("cfg", 3.0), ("cfg", 5.0), ("cfg", 7.
 
 def run(gp, judge, prompts, guidance, scale, sampler, steps, n, seed=0):
     g, s = gp.resolve(guidance, scale, sampler)
-    return {"guidance": guidance, "scale": scale, "sampler": sampler, "steps": steps,
-            **scored(gp, judge, prompts, n, g, s, steps, seed=seed)}
+    return {
+        "guidance": guidance,
+        "scale": scale,
+        "sampler": sampler,
+        "steps": steps,
+        **scored(gp, judge, prompts, n, g, s, steps, seed=seed),
+    }
 
 
 def main():
@@ -32,8 +38,12 @@ def main():
     rows = []
     for model, gp in zip(models, pipes):
         for guidance, scale in SETTINGS:
-            rows.append({"model": model, **run(gp, judge, prompts, guidance, scale, args.sampler, args.steps,
-                                               args.n)})
+            rows.append(
+                {
+                    "model": model,
+                    **run(gp, judge, prompts, guidance, scale, args.sampler, args.steps, args.n),
+                }
+            )
     emit({"prompts": len(prompts), "images_per_prompt": args.n, "rows": rows}, args.out)
 
 

@@ -74,27 +74,38 @@ PUBLISHED = {
         "vae": {
             "class": "AutoencoderKL",
             "config": {},
-            "absent": {"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None,
-                       "latents_std": None, "force_upcast": True},
+            "absent": {
+                "scaling_factor": 0.18215,
+                "shift_factor": None,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
         },
         "net": {
             "class": "UNet2DConditionModel",
-            "config": {"in_channels": 4, "out_channels": 4, "sample_size": 64,
-                       "flip_sin_to_cos": True, "freq_shift": 0},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 4,
+                "sample_size": 64,
+                "flip_sin_to_cos": True,
+                "freq_shift": 0,
+            },
             "absent": {"time_cond_proj_dim": None, "addition_embed_type": None},
         },
-        "pipeline": {"class": "StableDiffusionPipeline",
-                     "call": {"num_inference_steps": 50, "guidance_scale": 7.5}},
+        "pipeline": {
+            "class": "StableDiffusionPipeline",
+            "call": {"num_inference_steps": 50, "guidance_scale": 7.5},
+        },
         "source": {
             "scheduler": "forge@c8156fcf backend/huggingface/runwayml/stable-diffusion-v1-5/scheduler/scheduler_config.json",
             "vae": "forge@c8156fcf .../runwayml/stable-diffusion-v1-5/vae/config.json (no scaling_factor/force_upcast keys)",
             "net": "forge@c8156fcf .../runwayml/stable-diffusion-v1-5/unet/config.json",
             "pipeline": "model_index.json (forge@c8156fcf); call defaults = StableDiffusionPipeline.__call__ "
-                        "(diffusers 0.42.1); the card calls pipe(prompt) with no overrides",
+            "(diffusers 0.42.1); the card calls pipe(prompt) with no overrides",
         },
         "unconfirmed": [],
     },
-
     # ------------------------------------------------------------------------------
     # SD 2.1 (768, v-prediction). Sources: forge@c8156fcf backend/huggingface/
     # stabilityai/stable-diffusion-2-1/{model_index.json, scheduler/..., vae/..., unet/...}.
@@ -132,26 +143,39 @@ PUBLISHED = {
         "vae": {
             "class": "AutoencoderKL",
             "config": {},
-            "absent": {"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None,
-                       "latents_std": None, "force_upcast": True},
+            "absent": {
+                "scaling_factor": 0.18215,
+                "shift_factor": None,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
         },
         "net": {
             "class": "UNet2DConditionModel",
-            "config": {"in_channels": 4, "out_channels": 4, "sample_size": 96,
-                       "flip_sin_to_cos": True, "freq_shift": 0},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 4,
+                "sample_size": 96,
+                "flip_sin_to_cos": True,
+                "freq_shift": 0,
+            },
             "absent": {"time_cond_proj_dim": None, "addition_embed_type": None},
         },
-        "pipeline": {"class": "StableDiffusionPipeline",
-                     "call": {"num_inference_steps": 50, "guidance_scale": 7.5}},
+        "pipeline": {
+            "class": "StableDiffusionPipeline",
+            "call": {"num_inference_steps": 50, "guidance_scale": 7.5},
+        },
         "source": {
             "scheduler": "forge@c8156fcf backend/huggingface/stabilityai/stable-diffusion-2-1/scheduler/scheduler_config.json",
             "vae": "forge@c8156fcf .../stable-diffusion-2-1/vae/config.json (no scaling_factor/force_upcast keys)",
             "net": "forge@c8156fcf .../stable-diffusion-2-1/unet/config.json",
             "pipeline": "model_index.json (forge@c8156fcf); call defaults = StableDiffusionPipeline.__call__ (diffusers 0.42.1)",
         },
-        "unconfirmed": ["scheduler.recommended: card read only through third-party copies of its snippet"],
+        "unconfirmed": [
+            "scheduler.recommended: card read only through third-party copies of its snippet"
+        ],
     },
-
     # ------------------------------------------------------------------------------
     # SDXL base 1.0. Sources: forge@c8156fcf backend/huggingface/stabilityai/
     # stable-diffusion-xl-base-1.0/{model_index.json, scheduler/..., vae/..., unet/...};
@@ -188,25 +212,33 @@ PUBLISHED = {
         },
         "net": {
             "class": "UNet2DConditionModel",
-            "config": {"in_channels": 4, "out_channels": 4, "sample_size": 128,
-                       "flip_sin_to_cos": True, "freq_shift": 0,
-                       "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-                       "projection_class_embeddings_input_dim": 2816, "time_cond_proj_dim": None},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 4,
+                "sample_size": 128,
+                "flip_sin_to_cos": True,
+                "freq_shift": 0,
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+                "time_cond_proj_dim": None,
+            },
             "absent": {},
         },
-        "pipeline": {"class": "StableDiffusionXLPipeline",
-                     "force_zeros_for_empty_prompt": True,
-                     "call": {"num_inference_steps": 50, "guidance_scale": 5.0}},
+        "pipeline": {
+            "class": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+            "call": {"num_inference_steps": 50, "guidance_scale": 5.0},
+        },
         "source": {
             "scheduler": "forge@c8156fcf backend/huggingface/stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json",
             "vae": "forge@c8156fcf .../stable-diffusion-xl-base-1.0/vae/config.json",
             "net": "forge@c8156fcf .../stable-diffusion-xl-base-1.0/unet/config.json",
             "pipeline": "model_index.json (forge@c8156fcf: force_zeros_for_empty_prompt true); call defaults = "
-                        "StableDiffusionXLPipeline.__call__ (diffusers 0.42.1); the card calls pipe(prompt=prompt)",
+            "StableDiffusionXLPipeline.__call__ (diffusers 0.42.1); the card calls pipe(prompt=prompt)",
         },
         "unconfirmed": [],
     },
-
     # ------------------------------------------------------------------------------
     # SDXL-Turbo. Sources: JSchalter/models@73821852 sdxl-turbo/{scheduler/
     # scheduler_config.json, vae/config.json, unet/config.json} (hub file copies).
@@ -246,27 +278,35 @@ PUBLISHED = {
         },
         "net": {
             "class": "UNet2DConditionModel",
-            "config": {"in_channels": 4, "out_channels": 4, "sample_size": 64,
-                       "flip_sin_to_cos": True, "freq_shift": 0,
-                       "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-                       "projection_class_embeddings_input_dim": 2816, "time_cond_proj_dim": None},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 4,
+                "sample_size": 64,
+                "flip_sin_to_cos": True,
+                "freq_shift": 0,
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+                "time_cond_proj_dim": None,
+            },
             "absent": {},
         },
-        "pipeline": {"class": "StableDiffusionXLPipeline",
-                     "call": {"num_inference_steps": 1, "guidance_scale": 0.0, "height": 512, "width": 512}},
+        "pipeline": {
+            "class": "StableDiffusionXLPipeline",
+            "call": {"num_inference_steps": 1, "guidance_scale": 0.0, "height": 512, "width": 512},
+        },
         "source": {
             "scheduler": "JSchalter/models@73821852 sdxl-turbo/scheduler/scheduler_config.json",
             "vae": "JSchalter/models@73821852 sdxl-turbo/vae/config.json",
             "net": "JSchalter/models@73821852 sdxl-turbo/unet/config.json",
             "pipeline": "diffusers@58eb52c0 docs/source/en/api/pipelines/stable_diffusion/sdxl_turbo.md "
-                        "(guidance_scale=0.0, num_inference_steps=1, 512x512 default resolution)",
+            "(guidance_scale=0.0, num_inference_steps=1, 512x512 default resolution)",
         },
         "unconfirmed": [
             "pipeline.class: model_index.json not seen (AutoPipelineForText2Image resolves it; SDXL pipeline assumed "
             "from the SDXL unet/vae and the docs' from_single_file example)",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # SDXL-Lightning (ByteDance). Not a diffusers folder: UNet / LoRA weights for the
     # SDXL base folder.  Card: ByteDance/SDXL-Lightning README.md, read as the
@@ -285,7 +325,7 @@ PUBLISHED = {
                 "overrides": {"timestep_spacing": "trailing"},
                 "call": {"num_inference_steps": 4, "guidance_scale": 0},
                 "source": "ByteDance/SDXL-Lightning card, '2-Step, 4-Step, 8-Step UNet' and '... LoRA' snippets "
-                          "(steps must match the checkpoint: 2, 4 or 8)",
+                "(steps must match the checkpoint: 2, 4 or 8)",
             },
             "alternatives": {
                 "1step_x0": {
@@ -298,10 +338,14 @@ PUBLISHED = {
             },
         },
         "vae": {"same_as": "sdxl_base"},
-        "net": {"same_as": "sdxl_base",
-                "note": "UNet2DConditionModel.from_config(<sdxl base>, subfolder='unet') per the card"},
-        "pipeline": {"class": "StableDiffusionXLPipeline",
-                     "call": {"num_inference_steps": 4, "guidance_scale": 0}},
+        "net": {
+            "same_as": "sdxl_base",
+            "note": "UNet2DConditionModel.from_config(<sdxl base>, subfolder='unet') per the card",
+        },
+        "pipeline": {
+            "class": "StableDiffusionXLPipeline",
+            "call": {"num_inference_steps": 4, "guidance_scale": 0},
+        },
         "source": {
             "scheduler": "card (smalltong02/keras-llm-robot@70d9495c models/imagegeneration/SDXL-Lightning/README.md)",
             "vae": "card: loads the SDXL base folder",
@@ -310,7 +354,6 @@ PUBLISHED = {
         },
         "unconfirmed": [],
     },
-
     # ------------------------------------------------------------------------------
     # Hyper-SD (ByteDance). LoRAs / a 1-step UNet for the SDXL base and SD1.5 folders.
     # Card: ByteDance/Hyper-SD README.md, read as the verbatim copy
@@ -332,22 +375,30 @@ PUBLISHED = {
             },
             "alternatives": {
                 "sdxl_unified_lora_tcd": {
-                    "class": "TCDScheduler", "base": "sdxl_base", "overrides": {},
+                    "class": "TCDScheduler",
+                    "base": "sdxl_base",
+                    "overrides": {},
                     "call": {"num_inference_steps": 1, "guidance_scale": 0, "eta": 1.0},
                     "source": "Hyper-SD card, SDXL 'Unified LoRA (support 1 to 8 steps inference)'",
                 },
                 "sdxl_1step_unet_lcm": {
-                    "class": "LCMScheduler", "base": "sdxl_base", "overrides": {},
+                    "class": "LCMScheduler",
+                    "base": "sdxl_base",
+                    "overrides": {},
                     "call": {"num_inference_steps": 1, "guidance_scale": 0, "timesteps": [800]},
                     "source": "Hyper-SD card, '1-step SDXL Unet'",
                 },
                 "sd15_nstep_lora_ddim": {
-                    "class": "DDIMScheduler", "base": "sd15", "overrides": {"timestep_spacing": "trailing"},
+                    "class": "DDIMScheduler",
+                    "base": "sd15",
+                    "overrides": {"timestep_spacing": "trailing"},
                     "call": {"num_inference_steps": 2, "guidance_scale": 0},
                     "source": "Hyper-SD card, SD1.5 '2-Steps, 4-Steps, 8-steps LoRA'",
                 },
                 "sd15_unified_lora_tcd": {
-                    "class": "TCDScheduler", "base": "sd15", "overrides": {},
+                    "class": "TCDScheduler",
+                    "base": "sd15",
+                    "overrides": {},
                     "call": {"num_inference_steps": 1, "guidance_scale": 0, "eta": 1.0},
                     "source": "Hyper-SD card, SD1.5 'Unified LoRA (support 1 to 8 steps inference)'",
                 },
@@ -355,8 +406,10 @@ PUBLISHED = {
         },
         "vae": {"same_as": "sdxl_base"},
         "net": {"same_as": "sdxl_base", "note": "SD1.5 LoRAs use the sd15 folder"},
-        "pipeline": {"class": "StableDiffusionXLPipeline",
-                     "call": {"num_inference_steps": 2, "guidance_scale": 0}},
+        "pipeline": {
+            "class": "StableDiffusionXLPipeline",
+            "call": {"num_inference_steps": 2, "guidance_scale": 0},
+        },
         "source": {
             "scheduler": "card (smalltong02/keras-llm-robot@18e24711 models/imagegeneration/Hyper-SD/README.md)",
             "vae": "card: DiffusionPipeline.from_pretrained('stabilityai/stable-diffusion-xl-base-1.0')",
@@ -368,7 +421,6 @@ PUBLISHED = {
             "the card revision read here",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # LCM: SimianLuo/LCM_Dreamshaper_v7 (folder).  Sources: janeyeon/
     # attention_modulation_lcm@d54cf765 LCM_Dreamshaper_v7/{model_index.json,
@@ -407,13 +459,17 @@ PUBLISHED = {
             "recommended": None,
             "alternatives": {
                 "lcm_sdxl": {
-                    "class": "LCMScheduler", "base": "sdxl_base", "overrides": {},
+                    "class": "LCMScheduler",
+                    "base": "sdxl_base",
+                    "overrides": {},
                     "call": {"num_inference_steps": 4, "guidance_scale": 8.0},
                     "source": "diffusers docs latent_consistency_models.md: latent-consistency/lcm-sdxl UNet in the "
-                              "SDXL base pipeline, pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
+                    "SDXL base pipeline, pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)",
                 },
                 "lcm_lora_sdxl": {
-                    "class": "LCMScheduler", "base": "sdxl_base", "overrides": {},
+                    "class": "LCMScheduler",
+                    "base": "sdxl_base",
+                    "overrides": {},
                     "call": {"num_inference_steps": 4, "guidance_scale": 1.0},
                     "source": "diffusers docs latent_consistency_models.md, LCM-LoRA (latent-consistency/lcm-lora-sdxl)",
                 },
@@ -426,23 +482,39 @@ PUBLISHED = {
         },
         "net": {
             "class": "UNet2DConditionModel",
-            "config": {"in_channels": 4, "out_channels": 4, "sample_size": 96,
-                       "flip_sin_to_cos": True, "freq_shift": 0,
-                       "time_cond_proj_dim": 256, "addition_embed_type": None},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 4,
+                "sample_size": 96,
+                "flip_sin_to_cos": True,
+                "freq_shift": 0,
+                "time_cond_proj_dim": 256,
+                "addition_embed_type": None,
+            },
             "absent": {},
         },
-        "pipeline": {"class": "LatentConsistencyModelPipeline",
-                     "call": {"num_inference_steps": 4, "guidance_scale": 8.5, "original_inference_steps": None},
-                     "note": "guidance enters as w = guidance_scale - 1 embedded with dim time_cond_proj_dim "
-                             "(w_embedding), no CFG batch"},
+        "pipeline": {
+            "class": "LatentConsistencyModelPipeline",
+            "call": {
+                "num_inference_steps": 4,
+                "guidance_scale": 8.5,
+                "original_inference_steps": None,
+            },
+            "note": "guidance enters as w = guidance_scale - 1 embedded with dim time_cond_proj_dim "
+            "(w_embedding), no CFG batch",
+        },
         "variants": {
             "lcm_sdxl": {
                 "repo": "latent-consistency/lcm-sdxl",
-                "net": {"class": "UNet2DConditionModel",
-                        "config": {"time_cond_proj_dim": 256},
-                        "note": "SDXL base UNet config plus time_cond_proj_dim"},
-                "pipeline": {"class": "StableDiffusionXLPipeline",
-                             "call": {"num_inference_steps": 4, "guidance_scale": 8.0}},
+                "net": {
+                    "class": "UNet2DConditionModel",
+                    "config": {"time_cond_proj_dim": 256},
+                    "note": "SDXL base UNet config plus time_cond_proj_dim",
+                },
+                "pipeline": {
+                    "class": "StableDiffusionXLPipeline",
+                    "call": {"num_inference_steps": 4, "guidance_scale": 8.0},
+                },
             },
         },
         "source": {
@@ -450,8 +522,8 @@ PUBLISHED = {
             "vae": "janeyeon/attention_modulation_lcm@d54cf765 LCM_Dreamshaper_v7/vae/config.json",
             "net": "janeyeon/attention_modulation_lcm@813da559 LCM_Dreamshaper_v7/unet/config.json",
             "pipeline": "model_index.json (same copy, LatentConsistencyModelPipeline); call defaults = "
-                        "LatentConsistencyModelPipeline.__call__ (diffusers 0.42.1); w embedding: "
-                        "pipeline_latent_consistency_text2img.py",
+            "LatentConsistencyModelPipeline.__call__ (diffusers 0.42.1); w embedding: "
+            "pipeline_latent_consistency_text2img.py",
         },
         "unconfirmed": [
             "variants.lcm_sdxl.net.time_cond_proj_dim=256: lcm-sdxl's own unet/config.json not seen; 256 is the "
@@ -459,7 +531,6 @@ PUBLISHED = {
             "train_lcm_distill_sdxl_wds.py and the value of LCM_Dreamshaper_v7",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # TCD (h1t/TCD-SDXL-LoRA): a LoRA for the SDXL base folder.  Usage from diffusers
     # docs using-diffusers/inference_with_tcd_lora.md (at diffusers 9a2923d501^, the
@@ -481,17 +552,20 @@ PUBLISHED = {
         },
         "vae": {"same_as": "sdxl_base"},
         "net": {"same_as": "sdxl_base"},
-        "pipeline": {"class": "StableDiffusionXLPipeline",
-                     "call": {"num_inference_steps": 4, "guidance_scale": 0, "eta": 0.3}},
+        "pipeline": {
+            "class": "StableDiffusionXLPipeline",
+            "call": {"num_inference_steps": 4, "guidance_scale": 0, "eta": 0.3},
+        },
         "source": {
             "scheduler": "diffusers@9a2923d501^ docs/source/en/using-diffusers/inference_with_tcd_lora.md",
             "vae": "same doc: StableDiffusionXLPipeline.from_pretrained('stabilityai/stable-diffusion-xl-base-1.0')",
             "net": "same doc",
             "pipeline": "same doc",
         },
-        "unconfirmed": ["the h1t/TCD-SDXL-LoRA card itself was not read; the diffusers doc page was"],
+        "unconfirmed": [
+            "the h1t/TCD-SDXL-LoRA card itself was not read; the diffusers doc page was"
+        ],
     },
-
     # ------------------------------------------------------------------------------
     # SD 3.5 medium.  Transformer keys: repeated identically in several third-party
     # copies of the hub transformer/config.json (dual_attention_layers 0..12,
@@ -517,27 +591,39 @@ PUBLISHED = {
         },
         "vae": {
             "class": "AutoencoderKL",
-            "config": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latents_mean": None,
-                       "latents_std": None},
+            "config": {
+                "scaling_factor": 1.5305,
+                "shift_factor": 0.0609,
+                "latents_mean": None,
+                "latents_std": None,
+            },
             "absent": {},
         },
         "net": {
             "class": "SD3Transformer2DModel",
-            "config": {"in_channels": 16, "out_channels": 16, "sample_size": 128, "patch_size": 2,
-                       "pos_embed_max_size": 384, "qk_norm": "rms_norm",
-                       "dual_attention_layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]},
+            "config": {
+                "in_channels": 16,
+                "out_channels": 16,
+                "sample_size": 128,
+                "patch_size": 2,
+                "pos_embed_max_size": 384,
+                "qk_norm": "rms_norm",
+                "dual_attention_layers": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+            },
             "absent": {},
         },
-        "pipeline": {"class": "StableDiffusion3Pipeline",
-                     "call": {"num_inference_steps": 40, "guidance_scale": 4.5}},
+        "pipeline": {
+            "class": "StableDiffusion3Pipeline",
+            "call": {"num_inference_steps": 40, "guidance_scale": 4.5},
+        },
         "source": {
             "scheduler": "derived: SD3.5 blog (scheduler same as SD3 Medium) + forge@c8156fcf "
-                         "stable-diffusion-3-medium-diffusers/scheduler/scheduler_config.json",
+            "stable-diffusion-3-medium-diffusers/scheduler/scheduler_config.json",
             "vae": "SD3 VAE values: forge@c8156fcf stable-diffusion-3-medium-diffusers/vae/config.json, "
-                   "diffusers scripts/convert_sd3_to_diffusers.py (scaling_factor=1.5305, shift_factor=0.0609)",
+            "diffusers scripts/convert_sd3_to_diffusers.py (scaling_factor=1.5305, shift_factor=0.0609)",
             "net": "third-party copies of the hub transformer config; convert_sd3_to_diffusers.py comment on 384",
             "pipeline": "card snippet via copies (num_inference_steps=40, guidance_scale=4.5); pipeline default "
-                        "StableDiffusion3Pipeline.__call__ is 28 steps / 7.0",
+            "StableDiffusion3Pipeline.__call__ is 28 steps / 7.0",
         },
         "unconfirmed": [
             "scheduler.folder: the 3.5-medium file itself not seen (SD3-medium's and SD3.5-large's are both "
@@ -547,7 +633,6 @@ PUBLISHED = {
             "net: from third-party copies of the hub file, not a verbatim hub copy",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # SD 3.5 large. Sources: forge branch sd35 @1363999f backend/huggingface/
     # stabilityai/stable-diffusion-3.5-large/{model_index.json, scheduler/
@@ -566,18 +651,31 @@ PUBLISHED = {
         },
         "vae": {
             "class": "AutoencoderKL",
-            "config": {"scaling_factor": 1.5305, "shift_factor": 0.0609, "latents_mean": None,
-                       "latents_std": None, "force_upcast": True},
+            "config": {
+                "scaling_factor": 1.5305,
+                "shift_factor": 0.0609,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
             "absent": {},
         },
         "net": {
             "class": "SD3Transformer2DModel",
-            "config": {"in_channels": 16, "out_channels": 16, "sample_size": 128, "patch_size": 2,
-                       "pos_embed_max_size": 192, "qk_norm": "rms_norm"},
+            "config": {
+                "in_channels": 16,
+                "out_channels": 16,
+                "sample_size": 128,
+                "patch_size": 2,
+                "pos_embed_max_size": 192,
+                "qk_norm": "rms_norm",
+            },
             "absent": {"dual_attention_layers": ()},
         },
-        "pipeline": {"class": "StableDiffusion3Pipeline",
-                     "call": {"num_inference_steps": 28, "guidance_scale": 3.5}},
+        "pipeline": {
+            "class": "StableDiffusion3Pipeline",
+            "call": {"num_inference_steps": 28, "guidance_scale": 3.5},
+        },
         "source": {
             "scheduler": "forge@1363999f (branch sd35) backend/huggingface/stabilityai/stable-diffusion-3.5-large/scheduler/scheduler_config.json",
             "vae": "forge@1363999f .../stable-diffusion-3.5-large/vae/config.json",
@@ -586,7 +684,6 @@ PUBLISHED = {
         },
         "unconfirmed": ["pipeline.call: card snippet read only through third-party copies"],
     },
-
     # ------------------------------------------------------------------------------
     # FLUX.1-dev. Sources: forge@2d30eeed backend/huggingface/black-forest-labs/
     # FLUX.1-dev/{model_index.json, scheduler/..., vae/config.json, transformer/
@@ -613,8 +710,13 @@ PUBLISHED = {
         },
         "vae": {
             "class": "AutoencoderKL",
-            "config": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latents_mean": None,
-                       "latents_std": None, "force_upcast": True},
+            "config": {
+                "scaling_factor": 0.3611,
+                "shift_factor": 0.1159,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
             "absent": {},
         },
         "net": {
@@ -622,22 +724,27 @@ PUBLISHED = {
             "config": {"in_channels": 64, "patch_size": 1, "guidance_embeds": True},
             "absent": {"out_channels": None, "axes_dims_rope": (16, 56, 56)},
         },
-        "pipeline": {"class": "FluxPipeline",
-                     "call": {"num_inference_steps": 50, "guidance_scale": 3.5, "true_cfg_scale": 1.0,
-                              "max_sequence_length": 512},
-                     "note": "guidance_scale is fed to the guidance embedding (guidance_embeds=True); "
-                             "pipeline default num_inference_steps is 28"},
+        "pipeline": {
+            "class": "FluxPipeline",
+            "call": {
+                "num_inference_steps": 50,
+                "guidance_scale": 3.5,
+                "true_cfg_scale": 1.0,
+                "max_sequence_length": 512,
+            },
+            "note": "guidance_scale is fed to the guidance embedding (guidance_embeds=True); "
+            "pipeline default num_inference_steps is 28",
+        },
         "source": {
             "scheduler": "forge@2d30eeed backend/huggingface/black-forest-labs/FLUX.1-dev/scheduler/scheduler_config.json",
             "vae": "forge@2d30eeed .../FLUX.1-dev/vae/config.json; diffusers scripts/convert_flux_to_diffusers.py "
-                   "(scaling_factor=0.3611, shift_factor=0.1159)",
+            "(scaling_factor=0.3611, shift_factor=0.1159)",
             "net": "forge@2d30eeed .../FLUX.1-dev/transformer/config.json",
             "pipeline": "model_index.json (forge@2d30eeed); diffusers docs api/pipelines/flux.md; "
-                        "FluxPipeline.__call__ (diffusers 0.42.1)",
+            "FluxPipeline.__call__ (diffusers 0.42.1)",
         },
         "unconfirmed": [],
     },
-
     # ------------------------------------------------------------------------------
     # FLUX.1-schnell. Sources: forge@12a02b88 backend/huggingface/black-forest-labs/
     # FLUX.1-schnell/{...}; scheduler file also vladmandic/automatic@431bcc36
@@ -663,8 +770,13 @@ PUBLISHED = {
         },
         "vae": {
             "class": "AutoencoderKL",
-            "config": {"scaling_factor": 0.3611, "shift_factor": 0.1159, "latents_mean": None,
-                       "latents_std": None, "force_upcast": True},
+            "config": {
+                "scaling_factor": 0.3611,
+                "shift_factor": 0.1159,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
             "absent": {},
         },
         "net": {
@@ -672,8 +784,10 @@ PUBLISHED = {
             "config": {"in_channels": 64, "patch_size": 1, "guidance_embeds": False},
             "absent": {"out_channels": None, "axes_dims_rope": (16, 56, 56)},
         },
-        "pipeline": {"class": "FluxPipeline",
-                     "call": {"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}},
+        "pipeline": {
+            "class": "FluxPipeline",
+            "call": {"num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256},
+        },
         "source": {
             "scheduler": "forge@12a02b88 backend/huggingface/black-forest-labs/FLUX.1-schnell/scheduler/scheduler_config.json",
             "vae": "forge@12a02b88 .../FLUX.1-schnell/vae/config.json",
@@ -682,7 +796,6 @@ PUBLISHED = {
         },
         "unconfirmed": [],
     },
-
     # ------------------------------------------------------------------------------
     # Sana 1.6B 1024px (Efficient-Large-Model/Sana_1600M_1024px_diffusers).
     # The folder was written by diffusers scripts/convert_sana_to_diffusers.py
@@ -741,19 +854,35 @@ PUBLISHED = {
         },
         "net": {
             "class": "SanaTransformer2DModel",
-            "config": {"in_channels": 32, "out_channels": 32, "sample_size": 32, "patch_size": 1,
-                       "interpolation_scale": None},
-            "absent": {"qk_norm": None, "guidance_embeds": False, "guidance_embeds_scale": 0.1,
-                       "timestep_scale": 1.0},
+            "config": {
+                "in_channels": 32,
+                "out_channels": 32,
+                "sample_size": 32,
+                "patch_size": 1,
+                "interpolation_scale": None,
+            },
+            "absent": {
+                "qk_norm": None,
+                "guidance_embeds": False,
+                "guidance_embeds_scale": 0.1,
+                "timestep_scale": 1.0,
+            },
         },
-        "pipeline": {"class": "SanaPipeline",
-                     "call": {"num_inference_steps": 20, "guidance_scale": 5.0, "height": 1024, "width": 1024},
-                     "note": "SanaPipeline.__call__ defaults: 20 steps, guidance_scale 4.5, 1024x1024"},
+        "pipeline": {
+            "class": "SanaPipeline",
+            "call": {
+                "num_inference_steps": 20,
+                "guidance_scale": 5.0,
+                "height": 1024,
+                "width": 1024,
+            },
+            "note": "SanaPipeline.__call__ defaults: 20 steps, guidance_scale 4.5, 1024x1024",
+        },
         "source": {
             "scheduler": "derived: diffusers scripts/convert_sana_to_diffusers.py arguments + "
-                         "DPMSolverMultistepScheduler.__init__ defaults at diffusers 5a196e3d46 (0.32.0.dev0)",
+            "DPMSolverMultistepScheduler.__init__ defaults at diffusers 5a196e3d46 (0.32.0.dev0)",
             "vae": "diffusers@58eb52c0 scripts/convert_dcae_to_diffusers.py (dc-ae-f32c32-sana-1.0: scaling_factor "
-                   "0.41407); NVlabs/Sana@28af99f3 configs/sana_config/1024ms/Sana_1600M_img1024.yaml",
+            "0.41407); NVlabs/Sana@28af99f3 configs/sana_config/1024ms/Sana_1600M_img1024.yaml",
             "net": "diffusers scripts/convert_sana_to_diffusers.py (transformer_kwargs for SanaMS_1600M_P1_D20 at 1024)",
             "pipeline": "NVlabs/Sana@0887f78a asset/docs/model_zoo.md; SanaPipeline.__call__ (diffusers 0.42.1)",
         },
@@ -765,7 +894,6 @@ PUBLISHED = {
             "is unconfirmed, the 'absent' values are the class defaults",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # SANA-Sprint 1.6B (Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers).
     # diffusers scripts/convert_sana_to_diffusers.py (SanaSprint_1600M_P1_D20, added
@@ -783,7 +911,11 @@ PUBLISHED = {
             "folder": {
                 "class": "SCMScheduler",
                 "derived": True,
-                "config": {"num_train_timesteps": 1000, "prediction_type": "trigflow", "sigma_data": 0.5},
+                "config": {
+                    "num_train_timesteps": 1000,
+                    "prediction_type": "trigflow",
+                    "sigma_data": 0.5,
+                },
             },
             "recommended": None,
         },
@@ -794,25 +926,41 @@ PUBLISHED = {
         },
         "net": {
             "class": "SanaTransformer2DModel",
-            "config": {"in_channels": 32, "out_channels": 32, "sample_size": 32, "patch_size": 1,
-                       "interpolation_scale": None, "qk_norm": "rms_norm_across_heads",
-                       "guidance_embeds": True, "guidance_embeds_scale": 0.1, "timestep_scale": 1.0},
+            "config": {
+                "in_channels": 32,
+                "out_channels": 32,
+                "sample_size": 32,
+                "patch_size": 1,
+                "interpolation_scale": None,
+                "qk_norm": "rms_norm_across_heads",
+                "guidance_embeds": True,
+                "guidance_embeds_scale": 0.1,
+                "timestep_scale": 1.0,
+            },
             "absent": {},
         },
-        "pipeline": {"class": "SanaSprintPipeline",
-                     "call": {"num_inference_steps": 2, "guidance_scale": 4.5, "max_timesteps": 1.5708,
-                              "intermediate_timesteps": 1.3, "height": 1024, "width": 1024},
-                     "note": "guidance = guidance_scale * transformer.config.guidance_embeds_scale; latents scaled "
-                             "by scheduler.config.sigma_data (pipeline_sana_sprint.py)"},
+        "pipeline": {
+            "class": "SanaSprintPipeline",
+            "call": {
+                "num_inference_steps": 2,
+                "guidance_scale": 4.5,
+                "max_timesteps": 1.5708,
+                "intermediate_timesteps": 1.3,
+                "height": 1024,
+                "width": 1024,
+            },
+            "note": "guidance = guidance_scale * transformer.config.guidance_embeds_scale; latents scaled "
+            "by scheduler.config.sigma_data (pipeline_sana_sprint.py)",
+        },
         "source": {
             "scheduler": "derived: diffusers scripts/convert_sana_to_diffusers.py scheduler_config "
-                         "{prediction_type: trigflow, sigma_data: 0.5} + SCMScheduler default num_train_timesteps",
+            "{prediction_type: trigflow, sigma_data: 0.5} + SCMScheduler default num_train_timesteps",
             "vae": "NVlabs/Sana@3e449ba3 SanaSprint_1600M_1024px_allqknorm_bf16_scm_ladd.yaml (dc-ae-f32c32-sana-1.1, "
-                   "scale_factor 0.41407)",
+            "scale_factor 0.41407)",
             "net": "diffusers scripts/convert_sana_to_diffusers.py (qk_norm, guidance_embeds); Sana sprint yaml "
-                   "(cfg_embed_scale 0.1 = guidance_embeds_scale); SanaTransformer2DModel defaults (timestep_scale 1.0)",
+            "(cfg_embed_scale 0.1 = guidance_embeds_scale); SanaTransformer2DModel defaults (timestep_scale 1.0)",
             "pipeline": "NVlabs/Sana@0887f78a asset/docs/sana_sprint.md (num_inference_steps=2); SanaSprintPipeline.__call__ "
-                        "(diffusers 0.42.1: max_timesteps 1.5708, intermediate_timesteps 1.3, guidance_scale 4.5)",
+            "(diffusers 0.42.1: max_timesteps 1.5708, intermediate_timesteps 1.3, guidance_scale 4.5)",
         },
         "unconfirmed": [
             "scheduler.folder: derived, published scheduler_config.json not seen",
@@ -821,7 +969,6 @@ PUBLISHED = {
             "vae.scaling_factor: from Sana's training config, not the folder's vae/config.json",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # Qwen-Image.  Scheduler file: kohya-ss/musubi-tuner@30c658c4 src/musubi_tuner/
     # qwen_image/qwen_image_utils.py (get_scheduler: SCHEDULER_CONFIG_JSON with
@@ -881,7 +1028,7 @@ PUBLISHED = {
                     },
                     "call": {"num_inference_steps": 8, "true_cfg_scale": 1.0},
                     "source": "ModelTC/Qwen-Image-Lightning@142338f3 generate_with_diffusers.py (with a LoRA: this "
-                              "config, 8 steps, cfg 1.0)",
+                    "config, 8 steps, cfg 1.0)",
                 },
             },
         },
@@ -889,32 +1036,71 @@ PUBLISHED = {
             "class": "AutoencoderKLQwenImage",
             "config": {
                 "z_dim": 16,
-                "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
-                "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                                3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
+                "latents_mean": [
+                    -0.7571,
+                    -0.7089,
+                    -0.9113,
+                    0.1075,
+                    -0.1745,
+                    0.9653,
+                    -0.1517,
+                    1.5508,
+                    0.4134,
+                    -0.0715,
+                    0.5517,
+                    -0.3632,
+                    -0.1922,
+                    -0.9497,
+                    0.2503,
+                    -0.2921,
+                ],
+                "latents_std": [
+                    2.8184,
+                    1.4541,
+                    2.3275,
+                    2.6558,
+                    1.2196,
+                    1.7708,
+                    2.6052,
+                    2.0743,
+                    3.2687,
+                    2.1526,
+                    2.8652,
+                    1.5579,
+                    1.6382,
+                    1.1253,
+                    2.8251,
+                    1.916,
+                ],
             },
             "absent": {},
             "note": "the class has no scaling_factor / shift_factor: the pipeline normalises latents per "
-                    "channel, (z - latents_mean) / latents_std",
+            "channel, (z - latents_mean) / latents_std",
         },
         "net": {
             "class": "QwenImageTransformer2DModel",
-            "config": {"in_channels": 64, "out_channels": 16, "patch_size": 2, "guidance_embeds": False,
-                       "axes_dims_rope": [16, 56, 56]},
+            "config": {
+                "in_channels": 64,
+                "out_channels": 16,
+                "patch_size": 2,
+                "guidance_embeds": False,
+                "axes_dims_rope": [16, 56, 56],
+            },
             "absent": {"zero_cond_t": False},
         },
-        "pipeline": {"class": "QwenImagePipeline",
-                     "call": {"num_inference_steps": 50, "true_cfg_scale": 4.0, "negative_prompt": " "},
-                     "note": "true CFG (two passes) only when true_cfg_scale > 1 and a negative prompt is given; "
-                             "guidance_scale is only used if guidance_embeds (False here)"},
+        "pipeline": {
+            "class": "QwenImagePipeline",
+            "call": {"num_inference_steps": 50, "true_cfg_scale": 4.0, "negative_prompt": " "},
+            "note": "true CFG (two passes) only when true_cfg_scale > 1 and a negative prompt is given; "
+            "guidance_scale is only used if guidance_embeds (False here)",
+        },
         "source": {
             "scheduler": "kohya-ss/musubi-tuner@30c658c4 src/musubi_tuner/qwen_image/qwen_image_utils.py "
-                         "(SCHEDULER_CONFIG_JSON); same dict in ostris/ai-toolkit qwen_image.py",
+            "(SCHEDULER_CONFIG_JSON); same dict in ostris/ai-toolkit qwen_image.py",
             "vae": "kohya-ss/musubi-tuner@30c658c4 src/musubi_tuner/qwen_image/qwen_image_utils.py (VAE_CONFIG_JSON)",
             "net": "kohya-ss/musubi-tuner@30c658c4 src/musubi_tuner/qwen_image/qwen_image_model.py (create_model docstring)",
             "pipeline": "QwenLM/Qwen-Image@6b5e1f5c README.md; QwenImagePipeline.__call__ (diffusers 0.42.1: "
-                        "true_cfg_scale 4.0, 50 steps)",
+            "true_cfg_scale 4.0, 50 steps)",
         },
         "unconfirmed": [
             "all Qwen-Image files are from verbatim-looking copies embedded in third-party trainers "
@@ -923,7 +1109,6 @@ PUBLISHED = {
             "(0.5 / 0.9)",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # PixArt-alpha XL-2-1024-MS.  Scheduler: the dict ostris/ai-toolkit@27a03a91
     # toolkit/sampler.py keeps as pixart_config (_diffusers_version 0.22.0.dev0);
@@ -968,27 +1153,43 @@ PUBLISHED = {
         "vae": {
             "class": "AutoencoderKL",
             "config": {},
-            "absent": {"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None,
-                       "latents_std": None, "force_upcast": True},
+            "absent": {
+                "scaling_factor": 0.18215,
+                "shift_factor": None,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
         },
         "net": {
             "class": "PixArtTransformer2DModel",
             "folder_class": "Transformer2DModel",
-            "config": {"in_channels": 4, "out_channels": 8, "sample_size": 128, "patch_size": 2,
-                       "norm_type": "ada_norm_single"},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 8,
+                "sample_size": 128,
+                "patch_size": 2,
+                "norm_type": "ada_norm_single",
+            },
             "absent": {"use_additional_conditions": None, "interpolation_scale": None},
             "note": "out_channels = 2 * in_channels: learned variance; pipelines keep the first half "
-                    "(out_channels // 2 == latent_channels); micro-conditions used because sample_size == 128",
+            "(out_channels // 2 == latent_channels); micro-conditions used because sample_size == 128",
         },
-        "pipeline": {"class": "PixArtAlphaPipeline",
-                     "call": {"num_inference_steps": 20, "guidance_scale": 4.5, "use_resolution_binning": True}},
+        "pipeline": {
+            "class": "PixArtAlphaPipeline",
+            "call": {
+                "num_inference_steps": 20,
+                "guidance_scale": 4.5,
+                "use_resolution_binning": True,
+            },
+        },
         "source": {
             "scheduler": "ostris/ai-toolkit@27a03a91 toolkit/sampler.py (pixart_config); consistent with "
-                         "DPMSolverMultistepScheduler() in diffusers scripts/convert_pixart_alpha_to_diffusers.py",
+            "DPMSolverMultistepScheduler() in diffusers scripts/convert_pixart_alpha_to_diffusers.py",
             "vae": "diffusers scripts/convert_pixart_alpha_to_diffusers.py (subfolder sd-vae-ft-ema); "
-                   "AutoencoderKL defaults",
+            "AutoencoderKL defaults",
             "net": "diffusers@58eb52c0 scripts/convert_pixart_alpha_to_diffusers.py (Transformer2DModel kwargs); "
-                   "pipeline_pixart_alpha.py (sample_size == 128 micro-conditions, learned-sigma split)",
+            "pipeline_pixart_alpha.py (sample_size == 128 micro-conditions, learned-sigma split)",
             "pipeline": "PixArtAlphaPipeline.__call__ (diffusers 0.42.1)",
         },
         "unconfirmed": [
@@ -998,7 +1199,6 @@ PUBLISHED = {
             "vae: the folder's vae/config.json not seen (sd-vae-ft-ema per the conversion script)",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # PixArt-Sigma XL-2-1024-MS.  Transformer: diffusers scripts/convert_pixart_sigma_
     # to_diffusers.py / PixArt-alpha/PixArt-sigma@1ce521af tools/convert_pixart_to_
@@ -1050,21 +1250,34 @@ PUBLISHED = {
         },
         "net": {
             "class": "PixArtTransformer2DModel",
-            "config": {"in_channels": 4, "out_channels": 8, "sample_size": 128, "patch_size": 2,
-                       "norm_type": "ada_norm_single", "interpolation_scale": 2, "use_additional_conditions": False},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 8,
+                "sample_size": 128,
+                "patch_size": 2,
+                "norm_type": "ada_norm_single",
+                "interpolation_scale": 2,
+                "use_additional_conditions": False,
+            },
             "absent": {},
             "note": "learned variance (out_channels = 2 * in_channels); no micro-conditions",
         },
-        "pipeline": {"class": "PixArtSigmaPipeline",
-                     "call": {"num_inference_steps": 20, "guidance_scale": 4.5, "use_resolution_binning": True,
-                              "max_sequence_length": 300}},
+        "pipeline": {
+            "class": "PixArtSigmaPipeline",
+            "call": {
+                "num_inference_steps": 20,
+                "guidance_scale": 4.5,
+                "use_resolution_binning": True,
+                "max_sequence_length": 300,
+            },
+        },
         "source": {
             "scheduler": "derived: DPMSolverMultistepScheduler() in convert_pixart_sigma_to_diffusers.py + class "
-                         "defaults at diffusers 39215aa30e (PixArt-Sigma added, 0.28.0.dev0)",
+            "defaults at diffusers 39215aa30e (PixArt-Sigma added, 0.28.0.dev0)",
             "vae": "PixArt-alpha/PixArt-sigma@1ce521af configs/pixart_sigma_config/PixArt_sigma_xl2_img1024_internalms.py "
-                   "(sdxl vae, scale_factor 0.13025); README loads pixart_sigma_sdxlvae_T5_diffusers",
+            "(sdxl vae, scale_factor 0.13025); README loads pixart_sigma_sdxlvae_T5_diffusers",
             "net": "diffusers scripts/convert_pixart_sigma_to_diffusers.py; PixArt-sigma@1ce521af README.md conversion "
-                   "command (no --micro_condition) and tools/convert_pixart_to_diffusers.py",
+            "command (no --micro_condition) and tools/convert_pixart_to_diffusers.py",
             "pipeline": "PixArt-sigma@1ce521af README.md (pipe(prompt)); PixArtSigmaPipeline.__call__ (diffusers 0.42.1)",
         },
         "unconfirmed": [
@@ -1074,7 +1287,6 @@ PUBLISHED = {
             "scripts set them for 1024 without micro-conditions",
         ],
     },
-
     # ------------------------------------------------------------------------------
     # DiT-XL/2 256.  diffusers scripts/convert_dit_to_diffusers.py: Transformer2DModel
     # (sample_size 256//8, in 4, out 8 = learned sigma, patch 2, ada_norm_zero,
@@ -1114,27 +1326,40 @@ PUBLISHED = {
         "vae": {
             "class": "AutoencoderKL",
             "config": {},
-            "absent": {"scaling_factor": 0.18215, "shift_factor": None, "latents_mean": None,
-                       "latents_std": None, "force_upcast": True},
+            "absent": {
+                "scaling_factor": 0.18215,
+                "shift_factor": None,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
         },
         "net": {
             "class": "DiTTransformer2DModel",
             "folder_class": "Transformer2DModel",
-            "config": {"in_channels": 4, "out_channels": 8, "sample_size": 32, "patch_size": 2,
-                       "norm_type": "ada_norm_zero", "num_embeds_ada_norm": 1000},
+            "config": {
+                "in_channels": 4,
+                "out_channels": 8,
+                "sample_size": 32,
+                "patch_size": 2,
+                "norm_type": "ada_norm_zero",
+                "num_embeds_ada_norm": 1000,
+            },
             "absent": {},
             "note": "class-conditional (1000 ImageNet labels, null label 1000 for CFG); learned variance: "
-                    "the pipeline guides the first in_channels outputs and drops the rest",
+            "the pipeline guides the first in_channels outputs and drops the rest",
         },
-        "pipeline": {"class": "DiTPipeline",
-                     "call": {"num_inference_steps": 50, "guidance_scale": 4.0}},
+        "pipeline": {
+            "class": "DiTPipeline",
+            "call": {"num_inference_steps": 50, "guidance_scale": 4.0},
+        },
         "source": {
             "scheduler": "derived: diffusers@58eb52c0 scripts/convert_dit_to_diffusers.py + DDIMScheduler.__init__ "
-                         "at diffusers 37d113cce7 (0.12.0.dev0)",
+            "at diffusers 37d113cce7 (0.12.0.dev0)",
             "vae": "diffusers scripts/convert_dit_to_diffusers.py (--vae_model default stabilityai/sd-vae-ft-ema); "
-                   "AutoencoderKL defaults",
+            "AutoencoderKL defaults",
             "net": "diffusers scripts/convert_dit_to_diffusers.py; pipeline_dit.py docstring links "
-                   "facebook/DiT-XL-2-256/transformer/config.json as Transformer2DModel",
+            "facebook/DiT-XL-2-256/transformer/config.json as Transformer2DModel",
             "pipeline": "DiTPipeline.__call__ (diffusers 0.42.1); pipeline_dit.py guidance on eps channels only",
         },
         "unconfirmed": [
@@ -1175,8 +1400,10 @@ def scheduler_config(key, which="folder"):
     else:
         spec = sched.get("alternatives", {}).get(which)
         if spec is None:
-            raise KeyError(f"{key!r}: no scheduler {which!r}; have folder, recommended, "
-                           f"{sorted(sched.get('alternatives', {}))}")
+            raise KeyError(
+                f"{key!r}: no scheduler {which!r}; have folder, recommended, "
+                f"{sorted(sched.get('alternatives', {}))}"
+            )
     if "same_as" in spec:
         return scheduler_config(spec["same_as"], "folder")
     if "base" in spec:

@@ -2,17 +2,23 @@
 transcription of what A1111 runs under it, on the closed-form Gaussian mixture with SD's table.
 
 Transcribed (in this file's own code, from reading them) from AUTOMATIC1111/stable-diffusion-webui:
-modules/sd_schedulers.py (the schedule functions), modules/sd_samplers_kdiffusion.py (which k-diffusion
-function runs under each label, A1111's options: eta 1 from eta_ancestral, s_noise 1, the next-to-last
+modules/sd_schedulers.py (the schedule functions), modules/sd_samplers_kdiffusion.py (which
+k-diffusion
+function runs under each label, A1111's options: eta 1 from eta_ancestral, s_noise 1, the
+next-to-last
 level dropped for DPM2, DPM2 a and DPM++ 3M SDE), modules/sd_samplers_extra.py (Restart),
-modules/sd_samplers_timesteps.py and _impl.py (DDIM's own timesteps); and from crowsonkb/k-diffusion's
+modules/sd_samplers_timesteps.py and _impl.py (DDIM's own timesteps); and from
+crowsonkb/k-diffusion's
 k_diffusion/sampling.py (the sample_* functions, get_sigmas_*) and external.py (t_to_sigma).
 ComfyUI's comfy/samplers.py (normal_scheduler, kl_optimal_scheduler) and
-comfy_extras/nodes_align_your_steps.py are the other side of the sgm_uniform, KL Optimal and AYS checks.
+comfy_extras/nodes_align_your_steps.py are the other side of the sgm_uniform, KL Optimal and AYS
+checks.
 
 A sampler label is A1111's where diffguide's spec runs the same function on the same VE grid; a
-schedule label where diffguide's spacing gives the same levels as A1111's function at the same steps.
+schedule label where diffguide's spacing gives the same levels as A1111's function at the same
+steps.
 """
+
 import math
 
 import numpy as np
@@ -26,6 +32,7 @@ TOL = 1e-6  # the samplers' agreement on the mixture (float64 on both sides)
 
 
 # -- A1111's schedules: VE levels, the last one 0 except KL Optimal's ------------------------------
+
 
 def ref_karras(n, lo, hi, rho=7.0):
     ramp = np.linspace(0, 1, n)
@@ -60,23 +67,30 @@ def ref_uniform(n, table):
 
 
 def ref_kl_optimal(n, lo, hi):
-    """A1111's kl_optimal: n + 1 levels, i / n of the way in arctan, the last one sigma_min (no zero)."""
+    """A1111's kl_optimal: n + 1 levels, i / n of the way in arctan, the last one sigma_min (no
+    zero)."""
     return [math.tan(i / n * math.atan(lo) + (1 - i / n) * math.atan(hi)) for i in range(n + 1)]
 
 
 def ref_comfy_kl_optimal(n, lo, hi):
     """ComfyUI's kl_optimal_scheduler: n levels i / (n - 1) of the way in arctan, then 0."""
-    return [math.tan(i / (n - 1) * math.atan(lo) + (1 - i / (n - 1)) * math.atan(hi)) for i in range(n)] + [0.0]
+    return [
+        math.tan(i / (n - 1) * math.atan(lo) + (1 - i / (n - 1)) * math.atan(hi)) for i in range(n)
+    ] + [0.0]
 
 
-REF_AYS = {"sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
-           "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
+REF_AYS = {
+    "sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
+}
 
 
 def _loglinear(levels, points):
     """The NVIDIA how-to page's loglinear_interp, as A1111 and ComfyUI copy it."""
     rising = np.log(np.asarray(levels)[::-1])
-    return np.exp(np.interp(np.linspace(0, 1, points), np.linspace(0, 1, len(levels)), rising))[::-1]
+    return np.exp(np.interp(np.linspace(0, 1, points), np.linspace(0, 1, len(levels)), rising))[
+        ::-1
+    ]
 
 
 def ref_align_your_steps(n, model="sd1"):
@@ -101,7 +115,9 @@ def ref_beta(n, lo, hi, alpha=0.6, beta=0.6):
     """A1111's beta_scheduler with its default options (beta_dist_alpha = beta_dist_beta = 0.6)."""
     from scipy import stats
 
-    return [lo + stats.beta.ppf(q, alpha, beta) * (hi - lo) for q in 1 - np.linspace(0, 1, n)] + [0.0]
+    return [lo + stats.beta.ppf(q, alpha, beta) * (hi - lo) for q in 1 - np.linspace(0, 1, n)] + [
+        0.0
+    ]
 
 
 def a1111_grid(label, n, table, discard=False):
@@ -109,21 +125,29 @@ def a1111_grid(label, n, table, discard=False):
     next-to-last level, which it then drops)."""
     lo, hi = table[0], table[-1]
     n = n + 1 if discard else n
-    sigmas = {"Karras": lambda: ref_karras(n, lo, hi), "Exponential": lambda: ref_exponential(n, lo, hi),
-              "Polyexponential": lambda: ref_polyexponential(n, lo, hi),
-              "SGM Uniform": lambda: ref_sgm_uniform(n, table), "KL Optimal": lambda: ref_kl_optimal(n, lo, hi),
-              "Align Your Steps": lambda: ref_align_your_steps(n), "Simple": lambda: ref_simple(n, table),
-              "Beta": lambda: ref_beta(n, lo, hi), "Uniform": lambda: ref_uniform(n, table)}[label]()
+    sigmas = {
+        "Karras": lambda: ref_karras(n, lo, hi),
+        "Exponential": lambda: ref_exponential(n, lo, hi),
+        "Polyexponential": lambda: ref_polyexponential(n, lo, hi),
+        "SGM Uniform": lambda: ref_sgm_uniform(n, table),
+        "KL Optimal": lambda: ref_kl_optimal(n, lo, hi),
+        "Align Your Steps": lambda: ref_align_your_steps(n),
+        "Simple": lambda: ref_simple(n, table),
+        "Beta": lambda: ref_beta(n, lo, hi),
+        "Uniform": lambda: ref_uniform(n, table),
+    }[label]()
     return sigmas[:-2] + sigmas[-1:] if discard else sigmas
 
 
-# -- k-diffusion's samplers as A1111 calls them (x in VE coordinates, D(x, sigma) the denoiser) ------
+# -- k-diffusion's samplers as A1111 calls them (x in VE coordinates, D(x, sigma) the denoiser)
+# ------
+
 
 def ancestral_step(s, s1, eta=1.0):
     if not eta:
         return s1, 0.0
-    up = min(s1, eta * math.sqrt(s1 ** 2 * (s ** 2 - s1 ** 2) / s ** 2))
-    return math.sqrt(s1 ** 2 - up ** 2), up
+    up = min(s1, eta * math.sqrt(s1**2 * (s**2 - s1**2) / s**2))
+    return math.sqrt(s1**2 - up**2), up
 
 
 def ref_euler(D, x, sigmas, noise):
@@ -169,7 +193,10 @@ def ref_lms(D, x, sigmas, noise, order=4):
     for i in range(len(sigmas) - 1):
         ds = (ds + [(x - D(x, sigmas[i])) / sigmas[i]])[-order:]
         nodes = [sigmas[i - k] for k in range(len(ds))]
-        x = x + sum(_lagrange_integral(nodes, j, sigmas[i], sigmas[i + 1]) * d for j, d in enumerate(reversed(ds)))
+        x = x + sum(
+            _lagrange_integral(nodes, j, sigmas[i], sigmas[i + 1]) * d
+            for j, d in enumerate(reversed(ds))
+        )
     return x
 
 
@@ -254,7 +281,11 @@ def ref_dpmpp_2m_sde(D, x, sigmas, noise, eta=1.0, solver_type="midpoint"):
             x = (s1 / s) * math.exp(-eta * h) * x - math.expm1(-big) * den
             if old is not None:
                 r = h_last / h
-                scale = (-math.expm1(-big) / -big + 1) if solver_type == "heun" else 0.5 * -math.expm1(-big)
+                scale = (
+                    (-math.expm1(-big) / -big + 1)
+                    if solver_type == "heun"
+                    else 0.5 * -math.expm1(-big)
+                )
                 x = x + scale * (1 / r) * (den - old)
             if eta:
                 x = x + noise(s, s1) * s1 * math.sqrt(-math.expm1(-2 * eta * h))
@@ -290,8 +321,10 @@ def ref_dpmpp_3m_sde(D, x, sigmas, noise, eta=1.0):
 
 
 def ref_a1111_restart(D, x, sigmas, noise):
-    """A1111's restart_sampler with its automatic restart list: from 20 steps the grid becomes Karras
-    levels between its ends with restart_steps * restart_times fewer steps, and one restart (two from
+    """A1111's restart_sampler with its automatic restart list: from 20 steps the grid becomes
+    Karras
+    levels between its ends with restart_steps * restart_times fewer steps, and one restart (two
+    from
     36 steps) at the level nearest 0.1, up to the level nearest 2; below 20 steps plain Heun."""
     steps = len(sigmas) - 1
     restarts = {}
@@ -310,21 +343,33 @@ def ref_a1111_restart(D, x, sigmas, noise):
     last = None
     for s, s1 in pairs:
         if last is not None and last < s:
-            x = x + noise(s, s1) * math.sqrt(s ** 2 - last ** 2)
+            x = x + noise(s, s1) * math.sqrt(s**2 - last**2)
         x = ref_heun(D, x, [s, s1], noise)
         last = s1
     return x
 
 
-REF_SAMPLERS = {"Euler": ref_euler, "Euler a": ref_euler_ancestral, "Heun": ref_heun, "LMS": ref_lms,
-                "DPM2": ref_dpm2, "DPM2 a": ref_dpm2_ancestral, "DPM++ 2S a": ref_dpmpp_2s_ancestral,
-                "DPM++ SDE": ref_dpmpp_sde, "DPM++ 2M": ref_dpmpp_2m, "DPM++ 2M SDE": ref_dpmpp_2m_sde,
-                "DPM++ 2M SDE Heun": lambda D, x, s, n: ref_dpmpp_2m_sde(D, x, s, n, solver_type="heun"),
-                "DPM++ 3M SDE": ref_dpmpp_3m_sde, "Restart": ref_a1111_restart}
+REF_SAMPLERS = {
+    "Euler": ref_euler,
+    "Euler a": ref_euler_ancestral,
+    "Heun": ref_heun,
+    "LMS": ref_lms,
+    "DPM2": ref_dpm2,
+    "DPM2 a": ref_dpm2_ancestral,
+    "DPM++ 2S a": ref_dpmpp_2s_ancestral,
+    "DPM++ SDE": ref_dpmpp_sde,
+    "DPM++ 2M": ref_dpmpp_2m,
+    "DPM++ 2M SDE": ref_dpmpp_2m_sde,
+    "DPM++ 2M SDE Heun": lambda D, x, s, n: ref_dpmpp_2m_sde(D, x, s, n, solver_type="heun"),
+    "DPM++ 3M SDE": ref_dpmpp_3m_sde,
+    "Restart": ref_a1111_restart,
+}
 BROWNIAN = {"DPM++ SDE"}  # diffguide draws this one's noise from its Brownian tree
 
 
-# -- running both sides on the mixture ----------------------------------------------------------------
+# -- running both sides on the mixture
+# ----------------------------------------------------------------
+
 
 class Draws:
     """Standard normal draws handed out in call order: two of these with one seed give diffguide and
@@ -339,7 +384,8 @@ class Draws:
 
 
 def _brownian(sc, draws, shape=(2,)):
-    """The Brownian tree diffguide's dpmpp_sde builds from its first draw, as noise(s, s') increments."""
+    """The Brownian tree diffguide's dpmpp_sde builds from its first draw, as noise(s, s')
+    increments."""
     import struct
 
     from diffguide.core.sample import BrownianTree
@@ -357,6 +403,7 @@ def world(gmm):
 
     def D(x, sigma):  # the exact E[x0 | x0 + sigma z] at any level, off the table too
         return gmm.posterior_mean(x, 1.0, float(sigma), labels)
+
     bound = dg.guide(gmm, dg.parse_spec("guidance", "none"), labels)
     return sc, table, D, bound
 
@@ -370,7 +417,8 @@ def run_reference(world, label, sigmas, seed=3):
 
 
 def run_diffguide(world, spec, ts, seed=3):
-    """diffguide's sampler from the same start, the result in VE coordinates (x / alpha at the end)."""
+    """diffguide's sampler from the same start, the result in VE coordinates (x / alpha at the
+    end)."""
     sc, _, _, bound = world
     z = torch.randn(2, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     draws = Draws(seed)
@@ -380,9 +428,19 @@ def run_diffguide(world, spec, ts, seed=3):
 
 def grid_of(sc, ve_levels):
     """diffguide times for VE levels (the last one 0: the data end)."""
-    return torch.cat([sc.t_of_ve(torch.tensor(ve_levels[:-1], dtype=torch.float64)),
-                      torch.tensor([sc.t_min if ve_levels[-1] == 0 else float(sc.t_of_ve(
-                          torch.tensor(ve_levels[-1], dtype=torch.float64)))], dtype=torch.float64)])
+    return torch.cat(
+        [
+            sc.t_of_ve(torch.tensor(ve_levels[:-1], dtype=torch.float64)),
+            torch.tensor(
+                [
+                    sc.t_min
+                    if ve_levels[-1] == 0
+                    else float(sc.t_of_ve(torch.tensor(ve_levels[-1], dtype=torch.float64)))
+                ],
+                dtype=torch.float64,
+            ),
+        ]
+    )
 
 
 def sampler_gap(world, label, spec, sigmas, same_draws=True):
@@ -406,15 +464,20 @@ def schedule_gap(world, label, spacing, n):
 
 # -- every entry of the mappings against its transcription ---------------------------------------
 
+
 @pytest.mark.parametrize("label", sorted(images.A1111_SAMPLERS))
 def test_every_sampler_label_runs_what_a1111_runs(world, label):
-    """The spec written (and read) for each A1111 sampler label makes A1111's steps, on a grid that ends
+    """The spec written (and read) for each A1111 sampler label makes A1111's steps, on a grid that
+    ends
     on data (Karras) and on one that stops above it (A1111's KL Optimal), few steps and more."""
     _, table, _, _ = world
     lo, hi = table[0], table[-1]
     spec = images.A1111_SAMPLERS[label]
     for steps in (9, 16):
-        for sigmas, above in ((ref_karras(steps, lo, hi), False), (ref_kl_optimal(steps, lo, hi), True)):
+        for sigmas, above in (
+            (ref_karras(steps, lo, hi), False),
+            (ref_kl_optimal(steps, lo, hi), True),
+        ):
             read, notice = images.a1111_sampler_spec(label, steps, above)
             assert notice is None and images.a1111_sampler_name(read, steps, above) == label
             assert sampler_gap(world, label, read, sigmas) < TOL, (label, read, steps, above)
@@ -434,7 +497,8 @@ def test_every_schedule_label_gives_a1111s_levels(world, label):
 
 
 def test_align_your_steps_is_a1111s_up_to_the_table_top(world):
-    """A1111's AYS starts at 14.615, above SD's largest trained level 14.6146, where diffguide's grid
+    """A1111's AYS starts at 14.615, above SD's largest trained level 14.6146, where diffguide's
+    grid
     stops (2.4e-5 relative); the samples still agree to 1e-6 on the mixture (measured 2e-7 for Euler
     and DPM++ 2M, 1e-6 for DPM++ 2M SDE at 10 steps, whose noise carries the start further)."""
     sc, table, _, _ = world
@@ -442,14 +506,26 @@ def test_align_your_steps_is_a1111s_up_to_the_table_top(world):
     for steps in (10, 20):
         for label in ("Euler", "DPM++ 2M", "DPM++ 2M SDE"):
             ref, _ = run_reference(world, label, ref_align_your_steps(steps))
-            got, _ = run_diffguide(world, images.A1111_SAMPLERS[label], dg.timesteps(sc, steps, "ays_a1111"))
+            got, _ = run_diffguide(
+                world, images.A1111_SAMPLERS[label], dg.timesteps(sc, steps, "ays_a1111")
+            )
             assert float((got - ref).abs().max()) < 2 * TOL, (label, steps)
-    assert images.a1111_schedule_name("ays_a1111", "sdxl") == "ays_a1111"  # A1111 takes its SDXL table there
+    assert (
+        images.a1111_schedule_name("ays_a1111", "sdxl") == "ays_a1111"
+    )  # A1111 takes its SDXL table there
     assert images.a1111_schedule_name("ays_a1111") == "ays_a1111"  # unknown family: no claim
 
 
-@pytest.mark.parametrize("label,spacing", [("SGM Uniform", "sgm_uniform"), ("Beta", "beta"), ("Simple", "simple"),
-                                           ("KL Optimal", "kl_optimal_a1111"), ("Polyexponential", "polyexponential")])
+@pytest.mark.parametrize(
+    "label,spacing",
+    [
+        ("SGM Uniform", "sgm_uniform"),
+        ("Beta", "beta"),
+        ("Simple", "simple"),
+        ("KL Optimal", "kl_optimal_a1111"),
+        ("Polyexponential", "polyexponential"),
+    ],
+)
 def test_labels_together_run_what_a1111_runs(world, label, spacing):
     """Whole A1111 runs (schedule function, then sampler function) against diffguide's pair."""
     sc, table, _, _ = world
@@ -461,11 +537,14 @@ def test_labels_together_run_what_a1111_runs(world, label, spacing):
             assert float((got - ref).abs().max()) < TOL, (label, sampler, steps)
 
 
-# -- the labels that are not written, and why ----------------------------------------------------------
+# -- the labels that are not written, and why
+# ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("label", ["DPM2", "DPM2 a", "DPM++ 3M SDE"])
 def test_a1111_drops_the_next_to_last_level_for_these(world, label):
-    """Their update is diffguide's nearest spec exactly, on the same levels, but A1111 makes the grid for
+    """Their update is diffguide's nearest spec exactly, on the same levels, but A1111 makes the
+    grid for
     steps + 1 and drops its next-to-last level: no spacing gives that at the same steps."""
     sc, table, _, _ = world
     spec = images.A1111_SAMPLERS_NEAREST[label][0]
@@ -478,11 +557,14 @@ def test_a1111_drops_the_next_to_last_level_for_these(world, label):
 
 
 def test_diffguides_3m_sde_is_not_a1111s(world):
-    """dpmpp_3m_sde (the corrected third-order term, a 2S start) was written as 'DPM++ 3M SDE'; A1111's
+    """dpmpp_3m_sde (the corrected third-order term, a 2S start) was written as 'DPM++ 3M SDE';
+    A1111's
     is k-diffusion's published one, heun-type second order, no lower order at the end."""
     _, table, _, _ = world
     lo, hi = table[0], table[-1]
-    assert sampler_gap(world, "DPM++ 3M SDE", "dpmpp_3m_sde", ref_kl_optimal(9, lo, hi)) > 0.5  # 0.72
+    assert (
+        sampler_gap(world, "DPM++ 3M SDE", "dpmpp_3m_sde", ref_kl_optimal(9, lo, hi)) > 0.5
+    )  # 0.72
     assert sampler_gap(world, "DPM++ 3M SDE", "dpmpp_3m_sde", ref_karras(10, lo, hi)) > 0.05  # 0.12
     assert images.a1111_sampler_name("dpmpp_3m_sde", 10) == "dpmpp_3m_sde"
 
@@ -500,8 +582,10 @@ def test_restart_is_heun_below_20_steps_and_its_own_above(world):
 
 def test_a1111s_timestep_samplers_run_grids_no_spacing_gives(world):
     """DDIM and PLMS run timesteps 1 + k (1000 // n) and stop at timestep 1 (19 evaluations for 20
-    steps); UniPC a grid uniform in index with levels log-linear in alpha, stopping at index 0; LCM a
-    grid on its own 50-level table. No diffguide spacing ends at timestep 1, and none gives the others'
+    steps); UniPC a grid uniform in index with levels log-linear in alpha, stopping at index 0; LCM
+    a
+    grid on its own 50-level table. No diffguide spacing ends at timestep 1, and none gives the
+    others'
     levels."""
     sc, table, _, _ = world
     steps = 20
@@ -509,7 +593,9 @@ def test_a1111s_timestep_samplers_run_grids_no_spacing_gives(world):
     assert len(ddim) - 1 == steps - 1 and ddim[0] == 1
     log_alpha = 0.5 * np.log(1 / (1 + np.asarray(table) ** 2))
     idx = np.linspace(999, 0, steps + 1)
-    unipc = np.sqrt(np.expm1(-2 * np.interp(idx, np.arange(1000), log_alpha)))  # ve = sqrt(1/alpha^2 - 1)
+    unipc = np.sqrt(
+        np.expm1(-2 * np.interp(idx, np.arange(1000), log_alpha))
+    )  # ve = sqrt(1/alpha^2 - 1)
     valid = [table[19 + 20 * j] for j in range(50)]
     lcm = [table_level(valid, (t - 19) / 20) for t in np.linspace(999, 19, 4)]
     for spacing in dg.core.spacing.SPACINGS:
@@ -520,20 +606,39 @@ def test_a1111s_timestep_samplers_run_grids_no_spacing_gives(world):
                 continue
             assert float(ts[-1]) != 1.0
             ve = sc.ve(ts).numpy()
-            assert len(ve) != len(levels) or np.abs(ve - np.asarray(levels)).max() > 1e-3, (spacing, n)
+            assert len(ve) != len(levels) or np.abs(ve - np.asarray(levels)).max() > 1e-3, (
+                spacing,
+                n,
+            )
     for label in ("DDIM", "PLMS", "UniPC", "LCM"):
         spec, notice = images.a1111_sampler_spec(label, steps)
         assert notice and images.a1111_sampler_name(spec, steps) == spec
 
 
-@pytest.mark.parametrize("spec", ["ipndm", "deis", "tcd", "dpmpp_2s_singlestep", "dpmpp_3m", "unipc", "plms",
-                                  "ddim", "consistency", "restart", "dpm2", "dpm2_ancestral"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "ipndm",
+        "deis",
+        "tcd",
+        "dpmpp_2s_singlestep",
+        "dpmpp_3m",
+        "unipc",
+        "plms",
+        "ddim",
+        "consistency",
+        "restart",
+        "dpm2",
+        "dpm2_ancestral",
+    ],
+)
 def test_samplers_a1111_lacks_or_runs_otherwise_keep_their_own_names(spec):
     assert images.a1111_sampler_name(spec, 20) == spec
 
 
 def test_comfyuis_kl_optimal_and_ays_are_not_a1111s(world):
-    """diffguide's kl_optimal and ays are ComfyUI's (transcribed here too); A1111's differ: its KL Optimal
+    """diffguide's kl_optimal and ays are ComfyUI's (transcribed here too); A1111's differ: its KL
+    Optimal
     has n + 1 levels down to sigma_min and no step onto data, its AYS interpolates onto n levels."""
     sc, table, _, _ = world
     lo, hi = table[0], table[-1]
@@ -541,10 +646,18 @@ def test_comfyuis_kl_optimal_and_ays_are_not_a1111s(world):
 
     as_tensor = lambda levels: torch.tensor(levels, dtype=torch.float64)
     for n in (9, 10, 20):
-        torch.testing.assert_close(sc.ve(dg.timesteps(sc, n, "kl_optimal")), as_tensor(ref_comfy_kl_optimal(n, lo, hi)),
-                                   rtol=1e-12, atol=0)
-        torch.testing.assert_close(sc.ve(dg.timesteps(sc, n, "ays")),
-                                   as_tensor(ref_comfy_align_your_steps(n, AYS_LEVELS["sd1"])), rtol=1e-9, atol=0)
+        torch.testing.assert_close(
+            sc.ve(dg.timesteps(sc, n, "kl_optimal")),
+            as_tensor(ref_comfy_kl_optimal(n, lo, hi)),
+            rtol=1e-12,
+            atol=0,
+        )
+        torch.testing.assert_close(
+            sc.ve(dg.timesteps(sc, n, "ays")),
+            as_tensor(ref_comfy_align_your_steps(n, AYS_LEVELS["sd1"])),
+            rtol=1e-9,
+            atol=0,
+        )
         for label, spacing in (("KL Optimal", "kl_optimal"), ("Align Your Steps", "ays")):
             ref, _ = run_reference(world, "Euler", a1111_grid(label, n, table))
             got, _ = run_diffguide(world, "euler", dg.timesteps(sc, n, spacing))
@@ -554,24 +667,34 @@ def test_comfyuis_kl_optimal_and_ays_are_not_a1111s(world):
 
 
 def test_sgm_uniform_reads_the_table_log_linearly(world):
-    """A1111's and ComfyUI's sgm_uniform read a fractional index's level log-linearly between entries
-    (t_to_sigma, model_sampling.sigma); diffguide's VP time is linear in ve there: the spacing puts its
-    times where the levels are theirs. Before, the levels were up to 1e-4 apart (3e-6 at 20 steps)."""
+    """A1111's and ComfyUI's sgm_uniform read a fractional index's level log-linearly between
+    entries
+    (t_to_sigma, model_sampling.sigma); diffguide's VP time is linear in ve there: the spacing puts
+    its
+    times where the levels are theirs. Before, the levels were up to 1e-4 apart (3e-6 at 20
+    steps)."""
     sc, table, _, _ = world
     worst = 0.0
     for n in range(1, 60):
         ref = torch.tensor(ref_sgm_uniform(n, table), dtype=torch.float64)
-        torch.testing.assert_close(sc.ve(dg.timesteps(sc, n, "sgm_uniform")), ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            sc.ve(dg.timesteps(sc, n, "sgm_uniform")), ref, rtol=1e-12, atol=0
+        )
         linear = sc.ve(torch.linspace(len(table) - 1, 0, n + 1, dtype=torch.float64)[:-1])
         worst = max(worst, float(((linear - ref[:-1]) / ref[:-1]).abs().max()))
     assert worst > 5e-5  # what the old times gave
-    flow = dg.FlowSchedule(shift=3.0)  # a flow's levels are a formula of t: its grid stays uniform in t
-    torch.testing.assert_close(dg.timesteps(flow, 8, "sgm_uniform")[:-1],
-                               torch.linspace(1, 1 / 1000, 9, dtype=torch.float64)[:-1])
+    flow = dg.FlowSchedule(
+        shift=3.0
+    )  # a flow's levels are a formula of t: its grid stays uniform in t
+    torch.testing.assert_close(
+        dg.timesteps(flow, 8, "sgm_uniform")[:-1],
+        torch.linspace(1, 1 / 1000, 9, dtype=torch.float64)[:-1],
+    )
 
 
 def test_simple_rounds_as_a1111_and_comfyui_do(world):
-    """int(x * (T / n)), not int(x * T / n): they differ at 70 step counts up to 1000 (38 the first)."""
+    """int(x * (T / n)), not int(x * T / n): they differ at 70 step counts up to 1000 (38 the
+    first)."""
     for n in (12, 38, 76, 122):
         assert schedule_gap(world, "Simple", "simple", n) == 0.0
 
@@ -587,22 +710,40 @@ def fields_of(text):
 
 def test_parameters_carry_a1111_names_only_where_checked():
     def names(sampler, spacing=None, steps=9, family="sd", grid=None):
-        f = fields_of(images.parameters_text({**BASE, "sampler": sampler, "spacing": spacing, "steps": steps},
-                                             family, grid))
+        f = fields_of(
+            images.parameters_text(
+                {**BASE, "sampler": sampler, "spacing": spacing, "steps": steps}, family, grid
+            )
+        )
         return f["Sampler"], f.get("Schedule type")
 
     assert names("dpmpp_2m", "karras") == ("DPM++ 2M", "Karras")
     assert names("dpmpp_2m:lower_order_final=False", "karras") == ("DPM++ 2M", "Karras")
-    assert names("dpmpp_2m", "kl_optimal_a1111") == ("dpmpp_2m", "KL Optimal")  # its last step lowered
+    assert names("dpmpp_2m", "kl_optimal_a1111") == (
+        "dpmpp_2m",
+        "KL Optimal",
+    )  # its last step lowered
     assert names("dpmpp_2m", "kl_optimal_a1111", steps=16) == ("DPM++ 2M", "KL Optimal")
-    assert names("dpmpp_2m:lower_order_final=False", "kl_optimal_a1111") == ("DPM++ 2M", "KL Optimal")
-    assert names("dpmpp_2m_sde:solver_type=heun", "uniform_lam") == ("DPM++ 2M SDE Heun", "Exponential")
+    assert names("dpmpp_2m:lower_order_final=False", "kl_optimal_a1111") == (
+        "DPM++ 2M",
+        "KL Optimal",
+    )
+    assert names("dpmpp_2m_sde:solver_type=heun", "uniform_lam") == (
+        "DPM++ 2M SDE Heun",
+        "Exponential",
+    )
     assert names("dpmpp_3m_sde", "exponential") == ("dpmpp_3m_sde", "Exponential")
-    assert names("euler_ancestral:eta=0.5", "sgm_uniform") == ("euler_ancestral:eta=0.5", "SGM Uniform")
+    assert names("euler_ancestral:eta=0.5", "sgm_uniform") == (
+        "euler_ancestral:eta=0.5",
+        "SGM Uniform",
+    )
     assert names("ipndm", "kl_optimal") == ("ipndm", "kl_optimal")
     assert names("euler", "ays_a1111") == ("Euler", "Align Your Steps")
     assert names("euler", "ays_a1111", family="sdxl") == ("Euler", "ays_a1111")
-    assert names("euler", grid={"spacing": "linspace", "drop_last": True}) == ("Euler", "linspace:drop_last=True")
+    assert names("euler", grid={"spacing": "linspace", "drop_last": True}) == (
+        "Euler",
+        "linspace:drop_last=True",
+    )
     assert names("euler", grid={"spacing": "karras"}) == ("Euler", "Karras")
     assert names("euler") == ("Euler", None)  # no grid known: no Schedule type
 
@@ -618,50 +759,87 @@ def _a1111_png(path, text):
 
 
 def test_an_image_a1111_wrote_reads_as_the_specs_that_reproduce_it(tmp_path):
-    png = _a1111_png(tmp_path / "a.png", "a cat, sitting\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, "
-                     "Schedule type: KL Optimal, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, "
-                     "Model: v1-5-pruned-emaonly, Clip skip: 2, Version: v1.10.1")
+    png = _a1111_png(
+        tmp_path / "a.png",
+        "a cat, sitting\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, "
+        "Schedule type: KL Optimal, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: "
+        "6ce0161689, "
+        "Model: v1-5-pruned-emaonly, Clip skip: 2, Version: v1.10.1",
+    )
     meta, notices = images.read_settings(png)
-    assert meta == {"prompt": "a cat, sitting", "negative_prompt": "blurry", "steps": 12,
-                    "sampler": "dpmpp_2m:lower_order_final=False", "spacing": "kl_optimal_a1111", "seed": 1234,
-                    "width": 512, "height": 768, "guidance": "cfg", "scale": 7.0}
+    assert meta == {
+        "prompt": "a cat, sitting",
+        "negative_prompt": "blurry",
+        "steps": 12,
+        "sampler": "dpmpp_2m:lower_order_final=False",
+        "spacing": "kl_optimal_a1111",
+        "seed": 1234,
+        "width": 512,
+        "height": 768,
+        "guidance": "cfg",
+        "scale": 7.0,
+    }
     said = " ".join(notices)
     assert "Clip skip" in said and "v1-5-pruned-emaonly" in said and "own generator" in said
     assert "Model hash" not in said and "Version" not in said
     # A1111 before 1.9 named the schedule in the sampler; Eta is the sampler's eta
-    meta, _ = images.read_settings(_a1111_png(tmp_path / "b.png", "x\nSteps: 20, Sampler: Euler a Karras, "
-                                              "Eta: 0.5, CFG scale: 5, Seed: 1, Size: 8x8"))
+    meta, _ = images.read_settings(
+        _a1111_png(
+            tmp_path / "b.png",
+            "x\nSteps: 20, Sampler: Euler a Karras, Eta: 0.5, CFG scale: 5, Seed: 1, Size: 8x8",
+        )
+    )
     assert (meta["sampler"], meta["spacing"]) == ("euler_ancestral:eta=0.5", "karras")
-    meta, notices = images.read_settings(_a1111_png(tmp_path / "c.png", "x\nSteps: 20, Sampler: DPM++ 3M SDE, "
-                                                    "Schedule type: Exponential, CFG scale: 5, Seed: 1, Size: 8x8"))
+    meta, notices = images.read_settings(
+        _a1111_png(
+            tmp_path / "c.png",
+            "x\nSteps: 20, Sampler: DPM++ 3M SDE, "
+            "Schedule type: Exponential, CFG scale: 5, Seed: 1, Size: 8x8",
+        )
+    )
     assert meta["sampler"] == "dpmpp_3m_published:eta=1,solver_type=heun,lower_order_final=False"
     assert any("next-to-last level" in n for n in notices)
-    _, notices = images.read_settings(_a1111_png(tmp_path / "d.png", "x\nSteps: 20, Sampler: Euler, CFG scale: 5, "
-                                                 "Seed: 1, Size: 8x8"))
+    _, notices = images.read_settings(
+        _a1111_png(
+            tmp_path / "d.png", "x\nSteps: 20, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 8x8"
+        )
+    )
     assert any("Uniform" in n for n in notices)  # no Schedule type: A1111 ran its Uniform levels
     from PIL import Image  # A1111's JPEG: the text in EXIF UserComment, 'UNICODE\0' + UTF-16
 
     exif = Image.Exif()
-    text = "x\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 8x8"
+    text = (
+        "x\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 8x8"
+    )
     exif[images.EXIF_IFD] = {images.EXIF_USER_COMMENT: b"UNICODE\0" + text.encode("utf-16-be")}
     Image.new("RGB", (8, 8)).save(tmp_path / "g.jpg", exif=exif)
     meta, _ = images.read_settings(str(tmp_path / "g.jpg"))
     assert (meta["sampler"], meta["spacing"], meta["steps"]) == ("dpmpp_2m", "karras", 20)
     with pytest.raises(ValueError, match="no sampler for A1111's 'DPM adaptive'"):
-        images.read_settings(_a1111_png(tmp_path / "e.png", "x\nSteps: 20, Sampler: DPM adaptive, CFG scale: 5, "
-                                        "Seed: 1, Size: 8x8"))
+        images.read_settings(
+            _a1111_png(
+                tmp_path / "e.png",
+                "x\nSteps: 20, Sampler: DPM adaptive, CFG scale: 5, Seed: 1, Size: 8x8",
+            )
+        )
     with pytest.raises(ValueError, match="without Seed"):
-        images.read_settings(_a1111_png(tmp_path / "f.png", "x\nSteps: 20, Sampler: Euler, Size: 8x8, CFG scale: 5"))
+        images.read_settings(
+            _a1111_png(tmp_path / "f.png", "x\nSteps: 20, Sampler: Euler, Size: 8x8, CFG scale: 5")
+        )
 
 
 def test_what_is_written_reads_back_as_the_same_run():
-    """Every label pair diffguide writes reads back (as from an A1111 image) to specs that make the same
+    """Every label pair diffguide writes reads back (as from an A1111 image) to specs that make the
+    same
     steps on the same levels."""
     for sampler in list(images.A1111_SAMPLERS.values()):
         for spacing in images.A1111_SCHEDULES.values():
             for steps in (9, 16):
-                f = fields_of(images.parameters_text({**BASE, "sampler": sampler, "spacing": spacing,
-                                                      "steps": steps}, "sd"))
+                f = fields_of(
+                    images.parameters_text(
+                        {**BASE, "sampler": sampler, "spacing": spacing, "steps": steps}, "sd"
+                    )
+                )
                 if f["Sampler"] not in images.A1111_SAMPLERS:
                     continue
                 above = spacing in dg.core.spacing.ABOVE_DATA
@@ -671,7 +849,8 @@ def test_what_is_written_reads_back_as_the_same_run():
 
 
 def test_cli_cfgpp_hint_quotes_the_runs_own_grid(tmp_path, capsys):
-    """On the built-in model the command line's CFG++ error quotes that model's grid (4.2 at 25 steps),
+    """On the built-in model the command line's CFG++ error quotes that model's grid (4.2 at 25
+    steps),
     as the Python call does, not SD's default one (6.8)."""
     from diffguide.cli.main import main
     from diffguide.guidance.cfgpp import equivalence

@@ -1,14 +1,30 @@
-"""The layers of docs/architecture.md, kept: no import runs up, core/ is torch only, diffusers only where
+"""The layers of docs/architecture.md, kept: no import runs up, core/ is torch only, diffusers only
+where
 it belongs. Read from the source (ast), so a lazy import inside a function counts too."""
+
 import ast
 import os
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "diffguide")
 
 # lowest first; a package may import from a lower layer or from itself
-LAYERS = {"core": 0, "files": 0, "parallel": 0, "versions": 0, "assets": 0,
-          "guidance": 1, "samplers": 1, "toy": 1, "noise": 2, "pipelines": 3, "evaluate": 4, "distill": 5,
-          "cli": 6, "__main__": 7, "__init__": 7}
+LAYERS = {
+    "core": 0,
+    "files": 0,
+    "parallel": 0,
+    "versions": 0,
+    "assets": 0,
+    "guidance": 1,
+    "samplers": 1,
+    "toy": 1,
+    "noise": 2,
+    "pipelines": 3,
+    "evaluate": 4,
+    "distill": 5,
+    "cli": 6,
+    "__main__": 7,
+    "__init__": 7,
+}
 ROOT_NAMES = {"__version__"}  # the package root's version string, readable from anywhere
 CORE_MAY_IMPORT = {"torch", "numpy", "__future__"}
 DIFFUSERS_IN = {"pipelines", "distill"}
@@ -24,7 +40,7 @@ def imports(path: str, module: str, is_package: bool):
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
@@ -53,11 +69,17 @@ def test_no_import_runs_up_the_layers():
         for line, name, names in imports(path, module, package):
             if not name.startswith("diffguide"):
                 continue
-            targets = [layer_of(name)] if name != "diffguide" else [n for n in names if n not in ROOT_NAMES]
+            targets = (
+                [layer_of(name)]
+                if name != "diffguide"
+                else [n for n in names if n not in ROOT_NAMES]
+            )
             for target in targets:
                 target = layer_of(f"diffguide.{target}") if name == "diffguide" else target
                 if target != own and LAYERS.get(target, 99) >= LAYERS.get(own, -1):
-                    bad.append(f"{os.path.relpath(path, ROOT)}:{line} ({own}) imports {name} ({target})")
+                    bad.append(
+                        f"{os.path.relpath(path, ROOT)}:{line} ({own}) imports {name} ({target})"
+                    )
     assert not bad, "imports that run up:\n" + "\n".join(bad)
 
 
@@ -65,15 +87,26 @@ def test_core_imports_torch_numpy_and_the_standard_library_only():
     import sys
 
     stdlib = set(sys.stdlib_module_names)
-    bad = [f"{os.path.relpath(p, ROOT)}:{line} imports {name}" for p, m, pkg in modules() if layer_of(m) == "core"
-           for line, name, _ in imports(p, m, pkg) if name and not name.startswith("diffguide")
-           and name.split(".")[0] not in CORE_MAY_IMPORT | stdlib]
+    bad = [
+        f"{os.path.relpath(p, ROOT)}:{line} imports {name}"
+        for p, m, pkg in modules()
+        if layer_of(m) == "core"
+        for line, name, _ in imports(p, m, pkg)
+        if name
+        and not name.startswith("diffguide")
+        and name.split(".")[0] not in CORE_MAY_IMPORT | stdlib
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_diffusers_is_imported_only_by_pipelines_and_distill():
-    bad = [f"{os.path.relpath(p, ROOT)}:{line}" for p, m, pkg in modules() if layer_of(m) not in DIFFUSERS_IN
-           for line, name, _ in imports(p, m, pkg) if name.split(".")[0] == "diffusers"]
+    bad = [
+        f"{os.path.relpath(p, ROOT)}:{line}"
+        for p, m, pkg in modules()
+        if layer_of(m) not in DIFFUSERS_IN
+        for line, name, _ in imports(p, m, pkg)
+        if name.split(".")[0] == "diffusers"
+    ]
     assert not bad, "diffusers imported in: " + ", ".join(bad)
 
 

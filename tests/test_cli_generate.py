@@ -1,4 +1,6 @@
-"""``diffguide generate`` end to end on a tiny SD model saved with save_pretrained, and its errors."""
+"""``diffguide generate`` end to end on a tiny SD model saved with save_pretrained, and its
+errors."""
+
 import json
 import os
 import subprocess
@@ -31,9 +33,26 @@ def pixels(path):
 
 def test_png_size_metadata_and_determinism(model, tmp_path, capsys):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    args = ["a red circle", "--model", model, "--steps", "5", "--seed", "7", "--height", "24",
-            "--width", "16", "--negative", "blurry", "--guidance", "cfg:scale=6,rescale=0.5",
-            "--sampler", "euler", "--quiet"]
+    args = [
+        "a red circle",
+        "--model",
+        model,
+        "--steps",
+        "5",
+        "--seed",
+        "7",
+        "--height",
+        "24",
+        "--width",
+        "16",
+        "--negative",
+        "blurry",
+        "--guidance",
+        "cfg:scale=6,rescale=0.5",
+        "--sampler",
+        "euler",
+        "--quiet",
+    ]
     assert run(capsys, *args, "-o", str(a))[0] == 0
     assert run(capsys, *args, "-o", str(b))[0] == 0
     assert a.read_bytes() == b.read_bytes()  # same seed, byte-identical file
@@ -52,14 +71,41 @@ def test_png_size_metadata_and_determinism(model, tmp_path, capsys):
 
 
 def test_seeds_differ_and_batches_equal_single_runs(model, tmp_path, capsys):
-    code, out, _ = run(capsys, "a blue square", "--model", model, "--steps", "4", "--seeds", "0-3",
-                       "--batch", "4", "-o", str(tmp_path / "batch"), "--quiet")
+    code, out, _ = run(
+        capsys,
+        "a blue square",
+        "--model",
+        model,
+        "--steps",
+        "4",
+        "--seeds",
+        "0-3",
+        "--batch",
+        "4",
+        "-o",
+        str(tmp_path / "batch"),
+        "--quiet",
+    )
     assert code == 0 and len(out.split()) == 4
     batch = [pixels(tmp_path / "batch" / f"{s:06d}.png") for s in range(4)]
     assert all(np.abs(batch[i] - batch[j]).max() > 0 for i in range(4) for j in range(i))
     for s in range(4):
-        assert run(capsys, "a blue square", "--model", model, "--steps", "4", "--seed", str(s),
-                   "-o", str(tmp_path / f"single{s}.png"), "--quiet")[0] == 0
+        assert (
+            run(
+                capsys,
+                "a blue square",
+                "--model",
+                model,
+                "--steps",
+                "4",
+                "--seed",
+                str(s),
+                "-o",
+                str(tmp_path / f"single{s}.png"),
+                "--quiet",
+            )[0]
+            == 0
+        )
         # one uint8 level allowed: a batched forward pass may round differently in the last bit
         assert np.abs(pixels(tmp_path / f"single{s}.png") - batch[s]).max() <= 1
 
@@ -69,8 +115,21 @@ def test_existing_file_needs_overwrite(model, tmp_path, capsys):
     target.write_bytes(b"keep")
     code, _, err = run(capsys, "a", "--model", model, "--steps", "2", "-o", str(target))
     assert code == 2 and "--overwrite" in err and target.read_bytes() == b"keep"
-    assert run(capsys, "a", "--model", model, "--steps", "2", "-o", str(target), "--overwrite",
-               "--quiet")[0] == 0
+    assert (
+        run(
+            capsys,
+            "a",
+            "--model",
+            model,
+            "--steps",
+            "2",
+            "-o",
+            str(target),
+            "--overwrite",
+            "--quiet",
+        )[0]
+        == 0
+    )
     assert target.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -86,9 +145,14 @@ BAD = {
     "strength alone": (["--strength", "0.5"], ["--strength", "--init-image"]),
     "missing init image": (["--init-image", "nope.png"], ["--init-image", "nope.png"]),
     "init image not an image": (["--init-image", __file__], ["--init-image", "cannot read"]),
-    "strength out of range": (["--init-image", "INIT", "--strength", "1.5"], ["--strength", "1.5", "[0, 1]"]),
-    "strength leaves no step": (["--init-image", "INIT", "--strength", "0.01", "--steps", "10"],
-                                ["strength 0.01", "10 steps"]),
+    "strength out of range": (
+        ["--init-image", "INIT", "--strength", "1.5"],
+        ["--strength", "1.5", "[0, 1]"],
+    ),
+    "strength leaves no step": (
+        ["--init-image", "INIT", "--strength", "0.01", "--steps", "10"],
+        ["strength 0.01", "10 steps"],
+    ),
     "cuda graph on the cpu": (["--cuda-graph", "--device", "cpu"], ["--cuda-graph", "CUDA device"]),
 }
 
@@ -118,8 +182,21 @@ def test_missing_model_and_unwritable_output(tmp_path, capsys, model):
 
 
 def test_console_entry_point_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "diffguide", "generate", "a", "--model",
-                        str(tmp_path / "missing"), "--steps", "0"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffguide",
+            "generate",
+            "a",
+            "--model",
+            str(tmp_path / "missing"),
+            "--steps",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["diffguide: error: --steps must be >= 1, got 0"]
 
@@ -139,10 +216,27 @@ def test_init_image_round_trip(model, tmp_path, capsys):
     from diffguide.pipelines import GuidedPipeline
 
     init = tmp_path / "init.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 16, 3), dtype=np.uint8)).save(init)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 16, 3), dtype=np.uint8)).save(
+        init
+    )
     out = tmp_path / "edit.png"
-    code, _, err = run(capsys, "a red circle", "--model", model, "--init-image", str(init), "--strength", "0.5",
-                       "--steps", "8", "--seed", "3", "-o", str(out), "--quiet")
+    code, _, err = run(
+        capsys,
+        "a red circle",
+        "--model",
+        model,
+        "--init-image",
+        str(init),
+        "--strength",
+        "0.5",
+        "--steps",
+        "8",
+        "--seed",
+        "3",
+        "-o",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, err
     im = Image.open(out)
     assert im.size == (16, 24)  # the init image's size
@@ -150,7 +244,9 @@ def test_init_image_round_trip(model, tmp_path, capsys):
     assert meta["strength"] == 0.5 and meta["init_image"] == str(init)
     assert "Denoising strength: 0.5" in im.text["parameters"]
     gp = GuidedPipeline.from_pretrained(model, progress=False)
-    ref = gp("a red circle", image=Image.open(init), strength=0.5, steps=8, seed=3, output_type="np").images[0]
+    ref = gp(
+        "a red circle", image=Image.open(init), strength=0.5, steps=8, seed=3, output_type="np"
+    ).images[0]
     assert np.abs(pixels(out) - np.round(ref * 255)).max() <= 1
     code, _, err = run(capsys, "--from-png", str(out), "-o", str(tmp_path / "again.png"), "--quiet")
     assert code == 0 and np.array_equal(pixels(tmp_path / "again.png"), pixels(out)), err
@@ -163,21 +259,58 @@ def test_autoguidance_and_perturbed_guiders_from_the_command_line(tmp_path, caps
     from diffguide.pipelines import GuidedPipeline
 
     out = tmp_path / "ag.png"
-    code, _, err = run(capsys, "a red circle", "--guidance", "cfg+autoguidance:scale=2", "--guide-model",
-                       "builtin-small", "--steps", "5", "--seed", "2", "-o", str(out), "--quiet")
+    code, _, err = run(
+        capsys,
+        "a red circle",
+        "--guidance",
+        "cfg+autoguidance:scale=2",
+        "--guide-model",
+        "builtin-small",
+        "--steps",
+        "5",
+        "--seed",
+        "2",
+        "-o",
+        str(out),
+        "--quiet",
+    )
     assert code == 0, err
     meta = json.loads(Image.open(out).text["diffguide"])
     assert meta["guide_model"] == "builtin-small"
     gp = GuidedPipeline.from_pretrained("builtin", progress=False)
-    ref = gp("a red circle", guidance="cfg+autoguidance:scale=2", guide_model="builtin-small", steps=5, seed=2,
-             output_type="np").images[0]
+    ref = gp(
+        "a red circle",
+        guidance="cfg+autoguidance:scale=2",
+        guide_model="builtin-small",
+        steps=5,
+        seed=2,
+        output_type="np",
+    ).images[0]
     assert np.abs(pixels(out) - np.round(ref * 255)).max() <= 1
     code, _, err = run(capsys, "--from-png", str(out), "-o", str(tmp_path / "again.png"), "--quiet")
     assert code == 0 and np.array_equal(pixels(tmp_path / "again.png"), pixels(out)), err
-    code, _, err = run(capsys, "a red circle", "--guidance", "cfg:scale=5+pag:scale=2+seg:sigma=inf", "--steps", "3",
-                       "-o", str(tmp_path / "pag.png"), "--quiet")
+    code, _, err = run(
+        capsys,
+        "a red circle",
+        "--guidance",
+        "cfg:scale=5+pag:scale=2+seg:sigma=inf",
+        "--steps",
+        "3",
+        "-o",
+        str(tmp_path / "pag.png"),
+        "--quiet",
+    )
     assert code == 0, err
-    code, _, err = run(capsys, "a red circle", "--guidance", "autoguidance", "--steps", "3",
-                       "-o", str(tmp_path / "none.png"), "--quiet")
+    code, _, err = run(
+        capsys,
+        "a red circle",
+        "--guidance",
+        "autoguidance",
+        "--steps",
+        "3",
+        "-o",
+        str(tmp_path / "none.png"),
+        "--quiet",
+    )
     assert code == 2 and "--guide-model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "none.png").exists()

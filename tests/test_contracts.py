@@ -1,4 +1,6 @@
-"""The core's contracts: eps is used (never re-derived), branch batching, state per run, threads, noise."""
+"""The core's contracts: eps is used (never re-derived), branch batching, state per run, threads,
+noise."""
+
 import threading
 from dataclasses import dataclass
 
@@ -31,8 +33,12 @@ def test_inconsistent_eps_changes_every_sampler(spec, gmm, sd):
             p = gmm(x, t, cond)
             return dg.Pred(p.x0, p.eps + self.shift)
 
-    outs = [dg.sample(dg.guide(Shifted(d), None, labels), spec, ts, _x(gmm, ts), dg.SeededNoise(range(8)))
-            for d in (0.0, 0.5)]
+    outs = [
+        dg.sample(
+            dg.guide(Shifted(d), None, labels), spec, ts, _x(gmm, ts), dg.SeededNoise(range(8))
+        )
+        for d in (0.0, 0.5)
+    ]
     assert (outs[0] - outs[1]).abs().max() > 1e-3
 
 
@@ -71,7 +77,8 @@ def test_batched_equals_one_by_one(unet_model):
     a, b = dg.sample(batched, "dpmpp_2m", ts, x), dg.sample(single, "dpmpp_2m", ts, x)
     assert batched.forwards == 6 and single.forwards == 6 * 2 * 3
     assert (a - b).abs().max() < 1e-5
-    # conditions of different token lengths cannot be concatenated: evaluated separately, same result
+    # conditions of different token lengths cannot be concatenated: evaluated separately, same
+    # result
     long_uncond = torch.cat([uncond, torch.zeros(1, 2, 32)], dim=1)
     split = dg.guide(unet_model.denoiser(), dg.CFG(scale=6.0), cond, long_uncond)
     dg.sample(split, "dpmpp_2m", ts, x)
@@ -109,7 +116,9 @@ def test_threads_share_configs(gmm, sd):
 
     def run(seed):
         den = dg.guide(gmm, guidance, torch.arange(8) % 4, torch.full((8,), -1))
-        return dg.sample(den, sampler, ts, _x(gmm, ts, seed=seed), dg.SeededNoise(range(seed, seed + 8)))
+        return dg.sample(
+            den, sampler, ts, _x(gmm, ts, seed=seed), dg.SeededNoise(range(seed, seed + 8))
+        )
 
     serial = [run(s) for s in range(4)]
     results = [None] * 4
@@ -125,8 +134,10 @@ def test_threads_share_configs(gmm, sd):
         assert torch.equal(s, r)
 
 
-@pytest.mark.parametrize("spec", ["euler_ancestral", "dpmpp_2m_sde", "ddim:eta=0.7", "euler:churn=20",
-                                  "dpmpp_2s_ancestral"])
+@pytest.mark.parametrize(
+    "spec",
+    ["euler_ancestral", "dpmpp_2m_sde", "ddim:eta=0.7", "euler:churn=20", "dpmpp_2s_ancestral"],
+)
 def test_noise_is_per_sample(spec, gmm, sd):
     """A sample's result depends on its seed, not on what else is in the batch."""
     ts = dg.timesteps(sd, 10, "karras")
@@ -146,8 +157,12 @@ def test_per_sample_t_training_mode(gmm, sd):
     den = dg.guide(gmm, dg.CFG(scale=3.0), torch.tensor([0, 1, 2]), torch.tensor([-1]))
     p = den(x, t)
     for i in range(3):
-        q = dg.guide(gmm, dg.CFG(scale=3.0), torch.tensor([[0, 1, 2][i]]), torch.tensor([-1]))(x[i:i + 1], t[i])
-        assert torch.allclose(p.x0[i], q.x0[0], atol=1e-6) and torch.allclose(p.eps[i], q.eps[0], atol=1e-5)
+        q = dg.guide(gmm, dg.CFG(scale=3.0), torch.tensor([[0, 1, 2][i]]), torch.tensor([-1]))(
+            x[i : i + 1], t[i]
+        )
+        assert torch.allclose(p.x0[i], q.x0[0], atol=1e-6) and torch.allclose(
+            p.eps[i], q.eps[0], atol=1e-5
+        )
 
 
 def test_partial_run_is_a_shorter_grid(gmm, sd):
@@ -155,8 +170,13 @@ def test_partial_run_is_a_shorter_grid(gmm, sd):
     ts = dg.timesteps(sd, 12, "karras")
     labels = torch.arange(8) % 4
     seen = {}
-    full = dg.sample(dg.guide(gmm, None, labels), "ddim", ts, _x(gmm, ts),
-                     callback=lambda st, x: seen.setdefault(st.i, x.clone()))
+    full = dg.sample(
+        dg.guide(gmm, None, labels),
+        "ddim",
+        ts,
+        _x(gmm, ts),
+        callback=lambda st, x: seen.setdefault(st.i, x.clone()),
+    )
     part = dg.sample(dg.guide(gmm, None, labels), "ddim", ts[5:], seen[4])
     assert torch.equal(full, part)
 
@@ -175,6 +195,7 @@ class Flip:
                 yield
             finally:
                 net.flipped = False
+
         return ctx()
 
 
@@ -202,7 +223,9 @@ def test_perturbed_branch_gets_its_own_forward(gmm, sd):
     den = dg.guide(m, WithPerturbed(), torch.tensor([0, 1]), torch.tensor([-1]))
     x, t = torch.randn(2, 2), torch.tensor(300.0, dtype=torch.float64)
     out = den(x, t)
-    assert sorted(m.calls) == [(2, True), (4, False)] and not m.flipped  # cond+uncond batched, perturbed apart
+    assert (
+        sorted(m.calls) == [(2, True), (4, False)] and not m.flipped
+    )  # cond+uncond batched, perturbed apart
     c = gmm(x, t, torch.tensor([0, 1]))
     assert torch.allclose(out.x0, c.x0 + 0.5 * (c.x0 + c.x0), atol=1e-6)
     assert den.nfe == 3 and den.forwards == 2
@@ -213,13 +236,22 @@ def test_perturbed_branch_gets_its_own_forward(gmm, sd):
 def test_grid_from_pure_noise(spec, schedule):
     """Grids that start where the signal is exactly zero (flow t = 1, zero-terminal-SNR VP), so
     lambda = -inf at the first point: every sampler stays finite and lands in the right class."""
-    sc = dg.FlowSchedule(shift=3.0) if schedule == "flow" else sd_schedule(rescale_betas_zero_snr=True)
+    sc = (
+        dg.FlowSchedule(shift=3.0)
+        if schedule == "flow"
+        else sd_schedule(rescale_betas_zero_snr=True)
+    )
     gm = dg.GaussianMixture.ring(sc)
     ts = dg.timesteps(sc, 12, "uniform_t")
     assert float(sc.alpha(ts[0])) == 0.0
     labels = torch.tensor([1] * 64)
-    x = dg.sample(dg.guide(gm, None, labels), spec, ts, dg.SeededNoise(range(64)).randn((64, 2)),
-                  dg.SeededNoise(range(100, 164)))
+    x = dg.sample(
+        dg.guide(gm, None, labels),
+        spec,
+        ts,
+        dg.SeededNoise(range(64)).randn((64, 2)),
+        dg.SeededNoise(range(100, 164)),
+    )
     assert torch.isfinite(x).all()
     nearest = torch.cdist(x.double(), gm.means).argmin(1)
     assert (gm.labels[nearest] == 1).double().mean() > 0.9

@@ -1,5 +1,6 @@
 """Consistency distillation's pieces on a tiny SD model: the student starts as the teacher, the
 boundary holds, and the loss falls on a fixed batch."""
+
 import copy
 
 import pytest
@@ -21,9 +22,17 @@ def setup():
     net = student_unet(gp.pipe.unet, embed_dim=8)
 
     def student_of(module):
-        return dg.NetDenoiser(lambda x, t, c: module(x, t, encoder_hidden_states=c["text"],
-                                                     timestep_cond=c.get("timestep_cond")).sample,
-                              gp.info.schedule, gp.info.kind, module=module)
+        return dg.NetDenoiser(
+            lambda x, t, c: (
+                module(
+                    x, t, encoder_hidden_states=c["text"], timestep_cond=c.get("timestep_cond")
+                ).sample
+            ),
+            gp.info.schedule,
+            gp.info.kind,
+            module=module,
+        )
+
     return gp, pos, neg, net, student_of
 
 
@@ -32,7 +41,11 @@ def test_student_starts_as_the_teacher(setup):
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         t = gp.net_denoiser(x, torch.tensor(500.0), pos)
-        s = student_of(net)(x, torch.tensor(500.0), {**pos, "timestep_cond": guidance_embedding(torch.tensor([4.0, 7.0]), 8)})
+        s = student_of(net)(
+            x,
+            torch.tensor(500.0),
+            {**pos, "timestep_cond": guidance_embedding(torch.tensor([4.0, 7.0]), 8)},
+        )
     assert torch.equal(t.x0, s.x0)
 
 
@@ -46,20 +59,32 @@ def test_boundary_is_the_identity_at_the_data_end(setup):
 
 def test_pseudo_huber():
     a, b = torch.zeros(4), torch.tensor([0.0, 3.0, 4.0, 0.0])
-    assert torch.allclose(pseudo_huber(a, b, 1.0), torch.tensor((0 + (10 ** 0.5 - 1) + (17 ** 0.5 - 1) + 0) / 4))
+    assert torch.allclose(
+        pseudo_huber(a, b, 1.0), torch.tensor((0 + (10**0.5 - 1) + (17**0.5 - 1) + 0) / 4)
+    )
 
 
 def test_loss_falls_on_a_fixed_batch(setup):
     gp, pos, neg, net, student_of = setup
     student = copy.deepcopy(net).train()
     target = copy.deepcopy(net).eval().requires_grad_(False)
-    loss_fn = ConsistencyLoss(gp.net_denoiser, student_of(student), student_of(target), "cfg", "ddim",
-                              skip=100, huber_c=0.001, embed=lambda w: guidance_embedding(w, 8))
+    loss_fn = ConsistencyLoss(
+        gp.net_denoiser,
+        student_of(student),
+        student_of(target),
+        "cfg",
+        "ddim",
+        skip=100,
+        huber_c=0.001,
+        embed=lambda w: guidance_embedding(w, 8),
+    )
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.Adam(student.parameters(), lr=2e-4)
     losses = []
     for _ in range(20):
-        loss = loss_fn(x0, pos, neg, torch.Generator().manual_seed(5))  # the same t and noise each time
+        loss = loss_fn(
+            x0, pos, neg, torch.Generator().manual_seed(5)
+        )  # the same t and noise each time
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,5 +1,6 @@
 """Two real CPU processes (torchrun, gloo): distillation averages gradients across them, generation
 and evaluation share their work, and a killed two-process run resumes bit for bit."""
+
 import json
 import os
 import signal
@@ -19,8 +20,19 @@ from helpers import caption_folder, states_equal
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-TRAIN = ["--batch", "4", "--checkpoint-every", "2", "--log-every", "1", "--skip", "100", "--lr", "1e-3",
-         "--quiet"]
+TRAIN = [
+    "--batch",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--log-every",
+    "1",
+    "--skip",
+    "100",
+    "--lr",
+    "1e-3",
+    "--quiet",
+]
 DMD2 = ["--student-steps", "2", "--fake-ratio", "2", "--gan"]
 # settings of a run, as the CLI arguments above give them, for the one-process reference
 CONFIG = dict(batch=4, checkpoint_every=2, log_every=1, skip=100, lr=1e-3)
@@ -39,8 +51,14 @@ def one_thread():
 
 def two(*args, check=True, **kw):
     """``diffguide ARGS`` on two processes; the completed process."""
-    res = subprocess.run(LAUNCH + ["-m", "diffguide", *args], env=ENV, capture_output=True, text=True,
-                         timeout=300, **kw)
+    res = subprocess.run(
+        LAUNCH + ["-m", "diffguide", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"two-process run failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res
@@ -61,14 +79,36 @@ def data(tmp_path_factory):
 def dmd2_two(tmp_path_factory, teacher, data):
     """An uninterrupted two-process DMD2 + GAN run of 20 steps."""
     out = str(tmp_path_factory.mktemp("dmd2") / "run")
-    two("distill", "dmd2", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "20", *TRAIN, *DMD2)
+    two(
+        "distill",
+        "dmd2",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        "20",
+        *TRAIN,
+        *DMD2,
+    )
     return out
 
 
 def _one(out, teacher, data, steps, **kw):
     """The same run on this one process with two accumulated micro-batches per step."""
-    train(DistillConfig(out=str(out), teacher=teacher, data=data, max_steps=steps, grad_accum=2,
-                        **{**CONFIG, **kw}), progress=False)
+    train(
+        DistillConfig(
+            out=str(out),
+            teacher=teacher,
+            data=data,
+            max_steps=steps,
+            grad_accum=2,
+            **{**CONFIG, **kw},
+        ),
+        progress=False,
+    )
     return checkpoint.load(os.path.join(out, "checkpoint.pt"))
 
 
@@ -77,15 +117,34 @@ SKIP = ("config", "processes")
 
 def test_consistency_two_processes_equal_one_with_accumulation(tmp_path, teacher, data):
     out = str(tmp_path / "two")
-    res = two("distill", "consistency", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "3",
-              *TRAIN, "--guidance", "cfg:scale=4", "--scale-range", "2,6")
+    res = two(
+        "distill",
+        "consistency",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        "3",
+        *TRAIN,
+        "--guidance",
+        "cfg:scale=4",
+        "--scale-range",
+        "2,6",
+    )
     assert res.stdout.strip().splitlines() == [os.path.join(out, "student")]  # printed once
     a = checkpoint.load(os.path.join(out, "checkpoint.pt"))
-    b = _one(tmp_path / "one", teacher, data, 3, guidance="cfg:scale=4", scale_min=2.0, scale_max=6.0)
+    b = _one(
+        tmp_path / "one", teacher, data, 3, guidance="cfg:scale=4", scale_min=2.0, scale_max=6.0
+    )
     assert a["processes"] == 2 and b["processes"] == 1 and a["step"] == 3
     assert states_equal(a, b, SKIP)
     start = GuidedPipeline.from_pretrained(teacher, progress=False).family.net.state_dict()
-    assert any(not torch.equal(v, start[k]) for k, v in a["student"].items() if k in start)  # it trained
+    assert any(
+        not torch.equal(v, start[k]) for k, v in a["student"].items() if k in start
+    )  # it trained
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert (cfg["processes"], cfg["effective_batch"]) == (2, 8)
 
@@ -101,7 +160,9 @@ def test_dmd2_gan_two_processes_equal_one_with_accumulation(tmp_path, teacher, d
     assert [r["step"] for r in la] == list(range(1, 21))
     for ra, rb in zip(la, lb):
         assert ra.keys() == rb.keys()
-        assert all(abs(ra[k] - rb[k]) <= 1e-9 * max(1.0, abs(rb[k])) for k in ra if k not in ("seconds",))
+        assert all(
+            abs(ra[k] - rb[k]) <= 1e-9 * max(1.0, abs(rb[k])) for k in ra if k not in ("seconds",)
+        )
 
 
 def _state(pid: int) -> str:
@@ -117,7 +178,9 @@ def _descendants(pid: int) -> list[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                parent[int(name)] = int(open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1])
+                parent[int(name)] = int(
+                    open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()[1]
+                )
             except (OSError, IndexError, ValueError):
                 pass
     out, todo = [], [pid]
@@ -131,14 +194,33 @@ def _descendants(pid: int) -> list[int]:
 
 def test_two_process_run_killed_and_resumed_is_bit_identical(tmp_path, teacher, data, dmd2_two):
     out = str(tmp_path / "run")
-    args = ["distill", "dmd2", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", "20",
-            *TRAIN, *DMD2]
-    proc = subprocess.Popen(LAUNCH + ["-m", "diffguide", *args], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "distill",
+        "dmd2",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        "20",
+        *TRAIN,
+        *DMD2,
+    ]
+    proc = subprocess.Popen(
+        LAUNCH + ["-m", "diffguide", *args],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     log, deadline = os.path.join(out, "loss.jsonl"), time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(log) and any(json.loads(x)["step"] >= 3 for x in open(log) if x.endswith("\n")):
+            if os.path.exists(log) and any(
+                json.loads(x)["step"] >= 3 for x in open(log) if x.endswith("\n")
+            ):
                 break  # the step-2 checkpoint is on disk and later steps are logged
             time.sleep(0.01)
     finally:
@@ -152,7 +234,9 @@ def test_two_process_run_killed_and_resumed_is_bit_identical(tmp_path, teacher, 
         proc.wait()
         while any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in workers):
             time.sleep(0.01)
-    assert proc.returncode == -signal.SIGKILL and len(workers) >= 2, "the run ended before it could be killed"
+    assert proc.returncode == -signal.SIGKILL and len(workers) >= 2, (
+        "the run ended before it could be killed"
+    )
     killed_at = checkpoint.load(os.path.join(out, "checkpoint.pt"))["step"]
     assert 2 <= killed_at < 20 and not os.path.exists(os.path.join(out, "student"))
     # what a kill during a save leaves behind, and a log line cut short
@@ -170,17 +254,39 @@ def test_two_process_run_killed_and_resumed_is_bit_identical(tmp_path, teacher, 
 
 
 def test_resume_refuses_another_effective_batch(tmp_path, teacher, data, dmd2_two):
-    """Four per process on two processes is eight; one process with batch 4 and no accumulation is not."""
+    """Four per process on two processes is eight; one process with batch 4 and no accumulation is
+    not."""
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(dmd2_two, out)
-    with pytest.raises(ValueError, match=r"effective batch of 8 \(batch 4 x 2 processes x accumulation 1\)"):
-        train(DistillConfig(out=str(out), teacher=teacher, data=data, max_steps=22, resume=True,
-                            **{**CONFIG, **DMD2_CONFIG}), progress=False)
+    with pytest.raises(
+        ValueError, match=r"effective batch of 8 \(batch 4 x 2 processes x accumulation 1\)"
+    ):
+        train(
+            DistillConfig(
+                out=str(out),
+                teacher=teacher,
+                data=data,
+                max_steps=22,
+                resume=True,
+                **{**CONFIG, **DMD2_CONFIG},
+            ),
+            progress=False,
+        )
     # eight as one process with two accumulated micro-batches continues it
-    train(DistillConfig(out=str(out), teacher=teacher, data=data, max_steps=22, resume=True, grad_accum=2,
-                        **{**CONFIG, **DMD2_CONFIG}), progress=False)
+    train(
+        DistillConfig(
+            out=str(out),
+            teacher=teacher,
+            data=data,
+            max_steps=22,
+            resume=True,
+            grad_accum=2,
+            **{**CONFIG, **DMD2_CONFIG},
+        ),
+        progress=False,
+    )
     assert checkpoint.load(str(out / "checkpoint.pt"))["step"] == 22
 
 
@@ -188,13 +294,36 @@ def test_eval_on_two_processes_equals_one(tmp_path):
     from diffguide.cli.main import main
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle on a blue background\na blue square\na green circle and a red cross\n"
-                       "an orange cross on a blue background\n")
+    prompts.write_text(
+        "a red circle on a blue background\na blue square\na green circle and a red cross\n"
+        "an orange cross on a blue background\n"
+    )
     common = ["--prompts", str(prompts), "--steps", "3", "--batch", "2", "--seed", "1", "--quiet"]
-    two("eval", "--images-per-prompt", "3", *common, "--out", str(tmp_path / "two.json"),
-        "--per-image", str(tmp_path / "two.jsonl"))
-    assert main(["eval", "--n", "3", *common, "--out", str(tmp_path / "one.json"),
-                 "--per-image", str(tmp_path / "one.jsonl")]) == 0
+    two(
+        "eval",
+        "--images-per-prompt",
+        "3",
+        *common,
+        "--out",
+        str(tmp_path / "two.json"),
+        "--per-image",
+        str(tmp_path / "two.jsonl"),
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--n",
+                "3",
+                *common,
+                "--out",
+                str(tmp_path / "one.json"),
+                "--per-image",
+                str(tmp_path / "one.jsonl"),
+            ]
+        )
+        == 0
+    )
     a, b = (json.load(open(tmp_path / f"{k}.json")) for k in ("two", "one"))
     assert (a.pop("processes"), b.pop("processes")) == (2, 1)
     a.pop("seconds_per_image"), b.pop("seconds_per_image")
@@ -220,26 +349,34 @@ SCRIPT = """
 import sys, numpy as np
 from accelerate import PartialState
 from diffguide.pipelines import GuidedPipeline
-from diffguide.pipelines.parallel import gather
+from diffguide.parallel import gather
 state = PartialState(cpu=True)
 gp = GuidedPipeline.from_pretrained("builtin", progress=False)
-out = gp(["a red circle", "a blue square"], num_images_per_prompt=3, seed=10, steps=3, output_type="np",
+out = gp(["a red circle", "a blue square"], num_images_per_prompt=3, seed=10, steps=3,
+output_type="np",
          process_state=state)
 parts = gather([(out.indices, out.seeds, out.images)], state)
 if state.is_main_process:
-    np.savez(sys.argv[1], indices=np.concatenate([p[0] for p in parts]), seeds=np.concatenate([p[1] for p in parts]),
+    np.savez(sys.argv[1], indices=np.concatenate([p[0] for p in parts]), seeds=np.concatenate([p[1]
+    for p in parts]),
              images=np.concatenate([p[2] for p in parts]))
 state.wait_for_everyone()
 import torch.distributed as dist
-dist.destroy_process_group()  # a gloo group left to interpreter exit sometimes aborts ("terminate called ...")
+dist.destroy_process_group()  # a gloo group left to interpreter exit sometimes aborts ("terminate
+called ...")
 """
 
 
 def test_guided_pipeline_shares_a_call_between_processes(tmp_path):
     script = tmp_path / "share.py"
     script.write_text(SCRIPT)
-    res = subprocess.run(LAUNCH + [str(script), str(tmp_path / "out.npz")], env=ENV, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        LAUNCH + [str(script), str(tmp_path / "out.npz")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     z = np.load(tmp_path / "out.npz")
     assert z["indices"].tolist() == list(range(6)) and z["seeds"].tolist() == list(range(10, 16))
@@ -248,5 +385,11 @@ def test_guided_pipeline_shares_a_call_between_processes(tmp_path):
     first = gp("a red circle", num_images_per_prompt=3, seed=10, steps=3, output_type="np").images
     rest = gp(["a blue square"], num_images_per_prompt=3, seed=13, steps=3, output_type="np").images
     assert np.array_equal(z["images"], np.concatenate([first, rest]))
-    whole = gp(["a red circle", "a blue square"], num_images_per_prompt=3, seed=10, steps=3, output_type="np").images
+    whole = gp(
+        ["a red circle", "a blue square"],
+        num_images_per_prompt=3,
+        seed=10,
+        steps=3,
+        output_type="np",
+    ).images
     assert np.abs(z["images"] - whole).max() < 1e-5

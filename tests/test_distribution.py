@@ -4,6 +4,7 @@ Pathwise comparison says nothing about SDE samplers; their noise scaling shows i
 First-order samplers are biased low in variance at few steps (euler_ancestral: std 0.366 / 0.389 /
 0.397 at 40 / 160 / 640 Karras steps for a true 0.4), so this checks at 200 steps.
 """
+
 import pytest
 import torch
 
@@ -21,18 +22,26 @@ def gaussian(sd):
 
 # the consistency sampler needs a consistency function, not a denoiser: with the exact posterior
 # mean it returns E[x0 | x_t] of its last level, not a sample (tested in test_consistency.py)
-# dpmpp_sde's Brownian tree walks each row's path in Python: 20,000 rows x 200 steps would take hours
-# (its noise is checked against k-diffusion's algorithm in test_samplers_more.py). TCD with gamma > 0
-# jumps back by a fixed fraction of t at every step whatever the step count, a sampler for consistency
+# dpmpp_sde's Brownian tree walks each row's path in Python: 20,000 rows x 200 steps would take
+# hours
+# (its noise is checked against k-diffusion's algorithm in test_samplers_more.py). TCD with gamma >
+# 0
+# jumps back by a fixed fraction of t at every step whatever the step count, a sampler for
+# consistency
 # models that does not converge to the data distribution with a plain denoiser (std 0.374 here);
 # with gamma = 0 it is DDIM
-@pytest.mark.parametrize("spec", [s for s in dg.list_samplers() if s not in ("consistency", "dpmpp_sde", "tcd")]
-                         + ["euler:churn=5", "heun:churn=20", "ddim:eta=0.5", "tcd:gamma=0"])
+@pytest.mark.parametrize(
+    "spec",
+    [s for s in dg.list_samplers() if s not in ("consistency", "dpmpp_sde", "tcd")]
+    + ["euler:churn=5", "heun:churn=20", "ddim:eta=0.5", "tcd:gamma=0"],
+)
 def test_moments(spec, gaussian, sd):
     ts = dg.timesteps(sd, 200, "karras")
     noise = dg.RandomNoise(torch.Generator().manual_seed(0))  # per-sample seeding not needed here
     a, s = float(sd.alpha(ts[0])), float(sd.sigma(ts[0]))
-    x = a * MEAN + (a * a * STD * STD + s * s) ** 0.5 * noise(torch.empty(N, 2, dtype=torch.float64))  # exact p(x_T)
+    x = a * MEAN + (a * a * STD * STD + s * s) ** 0.5 * noise(
+        torch.empty(N, 2, dtype=torch.float64)
+    )  # exact p(x_T)
     out = dg.sample(dg.guide(gaussian, None, None), spec, ts, x, noise)
     mean, std = out.mean(0), out.std(0)
     # sampling error of the estimates: ~0.003 (mean), ~0.002 (std)

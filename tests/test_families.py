@@ -1,6 +1,7 @@
 """Every guidance method and every sampler on each of today's model families (Flux.1, Qwen-Image,
 Sana, SANA-Sprint): finite images, and the network evaluations the method and sampler imply: a
 sampler's count on the same grid measured with a bare closed-form denoiser, times the branches."""
+
 import warnings
 
 import pytest
@@ -23,7 +24,8 @@ def family(request):
 
 
 def sampler_evaluations(gp, spec, hw) -> int:
-    """Evaluations a sampler makes on the pipeline's grid, counted on a bare denoiser (x0 = x / 2)."""
+    """Evaluations a sampler makes on the pipeline's grid, counted on a bare denoiser (x0 = x /
+    2)."""
     info = gp.info.at_size(gp.family.seq_len(hw, hw))
     sc, ts = info.schedule, info.timesteps(STEPS, None)
 
@@ -33,6 +35,7 @@ def sampler_evaluations(gp, spec, hw) -> int:
         def __call__(self, x, t, cond):
             a, s = sc.alpha(t), sc.sigma(t)
             return dg.Pred(x / 2, (x - a * x / 2) / s)
+
     den = dg.guide(Half(), None, torch.zeros(1))
     dg.sample(den, spec, ts, torch.randn(1, 4), dg.SeededNoise([0]))
     return den.nfe
@@ -55,7 +58,9 @@ def test_every_sampler_with_cfg(family, spec):
 def test_every_guidance(family, spec):
     name, gp = family
     hw = SIZES[name]
-    extra = {"guide_model": gp} if spec == "autoguidance" else {}  # the model as its own guide: any will do
+    extra = (
+        {"guide_model": gp} if spec == "autoguidance" else {}
+    )  # the model as its own guide: any will do
     nfe = run(gp, hw, guidance=spec, sampler="euler", **extra)
     if spec == "none":
         assert nfe == STEPS
@@ -63,7 +68,9 @@ def test_every_guidance(family, spec):
         assert STEPS < nfe < 2 * STEPS
     elif spec == "slg":  # SD3.5's window, steps 1% to 20%: none of 4
         assert nfe == STEPS
-        assert run(gp, hw, guidance="slg:stop=1", sampler="euler") == 2 * STEPS - 1  # from step 1 (0.01 n < i)
+        assert (
+            run(gp, hw, guidance="slg:stop=1", sampler="euler") == 2 * STEPS - 1
+        )  # from step 1 (0.01 n < i)
     elif spec == "cfg_zero_star":  # the first step is zero-initialised, with no network
         assert nfe == 2 * (STEPS - 1)
     else:
@@ -77,8 +84,24 @@ def test_image_to_image(family):
     kept = STEPS - gp.steps_skipped(STEPS, 0.5)
     assert run(gp, hw, guidance="none", image=image, strength=0.5) == kept == 2
     if gp.embedded_guidance is not None:  # the model's own guidance input moves the image
-        a = gp("a red cat", steps=STEPS, height=hw, width=hw, seed=0, output_type="pt", guidance="none",
-               embedded_guidance=1.0).images
-        b = gp("a red cat", steps=STEPS, height=hw, width=hw, seed=0, output_type="pt", guidance="none",
-               embedded_guidance=6.0).images
+        a = gp(
+            "a red cat",
+            steps=STEPS,
+            height=hw,
+            width=hw,
+            seed=0,
+            output_type="pt",
+            guidance="none",
+            embedded_guidance=1.0,
+        ).images
+        b = gp(
+            "a red cat",
+            steps=STEPS,
+            height=hw,
+            width=hw,
+            seed=0,
+            output_type="pt",
+            guidance="none",
+            embedded_guidance=6.0,
+        ).images
         assert (a - b).abs().max() > 1e-4

@@ -5,9 +5,11 @@
    A loop that read the first call's tensors, or drew its noise anywhere but the tape, would fail.
 2. Capturability: the loop runs on the meta device under a dispatch mode that refuses what a CUDA
    graph cannot hold. That means a host read of device data (``.item()``, ``bool``, ``int``) and a
-   host-to-device copy of any array (0-dim scalars are kernel arguments, not copies). A step with either would fail capture, or would replay
+   host-to-device copy of any array (0-dim scalars are kernel arguments, not copies). A step with
+   either would fail capture, or would replay
    stale host data.
 """
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,7 +23,9 @@ from helpers import sd_schedule, tiny_unet
 
 
 def net(unet, schedule):
-    return dg.NetDenoiser(lambda x, tm, c: unet(x, tm, encoder_hidden_states=c).sample, schedule, "eps", module=unet)
+    return dg.NetDenoiser(
+        lambda x, tm, c: unet(x, tm, encoder_hidden_states=c).sample, schedule, "eps", module=unet
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +42,16 @@ def build(den, guidance):
     return lambda c: dg.guide(den, guidance, c["pos"], c["neg"])
 
 
-@pytest.mark.parametrize("guidance,sampler", [("cfg:scale=5", "dpmpp_2m"), ("apg:scale=5", "euler_ancestral"),
-                                              ("cfgpp:scale=0.6", "ddim:eta=0.5"), ("cfg+pag:scale=3", "unipc"),
-                                              ("cfg:scale=5,sigma_lo=2.0", "heun")])
+@pytest.mark.parametrize(
+    "guidance,sampler",
+    [
+        ("cfg:scale=5", "dpmpp_2m"),
+        ("apg:scale=5", "euler_ancestral"),
+        ("cfgpp:scale=0.6", "ddim:eta=0.5"),
+        ("cfg+pag:scale=3", "unipc"),
+        ("cfg:scale=5,sigma_lo=2.0", "heun"),
+    ],
+)
 def test_a_replay_equals_an_eager_run_on_new_inputs(world, guidance, sampler):
     schedule, unet = world
     den = net(unet, schedule)
@@ -70,7 +81,15 @@ def test_a_new_shape_or_key_captures_anew_and_the_cache_is_bounded(world):
     with torch.inference_mode():
         for key, b in [("a", 2), ("a", 1), ("b", 2), ("a", 2)]:
             c = {k: v[:b] for k, v in conds(0).items()}
-            graphs.sample(key, build(den, g), c, "dpmpp_2m", ts, torch.randn(b, 4, 8, 8), SeededNoise(range(b)))
+            graphs.sample(
+                key,
+                build(den, g),
+                c,
+                "dpmpp_2m",
+                ts,
+                torch.randn(b, 4, 8, 8),
+                SeededNoise(range(b)),
+            )
     assert graphs.captures == 4 and graphs.replays == 0 and len(graphs.entries) == 2
 
 
@@ -80,11 +99,15 @@ def test_a_non_finite_replay_raises_naming_the_step(world):
     graphs = LoopGraphs(EagerReplay())
     g = dg.parse_spec("guidance", "cfg:scale=3")
     with torch.inference_mode():
-        graphs.sample("k", build(den, g), conds(0), "euler", ts, torch.randn(2, 4, 8, 8), SeededNoise([0, 1]))
+        graphs.sample(
+            "k", build(den, g), conds(0), "euler", ts, torch.randn(2, 4, 8, 8), SeededNoise([0, 1])
+        )
         bad = conds(1)
         bad["pos"][0, 0, 0] = float("nan")
         with pytest.raises(dg.NonFiniteError, match="step 1 of 4"):
-            graphs.sample("k", build(den, g), bad, "euler", ts, torch.randn(2, 4, 8, 8), SeededNoise([0, 1]))
+            graphs.sample(
+                "k", build(den, g), bad, "euler", ts, torch.randn(2, 4, 8, 8), SeededNoise([0, 1])
+            )
 
 
 def test_the_tape_replays_the_sources_draws_in_order():
@@ -98,17 +121,21 @@ def test_the_tape_replays_the_sources_draws_in_order():
 
 
 class HostTraffic(TorchDispatchMode):
-    """Refuses, on meta tensors, what a CUDA graph cannot capture: host reads and host-made arrays."""
+    """Refuses, on meta tensors, what a CUDA graph cannot capture: host reads and host-made
+    arrays."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default) \
-                and any(t.device.type == "meta" for t in leaves):
+        if func in (
+            torch.ops.aten._local_scalar_dense.default,
+            torch.ops.aten.is_nonzero.default,
+        ) and any(t.device.type == "meta" for t in leaves):
             raise AssertionError(f"host read of device data: {func}")
         out = func(*args, **kwargs)
         if any(t.device.type == "meta" for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
-            # any host array, a one-element one too (only 0-dim CPU tensors are passed as scalar values)
+            # any host array, a one-element one too (only 0-dim CPU tensors are passed as scalar
+            # values)
             host = [t for t in leaves if t.device.type == "cpu" and t.ndim > 0]
             if host:
                 raise AssertionError(f"host-to-device copy of {tuple(host[0].shape)} in {func}")
@@ -117,10 +144,20 @@ class HostTraffic(TorchDispatchMode):
 
 from diffguide.core.registry import names  # noqa: E402
 
-# every registered guidance with a sampler, and every sampler with CFG, that declares itself capturable
-LOOPS = [(g, "dpmpp_2m") for g in names("guidance")] + [("cfg:scale=5", s) for s in names("sampler")] + [
-    ("cfg:scale=5,rescale=0.7", "dpmpp_3m"), ("cfg:scale=5,sigma_lo=2.0", "heun"), ("cfg+pag:scale=3", "unipc"),
-    ("cfg+seg:scale=3", "deis"), ("cfg+slg:scale=3", "dpm2"), ("icg:condition=null", "euler")]
+# every registered guidance with a sampler, and every sampler with CFG, that declares itself
+# capturable
+LOOPS = (
+    [(g, "dpmpp_2m") for g in names("guidance")]
+    + [("cfg:scale=5", s) for s in names("sampler")]
+    + [
+        ("cfg:scale=5,rescale=0.7", "dpmpp_3m"),
+        ("cfg:scale=5,sigma_lo=2.0", "heun"),
+        ("cfg+pag:scale=3", "unipc"),
+        ("cfg+seg:scale=3", "deis"),
+        ("cfg+slg:scale=3", "dpm2"),
+        ("icg:condition=null", "euler"),
+    ]
+)
 
 
 @pytest.mark.parametrize("guidance,sampler", LOOPS)
@@ -130,15 +167,26 @@ def test_a_capturable_loop_reads_nothing_back_and_copies_nothing_in(world, guida
     if not (g.capturable and s.capturable):
         pytest.skip("declared not capturable")
     den = net(tiny_unet(0).to("meta"), schedule)
-    models = {"guide": net(tiny_unet(1).to("meta"), schedule)} if guidance == "autoguidance" else None
+    models = (
+        {"guide": net(tiny_unet(1).to("meta"), schedule)} if guidance == "autoguidance" else None
+    )
     ts = dg.timesteps(schedule, 5)
     c = {k: v.to("meta") for k, v in conds(0).items()}
 
     def loop(noise):
-        return run_loop(dg.guide(den, g, c["pos"], c["neg"], models=models), s, ts,
-                        torch.empty(2, 4, 8, 8, device="meta"), noise, finite="keep")
+        return run_loop(
+            dg.guide(den, g, c["pos"], c["neg"], models=models),
+            s,
+            ts,
+            torch.empty(2, 4, 8, 8, device="meta"),
+            noise,
+            finite="keep",
+        )
+
     with torch.inference_mode():
-        tape = NoiseTape(dg.RandomNoise())  # as LoopGraphs does: an eager run records the draws first
+        tape = NoiseTape(
+            dg.RandomNoise()
+        )  # as LoopGraphs does: an eager run records the draws first
         loop(tape)
         tape.freeze()
         with HostTraffic():
@@ -153,8 +201,15 @@ def test_a_thresholded_loop_is_capturable(world):
     g, s = dg.parse_spec("guidance", "cfg:scale=5"), dg.parse_spec("sampler", "dpmpp_2m")
 
     def loop(noise):
-        return run_loop(dg.guide(den, g, c["pos"], c["neg"], threshold=dg.DynamicThreshold(0.995, 1.5)), s,
-                        dg.timesteps(schedule, 4), torch.empty(2, 4, 8, 8, device="meta"), noise, finite="keep")
+        return run_loop(
+            dg.guide(den, g, c["pos"], c["neg"], threshold=dg.DynamicThreshold(0.995, 1.5)),
+            s,
+            dg.timesteps(schedule, 4),
+            torch.empty(2, 4, 8, 8, device="meta"),
+            noise,
+            finite="keep",
+        )
+
     with torch.inference_mode():
         tape = NoiseTape(dg.RandomNoise())
         loop(tape)
@@ -163,8 +218,13 @@ def test_a_thresholded_loop_is_capturable(world):
             loop(tape)
 
 
-@pytest.mark.parametrize("guidance,sampler,why", [("ag:scale=5", "dpmpp_2m", "host read|nonzero"),
-                                                  ("cfg:scale=5", "dpmpp_sde", "host read|meta tensors")])
+@pytest.mark.parametrize(
+    "guidance,sampler,why",
+    [
+        ("ag:scale=5", "dpmpp_2m", "host read|nonzero"),
+        ("cfg:scale=5", "dpmpp_sde", "host read|meta tensors"),
+    ],
+)
 def test_the_checker_catches_what_cannot_be_captured(world, guidance, sampler, why):
     schedule, _ = world
     den = net(tiny_unet(0).to("meta"), schedule)
@@ -173,8 +233,14 @@ def test_the_checker_catches_what_cannot_be_captured(world, guidance, sampler, w
     tape.draws = [((2, 4, 8, 8), torch.float32, torch.device("meta"))] * 64
     tape.freeze()
     with torch.inference_mode(), pytest.raises(Exception, match=why), HostTraffic():
-        run_loop(build(den, dg.parse_spec("guidance", guidance))(c), dg.parse_spec("sampler", sampler),
-                 dg.timesteps(schedule, 5), torch.empty(2, 4, 8, 8, device="meta"), tape, finite="keep")
+        run_loop(
+            build(den, dg.parse_spec("guidance", guidance))(c),
+            dg.parse_spec("sampler", sampler),
+            dg.timesteps(schedule, 5),
+            torch.empty(2, 4, 8, 8, device="meta"),
+            tape,
+            finite="keep",
+        )
 
 
 # -- the pipeline option ------------------------------------------------------------------------
@@ -189,33 +255,64 @@ def _replayed(gp, calls, **kw):
     for prompt, seeds in calls:
         want = gp(prompt, seed=seeds, output_type="latent", **kw)
         got = gp(prompt, seed=seeds, output_type="latent", cuda_graph=True, **kw)
-        assert torch.allclose(got.images, want.images, atol=1e-5, rtol=0), float((got.images - want.images).abs().max())
+        assert torch.allclose(got.images, want.images, atol=1e-5, rtol=0), float(
+            (got.images - want.images).abs().max()
+        )
         assert (got.nfe, got.forwards) == (want.nfe, want.forwards)
     return gp.graphs
 
 
-@pytest.mark.parametrize("family,kw", [
-    ("sd", dict(guidance="cfg:scale=5", sampler="dpmpp_2m")),
-    ("sd", dict(guidance="cfg:scale=5+pag:scale=3", sampler="euler_ancestral", negative_prompt="blur")),
-    ("sdxl", dict(guidance="apg:scale=5", sampler="unipc")),
-    ("flux", dict(guidance="cfg:scale=3", negative_prompt="", sampler="euler")),
-])
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("sd", dict(guidance="cfg:scale=5", sampler="dpmpp_2m")),
+        (
+            "sd",
+            dict(
+                guidance="cfg:scale=5+pag:scale=3",
+                sampler="euler_ancestral",
+                negative_prompt="blur",
+            ),
+        ),
+        ("sdxl", dict(guidance="apg:scale=5", sampler="unipc")),
+        ("flux", dict(guidance="cfg:scale=3", negative_prompt="", sampler="euler")),
+    ],
+)
 def test_a_pipeline_replay_equals_its_eager_call(family, kw):
     gp = GuidedPipeline.from_pipe(getattr(tm, family)(), progress=False)
-    calls = [(["a red circle", "a blue square"], [0, 1]), (["a green cat", "two dogs"], [5, 9]),
-             (["a red circle", "a blue square"], [0, 1])]
+    calls = [
+        (["a red circle", "a blue square"], [0, 1]),
+        (["a green cat", "two dogs"], [5, 9]),
+        (["a red circle", "a blue square"], [0, 1]),
+    ]
     graphs = _replayed(gp, calls, steps=4, height=64, width=64, **kw)
     assert (graphs.captures, graphs.replays) == (1, len(calls) - 1) and not graphs.notices
 
 
 def test_what_cannot_be_captured_runs_eagerly_with_a_notice():
     gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
-    graphs = _replayed(gp, [("a red circle", [0]), ("a cat", [1])], guidance="ag:scale=5,threshold=0.5", steps=4,
-                       height=64, width=64)
+    graphs = _replayed(
+        gp,
+        [("a red circle", [0]), ("a cat", [1])],
+        guidance="ag:scale=5,threshold=0.5",
+        steps=4,
+        height=64,
+        width=64,
+    )
     assert graphs.captures == 0 and "runs eagerly" in graphs.notices[0]
-    out = gp("a dog", seed=[2], steps=4, height=64, width=64, guidance="ag:scale=5,threshold=0.5", cuda_graph=True,
-             output_type="latent")
-    assert not out.notices or "graph" not in " ".join(out.notices)  # said once, on the call that tried
+    out = gp(
+        "a dog",
+        seed=[2],
+        steps=4,
+        height=64,
+        width=64,
+        guidance="ag:scale=5,threshold=0.5",
+        cuda_graph=True,
+        output_type="latent",
+    )
+    assert not out.notices or "graph" not in " ".join(
+        out.notices
+    )  # said once, on the call that tried
 
 
 def test_new_weight_storage_captures_anew():
@@ -232,7 +329,8 @@ def test_new_weight_storage_captures_anew():
 
 
 def test_another_network_on_the_pipe_captures_anew():
-    """A wrapper set on the pipe (pipe.unet = torch.compile(unet)) is another network: its own capture."""
+    """A wrapper set on the pipe (pipe.unet = torch.compile(unet)) is another network: its own
+    capture."""
     gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
     gp.graphs = LoopGraphs(EagerReplay())
     run = dict(seed=[0], steps=3, height=64, width=64, output_type="latent", cuda_graph=True)
@@ -242,11 +340,21 @@ def test_another_network_on_the_pipe_captures_anew():
     class Scaled(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner, self.config, self.dtype, self.device = unet, unet.config, unet.dtype, unet.device
+            self.inner, self.config, self.dtype, self.device = (
+                unet,
+                unet.config,
+                unet.dtype,
+                unet.device,
+            )
 
         def forward(self, *a, **k):
             out = self.inner(*a, **k)
-            return (out[0] * 0.5, *out[1:]) if isinstance(out, tuple) else type(out)(sample=out.sample * 0.5)
+            return (
+                (out[0] * 0.5, *out[1:])
+                if isinstance(out, tuple)
+                else type(out)(sample=out.sample * 0.5)
+            )
+
     gp.pipe.unet = Scaled()
     got = gp("a red circle", **run)
     want = gp("a red circle", **{**run, "cuda_graph": False})
@@ -271,55 +379,96 @@ class CheckedCapture(EagerReplay):
             return super().capture(fn, device)
 
 
-@pytest.mark.parametrize("family,guidance", [("sd", "cfg:scale=3+pag:scale=2"), ("sdxl", "cfg:scale=3"),
-                                             ("sd3", "cfg:scale=3+slg:scale=2"), ("flux", "cfg:scale=3"),
-                                             ("dit", "cfg:scale=3"), ("sana", "apg:scale=3")])
+@pytest.mark.parametrize(
+    "family,guidance",
+    [
+        ("sd", "cfg:scale=3+pag:scale=2"),
+        ("sdxl", "cfg:scale=3"),
+        ("sd3", "cfg:scale=3+slg:scale=2"),
+        ("flux", "cfg:scale=3"),
+        ("dit", "cfg:scale=3"),
+        ("sana", "apg:scale=3"),
+    ],
+)
 def test_each_familys_forward_is_capturable(family, guidance):
     """The families' own forwards (time embeddings, position ids, extra conditions) inside the loop,
     with the whole pipeline on meta: the capture passes the host-traffic check, so no notice."""
+
     class OnMeta(GuidedPipeline):
         device = property(lambda self: torch.device("meta"))
+
     pipe = getattr(tm, family)()
     gp = OnMeta.from_pipe(pipe, progress=False)
     pipe.to("meta")
     gp.graphs = LoopGraphs(CheckedCapture())
     kw = {} if family == "dit" else {"negative_prompt": ""}
-    out = gp(0 if family == "dit" else "a red circle", seed=[0], steps=3, height=64, width=64, guidance=guidance,
-             output_type="latent", cuda_graph=True, check_finite=False, **kw)
+    out = gp(
+        0 if family == "dit" else "a red circle",
+        seed=[0],
+        steps=3,
+        height=64,
+        width=64,
+        guidance=guidance,
+        output_type="latent",
+        cuda_graph=True,
+        check_finite=False,
+        **kw,
+    )
     assert out.images.device.type == "meta"
     assert gp.graphs.captures == 1 and not gp.graphs.notices, gp.graphs.notices
 
 
 @pytest.fixture(scope="module")
 def builtin():
-    return GuidedPipeline.from_pretrained("builtin", progress=False), GuidedPipeline.from_pretrained("builtin-small", progress=False)
+    return GuidedPipeline.from_pretrained(
+        "builtin", progress=False
+    ), GuidedPipeline.from_pretrained("builtin-small", progress=False)
 
 
-@pytest.mark.parametrize("case", ["img2img", "latents", "stitch", "autoguidance", "images per prompt", "reno"])
+@pytest.mark.parametrize(
+    "case", ["img2img", "latents", "stitch", "autoguidance", "images per prompt", "reno"]
+)
 def test_options_that_prepare_the_loop_replay_too(builtin, case):
-    """What comes before the loop (an encoded image, given latents, a noise optimiser) or beside it (a
+    """What comes before the loop (an encoded image, given latents, a noise optimiser) or beside it
+    (a
     stitched small model, a guide model) replays as its eager call, call after call."""
     import numpy as np
 
     from diffguide.pipelines.pipeline import Stitching
 
     gp, small = builtin
-    kw = {"img2img": dict(image=np.random.RandomState(0).rand(32, 32, 3).astype(np.float32), strength=0.6),
-          "latents": dict(latents=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), seed=None),
-          "stitch": dict(stitch=Stitching(small, 0.4)),
-          "autoguidance": dict(guidance="autoguidance:scale=2", guide_model=small),
-          "images per prompt": dict(num_images_per_prompt=2, seed=[1, 2, 3, 4]),
-          "reno": dict(noise_optimizer="reno:iterations=2")}[case]
-    run = {"prompt": ["a red circle", "a blue square"], "steps": 6, "output_type": "np", "seed": [3, 4], **kw}
+    kw = {
+        "img2img": dict(
+            image=np.random.RandomState(0).rand(32, 32, 3).astype(np.float32), strength=0.6
+        ),
+        "latents": dict(
+            latents=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), seed=None
+        ),
+        "stitch": dict(stitch=Stitching(small, 0.4)),
+        "autoguidance": dict(guidance="autoguidance:scale=2", guide_model=small),
+        "images per prompt": dict(num_images_per_prompt=2, seed=[1, 2, 3, 4]),
+        "reno": dict(noise_optimizer="reno:iterations=2"),
+    }[case]
+    run = {
+        "prompt": ["a red circle", "a blue square"],
+        "steps": 6,
+        "output_type": "np",
+        "seed": [3, 4],
+        **kw,
+    }
     gp.graphs = LoopGraphs(EagerReplay())
     for _ in range(2):
         want, got = gp(**run), gp(**run, cuda_graph=True)
-        assert np.abs(np.asarray(got.images) - np.asarray(want.images)).max() <= 1e-5 and got.nfe == want.nfe
+        assert (
+            np.abs(np.asarray(got.images) - np.asarray(want.images)).max() <= 1e-5
+            and got.nfe == want.nfe
+        )
     assert (gp.graphs.captures, gp.graphs.replays) == (1, 1) and not gp.graphs.notices
 
 
 def test_a_capture_owns_the_cached_tensors_its_replays_read():
-    """PAG's row masks come from a bounded cache: after a capture they must outlive an eviction (a real
+    """PAG's row masks come from a bounded cache: after a capture they must outlive an eviction (a
+    real
     graph would replay freed memory otherwise), held by the capture's entry."""
     import gc
     import weakref
@@ -328,8 +477,16 @@ def test_a_capture_owns_the_cached_tensors_its_replays_read():
 
     gp = GuidedPipeline.from_pipe(tm.sd(), progress=False)
     gp.graphs = LoopGraphs(EagerReplay())
-    run = dict(seed=[0], steps=3, height=64, width=64, output_type="latent", cuda_graph=True,
-               guidance="cfg:scale=5+pag:scale=3", negative_prompt="")
+    run = dict(
+        seed=[0],
+        steps=3,
+        height=64,
+        width=64,
+        output_type="latent",
+        cuda_graph=True,
+        guidance="cfg:scale=5+pag:scale=3",
+        negative_prompt="",
+    )
     gp("a red circle", **run)
     (entry,) = gp.graphs.entries.values()
     masks = [t for t in entry.held if t.dtype == torch.bool]
@@ -351,7 +508,15 @@ def test_cpu_offload_is_refused_in_one_line():
     gp.graphs = LoopGraphs(EagerReplay())
     gp.pipe.enable_model_cpu_offload(device="cpu")
     with pytest.raises(ValueError, match="cannot run with CPU offload .*unet"):
-        gp("a red circle", seed=[0], steps=2, height=64, width=64, output_type="latent", cuda_graph=True)
+        gp(
+            "a red circle",
+            seed=[0],
+            steps=2,
+            height=64,
+            width=64,
+            output_type="latent",
+            cuda_graph=True,
+        )
 
 
 def test_the_weights_key_sees_a_cast_and_lora_scales_without_walking_every_parameter(monkeypatch):
@@ -361,7 +526,9 @@ def test_the_weights_key_sees_a_cast_and_lora_scales_without_walking_every_param
     d = gp.net_denoiser
     first = _weights_key(d)
     walks = []
-    monkeypatch.setattr(torch.nn.Module, "parameters", lambda self, recurse=True: walks.append(1) or iter(()))
+    monkeypatch.setattr(
+        torch.nn.Module, "parameters", lambda self, recurse=True: walks.append(1) or iter(())
+    )
     assert _weights_key(d) == first and not walks  # a second call walks nothing
     monkeypatch.undo()
     gp.pipe.unet.to(torch.float64)
@@ -378,7 +545,8 @@ def test_the_weights_key_sees_a_cast_and_lora_scales_without_walking_every_param
 
 
 def test_the_checker_refuses_a_one_element_host_copy(world):
-    """A [1]-shaped host tensor sent to the device inside a step is a real copy (a 0-dim one is a kernel
+    """A [1]-shaped host tensor sent to the device inside a step is a real copy (a 0-dim one is a
+    kernel
     argument): the check refuses it, where it used to let anything of one element through."""
     schedule, _ = world
     inner = net(tiny_unet(0).to("meta"), schedule)
@@ -390,10 +558,20 @@ def test_the_checker_refuses_a_one_element_host_copy(world):
         def __call__(self, x, t, cond=None):
             p = inner(x, t, cond)
             return dg.Pred(p.x0 + torch.zeros(1).to(x.device), p.eps)
+
     c = {k: v.to("meta") for k, v in conds(0).items()}
     tape = NoiseTape(dg.RandomNoise())
     tape.freeze()
-    with torch.inference_mode(), pytest.raises(AssertionError, match=r"host-to-device copy of \(1,\)"), HostTraffic():
-        run_loop(dg.guide(Copying(), dg.parse_spec("guidance", "cfg:scale=5"), c["pos"], c["neg"]),
-                 dg.parse_spec("sampler", "euler"), dg.timesteps(schedule, 3), torch.empty(2, 4, 8, 8, device="meta"),
-                 tape, finite="keep")
+    with (
+        torch.inference_mode(),
+        pytest.raises(AssertionError, match=r"host-to-device copy of \(1,\)"),
+        HostTraffic(),
+    ):
+        run_loop(
+            dg.guide(Copying(), dg.parse_spec("guidance", "cfg:scale=5"), c["pos"], c["neg"]),
+            dg.parse_spec("sampler", "euler"),
+            dg.timesteps(schedule, 3),
+            torch.empty(2, 4, 8, 8, device="meta"),
+            tape,
+            finite="keep",
+        )

@@ -1,4 +1,5 @@
 """CFG's schedules, interval and rescale; dynamic thresholding against diffusers and the formula."""
+
 import math
 
 import pytest
@@ -13,13 +14,16 @@ def _point(sc, t):
     return dg.Point(torch.as_tensor(t, dtype=torch.float64), sc)
 
 
-@pytest.mark.parametrize("sched,expected", [
-    ("constant", lambda w, p: w),
-    ("linear", lambda w, p: 2 * w * p),
-    ("cosine", lambda w, p: w * (1 - math.cos(math.pi * p))),
-    ("clamp_linear", lambda w, p: max(1.0, 2 * w * p)),
-    ("clamp_cosine", lambda w, p: max(1.0, w * (1 - math.cos(math.pi * p)))),
-])
+@pytest.mark.parametrize(
+    "sched,expected",
+    [
+        ("constant", lambda w, p: w),
+        ("linear", lambda w, p: 2 * w * p),
+        ("cosine", lambda w, p: w * (1 - math.cos(math.pi * p))),
+        ("clamp_linear", lambda w, p: max(1.0, 2 * w * p)),
+        ("clamp_cosine", lambda w, p: max(1.0, w * (1 - math.cos(math.pi * p)))),
+    ],
+)
 def test_weight_schedules(sd, sched, expected):
     cfg = dg.CFG(scale=7.0, weight_schedule=sched)
     ts = torch.linspace(999, -1, 201, dtype=torch.float64)
@@ -52,8 +56,12 @@ def test_rescale(sd, space):
     u = dg.Pred.from_x0(x, 0.3 * torch.randn(3, 4, 8, 8), pt.a, pt.s)
     get = {"x0": lambda p: p.x0, "eps": lambda p: p.eps, "v": lambda p: p.v(pt.a, pt.s)}[space]
     plain, _ = dg.CFG(scale=5.0).combine(x, pt, {"c": c, "u": u}, None)
-    full, _ = dg.CFG(scale=5.0, rescale=1.0, rescale_space=space).combine(x, pt, {"c": c, "u": u}, None)
-    half, _ = dg.CFG(scale=5.0, rescale=0.7, rescale_space=space).combine(x, pt, {"c": c, "u": u}, None)
+    full, _ = dg.CFG(scale=5.0, rescale=1.0, rescale_space=space).combine(
+        x, pt, {"c": c, "u": u}, None
+    )
+    half, _ = dg.CFG(scale=5.0, rescale=0.7, rescale_space=space).combine(
+        x, pt, {"c": c, "u": u}, None
+    )
     dims = (1, 2, 3)
     assert torch.allclose(get(full).std(dims), get(c).std(dims), rtol=1e-4)
     assert torch.allclose(get(half), 0.7 * get(full) + 0.3 * get(plain), atol=1e-4)
@@ -68,12 +76,17 @@ def test_rescale_eps_matches_diffusers_formula(sd):
     x = torch.randn(2, 4, 8, 8)
     ec, eu = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ours, _ = dg.CFG(scale=7.5, rescale=0.7, rescale_space="eps").combine(
-        x, pt, {"c": dg.Pred.from_eps(x, ec, pt.a, pt.s), "u": dg.Pred.from_eps(x, eu, pt.a, pt.s)}, None)
+        x,
+        pt,
+        {"c": dg.Pred.from_eps(x, ec, pt.a, pt.s), "u": dg.Pred.from_eps(x, eu, pt.a, pt.s)},
+        None,
+    )
     ref = rescale_noise_cfg(eu + 7.5 * (ec - eu), ec, guidance_rescale=0.7)
     assert torch.allclose(ours.eps, ref, atol=1e-5)
 
 
 # --- dynamic thresholding ------------------------------------------------------------------------
+
 
 def test_threshold_diffusers_mode_matches_diffusers():
     x0 = 1.7 * torch.randn(4, 3, 8, 8)
@@ -85,9 +98,11 @@ def test_threshold_diffusers_mode_matches_diffusers():
 def test_threshold_imagen_mode_is_a_floor():
     x0 = torch.tensor([[0.1, -3.0, 2.0, 0.5]]).repeat(2, 1)
     x0[1] *= 0.1  # every |x0| < 1
-    p = dg.DynamicThreshold(ratio=1.0, max_value=1.0, mode="imagen")(dg.Pred(x0, 0 * x0), x0, 0.6, 0.8)
-    assert torch.allclose(p.x0[0], x0[0].clamp(-3, 3) / 3)      # s = 3 (no cap, unlike diffusers)
-    assert torch.allclose(p.x0[1], x0[1])                       # s = max(0.3, 1) = 1
+    p = dg.DynamicThreshold(ratio=1.0, max_value=1.0, mode="imagen")(
+        dg.Pred(x0, 0 * x0), x0, 0.6, 0.8
+    )
+    assert torch.allclose(p.x0[0], x0[0].clamp(-3, 3) / 3)  # s = 3 (no cap, unlike diffusers)
+    assert torch.allclose(p.x0[1], x0[1])  # s = max(0.3, 1) = 1
     capped = dg.DynamicThreshold(ratio=1.0, max_value=1.5)(dg.Pred(x0, 0 * x0), x0, 0.6, 0.8)
     assert torch.allclose(capped.x0[0], x0[0].clamp(-1.5, 1.5) / 1.5)
 
@@ -96,7 +111,9 @@ def test_thresholded_dpmpp_matches_diffusers(gmm, sd):
     """Pixel-space style run: diffusers' DPM-Solver++ with thresholding=True, same exact model."""
     labels = torch.tensor([0, 1, 2, 3])
 
-    def model(x, t, lab):  # diffusers' thresholding wants (B, C, ...): the 2-D points ride as [B, 2, 1]
+    def model(
+        x, t, lab
+    ):  # diffusers' thresholding wants (B, C, ...): the 2-D points ride as [B, 2, 1]
         t = torch.as_tensor(t, dtype=torch.float64)
         a, s = sd.alpha(t), sd.sigma(t)
         x = x[..., 0]
@@ -107,14 +124,24 @@ def test_thresholded_dpmpp_matches_diffusers(gmm, sd):
 
         def __call__(self, x, t, cond):
             p = gmm(x, t, cond)
-            return dg.Pred.from_x0(x, 1.8 * p.x0, *(f(torch.as_tensor(t, dtype=torch.float64)) for f in (sd.alpha, sd.sigma)))
+            return dg.Pred.from_x0(
+                x,
+                1.8 * p.x0,
+                *(f(torch.as_tensor(t, dtype=torch.float64)) for f in (sd.alpha, sd.sigma)),
+            )
 
     z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
-    sched = DPMSolverMultistepScheduler(**SD, thresholding=True, sample_max_value=1.2,
-                                        dynamic_thresholding_ratio=0.9)
+    sched = DPMSolverMultistepScheduler(
+        **SD, thresholding=True, sample_max_value=1.2, dynamic_thresholding_ratio=0.9
+    )
     ref = diffusers_loop(sched, model, z[..., None], 12, labels, torch.full((4,), -1), 3.0)[..., 0]
-    den = dg.guide(Scaled(), dg.CFG(scale=3.0), labels, torch.full((4,), -1),
-                   threshold=dg.DynamicThreshold(ratio=0.9, max_value=1.2))
+    den = dg.guide(
+        Scaled(),
+        dg.CFG(scale=3.0),
+        labels,
+        torch.full((4,), -1),
+        threshold=dg.DynamicThreshold(ratio=0.9, max_value=1.2),
+    )
     x = dg.sample(den, "dpmpp_2m", dg.timesteps(sd, 12, "linspace", drop_last=True), z)
     assert (x - ref).abs().max() < 1e-5
     assert ref.abs().max() <= 1.0 + 1e-6  # thresholding really was active

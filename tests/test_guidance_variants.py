@@ -1,4 +1,5 @@
 """CFG++, APG, ICG, TSG and Adaptive Guidance: identities, paper-equation references, NFE, state."""
+
 import math
 
 import numpy as np
@@ -36,6 +37,7 @@ def _same(gm, sd, a, b, sampler="dpmpp_2m", tol=0.0):
 
 # -- CFG++ -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spec", dg.list_samplers())
 def test_cfgpp_lambda_zero_is_the_unconditional_sampler(spec, gmm, sd):
     ts = dg.timesteps(sd, 8, "karras")
@@ -46,7 +48,8 @@ def test_cfgpp_lambda_zero_is_the_unconditional_sampler(spec, gmm, sd):
 
 
 def test_cfgpp_ddim_matches_the_paper_update(gmm, sd):
-    """Chung et al. 2024, Alg. 1 written out: x0 from eps_lam, x_prev = sqrt(ab') x0 + sqrt(1-ab') eps_u."""
+    """Chung et al. 2024, Alg. 1 written out: x0 from eps_lam, x_prev = sqrt(ab') x0 + sqrt(1-ab')
+    eps_u."""
     ts = dg.timesteps(sd, 10, "leading")
     x = _x(gmm, ts)
     lam = 0.7
@@ -67,7 +70,8 @@ def test_cfgpp_ddim_matches_the_paper_update(gmm, sd):
 @pytest.mark.parametrize("history", ["uncond", "guided"])
 def test_cfgpp_dpmpp_2m_matches_comfyui_formulation(gmm, sd, history):
     """ComfyUI's / the authors' dpm++_2m_cfg++ in VE coordinates:
-    y' = D_lam + e^-h (y - D_u) + (1 - e^-h)/(2r) (D_lam - D_u,prev); history="guided" uses D_lam,prev."""
+    y' = D_lam + e^-h (y - D_u) + (1 - e^-h)/(2r) (D_lam - D_u,prev); history="guided" uses
+    D_lam,prev."""
     ts = dg.timesteps(sd, 12, "karras")
     x = _x(gmm, ts)
     lam = 0.5
@@ -116,9 +120,16 @@ def test_cfgpp_rejects_a_cfg_scale():
 
 # -- APG -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("space", ["x0", "eps", "v"])
 def test_apg_without_its_parts_is_cfg(gmm, sd, space):
-    _same(gmm, sd, f"apg:scale=4,eta=1,norm_threshold=0,momentum=0,space={space}", "cfg:scale=4", tol=1e-9)
+    _same(
+        gmm,
+        sd,
+        f"apg:scale=4,eta=1,norm_threshold=0,momentum=0,space={space}",
+        "cfg:scale=4",
+        tol=1e-9,
+    )
 
 
 def _apg_reference(dc, du, w, eta, r, beta, buf):
@@ -142,10 +153,19 @@ def test_apg_matches_the_paper_algorithm_on_the_mixture(gmm, sd):
     ref, buf = x.clone(), None
     for t, t1 in zip(ts[:-1], ts[1:]):
         a, s, a1, s1 = (float(v) for v in (sd.alpha(t), sd.sigma(t), sd.alpha(t1), sd.sigma(t1)))
-        d, buf = _apg_reference(gmm.posterior_mean(ref, a, s, LABELS), gmm.posterior_mean(ref, a, s, NULL),
-                                w, eta, r, beta, buf)
+        d, buf = _apg_reference(
+            gmm.posterior_mean(ref, a, s, LABELS),
+            gmm.posterior_mean(ref, a, s, NULL),
+            w,
+            eta,
+            r,
+            beta,
+            buf,
+        )
         ref = a1 * d + s1 * (ref - a * d) / s  # DDIM
-    out, _ = _run(gmm, f"apg:scale={w},eta={eta},norm_threshold={r},momentum={beta},norm=l2", "ddim", ts, x)
+    out, _ = _run(
+        gmm, f"apg:scale={w},eta={eta},norm_threshold={r},momentum={beta},norm=l2", "ddim", ts, x
+    )
     assert (out - ref).abs().max() < 1e-9
     plain, _ = _run(gmm, f"cfg:scale={w}", "ddim", ts, x)
     assert (out - plain).abs().max() > 1e-2  # the projection, clamp and momentum all bite here
@@ -157,7 +177,10 @@ def test_apg_matches_diffusers_guider_on_raw_output():
     sd = dg.VPSchedule.from_betas()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
-    apg = dg.parse_spec("guidance", "apg:scale=7.5,eta=0.4,norm_threshold=20,momentum=-0.3,space=eps,base=uncond,norm=l2")
+    apg = dg.parse_spec(
+        "guidance",
+        "apg:scale=7.5,eta=0.4,norm_threshold=20,momentum=-0.3,space=eps,base=uncond,norm=l2",
+    )
     buf, state = MomentumBuffer(-0.3), apg.init_state()
     for t in (900, 700, 500):
         pt = dg.Point(torch.tensor(float(t), dtype=F64), sd)
@@ -168,8 +191,15 @@ def test_apg_matches_diffusers_guider_on_raw_output():
         assert (ours.eps - theirs).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("spec", ["apg:scale=5,momentum=-0.5,norm_threshold=0.5", "ag:scale=5,threshold=0.995",
-                                  "linear_ag:scale=5,until=1", "icg:scale=3,classes=4"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "apg:scale=5,momentum=-0.5,norm_threshold=0.5",
+        "ag:scale=5,threshold=0.995",
+        "linear_ag:scale=5,until=1",
+        "icg:scale=3,classes=4",
+    ],
+)
 def test_state_resets_between_runs(gmm, sd, spec):
     """One guided denoiser used for two runs: momentum, switches and histories start afresh."""
     ts = dg.timesteps(sd, 8, "karras")
@@ -182,6 +212,7 @@ def test_state_resets_between_runs(gmm, sd, spec):
 
 
 # -- ICG -------------------------------------------------------------------------------------------
+
 
 def test_icg_with_the_null_condition_is_cfg(gmm, sd):
     _same(gmm, sd, "icg:scale=3,condition=null", "cfg:scale=3")
@@ -202,7 +233,9 @@ def test_icg_random_class_is_redrawn_per_step_and_reproducible(gmm, sd):
     a, d = _run(Spy(), "icg:scale=3,classes=4", "euler", ts, x)
     b, _ = _run(Spy(), "icg:scale=3,classes=4", "euler", ts, x)
     assert torch.equal(a, b) and d.nfe == 20
-    drawn = [c[8:] for c in seen[:10]]  # rows 8.. of each batched forward are the independent labels
+    drawn = [
+        c[8:] for c in seen[:10]
+    ]  # rows 8.. of each batched forward are the independent labels
     assert all(((c >= 0) & (c < 4)).all() for c in drawn)
     assert len({tuple(c.tolist()) for c in drawn}) > 1  # redrawn, not fixed for the run
     allc = torch.cat(drawn)
@@ -221,13 +254,16 @@ def test_icg_text_condition_is_noise_with_the_prompt_std():
     pos = {"text": torch.randn(2, 5, 16) * 3 + 1, "added": {"time_ids": torch.ones(2, 6)}}
     neg = {"text": torch.zeros(2, 5, 16), "added": {"time_ids": torch.ones(2, 6)}}
     out = independent(pos, neg, dg.SeededNoise([1, 2]))
-    assert out["added"]["time_ids"] is pos["added"]["time_ids"]  # equal in pos and neg: not a condition
+    assert (
+        out["added"]["time_ids"] is pos["added"]["time_ids"]
+    )  # equal in pos and neg: not a condition
     assert out["text"].shape == pos["text"].shape
     assert abs(out["text"].std().item() - pos["text"].std().item()) < 0.5
     assert abs(out["text"].mean().item()) < 0.8  # zero-mean noise (std of the mean here: 0.24)
 
 
 # -- TSG -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -238,7 +274,9 @@ def tiny():
 def _tiny_run(model, guidance, sampler="ddim", steps=6, seeds=(0, 1)):
     sd = model.schedule
     ts = dg.timesteps(sd, steps)
-    emb = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(5)).expand(len(seeds), -1, -1)
+    emb = torch.randn(1, 3, 32, generator=torch.Generator().manual_seed(5)).expand(
+        len(seeds), -1, -1
+    )
     d = dg.guide(model.denoiser(), guidance, emb, torch.zeros_like(emb))
     noise = dg.SeededNoise(seeds)
     with torch.no_grad():
@@ -275,6 +313,7 @@ def test_tsg_needs_a_module(gmm, sd):
 
 # -- Adaptive Guidance -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("space", ["x0", "eps"])
 def test_ag_threshold_above_one_is_cfg(gmm, sd, space):
     d, _ = _same(gmm, sd, f"ag:scale=4,threshold=1.5,space={space}", "cfg:scale=4")
@@ -296,12 +335,14 @@ def test_ag_switches_per_sample_and_saves_their_rows(gmm, sd):
     full, d = _run(gmm, "ag:scale=4,threshold=0.995", "dpmpp_2m", ts, x)
     assert 12 < d.nfe < 24 and d.nfe != int(d.nfe)  # samples switched at different steps
     for i in (0, 5):  # each sample's result does not depend on the rest of its batch
-        d1 = dg.guide(gmm, "ag:scale=4,threshold=0.995", LABELS[i:i + 1], NULL[i:i + 1])
-        alone = dg.sample(d1, "dpmpp_2m", ts, x[i:i + 1].clone(), dg.SeededNoise([i]))
-        assert (alone - full[i:i + 1]).abs().max() < 1e-12
+        d1 = dg.guide(gmm, "ag:scale=4,threshold=0.995", LABELS[i : i + 1], NULL[i : i + 1])
+        alone = dg.sample(d1, "dpmpp_2m", ts, x[i : i + 1].clone(), dg.SeededNoise([i]))
+        assert (alone - full[i : i + 1]).abs().max() < 1e-12
 
 
-# -- every method on every sampler and model type ---------------------------------------------------
+# -- every method on every sampler and model type
+# ---------------------------------------------------
+
 
 class _FlowWellPosed:
     """Flow-velocity counterpart of WellPosed: exact u for N(0, I) data + 0.1 * a random UNet."""
@@ -312,19 +353,30 @@ class _FlowWellPosed:
     def __call__(self, x, tm, emb):
         s = float(torch.as_tensor(tm).reshape(-1)[0]) / 1000
         a = 1 - s
-        return (s - a) * x / (a * a + s * s) + 0.1 * self.unet(x, tm, encoder_hidden_states=emb).sample
+        return (s - a) * x / (a * a + s * s) + 0.1 * self.unet(
+            x, tm, encoder_hidden_states=emb
+        ).sample
 
     def denoiser(self):
-        return dg.NetDenoiser(lambda x, tm, c: self(x, tm, c), self.schedule, "flow", module=self.unet)
+        return dg.NetDenoiser(
+            lambda x, tm, c: self(x, tm, c), self.schedule, "flow", module=self.unet
+        )
 
 
-METHODS = ["cfgpp:scale=0.5", "apg:scale=4", "icg:scale=3", "tsg:scale=2,t_lo=0",
-           "ag:scale=4,threshold=0.9"]
+METHODS = [
+    "cfgpp:scale=0.5",
+    "apg:scale=4",
+    "icg:scale=3",
+    "tsg:scale=2,t_lo=0",
+    "ag:scale=4,threshold=0.9",
+]
 
 
 @pytest.mark.parametrize("kind", ["eps", "v", "flow"])
 def test_every_method_on_every_sampler_and_model_type(tiny, kind):
-    model = _FlowWellPosed(tiny.unet) if kind == "flow" else WellPosed(tiny.schedule, tiny.unet, kind)
+    model = (
+        _FlowWellPosed(tiny.unet) if kind == "flow" else WellPosed(tiny.schedule, tiny.unet, kind)
+    )
     for method in METHODS:
         for spec in dg.list_samplers():
             x, d = _tiny_run(model, method, spec, steps=4)
@@ -335,8 +387,11 @@ def test_every_method_on_every_sampler_and_model_type(tiny, kind):
 
 # -- composition -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("opts", ["weight_schedule=linear", "weight_schedule=cosine",
-                                  "sigma_lo=0.5,sigma_hi=3", "rescale=0.7"])
+
+@pytest.mark.parametrize(
+    "opts",
+    ["weight_schedule=linear", "weight_schedule=cosine", "sigma_lo=0.5,sigma_hi=3", "rescale=0.7"],
+)
 def test_modulated_cfg_equals_cfg_options(gmm, sd, opts):
     da, db = _same(gmm, sd, f"cfg:scale=4@{opts}", f"cfg:scale=4,{opts}", tol=1e-9)
     assert da.nfe == db.nfe
@@ -362,7 +417,10 @@ def test_sum_of_cfg_and_tsg_is_one_forward_per_distinct_branch(tiny):
 
 
 def test_composite_specs_round_trip_and_refuse_bad_options():
-    for spec in ["cfg:scale=3.0+tsg:scale=2.0", "apg:scale=6.0@weight_schedule=linear,sigma_lo=0.3"]:
+    for spec in [
+        "cfg:scale=3.0+tsg:scale=2.0",
+        "apg:scale=6.0@weight_schedule=linear,sigma_lo=0.3",
+    ]:
         assert dg.to_spec(dg.parse_spec("guidance", spec)) == spec
     with pytest.raises(ValueError, match="'@' takes no option 'bogus'"):
         dg.parse_spec("guidance", "apg@bogus=1")
@@ -371,6 +429,7 @@ def test_composite_specs_round_trip_and_refuse_bad_options():
 
 
 # -- LinearAG --------------------------------------------------------------------------------------
+
 
 def test_linear_ag_limits(gmm, sd):
     _same(gmm, sd, "linear_ag:scale=4,until=0,after=cfg", "cfg:scale=4")
@@ -407,7 +466,10 @@ def test_linear_ag_fit_recovers_known_coefficients():
         c = torch.randn(4, 5, generator=g, dtype=F64)
         run.append((torch.randn(4, 5, generator=g, dtype=F64), c, u))
         for _ in range(4):
-            x, c1 = torch.randn(4, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
+            x, c1 = (
+                torch.randn(4, 5, generator=g, dtype=F64),
+                torch.randn(4, 5, generator=g, dtype=F64),
+            )
             u1 = 0.3 * c1 + 0.5 * run[-1][2] + 0.2 * run[-1][1] - 0.1 * x
             run.append((x, c1, u1))
         runs.append(run)
@@ -423,6 +485,7 @@ def test_linear_ag_refuses_a_missing_or_bad_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"coefficients": [[1, 2]]}')
     from diffguide.guidance.linear_ag import load
+
     with pytest.raises(ValueError, match="4 numbers"):
         load(str(bad))
 
@@ -435,23 +498,67 @@ def test_calibrate_linearag_cli_and_every_method_from_the_cli(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square on a white background\n")
     out = tmp_path / "lag.json"
-    assert main(["calibrate-linearag", "--prompts", str(prompts), "--n", "2", "--steps", "4",
-                 "-o", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "calibrate-linearag",
+                "--prompts",
+                str(prompts),
+                "--n",
+                "2",
+                "--steps",
+                "4",
+                "-o",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert len(data["coefficients"]) == 4 and data["coefficients"][0] is None
-    specs = [f"linear_ag:coefficients={out}", "cfgpp:scale=0.4", "apg:scale=6", "icg:scale=4", "tsg",
-             "ag:scale=5", "cfg:scale=4+tsg:scale=2", "apg@weight_schedule=linear"]
+    specs = [
+        f"linear_ag:coefficients={out}",
+        "cfgpp:scale=0.4",
+        "apg:scale=6",
+        "icg:scale=4",
+        "tsg",
+        "ag:scale=5",
+        "cfg:scale=4+tsg:scale=2",
+        "apg@weight_schedule=linear",
+    ]
     for spec in specs:
         png = tmp_path / "x.png"
-        assert main(["generate", "a red circle", "--guidance", spec, "--steps", "4", "-o", str(png),
-                     "--overwrite", "--quiet"]) == 0, spec
+        assert (
+            main(
+                [
+                    "generate",
+                    "a red circle",
+                    "--guidance",
+                    spec,
+                    "--steps",
+                    "4",
+                    "-o",
+                    str(png),
+                    "--overwrite",
+                    "--quiet",
+                ]
+            )
+            == 0
+        ), spec
     capsys.readouterr()
-    assert main(["generate", "a red circle", "--guidance", "apg:space=z", "-o", str(tmp_path / "y.png")]) == 2
+    assert (
+        main(
+            ["generate", "a red circle", "--guidance", "apg:space=z", "-o", str(tmp_path / "y.png")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "space 'z'" in err and "x0, eps, v, flow" in err and "Traceback" not in err
 
 
 # -- on real diffusers model families --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "dit", "pixart", "sd3", "ddpm"])
 def test_methods_on_every_model_family(family):
@@ -462,12 +569,21 @@ def test_methods_on_every_model_family(family):
 
     gp = GuidedPipeline.from_pipe(tm.BUILDERS[family](), progress=False)
     prompt = 1 if family == "dit" else "a red circle"
-    specs = ["tsg:scale=2,t_lo=0,t_hi=1"] if family == "ddpm" else \
-        ["icg:scale=3", "tsg:scale=2,t_lo=0,t_hi=1", "icg:scale=3+tsg:scale=2,t_lo=0,t_hi=1"]
-    base = gp(prompt, guidance="none", steps=3, seed=[0, 1], num_images_per_prompt=2, output_type="np")
+    specs = (
+        ["tsg:scale=2,t_lo=0,t_hi=1"]
+        if family == "ddpm"
+        else ["icg:scale=3", "tsg:scale=2,t_lo=0,t_hi=1", "icg:scale=3+tsg:scale=2,t_lo=0,t_hi=1"]
+    )
+    base = gp(
+        prompt, guidance="none", steps=3, seed=[0, 1], num_images_per_prompt=2, output_type="np"
+    )
     for spec in specs:
-        a = gp(prompt, guidance=spec, steps=3, seed=[0, 1], num_images_per_prompt=2, output_type="np")
-        b = gp(prompt, guidance=spec, steps=3, seed=[0, 1], num_images_per_prompt=2, output_type="np")
+        a = gp(
+            prompt, guidance=spec, steps=3, seed=[0, 1], num_images_per_prompt=2, output_type="np"
+        )
+        b = gp(
+            prompt, guidance=spec, steps=3, seed=[0, 1], num_images_per_prompt=2, output_type="np"
+        )
         assert np.isfinite(a.images).all() and np.array_equal(a.images, b.images), (family, spec)
         assert np.abs(a.images - base.images).max() > 1e-4, (family, spec)
 
@@ -483,12 +599,21 @@ def test_apg_rms_threshold_clamps_alike_on_any_sample_size():
             g = torch.Generator().manual_seed(1)
             x = torch.randn(8, *shape, generator=g)
             c = torch.randn(8, *shape, generator=g)
-            u = c - 0.1 * torch.randn(8, *shape, generator=g)  # per-value rms of the difference: 0.1
-            apg = dg.parse_spec("guidance", f"apg:scale=2,eta=1,momentum=0,norm_threshold={r},norm={norm}")
+            u = c - 0.1 * torch.randn(
+                8, *shape, generator=g
+            )  # per-value rms of the difference: 0.1
+            apg = dg.parse_spec(
+                "guidance", f"apg:scale=2,eta=1,momentum=0,norm_threshold={r},norm={norm}"
+            )
             preds = {"c": dg.Pred.from_x0(x, c, pt.a, pt.s), "u": dg.Pred.from_x0(x, u, pt.a, pt.s)}
             out, _ = apg.combine(x, pt, preds, apg.init_state())
-            shift = (out.x0 - c).flatten(1).norm(dim=1) / (c - u).flatten(1).norm(dim=1)  # 1 = no clamp
+            shift = (out.x0 - c).flatten(1).norm(dim=1) / (c - u).flatten(1).norm(
+                dim=1
+            )  # 1 = no clamp
             factors[norm, shape] = shift.mean().item()
-    assert abs(factors["rms", (3, 32, 32)] - 0.5) < 0.01 and abs(factors["rms", (4, 128, 128)] - 0.5) < 0.01
+    assert (
+        abs(factors["rms", (3, 32, 32)] - 0.5) < 0.01
+        and abs(factors["rms", (4, 128, 128)] - 0.5) < 0.01
+    )
     assert factors["l2", (3, 32, 32)] == pytest.approx(1.0) and factors["l2", (4, 128, 128)] < 0.5
     assert dg.get_guidance("apg").norm_threshold == pytest.approx(15 / 256, abs=1e-4)

@@ -1,6 +1,7 @@
 """Improved consistency training (Song & Dhariwal 2023): the paper's formulas against independent
 computations, the loss falls on a fixed batch, the trainer resumes bit for bit and its student loads
 and samples."""
+
 import json
 import math
 
@@ -18,9 +19,14 @@ from helpers import caption_folder, states_equal
 
 def test_curriculum_is_the_papers_exponential_schedule():
     # CIFAR-10 in the paper: K = 400,000, s0 = 10, s1 = 1280 -> K' = 400000 / 8 = 50,000
-    assert [curriculum(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 300_000, 350_000, 399_999)] == \
-        [11, 11, 21, 41, 641, 1281, 1281]
-    assert [curriculum(k, 3) for k in range(3)] == [11, 21, 41]  # K' = floor(3 / 8) = 0 is taken as 1
+    assert [
+        curriculum(k, 400_000) for k in (0, 49_999, 50_000, 100_000, 300_000, 350_000, 399_999)
+    ] == [11, 11, 21, 41, 641, 1281, 1281]
+    assert [curriculum(k, 3) for k in range(3)] == [
+        11,
+        21,
+        41,
+    ]  # K' = floor(3 / 8) = 0 is taken as 1
 
 
 def test_levels_and_lognormal_sampling_match_their_formulas():
@@ -30,7 +36,9 @@ def test_levels_and_lognormal_sampling_match_their_formulas():
     assert s[0] == pytest.approx(0.002) and s[-1] == pytest.approx(80.0)
     assert s[5] == pytest.approx(((0.002 ** (1 / 7) + 80 ** (1 / 7)) / 2) ** 7)
     p = lognormal_probs(torch.tensor(s)).numpy()
-    ref = norm.cdf((np.log(s[1:]) + 1.1) / 2.0) - norm.cdf((np.log(s[:-1]) + 1.1) / 2.0)  # log sigma ~ N(-1.1, 2^2)
+    ref = norm.cdf((np.log(s[1:]) + 1.1) / 2.0) - norm.cdf(
+        (np.log(s[:-1]) + 1.1) / 2.0
+    )  # log sigma ~ N(-1.1, 2^2)
     assert np.allclose(p, ref / ref.sum(), atol=1e-9)
 
 
@@ -53,7 +61,9 @@ def test_ict_loss_samples_levels_by_their_probabilities_and_falls():
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     first = None
     for i in range(40):
-        value, logs = loss(x0, cond, 0, torch.Generator().manual_seed(1))  # the same levels and noise
+        value, logs = loss(
+            x0, cond, 0, torch.Generator().manual_seed(1)
+        )  # the same levels and noise
         opt.zero_grad()
         value.backward()
         opt.step()
@@ -64,11 +74,23 @@ def test_ict_loss_samples_levels_by_their_probabilities_and_falls():
 def test_ict_trains_resumes_bit_identically_and_its_student_samples(tmp_path):
     teacher = tm.save(str(tmp_path / "t"), "pixel_sd")
     data = caption_folder(tmp_path / "data", 16)
-    base = dict(teacher=teacher, data=data, batch=4, log_every=1, checkpoint_every=2, validate_n=1, lr=1e-3,
-                method="ict", ict_total=4, student_steps=2)
+    base = dict(
+        teacher=teacher,
+        data=data,
+        batch=4,
+        log_every=1,
+        checkpoint_every=2,
+        validate_n=1,
+        lr=1e-3,
+        method="ict",
+        ict_total=4,
+        student_steps=2,
+    )
     train(DistillConfig(out=str(tmp_path / "whole"), max_steps=4, **base), progress=False)
     train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
-    folder = train(DistillConfig(out=str(tmp_path / "part"), max_steps=4, resume=True, **base), progress=False)
+    folder = train(
+        DistillConfig(out=str(tmp_path / "part"), max_steps=4, resume=True, **base), progress=False
+    )
     a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
     assert states_equal(a, b)
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
@@ -81,4 +103,7 @@ def test_ict_trains_resumes_bit_identically_and_its_student_samples(tmp_path):
     short = {**base, "ict_total": 0, "checkpoint_every": 1}
     train(DistillConfig(out=str(tmp_path / "short"), max_steps=1, **short), progress=False)
     with pytest.raises(ValueError, match="resume with the same --max-steps"):
-        train(DistillConfig(out=str(tmp_path / "short"), max_steps=3, resume=True, **short), progress=False)
+        train(
+            DistillConfig(out=str(tmp_path / "short"), max_steps=3, resume=True, **short),
+            progress=False,
+        )

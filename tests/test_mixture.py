@@ -1,9 +1,8 @@
 """The Gaussian-mixture fixture: exact scores and posterior means, checked independently."""
+
 import math
 
 import torch
-
-import diffguide as dg
 
 
 def _log_density(gm, x, a, s, labels):
@@ -15,8 +14,11 @@ def _log_density(gm, x, a, s, labels):
             if y >= 0 and k != y:
                 continue
             var = a * a * c * c + s * s
-            terms.append(torch.log(w) - 0.5 * ((xi - a * mu) ** 2).sum() / var
-                         - 0.5 * gm.dim * torch.log(2 * math.pi * var))
+            terms.append(
+                torch.log(w)
+                - 0.5 * ((xi - a * mu) ** 2).sum() / var
+                - 0.5 * gm.dim * torch.log(2 * math.pi * var)
+            )
         out.append(torch.logsumexp(torch.stack(terms), 0))
     return torch.stack(out)
 

@@ -1,4 +1,6 @@
-"""Initial-noise optimisation (InitNO, ReNO): attention capture, scores, reward ascent, identities."""
+"""Initial-noise optimisation (InitNO, ReNO): attention capture, scores, reward ascent,
+identities."""
+
 import math
 
 import pytest
@@ -28,6 +30,7 @@ def redness(images, prompts):
 
 # -- attention capture ---------------------------------------------------------------------------
 
+
 def test_capture_shapes_and_model_unchanged(tiny_sd):
     net = tiny_sd.family.net
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -47,7 +50,9 @@ def test_capture_shapes_and_model_unchanged(tiny_sd):
     assert all(m.shape == (2, n, n) for m in store["self"])
     for m in store["cross"] + store["self"]:  # rows are probability distributions
         torch.testing.assert_close(m.sum(-1), torch.ones(2, n))
-    torch.testing.assert_close(inside, ref, atol=1e-5, rtol=1e-5)  # the explicit attention is the same maths
+    torch.testing.assert_close(
+        inside, ref, atol=1e-5, rtol=1e-5
+    )  # the explicit attention is the same maths
     assert dict(net.attn_processors) == before
     assert torch.equal(after, ref)
 
@@ -59,6 +64,7 @@ def test_capture_refuses_models_without_attention():
 
 
 # -- InitNO's pieces against closed forms ---------------------------------------------------------
+
 
 def test_subjects_of():
     assert subjects_of("a red circle on a blue background") == ["circle"]
@@ -74,7 +80,7 @@ def test_scores_closed_form():
     keep = [1, 2, 3]  # ordinary tokens; 0 is the start token
     cross = torch.zeros(h * w, 5)
     cross[:, 0] = 10.0  # the start token is left out of the softmax
-    cross[0, 1] = 1.0   # token 1 peaks at pixel 0; everything else is flat
+    cross[0, 1] = 1.0  # token 1 peaks at pixel 0; everything else is flat
     s_ca, s_sa = scores(cross, torch.eye(h * w), (h, w), keep, [0, 1])
     a = torch.full((h * w, 3), 1 / 3)
     a[0] = torch.softmax(torch.tensor([100.0, 0, 0]), 0)
@@ -112,12 +118,15 @@ def test_norm_penalty_minimum_at_chi_mode():
         z = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         z = (z / z.norm() * r * math.sqrt(d - 1)).requires_grad_(True)
         norm_penalty(z).sum().backward()
-        radial = float((z.grad * z.detach()).sum() / z.detach().norm())  # d/dr of R at r: r - (d - 1) / r
+        radial = float(
+            (z.grad * z.detach()).sum() / z.detach().norm()
+        )  # d/dr of R at r: r - (d - 1) / r
         rr = r * math.sqrt(d - 1)
         assert radial == pytest.approx(rr - (d - 1) / rr, rel=1e-4, abs=1e-4)
 
 
 # -- InitNO and ReNO through the pipeline ----------------------------------------------------------
+
 
 def test_initno_scores_fall(builtin):
     opt = InitNO(iterations=1, rounds=1, final_iterations=0)
@@ -132,23 +141,43 @@ def test_initno_scores_fall(builtin):
                 s_ca, s_sa = scores(*out, keep, subj)
                 seen.append(float((s_ca + s_sa).detach()))
                 return out
+
             ctx.attention = spy
             return super()._run(ctx, i, z0, keep, subj, steps)
 
     spy = Spy(iterations=15, rounds=1, final_iterations=0, tau_cross=0.0, tau_self=0.0, lr=0.05)
-    out = builtin("a red circle and a blue square", guidance="cfg:scale=3", steps=4, seed=3,
-                  output_type="pt", noise_optimizer=spy)
+    out = builtin(
+        "a red circle and a blue square",
+        guidance="cfg:scale=3",
+        steps=4,
+        seed=3,
+        output_type="pt",
+        noise_optimizer=spy,
+    )
     assert len(seen) == 15 and out.noise["nfe"] == 15 and out.noise["backward"] == 15
     assert min(seen[-5:]) < seen[0] - 0.02, seen
     assert opt.words("a red circle and a blue square") == ["circle", "square"]
 
 
 def test_zero_iterations_equal_plain_run(builtin):
-    plain = builtin(["a circle", "a red square"], guidance="cfg:scale=3", sampler="dpmpp_2m", steps=5,
-                    seed=7, output_type="pt")
+    plain = builtin(
+        ["a circle", "a red square"],
+        guidance="cfg:scale=3",
+        sampler="dpmpp_2m",
+        steps=5,
+        seed=7,
+        output_type="pt",
+    )
     for opt in (InitNO(iterations=0), ReNO(iterations=0), ReNO(iterations=1, reward=redness)):
-        out = builtin(["a circle", "a red square"], guidance="cfg:scale=3", sampler="dpmpp_2m", steps=5,
-                      seed=7, output_type="pt", noise_optimizer=opt)
+        out = builtin(
+            ["a circle", "a red square"],
+            guidance="cfg:scale=3",
+            sampler="dpmpp_2m",
+            steps=5,
+            seed=7,
+            output_type="pt",
+            noise_optimizer=opt,
+        )
         assert torch.equal(out.images, plain.images), opt
 
 
@@ -161,12 +190,21 @@ def test_reno_reward_rises_through_the_pipeline(builtin):
         return r
 
     opt = ReNO(iterations=8, reward=spy)
-    out = builtin(["a circle", "a square"], guidance="cfg:scale=3", sampler="ddim", steps=3, seed=0,
-                  output_type="pt", noise_optimizer=opt)
+    out = builtin(
+        ["a circle", "a square"],
+        guidance="cfg:scale=3",
+        sampler="ddim",
+        steps=3,
+        seed=0,
+        output_type="pt",
+        noise_optimizer=opt,
+    )
     final = redness(out.images, None)
     assert (final > seen["first"] + 0.02).all(), (seen["first"], final)
     # the returned noise is the best iteration's: the final image scores what that iteration did
-    torch.testing.assert_close(-final, torch.tensor(out.noise["reward_loss_best"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        -final, torch.tensor(out.noise["reward_loss_best"]), atol=1e-4, rtol=0
+    )
     assert out.noise["nfe"] == 8 * 3 * 2 and out.noise["backward"] == 7
 
 
@@ -178,13 +216,16 @@ def test_reno_norm_stays_near_its_prior():
         return x[:, :1].expand(-1, 3, -1, -1).sigmoid()
 
     ctx = NoiseContext(["a", "b"], 2.0, render=render)
-    z, info = ReNO(iterations=50, reward=lambda im, p: 10 * im.mean((1, 2, 3))).optimise(ctx, z0 * 2.0)
+    z, info = ReNO(iterations=50, reward=lambda im, p: 10 * im.mean((1, 2, 3))).optimise(
+        ctx, z0 * 2.0
+    )
     assert all(b < s - 0.5 for b, s in zip(info["reward_loss_best"], info["reward_loss_start"]))
     ratio = (z / 2.0).flatten(1).norm(dim=1) / math.sqrt(d)
     assert ((ratio > 0.9) & (ratio < 1.1)).all(), ratio
     # without the regulariser the same ascent drifts further from the prior radius
-    z_free, _ = ReNO(iterations=50, regularization=0.0,
-                     reward=lambda im, p: 10 * im.mean((1, 2, 3))).optimise(ctx, z0 * 2.0)
+    z_free, _ = ReNO(
+        iterations=50, regularization=0.0, reward=lambda im, p: 10 * im.mean((1, 2, 3))
+    ).optimise(ctx, z0 * 2.0)
     free = (z_free / 2.0).flatten(1).norm(dim=1) / math.sqrt(d)
     assert ((free - 1).abs() >= (ratio - 1).abs()).all()
 
@@ -222,35 +263,71 @@ def test_initno_needs_cross_attention():
 
 # -- the CLI -------------------------------------------------------------------------------------
 
+
 def test_cli_generate_and_eval_report_noise_costs(tmp_path, capsys):
     import json
 
     from diffguide.cli.main import main
 
     out = tmp_path / "a.png"
-    assert main(["generate", "a red circle and a blue square", "--steps", "3", "--quiet", "-o", str(out),
-                 "--initno", "iterations=2,rounds=1,final_iterations=0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle and a blue square",
+                "--steps",
+                "3",
+                "--quiet",
+                "-o",
+                str(out),
+                "--initno",
+                "iterations=2,rounds=1,final_iterations=0",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "8 network evaluations" in err  # 2 InitNO forwards + 3 steps x 2 (CFG)
     from PIL import Image
+
     meta = json.loads(Image.open(out).text["diffguide"])
     assert meta["noise_optimizer"] == "initno:iterations=2,rounds=1,final_iterations=0"
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
-    assert main(["eval", "--prompts", str(prompts), "--n", "2", "--steps", "2", "--sampler", "ddim",
-                 "--quiet", "--initno", "iterations=3,rounds=1,final_iterations=0,tau_cross=0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--prompts",
+                str(prompts),
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddim",
+                "--quiet",
+                "--initno",
+                "iterations=3,rounds=1,final_iterations=0,tau_cross=0",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["noise_optimizer"].startswith("initno:")
     assert res["nfe_per_image"] == 4 and res["noise_nfe_per_image"] == 3
     assert res["noise_backward_per_image"] == 3 and res["noise_seconds_per_image"] > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--reno", "bogus=1"], "has no option 'bogus'"),
-    (["--reno", "reward=nope"], "unknown reward 'nope'"),
-    (["--initno", "iterations=-2"], "iterations must be an integer >= 0"),
-    (["--initno", "--reno"], "not allowed with argument"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reno", "bogus=1"], "has no option 'bogus'"),
+        (["--reno", "reward=nope"], "unknown reward 'nope'"),
+        (["--initno", "iterations=-2"], "iterations must be an integer >= 0"),
+        (["--initno", "--reno"], "not allowed with argument"),
+    ],
+)
 def test_cli_bad_noise_options(argv, message, tmp_path, capsys):
     from diffguide.cli.main import main
 
@@ -262,8 +339,10 @@ def test_cli_bad_noise_options(argv, message, tmp_path, capsys):
 
 # -- the shipped reward model ----------------------------------------------------------------------
 
+
 def test_reward_model_reads_the_world():
-    """Trained on captions only; on fresh scenes the best-scoring of 300 images satisfies the caption
+    """Trained on captions only; on fresh scenes the best-scoring of 300 images satisfies the
+    caption
     for most captions, and a matching caption outscores a contradicting one on the same image."""
     from diffguide.toy import reward, scenes
 
@@ -276,6 +355,7 @@ def test_reward_model_reads_the_world():
     assert (right > wrong).all()
     # it is a different network from the evaluator that eval scores with
     from diffguide.toy import evaluator
+
     assert not isinstance(model, type(evaluator.load()))
 
 
@@ -291,12 +371,18 @@ def test_reward_is_differentiable_in_the_image():
 
 # -- to the letter of the authors' code (issue 23) -------------------------------------------------
 
+
 def _authors_smoothing(m):
     """InitNO's utils/gaussian_smoothing.py, re-derived: a 3x3 kernel, the product over both axes of
-    1/(sigma sqrt(2 pi)) exp(-((x - mean) / (2 sigma))^2) at sigma 0.5, normalised; reflected borders."""
+    1/(sigma sqrt(2 pi)) exp(-((x - mean) / (2 sigma))^2) at sigma 0.5, normalised; reflected
+    borders."""
     sigma, size = 0.5, 3
     ax = torch.arange(size, dtype=torch.float64)
-    g = 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-(((ax - (size - 1) / 2) / (2 * sigma)) ** 2))
+    g = (
+        1
+        / (sigma * math.sqrt(2 * math.pi))
+        * torch.exp(-(((ax - (size - 1) / 2) / (2 * sigma)) ** 2))
+    )
     k = g[:, None] * g[None, :]
     k = k / k.sum()
     padded = torch.nn.functional.pad(m[None, None].double(), (1, 1, 1, 1), mode="reflect")
@@ -304,7 +390,8 @@ def _authors_smoothing(m):
 
 
 def _authors_scores(cross, self_, res, indices):
-    """fn_compute_loss of pipeline_sd_initno.py without its Otsu term: cross [res*res, 77] over the whole
+    """fn_compute_loss of pipeline_sd_initno.py without its Otsu term: cross [res*res, 77] over the
+    whole
     padded sequence, columns 1..-1 softmaxed at temperature 1/100, indices shifted by one."""
     maps = torch.softmax(cross.double().reshape(res, res, -1)[:, :, 1:-1] * 100, dim=-1)
     tops, selfs = [], []
@@ -312,19 +399,26 @@ def _authors_scores(cross, self_, res, indices):
         m = _authors_smoothing(maps[:, :, i])
         flat = int(m.flatten().argmax())
         tops.append(m[flat // res, flat % res])
-        selfs.append(_authors_smoothing(self_.double().reshape(res, res, res * res)[flat // res, flat % res]
-                                        .view(res, res)))
+        selfs.append(
+            _authors_smoothing(
+                self_.double().reshape(res, res, res * res)[flat // res, flat % res].view(res, res)
+            )
+        )
     s_ca = max(max(0.0, 1.0 - float(v)) for v in tops)
     pairs = [(a, b) for a in range(len(selfs)) for b in range(a + 1, len(selfs))]
-    s_sa = sum(float(torch.min(selfs[a], selfs[b]).sum() / ((selfs[a] + selfs[b]).sum() + 1e-6))
-               for a, b in pairs) / max(len(pairs), 1)
+    s_sa = sum(
+        float(torch.min(selfs[a], selfs[b]).sum() / ((selfs[a] + selfs[b]).sum() + 1e-6))
+        for a, b in pairs
+    ) / max(len(pairs), 1)
     return s_ca, (0.0 if s_ca > 0.5 else s_sa)
 
 
 def test_initno_kernel_is_the_authors():
     m = torch.zeros(5, 5)
     m[2, 2] = 1.0
-    assert float(smooth(m)[2, 2]) == pytest.approx(0.332, abs=1e-3)  # exp(-x^2): not exp(-2 x^2)'s 0.619
+    assert float(smooth(m)[2, 2]) == pytest.approx(
+        0.332, abs=1e-3
+    )  # exp(-x^2): not exp(-2 x^2)'s 0.619
     r = torch.rand(7, 9, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(smooth(r).double(), _authors_smoothing(r), atol=1e-6, rtol=0)
 
@@ -336,14 +430,19 @@ def test_initno_scores_equal_the_authors_on_random_maps(seed):
     sharp = 1 + 30 * torch.rand(1, generator=g)  # from flat maps (S_CA gated) to peaked ones
     cross = torch.softmax(torch.randn(res * res, T, generator=g) * sharp, -1)
     self_ = torch.softmax(torch.randn(res * res, res * res, generator=g) * 3, -1)
-    indices = sorted(torch.randperm(6, generator=g)[:3].add(2).tolist())  # token positions, as get_indices'
+    indices = sorted(
+        torch.randperm(6, generator=g)[:3].add(2).tolist()
+    )  # token positions, as get_indices'
     s_ca, s_sa = scores(cross, self_, (res, res), None, [p - 1 for p in indices])
     a_ca, a_sa = _authors_scores(cross, self_, res, indices)
-    assert float(s_ca) == pytest.approx(a_ca, abs=1e-6) and float(s_sa) == pytest.approx(a_sa, abs=1e-6)
+    assert float(s_ca) == pytest.approx(a_ca, abs=1e-6) and float(s_sa) == pytest.approx(
+        a_sa, abs=1e-6
+    )
 
 
 def test_initno_padded_token_range_is_the_default(builtin):
-    """The default softmax runs over every position but the first and last of the padded sequence; the
+    """The default softmax runs over every position but the first and last of the padded sequence;
+    the
     prompt-only range is an option."""
     seen = {}
 
@@ -353,7 +452,9 @@ def test_initno_padded_token_range_is_the_default(builtin):
             return z0, 0.0, True
 
     for tokens in ("padded", "prompt"):
-        builtin("a red circle and a blue square", steps=2, seed=0, noise_optimizer=Spy(tokens=tokens))
+        builtin(
+            "a red circle and a blue square", steps=2, seed=0, noise_optimizer=Spy(tokens=tokens)
+        )
     keep, subj = seen["padded"]
     pkeep, psubj = seen["prompt"]
     assert keep is None and subj == [pkeep[k] - 1 for k in psubj]
@@ -366,38 +467,82 @@ def test_initno_attention_time_is_the_first_of_a_50_step_grid():
     builtin = GuidedPipeline.from_pipe(tiny.sd(scheduler="DDIMScheduler"), progress=False)
     times = []
     net = builtin.family.net
-    hook = net.register_forward_pre_hook(lambda m, a, k: times.append(float(a[1] if len(a) > 1 else k["timestep"])),
-                                         with_kwargs=True)
+    hook = net.register_forward_pre_hook(
+        lambda m, a, k: times.append(float(a[1] if len(a) > 1 else k["timestep"])), with_kwargs=True
+    )
     try:
-        builtin("a red circle", steps=4, seed=0, guidance="none",
-                noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0, tau_cross=0.0))
+        builtin(
+            "a red circle",
+            steps=4,
+            seed=0,
+            guidance="none",
+            noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0, tau_cross=0.0),
+        )
         first = times[0]
         times.clear()
-        builtin("a red circle", steps=4, seed=0, guidance="none",
-                noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0, tau_cross=0.0, attention_steps=0))
+        builtin(
+            "a red circle",
+            steps=4,
+            seed=0,
+            guidance="none",
+            noise_optimizer=InitNO(
+                iterations=1, rounds=1, final_iterations=0, tau_cross=0.0, attention_steps=0
+            ),
+        )
         own = times[0]
     finally:
         hook.remove()
     expect = float(builtin.info.schedule.model_time(builtin.info.timesteps(50)[0]))
     run = float(builtin.info.schedule.model_time(builtin.info.timesteps(4)[0]))
-    assert first == pytest.approx(expect) and own == pytest.approx(run) and (expect, run) == (981, 751)
+    assert (
+        first == pytest.approx(expect) and own == pytest.approx(run) and (expect, run) == (981, 751)
+    )
 
 
-@pytest.mark.parametrize("make", [lambda: torch.Generator().manual_seed(11),
-                                  lambda: [torch.Generator().manual_seed(11 + i) for i in range(2)]])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.Generator().manual_seed(11),
+        lambda: [torch.Generator().manual_seed(11 + i) for i in range(2)],
+    ],
+)
 def test_noise_optimisers_repeat_with_generators(builtin, make):
-    """generator= (one, or one per image) drives every draw: InitNO's restarts and ReNO's renders under
+    """generator= (one, or one per image) drives every draw: InitNO's restarts and ReNO's renders
+    under
     a stochastic sampler repeat bit for bit, and ReNO's image is the one whose reward it reports."""
-    initno = InitNO(iterations=1, rounds=3, final_iterations=1, tau_cross=0.0)  # never passes: restarts
-    runs = [builtin(["a red circle and a blue square"] * 2, steps=3, generator=make(), output_type="pt",
-                    noise_optimizer=initno).images for _ in range(2)]
+    initno = InitNO(
+        iterations=1, rounds=3, final_iterations=1, tau_cross=0.0
+    )  # never passes: restarts
+    runs = [
+        builtin(
+            ["a red circle and a blue square"] * 2,
+            steps=3,
+            generator=make(),
+            output_type="pt",
+            noise_optimizer=initno,
+        ).images
+        for _ in range(2)
+    ]
     assert torch.equal(*runs)
     reno = ReNO(iterations=3, reward=redness)
-    outs = [builtin(["a circle", "a square"], sampler="euler_ancestral", steps=3, generator=make(),
-                    output_type="pt", noise_optimizer=reno) for _ in range(2)]
+    outs = [
+        builtin(
+            ["a circle", "a square"],
+            sampler="euler_ancestral",
+            steps=3,
+            generator=make(),
+            output_type="pt",
+            noise_optimizer=reno,
+        )
+        for _ in range(2)
+    ]
     assert torch.equal(outs[0].images, outs[1].images)
-    torch.testing.assert_close(-redness(outs[0].images, None), torch.tensor(outs[0].noise["reward_loss_best"]),
-                               atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        -redness(outs[0].images, None),
+        torch.tensor(outs[0].noise["reward_loss_best"]),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 class _NanGrad(torch.autograd.Function):
@@ -421,12 +566,16 @@ def test_reno_nan_gradient_keeps_the_best_earlier_noise(k):
 
     def reward(images, prompts):
         r = 10 * images.mean((1, 2, 3))
-        return _NanGrad.apply(r) if len(seen) == k + 1 else r  # finite value, NaN gradient at iteration k
+        return (
+            _NanGrad.apply(r) if len(seen) == k + 1 else r
+        )  # finite value, NaN gradient at iteration k
 
     ctx = NoiseContext(["a", "b"], 1.0, render=render)
     z, info = ReNO(iterations=10, reward=reward).optimise(ctx, z0)
     assert len(seen) == k + 1 and torch.isfinite(z).all()  # stopped there, every image
-    values = torch.stack([-10 * torch.sigmoid(x[:, :1]).mean((1, 2, 3)) for x in seen])  # reward loss per iteration
+    values = torch.stack(
+        [-10 * torch.sigmoid(x[:, :1]).mean((1, 2, 3)) for x in seen]
+    )  # reward loss per iteration
     best = values.argmin(0)
     for j in range(2):
         assert torch.equal(z[j], seen[int(best[j])][j])
@@ -447,8 +596,13 @@ def test_reno_nonfinite_reward_later_stops_that_image_only():
             r = torch.stack([r[0], r[1] * float("nan")])
         return r
 
-    z, info = ReNO(iterations=6, reward=reward).optimise(NoiseContext(["a", "b"], 1.0, render=render), z0)
-    assert info["stopped"][0] is None and info["stopped"][1] == {"iteration": 2, "reason": "non-finite reward"}
+    z, info = ReNO(iterations=6, reward=reward).optimise(
+        NoiseContext(["a", "b"], 1.0, render=render), z0
+    )
+    assert info["stopped"][0] is None and info["stopped"][1] == {
+        "iteration": 2,
+        "reason": "non-finite reward",
+    }
     assert len(calls) == 6 and torch.isfinite(z).all()
 
 
@@ -483,11 +637,31 @@ def test_subject_finder_on_twenty_prompts():
 def test_initno_reports_its_subjects(builtin, tmp_path, capsys):
     from diffguide.cli.main import main
 
-    out = builtin("an astronaut riding a horse", steps=2, seed=0, output_type="pt",
-                  noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0))
+    out = builtin(
+        "an astronaut riding a horse",
+        steps=2,
+        seed=0,
+        output_type="pt",
+        noise_optimizer=InitNO(iterations=1, rounds=1, final_iterations=0),
+    )
     assert out.noise["subjects"] == [["astronaut", "horse"]]
-    assert main(["generate", "a cat sitting on a mat", "--model", "builtin", "--steps", "2", "--initno",
-                 "iterations=1,rounds=1,final_iterations=0", "-o", str(tmp_path / "x.png")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a cat sitting on a mat",
+                "--model",
+                "builtin",
+                "--steps",
+                "2",
+                "--initno",
+                "iterations=1,rounds=1,final_iterations=0",
+                "-o",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 0
+    )
     assert "InitNO subjects: cat, mat" in capsys.readouterr().err
 
 
@@ -499,8 +673,23 @@ def test_eval_with_one_image_reports_undefined_statistics(tmp_path, capsys):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
-    assert main(["eval", "--model", "builtin", "--n", "1", "--prompts", str(prompts), "--steps", "2",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "builtin",
+                "--n",
+                "1",
+                "--prompts",
+                str(prompts),
+                "--steps",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["images"] == 1 and res["frechet_distance"] is None and res["diversity"] is None
     assert "at least 2 images" in res["frechet_distance_undefined"] and res["diversity_undefined"]

@@ -3,6 +3,7 @@ touches only the files diffguide writes, every output is created exclusively, re
 machine are refused (or confirmed with --large) and output paths are checked before the model loads.
 Each case compares the files before and after. Each test failed on the behaviour before the fix (the
 reason is in its docstring where it is not plain from the assertions)."""
+
 import errno
 import json
 import os
@@ -26,7 +27,9 @@ def snapshot(folder) -> dict:
             out[os.path.relpath(os.path.join(root, name), folder) + "/"] = None
         for name in files:
             path = os.path.join(root, name)
-            out[os.path.relpath(path, folder)] = None if os.path.islink(path) else open(path, "rb").read()
+            out[os.path.relpath(path, folder)] = (
+                None if os.path.islink(path) else open(path, "rb").read()
+            )
     return out
 
 
@@ -38,23 +41,34 @@ def run(capsys, *argv):
 
 def one_line(code, err, *words):
     lines = err.strip().splitlines()
-    return code == 2 and len(lines) == 1 and lines[0].startswith("diffguide: error:") \
-        and "Traceback" not in err and all(w in err for w in words)
+    return (
+        code == 2
+        and len(lines) == 1
+        and lines[0].startswith("diffguide: error:")
+        and "Traceback" not in err
+        and all(w in err for w in words)
+    )
 
 
 @pytest.fixture
 def no_load(monkeypatch):
-    """Loading a model fails loudly (exit 1, LOADED): a check that passes shows up as that failure."""
+    """Loading a model fails loudly (exit 1, LOADED): a check that passes shows up as that
+    failure."""
+
     def boom(*args, **kwargs):
         raise RuntimeError(LOADED)
+
     monkeypatch.setattr(GuidedPipeline, "from_pretrained", boom)
 
 
 @pytest.fixture
 def no_sampling(monkeypatch):
-    """The model loads, but sampling fails loudly: checks made after loading and before work show."""
+    """The model loads, but sampling fails loudly: checks made after loading and before work
+    show."""
+
     def boom(self, *args, **kwargs):
         raise RuntimeError("sampling started")
+
     monkeypatch.setattr(GuidedPipeline, "__call__", boom)
 
 
@@ -63,7 +77,7 @@ def plenty_of_space(monkeypatch):
     import shutil
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2 ** 60, 0, 2 ** 59))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**60, 0, 2**59))
 
 
 def project(folder):
@@ -73,7 +87,9 @@ def project(folder):
     (folder / "notes.txt").write_text("my notes\n")
 
 
-# -- item 1: --overwrite replaces only the files diffguide writes -----------------------------------
+# -- item 1: --overwrite replaces only the files diffguide writes
+# -----------------------------------
+
 
 def test_tiny_model_overwrite_keeps_the_folders_other_files(tmp_path, capsys):
     """Before: the folder was removed as a whole, src/main.py with it."""
@@ -95,7 +111,8 @@ def test_tiny_model_overwrite_keeps_the_folders_other_files(tmp_path, capsys):
 def test_tiny_model_of_another_family_removes_only_the_old_models_own_files(tmp_path, capsys):
     """An SD folder overwritten with DiT: the SD components' weights, configs and tokenizer files go
     (a stale tokenizer or config beside the new model could be loaded with it), a component folder
-    goes only when nothing else is in it, and every other file stays. Before: the folder was removed."""
+    goes only when nothing else is in it, and every other file stays. Before: the folder was
+    removed."""
     folder = tmp_path / "m"
     tm.save(str(folder), "sd")
     project(folder)
@@ -105,19 +122,33 @@ def test_tiny_model_of_another_family_removes_only_the_old_models_own_files(tmp_
     code, _, err = run(capsys, "tiny-model", folder, "--overwrite", "--family", "dit")
     assert code == 0, err
     after = snapshot(folder)
-    old_model = {p for p in before if p.split("/")[0] in ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
-                 and not p.endswith("/") and p != "unet/NOTES.md"} | {"model_index.json"}
-    kept = {p for p in before if p not in old_model and p.split("/")[0] not in ("text_encoder", "tokenizer")}
+    old_model = {
+        p
+        for p in before
+        if p.split("/")[0] in ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
+        and not p.endswith("/")
+        and p != "unet/NOTES.md"
+    } | {"model_index.json"}
+    kept = {
+        p
+        for p in before
+        if p not in old_model and p.split("/")[0] not in ("text_encoder", "tokenizer")
+    }
     assert set(after) == kept | set(fresh)
-    assert after["unet/NOTES.md"] == before["unet/NOTES.md"] and after["src/main.py"] == before["src/main.py"]
+    assert (
+        after["unet/NOTES.md"] == before["unet/NOTES.md"]
+        and after["src/main.py"] == before["src/main.py"]
+    )
     assert not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert json.loads(after["model_index.json"])["_class_name"] == "DiTPipeline"
-    assert {p: after[p] for p in fresh if p != "model_index.json"} == \
-        {p: v for p, v in fresh.items() if p != "model_index.json"}  # the new model's files, as saved
+    assert {p: after[p] for p in fresh if p != "model_index.json"} == {
+        p: v for p, v in fresh.items() if p != "model_index.json"
+    }  # the new model's files, as saved
 
 
 def test_tiny_model_refuses_a_folder_that_holds_no_model(tmp_path, capsys, monkeypatch):
-    """`diffguide tiny-model . --overwrite` in a project folder. Before: exit 0, src/main.py deleted."""
+    """`diffguide tiny-model . --overwrite` in a project folder. Before: exit 0, src/main.py
+    deleted."""
     project(tmp_path)
     before = snapshot(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -134,7 +165,9 @@ def test_tiny_model_takes_an_empty_folder_and_keeps_a_model_without_overwrite(tm
     empty.mkdir()
     code, _, err = run(capsys, "tiny-model", empty)
     assert code == 0, err
-    assert (empty / "model_index.json").is_file() and not [p for p in os.listdir(empty) if p.startswith(".")]
+    assert (empty / "model_index.json").is_file() and not [
+        p for p in os.listdir(empty) if p.startswith(".")
+    ]
     before = snapshot(empty)
     code, _, err = run(capsys, "tiny-model", empty)
     assert one_line(code, err, "holds a model", "--overwrite"), err
@@ -142,6 +175,7 @@ def test_tiny_model_takes_an_empty_folder_and_keeps_a_model_without_overwrite(tm
 
 
 # -- item 3: every file any command writes is created exclusively ----------------------------------
+
 
 @pytest.fixture
 def one_prompt(tmp_path):
@@ -163,17 +197,34 @@ def test_eval_keeps_an_existing_file(flag, tmp_path, capsys, no_load):
 
 def test_eval_overwrite_replaces_its_files(tmp_path, capsys, one_prompt):
     """Before: --overwrite was not an eval flag (exit 2)."""
-    files = {"--out": tmp_path / "r.json", "--per-image": tmp_path / "p.jsonl", "--grid": tmp_path / "g.png"}
+    files = {
+        "--out": tmp_path / "r.json",
+        "--per-image": tmp_path / "p.jsonl",
+        "--grid": tmp_path / "g.png",
+    }
     for path in files.values():
         path.write_bytes(b"old")
     (tmp_path / "mine.txt").write_text("mine")
-    code, _, err = run(capsys, "eval", "--prompts", one_prompt, "--n", 1, "--steps", 1, "--quiet", "--overwrite",
-                       *[x for flag, path in files.items() for x in (flag, path)])
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--prompts",
+        one_prompt,
+        "--n",
+        1,
+        "--steps",
+        1,
+        "--quiet",
+        "--overwrite",
+        *[x for flag, path in files.items() for x in (flag, path)],
+    )
     assert code == 0, err
     assert json.loads(files["--out"].read_text())["images_per_prompt"] == 1
     assert json.loads(files["--per-image"].read_text().splitlines()[0])["seed"] is not None
     assert files["--grid"].read_bytes()[:4] == b"\x89PNG"
-    assert sorted(os.listdir(tmp_path)) == sorted(["mine.txt", "prompts.txt", "r.json", "p.jsonl", "g.png"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["mine.txt", "prompts.txt", "r.json", "p.jsonl", "g.png"]
+    )
 
 
 @pytest.mark.parametrize("flag", ["--out", "--per-image", "--grid"])
@@ -190,7 +241,9 @@ def test_eval_file_flags_naming_a_folder_are_one_line(flag, tmp_path, capsys, no
 
 def test_eval_refuses_one_file_for_two_outputs(tmp_path, capsys, no_load):
     """Before: the second write found the first one's file after all the work."""
-    code, _, err = run(capsys, "eval", "--out", tmp_path / "a.json", "--per-image", tmp_path / "a.json")
+    code, _, err = run(
+        capsys, "eval", "--out", tmp_path / "a.json", "--per-image", tmp_path / "a.json"
+    )
     assert one_line(code, err, "--out", "--per-image"), err
     assert os.listdir(tmp_path) == []
 
@@ -205,7 +258,8 @@ def test_compare_output_naming_a_folder_is_one_line(tmp_path, capsys, no_load):
 
 
 def test_calibrate_output_naming_a_folder_is_one_line(tmp_path, capsys, no_load):
-    """Before: with --overwrite the folder passed the check and the run ended in IsADirectoryError."""
+    """Before: with --overwrite the folder passed the check and the run ended in
+    IsADirectoryError."""
     folder = tmp_path / "coefficients"
     folder.mkdir()
     code, _, err = run(capsys, "calibrate-linearag", "-o", folder, "--overwrite")
@@ -234,12 +288,31 @@ def previous_run(out, teacher):
 
 
 def distill(out, teacher, data, *extra):
-    return ["distill", "consistency", "--teacher", teacher, "--data", data, "--out", out, "--max-steps", 1,
-            "--batch", 2, "--skip", 100, "--log-every", 1, "--quiet", *extra]
+    return [
+        "distill",
+        "consistency",
+        "--teacher",
+        teacher,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--max-steps",
+        1,
+        "--batch",
+        2,
+        "--skip",
+        100,
+        "--log-every",
+        1,
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_distill_new_run_keeps_a_previous_runs_files(tmp_path, capsys, teacher, data, no_load):
-    """Before: a new run emptied loss.jsonl (and would replace the rest) before loading the teacher."""
+    """Before: a new run emptied loss.jsonl (and would replace the rest) before loading the
+    teacher."""
     out = tmp_path / "run"
     previous_run(out, teacher)
     before = snapshot(out)
@@ -256,15 +329,25 @@ def test_distill_overwrite_replaces_only_its_own_files(tmp_path, capsys, teacher
     code, _, err = run(capsys, *distill(out, teacher, data, "--overwrite"))
     assert code == 0, err
     after = snapshot(out)
-    assert after["mine.txt"] == before["mine.txt"] and after["student/NOTES.md"] == before["student/NOTES.md"]
-    assert after["config.json"] != before["config.json"] and json.loads(after["config.json"])["max_steps"] == 1
+    assert (
+        after["mine.txt"] == before["mine.txt"]
+        and after["student/NOTES.md"] == before["student/NOTES.md"]
+    )
+    assert (
+        after["config.json"] != before["config.json"]
+        and json.loads(after["config.json"])["max_steps"] == 1
+    )
     assert [json.loads(x)["step"] for x in after["loss.jsonl"].decode().splitlines()] == [1]
-    assert after["student/diffguide.json"] and after["student/unet/diffusion_pytorch_model.safetensors"] != \
-        before["student/unet/diffusion_pytorch_model.safetensors"]
+    assert (
+        after["student/diffguide.json"]
+        and after["student/unet/diffusion_pytorch_model.safetensors"]
+        != before["student/unet/diffusion_pytorch_model.safetensors"]
+    )
 
 
 def test_distill_out_naming_a_file_is_one_line(tmp_path, capsys, teacher, data, no_load):
-    """Before: the teacher loaded first (here: exit 1); without the stub, os.makedirs failed (exit 1)."""
+    """Before: the teacher loaded first (here: exit 1); without the stub, os.makedirs failed (exit
+    1)."""
     out = tmp_path / "run"
     out.write_text("a file")
     code, _, err = run(capsys, *distill(out, teacher, data))
@@ -272,20 +355,31 @@ def test_distill_out_naming_a_file_is_one_line(tmp_path, capsys, teacher, data, 
     assert out.read_text() == "a file"
 
 
-# -- item 4: limits before work ---------------------------------------------------------------------
+# -- item 4: limits before work
+# ---------------------------------------------------------------------
 
 OVER = {  # each past one bound: steps, pixels an image, images x steps x pixels
     "steps": (["--steps", "10001"], ["10,001", "10,000"]),
     "pixels": (["--height", "4096", "--width", "4104"], ["4104x4096", "16,777,216"]),
-    "work": (["--seeds", "0-99", "--steps", "1000", "--height", "4096", "--width", "4096"], ["100 images", "2^40"]),
+    "work": (
+        ["--seeds", "0-99", "--steps", "1000", "--height", "4096", "--width", "4096"],
+        ["100 images", "2^40"],
+    ),
 }
-AT = {"steps": ["--steps", "10000"], "pixels": ["--height", "4096", "--width", "4096"],
-      "work": ["--seeds", "0-64", "--steps", "1000", "--height", "4096", "--width", "4096"]}
+AT = {
+    "steps": ["--steps", "10000"],
+    "pixels": ["--height", "4096", "--width", "4096"],
+    "work": ["--seeds", "0-64", "--steps", "1000", "--height", "4096", "--width", "4096"],
+}
 
 
-def test_limits_refuse_before_loading_and_large_confirms(tmp_path, capsys, no_load, plenty_of_space):
-    """Over a bound: one line naming the value, the bound and --large, before the model loads; at the
-    bound, or with --large, the run goes on (here: to the stubbed loading). Before: every request went
+def test_limits_refuse_before_loading_and_large_confirms(
+    tmp_path, capsys, no_load, plenty_of_space
+):
+    """Over a bound: one line naming the value, the bound and --large, before the model loads; at
+    the
+    bound, or with --large, the run goes on (here: to the stubbed loading). Before: every request
+    went
     to loading (exit 1), and --large was not a flag."""
     for name, (extra, words) in OVER.items():
         code, _, err = run(capsys, "generate", "a", "-o", tmp_path / "o", *extra)
@@ -302,7 +396,9 @@ def test_limits_with_the_models_own_size_are_checked_before_work(capsys, monkeyp
     work started (here: the stubbed prompt_set, exit 1)."""
     from diffguide.cli import evaluate
 
-    monkeypatch.setattr(evaluate, "prompt_set", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("work started")))
+    monkeypatch.setattr(
+        evaluate, "prompt_set", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("work started"))
+    )
     code, _, err = run(capsys, "eval", "--n", 100000, "--steps", 1000, "--quiet")
     assert one_line(code, err, "2,100,000 images", "1,000 steps", "1,024 pixels", "--large"), err
 
@@ -311,12 +407,18 @@ def test_long_runs_say_their_size_up_front(tmp_path, capsys, monkeypatch, plenty
     """`--seeds 0-1000000` and `eval --n 100000` say how many images before the first one. Before:
     nothing was said."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(GuidedPipeline, "__call__", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    code, _, err = run(capsys, "generate", "a red circle", "--seeds", "0-1000000", "--steps", 1, "--quiet")
+    monkeypatch.setattr(
+        GuidedPipeline, "__call__", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    code, _, err = run(
+        capsys, "generate", "a red circle", "--seeds", "0-1000000", "--steps", 1, "--quiet"
+    )
     assert code == 130 and "1,000,001 images x 1 steps at 32x32" in err, err
     from diffguide.cli import evaluate
 
-    monkeypatch.setattr(evaluate, "prompt_set", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(
+        evaluate, "prompt_set", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     code, _, err = run(capsys, "eval", "--n", 100000, "--steps", 1, "--quiet")
     assert code == 130 and "2,100,000 images x 1 steps at 32x32" in err, err
     assert os.listdir(tmp_path) == []
@@ -324,16 +426,32 @@ def test_long_runs_say_their_size_up_front(tmp_path, capsys, monkeypatch, plenty
 
 def test_the_time_estimate_follows_the_first_batch(tmp_path, capsys):
     """Before: a run of several batches said nothing until its end."""
-    code, out, err = run(capsys, "generate", "a red circle", "--seeds", "0-3", "--batch", 2, "--steps", 1,
-                         "--quiet", "-o", tmp_path / "o")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "a red circle",
+        "--seeds",
+        "0-3",
+        "--batch",
+        2,
+        "--steps",
+        1,
+        "--quiet",
+        "-o",
+        tmp_path / "o",
+    )
     assert code == 0, err
     lines = err.splitlines()
     assert lines[0].startswith("diffguide: 4 images x 1 steps at 32x32, in 2 batches")
-    assert lines[1].startswith("diffguide: the first 2 image(s) took ") and lines[1].endswith("more for the other 2")
+    assert lines[1].startswith("diffguide: the first 2 image(s) took ") and lines[1].endswith(
+        "more for the other 2"
+    )
     assert len(out.split()) == 4
 
 
-# -- item 7: output paths checked before work -------------------------------------------------------
+# -- item 7: output paths checked before work
+# -------------------------------------------------------
+
 
 def test_names_over_the_limit_are_refused_before_loading(tmp_path, capsys, no_load):
     """Before: the model loaded and sampled first, and the failed write left the folders it made."""
@@ -345,7 +463,9 @@ def test_names_over_the_limit_are_refused_before_loading(tmp_path, capsys, no_lo
 
 
 def test_paths_over_the_limit_are_refused_before_loading(tmp_path, capsys, no_load):
-    deep = tmp_path.joinpath(*["d" * 200] * 21, "x.png")  # each name short, the whole over 4096 bytes
+    deep = tmp_path.joinpath(
+        *["d" * 200] * 21, "x.png"
+    )  # each name short, the whole over 4096 bytes
     code, _, err = run(capsys, "generate", "a", "-o", deep)
     assert one_line(code, err, "full path", "at most 4095"), err
     assert os.listdir(tmp_path) == []
@@ -356,11 +476,35 @@ def test_free_space_is_checked_before_work(tmp_path, capsys, no_load, monkeypatc
     import shutil
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 50_000, 50_000))
-    code, _, err = run(capsys, "generate", "a", "--seeds", "0-3", "--height", 64, "--width", 64, "-o", tmp_path / "o")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 50_000, 50_000))
+    code, _, err = run(
+        capsys,
+        "generate",
+        "a",
+        "--seeds",
+        "0-3",
+        "--height",
+        64,
+        "--width",
+        64,
+        "-o",
+        tmp_path / "o",
+    )
     assert one_line(code, err, "50.0 KB free", "--large"), err
-    code, _, err = run(capsys, "generate", "a", "--seeds", "0-3", "--height", 64, "--width", 64, "-o", tmp_path / "o",
-                       "--large")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "a",
+        "--seeds",
+        "0-3",
+        "--height",
+        64,
+        "--width",
+        64,
+        "-o",
+        tmp_path / "o",
+        "--large",
+    )
     assert code == 1 and LOADED in err, err
     assert os.listdir(tmp_path) == []
 
@@ -369,7 +513,7 @@ def test_free_space_with_the_models_own_size(tmp_path, capsys, no_sampling, monk
     import shutil
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 20_000, 20_000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 20_000, 20_000))
     code, _, err = run(capsys, "generate", "a", "--seeds", "0-3", "-o", tmp_path / "o")
     assert one_line(code, err, "20.0 KB free"), err
 
@@ -386,7 +530,8 @@ def test_a_dangling_link_as_output_is_named(tmp_path, capsys, no_load):
 
 
 def test_a_folder_in_an_images_place_is_kept_even_with_overwrite(tmp_path, capsys, no_load):
-    """Before: --overwrite skipped the check and the rename onto the folder failed after the work."""
+    """Before: --overwrite skipped the check and the rename onto the folder failed after the
+    work."""
     (tmp_path / "o" / "000000.png").mkdir(parents=True)
     before = snapshot(tmp_path)
     code, _, err = run(capsys, "generate", "a", "-o", tmp_path / "o", "--overwrite")
@@ -395,12 +540,14 @@ def test_a_folder_in_an_images_place_is_kept_even_with_overwrite(tmp_path, capsy
 
 
 def test_a_failed_write_leaves_no_empty_folders(tmp_path, capsys, monkeypatch):
-    """A full disk on the first image: the error names the file, and the folders the run made are gone.
+    """A full disk on the first image: the error names the file, and the folders the run made are
+    gone.
     Before: '[Errno 28] No space left on device' with no path, and a/b/ left behind."""
     from diffguide.pipelines import images
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(images, "_encode", full)
     target = tmp_path / "a" / "b" / "x.png"
     code, _, err = run(capsys, "generate", "a red circle", "--steps", 1, "--quiet", "-o", target)

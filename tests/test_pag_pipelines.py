@@ -4,7 +4,9 @@ attention (SD3, Flux, Qwen-Image) against the joint attention layer run with the
 Pipelines: StableDiffusion3PAGPipeline (joint attention: the image-image block masked to its
 diagonal), PixArtSigmaPAGPipeline (plain self-attention; loads the tiny PixArt-alpha model) and
 SanaPAGPipeline (linear attention, whose identity is the value path), with and without CFG, and
-StableDiffusion3PAGImg2ImgPipeline, on tiny random models saved and loaded back. SD and SDXL: tests/test_guiders.py."""
+StableDiffusion3PAGImg2ImgPipeline, on tiny random models saved and loaded back. SD and SDXL:
+tests/test_guiders.py."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,14 +17,33 @@ P = ["a red circle", "a blue square"]
 SEEDS = [0, 1]
 TOLERANCE = 1e-5
 
-# family: (diffusers class, pag_applied_layers, diffguide's layers=, sampler, size, extra diffusers options)
+# family: (diffusers class, pag_applied_layers, diffguide's layers=, sampler, size, extra diffusers
+# options)
 CASES = {
-    "sd3": ("StableDiffusion3PAGPipeline", ["transformer_blocks.0", "transformer_blocks.1"], "0;1", "euler",
-            dict(height=16, width=16), {}),
-    "pixart": ("PixArtSigmaPAGPipeline", ["transformer_blocks.1"], "1", "dpmpp_2m", dict(height=16, width=16),
-               dict(use_resolution_binning=False, max_sequence_length=120)),
-    "sana": ("SanaPAGPipeline", ["transformer_blocks.0"], "0", "dpmpp_2m", dict(height=32, width=32),
-             dict(use_resolution_binning=False)),
+    "sd3": (
+        "StableDiffusion3PAGPipeline",
+        ["transformer_blocks.0", "transformer_blocks.1"],
+        "0;1",
+        "euler",
+        dict(height=16, width=16),
+        {},
+    ),
+    "pixart": (
+        "PixArtSigmaPAGPipeline",
+        ["transformer_blocks.1"],
+        "1",
+        "dpmpp_2m",
+        dict(height=16, width=16),
+        dict(use_resolution_binning=False, max_sequence_length=120),
+    ),
+    "sana": (
+        "SanaPAGPipeline",
+        ["transformer_blocks.0"],
+        "0",
+        "dpmpp_2m",
+        dict(height=32, width=32),
+        dict(use_resolution_binning=False),
+    ),
 }
 
 
@@ -45,8 +66,16 @@ def _theirs(folder, fam, guidance_scale, pag_scale):
     pipe = getattr(diffusers, cls).from_pretrained(folder, pag_applied_layers=layers)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
-    return pipe(P, num_inference_steps=6, guidance_scale=guidance_scale, pag_scale=pag_scale, generator=gens,
-                output_type="np", **size, **extra).images
+    return pipe(
+        P,
+        num_inference_steps=6,
+        guidance_scale=guidance_scale,
+        pag_scale=pag_scale,
+        generator=gens,
+        output_type="np",
+        **size,
+        **extra,
+    ).images
 
 
 def _ours(folder, fam, guidance_scale, pag_options=""):
@@ -67,7 +96,9 @@ def test_pag_equals_diffusers_pag_pipelines(folders, fam, guidance_scale):
     out = _ours(folders[fam], fam, guidance_scale)
     assert np.abs(out.images - ref).max() < TOLERANCE
     assert np.abs(without - ref).max() > 20 * TOLERANCE  # PAG's own effect: the test can fail
-    assert out.forwards == 6 and out.nfe == 6 * (2 if guidance_scale == 1 else 3)  # P in C's forward
+    assert out.forwards == 6 and out.nfe == 6 * (
+        2 if guidance_scale == 1 else 3
+    )  # P in C's forward
 
 
 def test_pag_img2img_equals_stable_diffusion_3_pag_img2img_pipeline(folders):
@@ -77,13 +108,24 @@ def test_pag_img2img_equals_stable_diffusion_3_pag_img2img_pipeline(folders):
 
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     common = dict(prompt=P, image=images, height=32, width=32, strength=0.6, output_type="np")
-    pipe = diffusers.StableDiffusion3PAGImg2ImgPipeline.from_pretrained(folders["sd3"],
-                                                                         pag_applied_layers=["transformer_blocks.0"])
+    pipe = diffusers.StableDiffusion3PAGImg2ImgPipeline.from_pretrained(
+        folders["sd3"], pag_applied_layers=["transformer_blocks.0"]
+    )
     pipe.set_progress_bar_config(disable=True)
-    ref, without = (pipe(num_inference_steps=10, guidance_scale=5.0, pag_scale=pag, **common,
-                         generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images for pag in (3.0, 0.0))
+    ref, without = (
+        pipe(
+            num_inference_steps=10,
+            guidance_scale=5.0,
+            pag_scale=pag,
+            **common,
+            generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+        ).images
+        for pag in (3.0, 0.0)
+    )
     gp = GuidedPipeline.from_pretrained(folders["sd3"], progress=False)
-    out = gp(steps=10, guidance="cfg:scale=5+pag:scale=3,layers=0", sampler="euler", seed=SEEDS, **common)
+    out = gp(
+        steps=10, guidance="cfg:scale=5+pag:scale=3,layers=0", sampler="euler", seed=SEEDS, **common
+    )
     assert np.abs(out.images - ref).max() < TOLERANCE < 20 * TOLERANCE < np.abs(without - ref).max()
 
 
@@ -153,7 +195,9 @@ def test_both_joint_rules_on_each_joint_family(fam):
             diagonal = attn(*args, **kwargs)
         with AttentionScoreSkipFunctionMode():
             values = attn(*args, **kwargs)
-        rows = torch.tensor([True, False])  # the first prompt: the shorter, with padding on Qwen-Image
+        rows = torch.tensor(
+            [True, False]
+        )  # the first prompt: the shorter, with padding on Qwen-Image
         for joint, ref in (("diagonal", diagonal), ("values", values)):
             with IdentityAttention("0", joint).apply(gp.net_denoiser, None, rows):
                 out = attn(*args, **kwargs)
@@ -161,7 +205,9 @@ def test_both_joint_rules_on_each_joint_family(fam):
                 assert torch.equal(o[1], p[1])  # the other row is left alone
                 assert (o[0] - r[0]).abs().max() < 1e-5, (joint, stream)
                 assert (r[0] - p[0]).abs().max() > 1e-3 or (joint, stream) == ("diagonal", 1)
-    assert torch.allclose(diagonal[1], plain[1], atol=1e-6)  # text tokens keep their whole attention
+    assert torch.allclose(
+        diagonal[1], plain[1], atol=1e-6
+    )  # text tokens keep their whole attention
 
 
 def test_single_stream_layers_need_the_values_rule():
@@ -171,13 +217,17 @@ def test_single_stream_layers_need_the_values_rule():
     run = dict(steps=1, seed=SEEDS, height=16, width=16, output_type="latent")
     with pytest.raises(ValueError, match="single_transformer_blocks.0.attn .*joint=values"):
         gp(P, guidance="pag:layers=single_transformer_blocks.0", **run)
-    assert torch.isfinite(gp(P, guidance="pag:layers=single_transformer_blocks.0,joint=values", **run).images).all()
+    assert torch.isfinite(
+        gp(P, guidance="pag:layers=single_transformer_blocks.0,joint=values", **run).images
+    ).all()
 
 
 def test_an_unknown_joint_rule_is_named():
     from diffguide.core.registry import parse_spec
 
-    with pytest.raises(ValueError, match="joint='diag' is not a rule; choose one of: diagonal .*values"):
+    with pytest.raises(
+        ValueError, match="joint='diag' is not a rule; choose one of: diagonal .*values"
+    ):
         parse_spec("guidance", "pag:joint=diag")
 
 
@@ -197,7 +247,17 @@ def test_the_diagonal_rule_is_capturable(family):
     gp = OnMeta.from_pipe(pipe, progress=False)
     pipe.to("meta")
     gp.graphs = LoopGraphs(CheckedCapture())
-    out = gp("a red circle", negative_prompt="", seed=[0], steps=3, height=64, width=64,
-             guidance="cfg:scale=3+pag:scale=2", output_type="latent", cuda_graph=True, check_finite=False)
+    out = gp(
+        "a red circle",
+        negative_prompt="",
+        seed=[0],
+        steps=3,
+        height=64,
+        width=64,
+        guidance="cfg:scale=3+pag:scale=2",
+        output_type="latent",
+        cuda_graph=True,
+        check_finite=False,
+    )
     assert out.images.device.type == "meta"
     assert gp.graphs.captures == 1 and not gp.graphs.notices, gp.graphs.notices

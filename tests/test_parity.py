@@ -1,11 +1,13 @@
 """Parity with diffusers' scheduler loops on the same model, conditioning and initial noise.
 
-The reference is the StableDiffusionPipeline loop (batched CFG on the raw output, scheduler.step) with
+The reference is the StableDiffusionPipeline loop (batched CFG on the raw output, scheduler.step)
+with
 SD's scheduler settings; diffguide runs the same model through guide() + sample(). Models: a tiny
 random UNet (eps and v-prediction) and the exact Gaussian-mixture denoiser. Stochastic samplers get
 per-sample generator lists on both sides, the stream SeededNoise draws. ``python bench/parity.py``
 prints every case's error.
 """
+
 import pytest
 import torch
 
@@ -38,12 +40,15 @@ def test_unet_eps(case, steps, unet):
 def test_unet_v_prediction(case, unet):
     sc = sd_schedule()
     model = WellPosed(sc, unet, "v")
-    x, ref = parity_run(case, 12, model, model.denoiser(), sc, (2, 4, 8, 8), *_text(4), kind="v_prediction")
+    x, ref = parity_run(
+        case, 12, model, model.denoiser(), sc, (2, 4, 8, 8), *_text(4), kind="v_prediction"
+    )
     assert (x - ref).abs().max() < TOL
 
 
 @pytest.mark.parametrize("case", list(PARITY_CASES))
 def test_gaussian_mixture(case, gmm, sd):
-    x, ref = parity_run(case, 15, gmm_eps_model(gmm), gmm, sd, (2, 2), torch.tensor([0, 2]),
-                        torch.tensor([-1, -1]))
+    x, ref = parity_run(
+        case, 15, gmm_eps_model(gmm), gmm, sd, (2, 2), torch.tensor([0, 2]), torch.tensor([-1, -1])
+    )
     assert (x - ref).abs().max() < TOL

@@ -4,6 +4,7 @@ Both sides load the same folder; same prompt, per-image generators, steps and gu
 diffguide sampler named for each case is the one that reproduces that diffusers scheduler, and the
 grid comes from the loaded scheduler's config.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +26,7 @@ def folders(tmp_path_factory):
             tm.BUILDERS[builder](**kw).save_pretrained(path)
             made[key] = path
         return made[key]
+
     return get
 
 
@@ -43,7 +45,9 @@ def test_matches_diffusers_pipeline(case, folders):
     assert between > 50 * TOL, f"images hardly depend on the noise ({between})"
     assert np.abs(out.images - ref).max() < TOL
     per_step = 1 if ours.get("guidance") == "none" else 2
-    evals = 2 * ours["steps"] - 1 if any(k in case for k in ("Heun", "KDPM2")) else ours["steps"]  # 2 per step, 1 onto data
+    evals = (
+        2 * ours["steps"] - 1 if any(k in case for k in ("Heun", "KDPM2")) else ours["steps"]
+    )  # 2 per step, 1 onto data
     evals += "PNDM" in case  # PLMS: two evaluations on its first step
     assert out.nfe == per_step * evals
 
@@ -92,13 +96,18 @@ def test_generator_and_seed_conventions(folders):
     i of a batch equals the single run with that seed; callback sees every step."""
     gp = GuidedPipeline.from_pretrained(folders("sd_epsilon_dpmpp_2m", "sd"), progress=False)
     seen = []
-    pair = gp(["a", "a"], steps=4, seed=[5, 6], output_type="pt", callback=lambda st, x: seen.append(st.i))
+    pair = gp(
+        ["a", "a"], steps=4, seed=[5, 6], output_type="pt", callback=lambda st, x: seen.append(st.i)
+    )
     one = gp("a", steps=4, seed=6, output_type="pt")
     assert seen == [0, 1, 2, 3] and torch.allclose(pair.images[1], one.images[0], atol=1e-5)
     g1 = gp(["a", "a"], steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
     g2 = gp(["a", "a"], steps=4, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert torch.equal(g1.images, g2.images) and not torch.allclose(g1.images[0], g1.images[1])
-    assert set(pair.timings) == {"encode", "noise", "sample", "decode", "total"} and pair.seeds == [5, 6]
+    assert set(pair.timings) == {"encode", "noise", "sample", "decode", "total"} and pair.seeds == [
+        5,
+        6,
+    ]
 
 
 def test_grad_guidance_runs_with_autograd(folders):
@@ -153,15 +162,35 @@ def test_karras_rounding_follows_the_scheduler_and_fractional_is_an_option(folde
     path = folders(case, builder, **options)
     out, ref = pipeline_parity(case, path)
     gp = GuidedPipeline.from_pretrained(path, progress=False)
-    assert gp.info.time_fn.mode == "round" and GuidedPipeline.from_pretrained(
-        folders("sd_epsilon_euler_karras", "sd", prediction_type="epsilon", scheduler="EulerDiscreteScheduler",
-                use_karras_sigmas=True), progress=False).info.time_fn.mode == "float"
-    frac = gp(**{"guidance": "cfg", **ours}, seed=PIPELINE_SEEDS, output_type="np", round_timesteps=False).images
+    assert (
+        gp.info.time_fn.mode == "round"
+        and GuidedPipeline.from_pretrained(
+            folders(
+                "sd_epsilon_euler_karras",
+                "sd",
+                prediction_type="epsilon",
+                scheduler="EulerDiscreteScheduler",
+                use_karras_sigmas=True,
+            ),
+            progress=False,
+        ).info.time_fn.mode
+        == "float"
+    )
+    frac = gp(
+        **{"guidance": "cfg", **ours}, seed=PIPELINE_SEEDS, output_type="np", round_timesteps=False
+    ).images
     assert np.abs(out.images - ref).max() < TOL < np.abs(frac - ref).max()
 
 
-@pytest.mark.parametrize("sched", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                                   "DEISMultistepScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize(
+    "sched",
+    [
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+        "EulerDiscreteScheduler",
+    ],
+)
 @pytest.mark.parametrize("sigmas", ["karras", "exponential", "beta"])
 def test_network_times_on_sigma_grids_are_diffusers_own(sched, sigmas):
     """The times the network sees on a scheduler's own sigma grid equal its set_timesteps, steps
@@ -170,8 +199,12 @@ def test_network_times_on_sigma_grids_are_diffusers_own(sched, sigmas):
 
     from diffguide.pipelines.schedulers import from_scheduler
 
-    s = getattr(diffusers, sched)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                  **{f"use_{sigmas}_sigmas": True})
+    s = getattr(diffusers, sched)(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        **{f"use_{sigmas}_sigmas": True},
+    )
     info = from_scheduler(s)
     for n in (5, 12, 25, 50):
         s.set_timesteps(n)
@@ -190,8 +223,19 @@ def test_default_guidance_follows_the_model(folders):
     assert dg_spec(flux.resolve(None, None, None)[0]) == "none" and flux.embedded_guidance == 3.5
     qwen = GuidedPipeline.from_pretrained(folders("qwenimage_plain", "qwenimage"), progress=False)
     assert dg_spec(qwen.resolve(None, None, None)[0]) == "none"
-    assert dg_spec(qwen.resolve(None, None, None, negative=True)[0]) == "cfg:scale=4.0,rescale_space=flow,renorm=2"
-    out = qwen("a red circle", negative_prompt="blurry", steps=3, height=16, width=16, seed=0, output_type="np")
+    assert (
+        dg_spec(qwen.resolve(None, None, None, negative=True)[0])
+        == "cfg:scale=4.0,rescale_space=flow,renorm=2"
+    )
+    out = qwen(
+        "a red circle",
+        negative_prompt="blurry",
+        steps=3,
+        height=16,
+        width=16,
+        seed=0,
+        output_type="np",
+    )
     assert out.nfe == 6
     with pytest.raises(ValueError, match="has no embedded guidance input"):
         qwen("a", embedded_guidance=2.0, steps=2, height=16, width=16)
@@ -205,20 +249,53 @@ def dg_spec(g):
 
 # (tiny builder, builder options, diffusers img2img pipeline, its call, diffguide's call)
 IMG2IMG_CASES = {
-    **{f"sd_{pred}_{sampler}": ("sd", {"prediction_type": pred, "scheduler": sched}, "StableDiffusionImg2ImgPipeline",
-                                dict(num_inference_steps=10, guidance_scale=6.0),
-                                dict(steps=10, guidance_scale=6.0, sampler=sampler))
-       for pred, sched, sampler in (("epsilon", "DPMSolverMultistepScheduler", "dpmpp_2m"),
-                                    ("epsilon", "DDIMScheduler", "ddim"),
-                                    ("v_prediction", "EulerDiscreteScheduler", "euler"))},
-    # 7 steps: 7 * 0.6 = 4.2 keeps 4 steps on the UNet pipelines, 5 on Flux (rounded after subtracting)
-    "sd_7_steps": ("sd", {"scheduler": "DPMSolverMultistepScheduler"}, "StableDiffusionImg2ImgPipeline",
-                   dict(num_inference_steps=7, guidance_scale=6.0), dict(steps=7, guidance_scale=6.0, sampler="dpmpp_2m")),
-    **{f"flux_{n}_steps": ("flux", {}, "FluxImg2ImgPipeline", dict(num_inference_steps=n, guidance_scale=3.5),
-                           dict(steps=n, guidance="none")) for n in (6, 7)},
-    "flux_true_cfg": ("flux", {}, "FluxImg2ImgPipeline",
-                      dict(num_inference_steps=6, guidance_scale=2.0, true_cfg_scale=4.0, negative_prompt=["", "blurry"]),
-                      dict(steps=6, embedded_guidance=2.0, guidance="cfg:scale=4", negative_prompt=["", "blurry"])),
+    **{
+        f"sd_{pred}_{sampler}": (
+            "sd",
+            {"prediction_type": pred, "scheduler": sched},
+            "StableDiffusionImg2ImgPipeline",
+            dict(num_inference_steps=10, guidance_scale=6.0),
+            dict(steps=10, guidance_scale=6.0, sampler=sampler),
+        )
+        for pred, sched, sampler in (
+            ("epsilon", "DPMSolverMultistepScheduler", "dpmpp_2m"),
+            ("epsilon", "DDIMScheduler", "ddim"),
+            ("v_prediction", "EulerDiscreteScheduler", "euler"),
+        )
+    },
+    # 7 steps: 7 * 0.6 = 4.2 keeps 4 steps on the UNet pipelines, 5 on Flux (rounded after
+    # subtracting)
+    "sd_7_steps": (
+        "sd",
+        {"scheduler": "DPMSolverMultistepScheduler"},
+        "StableDiffusionImg2ImgPipeline",
+        dict(num_inference_steps=7, guidance_scale=6.0),
+        dict(steps=7, guidance_scale=6.0, sampler="dpmpp_2m"),
+    ),
+    **{
+        f"flux_{n}_steps": (
+            "flux",
+            {},
+            "FluxImg2ImgPipeline",
+            dict(num_inference_steps=n, guidance_scale=3.5),
+            dict(steps=n, guidance="none"),
+        )
+        for n in (6, 7)
+    },
+    "flux_true_cfg": (
+        "flux",
+        {},
+        "FluxImg2ImgPipeline",
+        dict(
+            num_inference_steps=6,
+            guidance_scale=2.0,
+            true_cfg_scale=4.0,
+            negative_prompt=["", "blurry"],
+        ),
+        dict(
+            steps=6, embedded_guidance=2.0, guidance="cfg:scale=4", negative_prompt=["", "blurry"]
+        ),
+    ),
 }
 
 
@@ -229,8 +306,11 @@ def test_img2img_matches_diffusers(case, folders):
     import diffusers
 
     builder, options, cls, theirs, ours = IMG2IMG_CASES[case]
-    path = folders(f"i2i_{builder}_{options.get('prediction_type', '')}_{options.get('scheduler', '')}",
-                   builder, **options)
+    path = folders(
+        f"i2i_{builder}_{options.get('prediction_type', '')}_{options.get('scheduler', '')}",
+        builder,
+        **options,
+    )
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     common = dict(prompt=_I2I_PROMPTS, height=32, width=32, strength=0.6)
     pipe = getattr(diffusers, cls).from_pretrained(path)
@@ -255,24 +335,34 @@ def test_img2img_keeps_the_image_at_low_strength_and_checks_inputs(folders):
     grid's top with the image barely mixed in; image shapes, strengths and conflicts are checked."""
     gp = GuidedPipeline.from_pretrained(folders("pixel", "pixel_sd"), progress=False)
     img = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    near = gp("a", image=img, strength=0.1, steps=20, guidance="none", seed=0, output_type="pt").images
-    far = gp("a", image=img, strength=1.0, steps=20, guidance="none", seed=0, output_type="pt").images
+    near = gp(
+        "a", image=img, strength=0.1, steps=20, guidance="none", seed=0, output_type="pt"
+    ).images
+    far = gp(
+        "a", image=img, strength=1.0, steps=20, guidance="none", seed=0, output_type="pt"
+    ).images
     assert (near - img).abs().mean() < 0.5 * (far - img).abs().mean()
     assert gp("a", image=img, strength=0.5, steps=10, seed=0).nfe == 10  # 5 steps, 2 branches
-    two = gp(["a", "b"], image=[img[0], img[0]], strength=0.5, steps=4, seed=0, num_images_per_prompt=2)
+    two = gp(
+        ["a", "b"], image=[img[0], img[0]], strength=0.5, steps=4, seed=0, num_images_per_prompt=2
+    )
     assert len(two.images) == 4
-    for kwargs, msg in [(dict(strength=1.5), "strength must be a number in [0, 1], got 1.5"),
-                        (dict(strength=0.01), "strength 0.01 leaves none of the 10 steps"),
-                        (dict(image=[img[0]] * 3), "3 images for 1 prompt"),
-                        (dict(image="nope.png"), "image must be a PIL image"),
-                        (dict(latents=torch.zeros(1, 3, 8, 8)), "give image or latents"),
-                        (dict(image=None, strength=0.5), "strength applies to image-to-image")]:
+    for kwargs, msg in [
+        (dict(strength=1.5), "strength must be a number in [0, 1], got 1.5"),
+        (dict(strength=0.01), "strength 0.01 leaves none of the 10 steps"),
+        (dict(image=[img[0]] * 3), "3 images for 1 prompt"),
+        (dict(image="nope.png"), "image must be a PIL image"),
+        (dict(latents=torch.zeros(1, 3, 8, 8)), "give image or latents"),
+        (dict(image=None, strength=0.5), "strength applies to image-to-image"),
+    ]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("[", r"\[")):
             gp("a", **{"image": img, "steps": 10, **kwargs})
 
 
-@pytest.mark.parametrize("builder,prompt,hw", [("sdxl", "a", 16), ("sd3", "a", 16), ("pixart", "a", 16),
-                                               ("dit", 1, 16), ("ddpm", "", 8)])
+@pytest.mark.parametrize(
+    "builder,prompt,hw",
+    [("sdxl", "a", 16), ("sd3", "a", 16), ("pixart", "a", 16), ("dit", 1, 16), ("ddpm", "", 8)],
+)
 def test_img2img_on_the_other_families(builder, prompt, hw, folders):
     """The families without an img2img parity case start from the image too: finite images, the
     strength's share of the steps, the family's default strength."""
@@ -280,8 +370,19 @@ def test_img2img_on_the_other_families(builder, prompt, hw, folders):
     image = torch.rand(1, 3, hw, hw, generator=torch.Generator().manual_seed(1))
     guidance = "none" if builder == "ddpm" else "cfg"
     for strength in (0.3, 1.0):
-        out = gp(prompt, image=image, strength=strength, steps=10, height=hw, width=hw, seed=0,
-                 guidance=guidance, output_type="pt")
+        out = gp(
+            prompt,
+            image=image,
+            strength=strength,
+            steps=10,
+            height=hw,
+            width=hw,
+            seed=0,
+            guidance=guidance,
+            output_type="pt",
+        )
         kept = 10 - gp.steps_skipped(10, strength)
-        assert torch.isfinite(out.images).all() and out.nfe == kept * (1 if guidance == "none" else 2)
+        assert torch.isfinite(out.images).all() and out.nfe == kept * (
+            1 if guidance == "none" else 2
+        )
     assert gp.steps_skipped(10, None) == 10 - int(10 * gp.family.default_strength + 1e-9)

@@ -1,4 +1,6 @@
-"""Pred conversions: every output kind round-trips to the (x0, eps) that generated x, on VP and flow."""
+"""Pred conversions: every output kind round-trips to the (x0, eps) that generated x, on VP and
+flow."""
+
 import pytest
 import torch
 
@@ -20,7 +22,10 @@ def test_round_trip(name, kind, t):
     tt = torch.tensor(t * sc.t_max, dtype=torch.float64)
     a, s = sc.alpha(tt), sc.sigma(tt)
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, generator=g, dtype=torch.float64),
+    )
     x = a * x0 + s * eps
     if kind == "v" and name == "flow":  # v for a non-VP schedule uses the general a^2 + s^2 form
         pass
@@ -42,7 +47,9 @@ def test_per_sample_levels():
     a, s = sc.alpha(t), sc.sigma(t)
     x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     x = a.view(-1, 1, 1, 1).float() * x0 + s.view(-1, 1, 1, 1).float() * eps
-    p = dg.Pred.from_output("v", a.view(-1, 1, 1, 1).float() * eps - s.view(-1, 1, 1, 1).float() * x0, x, a, s)
+    p = dg.Pred.from_output(
+        "v", a.view(-1, 1, 1, 1).float() * eps - s.view(-1, 1, 1, 1).float() * x0, x, a, s
+    )
     assert torch.allclose(p.x0, x0, atol=1e-5) and torch.allclose(p.eps, eps, atol=1e-5)
 
 
@@ -56,7 +63,11 @@ def test_linear_combination_stays_consistent():
 
 def test_bad_kind_and_shape():
     x = torch.randn(2, 3)
-    with pytest.raises(ValueError, match="unknown prediction kind 'noise'.*eps, x0, sample, v, flow"):
+    with pytest.raises(
+        ValueError, match="unknown prediction kind 'noise'.*eps, x0, sample, v, flow"
+    ):
         dg.Pred.from_output("noise", x, x, 0.5, 0.5)
-    with pytest.raises(ValueError, match=r"output shape \(2, 6\) does not match the sample shape \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"output shape \(2, 6\) does not match the sample shape \(2, 3\)"
+    ):
         dg.Pred.from_output("eps", torch.randn(2, 6), x, 0.5, 0.5)

@@ -1,4 +1,5 @@
-"""The published configs of real models (tests/published_configs.py, each fact with its source) applied to
+"""The published configs of real models (tests/published_configs.py, each fact with its source)
+applied to
 tiny random models: diffguide's default call on the folder equals the family's diffusers pipeline.
 
 Each case builds the family's tiny model, puts in the published scheduler (the folder's, or the one
@@ -7,6 +8,7 @@ change its computation, saves the folder and loads it on both sides. The call is
 capped at 8 to keep the test short); diffguide is called as a user would call it: no sampler (the
 scheduler's own), the card's guidance as diffguide's guidance or the model's embedded guidance.
 """
+
 import tempfile
 import warnings
 
@@ -24,8 +26,14 @@ SEEDS = [3, 4]
 TWO = ["a red circle", "a cross"]
 VAE_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "force_upcast")
 # network keys that change the computation and fit a tiny model as they are
-NET_KEYS = ("time_cond_proj_dim", "qk_norm", "guidance_embeds_scale", "timestep_scale", "use_additional_conditions",
-            "interpolation_scale")
+NET_KEYS = (
+    "time_cond_proj_dim",
+    "qk_norm",
+    "guidance_embeds_scale",
+    "timestep_scale",
+    "use_additional_conditions",
+    "interpolation_scale",
+)
 
 
 def _resolved(key: str, part: str) -> dict:
@@ -39,27 +47,50 @@ def _resolved(key: str, part: str) -> dict:
 
 # key -> (tiny builder, its options, how the card's call maps: "cfg", "embedded" or "true_cfg")
 MODELS = {
-    "sd15": ("sd", {}, "cfg"), "sd21_v": ("sd", {"prediction_type": "v_prediction"}, "cfg"),
-    "sdxl_base": ("sdxl", {}, "cfg"), "sdxl_turbo": ("sdxl", {}, "cfg"), "sdxl_lightning": ("sdxl", {}, "cfg"),
-    "hyper_sd": ("sdxl", {}, "cfg"), "lcm": ("lcm", {}, "embedded"), "tcd": ("sdxl", {}, "cfg"),
-    "sd35_medium": ("sd3", {}, "cfg"), "sd35_large": ("sd3", {}, "cfg"),
-    "flux_dev": ("flux", {}, "embedded"), "flux_schnell": ("flux", {"guidance_embeds": False, "dynamic": False}, "embedded"),
-    "sana_1600m": ("sana", {}, "cfg"), "sana_sprint": ("sana_sprint", {}, "embedded"),
-    "qwen_image": ("qwenimage", {}, "true_cfg"), "pixart_alpha": ("pixart", {}, "cfg"),
-    "pixart_sigma": ("pixart", {"sigma": True}, "cfg"), "dit_xl_2": ("dit", {}, "cfg"),
+    "sd15": ("sd", {}, "cfg"),
+    "sd21_v": ("sd", {"prediction_type": "v_prediction"}, "cfg"),
+    "sdxl_base": ("sdxl", {}, "cfg"),
+    "sdxl_turbo": ("sdxl", {}, "cfg"),
+    "sdxl_lightning": ("sdxl", {}, "cfg"),
+    "hyper_sd": ("sdxl", {}, "cfg"),
+    "lcm": ("lcm", {}, "embedded"),
+    "tcd": ("sdxl", {}, "cfg"),
+    "sd35_medium": ("sd3", {}, "cfg"),
+    "sd35_large": ("sd3", {}, "cfg"),
+    "flux_dev": ("flux", {}, "embedded"),
+    "flux_schnell": ("flux", {"guidance_embeds": False, "dynamic": False}, "embedded"),
+    "sana_1600m": ("sana", {}, "cfg"),
+    "sana_sprint": ("sana_sprint", {}, "embedded"),
+    "qwen_image": ("qwenimage", {}, "true_cfg"),
+    "pixart_alpha": ("pixart", {}, "cfg"),
+    "pixart_sigma": ("pixart", {"sigma": True}, "cfg"),
+    "dit_xl_2": ("dit", {}, "cfg"),
 }
 # (key, scheduler) pairs left out, with the reason
-SKIPPED = {("hyper_sd", "sdxl_1step_unet_lcm"): "the card passes timesteps=[800]: a call option diffguide has not"}
-ALTERNATIVE_BUILDS = {("hyper_sd", "sd15_nstep_lora_ddim"): ("sd", {}), ("hyper_sd", "sd15_unified_lora_tcd"): ("sd", {}),
-                      ("lcm", "lcm_sdxl"): ("sdxl", {}), ("lcm", "lcm_lora_sdxl"): ("sdxl", {})}
+SKIPPED = {
+    (
+        "hyper_sd",
+        "sdxl_1step_unet_lcm",
+    ): "the card passes timesteps=[800]: a call option diffguide has not"
+}
+ALTERNATIVE_BUILDS = {
+    ("hyper_sd", "sd15_nstep_lora_ddim"): ("sd", {}),
+    ("hyper_sd", "sd15_unified_lora_tcd"): ("sd", {}),
+    ("lcm", "lcm_sdxl"): ("sdxl", {}),
+    ("lcm", "lcm_lora_sdxl"): ("sdxl", {}),
+}
 
 
 def _net(key: str, which: str) -> dict:
     net = _resolved(key, "net")
     out = {k: net[k] for k in NET_KEYS if net.get(k) is not None}
     if net.get("dual_attention_layers"):
-        out["dual_attention_layers"] = (0,)  # the first of the tiny model's two blocks, as SD 3.5 Medium's first half
-    if key.startswith("pixart"):  # PixArt-alpha's pipeline passes resolution conditions only at sample_size 128
+        out["dual_attention_layers"] = (
+            0,
+        )  # the first of the tiny model's two blocks, as SD 3.5 Medium's first half
+    if key.startswith(
+        "pixart"
+    ):  # PixArt-alpha's pipeline passes resolution conditions only at sample_size 128
         out["sample_size"] = net["sample_size"]
     if (key, which) == ("lcm", "lcm_lora_sdxl"):
         out.pop("time_cond_proj_dim", None)  # a LoRA on SDXL base's UNet
@@ -67,17 +98,27 @@ def _net(key: str, which: str) -> dict:
 
 
 def build(key: str, which: str):
-    """The tiny pipeline of ``key`` carrying the published scheduler ``which`` and VAE / network keys."""
+    """The tiny pipeline of ``key`` carrying the published scheduler ``which`` and VAE / network
+    keys."""
     import diffusers
 
     builder, options, _ = MODELS[key]
     builder, options = ALTERNATIVE_BUILDS.get((key, which), (builder, options))
     net = _net(key, which)
-    if builder == "lcm":  # LCM_Dreamshaper: SD 1.5's layout with a guidance embedding, its own pipeline
+    if (
+        builder == "lcm"
+    ):  # LCM_Dreamshaper: SD 1.5's layout with a guidance embedding, its own pipeline
         sd = tm.sd(net=net)
         pipe = diffusers.LatentConsistencyModelPipeline(
-            vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet, scheduler=sd.scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            vae=sd.vae,
+            text_encoder=sd.text_encoder,
+            tokenizer=sd.tokenizer,
+            unet=sd.unet,
+            scheduler=sd.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     elif builder == "flux":
         pipe = tm.flux(**options)
     elif builder in ("dit", "qwenimage"):
@@ -90,7 +131,9 @@ def build(key: str, which: str):
     pipe.scheduler = getattr(diffusers, cls).from_config(config)
     vae = _resolved(key, "vae")
     keys = {k: vae[k] for k in VAE_KEYS if k in vae}
-    channels = getattr(pipe.vae.config, "z_dim", None) or getattr(pipe.vae.config, "latent_channels", None)
+    channels = getattr(pipe.vae.config, "z_dim", None) or getattr(
+        pipe.vae.config, "latent_channels", None
+    )
     for k in ("latents_mean", "latents_std"):  # per-channel: the tiny VAE's first channels
         if keys.get(k) is not None:
             keys[k] = list(keys[k])[:channels]
@@ -98,16 +141,25 @@ def build(key: str, which: str):
     return pipe
 
 
-MODES = {("lcm", "lcm_sdxl"): "embedded", ("lcm", "lcm_lora_sdxl"): "cfg", ("hyper_sd", "sd15_nstep_lora_ddim"): "cfg",
-         ("hyper_sd", "sd15_unified_lora_tcd"): "cfg"}
+MODES = {
+    ("lcm", "lcm_sdxl"): "embedded",
+    ("lcm", "lcm_lora_sdxl"): "cfg",
+    ("hyper_sd", "sd15_nstep_lora_ddim"): "cfg",
+    ("hyper_sd", "sd15_unified_lora_tcd"): "cfg",
+}
 
 
 def calls(key: str, which: str) -> tuple[dict, dict]:
     """(diffusers' call, diffguide's call) for the card's settings."""
     entry = PUBLISHED[key]
     sched = entry["scheduler"]
-    spec = sched["folder"] if which == "folder" else sched["recommended"] if which == "recommended" \
+    spec = (
+        sched["folder"]
+        if which == "folder"
+        else sched["recommended"]
+        if which == "recommended"
         else sched["alternatives"][which]
+    )
     card = {**entry["pipeline"]["call"], **(spec.get("call") or {})}
     steps = card.get("num_inference_steps", 25)
     steps = steps if steps <= 8 else 6
@@ -130,8 +182,11 @@ def calls(key: str, which: str) -> tuple[dict, dict]:
     net = _net(key, which)
     if mode == "cfg" and scale is not None:
         ours.update({"guidance": "none"} if scale <= 1 else {"guidance_scale": scale})
-    elif mode == "embedded" and scale is not None and (net.get("time_cond_proj_dim")
-                                                         or _resolved(key, "net").get("guidance_embeds")):
+    elif (
+        mode == "embedded"
+        and scale is not None
+        and (net.get("time_cond_proj_dim") or _resolved(key, "net").get("guidance_embeds"))
+    ):
         ours["embedded_guidance"] = scale  # the model's own guidance input; no diffguide guidance
     elif mode == "true_cfg":  # Qwen-Image: true CFG with a negative prompt, else none
         theirs["true_cfg_scale"] = card.get("true_cfg_scale", 4.0)
@@ -142,18 +197,36 @@ def calls(key: str, which: str) -> tuple[dict, dict]:
     return theirs, ours
 
 
-CASES = [(key, which) for key, e in PUBLISHED.items()
-         for which in (["folder"] if "same_as" not in e["scheduler"]["folder"] else [])  # else its base's case
-         + (["recommended"] if e["scheduler"].get("recommended") else [])
-         + list(e["scheduler"].get("alternatives") or {}) if (key, which) not in SKIPPED]
-# diffusers' Euler lands a one-step x0 model on x + (x0 - x) in float32 at sigma 14.6, its own rounding
+CASES = [
+    (key, which)
+    for key, e in PUBLISHED.items()
+    for which in (
+        ["folder"] if "same_as" not in e["scheduler"]["folder"] else []
+    )  # else its base's case
+    + (["recommended"] if e["scheduler"].get("recommended") else [])
+    + list(e["scheduler"].get("alternatives") or {})
+    if (key, which) not in SKIPPED
+]
+# diffusers' Euler lands a one-step x0 model on x + (x0 - x) in float32 at sigma 14.6, its own
+# rounding
 # 3.4e-5 in pixels: compared with diffusers run in float64 from the same initial latents instead
 FLOAT64_REFERENCE = {("sdxl_lightning", "1step_x0")}
 
 
 def test_every_supported_family_has_a_published_config():
     families = {MODELS[k][0] for k in PUBLISHED}
-    assert {"sd", "sdxl", "sd3", "flux", "sana", "sana_sprint", "qwenimage", "pixart", "dit", "lcm"} <= families
+    assert {
+        "sd",
+        "sdxl",
+        "sd3",
+        "flux",
+        "sana",
+        "sana_sprint",
+        "qwenimage",
+        "pixart",
+        "dit",
+        "lcm",
+    } <= families
     for key, entry in PUBLISHED.items():
         assert entry.get("source"), f"{key}: no source"
 
@@ -169,19 +242,33 @@ def test_published_config_gives_the_pipelines_images(key, which):
         warnings.simplefilter("error", ConfigNotReproduced)  # every published key is reproduced
         gp = GuidedPipeline.from_pretrained(folder, progress=False)
     wide = (key, which) in FLOAT64_REFERENCE
-    ref_pipe = DiffusionPipeline.from_pretrained(folder, **({"torch_dtype": torch.float64} if wide else {}))
+    ref_pipe = DiffusionPipeline.from_pretrained(
+        folder, **({"torch_dtype": torch.float64} if wide else {})
+    )
     ref_pipe.set_progress_bar_config(disable=True)
     if wide:  # the same initial latents on both sides (a float64 draw would be other numbers)
         f, size = gp.family, theirs.get("height", gp.family.default_size)
-        z = torch.cat([torch.randn((1, f.channels, size // f.factor, size // f.factor),
-                                   generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+        z = torch.cat(
+            [
+                torch.randn(
+                    (1, f.channels, size // f.factor, size // f.factor),
+                    generator=torch.Generator().manual_seed(s),
+                )
+                for s in SEEDS
+            ]
+        )
         ref = ref_pipe(latents=z.double(), output_type="np", **theirs).images
         out = gp(latents=z, seed=SEEDS, output_type="np", **ours)
     else:
-        ref = ref_pipe(generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np", **theirs).images
+        ref = ref_pipe(
+            generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np", **theirs
+        ).images
         out = gp(seed=SEEDS, output_type="np", **ours)
     diff = float(np.abs(out.images - ref).max())
     between = float(np.abs(ref[0] - ref[1]).max())
-    print(f"published {key}/{which}: {type(ref_pipe.scheduler).__name__} max diff {diff:.2e} (images differ by {between:.2f})")
+    print(
+        f"published {key}/{which}: {type(ref_pipe.scheduler).__name__} max diff {diff:.2e} (images "
+        f"differ by {between:.2f})"
+    )
     assert between > 50 * TOL, f"images hardly depend on the noise ({between})"
     assert diff < TOL, f"{key}/{which}: {diff:.2e} from {type(ref_pipe).__name__}"

@@ -1,4 +1,5 @@
 """The README's Python example runs as written; the CLI's commands and its error contract."""
+
 import os
 import re
 import shlex
@@ -25,12 +26,14 @@ def test_readme_python_example_runs(capsys):
 def test_readme_starts_with_the_two_commands():
     text = open(os.path.join(ROOT, "README.md")).read()
     cmds = re.findall(r"```bash\n(.*?)```", text, re.S)
-    assert cmds[0].strip().startswith("pip install torch==2.13.0 && pip install -e \".[test]\"")
+    assert cmds[0].strip().startswith('pip install torch==2.13.0 && pip install -e ".[test]"')
     assert cmds[1].strip() == "pytest"
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "diffguide", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "diffguide", *args], capture_output=True, text=True
+    )
 
 
 def test_cli_list_and_mixture():
@@ -41,14 +44,17 @@ def test_cli_list_and_mixture():
     assert '"nfe_per_sample": 20' in r.stdout and '"in_class_fraction"' in r.stdout
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["mixture", "--sampler", "dpm_2m"], "unknown sampler 'dpm_2m'; choose one of:"),
-    (["mixture", "--guidance", "cfg:scale"], "malformed guidance spec"),
-    (["mixture", "--guidance", "cfg:size=2"], "has no option 'size'"),
-    (["mixture", "--steps", "0"], "steps must be an integer >= 1, got 0"),
-    (["mixture", "--spacing", "cosine"], "invalid choice: 'cosine'"),
-    (["bogus"], "invalid choice: 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["mixture", "--sampler", "dpm_2m"], "unknown sampler 'dpm_2m'; choose one of:"),
+        (["mixture", "--guidance", "cfg:scale"], "malformed guidance spec"),
+        (["mixture", "--guidance", "cfg:size=2"], "has no option 'size'"),
+        (["mixture", "--steps", "0"], "steps must be an integer >= 1, got 0"),
+        (["mixture", "--spacing", "cosine"], "invalid choice: 'cosine'"),
+        (["bogus"], "invalid choice: 'bogus'"),
+    ],
+)
 def test_cli_errors_are_one_line(args, msg):
     r = _cli(*args)
     assert r.returncode == 2
@@ -59,13 +65,16 @@ def test_cli_errors_are_one_line(args, msg):
 def test_readme_generate_commands_run(tmp_path):
     """The README's command-line block runs as written (in a scratch folder)."""
     text = open(os.path.join(ROOT, "README.md")).read()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "diffguide tiny-model" in b)
+    block = next(
+        b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "diffguide tiny-model" in b
+    )
     lines = [ln for ln in block.strip().splitlines() if ln.startswith("diffguide ")]
     assert len(lines) >= 2
     for line in lines:
         args = shlex.split(line)[1:]
-        r = subprocess.run([sys.executable, "-m", "diffguide", *args], capture_output=True, text=True,
-                           cwd=tmp_path)
+        r = subprocess.run(
+            [sys.executable, "-m", "diffguide", *args], capture_output=True, text=True, cwd=tmp_path
+        )
         assert r.returncode == 0, (line, r.stderr)
     assert sorted(os.listdir(tmp_path / "out")) == [f"{s:06d}.png" for s in range(4)]
     assert (tmp_path / "square.png").exists()
@@ -78,19 +87,36 @@ def test_readme_family_commands_run(tmp_path):
     lines = [ln for ln in block.strip().splitlines() if ln.startswith("diffguide ")]
     assert any("sana_sprint" in ln for ln in lines) and any("--init-image" in ln for ln in lines)
     for line in lines:
-        r = subprocess.run([sys.executable, "-m", "diffguide", *shlex.split(line)[1:]], capture_output=True,
-                           text=True, cwd=tmp_path)
+        r = subprocess.run(
+            [sys.executable, "-m", "diffguide", *shlex.split(line)[1:]],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, (line, r.stderr)
     assert {"flux.png", "flux-cfg.png", "sprint.png", "flux-edit.png"} <= set(os.listdir(tmp_path))
 
 
 def test_readme_guidance_commands_run(tmp_path):
     text = open(os.path.join(ROOT, "README.md")).read()
-    blocks = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "calibrate-linearag" in b or "--stitch" in b]
+    blocks = [
+        b
+        for b in re.findall(r"```bash\n(.*?)```", text, re.S)
+        if "calibrate-linearag" in b or "--stitch" in b
+    ]
     assert len(blocks) == 2
-    for line in [ln.split("#")[0] for b in blocks for ln in b.strip().splitlines() if ln.startswith("diffguide ")]:
-        r = subprocess.run([sys.executable, "-m", "diffguide", *shlex.split(line)[1:]], capture_output=True,
-                           text=True, cwd=tmp_path)
+    for line in [
+        ln.split("#")[0]
+        for b in blocks
+        for ln in b.strip().splitlines()
+        if ln.startswith("diffguide ")
+    ]:
+        r = subprocess.run(
+            [sys.executable, "-m", "diffguide", *shlex.split(line)[1:]],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, (line, r.stderr)
     assert (tmp_path / "lag.json").exists() and (tmp_path / "lag.png").exists()
     assert (tmp_path / "stitch.png").exists() and (tmp_path / "stitch.json").exists()

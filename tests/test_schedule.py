@@ -1,11 +1,17 @@
-"""Schedules and spacings, checked against closed forms and against diffusers' own tables and grids."""
+"""Schedules and spacings, checked against closed forms and against diffusers' own tables and
+grids."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 
 import diffguide as dg
 from helpers import SD
@@ -13,12 +19,15 @@ from helpers import SD
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(SD),
-    dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
-    dict(beta_schedule="squaredcos_cap_v2"),
-    dict(SD, rescale_betas_zero_snr=True),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(SD),
+        dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+        dict(beta_schedule="squaredcos_cap_v2"),
+        dict(SD, rescale_betas_zero_snr=True),
+    ],
+)
 def test_vp_table_matches_diffusers(cfg):
     ours = dg.VPSchedule.from_betas(**cfg)
     ref = DDIMScheduler(**cfg).alphas_cumprod.double()
@@ -64,11 +73,14 @@ def test_flow_identities(shift):
     assert sc.alpha(1.0) == 0 and sc.sigma(0.0) == 0
 
 
-# --- spacings versus diffusers' set_timesteps --------------------------------------------------------
+# --- spacings versus diffusers' set_timesteps
+# --------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [1, 7, 10, 20, 50])
-@pytest.mark.parametrize("spacing,opts", [("linspace", {}), ("leading", {"steps_offset": 1}),
-                                          ("trailing", {})])
+@pytest.mark.parametrize(
+    "spacing,opts", [("linspace", {}), ("leading", {"steps_offset": 1}), ("trailing", {})]
+)
 def test_ddim_grids(sd, n, spacing, opts):
     ref = DDIMScheduler(**SD, timestep_spacing=spacing, **opts)
     ref.set_timesteps(n)
@@ -84,8 +96,9 @@ def test_ddim_grids(sd, n, spacing, opts):
 
 
 @pytest.mark.parametrize("n", [5, 10, 20, 25])
-@pytest.mark.parametrize("spacing,opts", [("linspace", {}), ("leading", {"steps_offset": 1}),
-                                          ("trailing", {})])
+@pytest.mark.parametrize(
+    "spacing,opts", [("linspace", {}), ("leading", {"steps_offset": 1}), ("trailing", {})]
+)
 def test_dpmsolver_grids(sd, n, spacing, opts):
     ref = DPMSolverMultistepScheduler(**SD, timestep_spacing=spacing, **opts)
     ref.set_timesteps(n)
@@ -151,8 +164,12 @@ def test_beta_spacing_is_diffusers_beta_sigmas_and_its_quantile_is_scipys():
         for a, b in ((0.6, 0.6), (2.0, 5.0), (0.5, 3.0)):
             assert abs(beta_quantile(p, a, b) - scipy.stats.beta.ppf(p, a, b)) < 1e-11
             assert abs(beta_cdf(p, a, b) - scipy.stats.beta.cdf(p, a, b)) < 1e-11
-    s = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_beta_sigmas=True)
-    sched = dg.VPSchedule.from_betas(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    s = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_beta_sigmas=True
+    )
+    sched = dg.VPSchedule.from_betas(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
     for n in (4, 10, 30):
         s.set_timesteps(n)
         ours = sched.ve(dg.timesteps(sched, n, "beta")).numpy()

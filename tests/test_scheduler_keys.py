@@ -1,10 +1,13 @@
-"""Every scheduler config key is reproduced or said: the key table (pipelines/scheduler_keys.py) against
+"""Every scheduler config key is reproduced or said: the key table (pipelines/scheduler_keys.py)
+against
 the installed diffusers classes, and each key's values against diffusers' own pipelines.
 
-A value in REPRODUCED must give diffusers' images (to TOL) with no notice; a value in NOTICED must be
+A value in REPRODUCED must give diffusers' images (to TOL) with no notice; a value in NOTICED must
+be
 named in one notice (and refused with strict_config=True). The parity runs load folders saved with
 save_pretrained on both sides, as a user's folder is loaded.
 """
+
 import inspect
 import tempfile
 import warnings
@@ -24,7 +27,8 @@ TWO = ["a red circle", "a cross"]
 
 
 def with_scheduler(builder: str, cls_name: str, config: dict, **build) -> str:
-    """A tiny folder of ``builder`` whose scheduler is ``cls_name`` with the builder's table and ``config``."""
+    """A tiny folder of ``builder`` whose scheduler is ``cls_name`` with the builder's table and
+    ``config``."""
     import diffusers
 
     pipe = tm.BUILDERS[builder](**build)
@@ -43,94 +47,334 @@ def parity(folder: str, theirs: dict, ours: dict):
 
     ref_pipe = DiffusionPipeline.from_pretrained(folder)
     ref_pipe.set_progress_bar_config(disable=True)
-    ref = ref_pipe(generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np", **theirs).images
+    ref = ref_pipe(
+        generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np", **theirs
+    ).images
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigNotReproduced)  # a reproduced key says nothing
-        out = GuidedPipeline.from_pretrained(folder, progress=False)(seed=SEEDS, output_type="np", **ours)
+        out = GuidedPipeline.from_pretrained(folder, progress=False)(
+            seed=SEEDS, output_type="np", **ours
+        )
     return float(np.abs(out.images - ref).max()), float(np.abs(ref[0] - ref[1]).max()), out.notices
 
 
 def sd_call(steps):
-    return dict(prompt=TWO, num_inference_steps=steps, guidance_scale=6.0), dict(prompt=TWO, steps=steps, guidance_scale=6.0)
+    return dict(prompt=TWO, num_inference_steps=steps, guidance_scale=6.0), dict(
+        prompt=TWO, steps=steps, guidance_scale=6.0
+    )
 
 
 def flow_call(steps, **theirs):
-    return (dict(prompt=TWO, num_inference_steps=steps, height=16, width=16, **theirs),
-            dict(prompt=TWO, steps=steps, height=16, width=16))
+    return (
+        dict(prompt=TWO, num_inference_steps=steps, height=16, width=16, **theirs),
+        dict(prompt=TWO, steps=steps, height=16, width=16),
+    )
 
 
 PLMS = {"skip_prk_steps": True}
-# name: (builder, build options, scheduler class, config, (diffusers call, diffguide call), tolerance)
+# name: (builder, build options, scheduler class, config, (diffusers call, diffguide call),
+# tolerance)
 REPRODUCED = {
-    **{f"{cls[:4]}_{sp}_{n}_{pred}": ("sd", {}, cls, {"timestep_spacing": sp, "prediction_type": pred,
-                                                     **(PLMS if cls == "PNDMScheduler" else {})}, sd_call(n), TOL)
-       for cls in ("DDIMScheduler", "PNDMScheduler") for sp in ("linspace", "trailing") for n in (7, 10)
-       for pred in ("epsilon", "v_prediction") if n == 7 or pred == "epsilon"},
-    **{f"{cls[:4]}_{sp}_alpha_bar_0": ("sd", {}, cls, {"timestep_spacing": sp, "set_alpha_to_one": False,
-                                                       **(PLMS if cls == "PNDMScheduler" else {})}, sd_call(7), TOL)
-       for cls in ("DDIMScheduler", "PNDMScheduler") for sp in ("linspace", "trailing", "leading")},
-    # zero terminal SNR (v-prediction, trailing); Euler's float32 steps from sigma 4096 round at ~1.5e-5
-    **{f"zero_snr_{cls}": ("sd", {}, cls, {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
-                                           "prediction_type": "v_prediction"}, sd_call(6),
-                           3e-5 if cls == "EulerDiscreteScheduler" else TOL)
-       for cls in ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                   "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DDPMScheduler", "LCMScheduler",
-                   "TCDScheduler")},
-    **{f"spacing_{cls}_{sp}": ("sd", {}, cls, {"timestep_spacing": sp, "steps_offset": 1}, sd_call(6), TOL)
-       for cls, sp in (("DPMSolverMultistepScheduler", "leading"), ("DPMSolverMultistepScheduler", "trailing"),
-                       ("EulerDiscreteScheduler", "leading"), ("EulerAncestralDiscreteScheduler", "trailing"),
-                       ("UniPCMultistepScheduler", "leading"), ("HeunDiscreteScheduler", "trailing"),
-                       ("LMSDiscreteScheduler", "leading"), ("KDPM2DiscreteScheduler", "trailing"),
-                       ("DEISMultistepScheduler", "trailing"), ("DDPMScheduler", "trailing"))},
-    "dpm_lu_lambdas": ("sd", {}, "DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, sd_call(8), TOL),
-    "dpm_lu_lambdas_v": ("sd", {}, "DPMSolverMultistepScheduler", {"use_lu_lambdas": True,
-                                                                   "prediction_type": "v_prediction"}, sd_call(8), TOL),
-    "dpm_euler_at_final": ("sd", {}, "DPMSolverMultistepScheduler", {"euler_at_final": True, "lower_order_final": False},
-                           sd_call(8), TOL),
-    "dpm_final_sigma_min": ("sd", {}, "DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}, sd_call(8), TOL),
-    "dpm_threshold_below_1": ("sd", {}, "DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 0.5},
-                              sd_call(8), TOL),
-    "ddim_threshold": ("sd", {}, "DDIMScheduler", {"thresholding": True, "sample_max_value": 1.5}, sd_call(8), TOL),
-    "euler_continuous_v": ("sd", {}, "EulerDiscreteScheduler", {"timestep_type": "continuous",
-                                                                "prediction_type": "v_prediction"}, sd_call(8), TOL),
-    "euler_karras_bounds": ("sd", {}, "EulerDiscreteScheduler", {"use_karras_sigmas": True, "sigma_min": 0.1,
-                                                                 "sigma_max": 10.0}, sd_call(8), TOL),
-    "euler_exponential_bounds": ("sd", {}, "EulerDiscreteScheduler", {"use_exponential_sigmas": True, "sigma_min": 0.1,
-                                                                      "sigma_max": 10.0}, sd_call(8), TOL),
-    "ddpm_fixed_small_log": ("sd", {}, "DDPMScheduler", {"variance_type": "fixed_small_log"}, sd_call(6), TOL),
-    "heun_clip": ("sd", {}, "HeunDiscreteScheduler", {"clip_sample": True, "clip_sample_range": 0.5}, sd_call(6), TOL),
-    "lcm_options": ("sd", {}, "LCMScheduler", {"thresholding": True, "original_inference_steps": 30,
-                                               "timestep_scaling": 5.0, "set_alpha_to_one": False}, sd_call(4), TOL),
-    "tcd_options": ("sd", {}, "TCDScheduler", {"set_alpha_to_one": False, "clip_sample": True}, sd_call(4), TOL),
-    "cogvideox_ddim": ("sd", {}, "CogVideoXDDIMScheduler", {"timestep_spacing": "trailing", "snr_shift_scale": 3.0,
-                                                            "clip_sample": False, "prediction_type": "v_prediction"},
-                       sd_call(7), TOL),
-    **{f"edm_{cls[3:7]}_{pred}_{sch}": ("sd", {}, cls, {"sigma_schedule": sch, "prediction_type": pred}, sd_call(8), TOL)
-       for cls in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler") for pred in ("epsilon", "v_prediction")
-       for sch in ("karras", "exponential")},
-    "edm_sdxl_playground_like": ("sdxl", {}, "EDMDPMSolverMultistepScheduler",
-                                 {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
-                                 tuple({**c, "height": 16, "width": 16} for c in sd_call(8)), TOL),
-    "flow_shift_terminal": ("sd3", {}, "FlowMatchEulerDiscreteScheduler", {"shift": 3.0, "shift_terminal": 0.1},
-                            flow_call(6, guidance_scale=5.0), TOL),
-    **{f"flow_{k}_sigmas": ("sd3", {}, "FlowMatchEulerDiscreteScheduler", {"shift": 3.0, f"use_{k}_sigmas": True},
-                            flow_call(6, guidance_scale=5.0), TOL) for k in ("karras", "exponential", "beta")},
-    "flow_heun": ("sd3", {}, "FlowMatchHeunDiscreteScheduler", {"shift": 3.0}, flow_call(6, guidance_scale=5.0), TOL),
-    "flux_shift_terminal": ("flux", {}, "FlowMatchEulerDiscreteScheduler", {"shift_terminal": 0.05},
-                            flow_call(6, guidance_scale=3.5), TOL),
-    "flux_karras": ("flux", {}, "FlowMatchEulerDiscreteScheduler", {"use_karras_sigmas": True},
-                    flow_call(6, guidance_scale=3.5), TOL),
+    **{
+        f"{cls[:4]}_{sp}_{n}_{pred}": (
+            "sd",
+            {},
+            cls,
+            {
+                "timestep_spacing": sp,
+                "prediction_type": pred,
+                **(PLMS if cls == "PNDMScheduler" else {}),
+            },
+            sd_call(n),
+            TOL,
+        )
+        for cls in ("DDIMScheduler", "PNDMScheduler")
+        for sp in ("linspace", "trailing")
+        for n in (7, 10)
+        for pred in ("epsilon", "v_prediction")
+        if n == 7 or pred == "epsilon"
+    },
+    **{
+        f"{cls[:4]}_{sp}_alpha_bar_0": (
+            "sd",
+            {},
+            cls,
+            {
+                "timestep_spacing": sp,
+                "set_alpha_to_one": False,
+                **(PLMS if cls == "PNDMScheduler" else {}),
+            },
+            sd_call(7),
+            TOL,
+        )
+        for cls in ("DDIMScheduler", "PNDMScheduler")
+        for sp in ("linspace", "trailing", "leading")
+    },
+    # zero terminal SNR (v-prediction, trailing); Euler's float32 steps from sigma 4096 round at
+    # ~1.5e-5
+    **{
+        f"zero_snr_{cls}": (
+            "sd",
+            {},
+            cls,
+            {
+                "rescale_betas_zero_snr": True,
+                "timestep_spacing": "trailing",
+                "prediction_type": "v_prediction",
+            },
+            sd_call(6),
+            3e-5 if cls == "EulerDiscreteScheduler" else TOL,
+        )
+        for cls in (
+            "DDIMScheduler",
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+            "UniPCMultistepScheduler",
+            "DDPMScheduler",
+            "LCMScheduler",
+            "TCDScheduler",
+        )
+    },
+    **{
+        f"spacing_{cls}_{sp}": (
+            "sd",
+            {},
+            cls,
+            {"timestep_spacing": sp, "steps_offset": 1},
+            sd_call(6),
+            TOL,
+        )
+        for cls, sp in (
+            ("DPMSolverMultistepScheduler", "leading"),
+            ("DPMSolverMultistepScheduler", "trailing"),
+            ("EulerDiscreteScheduler", "leading"),
+            ("EulerAncestralDiscreteScheduler", "trailing"),
+            ("UniPCMultistepScheduler", "leading"),
+            ("HeunDiscreteScheduler", "trailing"),
+            ("LMSDiscreteScheduler", "leading"),
+            ("KDPM2DiscreteScheduler", "trailing"),
+            ("DEISMultistepScheduler", "trailing"),
+            ("DDPMScheduler", "trailing"),
+        )
+    },
+    "dpm_lu_lambdas": (
+        "sd",
+        {},
+        "DPMSolverMultistepScheduler",
+        {"use_lu_lambdas": True},
+        sd_call(8),
+        TOL,
+    ),
+    "dpm_lu_lambdas_v": (
+        "sd",
+        {},
+        "DPMSolverMultistepScheduler",
+        {"use_lu_lambdas": True, "prediction_type": "v_prediction"},
+        sd_call(8),
+        TOL,
+    ),
+    "dpm_euler_at_final": (
+        "sd",
+        {},
+        "DPMSolverMultistepScheduler",
+        {"euler_at_final": True, "lower_order_final": False},
+        sd_call(8),
+        TOL,
+    ),
+    "dpm_final_sigma_min": (
+        "sd",
+        {},
+        "DPMSolverMultistepScheduler",
+        {"final_sigmas_type": "sigma_min"},
+        sd_call(8),
+        TOL,
+    ),
+    "dpm_threshold_below_1": (
+        "sd",
+        {},
+        "DPMSolverMultistepScheduler",
+        {"thresholding": True, "sample_max_value": 0.5},
+        sd_call(8),
+        TOL,
+    ),
+    "ddim_threshold": (
+        "sd",
+        {},
+        "DDIMScheduler",
+        {"thresholding": True, "sample_max_value": 1.5},
+        sd_call(8),
+        TOL,
+    ),
+    "euler_continuous_v": (
+        "sd",
+        {},
+        "EulerDiscreteScheduler",
+        {"timestep_type": "continuous", "prediction_type": "v_prediction"},
+        sd_call(8),
+        TOL,
+    ),
+    "euler_karras_bounds": (
+        "sd",
+        {},
+        "EulerDiscreteScheduler",
+        {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0},
+        sd_call(8),
+        TOL,
+    ),
+    "euler_exponential_bounds": (
+        "sd",
+        {},
+        "EulerDiscreteScheduler",
+        {"use_exponential_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0},
+        sd_call(8),
+        TOL,
+    ),
+    "ddpm_fixed_small_log": (
+        "sd",
+        {},
+        "DDPMScheduler",
+        {"variance_type": "fixed_small_log"},
+        sd_call(6),
+        TOL,
+    ),
+    "heun_clip": (
+        "sd",
+        {},
+        "HeunDiscreteScheduler",
+        {"clip_sample": True, "clip_sample_range": 0.5},
+        sd_call(6),
+        TOL,
+    ),
+    "lcm_options": (
+        "sd",
+        {},
+        "LCMScheduler",
+        {
+            "thresholding": True,
+            "original_inference_steps": 30,
+            "timestep_scaling": 5.0,
+            "set_alpha_to_one": False,
+        },
+        sd_call(4),
+        TOL,
+    ),
+    "tcd_options": (
+        "sd",
+        {},
+        "TCDScheduler",
+        {"set_alpha_to_one": False, "clip_sample": True},
+        sd_call(4),
+        TOL,
+    ),
+    "cogvideox_ddim": (
+        "sd",
+        {},
+        "CogVideoXDDIMScheduler",
+        {
+            "timestep_spacing": "trailing",
+            "snr_shift_scale": 3.0,
+            "clip_sample": False,
+            "prediction_type": "v_prediction",
+        },
+        sd_call(7),
+        TOL,
+    ),
+    **{
+        f"edm_{cls[3:7]}_{pred}_{sch}": (
+            "sd",
+            {},
+            cls,
+            {"sigma_schedule": sch, "prediction_type": pred},
+            sd_call(8),
+            TOL,
+        )
+        for cls in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+        for pred in ("epsilon", "v_prediction")
+        for sch in ("karras", "exponential")
+    },
+    "edm_sdxl_playground_like": (
+        "sdxl",
+        {},
+        "EDMDPMSolverMultistepScheduler",
+        {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0},
+        tuple({**c, "height": 16, "width": 16} for c in sd_call(8)),
+        TOL,
+    ),
+    "flow_shift_terminal": (
+        "sd3",
+        {},
+        "FlowMatchEulerDiscreteScheduler",
+        {"shift": 3.0, "shift_terminal": 0.1},
+        flow_call(6, guidance_scale=5.0),
+        TOL,
+    ),
+    **{
+        f"flow_{k}_sigmas": (
+            "sd3",
+            {},
+            "FlowMatchEulerDiscreteScheduler",
+            {"shift": 3.0, f"use_{k}_sigmas": True},
+            flow_call(6, guidance_scale=5.0),
+            TOL,
+        )
+        for k in ("karras", "exponential", "beta")
+    },
+    "flow_heun": (
+        "sd3",
+        {},
+        "FlowMatchHeunDiscreteScheduler",
+        {"shift": 3.0},
+        flow_call(6, guidance_scale=5.0),
+        TOL,
+    ),
+    "flux_shift_terminal": (
+        "flux",
+        {},
+        "FlowMatchEulerDiscreteScheduler",
+        {"shift_terminal": 0.05},
+        flow_call(6, guidance_scale=3.5),
+        TOL,
+    ),
+    "flux_karras": (
+        "flux",
+        {},
+        "FlowMatchEulerDiscreteScheduler",
+        {"use_karras_sigmas": True},
+        flow_call(6, guidance_scale=3.5),
+        TOL,
+    ),
 }
 
 # name: (scheduler class, config, the key the notice must name)
 NOTICED = {
     "invert_sigmas": ("FlowMatchEulerDiscreteScheduler", {"invert_sigmas": True}, "invert_sigmas"),
-    "lambda_min_clipped": ("DPMSolverMultistepScheduler", {"lambda_min_clipped": -5.1}, "lambda_min_clipped"),
-    "dpm_dynamic_shift": ("DPMSolverMultistepScheduler", {"use_dynamic_shifting": True}, "use_dynamic_shifting"),
+    "lambda_min_clipped": (
+        "DPMSolverMultistepScheduler",
+        {"lambda_min_clipped": -5.1},
+        "lambda_min_clipped",
+    ),
+    "dpm_dynamic_shift": (
+        "DPMSolverMultistepScheduler",
+        {"use_dynamic_shifting": True},
+        "use_dynamic_shifting",
+    ),
     "unipc_sigma_max": ("UniPCMultistepScheduler", {"sigma_max": 10.0}, "sigma_max"),
-    "euler_log_linear": ("EulerDiscreteScheduler", {"interpolation_type": "log_linear"}, "interpolation_type"),
-    "euler_final_sigma_min": ("EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
-    "edm_final_sigma_min": ("EDMEulerScheduler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
+    "euler_log_linear": (
+        "EulerDiscreteScheduler",
+        {"interpolation_type": "log_linear"},
+        "interpolation_type",
+    ),
+    "euler_final_sigma_min": (
+        "EulerDiscreteScheduler",
+        {"final_sigmas_type": "sigma_min"},
+        "final_sigmas_type",
+    ),
+    "edm_final_sigma_min": (
+        "EDMEulerScheduler",
+        {"final_sigmas_type": "sigma_min"},
+        "final_sigmas_type",
+    ),
 }
 
 
@@ -141,9 +385,16 @@ def test_the_table_lists_exactly_each_classes_keys():
     for name, keys in CLASSES.items():
         assert len(keys) == len(set(keys)), f"{name}: a key listed twice"
         assert set(keys) <= set(HOW), f"{name}: keys with no 'how': {sorted(set(keys) - set(HOW))}"
-        params = set(inspect.signature(getattr(diffusers, name).__init__).parameters) - {"self", "args", "kwargs"}
+        params = set(inspect.signature(getattr(diffusers, name).__init__).parameters) - {
+            "self",
+            "args",
+            "kwargs",
+        }
         if params:  # DPMSolverSDEScheduler is a dummy without torchsde
-            assert params == set(keys), f"{name}: not in the table {sorted(params - set(keys))}, gone {sorted(set(keys) - params)}"
+            assert params == set(keys), (
+                f"{name}: not in the table {sorted(params - set(keys))}, gone "
+                f"{sorted(set(keys) - params)}"
+            )
 
 
 @pytest.mark.parametrize("case", list(REPRODUCED))
@@ -163,7 +414,12 @@ def test_values_not_reproduced_are_said_in_one_notice_or_refused(case):
     folder = with_scheduler(builder, cls, config)
     with pytest.warns(ConfigNotReproduced, match=key):
         gp = GuidedPipeline.from_pretrained(folder, progress=False)
-    out = gp("a", steps=2, output_type="latent", **({"height": 16, "width": 16} if builder == "sd3" else {}))
+    out = gp(
+        "a",
+        steps=2,
+        output_type="latent",
+        **({"height": 16, "width": 16} if builder == "sd3" else {}),
+    )
     said = [n for n in out.notices if key in n]
     assert len(said) == 1 and f"{key}=" in said[0]
     with pytest.raises(ValueError, match=key):
@@ -174,13 +430,19 @@ def test_a_key_outside_the_table_is_said_unless_at_its_default():
     import diffusers
 
     cls = diffusers.DDIMScheduler
+
     class Newer(cls):  # a diffusers release whose DDIM takes an argument the table does not list
         def __init__(self, new_key: int = 0, **kw):
             super().__init__(**kw)
-    assert review("DDIMScheduler", {**cls().config, "new_key": 1}, Newer) == ["new_key=1 (not read by diffguide)"]
+
+    assert review("DDIMScheduler", {**cls().config, "new_key": 1}, Newer) == [
+        "new_key=1 (not read by diffguide)"
+    ]
     assert review("DDIMScheduler", {**cls().config, "new_key": 0}, Newer) == []
     assert review("DDIMScheduler", dict(cls().config), cls) == []
-    assert review("DDIMScheduler", {**cls().config, "skip_prk_steps": True}, cls) == []  # not a DDIM argument
+    assert (
+        review("DDIMScheduler", {**cls().config, "skip_prk_steps": True}, cls) == []
+    )  # not a DDIM argument
 
 
 def test_stochastic_flow_sampling_maps_to_the_consistency_sampler_with_a_notice():
@@ -196,24 +458,63 @@ def test_cli_prints_the_config_notice_once_and_strict_config_exits_2(tmp_path):
     import sys
 
     folder = with_scheduler("sd", "DPMSolverMultistepScheduler", {"lambda_min_clipped": -5.1})
-    cmd = [sys.executable, "-m", "diffguide", "generate", "a", "--model", folder, "--steps", "2",
-           "--quiet", "-o", str(tmp_path / "a.png")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffguide",
+        "generate",
+        "a",
+        "--model",
+        folder,
+        "--steps",
+        "2",
+        "--quiet",
+        "-o",
+        str(tmp_path / "a.png"),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stderr.count("lambda_min_clipped=-5.1") == 1, run.stderr
-    run = subprocess.run(cmd[:-2] + ["--strict-config", "-o", str(tmp_path / "b.png")], capture_output=True, text=True)
-    assert run.returncode == 2 and "lambda_min_clipped" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run(
+        cmd[:-2] + ["--strict-config", "-o", str(tmp_path / "b.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        run.returncode == 2 and "lambda_min_clipped" in run.stderr and "Traceback" not in run.stderr
+    )
     assert not (tmp_path / "b.png").exists()
 
 
 # model-side keys: each family reads the VAE keys its diffusers pipeline reads, and no others
 VAE_CASES = {
-    "sd_ignores_shift_and_stats": ("sd", {"shift_factor": 0.3, "latents_mean": [0.1, -0.2, 0.3, 0.0],
-                                         "latents_std": [1.5, 0.8, 1.2, 1.0]}, sd_call(6)),
-    "sdxl_reads_stats": ("sdxl", {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.8, 1.2, 1.0],
-                                  "shift_factor": 0.3}, tuple({**c, "height": 16, "width": 16} for c in sd_call(6))),
-    "sd3_reads_shift": ("sd3", {"shift_factor": 0.3, "latents_mean": [0.1, -0.2, 0.3, 0.0],
-                                "latents_std": [1.5, 0.8, 1.2, 1.0]}, flow_call(6, guidance_scale=5.0)),
+    "sd_ignores_shift_and_stats": (
+        "sd",
+        {
+            "shift_factor": 0.3,
+            "latents_mean": [0.1, -0.2, 0.3, 0.0],
+            "latents_std": [1.5, 0.8, 1.2, 1.0],
+        },
+        sd_call(6),
+    ),
+    "sdxl_reads_stats": (
+        "sdxl",
+        {
+            "latents_mean": [0.1, -0.2, 0.3, 0.0],
+            "latents_std": [1.5, 0.8, 1.2, 1.0],
+            "shift_factor": 0.3,
+        },
+        tuple({**c, "height": 16, "width": 16} for c in sd_call(6)),
+    ),
+    "sd3_reads_shift": (
+        "sd3",
+        {
+            "shift_factor": 0.3,
+            "latents_mean": [0.1, -0.2, 0.3, 0.0],
+            "latents_std": [1.5, 0.8, 1.2, 1.0],
+        },
+        flow_call(6, guidance_scale=5.0),
+    ),
 }
 
 
@@ -230,7 +531,8 @@ def test_vae_keys_are_read_as_the_familys_pipeline_reads_them(case):
 
 @pytest.mark.parametrize("builder,upcasts", [("sd", False), ("sdxl", True)])
 def test_force_upcast_only_where_the_familys_pipeline_upcasts(builder, upcasts):
-    """SDXL's pipeline decodes a float16 VAE with force_upcast in float32; SD's decodes it as it is."""
+    """SDXL's pipeline decodes a float16 VAE with force_upcast in float32; SD's decodes it as it
+    is."""
     gp = GuidedPipeline.from_pipe(tm.BUILDERS[builder](), progress=False)
     vae = gp.pipe.vae.to(torch.float16)
     vae.register_to_config(force_upcast=True)

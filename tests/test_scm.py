@@ -1,5 +1,7 @@
-"""sCM's pieces (Lu & Song 2024): the TrigFlow view of any denoiser, the student's time derivative by
+"""sCM's pieces (Lu & Song 2024): the TrigFlow view of any denoiser, the student's time derivative
+by
 forward-mode AD against a finite difference, the loss on a fixed batch."""
+
 import math
 
 import pytest
@@ -7,8 +9,15 @@ import torch
 
 import diffguide as dg
 from diffguide.core.denoiser import NetDenoiser
-from diffguide.distill.scm import (AdaptiveWeight, SCMLoss, TrigFlowView, sample_times, time_derivative,
-                                   trig_output, trig_pred)
+from diffguide.distill.scm import (
+    AdaptiveWeight,
+    SCMLoss,
+    TrigFlowView,
+    sample_times,
+    time_derivative,
+    trig_output,
+    trig_pred,
+)
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
 
@@ -49,14 +58,26 @@ def _view(name):
     check against)."""
     gp = GuidedPipeline.from_pipe(tm.BUILDERS[name](), progress=False)
     net = gp.family.net.double()
-    den = NetDenoiser(gp.family.forward, gp.info.schedule, gp.info.kind, dtype=torch.float64, module=net,
-                      learned_sigma=name == "dit")
+    den = NetDenoiser(
+        gp.family.forward,
+        gp.info.schedule,
+        gp.info.kind,
+        dtype=torch.float64,
+        module=net,
+        learned_sigma=name == "dit",
+    )
     if name == "dit":
         cond, _ = gp.family.encode([1, 2], None, 1, "cpu")
     else:
         cond, _ = gp.family.encode(["a red circle"] * 2, [""] * 2, 1, "cpu")
-        cond = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()} \
-            if isinstance(cond, dict) else cond.double()
+        cond = (
+            {
+                k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in cond.items()
+            }
+            if isinstance(cond, dict)
+            else cond.double()
+        )
     return TrigFlowView(den, SD), cond, (2, 4 if name == "dit" else 3, 8, 8)
 
 
@@ -64,8 +85,11 @@ def _view(name):
 def test_the_time_derivative_by_jvp_matches_a_finite_difference(name):
     view, cond, shape = _view(name)
     g = torch.Generator().manual_seed(0)
-    # channels-last, as data batches permuted from HWC images are (forward-mode group norm failed on them)
-    x_in = torch.randn(shape, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+    # channels-last, as data batches permuted from HWC images are (forward-mode group norm failed on
+    # them)
+    x_in = torch.randn(shape, generator=g, dtype=torch.float64).to(
+        memory_format=torch.channels_last
+    )
     dx = torch.randn(shape, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
     t = torch.tensor([0.7, 1.1], dtype=torch.float64)
     with torch.no_grad():
@@ -93,8 +117,12 @@ def test_scm_loss_trains_the_student_towards_consistency():
     gp = GuidedPipeline.from_pipe(tm.pixel_sd(), progress=False)
     teacher = gp.net_denoiser
     net = copy.deepcopy(gp.family.net).train()
-    student = NetDenoiser(lambda x, tm_, c: gp.family.forward(x, tm_, c, net=net), gp.info.schedule, gp.info.kind,
-                          module=net)
+    student = NetDenoiser(
+        lambda x, tm_, c: gp.family.forward(x, tm_, c, net=net),
+        gp.info.schedule,
+        gp.info.kind,
+        module=net,
+    )
     weight = AdaptiveWeight()
     loss = SCMLoss(teacher, student, weight, guidance="cfg:scale=3", warmup=0)
     x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -123,11 +151,26 @@ def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_step
 
     teacher = tm.save(str(tmp_path / "t"), "pixel_sd")
     data = caption_folder(tmp_path / "data", 16)
-    base = dict(teacher=teacher, data=data, batch=4, log_every=1, checkpoint_every=2, validate_n=1, lr=1e-4,
-                method="scm", student_steps=2, scm_warmup=2, guidance="cfg:scale=4", scale_min=2.0, scale_max=6.0)
+    base = dict(
+        teacher=teacher,
+        data=data,
+        batch=4,
+        log_every=1,
+        checkpoint_every=2,
+        validate_n=1,
+        lr=1e-4,
+        method="scm",
+        student_steps=2,
+        scm_warmup=2,
+        guidance="cfg:scale=4",
+        scale_min=2.0,
+        scale_max=6.0,
+    )
     train(DistillConfig(out=str(tmp_path / "whole"), max_steps=4, **base), progress=False)
     train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
-    folder = train(DistillConfig(out=str(tmp_path / "part"), max_steps=4, resume=True, **base), progress=False)
+    folder = train(
+        DistillConfig(out=str(tmp_path / "part"), max_steps=4, resume=True, **base), progress=False
+    )
     a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
     assert states_equal(a, b) and "weight" in a
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
@@ -138,7 +181,9 @@ def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_step
     assert out.nfe == 2 and np.isfinite(out.images).all()
     ts = gp.info.timesteps(2, "scm")
     ve = gp.info.schedule.ve(ts[1])
-    assert abs(float(ve) - 0.5 * math.tan(1.3)) < 1e-6  # SCMScheduler's intermediate time, as a VE level
+    assert (
+        abs(float(ve) - 0.5 * math.tan(1.3)) < 1e-6
+    )  # SCMScheduler's intermediate time, as a VE level
 
 
 def test_jvp_falls_back_to_a_finite_difference_and_says_so(monkeypatch):
@@ -149,7 +194,10 @@ def test_jvp_falls_back_to_a_finite_difference_and_says_so(monkeypatch):
     t = torch.tensor([0.7, 1.1], dtype=torch.float64)
 
     def no_forward_mode(*a, **k):
-        raise NotImplementedError("Trying to use forward AD with some_kernel that does not support it")
+        raise NotImplementedError(
+            "Trying to use forward AD with some_kernel that does not support it"
+        )
+
     monkeypatch.setattr(torch.func, "jvp", no_forward_mode)
     monkeypatch.setattr(scm, "_warned", [])
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="some_kernel.*central difference"):
@@ -161,7 +209,8 @@ def test_jvp_falls_back_to_a_finite_difference_and_says_so(monkeypatch):
 
 @pytest.mark.parametrize("name", ["pixel_sd", "dit", "sd3", "flux"])
 def test_ladd_heads_read_the_teachers_image_features_and_learn(name):
-    """LADD on each network kind: the heads see the image stream of the teacher's blocks (dual-stream
+    """LADD on each network kind: the heads see the image stream of the teacher's blocks
+    (dual-stream
     blocks return text and image), the head loss falls on a fixed real/fake pair, the student's
     adversarial gradient passes through the frozen teacher without touching its weights."""
     from diffguide.distill.dmd2 import GANHead
@@ -184,7 +233,9 @@ def test_ladd_heads_read_the_teachers_image_features_and_learn(name):
         else:
             cond, _ = gp.family.encode(["a red circle"] * 2, [""] * 2, 1, "cpu")
             cond = gp.family.extra(cond, gp.family.default_size, gp.family.default_size)
-            if gp.embedded_guidance is not None:  # Flux.1-dev's guidance input, as the trainer gives it
+            if (
+                gp.embedded_guidance is not None
+            ):  # Flux.1-dev's guidance input, as the trainer gives it
                 cond = gp.family.embed_guidance(cond, gp.embedded_guidance, 2)
     g = torch.Generator().manual_seed(0)
     real = torch.randn(shape, generator=g) * 0.5
@@ -211,15 +262,31 @@ def test_scm_with_ladd_resumes_bit_identically(tmp_path):
 
     teacher = tm.save(str(tmp_path / "t"), "pixel_sd")
     data = caption_folder(tmp_path / "data", 8)
-    base = dict(teacher=teacher, data=data, batch=2, log_every=1, checkpoint_every=1, validate_n=1, lr=1e-4,
-                method="scm", student_steps=1, scm_warmup=2, guidance="cfg:scale=3", ladd=True,
-                scm_prior_weight=True, clip=0.1)
+    base = dict(
+        teacher=teacher,
+        data=data,
+        batch=2,
+        log_every=1,
+        checkpoint_every=1,
+        validate_n=1,
+        lr=1e-4,
+        method="scm",
+        student_steps=1,
+        scm_warmup=2,
+        guidance="cfg:scale=3",
+        ladd=True,
+        scm_prior_weight=True,
+        clip=0.1,
+    )
     train(DistillConfig(out=str(tmp_path / "whole"), max_steps=2, **base), progress=False)
     train(DistillConfig(out=str(tmp_path / "part"), max_steps=1, **base), progress=False)
-    train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, resume=True, **base), progress=False)
+    train(
+        DistillConfig(out=str(tmp_path / "part"), max_steps=2, resume=True, **base), progress=False
+    )
     a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
     assert states_equal(a, b) and "head" in a and "fake_opt" in a
     import json
+
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
     assert all(k in log[-1] for k in ("adv_g", "adv_d"))
     with pytest.raises(ValueError, match="ladd is an sCM option"):

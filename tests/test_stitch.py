@@ -1,4 +1,5 @@
 """T-Stitch: the small model for the first steps, the large one after, history kept or reset."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,21 +17,30 @@ def small(sd):
 
 
 def _x(sd, ts):
-    return torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(3)) * float(sd.sigma(ts[0]))
+    return torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(3)) * float(
+        sd.sigma(ts[0])
+    )
 
 
 def _stitched(gmm, small, sd, fraction, sampler, reset=False, steps=10, guidance="cfg:scale=3"):
     ts = dg.timesteps(sd, steps, "karras")
-    d = dg.guide(gmm, guidance, LABELS, NULL, models={"small": small},
-                 stitch=dg.Stitch(fraction, reset=reset))
+    d = dg.guide(
+        gmm,
+        guidance,
+        LABELS,
+        NULL,
+        models={"small": small},
+        stitch=dg.Stitch(fraction, reset=reset),
+    )
     return dg.sample(d, sampler, ts, _x(sd, ts), dg.SeededNoise(range(8))), d
 
 
 def _split(gmm, small, sd, k, sampler, steps=10, guidance="cfg:scale=3"):
-    """Small model on the first k steps, then a fresh run of the large one on the rest of the grid."""
+    """Small model on the first k steps, then a fresh run of the large one on the rest of the
+    grid."""
     ts = dg.timesteps(sd, steps, "karras")
     noise = dg.SeededNoise(range(8))
-    x = dg.sample(dg.guide(small, guidance, LABELS, NULL), sampler, ts[:k + 1], _x(sd, ts), noise)
+    x = dg.sample(dg.guide(small, guidance, LABELS, NULL), sampler, ts[: k + 1], _x(sd, ts), noise)
     return dg.sample(dg.guide(gmm, guidance, LABELS, NULL), sampler, ts[k:], x, noise)
 
 
@@ -39,13 +49,20 @@ def test_fraction_zero_and_one(gmm, small, sd, sampler):
     ts = dg.timesteps(sd, 10, "karras")
     for fraction, model in ((0.0, gmm), (1.0, small)):
         out, d = _stitched(gmm, small, sd, fraction, sampler)
-        alone = dg.sample(dg.guide(model, "cfg:scale=3", LABELS, NULL), sampler, ts, _x(sd, ts),
-                          dg.SeededNoise(range(8)))
+        alone = dg.sample(
+            dg.guide(model, "cfg:scale=3", LABELS, NULL),
+            sampler,
+            ts,
+            _x(sd, ts),
+            dg.SeededNoise(range(8)),
+        )
         assert torch.equal(out, alone)
 
 
 # lower_order_final would drop the order at the end of the first part of the two-run reference
-@pytest.mark.parametrize("sampler", ["dpmpp_2m:lower_order_final=false", "dpmpp_3m:lower_order_final=false", "ddim"])
+@pytest.mark.parametrize(
+    "sampler", ["dpmpp_2m:lower_order_final=false", "dpmpp_3m:lower_order_final=false", "ddim"]
+)
 def test_reset_equals_two_separate_runs(gmm, small, sd, sampler):
     out, _ = _stitched(gmm, small, sd, 0.4, sampler, reset=True)
     ref = _split(gmm, small, sd, 4, sampler)
@@ -75,8 +92,15 @@ def test_which_model_runs_each_step(sd):
             return dg.Pred(0 * x, x)
 
     ts = dg.timesteps(sd, 10, "karras")
-    d = dg.guide(Spy("large"), "cfg:scale=2", "c", "u", models={"small": Spy("small")},
-                 conds={"pos@small": "c-small"}, stitch=dg.Stitch(0.45))
+    d = dg.guide(
+        Spy("large"),
+        "cfg:scale=2",
+        "c",
+        "u",
+        models={"small": Spy("small")},
+        conds={"pos@small": "c-small"},
+        stitch=dg.Stitch(0.45),
+    )
     dg.sample(d, "euler", ts, torch.zeros(2, 2))
     # string conditions cannot be batched: one pass per branch; floor(0.45 * 10) = 4 small steps
     assert [n for n, _ in calls] == ["small"] * 8 + ["large"] * 12
@@ -95,7 +119,9 @@ def test_mismatched_schedules_are_refused(gmm, sd):
         dg.Stitch(1.5)
 
 
-# -- GuidedPipeline and the CLI ---------------------------------------------------------------------
+# -- GuidedPipeline and the CLI
+# ---------------------------------------------------------------------
+
 
 def _pipes():
     from diffguide.pipelines import GuidedPipeline
@@ -111,7 +137,9 @@ def test_pipeline_stitching_endpoints_and_middle():
     from diffguide.pipelines import Stitching
 
     large, small = _pipes()
-    kw = dict(guidance="cfg:scale=3", steps=6, seed=[0, 1], num_images_per_prompt=2, output_type="np")
+    kw = dict(
+        guidance="cfg:scale=3", steps=6, seed=[0, 1], num_images_per_prompt=2, output_type="np"
+    )
     alone_l, alone_s = large("a red circle", **kw).images, small("a red circle", **kw).images
     assert np.abs(alone_l - alone_s).max() > 1e-3
     r0 = large("a red circle", stitch=Stitching(small, 0.0), **kw)
@@ -128,10 +156,17 @@ def test_pipeline_refuses_other_latent_spaces_and_schedules():
     from diffguide.pipelines import tiny as tm
 
     large, _ = _pipes()
-    for other, msg in ((tm.dit(), "cannot stitch"), (tm.pixel_sd(), "latent spaces differ"),
-                       (tm.sd(beta_schedule="linear"), "noise schedules differ")):
+    for other, msg in (
+        (tm.dit(), "cannot stitch"),
+        (tm.pixel_sd(), "latent spaces differ"),
+        (tm.sd(beta_schedule="linear"), "noise schedules differ"),
+    ):
         with pytest.raises(ValueError, match=msg):
-            large("a red circle", steps=2, stitch=Stitching(GuidedPipeline.from_pipe(other, progress=False)))
+            large(
+                "a red circle",
+                steps=2,
+                stitch=Stitching(GuidedPipeline.from_pipe(other, progress=False)),
+            )
 
 
 def test_cli_stitch(tmp_path, capsys):
@@ -141,15 +176,62 @@ def test_cli_stitch(tmp_path, capsys):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
-    assert main(["eval", "--prompts", str(prompts), "--n", "2", "--steps", "4", "--stitch",
-                 "builtin-small:0.5", "--stitch-reset", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--prompts",
+                str(prompts),
+                "--n",
+                "2",
+                "--steps",
+                "4",
+                "--stitch",
+                "builtin-small:0.5",
+                "--stitch-reset",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
-    assert res["stitch"] == "builtin-small:0.5" and res["stitch_reset"] is True and res["nfe_per_image"] == 8
+    assert (
+        res["stitch"] == "builtin-small:0.5"
+        and res["stitch_reset"] is True
+        and res["nfe_per_image"] == 8
+    )
     out = tmp_path / "s.png"
-    assert main(["generate", "a red circle", "--stitch", "builtin-small", "--steps", "4", "-o", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                "--stitch",
+                "builtin-small",
+                "--steps",
+                "4",
+                "-o",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
+
     assert json.loads(Image.open(out).text["diffguide"])["stitch"] == "builtin-small"
     capsys.readouterr()
-    assert main(["generate", "a red circle", "--stitch", "builtin-small:1.5", "-o", str(tmp_path / "t.png")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                "--stitch",
+                "builtin-small:1.5",
+                "-o",
+                str(tmp_path / "t.png"),
+            ]
+        )
+        == 2
+    )
     assert "--stitch fraction must be in [0, 1], got 1.5" in capsys.readouterr().err

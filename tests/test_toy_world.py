@@ -1,7 +1,7 @@
 """The toy world (scenes, captions, prompts), its evaluator and the metrics built on them."""
+
 import numpy as np
 import pytest
-import torch
 
 from diffguide.toy import evaluator as ev
 from diffguide.toy import metrics, scenes
@@ -12,7 +12,11 @@ def test_scenes_are_deterministic_and_seeded():
     assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
     c = scenes.example(4, 17)
     assert not np.array_equal(a[0], c[0])
-    assert a[0].shape == (32, 32, 3) and a[0].dtype == np.float32 and 0 <= a[0].min() <= a[0].max() <= 1
+    assert (
+        a[0].shape == (32, 32, 3)
+        and a[0].dtype == np.float32
+        and 0 <= a[0].min() <= a[0].max() <= 1
+    )
 
 
 def test_labels_match_pixels_and_captions_match_scenes():
@@ -46,10 +50,15 @@ def test_true_samples_satisfy_their_prompt(text):
     assert len({s.objects for s in scs}) == 6  # free attributes, size and position vary
 
 
-@pytest.mark.parametrize("text,msg", [("a red hexagon", "unknown word 'hexagon'"),
-                                      ("a red", "not followed by a shape"),
-                                      ("a circle, a square and a cross", "names 3 shapes"),
-                                      ("on a white background", "names 0 shapes")])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("a red hexagon", "unknown word 'hexagon'"),
+        ("a red", "not followed by a shape"),
+        ("a circle, a square and a cross", "names 3 shapes"),
+        ("on a white background", "names 0 shapes"),
+    ],
+)
 def test_bad_prompts(text, msg):
     with pytest.raises(ValueError, match=msg):
         scenes.parse_prompt(text)
@@ -85,19 +94,34 @@ def test_evaluator_accuracy_on_fresh_scenes(judge):
 def test_metrics_move_the_right_way(judge):
     prompts = metrics.DEFAULT_PROMPTS
     ids = np.repeat(np.arange(len(prompts)), 6)
-    true = np.concatenate([scenes.sample_for_prompt(p, 6, seed=50 + k)[0] for k, p in enumerate(prompts)])
+    true = np.concatenate(
+        [scenes.sample_for_prompt(p, 6, seed=50 + k)[0] for k, p in enumerate(prompts)]
+    )
     good = metrics.evaluate(true, ids, prompts, judge)
     noise = np.random.default_rng(0).uniform(0, 1, true.shape).astype(np.float32)
     bad = metrics.evaluate(noise, ids, prompts, judge)
     assert good["adherence"] >= 0.95 and bad["adherence"] <= 0.1
     assert bad["frechet_distance"] > 20 * max(good["frechet_distance"], 1e-3)
     # true images against other true images: the colour numbers sit at their reference level
-    assert good["colour_error"] < 0.1 and abs(good["colour_error"] - good["true_colour_error"]) < 0.02
+    assert (
+        good["colour_error"] < 0.1 and abs(good["colour_error"] - good["true_colour_error"]) < 0.02
+    )
     assert abs(good["saturation_error"]) < 0.05 and bad["colour_error"] > 2 * good["colour_error"]
     assert 0.5 < good["diversity"] / good["true_diversity"] < 2
-    keys = {"images", "adherence", "adherence_by_group", "attribute_accuracy", "frechet_distance",
-            "colour_error", "saturation_error", "background_error", "diversity", "true_diversity",
-            "adherence_by_prompt", "objects_measured"}
+    keys = {
+        "images",
+        "adherence",
+        "adherence_by_group",
+        "attribute_accuracy",
+        "frechet_distance",
+        "colour_error",
+        "saturation_error",
+        "background_error",
+        "diversity",
+        "true_diversity",
+        "adherence_by_prompt",
+        "objects_measured",
+    }
     assert keys <= set(good)
     assert set(good["adherence_by_group"]) == {"single", "two", "held_out"}
 
@@ -108,5 +132,8 @@ def test_oversaturation_is_measured():
     imgs = scenes.sample_for_prompt(p[0], 8, seed=3)[0]
     mean = imgs.mean(-1, keepdims=True)
     loud = np.clip(mean + 1.6 * (imgs - mean), 0, 1)
-    assert metrics.colour_fidelity(loud, p)["saturation_error"] > 0.05 > abs(
-        metrics.colour_fidelity(imgs, p)["saturation_error"])
+    assert (
+        metrics.colour_fidelity(loud, p)["saturation_error"]
+        > 0.05
+        > abs(metrics.colour_fidelity(imgs, p)["saturation_error"])
+    )

@@ -1,4 +1,5 @@
 """Training the toy model: reproducible from its seed, and resuming gives the same weights."""
+
 import json
 import os
 
@@ -8,8 +9,16 @@ from diffguide.pipelines import GuidedPipeline, toy_model
 
 
 def _cfg(out, steps):
-    return toy_model.TrainConfig(out=str(out), size="small", steps=steps, batch=4, dataset=32,
-                                 checkpoint_every=2, log_every=1, warmup=2)
+    return toy_model.TrainConfig(
+        out=str(out),
+        size="small",
+        steps=steps,
+        batch=4,
+        dataset=32,
+        checkpoint_every=2,
+        log_every=1,
+        warmup=2,
+    )
 
 
 def _weights(run):

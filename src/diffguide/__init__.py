@@ -1,8 +1,32 @@
 """diffguide: guidance methods and samplers for diffusion models, any guidance on any sampler."""
+
 from . import guidance as _guidance, noise as _noise, samplers as _samplers  # noqa: F401  (register the built-ins)
-from .core import (Branch, Clip, Denoiser, DynamicThreshold, FlowSchedule, Guidance, GuidedDenoiser,
-                   NetDenoiser, NonFiniteError, Point, Pred, RandomNoise, Sampler, Schedule, SeededNoise, Step,
-                   Stitch, VPSchedule, guide, parse_spec, register, sample, timesteps, to_spec)
+from .core import (
+    Branch,
+    Clip,
+    Denoiser,
+    DynamicThreshold,
+    FlowSchedule,
+    Guidance,
+    GuidedDenoiser,
+    NetDenoiser,
+    NonFiniteError,
+    Point,
+    Pred,
+    RandomNoise,
+    Sampler,
+    Schedule,
+    SeededNoise,
+    Step,
+    Stitch,
+    VPSchedule,
+    guide,
+    parse_spec,
+    register,
+    sample,
+    timesteps,
+    to_spec,
+)
 from .core import registry as _registry
 from .guidance import CFG
 from .toy import GaussianMixture
@@ -29,7 +53,8 @@ def list_guidance() -> list[str]:
 
 
 def __getattr__(name: str):
-    """``diffguide.GuidedPipeline`` (and ``GuidedOutput``, ``Stitching``) without importing diffusers
+    """``diffguide.GuidedPipeline`` (and ``GuidedOutput``, ``Stitching``) without importing
+    diffusers
     until they are used: the core stays torch-only."""
     if name in ("GuidedPipeline", "GuidedOutput", "Stitching"):
         from . import pipelines
@@ -38,9 +63,38 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'diffguide' has no attribute {name!r}")
 
 
-__all__ = ["Branch", "CFG", "Clip", "Denoiser", "DynamicThreshold", "FlowSchedule", "GaussianMixture",
-           "Guidance", "GuidedDenoiser", "GuidedOutput", "GuidedPipeline", "NetDenoiser", "NonFiniteError",
-           "Stitching", "Point", "Pred", "RandomNoise", "Sampler",
-           "Schedule", "SeededNoise", "Step", "Stitch", "VPSchedule", "get_guidance", "get_sampler", "guide",
-           "list_guidance", "list_samplers", "parse_spec", "register", "sample", "timesteps",
-           "to_spec"]
+__all__ = [
+    "Branch",
+    "CFG",
+    "Clip",
+    "Denoiser",
+    "DynamicThreshold",
+    "FlowSchedule",
+    "GaussianMixture",
+    "Guidance",
+    "GuidedDenoiser",
+    "GuidedOutput",
+    "GuidedPipeline",
+    "NetDenoiser",
+    "NonFiniteError",
+    "Stitching",
+    "Point",
+    "Pred",
+    "RandomNoise",
+    "Sampler",
+    "Schedule",
+    "SeededNoise",
+    "Step",
+    "Stitch",
+    "VPSchedule",
+    "get_guidance",
+    "get_sampler",
+    "guide",
+    "list_guidance",
+    "list_samplers",
+    "parse_spec",
+    "register",
+    "sample",
+    "timesteps",
+    "to_spec",
+]

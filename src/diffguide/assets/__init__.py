@@ -1,4 +1,5 @@
 """Files shipped inside the package: the built-in toy models and the toy-world evaluator."""
+
 import os
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -1,4 +1,5 @@
 """``diffguide distill consistency|dmd2``: a few-step student from a guided teacher."""
+
 from __future__ import annotations
 
 import re
@@ -7,55 +8,117 @@ from .generate import UsageError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("method", help="consistency, dmd2, scm (continuous-time consistency distillation) or ict "
-                                  "(improved consistency training from the data, no teacher)")
-    p.add_argument("--teacher", default="builtin", help="diffusers folder or hub id (default: built-in)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, loss.jsonl, val/, student/")
-    p.add_argument("--guidance", default="cfg", help="the teacher's guidance spec (DMD2: the real score's); "
-                                                    "consistency + cfg draws the scale per example (LCM)")
-    p.add_argument("--student-steps", type=int, default=4, help="the student's sampling steps (1-8)")
+    p.add_argument(
+        "method",
+        help="consistency, dmd2, scm (continuous-time consistency distillation) or ict "
+        "(improved consistency training from the data, no teacher)",
+    )
+    p.add_argument(
+        "--teacher", default="builtin", help="diffusers folder or hub id (default: built-in)"
+    )
+    p.add_argument(
+        "--out", required=True, help="run folder: checkpoint.pt, loss.jsonl, val/, student/"
+    )
+    p.add_argument(
+        "--guidance",
+        default="cfg",
+        help="the teacher's guidance spec (DMD2: the real score's); "
+        "consistency + cfg draws the scale per example (LCM)",
+    )
+    p.add_argument(
+        "--student-steps", type=int, default=4, help="the student's sampling steps (1-8)"
+    )
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (consistency), 1e-5 (dmd2)")
-    p.add_argument("--data", default="toy", help="'toy' (the built-in world) or a folder of images with "
-                                                 "metadata.jsonl")
+    p.add_argument(
+        "--data",
+        default="toy",
+        help="'toy' (the built-in world) or a folder of images with metadata.jsonl",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true",
-                   help="a new run into a folder with a previous run's files: replace them by name (config.json, "
-                        "loss.jsonl, val.jsonl, val/, the student's model files); never a checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a new run into a folder with a previous run's files: replace them by name "
+        "(config.json, "
+        "loss.jsonl, val.jsonl, val/, the student's model files); never a checkpoint",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", type=float, default=0.95)
     p.add_argument("--skip", type=int, default=20, help="consistency: the teacher solver's step k")
-    p.add_argument("--scale-range", default="3,13", help="consistency + cfg: the per-example CFG scales "
-                                                          "(LO,HI, diffusers' convention)")
-    p.add_argument("--solver", default="ddim", help="consistency: the teacher's ODE solver (a sampler spec)")
-    p.add_argument("--fake-ratio", type=int, default=5, help="dmd2: fake-score updates per generator update")
+    p.add_argument(
+        "--scale-range",
+        default="3,13",
+        help="consistency + cfg: the per-example CFG scales (LO,HI, diffusers' convention)",
+    )
+    p.add_argument(
+        "--solver", default="ddim", help="consistency: the teacher's ODE solver (a sampler spec)"
+    )
+    p.add_argument(
+        "--fake-ratio", type=int, default=5, help="dmd2: fake-score updates per generator update"
+    )
     p.add_argument("--fake-lr", type=float, default=None, help="dmd2: default --lr")
     p.add_argument("--gan", action="store_true", help="dmd2: add the GAN head against the data")
-    p.add_argument("--init", default="teacher", choices=("teacher", "random"),
-                   help="ict: start from --teacher's weights (default) or from random ones (the paper's)")
-    p.add_argument("--ict-total", type=int, default=0,
-                   help="ict: the discretisation curriculum's length in steps (default: --max-steps)")
+    p.add_argument(
+        "--init",
+        default="teacher",
+        choices=("teacher", "random"),
+        help="ict: start from --teacher's weights (default) or from random ones (the paper's)",
+    )
+    p.add_argument(
+        "--ict-total",
+        type=int,
+        default=0,
+        help="ict: the discretisation curriculum's length in steps (default: --max-steps)",
+    )
     p.add_argument("--scm-warmup", type=int, default=10000, help="scm: tangent warm-up steps")
-    p.add_argument("--scm-derivative", default="jvp", choices=("jvp", "finite_difference"),
-                   help="scm: the student's time derivative by forward-mode AD (default) or a central difference")
-    p.add_argument("--scm-p-mean", type=float, default=-0.8,
-                   help="scm: mean of log(sigma_d tan t) in training (the paper's ImageNet -0.8; SANA-Sprint 0.2)")
+    p.add_argument(
+        "--scm-derivative",
+        default="jvp",
+        choices=("jvp", "finite_difference"),
+        help="scm: the student's time derivative by forward-mode AD (default) or a central "
+        "difference",
+    )
+    p.add_argument(
+        "--scm-p-mean",
+        type=float,
+        default=-0.8,
+        help="scm: mean of log(sigma_d tan t) in training (the paper's ImageNet -0.8; SANA-Sprint "
+        "0.2)",
+    )
     p.add_argument("--scm-p-std", type=float, default=1.6, help="scm: its standard deviation")
-    p.add_argument("--scm-prior-weight", action="store_true",
-                   help="scm: weight the loss by 1/(sigma_d tan t), as SANA-Sprint's training code does")
-    p.add_argument("--ladd", action="store_true",
-                   help="scm: add latent adversarial distillation (heads on the frozen teacher's features, SANA-Sprint)")
-    p.add_argument("--ladd-weight", type=float, default=0.5, help="scm --ladd: the adversarial term's weight")
-    p.add_argument("--clip", type=float, default=None,
-                   help="gradient-norm clipping (default 1; dmd2 10; SANA-Sprint used 0.1)")
+    p.add_argument(
+        "--scm-prior-weight",
+        action="store_true",
+        help="scm: weight the loss by 1/(sigma_d tan t), as SANA-Sprint's training code does",
+    )
+    p.add_argument(
+        "--ladd",
+        action="store_true",
+        help="scm: add latent adversarial distillation (heads on the frozen teacher's features, "
+        "SANA-Sprint)",
+    )
+    p.add_argument(
+        "--ladd-weight", type=float, default=0.5, help="scm --ladd: the adversarial term's weight"
+    )
+    p.add_argument(
+        "--clip",
+        type=float,
+        default=None,
+        help="gradient-norm clipping (default 1; dmd2 10; SANA-Sprint used 0.1)",
+    )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=20, help="a loss.jsonl line every N steps")
-    p.add_argument("--validate-every", type=int, default=0, help="validation grid and metrics every N "
-                                                                 "steps (0: at the end only)")
+    p.add_argument(
+        "--validate-every",
+        type=int,
+        default=0,
+        help="validation grid and metrics every N steps (0: at the end only)",
+    )
     p.add_argument("--quiet", action="store_true")
 
 
@@ -63,7 +126,7 @@ def run(args) -> int:
     from ..distill import methods
     from ..distill.config import DistillConfig
     from ..distill.run import train
-    from ..pipelines.parallel import launched_rank
+    from ..parallel import launched_rank
     from ..pipelines.pipeline import quiet_loading
 
     try:
@@ -75,21 +138,47 @@ def run(args) -> int:
     try:
         lo, hi = (float(v) for v in args.scale_range.split(","))
     except ValueError:
-        raise UsageError(f"--scale-range must be two numbers LO,HI, got {args.scale_range!r}") from None
+        raise UsageError(
+            f"--scale-range must be two numbers LO,HI, got {args.scale_range!r}"
+        ) from None
     lr = args.lr if args.lr is not None else method.default_lr
-    cfg = DistillConfig(out=args.out, method=args.method, teacher=args.teacher, guidance=args.guidance,
-                        student_steps=args.student_steps, max_steps=args.max_steps, batch=args.batch, lr=lr,
-                        ema=args.ema, data=args.data, seed=args.seed, solver=args.solver, skip=args.skip, scale_min=lo, scale_max=hi,
-                        fake_ratio=args.fake_ratio, fake_lr=args.fake_lr, gan=args.gan, init=args.init,
-                        ict_total=args.ict_total, scm_warmup=args.scm_warmup,
-                        scm_derivative=args.scm_derivative, scm_p_mean=args.scm_p_mean, scm_p_std=args.scm_p_std,
-                        scm_prior_weight=args.scm_prior_weight, clip=args.clip,
-                        ladd=args.ladd, ladd_weight=args.ladd_weight,
-                        grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
-                        gradient_checkpointing=args.gradient_checkpointing,
-                        checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                        validate_every=args.validate_every,
-                        resume=args.resume)
+    cfg = DistillConfig(
+        out=args.out,
+        method=args.method,
+        teacher=args.teacher,
+        guidance=args.guidance,
+        student_steps=args.student_steps,
+        max_steps=args.max_steps,
+        batch=args.batch,
+        lr=lr,
+        ema=args.ema,
+        data=args.data,
+        seed=args.seed,
+        solver=args.solver,
+        skip=args.skip,
+        scale_min=lo,
+        scale_max=hi,
+        fake_ratio=args.fake_ratio,
+        fake_lr=args.fake_lr,
+        gan=args.gan,
+        init=args.init,
+        ict_total=args.ict_total,
+        scm_warmup=args.scm_warmup,
+        scm_derivative=args.scm_derivative,
+        scm_p_mean=args.scm_p_mean,
+        scm_p_std=args.scm_p_std,
+        scm_prior_weight=args.scm_prior_weight,
+        clip=args.clip,
+        ladd=args.ladd,
+        ladd_weight=args.ladd_weight,
+        grad_accum=args.grad_accum,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        validate_every=args.validate_every,
+        resume=args.resume,
+    )
     try:
         cfg.check()
     except ValueError as e:  # "batch must be ..." -> "--batch must be ..."

@@ -1,4 +1,5 @@
 """The ``diffguide`` command. Errors are one line on stderr and exit status 2, never a traceback."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _list(args) -> int:
-    titles = {"sampler": "samplers:", "guidance": "guidance methods:",
-              "noise": "noise optimisers (--initno, --reno):"}
+    titles = {
+        "sampler": "samplers:",
+        "guidance": "guidance methods:",
+        "noise": "noise optimisers (--initno, --reno):",
+    }
     for kind, title in titles.items():
         print(title)
         for name in registry.names(kind):
@@ -64,15 +68,25 @@ def _mixture(args) -> int:
     denoise = guide(gm, guidance, labels, torch.full((args.n,), -1))
     noise = SeededNoise(range(args.seed, args.seed + args.n))
     ts = timesteps(schedule, args.steps, args.spacing)
-    x = sample(denoise, sampler, ts, noise.randn((args.n, gm.dim)) * float(schedule.sigma(ts[0])), noise)
+    x = sample(
+        denoise, sampler, ts, noise.randn((args.n, gm.dim)) * float(schedule.sigma(ts[0])), noise
+    )
     truth = gm.sample_data(args.n, labels, torch.Generator().manual_seed(args.seed))
-    print(json.dumps({
-        "sampler": to_spec(sampler), "guidance": to_spec(guidance), "steps": args.steps,
-        "nfe_per_sample": denoise.nfe, "class": args.label,
-        "mean": [round(v, 4) for v in x.mean(0).tolist()],
-        "true_class_mean": [round(v, 4) for v in truth.mean(0).tolist()],
-        "in_class_fraction": round(_in_class(gm, x, args.label), 4),
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "sampler": to_spec(sampler),
+                "guidance": to_spec(guidance),
+                "steps": args.steps,
+                "nfe_per_sample": denoise.nfe,
+                "class": args.label,
+                "mean": [round(v, 4) for v in x.mean(0).tolist()],
+                "true_class_mean": [round(v, 4) for v in truth.mean(0).tolist()],
+                "in_class_fraction": round(_in_class(gm, x, args.label), 4),
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -81,7 +95,9 @@ def _train_toy(args) -> int:
     from ..pipelines.pipeline import quiet_loading
 
     if args.size not in toy_model.SIZES:
-        raise UsageError(f"unknown --size {args.size!r}; choose one of: {', '.join(toy_model.SIZES)}")
+        raise UsageError(
+            f"unknown --size {args.size!r}; choose one of: {', '.join(toy_model.SIZES)}"
+        )
     for name in ("steps", "batch", "dataset", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -91,9 +107,17 @@ def _train_toy(args) -> int:
             raise UsageError(f"no checkpoint.pt in {args.out!r} to export")
         print(toy_model.export_checkpoint(args.out))
         return 0
-    cfg = toy_model.TrainConfig(out=args.out, size=args.size, steps=args.steps, batch=args.batch,
-                                lr=args.lr, min_snr=args.min_snr, seed=args.seed, dataset=args.dataset,
-                                checkpoint_every=args.checkpoint_every)
+    cfg = toy_model.TrainConfig(
+        out=args.out,
+        size=args.size,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        min_snr=args.min_snr,
+        seed=args.seed,
+        dataset=args.dataset,
+        checkpoint_every=args.checkpoint_every,
+    )
     print(toy_model.train(cfg, progress=not args.quiet))
     return 0
 
@@ -109,7 +133,9 @@ def _tiny(args) -> int:
     from ..pipelines.pipeline import quiet_loading
 
     if args.family not in tiny.BUILDERS:
-        raise UsageError(f"unknown --family {args.family!r}; choose one of: {', '.join(tiny.BUILDERS)}")
+        raise UsageError(
+            f"unknown --family {args.family!r}; choose one of: {', '.join(tiny.BUILDERS)}"
+        )
     target = os.path.abspath(args.folder)
     check_path(target, "folder")
     check_link(args.folder, "folder")
@@ -119,7 +145,9 @@ def _tiny(args) -> int:
         raise UsageError(f"cannot write {args.folder!r}: folder {parent!r} does not exist")
     quiet_loading()
     # written beside its final place, on the same file system, so that each rename is atomic
-    tmp = tempfile.mkdtemp(dir=target if os.path.isdir(target) else parent, prefix=".diffguide-tiny-")
+    tmp = tempfile.mkdtemp(
+        dir=target if os.path.isdir(target) else parent, prefix=".diffguide-tiny-"
+    )
     try:
         tiny.save(tmp, args.family)
         if os.path.isdir(target):  # a model's folder, or an empty one
@@ -145,11 +173,15 @@ def _tiny_target(folder: str, target: str, overwrite: bool) -> None:
     if not os.listdir(target):
         return
     if not is_model_folder(target):
-        raise UsageError(f"{folder!r} holds files and is not a diffusers model folder (no model_index.json); "
-                         f"give a new or empty folder (--overwrite replaces only a model's files)")
+        raise UsageError(
+            f"{folder!r} holds files and is not a diffusers model folder (no model_index.json); "
+            f"give a new or empty folder (--overwrite replaces only a model's files)"
+        )
     if not overwrite:
-        raise UsageError(f"{folder!r} holds a model; pass --overwrite to replace its files (nothing else in "
-                         f"the folder is touched)")
+        raise UsageError(
+            f"{folder!r} holds a model; pass --overwrite to replace its files (nothing else in "
+            f"the folder is touched)"
+        )
 
 
 def _in_class(gm: GaussianMixture, x: torch.Tensor, label: int) -> float:
@@ -162,39 +194,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"diffguide {__version__}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("list", help="list samplers and guidance methods with their options")
-    generate.add_arguments(sub.add_parser("generate", help="generate images with a diffusers model"))
-    evaluate.add_eval_arguments(sub.add_parser(
-        "eval", help="score a model on the toy world: adherence, Frechet distance, colour, diversity"))
-    evaluate.add_compare_arguments(sub.add_parser(
-        "compare", help="one prompt, several guidance settings: a labelled PNG grid"))
-    evaluate.add_calibrate_arguments(sub.add_parser(
-        "calibrate-linearag", help="fit LinearAG's coefficients on recorded CFG trajectories"))
-    evaluate.add_tune_arguments(sub.add_parser(
-        "tune", help="pick a guidance method's options for a model from probe runs (ag, apg, linear_ag)"))
-    bench.add_arguments(sub.add_parser("bench", help="run the CPU performance suite and print a summary"))
-    distill.add_arguments(sub.add_parser(
-        "distill", help="distil a guided teacher into a 1-8 step student (consistency, dmd2, scm), or train a "
-                        "consistency model from data (ict)"))
+    generate.add_arguments(
+        sub.add_parser("generate", help="generate images with a diffusers model")
+    )
+    evaluate.add_eval_arguments(
+        sub.add_parser(
+            "eval",
+            help="score a model on the toy world: adherence, Frechet distance, colour, diversity",
+        )
+    )
+    evaluate.add_compare_arguments(
+        sub.add_parser("compare", help="one prompt, several guidance settings: a labelled PNG grid")
+    )
+    evaluate.add_calibrate_arguments(
+        sub.add_parser(
+            "calibrate-linearag", help="fit LinearAG's coefficients on recorded CFG trajectories"
+        )
+    )
+    evaluate.add_tune_arguments(
+        sub.add_parser(
+            "tune",
+            help="pick a guidance method's options for a model from probe runs (ag, apg, "
+            "linear_ag)",
+        )
+    )
+    bench.add_arguments(
+        sub.add_parser("bench", help="run the CPU performance suite and print a summary")
+    )
+    distill.add_arguments(
+        sub.add_parser(
+            "distill",
+            help="distil a guided teacher into a 1-8 step student (consistency, dmd2, scm), or "
+            "train a "
+            "consistency model from data (ict)",
+        )
+    )
     tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
-    tr.add_argument("out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)")
+    tr.add_argument(
+        "out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)"
+    )
     tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")
     tr.add_argument("--steps", type=int, default=20000)
     tr.add_argument("--batch", type=int, default=64)
     tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weight; 0 turns it off")
+    tr.add_argument(
+        "--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weight; 0 turns it off"
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--dataset", type=int, default=50000, help="distinct training scenes")
     tr.add_argument("--checkpoint-every", type=int, default=500)
     tr.add_argument("--export", action="store_true", help="only export the latest checkpoint's EMA")
     tr.add_argument("--quiet", action="store_true")
-    t = sub.add_parser("tiny-model", help="save a tiny random-weight diffusers model (offline tests)")
-    t.add_argument("folder", help="a new or empty folder, or a model folder to replace (with --overwrite)")
-    t.add_argument("--family", default="sd", help="sd, pixel_sd, sdxl, dit, pixart, sd3, ddpm, flux, qwenimage, sana or sana_sprint")
-    t.add_argument("--overwrite", action="store_true",
-                   help="replace the model in a model folder: its files by name, the old model's other own files "
-                        "removed, nothing else in the folder touched")
+    t = sub.add_parser(
+        "tiny-model", help="save a tiny random-weight diffusers model (offline tests)"
+    )
+    t.add_argument(
+        "folder", help="a new or empty folder, or a model folder to replace (with --overwrite)"
+    )
+    t.add_argument(
+        "--family",
+        default="sd",
+        help="sd, pixel_sd, sdxl, dit, pixart, sd3, ddpm, flux, qwenimage, sana or sana_sprint",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the model in a model folder: its files by name, the old model's other own "
+        "files "
+        "removed, nothing else in the folder touched",
+    )
     m = sub.add_parser("mixture", help="sample the built-in 2-D Gaussian mixture (exact reference)")
-    m.add_argument("--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun")
+    m.add_argument(
+        "--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun"
+    )
     m.add_argument("--guidance", default="cfg:scale=3", help="guidance spec, e.g. cfg:scale=3")
     m.add_argument("--steps", type=int, default=20)
     m.add_argument("--spacing", default="karras", choices=SPACINGS)
@@ -252,7 +324,8 @@ def main(argv=None) -> int:
 
 def _end_processes() -> None:
     """Close a process group the command opened (torchrun): left to interpreter exit, gloo's threads
-    sometimes abort the process after its work is done ("terminate called without an active exception")."""
+    sometimes abort the process after its work is done ("terminate called without an active
+    exception")."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         try:

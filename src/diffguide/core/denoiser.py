@@ -1,10 +1,12 @@
 """Denoisers: callables ``(x, t, cond) -> Pred`` with a ``.schedule``.
 
-``t`` is a 0-dim tensor (one level for the batch, as in sampling) or shape [B] (one level per sample,
+``t`` is a 0-dim tensor (one level for the batch, as in sampling) or shape [B] (one level per
+sample,
 as in training). ``NetDenoiser`` wraps a raw network: x stays in the schedule's native space, the
 network runs in its own dtype and sees ``schedule.model_time(t)``, and the output is converted to a
 Pred in float32.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,21 +20,27 @@ from .schedule import Schedule
 
 @dataclass(frozen=True)
 class EDMPrecondition:
-    """EDM's network scalings (Karras et al. 2022, eq. 7; diffusers' EDM schedulers) on a VP-form state
-    x = a x0 + s eps with VE level ve = s / a: the network sees c_in x / a, c_in = 1 / sqrt(ve^2 + sd^2), and
+    """EDM's network scalings (Karras et al. 2022, eq. 7; diffusers' EDM schedulers) on a VP-form
+    state
+    x = a x0 + s eps with VE level ve = s / a: the network sees c_in x / a, c_in = 1 / sqrt(ve^2 +
+    sd^2), and
     its raw F gives x0 = c_skip x / a + c_out F with c_skip = sd^2 / (ve^2 + sd^2) and
-    c_out = sign ve sd / sqrt(ve^2 + sd^2) (sign +1 where diffusers calls the output epsilon, -1 for v)."""
+    c_out = sign ve sd / sqrt(ve^2 + sd^2) (sign +1 where diffusers calls the output epsilon, -1
+    for v)."""
 
     sigma_data: float = 0.5
     sign: float = 1.0
 
     def scale_in(self, a, s) -> float:
         ve = s / a
-        return 1.0 / (a * (ve * ve + self.sigma_data ** 2) ** 0.5)
+        return 1.0 / (a * (ve * ve + self.sigma_data**2) ** 0.5)
 
     def pred(self, out: torch.Tensor, x: torch.Tensor, a, s) -> Pred:
-        ve, sd2 = s / a, self.sigma_data ** 2
-        c_skip, c_out = sd2 / (ve * ve + sd2), self.sign * ve * self.sigma_data / (ve * ve + sd2) ** 0.5
+        ve, sd2 = s / a, self.sigma_data**2
+        c_skip, c_out = (
+            sd2 / (ve * ve + sd2),
+            self.sign * ve * self.sigma_data / (ve * ve + sd2) ** 0.5,
+        )
         return Pred.from_x0(x, c_skip * x.float() / a + c_out * out.float(), a, s)
 
 
@@ -46,8 +54,10 @@ def levels(schedule: Schedule, t: torch.Tensor, like: torch.Tensor):
     """(a, s) at t as float64 scalars/[B] tensors, ready to broadcast against like."""
     t = torch.as_tensor(t, dtype=torch.float64)
     if t.ndim not in (0, 1) or (t.ndim == 1 and t.numel() != like.shape[0]):
-        raise ValueError(f"t must be a scalar or have one entry per sample ({like.shape[0]}), "
-                         f"got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"t must be a scalar or have one entry per sample ({like.shape[0]}), "
+            f"got shape {tuple(t.shape)}"
+        )
     return schedule.alpha(t), schedule.sigma(t)
 
 
@@ -55,10 +65,12 @@ def levels(schedule: Schedule, t: torch.Tensor, like: torch.Tensor):
 class NetDenoiser:
     """A network ``forward(x_in, model_time, cond) -> output`` of prediction ``kind``.
 
-    ``dtype`` is the network's input dtype (default: that of x). ``learned_sigma`` keeps only the first
+    ``dtype`` is the network's input dtype (default: that of x). ``learned_sigma`` keeps only the
+    first
     half of the output channels (DiT, iDDPM). ``module`` is the network as an ``nn.Module`` where
     there is one, for branch perturbations that hook into it (TSG's time-embedding noise).
-    ``time_fn`` (t -> the network's time, a float for a scalar t) replaces ``schedule.model_time`` for
+    ``time_fn`` (t -> the network's time, a float for a scalar t) replaces ``schedule.model_time``
+    for
     what the network sees while the levels stay exact: diffusers' multistep schedulers show integer
     times beside exact Karras, exponential or beta sigmas. ``precondition`` (an ``EDMPrecondition``)
     scales the network's input and turns its output into the prediction instead of ``kind``.
@@ -75,7 +87,9 @@ class NetDenoiser:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"unknown prediction kind {self.kind!r}; choose one of: {', '.join(KINDS)}")
+            raise ValueError(
+                f"unknown prediction kind {self.kind!r}; choose one of: {', '.join(KINDS)}"
+            )
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
@@ -86,7 +100,7 @@ class NetDenoiser:
             tm = torch.full((x.shape[0],), tm, dtype=torch.float32, device=x.device)
         else:
             a, s = levels(self.schedule, t, x)
-            tm = (self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t))
+            tm = self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t)
             tm = torch.as_tensor(tm).to(device=x.device, dtype=torch.float32)
         pre = self.precondition
         x_in = x if pre is None else x * _per_sample(pre.scale_in(a, s), x)
@@ -101,15 +115,19 @@ class NetDenoiser:
 def _per_sample(c, like: torch.Tensor):
     """A float, or a [B] tensor shaped to broadcast against like (in like's dtype)."""
     if isinstance(c, torch.Tensor):
-        return c.to(like.device, torch.float32 if like.dtype != torch.float64 else like.dtype).view(-1, *([1] * (like.ndim - 1)))
+        return c.to(like.device, torch.float32 if like.dtype != torch.float64 else like.dtype).view(
+            -1, *([1] * (like.ndim - 1))
+        )
     return c
 
 
 @dataclass(frozen=True, eq=False)
 class Boundary:
     """A consistency model's boundary condition (Song et al. 2023, eq. 7, with LCM's discrete form):
-    x0 <- c_skip(t) x + c_out(t) x0, c_skip = sd^2 / ((k t)^2 + sd^2), c_out = k t / sqrt((k t)^2 + sd^2)
-    with t the network's time, k = ``timestep_scaling`` and sd = ``sigma_data`` (diffusers' LCMScheduler)."""
+    x0 <- c_skip(t) x + c_out(t) x0, c_skip = sd^2 / ((k t)^2 + sd^2), c_out = k t / sqrt((k t)^2 +
+    sd^2)
+    with t the network's time, k = ``timestep_scaling`` and sd = ``sigma_data`` (diffusers'
+    LCMScheduler)."""
 
     inner: Any
     sigma_data: float = 0.5
@@ -125,9 +143,14 @@ class Boundary:
 
     def scalings(self, t: torch.Tensor):
         """(c_skip, c_out) at t (float64, scalar or [B])."""
-        st = torch.as_tensor(self.schedule.model_time(torch.as_tensor(t, dtype=torch.float64)),
-                             dtype=torch.float64) * self.timestep_scaling
-        sd2 = self.sigma_data ** 2
+        st = (
+            torch.as_tensor(
+                self.schedule.model_time(torch.as_tensor(t, dtype=torch.float64)),
+                dtype=torch.float64,
+            )
+            * self.timestep_scaling
+        )
+        sd2 = self.sigma_data**2
         return sd2 / (st * st + sd2), st / torch.sqrt(st * st + sd2)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> Pred:
@@ -144,6 +167,11 @@ class Boundary:
 
 
 def with_boundary(denoiser, timestep_scaling: float | None):
-    """``denoiser`` under LCM's boundary condition with that constant; None: the denoiser itself (a flow
+    """``denoiser`` under LCM's boundary condition with that constant; None: the denoiser itself (a
+    flow
     or TrigFlow student, whose own x0 is x at the data end already)."""
-    return denoiser if timestep_scaling is None else Boundary(denoiser, timestep_scaling=timestep_scaling)
+    return (
+        denoiser
+        if timestep_scaling is None
+        else Boundary(denoiser, timestep_scaling=timestep_scaling)
+    )

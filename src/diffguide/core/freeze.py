@@ -1,5 +1,6 @@
 """Parameters held out of autograd for a while, safely across threads (noise optimisation and
 distillation need gradients in their inputs only)."""
+
 from __future__ import annotations
 
 import contextlib

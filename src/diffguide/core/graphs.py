@@ -16,6 +16,7 @@ its branches from the data (AG's cosine test, ICG's random prompts) cannot be ca
 a sampler that builds its noise on the host (DPM++ SDE's Brownian tree). Their capture fails, and
 ``LoopGraphs`` runs them eagerly from then on and says why once (``notices``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,7 +57,9 @@ class NoiseTape:
         return self.randn(like.shape, like.dtype, like.device)
 
     def freeze(self) -> None:
-        self.buffers = [None if d is None else torch.zeros(d[0], dtype=d[1], device=d[2]) for d in self.draws]
+        self.buffers = [
+            None if d is None else torch.zeros(d[0], dtype=d[1], device=d[2]) for d in self.draws
+        ]
 
     def fill(self, source) -> None:
         """The replay's draws, from its own source, in the eager run's order."""
@@ -67,7 +70,8 @@ class NoiseTape:
 
 
 def signature(tree) -> Any:
-    """A hashable description of a condition tree: structure, and each tensor's shape, dtype and device;
+    """A hashable description of a condition tree: structure, and each tensor's shape, dtype and
+    device;
     other leaves by value (they are baked into a capture)."""
     if isinstance(tree, torch.Tensor):
         return ("T", tuple(tree.shape), tree.dtype, str(tree.device))
@@ -99,7 +103,9 @@ def copy_tree(dst, src) -> None:
             copy_tree(d, s)
 
 
-CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process: two would share a mempool's state
+CAPTURE_LOCK = (
+    threading.Lock()
+)  # one capture at a time in the process: two would share a mempool's state
 
 
 class CudaGraphs:
@@ -139,11 +145,13 @@ class EagerReplay:
         def replay():
             for out, new in zip(outputs, fn()):
                 out.copy_(new)
+
         return replay, outputs
 
 
 class _Entry:
-    """A capture and everything its replays read: static inputs, noise buffers, and the cached device
+    """A capture and everything its replays read: static inputs, noise buffers, and the cached
+    device
     tensors (row masks, kernels) the loop used, held here so that no cache can free them."""
 
     def __init__(self, inputs, x, tape, replay, outputs, nfe, forwards, ts, held=()):
@@ -158,7 +166,8 @@ class LoopGraphs:
     ``sample(key, build, inputs, sampler, ts, x, noise)``: ``build(inputs)`` makes the run's guided
     denoiser from a condition tree; ``key`` names everything else the loop depends on (guidance,
     sampler, grid, models). The first call with a key runs eagerly, recording the noise draws, then
-    captures the loop on static copies; later calls copy their x, conditions and noise in and replay.
+    captures the loop on static copies; later calls copy their x, conditions and noise in and
+    replay.
     Returns (x, nfe, forwards). A loop that cannot be captured runs eagerly, with a notice.
     """
 
@@ -177,15 +186,33 @@ class LoopGraphs:
             self.entries.clear()
             self.refused.clear()
 
-    def sample(self, key, build: Callable[[Any], Any], inputs, sampler, ts, x: torch.Tensor, noise,
-               check_finite: bool = True, stride=None):
+    def sample(
+        self,
+        key,
+        build: Callable[[Any], Any],
+        inputs,
+        sampler,
+        ts,
+        x: torch.Tensor,
+        noise,
+        check_finite: bool = True,
+        stride=None,
+    ):
         with self._lock:
             return self._sample(key, build, inputs, sampler, ts, x, noise, check_finite, stride)
 
     def _sample(self, key, build, inputs, sampler, ts, x, noise, check_finite, stride):
         ts = torch.as_tensor(ts, dtype=torch.float64)
-        key = (key, repr(sampler), tuple(ts.tolist()), stride, signature(inputs), tuple(x.shape), x.dtype,
-               str(x.device))
+        key = (
+            key,
+            repr(sampler),
+            tuple(ts.tolist()),
+            stride,
+            signature(inputs),
+            tuple(x.shape),
+            x.dtype,
+            str(x.device),
+        )
         entry = self.entries.get(key)
         if entry is None:
             return self._first(key, build, inputs, sampler, ts, x, noise, check_finite, stride)
@@ -202,7 +229,9 @@ class LoopGraphs:
 
     def _refuse(self, key, why: str) -> None:
         self.refused[key] = why
-        self.notices.append(f"the sampling loop could not be captured in a CUDA graph and runs eagerly ({why})")
+        self.notices.append(
+            f"the sampling loop could not be captured in a CUDA graph and runs eagerly ({why})"
+        )
 
     def _first(self, key, build, inputs, sampler, ts, x, noise, check_finite, stride):
         tape = NoiseTape(noise)
@@ -212,9 +241,15 @@ class LoopGraphs:
         if check_finite:
             _raise_if_bad(int(first_bad), ts.numel() - 1, ts)
         if key not in self.refused:
-            held = [type(o).__name__ for o in (sampler, denoise.guidance) if not getattr(o, "capturable", True)]
+            held = [
+                type(o).__name__
+                for o in (sampler, denoise.guidance)
+                if not getattr(o, "capturable", True)
+            ]
             if held:
-                self._refuse(key, f"{' and '.join(held)} reads data back on the host during the loop")
+                self._refuse(
+                    key, f"{' and '.join(held)} reads data back on the host during the loop"
+                )
         if key in self.refused:
             return out, denoise.nfe, denoise.forwards
         static_in, static_x = clone_tree(inputs), x.clone()
@@ -224,6 +259,7 @@ class LoopGraphs:
         def loop():
             tape.k = 0
             return run_loop(captured, sampler, ts, static_x, tape, finite="keep", stride=stride)
+
         held: list = []
         started = time.perf_counter()
         try:
@@ -234,8 +270,9 @@ class LoopGraphs:
             self._refuse(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return out, denoise.nfe, denoise.forwards
         self.captures += 1
-        self.entries[key] = _Entry(static_in, static_x, tape, replay, outputs, denoise.nfe, denoise.forwards, ts,
-                                   held)
+        self.entries[key] = _Entry(
+            static_in, static_x, tape, replay, outputs, denoise.nfe, denoise.forwards, ts, held
+        )
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return out, denoise.nfe, denoise.forwards

@@ -1,11 +1,13 @@
 """Guidance plumbing: methods declare branches, the GuidedDenoiser evaluates them batched.
 
 Each step a guidance method names the network evaluations it needs (``Branch``: which condition,
-which model, which perturbation). Identical branches are evaluated once, branches that share a model,
+which model, which perturbation). Identical branches are evaluated once, branches that share a
+model,
 perturbation and grad mode are concatenated into one forward pass, and the method combines the
 resulting Preds into one. Per-run state (momentum and the like) lives on the GuidedDenoiser, which
 ``sample`` resets at the start of every run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +23,8 @@ import torch
 from .pred import Pred
 from .schedule import Schedule
 
-# condition keys that carry the model's own inputs rather than the prompt (an embedded guidance value:
+# condition keys that carry the model's own inputs rather than the prompt (an embedded guidance
+# value:
 # Flux/SANA-Sprint's "guidance", an LCM student's "timestep_cond"; UNet attention kwargs): a method
 # that replaces the prompt (ICG) keeps them
 MODEL_INPUTS = frozenset({"guidance", "timestep_cond", "attention"})
@@ -31,12 +34,14 @@ MODEL_INPUTS = frozenset({"guidance", "timestep_cond", "attention"})
 class Branch:
     """One network evaluation a guidance method needs at this step."""
 
-    cond: str = "pos"          # key into the run's conditions ("pos", "neg", ...)
-    model: str = "main"        # key into the run's models
-    # an object with .apply(denoiser, noise, rows) -> context manager, or None; with rowwise = True it
-    # perturbs only the rows rows (a [B] bool mask) of a forward, so it shares one with other branches
+    cond: str = "pos"  # key into the run's conditions ("pos", "neg", ...)
+    model: str = "main"  # key into the run's models
+    # an object with .apply(denoiser, noise, rows) -> context manager, or None; with rowwise = True
+    # it
+    # perturbs only the rows rows (a [B] bool mask) of a forward, so it shares one with other
+    # branches
     perturb: Hashable = None
-    grad: bool = False         # evaluate under autograd
+    grad: bool = False  # evaluate under autograd
     rows: tuple | None = None  # evaluate only these samples of the batch (None: all)
 
 
@@ -47,9 +52,9 @@ class Point:
 
     t: torch.Tensor
     schedule: Schedule
-    step: int | None = None   # the sampler's step index and step count, where a sampler reports them
+    step: int | None = None  # the sampler's step index and step count, where a sampler reports them
     steps: int | None = None
-    kind: str | None = None   # the main network's output kind (eps, v, flow, x0), where known
+    kind: str | None = None  # the main network's output kind (eps, v, flow, x0), where known
 
     @cached_property
     def _scalar(self):
@@ -82,13 +87,15 @@ class Guidance:
 
     ``branches(pt, state)`` names the evaluations this step needs (the state lets a method drop a
     branch for the rest of a run); ``combine`` turns their Preds into one and returns the new state.
-    ``conditions`` may add conditions a method draws for itself at each evaluation (ICG's random one).
+    ``conditions`` may add conditions a method draws for itself at each evaluation (ICG's random
+    one).
     A method that differentiates through the network sets ``needs_grad = True`` (a class attribute)
     so that pipelines run it with autograd available rather than in inference mode.
     """
 
     needs_grad = False
-    # False where branches or combine read the data back on the host (AG's switch, ICG's labels): the
+    # False where branches or combine read the data back on the host (AG's switch, ICG's labels):
+    # the
     # sampling loop then cannot be captured in a CUDA graph (core.graphs)
     capturable = True
 
@@ -96,7 +103,8 @@ class Guidance:
         return None
 
     def check(self, models: Mapping[str, Any]) -> None:
-        """Refuse, before sampling, models this method cannot act on (e.g. layers it cannot find)."""
+        """Refuse, before sampling, models this method cannot act on (e.g. layers it cannot
+        find)."""
 
     def conditions(self, pt: Point, conds: Mapping[str, Any], x: torch.Tensor, noise) -> dict:
         """Extra conditions for this evaluation (not cached between evaluations); ``noise`` is the
@@ -123,8 +131,10 @@ def _fit(cond, b: int, name: str):
     """Broadcast batch-1 tensors to batch b; refuse other mismatches."""
     if isinstance(cond, torch.Tensor):
         if cond.ndim == 0 or cond.shape[0] not in (1, b):
-            raise ValueError(f"condition {name!r} has batch {tuple(cond.shape)[:1] or '()'} but the "
-                             f"sample has batch {b}; give one row per sample or a single row")
+            raise ValueError(
+                f"condition {name!r} has batch {tuple(cond.shape)[:1] or '()'} but the "
+                f"sample has batch {b}; give one row per sample or a single row"
+            )
         return cond.expand(b, *cond.shape[1:]) if cond.shape[0] != b else cond
     if isinstance(cond, Mapping):
         return {k: _fit(v, b, f"{name}.{k}") for k, v in cond.items()}
@@ -136,8 +146,12 @@ def _fit(cond, b: int, name: str):
 def _cat(conds: list):
     first = conds[0]
     if isinstance(first, torch.Tensor):
-        if not all(isinstance(c, torch.Tensor) and c.shape[1:] == first.shape[1:]
-                   and c.dtype == first.dtype for c in conds):
+        if not all(
+            isinstance(c, torch.Tensor)
+            and c.shape[1:] == first.shape[1:]
+            and c.dtype == first.dtype
+            for c in conds
+        ):
             raise _Incompatible
         return torch.cat(conds)
     if isinstance(first, Mapping):
@@ -168,8 +182,10 @@ _HOLDERS = threading.local()
 
 @contextlib.contextmanager
 def holding(keep: list):
-    """Every cached device tensor ``constant`` and ``row_mask`` hand out in this thread meanwhile is also
-    appended to ``keep``: a captured loop reads them by address at every replay, so its entry must own
+    """Every cached device tensor ``constant`` and ``row_mask`` hand out in this thread meanwhile
+    is also
+    appended to ``keep``: a captured loop reads them by address at every replay, so its entry must
+    own
     them, whatever the caches evict later."""
     saved = getattr(_HOLDERS, "keep", None)
     _HOLDERS.keep = keep
@@ -187,7 +203,8 @@ def _held(t: torch.Tensor) -> torch.Tensor:
 
 
 def constant(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """A small host-made tensor (a kernel) on a device, made once, so that a step copies nothing from
+    """A small host-made tensor (a kernel) on a device, made once, so that a step copies nothing
+    from
     the host: a captured loop (``core.graphs``) cannot."""
     return _held(_constant(values, device, dtype))
 
@@ -211,7 +228,9 @@ def row_mask(flags: tuple, device: str) -> torch.Tensor:
 def _row_mask(flags: tuple, device: str) -> torch.Tensor:
     with torch.inference_mode(False):  # usable in runs with autograd too
         mask = torch.tensor(flags, dtype=torch.bool, device=device)
-        mask.row_index = torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long, device=device)
+        mask.row_index = torch.tensor(
+            [i for i, f in enumerate(flags) if f], dtype=torch.long, device=device
+        )
     mask.all_rows = all(flags)
     return mask
 
@@ -219,35 +238,51 @@ def _row_mask(flags: tuple, device: str) -> torch.Tensor:
 class GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable samplers consume. One per run; counts NFE.
 
-    ``nfe`` counts network evaluations per sample (a batched cond + uncond pass is 2; a branch on some
+    ``nfe`` counts network evaluations per sample (a batched cond + uncond pass is 2; a branch on
+    some
     rows only counts their share), ``forwards`` counts forward passes.
     """
 
-    def __init__(self, models: Mapping[str, Any], guidance: Guidance, conds: Mapping[str, Any],
-                 threshold=None, max_batch: int | None = None, stitch=None):
+    def __init__(
+        self,
+        models: Mapping[str, Any],
+        guidance: Guidance,
+        conds: Mapping[str, Any],
+        threshold=None,
+        max_batch: int | None = None,
+        stitch=None,
+    ):
         if "main" not in models:
             raise ValueError("models must include a 'main' denoiser")
         for name, m in models.items():
             if not callable(m) or not hasattr(m, "schedule"):
-                raise ValueError(f"model {name!r} must be a callable (x, t, cond) -> Pred with a "
-                                 f".schedule, got {type(m).__name__}")
+                raise ValueError(
+                    f"model {name!r} must be a callable (x, t, cond) -> Pred with a "
+                    f".schedule, got {type(m).__name__}"
+                )
         if not isinstance(guidance, Guidance):
-            raise ValueError(f"guidance must be a Guidance object or a spec string, got "
-                             f"{type(guidance).__name__}")
+            raise ValueError(
+                f"guidance must be a Guidance object or a spec string, got "
+                f"{type(guidance).__name__}"
+            )
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 or None, got {max_batch!r}")
         self.models, self.guidance, self.conds = dict(models), guidance, dict(conds)
         self.threshold, self.max_batch = threshold, max_batch
         self.schedule: Schedule = self.models["main"].schedule
         main = self.models["main"]
-        self._kind = getattr(main, "kind", None) or getattr(getattr(main, "inner", None), "kind", None)
+        self._kind = getattr(main, "kind", None) or getattr(
+            getattr(main, "inner", None), "kind", None
+        )
         self.stitch = stitch
         guidance.check(self.models)
         if stitch is not None:
             from .stitch import check_same_schedule
 
             if stitch.model not in self.models:
-                raise ValueError(f"stitch needs model {stitch.model!r}; this run has: {', '.join(self.models)}")
+                raise ValueError(
+                    f"stitch needs model {stitch.model!r}; this run has: {', '.join(self.models)}"
+                )
             check_same_schedule(self.models["main"], self.models[stitch.model])
         self.reset()
 
@@ -280,25 +315,39 @@ class GuidedDenoiser:
             pred = self.threshold(pred, x, pt.a, pt.s)
         return pred
 
-    def evaluate(self, x: torch.Tensor, t: torch.Tensor, branches: Mapping[str, Branch],
-                 extra: Mapping[str, Any] | None = None) -> dict:
+    def evaluate(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        branches: Mapping[str, Branch],
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict:
         """Evaluate the distinct branches, one forward pass per (model, perturb, grad) group.
         ``extra`` conditions hold for this evaluation only."""
         conds = {**self.conds, **extra} if extra else self.conds
         unique = list(dict.fromkeys(branches.values()))
         if self._main != "main":
-            unique = list(dict.fromkeys(
-                dataclasses.replace(br, model=self._main) if br.model == "main" else br for br in unique))
-            branches = {k: (dataclasses.replace(br, model=self._main) if br.model == "main" else br)
-                        for k, br in branches.items()}
+            unique = list(
+                dict.fromkeys(
+                    dataclasses.replace(br, model=self._main) if br.model == "main" else br
+                    for br in unique
+                )
+            )
+            branches = {
+                k: (dataclasses.replace(br, model=self._main) if br.model == "main" else br)
+                for k, br in branches.items()
+            }
         groups: dict[tuple, list[Branch]] = {}
         for br in unique:
             if br.model not in self.models:
-                raise ValueError(f"branch needs model {br.model!r}; this run has: "
-                                 f"{', '.join(self.models)}")
+                raise ValueError(
+                    f"branch needs model {br.model!r}; this run has: {', '.join(self.models)}"
+                )
             if br.cond not in conds and f"{br.cond}@{br.model}" not in conds:
-                raise ValueError(f"{type(self.guidance).__name__} needs condition {br.cond!r}; this "
-                                 f"run has: {', '.join(conds) or 'none'} (pass uncond= for 'neg')")
+                raise ValueError(
+                    f"{type(self.guidance).__name__} needs condition {br.cond!r}; this "
+                    f"run has: {', '.join(conds) or 'none'} (pass uncond= for 'neg')"
+                )
             alone = br.perturb if not getattr(br.perturb, "rowwise", False) else None
             groups.setdefault((br.model, alone, br.grad), []).append(br)
         out: dict[Branch, Pred] = {}
@@ -307,8 +356,13 @@ class GuidedDenoiser:
             key = (model, tuple((br.cond, br.rows) for br in brs), b)
             if key not in self._batched:
                 # a model with its own encoders (a stitched small model) reads "cond@model"
-                rows = [_fit(conds.get(f"{br.cond}@{br.model}", conds.get(br.cond)), b, br.cond) for br in brs]
-                rows = [c if br.rows is None else _rows(c, list(br.rows)) for c, br in zip(rows, brs)]
+                rows = [
+                    _fit(conds.get(f"{br.cond}@{br.model}", conds.get(br.cond)), b, br.cond)
+                    for br in brs
+                ]
+                rows = [
+                    c if br.rows is None else _rows(c, list(br.rows)) for c, br in zip(rows, brs)
+                ]
                 try:
                     self._batched[key] = (True, _cat(rows))
                 except _Incompatible:
@@ -319,8 +373,10 @@ class GuidedDenoiser:
             if together:
                 preds = self._forward(model, grad, xs, ts, cond, [br.perturb for br in brs])
             else:
-                preds = [self._forward(model, grad, [xi], [ti], c, [br.perturb])[0]
-                         for xi, ti, c, br in zip(xs, ts, cond, brs)]
+                preds = [
+                    self._forward(model, grad, [xi], [ti], c, [br.perturb])[0]
+                    for xi, ti, c, br in zip(xs, ts, cond, brs)
+                ]
             if extra and any(br.cond in extra for br in brs):  # drawn afresh next time
                 del self._batched[key]
             out.update(zip(brs, preds))
@@ -331,7 +387,8 @@ class GuidedDenoiser:
 
     def _forward(self, model, grad, xs: list, ts: list, cond, perturbs: list) -> list[Pred]:
         """One batched pass over the branches' inputs (in max_batch chunks); a Pred per branch.
-        ``perturbs`` holds each branch's perturbation (None: none); rowwise ones act on their rows."""
+        ``perturbs`` holds each branch's perturbation (None: none); rowwise ones act on their
+        rows."""
         net = self.models[model]
         sizes = [xi.shape[0] for xi in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
@@ -362,9 +419,18 @@ class GuidedDenoiser:
         return (Pred.cat(chunks) if len(chunks) > 1 else chunks[0]).split(sizes)
 
 
-def guide(denoiser, guidance=None, cond=None, uncond=None, *, conds: Mapping[str, Any] | None = None,
-          models: Mapping[str, Any] | None = None, threshold=None,
-          max_batch: int | None = None, stitch=None) -> GuidedDenoiser:
+def guide(
+    denoiser,
+    guidance=None,
+    cond=None,
+    uncond=None,
+    *,
+    conds: Mapping[str, Any] | None = None,
+    models: Mapping[str, Any] | None = None,
+    threshold=None,
+    max_batch: int | None = None,
+    stitch=None,
+) -> GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable a sampler consumes: ``denoiser`` guided by ``guidance``.
 
     guidance: a Guidance object, a spec such as ``"cfg:scale=7.5"``, or None (conditional only).
@@ -384,5 +450,6 @@ def guide(denoiser, guidance=None, cond=None, uncond=None, *, conds: Mapping[str
     if uncond is not None:
         all_conds["neg"] = uncond
     all_conds.update(conds or {})
-    return GuidedDenoiser(all_models, guidance, all_conds, threshold=threshold, max_batch=max_batch,
-                          stitch=stitch)
+    return GuidedDenoiser(
+        all_models, guidance, all_conds, threshold=threshold, max_batch=max_batch, stitch=stitch
+    )

@@ -1,12 +1,14 @@
 """Pred(x0, eps): what every network output becomes, and what samplers read.
 
 Samplers anchor the update on ``x0`` and re-noise with ``eps``; they never re-derive one from x. For
-an ordinary prediction x = a x0 + s eps holds; CFG++ deliberately breaks it (guided x0, unconditional
+an ordinary prediction x = a x0 + s eps holds; CFG++ deliberately breaks it (guided x0,
+unconditional
 eps). Conversions run in float32 (float64 stays float64) whatever the network's dtype.
 
 ``x0_hist`` is what a multistep sampler remembers of this step for later steps' slope estimates;
 None means x0. CFG++ sets it to the unconditional x0, as its authors' DPM++(2M) does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +42,10 @@ class Pred:
         """Convert a raw network output of the given kind at state x, level (a, s)."""
         out, x = _f(out), _f(x)
         if out.shape != x.shape:
-            raise ValueError(f"network output shape {tuple(out.shape)} does not match the sample "
-                             f"shape {tuple(x.shape)}")
+            raise ValueError(
+                f"network output shape {tuple(out.shape)} does not match the sample "
+                f"shape {tuple(x.shape)}"
+            )
         a, s = _coef(a, x), _coef(s, x)
         if kind == "eps":
             return cls((x - s * out) / a, out)

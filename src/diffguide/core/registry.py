@@ -1,8 +1,10 @@
-"""Name registry for samplers, guidance methods and noise optimisers: ``@register("sampler", "dpmpp_2m")``.
+"""Name registry for samplers, guidance methods and noise optimisers: ``@register("sampler",
+"dpmpp_2m")``.
 
 Registered classes are frozen dataclasses whose fields are their options (diffusers' habit: the
 constructor arguments are the config). Specs ``name`` or ``name:key=value,key=value`` resolve here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +20,7 @@ def register(kind: str, name: str):
         _REGISTRY[kind][name] = cls
         cls.name = name
         return cls
+
     return deco
 
 
@@ -53,8 +56,9 @@ def create(kind: str, name: str, **opts):
     allowed = options(kind, name)
     for key, value in opts.items():
         if key not in allowed:
-            raise ValueError(f"{kind} {name!r} has no option {key!r}; allowed: "
-                             f"{', '.join(allowed) or 'none'}")
+            raise ValueError(
+                f"{kind} {name!r} has no option {key!r}; allowed: {', '.join(allowed) or 'none'}"
+            )
     try:
         return cls(**opts)
     except (TypeError, ValueError) as e:
@@ -86,9 +90,13 @@ def _coerce(text: str, default):
 
 
 _COMBINATORS: dict[str, type] = {}  # "+" -> Sum, "@" -> Modulated (registered by guidance.compose)
-# "+" composes guidance methods, except where it is an exponent's sign: 1e+20 is how Python writes 1e20
+# "+" composes guidance methods, except where it is an exponent's sign: 1e+20 is how Python writes
+# 1e20
 _SUM = re.compile(r"(?<![0-9.][eE])\+")
-MAX_SPEC_LENGTH, MAX_TERMS = 4096, 16  # far beyond any real spec; a spec is also read from image files
+MAX_SPEC_LENGTH, MAX_TERMS = (
+    4096,
+    16,
+)  # far beyond any real spec; a spec is also read from image files
 
 
 def terms(spec: str) -> list[str]:
@@ -100,12 +108,16 @@ def combinator(symbol: str):
     def deco(cls):
         _COMBINATORS[symbol] = cls
         return cls
+
     return deco
 
 
 def _options_of(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls)
-            if f.init and f.default is not dataclasses.MISSING}
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is not dataclasses.MISSING
+    }
 
 
 def _parse_options(kind: str, what: str, spec: str, rest: str, allowed: dict) -> dict:
@@ -155,7 +167,9 @@ def parse_spec(kind: str, spec: str):
         return parse_spec(kind, _spec_file(kind, spec[1:]))
     parts = terms(spec) if kind == "guidance" and "+" in _COMBINATORS else [spec]
     if len(parts) > MAX_TERMS:
-        raise ValueError(f"guidance spec composes {len(parts)} methods with '+'; at most {MAX_TERMS}")
+        raise ValueError(
+            f"guidance spec composes {len(parts)} methods with '+'; at most {MAX_TERMS}"
+        )
     if len(parts) > 1:
         return _COMBINATORS["+"](tuple(parse_spec(kind, term) for term in parts))
     if kind == "guidance" and "@" in spec and "@" in _COMBINATORS:
@@ -181,8 +195,11 @@ def to_spec(obj) -> str:
     if type(obj) is _COMBINATORS.get("+"):
         return "+".join(to_spec(p) for p in obj.parts)
     if type(obj) is _COMBINATORS.get("@"):
-        extra = [f"{k}={getattr(obj, k)}" for k, d in _options_of(type(obj)).items()
-                 if getattr(obj, k) != d]
+        extra = [
+            f"{k}={getattr(obj, k)}"
+            for k, d in _options_of(type(obj)).items()
+            if getattr(obj, k) != d
+        ]
         return to_spec(obj.inner) + ("@" + ",".join(extra) if extra else "")
     defaults = options(_kind_of(obj), obj.name)
     parts = []

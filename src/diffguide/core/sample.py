@@ -5,6 +5,7 @@ returns the new x and its history. Every update is written as a data anchor plus
 ``x' = a' D + s' E``, with D built from x0 predictions and E from eps (plus fresh noise), never
 re-deriving one from x. Histories come from ``init_state()`` at the start of each run.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,10 @@ def _lam(ve: float) -> float:
 
 @dataclass(frozen=True)
 class IndexStride:
-    """diffusers' DDIM and PNDM step rule: an update from training index t lands at t - r with r = T // n,
-    whatever the grid's next point is (they differ on linspace and trailing grids), and below index 0 at
+    """diffusers' DDIM and PNDM step rule: an update from training index t lands at t - r with r =
+    T // n,
+    whatever the grid's next point is (they differ on linspace and trailing grids), and below index
+    0 at
     ``final`` (-1: clean data; 0: alpha_bar[0], as with set_alpha_to_one False). The next step still
     starts from the grid's next point: the sample is relabelled there, as those schedulers do."""
 
@@ -63,7 +66,9 @@ class Step:
     stride: IndexStride | None = None
 
     @classmethod
-    def make(cls, i: int, n: int, t, t_next, schedule: Schedule, stride: IndexStride | None = None) -> "Step":
+    def make(
+        cls, i: int, n: int, t, t_next, schedule: Schedule, stride: IndexStride | None = None
+    ) -> "Step":
         t, t_next = torch.as_tensor(t, dtype=F64), torch.as_tensor(t_next, dtype=F64)
         (a, a1), (s, s1), (ve, ve1) = _levels(schedule, torch.stack([t, t_next]))
         return cls(i, n, t, t_next, schedule, a, s, ve, a1, s1, ve1, stride)
@@ -86,9 +91,16 @@ class Step:
         return self.s_next == 0.0
 
     def to(self, t=None, t_next=None) -> "Step":
-        """The same step position with other endpoints (churn, ancestral and singlestep substeps)."""
-        return Step.make(self.i, self.n, self.t if t is None else t,
-                         self.t_next if t_next is None else t_next, self.schedule, self.stride)
+        """The same step position with other endpoints (churn, ancestral and singlestep
+        substeps)."""
+        return Step.make(
+            self.i,
+            self.n,
+            self.t if t is None else t,
+            self.t_next if t_next is None else t_next,
+            self.schedule,
+            self.stride,
+        )
 
     def landing(self) -> "Step":
         """This step as the reproduced scheduler lands its update (``stride``), else itself."""
@@ -115,6 +127,7 @@ class Sampler:
 
 # -- shared pieces of the update rules ------------------------------------------------------------
 
+
 def ancestral(st: Step, eta: float) -> tuple[float, float]:
     """(ve_down, ve_up) splitting ve_next into a deterministic and a fresh-noise part.
 
@@ -124,7 +137,7 @@ def ancestral(st: Step, eta: float) -> tuple[float, float]:
     if eta == 0 or st.last:
         return st.ve_next, 0.0
     up = min(st.ve_next, eta * st.ve_next * math.sqrt(-math.expm1(-2 * st.h)))
-    return math.sqrt(max(st.ve_next ** 2 - up ** 2, 0.0)), up
+    return math.sqrt(max(st.ve_next**2 - up**2, 0.0)), up
 
 
 def straight(st: Step, nxt: bool = False) -> tuple[float, float, bool]:
@@ -138,7 +151,8 @@ def straight(st: Step, nxt: bool = False) -> tuple[float, float, bool]:
 
 
 def straight_point(p: Pred, u: float, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, dy/du) at level u rebuilt from a prediction: y = (a/c) x0 + u eps with a/c = 1 - u on flows
+    """(y, dy/du) at level u rebuilt from a prediction: y = (a/c) x0 + u eps with a/c = 1 - u on
+    flows
     (1 on VP schedules), and the slope eps - x0 on flows (eps on VP schedules)."""
     if flow:
         return p.x0 * (1 - u) + u * p.eps, p.eps - p.x0
@@ -175,10 +189,13 @@ class Churn(Sampler):
         if hat.ve <= st.ve:  # already at the top of the schedule
             return x, st
         z = noise(x, st.t, hat.t)
-        return (hat.a / st.a) * x + (hat.a * math.sqrt(hat.ve ** 2 - st.ve ** 2) * self.s_noise) * z, hat
+        return (hat.a / st.a) * x + (
+            hat.a * math.sqrt(hat.ve**2 - st.ve**2) * self.s_noise
+        ) * z, hat
 
 
 # -- noise sources --------------------------------------------------------------------------------
+
 
 class RandomNoise:
     """Standard normal draws from one generator (or torch's global RNG): batch-dependent."""
@@ -189,7 +206,9 @@ class RandomNoise:
     def randn(self, shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
         """The whole batch in one draw (diffusers' randn_tensor with a single generator)."""
         where = self.generator.device if self.generator is not None else (device or "cpu")
-        return torch.randn(tuple(shape), generator=self.generator, dtype=dtype, device=where).to(device or where)
+        return torch.randn(tuple(shape), generator=self.generator, dtype=dtype, device=where).to(
+            device or where
+        )
 
     def __call__(self, like: torch.Tensor, t=None, t_next=None) -> torch.Tensor:
         return self.randn(like.shape, like.dtype, like.device)
@@ -201,8 +220,12 @@ class SeededNoise:
     generator, the same stream diffusers' randn_tensor draws from a list of generators.
     """
 
-    def __init__(self, seeds: Sequence[int] = (), device: str | torch.device = "cpu",
-                 generators: Sequence[torch.Generator] | None = None):
+    def __init__(
+        self,
+        seeds: Sequence[int] = (),
+        device: str | torch.device = "cpu",
+        generators: Sequence[torch.Generator] | None = None,
+    ):
         """One generator per seed, or the caller's own per-sample ``generators``."""
         if generators is None:
             generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
@@ -212,9 +235,13 @@ class SeededNoise:
 
     def randn(self, shape: Sequence[int], dtype=torch.float32, device=None) -> torch.Tensor:
         if shape[0] != len(self.generators):
-            raise ValueError(f"noise for batch {shape[0]} requested from {len(self.generators)} seeds")
-        rows = [torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device)
-                for g in self.generators]
+            raise ValueError(
+                f"noise for batch {shape[0]} requested from {len(self.generators)} seeds"
+            )
+        rows = [
+            torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device)
+            for g in self.generators
+        ]
         return torch.cat(rows).to(device or rows[0].device)
 
     def __call__(self, like: torch.Tensor, t=None, t_next=None) -> torch.Tensor:
@@ -222,25 +249,41 @@ class SeededNoise:
 
 
 class BrownianTree:
-    """A Brownian motion W on [lo, hi], one independent path per row, each a fixed function of its row's
-    seed: W(q) comes from a bisection to depth ``depth`` whose midpoint values are Brownian-bridge draws
-    seeded by (seed, depth, node), so W at a level does not depend on which other levels were asked for
-    (any step count, any order: the property of torchsde's Brownian tree that k-diffusion's DPM++ SDE
-    relies on), then linear between the last two nodes. ``increment(a, b)`` is (W(b) - W(a)) / sqrt|b - a|,
+    """A Brownian motion W on [lo, hi], one independent path per row, each a fixed function of its
+    row's
+    seed: W(q) comes from a bisection to depth ``depth`` whose midpoint values are Brownian-bridge
+    draws
+    seeded by (seed, depth, node), so W at a level does not depend on which other levels were asked
+    for
+    (any step count, any order: the property of torchsde's Brownian tree that k-diffusion's DPM++
+    SDE
+    relies on), then linear between the last two nodes. ``increment(a, b)`` is (W(b) - W(a)) /
+    sqrt|b - a|,
     a standard normal for one interval and correlated across overlapping ones."""
 
-    def __init__(self, seeds: Sequence[int], lo: float, hi: float, shape: Sequence[int], depth: int = 24):
+    def __init__(
+        self, seeds: Sequence[int], lo: float, hi: float, shape: Sequence[int], depth: int = 24
+    ):
         if not 0 <= lo < hi < math.inf:
             raise ValueError(f"a Brownian tree needs 0 <= lo < hi < inf, got {lo}, {hi}")
-        self.seeds, self.lo, self.hi, self.shape, self.depth = [int(v) for v in seeds], lo, hi, tuple(shape), depth
+        self.seeds, self.lo, self.hi, self.shape, self.depth = (
+            [int(v) for v in seeds],
+            lo,
+            hi,
+            tuple(shape),
+            depth,
+        )
 
     def _normal(self, seed: int, level: int, node: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + level * 65_537 + node) % 2 ** 63)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + level * 65_537 + node) % 2**63)
         return torch.randn(self.shape, generator=g, dtype=torch.float64)
 
     def _row(self, seed: int, q: float) -> torch.Tensor:
         a, b = self.lo, self.hi
-        wa, wb = torch.zeros(self.shape, dtype=torch.float64), math.sqrt(b - a) * self._normal(seed, 0, 0)
+        wa, wb = (
+            torch.zeros(self.shape, dtype=torch.float64),
+            math.sqrt(b - a) * self._normal(seed, 0, 0),
+        )
         node = 0
         for level in range(1, self.depth + 1):
             m = 0.5 * (a + b)
@@ -261,7 +304,8 @@ class BrownianTree:
 
 
 class RowsNoise:
-    """Rows of a batch-wide noise source: each draw is the whole batch's, sliced, so a sub-batch sees
+    """Rows of a batch-wide noise source: each draw is the whole batch's, sliced, so a sub-batch
+    sees
     exactly the noise its rows would get in the full run (one shared generator)."""
 
     def __init__(self, source, rows: Sequence[int], batch: int):
@@ -283,7 +327,11 @@ class NoiseFork:
 
     def __init__(self, noise, batch: int, seeds: Sequence[int] | None = None):
         self.batch, self.seeds, self.initial = batch, seeds, None
-        gens = noise.generators if isinstance(noise, SeededNoise) else [getattr(noise, "generator", None)]
+        gens = (
+            noise.generators
+            if isinstance(noise, SeededNoise)
+            else [getattr(noise, "generator", None)]
+        )
         if any(g is None for g in gens):
             raise ValueError("a replayable run needs seeds or generators")
         self.shared = not isinstance(noise, SeededNoise)
@@ -297,8 +345,11 @@ class NoiseFork:
 
     def source(self, rows: Sequence[int]):
         rows = list(rows)
-        src = RowsNoise(RandomNoise(self._gen(0)), rows, self.batch) if self.shared else \
-            SeededNoise(generators=[self._gen(r) for r in rows])
+        src = (
+            RowsNoise(RandomNoise(self._gen(0)), rows, self.batch)
+            if self.shared
+            else SeededNoise(generators=[self._gen(r) for r in rows])
+        )
         if self.initial is not None:
             src.randn((len(rows), *self.initial[1:]))
         return src
@@ -307,8 +358,8 @@ class NoiseFork:
         if self.seeds is not None:
             return int(self.seeds[i])
         if self.shared:
-            return int(torch.randint(2 ** 62, (self.batch,), generator=self._gen(0))[i])
-        return int(torch.randint(2 ** 62, (1,), generator=self._gen(i)))
+            return int(torch.randint(2**62, (self.batch,), generator=self._gen(0))[i])
+        return int(torch.randint(2**62, (1,), generator=self._gen(i)))
 
 
 def draw(noise, like: torch.Tensor) -> torch.Tensor:
@@ -324,21 +375,38 @@ def draw(noise, like: torch.Tensor) -> torch.Tensor:
 
 # -- the loop -------------------------------------------------------------------------------------
 
+
 class NonFiniteError(ValueError):
     """A run produced NaN or infinite values: ``where`` ("sampling", "decoding"), the first bad
     ``step`` (0-based) of ``steps`` for sampling."""
 
-    def __init__(self, message: str, where: str = "sampling", step: int | None = None, steps: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        where: str = "sampling",
+        step: int | None = None,
+        steps: int | None = None,
+    ):
         super().__init__(message)
         self.where, self.step, self.steps = where, step, steps
 
 
-FINITE_EVERY = 8  # steps between host reads of the non-finite flag (the flag itself is kept every step)
+FINITE_EVERY = (
+    8  # steps between host reads of the non-finite flag (the flag itself is kept every step)
+)
 
 
-def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None = None,
-           callback: Callable[[Step, torch.Tensor], None] | None = None, grad: bool = False,
-           check_finite: bool = True, stride: IndexStride | None = None) -> torch.Tensor:
+def sample(
+    denoise: Denoise,
+    sampler,
+    ts,
+    x: torch.Tensor,
+    noise: Noise | None = None,
+    callback: Callable[[Step, torch.Tensor], None] | None = None,
+    grad: bool = False,
+    check_finite: bool = True,
+    stride: IndexStride | None = None,
+) -> torch.Tensor:
     """Integrate from x at ts[0] down the grid ts; returns the sample at ts[-1].
 
     ``denoise`` is an ``(x, t) -> Pred`` callable with a ``.schedule`` (what ``guide`` returns).
@@ -348,11 +416,14 @@ def sample(denoise: Denoise, sampler, ts, x: torch.Tensor, noise: Noise | None =
     ``check_finite``: raise ``NonFiniteError`` naming the first step whose x has a NaN or inf. The
     first bad step is tracked on x's device and read back every ``FINITE_EVERY`` steps and at the
     end, so a GPU run is not synchronised at every step.
-    ``stride``: land each update where diffusers' DDIM or PNDM would (``IndexStride``); samplers that
+    ``stride``: land each update where diffusers' DDIM or PNDM would (``IndexStride``); samplers
+    that
     reproduce those schedulers (ddim, plms) read it.
     """
     ts, x, sampler = _checked(denoise, sampler, ts, x)
-    return run_loop(denoise, sampler, ts, x, noise, callback, grad, "read" if check_finite else None, stride)[0]
+    return run_loop(
+        denoise, sampler, ts, x, noise, callback, grad, "read" if check_finite else None, stride
+    )[0]
 
 
 def _checked(denoise, sampler, ts, x):
@@ -360,12 +431,16 @@ def _checked(denoise, sampler, ts, x):
 
     schedule = getattr(denoise, "schedule", None)
     if not callable(denoise) or schedule is None:
-        raise ValueError("denoise must be an (x, t) -> Pred callable with a .schedule; wrap a "
-                         "denoiser with diffguide.guide(denoiser, guidance, cond)")
+        raise ValueError(
+            "denoise must be an (x, t) -> Pred callable with a .schedule; wrap a "
+            "denoiser with diffguide.guide(denoiser, guidance, cond)"
+        )
     if isinstance(sampler, str):
         sampler = parse_spec("sampler", sampler)
     if not isinstance(sampler, Sampler):
-        raise ValueError(f"sampler must be a Sampler or a spec string, got {type(sampler).__name__}")
+        raise ValueError(
+            f"sampler must be a Sampler or a spec string, got {type(sampler).__name__}"
+        )
     ts = check_timesteps(schedule, ts)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
         raise ValueError("x must be a floating-point tensor with a leading batch dimension")
@@ -374,9 +449,19 @@ def _checked(denoise, sampler, ts, x):
     return ts, x, sampler
 
 
-def run_loop(denoise: Denoise, sampler: Sampler, ts: torch.Tensor, x: torch.Tensor, noise=None,
-             callback=None, grad: bool = False, finite: str | None = "read", stride: IndexStride | None = None):
-    """The loop of ``sample`` on checked arguments; returns (x, first_bad), first_bad a 0-dim tensor on
+def run_loop(
+    denoise: Denoise,
+    sampler: Sampler,
+    ts: torch.Tensor,
+    x: torch.Tensor,
+    noise=None,
+    callback=None,
+    grad: bool = False,
+    finite: str | None = "read",
+    stride: IndexStride | None = None,
+):
+    """The loop of ``sample`` on checked arguments; returns (x, first_bad), first_bad a 0-dim
+    tensor on
     x's device: the first step whose x is not finite (n when none). ``finite``: "read" reads it back
     every ``FINITE_EVERY`` steps and raises; "keep" only keeps it, so that the loop has no host read
     of device data (capturable in a CUDA graph: ``core.graphs``) and the caller reads it once at the
@@ -392,12 +477,27 @@ def run_loop(denoise: Denoise, sampler: Sampler, ts: torch.Tensor, x: torch.Tens
     first_bad = torch.full((), n, device=x.device) if finite else None
     with torch.set_grad_enabled(grad):
         for i in range(n):
-            st = Step(i, n, ts[i], ts[i + 1], schedule, a[i], s[i], ve[i], a[i + 1], s[i + 1], ve[i + 1], stride)
+            st = Step(
+                i,
+                n,
+                ts[i],
+                ts[i + 1],
+                schedule,
+                a[i],
+                s[i],
+                ve[i],
+                a[i + 1],
+                s[i + 1],
+                ve[i + 1],
+                stride,
+            )
             if begin is not None and begin(st) and denoise.stitch.reset:
                 state = sampler.init_state()  # T-Stitch with reset: no history across the switch
             x, state = sampler.step(denoise, x, st, state, noise)
             if first_bad is not None:
-                first_bad = torch.where(torch.isfinite(x.detach()).all() | (first_bad < n), first_bad, i)
+                first_bad = torch.where(
+                    torch.isfinite(x.detach()).all() | (first_bad < n), first_bad, i
+                )
                 if finite == "read" and ((i + 1) % FINITE_EVERY == 0 or i == n - 1):
                     _raise_if_bad(int(first_bad), n, ts)
             if callback is not None:
@@ -409,5 +509,10 @@ def run_loop(denoise: Denoise, sampler: Sampler, ts: torch.Tensor, x: torch.Tens
 
 def _raise_if_bad(first: int, n: int, ts) -> None:
     if first < n:
-        raise NonFiniteError(f"sampling produced NaN or inf at step {first + 1} of {n} (t {float(ts[first]):.4g} "
-                             f"-> {float(ts[first + 1]):.4g})", "sampling", first, n)
+        raise NonFiniteError(
+            f"sampling produced NaN or inf at step {first + 1} of {n} (t {float(ts[first]):.4g} "
+            f"-> {float(ts[first + 1]):.4g})",
+            "sampling",
+            first,
+            n,
+        )

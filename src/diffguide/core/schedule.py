@@ -1,9 +1,11 @@
-"""Noise schedules: x_t = alpha(t) x0 + sigma(t) eps, described as (alpha, sigma, lambda, lambda^-1).
+"""Noise schedules: x_t = alpha(t) x0 + sigma(t) eps, described as (alpha, sigma, lambda,
+lambda^-1).
 
 Every schedule also exposes the VE-equivalent noise level ``ve(t) = sigma/alpha = exp(-lambda)``
 (k-diffusion's and EDM's "sigma"), which is what spacings, guidance intervals and Heun-type solvers
 use, so they behave the same on VP and flow models. All arithmetic is float64.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +24,8 @@ def _t64(t) -> torch.Tensor:
 class Schedule:
     """Base class. Subclasses define ``ve(t)``, ``t_of_ve(ve)``, ``alpha(t)`` and ``model_time(t)``.
 
-    ``t_min`` is the data end (sigma = 0), ``t_max`` the noise end. ``sigma_min``/``sigma_max`` are the
+    ``t_min`` is the data end (sigma = 0), ``t_max`` the noise end. ``sigma_min``/``sigma_max`` are
+    the
     finite VE levels the network was trained on, the default range of logSNR and Karras spacings.
     """
 
@@ -71,15 +74,21 @@ class Schedule:
     def check_t(self, t: torch.Tensor, what: str = "t") -> None:
         lo, hi = min(self.t_min, self.t_max), max(self.t_min, self.t_max)
         if torch.any(t < lo - 1e-9) or torch.any(t > hi + 1e-9) or torch.any(torch.isnan(t)):
-            raise ValueError(f"{what} has values outside this schedule's range [{lo}, {hi}]: "
-                             f"min {t.min().item():g}, max {t.max().item():g}")
+            raise ValueError(
+                f"{what} has values outside this schedule's range [{lo}, {hi}]: "
+                f"min {t.min().item():g}, max {t.max().item():g}"
+            )
 
 
 @functools.lru_cache(maxsize=16384)
 def _at(schedule: Schedule, t: float) -> tuple[float, float, float, float]:
     tt = torch.tensor([t], dtype=F64)
-    return (float(schedule.alpha(tt)), float(schedule.sigma(tt)), float(schedule.ve(tt)),
-            float(schedule.model_time(tt)))
+    return (
+        float(schedule.alpha(tt)),
+        float(schedule.sigma(tt)),
+        float(schedule.ve(tt)),
+        float(schedule.model_time(tt)),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,9 +96,12 @@ class VPSchedule(Schedule):
     """Discrete variance-preserving schedule from a table of alphas_cumprod (DDPM, SD 1/2/XL, DiT).
 
     Time t is the training index (the value the network sees), fractional in between. The table is
-    extended with t = -1, where alpha = 1 and sigma = 0, so every grid can end at clean data. Between
-    table entries the VE level is interpolated linearly, as diffusers' Euler/Heun schedulers do. With a
-    zero-terminal-SNR table (alphas_cumprod[-1] == 0) the last interval interpolates alpha instead, so
+    extended with t = -1, where alpha = 1 and sigma = 0, so every grid can end at clean data.
+    Between
+    table entries the VE level is interpolated linearly, as diffusers' Euler/Heun schedulers do.
+    With a
+    zero-terminal-SNR table (alphas_cumprod[-1] == 0) the last interval interpolates alpha instead,
+    so
     alpha reaches 0 continuously.
     """
 
@@ -104,8 +116,10 @@ class VPSchedule(Schedule):
         if ac.numel() < 2:
             raise ValueError(f"alphas_cumprod needs at least 2 entries, got {ac.numel()}")
         if torch.any(ac[1:] >= ac[:-1]) or ac[0] > 1 or ac[-1] < 0 or ac[0] <= 0:
-            raise ValueError("alphas_cumprod must be strictly decreasing within (0, 1] "
-                             "(the last entry may be 0 for zero terminal SNR)")
+            raise ValueError(
+                "alphas_cumprod must be strictly decreasing within (0, 1] "
+                "(the last entry may be 0 for zero terminal SNR)"
+            )
         object.__setattr__(self, "alphas_cumprod", ac)
         ve = torch.sqrt((1 - ac) / ac)  # inf where ac == 0
         object.__setattr__(self, "_ve_ext", torch.cat([ve.new_zeros(1), ve]))
@@ -113,27 +127,36 @@ class VPSchedule(Schedule):
         object.__setattr__(self, "_zero_snr", bool(ac[-1] == 0))
 
     @classmethod
-    def from_betas(cls, beta_start: float = 0.00085, beta_end: float = 0.012,
-                   beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
-                   rescale_betas_zero_snr: bool = False, **kwargs) -> "VPSchedule":
+    def from_betas(
+        cls,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        num_train_timesteps: int = 1000,
+        rescale_betas_zero_snr: bool = False,
+        **kwargs,
+    ) -> "VPSchedule":
         """The tables diffusers builds from a scheduler config (same float32 arithmetic)."""
         n = int(num_train_timesteps)
         if beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=torch.float32) ** 2
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
         elif beta_schedule == "squaredcos_cap_v2":
             f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)],
-                                 dtype=torch.float32)
+            betas = torch.tensor(
+                [min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float32
+            )
         else:
-            raise ValueError(f"unknown beta_schedule {beta_schedule!r}; choose one of: "
-                             "linear, scaled_linear, squaredcos_cap_v2")
+            raise ValueError(
+                f"unknown beta_schedule {beta_schedule!r}; choose one of: "
+                "linear, scaled_linear, squaredcos_cap_v2"
+            )
         if rescale_betas_zero_snr:  # Lin et al. 2023, Algorithm 1
             ab = torch.cumprod(1 - betas, 0).sqrt()
             ab0, abT = ab[0].clone(), ab[-1].clone()
             ab = (ab - abT) * (ab0 / (ab0 - abT))
-            ab2 = ab ** 2
+            ab2 = ab**2
             betas = 1 - torch.cat([ab2[:1], ab2[1:] / ab2[:-1]])
         return cls(torch.cumprod(1.0 - betas, dim=0), **kwargs)
 
@@ -189,7 +212,7 @@ class VPSchedule(Schedule):
         lo, hi = table[k], table[k + 1]
         t = k - 1 + (ve - lo) / (hi - lo)
         if self.zero_terminal_snr:
-            a = torch.rsqrt(1 + ve ** 2)
+            a = torch.rsqrt(1 + ve**2)
             t = torch.where(torch.isinf(hi), k - 1 + 1 - a / self._a_ext[k], t)
         return t.clamp(self.t_min, self.t_max)
 
@@ -201,7 +224,8 @@ class VPSchedule(Schedule):
 class FlowSchedule(Schedule):
     """Rectified flow (SD3, Flux): x_t = (1 - s) x0 + s eps with s the shifted flow time.
 
-    t in [0, 1] is the unshifted time; s(t) = shift t / (1 + (shift - 1) t), so the VE level is simply
+    t in [0, 1] is the unshifted time; s(t) = shift t / (1 + (shift - 1) t), so the VE level is
+    simply
     shift * t / (1 - t) and a uniform grid in t is the shifted grid SD3 samples on. The network sees
     ``time_scale * s`` (1000 for SD3, 1 for Flux).
     """
@@ -260,7 +284,8 @@ class FlowSchedule(Schedule):
 class TrigFlowSchedule(Schedule):
     """TrigFlow (Lu & Song 2024, sCM, eq. 1; SANA-Sprint): x_t = cos(t) x0 + sin(t) sigma_d z with
     t in [0, pi/2], held here in units of sigma_d (x / sigma_d, whose x0 is the VAE latent that
-    SanaSprintPipeline decodes): alpha = cos t, sigma = sin t, VE level tan t (sigma_d tan t in EDM's
+    SanaSprintPipeline decodes): alpha = cos t, sigma = sin t, VE level tan t (sigma_d tan t in
+    EDM's
     units). The network sees the flow time it was trained with, tau = sin t / (cos t + sin t)
     (``model_time``); its input and output conversions belong to the model family."""
 
@@ -270,7 +295,9 @@ class TrigFlowSchedule(Schedule):
 
     def __post_init__(self):
         if not (self.sigma_data > 0 and math.isfinite(self.sigma_data)):
-            raise ValueError(f"TrigFlowSchedule sigma_data must be a positive number, got {self.sigma_data!r}")
+            raise ValueError(
+                f"TrigFlowSchedule sigma_data must be a positive number, got {self.sigma_data!r}"
+            )
 
     t_min = 0.0
     t_max = math.pi / 2
@@ -304,7 +331,8 @@ class TrigFlowSchedule(Schedule):
 
 @dataclass(frozen=True)
 class EDMSchedule(Schedule):
-    """EDM's continuous VE levels (Karras et al. 2022; diffusers' EDM schedulers) in VP form: t is the
+    """EDM's continuous VE levels (Karras et al. 2022; diffusers' EDM schedulers) in VP form: t is
+    the
     VE level itself, alpha = 1 / sqrt(1 + t^2), so the state is x_VE / sqrt(1 + sigma^2) and ends as
     the data. The network sees c_noise = ln(sigma) / 4 (EDM's Table 1); its input and output
     scalings with ``sigma_data`` are an ``EDMPrecondition`` of the denoiser."""
@@ -317,8 +345,10 @@ class EDMSchedule(Schedule):
 
     def __post_init__(self):
         if not (0 < self.sigma_lo < self.sigma_hi < math.inf) or not self.sigma_data > 0:
-            raise ValueError(f"EDMSchedule needs 0 < sigma_min < sigma_max < inf and sigma_data > 0, got "
-                             f"{self.sigma_lo}, {self.sigma_hi}, {self.sigma_data}")
+            raise ValueError(
+                f"EDMSchedule needs 0 < sigma_min < sigma_max < inf and sigma_data > 0, got "
+                f"{self.sigma_lo}, {self.sigma_hi}, {self.sigma_data}"
+            )
 
     t_min = 0.0
 

@@ -1,10 +1,14 @@
-"""Time grids: ``timesteps(schedule, steps, spacing)`` returns a descending float64 tensor of t values.
+"""Time grids: ``timesteps(schedule, steps, spacing)`` returns a descending float64 tensor of t
+values.
 
-With ``final="zero"`` (the default) the grid has ``steps`` evaluation points and ends at the data end
-(sigma = 0); with ``final="sigma_min"`` it ends at the least noisy trained level instead, which is what
+With ``final="zero"`` (the default) the grid has ``steps`` evaluation points and ends at the data
+end
+(sigma = 0); with ``final="sigma_min"`` it ends at the least noisy trained level instead, which is
+what
 diffusers does for DDIM with ``set_alpha_to_one=False`` and DPM-Solver with
 ``final_sigmas_type="sigma_min"``.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .schedule import F64, FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
+from .schedule import F64, Schedule, TrigFlowSchedule, VPSchedule
 
 FINALS = ("zero", "sigma_min")
 
@@ -34,9 +38,12 @@ def _uniform_lam(schedule, n, sigma_min=None, sigma_max=None):
 
 def _beta(schedule, n, alpha=0.6, beta=0.6, sigma_min=None, sigma_max=None):
     """n levels at the Beta(alpha, beta) quantiles of the ve range (Lee et al. 2024, 'Beta
-    sampling is all you need'; diffusers' use_beta_sigmas): ve_i = lo + F^-1(1 - i/(n-1)) (hi - lo)."""
+    sampling is all you need'; diffusers' use_beta_sigmas): ve_i = lo + F^-1(1 - i/(n-1)) (hi -
+    lo)."""
     if not (alpha > 0 and beta > 0):
-        raise ValueError(f"spacing 'beta' needs alpha > 0 and beta > 0, got alpha={alpha}, beta={beta}")
+        raise ValueError(
+            f"spacing 'beta' needs alpha > 0 and beta > 0, got alpha={alpha}, beta={beta}"
+        )
     lo, hi = _ve_range(schedule, sigma_min, sigma_max, "beta")
     q = [beta_quantile(1 - i / (n - 1), alpha, beta) if n > 1 else 1.0 for i in range(n)]
     return schedule.t_of_ve(torch.tensor([lo + v * (hi - lo) for v in q], dtype=F64))
@@ -48,11 +55,14 @@ def _beta_cf(x: float, a: float, b: float) -> float:
 
     def guard(v):
         return v if abs(v) > tiny else tiny
+
     c, d = 1.0, 1 / guard(1 - (a + b) * x / (a + 1))
     h = d
     for m in range(1, 1000):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1 / guard(1 + num * d)
             c = guard(1 + num / c)
             h *= d * c
@@ -67,7 +77,9 @@ def beta_cdf(x: float, a: float, b: float) -> float:
         return 0.0
     if x >= 1:
         return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     if x < (a + 1) / (a + b + 2):
         return front * _beta_cf(x, a, b) / a
     return 1 - front * _beta_cf(1 - x, b, a) / b
@@ -101,7 +113,8 @@ def _polyexponential(schedule, n, rho=1.0, sigma_min=None, sigma_max=None):
 
 
 def _kl_optimal(schedule, n, sigma_min=None, sigma_max=None):
-    """ComfyUI's kl_optimal (Sabour et al. 2024, "Align Your Steps", eq. for the KL-optimal grid of a
+    """ComfyUI's kl_optimal (Sabour et al. 2024, "Align Your Steps", eq. for the KL-optimal grid of
+    a
     Gaussian): ve_i = tan((1 - i/(n-1)) atan(hi) + i/(n-1) atan(lo))."""
     lo, hi = _ve_range(schedule, sigma_min, sigma_max, "kl_optimal")
     w = torch.linspace(0, 1, n, dtype=F64) if n > 1 else torch.zeros(1, dtype=F64)
@@ -113,21 +126,30 @@ def _simple(schedule, n):
     T - 1 - int(k (T / n))."""
     _indexed(schedule, "simple")
     T = schedule.num_train_timesteps
-    step = T / n  # rounded first, as theirs: k (T / n) falls just below an integer k T / n at 70 of n <= 1000
+    step = (
+        T / n
+    )  # rounded first, as theirs: k (T / n) falls just below an integer k T / n at 70 of n <= 1000
     return schedule.index_time(torch.tensor([T - 1 - int(k * step) for k in range(n)], dtype=F64))
 
 
 def _indexed(schedule, name):
     if not hasattr(schedule, "index_time"):
-        raise ValueError(f"spacing {name!r} reads training timesteps, which {type(schedule).__name__} has not")
+        raise ValueError(
+            f"spacing {name!r} reads training timesteps, which {type(schedule).__name__} has not"
+        )
 
 
 def _sgm_uniform(schedule, n):
-    """ComfyUI's and A1111's "sgm_uniform" (SGM's discretisation): n training indices uniform from the
+    """ComfyUI's and A1111's "sgm_uniform" (SGM's discretisation): n training indices uniform from
+    the
     top one to the lowest, the endpoint excluded; on a VP table the level at a fractional index is
-    interpolated log-linearly between its two entries, as their model_sampling.sigma / t_to_sigma do."""
+    interpolated log-linearly between its two entries, as their model_sampling.sigma / t_to_sigma
+    do."""
     _indexed(schedule, "sgm_uniform")
-    hi, lo = float(schedule.index_time(schedule.num_train_timesteps - 1)), float(schedule.index_time(0))
+    hi, lo = (
+        float(schedule.index_time(schedule.num_train_timesteps - 1)),
+        float(schedule.index_time(0)),
+    )
     ts = torch.linspace(hi, lo, n + 1, dtype=F64)[:-1]
     if not isinstance(schedule, VPSchedule):  # a flow's levels are a formula of t, not a table
         return ts
@@ -141,33 +163,64 @@ def _table_levels(schedule, idx):
     low = idx.floor().clamp(max=schedule.t_max - 1)
     w = idx - low
     lo_ve, hi_ve = schedule.ve(low), schedule.ve(low + 1)
-    # an entry itself is taken as it is, so that an infinite top level (zero terminal SNR) stays exact
+    # an entry itself is taken as it is, so that an infinite top level (zero terminal SNR) stays
+    # exact
     mixed = torch.exp((1 - w) * torch.log(lo_ve) + w * torch.log(hi_ve))
     return torch.where(w == 0, lo_ve, torch.where(w == 1, hi_ve, mixed))
 
 
 # Align Your Steps (Sabour et al. 2024): the published 10-step VE levels (NVIDIA's how-to page)
-AYS_LEVELS = {"sd1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
-                      0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
-              "sdxl": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
-                       0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582]}
+AYS_LEVELS = {
+    "sd1": [
+        14.6146412293,
+        6.4745760956,
+        3.8636745985,
+        2.6946151520,
+        1.8841921177,
+        1.3943805092,
+        0.9642583904,
+        0.6523686016,
+        0.3977456272,
+        0.1515232662,
+        0.0291671582,
+    ],
+    "sdxl": [
+        14.6146412293,
+        6.3184485287,
+        3.7681790315,
+        2.1811480769,
+        1.3405244945,
+        0.8620721141,
+        0.5550693289,
+        0.3798540708,
+        0.2332364134,
+        0.1114188177,
+        0.0291671582,
+    ],
+}
 
 
 def _ays(schedule, n, model="sd1"):
-    """Align Your Steps: the published table for ``model`` (sd1, sdxl), interpolated linearly in log ve
+    """Align Your Steps: the published table for ``model`` (sd1, sdxl), interpolated linearly in
+    log ve
     over a uniform position for other step counts (the authors' loglinear_interp); the last level is
     the data end."""
     if model not in AYS_LEVELS:
         raise ValueError(f"spacing 'ays' has tables for {', '.join(AYS_LEVELS)}, not {model!r}")
     lv = np.log(np.asarray(AYS_LEVELS[model])[::-1])
-    ve = np.exp(np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(lv)), lv))[::-1][:-1].copy()
+    ve = np.exp(np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(lv)), lv))[::-1][
+        :-1
+    ].copy()
     return schedule.t_of_ve(torch.from_numpy(ve))
 
 
-# A1111's Align Your Steps tables (its sd_schedulers.py): the published levels to three decimals, the
+# A1111's Align Your Steps tables (its sd_schedulers.py): the published levels to three decimals,
+# the
 # top one 14.615 a little above SD's largest trained level (14.6146), where a VP table's grid stops
-AYS_LEVELS_A1111 = {"sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
-                    "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
+AYS_LEVELS_A1111 = {
+    "sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
+}
 
 
 def _ays_a1111(schedule, n, model="sd1"):
@@ -175,16 +228,21 @@ def _ays_a1111(schedule, n, model="sd1"):
     interpolated linearly in log ve onto n points, the lowest level kept (ComfyUI's, ``ays``, takes
     n + 1 points and puts the data end in place of the lowest)."""
     if model not in AYS_LEVELS_A1111:
-        raise ValueError(f"spacing 'ays_a1111' has tables for {', '.join(AYS_LEVELS_A1111)}, not {model!r}")
+        raise ValueError(
+            f"spacing 'ays_a1111' has tables for {', '.join(AYS_LEVELS_A1111)}, not {model!r}"
+        )
     levels = np.asarray(AYS_LEVELS_A1111[model])
     if n != len(levels):
         rising = np.log(levels[::-1])
-        levels = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(rising)), rising))[::-1]
+        levels = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(rising)), rising))[
+            ::-1
+        ]
     return schedule.t_of_ve(torch.from_numpy(levels.copy()))
 
 
 def _kl_optimal_a1111(schedule, n, sigma_min=None, sigma_max=None):
-    """A1111's KL Optimal: n + 1 levels uniform in arctan(ve) from sigma_max down to sigma_min itself,
+    """A1111's KL Optimal: n + 1 levels uniform in arctan(ve) from sigma_max down to sigma_min
+    itself,
     with no step onto data (ComfyUI's, ``kl_optimal``, spreads n levels and then steps to zero)."""
     return _kl_optimal(schedule, n + 1, sigma_min, sigma_max)
 
@@ -196,9 +254,11 @@ def _ve_range(schedule, sigma_min, sigma_max, name):
     lo = schedule.sigma_min if sigma_min is None else float(sigma_min)
     hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
     if not (0 < lo < hi < math.inf):
-        raise ValueError(f"spacing {name!r} needs 0 < sigma_min < sigma_max < inf, got "
-                         f"sigma_min={lo:g}, sigma_max={hi:g} (a zero-terminal-SNR schedule must be "
-                         f"given a finite sigma_max)")
+        raise ValueError(
+            f"spacing {name!r} needs 0 < sigma_min < sigma_max < inf, got "
+            f"sigma_min={lo:g}, sigma_max={hi:g} (a zero-terminal-SNR schedule must be "
+            f"given a finite sigma_max)"
+        )
     return lo, hi
 
 
@@ -225,68 +285,118 @@ _DIFFUSERS = ("linspace", "leading", "trailing")
 
 
 def _lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> torch.Tensor:
-    """LCM's timesteps (Luo et al. 2023; diffusers' LCMScheduler): ``steps`` points picked evenly from
-    the distillation grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), noise end first; on a flow
-    schedule those training indices are the flow times (i + 1) / T (a flow-teacher student's grid)."""
+    """LCM's timesteps (Luo et al. 2023; diffusers' LCMScheduler): ``steps`` points picked evenly
+    from
+    the distillation grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), noise end first; on
+    a flow
+    schedule those training indices are the flow times (i + 1) / T (a flow-teacher student's
+    grid)."""
     _indexed(schedule, "lcm")
     n_train = schedule.num_train_timesteps
     if not 1 <= steps <= original_steps <= n_train:
-        raise ValueError(f"spacing 'lcm' needs 1 <= steps <= original_steps <= {n_train}, got steps={steps}, "
-                         f"original_steps={original_steps}")
+        raise ValueError(
+            f"spacing 'lcm' needs 1 <= steps <= original_steps <= {n_train}, got steps={steps}, "
+            f"original_steps={original_steps}"
+        )
     k = n_train // int(original_steps)
     grid = (torch.arange(1, int(original_steps) + 1, dtype=torch.int64) * k - 1).flip(0)
     idx = np.floor(np.linspace(0, len(grid), num=steps, endpoint=False)).astype(np.int64)
     return schedule.index_time(grid[torch.from_numpy(idx)].to(F64))
 
 
-def _scm_grid(schedule: Schedule, steps: int, intermediate: float = 1.3, sigma_data: float = 0.5) -> torch.Tensor:
-    """SCMScheduler's TrigFlow times (pi/2, ``intermediate``, 0 for two steps, else uniform in t). On
+def _scm_grid(
+    schedule: Schedule, steps: int, intermediate: float = 1.3, sigma_data: float = 0.5
+) -> torch.Tensor:
+    """SCMScheduler's TrigFlow times (pi/2, ``intermediate``, 0 for two steps, else uniform in t).
+    On
     another schedule each TrigFlow time t is the time with the same VE level sigma_data tan(t), the
     first being the schedule's own noise end (an sCM student of a VP or flow teacher)."""
-    trig = torch.tensor([math.pi / 2, float(intermediate), 0.0], dtype=F64) if steps == 2 else \
-        torch.linspace(math.pi / 2, 0.0, steps + 1, dtype=F64)
+    trig = (
+        torch.tensor([math.pi / 2, float(intermediate), 0.0], dtype=F64)
+        if steps == 2
+        else torch.linspace(math.pi / 2, 0.0, steps + 1, dtype=F64)
+    )
     if isinstance(schedule, TrigFlowSchedule):
         return trig.clamp(schedule.t_min, schedule.t_max)
     ts = schedule.t_of_ve(sigma_data * torch.tan(trig[1:-1]))
-    return torch.cat([torch.tensor([schedule.t_max], dtype=F64), ts.to(F64), torch.tensor([schedule.t_min], dtype=F64)])
+    return torch.cat(
+        [
+            torch.tensor([schedule.t_max], dtype=F64),
+            ts.to(F64),
+            torch.tensor([schedule.t_min], dtype=F64),
+        ]
+    )
 
 
 # spacing -> (its options, one line for ``diffguide list``)
 SPACING_OPTIONS = {
-    "karras": ("rho", "sigma_min", "sigma_max"), "exponential": ("sigma_min", "sigma_max"),
-    "beta": ("alpha", "beta", "sigma_min", "sigma_max"), "polyexponential": ("rho", "sigma_min", "sigma_max"),
-    "kl_optimal": ("sigma_min", "sigma_max"), "simple": (), "sgm_uniform": (), "ays": ("model",),
-    "kl_optimal_a1111": ("sigma_min", "sigma_max"), "ays_a1111": ("model",),
-    "uniform_lam": ("sigma_min", "sigma_max"), "uniform_t": ("t_start", "t_end"), "linspace": ("round",),
-    "leading": ("steps_offset",), "trailing": (), "lcm": ("original_steps",), "scm": ("intermediate", "sigma_data")}
+    "karras": ("rho", "sigma_min", "sigma_max"),
+    "exponential": ("sigma_min", "sigma_max"),
+    "beta": ("alpha", "beta", "sigma_min", "sigma_max"),
+    "polyexponential": ("rho", "sigma_min", "sigma_max"),
+    "kl_optimal": ("sigma_min", "sigma_max"),
+    "simple": (),
+    "sgm_uniform": (),
+    "ays": ("model",),
+    "kl_optimal_a1111": ("sigma_min", "sigma_max"),
+    "ays_a1111": ("model",),
+    "uniform_lam": ("sigma_min", "sigma_max"),
+    "uniform_t": ("t_start", "t_end"),
+    "linspace": ("round",),
+    "leading": ("steps_offset",),
+    "trailing": (),
+    "lcm": ("original_steps",),
+    "scm": ("intermediate", "sigma_data"),
+}
 SPACINGS = tuple(SPACING_OPTIONS)
 SPACING_DOCS = {
-    "karras": "Karras et al. 2022: uniform in ve^(1/rho)", "exponential": "uniform in log ve (= uniform_lam)",
+    "karras": "Karras et al. 2022: uniform in ve^(1/rho)",
+    "exponential": "uniform in log ve (= uniform_lam)",
     "beta": "Beta(alpha, beta) quantiles of the ve range (diffusers' use_beta_sigmas)",
     "polyexponential": "k-diffusion's: log ve falls as a polynomial of degree rho",
-    "kl_optimal": "ComfyUI's kl_optimal: uniform in arctan(ve)", "simple": "ComfyUI's simple: every T/n-th training level",
+    "kl_optimal": "ComfyUI's kl_optimal: uniform in arctan(ve)",
+    "simple": "ComfyUI's simple: every T/n-th training level",
     "sgm_uniform": "ComfyUI's sgm_uniform: uniform in training time, endpoint excluded",
     "ays": "Align Your Steps' published tables (model sd1, sdxl), log-linear between (ComfyUI's)",
-    "kl_optimal_a1111": "A1111's KL Optimal: uniform in arctan(ve) down to sigma_min, no step onto data",
+    "kl_optimal_a1111": "A1111's KL Optimal: uniform in arctan(ve) down to sigma_min, no step onto "
+    "data",
     "ays_a1111": "A1111's Align Your Steps: its rounded tables interpolated onto the steps' levels",
-    "uniform_lam": "uniform in logSNR (DPM-Solver's)", "uniform_t": "uniform in the schedule's time (SD3-like on flows)",
-    "linspace": "diffusers' linspace grid", "leading": "diffusers' leading grid", "trailing": "diffusers' trailing grid",
-    "lcm": "LCMScheduler's grid (original_steps)", "scm": "SCMScheduler's TrigFlow times"}
+    "uniform_lam": "uniform in logSNR (DPM-Solver's)",
+    "uniform_t": "uniform in the schedule's time (SD3-like on flows)",
+    "linspace": "diffusers' linspace grid",
+    "leading": "diffusers' leading grid",
+    "trailing": "diffusers' trailing grid",
+    "lcm": "LCMScheduler's grid (original_steps)",
+    "scm": "SCMScheduler's TrigFlow times",
+}
 
 
-def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final: str = "zero",
-              drop_last: bool = False, **options) -> torch.Tensor:
+def timesteps(
+    schedule: Schedule,
+    steps: int,
+    spacing: str | None = None,
+    final: str = "zero",
+    drop_last: bool = False,
+    **options,
+) -> torch.Tensor:
     """Descending t grid of ``steps`` intervals for ``schedule``.
 
     spacing: ``karras`` (rho, sigma_min, sigma_max), ``exponential`` (uniform in log ve, which is
-    ``uniform_lam``: uniform in logSNR), ``beta`` (alpha, beta, sigma_min, sigma_max), ``uniform_lam`` (sigma_min, sigma_max),
+    ``uniform_lam``: uniform in logSNR), ``beta`` (alpha, beta, sigma_min, sigma_max),
+    ``uniform_lam`` (sigma_min, sigma_max),
     ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
-    ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate), or the
-    ComfyUI / k-diffusion schedules ``polyexponential`` (rho), ``kl_optimal``, ``simple``, ``sgm_uniform``
-    and Align Your Steps' ``ays`` (model: sd1, sdxl), or A1111's own ``kl_optimal_a1111`` (which ends at
-    sigma_min whatever ``final`` says) and ``ays_a1111`` (model). ``uniform_t`` with ``final="zero"``
-    and no ``t_end`` spaces all steps evenly down to the data end; with a ``t_end`` it puts ``steps`` points on [t_start, t_end], then the data end
-    (FlowMatchEulerDiscreteScheduler's grid is ``t_end`` = its shifted sigma_min). ``drop_last=True`` builds a diffusers grid for steps + 1 points and drops the last,
+    ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate), or
+    the
+    ComfyUI / k-diffusion schedules ``polyexponential`` (rho), ``kl_optimal``, ``simple``,
+    ``sgm_uniform``
+    and Align Your Steps' ``ays`` (model: sd1, sdxl), or A1111's own ``kl_optimal_a1111`` (which
+    ends at
+    sigma_min whatever ``final`` says) and ``ays_a1111`` (model). ``uniform_t`` with
+    ``final="zero"``
+    and no ``t_end`` spaces all steps evenly down to the data end; with a ``t_end`` it puts
+    ``steps`` points on [t_start, t_end], then the data end
+    (FlowMatchEulerDiscreteScheduler's grid is ``t_end`` = its shifted sigma_min).
+    ``drop_last=True`` builds a diffusers grid for steps + 1 points and drops the last,
     the convention of diffusers' DPMSolverMultistepScheduler. Defaults to ``schedule.spacing``.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -299,26 +409,39 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
     allowed = set(SPACING_OPTIONS[spacing])
     bad = set(options) - allowed
     if bad:
-        raise ValueError(f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "
-                         f"{', '.join(sorted(allowed)) or 'none'}")
+        raise ValueError(
+            f"spacing {spacing!r} takes no option {sorted(bad)[0]!r}; allowed: "
+            f"{', '.join(sorted(allowed)) or 'none'}"
+        )
     if drop_last and spacing not in _DIFFUSERS:
-        raise ValueError(f"drop_last applies to the diffusers spacings {_DIFFUSERS}, not {spacing!r}")
+        raise ValueError(
+            f"drop_last applies to the diffusers spacings {_DIFFUSERS}, not {spacing!r}"
+        )
 
     if spacing == "lcm":
-        end = schedule.t_min if final == "zero" else 0.0  # TCDScheduler ends on the table's first level
+        end = (
+            schedule.t_min if final == "zero" else 0.0
+        )  # TCDScheduler ends on the table's first level
         ts = torch.cat([_lcm_grid(schedule, steps, **options), torch.tensor([end], dtype=F64)])
     elif spacing in ABOVE_DATA:  # A1111 takes no step onto data here, whatever final says
         ts = _kl_optimal_a1111(schedule, steps, **options)
-    elif spacing == "scm":  # SCMScheduler: two steps through an intermediate time, else uniform in t
+    elif (
+        spacing == "scm"
+    ):  # SCMScheduler: two steps through an intermediate time, else uniform in t
         ts = _scm_grid(schedule, steps, **options)
     elif spacing in _DIFFUSERS:
         if not isinstance(schedule, VPSchedule):
-            raise ValueError(f"spacing {spacing!r} indexes a discrete VP table; "
-                             f"{type(schedule).__name__} supports: karras, exponential, beta, uniform_lam, uniform_t")
+            raise ValueError(
+                f"spacing {spacing!r} indexes a discrete VP table; "
+                f"{type(schedule).__name__} supports: karras, exponential, beta, uniform_lam, "
+                "uniform_t"
+            )
         n = steps + 1 if drop_last else steps
         if n > schedule.num_train_timesteps:
-            raise ValueError(f"steps={steps} exceeds the {schedule.num_train_timesteps} training "
-                             f"timesteps of this schedule")
+            raise ValueError(
+                f"steps={steps} exceeds the {schedule.num_train_timesteps} training "
+                f"timesteps of this schedule"
+            )
         points = _diffusers_grid(schedule, n, spacing, **options)[:steps]
         end = schedule.t_min if final == "zero" else 0.0
         ts = torch.cat([points, torch.tensor([end], dtype=F64)])
@@ -326,17 +449,31 @@ def timesteps(schedule: Schedule, steps: int, spacing: str | None = None, final:
         # uniform in t all the way to the data end (trailing-like for VP, SD3-like for flow)
         ts = _uniform_t(schedule, steps + 1, t_start=options.get("t_start"), t_end=schedule.t_min)
     else:
-        rule = {"karras": _karras, "uniform_lam": _uniform_lam, "exponential": _uniform_lam, "beta": _beta,
-                "uniform_t": _uniform_t, "polyexponential": _polyexponential, "kl_optimal": _kl_optimal,
-                "simple": _simple, "sgm_uniform": _sgm_uniform, "ays": _ays, "ays_a1111": _ays_a1111}[spacing]
+        rule = {
+            "karras": _karras,
+            "uniform_lam": _uniform_lam,
+            "exponential": _uniform_lam,
+            "beta": _beta,
+            "uniform_t": _uniform_t,
+            "polyexponential": _polyexponential,
+            "kl_optimal": _kl_optimal,
+            "simple": _simple,
+            "sgm_uniform": _sgm_uniform,
+            "ays": _ays,
+            "ays_a1111": _ays_a1111,
+        }[spacing]
         if final == "sigma_min":
             ts = rule(schedule, steps + 1, **options)
         else:
-            ts = torch.cat([rule(schedule, steps, **options), torch.tensor([schedule.t_min], dtype=F64)])
+            ts = torch.cat(
+                [rule(schedule, steps, **options), torch.tensor([schedule.t_min], dtype=F64)]
+            )
     schedule.check_t(ts, "timesteps")
     if torch.any(ts[1:] >= ts[:-1]):
-        raise ValueError(f"spacing {spacing!r} with steps={steps} gives repeated or rising timesteps "
-                         f"{ts.tolist()}; use fewer steps or another spacing")
+        raise ValueError(
+            f"spacing {spacing!r} with steps={steps} gives repeated or rising timesteps "
+            f"{ts.tolist()}; use fewer steps or another spacing"
+        )
     return ts
 
 
@@ -344,7 +481,9 @@ def check_timesteps(schedule: Schedule, ts) -> torch.Tensor:
     """Validate a user-provided grid: 1-D, at least two points, strictly descending, in range."""
     ts = torch.as_tensor(ts, dtype=F64).detach().cpu()
     if ts.ndim != 1 or ts.numel() < 2:
-        raise ValueError(f"ts must be a 1-D grid with at least 2 points, got shape {tuple(ts.shape)}")
+        raise ValueError(
+            f"ts must be a 1-D grid with at least 2 points, got shape {tuple(ts.shape)}"
+        )
     if torch.any(ts[1:] >= ts[:-1]):
         raise ValueError("ts must be strictly descending (noise end first)")
     schedule.check_t(ts, "ts")

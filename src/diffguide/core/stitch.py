@@ -1,5 +1,6 @@
 """Trajectory stitching (T-Stitch, Pan et al. 2024, arXiv 2402.14167): a small model for the first
 steps of a run, the large one after, on one trajectory."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ import torch
 @dataclass(frozen=True)
 class Stitch:
     """The first floor(fraction * n) of n steps evaluate model ``model`` wherever a guidance method
-    asks for "main" (the authors' SD rule: small while (i + 1) / n <= fraction). ``reset``: start the
+    asks for "main" (the authors' SD rule: small while (i + 1) / n <= fraction). ``reset``: start
+    the
     sampler's history afresh at the switch (a first-order step); by default it is kept, as in the
     authors' pipelines, so the first large-model step extrapolates from small-model predictions."""
 
@@ -34,10 +36,16 @@ def check_same_schedule(large, small) -> None:
     """Refuse stitching models whose noise schedules differ (the trajectory would jump)."""
     a, b = large.schedule, small.schedule
     if type(a) is not type(b):
-        raise ValueError(f"cannot stitch: the models' schedules differ ({type(a).__name__} vs "
-                         f"{type(b).__name__})")
+        raise ValueError(
+            f"cannot stitch: the models' schedules differ ({type(a).__name__} vs "
+            f"{type(b).__name__})"
+        )
     ts = torch.linspace(float(a.t_min), float(a.t_max), 33, dtype=torch.float64)
-    if not (torch.allclose(a.alpha(ts), b.alpha(ts), atol=1e-6) and
-            torch.allclose(a.sigma(ts), b.sigma(ts), atol=1e-6)):
-        raise ValueError("cannot stitch: the models' noise schedules differ (alpha and sigma must agree "
-                         "at every t)")
+    if not (
+        torch.allclose(a.alpha(ts), b.alpha(ts), atol=1e-6)
+        and torch.allclose(a.sigma(ts), b.sigma(ts), atol=1e-6)
+    ):
+        raise ValueError(
+            "cannot stitch: the models' noise schedules differ (alpha and sigma must agree "
+            "at every t)"
+        )

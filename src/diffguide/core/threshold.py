@@ -5,6 +5,7 @@ written in x, as DPM-Solver++ and DDPM's posterior, does; for CFG++-style predic
 is kept). ``keep_eps=True`` leaves the model's eps alone, as diffusers' DDIM does unless
 ``use_clipped_model_output``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ class DynamicThreshold:
 
     mode="diffusers": s = clamp(q, 1, max_value), as diffusers' ``_threshold_sample`` (a max_value
     below 1 makes s = max_value, as torch's clamp does there).
-    mode="imagen": s = max(q, max_value), the paper with DPM-Solver's ``thresholding_max_val`` floor.
+    mode="imagen": s = max(q, max_value), the paper with DPM-Solver's ``thresholding_max_val``
+    floor.
     Never use it on latents.
     """
 
@@ -33,7 +35,9 @@ class DynamicThreshold:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"unknown threshold mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+            raise ValueError(
+                f"unknown threshold mode {self.mode!r}; choose one of: {', '.join(MODES)}"
+            )
         if not 0 < self.ratio <= 1:
             raise ValueError(f"threshold ratio must be in (0, 1], got {self.ratio!r}")
         if not self.max_value > 0:
@@ -53,7 +57,8 @@ class DynamicThreshold:
 
 @dataclass(frozen=True)
 class Clip:
-    """Static thresholding: x0 <- clip(x0, -limit, limit) (diffusers' ``clip_sample``, DDPM's default)."""
+    """Static thresholding: x0 <- clip(x0, -limit, limit) (diffusers' ``clip_sample``, DDPM's
+    default)."""
 
     limit: float = 1.0
     keep_eps: bool = False

@@ -5,6 +5,7 @@ Losses, one module per method (``consistency``, ``dmd2``, ``scm``, ``ict``, ``la
 behind one interface (``methods``); the run's settings (``config``), data (``data``), loop
 (``run``) and student folder (``export``); ``trainer`` keeps the names the documentation imports.
 """
+
 from .consistency import ConsistencyLoss, PerSampleCFG, pseudo_huber, student_unet
 
 __all__ = ["ConsistencyLoss", "PerSampleCFG", "pseudo_huber", "student_unet"]

@@ -1,4 +1,6 @@
-"""A distillation run's settings (``DistillConfig``), saved as ``config.json`` beside its checkpoint."""
+"""A distillation run's settings (``DistillConfig``), saved as ``config.json`` beside its
+checkpoint."""
+
 from __future__ import annotations
 
 import os
@@ -15,16 +17,16 @@ class DistillConfig:
     """Everything a run needs; saved as ``config.json`` beside its checkpoint."""
 
     out: str
-    method: str = "consistency"     # a name in methods.METHODS
+    method: str = "consistency"  # a name in methods.METHODS
     teacher: str = "builtin"
-    guidance: str = "cfg"           # the teacher's guidance (DMD2: the real score's)
+    guidance: str = "cfg"  # the teacher's guidance (DMD2: the real score's)
     student_steps: int = 4
     max_steps: int = 2000
     batch: int = 32
     lr: float = 1e-4
-    ema: float = 0.95               # EMA of the student (consistency: the target network); exported
-    data: str = "toy"               # "toy" (the built-in world) or a folder of images + metadata.jsonl
-    dataset: int = 50000            # toy scenes to draw from
+    ema: float = 0.95  # EMA of the student (consistency: the target network); exported
+    data: str = "toy"  # "toy" (the built-in world) or a folder of images + metadata.jsonl
+    dataset: int = 50000  # toy scenes to draw from
     seed: int = 0
     # consistency distillation
     solver: str = "ddim"
@@ -33,47 +35,73 @@ class DistillConfig:
     scale_min: float = 3.0
     scale_max: float = 13.0
     # DMD2
-    fake_ratio: int = 5             # fake-score updates per generator update (two time-scale rule)
-    fake_lr: float | None = None    # default: lr
-    gan: bool = False               # GAN head on the fake score's bottleneck, against the data
+    fake_ratio: int = 5  # fake-score updates per generator update (two time-scale rule)
+    fake_lr: float | None = None  # default: lr
+    gan: bool = False  # GAN head on the fake score's bottleneck, against the data
     gan_generator: float = 1e-3
     gan_fake: float = 1e-2
     # iCT (Song & Dhariwal 2023): no teacher; "teacher" is the model whose architecture (and, with
     # init="teacher", weights) the student starts from
-    init: str = "teacher"           # "teacher" (fine-tune a diffusion model) or "random" (the paper's)
+    init: str = "teacher"  # "teacher" (fine-tune a diffusion model) or "random" (the paper's)
     ict_s0: int = 10
     ict_s1: int = 1280
     ict_p_mean: float = -1.1
     ict_p_std: float = 2.0
-    ict_total: int = 0              # the curriculum's length K in steps (0: max_steps)
-    # sCM (Lu & Song 2024): TrigFlow time proposal, tangent warm-up and normalisation, the derivative
+    ict_total: int = 0  # the curriculum's length K in steps (0: max_steps)
+    # sCM (Lu & Song 2024): TrigFlow time proposal, tangent warm-up and normalisation, the
+    # derivative
     scm_p_mean: float = -0.8
     scm_p_std: float = 1.6
     scm_warmup: int = 10000
     scm_tangent_c: float = 0.1
-    scm_derivative: str = "jvp"     # or finite_difference
-    scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code does
-    ladd: bool = False              # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
+    scm_derivative: str = "jvp"  # or finite_difference
+    scm_prior_weight: bool = (
+        False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code does
+    )
+    ladd: bool = False  # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
     ladd_weight: float = 0.5
     # the loop
     grad_accum: int = 1
-    clip: float | None = None       # default: the method's (Method.default_clip: 1, DMD2 10)
+    clip: float | None = None  # default: the method's (Method.default_clip: 1, DMD2 10)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 200
     log_every: int = 20
-    validate_every: int = 0         # 0: only at the end
-    validate_n: int = 2             # images per toy prompt in validation metrics
+    validate_every: int = 0  # 0: only at the end
+    validate_n: int = 2  # images per toy prompt in validation metrics
     resume: bool = False
 
     # settings a resumed run must share with its checkpoint (the rest may change, e.g. max_steps)
     # (the effective batch, batch x processes x grad_accum, must match too; its split may change)
-    FIXED = ("method", "teacher", "guidance", "student_steps", "data", "dataset", "seed", "solver", "skip", "gan",
-             "init", "ict_s0", "ict_s1", "ict_p_mean", "ict_p_std", "ict_total", "scm_p_mean", "scm_p_std",
-             "scm_warmup", "scm_tangent_c", "scm_derivative", "scm_prior_weight", "ladd")
+    FIXED = (
+        "method",
+        "teacher",
+        "guidance",
+        "student_steps",
+        "data",
+        "dataset",
+        "seed",
+        "solver",
+        "skip",
+        "gan",
+        "init",
+        "ict_s0",
+        "ict_s1",
+        "ict_p_mean",
+        "ict_p_std",
+        "ict_total",
+        "scm_p_mean",
+        "scm_p_std",
+        "scm_warmup",
+        "scm_tangent_c",
+        "scm_derivative",
+        "scm_prior_weight",
+        "ladd",
+    )
 
     def check(self) -> None:
-        """ValueError naming the first setting out of range (the CLI turns ``name`` into ``--name``)."""
+        """ValueError naming the first setting out of range (the CLI turns ``name`` into
+        ``--name``)."""
         method = method_class(self)  # an unknown name is the first error
         self._check_counts()
         self._check_ranges()
@@ -84,13 +112,24 @@ class DistillConfig:
         if not self.ladd_weight > 0:
             raise ValueError(f"ladd_weight must be > 0, got {self.ladd_weight!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+            raise ValueError(
+                f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"
+            )
         if self.data != "toy" and not os.path.isdir(self.data):
             raise ValueError(f"data {self.data!r} is neither 'toy' nor a folder of images")
 
     def _check_counts(self) -> None:
-        for name in ("student_steps", "max_steps", "batch", "checkpoint_every", "log_every", "grad_accum",
-                     "fake_ratio", "dataset", "validate_n"):
+        for name in (
+            "student_steps",
+            "max_steps",
+            "batch",
+            "checkpoint_every",
+            "log_every",
+            "grad_accum",
+            "fake_ratio",
+            "dataset",
+            "validate_n",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -105,18 +144,32 @@ class DistillConfig:
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v!r}")
         if not 0 < self.scale_min <= self.scale_max:
-            raise ValueError(f"scale range must satisfy 0 < min <= max, got {self.scale_min}, {self.scale_max}")
+            raise ValueError(
+                f"scale range must satisfy 0 < min <= max, got {self.scale_min}, {self.scale_max}"
+            )
         if self.init not in ("teacher", "random"):
             raise ValueError(f"init must be teacher or random, got {self.init!r}")
         if not 1 <= self.ict_s0 <= self.ict_s1:
-            raise ValueError(f"ict_s0 and ict_s1 must satisfy 1 <= s0 <= s1, got {self.ict_s0}, {self.ict_s1}")
-        if isinstance(self.ict_total, bool) or not isinstance(self.ict_total, int) or self.ict_total < 0:
-            raise ValueError(f"ict_total must be an integer >= 0 (0: max_steps), got {self.ict_total!r}")
+            raise ValueError(
+                f"ict_s0 and ict_s1 must satisfy 1 <= s0 <= s1, got {self.ict_s0}, {self.ict_s1}"
+            )
+        if (
+            isinstance(self.ict_total, bool)
+            or not isinstance(self.ict_total, int)
+            or self.ict_total < 0
+        ):
+            raise ValueError(
+                f"ict_total must be an integer >= 0 (0: max_steps), got {self.ict_total!r}"
+            )
         if self.scm_derivative not in ("jvp", "finite_difference"):
-            raise ValueError(f"scm_derivative must be jvp or finite_difference, got {self.scm_derivative!r}")
+            raise ValueError(
+                f"scm_derivative must be jvp or finite_difference, got {self.scm_derivative!r}"
+            )
         if not (self.scm_p_std > 0 and self.scm_tangent_c > 0) or self.scm_warmup < 0:
-            raise ValueError(f"sCM needs scm_p_std > 0, scm_tangent_c > 0 and scm_warmup >= 0, got "
-                             f"{self.scm_p_std!r}, {self.scm_tangent_c!r}, {self.scm_warmup!r}")
+            raise ValueError(
+                f"sCM needs scm_p_std > 0, scm_tangent_c > 0 and scm_warmup >= 0, got "
+                f"{self.scm_p_std!r}, {self.scm_tangent_c!r}, {self.scm_warmup!r}"
+            )
         if not self.ict_p_std > 0:
             raise ValueError(f"ict_p_std must be > 0, got {self.ict_p_std!r}")
 

@@ -1,10 +1,13 @@
 """Consistency distillation of a guided teacher (LCM: Luo et al. 2023, arXiv 2310.04378, Alg. 1).
 
-The student f(x, t, w) = c_skip(t) x + c_out(t) x0_student(x, t, w) is trained so that f at x_{t_{n+k}}
-matches the EMA target at x_{t_n}, where x_{t_n} is one step of a diffguide sampler (DDIM by default)
+The student f(x, t, w) = c_skip(t) x + c_out(t) x0_student(x, t, w) is trained so that f at
+x_{t_{n+k}}
+matches the EMA target at x_{t_n}, where x_{t_n} is one step of a diffguide sampler (DDIM by
+default)
 driven by the teacher under any guidance method. For CFG the scale is drawn per example and given to
 the student as LCM's guidance-scale embedding.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,7 +23,8 @@ from ..guidance.cfg import CFG
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    """Pseudo-Huber distance sqrt((a - b)^2 + c^2) - c, averaged (Song & Dhariwal 2023, Sec. 3.3)."""
+    """Pseudo-Huber distance sqrt((a - b)^2 + c^2) - c, averaged (Song & Dhariwal 2023, Sec.
+    3.3)."""
     d = (a.float() - b.float()) ** 2
     return (torch.sqrt(d + c * c) - c).mean()
 
@@ -54,7 +58,9 @@ def student_unet(teacher, embed_dim: int = 256):
     student = UNet2DConditionModel.from_config(teacher.config, time_cond_proj_dim=embed_dim)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any("cond_proj" not in k for k in missing):
-        raise ValueError(f"student does not match the teacher: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"student does not match the teacher: missing {missing}, unexpected {unexpected}"
+        )
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student.to(teacher.device, teacher.dtype)
 
@@ -72,9 +78,11 @@ class ConsistencyLoss:
     solver: Any = "ddim"
     skip: int = 20
     huber_c: float = 0.001
-    scale_range: tuple = (3.0, 13.0)   # CFG scales (diffusers' convention) drawn per example
-    embed: Any = None                  # w -> the student's timestep_cond (None: no embedding)
-    timestep_scaling: float | None = 10.0  # LCM's boundary; None: none (a flow student's x - s v is x at s = 0)
+    scale_range: tuple = (3.0, 13.0)  # CFG scales (diffusers' convention) drawn per example
+    embed: Any = None  # w -> the student's timestep_cond (None: no embedding)
+    timestep_scaling: float | None = (
+        10.0  # LCM's boundary; None: none (a flow student's x - s v is x at s = 0)
+    )
 
     def __post_init__(self):
         if isinstance(self.guidance, str):
@@ -82,17 +90,22 @@ class ConsistencyLoss:
         if isinstance(self.solver, str):
             self.solver = parse_spec("sampler", self.solver)
         if not isinstance(self.solver, Sampler):
-            raise ValueError(f"solver must be a sampler spec or Sampler, got {type(self.solver).__name__}")
+            raise ValueError(
+                f"solver must be a sampler spec or Sampler, got {type(self.solver).__name__}"
+            )
         n = self.teacher.schedule.num_train_timesteps
         if not 1 <= self.skip < n:
             raise ValueError(f"skip must be in [1, {n - 1}], got {self.skip!r}")
 
     def grid(self) -> torch.Tensor:
-        """The teacher's training indices k - 1, 2k - 1, ..., T - 1 (their times: ``index_time``)."""
+        """The teacher's training indices k - 1, 2k - 1, ..., T - 1 (their times:
+        ``index_time``)."""
         n = self.teacher.schedule.num_train_timesteps
         return torch.arange(self.skip - 1, n, self.skip, dtype=torch.float64)
 
-    def __call__(self, x0: torch.Tensor, pos: dict, neg: dict, generator: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, x0: torch.Tensor, pos: dict, neg: dict, generator: torch.Generator
+    ) -> torch.Tensor:
         sched, b = self.teacher.schedule, x0.shape[0]
         grid = self.grid()
         i = grid[int(torch.randint(len(grid), (1,), generator=generator))]  # one level per batch
@@ -101,7 +114,9 @@ class ConsistencyLoss:
         a, s = float(sched.alpha(t)), float(sched.sigma(t))
         x = a * x0 + s * eps
         guidance, w = self.guidance, None
-        if isinstance(guidance, CFG) and self.embed is not None:  # LCM's scale per example, embedded
+        if (
+            isinstance(guidance, CFG) and self.embed is not None
+        ):  # LCM's scale per example, embedded
             w = draw_scales(self.scale_range, b, generator)
             guidance = PerSampleCFG(w)
         cond = dict(pos)
@@ -111,7 +126,9 @@ class ConsistencyLoss:
             gd = guide(self.teacher, guidance, pos, neg)
             gd.reset(RandomNoise(generator))
             st = Step.make(0, 1, t, t_prev, sched)
-            x_prev, _ = self.solver.step(gd, x, st, self.solver.init_state(), RandomNoise(generator))
+            x_prev, _ = self.solver.step(
+                gd, x, st, self.solver.init_state(), RandomNoise(generator)
+            )
             target = with_boundary(self.target, self.timestep_scaling)(x_prev, t_prev, cond).x0
         online = with_boundary(self.student, self.timestep_scaling)(x, t, cond).x0
         return pseudo_huber(online, target, self.huber_c)

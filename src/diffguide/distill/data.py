@@ -1,5 +1,6 @@
 """Training data and micro-batches: the toy world's scenes or a folder of captioned images, cut so
 that a step's examples and randomness do not depend on how its batch is split."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ class ToyData:
     def __init__(self, cfg):
         from ..toy.data import SceneData
 
-        self.scenes = SceneData(cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz"))
+        self.scenes = SceneData(
+            cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz")
+        )
         self.n, self.shape = cfg.dataset, (3, 32, 32)
 
     def items(self, idx: np.ndarray, epoch: int):
@@ -24,14 +27,17 @@ class ToyData:
 
 
 class FolderData:
-    """A folder of images with captions in ``metadata.jsonl`` (lines {"file_name": ..., "text": ...},
+    """A folder of images with captions in ``metadata.jsonl`` (lines {"file_name": ..., "text":
+    ...},
     the imagefolder convention), loaded once into memory."""
 
     def __init__(self, folder: str):
         meta = os.path.join(folder, "metadata.jsonl")
         if not os.path.isfile(meta):
-            raise ValueError(f"data folder {folder!r} has no metadata.jsonl (one JSON line per image: "
-                             f'{{"file_name": "a.png", "text": "a caption"}})')
+            raise ValueError(
+                f"data folder {folder!r} has no metadata.jsonl (one JSON line per image: "
+                f'{{"file_name": "a.png", "text": "a caption"}})'
+            )
         imgs, self.captions = _read_folder(folder, meta)
         if not imgs:
             raise ValueError(f"{meta} lists no images")
@@ -59,7 +65,9 @@ def _read_folder(folder: str, meta: str) -> tuple[list, list]:
                 rec = json.loads(line)
                 name, text = rec["file_name"], rec["text"]
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{meta} line {k + 1}: expected {{\"file_name\": ..., \"text\": ...}}") from None
+                raise ValueError(
+                    f'{meta} line {k + 1}: expected {{"file_name": ..., "text": ...}}'
+                ) from None
             with Image.open(os.path.join(folder, name)) as im:
                 imgs.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
             captions.append(str(text))
@@ -74,7 +82,7 @@ class MicroBatch(NamedTuple):
     """One process's share of one accumulation round: its own generator, data and conditions."""
 
     generator: torch.Generator
-    x0: torch.Tensor     # in the teacher's space
+    x0: torch.Tensor  # in the teacher's space
     pos: dict
     neg: dict | None
 
@@ -88,12 +96,16 @@ def batches(cfg, data, teacher, device, parts: int):
     family = teacher.family
     size = family.default_size
     if data.shape != (3, size, size):
-        raise ValueError(f"the data has {data.shape[1]}x{data.shape[2]} images but the teacher makes "
-                         f"{size}x{size} ones; use data of the teacher's size")
+        raise ValueError(
+            f"the data has {data.shape[1]}x{data.shape[2]} images but the teacher makes "
+            f"{size}x{size} ones; use data of the teacher's size"
+        )
     total = cfg.batch * parts
     if data.n < total:
-        raise ValueError(f"the effective batch {total} (batch {cfg.batch} x {parts}) is larger than the "
-                         f"data ({data.n} images)")
+        raise ValueError(
+            f"the effective batch {total} (batch {cfg.batch} x {parts}) is larger than the "
+            f"data ({data.n} images)"
+        )
     per_epoch = data.n // total
 
     def get(step: int, part: int) -> MicroBatch:
@@ -101,10 +113,11 @@ def batches(cfg, data, teacher, device, parts: int):
         epoch, k = divmod(step, per_epoch)
         order = np.random.Generator(np.random.PCG64([cfg.seed, epoch, 2])).permutation(data.n)
         lo = k * total + part * cfg.batch
-        images, caps = data.items(order[lo:lo + cfg.batch], epoch)
+        images, caps = data.items(order[lo : lo + cfg.batch], epoch)
         with torch.no_grad():
             x0 = family.encode_images(images.to(device))
         return MicroBatch(g, x0, *conditions(teacher, caps, device))
+
     return get
 
 

@@ -5,6 +5,7 @@ Its update follows the difference of two scores at a random level t: the frozen 
 diffguide guidance ("real") and a trainable copy fitted to G's own samples ("fake"). Optional GAN
 term: a small head on the fake network's bottleneck features tells real from generated images.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,19 +31,28 @@ def conditioning_times(steps: int, num_train_timesteps: int = 1000) -> list[int]
 
 
 class GANHead(torch.nn.Module):
-    """DMD2's classifier on the fake network's bottleneck (mid-block) features: conv stack to a logit."""
+    """DMD2's classifier on the fake network's bottleneck (mid-block) features: conv stack to a
+    logit."""
 
     def __init__(self, channels: int):
         super().__init__()
         groups = math.gcd(32, channels)
         self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.GroupNorm(groups, channels),
-            torch.nn.SiLU(), torch.nn.Conv2d(channels, channels, 3, padding=1),
-            torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 1))
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+            torch.nn.GroupNorm(groups, channels),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, 3, padding=1),
+            torch.nn.GroupNorm(groups, channels),
+            torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(channels, 1),
+        )
 
     def forward(self, h) -> torch.Tensor:
-        if isinstance(h, tuple):  # dual-stream transformer blocks return (text, image): the image stream
+        if isinstance(
+            h, tuple
+        ):  # dual-stream transformer blocks return (text, image): the image stream
             h = [o for o in h if torch.is_tensor(o)][-1]
         if h.ndim == 3:  # transformer tokens [B, N, C]: a 1-pixel-wide image of N rows
             h = h.transpose(1, 2).unsqueeze(-1)
@@ -50,7 +60,8 @@ class GANHead(torch.nn.Module):
 
 
 class Bottleneck:
-    """Captures a module's output during a forward pass (``with Bottleneck(unet.mid_block) as b``)."""
+    """Captures a module's output during a forward pass (``with Bottleneck(unet.mid_block) as
+    b``)."""
 
     def __init__(self, module: torch.nn.Module):
         self.module, self.out, self._hook = module, None, None
@@ -67,7 +78,8 @@ class Bottleneck:
 class DMD2Loss:
     """The generator and fake-score losses of DMD2. teacher / fake / generator: (x, t, cond) -> Pred
     denoisers on one schedule (generator with its boundary applied). ``taus``: the generator's
-    conditioning times, the first at pure noise. ``bottleneck``: the fake network's module whose output
+    conditioning times, the first at pure noise. ``bottleneck``: the fake network's module whose
+    output
     feeds ``head`` (both None: no GAN term)."""
 
     teacher: Any
@@ -88,7 +100,9 @@ class DMD2Loss:
         if not self.taus or any(not 0 < t < n for t in self.taus):
             raise ValueError(f"conditioning times must lie in (0, {n}), got {list(self.taus)}")
         if (self.head is None) != (self.bottleneck is None):
-            raise ValueError("the GAN head needs the fake network's bottleneck module, and vice versa")
+            raise ValueError(
+                "the GAN head needs the fake network's bottleneck module, and vice versa"
+            )
 
     def _time(self, i) -> torch.Tensor:
         return self.teacher.schedule.index_time(torch.tensor(float(i), dtype=torch.float64))
@@ -98,13 +112,17 @@ class DMD2Loss:
         eps = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
         return float(sched.alpha(t)) * x0 + float(sched.sigma(t)) * eps, eps
 
-    def sample(self, noise: torch.Tensor, cond: dict, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    def sample(
+        self, noise: torch.Tensor, cond: dict, g: torch.Generator
+    ) -> tuple[torch.Tensor, int]:
         """G's x0 at a random stage k (with grad), from an input made by backward simulation: G run
         without grad through stages 0..k-1 from ``noise``, each x0 re-noised to the next tau."""
         k = int(torch.randint(len(self.taus), (1,), generator=g))
         taus = [self._time(i) for i in self.taus]
-        x = noise * math.sqrt(float(self.teacher.schedule.alpha(taus[0])) ** 2
-                              + float(self.teacher.schedule.sigma(taus[0])) ** 2)
+        x = noise * math.sqrt(
+            float(self.teacher.schedule.alpha(taus[0])) ** 2
+            + float(self.teacher.schedule.sigma(taus[0])) ** 2
+        )
         with torch.no_grad():
             for j in range(k):
                 x0 = self.generator(x, taus[j], cond).x0
@@ -144,7 +162,9 @@ class DMD2Loss:
             loss = loss + self.gan_generator * gan
         return loss, logs
 
-    def fake_loss(self, x0: torch.Tensor, pos: dict, g: torch.Generator, real: torch.Tensor | None = None):
+    def fake_loss(
+        self, x0: torch.Tensor, pos: dict, g: torch.Generator, real: torch.Tensor | None = None
+    ):
         """The fake score's denoising loss on detached generator samples (MSE in the network's own
         output kind, t ~ U[0, T)), plus the head's real-vs-generated loss when ``real`` is given."""
         x0 = x0.detach()
@@ -156,7 +176,10 @@ class DMD2Loss:
         loss = F.mse_loss(p.output(kind, a, s).float(), Pred(x0, eps).output(kind, a, s).float())
         logs = {"fake": loss.item()}
         if self.head is not None and real is not None:
-            d = F.softplus(self._logits(x0, pos, g)).mean() + F.softplus(-self._logits(real, pos, g)).mean()
+            d = (
+                F.softplus(self._logits(x0, pos, g)).mean()
+                + F.softplus(-self._logits(real, pos, g)).mean()
+            )
             logs["gan_d"] = d.item()
             loss = loss + self.gan_fake * d
         return loss, logs

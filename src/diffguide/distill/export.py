@@ -1,5 +1,6 @@
 """The student as a diffusers folder with its own defaults (``diffguide.json``), and the validation
 grid and metrics drawn from it during a run."""
+
 from __future__ import annotations
 
 import json
@@ -21,19 +22,31 @@ def student_pipe(method, net):
 
 
 def export(method, net, folder: str) -> str:
-    """Write the student folder (aside, then renamed) with ``diffguide.json`` giving its default steps."""
+    """Write the student folder (aside, then renamed) with ``diffguide.json`` giving its default
+    steps."""
     cfg = method.cfg
     pipe = student_pipe(method, net)
     tmp = folder.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {"steps": cfg.student_steps, "sampler": "consistency", "guidance": "none", "method": method.name,
-            "teacher": cfg.teacher, "teacher_guidance": cfg.guidance, **method.student_grid()}
-    if getattr(net.config, "time_cond_proj_dim", None):  # the scale the student is sampled at by default
+    meta = {
+        "steps": cfg.student_steps,
+        "sampler": "consistency",
+        "guidance": "none",
+        "method": method.name,
+        "teacher": cfg.teacher,
+        "teacher_guidance": cfg.guidance,
+        **method.student_grid(),
+    }
+    if getattr(
+        net.config, "time_cond_proj_dim", None
+    ):  # the scale the student is sampled at by default
         meta["guidance_scale"] = default_scale(cfg)
     write_json(os.path.join(tmp, "diffguide.json"), meta)
-    if os.path.isdir(folder):  # the model's files replaced by name; nothing else in the folder touched
+    if os.path.isdir(
+        folder
+    ):  # the model's files replaced by name; nothing else in the folder touched
         replace_model_files(tmp, folder)
         shutil.rmtree(tmp)  # this run's own temporary folder, empty by now
     else:
@@ -47,11 +60,16 @@ def default_scale(cfg) -> float:
     from ..core.registry import parse_spec
 
     w = getattr(parse_spec("guidance", cfg.guidance), "scale", None)
-    return float(w) if w is not None and cfg.scale_min <= w <= cfg.scale_max else (cfg.scale_min + cfg.scale_max) / 2
+    return (
+        float(w)
+        if w is not None and cfg.scale_min <= w <= cfg.scale_max
+        else (cfg.scale_min + cfg.scale_max) / 2
+    )
 
 
 def validate(method, net, step: int) -> dict | None:
-    """Validation at ``step``: a grid of the student's samples (``val/step_N.png``) and, for a toy-world
+    """Validation at ``step``: a grid of the student's samples (``val/step_N.png``) and, for a
+    toy-world
     teacher, ``diffguide eval`` metrics at the student's steps (appended to ``val.jsonl``)."""
     from ..evaluate import grid, prompt_set
     from ..pipelines import GuidedPipeline
@@ -60,21 +78,31 @@ def validate(method, net, step: int) -> dict | None:
     cfg, teacher = method.cfg, method.teacher
     was = net.training
     gp = GuidedPipeline.from_pipe(student_pipe(method, net), progress=False)
-    gp.set_defaults({"guidance_scale": default_scale(cfg), "sampler": "consistency",
-                     **method.student_grid()})
+    gp.set_defaults(
+        {"guidance_scale": default_scale(cfg), "sampler": "consistency", **method.student_grid()}
+    )
     try:
         # a class-conditional teacher (DiT) is shown its first classes instead of the toy prompts
         prompts = list(metrics.DEFAULT_PROMPTS) if teacher.family.name != "dit" else list(range(4))
-        images, ids, nfe, seconds = prompt_set(gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps)
+        images, ids, nfe, seconds = prompt_set(
+            gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps
+        )
         os.makedirs(os.path.join(cfg.out, "val"), exist_ok=True)
         img = grid([images[ids == k] for k in range(len(prompts))], [str(p) for p in prompts])
-        atomic_write(os.path.join(cfg.out, "val", f"step_{step}.png"), lambda f: img.save(f, format="PNG"))
+        atomic_write(
+            os.path.join(cfg.out, "val", f"step_{step}.png"), lambda f: img.save(f, format="PNG")
+        )
         if not data_is_toy(teacher):
             return None
         res = metrics.evaluate(images, ids, prompts, evaluator.load())
         res.pop("adherence_by_prompt", None)
-        rec = {"step": step, "steps": cfg.student_steps, "nfe_per_image": nfe,
-               "seconds_per_image": round(seconds, 4), **res}
+        rec = {
+            "step": step,
+            "steps": cfg.student_steps,
+            "nfe_per_image": nfe,
+            "seconds_per_image": round(seconds, 4),
+            **res,
+        }
         with open(os.path.join(cfg.out, "val.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
@@ -83,6 +111,7 @@ def validate(method, net, step: int) -> dict | None:
 
 
 def data_is_toy(teacher) -> bool:
-    """Whether the teacher draws the toy world (32x32 pixels, the built-in tokenizer's vocabulary)."""
+    """Whether the teacher draws the toy world (32x32 pixels, the built-in tokenizer's
+    vocabulary)."""
     fam = teacher.family
     return fam.default_size == 32 and fam.factor == 1 and getattr(teacher.pipe, "vae", None) is None

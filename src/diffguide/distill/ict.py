@@ -5,9 +5,11 @@ The student f(x, t) = c_skip(t) x + c_out(t) x0_net(x, t) (LCM's boundary, so th
 with the consistency sampler) is pulled at a noise level sigma_{i+1} towards its own stop-gradient
 output at sigma_i on the same noise z: x_sigma = a x0 + s z with s / a = sigma. The paper's recipe:
 the discretisation curriculum N(k) (Sec. 3.4), Karras levels, lognormal level sampling (Sec. 3.5),
-weights 1 / (sigma_{i+1} - sigma_i) (Sec. 3.2), pseudo-Huber with c = 0.00054 sqrt(d) (Sec. 3.3), and
+weights 1 / (sigma_{i+1} - sigma_i) (Sec. 3.2), pseudo-Huber with c = 0.00054 sqrt(d) (Sec. 3.3),
+and
 no EMA target (Sec. 3.2: the teacher is the online network under a stop-gradient).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,21 +22,24 @@ from ..core.denoiser import with_boundary
 
 
 def curriculum(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
-    """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)) (eq. 5);
+    """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)) (eq.
+    5);
     K' is taken as at least 1 on runs shorter than log2(s1 / s0) + 1 steps."""
     kp = math.floor(total / (math.log2(math.floor(s1 / s0)) + 1))
     return min(s0 * 2 ** math.floor(k / max(kp, 1)), s1) + 1
 
 
 def karras_levels(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """sigma_1 < ... < sigma_n: (sigma_min^(1/rho) + (i - 1)/(n - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho."""
+    """sigma_1 < ... < sigma_n: (sigma_min^(1/rho) + (i - 1)/(n - 1) (sigma_max^(1/rho) -
+    sigma_min^(1/rho)))^rho."""
     i = torch.arange(n, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + i / (n - 1) * (hi - lo)) ** rho
 
 
 def lognormal_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
-    """p(sigma_i) proportional to erf((log sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((log sigma_i - P_mean)
+    """p(sigma_i) proportional to erf((log sigma_{i+1} - P_mean) / (sqrt 2 P_std)) - erf((log
+    sigma_i - P_mean)
     / (sqrt 2 P_std)) for i = 1 .. n - 1 (Sec. 3.5)."""
     e = torch.erf((torch.log(sigmas) - p_mean) / (math.sqrt(2) * p_std))
     p = e[1:] - e[:-1]
@@ -59,9 +64,9 @@ class ICTLoss:
     rho: float = 7.0
     p_mean: float = -1.1
     p_std: float = 2.0
-    sigma_min: float | None = None   # None: the schedule's own range (VE sigma)
+    sigma_min: float | None = None  # None: the schedule's own range (VE sigma)
     sigma_max: float | None = None
-    huber_c: float | None = None     # None: 0.00054 sqrt(d)
+    huber_c: float | None = None  # None: 0.00054 sqrt(d)
     timestep_scaling: float | None = 10.0  # LCM's boundary; None: none (a flow student needs none)
 
     def __post_init__(self):
@@ -69,24 +74,36 @@ class ICTLoss:
         self.sigma_min = float(sc.sigma_min if self.sigma_min is None else self.sigma_min)
         self.sigma_max = float(sc.sigma_max if self.sigma_max is None else self.sigma_max)
         if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min!r}, {self.sigma_max!r}")
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max, got {self.sigma_min!r}, {self.sigma_max!r}"
+            )
         if not 1 <= self.s0 <= self.s1:
             raise ValueError(f"need 1 <= s0 <= s1, got {self.s0!r}, {self.s1!r}")
 
     def levels(self, step: int) -> torch.Tensor:
-        return karras_levels(curriculum(step, self.total, self.s0, self.s1), self.sigma_min, self.sigma_max, self.rho)
+        return karras_levels(
+            curriculum(step, self.total, self.s0, self.s1), self.sigma_min, self.sigma_max, self.rho
+        )
 
-    def __call__(self, x0: torch.Tensor, cond, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self, x0: torch.Tensor, cond, step: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict]:
         sc, b = self.student.schedule, x0.shape[0]
         sig = self.levels(step)
-        i = torch.multinomial(lognormal_probs(sig, self.p_mean, self.p_std), b, replacement=True, generator=generator)
+        i = torch.multinomial(
+            lognormal_probs(sig, self.p_mean, self.p_std), b, replacement=True, generator=generator
+        )
         lo, hi = sig[i], sig[i + 1]
         z = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         t_lo, t_hi = sc.t_of_ve(lo), sc.t_of_ve(hi)
 
         def noised(t):
-            a, s = (f(t).to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1))) for f in (sc.alpha, sc.sigma))
+            a, s = (
+                f(t).to(x0.device, x0.dtype).view(-1, *([1] * (x0.ndim - 1)))
+                for f in (sc.alpha, sc.sigma)
+            )
             return a * x0 + s * z
+
         f = with_boundary(self.student, self.timestep_scaling)
         online = f(noised(t_hi), t_hi, cond).x0
         with torch.no_grad():

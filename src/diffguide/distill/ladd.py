@@ -7,6 +7,7 @@ P_mean -0.6, P_std 1.0), the teacher runs on them, and small trainable heads rea
 several of its blocks. Hinge losses (SANA-Sprint's setting): the heads minimise
 relu(1 - D(real)) + relu(1 + D(fake)), the student -D(fake), weighted beside the sCM loss.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,7 @@ class LADD:
     sigma_d: float = 0.5
     p_mean: float = -0.6
     p_std: float = 1.0
-    t_max: float | None = None      # default: the teacher schedule's largest level
+    t_max: float | None = None  # default: the teacher schedule's largest level
 
     def __post_init__(self):
         if self.t_max is None:
@@ -70,5 +71,10 @@ class LADD:
     def generator_loss(self, x0: torch.Tensor, cond, g: torch.Generator) -> torch.Tensor:
         return -self.logits(x0, cond, g).mean()
 
-    def discriminator_loss(self, fake: torch.Tensor, real: torch.Tensor, cond, g: torch.Generator) -> torch.Tensor:
-        return F.relu(1 - self.logits(real, cond, g)).mean() + F.relu(1 + self.logits(fake.detach(), cond, g)).mean()
+    def discriminator_loss(
+        self, fake: torch.Tensor, real: torch.Tensor, cond, g: torch.Generator
+    ) -> torch.Tensor:
+        return (
+            F.relu(1 - self.logits(real, cond, g)).mean()
+            + F.relu(1 + self.logits(fake.detach(), cond, g)).mean()
+        )

@@ -7,6 +7,7 @@ their checkpoint keys), says what one training step optimises (``updates(batch, 
 loop (``run.py``) does everything else the same way for every method: distributed wrapping,
 accumulation, clipping, the EMA, checkpoints, validation and logs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,8 +46,9 @@ def register(cls: type[Method]) -> type[Method]:
 def get(name: str) -> type[Method]:
     """The Method registered as ``name``."""
     if name not in METHODS:
-        raise ValueError(f"unknown distillation method {name!r}; choose one of: "
-                         f"{', '.join(sorted(METHODS))}")
+        raise ValueError(
+            f"unknown distillation method {name!r}; choose one of: {', '.join(sorted(METHODS))}"
+        )
     return METHODS[name]
 
 
@@ -62,10 +64,12 @@ def create(config: DistillConfig, teacher) -> Method:
 
 # -- pieces the methods share ----------------------------------------------------------------------
 
+
 def check_network(net) -> None:
     if not (isinstance(net, torch.nn.Module) and hasattr(type(net), "from_config")):
-        raise ValueError(f"distillation needs a diffusers network as the teacher, got "
-                         f"{type(net).__name__}")
+        raise ValueError(
+            f"distillation needs a diffusers network as the teacher, got {type(net).__name__}"
+        )
 
 
 def copy_network(net):
@@ -95,8 +99,13 @@ def network_denoiser(teacher, net, boundary: bool = False):
     under LCM's boundary when ``boundary`` (and the teacher's schedule has one)."""
     # hooks (perturbations, the GAN bottleneck) go on the bare network
     module = getattr(net, "module", net)
-    d = NetDenoiser(functools.partial(teacher.family.forward, net=net), teacher.info.schedule,
-                    teacher.info.kind, learned_sigma=teacher.family.learned_sigma(), module=module)
+    d = NetDenoiser(
+        functools.partial(teacher.family.forward, net=net),
+        teacher.info.schedule,
+        teacher.info.kind,
+        learned_sigma=teacher.family.learned_sigma(),
+        module=module,
+    )
     return with_boundary(d, lcm_boundary(teacher.info.schedule) if boundary else None)
 
 
@@ -125,6 +134,7 @@ class Update:
 
 # -- the interface ---------------------------------------------------------------------------------
 
+
 class Method:
     """A distillation method: its student (and any other trained networks), their optimisers, the
     updates of one training step, and the export of its student.
@@ -149,13 +159,16 @@ class Method:
         net = self.family.net
         check_network(net)
         if not hasattr(teacher.info.schedule, "index_time"):
-            raise ValueError(f"{self.name} needs a teacher with training timesteps (a VP or "
-                             f"flow-matching scheduler); {type(net).__name__} has a "
-                             f"{type(teacher.info.schedule).__name__}")
+            raise ValueError(
+                f"{self.name} needs a teacher with training timesteps (a VP or "
+                f"flow-matching scheduler); {type(net).__name__} has a "
+                f"{type(teacher.info.schedule).__name__}"
+            )
         self.boundary = lcm_boundary(teacher.info.schedule) if self.lcm_boundary else None
         # a scale embedding needs a UNet's time_cond_proj_dim; transformers bake the guidance in
-        self.embed = (self.scale_input and isinstance(self.guidance, CFG)
-                      and self.family.scale_embedding)
+        self.embed = (
+            self.scale_input and isinstance(self.guidance, CFG) and self.family.scale_embedding
+        )
         torch.manual_seed(cfg.seed)  # any fresh weights (the GAN heads) depend on the seed only
         self.student = checkpointed(self.initial_student(net), cfg)
         # the student's EMA (consistency: the target network), updated by the run loop; exported
@@ -214,11 +227,21 @@ class Method:
         if self.boundary is None:
             return None
         sc = dict(self.teacher.pipe.scheduler.config)
-        keep = ("beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
-                "rescale_betas_zero_snr", "num_train_timesteps")
+        keep = (
+            "beta_start",
+            "beta_end",
+            "beta_schedule",
+            "trained_betas",
+            "prediction_type",
+            "rescale_betas_zero_snr",
+            "num_train_timesteps",
+        )
         steps = self.original_steps(sc.get("num_train_timesteps", 1000))
-        return LCMScheduler(**{k: sc[k] for k in keep if k in sc}, timestep_scaling=self.boundary,
-                            original_inference_steps=steps)
+        return LCMScheduler(
+            **{k: sc[k] for k in keep if k in sc},
+            timestep_scaling=self.boundary,
+            original_inference_steps=steps,
+        )
 
     def student_grid(self) -> dict:
         """The student's sampling grid for ``diffguide.json``: a flow student samples on the LCM
@@ -232,6 +255,7 @@ class Method:
 
 # -- the methods -----------------------------------------------------------------------------------
 
+
 @register
 class Consistency(Method):
     """Consistency distillation (LCM: Luo et al. 2023, Alg. 1): the student at x_{t_{n+k}} matches
@@ -243,17 +267,25 @@ class Consistency(Method):
     def bind(self, prepared, accelerator):
         super().bind(prepared, accelerator)
         cfg, teacher = self.cfg, self.teacher
-        self.loss = ConsistencyLoss(teacher.net_denoiser, network_denoiser(teacher, self.student),
-                                    network_denoiser(teacher, self.ema), self.guidance, cfg.solver,
-                                    cfg.skip, cfg.huber_c, (cfg.scale_min, cfg.scale_max),
-                                    embed=embed_scale if self.embed else None,
-                                    timestep_scaling=self.boundary)
+        self.loss = ConsistencyLoss(
+            teacher.net_denoiser,
+            network_denoiser(teacher, self.student),
+            network_denoiser(teacher, self.ema),
+            self.guidance,
+            cfg.solver,
+            cfg.skip,
+            cfg.huber_c,
+            (cfg.scale_min, cfg.scale_max),
+            embed=embed_scale if self.embed else None,
+            timestep_scaling=self.boundary,
+        )
 
     def updates(self, batch, step):
         def loss(j):
             m = batch[j]
             value = self.loss(m.x0, m.pos, m.neg, m.generator)
             return value, {"loss": value.item()}
+
         return [self.student_update(loss)]
 
     def original_steps(self, train_steps):
@@ -301,34 +333,47 @@ class DMD2(Method):
         bottleneck = None
         if self.head is not None:
             bottleneck = self.family.bottleneck(accelerator.unwrap_model(self.fake))
-        self.loss = DMD2Loss(teacher.net_denoiser, network_denoiser(teacher, self.fake),
-                             network_denoiser(teacher, self.student, boundary=True), self.guidance,
-                             tuple(taus), head=self.head, bottleneck=bottleneck,
-                             gan_generator=cfg.gan_generator, gan_fake=cfg.gan_fake)
+        self.loss = DMD2Loss(
+            teacher.net_denoiser,
+            network_denoiser(teacher, self.fake),
+            network_denoiser(teacher, self.student, boundary=True),
+            self.guidance,
+            tuple(taus),
+            head=self.head,
+            bottleneck=bottleneck,
+            gan_generator=cfg.gan_generator,
+            gan_fake=cfg.gan_fake,
+        )
 
     def updates(self, batch, step):
-        noise = [torch.randn(m.x0.shape, generator=m.generator).to(m.x0.device, m.x0.dtype)
-                 for m in batch]
+        noise = [
+            torch.randn(m.x0.shape, generator=m.generator).to(m.x0.device, m.x0.dtype)
+            for m in batch
+        ]
         samples: list = [None] * len(batch)  # G's x0 per micro-batch, what the fake score fits
         plan = []
         if step % self.cfg.fake_ratio == 0:  # the generator moves on the slow time scale
+
             def generator_loss(j):
                 m = batch[j]
                 x, _ = self.loss.sample(noise[j], m.pos, m.generator)
                 samples[j] = x.detach()
                 return self.loss.generator_loss(x, m.pos, m.neg, m.generator)
+
             # the GAN term reaches the generator through the critics, not into them
             critics = tuple(self.accelerator.unwrap_model(m) for m in self.critics)
             plan.append(self.student_update(generator_loss, critics))
         else:
             with torch.no_grad(), self.accelerator.autocast():
-                samples[:] = [self.loss.sample(noise[j], m.pos, m.generator)[0]
-                              for j, m in enumerate(batch)]
+                samples[:] = [
+                    self.loss.sample(noise[j], m.pos, m.generator)[0] for j, m in enumerate(batch)
+                ]
 
         def fake_loss(j):
             m = batch[j]
             real = m.x0 if self.cfg.gan else None
             return self.loss.fake_loss(samples[j], m.pos, m.generator, real=real)
+
         plan.append(Update(self.critics, self.fake_optimiser, fake_loss))
         return plan
 
@@ -361,10 +406,12 @@ class LADDAddOn:
     def update(self, batch: list[MicroBatch], fakes: list) -> Update:
         """The heads' step on micro-batch j's kept student estimates ``fakes[j]`` against its
         data."""
+
         def loss(j):
             m = batch[j]
             d = self.term.discriminator_loss(fakes[j], m.x0, m.pos, m.generator)
             return d, {"adv_d": d.item()}
+
         return Update([self.heads], self.optimiser, loss)
 
 
@@ -398,11 +445,20 @@ class SCM(Method):
         self.weight, cfg = prepared["weight"], self.cfg
         if self.ladd:
             self.ladd.bind(prepared, accelerator)
-        self.loss = SCMLoss(self.teacher.net_denoiser, network_denoiser(self.teacher, self.student),
-                            self.weight, self.guidance, p_mean=cfg.scm_p_mean, p_std=cfg.scm_p_std,
-                            tangent_c=cfg.scm_tangent_c, warmup=cfg.scm_warmup,
-                            method=cfg.scm_derivative, prior_weight=cfg.scm_prior_weight,
-                            ladd=self.ladd.term if self.ladd else None, ladd_weight=cfg.ladd_weight)
+        self.loss = SCMLoss(
+            self.teacher.net_denoiser,
+            network_denoiser(self.teacher, self.student),
+            self.weight,
+            self.guidance,
+            p_mean=cfg.scm_p_mean,
+            p_std=cfg.scm_p_std,
+            tangent_c=cfg.scm_tangent_c,
+            warmup=cfg.scm_warmup,
+            method=cfg.scm_derivative,
+            prior_weight=cfg.scm_prior_weight,
+            ladd=self.ladd.term if self.ladd else None,
+            ladd_weight=cfg.ladd_weight,
+        )
 
     def updates(self, batch, step):
         fakes: list = []  # the student's x0 estimates, for the LADD heads' update
@@ -410,8 +466,17 @@ class SCM(Method):
         def loss(j):
             m = batch[j]
             guidance, cond = self._scales(m)
-            return self.loss(m.x0, m.pos, m.neg, step, m.generator, guidance=guidance,
-                             student_cond=cond, keep=fakes)
+            return self.loss(
+                m.x0,
+                m.pos,
+                m.neg,
+                step,
+                m.generator,
+                guidance=guidance,
+                student_cond=cond,
+                keep=fakes,
+            )
+
         frozen = self.ladd.frozen if self.ladd else ()
         plan = [Update([self.student, self.weight], self.optimiser, loss, frozen)]
         if self.ladd:
@@ -450,25 +515,33 @@ class ICT(Method):
     def bind(self, prepared, accelerator):
         super().bind(prepared, accelerator)
         cfg = self.cfg
-        self.loss = ICTLoss(network_denoiser(self.teacher, self.student),
-                            cfg.ict_total or cfg.max_steps, cfg.ict_s0, cfg.ict_s1,
-                            p_mean=cfg.ict_p_mean, p_std=cfg.ict_p_std,
-                            timestep_scaling=self.boundary)
+        self.loss = ICTLoss(
+            network_denoiser(self.teacher, self.student),
+            cfg.ict_total or cfg.max_steps,
+            cfg.ict_s0,
+            cfg.ict_s1,
+            p_mean=cfg.ict_p_mean,
+            p_std=cfg.ict_p_std,
+            timestep_scaling=self.boundary,
+        )
 
     def updates(self, batch, step):
         def loss(j):
             m = batch[j]
             return self.loss(m.x0, m.pos, step, m.generator)
+
         return [self.student_update(loss)]
 
     @classmethod
     def check_resume(cls, cfg, old, ckpt):
         """The discretisation curriculum is laid out over max_steps unless its length is fixed."""
         if not cfg.ict_total and old.get("max_steps") != cfg.max_steps:
-            raise ValueError(f"{ckpt} was trained with max_steps={old.get('max_steps')!r}, over "
-                             f"which iCT's discretisation curriculum is laid out; resume with the "
-                             f"same --max-steps (or fix the curriculum's length with --ict-total "
-                             f"from the start)")
+            raise ValueError(
+                f"{ckpt} was trained with max_steps={old.get('max_steps')!r}, over "
+                f"which iCT's discretisation curriculum is laid out; resume with the "
+                f"same --max-steps (or fix the curriculum's length with --ict-total "
+                f"from the start)"
+            )
 
     def original_steps(self, train_steps):
         return ICT_STEPS

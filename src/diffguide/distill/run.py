@@ -6,6 +6,7 @@ steps it would have taken. Checkpoints are atomic and checksummed (``checkpoint.
 processes (``torchrun``, ``accelerate launch``): gradients are averaged across them and the
 effective batch is batch x processes x grad_accum.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,13 @@ from .data import batches, load_data
 from .export import export, validate, write_json
 from .methods import Update, create, method_class
 
-RUN_FILES = ("config.json", "loss.jsonl", "val.jsonl", "val", "student")  # what a run writes beside checkpoint.pt
+RUN_FILES = (
+    "config.json",
+    "loss.jsonl",
+    "val.jsonl",
+    "val",
+    "student",
+)  # what a run writes beside checkpoint.pt
 
 
 class Run:
@@ -51,11 +58,16 @@ class Run:
         return {**self.method.modules(), **self.method.optimisers()}
 
     def _prepare(self):
-        """Wrap the trainable networks and optimisers (DDP on several processes) and hand them to the
+        """Wrap the trainable networks and optimisers (DDP on several processes) and hand them to
+        the
         method; load first, as DDP starts every process from rank 0's weights."""
         parts = self._parts()
-        with warnings.catch_warnings():  # torch renamed broadcast_buffers; accelerate passes the old name
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        with (
+            warnings.catch_warnings()
+        ):  # torch renamed broadcast_buffers; accelerate passes the old name
+            warnings.filterwarnings(
+                "ignore", message=".*broadcast_buffers.*", category=FutureWarning
+            )
             out = self.acc.prepare(*parts.values())
         self.method.ema.to(self.acc.device)
         self.method.bind(dict(zip(parts, out if len(parts) > 1 else [out])), self.acc)
@@ -82,13 +94,16 @@ class Run:
         with frozen(*update.frozen):
             opt.zero_grad(set_to_none=True)
             logs = self._accumulate(update, n)
-            self.acc.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], self.clip)
+            self.acc.clip_grad_norm_(
+                [p for group in opt.param_groups for p in group["params"]], self.clip
+            )
             opt.step()
             opt.zero_grad(set_to_none=True)
         return logs
 
     def _accumulate(self, update: Update, n: int) -> dict:
-        """The gradients of the mean loss over ``n`` micro-batches, synchronised across processes only
+        """The gradients of the mean loss over ``n`` micro-batches, synchronised across processes
+        only
         at the last."""
         logs: dict = {}
         for j in range(n):
@@ -118,31 +133,41 @@ class Run:
                 pe.lerp_(ps.detach(), 1 - self.cfg.ema)
         if world > 1:  # the step's mean over every process's micro-batches
             keys = sorted(logs)
-            mean = self.acc.reduce(torch.tensor([logs[k] for k in keys], dtype=torch.float64,
-                                                device=self.acc.device), "mean")
+            mean = self.acc.reduce(
+                torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.acc.device),
+                "mean",
+            )
             logs = dict(zip(keys, mean.tolist()))
         return logs
 
 
 def effective_batch(batch: int, processes: int, grad_accum: int) -> str:
-    return f"{batch * processes * grad_accum} (batch {batch} x {processes} process{'es' * (processes > 1)} " \
-           f"x accumulation {grad_accum})"
+    return (
+        f"{batch * processes * grad_accum} (batch {batch} x {processes} "
+        f"process{'es' * (processes > 1)} "
+        f"x accumulation {grad_accum})"
+    )
 
 
 def _check_resume(cfg: DistillConfig, state: dict, processes: int, ckpt: str) -> None:
-    """Settings that shape the run must match the checkpoint's; the effective batch must too, however
+    """Settings that shape the run must match the checkpoint's; the effective batch must too,
+    however
     it is split between processes and accumulation."""
     old = state["config"]
     for k in DistillConfig.FIXED:
         if old.get(k) != getattr(cfg, k):
-            raise ValueError(f"{ckpt} was trained with {k}={old.get(k)!r}, not {getattr(cfg, k)!r}; resume "
-                             f"with the same setting")
+            raise ValueError(
+                f"{ckpt} was trained with {k}={old.get(k)!r}, not {getattr(cfg, k)!r}; resume "
+                f"with the same setting"
+            )
     method_class(cfg).check_resume(cfg, old, ckpt)
     was = (old["batch"], state.get("processes", 1), old["grad_accum"])
     if was[0] * was[1] * was[2] != cfg.batch * processes * cfg.grad_accum:
-        raise ValueError(f"{ckpt} was trained with an effective batch of {effective_batch(*was)}, but this "
-                         f"run has {effective_batch(cfg.batch, processes, cfg.grad_accum)}; resume with the "
-                         f"same effective batch (change --batch or --grad-accum to match)")
+        raise ValueError(
+            f"{ckpt} was trained with an effective batch of {effective_batch(*was)}, but this "
+            f"run has {effective_batch(cfg.batch, processes, cfg.grad_accum)}; resume with the "
+            f"same effective batch (change --batch or --grad-accum to match)"
+        )
 
 
 def check_out(out: str, overwrite: bool) -> None:
@@ -152,18 +177,24 @@ def check_out(out: str, overwrite: bool) -> None:
     from ..files import check_link, check_path, is_model_folder
 
     # the deepest path a run writes: the student's export, aside and in place
-    check_path(os.path.join(out, "student.tmp", "text_encoder_2", "model.safetensors.index.json"), "--out")
+    check_path(
+        os.path.join(out, "student.tmp", "text_encoder_2", "model.safetensors.index.json"), "--out"
+    )
     check_link(out, "--out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file; give a folder for the run")
     student = os.path.join(out, "student")
     if os.path.isdir(student) and os.listdir(student) and not is_model_folder(student):
-        raise ValueError(f"{student!r} holds files and is not a model folder; the student is written there: "
-                         f"move them or choose another --out")
+        raise ValueError(
+            f"{student!r} holds files and is not a model folder; the student is written there: "
+            f"move them or choose another --out"
+        )
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
     if found and not overwrite:
-        raise ValueError(f"{os.path.join(out, found[0])!r} exists (a previous run's); pass --resume to continue "
-                         f"that run, --overwrite to replace its files, or choose another --out")
+        raise ValueError(
+            f"{os.path.join(out, found[0])!r} exists (a previous run's); pass --resume to continue "
+            f"that run, --overwrite to replace its files, or choose another --out"
+        )
 
 
 def _tidy(out: str, step: int) -> None:
@@ -194,19 +225,23 @@ def _lines_up_to(path: str, step: int) -> list[str]:
 
 
 def _start(cfg: DistillConfig, overwrite: bool):
-    """The accelerator and, when resuming, the checkpoint's state (checked against ``cfg``), with the
+    """The accelerator and, when resuming, the checkpoint's state (checked against ``cfg``), with
+    the
     run folder checked and tidied."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from ..pipelines.parallel import check_world, launched, on_cpu
+    from ..parallel import check_world, launched, on_cpu
 
     cfg.check()
     ckpt = os.path.join(cfg.out, "checkpoint.pt")
     # no buffer broadcast: processes may run different numbers of no-grad forwards (DMD2's backward
     # simulation), and the UNets have no buffers that training changes
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=launched() and on_cpu(),
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    acc = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=launched() and on_cpu(),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
     check_world(acc.num_processes)
     state = None
     if os.path.exists(ckpt):
@@ -233,9 +268,12 @@ def _teacher(cfg: DistillConfig, acc):
 
 
 def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) -> str:
-    """Distil (or resume with ``cfg.resume``); returns the exported student folder ``cfg.out/student``.
-    A new run into a folder that holds a run's files (config, logs, validation, a student) is refused
-    unless ``overwrite``, which replaces them by name (``check_out``); a resumed run's files are its own.
+    """Distil (or resume with ``cfg.resume``); returns the exported student folder
+    ``cfg.out/student``.
+    A new run into a folder that holds a run's files (config, logs, validation, a student) is
+    refused
+    unless ``overwrite``, which replaces them by name (``check_out``); a resumed run's files are
+    its own.
 
     Launched on several processes (``torchrun``, ``accelerate launch``) each process trains on its
     own micro-batches and the gradients are averaged: the effective batch is batch x processes x
@@ -243,7 +281,9 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
     acc, state = _start(cfg, overwrite)
     world = acc.num_processes
     teacher = _teacher(cfg, acc)
-    if acc.is_main_process:  # made once the teacher loads: a run that cannot start leaves no empty folder
+    if (
+        acc.is_main_process
+    ):  # made once the teacher loads: a run that cannot start leaves no empty folder
         os.makedirs(cfg.out, exist_ok=True)
     with acc.main_process_first():  # the main process renders and caches the toy scenes once
         data = load_data(cfg)
@@ -251,12 +291,21 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
     run = Run(cfg, teacher, acc, state)
     log = None
     if acc.is_main_process:
-        write_json(os.path.join(cfg.out, "config.json"),
-                   {**asdict(cfg), "processes": world, "effective_batch": cfg.batch * world * cfg.grad_accum})
+        write_json(
+            os.path.join(cfg.out, "config.json"),
+            {
+                **asdict(cfg),
+                "processes": world,
+                "effective_batch": cfg.batch * world * cfg.grad_accum,
+            },
+        )
         log = open(os.path.join(cfg.out, "loss.jsonl"), "a")
         if progress:
-            print(f"distill {run.method.name}: effective batch "
-                  f"{effective_batch(cfg.batch, world, cfg.grad_accum)}", file=sys.stderr)
+            print(
+                f"distill {run.method.name}: effective batch "
+                f"{effective_batch(cfg.batch, world, cfg.grad_accum)}",
+                file=sys.stderr,
+            )
     window = dict(state.get("log_window", {})) if state is not None else {}
     step = _loop(cfg, run, get, log, window, progress)
     folder = os.path.join(cfg.out, "student")
@@ -274,8 +323,12 @@ def _loop(cfg: DistillConfig, run: Run, get, log, running: dict, progress: bool)
     from tqdm.auto import tqdm
 
     acc, ckpt, step = run.acc, os.path.join(cfg.out, "checkpoint.pt"), run.step0
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress or not acc.is_main_process,
-               desc=f"distill {run.method.name}")
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not progress or not acc.is_main_process,
+        desc=f"distill {run.method.name}",
+    )
     t0 = time.time()
     while step < cfg.max_steps:
         logs = run.step(step, get)
@@ -285,17 +338,26 @@ def _loop(cfg: DistillConfig, run: Run, get, log, running: dict, progress: bool)
         bar.update(1)
         if acc.is_main_process:
             if step % cfg.log_every == 0:
-                rec = {"step": step, **{k: float(np.mean(v)) for k, v in running.items()},
-                       "seconds": round(time.time() - t0, 2)}
+                rec = {
+                    "step": step,
+                    **{k: float(np.mean(v)) for k, v in running.items()},
+                    "seconds": round(time.time() - t0, 2),
+                }
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "seconds")})
+                bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "seconds")}
+                )
                 running = {}
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                checkpoint.save(ckpt, {**run.state(step), "processes": acc.num_processes, "log_window": running})
+                checkpoint.save(
+                    ckpt, {**run.state(step), "processes": acc.num_processes, "log_window": running}
+                )
             if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
                 validate(run.method, run.ema, step)
-        if step % cfg.checkpoint_every == 0 or (cfg.validate_every and step % cfg.validate_every == 0):
+        if step % cfg.checkpoint_every == 0 or (
+            cfg.validate_every and step % cfg.validate_every == 0
+        ):
             acc.wait_for_everyone()
     bar.close()
     return step

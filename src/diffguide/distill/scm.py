@@ -7,9 +7,11 @@ Any diffguide denoiser on its own schedule (eps, v, flow, VP or flow tables) is 
 model without retraining (``TrigFlowView``): TrigFlow's t has the VE level sigma_d tan(t), the
 denoiser runs at the time of its own schedule with that level on x scaled to its coordinates, and
 its Pred(x0, eps) gives F = cos(t) eps - sin(t) x0 / sigma_d (then f = x0 exactly). So the teacher's
-velocity dx_t/dt = sigma_d F_teacher and the student's F are one conversion, and a student trained in
+velocity dx_t/dt = sigma_d F_teacher and the student's F are one conversion, and a student trained
+in
 TrigFlow is still a denoiser of the teacher's kind, sampled by diffguide's consistency sampler.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +28,8 @@ from ..core.sample import RandomNoise
 
 @dataclass(frozen=True, eq=False)
 class TrigFlowView:
-    """A denoiser (x, t, cond) -> Pred on its own schedule, as the TrigFlow network F(x / sigma_d, t)."""
+    """A denoiser (x, t, cond) -> Pred on its own schedule, as the TrigFlow network F(x / sigma_d,
+    t)."""
 
     denoiser: Any
     sigma_d: float = 0.5
@@ -73,15 +76,25 @@ def trig_pred(F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, sigma_d: floa
     return Pred(x0, (x_t - c * x0) / (s * sigma_d))
 
 
-def sample_times(b: int, generator: torch.Generator, p_mean: float, p_std: float, sigma_d: float,
-                 t_max: float) -> torch.Tensor:
-    """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (Sec. 4.2's proposal), capped at t_max."""
+def sample_times(
+    b: int, generator: torch.Generator, p_mean: float, p_std: float, sigma_d: float, t_max: float
+) -> torch.Tensor:
+    """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (Sec. 4.2's proposal), capped at
+    t_max."""
     tau = p_mean + p_std * torch.randn(b, generator=generator, dtype=torch.float64)
     return torch.atan(torch.exp(tau) / sigma_d).clamp(max=t_max)
 
 
-def noised(x0: torch.Tensor, generator: torch.Generator, p_mean: float, p_std: float, sigma_d: float, t_max: float):
-    """(t, cos t, sin t, x_t): a TrigFlow time per sample from the proposal, and x_t = cos(t) x0 + sin(t) z,
+def noised(
+    x0: torch.Tensor,
+    generator: torch.Generator,
+    p_mean: float,
+    p_std: float,
+    sigma_d: float,
+    t_max: float,
+):
+    """(t, cos t, sin t, x_t): a TrigFlow time per sample from the proposal, and x_t = cos(t) x0 +
+    sin(t) z,
     z ~ N(0, sigma_d^2 I)."""
     t = sample_times(x0.shape[0], generator, p_mean, p_std, sigma_d, t_max).to(x0.device)
     z = sigma_d * torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
@@ -117,18 +130,26 @@ def time_derivative(F, x_in, t, dx_in, cond, method: str = "jvp", h: float = 1e-
     by the float32 time embeddings."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # contiguous: group norm's forward-mode rule views its input, which fails on a channels-last batch
+    # contiguous: group norm's forward-mode rule views its input, which fails on a channels-last
+    # batch
     # (data permuted from HWC images is laid out so)
     x_in, dx_in = x_in.contiguous(), dx_in.contiguous()
     if method == "jvp":
         try:
             with sdpa_kernel(SDPBackend.MATH):
-                return torch.func.jvp(lambda x, s: F(x, s, cond), (x_in, t), (dx_in, torch.ones_like(t)))
+                return torch.func.jvp(
+                    lambda x, s: F(x, s, cond), (x_in, t), (dx_in, torch.ones_like(t))
+                )
         except (NotImplementedError, RuntimeError) as e:
             if not _warned:
-                warnings.warn(f"forward-mode AD failed in this network ({str(e).splitlines()[0][:160]}); sCM "
-                              f"uses a central difference instead (h = {h}; within 1e-3 of the tangent's scale "
-                              f"on the tiny test networks)", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"forward-mode AD failed in this network ({str(e).splitlines()[0][:160]}); sCM "
+                    f"uses a central difference instead (h = {h}; within 1e-3 of the tangent's "
+                    "scale "
+                    f"on the tiny test networks)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 _warned.append(True)
             method = "finite_difference"
     if method != "finite_difference":
@@ -152,19 +173,29 @@ class SCMLoss:
     sigma_d: float = 0.5
     p_mean: float = -0.8
     p_std: float = 1.6
-    tangent_c: float = 0.1          # tangent normalisation g / (||g|| + c)
-    warmup: int = 10000             # tangent warm-up: r = min(1, step / warmup)
-    method: str = "jvp"             # or finite_difference
-    prior_weight: bool = False      # SANA-Sprint's code: the loss also weighted by 1 / (sigma_d tan t)
-    ladd: Any = None                # a LADD term (ladd.py) beside the consistency loss
-    ladd_weight: float = 0.5        # SANA-Sprint's adv_lambda
+    tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c)
+    warmup: int = 10000  # tangent warm-up: r = min(1, step / warmup)
+    method: str = "jvp"  # or finite_difference
+    prior_weight: bool = False  # SANA-Sprint's code: the loss also weighted by 1 / (sigma_d tan t)
+    ladd: Any = None  # a LADD term (ladd.py) beside the consistency loss
+    ladd_weight: float = 0.5  # SANA-Sprint's adv_lambda
 
     def __post_init__(self):
         self.t_max = math.atan(float(self.teacher.schedule.sigma_max) / self.sigma_d)
 
-    def __call__(self, x0: torch.Tensor, pos, neg, step: int, generator: torch.Generator, guidance=None,
-                 student_cond=None, keep: list | None = None) -> tuple[torch.Tensor, dict]:
-        """(loss, logs); with LADD the student's x0 estimates are appended to ``keep`` for the heads'
+    def __call__(
+        self,
+        x0: torch.Tensor,
+        pos,
+        neg,
+        step: int,
+        generator: torch.Generator,
+        guidance=None,
+        student_cond=None,
+        keep: list | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """(loss, logs); with LADD the student's x0 estimates are appended to ``keep`` for the
+        heads'
         own update."""
         sd = self.sigma_d
         t, c, s, x_t = noised(x0, generator, self.p_mean, self.p_std, sd, self.t_max)

@@ -2,13 +2,14 @@
 the toy world, laid out as grids; LinearAG calibration on recorded trajectories. ``diffguide eval``,
 ``compare`` and ``calibrate-linearag``, the bench scripts and the distillation trainer call it.
 """
+
 from __future__ import annotations
 
 import time
 
 import numpy as np
 
-from ..pipelines.parallel import barrier, gather, shard
+from ..parallel import barrier, gather, shard
 
 
 def prompt_seeds(seed: int, k: int, n: int) -> list[int]:
@@ -16,42 +17,104 @@ def prompt_seeds(seed: int, k: int, n: int) -> list[int]:
     return [seed * 100_000 + k * 1000 + j for j in range(n)]
 
 
-def generate(gp, prompt: str, seeds: list, guidance, sampler, steps: int, spacing=None, stitch=None,
-             noise=None, embedded_guidance=None, guide_model=None) -> tuple[np.ndarray, dict]:
+def generate(
+    gp,
+    prompt: str,
+    seeds: list,
+    guidance,
+    sampler,
+    steps: int,
+    spacing=None,
+    stitch=None,
+    noise=None,
+    embedded_guidance=None,
+    guide_model=None,
+) -> tuple[np.ndarray, dict]:
     """One batch: images [len(seeds), H, W, 3] in [0, 1] for one prompt and what they cost per image
     (NFE of sampling; a noise optimiser's NFE, backward passes and seconds). ``embedded_guidance``:
     the value of the model's own guidance input (Flux.1-dev, LCM students), default the model's;
     ``guide_model``: AutoGuidance's weaker model."""
-    res = gp(prompt, guidance=guidance, sampler=sampler, steps=steps, spacing=spacing,
-             num_images_per_prompt=len(seeds), seed=list(seeds), output_type="np", progress=False,
-             stitch=stitch, noise_optimizer=noise, embedded_guidance=embedded_guidance, guide_model=guide_model)
+    res = gp(
+        prompt,
+        guidance=guidance,
+        sampler=sampler,
+        steps=steps,
+        spacing=spacing,
+        num_images_per_prompt=len(seeds),
+        seed=list(seeds),
+        output_type="np",
+        progress=False,
+        stitch=stitch,
+        noise_optimizer=noise,
+        embedded_guidance=embedded_guidance,
+        guide_model=guide_model,
+    )
     cost = {"nfe": float(res.nfe)}
     if res.noise:
-        cost.update(noise_nfe=float(res.noise["nfe"]), noise_backward=float(res.noise["backward"]),
-                    noise_seconds=res.timings["noise"] / len(seeds))
+        cost.update(
+            noise_nfe=float(res.noise["nfe"]),
+            noise_backward=float(res.noise["backward"]),
+            noise_seconds=res.timings["noise"] / len(seeds),
+        )
     return res.images, cost
 
 
-def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, steps: int,
-               spacing=None, batch: int = 32, stitch=None, noise=None,
-               costs: dict | None = None, embedded_guidance=None,
-               process_state=None, guide_model=None, on_batch=None) -> tuple[np.ndarray, np.ndarray, float, float]:
+def prompt_set(
+    gp,
+    prompts: list[str],
+    n: int,
+    seed: int,
+    guidance,
+    sampler,
+    steps: int,
+    spacing=None,
+    batch: int = 32,
+    stitch=None,
+    noise=None,
+    costs: dict | None = None,
+    embedded_guidance=None,
+    process_state=None,
+    guide_model=None,
+    on_batch=None,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
     """n images per prompt (seeds from ``prompt_seeds``): images, prompt index per image, NFE per
     image (the mean over every image) and wall seconds per image. ``costs``, if given, gets a noise
-    optimiser's extra NFE, backward passes and seconds per image. ``on_batch(done, left)``, if given,
+    optimiser's extra NFE, backward passes and seconds per image. ``on_batch(done, left)``, if
+    given,
     is called once, after this process's first batch, with its image counts (for a time estimate).
 
     With ``process_state`` (accelerate's PartialState) the batches are shared between processes
     and every process returns the whole set, in the same order and with the same images as one
     process makes."""
-    units = [(k, chunk) for k in range(len(prompts))
-             for s in [prompt_seeds(seed, k, n)] for chunk in (s[i:i + batch] for i in range(0, n, batch))]
+    units = [
+        (k, chunk)
+        for k in range(len(prompts))
+        for s in [prompt_seeds(seed, k, n)]
+        for chunk in (s[i : i + batch] for i in range(0, n, batch))
+    ]
     t0 = time.perf_counter()
     mine = []
     share = shard(units, process_state)
     for i, (k, chunk) in enumerate(share):
-        mine.append((k, chunk, *generate(gp, prompts[k], chunk, guidance, sampler, steps, spacing, stitch, noise,
-                                         embedded_guidance, guide_model)))
+        mine.append(
+            (
+                k,
+                chunk,
+                *generate(
+                    gp,
+                    prompts[k],
+                    chunk,
+                    guidance,
+                    sampler,
+                    steps,
+                    spacing,
+                    stitch,
+                    noise,
+                    embedded_guidance,
+                    guide_model,
+                ),
+            )
+        )
         if i == 0 and on_batch is not None and len(share) > 1:
             on_batch(len(chunk), sum(len(c) for _, c in share[1:]))
     done = gather(mine, process_state)
@@ -65,9 +128,11 @@ def prompt_set(gp, prompts: list[str], n: int, seed: int, guidance, sampler, ste
         for key, v in cost.items():
             total[key] = total.get(key, 0.0) + v * len(chunk)
     if costs is not None and "noise_nfe" in total:
-        costs.update(noise_nfe_per_image=total["noise_nfe"] / m,
-                     noise_backward_per_image=total["noise_backward"] / m,
-                     noise_seconds_per_image=round(total["noise_seconds"] / m, 4))
+        costs.update(
+            noise_nfe_per_image=total["noise_nfe"] / m,
+            noise_backward_per_image=total["noise_backward"] / m,
+            noise_seconds_per_image=round(total["noise_seconds"] / m, 4),
+        )
     return images, ids, total["nfe"] / m, seconds / m
 
 
@@ -79,7 +144,9 @@ def grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 2
     cols = max(len(r) for r in rows)
     pad = 2
     label_w = 0 if not labels else 8 + 6 * max(len(t) for t in labels)
-    canvas = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    canvas = Image.new(
+        "RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     for r, imgs in enumerate(rows):
         y = pad + r * (h + pad)
@@ -91,7 +158,9 @@ def grid(rows: list[np.ndarray], labels: list[str] | None = None, scale: int = 2
     return canvas
 
 
-def record(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float, spacing=None) -> list:
+def record(
+    gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float, spacing=None
+) -> list:
     """CFG trajectories: per prompt, the list of (x, c x0, u x0) of every evaluation (n images each,
     prompt_set's seeds)."""
     from ..guidance.linear_ag import Recorder
@@ -99,15 +168,26 @@ def record(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale
     runs = []
     for k, text in enumerate(prompts):
         rec = Recorder(scale=scale)
-        gp(text, guidance=rec, sampler=sampler, steps=steps, spacing=spacing, num_images_per_prompt=n,
-           seed=prompt_seeds(seed, k, n), output_type="latent", progress=False)
+        gp(
+            text,
+            guidance=rec,
+            sampler=sampler,
+            steps=steps,
+            spacing=spacing,
+            num_images_per_prompt=n,
+            seed=prompt_seeds(seed, k, n),
+            output_type="latent",
+            progress=False,
+        )
         runs.append(rec.sink)
     return runs
 
 
-def calibrate_linear_ag(gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float,
-                        spacing=None) -> list:
-    """LinearAG coefficients fitted on CFG trajectories of n images per prompt (prompt_set's seeds)."""
+def calibrate_linear_ag(
+    gp, prompts: list[str], n: int, seed: int, sampler, steps: int, scale: float, spacing=None
+) -> list:
+    """LinearAG coefficients fitted on CFG trajectories of n images per prompt (prompt_set's
+    seeds)."""
     from ..guidance.linear_ag import fit
 
     return fit(record(gp, prompts, n, seed, sampler, steps, scale, spacing))

@@ -10,6 +10,7 @@ prompt set; each method's choice is read off them:
 - linear_ag: LinearAG's least-squares coefficients.
 The result is a spec file that ``--guidance @FILE`` (or ``parse_spec("guidance", "@FILE")``) loads.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,16 +42,23 @@ def ag_threshold(runs: list, target_nfe: float) -> tuple[float, dict]:
         hit = cos >= th
         first = np.where(hit.any(1), hit.argmax(1), evals - 1)
         return float(np.mean(evals + first + 1)) / (2 * evals)
-    # thresholds at the observed values, rounded down so that the 6-digit spec switches where they do
+
+    # thresholds at the observed values, rounded down so that the 6-digit spec switches where they
+    # do
     candidates = np.unique(np.floor(cos * 1e6) / 1e6)[::-1]
     chosen = next((float(th) for th in candidates if nfe(th) <= target_nfe), float(candidates[-1]))
-    return chosen, {"images": int(cos.shape[0]), "nfe_fraction": round(nfe(chosen), 6),
-                    "nfe_per_image": round(nfe(chosen) * 2 * evals, 3), "cfg_nfe_per_image": 2 * evals,
-                    "target_met": nfe(chosen) <= target_nfe}
+    return chosen, {
+        "images": int(cos.shape[0]),
+        "nfe_fraction": round(nfe(chosen), 6),
+        "nfe_per_image": round(nfe(chosen) * 2 * evals, 3),
+        "cfg_nfe_per_image": 2 * evals,
+        "target_met": nfe(chosen) <= target_nfe,
+    }
 
 
 def apg_norms(runs: list, momentum: float) -> np.ndarray:
-    """Per-value RMS of APG's accumulated difference (x0 space) at every evaluation of every image."""
+    """Per-value RMS of APG's accumulated difference (x0 space) at every evaluation of every
+    image."""
     out = []
     for run in runs:
         buf = None
@@ -63,8 +71,19 @@ def apg_norms(runs: list, momentum: float) -> np.ndarray:
     return np.concatenate(out)
 
 
-def tune(gp, method: str, prompts: list[str], n: int = 2, seed: int = 1, sampler=None, steps: int = 25,
-         scale: float = 5.0, target_nfe: float = 0.75, quantile: float = 0.5, spacing=None) -> dict:
+def tune(
+    gp,
+    method: str,
+    prompts: list[str],
+    n: int = 2,
+    seed: int = 1,
+    sampler=None,
+    steps: int = 25,
+    scale: float = 5.0,
+    target_nfe: float = 0.75,
+    quantile: float = 0.5,
+    spacing=None,
+) -> dict:
     """The tuned spec and what it was read from, as written to the spec file."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} to tune; choose one of: {', '.join(METHODS)}")
@@ -76,29 +95,44 @@ def tune(gp, method: str, prompts: list[str], n: int = 2, seed: int = 1, sampler
 
     _, sampler = gp.resolve("none", None, sampler)
     runs = record(gp, prompts, n, seed, sampler, steps, scale, spacing)
-    probe = {"prompts": len(prompts), "images_per_prompt": n, "seed": seed, "steps": steps,
-             "sampler": to_spec(sampler), "scale": scale}
+    probe = {
+        "prompts": len(prompts),
+        "images_per_prompt": n,
+        "seed": seed,
+        "steps": steps,
+        "sampler": to_spec(sampler),
+        "scale": scale,
+    }
     if method == "ag":
         th, stats = ag_threshold(runs, target_nfe)
-        return {"guidance": f"ag:scale={scale:g},threshold={th:.6f}", "probe": {**probe, "target_nfe": target_nfe,
-                                                                               **stats}}
+        return {
+            "guidance": f"ag:scale={scale:g},threshold={th:.6f}",
+            "probe": {**probe, "target_nfe": target_nfe, **stats},
+        }
     if method == "linear_ag":
         from ..guidance.linear_ag import fit
 
-        return {"guidance": f"linear_ag:scale={scale:g},coefficients=@self", "coefficients": fit(runs),
-                "features": ["c", "u_prev", "c_prev", "x"], "probe": probe}
+        return {
+            "guidance": f"linear_ag:scale={scale:g},coefficients=@self",
+            "coefficients": fit(runs),
+            "features": ["c", "u_prev", "c_prev", "x"],
+            "probe": probe,
+        }
     return _tune_apg(gp, runs, probe, prompts, n, seed, sampler, steps, scale, quantile, spacing)
 
 
 def _tune_apg(gp, runs, probe, prompts, n, seed, sampler, steps, scale, quantile, spacing) -> dict:
-    """The quantile rule, or on a built-in (toy-world) model a small grid scored by the evaluator."""
+    """The quantile rule, or on a built-in (toy-world) model a small grid scored by the
+    evaluator."""
     from ..core.registry import to_spec
     from ..guidance.apg import APG
 
     if not gp.builtin:
         th = float(np.quantile(apg_norms(runs, -0.5), quantile))
-        return {"guidance": f"apg:scale={scale:g},norm_threshold={th:.5f}",
-                "probe": {**probe, "quantile": quantile, "rule": "quantile of the update norms"}}
+        return {
+            "guidance": f"apg:scale={scale:g},norm_threshold={th:.5f}",
+            "probe": {**probe, "quantile": quantile, "rule": "quantile of the update norms"},
+        }
     from ..toy import evaluator, metrics
 
     judge, rows = evaluator.load(), []
@@ -106,17 +140,32 @@ def _tune_apg(gp, runs, probe, prompts, n, seed, sampler, steps, scale, quantile
         for momentum in (-0.5, 0.0):
             norms = apg_norms(runs, momentum)
             for q in (0.25, 0.5, 0.75):
-                g = APG(scale=scale, eta=eta, momentum=momentum, norm_threshold=round(float(np.quantile(norms, q)), 5))
+                g = APG(
+                    scale=scale,
+                    eta=eta,
+                    momentum=momentum,
+                    norm_threshold=round(float(np.quantile(norms, q)), 5),
+                )
                 images, ids, _, _ = prompt_set(gp, prompts, n, seed, g, sampler, steps, spacing)
                 res = metrics.evaluate(images, ids, prompts, judge)
-                rows.append({"guidance": to_spec(g), "adherence": res["adherence"],
-                             "saturation_error": res["saturation_error"], "quantile": q})
+                rows.append(
+                    {
+                        "guidance": to_spec(g),
+                        "adherence": res["adherence"],
+                        "saturation_error": res["saturation_error"],
+                        "quantile": q,
+                    }
+                )
     best = max(rows, key=lambda r: (r["adherence"], -abs(r["saturation_error"] or 0)))
-    return {"guidance": best["guidance"], "probe": {**probe, "rule": "evaluator grid", "grid": rows}}
+    return {
+        "guidance": best["guidance"],
+        "probe": {**probe, "rule": "evaluator grid", "grid": rows},
+    }
 
 
 def write(result: dict, path: str, model: str, overwrite: bool = True) -> str:
-    """The spec file (written aside, then given its name: only if no file has it, unless ``overwrite``);
+    """The spec file (written aside, then given its name: only if no file has it, unless
+    ``overwrite``);
     a LinearAG file is its own coefficients file."""
     from .. import __version__
 

@@ -1,4 +1,5 @@
 """Guidance methods, one file each; importing this package registers them."""
+
 from .ag import AdaptiveGuidance
 from .apg import APG
 from .cfg import CFG, NoGuidance

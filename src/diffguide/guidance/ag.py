@@ -1,4 +1,5 @@
 """Adaptive Guidance (Castillo et al. 2023, arXiv 2312.12487): CFG until the branches agree."""
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,8 @@ class AdaptiveGuidance(Guidance):
     """AG (Castillo et al. 2023): CFG until cos(P_c, P_u) reaches threshold, then conditional only.
 
     Decided per sample: once a sample's cosine reaches the threshold it is conditional-only for the
-    rest of the run, and its unconditional rows are no longer evaluated (NFE falls). The paper compares the eps predictions
+    rest of the run, and its unconditional rows are no longer evaluated (NFE falls). The paper
+    compares the eps predictions
     (space="eps"); at high noise both are close to x/sigma, so that cosine starts near 1, whereas in
     x0 (as ComfyUI's port does) it rises along the trajectory. centre=True (default) takes each
     prediction's mean out first (a correlation): a constant part shared by both predictions, such as
@@ -38,7 +40,9 @@ class AdaptiveGuidance(Guidance):
         if self.space not in SPACES:
             raise ValueError(f"unknown AG space {self.space!r}; choose one of: {', '.join(SPACES)}")
         if not math.isfinite(self.scale) or not math.isfinite(self.threshold):
-            raise ValueError(f"AG scale and threshold must be finite, got {self.scale!r}, {self.threshold!r}")
+            raise ValueError(
+                f"AG scale and threshold must be finite, got {self.scale!r}, {self.threshold!r}"
+            )
 
     def init_state(self):
         return None  # [B] bool: conditional-only from now on
@@ -46,7 +50,11 @@ class AdaptiveGuidance(Guidance):
     def branches(self, pt: Point, state=None):
         if self.scale == 1 or (state is not None and bool(state.all())):
             return {"c": Branch("pos")}
-        rows = None if state is None or not bool(state.any()) else tuple((~state).nonzero()[:, 0].tolist())
+        rows = (
+            None
+            if state is None or not bool(state.any())
+            else tuple((~state).nonzero()[:, 0].tolist())
+        )
         return {"c": Branch("pos"), "u": Branch("neg", rows=rows)}
 
     def combine(self, x, pt, preds, state):

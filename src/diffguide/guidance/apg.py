@@ -1,4 +1,5 @@
 """Adaptive Projected Guidance (Sadat, Hilliges, Weber 2024, arXiv 2410.02416)."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,8 @@ from ..core.registry import register
 SPACES = ("x0", "eps", "v", "flow")
 BASES = ("cond", "uncond")
 NORMS = ("rms", "l2")
-# the paper's SD-XL radius r = 15 (Table 10) on a 1024 px SD-XL latent of 4 x 128 x 128 values, per value
+# the paper's SD-XL radius r = 15 (Table 10) on a 1024 px SD-XL latent of 4 x 128 x 128 values, per
+# value
 PAPER_RMS = 15.0 / math.sqrt(4 * 128 * 128)
 
 
@@ -47,7 +49,9 @@ class APG(Guidance):
 
     def __post_init__(self):
         if self.space not in SPACES:
-            raise ValueError(f"unknown APG space {self.space!r}; choose one of: {', '.join(SPACES)}")
+            raise ValueError(
+                f"unknown APG space {self.space!r}; choose one of: {', '.join(SPACES)}"
+            )
         if self.base not in BASES:
             raise ValueError(f"unknown APG base {self.base!r}; choose one of: {', '.join(BASES)}")
         if self.norm not in NORMS:
@@ -68,7 +72,9 @@ class APG(Guidance):
             state = diff
         dims = tuple(range(1, diff.ndim))
         if self.norm_threshold > 0:
-            radius = self.norm_threshold * (math.sqrt(diff[0].numel()) if self.norm == "rms" else 1.0)
+            radius = self.norm_threshold * (
+                math.sqrt(diff[0].numel()) if self.norm == "rms" else 1.0
+            )
             norm = diff.norm(p=2, dim=dims, keepdim=True)
             diff = diff * torch.clamp(radius / norm, max=1.0)
         d, unit = diff.double(), torch.nn.functional.normalize(pc.double(), dim=dims)

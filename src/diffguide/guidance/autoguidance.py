@@ -1,4 +1,5 @@
 """AutoGuidance (Karras et al. 2024, arXiv 2406.02507)."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,11 @@ class AutoGuidance(Guidance):
 
     def check(self, models):
         if self.model not in models:
-            raise ValueError(f"autoguidance needs a guide model {self.model!r} (a weaker version of the model): "
-                             "guide_model= in Python, --guide-model on the command line (e.g. builtin-small "
-                             "for the built-in model)")
+            raise ValueError(
+                f"autoguidance needs a guide model {self.model!r} (a weaker version of the model): "
+                "guide_model= in Python, --guide-model on the command line (e.g. builtin-small "
+                "for the built-in model)"
+            )
 
     def branches(self, pt, state=None):
         if self.scale == 1:

@@ -1,4 +1,5 @@
 """Classifier-free guidance with weight schedules, a guidance interval and rescale."""
+
 from __future__ import annotations
 
 import math
@@ -35,11 +36,14 @@ def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
 def check_shaping(g) -> None:
     """Validate the weight_schedule, interval and rescale options (CFG's and Modulated's)."""
     if g.weight_schedule not in WEIGHT_SCHEDULES:
-        raise ValueError(f"unknown weight_schedule {g.weight_schedule!r}; choose one of: "
-                         f"{', '.join(WEIGHT_SCHEDULES)}")
+        raise ValueError(
+            f"unknown weight_schedule {g.weight_schedule!r}; choose one of: "
+            f"{', '.join(WEIGHT_SCHEDULES)}"
+        )
     if g.rescale_space not in RESCALE_SPACES:
-        raise ValueError(f"unknown rescale_space {g.rescale_space!r}; choose one of: "
-                         f"{', '.join(RESCALE_SPACES)}")
+        raise ValueError(
+            f"unknown rescale_space {g.rescale_space!r}; choose one of: {', '.join(RESCALE_SPACES)}"
+        )
     if not 0 <= g.rescale <= 1:
         raise ValueError(f"rescale must be in [0, 1], got {g.rescale!r}")
     if not 0 <= g.sigma_lo <= g.sigma_hi:
@@ -81,8 +85,15 @@ def renormed(x, pt: Point, c: Pred, guided: Pred, patch: int, space: str) -> Pre
         raise ValueError(f"renorm={patch} needs height and width divisible by it, got {h}x{w}")
 
     def block_norm(v):
-        return torch.linalg.vector_norm(v.reshape(b, ch, h // patch, patch, w // patch, patch), dim=(1, 3, 5), keepdim=True)
-    ratio = (block_norm(pc) / block_norm(pg)).expand(b, ch, h // patch, patch, w // patch, patch).reshape(b, ch, h, w)
+        return torch.linalg.vector_norm(
+            v.reshape(b, ch, h // patch, patch, w // patch, patch), dim=(1, 3, 5), keepdim=True
+        )
+
+    ratio = (
+        (block_norm(pc) / block_norm(pg))
+        .expand(b, ch, h // patch, patch, w // patch, patch)
+        .reshape(b, ch, h, w)
+    )
     return Pred.from_output(space, pg * ratio, x, pt.a, pt.s)
 
 
@@ -109,7 +120,8 @@ class CFG(Guidance):
     2024), read at each evaluation's own level (the authors' Heun sampler decides once per step, so
     its correction at t_next may differ at the interval's edges); elsewhere, and wherever the scale
     is 1, only the conditional branch is evaluated. rescale
-    mixes in the guided prediction rescaled to the conditional one's per-sample std (Lin et al. 2023,
+    mixes in the guided prediction rescaled to the conditional one's per-sample std (Lin et al.
+    2023,
     Sec. 3.4) in rescale_space; diffusers rescales the raw output (eps, or v for v-models).
     renorm=p keeps the conditional prediction's L2 norm over each p x p block (all channels) in
     rescale_space: renorm=2, rescale_space=flow is QwenImagePipeline's norm-preserving true CFG.
@@ -136,7 +148,10 @@ class CFG(Guidance):
         ve, sched = pt.ve, self.weight_schedule
         w = (self.scale - 1.0) * weight_factor(pt, sched.replace("clamp_", ""))
         if isinstance(w, torch.Tensor) or isinstance(ve, torch.Tensor):
-            w, ve = torch.as_tensor(w, dtype=torch.float64), torch.as_tensor(ve, dtype=torch.float64)
+            w, ve = (
+                torch.as_tensor(w, dtype=torch.float64),
+                torch.as_tensor(ve, dtype=torch.float64),
+            )
             clamp, where = lambda v: v.clamp(min=self.floor), torch.where
         else:
             clamp, where = lambda v: max(v, self.floor), lambda c, a, b: a if c else b

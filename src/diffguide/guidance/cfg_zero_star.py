@@ -1,4 +1,5 @@
 """CFG-Zero* (Fan et al. 2025, arXiv 2503.18886)."""
+
 from __future__ import annotations
 
 import math
@@ -15,14 +16,16 @@ from .cfg import check_space, output_space
 @register("guidance", "cfg_zero_star")
 @dataclass(frozen=True)
 class CFGZeroStar(Guidance):
-    """CFG-Zero* (Fan et al. 2025): s* u + scale (c - s* u), s* = <c, u> / ||u||^2 per sample (eq. 8,
+    """CFG-Zero* (Fan et al. 2025): s* u + scale (c - s* u), s* = <c, u> / ||u||^2 per sample (eq.
+    8,
     the optimised scale), and a zero output for the first ``zero_init_steps`` steps (Sec. 4.2;
     no network is run then). Both act on the raw output in ``space`` (auto: the model's own, the
     velocity on flow models as in the paper), as diffusers' ClassifierFreeZeroStarGuidance and the
     authors' code do.
 
     ``zero_init_steps`` counts the zeroed steps: the authors' pipelines (WeichenFan/CFG-Zero-star,
-    models/*/pipeline.py) zero step i while ``i <= zero_steps``, so theirs is ``zero_init_steps - 1``;
+    models/*/pipeline.py) zero step i while ``i <= zero_steps``, so theirs is ``zero_init_steps -
+    1``;
     the default 1 is their SD3 and Flux default ``zero_steps=0`` (HiDream and their CogView4 and
     Hunyuan examples use 1, i.e. 2 here). Their Flux.1-dev pipeline (guidance-distilled, no
     true CFG) uses the zero-init alone: ``cfg_zero_star:scale=1`` here, where c is the output and s*
@@ -55,5 +58,9 @@ class CFGZeroStar(Guidance):
             return preds["c"], state
         c, u = (preds[k].output(space, pt.a, pt.s) for k in ("c", "u"))
         cf, uf = c.flatten(1).float(), u.flatten(1).float()
-        star = ((cf * uf).sum(1) / ((uf * uf).sum(1) + 1e-8)).to(u.dtype).view(-1, *([1] * (u.ndim - 1)))
+        star = (
+            ((cf * uf).sum(1) / ((uf * uf).sum(1) + 1e-8))
+            .to(u.dtype)
+            .view(-1, *([1] * (u.ndim - 1)))
+        )
         return Pred.from_output(space, star * u + self.scale * (c - star * u), x, pt.a, pt.s), state

@@ -1,4 +1,5 @@
 """CFG++ (Chung et al. 2024, arXiv 2406.08070): guided x0, renoised with the unconditional eps."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,9 +22,12 @@ def equivalence(ve, lambdas=(0.4, 0.6, 1.0)) -> str:
     """'lambda 0.4 / 0.6 / 1.0 act like CFG 1.7 / 2.5 / 4.2' (the median over the grid's steps)."""
     r = sorted(step_ratios(ve))
     med = r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
-    return (f"lambda {' / '.join(f'{lam:g}' for lam in lambdas)} act like CFG "
-            f"{' / '.join(f'{lam * med:.1f}' for lam in lambdas)} per step (median over its {len(r)} steps); "
-            f"for a CFG scale s take lambda about s / {med:.1f}")
+    return (
+        f"lambda {' / '.join(f'{lam:g}' for lam in lambdas)} act like CFG "
+        f"{' / '.join(f'{lam * med:.1f}' for lam in lambdas)} per step (median over its {len(r)} "
+        "steps); "
+        f"for a CFG scale s take lambda about s / {med:.1f}"
+    )
 
 
 def default_grid_ve():
@@ -41,7 +45,8 @@ class CFGpp(Guidance):
     """CFG++ (Chung et al. 2024, Alg. 1): Pred(x0 = D_u + scale (D_c - D_u), eps = eps_u).
 
     ``scale`` is the paper's lambda in [0, 1] (not a CFG scale: one DDIM step equals CFG at
-    lambda ve / (ve - ve'), which grows with the number of steps; ``equivalence`` says it for a grid). Every sampler reads the Pred as
+    lambda ve / (ve - ve'), which grows with the number of steps; ``equivalence`` says it for a
+    grid). Every sampler reads the Pred as
     data anchor plus renoise, so the renoise part is always eps_u:
     - DDIM, Euler, Euler ancestral: x' = a' (D_lam + ve_down eps_u + ve_up z), the paper's DDIM
       update and its euler(_a)_cfg++; on a flow schedule x' = (1 - t') D_lam + t' eps_u.
@@ -57,10 +62,14 @@ class CFGpp(Guidance):
 
     def __post_init__(self):
         if not 0 <= self.scale <= 1:
-            raise ValueError(f"CFG++ scale is lambda in [0, 1], got {self.scale!r}; on the default 25-step "
-                             f"grid of an SD schedule {equivalence(default_grid_ve())}")
+            raise ValueError(
+                f"CFG++ scale is lambda in [0, 1], got {self.scale!r}; on the default 25-step "
+                f"grid of an SD schedule {equivalence(default_grid_ve())}"
+            )
         if self.history not in HISTORIES:
-            raise ValueError(f"unknown history {self.history!r}; choose one of: {', '.join(HISTORIES)}")
+            raise ValueError(
+                f"unknown history {self.history!r}; choose one of: {', '.join(HISTORIES)}"
+            )
 
     def branches(self, pt: Point, state=None):
         if self.scale == 0:  # the unconditional sampler

@@ -5,6 +5,7 @@ conditional one: Modulated returns C + k(t) (G - C), Sum returns C + sum_i (G_i 
 G - C = (scale - 1)(C - U), so k(t) reproduces CFG's own weight schedules. The conditional branch is
 shared: identical branches of the parts are evaluated once, in one forward pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,7 @@ def _prefixed(prefix: str, d):
 
 def _part(prefix: str, preds):
     p = prefix + "."
-    return {k[len(p):]: v for k, v in preds.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in preds.items() if k.startswith(p)}
 
 
 @combinator("@")

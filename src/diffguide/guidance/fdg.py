@@ -1,4 +1,5 @@
 """Frequency-Decoupled Guidance (Sadat et al. 2025, arXiv 2506.19713)."""
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,11 @@ def _blur(x):
 
 
 def _up(x):
-    return _blur(F.interpolate(x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=False))
+    return _blur(
+        F.interpolate(
+            x, size=(2 * x.shape[-2], 2 * x.shape[-1]), mode="bilinear", align_corners=False
+        )
+    )
 
 
 def laplacian_pyramid(x: torch.Tensor, levels: int) -> list:
@@ -32,11 +37,19 @@ def laplacian_pyramid(x: torch.Tensor, levels: int) -> list:
     not a power of two when neither is gets reflect-padded up to one."""
     h, w = x.shape[-2:]
     if not (_pow2(h) or _pow2(w)):
-        x = F.pad(x, [0, 2 ** math.ceil(math.log2(w)) - w, 0, 2 ** math.ceil(math.log2(h)) - h], mode="reflect")
+        x = F.pad(
+            x,
+            [0, 2 ** math.ceil(math.log2(w)) - w, 0, 2 ** math.ceil(math.log2(h)) - h],
+            mode="reflect",
+        )
     gauss = [x]
     for _ in range(levels - 1):
         g = _blur(gauss[-1])
-        gauss.append(F.interpolate(g, size=(g.shape[-2] // 2, g.shape[-1] // 2), mode="bilinear", align_corners=False))
+        gauss.append(
+            F.interpolate(
+                g, size=(g.shape[-2] // 2, g.shape[-1] // 2), mode="bilinear", align_corners=False
+            )
+        )
     return [g - _up(n) for g, n in zip(gauss, gauss[1:])] + [gauss[-1]]
 
 
@@ -57,9 +70,15 @@ def _floats(text, n: int | None, name: str) -> list:
         vals = [float(v) for v in parts if str(v).strip()]
     except ValueError:
         vals = []
-    if not vals or (n is not None and len(vals) not in (1, n)) or not all(math.isfinite(v) for v in vals):
-        raise ValueError(f"FDG {name} must be {'one number or ' + str(n) if n else 'one or more'} finite "
-                         f"numbers separated by ';', got {text!r}")
+    if (
+        not vals
+        or (n is not None and len(vals) not in (1, n))
+        or not all(math.isfinite(v) for v in vals)
+    ):
+        raise ValueError(
+            f"FDG {name} must be {'one number or ' + str(n) if n else 'one or more'} finite "
+            f"numbers separated by ';', got {text!r}"
+        )
     return vals * n if n and len(vals) == 1 else vals
 
 
@@ -99,7 +118,9 @@ class FDG(Guidance):
         if c.ndim != 4:
             raise ValueError(f"FDG needs image-shaped outputs (B, C, H, W), got {tuple(c.shape)}")
         out = []
-        for cl, ul, w, p in zip(laplacian_pyramid(c, len(ws)), laplacian_pyramid(u, len(ws)), ws, ps):
+        for cl, ul, w, p in zip(
+            laplacian_pyramid(c, len(ws)), laplacian_pyramid(u, len(ws)), ws, ps
+        ):
             d = cl - ul
             if p != 1:
                 dims = tuple(range(1, d.ndim))

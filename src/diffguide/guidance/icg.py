@@ -1,4 +1,5 @@
 """Independent Condition Guidance (Sadat, Kansy, Hilliges, Weber 2024, arXiv 2407.02687)."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,9 @@ from ..core.registry import register
 from ..core.sample import draw
 
 CONDITIONS = ("random", "null", "prompts")
-POOL = "icg_prompts"  # the condition name under which a pipeline passes the encoded stand-in prompts
+POOL = (
+    "icg_prompts"  # the condition name under which a pipeline passes the encoded stand-in prompts
+)
 
 
 def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
@@ -21,11 +24,16 @@ def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     Parts equal in pos and neg (SDXL's size ids), integer masks and the model's own inputs
     (``MODEL_INPUTS``: an embedded guidance value) are kept; other float tensors become
     Gaussian noise with each sample's std of ``pos``; integer tensors (class labels) become uniform
-    random labels in [0, classes), classes defaulting to the null label in ``neg`` (DiT's convention).
+    random labels in [0, classes), classes defaulting to the null label in ``neg`` (DiT's
+    convention).
     """
     if isinstance(pos, Mapping):
-        return {k: v if k in MODEL_INPUTS else independent(v, neg.get(k) if isinstance(neg, Mapping) else None,
-                                                           noise, classes) for k, v in pos.items()}
+        return {
+            k: v
+            if k in MODEL_INPUTS
+            else independent(v, neg.get(k) if isinstance(neg, Mapping) else None, noise, classes)
+            for k, v in pos.items()
+        }
     if isinstance(pos, (list, tuple)):
         negs = neg if isinstance(neg, (list, tuple)) and len(neg) == len(pos) else [None] * len(pos)
         return type(pos)(independent(p, q, noise, classes) for p, q in zip(pos, negs))
@@ -36,13 +44,18 @@ def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     if not pos.is_floating_point() and pos.ndim > 1:  # an attention mask: the prompt's
         return pos
     if pos.is_floating_point():
-        std = pos.float().flatten(1).std(dim=1).view(-1, *([1] * (pos.ndim - 1))) if pos.ndim > 1 \
+        std = (
+            pos.float().flatten(1).std(dim=1).view(-1, *([1] * (pos.ndim - 1)))
+            if pos.ndim > 1
             else pos.float().std()
+        )
         return (draw(noise, pos) * std).to(pos.dtype)
     k = classes or (int(neg.max()) if isinstance(neg, torch.Tensor) and neg.numel() else 0)
     if k < 2:
-        raise ValueError("ICG on class labels needs the number of classes: pass classes=N (the "
-                         "negative condition is not a null label it could be read from)")
+        raise ValueError(
+            "ICG on class labels needs the number of classes: pass classes=N (the "
+            "negative condition is not a null label it could be read from)"
+        )
     u = draw(noise, pos.float())  # uniform labels from normal draws: floor(k Phi(u))
     return (torch.special.ndtr(u) * k).long().clamp(max=k - 1).to(pos.device)
 
@@ -60,7 +73,10 @@ def stand_in_prompts(spec: str) -> list[str] | None:
     else:
         texts = [t.strip() for t in spec.split("|") if t.strip()]
     if not texts:
-        raise ValueError(f"ICG prompts {spec!r} has no prompts (a file with one per line, or texts joined by '|')")
+        raise ValueError(
+            f"ICG prompts {spec!r} has no prompts (a file with one per line, or texts joined by "
+            "'|')"
+        )
     return texts
 
 
@@ -96,12 +112,15 @@ class ICG(Guidance):
 
     def __post_init__(self):
         if self.condition not in CONDITIONS:
-            raise ValueError(f"unknown ICG condition {self.condition!r}; choose one of: "
-                             f"{', '.join(CONDITIONS)}")
+            raise ValueError(
+                f"unknown ICG condition {self.condition!r}; choose one of: {', '.join(CONDITIONS)}"
+            )
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
         if self.classes < 0:
-            raise ValueError(f"classes must be >= 0 (0: read from the null label), got {self.classes!r}")
+            raise ValueError(
+                f"classes must be >= 0 (0: read from the null label), got {self.classes!r}"
+            )
 
     def prompt_sets(self):
         if self.condition != "prompts" or self.scale == 1:
@@ -116,10 +135,14 @@ class ICG(Guidance):
         if self.condition == "prompts":
             pool = conds.get(POOL)
             if pool is None:
-                raise ValueError(f"ICG condition=prompts needs its prompts encoded: GuidedPipeline does this; "
-                                 f"with bare denoisers pass conds={{'{POOL}': <encoded prompts>}}")
+                raise ValueError(
+                    f"ICG condition=prompts needs its prompts encoded: GuidedPipeline does this; "
+                    f"with bare denoisers pass conds={{'{POOL}': <encoded prompts>}}"
+                )
             k = _count(pool)
-            u = draw(noise, torch.zeros(x.shape[0], device=x.device))  # per sample, uniform index below
+            u = draw(
+                noise, torch.zeros(x.shape[0], device=x.device)
+            )  # per sample, uniform index below
             idx = (torch.special.ndtr(u) * k).long().clamp(max=k - 1).cpu().tolist()
             return {"icg": _rows(pool, idx)}
         return {"icg": independent(conds["pos"], conds.get("neg"), noise, self.classes)}

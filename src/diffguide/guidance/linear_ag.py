@@ -1,5 +1,6 @@
 """LinearAG (Castillo et al. 2023, arXiv 2312.12487, Sec. 5): unconditional predictions estimated
 by a per-step affine map of past ones, fitted once on recorded CFG trajectories."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,15 @@ def load(path: str) -> tuple:
     try:
         with open(path) as f:
             data = json.load(f)
-        rows = tuple(tuple(float(v) for v in r) if r is not None else None for r in data["coefficients"])
+        rows = tuple(
+            tuple(float(v) for v in r) if r is not None else None for r in data["coefficients"]
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read LinearAG coefficients {path!r}: {e}") from None
     if any(r is not None and len(r) != 4 for r in rows):
-        raise ValueError(f"LinearAG coefficients {path!r}: each row must have 4 numbers (a, b, g, d)")
+        raise ValueError(
+            f"LinearAG coefficients {path!r}: each row must have 4 numbers (a, b, g, d)"
+        )
     return rows
 
 
@@ -37,7 +42,8 @@ def load(path: str) -> tuple:
 class LinearAG(Guidance):
     """LinearAG (Castillo et al. 2023): CFG with the unconditional x0 estimated on alternate steps.
 
-    On every other evaluation while progress < ``until`` the unconditional x0 is estimated as a c + b u_prev + g c_prev + d x (x0 space;
+    On every other evaluation while progress < ``until`` the unconditional x0 is estimated as a c +
+    b u_prev + g c_prev + d x (x0 space;
     c, u: this and the previous evaluation's conditional and unconditional x0) instead of evaluated.
     After ``until``: conditional only (after="cond", as AG) or plain CFG. ``coefficients``: a file
     written by ``diffguide calibrate-linearag`` (least squares per evaluation on CFG trajectories);
@@ -54,7 +60,9 @@ class LinearAG(Guidance):
         if self.after not in AFTER:
             raise ValueError(f"unknown after {self.after!r}; choose one of: {', '.join(AFTER)}")
         if not math.isfinite(self.scale) or not 0 <= self.until <= 1:
-            raise ValueError(f"need a finite scale and 0 <= until <= 1, got {self.scale!r}, {self.until!r}")
+            raise ValueError(
+                f"need a finite scale and 0 <= until <= 1, got {self.scale!r}, {self.until!r}"
+            )
         if self.coefficients and not os.path.isfile(self.coefficients):
             raise ValueError(f"LinearAG coefficients file {self.coefficients!r} not found")
 
@@ -67,7 +75,11 @@ class LinearAG(Guidance):
     def branches(self, pt: Point, state=None):
         k, prev = (state or self.init_state())["k"], (state or {}).get("prev")
         if self._progress(pt) >= self.until:
-            return {"c": Branch("pos")} if self.after == "cond" else {"c": Branch("pos"), "u": Branch("neg")}
+            return (
+                {"c": Branch("pos")}
+                if self.after == "cond"
+                else {"c": Branch("pos"), "u": Branch("neg")}
+            )
         if prev is not None and k % 2 == 1:
             return {"c": Branch("pos")}  # estimated
         return {"c": Branch("pos"), "u": Branch("neg")}
@@ -79,7 +91,7 @@ class LinearAG(Guidance):
             u = preds["u"]
         elif self._progress(pt) < self.until and state["prev"] is not None:
             rows = load(self.coefficients) if self.coefficients else ()
-            a, b, g, d = (rows[k] if k < len(rows) and rows[k] is not None else REUSE)
+            a, b, g, d = rows[k] if k < len(rows) and rows[k] is not None else REUSE
             c_prev, u_prev = state["prev"]
             u = Pred.from_x0(x, a * c.x0 + b * u_prev + g * c_prev + d * x, pt.a, pt.s)
         else:
@@ -102,7 +114,9 @@ class Recorder(Guidance):
 
     def combine(self, x, pt, preds, state):
         c, u = preds["c"], preds["u"]
-        self.sink.append((x.detach().double().cpu(), c.x0.detach().double().cpu(), u.x0.detach().double().cpu()))
+        self.sink.append(
+            (x.detach().double().cpu(), c.x0.detach().double().cpu(), u.x0.detach().double().cpu())
+        )
         return u + self.scale * (c - u), state
 
 

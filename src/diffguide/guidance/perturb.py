@@ -8,6 +8,7 @@ share them. Hooks are installed on entry and removed on exit, reference-counted 
 a hook only acts for the thread (and forward) that entered the perturbation, so a concurrent plain
 forward of the same network in another thread is unaffected.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,7 +65,9 @@ def _hooked(targets, kind, install, rows):
                     del _INSTALLED[key]
 
 
-_FOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # network -> {(what, layers): modules}
+_FOUND: "weakref.WeakKeyDictionary" = (
+    weakref.WeakKeyDictionary()
+)  # network -> {(what, layers): modules}
 
 
 def _cached(net, key, find):
@@ -79,7 +82,8 @@ def _cached(net, key, find):
 @contextlib.contextmanager
 def _unperturbed():
     """This thread's perturbations paused: a hook recomputing its own rows (a sub-batch) through
-    submodules must not meet the hooks of other branches (SEG's on to_q) meant for the whole batch."""
+    submodules must not meet the hooks of other branches (SEG's on to_q) meant for the whole
+    batch."""
     acts = getattr(_LOCAL, "acts", {})
     _LOCAL.acts = {}
     try:
@@ -89,21 +93,28 @@ def _unperturbed():
 
 
 def _installer(hook, with_kwargs: bool = True):
-    """module -> the handle of ``hook`` registered as its forward hook (what ``_hooked`` installs)."""
+    """module -> the handle of ``hook`` registered as its forward hook (what ``_hooked``
+    installs)."""
     return lambda m: m.register_forward_hook(hook, with_kwargs=with_kwargs)
 
 
 def _module(denoiser, method: str) -> torch.nn.Module:
     module = getattr(denoiser, "module", None)
     if not isinstance(module, torch.nn.Module):
-        raise ValueError(f"{method} needs a denoiser with .module (the network) to hook its layers; "
-                         "NetDenoiser(..., module=net) or a GuidedPipeline provides it")
+        raise ValueError(
+            f"{method} needs a denoiser with .module (the network) to hook its layers; "
+            "NetDenoiser(..., module=net) or a GuidedPipeline provides it"
+        )
     return module
 
 
 def _is_self_attention(m) -> bool:
-    return (hasattr(m, "to_q") and hasattr(m, "to_v") and hasattr(m, "processor")
-            and not getattr(m, "is_cross_attention", False))
+    return (
+        hasattr(m, "to_q")
+        and hasattr(m, "to_v")
+        and hasattr(m, "processor")
+        and not getattr(m, "is_cross_attention", False)
+    )
 
 
 def _items(layers: str) -> list[str]:
@@ -130,8 +141,12 @@ def self_attention_layers(module, layers: str, method: str) -> list:
                 hits.append(m)
         if not hits:
             names = [n for n, m in module.named_modules() if _is_self_attention(m)]
-            raise ValueError(f"{method} layer {item!r} matches no self-attention layer of {type(module).__name__}; "
-                             f"its self-attention layers are: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+            raise ValueError(
+                f"{method} layer {item!r} matches no self-attention layer of "
+                f"{type(module).__name__}; "
+                "its self-attention layers are: "
+                f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+            )
         found += [m for m in hits if m not in found]
     return found
 
@@ -149,17 +164,22 @@ def blocks(module, layers: str, method: str) -> list:
             hits = [m for n, m in named if re.search(item, n)]
         if not hits:
             top = sum(1 for n, _ in named if re.fullmatch(r"transformer_blocks\.\d+", n))
-            raise ValueError(f"{method} layer {item!r} matches no transformer block of {type(module).__name__} "
-                             f"({top} in transformer_blocks; names such as {named[0][0] if named else 'none'})")
+            raise ValueError(
+                f"{method} layer {item!r} matches no transformer block of {type(module).__name__} "
+                f"({top} in transformer_blocks; names such as {named[0][0] if named else 'none'})"
+            )
         found += [m for m in hits if m not in found]
     return found
 
 
 def default_layers(module) -> str:
-    """'mid' on a UNet (the PAG and SEG papers' choice for SD), else the middle transformer block."""
+    """'mid' on a UNet (the PAG and SEG papers' choice for SD), else the middle transformer
+    block."""
     if hasattr(module, "mid_block"):
         return "mid"
-    n = sum(1 for name, _ in module.named_modules() if re.fullmatch(r"transformer_blocks\.\d+", name))
+    n = sum(
+        1 for name, _ in module.named_modules() if re.fullmatch(r"transformer_blocks\.\d+", name)
+    )
     return str(n // 2)
 
 
@@ -195,10 +215,13 @@ def _split_inputs(args, kwargs):
 
 # PAG on joint attention (SD3, Flux, Qwen-Image: text and image tokens in one attention, each
 # stream with its own projections). The paper replaces self-attention, i.e. the image-image block of
-# the joint map; "diagonal" does just that (StableDiffusion3PAGPipeline's mask), "values" makes every
+# the joint map; "diagonal" does just that (StableDiffusion3PAGPipeline's mask), "values" makes
+# every
 # token of both streams output its own value (diffusers' modular PAG guider's rule).
-JOINT_RULES = {"diagonal": "image tokens attend to themselves and to the text; text attention unchanged",
-               "values": "every token of both streams outputs its own value projection"}
+JOINT_RULES = {
+    "diagonal": "image tokens attend to themselves and to the text; text attention unchanged",
+    "values": "every token of both streams outputs its own value projection",
+}
 
 
 def check_joint_rule(joint: str) -> None:
@@ -209,7 +232,8 @@ def check_joint_rule(joint: str) -> None:
 
 @dataclass(frozen=True)
 class IdentityAttention:
-    """PAG's perturbation (Ahn et al. 2024): the chosen self-attention layers' attention maps replaced
+    """PAG's perturbation (Ahn et al. 2024): the chosen self-attention layers' attention maps
+    replaced
     by the identity (each token outputs its value projection), as diffusers' PAG processors do. On
     joint attention ``joint`` picks the rule (``JOINT_RULES``): "diagonal" (the default) as
     StableDiffusion3PAGPipeline, "values" as diffusers' modular PAG guider."""
@@ -223,8 +247,13 @@ class IdentityAttention:
 
     def targets(self, denoiser) -> list:
         net = _module(denoiser, "PAG")
-        found = _cached(net, ("attention", self.layers), lambda: self_attention_layers(
-            net, default_layers(net) if self.layers == "auto" else self.layers, "PAG"))
+        found = _cached(
+            net,
+            ("attention", self.layers),
+            lambda: self_attention_layers(
+                net, default_layers(net) if self.layers == "auto" else self.layers, "PAG"
+            ),
+        )
         if self.joint == "diagonal":
             _check_streams_apart(net, found)
         return found
@@ -237,12 +266,21 @@ class IdentityAttention:
 def _check_streams_apart(net, found) -> None:
     """The diagonal rule needs the text and image tokens in separate inputs; a single-stream block
     (Flux's single_transformer_blocks) attends over one sequence holding both."""
-    mixed = _cached(net, ("single_stream",), lambda: {id(m): n for n, m in net.named_modules()
-                                                      if re.search(r"(^|\.)single_transformer_blocks\.", n)})
+    mixed = _cached(
+        net,
+        ("single_stream",),
+        lambda: {
+            id(m): n
+            for n, m in net.named_modules()
+            if re.search(r"(^|\.)single_transformer_blocks\.", n)
+        },
+    )
     names = [mixed[id(m)] for m in found if id(m) in mixed]
     if names:
-        raise ValueError(f"PAG joint=diagonal cannot tell text from image tokens in {names[0]} (a single-stream "
-                         "block: one sequence holds both); choose transformer_blocks layers, or joint=values")
+        raise ValueError(
+            f"PAG joint=diagonal cannot tell text from image tokens in {names[0]} (a single-stream "
+            "block: one sequence holds both); choose transformer_blocks layers, or joint=values"
+        )
 
 
 def _values_hook(attn, args, kwargs, out):
@@ -276,24 +314,37 @@ def _diagonal_hook(attn, args, kwargs, out):
         with _unperturbed():
             return _put(rows, _value_path(attn, _take(rows, h)), out)
     if kwargs.get("attention_mask") is not None:
-        raise ValueError("PAG joint=diagonal does not combine with an attention_mask given to a joint attention "
-                         "layer; use joint=values")
+        raise ValueError(
+            "PAG joint=diagonal does not combine with an attention_mask given to a joint attention "
+            "layer; use joint=values"
+        )
     mask = kwargs.get("encoder_hidden_states_mask")  # Qwen-Image's text padding
     mask = None if mask is None else _take(rows, mask).bool()
     with _unperturbed():
-        image = _diagonal_attention(attn, _take(rows, h), _take(rows, e), mask, kwargs.get("image_rotary_emb"))
-    return (_put(rows, image, out[0]), *out[1:])  # a text query's row of the mask is whole: unchanged
+        image = _diagonal_attention(
+            attn, _take(rows, h), _take(rows, e), mask, kwargs.get("image_rotary_emb")
+        )
+    return (
+        _put(rows, image, out[0]),
+        *out[1:],
+    )  # a text query's row of the mask is whole: unchanged
 
 
 def _diagonal_attention(attn, h, e, text_mask, rope):
     """The image stream's joint-attention output with the image-image block of the map masked to its
-    diagonal: each image token attends to itself and to every text token (StableDiffusion3PAGPipeline's
+    diagonal: each image token attends to itself and to every text token
+    (StableDiffusion3PAGPipeline's
     PAG processor), computed as a softmax over 1 + text logits instead of a full masked map.
     The layer's q/k norms apply, as in its own processor (diffusers' PAG processor skips them on
     every row, which only matters on layers that have them, e.g. SD3.5's)."""
-    q, k, v = (_heads(attn, f(h), norm) for f, norm in
-               ((attn.to_q, "norm_q"), (attn.to_k, "norm_k"), (attn.to_v, None)))
-    kt, vt = (_heads(attn, f(e), norm) for f, norm in ((attn.add_k_proj, "norm_added_k"), (attn.add_v_proj, None)))
+    q, k, v = (
+        _heads(attn, f(h), norm)
+        for f, norm in ((attn.to_q, "norm_q"), (attn.to_k, "norm_k"), (attn.to_v, None))
+    )
+    kt, vt = (
+        _heads(attn, f(e), norm)
+        for f, norm in ((attn.add_k_proj, "norm_added_k"), (attn.add_v_proj, None))
+    )
     if rope is not None:
         text_angles, image_angles = _rotary_tables(rope, e.shape[1])
         q, k, kt = _rotate(q, *image_angles), _rotate(k, *image_angles), _rotate(kt, *text_angles)
@@ -309,7 +360,8 @@ def _diagonal_attention(attn, h, e, text_mask, rope):
 
 
 def _heads(attn, x, norm):
-    """(b, s, heads * d) -> (b, s, heads, d), with the layer's per-head q/k normalisation if it has one."""
+    """(b, s, heads * d) -> (b, s, heads, d), with the layer's per-head q/k normalisation if it has
+    one."""
     x = x.unflatten(-1, (attn.heads, -1))
     norm = getattr(attn, norm, None) if norm else None
     return x if norm is None else norm(x)
@@ -330,10 +382,14 @@ def _cos_sin(freqs):
 
 
 def _rotate(x, cos, sin):
-    """x (b, s, heads, d) with each channel pair (2i, 2i+1) turned by its angle (rotary embedding)."""
+    """x (b, s, heads, d) with each channel pair (2i, 2i+1) turned by its angle (rotary
+    embedding)."""
     if cos.ndim != 2 or cos.shape[0] != x.shape[1]:
-        raise ValueError(f"PAG joint=diagonal expects a (tokens, channels) rotary table for {x.shape[1]} tokens, "
-                         f"got {tuple(cos.shape)}; use joint=values")
+        raise ValueError(
+            f"PAG joint=diagonal expects a (tokens, channels) rotary table for {x.shape[1]} "
+            "tokens, "
+            f"got {tuple(cos.shape)}; use joint=values"
+        )
     xf = x.float()
     pairs = xf.unflatten(-1, (-1, 2))
     turned = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
@@ -378,12 +434,20 @@ class BlurredQuery:
     def targets(self, denoiser) -> list:
         net = _module(denoiser, "SEG")
         layers = default_layers(net) if self.layers == "auto" else self.layers
-        return [m.to_q for m in _cached(net, ("attention", self.layers),
-                                        lambda: self_attention_layers(net, layers, "SEG"))]
+        return [
+            m.to_q
+            for m in _cached(
+                net, ("attention", self.layers), lambda: self_attention_layers(net, layers, "SEG")
+            )
+        ]
 
     def apply(self, denoiser, noise, rows):
-        return _hooked(self.targets(denoiser), ("seg", self.sigma, self.inf_threshold),
-                       _installer(self._hook, with_kwargs=False), rows)
+        return _hooked(
+            self.targets(denoiser),
+            ("seg", self.sigma, self.inf_threshold),
+            _installer(self._hook, with_kwargs=False),
+            rows,
+        )
 
     def _hook(self, proj, args, out):
         rows = _active(proj, ("seg", self.sigma, self.inf_threshold))
@@ -397,8 +461,10 @@ def blur_tokens(q: torch.Tensor, sigma: float, inf_threshold: float = 9999.0) ->
     b, n, c = q.shape
     side = math.isqrt(n)
     if side * side != n:
-        raise ValueError(f"SEG blurs queries on a square token grid; this layer has {n} tokens "
-                         "(use a square image, or choose other layers)")
+        raise ValueError(
+            f"SEG blurs queries on a square token grid; this layer has {n} tokens "
+            "(use a square image, or choose other layers)"
+        )
     grid = q.transpose(1, 2).reshape(b, c, side, side)
     if sigma > inf_threshold:
         grid = grid.mean(dim=(-2, -1), keepdim=True).expand_as(grid)
@@ -428,7 +494,11 @@ class SkipBlocks:
     def _find(self, net) -> list:
         layers = self.layers
         if layers == "auto":
-            n = sum(1 for name, _ in net.named_modules() if re.fullmatch(r"transformer_blocks\.\d+", name))
+            n = sum(
+                1
+                for name, _ in net.named_modules()
+                if re.fullmatch(r"transformer_blocks\.\d+", name)
+            )
             layers = "7;8;9" if n >= 10 else default_layers(net)
             layers = "mid_block" if layers == "mid" else layers
         return blocks(net, layers, "SLG")
@@ -473,11 +543,18 @@ class PerturbedGuidance(Guidance):
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
         if not 0 <= self.start <= self.stop <= 1:
-            raise ValueError(f"need 0 <= start <= stop <= 1 (fractions of the steps), got {self.start!r}, {self.stop!r}")
+            raise ValueError(
+                f"need 0 <= start <= stop <= 1 (fractions of the steps), got {self.start!r}, "
+                f"{self.stop!r}"
+            )
         layers = getattr(self, "layers", None)
-        if isinstance(layers, str) and not _items(layers):  # P would equal C, at the cost of a branch
-            raise ValueError(f"layers={layers!r} names no layer, so the perturbed branch would change nothing "
-                             f"and cost an evaluation; name layers (e.g. layers=mid) or leave layers=auto")
+        if isinstance(layers, str) and not _items(
+            layers
+        ):  # P would equal C, at the cost of a branch
+            raise ValueError(
+                f"layers={layers!r} names no layer, so the perturbed branch would change nothing "
+                f"and cost an evaluation; name layers (e.g. layers=mid) or leave layers=auto"
+            )
 
     def perturbation(self):
         raise NotImplementedError

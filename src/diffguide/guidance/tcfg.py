@@ -1,4 +1,5 @@
 """Tangential Classifier-Free Guidance (Kwon et al. 2025, arXiv 2503.18137)."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,8 @@ class TCFG(Guidance):
 
     scale: float = 5.0
     space: str = "auto"
-    # on CUDA torch.linalg.svd reads its solver's status back on the host (a check the meta device skips)
+    # on CUDA torch.linalg.svd reads its solver's status back on the host (a check the meta device
+    # skips)
     capturable = False
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
 """Time-step Guidance (Sadat, Kansy, Hilliges, Weber 2024, arXiv 2407.02687)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,19 +20,24 @@ EMBEDDERS = ("time_embedding", "timestep_embedder")
 @dataclass(frozen=True)
 class TimeEmbeddingNoise:
     """Branch perturbation: add ``level`` * std(emb) * n, n ~ N(0, I), to the network's time-step
-    embedding through forward hooks (removed on exit; one n per forward, shared by all embedders)."""
+    embedding through forward hooks (removed on exit; one n per forward, shared by all
+    embedders)."""
 
     level: float
 
     def apply(self, denoiser, noise):
         module = getattr(denoiser, "module", None)
         if not isinstance(module, torch.nn.Module):
-            raise ValueError("TSG needs a denoiser with .module (the network) to hook its time-step "
-                             "embedding; NetDenoiser(..., module=net) or a GuidedPipeline provides it")
+            raise ValueError(
+                "TSG needs a denoiser with .module (the network) to hook its time-step "
+                "embedding; NetDenoiser(..., module=net) or a GuidedPipeline provides it"
+            )
         targets = [m for name, m in module.named_modules() if name.rsplit(".", 1)[-1] in EMBEDDERS]
         if not targets:
-            raise ValueError(f"TSG found no time-step embedding ({' or '.join(EMBEDDERS)}) in "
-                             f"{type(module).__name__}")
+            raise ValueError(
+                f"TSG found no time-step embedding ({' or '.join(EMBEDDERS)}) in "
+                f"{type(module).__name__}"
+            )
         return self._hooked(targets, noise)
 
     @contextlib.contextmanager
@@ -56,11 +62,15 @@ class TimeEmbeddingNoise:
 @register("guidance", "tsg")
 @dataclass(frozen=True)
 class TSG(Guidance):
-    """TSG (Sadat et al. 2024): D(t~) + scale (D(t) - D(t~)), emb(t~) = emb(t) + noise u^alpha std(emb) n.
+    """TSG (Sadat et al. 2024): D(t~) + scale (D(t) - D(t~)), emb(t~) = emb(t) + noise u^alpha
+    std(emb) n.
 
-    u in [0, 1] is the noise time (1 at pure noise); guidance acts while t_lo <= u <= t_hi, elsewhere
-    only D(t) is evaluated. The perturbed branch is the same network under a forward hook, not a copy.
-    Works on unconditional models; conditional ones use the prompt in both branches. The paper's code
+    u in [0, 1] is the noise time (1 at pure noise); guidance acts while t_lo <= u <= t_hi,
+    elsewhere
+    only D(t) is evaluated. The perturbed branch is the same network under a forward hook, not a
+    copy.
+    Works on unconditional models; conditional ones use the prompt in both branches. The paper's
+    code
     is not public: the form emb + s t^alpha n is from its text as reviewers quote it; the std(emb)
     factor (which makes ``noise`` independent of the embedding's scale) is our choice, and the
     defaults are the values reported for unconditional SD (scale 3, s 1.25, alpha 1, t in
@@ -87,7 +97,10 @@ class TSG(Guidance):
         u = self._u(pt)
         if self.scale == 1 or not self.t_lo <= u <= self.t_hi:
             return {"c": Branch("pos")}
-        return {"c": Branch("pos"), "p": Branch("pos", perturb=TimeEmbeddingNoise(self.noise * u ** self.alpha))}
+        return {
+            "c": Branch("pos"),
+            "p": Branch("pos", perturb=TimeEmbeddingNoise(self.noise * u**self.alpha)),
+        }
 
     def combine(self, x, pt, preds, state):
         if "p" not in preds:

@@ -6,6 +6,7 @@ scaled by the sampler's start scale) and a ``NoiseContext`` of what the method m
 and sampler then run from the x it returns. Torch only: the pipeline supplies the model-specific
 pieces (attention capture, rendering) as callables.
 """
+
 from __future__ import annotations
 
 from . import initno, reno  # noqa: F401  (register)

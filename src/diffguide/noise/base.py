@@ -1,4 +1,6 @@
-"""The noise optimisers' base class, the context a pipeline gives them, and their shared option check."""
+"""The noise optimisers' base class, the context a pipeline gives them, and their shared option
+check."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,7 +15,8 @@ class NoiseContext:
 
     prompts: one per image. scale: x = scale * z with z standard normal. seeds: per image, or None.
     tokenize(text) -> token ids as the text encoder sees them (special tokens included, no padding);
-    special: the ids of special tokens. attention(x, i) -> (cross [h*w, T], self [h*w, h*w], (h, w)):
+    special: the ids of special tokens. attention(x, i) -> (cross [h*w, T], self [h*w, h*w], (h,
+    w)):
     attention maps of image i's conditional branch at the optimiser's attention time (its
     ``attention_steps``: the first time of that many steps of the model's own grid; else the run's
     first time), averaged over heads and layers, differentiable in x (None where the model has no
@@ -48,14 +51,21 @@ class NoiseOptimizer:
     def check(self, ctx: NoiseContext) -> None:
         for name in self.needs:
             if getattr(ctx, name) is None:
-                raise ValueError(f"noise optimiser {self.name!r} needs {name} from the model, which "
-                                 f"this pipeline cannot give")
+                raise ValueError(
+                    f"noise optimiser {self.name!r} needs {name} from the model, which "
+                    f"this pipeline cannot give"
+                )
 
 
 def positive(name: str, value, integer: bool = False, zero: bool = False) -> None:
     """Option check shared by the optimisers: a finite number > 0 (>= 0 with zero)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
-        and abs(value) != float("inf") and (value >= 0 if zero else value > 0)
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value == value
+        and abs(value) != float("inf")
+        and (value >= 0 if zero else value > 0)
+    )
     if integer:
         ok = ok and float(value).is_integer()
     if not ok:

@@ -8,9 +8,11 @@ SGD with Nesterov momentum 0.9, lr 5, 50 iterations, gradient norm clipped to 0.
 here, so an image does not depend on its batch), no update after the last iteration, and each
 image keeps its noise of lowest reward loss. As the authors' loop keeps its best earlier latents, an
 image whose reward, gradient or noise turns non-finite stops there with its best noise so far (said
-in the report's ``stopped``); only a reward that is not finite on the starting noise is an error. A reward is a callable (images [B, 3, H, W] in [0, 1],
+in the report's ``stopped``); only a reward that is not finite on the starting noise is an error. A
+reward is a callable (images [B, 3, H, W] in [0, 1],
 prompts) -> scores [B], higher is better.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,10 +29,13 @@ _REWARDS: dict[str, Callable[[], Callable]] = {}
 
 
 def reward_loader(name: str):
-    """Register a named reward: a zero-argument function that builds the callable (loaded lazily)."""
+    """Register a named reward: a zero-argument function that builds the callable (loaded
+    lazily)."""
+
     def deco(fn):
         _REWARDS[name] = fn
         return fn
+
     return deco
 
 
@@ -48,8 +53,10 @@ def parse_rewards(spec: str) -> list[tuple[str, float]]:
     for term in spec.split("+"):
         name, _, weight = term.strip().partition(":")
         if name not in _REWARDS:
-            raise ValueError(f"unknown reward {name!r}; choose one of: {', '.join(sorted(_REWARDS))} "
-                             f"(or pass callables from Python)")
+            raise ValueError(
+                f"unknown reward {name!r}; choose one of: {', '.join(sorted(_REWARDS))} "
+                f"(or pass callables from Python)"
+            )
         try:
             out.append((name, float(weight) if weight else 1.0))
         except ValueError:
@@ -70,7 +77,7 @@ def norm_penalty(z: torch.Tensor) -> torch.Tensor:
     """R(z) per sample, in float32: |z|^2 / 2 - (d - 1) log |z|."""
     z = z.float().flatten(1)
     n = z.norm(dim=1)
-    return 0.5 * n ** 2 - (z.shape[1] - 1) * torch.log(n)
+    return 0.5 * n**2 - (z.shape[1] - 1) * torch.log(n)
 
 
 @register("noise", "reno")
@@ -130,8 +137,10 @@ class ReNO(NoiseOptimizer):
                     break
                 opt.zero_grad()
                 keep = active.to(loss.device)
-                (torch.where(keep, loss, 0).sum()
-                 + self.regularization * torch.where(keep, norm_penalty(z), 0).sum()).backward()
+                (
+                    torch.where(keep, loss, 0).sum()
+                    + self.regularization * torch.where(keep, norm_penalty(z), 0).sum()
+                ).backward()
                 ctx.counts["backward"] += int(active.sum())
                 with torch.no_grad():
                     g = z.grad.flatten(1)
@@ -140,8 +149,14 @@ class ReNO(NoiseOptimizer):
                     n = g.norm(dim=1).clamp_min(1e-12)  # clip each image's gradient on its own
                     z.grad.mul_((self.clip / n).clamp(max=1.0).view(-1, *[1] * (z.ndim - 1)))
                 opt.step()
-                with torch.no_grad():  # a stopped image stays at its best noise (momentum cannot move it)
-                    stop(active & ~torch.isfinite(z.detach().flatten(1)).all(1).cpu(), it, "non-finite noise")
+                with (
+                    torch.no_grad()
+                ):  # a stopped image stays at its best noise (momentum cannot move it)
+                    stop(
+                        active & ~torch.isfinite(z.detach().flatten(1)).all(1).cpu(),
+                        it,
+                        "non-finite noise",
+                    )
                     z[~active.to(z.device)] = best_z[~active].to(z.device)
         report = {"reward_loss_start": first.tolist(), "reward_loss_best": best.tolist()}
         if any(stopped):
@@ -150,18 +165,24 @@ class ReNO(NoiseOptimizer):
 
     @staticmethod
     def _loss(rewards, images, prompts, it: int) -> torch.Tensor:
-        """-sum_i w_i r_i per image; a reward that is not finite at the start is an error (later, the
+        """-sum_i w_i r_i per image; a reward that is not finite at the start is an error (later,
+        the
         image stops where it was best)."""
         loss = 0
         for fn, w in rewards:
             r = fn(images, prompts)
             name = getattr(fn, "__name__", type(fn).__name__)
             if not isinstance(r, torch.Tensor) or r.shape != (images.shape[0],):
-                raise ValueError(f"reward {name} must return one score per image ({images.shape[0]}), got "
-                                 f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
+                raise ValueError(
+                    f"reward {name} must return one score per image ({images.shape[0]}), got "
+                    f"{tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
+                )
             bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
             if bad and it == 0:
-                raise ValueError(f"reward {name} returned {float(r[bad[0]].detach())} for image {bad[0]} (prompt "
-                                 f"{prompts[bad[0]]!r}) on the starting noise; rewards must be finite")
+                raise ValueError(
+                    f"reward {name} returned {float(r[bad[0]].detach())} for image {bad[0]} "
+                    "(prompt "
+                    f"{prompts[bad[0]]!r}) on the starting noise; rewards must be finite"
+                )
             loss = loss - w * r.float()
         return loss

@@ -5,6 +5,7 @@ attention probabilities explicitly at the layers whose query grid is ``size`` (h
 (differentiable); every other layer keeps its own processor. On exit the original processors are
 restored, so the model is unchanged afterwards. No global patching.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,12 +19,25 @@ class _Keep:
     def __init__(self, inner, store: dict, n: int):
         self.inner, self.store, self.n = inner, store, n
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
-        q_len = hidden_states.shape[2] * hidden_states.shape[3] if hidden_states.ndim == 4 \
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        q_len = (
+            hidden_states.shape[2] * hidden_states.shape[3]
+            if hidden_states.ndim == 4
             else hidden_states.shape[1]
+        )
         if q_len != self.n:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -39,8 +53,10 @@ class _Keep:
             context = hidden_states
         elif attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q, k, v = (attn.head_to_batch_dim(f(s)) for f, s in
-                   ((attn.to_q, hidden_states), (attn.to_k, context), (attn.to_v, context)))
+        q, k, v = (
+            attn.head_to_batch_dim(f(s))
+            for f, s in ((attn.to_q, hidden_states), (attn.to_k, context), (attn.to_v, context))
+        )
         probs = attn.get_attention_scores(q, k, mask)  # [batch * heads, queries, keys]
         heads = attn.heads
         kind = "self" if encoder_hidden_states is None else "cross"
@@ -83,7 +99,7 @@ def resolutions(net, latent: tuple[int, int]) -> list[tuple[int, int]]:
     for i, t in enumerate(getattr(cfg, "up_block_types", ()) or ()):
         if "CrossAttn" in t:
             grids.add(len(types) - 1 - i)
-    return [(latent[0] // 2 ** i, latent[1] // 2 ** i) for i in sorted(grids)]
+    return [(latent[0] // 2**i, latent[1] // 2**i) for i in sorted(grids)]
 
 
 def choose(net, latent: tuple[int, int]) -> tuple[int, int]:

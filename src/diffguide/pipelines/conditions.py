@@ -1,6 +1,7 @@
 """The conditions stage: a request's prompts encoded once, with the model's embedded guidance, the
 guidance method's own prompt sets, and the encodings a second model (T-Stitch's small one,
 AutoGuidance's guide) reads with its own text encoder."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +11,8 @@ from .families import ENCODE_LOCK
 
 @dataclass
 class Conditions:
-    """The condition tree a run's guided denoiser reads (``tree``), the second models by role, and the
+    """The condition tree a run's guided denoiser reads (``tree``), the second models by role, and
+    the
     notice of a prompt the text encoder cannot read whole."""
 
     tree: dict
@@ -19,7 +21,8 @@ class Conditions:
 
 
 def truncation_notice(pipe, req) -> str | None:
-    """A line naming prompts longer than the text encoder reads (it tokenises: one thread at a time)."""
+    """A line naming prompts longer than the text encoder reads (it tokenises: one thread at a
+    time)."""
     if req.has_embeds:
         return None
     with ENCODE_LOCK:
@@ -28,7 +31,11 @@ def truncation_notice(pipe, req) -> str | None:
 
 def _negative_texts(req) -> list | None:
     """All None stays None: SDXL then uses zero embeddings (force_zeros_for_empty_prompt)."""
-    return None if all(q is None for q in req.negatives) else ["" if q is None else q for q in req.negatives]
+    return (
+        None
+        if all(q is None for q in req.negatives)
+        else ["" if q is None else q for q in req.negatives]
+    )
 
 
 def _main(pipe, req, device) -> tuple[dict | None, dict | None]:
@@ -36,8 +43,14 @@ def _main(pipe, req, device) -> tuple[dict | None, dict | None]:
     if not fam.conditional:
         return None, None
     with ENCODE_LOCK:
-        pos, neg = fam.encode(None if req.has_embeds else list(req.prompts), _negative_texts(req), req.per_prompt,
-                              device, negative="neg" in req.needed, **req.text_extra)
+        pos, neg = fam.encode(
+            None if req.has_embeds else list(req.prompts),
+            _negative_texts(req),
+            req.per_prompt,
+            device,
+            negative="neg" in req.needed,
+            **req.text_extra,
+        )
     pos = fam.extra(pos, req.height, req.width)
     neg = fam.extra(neg, req.height, req.width) if neg is not None else None
     if req.attention is not None:
@@ -47,7 +60,8 @@ def _main(pipe, req, device) -> tuple[dict | None, dict | None]:
 
 
 def embed(fam, cond, value, rows):
-    """The model's own guidance input, in a condition it is given (Flux.1-dev's guidance, an LCM w)."""
+    """The model's own guidance input, in a condition it is given (Flux.1-dev's guidance, an LCM
+    w)."""
     return fam.embed_guidance(cond, value, rows) if value is not None and cond is not None else cond
 
 
@@ -65,22 +79,35 @@ def _prompt_sets(pipe, req, device) -> dict:
 
 
 def _companions(pipe, req) -> tuple[dict, dict]:
-    """(models by role, their conditions): a second model reads its own encoding of the prompts, with its
+    """(models by role, their conditions): a second model reads its own encoding of the prompts,
+    with its
     own embedded guidance input."""
     models, conds = {}, {}
-    for key, other in (("small", req.stitch.small if req.stitch is not None else None), ("guide", req.guide_model)):
+    for key, other in (
+        ("small", req.stitch.small if req.stitch is not None else None),
+        ("guide", req.guide_model),
+    ):
         if other is None:
             continue
         models[key] = other.denoiser
         if not pipe.family.conditional:
             continue
         with ENCODE_LOCK:
-            sp, sn = other.family.encode(list(req.prompts), _negative_texts(req), req.per_prompt, other.device,
-                                         negative="neg" in req.needed)
+            sp, sn = other.family.encode(
+                list(req.prompts),
+                _negative_texts(req),
+                req.per_prompt,
+                other.device,
+                negative="neg" in req.needed,
+            )
         value = other.embedded_guidance if req.embedded is None else req.embedded
         fam = other.family
         conds[f"pos@{key}"] = embed(fam, fam.extra(sp, req.height, req.width), value, req.batch)
-        conds[f"neg@{key}"] = embed(fam, fam.extra(sn, req.height, req.width), value, req.batch) if sn is not None else None
+        conds[f"neg@{key}"] = (
+            embed(fam, fam.extra(sn, req.height, req.width), value, req.batch)
+            if sn is not None
+            else None
+        )
     return models, conds
 
 

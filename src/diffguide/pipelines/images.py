@@ -7,10 +7,12 @@
   which fails if the name exists (``overwrite`` renames over it instead). Nothing half-written is
   ever visible under a final name.
 - Metadata: PNG text chunks (``parameters`` in A1111's layout, ``diffguide`` as JSON); JPEG and WebP
-  carry the same two in EXIF (UserComment, as A1111 writes it, and ImageDescription). A1111's sampler
+  carry the same two in EXIF (UserComment, as A1111 writes it, and ImageDescription). A1111's
+  sampler
   and schedule names are written only where diffguide runs what A1111 runs under them, and an image
   A1111 wrote reads back as the specs that reproduce its names (``read_settings``).
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,35 +28,64 @@ UNSUPPORTED = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl")
 DEFAULT_FOLDER = "outputs"
 _COUNTER = re.compile(r"^(\d+)-")
 
-# -- A1111's names, each checked against a transcription of A1111's code in tests/test_a1111_labels.py --
+# -- A1111's names, each checked against a transcription of A1111's code in
+# tests/test_a1111_labels.py --
 
-# A1111 sampler label -> the diffguide sampler that runs the same function (k-diffusion's, with A1111's
+# A1111 sampler label -> the diffguide sampler that runs the same function (k-diffusion's, with
+# A1111's
 # options) on the same levels
-A1111_SAMPLERS = {"Euler": "euler", "Euler a": "euler_ancestral", "Heun": "heun", "LMS": "lms",
-                  "DPM++ 2M": "dpmpp_2m", "DPM++ 2M SDE": "dpmpp_2m_sde",
-                  "DPM++ 2M SDE Heun": "dpmpp_2m_sde:solver_type=heun", "DPM++ 2S a": "dpmpp_2s_ancestral",
-                  "DPM++ SDE": "dpmpp_sde"}
-# A1111 labels that no diffguide sampler and spacing reproduce: the nearest spec and what differs. They
+A1111_SAMPLERS = {
+    "Euler": "euler",
+    "Euler a": "euler_ancestral",
+    "Heun": "heun",
+    "LMS": "lms",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M SDE": "dpmpp_2m_sde",
+    "DPM++ 2M SDE Heun": "dpmpp_2m_sde:solver_type=heun",
+    "DPM++ 2S a": "dpmpp_2s_ancestral",
+    "DPM++ SDE": "dpmpp_sde",
+}
+# A1111 labels that no diffguide sampler and spacing reproduce: the nearest spec and what differs.
+# They
 # are read from A1111's own images (with a notice) and never written.
-_DISCARD = ("A1111 drops the next-to-last level of a grid made for steps + 1, which no diffguide spacing "
-            "does")
+_DISCARD = (
+    "A1111 drops the next-to-last level of a grid made for steps + 1, which no diffguide spacing "
+    "does"
+)
 _OWN_TIMESTEPS = "A1111 runs its own timesteps 1, 1 + 1000 // steps, ... and stops at timestep 1"
 A1111_SAMPLERS_NEAREST = {
-    "DPM2": ("dpm2", _DISCARD), "DPM2 a": ("dpm2_ancestral", _DISCARD),
+    "DPM2": ("dpm2", _DISCARD),
+    "DPM2 a": ("dpm2_ancestral", _DISCARD),
     "DPM++ 3M SDE": ("dpmpp_3m_published:eta=1,solver_type=heun,lower_order_final=False", _DISCARD),
-    "Restart": ("restart", "from 20 steps A1111 re-spaces the grid as Karras levels and restarts once "
-                           "(twice from 36 steps) at 0.1 with its own counts"),
-    "DDIM": ("ddim", _OWN_TIMESTEPS), "PLMS": ("plms", _OWN_TIMESTEPS + ", with a Heun-like first step"),
-    "UniPC": ("unipc:order=3,solver_type=bh1", "A1111 runs its own time-uniform grid, which stops at the "
-                                               "lowest trained level"),
-    "LCM": ("consistency", "A1111's LCM runs on its own 50-level table")}
+    "Restart": (
+        "restart",
+        "from 20 steps A1111 re-spaces the grid as Karras levels and restarts once "
+        "(twice from 36 steps) at 0.1 with its own counts",
+    ),
+    "DDIM": ("ddim", _OWN_TIMESTEPS),
+    "PLMS": ("plms", _OWN_TIMESTEPS + ", with a Heun-like first step"),
+    "UniPC": (
+        "unipc:order=3,solver_type=bh1",
+        "A1111 runs its own time-uniform grid, which stops at the lowest trained level",
+    ),
+    "LCM": ("consistency", "A1111's LCM runs on its own 50-level table"),
+}
 A1111_RESTART_PLAIN = 20  # below this many steps A1111's Restart restarts nothing: it is Heun
-# A1111 schedule label ("Schedule type") -> the diffguide spacing with the same levels at the same steps
-A1111_SCHEDULES = {"Karras": "karras", "Exponential": "exponential", "Polyexponential": "polyexponential",
-                   "SGM Uniform": "sgm_uniform", "KL Optimal": "kl_optimal_a1111", "Align Your Steps": "ays_a1111",
-                   "Simple": "simple", "Beta": "beta"}
+# A1111 schedule label ("Schedule type") -> the diffguide spacing with the same levels at the same
+# steps
+A1111_SCHEDULES = {
+    "Karras": "karras",
+    "Exponential": "exponential",
+    "Polyexponential": "polyexponential",
+    "SGM Uniform": "sgm_uniform",
+    "KL Optimal": "kl_optimal_a1111",
+    "Align Your Steps": "ays_a1111",
+    "Simple": "simple",
+    "Beta": "beta",
+}
 SAME_SPACINGS = {"uniform_lam": "exponential"}  # one grid under two names
-# the multistep samplers' lower_order_final acts on a last step that does not land on data, below this
+# the multistep samplers' lower_order_final acts on a last step that does not land on data, below
+# this
 # many steps (samplers.dpmpp.multistep_order); k-diffusion has no such option
 LOWER_ORDER_FINAL_BELOW = 15
 EXIF_USER_COMMENT, EXIF_IFD, IMAGE_DESCRIPTION = 0x9286, 0x8769, 0x010E
@@ -68,29 +99,44 @@ class Outputs:
     def __init__(self, output: str | None, seeds: list[int], overwrite: bool = False):
         self.overwrite, self.counter = overwrite, output is None
         if output is not None and not output.strip():
-            raise ValueError("the output path is empty; give a file (.png, .jpg, .webp) or a folder")
+            raise ValueError(
+                "the output path is empty; give a file (.png, .jpg, .webp) or a folder"
+            )
         output = DEFAULT_FOLDER if output is None else os.path.expanduser(output)
         ext = os.path.splitext(output)[1].lower()
         if ext in UNSUPPORTED:
-            raise ValueError(f"cannot write {ext} images ({output!r}); use {', '.join(FORMATS)} or a folder")
+            raise ValueError(
+                f"cannot write {ext} images ({output!r}); use {', '.join(FORMATS)} or a folder"
+            )
         if ext in FORMATS and not os.path.isdir(output):
             self.folder = os.path.dirname(os.path.abspath(output))
             stem = output[: -len(ext)]
             self.paths = [output] if len(seeds) == 1 else [f"{stem}-{s:06d}{ext}" for s in seeds]
         else:
             if os.path.exists(output) and not os.path.isdir(output):
-                raise ValueError(f"output {output!r} is a file without an image extension; give a folder, or "
-                                 f"a path ending in {', '.join(FORMATS)}")
+                raise ValueError(
+                    f"output {output!r} is a file without an image extension; give a folder, or "
+                    f"a path ending in {', '.join(FORMATS)}"
+                )
             self.folder = os.path.abspath(output)
-            self.paths = [None] * len(seeds) if self.counter else \
-                [os.path.join(output, f"{s:06d}.png") for s in seeds]
+            self.paths = (
+                [None] * len(seeds)
+                if self.counter
+                else [os.path.join(output, f"{s:06d}.png") for s in seeds]
+            )
         self.seeds, self.index = list(seeds), {s: i for i, s in enumerate(seeds)}
-        self.made, self.written = [], 0  # folders this run made (removed again if nothing lands in them)
+        self.made, self.written = (
+            [],
+            0,
+        )  # folders this run made (removed again if nothing lands in them)
         check_link(output)
         for p in self.paths if not self.counter else ():
             _check_target(p, overwrite)
-        longest = max(self.paths, key=len) if not self.counter else \
-            os.path.join(self.folder, f"99999-{max(seeds, default=0)}.png")
+        longest = (
+            max(self.paths, key=len)
+            if not self.counter
+            else os.path.join(self.folder, f"99999-{max(seeds, default=0)}.png")
+        )
         check_path(longest)
         prove_writable(self.folder)
 
@@ -99,7 +145,8 @@ class Outputs:
         return self.paths[self.index[seed]]
 
     def check_space(self, height: int, width: int, hint: str) -> None:
-        """Refuse, before any work, images that cannot fit the free space (an upper estimate per file)."""
+        """Refuse, before any work, images that cannot fit the free space (an upper estimate per
+        file)."""
         check_space(self.folder, len(self.paths) * image_bytes(height, width), hint)
 
     def write(self, image, seed: int, meta: dict, parameters: str | None = None) -> str:
@@ -133,7 +180,8 @@ class Outputs:
                 os.remove(tmp)
 
     def _tidy(self) -> None:
-        """After a failed write: the folders this run made go again while nothing was written in them."""
+        """After a failed write: the folders this run made go again while nothing was written in
+        them."""
         if not self.written:
             remove_empty(self.made)
 
@@ -145,7 +193,9 @@ def _check_target(path: str, overwrite: bool) -> None:
         return
     check_link(path)
     if os.path.isdir(path):
-        raise ValueError(f"output {path!r} is a folder, where this run writes an image; give another path")
+        raise ValueError(
+            f"output {path!r} is a folder, where this run writes an image; give another path"
+        )
     if not overwrite:
         raise ValueError(f"output {path!r} exists; pass --overwrite to replace it")
 
@@ -175,10 +225,14 @@ def _encode(image, folder: str, ext: str, meta: dict, parameters: str | None) ->
                 from PIL import Image
 
                 exif = Image.Exif()
-                exif[IMAGE_DESCRIPTION] = json.dumps(meta, sort_keys=True)  # ASCII: json escapes the rest
+                exif[IMAGE_DESCRIPTION] = json.dumps(
+                    meta, sort_keys=True
+                )  # ASCII: json escapes the rest
                 if parameters is not None:  # A1111's own encoding: 'UNICODE\0' + UTF-16 big-endian
                     # (a dict set on the IFD tag: Pillow before 13 drops edits made through get_ifd)
-                    exif[EXIF_IFD] = {EXIF_USER_COMMENT: b"UNICODE\0" + parameters.encode("utf-16-be")}
+                    exif[EXIF_IFD] = {
+                        EXIF_USER_COMMENT: b"UNICODE\0" + parameters.encode("utf-16-be")
+                    }
                 image.save(f, format=fmt, quality=95, exif=exif)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a plain file is expected
         return tmp
@@ -193,15 +247,19 @@ def _link_exclusive(tmp: str, target: str) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise ValueError(f"output {target!r} appeared while this run was working; kept it (pass "
-                         f"--overwrite to replace it)") from None
+        raise ValueError(
+            f"output {target!r} appeared while this run was working; kept it (pass "
+            f"--overwrite to replace it)"
+        ) from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         try:
             os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
-            raise ValueError(f"output {target!r} appeared while this run was working; kept it") from None
+            raise ValueError(
+                f"output {target!r} appeared while this run was working; kept it"
+            ) from None
         os.replace(tmp, target)
 
 
@@ -236,6 +294,7 @@ def _umask() -> int:
 
 # -- A1111's "parameters" text --------------------------------------------------------------------
 
+
 def quote(value) -> str:
     """A1111's quoting: a value with a comma, colon or newline becomes a JSON string."""
     text = str(value)
@@ -245,8 +304,10 @@ def quote(value) -> str:
 
 
 def a1111_sampler_name(sampler: str, steps: int, above_data: bool = False) -> str:
-    """A1111's label for a diffguide sampler spec where A1111 runs the same function on the same levels
-    (``A1111_SAMPLERS``), else the spec itself. ``above_data``: the grid's last step does not land on
+    """A1111's label for a diffguide sampler spec where A1111 runs the same function on the same
+    levels
+    (``A1111_SAMPLERS``), else the spec itself. ``above_data``: the grid's last step does not land
+    on
     data (A1111's KL Optimal), where k-diffusion keeps the multistep order that diffguide's
     lower_order_final lowers."""
     for label, own in A1111_SAMPLERS.items():
@@ -265,7 +326,8 @@ def _same_sampler(spec: str, label_spec: str, steps: int, above_data: bool) -> b
     if type(mine) is not type(theirs):
         return False
     if hasattr(theirs, "lower_order_final"):
-        # k-diffusion never lowers the order; diffguide's option does only where above_data and few steps
+        # k-diffusion never lowers the order; diffguide's option does only where above_data and few
+        # steps
         theirs = dataclasses.replace(theirs, lower_order_final=False)
         if not (above_data and steps < LOWER_ORDER_FINAL_BELOW):
             mine = dataclasses.replace(mine, lower_order_final=False)
@@ -273,8 +335,10 @@ def _same_sampler(spec: str, label_spec: str, steps: int, above_data: bool) -> b
 
 
 def a1111_schedule_name(spacing: str, family: str | None = None) -> str:
-    """A1111's "Schedule type" for a diffguide spacing with the same levels (``A1111_SCHEDULES``), else
-    the spacing's own name. Align Your Steps only for a known SD 1/2 model: A1111 takes its SDXL table
+    """A1111's "Schedule type" for a diffguide spacing with the same levels (``A1111_SCHEDULES``),
+    else
+    the spacing's own name. Align Your Steps only for a known SD 1/2 model: A1111 takes its SDXL
+    table
     for SDXL, and diffguide's spacing by name runs the SD 1 table."""
     name = SAME_SPACINGS.get(spacing, spacing)
     for label, own in A1111_SCHEDULES.items():
@@ -292,9 +356,11 @@ def _grid_name(grid: dict) -> str:
 def parameters_text(meta: dict, family: str | None = None, grid: dict | None = None) -> str:
     """The ``parameters`` text in A1111's layout (prompt; ``Negative prompt:``; one line of
     ``Key: value`` fields), readable by its ``parse_generation_parameters`` with every field intact:
-    A1111's sampler and schedule names where diffguide runs what A1111 runs under them, diffguide's own
+    A1111's sampler and schedule names where diffguide runs what A1111 runs under them, diffguide's
+    own
     names otherwise, and diffguide's specs beside. ``grid``: the model's own grid (its ``timesteps``
-    arguments) when ``meta`` names no spacing; ``family``: the model family's name ('sd', 'sdxl')."""
+    arguments) when ``meta`` names no spacing; ``family``: the model family's name ('sd',
+    'sdxl')."""
     from ..core.spacing import ABOVE_DATA
 
     lines = [str(meta["prompt"])]
@@ -302,15 +368,29 @@ def parameters_text(meta: dict, family: str | None = None, grid: dict | None = N
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     grid = {"spacing": meta["spacing"]} if meta.get("spacing") else grid
     above = grid is not None and (grid["spacing"] in ABOVE_DATA or grid.get("final") == "sigma_min")
-    fields = [("Steps", meta["steps"]), ("Sampler", a1111_sampler_name(meta["sampler"], meta["steps"], above))]
-    if grid is not None:  # a grid with options of its own is no A1111 schedule: it keeps its own name
+    fields = [
+        ("Steps", meta["steps"]),
+        ("Sampler", a1111_sampler_name(meta["sampler"], meta["steps"], above)),
+    ]
+    if (
+        grid is not None
+    ):  # a grid with options of its own is no A1111 schedule: it keeps its own name
         plain = set(grid) == {"spacing"}
-        fields.append(("Schedule type", a1111_schedule_name(grid["spacing"], family) if plain else _grid_name(grid)))
+        fields.append(
+            (
+                "Schedule type",
+                a1111_schedule_name(grid["spacing"], family) if plain else _grid_name(grid),
+            )
+        )
     if meta.get("scale") is not None:
         fields.append(("CFG scale", meta["scale"]))
     if meta.get("embedded_guidance") is not None:  # Forge's name for Flux's guidance input
         fields.append(("Distilled CFG Scale", meta["embedded_guidance"]))
-    fields += [("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"), ("Model", meta["model"])]
+    fields += [
+        ("Seed", meta["seed"]),
+        ("Size", f"{meta['width']}x{meta['height']}"),
+        ("Model", meta["model"]),
+    ]
     if meta.get("strength") is not None:  # image-to-image
         fields.append(("Denoising strength", meta["strength"]))
     fields += [("diffguide guidance", meta["guidance"]), ("diffguide sampler", meta["sampler"])]
@@ -326,13 +406,17 @@ def read_metadata(path: str) -> dict:
     ImageDescription in JPEG/WebP)."""
     raw, _ = _read_texts(path)
     if not raw:
-        raise ValueError(f"{path!r} carries no diffguide settings (it was not written by diffguide generate)")
+        raise ValueError(
+            f"{path!r} carries no diffguide settings (it was not written by diffguide generate)"
+        )
     return _settings_json(raw, path)
 
 
 def read_settings(path: str) -> tuple[dict, list[str]]:
-    """The settings to make an image again, and notices: diffguide's own JSON where the image carries
-    it (no notices), else the ``parameters`` of an image A1111 wrote, mapped by ``a1111_settings``."""
+    """The settings to make an image again, and notices: diffguide's own JSON where the image
+    carries
+    it (no notices), else the ``parameters`` of an image A1111 wrote, mapped by
+    ``a1111_settings``."""
     raw, parameters = _read_texts(path)
     if raw:
         return _settings_json(raw, path), []
@@ -342,7 +426,8 @@ def read_settings(path: str) -> tuple[dict, list[str]]:
 
 
 def _read_texts(path: str) -> tuple[str | None, str | None]:
-    """(diffguide JSON, A1111 parameters) an image carries: PNG text chunks, or EXIF ImageDescription
+    """(diffguide JSON, A1111 parameters) an image carries: PNG text chunks, or EXIF
+    ImageDescription
     and UserComment in JPEG and WebP."""
     from PIL import Image, UnidentifiedImageError
 
@@ -352,7 +437,9 @@ def _read_texts(path: str) -> tuple[str | None, str | None]:
                 text = getattr(im, "text", {})
                 return text.get("diffguide"), text.get("parameters")
             exif = im.getexif()
-            return exif.get(IMAGE_DESCRIPTION), _user_comment(exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT))
+            return exif.get(IMAGE_DESCRIPTION), _user_comment(
+                exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+            )
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         # ValueError: Pillow's limits on text chunks (an image is untrusted input)
         raise ValueError(f"cannot read image {path!r}: {e}") from None
@@ -369,14 +456,19 @@ def _user_comment(raw) -> str | None:
 
 
 def _settings_json(raw: str, path: str) -> dict:
-    """The settings JSON an image carries, read as untrusted input: an object of plain values (no NaN
+    """The settings JSON an image carries, read as untrusted input: an object of plain values (no
+    NaN
     or Infinity, which diffguide never writes; no nesting that exhausts the parser)."""
     try:
         meta = json.loads(raw, parse_constant=_no_constant)
     except RecursionError:
-        raise ValueError(f"{path!r} has diffguide settings nested too deeply to be settings") from None
+        raise ValueError(
+            f"{path!r} has diffguide settings nested too deeply to be settings"
+        ) from None
     except ValueError as e:
-        raise ValueError(f"{path!r} has unreadable diffguide settings ({str(e).splitlines()[0]})") from None
+        raise ValueError(
+            f"{path!r} has unreadable diffguide settings ({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(meta, dict) or "prompt" not in meta or "seed" not in meta:
         raise ValueError(f"{path!r} has incomplete diffguide settings")
     return meta
@@ -386,17 +478,23 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number diffguide writes")
 
 
-# -- reading the settings of an image A1111 wrote ------------------------------------------------------
+# -- reading the settings of an image A1111 wrote
+# ------------------------------------------------------
 
 _FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 # fields that say who made the image, not how: nothing to carry over
 _IDENTITY = {"Version", "Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes"}
-_SCHEDULE_SUFFIXES = (" Karras", " Exponential")  # A1111 before 1.9 named the schedule in the sampler
+_SCHEDULE_SUFFIXES = (
+    " Karras",
+    " Exponential",
+)  # A1111 before 1.9 named the schedule in the sampler
 
 
 def parse_parameters(text: str) -> dict:
-    """A1111's ``parameters`` text as a dict of 'Prompt', 'Negative prompt' and the last line's fields
-    (JSON-quoted values unquoted), read as its parse_generation_parameters reads it: the last line is
+    """A1111's ``parameters`` text as a dict of 'Prompt', 'Negative prompt' and the last line's
+    fields
+    (JSON-quoted values unquoted), read as its parse_generation_parameters reads it: the last line
+    is
     fields only when it holds at least three."""
     lines = text.strip().split("\n")
     fields = {}
@@ -406,7 +504,7 @@ def parse_parameters(text: str) -> dict:
     prompt, negative, in_negative = [], [], False
     for line in lines:
         if line.startswith("Negative prompt:"):
-            in_negative, line = True, line[len("Negative prompt:"):].strip()
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     return {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative), **fields}
 
@@ -421,7 +519,8 @@ def _unquote(value: str) -> str:
 
 
 def a1111_sampler_spec(label: str, steps: int, above_data: bool = False) -> tuple[str, str | None]:
-    """(diffguide spec, notice) for A1111's sampler label: the spec that reproduces it, or the nearest
+    """(diffguide spec, notice) for A1111's sampler label: the spec that reproduces it, or the
+    nearest
     one with a notice saying what differs; a label with no diffguide sampler is an error."""
     import dataclasses
 
@@ -436,22 +535,37 @@ def a1111_sampler_spec(label: str, steps: int, above_data: bool = False) -> tupl
         return "heun", None
     if label in A1111_SAMPLERS_NEAREST:
         spec, why = A1111_SAMPLERS_NEAREST[label]
-        return spec, f"A1111's sampler {label!r} is not reproduced ({why}); running the nearest, {spec}"
-    raise ValueError(f"diffguide has no sampler for A1111's {label!r}; give --sampler (diffguide list shows them)")
+        return (
+            spec,
+            f"A1111's sampler {label!r} is not reproduced ({why}); running the nearest, {spec}",
+        )
+    raise ValueError(
+        f"diffguide has no sampler for A1111's {label!r}; give --sampler (diffguide list shows "
+        "them)"
+    )
 
 
 def a1111_spacing(schedule: str | None, sampler_label: str) -> tuple[str | None, list[str]]:
     """(diffguide spacing or None for the model's own grid, notices) for A1111's "Schedule type"."""
     if schedule in A1111_SCHEDULES:
         spacing = A1111_SCHEDULES[schedule]
-        return spacing, (["ays_a1111 runs A1111's SD 1 table (A1111 takes its SDXL table for SDXL models)"]
-                         if spacing == "ays_a1111" else [])
-    if schedule is None:  # A1111 names no schedule for its timestep samplers, or where it ran Uniform
+        return spacing, (
+            ["ays_a1111 runs A1111's SD 1 table (A1111 takes its SDXL table for SDXL models)"]
+            if spacing == "ays_a1111"
+            else []
+        )
+    if (
+        schedule is None
+    ):  # A1111 names no schedule for its timestep samplers, or where it ran Uniform
         own_grid = sampler_label in ("DDIM", "PLMS", "UniPC", "LCM")
         return None, [] if own_grid else [
-            "A1111 ran its Uniform levels (no Schedule type), which no diffguide spacing gives; the model's "
-            "own grid is used"]
-    return None, [f"A1111's schedule {schedule!r} has no diffguide spacing; the model's own grid is used"]
+            "A1111 ran its Uniform levels (no Schedule type), which no diffguide spacing gives; "
+            "the model's "
+            "own grid is used"
+        ]
+    return None, [
+        f"A1111's schedule {schedule!r} has no diffguide spacing; the model's own grid is used"
+    ]
 
 
 def a1111_settings(fields: dict) -> tuple[dict, list[str]]:
@@ -461,9 +575,24 @@ def a1111_settings(fields: dict) -> tuple[dict, list[str]]:
     over."""
     missing = [k for k in ("Steps", "Sampler", "Seed", "Size") if k not in fields]
     if missing:
-        raise ValueError(f"A1111 parameters without {', '.join(missing)}: cannot make the image again")
-    used = {"Prompt", "Negative prompt", "Steps", "Sampler", "Schedule type", "Seed", "Size", "CFG scale",
-            "Model", "Eta", "Beta schedule alpha", "Beta schedule beta", "Denoising strength"}
+        raise ValueError(
+            f"A1111 parameters without {', '.join(missing)}: cannot make the image again"
+        )
+    used = {
+        "Prompt",
+        "Negative prompt",
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "Seed",
+        "Size",
+        "CFG scale",
+        "Model",
+        "Eta",
+        "Beta schedule alpha",
+        "Beta schedule beta",
+        "Denoising strength",
+    }
     steps, seed = _integer(fields, "Steps"), _integer(fields, "Seed")
     width, height = _size(fields["Size"])
     label, schedule = _legacy_label(fields["Sampler"], fields.get("Schedule type"))
@@ -474,11 +603,23 @@ def a1111_settings(fields: dict) -> tuple[dict, list[str]]:
     notices += [notice] if notice else []
     sampler, eta_notice = _with_eta(sampler, fields.get("Eta"))
     notices += [eta_notice] if eta_notice else []
-    if spacing == "beta" and any(fields.get(k, "0.6") != "0.6" for k in ("Beta schedule alpha", "Beta schedule beta")):
-        notices.append("A1111's Beta schedule alpha/beta other than 0.6 cannot be given by spacing name; "
-                       "0.6 is used")
-    meta = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"], "steps": steps,
-            "sampler": sampler, "spacing": spacing, "seed": seed, "width": width, "height": height}
+    if spacing == "beta" and any(
+        fields.get(k, "0.6") != "0.6" for k in ("Beta schedule alpha", "Beta schedule beta")
+    ):
+        notices.append(
+            "A1111's Beta schedule alpha/beta other than 0.6 cannot be given by spacing name; "
+            "0.6 is used"
+        )
+    meta = {
+        "prompt": fields["Prompt"],
+        "negative_prompt": fields["Negative prompt"],
+        "steps": steps,
+        "sampler": sampler,
+        "spacing": spacing,
+        "seed": seed,
+        "width": width,
+        "height": height,
+    }
     if "CFG scale" in fields:
         meta.update(guidance="cfg", scale=float(fields["CFG scale"]))
     notices += _a1111_caveats(fields, used)
@@ -490,12 +631,22 @@ def _a1111_caveats(fields: dict, used: set) -> list[str]:
     image, and every other field."""
     notes = ["A1111 draws its noise with its own generator: the same seed gives other noise here"]
     if "Model" in fields:
-        notes.append(f"A1111's model {fields['Model']!r} is a checkpoint name, not loaded: --model picks the "
-                     f"model (default: the built-in one)")
-    if re.search(r"[()\[\]]|<lora:|\bAND\b|\bBREAK\b", fields["Prompt"] + fields["Negative prompt"]):
-        notes.append("A1111's prompt syntax (weights, [from:to:when], <lora:...>, AND, BREAK) is read as plain text")
+        notes.append(
+            f"A1111's model {fields['Model']!r} is a checkpoint name, not loaded: --model picks "
+            "the "
+            f"model (default: the built-in one)"
+        )
+    if re.search(
+        r"[()\[\]]|<lora:|\bAND\b|\bBREAK\b", fields["Prompt"] + fields["Negative prompt"]
+    ):
+        notes.append(
+            "A1111's prompt syntax (weights, [from:to:when], <lora:...>, AND, BREAK) is read as "
+            "plain text"
+        )
     if "Denoising strength" in fields:
-        notes.append("an image-to-image run: A1111 records no input image, so this one starts from noise")
+        notes.append(
+            "an image-to-image run: A1111 records no input image, so this one starts from noise"
+        )
     rest = [k for k in fields if k not in used and k not in _IDENTITY]
     if rest:
         notes.append(f"A1111 settings not carried over: {', '.join(rest)}")

@@ -1,4 +1,5 @@
-"""A model folder checked before and after diffusers loads it, so that damage is one line naming the file.
+"""A model folder checked before and after diffusers loads it, so that damage is one line naming
+the file.
 
 diffusers and transformers load a damaged folder in ways a user cannot read (a missing tokenizer
 ends in ``OverflowError``, a zero-byte weight file in ``header too small``) or, worse, do not fail
@@ -12,6 +13,7 @@ at all: tensors missing from a file are initialised at random, so every run give
   loader converts (a prefix added or dropped; a legacy name whose tensor, read only then, equals the
   one held).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,23 +22,34 @@ import os
 import re
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
-VOCABULARY_KEYS = ("vocab_file", "merges_file")  # what a tokenizer needs when it has no tokenizer.json
+VOCABULARY_KEYS = (
+    "vocab_file",
+    "merges_file",
+)  # what a tokenizer needs when it has no tokenizer.json
 SHOWN = 4  # names quoted in an error before "and N more"
 
 
 def check_folder(path: str) -> None:
-    """Refuse a local diffusers folder whose files cannot load as they are (ValueError naming the file)."""
+    """Refuse a local diffusers folder whose files cannot load as they are (ValueError naming the
+    file)."""
     index_path = os.path.join(path, "model_index.json")
     index = read_json(index_path)
     if not isinstance(index, dict):
         raise ValueError(f"{index_path} is not a JSON object")
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[0] is None:
+        if (
+            name.startswith("_")
+            or not isinstance(entry, (list, tuple))
+            or len(entry) != 2
+            or entry[0] is None
+        ):
             continue
         folder = os.path.join(path, name)
         if not os.path.isdir(folder):
-            raise ValueError(f"model folder {path!r} has no {name}/ folder, which model_index.json names "
-                             f"({entry[1]})")
+            raise ValueError(
+                f"model folder {path!r} has no {name}/ folder, which model_index.json names "
+                f"({entry[1]})"
+            )
         check_component(folder, str(entry[1]))
 
 
@@ -52,8 +65,10 @@ def check_component(folder: str, class_name: str) -> None:
     if class_name.endswith(("Tokenizer", "TokenizerFast")):
         check_tokenizer(folder, class_name)
     if class_name.endswith("Scheduler"):
-        check_scheduler_config(read_json(os.path.join(folder, "scheduler_config.json")),
-                               os.path.join(folder, "scheduler_config.json"))
+        check_scheduler_config(
+            read_json(os.path.join(folder, "scheduler_config.json")),
+            os.path.join(folder, "scheduler_config.json"),
+        )
 
 
 def read_json(path: str):
@@ -77,7 +92,9 @@ def safetensors_shapes(path: str) -> dict:
     from safetensors import safe_open
 
     if os.path.getsize(path) == 0:
-        raise ValueError(f"weight file {path} is empty (0 bytes): the download or copy did not finish")
+        raise ValueError(
+            f"weight file {path} is empty (0 bytes): the download or copy did not finish"
+        )
     try:
         with safe_open(path, "pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -97,12 +114,15 @@ def check_tokenizer(folder: str, class_name: str) -> None:
     needed = [names[k] for k in VOCABULARY_KEYS if k in names] or ["tokenizer.json"]
     missing = [n for n in needed if n not in files]
     if missing:
-        raise ValueError(f"tokenizer folder {folder} has no vocabulary ({class_name} needs tokenizer.json or "
-                         f"{' and '.join(needed)}; missing {', '.join(missing)})")
+        raise ValueError(
+            f"tokenizer folder {folder} has no vocabulary ({class_name} needs tokenizer.json or "
+            f"{' and '.join(needed)}; missing {', '.join(missing)})"
+        )
 
 
 def check_scheduler_config(config, path: str) -> None:
-    """Scheduler values that no sampler can work with: no training steps, NaN, betas outside [0, 1], a
+    """Scheduler values that no sampler can work with: no training steps, NaN, betas outside [0,
+    1], a
     resolution shift divided by zero (infinities stay: lambda_min_clipped is -inf by default)."""
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a JSON object")
@@ -111,7 +131,9 @@ def check_scheduler_config(config, path: str) -> None:
             raise ValueError(f"{path}: {key} is NaN; it must be a number")
     steps = config.get("num_train_timesteps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"{path}: num_train_timesteps is {steps!r}; it must be a whole number >= 1")
+        raise ValueError(
+            f"{path}: num_train_timesteps is {steps!r}; it must be a whole number >= 1"
+        )
     for key in ("beta_start", "beta_end"):
         value = config.get(key)
         if _number(value) and not 0 <= value <= 1:
@@ -119,8 +141,10 @@ def check_scheduler_config(config, path: str) -> None:
     base, top = config.get("base_image_seq_len"), config.get("max_image_seq_len")
     if _number(base) and _number(top) and base == top:
         # the resolution shift interpolates between the two lengths: equal ones divide by zero
-        raise ValueError(f"{path}: base_image_seq_len and max_image_seq_len are both {base!r}; the "
-                         f"resolution-dependent shift needs two different lengths")
+        raise ValueError(
+            f"{path}: base_image_seq_len and max_image_seq_len are both {base!r}; the "
+            f"resolution-dependent shift needs two different lengths"
+        )
     if _number(config.get("shift")) and not config["shift"] > 0:
         raise ValueError(f"{path}: shift is {config['shift']!r}; it must be > 0")
 
@@ -129,7 +153,9 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# -- after loading: every tensor from a file, every file tensor used ---------------------------------
+# -- after loading: every tensor from a file, every file tensor used
+# ---------------------------------
+
 
 def check_loaded(pipe, path: str, passed=(), variant: str | None = None) -> None:
     """Every torch component of a loaded pipeline (except those ``passed`` in by the caller) holds
@@ -151,10 +177,15 @@ def check_loaded(pipe, path: str, passed=(), variant: str | None = None) -> None
 
 
 def _placed_by_library(module) -> bool:
-    """Quantized or offloaded (device_map) components hold other tensors than their files (quantization
+    """Quantized or offloaded (device_map) components hold other tensors than their files
+    (quantization
     statistics) or none yet (meta, on disk): the libraries that placed them answer for them."""
-    return (getattr(module, "hf_quantizer", None) is not None or getattr(module, "is_quantized", False) is True
-            or getattr(module, "hf_device_map", None) is not None or hasattr(module, "_hf_hook"))
+    return (
+        getattr(module, "hf_quantizer", None) is not None
+        or getattr(module, "is_quantized", False) is True
+        or getattr(module, "hf_device_map", None) is not None
+        or hasattr(module, "_hf_hook")
+    )
 
 
 def component_folder(module, guess: str) -> str | None:
@@ -162,15 +193,18 @@ def component_folder(module, guess: str) -> str | None:
     (a hub id's cached snapshot)."""
     if os.path.isdir(guess):
         return guess
-    for source in (getattr(module, "name_or_path", None),
-                   getattr(getattr(module, "config", None), "_name_or_path", None)):
+    for source in (
+        getattr(module, "name_or_path", None),
+        getattr(getattr(module, "config", None), "_name_or_path", None),
+    ):
         if isinstance(source, str) and os.path.isdir(source):
             return source
     return None
 
 
 def weight_files(folder: str, variant: str | None = None) -> list[str]:
-    """The weight files a component loads from (one file or a sharded index's shards; safetensors first,
+    """The weight files a component loads from (one file or a sharded index's shards; safetensors
+    first,
     as the libraries prefer it)."""
     for ext in (".safetensors", ".bin"):
         for stem in WEIGHT_STEMS:
@@ -191,7 +225,9 @@ class WeightFiles:
     def __init__(self, files: list[str]):
         self.files, self.shapes, self.where, self._loaded = files, {}, {}, {}
         for file in files:
-            shapes = safetensors_shapes(file) if file.endswith(".safetensors") else self._pickle(file)
+            shapes = (
+                safetensors_shapes(file) if file.endswith(".safetensors") else self._pickle(file)
+            )
             self.shapes.update(shapes)
             self.where.update(dict.fromkeys(shapes, file))
 
@@ -204,13 +240,16 @@ class WeightFiles:
             except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
                 data = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # a file that does not unpickle is damage, whatever the error's type
-            raise ValueError(f"weight file {file} cannot be read ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise ValueError(
+                f"weight file {file} cannot be read ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
         self._loaded[file] = data
         return {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
 
     def tensor(self, key: str, head: bool = False):
-        """A file tensor, or with ``head`` its first slice along the first axis (a cheap first look)."""
+        """A file tensor, or with ``head`` its first slice along the first axis (a cheap first
+        look)."""
         file = self.where[key]
         if file in self._loaded:
             value = self._loaded[file][key]
@@ -222,7 +261,8 @@ class WeightFiles:
 
 
 def check_tensors(module, files: list[str]) -> None:
-    """Compare a module's tensors with its files' by name; what is left after the allowed differences
+    """Compare a module's tensors with its files' by name; what is left after the allowed
+    differences
     (tied weights, buffers, ignore lists, renamed keys whose values were read) is an error."""
     on_file = WeightFiles(files)
     held = module.state_dict()
@@ -230,7 +270,9 @@ def check_tensors(module, files: list[str]) -> None:
     unexpected = {k for k in on_file.shapes if k not in held}
     missing -= _tied(held, missing)
     missing = {k for k in missing if not _ignored(module, "_keys_to_ignore_on_load_missing", k)}
-    unexpected = {k for k in unexpected if not _ignored(module, "_keys_to_ignore_on_load_unexpected", k)}
+    unexpected = {
+        k for k in unexpected if not _ignored(module, "_keys_to_ignore_on_load_unexpected", k)
+    }
     buffers = {n for n, _ in module.named_buffers()}
     unexpected = {k for k in unexpected if not any(k == b or k.endswith("." + b) for b in buffers)}
     _pair_by_suffix(missing, unexpected, held, on_file.shapes)
@@ -242,9 +284,18 @@ def check_tensors(module, files: list[str]) -> None:
 
 def _tied(held: dict, missing: set) -> set:
     """Missing names whose tensor shares storage with one that was read (tied weights)."""
-    read = {(v.data_ptr(), tuple(v.shape)) for k, v in held.items() if k not in missing and not v.is_meta}
-    return {k for k in missing if not held[k].is_meta and held[k].numel()
-            and (held[k].data_ptr(), tuple(held[k].shape)) in read}
+    read = {
+        (v.data_ptr(), tuple(v.shape))
+        for k, v in held.items()
+        if k not in missing and not v.is_meta
+    }
+    return {
+        k
+        for k in missing
+        if not held[k].is_meta
+        and held[k].numel()
+        and (held[k].data_ptr(), tuple(held[k].shape)) in read
+    }
 
 
 def _ignored(module, attribute: str, key: str) -> bool:
@@ -280,11 +331,16 @@ def _pair_by_value(missing: set, unexpected: set, held: dict, on_file: WeightFil
         if value.is_meta:
             continue
         shape = tuple(value.shape)
-        candidates = sorted((k for k in unexpected if on_file.shapes[k] == shape),
-                            key=lambda k: -len(os.path.commonprefix([k, new])))
-        for old in candidates:  # the first slices first: a whole tensor is read only for a likely match
-            if _same(value[:1] if value.dim() else value, on_file.tensor(old, head=True)) \
-                    and _same(value, on_file.tensor(old)):
+        candidates = sorted(
+            (k for k in unexpected if on_file.shapes[k] == shape),
+            key=lambda k: -len(os.path.commonprefix([k, new])),
+        )
+        for (
+            old
+        ) in candidates:  # the first slices first: a whole tensor is read only for a likely match
+            if _same(value[:1] if value.dim() else value, on_file.tensor(old, head=True)) and _same(
+                value, on_file.tensor(old)
+            ):
                 missing.discard(new)
                 unexpected.discard(old)
                 break
@@ -301,13 +357,20 @@ def _mismatch(module, file: str, missing: set, unexpected: set, total: int) -> s
     cls = type(module).__name__
     parts = []
     if missing:
-        parts.append(f"lacks {len(missing)} of the {total} tensors {cls} needs ({_names(missing)}), which "
-                     f"would be random weights")
+        parts.append(
+            f"lacks {len(missing)} of the {total} tensors {cls} needs ({_names(missing)}), which "
+            f"would be random weights"
+        )
     if unexpected:
-        parts.append(f"holds {len(unexpected)} tensor(s) {cls} does not have ({_names(unexpected)})")
+        parts.append(
+            f"holds {len(unexpected)} tensor(s) {cls} does not have ({_names(unexpected)})"
+        )
     saved = _saved_class(os.path.dirname(file))
-    hint = f": its config.json was saved from {saved}, but model_index.json names {cls}" \
-        if saved and saved != cls else ": the file is damaged or belongs to another model"
+    hint = (
+        f": its config.json was saved from {saved}, but model_index.json names {cls}"
+        if saved and saved != cls
+        else ": the file is damaged or belongs to another model"
+    )
     return f"weight file {file} {' and '.join(parts)}{hint}"
 
 
@@ -334,5 +397,7 @@ def check_on_device(module, name: str) -> None:
     """A component with no weight file to compare: still, nothing may be left unloaded (meta)."""
     meta = [k for k, v in module.state_dict().items() if v.is_meta]
     if meta:
-        raise ValueError(f"component {name} ({type(module).__name__}) has {len(meta)} tensors that were never "
-                         f"loaded ({_names(set(meta))})")
+        raise ValueError(
+            f"component {name} ({type(module).__name__}) has {len(meta)} tensors that were never "
+            f"loaded ({_names(set(meta))})"
+        )

@@ -1,5 +1,7 @@
-"""The output stage: latents decoded (never a silent NaN image), the safety checker where the model has
+"""The output stage: latents decoded (never a silent NaN image), the safety checker where the model
+has
 one, the images in the asked type, and what the call cost."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,9 +35,17 @@ def decode(pipe, req, x) -> tuple[Any, list | None]:
     decoded = pipe.family.decode(x)
     if req.check_finite and not bool(torch.isfinite(decoded).all()):
         vae = getattr(pipe.pipe, "vae", None)
-        raise NonFiniteError("decoding produced NaN pixels from finite latents" + (
-            f": the VAE overflowed in {str(vae.dtype).replace('torch.', '')}; decode in float32 "
-            f"(--vae-dtype float32, vae_dtype=torch.float32)" if vae is not None else ""), "decoding")
+        raise NonFiniteError(
+            "decoding produced NaN pixels from finite latents"
+            + (
+                f": the VAE overflowed in {str(vae.dtype).replace('torch.', '')}; decode in "
+                "float32 "
+                f"(--vae-dtype float32, vae_dtype=torch.float32)"
+                if vae is not None
+                else ""
+            ),
+            "decoding",
+        )
     images, nsfw = safety(pipe, decoded, pipe.device)
     if req.output_type != "pt":
         images = images.cpu().permute(0, 2, 3, 1).numpy()
@@ -45,7 +55,8 @@ def decode(pipe, req, x) -> tuple[Any, list | None]:
 
 
 def safety(pipe, images, device):
-    """The pipeline's safety checker where it has one: flagged images come back black, as in diffusers.
+    """The pipeline's safety checker where it has one: flagged images come back black, as in
+    diffusers.
     Its run_safety_checker takes decoder output in [-1, 1]."""
     checker = getattr(pipe.pipe, "safety_checker", None)
     if checker is None or not hasattr(pipe.pipe, "run_safety_checker"):
@@ -63,13 +74,22 @@ def to_pil(images: np.ndarray) -> list:
     from PIL import Image
 
     arr = (images * 255).round().astype("uint8")
-    return [Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a) for a in arr]
+    return [
+        Image.fromarray(a[..., 0], mode="L") if a.shape[-1] == 1 else Image.fromarray(a)
+        for a in arr
+    ]
 
 
 def notices(pipe, req, truncated: str | None, graph_notices: list) -> list[str]:
-    """Everything the call has to say: a prompt cut short, a loop run eagerly, the scheduler's step rule
-    without a diffguide sampler (when the sampler is the model's own), config keys not reproduced."""
-    fallback = pipe.info.notice if pipe.info.notice and not req.sampler_given and "sampler" not in pipe.defaults else None
+    """Everything the call has to say: a prompt cut short, a loop run eagerly, the scheduler's step
+    rule
+    without a diffguide sampler (when the sampler is the model's own), config keys not
+    reproduced."""
+    fallback = (
+        pipe.info.notice
+        if pipe.info.notice and not req.sampler_given and "sampler" not in pipe.defaults
+        else None
+    )
     return [text for text in (truncated, *graph_notices, fallback, pipe.info.config_notice) if text]
 
 

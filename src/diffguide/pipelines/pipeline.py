@@ -1,9 +1,11 @@
-"""GuidedPipeline: any diffusers model folder or hub id, sampled by any diffguide sampler and guidance.
+"""GuidedPipeline: any diffusers model folder or hub id, sampled by any diffguide sampler and
+guidance.
 
 Loading is diffusers' own (``DiffusionPipeline.from_pretrained``); the schedule, prediction kind and
 default time grid come from the loaded scheduler's config; the network becomes a ``NetDenoiser``
 and the loop is ``diffguide.sample``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,12 +27,19 @@ from ..core.guided import Guidance, _rows
 from ..core.registry import parse_spec, to_spec
 from ..core.sample import Sampler, Step, sample
 from ..core.stitch import Stitch, check_same_schedule
-from . import loading
-from . import conditions, output, sampling
+from . import conditions, loading, output, sampling
 from .families import ENCODE_LOCK, Family, family_of, guidance_embedding  # noqa: F401 (re-exported)
 from .output import GuidedOutput, to_pil  # noqa: F401 (re-exported)
 from ..core.freeze import frozen  # noqa: F401 (re-exported)
-from .request import OUTPUT_TYPES, Request, check_generators, image_rows, image_seeds, noise_source, normalise_prompts, plan  # noqa: F401
+from .request import (
+    Request,
+    check_generators,
+    image_rows,
+    image_seeds,
+    noise_source,
+    normalise_prompts,
+    plan,
+)  # noqa: F401
 from .schedulers import SchedulerInfo, from_scheduler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,7 +59,9 @@ class Stitching:
     def __post_init__(self):
         Stitch(self.fraction)  # validates the fraction
         if not isinstance(self.small, GuidedPipeline):
-            object.__setattr__(self, "small", GuidedPipeline.from_pretrained(self.small, progress=False))
+            object.__setattr__(
+                self, "small", GuidedPipeline.from_pretrained(self.small, progress=False)
+            )
 
     def check(self, large: "GuidedPipeline") -> None:
         check_companion(large, self.small, "stitch")
@@ -61,12 +72,15 @@ def check_companion(large: "GuidedPipeline", small: "GuidedPipeline", what: str)
     main one's latent space and schedule."""
     a, b = large.family, small.family
     if (a.channels, a.factor) != (b.channels, b.factor):
-        raise ValueError(f"cannot {what}: latent spaces differ ({a.channels} channels at 1/{a.factor} "
-                         f"scale vs {b.channels} at 1/{b.factor})")
+        raise ValueError(
+            f"cannot {what}: latent spaces differ ({a.channels} channels at 1/{a.factor} "
+            f"scale vs {b.channels} at 1/{b.factor})"
+        )
     va, vb = getattr(large.pipe, "vae", None), getattr(small.pipe, "vae", None)
     keys = ("latent_channels", "scaling_factor", "shift_factor", "latents_mean", "latents_std")
-    if (va is None) != (vb is None) or (va is not None and any(
-            va.config.get(k) != vb.config.get(k) for k in keys)):
+    if (va is None) != (vb is None) or (
+        va is not None and any(va.config.get(k) != vb.config.get(k) for k in keys)
+    ):
         raise ValueError(f"cannot {what}: the models' VAEs (latent spaces) differ")
     if a.conditional != b.conditional:
         raise ValueError(f"cannot {what} a conditional model with an unconditional one")
@@ -78,18 +92,22 @@ class PromptTruncated(UserWarning):
 
 
 class ConfigNotReproduced(UserWarning):
-    """A scheduler config key is set to a value diffguide does not reproduce (``scheduler_keys``)."""
+    """A scheduler config key is set to a value diffguide does not reproduce
+    (``scheduler_keys``)."""
 
 
 BUILTIN = {"builtin": "toy", "builtin-small": "toy-small", "builtin-fast": "toy-fast"}
 
 
 DEFAULTS_FILE = "diffguide.json"
-DEFAULT_STEPS = 25  # every command's and __call__'s default unless a student's folder records its own
+DEFAULT_STEPS = (
+    25  # every command's and __call__'s default unless a student's folder records its own
+)
 
 
 def read_defaults(folder: str) -> dict:
-    """A model folder's ``diffguide.json`` (steps, sampler, guidance a distilled student was made for);
+    """A model folder's ``diffguide.json`` (steps, sampler, guidance a distilled student was made
+    for);
     {} when absent (hub ids, ordinary models). Only known keys of the right type are kept."""
     import json
 
@@ -115,7 +133,8 @@ def read_defaults(folder: str) -> dict:
 
 
 def load_vae(path, dtype=None):
-    """An AutoencoderKL from a folder (or its ``vae`` subfolder), a hub id or one .safetensors file."""
+    """An AutoencoderKL from a folder (or its ``vae`` subfolder), a hub id or one .safetensors
+    file."""
     from diffusers import AutoencoderKL
 
     path = os.fspath(path)
@@ -130,15 +149,18 @@ def load_vae(path, dtype=None):
 
 
 def builtin_path(name: str) -> str:
-    """'builtin' / 'builtin-small' / 'builtin-fast' (the distilled student) name the toy models shipped in the package; other names pass."""
+    """'builtin' / 'builtin-small' / 'builtin-fast' (the distilled student) name the toy models
+    shipped in the package; other names pass."""
     if name not in BUILTIN:
         return name
     from ..assets import path
 
     folder = path(BUILTIN[name])
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise ValueError(f"the built-in model {name!r} is not installed ({folder} is missing); "
-                         f"pass a model folder or hub id")
+        raise ValueError(
+            f"the built-in model {name!r} is not installed ({folder} is missing); "
+            f"pass a model folder or hub id"
+        )
     return folder
 
 
@@ -153,8 +175,12 @@ def quiet_loading() -> None:
         lib.utils.logging.disable_progress_bar()
     huggingface_hub.utils.logging.set_verbosity_error()
     for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(diffusers|transformers|huggingface_hub)\b")
-    warnings.filterwarnings("ignore", category=ConfigNotReproduced)  # the CLI prints it as one notice
+        warnings.filterwarnings(
+            "ignore", category=category, module=r"(diffusers|transformers|huggingface_hub)\b"
+        )
+    warnings.filterwarnings(
+        "ignore", category=ConfigNotReproduced
+    )  # the CLI prints it as one notice
 
 
 def as_dtype(dtype) -> torch.dtype | None:
@@ -168,7 +194,9 @@ def as_dtype(dtype) -> torch.dtype | None:
 def check_device(device) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available here; use cpu")
+        raise ValueError(
+            f"device {str(device)!r} requested but CUDA is not available here; use cpu"
+        )
     return device
 
 
@@ -187,22 +215,39 @@ class GuidedPipeline:
                 raise ValueError(self.info.config_notice)
             warnings.warn(self.info.config_notice, ConfigNotReproduced, stacklevel=3)
         net = self.family.net
-        self.net_denoiser = NetDenoiser(self.family.forward, self.info.schedule, self.info.kind,
-                                        dtype=net.dtype, learned_sigma=self.family.learned_sigma(),
-                                        module=net, precondition=self.info.precondition)
+        self.net_denoiser = NetDenoiser(
+            self.family.forward,
+            self.info.schedule,
+            self.info.kind,
+            dtype=net.dtype,
+            learned_sigma=self.family.learned_sigma(),
+            module=net,
+            precondition=self.info.precondition,
+        )
         self.progress = progress
-        self.defaults: dict = {}  # a distilled student's own steps and guidance (its diffguide.json)
+        # a distilled student's own steps and guidance (its diffguide.json)
+        self.defaults: dict = {}
         self.graphs = LoopGraphs()  # captured sampling loops (cuda_graph=True), per settings
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str, torch_dtype=None, device=None, progress: bool = True,
-                        vae_dtype=None, vae=None, loras=(), strict_config: bool = False,
-                        **kwargs) -> "GuidedPipeline":
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        torch_dtype=None,
+        device=None,
+        progress: bool = True,
+        vae_dtype=None,
+        vae=None,
+        loras=(),
+        strict_config: bool = False,
+        **kwargs,
+    ) -> "GuidedPipeline":
         """Load with ``diffusers.DiffusionPipeline.from_pretrained`` (a folder or a hub id).
         ``vae_dtype``: the VAE's own dtype (float32 decoding beside a float16 network avoids the
         classic fp16 VAE overflow). ``vae``: another VAE (a module, or a folder, hub id or single
         .safetensors file). ``loras``: (path, scale) pairs loaded with diffusers'
-        ``load_lora_weights`` (needs peft: ``pip install 'diffguide[lora]'``). ``strict_config``: refuse a
+        ``load_lora_weights`` (needs peft: ``pip install 'diffguide[lora]'``). ``strict_config``:
+        refuse a
         scheduler config with a key diffguide does not reproduce (by default: one notice)."""
         from diffusers import DiffusionPipeline
 
@@ -211,12 +256,15 @@ class GuidedPipeline:
         dev = check_device(device) if device is not None else None
         if os.path.isdir(path):
             if not os.path.isfile(os.path.join(path, "model_index.json")):
-                raise ValueError(f"model folder {path!r} has no model_index.json (save one with "
-                                 f"diffusers' pipeline.save_pretrained)")
+                raise ValueError(
+                    f"model folder {path!r} has no model_index.json (save one with "
+                    f"diffusers' pipeline.save_pretrained)"
+                )
             loading.check_folder(path)  # damage named by file, before diffusers meets it
         elif not _HUB_ID.match(path) or os.path.exists(path) or path.startswith((".", "/", "~")):
-            raise ValueError(f"model {path!r} is neither a diffusers folder nor a hub id like "
-                             f"'org/name'")
+            raise ValueError(
+                f"model {path!r} is neither a diffusers folder nor a hub id like 'org/name'"
+            )
         kw = {"torch_dtype": dtype} if dtype is not None else {}
         if vae is not None:
             kw["vae"] = load_vae(vae, dtype) if isinstance(vae, (str, os.PathLike)) else vae
@@ -225,15 +273,24 @@ class GuidedPipeline:
             index = DiffusionPipeline.load_config(path)
         except OSError as e:
             raise ValueError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from e
-        absent = {k: None for k, v in index.items() if not k.startswith("_")
-                  and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None and k not in kwargs}
+        absent = {
+            k: None
+            for k, v in index.items()
+            if not k.startswith("_")
+            and isinstance(v, (list, tuple))
+            and len(v) == 2
+            and v[0] is None
+            and k not in kwargs
+        }
         with warnings.catch_warnings():  # newer diffusers renamed torch_dtype to dtype
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             try:
                 pipe = DiffusionPipeline.from_pretrained(path, **kw, **absent, **kwargs)
             except OSError as e:  # not found locally nor on the hub, or no network
                 raise ValueError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from e
-        loading.check_loaded(pipe, path, {*kw, *absent, *kwargs}, kwargs.get("variant"))  # no random weights
+        loading.check_loaded(
+            pipe, path, {*kw, *absent, *kwargs}, kwargs.get("variant")
+        )  # no random weights
         if dev is not None:
             pipe = pipe.to(dev)
         if vae_dtype is not None and getattr(pipe, "vae", None) is not None:
@@ -246,15 +303,20 @@ class GuidedPipeline:
         return out
 
     def set_defaults(self, defaults: dict) -> None:
-        """A distilled student's own defaults (its ``diffguide.json``). ``original_steps``: the LCM grid a
-        flow-teacher student samples on (what an LCMScheduler's original_inference_steps gives a VP one)."""
+        """A distilled student's own defaults (its ``diffguide.json``). ``original_steps``: the LCM
+        grid a
+        flow-teacher student samples on (what an LCMScheduler's original_inference_steps gives a VP
+        one)."""
         self.defaults = dict(defaults)
         if "original_steps" in defaults:
-            self.info = dataclasses.replace(self.info, grid={"spacing": "lcm",
-                                                             "original_steps": defaults["original_steps"]})
+            self.info = dataclasses.replace(
+                self.info, grid={"spacing": "lcm", "original_steps": defaults["original_steps"]}
+            )
 
     @classmethod
-    def from_pipe(cls, pipe, progress: bool = True, strict_config: bool = False) -> "GuidedPipeline":
+    def from_pipe(
+        cls, pipe, progress: bool = True, strict_config: bool = False
+    ) -> "GuidedPipeline":
         """Wrap an already loaded diffusers pipeline (its scheduler decides the default grid)."""
         return cls(pipe, progress=progress, strict_config=strict_config)
 
@@ -277,14 +339,17 @@ class GuidedPipeline:
                 device = a
             else:
                 raise ValueError(f"cannot read {a!r} as a device or dtype")
-        self.pipe.to(*([check_device(device)] if device is not None else []),
-                     **({"dtype": as_dtype(dtype)} if dtype is not None else {}))
+        self.pipe.to(
+            *([check_device(device)] if device is not None else []),
+            **({"dtype": as_dtype(dtype)} if dtype is not None else {}),
+        )
         self.net_denoiser = dataclasses.replace(self.net_denoiser, dtype=self.family.net.dtype)
         self.graphs.clear()  # their memory pools, on the old device or for the old dtype
         return self
 
     def save_pretrained(self, folder: str, **kwargs) -> None:
-        """diffusers' save_pretrained, plus this model's own defaults (``diffguide.json``) if any."""
+        """diffusers' save_pretrained, plus this model's own defaults (``diffguide.json``) if
+        any."""
         import json
 
         self.pipe.save_pretrained(folder, **kwargs)
@@ -296,8 +361,21 @@ class GuidedPipeline:
         """diffusers' memory and LoRA switches pass through to the wrapped pipeline:
         enable_model_cpu_offload, enable_sequential_cpu_offload, enable_attention_slicing,
         load_lora_weights, set_adapters, fuse_lora..."""
-        if name.startswith(("enable_", "disable_", "load_lora", "set_adapters", "fuse_lora", "unfuse_lora",
-                            "unload_lora", "set_progress_bar_config")) and "pipe" in self.__dict__:
+        if (
+            name.startswith(
+                (
+                    "enable_",
+                    "disable_",
+                    "load_lora",
+                    "set_adapters",
+                    "fuse_lora",
+                    "unfuse_lora",
+                    "unload_lora",
+                    "set_progress_bar_config",
+                )
+            )
+            and "pipe" in self.__dict__
+        ):
             return getattr(self.pipe, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -341,29 +419,46 @@ class GuidedPipeline:
 
     # -- a call ------------------------------------------------------------------------------------
 
-    def resolve(self, guidance, guidance_scale, sampler, negative: bool = False) -> tuple[Guidance, Sampler]:
+    def resolve(
+        self, guidance, guidance_scale, sampler, negative: bool = False
+    ) -> tuple[Guidance, Sampler]:
         """Guidance and sampler objects from specs; guidance_scale overrides the method's scale.
         None picks the model's own: a student folder's, else none where guidance is embedded in the
         network (LCM students, Flux.1-dev) or there is no condition (unconditional models), else the
         family's (cfg; none for Flux)."""
         if guidance is None:
             guidance = self.defaults.get("guidance") or (
-                "none" if self.embedded_guidance is not None or not self.family.conditional
-                else self.family.default_guidance_for(negative))
+                "none"
+                if self.embedded_guidance is not None or not self.family.conditional
+                else self.family.default_guidance_for(negative)
+            )
         g = parse_spec("guidance", guidance) if isinstance(guidance, str) else guidance
         if not isinstance(g, Guidance):
-            raise ValueError(f"guidance must be a spec string or a Guidance object, got {type(g).__name__}")
+            raise ValueError(
+                f"guidance must be a spec string or a Guidance object, got {type(g).__name__}"
+            )
         if guidance_scale is not None:
             if "scale" not in {f.name for f in dataclasses.fields(g)}:
-                hint = "; this model's own guidance input is set with --embedded-guidance / embedded_guidance=" \
-                    if self.embedded_guidance is not None else ""
-                raise ValueError(f"a guidance scale was given (--scale, guidance_scale) but guidance {to_spec(g)!r} "
-                                 f"has no scale option{hint}")
+                hint = (
+                    "; this model's own guidance input is set with --embedded-guidance / "
+                    "embedded_guidance="
+                    if self.embedded_guidance is not None
+                    else ""
+                )
+                raise ValueError(
+                    "a guidance scale was given (--scale, guidance_scale) but guidance "
+                    f"{to_spec(g)!r} "
+                    f"has no scale option{hint}"
+                )
             g = dataclasses.replace(g, scale=float(guidance_scale))
-        sampler = self.defaults.get("sampler", self.info.sampler) if sampler is None else sampler  # the model's own
+        sampler = (
+            self.defaults.get("sampler", self.info.sampler) if sampler is None else sampler
+        )  # the model's own
         s = parse_spec("sampler", sampler) if isinstance(sampler, str) else sampler
         if not isinstance(s, Sampler):
-            raise ValueError(f"sampler must be a spec string or a Sampler object, got {type(s).__name__}")
+            raise ValueError(
+                f"sampler must be a spec string or a Sampler object, got {type(s).__name__}"
+            )
         return g, s
 
     def size(self, height, width) -> tuple[int, int]:
@@ -371,9 +466,16 @@ class GuidedPipeline:
         h = fam.default_size if height is None else height
         w = fam.default_size if width is None else width
         for name, v in (("height", h), ("width", w)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < fam.multiple or v % fam.multiple:
-                raise ValueError(f"{name} {v!r} must be a positive multiple of {fam.multiple} for this "
-                                 f"model ({type(fam.net).__name__})")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, np.integer))
+                or v < fam.multiple
+                or v % fam.multiple
+            ):
+                raise ValueError(
+                    f"{name} {v!r} must be a positive multiple of {fam.multiple} for this "
+                    f"model ({type(fam.net).__name__})"
+                )
         return int(h), int(w)
 
     @property
@@ -381,7 +483,9 @@ class GuidedPipeline:
         """The network as an (x, t, cond) -> Pred denoiser (with a consistency model's boundary)."""
         return self.denoiser_for()
 
-    def denoiser_for(self, spacing: str | None = None, round_timesteps: bool | None = None, info=None):
+    def denoiser_for(
+        self, spacing: str | None = None, round_timesteps: bool | None = None, info=None
+    ):
         """The denoiser of a call: the network sees integer times where the scheduler config makes
         diffusers use them (its own sigma grid in multistep schedulers) unless ``round_timesteps``
         is False (k-diffusion's fractional times)."""
@@ -403,21 +507,40 @@ class GuidedPipeline:
         base = self.family.embedded_default()
         return None if base is None else float(self.defaults.get("guidance_scale", base))
 
-    def plan(self, prompt: str | Sequence = "", negative_prompt=None, guidance=None,
-             guidance_scale: float | None = None, sampler=None, steps: int | None = None,
-             spacing: str | None = None, height: int | None = None, width: int | None = None,
-             num_images_per_prompt: int = 1, seed: int | Sequence[int] | None = None, generator=None,
-             output_type: str = "pil", callback: Callable[[Step, torch.Tensor], None] | None = None,
-             progress: bool | None = None, max_batch: int | None = None, threshold="scheduler",
-             stitch: Stitching | None = None, noise_optimizer=None, check_finite: bool = True,
-             round_timesteps: bool | None = None, **diffusers_names) -> Request:
-        """Check and resolve a call's arguments once, before any work: a frozen ``Request`` that ``run``
+    def plan(
+        self,
+        prompt: str | Sequence = "",
+        negative_prompt=None,
+        guidance=None,
+        guidance_scale: float | None = None,
+        sampler=None,
+        steps: int | None = None,
+        spacing: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | Sequence[int] | None = None,
+        generator=None,
+        output_type: str = "pil",
+        callback: Callable[[Step, torch.Tensor], None] | None = None,
+        progress: bool | None = None,
+        max_batch: int | None = None,
+        threshold="scheduler",
+        stitch: Stitching | None = None,
+        noise_optimizer=None,
+        check_finite: bool = True,
+        round_timesteps: bool | None = None,
+        **diffusers_names,
+    ) -> Request:
+        """Check and resolve a call's arguments once, before any work: a frozen ``Request`` that
+        ``run``
         reads. ``__call__`` is ``run(plan(...))``; the command line plans, then runs each batch.
 
         prompt: text, a list of texts, or class labels (int or name) for class-conditional models.
         guidance / sampler: registry specs (``"cfg:scale=7.5,rescale=0.7"``) or objects.
         steps None: the model's own (a distilled student's folder records it; else 25).
-        seed: one int (image i gets seed + i), a list of per-image seeds, or None (random); each image
+        seed: one int (image i gets seed + i), a list of per-image seeds, or None (random); each
+        image
         has its own generator, so an image does not depend on its batch. ``generator`` (a
         torch.Generator or a list, as in diffusers) is the alternative. spacing None: the grid the
         loaded scheduler would use. callback(step, x) runs after every step. threshold: x0 clipping,
@@ -426,7 +549,8 @@ class GuidedPipeline:
         noise_optimizer: a spec (``"initno"``, ``"reno:iterations=20"``) or a ``diffguide.noise``
         optimiser that prepares the initial noise before sampling; its extra network evaluations
         and seconds are reported in ``noise`` and ``timings["noise"]``.
-        check_finite: raise ``diffguide.NonFiniteError`` (a ValueError) naming the step, the guidance
+        check_finite: raise ``diffguide.NonFiniteError`` (a ValueError) naming the step, the
+        guidance
         and the likely fix when sampling or decoding produces NaN or inf, instead of returning a
         black or NaN image; False returns whatever came out.
         round_timesteps: None shows the network the times diffusers would (integers on a multistep
@@ -438,20 +562,27 @@ class GuidedPipeline:
         ``negative_prompt_embeds`` (and SDXL's pooled ones), ``callback_on_step_end(pipe, i, t,
         {"latents": x})`` (a returned "latents" replaces x), ``eta`` (for samplers that take one),
         ``guidance_rescale`` (CFG rescale of the raw network output, as diffusers), ``clip_skip``,
-        ``cross_attention_kwargs`` (UNets; its "scale" is the LoRA scale of the text encoder too) and
+        ``cross_attention_kwargs`` (UNets; its "scale" is the LoRA scale of the text encoder too)
+        and
         ``return_dict=False`` (a tuple: images, NSFW flags).
-        embedded_guidance: the value of the model's own guidance input (Flux.1-dev's guidance, an LCM
+        embedded_guidance: the value of the model's own guidance input (Flux.1-dev's guidance, an
+        LCM
         student's w), default the model's; ``guidance``/``guidance_scale`` stay the diffguide method
         and its scale, so "true CFG" on Flux is guidance="cfg:scale=4" with a negative prompt.
-        image / strength: image-to-image (SDEdit): the image (PIL, array or tensor in [0, 1]; one for
+        image / strength: image-to-image (SDEdit): the image (PIL, array or tensor in [0, 1]; one
+        for
         every output, one per prompt or one per output) is encoded, noised to the level ``strength``
         selects on the sampler's grid (1: pure noise; default the family's img2img pipeline's) and
         sampled from there, as diffusers' img2img pipelines do; its size is the default size.
-        cuda_graph: capture the whole sampling loop (every step's branch batching, network, guidance and
-        sampler update) in one CUDA graph on the first call with given settings and shapes, and replay
-        it on later calls (``core.graphs``; the per-run buffers are the graph's, made once). The first
+        cuda_graph: capture the whole sampling loop (every step's branch batching, network,
+        guidance and
+        sampler update) in one CUDA graph on the first call with given settings and shapes, and
+        replay
+        it on later calls (``core.graphs``; the per-run buffers are the graph's, made once). The
+        first
         call runs eagerly and captures; the images are those of an eager run, noise and seeds
-        included. No progress bar (the steps run as one launch). A loop that cannot be captured (AG, ICG,
+        included. No progress bar (the steps run as one launch). A loop that cannot be captured
+        (AG, ICG,
         DPM++ SDE) runs eagerly with a notice. Captures are kept in ``self.graphs`` (the four most
         recent); changing the network other than by its weights' storage, dtype or LoRA scales needs
         ``self.graphs.clear()``.
@@ -459,11 +590,35 @@ class GuidedPipeline:
         (a GuidedPipeline, folder, hub id or 'builtin-small'); it must share this model's latent
         space and schedule, and encodes the prompts with its own text encoder.
         """
-        return plan(self, prompt, negative_prompt, guidance, guidance_scale, sampler, steps, spacing, height, width,
-                    num_images_per_prompt, seed, generator, output_type, callback, progress, max_batch, threshold,
-                    stitch, noise_optimizer, check_finite, round_timesteps, **diffusers_names)
+        return plan(
+            self,
+            prompt,
+            negative_prompt,
+            guidance,
+            guidance_scale,
+            sampler,
+            steps,
+            spacing,
+            height,
+            width,
+            num_images_per_prompt,
+            seed,
+            generator,
+            output_type,
+            callback,
+            progress,
+            max_batch,
+            threshold,
+            stitch,
+            noise_optimizer,
+            check_finite,
+            round_timesteps,
+            **diffusers_names,
+        )
 
-    def __call__(self, prompt: str | Sequence = "", negative_prompt=None, *args, process_state=None, **kwargs):
+    def __call__(
+        self, prompt: str | Sequence = "", negative_prompt=None, *args, process_state=None, **kwargs
+    ):
         """Generate images: ``plan`` (every argument, documented there), then ``run``.
 
         process_state: accelerate's ``PartialState`` (or an ``Accelerator``) of a run launched on
@@ -473,24 +628,29 @@ class GuidedPipeline:
         """
         if process_state is not None:
             if args or kwargs.get("latents") is not None or kwargs.get("prompt_embeds") is not None:
-                raise ValueError("with process_state, give prompts and seeds (not latents or prompt_embeds), by "
-                                 "keyword: each process makes its own images from them")
+                raise ValueError(
+                    "with process_state, give prompts and seeds (not latents or prompt_embeds), by "
+                    "keyword: each process makes its own images from them"
+                )
             return self._share(process_state, prompt, negative_prompt, kwargs)
         return self.run(self.plan(prompt, negative_prompt, *args, **kwargs))
 
     def run(self, req: Request):
-        """A planned request through its stages: conditions, initial latents, noise optimisation, the
+        """A planned request through its stages: conditions, initial latents, noise optimisation,
+        the
         loop, decoding (``conditions``, ``sampling``, ``output``)."""
         start = time.perf_counter()
         noise, seeds = noise_source(req)
-        fork = sampling.fork_for(req, noise, seeds)  # before any draw: a noise optimiser replays the stream
+        fork = sampling.fork_for(
+            req, noise, seeds
+        )  # before any draw: a noise optimiser replays the stream
         truncated = conditions.truncation_notice(self, req)
         if truncated:
             warnings.warn(truncated, PromptTruncated, stacklevel=3)
         # inference mode skips autograd bookkeeping on every small tensor op of the loop; a guidance
         # method that differentiates through the network (needs_grad) runs with plain no_grad
         grads = getattr(req.guidance, "needs_grad", False) or req.noise_optimizer is not None
-        with (torch.no_grad() if grads else torch.inference_mode()):
+        with torch.no_grad() if grads else torch.inference_mode():
             conds = conditions.encode(self, req)
             encoded = time.perf_counter()
             x = sampling.initial(self, req, noise, fork)
@@ -503,25 +663,44 @@ class GuidedPipeline:
             sampled = time.perf_counter()
             images, nsfw = output.decode(self, req, x)
         end = time.perf_counter()
-        timings = {"encode": encoded - start, "noise": optimised - encoded, "sample": sampled - optimised,
-                   "decode": end - sampled, "total": end - start}
+        timings = {
+            "encode": encoded - start,
+            "noise": optimised - encoded,
+            "sample": sampled - optimised,
+            "decode": end - sampled,
+            "total": end - start,
+        }
         said = output.notices(self, req, truncated, self.graphs.notices[before:])
         return output.result(req, images, nsfw, nfe, forwards, timings, seeds, report, said)
 
     def _check_graph(self, g, callback, callback_on_step_end) -> None:
-        if self.graphs.backend.device_types and self.device.type not in self.graphs.backend.device_types:
-            raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device; it is on {self.device}")
+        if (
+            self.graphs.backend.device_types
+            and self.device.type not in self.graphs.backend.device_types
+        ):
+            raise ValueError(
+                f"cuda_graph=True needs the pipeline on a CUDA device; it is on {self.device}"
+            )
         # accelerate hooks the offloaded models themselves (model and sequential offload alike)
-        offloaded = [name for name, m in getattr(self.pipe, "components", {}).items()
-                     if isinstance(m, torch.nn.Module) and hasattr(m, "_hf_hook")]
+        offloaded = [
+            name
+            for name, m in getattr(self.pipe, "components", {}).items()
+            if isinstance(m, torch.nn.Module) and hasattr(m, "_hf_hook")
+        ]
         if offloaded:  # the weights move between calls: a graph would replay freed GPU copies
-            raise ValueError(f"cuda_graph=True cannot run with CPU offload ({', '.join(offloaded)} offloaded); "
-                             f"keep the pipeline on the GPU (pipe.to('cuda')) or leave cuda_graph off")
+            raise ValueError(
+                f"cuda_graph=True cannot run with CPU offload ({', '.join(offloaded)} offloaded); "
+                f"keep the pipeline on the GPU (pipe.to('cuda')) or leave cuda_graph off"
+            )
         if callback is not None or callback_on_step_end is not None:
-            raise ValueError("cuda_graph=True replays the whole loop at once: no callback can run between steps")
+            raise ValueError(
+                "cuda_graph=True replays the whole loop at once: no callback can run between steps"
+            )
         if getattr(g, "needs_grad", False):
-            raise ValueError(f"guidance {to_spec(g)!r} differentiates through the network; it cannot run "
-                             f"in a captured loop (cuda_graph=False)")
+            raise ValueError(
+                f"guidance {to_spec(g)!r} differentiates through the network; it cannot run "
+                f"in a captured loop (cuda_graph=False)"
+            )
 
     def prepare_image(self, image, height=None, width=None):
         """Image-to-image input as [k, 3, H, W] in [-1, 1], resized to height x width (default: its
@@ -531,47 +710,76 @@ class GuidedPipeline:
         from diffusers.image_processor import VaeImageProcessor
 
         proc = VaeImageProcessor(vae_scale_factor=self.family.multiple)
-        if isinstance(image, (list, tuple)) and image and all(isinstance(i, torch.Tensor) and i.ndim == 3 for i in image):
+        if (
+            isinstance(image, (list, tuple))
+            and image
+            and all(isinstance(i, torch.Tensor) and i.ndim == 3 for i in image)
+        ):
             image = torch.stack(list(image))
         elif isinstance(image, torch.Tensor) and image.ndim == 3:
             image = image[None]
         try:
             first = image[0] if isinstance(image, (list, tuple)) else image
             if height is None or width is None:  # PIL, tensors (N)CHW, arrays (N)HWC
-                dh, dw = ((first.height, first.width) if hasattr(first, "height") else tuple(first.shape[-2:])
-                          if isinstance(first, torch.Tensor) else tuple(first.shape[-3:-1]))
+                dh, dw = (
+                    (first.height, first.width)
+                    if hasattr(first, "height")
+                    else tuple(first.shape[-2:])
+                    if isinstance(first, torch.Tensor)
+                    else tuple(first.shape[-3:-1])
+                )
                 m = self.family.multiple
                 height, width = height or dh // m * m, width or dw // m * m
             return proc.preprocess(image, height=height, width=width).float(), height, width
         except (ValueError, TypeError, IndexError, AttributeError) as e:
-            raise ValueError(f"image must be a PIL image, an array or a tensor in [0, 1] (or a list of "
-                             f"them), got {type(image).__name__}: {e}") from None
+            raise ValueError(
+                f"image must be a PIL image, an array or a tensor in [0, 1] (or a list of "
+                f"them), got {type(image).__name__}: {e}"
+            ) from None
 
     def steps_skipped(self, steps: int, strength: float | None = None) -> int:
-        """How many of ``steps`` image-to-image at ``strength`` skips (None: the family's default)."""
+        """How many of ``steps`` image-to-image at ``strength`` skips (None: the family's
+        default)."""
         strength = self.family.default_strength if strength is None else strength
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not 0 <= strength <= 1
+        ):
             raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
         k = self.family.start_index(steps, float(strength))
         if k >= steps:
-            raise ValueError(f"strength {strength} leaves none of the {steps} steps to run; raise strength "
-                             f"or steps")
+            raise ValueError(
+                f"strength {strength} leaves none of the {steps} steps to run; raise strength "
+                f"or steps"
+            )
         return k
 
-    def _diffusers_options(self, g: Guidance, s: Sampler, eta, guidance_rescale) -> tuple[Guidance, Sampler]:
+    def _diffusers_options(
+        self, g: Guidance, s: Sampler, eta, guidance_rescale
+    ) -> tuple[Guidance, Sampler]:
         """diffusers' eta (on samplers that have one) and guidance_rescale (CFG's rescale of the raw
         network output: eps, or v for v-models)."""
         if eta is not None:
             fields = {f.name for f in dataclasses.fields(s)}
             if "eta" not in fields and "gamma" not in fields:
-                raise ValueError(f"sampler {to_spec(s)!r} takes no eta; samplers with one: ddim, "
-                                 f"euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_2s_ancestral")
-            s = dataclasses.replace(s, **{"gamma" if "gamma" in fields else "eta": float(eta)})  # TCD: eta is gamma
+                raise ValueError(
+                    f"sampler {to_spec(s)!r} takes no eta; samplers with one: ddim, "
+                    f"euler_ancestral, dpmpp_2m_sde, dpmpp_3m_sde, dpmpp_2s_ancestral"
+                )
+            s = dataclasses.replace(
+                s, **{"gamma" if "gamma" in fields else "eta": float(eta)}
+            )  # TCD: eta is gamma
         if guidance_rescale:
             names = {f.name for f in dataclasses.fields(g)}
             if not {"rescale", "rescale_space"} <= names:
-                raise ValueError(f"guidance_rescale needs a guidance with a rescale option (cfg), got {to_spec(g)!r}")
-            g = dataclasses.replace(g, rescale=float(guidance_rescale), rescale_space=self.info.kind)
+                raise ValueError(
+                    "guidance_rescale needs a guidance with a rescale option (cfg), got "
+                    f"{to_spec(g)!r}"
+                )
+            g = dataclasses.replace(
+                g, rescale=float(guidance_rescale), rescale_space=self.info.kind
+            )
         return g, s
 
     @property
@@ -589,42 +797,65 @@ class GuidedPipeline:
             from ..toy.scenes import captions
 
             return captions()
-        raise ValueError("this model has no caption set of its own: give prompts (icg:condition=prompts,"
-                         "prompts=FILE with one prompt per line)")
+        raise ValueError(
+            "this model has no caption set of its own: give prompts (icg:condition=prompts,"
+            "prompts=FILE with one prompt per line)"
+        )
 
     def _share(self, state, prompt, negative_prompt, kw: dict) -> GuidedOutput:
-        """This process's contiguous part of a call's images (see ``process_state`` in __call__), under
+        """This process's contiguous part of a call's images (see ``process_state`` in __call__),
+        under
         the one seed rule and prompt normalisation of a single-process call."""
-        from .parallel import bounds
+        from ..parallel import bounds
 
-        n, seed, generator = kw.pop("num_images_per_prompt", 1), kw.pop("seed", None), kw.pop("generator", None)
+        n, seed, generator = (
+            kw.pop("num_images_per_prompt", 1),
+            kw.pop("seed", None),
+            kw.pop("generator", None),
+        )
         prompts, negs = normalise_prompts(prompt, negative_prompt)
         b = len(prompts) * n
         if generator is not None and not isinstance(generator, (list, tuple)):
-            raise ValueError("with process_state, give seed= or one generator per image: a single "
-                             "generator's stream cannot be shared between processes")
+            raise ValueError(
+                "with process_state, give seed= or one generator per image: a single "
+                "generator's stream cannot be shared between processes"
+            )
         if seed is None and generator is None:
-            raise ValueError("with process_state, give seed= (or one generator per image) so that every "
-                             "process draws its own images' noise")
+            raise ValueError(
+                "with process_state, give seed= (or one generator per image) so that every "
+                "process draws its own images' noise"
+            )
         check_generators(b, seed, generator)
         per_image = image_seeds(b, seed) if generator is None else list(generator)
         lo, hi = bounds(b, state)
         if lo == hi:  # more processes than images: nothing to make here
-            return GuidedOutput([] if kw.get("output_type", "pil") == "pil" else None, 0, 0, {}, [], indices=[])
+            return GuidedOutput(
+                [] if kw.get("output_type", "pil") == "pil" else None, 0, 0, {}, [], indices=[]
+            )
         rows = range(lo, hi)
-        mine = {"seed": [per_image[i] for i in rows]} if generator is None else {"generator": [per_image[i] for i in rows]}
+        mine = (
+            {"seed": [per_image[i] for i in rows]}
+            if generator is None
+            else {"generator": [per_image[i] for i in rows]}
+        )
         image = kw.get("image")
         k = len(image) if isinstance(image, (list, tuple)) or getattr(image, "ndim", 0) == 4 else 1
         if k > 1:  # several init images: each process takes those of its own rows
             which = image_rows(k, len(prompts), n)
             kw = {**kw, "image": [image[which[i]] for i in rows]}
-        out = self([prompts[i // n] for i in rows], negative_prompt=[negs[i // n] for i in rows],
-                   num_images_per_prompt=1, **mine, **kw)
+        out = self(
+            [prompts[i // n] for i in rows],
+            negative_prompt=[negs[i // n] for i in rows],
+            num_images_per_prompt=1,
+            **mine,
+            **kw,
+        )
         out.indices = list(rows)
         return out
 
     def _optimise_noise(self, opt, x, fork, texts, pos, make, sampler, ts, info, smalls=()):
-        """Run a noise optimiser with this model's pieces; (x, report with per-image costs). Every draw it
+        """Run a noise optimiser with this model's pieces; (x, report with per-image costs). Every
+        draw it
         makes comes from the run's own noise (``fork``), whether seeds or generators gave it."""
         from ..noise import NoiseContext
         from .attention import capture, choose
@@ -634,9 +865,14 @@ class GuidedPipeline:
         counts = {"forward": 0, "backward": 0}
         tok = getattr(self.pipe, "tokenizer", None)
 
-        grid = choose(fam.net, tuple(x.shape[-2:])) if "attention" in getattr(opt, "needs", ()) else None
+        grid = (
+            choose(fam.net, tuple(x.shape[-2:]))
+            if "attention" in getattr(opt, "needs", ())
+            else None
+        )
 
-        # the optimiser's attention time: the first of an n-step grid of the model's own spacing (InitNO's
+        # the optimiser's attention time: the first of an n-step grid of the model's own spacing
+        # (InitNO's
         # authors: 50 steps), else the run's first time
         n_att = getattr(opt, "attention_steps", 0)
         t_att = info.timesteps(n_att)[0] if n_att else ts[0]
@@ -647,41 +883,68 @@ class GuidedPipeline:
                 att_denoiser(xi, t_att, _rows(pos, [i]))
             counts["forward"] += 1
             if not store["cross"] or not store["self"]:
-                raise ValueError(f"no attention maps at {grid[0]}x{grid[1]} in {type(fam.net).__name__}")
-            return torch.stack(store["cross"]).mean(0)[0], torch.stack(store["self"]).mean(0)[0], grid
+                raise ValueError(
+                    f"no attention maps at {grid[0]}x{grid[1]} in {type(fam.net).__name__}"
+                )
+            return (
+                torch.stack(store["cross"]).mean(0)[0],
+                torch.stack(store["self"]).mean(0)[0],
+                grid,
+            )
 
         def render(xr, rows):
-            src = fork.source(rows)  # where the run's stream for these rows stands after its initial draw
+            src = fork.source(
+                rows
+            )  # where the run's stream for these rows stands after its initial draw
             d = make(rows)
             out = sample(d, sampler, ts, xr, src, grad=True)
             counts["forward"] += d.nfe * len(rows)
             return fam.decode(out)
 
         def draw(i, k):
-            gen = torch.Generator().manual_seed((fork.seed(i) + 1_000_003 * k) % 2 ** 63)
+            gen = torch.Generator().manual_seed((fork.seed(i) + 1_000_003 * k) % 2**63)
             return torch.randn((1, *x.shape[1:]), generator=gen).to(x.device)
 
-        ctx = NoiseContext(texts, scale, fork.seeds,
-                           tokenize=(lambda t: _tokenize(tok, t)) if tok is not None else None,
-                           special=frozenset(tok.all_special_ids) if tok is not None else frozenset(),
-                           attention=attention if fam.conditional and tok is not None else None,
-                           render=render, draw=draw, counts=counts)
-        nets = [m for pipe in (self.pipe, *(small.pipe for small in smalls))
-                for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+        ctx = NoiseContext(
+            texts,
+            scale,
+            fork.seeds,
+            tokenize=(lambda t: _tokenize(tok, t)) if tok is not None else None,
+            special=frozenset(tok.all_special_ids) if tok is not None else frozenset(),
+            attention=attention if fam.conditional and tok is not None else None,
+            render=render,
+            draw=draw,
+            counts=counts,
+        )
+        nets = [
+            m
+            for pipe in (self.pipe, *(small.pipe for small in smalls))
+            for m in pipe.components.values()
+            if isinstance(m, torch.nn.Module)
+        ]
         with frozen(*nets):
             x, info = opt.optimise(ctx, x)
-        return x.detach(), {"optimizer": opt.name, "nfe": counts["forward"] / b,
-                            "backward": counts["backward"] / b, **info}
+        return x.detach(), {
+            "optimizer": opt.name,
+            "nfe": counts["forward"] / b,
+            "backward": counts["backward"] / b,
+            **info,
+        }
 
 
-_STRUCTURE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # network -> (adapters, sample, lora layers)
+_STRUCTURE: "weakref.WeakKeyDictionary" = (
+    weakref.WeakKeyDictionary()
+)  # network -> (adapters, sample, lora layers)
 
 
 def _weights_key(denoiser) -> tuple:
-    """What a captured loop bakes in of a network, read without walking it at every call: its weights'
+    """What a captured loop bakes in of a network, read without walking it at every call: its
+    weights'
     storage and dtype (sampled at the first, middle and last parameter: a move or cast replaces them
-    all), its LoRA adapters (diffusers' ``peft_config``), and each LoRA layer's scales, active adapters
-    and merged state (Python values in its forward). The layers are found again only when the adapters
+    all), its LoRA adapters (diffusers' ``peft_config``), and each LoRA layer's scales, active
+    adapters
+    and merged state (Python values in its forward). The layers are found again only when the
+    adapters
     change."""
     module = getattr(denoiser, "module", None)
     if not isinstance(module, torch.nn.Module):
@@ -690,13 +953,25 @@ def _weights_key(denoiser) -> tuple:
     found = _STRUCTURE.get(module)
     if found is None or found[0] != adapters:
         params = list(module.parameters())
-        sample = [params[i] for i in sorted({0, len(params) // 2, len(params) - 1})] if params else []
+        sample = (
+            [params[i] for i in sorted({0, len(params) // 2, len(params) - 1})] if params else []
+        )
         loras = [m for m in module.modules() if isinstance(getattr(m, "scaling", None), dict)]
         found = _STRUCTURE[module] = (adapters, sample, loras)
     _, sample, loras = found
-    return (id(module), adapters, tuple((p.data_ptr(), p.dtype, p.device) for p in sample),
-            tuple((tuple(sorted(m.scaling.items())), tuple(getattr(m, "active_adapters", ())),
-                   tuple(getattr(m, "merged_adapters", ()))) for m in loras))
+    return (
+        id(module),
+        adapters,
+        tuple((p.data_ptr(), p.dtype, p.device) for p in sample),
+        tuple(
+            (
+                tuple(sorted(m.scaling.items())),
+                tuple(getattr(m, "active_adapters", ())),
+                tuple(getattr(m, "merged_adapters", ())),
+            )
+            for m in loras
+        ),
+    )
 
 
 def _tokenize(tok, text: str) -> list:

@@ -1,9 +1,12 @@
-"""A call planned once: every argument checked and resolved into a frozen ``Request`` before any work.
+"""A call planned once: every argument checked and resolved into a frozen ``Request`` before any
+work.
 
-``GuidedPipeline.plan`` builds it (``plan``, below); ``GuidedPipeline.run`` reads it through the stages
+``GuidedPipeline.plan`` builds it (``plan``, below); ``GuidedPipeline.run`` reads it through the
+stages
 (conditions, sampling, output). The seed rule and the prompt normalisation live here once, for one
 process and for a call shared between processes alike.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +26,10 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 @dataclass(frozen=True, eq=False)
 class Request:
-    """Everything a run reads, resolved: prompts and negatives (one per prompt), the guidance and sampler
-    objects, the size, the schedule at that size and its grid (cut for image-to-image), the noise rule's
+    """Everything a run reads, resolved: prompts and negatives (one per prompt), the guidance and
+    sampler
+    objects, the size, the schedule at that size and its grid (cut for image-to-image), the noise
+    rule's
     inputs, and the run's options. Made by ``plan``; ``for_seeds`` re-aims it at another batch."""
 
     prompts: tuple
@@ -40,13 +45,13 @@ class Request:
     ts: torch.Tensor
     stride: IndexStride | None
     needed: frozenset
-    seeds: tuple | None = None           # one per image, or None with generators / a random seed
-    generator: Any = None                # diffusers' generator(s)
-    embedded: float | None = None        # the model's own guidance input
+    seeds: tuple | None = None  # one per image, or None with generators / a random seed
+    generator: Any = None  # diffusers' generator(s)
+    embedded: float | None = None  # the model's own guidance input
     text_extra: dict = field(default_factory=dict)  # prompt_embeds, clip_skip, lora_scale...
-    attention: dict | None = None        # cross_attention_kwargs
-    init: torch.Tensor | None = None     # image-to-image input in [-1, 1]
-    image_rows: tuple | None = None      # which init image each output starts from
+    attention: dict | None = None  # cross_attention_kwargs
+    init: torch.Tensor | None = None  # image-to-image input in [-1, 1]
+    image_rows: tuple | None = None  # which init image each output starts from
     strength: float | None = None
     latents: torch.Tensor | None = None
     threshold: Any = None
@@ -62,7 +67,7 @@ class Request:
     round_timesteps: bool | None = None
     cuda_graph: bool = False
     return_dict: bool = True
-    sampler_given: bool = True           # False: the model's own (its scheduler's fallback notice applies)
+    sampler_given: bool = True  # False: the model's own (its scheduler's fallback notice applies)
 
     @property
     def batch(self) -> int:
@@ -86,7 +91,11 @@ def normalise_prompts(prompt, negative_prompt) -> tuple[list, list]:
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     if not prompts:
         raise ValueError("prompt list is empty")
-    negs = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt] * len(prompts)
+    negs = (
+        list(negative_prompt)
+        if isinstance(negative_prompt, (list, tuple))
+        else [negative_prompt] * len(prompts)
+    )
     if len(negs) != len(prompts):
         raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
     return prompts, negs
@@ -116,7 +125,11 @@ def noise_source(req: Request):
         if isinstance(req.generator, (list, tuple)):
             return SeededNoise(generators=req.generator), None
         return RandomNoise(req.generator), None
-    seeds = list(req.seeds) if req.seeds is not None else image_seeds(req.batch, random.randrange(2 ** 31))
+    seeds = (
+        list(req.seeds)
+        if req.seeds is not None
+        else image_seeds(req.batch, random.randrange(2**31))
+    )
     return SeededNoise(seeds, device="cpu"), seeds
 
 
@@ -128,7 +141,10 @@ def image_rows(k: int, prompts: int, n: int) -> list[int]:
         return [i for i in range(k) for _ in range(n)]
     if k == prompts * n:
         return list(range(k))
-    raise ValueError(f"{k} images for {prompts} prompt(s) x {n} image(s) each; give 1, {prompts} or {prompts * n}")
+    raise ValueError(
+        f"{k} images for {prompts} prompt(s) x {n} image(s) each; give 1, {prompts} or "
+        f"{prompts * n}"
+    )
 
 
 def needed_conditions(g: Guidance, ts, info) -> frozenset:
@@ -141,14 +157,30 @@ def needed_conditions(g: Guidance, ts, info) -> frozenset:
     return frozenset(out)
 
 
-def _text_extra(pipe, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled, clip_skip, attention) -> dict:
+def _text_extra(
+    pipe, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled, clip_skip, attention
+) -> dict:
     """diffusers' encode_prompt arguments a call passes through."""
-    extra = {k: v for k, v in dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                                   pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled,
-                                   clip_skip=clip_skip).items() if v is not None}
+    extra = {
+        k: v
+        for k, v in dict(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+            clip_skip=clip_skip,
+        ).items()
+        if v is not None
+    }
     if attention is not None:
-        if not isinstance(pipe.family.net, torch.nn.Module) or pipe.family.name not in ("sd", "sdxl"):
-            raise ValueError(f"cross_attention_kwargs applies to UNet models, not {type(pipe.family.net).__name__}")
+        if not isinstance(pipe.family.net, torch.nn.Module) or pipe.family.name not in (
+            "sd",
+            "sdxl",
+        ):
+            raise ValueError(
+                "cross_attention_kwargs applies to UNet models, not "
+                f"{type(pipe.family.net).__name__}"
+            )
         from diffusers.utils import USE_PEFT_BACKEND
 
         if attention.get("scale") is not None and USE_PEFT_BACKEND:  # LoRA needs peft
@@ -158,12 +190,21 @@ def _text_extra(pipe, prompt_embeds, negative_prompt_embeds, pooled, negative_po
 
 def _check_options(output_type, num_images_per_prompt, tensor_inputs) -> None:
     if set(tensor_inputs) - {"latents"}:
-        raise ValueError(f"callback_on_step_end_tensor_inputs may name only 'latents', got {list(tensor_inputs)}")
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs may name only 'latents', got {list(tensor_inputs)}"
+        )
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}")
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-            or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        raise ValueError(
+            f"unknown output_type {output_type!r}; choose one of: {', '.join(OUTPUT_TYPES)}"
+        )
+    if (
+        isinstance(num_images_per_prompt, bool)
+        or not isinstance(num_images_per_prompt, int)
+        or num_images_per_prompt < 1
+    ):
+        raise ValueError(
+            f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}"
+        )
 
 
 def _resolve(pipe, guidance, guidance_scale, sampler, negative, info, steps, spacing):
@@ -176,7 +217,9 @@ def _resolve(pipe, guidance, guidance_scale, sampler, negative, info, steps, spa
         from ..guidance.cfgpp import equivalence
 
         ve = info.schedule.ve(info.timesteps(steps, spacing)).tolist()
-        raise ValueError(f"{str(e).split(';')[0]}; on this run's grid ({steps} steps) {equivalence(ve)}") from None
+        raise ValueError(
+            f"{str(e).split(';')[0]}; on this run's grid ({steps} steps) {equivalence(ve)}"
+        ) from None
 
 
 def _companions(pipe, stitch, guide_model, embeds: bool):
@@ -187,16 +230,26 @@ def _companions(pipe, stitch, guide_model, embeds: bool):
         if not isinstance(stitch, Stitching):
             raise ValueError(f"stitch must be a Stitching, got {type(stitch).__name__}")
         if embeds:
-            raise ValueError("stitch encodes the prompt with the small model's own encoder: give prompt, not prompt_embeds")
+            raise ValueError(
+                "stitch encodes the prompt with the small model's own encoder: give prompt, not "
+                "prompt_embeds"
+            )
         stitch.check(pipe)
     if guide_model is not None:
         if isinstance(guide_model, str):
-            guide_model = GuidedPipeline.from_pretrained(guide_model, torch_dtype=pipe.family.net.dtype,
-                                                         device=pipe.device, progress=False)
+            guide_model = GuidedPipeline.from_pretrained(
+                guide_model, torch_dtype=pipe.family.net.dtype, device=pipe.device, progress=False
+            )
         if not isinstance(guide_model, GuidedPipeline):
-            raise ValueError(f"guide_model must be a GuidedPipeline, folder or hub id, got {type(guide_model).__name__}")
+            raise ValueError(
+                "guide_model must be a GuidedPipeline, folder or hub id, got "
+                f"{type(guide_model).__name__}"
+            )
         if embeds:
-            raise ValueError("guide_model encodes the prompt with its own encoder: give prompt, not prompt_embeds")
+            raise ValueError(
+                "guide_model encodes the prompt with its own encoder: give prompt, not "
+                "prompt_embeds"
+            )
         check_companion(pipe, guide_model, "guide with this model")
     return stitch, guide_model
 
@@ -208,7 +261,10 @@ def _noise_optimizer(spec, embeds: bool):
         raise ValueError("noise optimisers read the prompt's words: give prompt, not prompt_embeds")
     opt = parse_spec("noise", spec) if isinstance(spec, str) else spec
     if not hasattr(opt, "optimise"):
-        raise ValueError(f"noise_optimizer must be a spec string or a diffguide.noise optimiser, got {type(opt).__name__}")
+        raise ValueError(
+            "noise_optimizer must be a spec string or a diffguide.noise optimiser, got "
+            f"{type(opt).__name__}"
+        )
     return opt
 
 
@@ -219,57 +275,125 @@ def _image(pipe, image, strength, latents, noise_optimizer, height, width):
             raise ValueError("strength applies to image-to-image: give image= too")
         return None, height, width
     if latents is not None or noise_optimizer is not None:
-        raise ValueError("image-to-image starts from the image: give image or "
-                         + ("latents" if latents is not None else "noise_optimizer") + ", not both")
+        raise ValueError(
+            "image-to-image starts from the image: give image or "
+            + ("latents" if latents is not None else "noise_optimizer")
+            + ", not both"
+        )
     return pipe.prepare_image(image, height, width)
 
 
-def plan(pipe, prompt="", negative_prompt=None, guidance=None, guidance_scale=None, sampler=None, steps=None,
-         spacing=None, height=None, width=None, num_images_per_prompt=1, seed=None, generator=None,
-         output_type="pil", callback=None, progress=None, max_batch=None, threshold="scheduler", stitch=None,
-         noise_optimizer=None, check_finite=True, round_timesteps=None, *, num_inference_steps=None, latents=None,
-         prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-         negative_pooled_prompt_embeds=None, callback_on_step_end=None,
-         callback_on_step_end_tensor_inputs=("latents",), eta=None, guidance_rescale=0.0,
-         cross_attention_kwargs=None, clip_skip=None, return_dict=True, embedded_guidance=None, image=None,
-         strength=None, guide_model=None, cuda_graph=False) -> Request:
-    """Check and resolve a call's arguments (those of ``GuidedPipeline.__call__``) into a Request."""
+def plan(
+    pipe,
+    prompt="",
+    negative_prompt=None,
+    guidance=None,
+    guidance_scale=None,
+    sampler=None,
+    steps=None,
+    spacing=None,
+    height=None,
+    width=None,
+    num_images_per_prompt=1,
+    seed=None,
+    generator=None,
+    output_type="pil",
+    callback=None,
+    progress=None,
+    max_batch=None,
+    threshold="scheduler",
+    stitch=None,
+    noise_optimizer=None,
+    check_finite=True,
+    round_timesteps=None,
+    *,
+    num_inference_steps=None,
+    latents=None,
+    prompt_embeds=None,
+    negative_prompt_embeds=None,
+    pooled_prompt_embeds=None,
+    negative_pooled_prompt_embeds=None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs=("latents",),
+    eta=None,
+    guidance_rescale=0.0,
+    cross_attention_kwargs=None,
+    clip_skip=None,
+    return_dict=True,
+    embedded_guidance=None,
+    image=None,
+    strength=None,
+    guide_model=None,
+    cuda_graph=False,
+) -> Request:
+    """Check and resolve a call's arguments (those of ``GuidedPipeline.__call__``) into a
+    Request."""
     if num_inference_steps is not None:
         if steps is not None and steps != num_inference_steps:
-            raise ValueError(f"steps={steps} and num_inference_steps={num_inference_steps} disagree; give one")
+            raise ValueError(
+                f"steps={steps} and num_inference_steps={num_inference_steps} disagree; give one"
+            )
         steps = num_inference_steps
-    extra = _text_extra(pipe, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                        negative_pooled_prompt_embeds, clip_skip, cross_attention_kwargs)
+    extra = _text_extra(
+        pipe,
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        clip_skip,
+        cross_attention_kwargs,
+    )
     if prompt_embeds is not None:
         if prompt not in (None, "") and not (isinstance(prompt, (list, tuple)) and not prompt):
             raise ValueError("give prompt or prompt_embeds, not both")
         prompt = [None] * int(prompt_embeds.shape[0])
     _check_options(output_type, num_images_per_prompt, callback_on_step_end_tensor_inputs)
     steps = pipe.default_steps if steps is None else steps
-    spacing = pipe.defaults.get("spacing") if spacing is None else spacing  # an sCM student's own grid
+    spacing = (
+        pipe.defaults.get("spacing") if spacing is None else spacing
+    )  # an sCM student's own grid
     if embedded_guidance is not None and pipe.embedded_guidance is None:
-        raise ValueError(f"embedded_guidance given but {type(pipe.family.net).__name__} has no embedded "
-                         f"guidance input; guide it with guidance= and guidance_scale=")
+        raise ValueError(
+            f"embedded_guidance given but {type(pipe.family.net).__name__} has no embedded "
+            f"guidance input; guide it with guidance= and guidance_scale="
+        )
     embedded = pipe.embedded_guidance if embedded_guidance is None else float(embedded_guidance)
     opt = _noise_optimizer(noise_optimizer, prompt_embeds is not None)
     init, height, width = _image(pipe, image, strength, latents, opt, height, width)
     h, w = pipe.size(height, width)
     info = pipe.info.at_size(pipe.family.seq_len(h, w))
     negative = negative_prompt is not None and any(
-        q is not None for q in (negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt]))
-    g, s = _resolve(pipe, guidance, guidance_scale, sampler, negative or negative_prompt_embeds is not None,
-                    info, steps, spacing)
+        q is not None
+        for q in (
+            negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt]
+        )
+    )
+    g, s = _resolve(
+        pipe,
+        guidance,
+        guidance_scale,
+        sampler,
+        negative or negative_prompt_embeds is not None,
+        info,
+        steps,
+        spacing,
+    )
     g, s = pipe._diffusers_options(g, s, eta, guidance_rescale)
     if cuda_graph:
         pipe._check_graph(g, callback, callback_on_step_end)
     ts = info.timesteps(steps, spacing)
-    stride = info.stride(steps, s, spacing)  # DDIM's and PNDM's landing rule, with their own sampler
+    stride = info.stride(
+        steps, s, spacing
+    )  # DDIM's and PNDM's landing rule, with their own sampler
     if init is not None:
-        ts = ts[pipe.steps_skipped(ts.numel() - 1, strength):]
+        ts = ts[pipe.steps_skipped(ts.numel() - 1, strength) :]
     needed = needed_conditions(g, ts, info)
     if not pipe.family.conditional and needed - {"pos"}:
-        raise ValueError(f"guidance {to_spec(g)!r} compares a prompt with a negative, but "
-                         f"{type(pipe.family.net).__name__} is unconditional; use guidance 'none' (--guidance none)")
+        raise ValueError(
+            f"guidance {to_spec(g)!r} compares a prompt with a negative, but "
+            f"{type(pipe.family.net).__name__} is unconditional; use guidance 'none' (--guidance "
+            "none)"
+        )
     prompts, negs = normalise_prompts(prompt, negative_prompt)
     b = len(prompts) * num_images_per_prompt
     rows = None if init is None else image_rows(init.shape[0], len(prompts), num_images_per_prompt)
@@ -278,10 +402,45 @@ def plan(pipe, prompt="", negative_prompt=None, guidance=None, guidance_scale=No
     seeds = None if seed is None or generator is not None else tuple(image_seeds(b, seed))
     if isinstance(threshold, str):
         if threshold != "scheduler":
-            raise ValueError(f"threshold must be 'scheduler', None or a threshold object, got {threshold!r}")
+            raise ValueError(
+                f"threshold must be 'scheduler', None or a threshold object, got {threshold!r}"
+            )
         threshold = info.threshold
-    return Request(tuple(prompts), tuple(negs), num_images_per_prompt, g, s, steps, spacing, h, w, info, ts,
-                   stride, needed, seeds, generator, embedded, extra, cross_attention_kwargs, init,
-                   None if rows is None else tuple(rows), strength, latents, threshold, stitch, guide_model, opt,
-                   output_type, callback, callback_on_step_end, progress, max_batch, check_finite,
-                   round_timesteps, cuda_graph, return_dict, sampler is not None)
+    return Request(
+        tuple(prompts),
+        tuple(negs),
+        num_images_per_prompt,
+        g,
+        s,
+        steps,
+        spacing,
+        h,
+        w,
+        info,
+        ts,
+        stride,
+        needed,
+        seeds,
+        generator,
+        embedded,
+        extra,
+        cross_attention_kwargs,
+        init,
+        None if rows is None else tuple(rows),
+        strength,
+        latents,
+        threshold,
+        stitch,
+        guide_model,
+        opt,
+        output_type,
+        callback,
+        callback_on_step_end,
+        progress,
+        max_batch,
+        check_finite,
+        round_timesteps,
+        cuda_graph,
+        return_dict,
+        sampler is not None,
+    )

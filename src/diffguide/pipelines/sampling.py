@@ -1,5 +1,6 @@
 """The sampling stage: a request's initial latents (noise, given latents, or an encoded image), its
 noise optimised where asked, and the loop itself (eager, or replayed from a captured CUDA graph)."""
+
 from __future__ import annotations
 
 import torch
@@ -34,16 +35,26 @@ def latent_shape(pipe, req) -> tuple:
 
 
 def guided_maker(pipe, req, conds):
-    """make(rows=None): the run's guided denoiser on all rows or some (a noise optimiser's re-renders)."""
+    """make(rows=None): the run's guided denoiser on all rows or some (a noise optimiser's
+    re-renders)."""
     main = pipe.denoiser_for(req.spacing, req.round_timesteps, req.info)
 
     def guided(c):
-        return guide(main, req.guidance, c["pos"], c["neg"], threshold=req.threshold, max_batch=req.max_batch,
-                     conds=c["extra"], models=conds.models,
-                     stitch=Stitch(req.stitch.fraction, reset=req.stitch.reset) if req.stitch else None)
+        return guide(
+            main,
+            req.guidance,
+            c["pos"],
+            c["neg"],
+            threshold=req.threshold,
+            max_batch=req.max_batch,
+            conds=c["extra"],
+            models=conds.models,
+            stitch=Stitch(req.stitch.fraction, reset=req.stitch.reset) if req.stitch else None,
+        )
 
     def make(rows=None):
         return guided(conds.tree if rows is None else _rows(conds.tree, rows))
+
     return guided, make
 
 
@@ -57,13 +68,25 @@ def optimise(pipe, req, x, fork, conds, make):
     if req.noise_optimizer is None:
         return x, None
     texts = [p for p in req.prompts for _ in range(req.per_prompt)]
-    return pipe._optimise_noise(req.noise_optimizer, x, fork, texts, conds.tree["pos"], make, req.sampler, req.ts,
-                                req.info, smalls=[req.stitch.small] if req.stitch is not None else [])
+    return pipe._optimise_noise(
+        req.noise_optimizer,
+        x,
+        fork,
+        texts,
+        conds.tree["pos"],
+        make,
+        req.sampler,
+        req.ts,
+        req.info,
+        smalls=[req.stitch.small] if req.stitch is not None else [],
+    )
 
 
 def _each(pipe, req, bar):
-    """The per-step callback: the progress bar, the caller's callback, diffusers' callback_on_step_end
+    """The per-step callback: the progress bar, the caller's callback, diffusers'
+    callback_on_step_end
     (which may replace the latents)."""
+
     def each(st, xt):
         bar.update(1)
         if req.callback is not None:
@@ -74,6 +97,7 @@ def _each(pipe, req, bar):
             if isinstance(got, dict) and got.get("latents") is not None:
                 return got["latents"].to(xt.device, xt.dtype)
         return None
+
     return each
 
 
@@ -83,29 +107,68 @@ def graph_key(pipe, req, models) -> tuple:
     from .pipeline import _weights_key
 
     st = req.stitch
-    return (to_spec(req.guidance), repr(req.threshold), req.max_batch, (st.fraction, st.reset) if st else None,
-            req.spacing, req.round_timesteps, req.height, req.width,
-            tuple((k, _weights_key(m)) for k, m in models.items()), _weights_key(pipe.net_denoiser), id(pipe.family.net))
+    return (
+        to_spec(req.guidance),
+        repr(req.threshold),
+        req.max_batch,
+        (st.fraction, st.reset) if st else None,
+        req.spacing,
+        req.round_timesteps,
+        req.height,
+        req.width,
+        tuple((k, _weights_key(m)) for k, m in models.items()),
+        _weights_key(pipe.net_denoiser),
+        id(pipe.family.net),
+    )
 
 
 def loop(pipe, req, conds, guided, make, x, noise) -> tuple[torch.Tensor, int, int]:
     """(x at the grid's end, NFE per image, forward passes): eagerly, or replayed from a capture."""
     from .pipeline import _bar
 
-    bar = _bar(req.ts.numel() - 1, (pipe.progress if req.progress is None else req.progress) and not req.cuda_graph)
+    bar = _bar(
+        req.ts.numel() - 1,
+        (pipe.progress if req.progress is None else req.progress) and not req.cuda_graph,
+    )
     try:
         if req.cuda_graph:
-            return pipe.graphs.sample(graph_key(pipe, req, conds.models), guided, conds.tree, req.sampler, req.ts, x,
-                                      noise, req.check_finite, req.stride)
+            return pipe.graphs.sample(
+                graph_key(pipe, req, conds.models),
+                guided,
+                conds.tree,
+                req.sampler,
+                req.ts,
+                x,
+                noise,
+                req.check_finite,
+                req.stride,
+            )
         denoise = make()
-        x = sample(denoise, req.sampler, req.ts, x, noise, callback=_each(pipe, req, bar),
-                   check_finite=req.check_finite, stride=req.stride)
+        x = sample(
+            denoise,
+            req.sampler,
+            req.ts,
+            x,
+            noise,
+            callback=_each(pipe, req, bar),
+            check_finite=req.check_finite,
+            stride=req.stride,
+        )
         return x, denoise.nfe, denoise.forwards
     except NonFiniteError as e:
         half = pipe.family.net.dtype == torch.float16
         raise NonFiniteError(
-            f"{e} with guidance {to_spec(req.guidance)} and sampler {to_spec(req.sampler)}: the guidance scale may be "
-            f"too large for this model (lower it)" + (", or the network overflowed in float16 (run it in float32 or "
-                                                     "bfloat16: --dtype)" if half else ""), e.where, e.step, e.steps) from None
+            f"{e} with guidance {to_spec(req.guidance)} and sampler {to_spec(req.sampler)}: the "
+            "guidance scale may be "
+            f"too large for this model (lower it)"
+            + (
+                ", or the network overflowed in float16 (run it in float32 or bfloat16: --dtype)"
+                if half
+                else ""
+            ),
+            e.where,
+            e.step,
+            e.steps,
+        ) from None
     finally:
         bar.close()

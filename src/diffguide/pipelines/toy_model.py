@@ -1,12 +1,15 @@
-"""The built-in text-to-image model: definition, training (accelerate) and export as a diffusers folder.
+"""The built-in text-to-image model: definition, training (accelerate) and export as a diffusers
+folder.
 
 A pixel-space ``UNet2DConditionModel`` on 32x32 RGB in [-1, 1], conditioned by a small CLIP text
-encoder trained from scratch with it on the toy world's captions (``diffguide.toy.scenes``), with 10%
+encoder trained from scratch with it on the toy world's captions (``diffguide.toy.scenes``), with
+10%
 of captions dropped to "" so that classifier-free guidance works. DDPM's linear betas with
 v-prediction: near pure noise an eps model must be accurate to about 1/sigma (sigma_max = 157 here)
 or samples drift; a short CPU training does not get there, a v model does not need to.
 The folder has no VAE; ``GuidedPipeline.from_pretrained`` loads it like any other model.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +30,13 @@ SIZES = {  # UNet variants: the companion is about 3x cheaper per evaluation
 }
 TEXT_DIM = 64
 MAX_TOKENS = 24
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                prediction_type="v_prediction")
+SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.0001,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="v_prediction",
+)
 
 
 def tokenizer():
@@ -56,28 +64,48 @@ def tokenizer():
 def text_encoder(vocab_size: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=2 * TEXT_DIM, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, projection_dim=TEXT_DIM))
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=TEXT_DIM,
+            intermediate_size=2 * TEXT_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=TEXT_DIM,
+        )
+    )
 
 
 def unet(size: str = "main"):
     """Attention (self and cross) only at 8x8, where it is cheap on a CPU.
 
-    The text also reaches every resolution through the time embedding (``addition_embed_type="text"``:
-    an attention-pooled prompt vector added to it), which is how the few shape words get to the 32x32
+    The text also reaches every resolution through the time embedding
+    (``addition_embed_type="text"``:
+    an attention-pooled prompt vector added to it), which is how the few shape words get to the
+    32x32
     blocks that draw edges; without it shapes came out as blobs after a few thousand steps."""
     from diffusers import UNet2DConditionModel
 
     if size not in SIZES:
         raise ValueError(f"unknown toy model size {size!r}; choose one of: {', '.join(SIZES)}")
     return UNet2DConditionModel(
-        sample_size=scenes.SIZE, in_channels=3, out_channels=3, layers_per_block=1,
+        sample_size=scenes.SIZE,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8, norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4,
-        **SIZES[size])
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
+        **SIZES[size],
+    )
 
 
 def scheduler():
@@ -94,11 +122,11 @@ class TrainConfig:
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
-    min_snr: float = 5.0          # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off
+    min_snr: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off
     ema: float = 0.999
     dropout: float = 0.1
     seed: int = 0
-    dataset: int = 50000          # distinct scenes, rendered once; captions are redrawn every epoch
+    dataset: int = 50000  # distinct scenes, rendered once; captions are redrawn every epoch
     checkpoint_every: int = 500
     log_every: int = 50
 
@@ -127,9 +155,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> str:
     if os.path.exists(ckpt):
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["config"]["size"] != cfg.size or state["config"]["seed"] != cfg.seed:
-            raise ValueError(f"{ckpt} was trained with size {state['config']['size']!r}, seed "
-                             f"{state['config']['seed']}; resume with the same settings")
-        for m, k in ((net, "unet"), (te, "text"), (ema_net, "ema_unet"), (ema_te, "ema_text"), (opt, "opt")):
+            raise ValueError(
+                f"{ckpt} was trained with size {state['config']['size']!r}, seed "
+                f"{state['config']['seed']}; resume with the same settings"
+            )
+        for m, k in (
+            (net, "unet"),
+            (te, "text"),
+            (ema_net, "ema_unet"),
+            (ema_te, "ema_text"),
+            (opt, "opt"),
+        ):
             m.load_state_dict(state[k])
         step = state["step"]
     net, te, opt = acc.prepare(net, te, opt)
@@ -138,12 +174,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> str:
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1)
 
-    data = SceneData(cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz"))
-    ac = VPSchedule.from_betas(**{k: v for k, v in SCHEDULE.items() if k != "prediction_type"}).alphas_cumprod
+    data = SceneData(
+        cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz")
+    )
+    ac = VPSchedule.from_betas(
+        **{k: v for k, v in SCHEDULE.items() if k != "prediction_type"}
+    ).alphas_cumprod
     ac = ac.float().to(acc.device)
     log = open(os.path.join(cfg.out, "loss.jsonl"), "a")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress or not acc.is_main_process,
-               desc=f"train-toy {cfg.size}")
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not progress or not acc.is_main_process,
+        desc=f"train-toy {cfg.size}",
+    )
     running, t0 = [], time.time()
     while step < cfg.steps:
         # everything random about this step comes from (seed, step): resuming repeats it exactly
@@ -151,13 +195,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> str:
         per_epoch = cfg.dataset // cfg.batch
         epoch, k = divmod(step, per_epoch)
         order = np.random.Generator(np.random.PCG64([cfg.seed, epoch, 1])).permutation(cfg.dataset)
-        idx = order[k * cfg.batch:(k + 1) * cfg.batch]
+        idx = order[k * cfg.batch : (k + 1) * cfg.batch]
         flip = torch.rand(cfg.batch, generator=g).numpy() < 0.5
         x0, caps = data.batch(idx, epoch, flip)
         drop = torch.rand(cfg.batch, generator=g) < cfg.dropout
         caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
-        ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                  return_tensors="pt").input_ids.to(acc.device)
+        ids = tok(
+            caps, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids.to(acc.device)
         t = torch.randint(0, len(ac), (cfg.batch,), generator=g).to(acc.device)
         eps = torch.randn(x0.shape, generator=g).to(acc.device)
         x0 = x0.to(acc.device)
@@ -185,16 +230,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> str:
         running.append(loss.item())
         bar.update(1)
         if step % cfg.log_every == 0 and acc.is_main_process:
-            rec = {"step": step, "loss": float(np.mean(running)), "lr": lr,
-                   "seconds": round(time.time() - t0, 2)}
+            rec = {
+                "step": step,
+                "loss": float(np.mean(running)),
+                "lr": lr,
+                "seconds": round(time.time() - t0, 2),
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             running = []
         if (step % cfg.checkpoint_every == 0 or step == cfg.steps) and acc.is_main_process:
-            state = {"unet": acc.unwrap_model(net).state_dict(), "text": acc.unwrap_model(te).state_dict(),
-                     "ema_unet": ema_net.state_dict(), "ema_text": ema_te.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "config": asdict(cfg)}
+            state = {
+                "unet": acc.unwrap_model(net).state_dict(),
+                "text": acc.unwrap_model(te).state_dict(),
+                "ema_unet": ema_net.state_dict(),
+                "ema_text": ema_te.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "config": asdict(cfg),
+            }
             atomic_write(ckpt, lambda f: torch.save(state, f))
     bar.close()
     log.close()
@@ -205,19 +260,29 @@ def train(cfg: TrainConfig, progress: bool = True) -> str:
 
 
 def export(net, te, tok, folder: str) -> str:
-    """Save as a diffusers StableDiffusionPipeline folder without VAE (written aside, then renamed)."""
+    """Save as a diffusers StableDiffusionPipeline folder without VAE (written aside, then
+    renamed)."""
     import shutil
 
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=te.cpu().eval(), tokenizer=tok,
-                                   unet=net.cpu().eval(), scheduler=scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=te.cpu().eval(),
+        tokenizer=tok,
+        unet=net.cpu().eval(),
+        scheduler=scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     tmp = folder.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    if os.path.isdir(folder):  # the model's files replaced by name; nothing else in the folder touched
+    if os.path.isdir(
+        folder
+    ):  # the model's files replaced by name; nothing else in the folder touched
         replace_model_files(tmp, folder)
         shutil.rmtree(tmp)  # this export's own temporary folder, empty by now
     else:
@@ -236,7 +301,8 @@ def export_checkpoint(run: str, folder: str | None = None) -> str:
 
 
 def flops(size: str, batch: int = 1) -> int:
-    """Floating-point operations of one UNet evaluation (torch's FLOP counter: matmuls and convs)."""
+    """Floating-point operations of one UNet evaluation (torch's FLOP counter: matmuls and
+    convs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     m = unet(size).eval()

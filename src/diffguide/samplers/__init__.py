@@ -1,5 +1,16 @@
 """Samplers; importing this package registers them."""
-from .dpmpp import DPMppSDE, DPMpp2SSinglestep, DPMpp2M, DPMpp2MSDE, DPMpp2S, DPMpp2SAncestral, DPMpp3M, DPMpp3MPublished, DPMpp3MSDE
+
+from .dpmpp import (
+    DPMppSDE,
+    DPMpp2SSinglestep,
+    DPMpp2M,
+    DPMpp2MSDE,
+    DPMpp2S,
+    DPMpp2SAncestral,
+    DPMpp3M,
+    DPMpp3MPublished,
+    DPMpp3MSDE,
+)
 from .euler import DDIM, TCD, Euler, EulerAncestral
 from .heun import Heun, Restart
 from .lms import DPM2, LMS, DPM2Ancestral

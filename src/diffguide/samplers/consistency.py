@@ -1,4 +1,5 @@
 """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM's scheduler)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

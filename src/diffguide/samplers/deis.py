@@ -7,6 +7,7 @@ Lagrange basis in log rho through the last levels (exactly: the integrand is a p
 rho times e^u, integrated by parts). y is rebuilt from the current prediction, so its x0 is the data
 anchor and the eps history (CFG++'s unconditional eps) the slope.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,6 +23,7 @@ def deis_coefficients(rhos: list[float], r0: float, r1: float) -> list[float]:
     """Integrals over rho in [r0, r1] of the Lagrange basis polynomials in log rho on ``rhos``."""
     out = []
     for p in lagrange_basis([math.log(r) for r in rhos]):
+
         def F(u, p=p):  # an antiderivative of P(u) e^u: e^u sum_k (-1)^k P^(k)(u)
             total, d, sign = 0.0, p, 1.0
             while True:
@@ -30,6 +32,7 @@ def deis_coefficients(rhos: list[float], r0: float, r1: float) -> list[float]:
                     break
                 d, sign = d.deriv(), -sign
             return math.exp(u) * total
+
         out.append(F(math.log(r1)) - F(math.log(r0)))
     return out
 
@@ -37,7 +40,8 @@ def deis_coefficients(rhos: list[float], r0: float, r1: float) -> list[float]:
 @register("sampler", "deis")
 @dataclass(frozen=True)
 class DEIS(Sampler):
-    """DEIS multistep (log-rho polynomial extrapolation of eps), as diffusers' DEISMultistepScheduler
+    """DEIS multistep (log-rho polynomial extrapolation of eps), as diffusers'
+    DEISMultistepScheduler
     with its warm-up and lower_order_final rules; order 1 is DDIM."""
 
     order: int = 2

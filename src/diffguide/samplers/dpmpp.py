@@ -3,10 +3,12 @@
 All updates are exponential integrators in lambda written as data anchor plus renoise:
   y' = D + ve' E,  x' = a' y',  D = x0 + (polynomial correction from the x0 history),
   E = e^{-eta h} eps + sqrt(1 - e^{-2 eta h}) z,
-with H = (1 + eta) h in the phi functions (k-diffusion's eta form; eta = 1 is diffusers' SDE variant).
+with H = (1 + eta) h in the phi functions (k-diffusion's eta form; eta = 1 is diffusers' SDE
+variant).
 The renoise uses the current eps only; the correction uses the x0 history each Pred names
 (``Pred.history``: the guided x0, or for CFG++ the unconditional one).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,7 +27,8 @@ WARMUPS = ("lower_order", "singlestep")
 
 
 def _singlestep(denoise, p, st, r, eta, s_noise, noise):
-    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1) from the prediction p at st.t, to ve_down + noise."""
+    """DPM-Solver++(2S) (Lu et al. 2022, Alg. 1) from the prediction p at st.t, to ve_down +
+    noise."""
     down, up = ancestral(st, eta)
     if down == 0 or not math.isfinite(st.lam):  # lands on data, or starts at infinite noise
         y = p.x0 + down * p.eps
@@ -39,8 +42,11 @@ def _singlestep(denoise, p, st, r, eta, s_noise, noise):
     return st.a_next * y
 
 
-def multistep_order(st, history: int, order: int, lower_order_final: bool = True, euler_at_final: bool = False) -> int:
-    """History-limited order; first order onto sigma = 0 and, as diffusers' lower_order_final, on the
+def multistep_order(
+    st, history: int, order: int, lower_order_final: bool = True, euler_at_final: bool = False
+) -> int:
+    """History-limited order; first order onto sigma = 0 and, as diffusers' lower_order_final, on
+    the
     last step (and at most second on the one before) when there are fewer than 15 steps."""
     low = lower_order_final and st.n < 15
     if st.last or (st.i == st.n - 1 and (low or euler_at_final)):
@@ -62,8 +68,10 @@ class _Multistep(Sampler):
 
     def __post_init__(self):
         if self.solver_type not in SOLVER_TYPES:
-            raise ValueError(f"unknown solver_type {self.solver_type!r}; choose one of: "
-                             f"{', '.join(SOLVER_TYPES)}")
+            raise ValueError(
+                f"unknown solver_type {self.solver_type!r}; choose one of: "
+                f"{', '.join(SOLVER_TYPES)}"
+            )
         if self.warmup not in WARMUPS:
             raise ValueError(f"unknown warmup {self.warmup!r}; choose one of: {', '.join(WARMUPS)}")
         if not self.eta >= 0:
@@ -78,8 +86,14 @@ class _Multistep(Sampler):
         # a point at lam = -inf (pure noise, flow t = 1) gives no slope information: the multistep
         # correction vanishes as the previous step size goes to infinity, so it is not kept
         keep = ((p.history, st.lam),) + state[: self.order - 2] if math.isfinite(st.lam) else ()
-        if (order == 1 and not state and self.order >= 3 and self.warmup == "singlestep"
-                and not st.last and math.isfinite(st.lam)):
+        if (
+            order == 1
+            and not state
+            and self.order >= 3
+            and self.warmup == "singlestep"
+            and not st.last
+            and math.isfinite(st.lam)
+        ):
             # a first-order start would cap the global order at 2; a 2S step (local error h^3) won't
             return _singlestep(denoise, p, st, 0.5, 0.0, 1.0, noise), keep
         H = (1 + self.eta) * st.h
@@ -102,10 +116,15 @@ class _Multistep(Sampler):
                 D = D + phi2 * d1 - ((2.0 if self.corrected else 1.0) * phi3) * d2
         x_next = st.a_next * D
         if st.s_next > 0:
-            x_next = x_next + (st.s_next * (math.exp(-self.eta * st.h) if self.eta else 1.0)) * p.eps
+            x_next = (
+                x_next + (st.s_next * (math.exp(-self.eta * st.h) if self.eta else 1.0)) * p.eps
+            )
             if self.eta > 0:
                 z = noise(x, st.t, st.t_next)
-                x_next = x_next + (st.s_next * math.sqrt(-math.expm1(-2 * self.eta * st.h)) * self.s_noise) * z
+                x_next = (
+                    x_next
+                    + (st.s_next * math.sqrt(-math.expm1(-2 * self.eta * st.h)) * self.s_noise) * z
+                )
         return x_next, keep
 
 
@@ -127,7 +146,8 @@ class DPMpp2MSDE(_Multistep):
 @dataclass(frozen=True)
 class DPMpp3M(_Multistep):
     """DPM-Solver++(3M) with the full second-derivative term: the published update (official repo,
-    diffusers, k-diffusion) takes d2 = h^2 D''/2 as if it were h^2 D'' and converges at order 2 only.
+    diffusers, k-diffusion) takes d2 = h^2 D''/2 as if it were h^2 D'' and converges at order 2
+    only.
     The first step is a 2S step so that the global order stays 3 (one extra evaluation)."""
 
     order: ClassVar[int] = 3
@@ -146,7 +166,8 @@ class DPMpp3MPublished(_Multistep):
 @register("sampler", "dpmpp_3m_sde")
 @dataclass(frozen=True)
 class DPMpp3MSDE(DPMpp3M):
-    """SDE-DPM-Solver++(3M) (k-diffusion's dpmpp_3m_sde with the corrected second-derivative term)."""
+    """SDE-DPM-Solver++(3M) (k-diffusion's dpmpp_3m_sde with the corrected second-derivative
+    term)."""
 
     eta: float = 1.0
     warmup: str = "lower_order"
@@ -181,8 +202,10 @@ class DPMpp2SAncestral(DPMpp2S):
 @register("sampler", "dpmpp_sde")
 @dataclass(frozen=True)
 class DPMppSDE(Ancestral):
-    """DPM++ SDE (k-diffusion's sample_dpmpp_sde): a 2S step at lambda + r h with ancestral noise on both
-    substeps, the noise read from a Brownian tree over the schedule's VE range, so an image's noise is
+    """DPM++ SDE (k-diffusion's sample_dpmpp_sde): a 2S step at lambda + r h with ancestral noise
+    on both
+    substeps, the noise read from a Brownian tree over the schedule's VE range, so an image's noise
+    is
     fixed by its seed whatever the step count. The tree's per-image seeds come from one draw of the
     run's noise (an image's own stream with seed= or per-image generators)."""
 
@@ -208,13 +231,18 @@ class DPMppSDE(Ancestral):
             return st.a_next * y, state
         tree = state
         if tree is None:
-            z = noise(x, st.t, st.t_next).flatten(1)[:, 0].double()  # one draw per image fixes its tree
+            z = (
+                noise(x, st.t, st.t_next).flatten(1)[:, 0].double()
+            )  # one draw per image fixes its tree
             seeds = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in z]
             sc = st.schedule
-            # the schedule's whole VE range, so the path does not depend on the grid; a zero-terminal-SNR
+            # the schedule's whole VE range, so the path does not depend on the grid; a zero-
+            # terminal-SNR
             # table has no finite top, and there the run's first finite level is the top instead
             hi = float(sc.sigma_max) if math.isfinite(float(sc.sigma_max)) else st.ve
-            tree = BrownianTree(seeds, min(float(sc.sigma_min), st.ve_next or st.ve), hi, tuple(x.shape[1:]))
+            tree = BrownianTree(
+                seeds, min(float(sc.sigma_min), st.ve_next or st.ve), hi, tuple(x.shape[1:])
+            )
         w = tree(st.ve)  # W at this level, shared by both substeps' increments
         ve_s = math.exp(-(st.lam + self.r * st.h))
         mid = st.to(t_next=st.schedule.t_of_ve(torch.tensor(ve_s, dtype=torch.float64)))
@@ -233,11 +261,15 @@ class DPMppSDE(Ancestral):
 
 
 @functools.lru_cache(maxsize=64)
-def singlestep_orders(steps: int, lower_order_final: bool = True, final_zero: bool = True) -> tuple[int, ...]:
+def singlestep_orders(
+    steps: int, lower_order_final: bool = True, final_zero: bool = True
+) -> tuple[int, ...]:
     """DPMSolverSinglestepScheduler's order list for solver_order 2: pairs (1, 2) of grid steps, the
     last steps first order (its get_order_list). Made once per step count, not at every step."""
     if lower_order_final:
-        orders = [1, 2] * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * (steps // 2) + [1]
+        orders = (
+            [1, 2] * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * (steps // 2) + [1]
+        )
     else:
         orders = [1, 2] * (steps // 2) + ([1] if steps % 2 else [])
     if final_zero:
@@ -248,8 +280,10 @@ def singlestep_orders(steps: int, lower_order_final: bool = True, final_zero: bo
 @register("sampler", "dpmpp_2s_singlestep")
 @dataclass(frozen=True)
 class DPMpp2SSinglestep(Sampler):
-    """DPM-Solver++(2S) laid on the grid as diffusers' DPMSolverSinglestepScheduler does (solver_order 2,
-    midpoint): grid steps in pairs, a first-order step to the pair's middle point, then one 2S update
+    """DPM-Solver++(2S) laid on the grid as diffusers' DPMSolverSinglestepScheduler does
+    (solver_order 2,
+    midpoint): grid steps in pairs, a first-order step to the pair's middle point, then one 2S
+    update
     from the pair's start with the middle point's x0 (Lu et al. 2022, Alg. 1 with r = h0 / h)."""
 
     lower_order_final: bool = True

@@ -1,4 +1,5 @@
 """Heun's second-order sampler (Karras et al. 2022, Alg. 1 and 2)."""
+
 from __future__ import annotations
 
 import math
@@ -42,9 +43,11 @@ _HEUN = Heun()  # Restart's steps: plain Heun, no churn
 @dataclass(frozen=True)
 class Restart(Sampler):
     """Restart sampling (Xu et al. 2023, arXiv 2306.14878, Alg. 1): Heun steps, and on the step that
-    first reaches VE level ``restart_min`` (or the grid's last level above data, if none is that low),
+    first reaches VE level ``restart_min`` (or the grid's last level above data, if none is that
+    low),
     ``restart_times`` times: forward noise up to ``restart_max``
-    (fresh noise, x~ += sqrt(max^2 - min^2) z) and Heun back down over ``restart_steps`` Karras levels
+    (fresh noise, x~ += sqrt(max^2 - min^2) z) and Heun back down over ``restart_steps`` Karras
+    levels
     from restart_max to that level (ComfyUI's sample_restart with an explicit restart interval)."""
 
     restart_min: float = 0.1
@@ -55,26 +58,43 @@ class Restart(Sampler):
 
     def __post_init__(self):
         if not 0 < self.restart_min < self.restart_max:
-            raise ValueError(f"need 0 < restart_min < restart_max, got {self.restart_min!r}, {self.restart_max!r}")
+            raise ValueError(
+                f"need 0 < restart_min < restart_max, got {self.restart_min!r}, "
+                f"{self.restart_max!r}"
+            )
         for k in ("restart_steps", "restart_times"):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if k == "restart_steps" else 0):
-                raise ValueError(f"{k} must be an integer >= {2 if k == 'restart_steps' else 0}, got {v!r}")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int)
+                or v < (2 if k == "restart_steps" else 0)
+            ):
+                raise ValueError(
+                    f"{k} must be an integer >= {2 if k == 'restart_steps' else 0}, got {v!r}"
+                )
 
     def step(self, denoise, x, st, state, noise):
         heun = _HEUN
         x, _ = heun.step(denoise, x, st, (), noise)
-        # once: at the first level <= restart_min, or at the last level above data on a grid too coarse to
+        # once: at the first level <= restart_min, or at the last level above data on a grid too
+        # coarse to
         # have one (ComfyUI takes the grid level nearest to restart_min)
         reach = st.ve_next <= self.restart_min or st.i == st.n - 2
         if state or not reach or st.ve_next <= 0 or st.ve_next >= self.restart_max:
             return x, state
         lo, hi = st.ve_next, self.restart_max
-        times = timesteps(st.schedule, self.restart_steps - 1, "karras", final="sigma_min", sigma_min=lo, sigma_max=hi)
+        times = timesteps(
+            st.schedule,
+            self.restart_steps - 1,
+            "karras",
+            final="sigma_min",
+            sigma_min=lo,
+            sigma_max=hi,
+        )
         top = st.to(t=times[0], t_next=times[0])
         for _ in range(self.restart_times):
             z = noise(x, st.t_next, times[0])
-            x = (top.a / st.a_next) * x + (top.a * math.sqrt(hi ** 2 - lo ** 2) * self.s_noise) * z
+            x = (top.a / st.a_next) * x + (top.a * math.sqrt(hi**2 - lo**2) * self.s_noise) * z
             for k in range(len(times) - 1):
                 sub = st.to(t=times[k], t_next=times[k + 1])
                 x, _ = heun.step(denoise, x, sub, (), noise)

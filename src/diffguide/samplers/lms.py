@@ -1,10 +1,12 @@
-"""Linear multistep (k-diffusion's sample_lms, diffusers' LMSDiscreteScheduler) and DPM2 (Karras et al.
+"""Linear multistep (k-diffusion's sample_lms, diffusers' LMSDiscreteScheduler) and DPM2 (Karras et
+al.
 2022's second-order sampler as k-diffusion's sample_dpm_2 / sample_dpm_2_ancestral).
 
 LMS works in the straight coordinates of ``core.sample.straight`` (VE levels on VP schedules, flow
 time on flows); y is rebuilt from each prediction, so the data anchor is always the current x0 and
 CFG++'s unconditional eps enters as the derivative, as in Euler.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +40,8 @@ def lms_coefficients(us: list[float], u0: float, u1: float) -> list[float]:
 @register("sampler", "lms")
 @dataclass(frozen=True)
 class LMS(Sampler):
-    """Linear multistep of ``order`` (4, as k-diffusion and diffusers): y' = y + sum_j c_j d_j with c_j
+    """Linear multistep of ``order`` (4, as k-diffusion and diffusers): y' = y + sum_j c_j d_j with
+    c_j
     the integral of the Lagrange basis through the last ``order`` levels u_j."""
 
     order: int = 4
@@ -51,7 +54,9 @@ class LMS(Sampler):
         p = denoise(x, st.t)
         c, u, flow = straight(st)
         c1, u1, _ = straight(st, nxt=True)
-        if not math.isfinite(st.ve) or not math.isfinite(u):  # from infinite noise: Euler, no history kept
+        if not math.isfinite(st.ve) or not math.isfinite(
+            u
+        ):  # from infinite noise: Euler, no history kept
             return st.a_next * p.x0 + st.s_next * p.eps, ()
         y, d = straight_point(p, u, flow)
         hist = ((d, u),) + tuple(state[: self.order - 1])
@@ -64,14 +69,18 @@ class LMS(Sampler):
 @register("sampler", "dpm2")
 @dataclass(frozen=True)
 class DPM2(Ancestral):
-    """DPM2 (k-diffusion's sample_dpm_2): an evaluation at the geometric mean of the VE levels, whose
-    slope makes the step; Euler onto sigma = 0 and from infinite VE (a flow's t = 1). eta > 0 is sample_dpm_2_ancestral (the step goes to
+    """DPM2 (k-diffusion's sample_dpm_2): an evaluation at the geometric mean of the VE levels,
+    whose
+    slope makes the step; Euler onto sigma = 0 and from infinite VE (a flow's t = 1). eta > 0 is
+    sample_dpm_2_ancestral (the step goes to
     ve_down, then fresh noise up to ve')."""
 
     def step(self, denoise, x, st, state, noise):
         p = denoise(x, st.t)
         down, up = ancestral(st, self.eta)
-        if down == 0 or st.a == 0 or not math.isfinite(st.ve):  # Euler onto data, and from infinite noise
+        if (
+            down == 0 or st.a == 0 or not math.isfinite(st.ve)
+        ):  # Euler onto data, and from infinite noise
             y = p.x0 + down * p.eps
         else:
             ve_mid = math.exp(0.5 * (math.log(st.ve) + math.log(down)))

@@ -1,13 +1,17 @@
 """Pseudo linear multistep samplers: PLMS (Liu et al. 2022, PNDM, arXiv 2202.09778, as diffusers'
-PNDMScheduler with skip_prk_steps) and iPNDM (Zhang & Chen 2022, DEIS, arXiv 2204.13902; k-diffusion's
+PNDMScheduler with skip_prk_steps) and iPNDM (Zhang & Chen 2022, DEIS, arXiv 2204.13902;
+k-diffusion's
 sample_ipndm).
 
 Both combine the last four slopes with the Adams-Bashforth weights (1; 3, -1 / 2; 23, -16, 5 / 12;
-55, -59, 37, -9 / 24). PLMS puts the combined eps through DDIM's transfer (PNDM eq. 11) and starts with
-a pseudo improved-Euler step (two evaluations); iPNDM steps the straight-coordinate ODE (VE levels on
+55, -59, 37, -9 / 24). PLMS puts the combined eps through DDIM's transfer (PNDM eq. 11) and starts
+with
+a pseudo improved-Euler step (two evaluations); iPNDM steps the straight-coordinate ODE (VE levels
+on
 VP models, flow time on flow models) and starts with Euler. As DDIM, an update is the current
 prediction's a' x0 + s' eps plus the history's correction, so CFG++ works unchanged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +20,12 @@ from ..core.registry import register
 from ..core.pred import Pred
 from ..core.sample import Sampler, straight, straight_point
 
-WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+WEIGHTS = {
+    1: (1.0,),
+    2: (1.5, -0.5),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
 
 
 def combine(slopes) -> object:
@@ -40,11 +49,14 @@ def _transfer(st, p, eps):
 @register("sampler", "plms")
 @dataclass(frozen=True)
 class PLMS(Sampler):
-    """PLMS (PNDM with skip_prk_steps, diffusers' PNDMScheduler): the first step is a pseudo improved
+    """PLMS (PNDM with skip_prk_steps, diffusers' PNDMScheduler): the first step is a pseudo
+    improved
     Euler step (eps averaged over both ends, two evaluations), then fourth-order pseudo linear
     multistep on the eps history."""
 
-    space: str = "eps"  # "v": combine v outputs, as diffusers' PNDMScheduler does for v-prediction models
+    space: str = (
+        "eps"  # "v": combine v outputs, as diffusers' PNDMScheduler does for v-prediction models
+    )
 
     def __post_init__(self):
         if self.space not in ("eps", "v"):
@@ -83,7 +95,8 @@ class PLMS(Sampler):
 @register("sampler", "ipndm")
 @dataclass(frozen=True)
 class IPNDM(Sampler):
-    """iPNDM (k-diffusion's sample_ipndm, max order 4): y' = y + (u' - u) d with d the Adams-Bashforth
+    """iPNDM (k-diffusion's sample_ipndm, max order 4): y' = y + (u' - u) d with d the
+    Adams-Bashforth
     combination of the last slopes dy/du (eps on VP models, eps - x0 on flow models)."""
 
     order: int = 4

@@ -1,4 +1,5 @@
-"""UniPC (Zhao et al. 2023, arXiv 2302.04867): the unified predictor (UniP) and corrector (UniC) in the
+"""UniPC (Zhao et al. 2023, arXiv 2302.04867): the unified predictor (UniP) and corrector (UniC) in
+the
 data-prediction form of diffusers' UniPCMultistepScheduler (bh1 / bh2, orders 1-3).
 
 The corrector re-uses the evaluation at the new point (no extra NFE): it moves the sample there
@@ -7,6 +8,7 @@ step a' x0 + s' eps from the current prediction, the predictor and corrector ter
 of the x0 history (``Pred.history``: for CFG++ the unconditional x0), and the corrector's move is
 carried to the next step as an explicit offset rather than re-derived from x.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +22,12 @@ from ..core.sample import Sampler
 SOLVER_TYPES = ("bh1", "bh2")
 
 
-def unipc_weights(h: float, rks: list[float], variant: str, corrector: bool) -> tuple[list[float], float]:
+def unipc_weights(
+    h: float, rks: list[float], variant: str, corrector: bool
+) -> tuple[list[float], float]:
     """(rho, B(h)) of UniP / UniC (Alg. 1-2; diffusers' multistep_uni_p/c_bh_update) for step h in
-    lambda and the relative positions rks of the history points (the last rk, 1, is the new point)."""
+    lambda and the relative positions rks of the history points (the last rk, 1, is the new
+    point)."""
     hh = -h
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
@@ -39,14 +44,21 @@ def unipc_weights(h: float, rks: list[float], variant: str, corrector: bool) -> 
     if corrector:
         rho = [0.5] if order == 1 else list(np.linalg.solve(R, b))
     else:
-        rho = [] if order == 1 else [0.5] if order == 2 else list(np.linalg.solve(R[:-1, :-1], b[:-1]))
+        rho = (
+            []
+            if order == 1
+            else [0.5]
+            if order == 2
+            else list(np.linalg.solve(R[:-1, :-1], b[:-1]))
+        )
     return [float(r) for r in rho], B
 
 
 @register("sampler", "unipc")
 @dataclass(frozen=True)
 class UniPC(Sampler):
-    """UniPC with data prediction (diffusers' defaults: order 2, bh2, the corrector on every step but
+    """UniPC with data prediction (diffusers' defaults: order 2, bh2, the corrector on every step
+    but
     the first, lower order on the final steps); ``disable_corrector``: step indices to skip it on,
     e.g. "0|1" (diffusers' disable_corrector)."""
 
@@ -57,14 +69,19 @@ class UniPC(Sampler):
 
     def __post_init__(self):
         if self.solver_type not in SOLVER_TYPES:
-            raise ValueError(f"unknown solver_type {self.solver_type!r}; choose one of: {', '.join(SOLVER_TYPES)}")
+            raise ValueError(
+                f"unknown solver_type {self.solver_type!r}; choose one of: "
+                f"{', '.join(SOLVER_TYPES)}"
+            )
         if isinstance(self.order, bool) or self.order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {self.order!r}")
         try:  # parsed once, not at every step
             skipped = frozenset(int(v) for v in str(self.disable_corrector).split("|") if v.strip())
         except ValueError:
-            raise ValueError(f"disable_corrector must be step indices separated by '|', got "
-                             f"{self.disable_corrector!r}") from None
+            raise ValueError(
+                f"disable_corrector must be step indices separated by '|', got "
+                f"{self.disable_corrector!r}"
+            ) from None
         object.__setattr__(self, "_skipped", skipped)
 
     def init_state(self):
@@ -81,7 +98,9 @@ class UniPC(Sampler):
             h = lam - lam_s
             rks = [(hist[k][1] - lam_s) / h for k in range(1, order_c)] + [1.0]
             rho, B = unipc_weights(h, rks, self.solver_type, corrector=True)
-            corr = sum(r * (hist[k][0] - x0_s) / rks[k - 1] for k, r in zip(range(1, order_c), rho[:-1]))
+            corr = sum(
+                r * (hist[k][0] - x0_s) / rks[k - 1] for k, r in zip(range(1, order_c), rho[:-1])
+            )
             offset = (st.a * B) * (pred_res - corr - rho[-1] * (cur - x0_s))
         order = min(self.order, st.n - st.i) if self.lower_order_final else self.order
         order = 1 if st.last else min(order, len(hist) + 1) if math.isfinite(lam) else 1
@@ -94,6 +113,8 @@ class UniPC(Sampler):
             h = st.h
             rks = [(hist[k - 1][1] - lam) / h for k in range(1, order)] + [1.0]
             rho, B = unipc_weights(h, rks, self.solver_type, corrector=False)
-            pred_res = sum(r * (hist[k - 1][0] - cur) / rks[k - 1] for k, r in zip(range(1, order), rho))
+            pred_res = sum(
+                r * (hist[k - 1][0] - cur) / rks[k - 1] for k, r in zip(range(1, order), rho)
+            )
             x_next = x_next - (st.a_next * B) * pred_res
         return x_next, (keep, (pred_res, order) if keep else None)

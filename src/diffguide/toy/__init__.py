@@ -1,2 +1,3 @@
 """Toy worlds whose true distribution is known exactly."""
+
 from .mixture import GaussianMixture

@@ -2,6 +2,7 @@
 
 Used by the built-in model's trainer (``pipelines.toy_model``) and the distillation trainer.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,9 @@ class SceneData:
             z = np.load(cache, allow_pickle=False)
             self.images = z["images"]
         else:
-            self.images = np.stack([(scenes.example(seed, i)[0] * 255).round().astype(np.uint8)
-                                    for i in range(n)])
+            self.images = np.stack(
+                [(scenes.example(seed, i)[0] * 255).round().astype(np.uint8) for i in range(n)]
+            )
             if cache:
                 atomic_write(cache, lambda f: np.savez(f, images=self.images))
         self.n, self.seed = n, seed
@@ -34,5 +36,9 @@ class SceneData:
         for i in idx:  # the scene is recomputed from its seed (cheap), the caption drawn per epoch
             rng = scenes.scene_rng(self.seed, int(i))
             scene = scenes.random_scene(rng, train=True)
-            caps.append(scenes.caption(scene, np.random.Generator(np.random.PCG64([self.seed, int(i), epoch, 7]))))
+            caps.append(
+                scenes.caption(
+                    scene, np.random.Generator(np.random.PCG64([self.seed, int(i), epoch, 7]))
+                )
+            )
         return torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2), caps

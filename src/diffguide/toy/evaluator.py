@@ -1,4 +1,5 @@
-"""A small CNN that reads a toy-world image: which (colour, shape) objects it shows and its background.
+"""A small CNN that reads a toy-world image: which (colour, shape) objects it shows and its
+background.
 
 In this world the objects of a scene have distinct colours, so the CNN answers, for each colour,
 "which shape has it, if any" (a 6-way softmax per colour). That binds colour to shape directly;
@@ -7,6 +8,7 @@ world's exact labels (held-out pairs included, so compositional generalisation c
 with pixel noise so that imperfect generated images are still read. Its 32-d penultimate features
 are what Frechet distance and diversity are computed on.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,11 +30,28 @@ class Evaluator(nn.Module):
         super().__init__()
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU(),
-                                 nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
-        self.body = nn.Sequential(block(3, 16), nn.MaxPool2d(2), block(16, 32), nn.MaxPool2d(2),
-                                  block(32, 64), nn.MaxPool2d(2), nn.Flatten(),
-                                  nn.Linear(64 * 16, 128), nn.SiLU(), nn.Linear(128, FEATURES), nn.SiLU())
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.GroupNorm(8, o),
+                nn.SiLU(),
+                nn.Conv2d(o, o, 3, padding=1),
+                nn.GroupNorm(8, o),
+                nn.SiLU(),
+            )
+
+        self.body = nn.Sequential(
+            block(3, 16),
+            nn.MaxPool2d(2),
+            block(16, 32),
+            nn.MaxPool2d(2),
+            block(32, 64),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 16, 128),
+            nn.SiLU(),
+            nn.Linear(128, FEATURES),
+            nn.SiLU(),
+        )
         self.shapes = nn.Linear(FEATURES, len(COLOURS) * len(SHAPES))
         self.background = nn.Linear(FEATURES, len(BACKS))
 
@@ -87,8 +106,15 @@ def accuracy(model: Evaluator, seed: int = 12345, n: int = 2000) -> float:
     return float(np.mean(ok))
 
 
-def train(out: str, steps: int = 2000, batch_size: int = 128, seed: int = 1, pool: int = 30000,
-          noise: float = 0.08, progress: bool = True) -> dict:
+def train(
+    out: str,
+    steps: int = 2000,
+    batch_size: int = 128,
+    seed: int = 1,
+    pool: int = 30000,
+    noise: float = 0.08,
+    progress: bool = True,
+) -> dict:
     """Train on a pool of rendered scenes with flips and pixel noise; save weights to ``out``
     (safetensors, written aside and renamed). Accuracy is measured on other, fresh scenes."""
     from tqdm.auto import tqdm
@@ -104,16 +130,22 @@ def train(out: str, steps: int = 2000, batch_size: int = 128, seed: int = 1, poo
         idx = torch.randint(0, pool, (batch_size,), generator=g)
         x = weights.augment(px[idx], g, noise)
         logits, bg, _ = model(x)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, len(SHAPES)), py[idx].reshape(-1)) \
-            + nn.functional.cross_entropy(bg, pb[idx])
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, len(SHAPES)), py[idx].reshape(-1)
+        ) + nn.functional.cross_entropy(bg, pb[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
     acc = accuracy(model)
     weights.save(model, out)
-    return {"steps": steps, "batch": batch_size, "pool": pool, "seconds": round(time.time() - t0, 1),
-            "held_out_exact_match": acc}
+    return {
+        "steps": steps,
+        "batch": batch_size,
+        "pool": pool,
+        "seconds": round(time.time() - t0, 1),
+        "held_out_exact_match": acc,
+    }
 
 
 def load(path: str | None = None) -> Evaluator:

@@ -4,6 +4,7 @@ Generated images are read by the evaluator CNN; true images for the same prompts
 world's exact generator, so every number has a reference: true images score adherence about 1,
 Frechet distance about 0, colour error about the generator's own jitter.
 """
+
 from __future__ import annotations
 
 import colorsys
@@ -17,18 +18,29 @@ from . import scenes
 
 DEFAULT_PROMPTS = [
     # one object, every attribute given
-    "a red circle on a blue background", "a green square on a white background",
-    "a yellow triangle on a black background", "a blue cross on a gray background",
-    "a purple diamond on a white background", "an orange circle on a black background",
-    "a red square on a gray background", "a yellow cross on a blue background",
+    "a red circle on a blue background",
+    "a green square on a white background",
+    "a yellow triangle on a black background",
+    "a blue cross on a gray background",
+    "a purple diamond on a white background",
+    "an orange circle on a black background",
+    "a red square on a gray background",
+    "a yellow cross on a blue background",
     # one object, some attributes free
-    "a blue triangle", "a green circle", "a square on a black background", "a diamond",
+    "a blue triangle",
+    "a green circle",
+    "a square on a black background",
+    "a diamond",
     # two objects
-    "a red circle and a blue square", "a yellow triangle and a green cross on a black background",
-    "an orange square and a purple circle", "a blue diamond and a red triangle on a white background",
-    "a green square and a yellow circle", "a purple cross and an orange diamond on a gray background",
+    "a red circle and a blue square",
+    "a yellow triangle and a green cross on a black background",
+    "an orange square and a purple circle",
+    "a blue diamond and a red triangle on a white background",
+    "a green square and a yellow circle",
+    "a purple cross and an orange diamond on a gray background",
     # colour-shape pairs never seen in training
-    "a purple triangle on a white background", "an orange cross on a blue background",
+    "a purple triangle on a white background",
+    "an orange cross on a blue background",
     "a green diamond on a black background",
 ]
 
@@ -63,10 +75,23 @@ def check(p: scenes.Prompt, present: set, background: str) -> dict:
     found = list(present)
     colour = all(any(c is None or c == fc for fc, _ in found) for c, _ in p.objects)
     shape = all(any(s is None or s == fs for _, fs in found) for _, s in p.objects)
-    bound = any(all((c is None or c == fc) and (s is None or s == fs)
-                    for (c, s), (fc, fs) in zip(p.objects, perm))
-                for perm in itertools.permutations(found, len(p.objects))) if len(found) >= len(p.objects) else False
-    out = {"count": len(found) == len(p.objects), "colour": colour, "shape": shape, "binding": bound}
+    bound = (
+        any(
+            all(
+                (c is None or c == fc) and (s is None or s == fs)
+                for (c, s), (fc, fs) in zip(p.objects, perm)
+            )
+            for perm in itertools.permutations(found, len(p.objects))
+        )
+        if len(found) >= len(p.objects)
+        else False
+    )
+    out = {
+        "count": len(found) == len(p.objects),
+        "colour": colour,
+        "shape": shape,
+        "binding": bound,
+    }
     if p.background is not None:
         out["background"] = background == p.background
     out["all"] = all(out.values())
@@ -74,7 +99,8 @@ def check(p: scenes.Prompt, present: set, background: str) -> dict:
 
 
 def frechet(f1: np.ndarray, f2: np.ndarray) -> float | None:
-    """Frechet distance between Gaussians fitted to two feature sets (FID's formula); None when either
+    """Frechet distance between Gaussians fitted to two feature sets (FID's formula); None when
+    either
     set has fewer than two samples (no covariance to fit)."""
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     if min(len(f1), len(f2)) < 2:
@@ -84,24 +110,35 @@ def frechet(f1: np.ndarray, f2: np.ndarray) -> float | None:
     w, v = np.linalg.eigh(c1)
     r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.linalg.eigvalsh(r1 @ c2 @ r1)  # tr sqrt(C1^1/2 C2 C1^1/2) = tr sqrt(C1 C2)
-    return float(((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+    return float(
+        ((m1 - m2) ** 2).sum()
+        + np.trace(c1)
+        + np.trace(c2)
+        - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+    )
 
 
-def object_colour(img: np.ndarray, min_distance: float = 0.25) -> tuple[np.ndarray | None, np.ndarray]:
+def object_colour(
+    img: np.ndarray, min_distance: float = 0.25
+) -> tuple[np.ndarray | None, np.ndarray]:
     """(mean colour of the pixels far from the background, background colour) of an [H, W, 3] image
-    in [0, 1]; the background is the median of the border pixels (objects never touch the border)."""
+    in [0, 1]; the background is the median of the border pixels (objects never touch the
+    border)."""
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg = np.median(border, axis=0)
     dist = np.linalg.norm(img - bg, axis=-1)
     far = dist > min_distance
     if far.sum() < 4:
         return None, bg
-    core = far & (dist >= np.median(dist[far]))  # the inner half: anti-aliased edges mix in background
+    core = far & (
+        dist >= np.median(dist[far])
+    )  # the inner half: anti-aliased edges mix in background
     return img[core].mean(0), bg
 
 
 def colour_fidelity(images: np.ndarray, prompts: list) -> dict:
-    """Single-object prompts with a colour: RGB distance of the object's mean colour to the true one,
+    """Single-object prompts with a colour: RGB distance of the object's mean colour to the true
+    one,
     and the signed HSV saturation difference (positive = oversaturated); background distance where
     the prompt names one."""
     errs, sats, bgs = [], [], []
@@ -115,10 +152,16 @@ def colour_fidelity(images: np.ndarray, prompts: list) -> dict:
             errs.append(float(np.linalg.norm(col - true)))
             sats.append(colorsys.rgb_to_hsv(*col)[1] - colorsys.rgb_to_hsv(*true)[1])
         if p.background is not None:
-            bgs.append(float(np.linalg.norm(bg - np.asarray(scenes.BACKGROUNDS[p.background]) / 255)))
+            bgs.append(
+                float(np.linalg.norm(bg - np.asarray(scenes.BACKGROUNDS[p.background]) / 255))
+            )
     mean = lambda v: float(np.mean(v)) if v else None
-    return {"colour_error": mean(errs), "saturation_error": mean(sats), "background_error": mean(bgs),
-            "objects_measured": len(errs)}
+    return {
+        "colour_error": mean(errs),
+        "saturation_error": mean(sats),
+        "background_error": mean(bgs),
+        "objects_measured": len(errs),
+    }
 
 
 def _diversity(feats: np.ndarray, ids: np.ndarray) -> float | None:
@@ -133,9 +176,15 @@ def _diversity(feats: np.ndarray, ids: np.ndarray) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], model: ev.Evaluator,
-             true_images: np.ndarray | None = None, true_ids: np.ndarray | None = None,
-             per_image: list | None = None) -> dict:
+def evaluate(
+    images: np.ndarray,
+    prompt_ids: np.ndarray,
+    prompts: list[str],
+    model: ev.Evaluator,
+    true_images: np.ndarray | None = None,
+    true_ids: np.ndarray | None = None,
+    per_image: list | None = None,
+) -> dict:
     """Every metric for images [N, 32, 32, 3] in [0, 1], image i made for prompts[prompt_ids[i]].
 
     true_images default to as many exact samples per prompt as there are generated ones. A
@@ -159,9 +208,16 @@ def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], mod
 
     checks = [check(parsed[k], pr, bg) for k, pr, bg in zip(prompt_ids, present, backs)]
     if per_image is not None:
-        per_image.extend({"prompt": prompts[k], "objects": sorted([c, s] for c, s in pr), "background": bg,
-                          "adherent": c["all"], "checks": {a: v for a, v in c.items() if a != "all"}}
-                         for k, pr, bg, c in zip(prompt_ids, present, backs, checks))
+        per_image.extend(
+            {
+                "prompt": prompts[k],
+                "objects": sorted([c, s] for c, s in pr),
+                "background": bg,
+                "adherent": c["all"],
+                "checks": {a: v for a, v in c.items() if a != "all"},
+            }
+            for k, pr, bg, c in zip(prompt_ids, present, backs, checks)
+        )
     groups = {}
     for k, c in zip(prompt_ids, checks):
         groups.setdefault(group(parsed[k]), []).append(c["all"])
@@ -188,8 +244,11 @@ def evaluate(images: np.ndarray, prompt_ids: np.ndarray, prompts: list[str], mod
         "attribute_accuracy": {k: float(np.mean(v)) for k, v in sorted(attrs.items())},
         "frechet_distance": fd,
         **colour_fidelity(images, [parsed[k] for k in prompt_ids]),
-        **{f"true_{k}": v for k, v in colour_fidelity(true_images, [parsed[k] for k in true_ids]).items()
-           if k != "objects_measured"},
+        **{
+            f"true_{k}": v
+            for k, v in colour_fidelity(true_images, [parsed[k] for k in true_ids]).items()
+            if k != "objects_measured"
+        },
         "diversity": diversity,
         "true_diversity": _diversity(true_feats, np.asarray(true_ids)),
         "adherence_by_prompt": per_prompt,

@@ -1,11 +1,13 @@
 """A Gaussian mixture with an exact denoiser: E[x0 | x_t] in closed form, conditional on a class.
 
-Data x0 ~ sum_k w_k N(mu_k, c_k^2 I); component k belongs to class labels[k]. Given x_t = a x0 + s eps,
+Data x0 ~ sum_k w_k N(mu_k, c_k^2 I); component k belongs to class labels[k]. Given x_t = a x0 + s
+eps,
 x_t | k ~ N(a mu_k, (a^2 c_k^2 + s^2) I), so the posterior over components and E[x0 | x_t, k] =
 mu_k + a c_k^2 (x_t - a mu_k) / (a^2 c_k^2 + s^2) are exact. Conditioning on a class restricts the
 sum to that class's components; a label < 0 (or cond None) means unconditional. Because the solver
 error is then the only error, sampler orders and guidance identities can be measured.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,12 +22,13 @@ F64 = torch.float64
 
 @dataclass(frozen=True, eq=False)
 class GaussianMixture:
-    """Exact denoiser ``(x, t, cond) -> Pred`` for a class-conditional isotropic Gaussian mixture."""
+    """Exact denoiser ``(x, t, cond) -> Pred`` for a class-conditional isotropic Gaussian
+    mixture."""
 
-    means: torch.Tensor       # [K, d]
-    stds: torch.Tensor        # [K]
-    weights: torch.Tensor     # [K]
-    labels: torch.Tensor      # [K] class of each component
+    means: torch.Tensor  # [K, d]
+    stds: torch.Tensor  # [K]
+    weights: torch.Tensor  # [K]
+    labels: torch.Tensor  # [K] class of each component
     schedule: Schedule
 
     def __post_init__(self):
@@ -44,14 +47,23 @@ class GaussianMixture:
         object.__setattr__(self, "labels", labels)
 
     @classmethod
-    def ring(cls, schedule: Schedule, classes: int = 4, per_class: int = 2, dim: int = 2,
-             radius: float = 1.0, std: float = 0.15) -> "GaussianMixture":
+    def ring(
+        cls,
+        schedule: Schedule,
+        classes: int = 4,
+        per_class: int = 2,
+        dim: int = 2,
+        radius: float = 1.0,
+        std: float = 0.15,
+    ) -> "GaussianMixture":
         """classes * per_class components on a circle (first two dims), neighbours in one class."""
         k = classes * per_class
         ang = torch.arange(k, dtype=F64) * (2 * torch.pi / k)
         means = torch.zeros(k, dim, dtype=F64)
         means[:, 0], means[:, 1] = radius * torch.cos(ang), radius * torch.sin(ang)
-        return cls(means, torch.full((k,), std), torch.ones(k), torch.arange(k) // per_class, schedule)
+        return cls(
+            means, torch.full((k,), std), torch.ones(k), torch.arange(k) // per_class, schedule
+        )
 
     @property
     def dim(self) -> int:
@@ -69,8 +81,10 @@ class GaussianMixture:
         known = set(self.labels.tolist())
         bad = [v for v in y.tolist() if v >= 0 and v not in known]
         if bad:
-            raise ValueError(f"unknown class label {bad[0]}; this mixture has {sorted(known)} "
-                             f"(or a negative label for unconditional)")
+            raise ValueError(
+                f"unknown class label {bad[0]}; this mixture has {sorted(known)} "
+                f"(or a negative label for unconditional)"
+            )
         return (y[:, None] < 0) | (y[:, None] == self.labels[None, :])
 
     def posterior_mean(self, x: torch.Tensor, a, s, cond=None) -> torch.Tensor:
@@ -81,13 +95,16 @@ class GaussianMixture:
         a = torch.as_tensor(a, dtype=F64).reshape(-1, 1)
         s = torch.as_tensor(s, dtype=F64).reshape(-1, 1)
         c2 = self.stds[None, :] ** 2
-        var = a * a * c2 + s * s                                        # [B, K]
-        diff = xd[:, None, :] - a[:, :, None] * self.means[None]       # [B, K, d]
-        logp = (-0.5 * (diff ** 2).sum(-1) / var - 0.5 * self.dim * torch.log(var)
-                + torch.log(self.weights)[None])
+        var = a * a * c2 + s * s  # [B, K]
+        diff = xd[:, None, :] - a[:, :, None] * self.means[None]  # [B, K, d]
+        logp = (
+            -0.5 * (diff**2).sum(-1) / var
+            - 0.5 * self.dim * torch.log(var)
+            + torch.log(self.weights)[None]
+        )
         logp = logp.masked_fill(~self._mask(cond, x.shape[0]), -torch.inf)
-        r = torch.softmax(logp, dim=1)                                  # [B, K]
-        comp = self.means[None] + (a * c2 / var)[:, :, None] * diff    # [B, K, d]
+        r = torch.softmax(logp, dim=1)  # [B, K]
+        comp = self.means[None] + (a * c2 / var)[:, :, None] * diff  # [B, K, d]
         return (r[:, :, None] * comp).sum(1).to(x.device)
 
     def __call__(self, x: torch.Tensor, t, cond=None) -> Pred:
@@ -102,7 +119,9 @@ class GaussianMixture:
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         return (a * self.posterior_mean(x, a, s, cond) - x.to(F64)) / (s * s)
 
-    def sample_data(self, n: int, cond=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_data(
+        self, n: int, cond=None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Exact draws of x0 (given class labels, or unconditional)."""
         mask = self._mask(cond, n).to(F64)
         probs = mask * self.weights[None]

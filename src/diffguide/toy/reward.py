@@ -8,6 +8,7 @@ matches image i when the scene satisfies every attribute the caption states (an 
 caption such as "a circle" matches many images of a batch, not only its own).
 Trained on the training split only (held-out colour-shape pairs never appear).
 """
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,7 @@ def tokens(texts: list[str]) -> torch.Tensor:
     out = torch.zeros(len(texts), MAX_WORDS, dtype=torch.long)
     for r, t in enumerate(texts):
         ws = [scenes.COLOUR_WORDS.get(w, w) for w in re.findall(r"[a-z]+", t.lower())][:MAX_WORDS]
-        out[r, :len(ws)] = torch.tensor([index.get(w, 1) for w in ws], dtype=torch.long)
+        out[r, : len(ws)] = torch.tensor([index.get(w, 1) for w in ws], dtype=torch.long)
     return out
 
 
@@ -39,10 +40,15 @@ class Reward(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, stride=2, padding=1), nn.SiLU(),
-                                  nn.Conv2d(32, DIM, 4, stride=2, padding=1), nn.SiLU(),
-                                  nn.Conv2d(DIM, DIM, 4, stride=2, padding=1), nn.SiLU(),
-                                  nn.Conv2d(DIM, DIM, 3, padding=1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 32, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, DIM, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(DIM, DIM, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(DIM, DIM, 3, padding=1),
+        )
         self.image_pos = nn.Parameter(torch.zeros(1, 16, DIM))
         self.image_mix = nn.TransformerEncoderLayer(DIM, 4, 2 * DIM, dropout=0.0, batch_first=True)
         self.pool = nn.Linear(DIM, 1)
@@ -50,15 +56,25 @@ class Reward(nn.Module):
         self.embed = nn.Embedding(len(WORDS), DIM, padding_idx=0)
         self.text_pos = nn.Parameter(torch.zeros(1, MAX_WORDS, DIM))
         self.text_mix = nn.TransformerEncoder(
-            nn.TransformerEncoderLayer(DIM, 4, 2 * DIM, dropout=0.0, batch_first=True), 2,
-            enable_nested_tensor=False)
+            nn.TransformerEncoderLayer(DIM, 4, 2 * DIM, dropout=0.0, batch_first=True),
+            2,
+            enable_nested_tensor=False,
+        )
         self.text_out = nn.Linear(DIM, DIM)
         self.log_scale = nn.Parameter(torch.tensor(float(np.log(10.0))))
 
     def image(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (scenes.SIZE, scenes.SIZE):  # larger renders are judged at the world's size
-            x = nn.functional.interpolate(x, size=(scenes.SIZE, scenes.SIZE), mode="bilinear",
-                                          antialias=True, align_corners=False)
+        if x.shape[-2:] != (
+            scenes.SIZE,
+            scenes.SIZE,
+        ):  # larger renders are judged at the world's size
+            x = nn.functional.interpolate(
+                x,
+                size=(scenes.SIZE, scenes.SIZE),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         h = self.stem(x * 2 - 1).flatten(2).transpose(1, 2) + self.image_pos
         h = self.image_mix(h)
         w = self.pool(h).softmax(1)
@@ -94,7 +110,9 @@ def matches(captions: list[str], scs: list) -> tuple[torch.Tensor, torch.Tensor,
     ps, ss = {}, {}
     pid = [ps.setdefault(scenes.parse_prompt(c), len(ps)) for c in captions]
     sid = [ss.setdefault((frozenset(s.pairs), s.background), len(ss)) for s in scs]
-    table = torch.tensor([[metrics.check(p, set(pairs), bg)["all"] for pairs, bg in ss] for p in ps])
+    table = torch.tensor(
+        [[metrics.check(p, set(pairs), bg)["all"] for pairs, bg in ss] for p in ps]
+    )
     return table, torch.tensor(pid), torch.tensor(sid)
 
 
@@ -108,8 +126,15 @@ def retrieval(model: Reward, seed: int = 54321, n: int = 500) -> float:
     return float(ok[torch.arange(n), sim.argmax(1)].float().mean())
 
 
-def train(out: str, steps: int = 3000, batch_size: int = 256, seed: int = 2, pool: int = 30000,
-          noise: float = 0.08, progress: bool = True) -> dict:
+def train(
+    out: str,
+    steps: int = 3000,
+    batch_size: int = 256,
+    seed: int = 2,
+    pool: int = 30000,
+    noise: float = 0.08,
+    progress: bool = True,
+) -> dict:
     """Multi-positive InfoNCE in both directions on a pool of training-split scenes, with flips and
     pixel noise; weights saved atomically to ``out`` (safetensors)."""
     from tqdm.auto import tqdm
@@ -128,8 +153,10 @@ def train(out: str, steps: int = 3000, batch_size: int = 256, seed: int = 2, poo
         x = weights.augment(px[idx], g, noise)
         ok = table[pid[idx]][:, sid[idx]].float()
         logits = model.log_scale.exp() * model.text(ids[idx]) @ model.image(x).T  # [texts, images]
-        loss = -(ok / ok.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean() \
+        loss = (
+            -(ok / ok.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
             - (ok.T / ok.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -139,8 +166,14 @@ def train(out: str, steps: int = 3000, batch_size: int = 256, seed: int = 2, poo
     model.eval()
     acc = retrieval(model)
     weights.save(model, out)
-    return {"steps": steps, "batch": batch_size, "pool": pool, "seconds": round(time.time() - t0, 1),
-            "retrieval_accuracy": acc, "loss": loss.item()}
+    return {
+        "steps": steps,
+        "batch": batch_size,
+        "pool": pool,
+        "seconds": round(time.time() - t0, 1),
+        "retrieval_accuracy": acc,
+        "loss": loss.item(),
+    }
 
 
 def load(path: str | None = None) -> Reward:
@@ -148,4 +181,6 @@ def load(path: str | None = None) -> Reward:
 
 
 if __name__ == "__main__":
-    weights.main(train, "train the toy-world reward model (ReNO's default reward)", steps=3000, seed=2)
+    weights.main(
+        train, "train the toy-world reward model (ReNO's default reward)", steps=3000, seed=2
+    )

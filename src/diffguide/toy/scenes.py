@@ -2,10 +2,12 @@
 
 A scene is one or two flat-coloured shapes at random sizes and positions on a plain background.
 Captions come from several templates with synonyms, some leaving attributes unspecified, so a prompt
-has many valid images. ``parse_prompt`` reads a caption back into the constraints it states, which is
+has many valid images. ``parse_prompt`` reads a caption back into the constraints it states, which
+is
 what adherence is measured against; ``sample_for_prompt`` draws true images for a prompt. Everything
 is deterministic from a seed (numpy's PCG64 per scene).
 """
+
 from __future__ import annotations
 
 import re
@@ -16,13 +18,28 @@ import numpy as np
 SIZE = 32
 _SS = 4  # supersampling factor for anti-aliased edges
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-           "yellow": (235, 205, 40), "purple": (145, 55, 185), "orange": (245, 135, 25)}
-BACKGROUNDS = {"white": (238, 238, 238), "black": (22, 22, 22), "gray": (125, 125, 125),
-               "blue": (45, 75, 190)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (145, 55, 185),
+    "orange": (245, 135, 25),
+}
+BACKGROUNDS = {
+    "white": (238, 238, 238),
+    "black": (22, 22, 22),
+    "gray": (125, 125, 125),
+    "blue": (45, 75, 190),
+}
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
-SYNONYMS = {"circle": ("circle", "disc", "dot"), "square": ("square", "box", "block"),
-            "triangle": ("triangle",), "cross": ("cross", "plus"), "diamond": ("diamond", "rhombus")}
+SYNONYMS = {
+    "circle": ("circle", "disc", "dot"),
+    "square": ("square", "box", "block"),
+    "triangle": ("triangle",),
+    "cross": ("cross", "plus"),
+    "diamond": ("diamond", "rhombus"),
+}
 COLOUR_WORDS = {"grey": "gray"}
 # (colour, shape) pairs never drawn in training: compositional generalisation is measured on them
 HELD_OUT = (("purple", "triangle"), ("orange", "cross"), ("green", "diamond"))
@@ -33,7 +50,7 @@ JITTER = 12  # per-scene colour jitter (uniform, per channel), so colour fidelit
 class Obj:
     colour: str
     shape: str
-    size: float   # half-width in pixels
+    size: float  # half-width in pixels
     x: float
     y: float
 
@@ -51,7 +68,8 @@ class Scene:
 
 @dataclass(frozen=True)
 class Prompt:
-    """What a caption asks for: objects as (colour or None, shape or None) and a background or None."""
+    """What a caption asks for: objects as (colour or None, shape or None) and a background or
+    None."""
 
     objects: tuple
     background: str | None = None
@@ -97,15 +115,20 @@ def _place(rng: np.random.Generator, n: int, sizes: list) -> list:
     """Centres inside the frame with the objects' bounding discs apart (rejection sampling)."""
     for _ in range(200):
         pts = [(rng.uniform(r + 1, SIZE - r - 1), rng.uniform(r + 1, SIZE - r - 1)) for r in sizes]
-        if n == 1 or np.hypot(pts[0][0] - pts[1][0], pts[0][1] - pts[1][1]) > sizes[0] + sizes[1] + 1:
+        if (
+            n == 1
+            or np.hypot(pts[0][0] - pts[1][0], pts[0][1] - pts[1][1]) > sizes[0] + sizes[1] + 1
+        ):
             return pts
     raise RuntimeError("could not place objects")  # not reached with these sizes
 
 
-
-
-def random_scene(rng: np.random.Generator, prompt: Prompt | None = None, train: bool = True,
-                 n_objects: int | None = None) -> Scene:
+def random_scene(
+    rng: np.random.Generator,
+    prompt: Prompt | None = None,
+    train: bool = True,
+    n_objects: int | None = None,
+) -> Scene:
     """A scene from the world's distribution, conditioned on ``prompt``'s constraints if given.
 
     Free attributes are uniform; object colours differ from each other and never equal the
@@ -114,8 +137,11 @@ def random_scene(rng: np.random.Generator, prompt: Prompt | None = None, train: 
     wanted = list(prompt.objects) if prompt is not None else None
     n = len(wanted) if wanted else (n_objects or int(rng.integers(1, 3)))
     for _ in range(1000):
-        bg = (prompt.background if prompt is not None and prompt.background else
-              str(rng.choice(list(BACKGROUNDS))))
+        bg = (
+            prompt.background
+            if prompt is not None and prompt.background
+            else str(rng.choice(list(BACKGROUNDS)))
+        )
         objs = []
         for i in range(n):
             c, s = wanted[i] if wanted else (None, None)
@@ -131,13 +157,19 @@ def random_scene(rng: np.random.Generator, prompt: Prompt | None = None, train: 
             continue
         break
     else:
-        raise ValueError(f"prompt {prompt.text if prompt else ''!r} cannot be satisfied"
-                         + (" in training (held-out pair)" if train else ""))
+        raise ValueError(
+            f"prompt {prompt.text if prompt else ''!r} cannot be satisfied"
+            + (" in training (held-out pair)" if train else "")
+        )
     big = n == 1
     sizes = [float(rng.uniform(5, 11) if big else rng.uniform(4, 7)) for _ in range(n)]
     pts = _place(rng, n, sizes)
-    jitter = tuple(tuple(int(v) for v in rng.integers(-JITTER, JITTER + 1, 3)) for _ in range(n + 1))
-    return Scene(tuple(Obj(c, s, r, x, y) for (c, s), r, (x, y) in zip(objs, sizes, pts)), bg, jitter)
+    jitter = tuple(
+        tuple(int(v) for v in rng.integers(-JITTER, JITTER + 1, 3)) for _ in range(n + 1)
+    )
+    return Scene(
+        tuple(Obj(c, s, r, x, y) for (c, s), r, (x, y) in zip(objs, sizes, pts)), bg, jitter
+    )
 
 
 def _a(word: str) -> str:
@@ -146,7 +178,9 @@ def _a(word: str) -> str:
 
 def _size_word(o: Obj, n: int) -> str:
     lo, hi = (5, 11) if n == 1 else (4, 7)
-    return "small" if o.size < lo + (hi - lo) / 3 else "large" if o.size > hi - (hi - lo) / 3 else ""
+    return (
+        "small" if o.size < lo + (hi - lo) / 3 else "large" if o.size > hi - (hi - lo) / 3 else ""
+    )
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
@@ -156,18 +190,26 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     if len(objs) == 1:
         o = objs[0]
         s, c, z = name(o), o.colour, _size_word(o, 1)
-        options = [f"{_a(c)} {s} on a {bg} background", f"{c} {s}, {bg} backdrop",
-                   f"{_a(c)} {s} on {bg}", f"{bg} background with {_a(c)} {s}", f"{_a(c)} {s}",
-                   _a(s), f"{_a(s)} on a {bg} background"]
+        options = [
+            f"{_a(c)} {s} on a {bg} background",
+            f"{c} {s}, {bg} backdrop",
+            f"{_a(c)} {s} on {bg}",
+            f"{bg} background with {_a(c)} {s}",
+            f"{_a(c)} {s}",
+            _a(s),
+            f"{_a(s)} on a {bg} background",
+        ]
         if z:
             options.append(f"{_a(z)} {c} {s}")
         return str(rng.choice(options))
     a, b = objs
     sa, sb = name(a), name(b)
-    options = [f"{_a(a.colour)} {sa} and {_a(b.colour)} {sb}",
-               f"{_a(a.colour)} {sa} and {_a(b.colour)} {sb} on a {bg} background",
-               f"{a.colour} {sa}, {b.colour} {sb}, {bg} backdrop",
-               f"{_a(sa)} and {_a(sb)}"]
+    options = [
+        f"{_a(a.colour)} {sa} and {_a(b.colour)} {sb}",
+        f"{_a(a.colour)} {sa} and {_a(b.colour)} {sb} on a {bg} background",
+        f"{a.colour} {sa}, {b.colour} {sb}, {bg} backdrop",
+        f"{_a(sa)} and {_a(sb)}",
+    ]
     return str(rng.choice(options))
 
 
@@ -196,9 +238,11 @@ def parse_prompt(text: str) -> Prompt:
         elif w in _FILLER or w in BACKGROUNDS:
             continue
         else:
-            raise ValueError(f"prompt {text!r}: unknown word {w!r}; the toy world knows colours "
-                             f"{', '.join(COLOURS)}, shapes {', '.join(_SHAPE_OF)} and backgrounds "
-                             f"{', '.join(BACKGROUNDS)}")
+            raise ValueError(
+                f"prompt {text!r}: unknown word {w!r}; the toy world knows colours "
+                f"{', '.join(COLOURS)}, shapes {', '.join(_SHAPE_OF)} and backgrounds "
+                f"{', '.join(BACKGROUNDS)}"
+            )
     if colour is not None:
         raise ValueError(f"prompt {text!r}: colour {colour!r} is not followed by a shape")
     if not 1 <= len(objects) <= 2:
@@ -218,7 +262,8 @@ def example(seed: int, index: int, train: bool = True) -> tuple[np.ndarray, str,
 
 
 def sample_for_prompt(prompt: Prompt | str, n: int, seed: int = 0) -> tuple[np.ndarray, list]:
-    """n true images [n, 32, 32, 3] for a prompt (free attributes drawn uniformly), and their scenes."""
+    """n true images [n, 32, 32, 3] for a prompt (free attributes drawn uniformly), and their
+    scenes."""
     p = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     scenes = [random_scene(scene_rng(seed, 10_000_000 + i), p, train=False) for i in range(n)]
     return np.stack([render(s) for s in scenes]), scenes

@@ -1,5 +1,6 @@
 """What the toy world's small trained networks (evaluator, reward) share: augmentation, and
 safetensors weights written atomically and loaded from the package's assets."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,9 @@ def augment(x: torch.Tensor, g: torch.Generator, noise: float) -> torch.Tensor:
     """Random horizontal flips and pixel noise of a random strength up to ``noise``; x in [0, 1]."""
     b = x.shape[0]
     x = torch.where((torch.rand(b, generator=g) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
-    return (x + torch.rand(b, 1, 1, 1, generator=g) * noise * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return (
+        x + torch.rand(b, 1, 1, 1, generator=g) * noise * torch.randn(x.shape, generator=g)
+    ).clamp(0, 1)
 
 
 def save(model: torch.nn.Module, out: str) -> None:
@@ -33,8 +36,10 @@ def load(model: torch.nn.Module, path: str | None, asset: str, module: str) -> t
 
     path = path or asset_path(asset)
     if not os.path.exists(path):
-        raise ValueError(f"{asset.split('.')[0]} weights {path!r} not found (train them with "
-                         f"`python -m diffguide.toy.{module} OUT`)")
+        raise ValueError(
+            f"{asset.split('.')[0]} weights {path!r} not found (train them with "
+            f"`python -m diffguide.toy.{module} OUT`)"
+        )
     model.load_state_dict(load_file(path))
     return model.eval()
 

@@ -5,6 +5,7 @@ A family turns prompts into condition dicts (text encoders run through the diffu
 ``forward(x, model_time, cond)`` for ``NetDenoiser``, and decodes latents to images in [0, 1].
 One module per model line; ``family_of`` picks the recipe from the pipeline's networks.
 """
+
 from __future__ import annotations
 
 from .base import ENCODE_LOCK, UPCAST_LOCK, Family, TransformerFamily, guidance_embedding
@@ -16,9 +17,28 @@ from .sd import StableDiffusion, StableDiffusionXL, clip_window_states, clip_win
 from .sd3 import StableDiffusion3
 from .unconditional import Unconditional
 
-__all__ = ["ENCODE_LOCK", "UPCAST_LOCK", "DiT", "Family", "Flux", "PixArt", "QwenImage", "Sana", "SanaSprint",
-           "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "TransformerFamily", "Unconditional",
-           "clip_window_states", "clip_windows", "family_of", "guidance_embedding", "pack2", "unpack2"]
+__all__ = [
+    "ENCODE_LOCK",
+    "UPCAST_LOCK",
+    "DiT",
+    "Family",
+    "Flux",
+    "PixArt",
+    "QwenImage",
+    "Sana",
+    "SanaSprint",
+    "StableDiffusion",
+    "StableDiffusion3",
+    "StableDiffusionXL",
+    "TransformerFamily",
+    "Unconditional",
+    "clip_window_states",
+    "clip_windows",
+    "family_of",
+    "guidance_embedding",
+    "pack2",
+    "unpack2",
+]
 
 
 def family_of(pipe) -> Family:
@@ -26,9 +46,14 @@ def family_of(pipe) -> Family:
     tr = getattr(pipe, "transformer", None)
     if tr is not None:
         cls = type(tr).__name__
-        table = {"DiTTransformer2DModel": DiT, "PixArtTransformer2DModel": PixArt,
-                 "SD3Transformer2DModel": StableDiffusion3, "FluxTransformer2DModel": Flux,
-                 "QwenImageTransformer2DModel": QwenImage, "SanaTransformer2DModel": Sana}
+        table = {
+            "DiTTransformer2DModel": DiT,
+            "PixArtTransformer2DModel": PixArt,
+            "SD3Transformer2DModel": StableDiffusion3,
+            "FluxTransformer2DModel": Flux,
+            "QwenImageTransformer2DModel": QwenImage,
+            "SanaTransformer2DModel": Sana,
+        }
         if cls == "SanaTransformer2DModel" and type(pipe.scheduler).__name__ == "SCMScheduler":
             return SanaSprint(pipe)
         if cls in table:

@@ -1,5 +1,6 @@
 """The base recipe every model family derives from, and what families share: the encode and
 upcast locks, the guidance embedding of LCM students."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,8 @@ import torch
 
 # Tokenizers keep their padding and truncation settings on the object: diffusers' encode_prompt
 # tokenises with "max_length" and then "longest", so two threads encoding at once can swap them and
-# get text embeddings of the wrong length. Encoding is cheap next to sampling; it runs one at a time.
+# get text embeddings of the wrong length. Encoding is cheap next to sampling; it runs one at a
+# time.
 ENCODE_LOCK = threading.RLock()
 UPCAST_LOCK = threading.Lock()
 
@@ -36,7 +38,8 @@ class Family:
     conditional = True
     default_guidance = "cfg"
     grid = None  # the time grid the pipeline itself passes (overriding the scheduler's), if any
-    # the VAE config keys the family's diffusers pipeline reads beside scaling_factor (and so diffguide):
+    # the VAE config keys the family's diffusers pipeline reads beside scaling_factor (and so
+    # diffguide):
     # shift_factor (SD3, Flux), latents_mean / latents_std and force_upcast in float16 (SDXL)
     vae_shift = vae_stats = vae_upcast = False
 
@@ -70,11 +73,14 @@ class Family:
         cfg = self.net.config
         return getattr(cfg, "out_channels", None) == 2 * cfg.in_channels
 
-    def encode(self, prompts: list, negatives: list, n: int, device, negative: bool = True,
-               **extra) -> tuple[dict, dict]:
+    def encode(
+        self, prompts: list, negatives: list, n: int, device, negative: bool = True, **extra
+    ) -> tuple[dict, dict]:
         """Condition dicts for prompts and negatives, n images each. ``extra``: diffusers'
-        ``encode_prompt`` arguments (prompt_embeds, negative_prompt_embeds, clip_skip, lora_scale...).
-        ``negative`` False: no guidance method needs the negative, and a family whose negative costs a
+        ``encode_prompt`` arguments (prompt_embeds, negative_prompt_embeds, clip_skip,
+        lora_scale...).
+        ``negative`` False: no guidance method needs the negative, and a family whose negative
+        costs a
         second text encoding (Flux) may skip it."""
         raise NotImplementedError
 
@@ -90,7 +96,8 @@ class Family:
         return (height // self.factor) * (width // self.factor)
 
     def default_guidance_for(self, negative: bool) -> str:
-        """The method a model runs with when none is asked for (``negative``: a negative prompt was given)."""
+        """The method a model runs with when none is asked for (``negative``: a negative prompt was
+        given)."""
         return self.default_guidance
 
     def notice(self, prompts: Sequence) -> str | None:
@@ -100,11 +107,18 @@ class Family:
         if tok is None or self.chunks or not self.conditional:
             return None
         window = tok.model_max_length - 2
-        long = [p for p in prompts if isinstance(p, str) and len(tok(p, add_special_tokens=False).input_ids) > window]
+        long = [
+            p
+            for p in prompts
+            if isinstance(p, str) and len(tok(p, add_special_tokens=False).input_ids) > window
+        ]
         if not long:
             return None
-        return (f"{len(long)} prompt(s) longer than {type(self.net).__name__}'s text window of {window} tokens; "
-                f"only the first {window} are read ({long[0][:40]!r}...)")
+        return (
+            f"{len(long)} prompt(s) longer than {type(self.net).__name__}'s text window of "
+            f"{window} tokens; "
+            f"only the first {window} are read ({long[0][:40]!r}...)"
+        )
 
     chunks = False  # long prompts are encoded in windows and concatenated (A1111's practice)
 
@@ -136,20 +150,29 @@ class Family:
         return (z - self._shift(cfg)) * cfg.scaling_factor, std * cfg.scaling_factor
 
     def _latent_stats(self, cfg):
-        """The VAE's per-channel latents_mean and latents_std where the family's pipeline reads them."""
+        """The VAE's per-channel latents_mean and latents_std where the family's pipeline reads
+        them."""
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        return (mean, std) if self.vae_stats and mean is not None and std is not None else (None, None)
+        return (
+            (mean, std) if self.vae_stats and mean is not None and std is not None else (None, None)
+        )
 
     def _shift(self, cfg) -> float:
         return (getattr(cfg, "shift_factor", None) or 0.0) if self.vae_shift else 0.0
 
     @contextlib.contextmanager
     def _vae_dtype(self, vae):
-        """The dtype to run the VAE in: float32 for a float16 VAE with force_upcast where the family's
-        pipeline upcasts (SDXL's fp16 VAE overflows), one thread at a time (the cast changes the shared
+        """The dtype to run the VAE in: float32 for a float16 VAE with force_upcast where the
+        family's
+        pipeline upcasts (SDXL's fp16 VAE overflows), one thread at a time (the cast changes the
+        shared
         VAE); else its own."""
         dtype = vae.dtype
-        if not (self.vae_upcast and dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
+        if not (
+            self.vae_upcast
+            and dtype == torch.float16
+            and getattr(vae.config, "force_upcast", False)
+        ):
             yield dtype
             return
         with UPCAST_LOCK:
@@ -168,7 +191,8 @@ class Family:
 
     def start_index(self, steps: int, strength: float) -> int:
         """How many of ``steps`` image-to-image skips (SDEdit at ``strength``), rounded as the
-        family's img2img pipeline rounds (they differ when steps * strength is not a whole number)."""
+        family's img2img pipeline rounds (they differ when steps * strength is not a whole
+        number)."""
         if self.truncate_strength:
             return steps - min(int(steps * strength), steps)
         return int(max(steps - min(steps * strength, steps), 0))

@@ -1,4 +1,5 @@
 """DiT (class-conditional) and PixArt (T5 text) transformers."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -30,8 +31,10 @@ class DiT(TransformerFamily):
                 p = int(p)
             if isinstance(p, str):
                 if p.strip().lower() not in names:
-                    raise ValueError(f"unknown class label {p!r}; give a class index in 0..{classes - 1}"
-                                     + (" or a name from pipe.labels" if names else ""))
+                    raise ValueError(
+                        f"unknown class label {p!r}; give a class index in 0..{classes - 1}"
+                        + (" or a name from pipe.labels" if names else "")
+                    )
                 p = names[p.strip().lower()]
             if not 0 <= int(p) < classes:
                 raise ValueError(f"class label {p} out of range 0..{classes - 1}")
@@ -49,7 +52,9 @@ class DiT(TransformerFamily):
         return {"class": pos}, {"class": neg}
 
     def forward(self, x, tm, cond, net=None):
-        return (self.net if net is None else net)(x, timestep=tm, class_labels=cond["class"], return_dict=False)[0]
+        return (self.net if net is None else net)(
+            x, timestep=tm, class_labels=cond["class"], return_dict=False
+        )[0]
 
 
 class PixArt(DiT):
@@ -61,8 +66,14 @@ class PixArt(DiT):
         if prompts is not None:
             negatives = negatives or [""] * len(prompts)  # its encode_prompt has no None default
         pos, mask, neg, neg_mask = self.pipe.encode_prompt(
-            prompts, do_classifier_free_guidance=True, negative_prompt=negatives or "",
-            num_images_per_prompt=n, device=device, clean_caption=False, **extra)
+            prompts,
+            do_classifier_free_guidance=True,
+            negative_prompt=negatives or "",
+            num_images_per_prompt=n,
+            device=device,
+            clean_caption=False,
+            **extra,
+        )
         return {"text": pos, "mask": mask}, {"text": neg, "mask": neg_mask}
 
     def extra(self, cond, height, width):
@@ -74,7 +85,14 @@ class PixArt(DiT):
         return {**cond, "resolution": res, "aspect_ratio": ratio}
 
     def forward(self, x, tm, cond, net=None):
-        return (self.net if net is None else net)(x, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"],
-                        timestep=tm, added_cond_kwargs={"resolution": cond.get("resolution"),
-                                                        "aspect_ratio": cond.get("aspect_ratio")},
-                        return_dict=False)[0]
+        return (self.net if net is None else net)(
+            x,
+            encoder_hidden_states=cond["text"],
+            encoder_attention_mask=cond["mask"],
+            timestep=tm,
+            added_cond_kwargs={
+                "resolution": cond.get("resolution"),
+                "aspect_ratio": cond.get("aspect_ratio"),
+            },
+            return_dict=False,
+        )[0]

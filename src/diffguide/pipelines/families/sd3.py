@@ -1,4 +1,5 @@
 """Stable Diffusion 3 / 3.5: the MMDiT with CLIP x2 + T5 text on a rectified flow."""
+
 from __future__ import annotations
 
 from .dit import DiT
@@ -13,11 +14,24 @@ class StableDiffusion3(DiT):
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompts, prompts, prompts, device=device, num_images_per_prompt=n,
-            do_classifier_free_guidance=True, negative_prompt=negatives, negative_prompt_2=negatives,
-            negative_prompt_3=negatives, **extra)
+            prompts,
+            prompts,
+            prompts,
+            device=device,
+            num_images_per_prompt=n,
+            do_classifier_free_guidance=True,
+            negative_prompt=negatives,
+            negative_prompt_2=negatives,
+            negative_prompt_3=negatives,
+            **extra,
+        )
         return {"text": pos, "pooled": pooled}, {"text": neg, "pooled": neg_pooled}
 
     def forward(self, x, tm, cond, net=None):
-        return (self.net if net is None else net)(hidden_states=x, timestep=tm, encoder_hidden_states=cond["text"],
-                        pooled_projections=cond["pooled"], return_dict=False)[0]
+        return (self.net if net is None else net)(
+            hidden_states=x,
+            timestep=tm,
+            encoder_hidden_states=cond["text"],
+            pooled_projections=cond["pooled"],
+            return_dict=False,
+        )[0]

@@ -1,4 +1,5 @@
 """Unconditional UNet2DModel folders (DDPM-style)."""
+
 from __future__ import annotations
 
 from .base import Family, _no_extra

@@ -5,6 +5,7 @@ the same batch as on one process and the results equal a single-process run. Sha
 contiguous, as accelerate's ``split_between_processes`` makes them (earlier processes take one more
 when the work does not divide).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,21 +23,27 @@ def launched_rank() -> int:
 
 
 def on_cpu(requested: bool = False) -> bool:
-    """Whether processes run on the CPU (gloo): asked for (``--device cpu``, ``ACCELERATE_USE_CPU``),
+    """Whether processes run on the CPU (gloo): asked for (``--device cpu``,
+    ``ACCELERATE_USE_CPU``),
     or no GPU. accelerate itself would otherwise give every CPU process a world of its own, and each
     would silently do all the work."""
     import torch
 
-    return requested or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") \
+    return (
+        requested
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
         or not torch.cuda.is_available()
+    )
 
 
 def check_world(processes: int) -> None:
     """Refuse a run whose process group is not the one the launcher started."""
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if processes != expected:
-        raise ValueError(f"launched on {expected} processes but accelerate joined {processes}; on a CPU "
-                         f"machine set ACCELERATE_USE_CPU=1 (docs/distillation.md, 'Several processes')")
+        raise ValueError(
+            f"launched on {expected} processes but accelerate joined {processes}; on a CPU "
+            f"machine set ACCELERATE_USE_CPU=1 (docs/distillation.md, 'Several processes')"
+        )
 
 
 def process_state(cpu: bool = False):
