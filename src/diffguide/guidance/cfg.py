@@ -129,7 +129,7 @@ class CFG(Guidance):
 
     scale: float = 5.0
     weight_schedule: str = "constant"
-    floor: float = 1.0
+    floor: float = 1.0  # on the guidance weight w = scale - 1 (Wang et al.'s clamp at 1)
     sigma_lo: float = 0.0
     sigma_hi: float = math.inf
     rescale: float = 0.0

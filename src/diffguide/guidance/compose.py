@@ -35,7 +35,7 @@ class Modulated(Guidance):
 
     inner: Guidance
     weight_schedule: str = "constant"
-    floor: float = 0.0
+    floor: float = 0.0  # on the multiplier k of the inner method's delta (never reversed)
     sigma_lo: float = 0.0
     sigma_hi: float = math.inf
     rescale: float = 0.0
