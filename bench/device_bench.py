@@ -764,33 +764,30 @@ def report(result) -> str:
         out.append("")
     out += [
         "| model | dtype | guidance | side | mode | NFE | ms/image (median, quartiles) | speed-up "
-        "vs diffusers eager | "
-        "decode ms | captured |",
+        "vs diffusers eager | decode ms | captured |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         q, s = r["ms_per_image"], r["speedup_vs_diffusers_eager"]
         out.append(
             f"| {r['model']} | {r['dtype']} | {r['guidance']} | {r['side']} | {r['mode']} | "
-            f"{r['nfe']} | "
-            f"{q[1]} ({q[0]}-{q[2]}) | {s[1]:.3f} ({s[0]:.3f}-{s[2]:.3f}) | {r['decode_ms'][1]} | "
-            f"{r.get('captured', '-')} |"
+            f"{r['nfe']} | {q[1]} ({q[0]}-{q[2]}) | {s[1]:.3f} ({s[0]:.3f}-{s[2]:.3f}) | "
+            f"{r['decode_ms'][1]} | {r.get('captured', '-')} |"
         )
     if result["overhead"]:
         out += [
             "",
             "| model | dtype | steps | network ms | loop ms | non-network / network | network "
-            "graph ms | "
-            "loop graph ms | non-network / network (graphs) |",
+            "graph ms | loop graph ms | non-network / network (graphs) |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for o in result["overhead"]:
             g = o.get("overhead_graph")
             out.append(
                 f"| {o['model']} | {o['dtype']} | {o['steps']} | {o['network_ms'][1]} | "
-                f"{o['loop_ms'][1]} | "
-                f"{o['overhead_eager'][1]:.4f} | {o.get('network_graph_ms', ['-'] * 3)[1]} | "
-                f"{o['loop_graph_ms'][1]} | {g[1] if g else '-'} |"
+                f"{o['loop_ms'][1]} | {o['overhead_eager'][1]:.4f} | "
+                f"{o.get('network_graph_ms', ['-'] * 3)[1]} | {o['loop_graph_ms'][1]} | "
+                f"{g[1] if g else '-'} |"
             )
     if result["errors"]:
         out += ["", "errors:"] + [f"- {e['case']}: {e['error']}" for e in result["errors"]]

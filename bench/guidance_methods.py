@@ -81,8 +81,7 @@ def calibrate(gp, sampler, steps, scale, path, prompts):
 def table(rows) -> str:
     head = (
         "| guidance | NFE | s/image | adherence (± se) | single | two | FD | colour error | "
-        "saturation error |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "saturation error |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| `{r['guidance']}` | {r['nfe_per_image']:.1f} | {r['seconds_per_image']:.3f} | "

@@ -29,16 +29,14 @@ KEYS = (
 def table(rows) -> str:
     head = (
         "| run | noise optimiser | NFE (sampling) | extra NFE | extra backward | s/image | extra "
-        "s/image "
-        "| adherence | single | two | FD | colour error "
+        "s/image | adherence | single | two | FD | colour error "
         "|\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     return head + "".join(
         f"| {r['run']} | {r['noise'] or '-'} | {r['nfe_per_image']:g} | "
-        f"{r.get('noise_nfe_per_image', 0):.1f} | "
-        f"{r.get('noise_backward_per_image', 0):.1f} | {r['seconds_per_image']:.3f} | "
-        f"{r.get('noise_seconds_per_image', 0):.3f} | {r['adherence']:.3f} | "
-        f"{_num(r['adherence_by_group'].get('single'))} | "
+        f"{r.get('noise_nfe_per_image', 0):.1f} | {r.get('noise_backward_per_image', 0):.1f} | "
+        f"{r['seconds_per_image']:.3f} | {r.get('noise_seconds_per_image', 0):.3f} | "
+        f"{r['adherence']:.3f} | {_num(r['adherence_by_group'].get('single'))} | "
         f"{_num(r['adherence_by_group'].get('two'))} | {r['frechet_distance']:.1f} | "
         f"{_num(r['colour_error'])} |\n"
         for r in rows

@@ -34,18 +34,16 @@ def table(rows, ref) -> str:
         f"{ref['adherence_se']:.3f}, "
         f"NFE {ref['nfe_per_image']:g}, FD {ref['frechet_distance']:.1f}.",
         "",
-        "| sampler | spacing | steps | NFE | adherence ± se | vs reference (better/worse images) | "
-        "FD |",
+        "| sampler | spacing | steps | NFE | adherence ± se | vs reference (better/worse images) "
+        "| FD |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         p = r["paired"]
         out.append(
             f"| {r['sampler']} | {r['spacing'] or 'model'} | {r['steps']} | {r['nfe_per_image']:g} "
-            "| "
-            f"{r['adherence']:.3f} ± {r['adherence_se']:.3f} | {p['difference']:+.3f} "
-            f"({p['better']}/{p['worse']}) | "
-            f"{r['frechet_distance']:.1f} |"
+            f"| {r['adherence']:.3f} ± {r['adherence_se']:.3f} | {p['difference']:+.3f} "
+            f"({p['better']}/{p['worse']}) | {r['frechet_distance']:.1f} |"
         )
     return "\n".join(out) + "\n"
 

@@ -1105,8 +1105,8 @@ PUBLISHED = {
         "unconfirmed": [
             "all Qwen-Image files are from verbatim-looking copies embedded in third-party trainers "
             "(musubi-tuner, ai-toolkit), not from a mirror of the hub folder",
-            "brief said base_shift/max_shift = log(3): that is the Lightning LoRA's scheduler, not the folder's "
-            "(0.5 / 0.9)",
+            "brief said base_shift/max_shift = log(3): that is the Lightning LoRA's scheduler, "
+            "not the folder's (0.5 / 0.9)",
         ],
     },
     # ------------------------------------------------------------------------------
@@ -1364,8 +1364,8 @@ PUBLISHED = {
         },
         "unconfirmed": [
             "scheduler.folder: derived, published file not seen",
-            "vae: which VAE (ft-ema or ft-mse) the folder ships is unconfirmed; both are SD VAEs with the default "
-            "scaling 0.18215",
+            "vae: which VAE (ft-ema or ft-mse) the folder ships is unconfirmed; both are SD VAEs "
+            "with the default scaling 0.18215",
             "net: derived from the conversion script",
         ],
     },

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import diffguide as dg
-from diffguide.pipelines import images
+from diffguide import images
 
 TOL = 1e-6  # the samplers' agreement on the mixture (float64 on both sides)
 
@@ -763,8 +763,7 @@ def test_an_image_a1111_wrote_reads_as_the_specs_that_reproduce_it(tmp_path):
         tmp_path / "a.png",
         "a cat, sitting\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, "
         "Schedule type: KL Optimal, CFG scale: 7, Seed: 1234, Size: 512x768, Model hash: "
-        "6ce0161689, "
-        "Model: v1-5-pruned-emaonly, Clip skip: 2, Version: v1.10.1",
+        "6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Version: v1.10.1",
     )
     meta, notices = images.read_settings(png)
     assert meta == {

@@ -352,7 +352,7 @@ def test_cli_lora_and_vae_match_diffusers(folder, tmp_path):
     from PIL import Image
 
     from diffguide.cli.main import main
-    from diffguide.pipelines.images import read_metadata
+    from diffguide.images import read_metadata
 
     path = folder["epsilon"]
     lora = _lora(path, str(tmp_path / "lora"))

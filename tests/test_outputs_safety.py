@@ -543,7 +543,7 @@ def test_a_failed_write_leaves_no_empty_folders(tmp_path, capsys, monkeypatch):
     """A full disk on the first image: the error names the file, and the folders the run made are
     gone.
     Before: '[Errno 28] No space left on device' with no path, and a/b/ left behind."""
-    from diffguide.pipelines import images
+    from diffguide import images
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -17,7 +17,7 @@ import diffguide as dg
 from diffguide.cli.main import main
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
-from diffguide.pipelines.images import Outputs, parameters_text, read_metadata
+from diffguide.images import Outputs, parameters_text, read_metadata
 
 
 def cli(*args, cwd=None):

@@ -192,9 +192,9 @@ def test_an_older_library_is_named_in_one_line(monkeypatch, tmp_path, capsys):
     assert main(["generate", "a", "-o", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        "diffguide: error: diffusers 0.30.3 is installed, but diffguide needs diffusers >= 0.36.0: "
-        "pip install -U 'diffusers>=0.36.0' (or set DIFFGUIDE_UNTESTED_VERSIONS=diffusers to run "
-        "untested)"
+        "diffguide: error: diffusers 0.30.3 is installed, but diffguide needs diffusers >= "
+        "0.36.0: pip install -U 'diffusers>=0.36.0' (or set DIFFGUIDE_UNTESTED_VERSIONS=diffusers "
+        "to run untested)"
     )
     assert not (tmp_path / "a.png").exists()
 

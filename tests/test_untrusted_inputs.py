@@ -19,7 +19,7 @@ from diffguide.cli.main import main
 from diffguide.core.registry import names, options, parse_spec, to_spec
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
-from diffguide.pipelines.images import read_metadata
+from diffguide.images import read_metadata
 
 TE = os.path.join("text_encoder", "model.safetensors")
 UNET = os.path.join("unet", "diffusion_pytorch_model.safetensors")

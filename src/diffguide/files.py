@@ -151,8 +151,7 @@ def check_path(path: str, what: str = "output") -> None:
         if len(os.fsencode(name)) > name_max:
             raise ValueError(
                 f"{what} {shown(path)} has a name of {len(os.fsencode(name))} bytes "
-                f"({shown(name)}); "
-                f"this file system allows at most {name_max}"
+                f"({shown(name)}); this file system allows at most {name_max}"
             )
     if len(os.fsencode(full)) >= path_max:  # PATH_MAX counts the terminating null byte
         raise ValueError(

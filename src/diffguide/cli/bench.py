@@ -48,8 +48,8 @@ def find_bench(explicit: str | None) -> str:
         if c and os.path.isfile(os.path.join(c, "_common.py")):
             return os.path.abspath(c)
     raise UsageError(
-        "diffguide bench needs the repository's bench/ folder: run it from a checkout or "
-        "pass --bench-dir"
+        "diffguide bench needs the repository's bench/ folder: run it from a checkout or pass "
+        "--bench-dir"
     )
 
 

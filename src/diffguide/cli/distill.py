@@ -41,8 +41,7 @@ def add_arguments(p) -> None:
         "--overwrite",
         action="store_true",
         help="a new run into a folder with a previous run's files: replace them by name "
-        "(config.json, "
-        "loss.jsonl, val.jsonl, val/, the student's model files); never a checkpoint",
+        "(config.json, loss.jsonl, val.jsonl, val/, the student's model files); never a checkpoint",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", type=float, default=0.95)

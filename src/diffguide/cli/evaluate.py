@@ -14,7 +14,7 @@ from .. import __version__
 from ..core.registry import parse_spec, to_spec
 from ..files import check_new_file, write_text
 from ..evaluate import calibrate_linear_ag, generate, grid, prompt_seeds, prompt_set
-from ..pipelines.images import Outputs
+from ..images import Outputs
 from .generate import (
     MAX_SEED,
     SaidNotices,
@@ -235,8 +235,7 @@ def _announce(images: int, args, h: int, w: int, state):
         return None
     print(
         f"diffguide: {images:,} images x {args.steps} steps at {w}x{h}, in batches of up to "
-        f"{args.batch}; "
-        f"a time estimate follows the first batch",
+        f"{args.batch}; a time estimate follows the first batch",
         file=sys.stderr,
     )
     t0 = time.perf_counter()

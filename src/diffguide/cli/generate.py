@@ -22,8 +22,7 @@ MAX_SEED = 2**64 - 1  # torch generators take seeds in [0, 2^64)
 MAX_STEPS, MAX_PIXELS, MAX_WORK = 10_000, 4096 * 4096, 2**40
 SPACE_HINT = (
     "free some space, write elsewhere (-o), or pass --large to try anyway (the estimate takes "
-    "every "
-    "image as incompressible)"
+    "every image as incompressible)"
 )
 
 
@@ -156,9 +155,8 @@ def check_work(
     if work > MAX_WORK:
         raise UsageError(
             f"{images:,} images x {steps or 1:,} steps x {pixels:,} pixels is {work:.3g} "
-            "pixel-steps, "
-            f"over the limit of 2^40 ({MAX_WORK:.3g}); ask for fewer, or pass --large to run it "
-            "anyway"
+            f"pixel-steps, over the limit of 2^40 ({MAX_WORK:.3g}); ask for fewer, or pass --large "
+            "to run it anyway"
         )
 
 
@@ -174,8 +172,7 @@ def estimate(first: float, done: int, left: int) -> str:
     """The line said once the first batch is done: its time, and the rest's at that pace."""
     return (
         f"diffguide: the first {done:,} image(s) took {duration(first)}; about "
-        f"{duration(first * left / done)} "
-        f"more for the other {left:,}"
+        f"{duration(first * left / done)} more for the other {left:,}"
     )
 
 
@@ -494,7 +491,7 @@ def apply_png(args) -> list[int] | None:
     as
     its flag is and before the model loads; the batch it was made in, so that the image comes out
     bit for bit."""
-    from ..pipelines.images import read_settings
+    from ..images import read_settings
 
     path = args.from_png
     meta, notices = read_settings(path)  # an image A1111 wrote: its labels read as specs
@@ -716,15 +713,15 @@ def load_init_image(args, noise):
 
 
 def run(args) -> int:
-    from ..pipelines.images import Outputs, parameters_text
+    from ..images import Outputs, parameters_text
 
     # everything that can be checked before loading the model is checked first
     batch_seeds = apply_png(args) if args.from_png else None
     if args.fast:
         if args.model not in (None, "builtin"):
             raise UsageError(
-                f"--fast picks the built-in distilled student; it cannot be combined with "
-                f"--model {args.model!r}"
+                "--fast picks the built-in distilled student; it cannot be combined with --model "
+                f"{args.model!r}"
             )
         args.model = "builtin-fast"
     args.model = args.model or "builtin"
@@ -769,12 +766,6 @@ def run(args) -> int:
         if batch_seeds is None
         else [batch_seeds]
     )
-    if args.embedded_guidance is not None and gp.embedded_guidance is None:
-        raise UsageError(
-            f"--embedded-guidance given but {type(gp.family.net).__name__} has no embedded "
-            "guidance "
-            f"input; use --guidance and --scale"
-        )
     # the one place the call is checked and resolved: the pipeline's plan, for the first batch
     req = gp.plan(
         prompt,
@@ -872,8 +863,7 @@ def run(args) -> int:
     if len(batches) > 1 and is_main(state):
         print(
             f"diffguide: {len(seeds):,} images x {args.steps} steps at {w}x{h}, in "
-            f"{len(batches):,} batches; "
-            f"a time estimate follows the first batch",
+            f"{len(batches):,} batches; a time estimate follows the first batch",
             file=sys.stderr,
         )
     for k, chunk in enumerate(mine):
@@ -886,8 +876,7 @@ def run(args) -> int:
         ):  # InitNO's reading
             print(
                 f"diffguide: InitNO subjects: {', '.join(out.noise['subjects'][0])} (set others "
-                "with "
-                f"--initno subjects=word|word)",
+                f"with --initno subjects=word|word)",
                 file=sys.stderr,
             )
         for seed, img in zip(chunk, out.images):

@@ -179,8 +179,8 @@ def _tiny_target(folder: str, target: str, overwrite: bool) -> None:
         )
     if not overwrite:
         raise UsageError(
-            f"{folder!r} holds a model; pass --overwrite to replace its files (nothing else in "
-            f"the folder is touched)"
+            f"{folder!r} holds a model; pass --overwrite to replace its files (nothing else in the "
+            "folder is touched)"
         )
 
 
@@ -225,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "distill",
             help="distil a guided teacher into a 1-8 step student (consistency, dmd2, scm), or "
-            "train a "
-            "consistency model from data (ict)",
+            "train a consistency model from data (ict)",
         )
     )
     tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
@@ -260,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace the model in a model folder: its files by name, the old model's other own "
-        "files "
-        "removed, nothing else in the folder touched",
+        "files removed, nothing else in the folder touched",
     )
     m = sub.add_parser("mixture", help="sample the built-in 2-D Gaussian mixture (exact reference)")
     m.add_argument(

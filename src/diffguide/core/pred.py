@@ -43,8 +43,8 @@ class Pred:
         out, x = _f(out), _f(x)
         if out.shape != x.shape:
             raise ValueError(
-                f"network output shape {tuple(out.shape)} does not match the sample "
-                f"shape {tuple(x.shape)}"
+                f"network output shape {tuple(out.shape)} does not match the sample shape "
+                f"{tuple(x.shape)}"
             )
         a, s = _coef(a, x), _coef(s, x)
         if kind == "eps":

@@ -255,9 +255,8 @@ def _ve_range(schedule, sigma_min, sigma_max, name):
     hi = schedule.sigma_max if sigma_max is None else float(sigma_max)
     if not (0 < lo < hi < math.inf):
         raise ValueError(
-            f"spacing {name!r} needs 0 < sigma_min < sigma_max < inf, got "
-            f"sigma_min={lo:g}, sigma_max={hi:g} (a zero-terminal-SNR schedule must be "
-            f"given a finite sigma_max)"
+            f"spacing {name!r} needs 0 < sigma_min < sigma_max < inf, got sigma_min={lo:g}, "
+            f"sigma_max={hi:g} (a zero-terminal-SNR schedule must be given a finite sigma_max)"
         )
     return lo, hi
 
@@ -432,9 +431,8 @@ def timesteps(
     elif spacing in _DIFFUSERS:
         if not isinstance(schedule, VPSchedule):
             raise ValueError(
-                f"spacing {spacing!r} indexes a discrete VP table; "
-                f"{type(schedule).__name__} supports: karras, exponential, beta, uniform_lam, "
-                "uniform_t"
+                f"spacing {spacing!r} indexes a discrete VP table; {type(schedule).__name__} "
+                "supports: karras, exponential, beta, uniform_lam, uniform_t"
             )
         n = steps + 1 if drop_last else steps
         if n > schedule.num_train_timesteps:

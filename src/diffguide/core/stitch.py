@@ -46,6 +46,6 @@ def check_same_schedule(large, small) -> None:
         and torch.allclose(a.sigma(ts), b.sigma(ts), atol=1e-6)
     ):
         raise ValueError(
-            "cannot stitch: the models' noise schedules differ (alpha and sigma must agree "
-            "at every t)"
+            "cannot stitch: the models' noise schedules differ (alpha and sigma must agree at "
+            "every t)"
         )

@@ -36,7 +36,7 @@ def load(path: str) -> dict:
     digest, payload = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
     if hashlib.sha256(payload).digest() != digest:
         raise ValueError(
-            f"checkpoint {path!r} is corrupt (checksum mismatch: truncated or altered); "
-            f"refusing to load it"
+            f"checkpoint {path!r} is corrupt (checksum mismatch: truncated or altered); refusing "
+            "to load it"
         )
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)

@@ -103,8 +103,8 @@ def batches(cfg, data, teacher, device, parts: int):
     total = cfg.batch * parts
     if data.n < total:
         raise ValueError(
-            f"the effective batch {total} (batch {cfg.batch} x {parts}) is larger than the "
-            f"data ({data.n} images)"
+            f"the effective batch {total} (batch {cfg.batch} x {parts}) is larger than the data "
+            f"({data.n} images)"
         )
     per_epoch = data.n // total
 

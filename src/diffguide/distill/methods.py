@@ -160,9 +160,8 @@ class Method:
         check_network(net)
         if not hasattr(teacher.info.schedule, "index_time"):
             raise ValueError(
-                f"{self.name} needs a teacher with training timesteps (a VP or "
-                f"flow-matching scheduler); {type(net).__name__} has a "
-                f"{type(teacher.info.schedule).__name__}"
+                f"{self.name} needs a teacher with training timesteps (a VP or flow-matching "
+                f"scheduler); {type(net).__name__} has a {type(teacher.info.schedule).__name__}"
             )
         self.boundary = lcm_boundary(teacher.info.schedule) if self.lcm_boundary else None
         # a scale embedding needs a UNet's time_cond_proj_dim; transformers bake the guidance in
@@ -539,8 +538,7 @@ class ICT(Method):
             raise ValueError(
                 f"{ckpt} was trained with max_steps={old.get('max_steps')!r}, over "
                 f"which iCT's discretisation curriculum is laid out; resume with the "
-                f"same --max-steps (or fix the curriculum's length with --ict-total "
-                f"from the start)"
+                f"same --max-steps (or fix the curriculum's length with --ict-total from the start)"
             )
 
     def original_steps(self, train_steps):

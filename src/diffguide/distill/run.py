@@ -144,8 +144,7 @@ class Run:
 def effective_batch(batch: int, processes: int, grad_accum: int) -> str:
     return (
         f"{batch * processes * grad_accum} (batch {batch} x {processes} "
-        f"process{'es' * (processes > 1)} "
-        f"x accumulation {grad_accum})"
+        f"process{'es' * (processes > 1)} x accumulation {grad_accum})"
     )
 
 
@@ -157,8 +156,8 @@ def _check_resume(cfg: DistillConfig, state: dict, processes: int, ckpt: str) ->
     for k in DistillConfig.FIXED:
         if old.get(k) != getattr(cfg, k):
             raise ValueError(
-                f"{ckpt} was trained with {k}={old.get(k)!r}, not {getattr(cfg, k)!r}; resume "
-                f"with the same setting"
+                f"{ckpt} was trained with {k}={old.get(k)!r}, not {getattr(cfg, k)!r}; resume with "
+                "the same setting"
             )
     method_class(cfg).check_resume(cfg, old, ckpt)
     was = (old["batch"], state.get("processes", 1), old["grad_accum"])

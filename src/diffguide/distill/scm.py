@@ -145,8 +145,7 @@ def time_derivative(F, x_in, t, dx_in, cond, method: str = "jvp", h: float = 1e-
                 warnings.warn(
                     f"forward-mode AD failed in this network ({str(e).splitlines()[0][:160]}); sCM "
                     f"uses a central difference instead (h = {h}; within 1e-3 of the tangent's "
-                    "scale "
-                    f"on the tiny test networks)",
+                    f"scale on the tiny test networks)",
                     RuntimeWarning,
                     stacklevel=2,
                 )

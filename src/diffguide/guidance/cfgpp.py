@@ -25,8 +25,7 @@ def equivalence(ve, lambdas=(0.4, 0.6, 1.0)) -> str:
     return (
         f"lambda {' / '.join(f'{lam:g}' for lam in lambdas)} act like CFG "
         f"{' / '.join(f'{lam * med:.1f}' for lam in lambdas)} per step (median over its {len(r)} "
-        "steps); "
-        f"for a CFG scale s take lambda about s / {med:.1f}"
+        f"steps); for a CFG scale s take lambda about s / {med:.1f}"
     )
 
 

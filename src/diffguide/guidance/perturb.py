@@ -143,8 +143,7 @@ def self_attention_layers(module, layers: str, method: str) -> list:
             names = [n for n, m in module.named_modules() if _is_self_attention(m)]
             raise ValueError(
                 f"{method} layer {item!r} matches no self-attention layer of "
-                f"{type(module).__name__}; "
-                "its self-attention layers are: "
+                f"{type(module).__name__}; its self-attention layers are: "
                 f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
             )
         found += [m for m in hits if m not in found]
@@ -315,8 +314,8 @@ def _diagonal_hook(attn, args, kwargs, out):
             return _put(rows, _value_path(attn, _take(rows, h)), out)
     if kwargs.get("attention_mask") is not None:
         raise ValueError(
-            "PAG joint=diagonal does not combine with an attention_mask given to a joint attention "
-            "layer; use joint=values"
+            "PAG joint=diagonal does not combine with an attention_mask given to a joint "
+            "attention layer; use joint=values"
         )
     mask = kwargs.get("encoder_hidden_states_mask")  # Qwen-Image's text padding
     mask = None if mask is None else _take(rows, mask).bool()
@@ -387,8 +386,7 @@ def _rotate(x, cos, sin):
     if cos.ndim != 2 or cos.shape[0] != x.shape[1]:
         raise ValueError(
             f"PAG joint=diagonal expects a (tokens, channels) rotary table for {x.shape[1]} "
-            "tokens, "
-            f"got {tuple(cos.shape)}; use joint=values"
+            f"tokens, got {tuple(cos.shape)}; use joint=values"
         )
     xf = x.float()
     pairs = xf.unflatten(-1, (-1, 2))

@@ -405,7 +405,7 @@ class InitNO(NoiseOptimizer):
         if not words:
             raise ValueError(
                 f"InitNO: no subject noun found in prompt {prompt!r}; name them with "
-                f"subjects=word|word"
+                "subjects=word|word"
             )
         return words
 

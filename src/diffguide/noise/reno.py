@@ -181,8 +181,7 @@ class ReNO(NoiseOptimizer):
             if bad and it == 0:
                 raise ValueError(
                     f"reward {name} returned {float(r[bad[0]].detach())} for image {bad[0]} "
-                    "(prompt "
-                    f"{prompts[bad[0]]!r}) on the starting noise; rewards must be finite"
+                    f"(prompt {prompts[bad[0]]!r}) on the starting noise; rewards must be finite"
                 )
             loss = loss - w * r.float()
         return loss

@@ -359,7 +359,7 @@ def _mismatch(module, file: str, missing: set, unexpected: set, total: int) -> s
     if missing:
         parts.append(
             f"lacks {len(missing)} of the {total} tensors {cls} needs ({_names(missing)}), which "
-            f"would be random weights"
+            "would be random weights"
         )
     if unexpected:
         parts.append(

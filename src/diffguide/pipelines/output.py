@@ -39,8 +39,7 @@ def decode(pipe, req, x) -> tuple[Any, list | None]:
             "decoding produced NaN pixels from finite latents"
             + (
                 f": the VAE overflowed in {str(vae.dtype).replace('torch.', '')}; decode in "
-                "float32 "
-                f"(--vae-dtype float32, vae_dtype=torch.float32)"
+                f"float32 (--vae-dtype float32, vae_dtype=torch.float32)"
                 if vae is not None
                 else ""
             ),

@@ -447,8 +447,7 @@ class GuidedPipeline:
                 )
                 raise ValueError(
                     "a guidance scale was given (--scale, guidance_scale) but guidance "
-                    f"{to_spec(g)!r} "
-                    f"has no scale option{hint}"
+                    f"{to_spec(g)!r} has no scale option{hint}"
                 )
             g = dataclasses.replace(g, scale=float(guidance_scale))
         sampler = (
@@ -750,8 +749,8 @@ class GuidedPipeline:
         k = self.family.start_index(steps, float(strength))
         if k >= steps:
             raise ValueError(
-                f"strength {strength} leaves none of the {steps} steps to run; raise strength "
-                f"or steps"
+                f"strength {strength} leaves none of the {steps} steps to run; raise strength or "
+                "steps"
             )
         return k
 

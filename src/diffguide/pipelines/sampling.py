@@ -159,8 +159,7 @@ def loop(pipe, req, conds, guided, make, x, noise) -> tuple[torch.Tensor, int, i
         half = pipe.family.net.dtype == torch.float16
         raise NonFiniteError(
             f"{e} with guidance {to_spec(req.guidance)} and sampler {to_spec(req.sampler)}: the "
-            "guidance scale may be "
-            f"too large for this model (lower it)"
+            f"guidance scale may be too large for this model (lower it)"
             + (
                 ", or the network overflowed in float16 (run it in float32 or bfloat16: --dtype)"
                 if half

@@ -220,8 +220,8 @@ class SchedulerInfo:
         if not self.unreproduced:
             return None
         return (
-            f"{self.name} config keys diffguide does not reproduce (its images will differ from "
-            "diffusers'): " + "; ".join(self.unreproduced)
+            f"{self.name} config keys diffguide does not reproduce "
+            "(its images will differ from diffusers'): " + "; ".join(self.unreproduced)
         )
 
     def at_size(self, seq_len: int) -> "SchedulerInfo":
@@ -350,10 +350,8 @@ def _flow(name: str, cfg: dict, unreproduced: tuple) -> SchedulerInfo:
         sampler = "consistency"
         notice = (
             f"{name} with stochastic_sampling draws its step noise from torch's global generator "
-            "in "
-            "diffusers; diffguide's consistency sampler draws it from each image's seed (the same "
-            "rule, "
-            f"other noise)"
+            "in diffusers; diffguide's consistency sampler draws it from each image's seed (the "
+            "same rule, other noise)"
         )
     return SchedulerInfo(
         schedule,
@@ -582,8 +580,7 @@ def _vp(scheduler, name: str, cfg: dict, unreproduced: tuple) -> SchedulerInfo:
     ):  # diffusers' last step there is empty
         notice = (
             f"{name} with use_{sigma_grid}_sigmas ends with a zero-length step in diffusers, so "
-            "its images keep "
-            f"sigma_min's noise; diffguide's grid lands on data"
+            f"its images keep sigma_min's noise; diffguide's grid lands on data"
         )
     return SchedulerInfo(
         schedule,
@@ -694,8 +691,7 @@ def own_sampler(name: str, cfg: dict) -> tuple[str, str | None]:
             return plms, None
         return plms, (
             f"{name} without skip_prk_steps starts with Runge-Kutta (PRK) steps, which diffguide "
-            "does not "
-            f"have; sampling with plms (its pseudo improved-Euler start)"
+            f"does not have; sampling with plms (its pseudo improved-Euler start)"
         )
     if name in ("DDPMScheduler", "DDPMParallelScheduler") and cfg.get("variance_type") not in (
         None,

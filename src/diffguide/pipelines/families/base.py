@@ -116,8 +116,7 @@ class Family:
             return None
         return (
             f"{len(long)} prompt(s) longer than {type(self.net).__name__}'s text window of "
-            f"{window} tokens; "
-            f"only the first {window} are read ({long[0][:40]!r}...)"
+            f"{window} tokens; only the first {window} are read ({long[0][:40]!r}...)"
         )
 
     chunks = False  # long prompts are encoded in windows and concatenated (A1111's practice)

@@ -81,8 +81,7 @@ class Flux(TransformerFamily):
             return None
         return (
             f"{len(long)} prompt(s) longer than Flux's T5 window of {self.max_sequence_length} "
-            "tokens; the "
-            f"rest is not read ({long[0][:40]!r}...)"
+            f"tokens; the rest is not read ({long[0][:40]!r}...)"
         )
 
     def embed_guidance(self, cond, value, b):

@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 
-from ..files import check_link, check_path, check_space, make_folders, prove_writable, remove_empty
+from .files import check_link, check_path, check_space, make_folders, prove_writable, remove_empty
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 UNSUPPORTED = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl")
@@ -320,7 +320,7 @@ def _same_sampler(spec: str, label_spec: str, steps: int, above_data: bool) -> b
     """Whether two sampler specs make the same steps on a grid of ``steps`` steps."""
     import dataclasses
 
-    from ..core.registry import parse_spec
+    from .core.registry import parse_spec
 
     mine, theirs = parse_spec("sampler", spec), parse_spec("sampler", label_spec)
     if type(mine) is not type(theirs):
@@ -361,7 +361,7 @@ def parameters_text(meta: dict, family: str | None = None, grid: dict | None = N
     names otherwise, and diffguide's specs beside. ``grid``: the model's own grid (its ``timesteps``
     arguments) when ``meta`` names no spacing; ``family``: the model family's name ('sd',
     'sdxl')."""
-    from ..core.spacing import ABOVE_DATA
+    from .core.spacing import ABOVE_DATA
 
     lines = [str(meta["prompt"])]
     if meta.get("negative_prompt"):
@@ -524,7 +524,7 @@ def a1111_sampler_spec(label: str, steps: int, above_data: bool = False) -> tupl
     one with a notice saying what differs; a label with no diffguide sampler is an error."""
     import dataclasses
 
-    from ..core.registry import parse_spec, to_spec
+    from .core.registry import parse_spec, to_spec
 
     if label in A1111_SAMPLERS:
         spec = parse_spec("sampler", A1111_SAMPLERS[label])
@@ -560,8 +560,7 @@ def a1111_spacing(schedule: str | None, sampler_label: str) -> tuple[str | None,
         own_grid = sampler_label in ("DDIM", "PLMS", "UniPC", "LCM")
         return None, [] if own_grid else [
             "A1111 ran its Uniform levels (no Schedule type), which no diffguide spacing gives; "
-            "the model's "
-            "own grid is used"
+            "the model's own grid is used"
         ]
     return None, [
         f"A1111's schedule {schedule!r} has no diffguide spacing; the model's own grid is used"
@@ -596,7 +595,7 @@ def a1111_settings(fields: dict) -> tuple[dict, list[str]]:
     steps, seed = _integer(fields, "Steps"), _integer(fields, "Seed")
     width, height = _size(fields["Size"])
     label, schedule = _legacy_label(fields["Sampler"], fields.get("Schedule type"))
-    from ..core.spacing import ABOVE_DATA
+    from .core.spacing import ABOVE_DATA
 
     spacing, notices = a1111_spacing(schedule, label)
     sampler, notice = a1111_sampler_spec(label, steps, spacing in ABOVE_DATA)
@@ -607,8 +606,8 @@ def a1111_settings(fields: dict) -> tuple[dict, list[str]]:
         fields.get(k, "0.6") != "0.6" for k in ("Beta schedule alpha", "Beta schedule beta")
     ):
         notices.append(
-            "A1111's Beta schedule alpha/beta other than 0.6 cannot be given by spacing name; "
-            "0.6 is used"
+            "A1111's Beta schedule alpha/beta other than 0.6 cannot be given by spacing name; 0.6 "
+            "is used"
         )
     meta = {
         "prompt": fields["Prompt"],
@@ -633,8 +632,7 @@ def _a1111_caveats(fields: dict, used: set) -> list[str]:
     if "Model" in fields:
         notes.append(
             f"A1111's model {fields['Model']!r} is a checkpoint name, not loaded: --model picks "
-            "the "
-            f"model (default: the built-in one)"
+            f"the model (default: the built-in one)"
         )
     if re.search(
         r"[()\[\]]|<lora:|\bAND\b|\bBREAK\b", fields["Prompt"] + fields["Negative prompt"]
@@ -666,7 +664,7 @@ def _with_eta(spec: str, eta: str | None) -> tuple[str, str | None]:
     """A1111's Eta (written where it is not 1) as the sampler's eta option."""
     import dataclasses
 
-    from ..core.registry import parse_spec, to_spec
+    from .core.registry import parse_spec, to_spec
 
     if eta is None:
         return spec, None
