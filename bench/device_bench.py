@@ -12,8 +12,7 @@ below
    the tested floor), then per family an eager call and ``cuda_graph=True`` calls: the first
    captures
    (its capture time and the graph's memory), a second replays it, a third replays with a new seed
-   and
-   prompt; each equals its eager call within the dtype's tolerance.
+   and prompt; each equals its eager call within the dtype's tolerance.
 2. **plan** (``--budget-s``): every model eager and with the loop graph before any compile variant,
    then the compiled variants on both sides. An exception (an OOM, a NonFiniteError, an API
    difference) is recorded for its case and the next case runs; SIGTERM (``timeout``) saves and
@@ -33,8 +32,7 @@ it);
   diffusers eager with the same guidance (the paired ratio);
 - parity first: diffguide's image against diffusers' at equal settings, as max, mean and p99 of
   |diff| in [0, 1] (``--tolerance``); a loop-graph row whose loop was not captured is flagged with
-  the
-  capture's own error; either exits 1;
+  the capture's own error; either exits 1;
 - CFG; CFG + PAG (diffusers' PAG pipeline, three branches in one batch); CFG cut off after a fixed
 step
   (diffusers' documented ``callback_on_step_end`` against diffguide's ``sigma_lo``), so the NFE
@@ -390,8 +388,7 @@ def sync(device):
 
 def timed(fn, device) -> float:
     """Seconds of fn() between device syncs, under inference mode; fn's own figure where it returns
-    one
-    (a call that timed its part itself)."""
+    one (a call that timed its part itself)."""
     sync(device)
     t = time.perf_counter()
     with torch.inference_mode():
@@ -444,8 +441,7 @@ COMPILED = ("compile", "graphs", "compile+loop-graph")
 
 class Run:
     """The run's results, saved (device.json, device.md; temporary name, then rename) whenever a
-    row,
-    round or error is added, so a run stopped by its time limit or a signal keeps what it
+    row, round or error is added, so a run stopped by its time limit or a signal keeps what it
     measured."""
 
     def __init__(self, out, device, args):
@@ -568,8 +564,7 @@ def smoke(run: Run, name, pipe, device, dtype_name, steps, size, tolerance) -> d
 
 def run_case(run: Run, case, variants, repeats, device, dtype_name, tolerance):
     """Parity first, then the variants interleaved, rows refreshed and saved after every round:
-    medians,
-    quartiles, paired ratios to stock diffusers eager, and each side's decoding time."""
+    medians, quartiles, paired ratios to stock diffusers eager, and each side's decoding time."""
     with torch.inference_mode():
         a, b = case.stock(), case.ours()
     parity = {
@@ -796,10 +791,8 @@ def report(result) -> str:
 
 SMOKE = [("sd15", "float16"), ("sdxl", "float16"), ("dit", "float16"), ("flux", "bfloat16")]
 # The plan after the smoke stage, most important first: every model eager and with the loop graph
-# (the
-# issue's goals on SD 1.5 float16 at batch 1 first: CFG, then AG's skipped branches as "cfg cut"),
-# then
-# the compiled variants on both sides, model by model, while the budget lasts.
+# (the issue's goals on SD 1.5 float16 at batch 1 first: CFG, then AG's skipped branches as "cfg
+# cut"), then the compiled variants on both sides, model by model, while the budget lasts.
 LIGHT = ["eager", "loop-graph"]
 PLAN = [
     ("sd15", "float16", "cfg", LIGHT),

@@ -3,8 +3,7 @@ pipeline, time per image at equal NFE on random weights (no download).
 
 FluxPipeline with ``true_cfg_scale`` runs the conditional and the negative branch as two separate
 forwards per step; diffguide batches them into one. SanaPipeline already batches its CFG, so the
-Sana
-row shows the loop alone. The transformers keep their published width (Flux.1: 24 heads x 128,
+Sana row shows the loop alone. The transformers keep their published width (Flux.1: 24 heads x 128,
 T5 width 4096, pooled CLIP 768; Sana-1.6B: 70 heads x 32, Gemma-2 width 2304) with fewer blocks
 (--flux-blocks, --sana-blocks) so that a CPU can run them; text encoders and VAEs are tiny. Both
 sides run under the same grad mode (inference_mode), decode with the same VAE, and must give the

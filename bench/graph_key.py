@@ -3,8 +3,7 @@
 The old key walked every parameter (data pointer, dtype) and every module (LoRA scales) at every
 call;
 ``pipelines.pipeline._weights_key`` samples three parameters and finds the LoRA layers again only
-when
-the adapters change. Both run here on SD 1.5's, SDXL's and Flux.1's denoisers built on the meta
+when the adapters change. Both run here on SD 1.5's, SDXL's and Flux.1's denoisers built on the meta
 device
 (no memory; the walk is what costs), interleaved, medians of per-round times and of paired ratios.
 

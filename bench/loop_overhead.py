@@ -60,8 +60,7 @@ class Clock:
 
 def timed(fns: dict, clocks: dict, repeats: int):
     """Per candidate and per figure (wall, CPU and each clock), the median over interleaved runs,
-    and
-    the per-round lists of wall and CPU seconds."""
+    and the per-round lists of wall and CPU seconds."""
     for fn in fns.values():
         fn()  # warm-up
     rec = {k: {c: [] for c in ["wall", "cpu", *clocks]} for k in fns}

@@ -1,6 +1,5 @@
 """Every sampler and schedule against the reference on the built-in model: adherence, FD and NFE at
-a
-few step counts, CFG 5, with each row's adherence compared image by image (same prompts and seeds)
+a few step counts, CFG 5, with each row's adherence compared image by image (same prompts and seeds)
 with the reference, CFG-5 dpmpp_2m at 25 steps; "reaches" is the smallest NFE whose adherence is
 within one standard error of the reference's.
 

@@ -44,8 +44,7 @@ class WellPosed:
     A bare random UNet predicts an eps inconsistent with x_t, so x0 = (x - s eps)/a blows up by 1/a
     and samples end far from unit variance; this keeps them near it while the UNet still makes the
     output depend on x, t and the condition. Called exactly like a diffusers UNet (x, timestep,
-    emb).
-    """
+    emb)."""
 
     def __init__(self, schedule: dg.VPSchedule, unet, kind: str = "eps"):
         self.schedule, self.unet, self.kind = schedule, unet, kind

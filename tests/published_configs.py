@@ -45,10 +45,10 @@ LOG_3 = 1.0986122886681098  # math.log(3), written out so this module needs no i
 
 
 PUBLISHED = {
-    # ------------------------------------------------------------------------------
-    # SD 1.5. Sources: forge@c8156fcf (backend/huggingface/runwayml/stable-diffusion-v1-5/
-    # {model_index.json, scheduler/scheduler_config.json, vae/config.json,
-    # unet/config.json}); the same scheduler file is in vladmandic/automatic@431bcc36
+    # ------------------------------------------------------------------------------ SD 1.5.
+    # Sources: forge@c8156fcf (backend/huggingface/runwayml/stable-diffusion-v1-5/
+    # {model_index.json, scheduler/scheduler_config.json, vae/config.json, unet/config.json}); the
+    # same scheduler file is in vladmandic/automatic@431bcc36
     # configs/sd15/scheduler/scheduler_config.json.  The hub repo now lives at
     # stable-diffusion-v1-5/stable-diffusion-v1-5 (a copy of runwayml's).
     # ------------------------------------------------------------------------------
@@ -106,13 +106,12 @@ PUBLISHED = {
         },
         "unconfirmed": [],
     },
-    # ------------------------------------------------------------------------------
-    # SD 2.1 (768, v-prediction). Sources: forge@c8156fcf backend/huggingface/
-    # stabilityai/stable-diffusion-2-1/{model_index.json, scheduler/..., vae/..., unet/...}.
-    # Card: swaps in DPMSolverMultistepScheduler.from_config(pipe.scheduler.config);
-    # the card text was seen only through copies (e.g. GowthamSaminathan/ann_1
-    # test/img_gen.py, comment "Use the DPMSolverMultistepScheduler (DPM-Solver++)
-    # scheduler here instead").
+    # ------------------------------------------------------------------------------ SD 2.1 (768,
+    # v-prediction). Sources: forge@c8156fcf backend/huggingface/
+    # stabilityai/stable-diffusion-2-1/{model_index.json, scheduler/..., vae/..., unet/...}. Card:
+    # swaps in DPMSolverMultistepScheduler.from_config(pipe.scheduler.config); the card text was
+    # seen only through copies (e.g. GowthamSaminathan/ann_1 test/img_gen.py, comment "Use the
+    # DPMSolverMultistepScheduler (DPM-Solver++) scheduler here instead").
     # ------------------------------------------------------------------------------
     "sd21_v": {
         "repo": "stabilityai/stable-diffusion-2-1",
@@ -176,10 +175,10 @@ PUBLISHED = {
             "scheduler.recommended: card read only through third-party copies of its snippet"
         ],
     },
-    # ------------------------------------------------------------------------------
-    # SDXL base 1.0. Sources: forge@c8156fcf backend/huggingface/stabilityai/
-    # stable-diffusion-xl-base-1.0/{model_index.json, scheduler/..., vae/..., unet/...};
-    # same scheduler file in vladmandic/automatic@431bcc36 configs/sdxl/.
+    # ------------------------------------------------------------------------------ SDXL base 1.0.
+    # Sources: forge@c8156fcf backend/huggingface/stabilityai/
+    # stable-diffusion-xl-base-1.0/{model_index.json, scheduler/..., vae/..., unet/...}; same
+    # scheduler file in vladmandic/automatic@431bcc36 configs/sdxl/.
     # ------------------------------------------------------------------------------
     "sdxl_base": {
         "repo": "stabilityai/stable-diffusion-xl-base-1.0",
@@ -239,15 +238,13 @@ PUBLISHED = {
         },
         "unconfirmed": [],
     },
-    # ------------------------------------------------------------------------------
-    # SDXL-Turbo. Sources: JSchalter/models@73821852 sdxl-turbo/{scheduler/
-    # scheduler_config.json, vae/config.json, unet/config.json} (hub file copies).
-    # Scheduler file also reproduced in a third-party SDXL module (SCHEDULER_EULERA_
-    # CONFIG_JSON) with identical keys.  Card / diffusers docs (diffusers@58eb52c0
-    # docs/source/en/api/pipelines/stable_diffusion/sdxl_turbo.md): guidance_scale=0.0,
-    # num_inference_steps=1 (2-4 also fine), 512x512; the folder's scheduler is used
-    # as is.
-    # ------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------ SDXL-Turbo.
+    # Sources: JSchalter/models@73821852 sdxl-turbo/{scheduler/ scheduler_config.json,
+    # vae/config.json, unet/config.json} (hub file copies). Scheduler file also reproduced in a
+    # third-party SDXL module (SCHEDULER_EULERA_ CONFIG_JSON) with identical keys.  Card / diffusers
+    # docs (diffusers@58eb52c0 docs/source/en/api/pipelines/stable_diffusion/sdxl_turbo.md):
+    # guidance_scale=0.0, num_inference_steps=1 (2-4 also fine), 512x512; the folder's scheduler is
+    # used as is. ------------------------------------------------------------------------------
     "sdxl_turbo": {
         "repo": "stabilityai/sdxl-turbo",
         "scheduler": {
@@ -307,13 +304,13 @@ PUBLISHED = {
             "from the SDXL unet/vae and the docs' from_single_file example)",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # SDXL-Lightning (ByteDance). Not a diffusers folder: UNet / LoRA weights for the
-    # SDXL base folder.  Card: ByteDance/SDXL-Lightning README.md, read as the
-    # verbatim copy smalltong02/keras-llm-robot@70d9495c models/imagegeneration/
-    # SDXL-Lightning/README.md.  2/4/8-step UNet and LoRA: EulerDiscreteScheduler.
-    # from_config(<sdxl base>, timestep_spacing="trailing"), steps = the checkpoint's,
-    # guidance_scale=0.  1-step UNet (x0): also prediction_type="sample".
+    # ------------------------------------------------------------------------------ SDXL-Lightning
+    # (ByteDance). Not a diffusers folder: UNet / LoRA weights for the SDXL base folder.  Card:
+    # ByteDance/SDXL-Lightning README.md, read as the verbatim copy
+    # smalltong02/keras-llm-robot@70d9495c models/imagegeneration/ SDXL-Lightning/README.md.
+    # 2/4/8-step UNet and LoRA: EulerDiscreteScheduler. from_config(<sdxl base>,
+    # timestep_spacing="trailing"), steps = the checkpoint's, guidance_scale=0.  1-step UNet (x0):
+    # also prediction_type="sample".
     # ------------------------------------------------------------------------------
     "sdxl_lightning": {
         "repo": "ByteDance/SDXL-Lightning",
@@ -354,13 +351,12 @@ PUBLISHED = {
         },
         "unconfirmed": [],
     },
-    # ------------------------------------------------------------------------------
-    # Hyper-SD (ByteDance). LoRAs / a 1-step UNet for the SDXL base and SD1.5 folders.
-    # Card: ByteDance/Hyper-SD README.md, read as the verbatim copy
-    # smalltong02/keras-llm-robot@18e24711 models/imagegeneration/Hyper-SD/README.md
-    # (April 2024 revision).  N-step LoRAs: DDIMScheduler trailing, guidance 0;
-    # unified 1-step LoRA: TCDScheduler (no overrides), eta=1.0; 1-step SDXL UNet:
-    # LCMScheduler (no overrides), timesteps=[800].
+    # ------------------------------------------------------------------------------ Hyper-SD
+    # (ByteDance). LoRAs / a 1-step UNet for the SDXL base and SD1.5 folders. Card:
+    # ByteDance/Hyper-SD README.md, read as the verbatim copy smalltong02/keras-llm-robot@18e24711
+    # models/imagegeneration/Hyper-SD/README.md (April 2024 revision).  N-step LoRAs: DDIMScheduler
+    # trailing, guidance 0; unified 1-step LoRA: TCDScheduler (no overrides), eta=1.0; 1-step SDXL
+    # UNet: LCMScheduler (no overrides), timesteps=[800].
     # ------------------------------------------------------------------------------
     "hyper_sd": {
         "repo": "ByteDance/Hyper-SD",
@@ -421,15 +417,14 @@ PUBLISHED = {
             "the card revision read here",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # LCM: SimianLuo/LCM_Dreamshaper_v7 (folder).  Sources: janeyeon/
-    # attention_modulation_lcm@d54cf765 LCM_Dreamshaper_v7/{model_index.json,
-    # scheduler/scheduler_config.json, vae/config.json, unet/config.json} (hub files,
-    # diffusers 0.22.0.dev0).  Note the file has no timestep_scaling key (class
-    # default 10.0) and steps_offset 0 / set_alpha_to_one true.
-    # lcm-sdxl variant: diffusers@58eb52c0 docs/source/en/api/pipelines/
-    # latent_consistency_models.md (UNet from latent-consistency/lcm-sdxl in the SDXL
-    # base pipeline, LCMScheduler.from_config(<sdxl base>), 4 steps, guidance 8.0).
+    # ------------------------------------------------------------------------------ LCM:
+    # SimianLuo/LCM_Dreamshaper_v7 (folder).  Sources: janeyeon/ attention_modulation_lcm@d54cf765
+    # LCM_Dreamshaper_v7/{model_index.json, scheduler/scheduler_config.json, vae/config.json,
+    # unet/config.json} (hub files, diffusers 0.22.0.dev0).  Note the file has no timestep_scaling
+    # key (class default 10.0) and steps_offset 0 / set_alpha_to_one true. lcm-sdxl variant:
+    # diffusers@58eb52c0 docs/source/en/api/pipelines/ latent_consistency_models.md (UNet from
+    # latent-consistency/lcm-sdxl in the SDXL base pipeline, LCMScheduler.from_config(<sdxl base>),
+    # 4 steps, guidance 8.0).
     # ------------------------------------------------------------------------------
     "lcm": {
         "repo": "SimianLuo/LCM_Dreamshaper_v7",
@@ -531,13 +526,12 @@ PUBLISHED = {
             "train_lcm_distill_sdxl_wds.py and the value of LCM_Dreamshaper_v7",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # TCD (h1t/TCD-SDXL-LoRA): a LoRA for the SDXL base folder.  Usage from diffusers
-    # docs using-diffusers/inference_with_tcd_lora.md (at diffusers 9a2923d501^, the
-    # page was removed in 9a2923d501): TCDScheduler.from_config(pipe.scheduler.config)
-    # with no overrides, num_inference_steps=4, guidance_scale=0, eta=0.3
-    # ("keep steps between 4 and 50, eta 0.3 recommended").
-    # ------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------ TCD
+    # (h1t/TCD-SDXL-LoRA): a LoRA for the SDXL base folder.  Usage from diffusers docs
+    # using-diffusers/inference_with_tcd_lora.md (at diffusers 9a2923d501^, the page was removed in
+    # 9a2923d501): TCDScheduler.from_config(pipe.scheduler.config) with no overrides,
+    # num_inference_steps=4, guidance_scale=0, eta=0.3 ("keep steps between 4 and 50, eta 0.3
+    # recommended"). ------------------------------------------------------------------------------
     "tcd": {
         "repo": "h1t/TCD-SDXL-LoRA",
         "scheduler": {
@@ -566,19 +560,17 @@ PUBLISHED = {
             "the h1t/TCD-SDXL-LoRA card itself was not read; the diffusers doc page was"
         ],
     },
-    # ------------------------------------------------------------------------------
-    # SD 3.5 medium.  Transformer keys: repeated identically in several third-party
-    # copies of the hub transformer/config.json (dual_attention_layers 0..12,
-    # qk_norm rms_norm, pos_embed_max_size 384); diffusers@58eb52c0
-    # scripts/convert_sd3_to_diffusers.py says "sd3.5 2b use pos_embed_max_size=384".
-    # Scheduler / VAE: the SD3.5 release blog (huggingface.co/blog/sd3-5) says text
-    # encoders, VAE and noise scheduler "stay exactly the same as in SD3 Medium";
+    # ------------------------------------------------------------------------------ SD 3.5 medium.
+    # Transformer keys: repeated identically in several third-party copies of the hub
+    # transformer/config.json (dual_attention_layers 0..12, qk_norm rms_norm, pos_embed_max_size
+    # 384); diffusers@58eb52c0 scripts/convert_sd3_to_diffusers.py says "sd3.5 2b use
+    # pos_embed_max_size=384". Scheduler / VAE: the SD3.5 release blog (huggingface.co/blog/sd3-5)
+    # says text encoders, VAE and noise scheduler "stay exactly the same as in SD3 Medium";
     # SD3-medium's scheduler file (forge@c8156fcf backend/huggingface/stabilityai/
     # stable-diffusion-3-medium-diffusers/scheduler/scheduler_config.json and
-    # vladmandic/automatic@431bcc36 configs/sd3/...) is {num_train_timesteps 1000,
-    # shift 3.0}; SD3 VAE scaling 1.5305 / shift 0.0609 (same copies, and
-    # convert_sd3_to_diffusers.py).  Card call: 40 steps, guidance 4.5 (card snippet
-    # seen via copies, e.g. sq5rix/llama stable35.py).
+    # vladmandic/automatic@431bcc36 configs/sd3/...) is {num_train_timesteps 1000, shift 3.0}; SD3
+    # VAE scaling 1.5305 / shift 0.0609 (same copies, and convert_sd3_to_diffusers.py).  Card call:
+    # 40 steps, guidance 4.5 (card snippet seen via copies, e.g. sq5rix/llama stable35.py).
     # ------------------------------------------------------------------------------
     "sd35_medium": {
         "repo": "stabilityai/stable-diffusion-3.5-medium",
@@ -633,12 +625,12 @@ PUBLISHED = {
             "net: from third-party copies of the hub file, not a verbatim hub copy",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # SD 3.5 large. Sources: forge branch sd35 @1363999f backend/huggingface/
-    # stabilityai/stable-diffusion-3.5-large/{model_index.json, scheduler/
-    # scheduler_config.json, vae/config.json, transformer/config.json}.  The
-    # transformer file has no dual_attention_layers key (class default ()).  Card
-    # call: 28 steps, guidance 3.5 (snippet seen via copies, e.g. Maekiz/aiserver test.py).
+    # ------------------------------------------------------------------------------ SD 3.5 large.
+    # Sources: forge branch sd35 @1363999f backend/huggingface/
+    # stabilityai/stable-diffusion-3.5-large/{model_index.json, scheduler/ scheduler_config.json,
+    # vae/config.json, transformer/config.json}.  The transformer file has no dual_attention_layers
+    # key (class default ()).  Card call: 28 steps, guidance 3.5 (snippet seen via copies, e.g.
+    # Maekiz/aiserver test.py).
     # ------------------------------------------------------------------------------
     "sd35_large": {
         "repo": "stabilityai/stable-diffusion-3.5-large",
@@ -684,12 +676,11 @@ PUBLISHED = {
         },
         "unconfirmed": ["pipeline.call: card snippet read only through third-party copies"],
     },
-    # ------------------------------------------------------------------------------
-    # FLUX.1-dev. Sources: forge@2d30eeed backend/huggingface/black-forest-labs/
-    # FLUX.1-dev/{model_index.json, scheduler/..., vae/config.json, transformer/
-    # config.json}.  Transformer file has no out_channels (None -> in_channels) and no
-    # axes_dims_rope.  Call: diffusers@58eb52c0 docs/source/en/api/pipelines/flux.md
-    # (dev: guidance_scale=3.5, num_inference_steps=50).
+    # ------------------------------------------------------------------------------ FLUX.1-dev.
+    # Sources: forge@2d30eeed backend/huggingface/black-forest-labs/ FLUX.1-dev/{model_index.json,
+    # scheduler/..., vae/config.json, transformer/ config.json}.  Transformer file has no
+    # out_channels (None -> in_channels) and no axes_dims_rope.  Call: diffusers@58eb52c0
+    # docs/source/en/api/pipelines/flux.md (dev: guidance_scale=3.5, num_inference_steps=50).
     # ------------------------------------------------------------------------------
     "flux_dev": {
         "repo": "black-forest-labs/FLUX.1-dev",
@@ -745,11 +736,10 @@ PUBLISHED = {
         },
         "unconfirmed": [],
     },
-    # ------------------------------------------------------------------------------
-    # FLUX.1-schnell. Sources: forge@12a02b88 backend/huggingface/black-forest-labs/
-    # FLUX.1-schnell/{...}; scheduler file also vladmandic/automatic@431bcc36
-    # configs/flux/scheduler/scheduler_config.json.  Call: diffusers docs flux.md
-    # (guidance_scale=0., num_inference_steps=4, max_sequence_length=256).
+    # ------------------------------------------------------------------------------ FLUX.1-schnell.
+    # Sources: forge@12a02b88 backend/huggingface/black-forest-labs/ FLUX.1-schnell/{...}; scheduler
+    # file also vladmandic/automatic@431bcc36 configs/flux/scheduler/scheduler_config.json.  Call:
+    # diffusers docs flux.md (guidance_scale=0., num_inference_steps=4, max_sequence_length=256).
     # ------------------------------------------------------------------------------
     "flux_schnell": {
         "repo": "black-forest-labs/FLUX.1-schnell",
@@ -796,19 +786,17 @@ PUBLISHED = {
         },
         "unconfirmed": [],
     },
-    # ------------------------------------------------------------------------------
-    # Sana 1.6B 1024px (Efficient-Large-Model/Sana_1600M_1024px_diffusers).
-    # The folder was written by diffusers scripts/convert_sana_to_diffusers.py
-    # (added in diffusers 5a196e3d46, __version__ 0.32.0.dev0): scheduler =
-    # DPMSolverMultistepScheduler(flow_shift=3.0 [3.0 unless 4096px],
-    # use_flow_sigmas=True, prediction_type="flow_prediction"); transformer
-    # in/out 32, patch 1, sample_size image_size//32, interpolation_scale None at
-    # 1024, no qk_norm for SanaMS_1600M_P1_D20.  VAE DC-AE f32c32 sana:
-    # scaling_factor 0.41407 (diffusers scripts/convert_dcae_to_diffusers.py,
-    # dc-ae-f32c32-sana-1.0; NVlabs/Sana@28af99f3 configs/sana_config/1024ms/
-    # Sana_1600M_img1024.yaml: scale_factor 0.41407, flow_shift 3.0,
-    # vis_sampler flow_dpm-solver).  Call: NVlabs/Sana@0887f78a asset/docs/
-    # model_zoo.md (guidance_scale=5.0, num_inference_steps=20 at 1024x1024).
+    # ------------------------------------------------------------------------------ Sana 1.6B
+    # 1024px (Efficient-Large-Model/Sana_1600M_1024px_diffusers). The folder was written by
+    # diffusers scripts/convert_sana_to_diffusers.py (added in diffusers 5a196e3d46, __version__
+    # 0.32.0.dev0): scheduler = DPMSolverMultistepScheduler(flow_shift=3.0 [3.0 unless 4096px],
+    # use_flow_sigmas=True, prediction_type="flow_prediction"); transformer in/out 32, patch 1,
+    # sample_size image_size//32, interpolation_scale None at 1024, no qk_norm for
+    # SanaMS_1600M_P1_D20.  VAE DC-AE f32c32 sana: scaling_factor 0.41407 (diffusers
+    # scripts/convert_dcae_to_diffusers.py, dc-ae-f32c32-sana-1.0; NVlabs/Sana@28af99f3
+    # configs/sana_config/1024ms/ Sana_1600M_img1024.yaml: scale_factor 0.41407, flow_shift 3.0,
+    # vis_sampler flow_dpm-solver).  Call: NVlabs/Sana@0887f78a asset/docs/ model_zoo.md
+    # (guidance_scale=5.0, num_inference_steps=20 at 1024x1024).
     # ------------------------------------------------------------------------------
     "sana_1600m": {
         "repo": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
@@ -894,16 +882,16 @@ PUBLISHED = {
             "is unconfirmed, the 'absent' values are the class defaults",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # SANA-Sprint 1.6B (Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers).
-    # diffusers scripts/convert_sana_to_diffusers.py (SanaSprint_1600M_P1_D20, added
-    # in diffusers 8a63aa5e4f): SCMScheduler(prediction_type="trigflow",
-    # sigma_data=0.5); transformer qk_norm="rms_norm_across_heads",
-    # guidance_embeds=True; VAE dc-ae-f32c32-sana-1.1-diffusers.  NVlabs/Sana@3e449ba3
-    # configs/sana_sprint_config/1024ms/SanaSprint_1600M_1024px_allqknorm_bf16_scm_
-    # ladd.yaml: qk_norm true, cfg_embed true, cfg_embed_scale 0.1, sigma_data 0.5,
-    # scale_factor 0.41407.  Call: NVlabs/Sana@0887f78a asset/docs/sana_sprint.md
-    # (num_inference_steps=2; repo example guidance_scale=4.5).
+    # ------------------------------------------------------------------------------ SANA-Sprint
+    # 1.6B (Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers). diffusers
+    # scripts/convert_sana_to_diffusers.py (SanaSprint_1600M_P1_D20, added in diffusers 8a63aa5e4f):
+    # SCMScheduler(prediction_type="trigflow", sigma_data=0.5); transformer
+    # qk_norm="rms_norm_across_heads", guidance_embeds=True; VAE dc-ae-f32c32-sana-1.1-diffusers.
+    # NVlabs/Sana@3e449ba3
+    # configs/sana_sprint_config/1024ms/SanaSprint_1600M_1024px_allqknorm_bf16_scm_ ladd.yaml:
+    # qk_norm true, cfg_embed true, cfg_embed_scale 0.1, sigma_data 0.5, scale_factor 0.41407.
+    # Call: NVlabs/Sana@0887f78a asset/docs/sana_sprint.md (num_inference_steps=2; repo example
+    # guidance_scale=4.5).
     # ------------------------------------------------------------------------------
     "sana_sprint": {
         "repo": "Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers",
@@ -969,20 +957,18 @@ PUBLISHED = {
             "vae.scaling_factor: from Sana's training config, not the folder's vae/config.json",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # Qwen-Image.  Scheduler file: kohya-ss/musubi-tuner@30c658c4 src/musubi_tuner/
-    # qwen_image/qwen_image_utils.py (get_scheduler: SCHEDULER_CONFIG_JSON with
-    # _diffusers_version 0.34.0.dev0); the identical dict is in ostris/ai-toolkit
-    # extensions_built_in/diffusion_models/qwen_image/qwen_image.py.  NOTE: the
-    # published base/max shift are 0.5 / 0.9 with max_image_seq_len 8192 and
-    # shift_terminal 0.02; base_shift = max_shift = log(3) with shift_terminal None
-    # is the Qwen-Image-Lightning LoRA's scheduler (ModelTC/Qwen-Image-Lightning@
-    # 142338f3 generate_with_diffusers.py), recorded as an alternative.  VAE:
-    # musubi-tuner qwen_image_utils.py load_vae VAE_CONFIG_JSON (same 16+16 values as
-    # AutoencoderKLQwenImage's defaults in diffusers 0.42.1).  Transformer:
-    # musubi-tuner qwen_image_model.py create_model docstring (hub config copy).
-    # Call: QwenLM/Qwen-Image@6b5e1f5c README.md (num_inference_steps=50,
-    # true_cfg_scale=4.0, negative_prompt " ").
+    # ------------------------------------------------------------------------------ Qwen-Image.
+    # Scheduler file: kohya-ss/musubi-tuner@30c658c4 src/musubi_tuner/
+    # qwen_image/qwen_image_utils.py (get_scheduler: SCHEDULER_CONFIG_JSON with _diffusers_version
+    # 0.34.0.dev0); the identical dict is in ostris/ai-toolkit
+    # extensions_built_in/diffusion_models/qwen_image/qwen_image.py.  NOTE: the published base/max
+    # shift are 0.5 / 0.9 with max_image_seq_len 8192 and shift_terminal 0.02; base_shift =
+    # max_shift = log(3) with shift_terminal None is the Qwen-Image-Lightning LoRA's scheduler
+    # (ModelTC/Qwen-Image-Lightning@ 142338f3 generate_with_diffusers.py), recorded as an
+    # alternative.  VAE: musubi-tuner qwen_image_utils.py load_vae VAE_CONFIG_JSON (same 16+16
+    # values as AutoencoderKLQwenImage's defaults in diffusers 0.42.1).  Transformer: musubi-tuner
+    # qwen_image_model.py create_model docstring (hub config copy). Call: QwenLM/Qwen-Image@6b5e1f5c
+    # README.md (num_inference_steps=50, true_cfg_scale=4.0, negative_prompt " ").
     # ------------------------------------------------------------------------------
     "qwen_image": {
         "repo": "Qwen/Qwen-Image",
@@ -1109,16 +1095,14 @@ PUBLISHED = {
             "not the folder's (0.5 / 0.9)",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # PixArt-alpha XL-2-1024-MS.  Scheduler: the dict ostris/ai-toolkit@27a03a91
-    # toolkit/sampler.py keeps as pixart_config (_diffusers_version 0.22.0.dev0);
-    # it equals DPMSolverMultistepScheduler() defaults, which is what diffusers
-    # scripts/convert_pixart_alpha_to_diffusers.py saves.  Transformer from that
-    # script: in 4, out 8 (learned sigma), patch 2, sample_size 1024//8, norm
-    # ada_norm_single, caption_channels 4096; the pipeline uses micro-conditions
-    # (resolution, aspect ratio) when sample_size == 128.  VAE: sd-vae-ft-ema
-    # (script; PixArt-sigma repo configs/pixart_alpha_config/*.py vae_pretrained),
-    # SD scaling 0.18215.
+    # ------------------------------------------------------------------------------ PixArt-alpha
+    # XL-2-1024-MS.  Scheduler: the dict ostris/ai-toolkit@27a03a91 toolkit/sampler.py keeps as
+    # pixart_config (_diffusers_version 0.22.0.dev0); it equals DPMSolverMultistepScheduler()
+    # defaults, which is what diffusers scripts/convert_pixart_alpha_to_diffusers.py saves.
+    # Transformer from that script: in 4, out 8 (learned sigma), patch 2, sample_size 1024//8, norm
+    # ada_norm_single, caption_channels 4096; the pipeline uses micro-conditions (resolution, aspect
+    # ratio) when sample_size == 128.  VAE: sd-vae-ft-ema (script; PixArt-sigma repo
+    # configs/pixart_alpha_config/*.py vae_pretrained), SD scaling 0.18215.
     # ------------------------------------------------------------------------------
     "pixart_alpha": {
         "repo": "PixArt-alpha/PixArt-XL-2-1024-MS",
@@ -1199,16 +1183,15 @@ PUBLISHED = {
             "vae: the folder's vae/config.json not seen (sd-vae-ft-ema per the conversion script)",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # PixArt-Sigma XL-2-1024-MS.  Transformer: diffusers scripts/convert_pixart_sigma_
-    # to_diffusers.py / PixArt-alpha/PixArt-sigma@1ce521af tools/convert_pixart_to_
-    # diffusers.py: in 4, out 8, patch 2, sample_size 128, interpolation_scale 2 at
-    # 1024, use_additional_conditions = --micro_condition, which the README's
-    # conversion command for PixArt-Sigma-XL-2-1024-MS does not pass (False).
-    # Scheduler: DPMSolverMultistepScheduler() by the same scripts.  VAE: SDXL VAE
+    # ------------------------------------------------------------------------------ PixArt-Sigma
+    # XL-2-1024-MS.  Transformer: diffusers scripts/convert_pixart_sigma_ to_diffusers.py /
+    # PixArt-alpha/PixArt-sigma@1ce521af tools/convert_pixart_to_ diffusers.py: in 4, out 8, patch
+    # 2, sample_size 128, interpolation_scale 2 at 1024, use_additional_conditions =
+    # --micro_condition, which the README's conversion command for PixArt-Sigma-XL-2-1024-MS does
+    # not pass (False). Scheduler: DPMSolverMultistepScheduler() by the same scripts.  VAE: SDXL VAE
     # (pixart_sigma_sdxlvae_T5_diffusers/vae; PixArt-sigma@1ce521af configs/
-    # pixart_sigma_config/PixArt_sigma_xl2_img1024_internalms.py scale_factor 0.13025).
-    # README usage: PixArtSigmaPipeline with pipeline defaults.
+    # pixart_sigma_config/PixArt_sigma_xl2_img1024_internalms.py scale_factor 0.13025). README
+    # usage: PixArtSigmaPipeline with pipeline defaults.
     # ------------------------------------------------------------------------------
     "pixart_sigma": {
         "repo": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
@@ -1287,15 +1270,14 @@ PUBLISHED = {
             "scripts set them for 1024 without micro-conditions",
         ],
     },
-    # ------------------------------------------------------------------------------
-    # DiT-XL/2 256.  diffusers scripts/convert_dit_to_diffusers.py: Transformer2DModel
-    # (sample_size 256//8, in 4, out 8 = learned sigma, patch 2, ada_norm_zero,
-    # num_embeds_ada_norm 1000), DDIMScheduler(num_train_timesteps=1000,
-    # beta_schedule="linear", prediction_type="epsilon", clip_sample=False), VAE
-    # default stabilityai/sd-vae-ft-ema.  Folder written with diffusers 0.12.0.dev0
-    # (DiT pipeline added in 37d113cce7), whose DDIMScheduler had only the keys
-    # below.  The DiTPipeline docstring example swaps in DPMSolverMultistepScheduler
-    # .from_config(...) with num_inference_steps=25.
+    # ------------------------------------------------------------------------------ DiT-XL/2 256.
+    # diffusers scripts/convert_dit_to_diffusers.py: Transformer2DModel (sample_size 256//8, in 4,
+    # out 8 = learned sigma, patch 2, ada_norm_zero, num_embeds_ada_norm 1000),
+    # DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
+    # clip_sample=False), VAE default stabilityai/sd-vae-ft-ema.  Folder written with diffusers
+    # 0.12.0.dev0 (DiT pipeline added in 37d113cce7), whose DDIMScheduler had only the keys below.
+    # The DiTPipeline docstring example swaps in DPMSolverMultistepScheduler .from_config(...) with
+    # num_inference_steps=25.
     # ------------------------------------------------------------------------------
     "dit_xl_2": {
         "repo": "facebook/DiT-XL-2-256",

@@ -16,8 +16,7 @@ checks.
 
 A sampler label is A1111's where diffguide's spec runs the same function on the same VE grid; a
 schedule label where diffguide's spacing gives the same levels as A1111's function at the same
-steps.
-"""
+steps."""
 
 import math
 
@@ -544,8 +543,7 @@ def test_labels_together_run_what_a1111_runs(world, label, spacing):
 @pytest.mark.parametrize("label", ["DPM2", "DPM2 a", "DPM++ 3M SDE"])
 def test_a1111_drops_the_next_to_last_level_for_these(world, label):
     """Their update is diffguide's nearest spec exactly, on the same levels, but A1111 makes the
-    grid for
-    steps + 1 and drops its next-to-last level: no spacing gives that at the same steps."""
+    grid for steps + 1 and drops its next-to-last level: no spacing gives that at the same steps."""
     sc, table, _, _ = world
     spec = images.A1111_SAMPLERS_NEAREST[label][0]
     assert sampler_gap(world, label, spec, ref_karras(10, table[0], table[-1])) < TOL
@@ -558,8 +556,7 @@ def test_a1111_drops_the_next_to_last_level_for_these(world, label):
 
 def test_diffguides_3m_sde_is_not_a1111s(world):
     """dpmpp_3m_sde (the corrected third-order term, a 2S start) was written as 'DPM++ 3M SDE';
-    A1111's
-    is k-diffusion's published one, heun-type second order, no lower order at the end."""
+    A1111's is k-diffusion's published one, heun-type second order, no lower order at the end."""
     _, table, _, _ = world
     lo, hi = table[0], table[-1]
     assert (
@@ -583,10 +580,8 @@ def test_restart_is_heun_below_20_steps_and_its_own_above(world):
 def test_a1111s_timestep_samplers_run_grids_no_spacing_gives(world):
     """DDIM and PLMS run timesteps 1 + k (1000 // n) and stop at timestep 1 (19 evaluations for 20
     steps); UniPC a grid uniform in index with levels log-linear in alpha, stopping at index 0; LCM
-    a
-    grid on its own 50-level table. No diffguide spacing ends at timestep 1, and none gives the
-    others'
-    levels."""
+    a grid on its own 50-level table. No diffguide spacing ends at timestep 1, and none gives the
+    others' levels."""
     sc, table, _, _ = world
     steps = 20
     ddim = np.clip(np.arange(0, 1000, 1000 // steps) + 1, 0, 999)
@@ -670,8 +665,7 @@ def test_sgm_uniform_reads_the_table_log_linearly(world):
     """A1111's and ComfyUI's sgm_uniform read a fractional index's level log-linearly between
     entries
     (t_to_sigma, model_sampling.sigma); diffguide's VP time is linear in ve there: the spacing puts
-    its
-    times where the levels are theirs. Before, the levels were up to 1e-4 apart (3e-6 at 20
+    its times where the levels are theirs. Before, the levels were up to 1e-4 apart (3e-6 at 20
     steps)."""
     sc, table, _, _ = world
     worst = 0.0
@@ -829,8 +823,7 @@ def test_an_image_a1111_wrote_reads_as_the_specs_that_reproduce_it(tmp_path):
 
 def test_what_is_written_reads_back_as_the_same_run():
     """Every label pair diffguide writes reads back (as from an A1111 image) to specs that make the
-    same
-    steps on the same levels."""
+    same steps on the same levels."""
     for sampler in list(images.A1111_SAMPLERS.values()):
         for spacing in images.A1111_SCHEDULES.values():
             for steps in (9, 16):
@@ -849,8 +842,7 @@ def test_what_is_written_reads_back_as_the_same_run():
 
 def test_cli_cfgpp_hint_quotes_the_runs_own_grid(tmp_path, capsys):
     """On the built-in model the command line's CFG++ error quotes that model's grid (4.2 at 25
-    steps),
-    as the Python call does, not SD's default one (6.8)."""
+    steps), as the Python call does, not SD's default one (6.8)."""
     from diffguide.cli.main import main
     from diffguide.guidance.cfgpp import equivalence
 

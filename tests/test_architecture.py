@@ -1,6 +1,5 @@
 """The layers of docs/architecture.md, kept: no import runs up, core/ is torch only, diffusers only
-where
-it belongs. Read from the source (ast), so a lazy import inside a function counts too."""
+where it belongs. Read from the source (ast), so a lazy import inside a function counts too."""
 
 import ast
 import os

@@ -63,8 +63,7 @@ def test_diffguide_bench_command(tmp_path, capsys, monkeypatch):
 
 def test_device_check_script_quick_mode_and_parity_gate(tmp_path):
     """The prepared device script: its CPU quick mode writes JSON and a table with parity checked
-    on every
-    guidance setting; an impossible tolerance makes the bench exit 1."""
+    on every guidance setting; an impossible tolerance makes the bench exit 1."""
     script = os.path.join(ROOT, "bench", "device_check.sh")
     r = subprocess.run(
         ["bash", script, str(tmp_path / "out"), "--quick"],
@@ -153,8 +152,7 @@ def test_device_check_script_quick_mode_and_parity_gate(tmp_path):
 
 def test_device_bench_keeps_going_after_an_error_and_saves_on_sigterm(tmp_path):
     """A case that raises is recorded in its row and the next case runs; SIGTERM (the wrapper's
-    timeout)
-    saves what was measured and exits 124."""
+    timeout) saves what was measured and exits 124."""
     import signal
     import time
 

@@ -25,17 +25,14 @@ EXPECTED = {
     "dpmpp_2m:solver_type=heun": (1.85, 2.2),
     "dpmpp_2s": (1.85, 2.2),
     # LMS as k-diffusion and diffusers ship it starts at first order (one level of history), and
-    # that
-    # first step's O(h^2) local error caps the global order at 2 here (measured 2.19), as
-    # DPM++(3M)'s
-    # lower-order warm-up does; the fourth-order steps show in the flow test of
+    # that first step's O(h^2) local error caps the global order at 2 here (measured 2.19), as
+    # DPM++(3M)'s lower-order warm-up does; the fourth-order steps show in the flow test of
     # test_samplers_more.py
     "lms": (1.8, 2.4),
     "dpm2": (1.85, 2.2),
     # UniC adds one order to UniP (measured 3.0 and 3.9); diffusers' lower_order_final makes the
-    # last step
-    # first order at every step count, which caps the default at 2 on a grid that ends at sigma_min
-    # > 0
+    # last step first order at every step count, which caps the default at 2 on a grid that ends at
+    # sigma_min > 0
     "unipc:lower_order_final=False": (2.8, 3.3),
     "unipc:solver_type=bh1,lower_order_final=False": (2.8, 3.3),
     "unipc:order=3,lower_order_final=False": (3.6, 4.3),

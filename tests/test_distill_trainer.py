@@ -1,6 +1,5 @@
 """The distillation trainer on a tiny pixel-space teacher: exact resume, corrupt checkpoints
-refused,
-the student folder loads with its own steps, DMD2's gradient against its closed form, bad
+refused, the student folder loads with its own steps, DMD2's gradient against its closed form, bad
 arguments."""
 
 import json

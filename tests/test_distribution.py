@@ -23,13 +23,10 @@ def gaussian(sd):
 # the consistency sampler needs a consistency function, not a denoiser: with the exact posterior
 # mean it returns E[x0 | x_t] of its last level, not a sample (tested in test_consistency.py)
 # dpmpp_sde's Brownian tree walks each row's path in Python: 20,000 rows x 200 steps would take
-# hours
-# (its noise is checked against k-diffusion's algorithm in test_samplers_more.py). TCD with gamma >
-# 0
-# jumps back by a fixed fraction of t at every step whatever the step count, a sampler for
-# consistency
-# models that does not converge to the data distribution with a plain denoiser (std 0.374 here);
-# with gamma = 0 it is DDIM
+# hours (its noise is checked against k-diffusion's algorithm in test_samplers_more.py). TCD with
+# gamma > 0 jumps back by a fixed fraction of t at every step whatever the step count, a sampler for
+# consistency models that does not converge to the data distribution with a plain denoiser (std
+# 0.374 here); with gamma = 0 it is DDIM
 @pytest.mark.parametrize(
     "spec",
     [s for s in dg.list_samplers() if s not in ("consistency", "dpmpp_sde", "tcd")]

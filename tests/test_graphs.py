@@ -430,8 +430,7 @@ def builtin():
 )
 def test_options_that_prepare_the_loop_replay_too(builtin, case):
     """What comes before the loop (an encoded image, given latents, a noise optimiser) or beside it
-    (a
-    stitched small model, a guide model) replays as its eager call, call after call."""
+    (a stitched small model, a guide model) replays as its eager call, call after call."""
     import numpy as np
 
     from diffguide.pipelines.pipeline import Stitching
@@ -468,8 +467,7 @@ def test_options_that_prepare_the_loop_replay_too(builtin, case):
 
 def test_a_capture_owns_the_cached_tensors_its_replays_read():
     """PAG's row masks come from a bounded cache: after a capture they must outlive an eviction (a
-    real
-    graph would replay freed memory otherwise), held by the capture's entry."""
+    real graph would replay freed memory otherwise), held by the capture's entry."""
     import gc
     import weakref
 
@@ -546,8 +544,7 @@ def test_the_weights_key_sees_a_cast_and_lora_scales_without_walking_every_param
 
 def test_the_checker_refuses_a_one_element_host_copy(world):
     """A [1]-shaped host tensor sent to the device inside a step is a real copy (a 0-dim one is a
-    kernel
-    argument): the check refuses it, where it used to let anything of one element through."""
+    kernel argument): the check refuses it, where it used to let anything of one element through."""
     schedule, _ = world
     inner = net(tiny_unet(0).to("meta"), schedule)
 

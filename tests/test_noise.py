@@ -391,8 +391,7 @@ def _authors_smoothing(m):
 
 def _authors_scores(cross, self_, res, indices):
     """fn_compute_loss of pipeline_sd_initno.py without its Otsu term: cross [res*res, 77] over the
-    whole
-    padded sequence, columns 1..-1 softmaxed at temperature 1/100, indices shifted by one."""
+    whole padded sequence, columns 1..-1 softmaxed at temperature 1/100, indices shifted by one."""
     maps = torch.softmax(cross.double().reshape(res, res, -1)[:, :, 1:-1] * 100, dim=-1)
     tops, selfs = [], []
     for i in [j - 1 for j in indices]:
@@ -442,8 +441,7 @@ def test_initno_scores_equal_the_authors_on_random_maps(seed):
 
 def test_initno_padded_token_range_is_the_default(builtin):
     """The default softmax runs over every position but the first and last of the padded sequence;
-    the
-    prompt-only range is an option."""
+    the prompt-only range is an option."""
     seen = {}
 
     class Spy(InitNO):

@@ -379,8 +379,7 @@ def test_limits_refuse_before_loading_and_large_confirms(
     """Over a bound: one line naming the value, the bound and --large, before the model loads; at
     the
     bound, or with --large, the run goes on (here: to the stubbed loading). Before: every request
-    went
-    to loading (exit 1), and --large was not a flag."""
+    went to loading (exit 1), and --large was not a flag."""
     for name, (extra, words) in OVER.items():
         code, _, err = run(capsys, "generate", "a", "-o", tmp_path / "o", *extra)
         assert one_line(code, err, "--large", *words), (name, err)
@@ -541,8 +540,7 @@ def test_a_folder_in_an_images_place_is_kept_even_with_overwrite(tmp_path, capsy
 
 def test_a_failed_write_leaves_no_empty_folders(tmp_path, capsys, monkeypatch):
     """A full disk on the first image: the error names the file, and the folders the run made are
-    gone.
-    Before: '[Errno 28] No space left on device' with no path, and a/b/ left behind."""
+    gone. Before: '[Errno 28] No space left on device' with no path, and a/b/ left behind."""
     from diffguide import images
 
     def full(*args, **kwargs):

@@ -208,8 +208,8 @@ CASES = [
     if (key, which) not in SKIPPED
 ]
 # diffusers' Euler lands a one-step x0 model on x + (x0 - x) in float32 at sigma 14.6, its own
-# rounding
-# 3.4e-5 in pixels: compared with diffusers run in float64 from the same initial latents instead
+# rounding 3.4e-5 in pixels: compared with diffusers run in float64 from the same initial latents
+# instead
 FLOAT64_REFERENCE = {("sdxl_lightning", "1step_x0")}
 
 

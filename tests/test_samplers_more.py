@@ -1,6 +1,5 @@
 """The samplers A1111 and ComfyUI users pick (issue 24), each against an independent reference on
-the
-closed-form Gaussian mixture: transcriptions of k-diffusion's sample_lms, sample_dpm_2 and
+the closed-form Gaussian mixture: transcriptions of k-diffusion's sample_lms, sample_dpm_2 and
 sample_dpm_2_ancestral (VE sigmas, a denoiser D(x, sigma)); diffusers' own schedulers in a plain
 loop
 are in test_parity.py. CFG++ runs on each and, with equal conditional and unconditional predictions,
@@ -120,8 +119,7 @@ def _bound(gmm, labels):
 
 def ref_restart(D, x, sigmas, rmin, rmax, rsteps, rtimes, noise):
     """Restart sampling (Xu et al. 2023, Alg. 1) as ComfyUI's sample_restart runs it, with the
-    restart
-    interval [the grid level that reaches rmin, rmax] and Karras levels inside it."""
+    restart interval [the grid level that reaches rmin, rmax] and Karras levels inside it."""
 
     def heun(x, s, s1):
         d = (x - D(x, s)) / s

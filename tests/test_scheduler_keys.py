@@ -1,6 +1,5 @@
 """Every scheduler config key is reproduced or said: the key table (pipelines/scheduler_keys.py)
-against
-the installed diffusers classes, and each key's values against diffusers' own pipelines.
+against the installed diffusers classes, and each key's values against diffusers' own pipelines.
 
 A value in REPRODUCED must give diffusers' images (to TOL) with no notice; a value in NOTICED must
 be

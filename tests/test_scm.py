@@ -1,6 +1,5 @@
 """sCM's pieces (Lu & Song 2024): the TrigFlow view of any denoiser, the student's time derivative
-by
-forward-mode AD against a finite difference, the loss on a fixed batch."""
+by forward-mode AD against a finite difference, the loss on a fixed batch."""
 
 import math
 

@@ -1,6 +1,5 @@
 """diffguide tune, ICG's real-prompt stand-ins, NFE accounting over a prompt set, the CFG++ hint,
-and
-the layering of evaluation (no import from distill/ or bench/ into cli/)."""
+and the layering of evaluation (no import from distill/ or bench/ into cli/)."""
 
 import json
 import os

@@ -1,8 +1,7 @@
 """Inputs diffguide does not control (issue 30): an image's settings read by --from-png, damaged
 model
 folders, and the replay of diffguide's own files; every notice the Python API gives reaches the
-command
-line. Each case compares the files before and after."""
+command line. Each case compares the files before and after."""
 
 import json
 import os
@@ -85,8 +84,7 @@ def tree(folder) -> dict:
 
 def retext(src: str, dst, change=None, raw: str | None = None) -> str:
     """A copy of ``src`` whose diffguide settings are ``change``d (a function editing the dict) or
-    replaced
-    by ``raw`` text; the pixels and A1111's parameters stay."""
+    replaced by ``raw`` text; the pixels and A1111's parameters stay."""
     im = Image.open(src)
     meta = json.loads(im.text["diffguide"])
     if change is not None:
@@ -168,8 +166,7 @@ def test_png_settings_get_the_flags_checks_before_loading(
     change, words, made, tmp_path, capsys, no_loading
 ):
     """Before: each value went into the run unchecked (a TypeError, a model loaded for a value its
-    flag
-    refuses, a run that wrote nothing); now one line names the file and the value, and nothing
+    flag refuses, a run that wrote nothing); now one line names the file and the value, and nothing
     loads."""
     png = retext(made, tmp_path / "in.png", lambda m: m.update(change))
     before = tree(tmp_path)
@@ -398,8 +395,7 @@ def test_a_flow_scheduler_whose_shift_divides_by_zero(tmp_path, capsys):
 
 def test_renamed_tensors_load_only_where_their_values_were_read(sd, tmp_path):
     """A legacy checkpoint's names (CLIP's text_model. prefix and its position_ids, diffusers' old
-    VAE
-    attention names) load with the same weights; names no loader converts, with the same sizes,
+    VAE attention names) load with the same weights; names no loader converts, with the same sizes,
     leave
     random weights and are refused. Before: the second folder loaded silently on random weights."""
     legacy = str(tmp_path / "legacy")
@@ -499,8 +495,7 @@ def test_own_png_replays_from_another_folder(sd, tmp_path, capsys, monkeypatch):
 
 def test_fallback_sampler_notice_reaches_generate_eval_and_compare(tmp_path, capsys):
     """A scheduler diffguide has no sampler for says which one it samples with. Before: the Python
-    API
-    said it (out.notices), the commands did not."""
+    API said it (out.notices), the commands did not."""
     from diffguide.assets import path
 
     folder = str(tmp_path / "m")

@@ -54,8 +54,7 @@ def list_guidance() -> list[str]:
 
 def __getattr__(name: str):
     """``diffguide.GuidedPipeline`` (and ``GuidedOutput``, ``Stitching``) without importing
-    diffusers
-    until they are used: the core stays torch-only."""
+    diffusers until they are used: the core stays torch-only."""
     if name in ("GuidedPipeline", "GuidedOutput", "Stitching"):
         from . import pipelines
 

@@ -138,8 +138,7 @@ def existing_parent(path: str) -> str:
 
 def check_path(path: str, what: str = "output") -> None:
     """A path the system takes: every name within its name limit (255 bytes on most file systems)
-    and
-    the whole within its path limit (4096), as os.pathconf reports them for the nearest existing
+    and the whole within its path limit (4096), as os.pathconf reports them for the nearest existing
     folder."""
     full = os.path.abspath(path)
     base = existing_parent(os.path.dirname(full))
@@ -221,8 +220,7 @@ def prove_writable(folder: str, what: str = "output") -> None:
 
 def check_space(folder: str, needed: int, hint: str) -> None:
     """Refuse a run whose files (``needed`` bytes, an upper estimate) do not fit the free space of
-    the
-    file system that holds ``folder``."""
+    the file system that holds ``folder``."""
     free = shutil.disk_usage(existing_parent(folder)).free
     if needed > free:
         raise ValueError(
@@ -242,8 +240,7 @@ def _size(n: int) -> str:
 # -- model folders ---------------------------------------------------------------------------------
 
 # the names diffusers and transformers save in a component folder (weights, configs, tokenizer
-# files):
-# what counts as an old model's own files when a model is written over it
+# files): what counts as an old model's own files when a model is written over it
 MODEL_FILE_NAMES = (
     "config.json",
     "*_config.json",

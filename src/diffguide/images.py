@@ -8,9 +8,8 @@
   ever visible under a final name.
 - Metadata: PNG text chunks (``parameters`` in A1111's layout, ``diffguide`` as JSON); JPEG and WebP
   carry the same two in EXIF (UserComment, as A1111 writes it, and ImageDescription). A1111's
-  sampler
-  and schedule names are written only where diffguide runs what A1111 runs under them, and an image
-  A1111 wrote reads back as the specs that reproduce its names (``read_settings``).
+  sampler and schedule names are written only where diffguide runs what A1111 runs under them, and
+  an image A1111 wrote reads back as the specs that reproduce its names (``read_settings``).
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ _COUNTER = re.compile(r"^(\d+)-")
 # tests/test_a1111_labels.py --
 
 # A1111 sampler label -> the diffguide sampler that runs the same function (k-diffusion's, with
-# A1111's
-# options) on the same levels
+# A1111's options) on the same levels
 A1111_SAMPLERS = {
     "Euler": "euler",
     "Euler a": "euler_ancestral",
@@ -46,8 +44,7 @@ A1111_SAMPLERS = {
     "DPM++ SDE": "dpmpp_sde",
 }
 # A1111 labels that no diffguide sampler and spacing reproduce: the nearest spec and what differs.
-# They
-# are read from A1111's own images (with a notice) and never written.
+# They are read from A1111's own images (with a notice) and never written.
 _DISCARD = (
     "A1111 drops the next-to-last level of a grid made for steps + 1, which no diffguide spacing "
     "does"
@@ -85,8 +82,7 @@ A1111_SCHEDULES = {
 }
 SAME_SPACINGS = {"uniform_lam": "exponential"}  # one grid under two names
 # the multistep samplers' lower_order_final acts on a last step that does not land on data, below
-# this
-# many steps (samplers.dpmpp.multistep_order); k-diffusion has no such option
+# this many steps (samplers.dpmpp.multistep_order); k-diffusion has no such option
 LOWER_ORDER_FINAL_BELOW = 15
 EXIF_USER_COMMENT, EXIF_IFD, IMAGE_DESCRIPTION = 0x9286, 0x8769, 0x010E
 
@@ -307,8 +303,7 @@ def a1111_sampler_name(sampler: str, steps: int, above_data: bool = False) -> st
     """A1111's label for a diffguide sampler spec where A1111 runs the same function on the same
     levels
     (``A1111_SAMPLERS``), else the spec itself. ``above_data``: the grid's last step does not land
-    on
-    data (A1111's KL Optimal), where k-diffusion keeps the multistep order that diffguide's
+    on data (A1111's KL Optimal), where k-diffusion keeps the multistep order that diffguide's
     lower_order_final lowers."""
     for label, own in A1111_SAMPLERS.items():
         if _same_sampler(sampler, own, steps, above_data):
@@ -338,8 +333,7 @@ def a1111_schedule_name(spacing: str, family: str | None = None) -> str:
     """A1111's "Schedule type" for a diffguide spacing with the same levels (``A1111_SCHEDULES``),
     else
     the spacing's own name. Align Your Steps only for a known SD 1/2 model: A1111 takes its SDXL
-    table
-    for SDXL, and diffguide's spacing by name runs the SD 1 table."""
+    table for SDXL, and diffguide's spacing by name runs the SD 1 table."""
     name = SAME_SPACINGS.get(spacing, spacing)
     for label, own in A1111_SCHEDULES.items():
         if own == name and (own != "ays_a1111" or family == "sd"):
@@ -414,8 +408,7 @@ def read_metadata(path: str) -> dict:
 
 def read_settings(path: str) -> tuple[dict, list[str]]:
     """The settings to make an image again, and notices: diffguide's own JSON where the image
-    carries
-    it (no notices), else the ``parameters`` of an image A1111 wrote, mapped by
+    carries it (no notices), else the ``parameters`` of an image A1111 wrote, mapped by
     ``a1111_settings``."""
     raw, parameters = _read_texts(path)
     if raw:
@@ -427,8 +420,7 @@ def read_settings(path: str) -> tuple[dict, list[str]]:
 
 def _read_texts(path: str) -> tuple[str | None, str | None]:
     """(diffguide JSON, A1111 parameters) an image carries: PNG text chunks, or EXIF
-    ImageDescription
-    and UserComment in JPEG and WebP."""
+    ImageDescription and UserComment in JPEG and WebP."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -457,8 +449,7 @@ def _user_comment(raw) -> str | None:
 
 def _settings_json(raw: str, path: str) -> dict:
     """The settings JSON an image carries, read as untrusted input: an object of plain values (no
-    NaN
-    or Infinity, which diffguide never writes; no nesting that exhausts the parser)."""
+    NaN or Infinity, which diffguide never writes; no nesting that exhausts the parser)."""
     try:
         meta = json.loads(raw, parse_constant=_no_constant)
     except RecursionError:
@@ -494,8 +485,7 @@ def parse_parameters(text: str) -> dict:
     """A1111's ``parameters`` text as a dict of 'Prompt', 'Negative prompt' and the last line's
     fields
     (JSON-quoted values unquoted), read as its parse_generation_parameters reads it: the last line
-    is
-    fields only when it holds at least three."""
+    is fields only when it holds at least three."""
     lines = text.strip().split("\n")
     fields = {}
     if len(_FIELD.findall(lines[-1])) >= 3:
@@ -520,8 +510,7 @@ def _unquote(value: str) -> str:
 
 def a1111_sampler_spec(label: str, steps: int, above_data: bool = False) -> tuple[str, str | None]:
     """(diffguide spec, notice) for A1111's sampler label: the spec that reproduces it, or the
-    nearest
-    one with a notice saying what differs; a label with no diffguide sampler is an error."""
+    nearest one with a notice saying what differs; a label with no diffguide sampler is an error."""
     import dataclasses
 
     from .core.registry import parse_spec, to_spec

@@ -45,8 +45,7 @@ def check(packages=None) -> list[str]:
     """Raise ValueError naming the first installed package older than diffguide's floor (an
     optional one only if it is installed). Packages named in the environment variable
     DIFFGUIDE_UNTESTED_VERSIONS pass below their floor (a machine whose torch cannot be changed,
-    such
-    as a lent GPU's 2.11): the returned lines say which run untested, and ``warnings`` says it
+    such as a lent GPU's 2.11): the returned lines say which run untested, and ``warnings`` says it
     once."""
     floors = (
         {**MINIMUM, **OPTIONAL}

@@ -15,10 +15,8 @@ from ..parallel import barrier, gather, is_main, process_state, shard
 
 MAX_SEED = 2**64 - 1  # torch generators take seeds in [0, 2^64)
 # what one run may ask without --large: no sampler needs more steps; 4096x4096 is four times the
-# largest
-# size today's models are trained at; 2^40 pixel-steps is about 42,000 SDXL-size images (1024x1024,
-# 25
-# steps), far more than one sitting on one GPU and weeks on a CPU
+# largest size today's models are trained at; 2^40 pixel-steps is about 42,000 SDXL-size images
+# (1024x1024, 25 steps), far more than one sitting on one GPU and weeks on a CPU
 MAX_STEPS, MAX_PIXELS, MAX_WORK = 10_000, 4096 * 4096, 2**40
 SPACE_HINT = (
     "free some space, write elsewhere (-o), or pass --large to try anyway (the estimate takes "
@@ -453,10 +451,8 @@ class SaidNotices:
 
 
 # --from-png: an image is untrusted input. Only these generation settings are read from it, each
-# given
-# as the flag that sets it on the command line and parsed by that flag (its type and choices);
-# nothing
-# in a file decides where images go or what they replace, and the user's own flags win.
+# given as the flag that sets it on the command line and parsed by that flag (its type and choices);
+# nothing in a file decides where images go or what they replace, and the user's own flags win.
 FROM_PNG = {
     "negative_prompt": "--negative",
     "model": "--model",
@@ -488,8 +484,7 @@ NOISE_OPTIMIZERS = ("initno", "reno")
 
 def apply_png(args) -> list[int] | None:
     """Fill every setting the user did not give from the image's own (``--from-png``), each checked
-    as
-    its flag is and before the model loads; the batch it was made in, so that the image comes out
+    as its flag is and before the model loads; the batch it was made in, so that the image comes out
     bit for bit."""
     from ..images import read_settings
 
@@ -555,8 +550,7 @@ def png_parser():
 
 def png_value(parser, path: str, key: str, flag: str, value):
     """One of a file's settings through its flag (``--steps=...``): the flag's type and choices, so
-    a
-    file says nothing the command line could not."""
+    a file says nothing the command line could not."""
     items = value if flag == "--lora" and isinstance(value, list) else [value]
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
@@ -599,8 +593,7 @@ def apply_png_noise(args, path: str, spec) -> None:
 
 def png_batch(path: str, meta: dict) -> list[int]:
     """The seeds of the batch a file's image was made in: distinct seeds in range, its own among
-    them
-    (otherwise the run would make its batch and write nothing)."""
+    them (otherwise the run would make its batch and write nothing)."""
     seed = png_seed(path, "seed", meta.get("seed"))
     batch = meta.get("batch_seeds", [seed])
     if not isinstance(batch, list) or not batch:
@@ -653,8 +646,7 @@ def check_numbers(args) -> None:
 
 def parse_guidance(spec: str | None):
     """The --guidance spec checked now, except a CFG++ scale outside [0, 1]: its hint quotes the
-    run's
-    own grid, known once the model is loaded (the pipeline's plan words it)."""
+    run's own grid, known once the model is loaded (the pipeline's plan words it)."""
     if not spec:
         return None
     try:

@@ -23,8 +23,7 @@ class EDMPrecondition:
     """EDM's network scalings (Karras et al. 2022, eq. 7; diffusers' EDM schedulers) on a VP-form
     state
     x = a x0 + s eps with VE level ve = s / a: the network sees c_in x / a, c_in = 1 / sqrt(ve^2 +
-    sd^2), and
-    its raw F gives x0 = c_skip x / a + c_out F with c_skip = sd^2 / (ve^2 + sd^2) and
+    sd^2), and its raw F gives x0 = c_skip x / a + c_out F with c_skip = sd^2 / (ve^2 + sd^2) and
     c_out = sign ve sd / sqrt(ve^2 + sd^2) (sign +1 where diffusers calls the output epsilon, -1
     for v)."""
 
@@ -125,8 +124,7 @@ def _per_sample(c, like: torch.Tensor):
 class Boundary:
     """A consistency model's boundary condition (Song et al. 2023, eq. 7, with LCM's discrete form):
     x0 <- c_skip(t) x + c_out(t) x0, c_skip = sd^2 / ((k t)^2 + sd^2), c_out = k t / sqrt((k t)^2 +
-    sd^2)
-    with t the network's time, k = ``timestep_scaling`` and sd = ``sigma_data`` (diffusers'
+    sd^2) with t the network's time, k = ``timestep_scaling`` and sd = ``sigma_data`` (diffusers'
     LCMScheduler)."""
 
     inner: Any
@@ -168,8 +166,7 @@ class Boundary:
 
 def with_boundary(denoiser, timestep_scaling: float | None):
     """``denoiser`` under LCM's boundary condition with that constant; None: the denoiser itself (a
-    flow
-    or TrigFlow student, whose own x0 is x at the data end already)."""
+    flow or TrigFlow student, whose own x0 is x at the data end already)."""
     return (
         denoiser
         if timestep_scaling is None

@@ -71,8 +71,7 @@ class NoiseTape:
 
 def signature(tree) -> Any:
     """A hashable description of a condition tree: structure, and each tensor's shape, dtype and
-    device;
-    other leaves by value (they are baked into a capture)."""
+    device; other leaves by value (they are baked into a capture)."""
     if isinstance(tree, torch.Tensor):
         return ("T", tuple(tree.shape), tree.dtype, str(tree.device))
     if isinstance(tree, Mapping):
@@ -151,8 +150,7 @@ class EagerReplay:
 
 class _Entry:
     """A capture and everything its replays read: static inputs, noise buffers, and the cached
-    device
-    tensors (row masks, kernels) the loop used, held here so that no cache can free them."""
+    device tensors (row masks, kernels) the loop used, held here so that no cache can free them."""
 
     def __init__(self, inputs, x, tape, replay, outputs, nfe, forwards, ts, held=()):
         self.inputs, self.x, self.tape, self.replay, self.outputs = inputs, x, tape, replay, outputs
@@ -167,8 +165,7 @@ class LoopGraphs:
     denoiser from a condition tree; ``key`` names everything else the loop depends on (guidance,
     sampler, grid, models). The first call with a key runs eagerly, recording the noise draws, then
     captures the loop on static copies; later calls copy their x, conditions and noise in and
-    replay.
-    Returns (x, nfe, forwards). A loop that cannot be captured runs eagerly, with a notice.
+    replay. Returns (x, nfe, forwards). A loop that cannot be captured runs eagerly, with a notice.
     """
 
     def __init__(self, backend=None, size: int = 4):

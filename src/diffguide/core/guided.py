@@ -24,9 +24,8 @@ from .pred import Pred
 from .schedule import Schedule
 
 # condition keys that carry the model's own inputs rather than the prompt (an embedded guidance
-# value:
-# Flux/SANA-Sprint's "guidance", an LCM student's "timestep_cond"; UNet attention kwargs): a method
-# that replaces the prompt (ICG) keeps them
+# value: Flux/SANA-Sprint's "guidance", an LCM student's "timestep_cond"; UNet attention kwargs): a
+# method that replaces the prompt (ICG) keeps them
 MODEL_INPUTS = frozenset({"guidance", "timestep_cond", "attention"})
 
 
@@ -37,8 +36,7 @@ class Branch:
     cond: str = "pos"  # key into the run's conditions ("pos", "neg", ...)
     model: str = "main"  # key into the run's models
     # an object with .apply(denoiser, noise, rows) -> context manager, or None; with rowwise = True
-    # it
-    # perturbs only the rows rows (a [B] bool mask) of a forward, so it shares one with other
+    # it perturbs only the rows rows (a [B] bool mask) of a forward, so it shares one with other
     # branches
     perturb: Hashable = None
     grad: bool = False  # evaluate under autograd
@@ -95,8 +93,7 @@ class Guidance:
 
     needs_grad = False
     # False where branches or combine read the data back on the host (AG's switch, ICG's labels):
-    # the
-    # sampling loop then cannot be captured in a CUDA graph (core.graphs)
+    # the sampling loop then cannot be captured in a CUDA graph (core.graphs)
     capturable = True
 
     def init_state(self) -> Any:
@@ -185,8 +182,7 @@ def holding(keep: list):
     """Every cached device tensor ``constant`` and ``row_mask`` hand out in this thread meanwhile
     is also
     appended to ``keep``: a captured loop reads them by address at every replay, so its entry must
-    own
-    them, whatever the caches evict later."""
+    own them, whatever the caches evict later."""
     saved = getattr(_HOLDERS, "keep", None)
     _HOLDERS.keep = keep
     try:
@@ -204,8 +200,7 @@ def _held(t: torch.Tensor) -> torch.Tensor:
 
 def constant(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
     """A small host-made tensor (a kernel) on a device, made once, so that a step copies nothing
-    from
-    the host: a captured loop (``core.graphs``) cannot."""
+    from the host: a captured loop (``core.graphs``) cannot."""
     return _held(_constant(values, device, dtype))
 
 
@@ -239,8 +234,7 @@ class GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable samplers consume. One per run; counts NFE.
 
     ``nfe`` counts network evaluations per sample (a batched cond + uncond pass is 2; a branch on
-    some
-    rows only counts their share), ``forwards`` counts forward passes.
+    some rows only counts their share), ``forwards`` counts forward passes.
     """
 
     def __init__(

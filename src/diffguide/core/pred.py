@@ -2,8 +2,7 @@
 
 Samplers anchor the update on ``x0`` and re-noise with ``eps``; they never re-derive one from x. For
 an ordinary prediction x = a x0 + s eps holds; CFG++ deliberately breaks it (guided x0,
-unconditional
-eps). Conversions run in float32 (float64 stays float64) whatever the network's dtype.
+unconditional eps). Conversions run in float32 (float64 stays float64) whatever the network's dtype.
 
 ``x0_hist`` is what a multistep sampler remembers of this step for later steps' slope estimates;
 None means x0. CFG++ sets it to the unconditional x0, as its authors' DPM++(2M) does.

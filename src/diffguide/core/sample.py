@@ -152,8 +152,7 @@ def straight(st: Step, nxt: bool = False) -> tuple[float, float, bool]:
 
 def straight_point(p: Pred, u: float, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, dy/du) at level u rebuilt from a prediction: y = (a/c) x0 + u eps with a/c = 1 - u on
-    flows
-    (1 on VP schedules), and the slope eps - x0 on flows (eps on VP schedules)."""
+    flows (1 on VP schedules), and the slope eps - x0 on flows (eps on VP schedules)."""
     if flow:
         return p.x0 * (1 - u) + u * p.eps, p.eps - p.x0
     return p.x0 + u * p.eps, p.eps
@@ -256,8 +255,7 @@ class BrownianTree:
     seeded by (seed, depth, node), so W at a level does not depend on which other levels were asked
     for
     (any step count, any order: the property of torchsde's Brownian tree that k-diffusion's DPM++
-    SDE
-    relies on), then linear between the last two nodes. ``increment(a, b)`` is (W(b) - W(a)) /
+    SDE relies on), then linear between the last two nodes. ``increment(a, b)`` is (W(b) - W(a)) /
     sqrt|b - a|,
     a standard normal for one interval and correlated across overlapping ones."""
 
@@ -305,8 +303,7 @@ class BrownianTree:
 
 class RowsNoise:
     """Rows of a batch-wide noise source: each draw is the whole batch's, sliced, so a sub-batch
-    sees
-    exactly the noise its rows would get in the full run (one shared generator)."""
+    sees exactly the noise its rows would get in the full run (one shared generator)."""
 
     def __init__(self, source, rows: Sequence[int], batch: int):
         self.source, self.rows, self.batch = source, list(rows), batch
@@ -417,8 +414,7 @@ def sample(
     first bad step is tracked on x's device and read back every ``FINITE_EVERY`` steps and at the
     end, so a GPU run is not synchronised at every step.
     ``stride``: land each update where diffusers' DDIM or PNDM would (``IndexStride``); samplers
-    that
-    reproduce those schedulers (ddim, plms) read it.
+    that reproduce those schedulers (ddim, plms) read it.
     """
     ts, x, sampler = _checked(denoise, sampler, ts, x)
     return run_loop(

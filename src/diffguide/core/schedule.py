@@ -101,8 +101,7 @@ class VPSchedule(Schedule):
     table entries the VE level is interpolated linearly, as diffusers' Euler/Heun schedulers do.
     With a
     zero-terminal-SNR table (alphas_cumprod[-1] == 0) the last interval interpolates alpha instead,
-    so
-    alpha reaches 0 continuously.
+    so alpha reaches 0 continuously.
     """
 
     alphas_cumprod: torch.Tensor
@@ -285,8 +284,7 @@ class TrigFlowSchedule(Schedule):
     """TrigFlow (Lu & Song 2024, sCM, eq. 1; SANA-Sprint): x_t = cos(t) x0 + sin(t) sigma_d z with
     t in [0, pi/2], held here in units of sigma_d (x / sigma_d, whose x0 is the VAE latent that
     SanaSprintPipeline decodes): alpha = cos t, sigma = sin t, VE level tan t (sigma_d tan t in
-    EDM's
-    units). The network sees the flow time it was trained with, tau = sin t / (cos t + sin t)
+    EDM's units). The network sees the flow time it was trained with, tau = sin t / (cos t + sin t)
     (``model_time``); its input and output conversions belong to the model family."""
 
     sigma_data: float = 0.5

@@ -4,10 +4,8 @@ values.
 With ``final="zero"`` (the default) the grid has ``steps`` evaluation points and ends at the data
 end
 (sigma = 0); with ``final="sigma_min"`` it ends at the least noisy trained level instead, which is
-what
-diffusers does for DDIM with ``set_alpha_to_one=False`` and DPM-Solver with
-``final_sigmas_type="sigma_min"``.
-"""
+what diffusers does for DDIM with ``set_alpha_to_one=False`` and DPM-Solver with
+``final_sigmas_type="sigma_min"``."""
 
 from __future__ import annotations
 
@@ -114,8 +112,7 @@ def _polyexponential(schedule, n, rho=1.0, sigma_min=None, sigma_max=None):
 
 def _kl_optimal(schedule, n, sigma_min=None, sigma_max=None):
     """ComfyUI's kl_optimal (Sabour et al. 2024, "Align Your Steps", eq. for the KL-optimal grid of
-    a
-    Gaussian): ve_i = tan((1 - i/(n-1)) atan(hi) + i/(n-1) atan(lo))."""
+    a Gaussian): ve_i = tan((1 - i/(n-1)) atan(hi) + i/(n-1) atan(lo))."""
     lo, hi = _ve_range(schedule, sigma_min, sigma_max, "kl_optimal")
     w = torch.linspace(0, 1, n, dtype=F64) if n > 1 else torch.zeros(1, dtype=F64)
     return schedule.t_of_ve(torch.tan(w * math.atan(lo) + (1 - w) * math.atan(hi)))
@@ -215,8 +212,8 @@ def _ays(schedule, n, model="sd1"):
 
 
 # A1111's Align Your Steps tables (its sd_schedulers.py): the published levels to three decimals,
-# the
-# top one 14.615 a little above SD's largest trained level (14.6146), where a VP table's grid stops
+# the top one 14.615 a little above SD's largest trained level (14.6146), where a VP table's grid
+# stops
 AYS_LEVELS_A1111 = {
     "sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
     "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
@@ -287,8 +284,7 @@ def _lcm_grid(schedule: Schedule, steps: int, original_steps: int = 50) -> torch
     """LCM's timesteps (Luo et al. 2023; diffusers' LCMScheduler): ``steps`` points picked evenly
     from
     the distillation grid k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), noise end first; on
-    a flow
-    schedule those training indices are the flow times (i + 1) / T (a flow-teacher student's
+    a flow schedule those training indices are the flow times (i + 1) / T (a flow-teacher student's
     grid)."""
     _indexed(schedule, "lcm")
     n_train = schedule.num_train_timesteps
@@ -385,12 +381,10 @@ def timesteps(
     ``uniform_lam`` (sigma_min, sigma_max),
     ``uniform_t`` (t_start, t_end), or diffusers' ``linspace`` (round), ``leading`` (steps_offset),
     ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate), or
-    the
-    ComfyUI / k-diffusion schedules ``polyexponential`` (rho), ``kl_optimal``, ``simple``,
+    the ComfyUI / k-diffusion schedules ``polyexponential`` (rho), ``kl_optimal``, ``simple``,
     ``sgm_uniform``
     and Align Your Steps' ``ays`` (model: sd1, sdxl), or A1111's own ``kl_optimal_a1111`` (which
-    ends at
-    sigma_min whatever ``final`` says) and ``ays_a1111`` (model). ``uniform_t`` with
+    ends at sigma_min whatever ``final`` says) and ``ays_a1111`` (model). ``uniform_t`` with
     ``final="zero"``
     and no ``t_end`` spaces all steps evenly down to the data end; with a ``t_end`` it puts
     ``steps`` points on [t_start, t_end], then the data end

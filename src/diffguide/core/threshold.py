@@ -3,8 +3,7 @@
 By default both move the renoise eps with x0 so that x = a x0 + s eps still holds (what an update
 written in x, as DPM-Solver++ and DDPM's posterior, does; for CFG++-style predictions the eps offset
 is kept). ``keep_eps=True`` leaves the model's eps alone, as diffusers' DDIM does unless
-``use_clipped_model_output``.
-"""
+``use_clipped_model_output``."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ class DynamicThreshold:
     mode="diffusers": s = clamp(q, 1, max_value), as diffusers' ``_threshold_sample`` (a max_value
     below 1 makes s = max_value, as torch's clamp does there).
     mode="imagen": s = max(q, max_value), the paper with DPM-Solver's ``thresholding_max_val``
-    floor.
-    Never use it on latents.
+    floor. Never use it on latents.
     """
 
     ratio: float = 0.995

@@ -28,8 +28,7 @@ class ToyData:
 
 class FolderData:
     """A folder of images with captions in ``metadata.jsonl`` (lines {"file_name": ..., "text":
-    ...},
-    the imagefolder convention), loaded once into memory."""
+    ...}, the imagefolder convention), loaded once into memory."""
 
     def __init__(self, folder: str):
         meta = os.path.join(folder, "metadata.jsonl")

@@ -79,8 +79,7 @@ class DMD2Loss:
     """The generator and fake-score losses of DMD2. teacher / fake / generator: (x, t, cond) -> Pred
     denoisers on one schedule (generator with its boundary applied). ``taus``: the generator's
     conditioning times, the first at pure noise. ``bottleneck``: the fake network's module whose
-    output
-    feeds ``head`` (both None: no GAN term)."""
+    output feeds ``head`` (both None: no GAN term)."""
 
     teacher: Any
     fake: Any

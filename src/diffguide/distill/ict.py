@@ -6,8 +6,7 @@ with the consistency sampler) is pulled at a noise level sigma_{i+1} towards its
 output at sigma_i on the same noise z: x_sigma = a x0 + s z with s / a = sigma. The paper's recipe:
 the discretisation curriculum N(k) (Sec. 3.4), Karras levels, lognormal level sampling (Sec. 3.5),
 weights 1 / (sigma_{i+1} - sigma_i) (Sec. 3.2), pseudo-Huber with c = 0.00054 sqrt(d) (Sec. 3.3),
-and
-no EMA target (Sec. 3.2: the teacher is the online network under a stop-gradient).
+and no EMA target (Sec. 3.2: the teacher is the online network under a stop-gradient).
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ from ..core.denoiser import with_boundary
 
 def curriculum(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
     """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)) (eq.
-    5);
-    K' is taken as at least 1 on runs shorter than log2(s1 / s0) + 1 steps."""
+    5); K' is taken as at least 1 on runs shorter than log2(s1 / s0) + 1 steps."""
     kp = math.floor(total / (math.log2(math.floor(s1 / s0)) + 1))
     return min(s0 * 2 ** math.floor(k / max(kp, 1)), s1) + 1
 

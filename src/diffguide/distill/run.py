@@ -59,8 +59,7 @@ class Run:
 
     def _prepare(self):
         """Wrap the trainable networks and optimisers (DDP on several processes) and hand them to
-        the
-        method; load first, as DDP starts every process from rank 0's weights."""
+        the method; load first, as DDP starts every process from rank 0's weights."""
         parts = self._parts()
         with (
             warnings.catch_warnings()
@@ -103,8 +102,7 @@ class Run:
 
     def _accumulate(self, update: Update, n: int) -> dict:
         """The gradients of the mean loss over ``n`` micro-batches, synchronised across processes
-        only
-        at the last."""
+        only at the last."""
         logs: dict = {}
         for j in range(n):
             with contextlib.ExitStack() as stack:
@@ -150,8 +148,7 @@ def effective_batch(batch: int, processes: int, grad_accum: int) -> str:
 
 def _check_resume(cfg: DistillConfig, state: dict, processes: int, ckpt: str) -> None:
     """Settings that shape the run must match the checkpoint's; the effective batch must too,
-    however
-    it is split between processes and accumulation."""
+    however it is split between processes and accumulation."""
     old = state["config"]
     for k in DistillConfig.FIXED:
         if old.get(k) != getattr(cfg, k):
@@ -225,8 +222,7 @@ def _lines_up_to(path: str, step: int) -> list[str]:
 
 def _start(cfg: DistillConfig, overwrite: bool):
     """The accelerator and, when resuming, the checkpoint's state (checked against ``cfg``), with
-    the
-    run folder checked and tidied."""
+    the run folder checked and tidied."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 

@@ -8,8 +8,7 @@ model without retraining (``TrigFlowView``): TrigFlow's t has the VE level sigma
 denoiser runs at the time of its own schedule with that level on x scaled to its coordinates, and
 its Pred(x0, eps) gives F = cos(t) eps - sin(t) x0 / sigma_d (then f = x0 exactly). So the teacher's
 velocity dx_t/dt = sigma_d F_teacher and the student's F are one conversion, and a student trained
-in
-TrigFlow is still a denoiser of the teacher's kind, sampled by diffguide's consistency sampler.
+in TrigFlow is still a denoiser of the teacher's kind, sampled by diffguide's consistency sampler.
 """
 
 from __future__ import annotations
@@ -94,8 +93,7 @@ def noised(
     t_max: float,
 ):
     """(t, cos t, sin t, x_t): a TrigFlow time per sample from the proposal, and x_t = cos(t) x0 +
-    sin(t) z,
-    z ~ N(0, sigma_d^2 I)."""
+    sin(t) z, z ~ N(0, sigma_d^2 I)."""
     t = sample_times(x0.shape[0], generator, p_mean, p_std, sigma_d, t_max).to(x0.device)
     z = sigma_d * torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     c, s = cos_sin(t, x0)
@@ -131,8 +129,7 @@ def time_derivative(F, x_in, t, dx_in, cond, method: str = "jvp", h: float = 1e-
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # contiguous: group norm's forward-mode rule views its input, which fails on a channels-last
-    # batch
-    # (data permuted from HWC images is laid out so)
+    # batch (data permuted from HWC images is laid out so)
     x_in, dx_in = x_in.contiguous(), dx_in.contiguous()
     if method == "jvp":
         try:
@@ -194,8 +191,7 @@ class SCMLoss:
         keep: list | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """(loss, logs); with LADD the student's x0 estimates are appended to ``keep`` for the
-        heads'
-        own update."""
+        heads' own update."""
         sd = self.sigma_d
         t, c, s, x_t = noised(x0, generator, self.p_mean, self.p_std, sd, self.t_max)
         with torch.no_grad():  # the teacher's velocity, guided: dx_t/dt = sigma_d F_teacher

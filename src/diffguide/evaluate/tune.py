@@ -165,8 +165,7 @@ def _tune_apg(gp, runs, probe, prompts, n, seed, sampler, steps, scale, quantile
 
 def write(result: dict, path: str, model: str, overwrite: bool = True) -> str:
     """The spec file (written aside, then given its name: only if no file has it, unless
-    ``overwrite``);
-    a LinearAG file is its own coefficients file."""
+    ``overwrite``); a LinearAG file is its own coefficients file."""
     from .. import __version__
 
     data = {**result, "model": model, "version": __version__}

@@ -36,8 +36,7 @@ class APG(Guidance):
     base="uncond": P_u + scale update, diffusers' AdaptiveProjectedGuidance, which applies it to the
     raw model output: space="eps" (or "v", "flow") with base="uncond", eta=1, momentum=0 reproduces
     that guider with the same rescale (norm_threshold with norm="l2"). norm_threshold <= 0 turns the
-    clamp off.
-    """
+    clamp off."""
 
     scale: float = 5.0
     eta: float = 0.0

@@ -121,8 +121,7 @@ class CFG(Guidance):
     its correction at t_next may differ at the interval's edges); elsewhere, and wherever the scale
     is 1, only the conditional branch is evaluated. rescale
     mixes in the guided prediction rescaled to the conditional one's per-sample std (Lin et al.
-    2023,
-    Sec. 3.4) in rescale_space; diffusers rescales the raw output (eps, or v for v-models).
+    2023, Sec. 3.4) in rescale_space; diffusers rescales the raw output (eps, or v for v-models).
     renorm=p keeps the conditional prediction's L2 norm over each p x p block (all channels) in
     rescale_space: renorm=2, rescale_space=flow is QwenImagePipeline's norm-preserving true CFG.
     """

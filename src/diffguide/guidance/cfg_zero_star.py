@@ -17,8 +17,7 @@ from .cfg import check_space, output_space
 @dataclass(frozen=True)
 class CFGZeroStar(Guidance):
     """CFG-Zero* (Fan et al. 2025): s* u + scale (c - s* u), s* = <c, u> / ||u||^2 per sample (eq.
-    8,
-    the optimised scale), and a zero output for the first ``zero_init_steps`` steps (Sec. 4.2;
+    8, the optimised scale), and a zero output for the first ``zero_init_steps`` steps (Sec. 4.2;
     no network is run then). Both act on the raw output in ``space`` (auto: the model's own, the
     velocity on flow models as in the paper), as diffusers' ClassifierFreeZeroStarGuidance and the
     authors' code do.

@@ -25,8 +25,7 @@ def independent(pos: Any, neg: Any, noise, classes: int = 0) -> Any:
     (``MODEL_INPUTS``: an embedded guidance value) are kept; other float tensors become
     Gaussian noise with each sample's std of ``pos``; integer tensors (class labels) become uniform
     random labels in [0, classes), classes defaulting to the null label in ``neg`` (DiT's
-    convention).
-    """
+    convention)."""
     if isinstance(pos, Mapping):
         return {
             k: v

@@ -18,8 +18,8 @@ class PAG(PerturbedGuidance):
     ``layers``: ";"-separated diffusers pag_applied_layers (regular expressions searched in module
     names: "mid", "down_blocks.1", "up_blocks.0.attentions.1"), or integers naming
     ``transformer_blocks.i``; "auto" is "mid" on a UNet (the paper's and
-    StableDiffusionPAGPipeline's
-    default) and the middle transformer block elsewhere. ``cfg:scale=7.5+pag:scale=3`` is diffusers'
+    StableDiffusionPAGPipeline's default) and the middle transformer block elsewhere.
+    ``cfg:scale=7.5+pag:scale=3`` is diffusers'
     PAG pipeline with CFG, its three branches in one forward.
 
     ``joint``: the rule on joint text-image attention (SD3, Flux, Qwen-Image). "diagonal" (default,

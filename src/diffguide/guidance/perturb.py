@@ -212,10 +212,9 @@ def _split_inputs(args, kwargs):
     return h, e
 
 
-# PAG on joint attention (SD3, Flux, Qwen-Image: text and image tokens in one attention, each
-# stream with its own projections). The paper replaces self-attention, i.e. the image-image block of
-# the joint map; "diagonal" does just that (StableDiffusion3PAGPipeline's mask), "values" makes
-# every
+# PAG on joint attention (SD3, Flux, Qwen-Image: text and image tokens in one attention, each stream
+# with its own projections). The paper replaces self-attention, i.e. the image-image block of the
+# joint map; "diagonal" does just that (StableDiffusion3PAGPipeline's mask), "values" makes every
 # token of both streams output its own value (diffusers' modular PAG guider's rule).
 JOINT_RULES = {
     "diagonal": "image tokens attend to themselves and to the text; text attention unchanged",
@@ -332,8 +331,8 @@ def _diagonal_hook(attn, args, kwargs, out):
 def _diagonal_attention(attn, h, e, text_mask, rope):
     """The image stream's joint-attention output with the image-image block of the map masked to its
     diagonal: each image token attends to itself and to every text token
-    (StableDiffusion3PAGPipeline's
-    PAG processor), computed as a softmax over 1 + text logits instead of a full masked map.
+    (StableDiffusion3PAGPipeline's PAG processor), computed as a softmax over 1 + text logits
+    instead of a full masked map.
     The layer's q/k norms apply, as in its own processor (diffusers' PAG processor skips them on
     every row, which only matters on layers that have them, e.g. SD3.5's)."""
     q, k, v = (

@@ -16,12 +16,11 @@ class NoiseContext:
     prompts: one per image. scale: x = scale * z with z standard normal. seeds: per image, or None.
     tokenize(text) -> token ids as the text encoder sees them (special tokens included, no padding);
     special: the ids of special tokens. attention(x, i) -> (cross [h*w, T], self [h*w, h*w], (h,
-    w)):
-    attention maps of image i's conditional branch at the optimiser's attention time (its
+    w)): attention maps of image i's conditional branch at the optimiser's attention time (its
     ``attention_steps``: the first time of that many steps of the model's own grid; else the run's
     first time), averaged over heads and layers, differentiable in x (None where the model has no
-    cross-attention).
-    render(x, rows) -> images [k, 3, H, W] in [0, 1]: the run's guidance and sampler from x,
+    cross-attention). render(x, rows) -> images [k, 3, H, W] in [0, 1]: the run's guidance and
+    sampler from x,
     differentiable, with each image's own noise stream restarted, so a render from the unchanged x
     equals the plain run. draw(i, k) -> a fresh standard normal z for image i's k-th restart.
     counts: network forward and backward passes spent, updated by the callables.

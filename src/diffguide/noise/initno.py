@@ -332,8 +332,7 @@ def scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S_CA, S_SA) from head- and layer-averaged maps: cross [h*w, T], self [h*w, h*w]. The token
     softmax runs over the columns ``keep`` (None: positions 1 .. T - 2 of the whole padded
-    sequence, the
-    authors' ``[:, :, 1:-1]``); ``subjects`` index those columns."""
+    sequence, the authors' ``[:, :, 1:-1]``); ``subjects`` index those columns."""
     h, w = hw
     cols = (
         list(range(1, cross.shape[1] - 1))

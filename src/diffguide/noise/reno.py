@@ -166,8 +166,7 @@ class ReNO(NoiseOptimizer):
     @staticmethod
     def _loss(rewards, images, prompts, it: int) -> torch.Tensor:
         """-sum_i w_i r_i per image; a reward that is not finite at the start is an error (later,
-        the
-        image stops where it was best)."""
+        the image stops where it was best)."""
         loss = 0
         for fn, w in rewards:
             r = fn(images, prompts)

@@ -12,8 +12,7 @@ from .families import ENCODE_LOCK
 @dataclass
 class Conditions:
     """The condition tree a run's guided denoiser reads (``tree``), the second models by role, and
-    the
-    notice of a prompt the text encoder cannot read whole."""
+    the notice of a prompt the text encoder cannot read whole."""
 
     tree: dict
     models: dict = field(default_factory=dict)
@@ -80,8 +79,7 @@ def _prompt_sets(pipe, req, device) -> dict:
 
 def _companions(pipe, req) -> tuple[dict, dict]:
     """(models by role, their conditions): a second model reads its own encoding of the prompts,
-    with its
-    own embedded guidance input."""
+    with its own embedded guidance input."""
     models, conds = {}, {}
     for key, other in (
         ("small", req.stitch.small if req.stitch is not None else None),

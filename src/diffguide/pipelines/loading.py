@@ -204,8 +204,7 @@ def component_folder(module, guess: str) -> str | None:
 
 def weight_files(folder: str, variant: str | None = None) -> list[str]:
     """The weight files a component loads from (one file or a sharded index's shards; safetensors
-    first,
-    as the libraries prefer it)."""
+    first, as the libraries prefer it)."""
     for ext in (".safetensors", ".bin"):
         for stem in WEIGHT_STEMS:
             single = os.path.join(folder, stem + (f".{variant}" if variant else "") + ext)

@@ -1,6 +1,5 @@
 """The output stage: latents decoded (never a silent NaN image), the safety checker where the model
-has
-one, the images in the asked type, and what the call cost."""
+has one, the images in the asked type, and what the call cost."""
 
 from __future__ import annotations
 
@@ -55,8 +54,7 @@ def decode(pipe, req, x) -> tuple[Any, list | None]:
 
 def safety(pipe, images, device):
     """The pipeline's safety checker where it has one: flagged images come back black, as in
-    diffusers.
-    Its run_safety_checker takes decoder output in [-1, 1]."""
+    diffusers. Its run_safety_checker takes decoder output in [-1, 1]."""
     checker = getattr(pipe.pipe, "safety_checker", None)
     if checker is None or not hasattr(pipe.pipe, "run_safety_checker"):
         return images, None
@@ -81,8 +79,7 @@ def to_pil(images: np.ndarray) -> list:
 
 def notices(pipe, req, truncated: str | None, graph_notices: list) -> list[str]:
     """Everything the call has to say: a prompt cut short, a loop run eagerly, the scheduler's step
-    rule
-    without a diffguide sampler (when the sampler is the model's own), config keys not
+    rule without a diffguide sampler (when the sampler is the model's own), config keys not
     reproduced."""
     fallback = (
         pipe.info.notice

@@ -107,8 +107,7 @@ DEFAULT_STEPS = (
 
 def read_defaults(folder: str) -> dict:
     """A model folder's ``diffguide.json`` (steps, sampler, guidance a distilled student was made
-    for);
-    {} when absent (hub ids, ordinary models). Only known keys of the right type are kept."""
+    for); {} when absent (hub ids, ordinary models). Only known keys of the right type are kept."""
     import json
 
     path = os.path.join(folder, DEFAULTS_FILE)
@@ -539,8 +538,7 @@ class GuidedPipeline:
         guidance / sampler: registry specs (``"cfg:scale=7.5,rescale=0.7"``) or objects.
         steps None: the model's own (a distilled student's folder records it; else 25).
         seed: one int (image i gets seed + i), a list of per-image seeds, or None (random); each
-        image
-        has its own generator, so an image does not depend on its batch. ``generator`` (a
+        image has its own generator, so an image does not depend on its batch. ``generator`` (a
         torch.Generator or a list, as in diffusers) is the alternative. spacing None: the grid the
         loaded scheduler would use. callback(step, x) runs after every step. threshold: x0 clipping,
         by default what the scheduler config asks for (clip_sample, thresholding); None for none.
@@ -562,8 +560,7 @@ class GuidedPipeline:
         {"latents": x})`` (a returned "latents" replaces x), ``eta`` (for samplers that take one),
         ``guidance_rescale`` (CFG rescale of the raw network output, as diffusers), ``clip_skip``,
         ``cross_attention_kwargs`` (UNets; its "scale" is the LoRA scale of the text encoder too)
-        and
-        ``return_dict=False`` (a tuple: images, NSFW flags).
+        and ``return_dict=False`` (a tuple: images, NSFW flags).
         embedded_guidance: the value of the model's own guidance input (Flux.1-dev's guidance, an
         LCM
         student's w), default the model's; ``guidance``/``guidance_scale`` stay the diffguide method
@@ -573,19 +570,17 @@ class GuidedPipeline:
         every output, one per prompt or one per output) is encoded, noised to the level ``strength``
         selects on the sampler's grid (1: pure noise; default the family's img2img pipeline's) and
         sampled from there, as diffusers' img2img pipelines do; its size is the default size.
-        cuda_graph: capture the whole sampling loop (every step's branch batching, network,
-        guidance and
-        sampler update) in one CUDA graph on the first call with given settings and shapes, and
+        cuda_graph: capture the whole sampling loop (every step's branch batching, network, guidance
+        and sampler update) in one CUDA graph on the first call with given settings and shapes, and
         replay
         it on later calls (``core.graphs``; the per-run buffers are the graph's, made once). The
-        first
-        call runs eagerly and captures; the images are those of an eager run, noise and seeds
+        first call runs eagerly and captures; the images are those of an eager run, noise and seeds
         included. No progress bar (the steps run as one launch). A loop that cannot be captured
         (AG, ICG,
         DPM++ SDE) runs eagerly with a notice. Captures are kept in ``self.graphs`` (the four most
         recent); changing the network other than by its weights' storage, dtype or LoRA scales needs
-        ``self.graphs.clear()``.
-        guide_model: the weaker model AutoGuidance (``guidance="autoguidance"``) guides away from
+        ``self.graphs.clear()``. guide_model: the weaker model AutoGuidance
+        (``guidance="autoguidance"``) guides away from
         (a GuidedPipeline, folder, hub id or 'builtin-small'); it must share this model's latent
         space and schedule, and encodes the prompts with its own text encoder.
         """
@@ -636,8 +631,7 @@ class GuidedPipeline:
 
     def run(self, req: Request):
         """A planned request through its stages: conditions, initial latents, noise optimisation,
-        the
-        loop, decoding (``conditions``, ``sampling``, ``output``)."""
+        the loop, decoding (``conditions``, ``sampling``, ``output``)."""
         start = time.perf_counter()
         noise, seeds = noise_source(req)
         fork = sampling.fork_for(
@@ -803,8 +797,7 @@ class GuidedPipeline:
 
     def _share(self, state, prompt, negative_prompt, kw: dict) -> GuidedOutput:
         """This process's contiguous part of a call's images (see ``process_state`` in __call__),
-        under
-        the one seed rule and prompt normalisation of a single-process call."""
+        under the one seed rule and prompt normalisation of a single-process call."""
         from ..parallel import bounds
 
         n, seed, generator = (
@@ -871,8 +864,7 @@ class GuidedPipeline:
         )
 
         # the optimiser's attention time: the first of an n-step grid of the model's own spacing
-        # (InitNO's
-        # authors: 50 steps), else the run's first time
+        # (InitNO's authors: 50 steps), else the run's first time
         n_att = getattr(opt, "attention_steps", 0)
         t_att = info.timesteps(n_att)[0] if n_att else ts[0]
         att_denoiser = self.denoiser_for(info=info)
@@ -943,8 +935,7 @@ def _weights_key(denoiser) -> tuple:
     all), its LoRA adapters (diffusers' ``peft_config``), and each LoRA layer's scales, active
     adapters
     and merged state (Python values in its forward). The layers are found again only when the
-    adapters
-    change."""
+    adapters change."""
     module = getattr(denoiser, "module", None)
     if not isinstance(module, torch.nn.Module):
         return (id(denoiser),)

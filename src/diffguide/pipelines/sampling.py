@@ -84,8 +84,7 @@ def optimise(pipe, req, x, fork, conds, make):
 
 def _each(pipe, req, bar):
     """The per-step callback: the progress bar, the caller's callback, diffusers'
-    callback_on_step_end
-    (which may replace the latents)."""
+    callback_on_step_end (which may replace the latents)."""
 
     def each(st, xt):
         bar.update(1)

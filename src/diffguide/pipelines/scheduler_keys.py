@@ -1,8 +1,7 @@
 """The scheduler config keys diffguide reads, class by class, and the values it reproduces.
 
 ``CLASSES`` lists, for every diffusers scheduler class diffguide maps, the keys it reads; ``HOW``
-says
-how each is read (docs/models.md prints the table). ``review(name, config)`` returns one
+says how each is read (docs/models.md prints the table). ``review(name, config)`` returns one
 'key=value (why)' for every key set to a value diffguide does not reproduce, and for every key
 outside the table that is not at its class's default, so that a folder never changes diffusers'
 images silently: the pipeline says them in one notice (or refuses with ``strict_config=True``).
@@ -259,8 +258,7 @@ _NOT_TAKEN = object()
 
 def _default(cls, key):
     """The diffusers class's own default for key: inspect.Parameter.empty when unknown (no class,
-    or a
-    signature of *args), _NOT_TAKEN when the class takes no such argument."""
+    or a signature of *args), _NOT_TAKEN when the class takes no such argument."""
     if cls is None:
         return inspect.Parameter.empty
     try:

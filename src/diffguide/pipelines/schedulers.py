@@ -1,10 +1,8 @@
 """A diffusers scheduler, read as diffguide objects: the noise schedule, the prediction kind, and
-the
-time grid and starting noise scale its ``set_timesteps`` would use.
+the time grid and starting noise scale its ``set_timesteps`` would use.
 
 Only the scheduler's *config* and class decide these; its step rule plays no part (the sampler
-does).
-"""
+does)."""
 
 from __future__ import annotations
 
@@ -132,8 +130,7 @@ class FlowGrid:
     the scheduler's linspace(1, t_end, n)), shifted by the schedule, stretched so that the last one
     is
     ``terminal`` (shift_terminal: 1 - s scaled by (1 - terminal) / (1 - s_last)), respaced between
-    their
-    ends as Karras, exponential or Beta sigmas of the flow time (use_*_sigmas), then the data
+    their ends as Karras, exponential or Beta sigmas of the flow time (use_*_sigmas), then the data
     end."""
 
     passes: bool = False
@@ -163,8 +160,7 @@ class FlowGrid:
 
 def respaced(s: torch.Tensor, kind: str) -> torch.Tensor:
     """len(s) levels between s[0] and s[-1] as diffusers' _convert_to_karras (rho 7), _exponential
-    or
-    _beta (Beta(0.6, 0.6) quantiles) space them, on whatever level they are given (flow time
+    or _beta (Beta(0.6, 0.6) quantiles) space them, on whatever level they are given (flow time
     here)."""
     from ..core.spacing import beta_quantile
 
@@ -181,8 +177,7 @@ def respaced(s: torch.Tensor, kind: str) -> torch.Tensor:
 @dataclass(frozen=True, eq=False)
 class ContinuousTimes:
     """Euler's timestep_type "continuous" with v-prediction (CosXL-style EDM training): the network
-    sees
-    ln(ve) / 4 of the exact level instead of a training index."""
+    sees ln(ve) / 4 of the exact level instead of a training index."""
 
     schedule: Schedule
 
@@ -241,8 +236,7 @@ class SchedulerInfo:
 
     def passing_sigmas(self, grid: dict) -> "SchedulerInfo":
         """The info of a pipeline that passes its own sigmas (Flux's and Qwen-Image's linspace(1,
-        1/n, n)):
-        a flow scheduler still shifts, stretches and respaces them; ``grid`` otherwise."""
+        1/n, n)): a flow scheduler still shifts, stretches and respaces them; ``grid`` otherwise."""
         if isinstance(self.grid, FlowGrid):
             return dataclasses.replace(self, grid=dataclasses.replace(self.grid, passes=True))
         return dataclasses.replace(self, grid=grid)

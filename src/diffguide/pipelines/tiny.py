@@ -1,7 +1,6 @@
 """Tiny random-weight diffusers pipelines built in code, with no download: SD (eps / v), SDXL, DiT,
 PixArt, SD3, Flux.1 (dev-like), Qwen-Image, Sana, SANA-Sprint, a pixel-space text-to-image UNet and
-an
-unconditional DDPM UNet.
+an unconditional DDPM UNet.
 
 They exist to test and benchmark pipelines offline (``diffguide tiny-model FOLDER``): each builder
 returns a diffusers pipeline; ``save_pretrained`` writes a standard folder that
@@ -265,8 +264,7 @@ def dit(scheduler="DDIMScheduler"):
 
 def pixart(scheduler="DPMSolverMultistepScheduler", net=None, sigma=False):
     """Tiny PixArt-alpha (``sigma``: PixArt-Sigma's pipeline); ``net``: transformer config keys a
-    real
-    model sets (use_additional_conditions, interpolation_scale)."""
+    real model sets (use_additional_conditions, interpolation_scale)."""
     import diffusers
 
     torch.manual_seed(8)
@@ -333,8 +331,7 @@ def sd3(shift=3.0, net=None):
 
 def flux(guidance_embeds: bool = True, dynamic: bool = True):
     """Tiny Flux.1: dev-like (guidance embedded, resolution-dependent shift) by default;
-    schnell-like
-    with guidance_embeds=False, dynamic=False."""
+    schnell-like with guidance_embeds=False, dynamic=False."""
     import diffusers
 
     torch.manual_seed(16)
@@ -474,8 +471,7 @@ def gemma_tokenizer():
 
 def sana(sprint: bool = False, net=None):
     """Tiny Sana (DPM-Solver on a flow, Gemma-2 text, a deep-compression autoencoder); sprint=True
-    is
-    SANA-Sprint (the same transformer with an embedded guidance input, SCMScheduler's TrigFlow);
+    is SANA-Sprint (the same transformer with an embedded guidance input, SCMScheduler's TrigFlow);
     ``net``: transformer config keys a real model sets (guidance_embeds_scale, timestep_scale)."""
     import diffusers
     from transformers import Gemma2Config, Gemma2Model

@@ -3,8 +3,7 @@ folder.
 
 A pixel-space ``UNet2DConditionModel`` on 32x32 RGB in [-1, 1], conditioned by a small CLIP text
 encoder trained from scratch with it on the toy world's captions (``diffguide.toy.scenes``), with
-10%
-of captions dropped to "" so that classifier-free guidance works. DDPM's linear betas with
+10% of captions dropped to "" so that classifier-free guidance works. DDPM's linear betas with
 v-prediction: near pure noise an eps model must be accurate to about 1/sigma (sigma_max = 157 here)
 or samples drift; a short CPU training does not get there, a v model does not need to.
 The folder has no VAE; ``GuidedPipeline.from_pretrained`` loads it like any other model.
@@ -82,10 +81,9 @@ def unet(size: str = "main"):
     """Attention (self and cross) only at 8x8, where it is cheap on a CPU.
 
     The text also reaches every resolution through the time embedding
-    (``addition_embed_type="text"``:
-    an attention-pooled prompt vector added to it), which is how the few shape words get to the
-    32x32
-    blocks that draw edges; without it shapes came out as blobs after a few thousand steps."""
+    (``addition_embed_type="text"``: an attention-pooled prompt vector added to it), which is how
+    the few shape words get to the
+    32x32 blocks that draw edges; without it shapes came out as blobs after a few thousand steps."""
     from diffusers import UNet2DConditionModel
 
     if size not in SIZES:

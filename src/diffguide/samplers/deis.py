@@ -41,8 +41,7 @@ def deis_coefficients(rhos: list[float], r0: float, r1: float) -> list[float]:
 @dataclass(frozen=True)
 class DEIS(Sampler):
     """DEIS multistep (log-rho polynomial extrapolation of eps), as diffusers'
-    DEISMultistepScheduler
-    with its warm-up and lower_order_final rules; order 1 is DDIM."""
+    DEISMultistepScheduler with its warm-up and lower_order_final rules; order 1 is DDIM."""
 
     order: int = 2
     lower_order_final: bool = True

@@ -4,8 +4,7 @@ All updates are exponential integrators in lambda written as data anchor plus re
   y' = D + ve' E,  x' = a' y',  D = x0 + (polynomial correction from the x0 history),
   E = e^{-eta h} eps + sqrt(1 - e^{-2 eta h}) z,
 with H = (1 + eta) h in the phi functions (k-diffusion's eta form; eta = 1 is diffusers' SDE
-variant).
-The renoise uses the current eps only; the correction uses the x0 history each Pred names
+variant). The renoise uses the current eps only; the correction uses the x0 history each Pred names
 (``Pred.history``: the guided x0, or for CFG++ the unconditional one).
 """
 
@@ -46,8 +45,7 @@ def multistep_order(
     st, history: int, order: int, lower_order_final: bool = True, euler_at_final: bool = False
 ) -> int:
     """History-limited order; first order onto sigma = 0 and, as diffusers' lower_order_final, on
-    the
-    last step (and at most second on the one before) when there are fewer than 15 steps."""
+    the last step (and at most second on the one before) when there are fewer than 15 steps."""
     low = lower_order_final and st.n < 15
     if st.last or (st.i == st.n - 1 and (low or euler_at_final)):
         return 1
@@ -147,8 +145,7 @@ class DPMpp2MSDE(_Multistep):
 class DPMpp3M(_Multistep):
     """DPM-Solver++(3M) with the full second-derivative term: the published update (official repo,
     diffusers, k-diffusion) takes d2 = h^2 D''/2 as if it were h^2 D'' and converges at order 2
-    only.
-    The first step is a 2S step so that the global order stays 3 (one extra evaluation)."""
+    only. The first step is a 2S step so that the global order stays 3 (one extra evaluation)."""
 
     order: ClassVar[int] = 3
     warmup: str = "singlestep"
@@ -237,8 +234,8 @@ class DPMppSDE(Ancestral):
             seeds = [int.from_bytes(struct.pack("<d", float(v)), "little") for v in z]
             sc = st.schedule
             # the schedule's whole VE range, so the path does not depend on the grid; a zero-
-            # terminal-SNR
-            # table has no finite top, and there the run's first finite level is the top instead
+            # terminal-SNR table has no finite top, and there the run's first finite level is the
+            # top instead
             hi = float(sc.sigma_max) if math.isfinite(float(sc.sigma_max)) else st.ve
             tree = BrownianTree(
                 seeds, min(float(sc.sigma_min), st.ve_next or st.ve), hi, tuple(x.shape[1:])

@@ -44,8 +44,7 @@ _HEUN = Heun()  # Restart's steps: plain Heun, no churn
 class Restart(Sampler):
     """Restart sampling (Xu et al. 2023, arXiv 2306.14878, Alg. 1): Heun steps, and on the step that
     first reaches VE level ``restart_min`` (or the grid's last level above data, if none is that
-    low),
-    ``restart_times`` times: forward noise up to ``restart_max``
+    low), ``restart_times`` times: forward noise up to ``restart_max``
     (fresh noise, x~ += sqrt(max^2 - min^2) z) and Heun back down over ``restart_steps`` Karras
     levels
     from restart_max to that level (ComfyUI's sample_restart with an explicit restart interval)."""
@@ -77,8 +76,7 @@ class Restart(Sampler):
         heun = _HEUN
         x, _ = heun.step(denoise, x, st, (), noise)
         # once: at the first level <= restart_min, or at the last level above data on a grid too
-        # coarse to
-        # have one (ComfyUI takes the grid level nearest to restart_min)
+        # coarse to have one (ComfyUI takes the grid level nearest to restart_min)
         reach = st.ve_next <= self.restart_min or st.i == st.n - 2
         if state or not reach or st.ve_next <= 0 or st.ve_next >= self.restart_max:
             return x, state

@@ -1,6 +1,5 @@
 """Linear multistep (k-diffusion's sample_lms, diffusers' LMSDiscreteScheduler) and DPM2 (Karras et
-al.
-2022's second-order sampler as k-diffusion's sample_dpm_2 / sample_dpm_2_ancestral).
+al. 2022's second-order sampler as k-diffusion's sample_dpm_2 / sample_dpm_2_ancestral).
 
 LMS works in the straight coordinates of ``core.sample.straight`` (VE levels on VP schedules, flow
 time on flows); y is rebuilt from each prediction, so the data anchor is always the current x0 and
@@ -41,8 +40,7 @@ def lms_coefficients(us: list[float], u0: float, u1: float) -> list[float]:
 @dataclass(frozen=True)
 class LMS(Sampler):
     """Linear multistep of ``order`` (4, as k-diffusion and diffusers): y' = y + sum_j c_j d_j with
-    c_j
-    the integral of the Lagrange basis through the last ``order`` levels u_j."""
+    c_j the integral of the Lagrange basis through the last ``order`` levels u_j."""
 
     order: int = 4
 

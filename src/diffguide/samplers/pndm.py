@@ -1,14 +1,12 @@
 """Pseudo linear multistep samplers: PLMS (Liu et al. 2022, PNDM, arXiv 2202.09778, as diffusers'
 PNDMScheduler with skip_prk_steps) and iPNDM (Zhang & Chen 2022, DEIS, arXiv 2204.13902;
-k-diffusion's
-sample_ipndm).
+k-diffusion's sample_ipndm).
 
 Both combine the last four slopes with the Adams-Bashforth weights (1; 3, -1 / 2; 23, -16, 5 / 12;
 55, -59, 37, -9 / 24). PLMS puts the combined eps through DDIM's transfer (PNDM eq. 11) and starts
 with
 a pseudo improved-Euler step (two evaluations); iPNDM steps the straight-coordinate ODE (VE levels
-on
-VP models, flow time on flow models) and starts with Euler. As DDIM, an update is the current
+on VP models, flow time on flow models) and starts with Euler. As DDIM, an update is the current
 prediction's a' x0 + s' eps plus the history's correction, so CFG++ works unchanged.
 """
 

@@ -1,6 +1,5 @@
 """UniPC (Zhao et al. 2023, arXiv 2302.04867): the unified predictor (UniP) and corrector (UniC) in
-the
-data-prediction form of diffusers' UniPCMultistepScheduler (bh1 / bh2, orders 1-3).
+the data-prediction form of diffusers' UniPCMultistepScheduler (bh1 / bh2, orders 1-3).
 
 The corrector re-uses the evaluation at the new point (no extra NFE): it moves the sample there
 before the next predictor step. Written on the Pred contract: the base of every update is the DDIM

@@ -100,8 +100,7 @@ def check(p: scenes.Prompt, present: set, background: str) -> dict:
 
 def frechet(f1: np.ndarray, f2: np.ndarray) -> float | None:
     """Frechet distance between Gaussians fitted to two feature sets (FID's formula); None when
-    either
-    set has fewer than two samples (no covariance to fit)."""
+    either set has fewer than two samples (no covariance to fit)."""
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     if min(len(f1), len(f2)) < 2:
         return None

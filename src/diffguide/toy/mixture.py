@@ -1,8 +1,7 @@
 """A Gaussian mixture with an exact denoiser: E[x0 | x_t] in closed form, conditional on a class.
 
 Data x0 ~ sum_k w_k N(mu_k, c_k^2 I); component k belongs to class labels[k]. Given x_t = a x0 + s
-eps,
-x_t | k ~ N(a mu_k, (a^2 c_k^2 + s^2) I), so the posterior over components and E[x0 | x_t, k] =
+eps, x_t | k ~ N(a mu_k, (a^2 c_k^2 + s^2) I), so the posterior over components and E[x0 | x_t, k] =
 mu_k + a c_k^2 (x_t - a mu_k) / (a^2 c_k^2 + s^2) are exact. Conditioning on a class restricts the
 sum to that class's components; a label < 0 (or cond None) means unconditional. Because the solver
 error is then the only error, sampler orders and guidance identities can be measured.

@@ -39,8 +39,8 @@ class Family:
     default_guidance = "cfg"
     grid = None  # the time grid the pipeline itself passes (overriding the scheduler's), if any
     # the VAE config keys the family's diffusers pipeline reads beside scaling_factor (and so
-    # diffguide):
-    # shift_factor (SD3, Flux), latents_mean / latents_std and force_upcast in float16 (SDXL)
+    # diffguide): shift_factor (SD3, Flux), latents_mean / latents_std and force_upcast in float16
+    # (SDXL)
     vae_shift = vae_stats = vae_upcast = False
 
     def __init__(self, pipe):
@@ -80,8 +80,7 @@ class Family:
         ``encode_prompt`` arguments (prompt_embeds, negative_prompt_embeds, clip_skip,
         lora_scale...).
         ``negative`` False: no guidance method needs the negative, and a family whose negative
-        costs a
-        second text encoding (Flux) may skip it."""
+        costs a second text encoding (Flux) may skip it."""
         raise NotImplementedError
 
     def embedded_default(self) -> float | None:
@@ -164,8 +163,7 @@ class Family:
         """The dtype to run the VAE in: float32 for a float16 VAE with force_upcast where the
         family's
         pipeline upcasts (SDXL's fp16 VAE overflows), one thread at a time (the cast changes the
-        shared
-        VAE); else its own."""
+        shared VAE); else its own."""
         dtype = vae.dtype
         if not (
             self.vae_upcast

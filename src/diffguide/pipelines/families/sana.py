@@ -10,8 +10,7 @@ from .base import TransformerFamily
 
 class Sana(TransformerFamily):
     """SanaTransformer2DModel (Sana): Gemma-2 text with a mask (and the pipeline's own "complex
-    human
-    instruction" prepended), a deep-compression autoencoder (AutoencoderDC), DPM-Solver on a
+    human instruction" prepended), a deep-compression autoencoder (AutoencoderDC), DPM-Solver on a
     rectified flow. Without resolution binning (the pipeline's option), as PixArt here."""
 
     name = "sana"
@@ -79,8 +78,7 @@ class SanaSprint(Sana):
     tau = sin t / (cos t + sin t): its input is x scaled to flow coordinates, x (cos t + sin t)^-1 =
     x sqrt(tau^2 + (1 - tau)^2), and its velocity v gives x0 = x_in - tau v (the same, in exact
     arithmetic, as SanaSprintPipeline's TrigFlow conversion), so it is a Pred like any other and
-    every
-    sampler and guidance method runs on it; its own sampler is ``consistency``."""
+    every sampler and guidance method runs on it; its own sampler is ``consistency``."""
 
     name = "sana_sprint"
     default_guidance = "none"
