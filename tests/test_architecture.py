@@ -16,6 +16,7 @@ LAYERS = {
     "guidance": 1,
     "samplers": 1,
     "toy": 1,
+    "images": 1,
     "noise": 2,
     "pipelines": 3,
     "evaluate": 4,
