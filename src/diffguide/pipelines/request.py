@@ -396,6 +396,10 @@ def plan(
         )
     prompts, negs = normalise_prompts(prompt, negative_prompt)
     b = len(prompts) * num_images_per_prompt
+    fam = pipe.family
+    shape = (b, fam.channels, h // fam.factor, w // fam.factor)
+    if latents is not None and tuple(latents.shape) != shape:
+        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
     rows = None if init is None else image_rows(init.shape[0], len(prompts), num_images_per_prompt)
     stitch, guide_model = _companions(pipe, stitch, guide_model, prompt_embeds is not None)
     check_generators(b, seed, generator)
