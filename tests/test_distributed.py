@@ -353,17 +353,16 @@ from diffguide.parallel import gather
 state = PartialState(cpu=True)
 gp = GuidedPipeline.from_pretrained("builtin", progress=False)
 out = gp(["a red circle", "a blue square"], num_images_per_prompt=3, seed=10, steps=3,
-output_type="np",
-         process_state=state)
+         output_type="np", process_state=state)
 parts = gather([(out.indices, out.seeds, out.images)], state)
 if state.is_main_process:
-    np.savez(sys.argv[1], indices=np.concatenate([p[0] for p in parts]), seeds=np.concatenate([p[1]
-    for p in parts]),
+    np.savez(sys.argv[1], indices=np.concatenate([p[0] for p in parts]),
+             seeds=np.concatenate([p[1] for p in parts]),
              images=np.concatenate([p[2] for p in parts]))
 state.wait_for_everyone()
 import torch.distributed as dist
-dist.destroy_process_group()  # a gloo group left to interpreter exit sometimes aborts ("terminate
-called ...")
+# a gloo group left to interpreter exit sometimes aborts ("terminate called ...")
+dist.destroy_process_group()
 """
 
 

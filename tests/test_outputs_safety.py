@@ -69,7 +69,7 @@ def no_sampling(monkeypatch):
     def boom(self, *args, **kwargs):
         raise RuntimeError("sampling started")
 
-    monkeypatch.setattr(GuidedPipeline, "__call__", boom)
+    monkeypatch.setattr(GuidedPipeline, "run", boom)
 
 
 @pytest.fixture
@@ -407,7 +407,7 @@ def test_long_runs_say_their_size_up_front(tmp_path, capsys, monkeypatch, plenty
     nothing was said."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
-        GuidedPipeline, "__call__", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+        GuidedPipeline, "run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
     )
     code, _, err = run(
         capsys, "generate", "a red circle", "--seeds", "0-1000000", "--steps", 1, "--quiet"
