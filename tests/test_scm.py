@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import diffguide as dg
-from diffguide.core.denoiser import NetDenoiser
+from diffguide.core.denoiser import NetDenoiser, TrigFlowTime
 from diffguide.distill.scm import (
     AdaptiveWeight,
     SCMLoss,
@@ -164,6 +164,7 @@ def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_step
         guidance="cfg:scale=4",
         scale_min=2.0,
         scale_max=6.0,
+        scm_fit_steps=1,  # step 1 fits the dense time input, steps 2-4 are sCM's
     )
     train(DistillConfig(out=str(tmp_path / "whole"), max_steps=4, **base), progress=False)
     train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
@@ -174,8 +175,11 @@ def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_step
     assert states_equal(a, b) and "weight" in a
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
+    assert "fit" in log[0] and all("tangent_norm" in r for r in log[1:])
     gp = GuidedPipeline.from_pretrained(folder, progress=False)
     assert gp.defaults["spacing"] == "scm" and gp.embedded_guidance == 4.0
+    # the student sees the dense time it was trained on, not its scheduler's timesteps
+    assert gp.net_denoiser.time_input == TrigFlowTime(0.5)
     out = gp("a red circle", seed=0, output_type="np")
     assert out.nfe == 2 and np.isfinite(out.images).all()
     ts = gp.info.timesteps(2, "scm")
@@ -276,18 +280,19 @@ def test_scm_with_ladd_resumes_bit_identically(tmp_path):
         ladd=True,
         scm_prior_weight=True,
         clip=0.1,
+        scm_fit_steps=1,  # no LADD update while the student fits its time input
     )
-    train(DistillConfig(out=str(tmp_path / "whole"), max_steps=2, **base), progress=False)
-    train(DistillConfig(out=str(tmp_path / "part"), max_steps=1, **base), progress=False)
+    train(DistillConfig(out=str(tmp_path / "whole"), max_steps=3, **base), progress=False)
+    train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
     train(
-        DistillConfig(out=str(tmp_path / "part"), max_steps=2, resume=True, **base), progress=False
+        DistillConfig(out=str(tmp_path / "part"), max_steps=3, resume=True, **base), progress=False
     )
     a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
     assert states_equal(a, b) and "head" in a and "fake_opt" in a
     import json
 
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
-    assert all(k in log[-1] for k in ("adv_g", "adv_d"))
+    assert all(k in log[-1] for k in ("adv_g", "adv_d")) and "adv_d" not in log[0]
     with pytest.raises(ValueError, match="ladd is an sCM option"):
         DistillConfig(out=str(tmp_path / "x"), method="dmd2", ladd=True).check()
     with pytest.raises(ValueError, match="gan is a DMD2 option"):

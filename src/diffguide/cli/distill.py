@@ -82,9 +82,35 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--scm-p-mean",
         type=float,
-        default=-0.8,
-        help="scm: mean of log(sigma_d tan t) in training (the paper's ImageNet -0.8; SANA-Sprint "
-        "0.2)",
+        default=0.2,
+        help="scm: mean of log(sigma_d tan t) in training (SANA-Sprint's 0.2; the paper's ImageNet "
+        "-0.8)",
+    )
+    p.add_argument(
+        "--scm-start-share",
+        type=float,
+        default=0.1,
+        help="scm: the share of training times at the sampler's start (the teacher's largest "
+        "level)",
+    )
+    p.add_argument(
+        "--scm-time",
+        default="dense",
+        choices=("dense", "index"),
+        help="scm: the student's time input, dense sin t/(sin t + cos t) as SANA-Sprint (default) "
+        "or the teacher's own timestep",
+    )
+    p.add_argument(
+        "--scm-fit-steps",
+        type=int,
+        default=200,
+        help="scm: first steps fitting the student to the guided teacher on its time input",
+    )
+    p.add_argument(
+        "--scm-weight-lr",
+        type=float,
+        default=1e-2,
+        help="scm: the learning rate of the adaptive weight w(t) (its own parameter group)",
     )
     p.add_argument("--scm-p-std", type=float, default=1.6, help="scm: its standard deviation")
     p.add_argument(
@@ -105,7 +131,13 @@ def add_arguments(p) -> None:
         "--clip",
         type=float,
         default=None,
-        help="gradient-norm clipping (default 1; dmd2 10; SANA-Sprint used 0.1)",
+        help="gradient-norm clipping of the student (default 1; dmd2 10; SANA-Sprint used 0.1)",
+    )
+    p.add_argument(
+        "--lr-warmup",
+        type=int,
+        default=None,
+        help="linear learning-rate warm-up steps (default: scm 100, others 0)",
     )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
@@ -117,6 +149,15 @@ def add_arguments(p) -> None:
         type=int,
         default=0,
         help="validation grid and metrics every N steps (0: at the end only)",
+    )
+    p.add_argument(
+        "--validate-n", type=int, default=2, help="validation images per prompt (default 2)"
+    )
+    p.add_argument(
+        "--validate-prompts",
+        type=int,
+        default=0,
+        help="validate on the first N toy prompts only (default 0: all)",
     )
     p.add_argument("--quiet", action="store_true")
 
@@ -166,6 +207,13 @@ def run(args) -> int:
         scm_derivative=args.scm_derivative,
         scm_p_mean=args.scm_p_mean,
         scm_p_std=args.scm_p_std,
+        scm_start_share=args.scm_start_share,
+        scm_time=args.scm_time,
+        scm_fit_steps=args.scm_fit_steps,
+        scm_weight_lr=args.scm_weight_lr,
+        lr_warmup=args.lr_warmup,
+        validate_n=args.validate_n,
+        validate_prompts=args.validate_prompts,
         scm_prior_weight=args.scm_prior_weight,
         clip=args.clip,
         ladd=args.ladd,

@@ -73,6 +73,8 @@ class NetDenoiser:
     what the network sees while the levels stay exact: diffusers' multistep schedulers show integer
     times beside exact Karras, exponential or beta sigmas. ``precondition`` (an ``EDMPrecondition``)
     scales the network's input and turns its output into the prediction instead of ``kind``.
+    ``time_input`` ((alpha, sigma) -> the network's time, e.g. ``TrigFlowTime``) replaces both for a
+    network trained on a time of its own.
     """
 
     forward: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -83,6 +85,7 @@ class NetDenoiser:
     module: Any = None
     time_fn: Any = None
     precondition: Any = None
+    time_input: Any = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -94,12 +97,17 @@ class NetDenoiser:
         t = torch.as_tensor(t, dtype=torch.float64)
         if t.ndim == 0:  # one level for the batch: memoised floats
             a, s, _, tm = self.schedule.at(t)
-            if self.time_fn is not None:
+            if self.time_input is not None:
+                tm = float(self.time_input(a, s))
+            elif self.time_fn is not None:
                 tm = float(self.time_fn(t))
             tm = torch.full((x.shape[0],), tm, dtype=torch.float32, device=x.device)
         else:
             a, s = levels(self.schedule, t, x)
-            tm = self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t)
+            if self.time_input is not None:
+                tm = self.time_input(a, s)
+            else:
+                tm = self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t)
             tm = torch.as_tensor(tm).to(device=x.device, dtype=torch.float32)
         pre = self.precondition
         x_in = x if pre is None else x * _per_sample(pre.scale_in(a, s), x)
@@ -118,6 +126,18 @@ def _per_sample(c, like: torch.Tensor):
             -1, *([1] * (like.ndim - 1))
         )
     return c
+
+
+@dataclass(frozen=True)
+class TrigFlowTime:
+    """The dense time SANA-Sprint feeds its student, sin t / (sin t + cos t) of TrigFlow's t
+    (arXiv 2503.09641, Sec. 3.2), from a level (alpha, sigma): sigma_d tan t = sigma / alpha gives
+    sigma / (sigma + sigma_d alpha), in [0, 1]."""
+
+    sigma_d: float = 0.5
+
+    def __call__(self, a, s):
+        return s / (s + self.sigma_d * a)
 
 
 @dataclass(frozen=True, eq=False)

@@ -48,27 +48,33 @@ class DistillConfig:
     ict_p_mean: float = -1.1
     ict_p_std: float = 2.0
     ict_total: int = 0  # the curriculum's length K in steps (0: max_steps)
-    # sCM (Lu & Song 2024): TrigFlow time proposal, tangent warm-up and normalisation, the
-    # derivative
-    scm_p_mean: float = -0.8
+    # sCM (Lu & Song 2024; SANA-Sprint's settings, arXiv 2503.09641): the time proposal
+    # (SANA-Sprint's log-normal 0.2, 1.6) and the share of draws at the sampler's start, the
+    # student's time input, the first steps that fit the student to the guided teacher on that
+    # input, the tangent warm-up and normalisation, the derivative, and w(t)'s own learning rate
+    scm_p_mean: float = 0.2
     scm_p_std: float = 1.6
+    scm_start_share: float = 0.1
+    scm_time: str = "dense"  # "dense": sin t / (sin t + cos t) (SANA-Sprint); "index": teacher's
+    scm_fit_steps: int = 200
     scm_warmup: int = 10000
     scm_tangent_c: float = 0.1
     scm_derivative: str = "jvp"  # or finite_difference
-    scm_prior_weight: bool = (
-        False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code does
-    )
+    scm_weight_lr: float = 1e-2
+    scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code
     ladd: bool = False  # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
     ladd_weight: float = 0.5
     # the loop
     grad_accum: int = 1
     clip: float | None = None  # default: the method's (Method.default_clip: 1, DMD2 10)
+    lr_warmup: int | None = None  # linear warm-up steps; default: the method's (sCM 100, else 0)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 200
     log_every: int = 20
     validate_every: int = 0  # 0: only at the end
     validate_n: int = 2  # images per toy prompt in validation metrics
+    validate_prompts: int = 0  # the first N of the toy prompts in validation (0: all)
     resume: bool = False
 
     # settings a resumed run must share with its checkpoint (the rest may change, e.g. max_steps)
@@ -92,6 +98,9 @@ class DistillConfig:
         "ict_total",
         "scm_p_mean",
         "scm_p_std",
+        "scm_start_share",
+        "scm_time",
+        "scm_fit_steps",
         "scm_warmup",
         "scm_tangent_c",
         "scm_derivative",
@@ -133,13 +142,15 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if self.validate_every < 0:
-            raise ValueError(f"validate_every must be >= 0, got {self.validate_every!r}")
+        for name in ("validate_every", "validate_prompts", "scm_fit_steps", "lr_warmup"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
 
     def _check_ranges(self) -> None:
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
-        for name in ("lr", "fake_lr", "huber_c", "clip"):
+        for name in ("lr", "fake_lr", "huber_c", "clip", "scm_weight_lr"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v!r}")
@@ -170,6 +181,10 @@ class DistillConfig:
                 f"sCM needs scm_p_std > 0, scm_tangent_c > 0 and scm_warmup >= 0, got "
                 f"{self.scm_p_std!r}, {self.scm_tangent_c!r}, {self.scm_warmup!r}"
             )
+        if self.scm_time not in ("dense", "index"):
+            raise ValueError(f"scm_time must be dense or index, got {self.scm_time!r}")
+        if not 0 <= self.scm_start_share < 1:
+            raise ValueError(f"scm_start_share must be in [0, 1), got {self.scm_start_share!r}")
         if not self.ict_p_std > 0:
             raise ValueError(f"ict_p_std must be > 0, got {self.ict_p_std!r}")
 

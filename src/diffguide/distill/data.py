@@ -17,9 +17,8 @@ class ToyData:
     def __init__(self, cfg):
         from ..toy.data import SceneData
 
-        self.scenes = SceneData(
-            cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz")
-        )
+        # rendered as the batches ask: step 1 comes at once, not after cfg.dataset renders
+        self.scenes = SceneData(cfg.dataset, cfg.seed)
         self.n, self.shape = cfg.dataset, (3, 32, 32)
 
     def items(self, idx: np.ndarray, epoch: int):

@@ -55,8 +55,9 @@ def export(method, net, folder: str) -> str:
 
 
 def default_scale(cfg) -> float:
-    """A scale-embedding student's default: the CFG spec's scale when inside the trained range, else
-    the middle of the range."""
+    """A scale-embedding student's default, the scale it is compared with its teacher at: the CFG
+    spec's scale (``cfg`` alone: CFG's default 5) when inside the trained range, else the middle of
+    the range."""
     from ..core.registry import parse_spec
 
     w = getattr(parse_spec("guidance", cfg.guidance), "scale", None)
@@ -84,6 +85,7 @@ def validate(method, net, step: int) -> dict | None:
     try:
         # a class-conditional teacher (DiT) is shown its first classes instead of the toy prompts
         prompts = list(metrics.DEFAULT_PROMPTS) if teacher.family.name != "dit" else list(range(4))
+        prompts = prompts[: cfg.validate_prompts or None]  # --validate-prompts: the first N
         images, ids, nfe, seconds = prompt_set(
             gp, prompts, cfg.validate_n, 0, "none", None, cfg.student_steps
         )

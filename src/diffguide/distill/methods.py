@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..core.denoiser import NetDenoiser, with_boundary
+from ..core.denoiser import NetDenoiser, TrigFlowTime, with_boundary
 from ..core.registry import parse_spec
 from ..core.schedule import VPSchedule
 from ..guidance.cfg import CFG
@@ -25,7 +25,7 @@ from .consistency import ConsistencyLoss, PerSampleCFG, draw_scales, student_une
 from .dmd2 import DMD2Loss, GANHead, conditioning_times
 from .ict import ICTLoss
 from .ladd import LADD, feature_modules, feature_widths
-from .scm import AdaptiveWeight, SCMLoss
+from .scm import SIGMA_D, AdaptiveWeight, SCMLoss
 
 if TYPE_CHECKING:
     from .config import DistillConfig
@@ -94,9 +94,10 @@ def lcm_boundary(schedule) -> float | None:
     return TIMESTEP_SCALING if isinstance(schedule, VPSchedule) else None
 
 
-def network_denoiser(teacher, net, boundary: bool = False):
+def network_denoiser(teacher, net, boundary: bool = False, time_input=None):
     """``net`` (a teacher-shaped network, possibly wrapped for distributed training) as a denoiser,
-    under LCM's boundary when ``boundary`` (and the teacher's schedule has one)."""
+    under LCM's boundary when ``boundary`` (and the teacher's schedule has one), seeing
+    ``time_input`` (a ``TrigFlowTime``) instead of the teacher's timesteps where given."""
     # hooks (perturbations, the GAN bottleneck) go on the bare network
     module = getattr(net, "module", net)
     d = NetDenoiser(
@@ -105,6 +106,7 @@ def network_denoiser(teacher, net, boundary: bool = False):
         teacher.info.kind,
         learned_sigma=teacher.family.learned_sigma(),
         module=module,
+        time_input=time_input,
     )
     return with_boundary(d, lcm_boundary(teacher.info.schedule) if boundary else None)
 
@@ -124,12 +126,14 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
 class Update:
     """One optimiser step of a training step. ``loss(j)`` is micro-batch j's (loss, logs); gradients
     reach ``modules`` (their cross-process sync deferred to the last micro-batch), never ``frozen``
-    (bare networks a loss reaches through, e.g. a GAN's critic seen from the generator)."""
+    (bare networks a loss reaches through, e.g. a GAN's critic seen from the generator). The
+    gradient norm of ``clipped`` (default: all of ``modules``) is clipped."""
 
     modules: list
     optimiser: Any
     loss: Callable[[int], tuple]
     frozen: tuple = ()
+    clipped: list | None = None
 
 
 # -- the interface ---------------------------------------------------------------------------------
@@ -147,6 +151,7 @@ class Method:
     name = ""
     default_lr = 1e-4  # the CLI's --lr when none is given
     default_clip = 1.0  # the gradient-norm clipping when --clip is not given (LCM's)
+    default_lr_warmup = 0  # linear learning-rate warm-up steps when --lr-warmup is not given
     weight_decay = 0.0  # the student's AdamW weight decay
     adversarial: str | None = None  # the config flag of its adversarial term, if it has one
     lcm_boundary = True  # on a VP teacher the student has LCM's boundary (sCM: TrigFlow's f)
@@ -424,12 +429,17 @@ class SCM(Method):
     adversarial = "ladd"
     lcm_boundary = False
     scale_input = True
+    default_lr_warmup = 100
 
     def build(self):
         cfg = self.cfg
         self.weight = AdaptiveWeight().to(self.family.net.device)  # w_phi(t), Sec. 4.3
-        params = [*self.student.parameters(), *self.weight.parameters()]
-        self.optimiser = adamw(params, cfg.lr, self.weight_decay)
+        # w's optimum (about log D) is far from its start: its own group, at its own rate
+        groups = [
+            {"params": list(self.student.parameters())},
+            {"params": list(self.weight.parameters()), "lr": cfg.scm_weight_lr},
+        ]
+        self.optimiser = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=self.weight_decay)
         self.ladd = LADDAddOn(cfg, self.teacher) if cfg.ladd else None
 
     def modules(self):
@@ -446,11 +456,13 @@ class SCM(Method):
             self.ladd.bind(prepared, accelerator)
         self.loss = SCMLoss(
             self.teacher.net_denoiser,
-            network_denoiser(self.teacher, self.student),
+            network_denoiser(self.teacher, self.student, time_input=self.time_input()),
             self.weight,
             self.guidance,
             p_mean=cfg.scm_p_mean,
             p_std=cfg.scm_p_std,
+            start_share=cfg.scm_start_share,
+            fit_steps=cfg.scm_fit_steps,
             tangent_c=cfg.scm_tangent_c,
             warmup=cfg.scm_warmup,
             method=cfg.scm_derivative,
@@ -477,10 +489,16 @@ class SCM(Method):
             )
 
         frozen = self.ladd.frozen if self.ladd else ()
-        plan = [Update([self.student, self.weight], self.optimiser, loss, frozen)]
-        if self.ladd:
+        # the student's gradient clipped alone: w's is larger and would take the clip's share
+        plan = [Update([self.student, self.weight], self.optimiser, loss, frozen, [self.student])]
+        if self.ladd and step >= self.cfg.scm_fit_steps:  # no estimates to judge while fitting
             plan.append(self.ladd.update(batch, fakes))
         return plan
+
+    def time_input(self):
+        """The student's time input: SANA-Sprint's dense sin t / (sin t + cos t), or None (the
+        teacher's own timesteps)."""
+        return TrigFlowTime(SIGMA_D) if self.cfg.scm_time == "dense" else None
 
     def _scales(self, m: MicroBatch):
         """With CFG: a scale per example for the teacher, embedded into the student as SANA-Sprint
@@ -492,8 +510,10 @@ class SCM(Method):
         return PerSampleCFG(w), {**m.pos, "timestep_cond": embedded}
 
     def student_grid(self):
-        """SCMScheduler's TrigFlow times, mapped to the student's schedule."""
-        return {"spacing": "scm"}
+        """SCMScheduler's TrigFlow times, mapped to the student's schedule, and the student's time
+        input where it is not the teacher's."""
+        dense = {"time_input": "trigflow"} if self.cfg.scm_time == "dense" else {}
+        return {"spacing": "scm", **dense}
 
 
 @register

@@ -45,6 +45,8 @@ class Run:
         self.cfg, self.teacher, self.acc = cfg, teacher, acc
         self.method = create(cfg, teacher)
         self.clip = cfg.clip or self.method.default_clip
+        warm = cfg.lr_warmup
+        self.lr_warmup = self.method.default_lr_warmup if warm is None else warm
         self.step0 = self.load(state) if state is not None else 0
         self._prepare()
 
@@ -84,7 +86,7 @@ class Run:
             part.load_state_dict(s[key])
         return int(s["step"])
 
-    def _apply(self, update: Update, n: int) -> dict:
+    def _apply(self, update: Update, n: int, step: int) -> dict:
         """One optimiser step over ``n`` micro-batches (gradients averaged across processes once, at
         the last), ``update.frozen`` out of autograd throughout; returns the mean logs."""
         from ..core.freeze import frozen
@@ -93,12 +95,20 @@ class Run:
         with frozen(*update.frozen):
             opt.zero_grad(set_to_none=True)
             logs = self._accumulate(update, n)
-            self.acc.clip_grad_norm_(
-                [p for group in opt.param_groups for p in group["params"]], self.clip
-            )
+            clipped = update.modules if update.clipped is None else update.clipped
+            self.acc.clip_grad_norm_([p for m in clipped for p in m.parameters()], self.clip)
+            self._warm_up(opt, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return logs
+
+    def _warm_up(self, opt, step: int) -> None:
+        """Each group's rate ramped linearly over the first ``lr_warmup`` steps (set from the step
+        alone, so a resumed run repeats it exactly)."""
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            ramp = min(1.0, (step + 1) / self.lr_warmup) if self.lr_warmup else 1.0
+            group["lr"] = group["base_lr"] * ramp
 
     def _accumulate(self, update: Update, n: int) -> dict:
         """The gradients of the mean loss over ``n`` micro-batches, synchronised across processes
@@ -124,7 +134,7 @@ class Run:
         batch = [get(step, j * world + self.acc.process_index) for j in range(n)]
         logs: dict = {}
         for update in self.method.updates(batch, step):
-            logs.update(self._apply(update, n))
+            logs.update(self._apply(update, n, step))
         student = self.acc.unwrap_model(self.method.student)
         with torch.no_grad():
             for pe, ps in zip(self.method.ema.parameters(), student.parameters()):
@@ -330,7 +340,8 @@ def _loop(cfg: DistillConfig, run: Run, get, log, running: dict, progress: bool)
         step += 1
         for k, v in logs.items():
             running.setdefault(k, []).append(v)
-        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+        bar.update(1)  # the bar shows steps per second and the time left beside the loss
         if acc.is_main_process:
             if step % cfg.log_every == 0:
                 rec = {
@@ -340,9 +351,6 @@ def _loop(cfg: DistillConfig, run: Run, get, log, running: dict, progress: bool)
                 }
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(
-                    {k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "seconds")}
-                )
                 running = {}
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint.save(

@@ -25,6 +25,9 @@ from ..core.pred import Pred
 from ..core.sample import RandomNoise
 
 
+SIGMA_D = 0.5  # TrigFlow's data scale (the sCM paper's and SANA-Sprint's)
+
+
 @dataclass(frozen=True, eq=False)
 class TrigFlowView:
     """A denoiser (x, t, cond) -> Pred on its own schedule, as the TrigFlow network F(x / sigma_d,
@@ -76,12 +79,23 @@ def trig_pred(F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, sigma_d: floa
 
 
 def sample_times(
-    b: int, generator: torch.Generator, p_mean: float, p_std: float, sigma_d: float, t_max: float
+    b: int,
+    generator: torch.Generator,
+    p_mean: float,
+    p_std: float,
+    sigma_d: float,
+    t_max: float,
+    start_share: float = 0.0,
 ) -> torch.Tensor:
     """t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (Sec. 4.2's proposal), capped at
-    t_max."""
+    t_max; a ``start_share`` of the draws at t_max itself, where a one- or two-step sampler starts
+    (the proposal alone puts a fraction of a percent of its draws near there)."""
     tau = p_mean + p_std * torch.randn(b, generator=generator, dtype=torch.float64)
-    return torch.atan(torch.exp(tau) / sigma_d).clamp(max=t_max)
+    t = torch.atan(torch.exp(tau) / sigma_d).clamp(max=t_max)
+    if not start_share:  # no draw: the generator's stream stays as without a share
+        return t
+    at_start = torch.rand(b, generator=generator, dtype=torch.float64) < start_share
+    return torch.where(at_start, torch.full_like(t, t_max), t)
 
 
 def noised(
@@ -91,10 +105,12 @@ def noised(
     p_std: float,
     sigma_d: float,
     t_max: float,
+    start_share: float = 0.0,
 ):
     """(t, cos t, sin t, x_t): a TrigFlow time per sample from the proposal, and x_t = cos(t) x0 +
     sin(t) z, z ~ N(0, sigma_d^2 I)."""
-    t = sample_times(x0.shape[0], generator, p_mean, p_std, sigma_d, t_max).to(x0.device)
+    t = sample_times(x0.shape[0], generator, p_mean, p_std, sigma_d, t_max, start_share)
+    t = t.to(x0.device)
     z = sigma_d * torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     c, s = cos_sin(t, x0)
     return t, c, s, c * x0 + s * z
@@ -112,8 +128,16 @@ class AdaptiveWeight(torch.nn.Module):
         torch.nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # (its optimum where the error is err: w = log(D / err), about log D = 8 on a 3x32x32
+        # image, so it trains with its own, larger learning rate: --scm-weight-lr)
         u = torch.log(torch.tan(t.clamp(1e-4, math.pi / 2 - 1e-4))).float()[:, None] * self.freqs
         return self.linear(torch.cat([torch.cos(u), torch.sin(u)], 1))[:, 0]
+
+
+def weighted(err: torch.Tensor, w: torch.Tensor, d: int) -> torch.Tensor:
+    """Sec. 4.3's adaptive weighting, mean of e^w / D err - w: for a fixed error its minimum is at
+    w = log(D / err)."""
+    return (torch.exp(w) / d * err - w).mean()
 
 
 _warned: list = []  # the fallback is announced once per process
@@ -167,8 +191,10 @@ class SCMLoss:
     weight: Any
     guidance: Any = "cfg"
     sigma_d: float = 0.5
-    p_mean: float = -0.8
+    p_mean: float = 0.2
     p_std: float = 1.6
+    start_share: float = 0.0  # the share of times at t_max, where sampling starts
+    fit_steps: int = 0  # first steps: the student fitted to the guided teacher's F, no tangent
     tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c)
     warmup: int = 10000  # tangent warm-up: r = min(1, step / warmup)
     method: str = "jvp"  # or finite_difference
@@ -193,7 +219,9 @@ class SCMLoss:
         """(loss, logs); with LADD the student's x0 estimates are appended to ``keep`` for the
         heads' own update."""
         sd = self.sigma_d
-        t, c, s, x_t = noised(x0, generator, self.p_mean, self.p_std, sd, self.t_max)
+        t, c, s, x_t = noised(
+            x0, generator, self.p_mean, self.p_std, sd, self.t_max, self.start_share
+        )
         with torch.no_grad():  # the teacher's velocity, guided: dx_t/dt = sigma_d F_teacher
             gd = guide(self.teacher, guidance if guidance is not None else self.guidance, pos, neg)
             gd.reset(RandomNoise(generator))
@@ -202,8 +230,13 @@ class SCMLoss:
             dxdt = sd * trig_output(gd(x_nat, tn), t, sd)
         F = TrigFlowView(self.student, sd)
         cond = pos if student_cond is None else student_cond
+        if step < self.fit_steps:  # the student learns its time input on the teacher's outputs
+            err = (F(x_t / sd, t, cond) - dxdt / sd).flatten(1).pow(2).mean(1)
+            loss = err.mean()
+            return loss, {"loss": float(loss.detach()), "fit": float(loss.detach())}
         with torch.no_grad():
             F_minus, dFdt = time_derivative(F, x_t / sd, t, dxdt / sd, cond, self.method)
+        step = step - self.fit_steps  # the tangent warm-up starts after the fit
         r = min(1.0, step / self.warmup) if self.warmup else 1.0
         g = -c * c * (sd * F_minus - dxdt) - r * c * s * (x_t + sd * dFdt)
         gnorm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.ndim - 1)))
@@ -214,7 +247,7 @@ class SCMLoss:
         err = (F_theta - F_minus - g).flatten(1).pow(2).sum(1)
         if self.prior_weight:
             err = err / (sd * torch.tan(t)).to(err.dtype)
-        loss = (torch.exp(w) / d * err - w).mean()
+        loss = weighted(err, w, d)
         logs = {"loss": float(loss.detach()), "tangent_norm": float(gnorm.mean())}
         if self.ladd is not None:  # the student's x0 at t, judged by the teacher's features
             x0_hat = c * x_t - s * sd * F_theta

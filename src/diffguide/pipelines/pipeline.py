@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .. import versions
-from ..core.denoiser import Boundary, NetDenoiser
+from ..core.denoiser import Boundary, NetDenoiser, TrigFlowTime
 from ..core.graphs import LoopGraphs
 from ..core.guided import Guidance, _rows
 from ..core.registry import parse_spec, to_spec
@@ -128,7 +128,19 @@ def read_defaults(folder: str) -> dict:
             out[k] = raw[k]
     if isinstance(raw.get("original_steps"), int) and raw["original_steps"] >= 1:
         out["original_steps"] = raw["original_steps"]
+    if "time_input" in raw:  # the network's time is not its scheduler's: never sampled without it
+        if raw["time_input"] not in TIME_INPUTS:
+            raise ValueError(
+                f"{path}: time_input {raw['time_input']!r} is not one diffguide knows "
+                f"({', '.join(TIME_INPUTS)})"
+            )
+        out["time_input"] = raw["time_input"]
     return out
+
+
+# a student's time input other than its scheduler's timesteps (diffguide.json's "time_input"):
+# sCM's dense sin t / (sin t + cos t), as SANA-Sprint (distill/scm.py)
+TIME_INPUTS = {"trigflow": TrigFlowTime(0.5)}
 
 
 def load_vae(path, dtype=None):
@@ -307,6 +319,10 @@ class GuidedPipeline:
         flow-teacher student samples on (what an LCMScheduler's original_inference_steps gives a VP
         one)."""
         self.defaults = dict(defaults)
+        if "time_input" in defaults:
+            self.net_denoiser = dataclasses.replace(
+                self.net_denoiser, time_input=TIME_INPUTS[defaults["time_input"]]
+            )
         if "original_steps" in defaults:
             self.info = dataclasses.replace(
                 self.info, grid={"spacing": "lcm", "original_steps": defaults["original_steps"]}

@@ -1,4 +1,5 @@
-"""The toy world's training data: scenes rendered once and cached, captions redrawn every epoch.
+"""The toy world's training data: scenes rendered once (all up front into a cache file, or each
+as it is first asked for), captions redrawn every epoch.
 
 Used by the built-in model's trainer (``pipelines.toy_model``) and the distillation trainer.
 """
@@ -15,22 +16,33 @@ from . import scenes
 
 
 class SceneData:
-    """The first ``n`` training scenes of the world with this seed, rendered once (uint8)."""
+    """The first ``n`` training scenes of the world with this seed (uint8). With a ``cache`` file
+    all are rendered at once (or loaded) and saved; without one each is rendered the first time a
+    batch asks for it and kept, so training starts at once instead of after n renders."""
 
     def __init__(self, n: int, seed: int, cache: str | None = None):
+        self.n, self.seed = n, seed
+        self.images, self._kept = None, {}
         if cache and os.path.exists(cache):
             z = np.load(cache, allow_pickle=False)
             self.images = z["images"]
-        else:
-            self.images = np.stack(
-                [(scenes.example(seed, i)[0] * 255).round().astype(np.uint8) for i in range(n)]
-            )
-            if cache:
-                atomic_write(cache, lambda f: np.savez(f, images=self.images))
-        self.n, self.seed = n, seed
+        elif cache:
+            self.images = np.stack([self.render(i) for i in range(n)])
+            atomic_write(cache, lambda f: np.savez(f, images=self.images))
+
+    def render(self, i: int) -> np.ndarray:
+        """Scene ``i`` as uint8 HWC (the same pixels whether rendered now or cached)."""
+        return (scenes.example(self.seed, i)[0] * 255).round().astype(np.uint8)
+
+    def image(self, i: int) -> np.ndarray:
+        if self.images is not None:
+            return self.images[i]
+        if i not in self._kept:
+            self._kept[i] = self.render(i)
+        return self._kept[i]
 
     def batch(self, idx: np.ndarray, epoch: int, flip: np.ndarray) -> tuple[torch.Tensor, list]:
-        imgs = self.images[idx].astype(np.float32) / 127.5 - 1
+        imgs = np.stack([self.image(int(i)) for i in idx]).astype(np.float32) / 127.5 - 1
         imgs = np.where(flip[:, None, None, None], imgs[:, :, ::-1], imgs)
         caps = []
         for i in idx:  # the scene is recomputed from its seed (cheap), the caption drawn per epoch
