@@ -71,7 +71,12 @@ def test_ict_loss_samples_levels_by_their_probabilities_and_falls():
     assert logs["levels"] == 11 and value.item() < 0.6 * first
 
 
-def test_ict_trains_resumes_bit_identically_and_its_student_samples(tmp_path):
+def test_ict_trains_resumes_bit_identically_and_its_student_samples(tmp_path, monkeypatch):
+    from diffguide.distill import methods
+
+    shares = []  # the caption dropout each training micro-batch gets
+    real = methods.drop_captions
+    monkeypatch.setattr(methods, "drop_captions", lambda *a: shares.append(a[2]) or real(*a))
     teacher = tm.save(str(tmp_path / "t"), "pixel_sd")
     data = caption_folder(tmp_path / "data", 16)
     base = dict(
@@ -93,6 +98,7 @@ def test_ict_trains_resumes_bit_identically_and_its_student_samples(tmp_path):
     )
     a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
     assert states_equal(a, b)
+    assert len(shares) == 8 and set(shares) == {0.1}  # every step of both runs, the default share
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
     gp = GuidedPipeline.from_pretrained(folder, progress=False)
@@ -107,3 +113,30 @@ def test_ict_trains_resumes_bit_identically_and_its_student_samples(tmp_path):
             DistillConfig(out=str(tmp_path / "short"), max_steps=3, resume=True, **short),
             progress=False,
         )
+
+
+def test_ict_drops_captions_so_its_student_takes_cfg(monkeypatch):
+    """iCT learns from data alone: without empty captions in training its student never saw the
+    unconditional input CFG needs. About the dropout share of examples get the empty caption's
+    condition, row by row, through nested condition dicts; the rest keep their own."""
+    import torch
+
+    from diffguide.distill.data import drop_captions
+
+    b = 4000
+    pos = {"encoder_hidden_states": torch.ones(b, 3, 2), "added": {"text_embeds": torch.ones(b, 5)}}
+    neg = {
+        "encoder_hidden_states": torch.zeros(b, 3, 2),
+        "added": {"text_embeds": torch.zeros(b, 5)},
+    }
+    out = drop_captions(pos, neg, 0.1, torch.Generator().manual_seed(0))
+    dropped = out["encoder_hidden_states"][:, 0, 0] == 0
+    assert 0.08 < float(dropped.double().mean()) < 0.12
+    assert torch.equal(dropped, out["added"]["text_embeds"][:, 0] == 0)  # the same rows throughout
+    assert torch.equal(
+        out["encoder_hidden_states"][~dropped], pos["encoder_hidden_states"][~dropped]
+    )
+    assert drop_captions(pos, neg, 0.0, None) is pos
+    assert DistillConfig(out="x").ict_caption_dropout == 0.1  # on by default
+    with pytest.raises(ValueError, match="must be in"):
+        DistillConfig(out="x", method="ict", ict_caption_dropout=1.0).check()

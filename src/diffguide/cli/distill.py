@@ -71,6 +71,12 @@ def add_arguments(p) -> None:
         default=0,
         help="ict: the discretisation curriculum's length in steps (default: --max-steps)",
     )
+    p.add_argument(
+        "--ict-caption-dropout",
+        type=float,
+        default=0.1,
+        help="ict: the share of empty captions in training, so the student takes CFG (default 0.1)",
+    )
     p.add_argument("--scm-warmup", type=int, default=10000, help="scm: tangent warm-up steps")
     p.add_argument(
         "--scm-derivative",
@@ -203,6 +209,7 @@ def run(args) -> int:
         gan=args.gan,
         init=args.init,
         ict_total=args.ict_total,
+        ict_caption_dropout=args.ict_caption_dropout,
         scm_warmup=args.scm_warmup,
         scm_derivative=args.scm_derivative,
         scm_p_mean=args.scm_p_mean,

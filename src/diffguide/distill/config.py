@@ -48,6 +48,7 @@ class DistillConfig:
     ict_p_mean: float = -1.1
     ict_p_std: float = 2.0
     ict_total: int = 0  # the curriculum's length K in steps (0: max_steps)
+    ict_caption_dropout: float = 0.1  # empty captions in training, so the student takes CFG
     # sCM (Lu & Song 2024; SANA-Sprint's settings, arXiv 2503.09641): the time proposal
     # (SANA-Sprint's log-normal 0.2, 1.6) and the share of draws at the sampler's start, the
     # student's time input, the first steps that fit the student to the guided teacher on that
@@ -96,6 +97,7 @@ class DistillConfig:
         "ict_p_mean",
         "ict_p_std",
         "ict_total",
+        "ict_caption_dropout",
         "scm_p_mean",
         "scm_p_std",
         "scm_start_share",
@@ -185,6 +187,10 @@ class DistillConfig:
             raise ValueError(f"scm_time must be dense or index, got {self.scm_time!r}")
         if not 0 <= self.scm_start_share < 1:
             raise ValueError(f"scm_start_share must be in [0, 1), got {self.scm_start_share!r}")
+        if not 0 <= self.ict_caption_dropout < 1:
+            raise ValueError(
+                f"ict_caption_dropout must be in [0, 1), got {self.ict_caption_dropout!r}"
+            )
         if not self.ict_p_std > 0:
             raise ValueError(f"ict_p_std must be > 0, got {self.ict_p_std!r}")
 

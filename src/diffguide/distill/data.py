@@ -131,3 +131,32 @@ def conditions(teacher, captions: list, device) -> tuple[dict, dict | None]:
     if w is not None:
         pos, neg = (family.embed_guidance(c, w, len(captions)) for c in (pos, neg))
     return pos, neg
+
+
+def drop_captions(pos: dict, neg: dict | None, p: float, generator: torch.Generator) -> dict:
+    """``pos`` with each example's condition replaced by the empty caption's (``neg``) with
+    probability ``p``: the text dropout that lets a model trained from data alone (iCT) take CFG."""
+    if not p:
+        return pos
+    if neg is None:
+        raise ValueError("caption dropout needs the empty caption's condition; this model has none")
+    b = next(v.shape[0] for v in _tensors(pos))
+    keep = torch.rand(b, generator=generator) >= p
+    return _rows(pos, neg, keep)
+
+
+def _tensors(cond):
+    if torch.is_tensor(cond):
+        yield cond
+    elif isinstance(cond, dict):
+        for v in cond.values():
+            yield from _tensors(v)
+
+
+def _rows(a, b, keep: torch.Tensor):
+    """a's rows where ``keep``, else b's, through nested condition dicts (other entries: a's)."""
+    if torch.is_tensor(a) and a.ndim and a.shape[0] == keep.shape[0]:
+        return torch.where(keep.to(a.device).view(-1, *([1] * (a.ndim - 1))), a, b.to(a.dtype))
+    if isinstance(a, dict):
+        return {k: _rows(v, b[k], keep) if k in b else v for k, v in a.items()}
+    return a

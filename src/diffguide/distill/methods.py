@@ -22,6 +22,7 @@ from ..core.registry import parse_spec
 from ..core.schedule import VPSchedule
 from ..guidance.cfg import CFG
 from .consistency import ConsistencyLoss, PerSampleCFG, draw_scales, student_unet
+from .data import drop_captions
 from .dmd2 import DMD2Loss, GANHead, conditioning_times
 from .ict import ICTLoss
 from .ladd import LADD, feature_modules, feature_widths
@@ -547,7 +548,8 @@ class ICT(Method):
     def updates(self, batch, step):
         def loss(j):
             m = batch[j]
-            return self.loss(m.x0, m.pos, step, m.generator)
+            cond = drop_captions(m.pos, m.neg, self.cfg.ict_caption_dropout, m.generator)
+            return self.loss(m.x0, cond, step, m.generator)
 
         return [self.student_update(loss)]
 
