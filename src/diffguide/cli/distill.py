@@ -10,8 +10,9 @@ from .generate import UsageError
 def add_arguments(p) -> None:
     p.add_argument(
         "method",
-        help="consistency, dmd2, scm (continuous-time consistency distillation) or ict "
-        "(improved consistency training from the data, no teacher)",
+        help="consistency, dmd2, scm (continuous-time consistency distillation), rcm (sCM with "
+        "DMD's reverse divergence) or ict (improved consistency training from the data, no "
+        "teacher)",
     )
     p.add_argument(
         "--teacher", default="builtin", help="diffusers folder or hub id (default: built-in)"
@@ -55,7 +56,10 @@ def add_arguments(p) -> None:
         "--solver", default="ddim", help="consistency: the teacher's ODE solver (a sampler spec)"
     )
     p.add_argument(
-        "--fake-ratio", type=int, default=5, help="dmd2: fake-score updates per generator update"
+        "--fake-ratio",
+        type=int,
+        default=5,
+        help="dmd2, rcm: fake-score updates per generator update",
     )
     p.add_argument("--fake-lr", type=float, default=None, help="dmd2: default --lr")
     p.add_argument("--gan", action="store_true", help="dmd2: add the GAN head against the data")
@@ -129,6 +133,12 @@ def add_arguments(p) -> None:
         action="store_true",
         help="scm: add latent adversarial distillation (heads on the frozen teacher's features, "
         "SANA-Sprint)",
+    )
+    p.add_argument(
+        "--rcm-dmd-weight",
+        type=float,
+        default=1.0,
+        help="rcm: the weight of the DMD term beside the sCM loss (default 1)",
     )
     p.add_argument(
         "--ladd-weight", type=float, default=0.5, help="scm --ladd: the adversarial term's weight"
@@ -225,6 +235,7 @@ def run(args) -> int:
         clip=args.clip,
         ladd=args.ladd,
         ladd_weight=args.ladd_weight,
+        rcm_dmd_weight=args.rcm_dmd_weight,
         grad_accum=args.grad_accum,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,

@@ -65,6 +65,7 @@ class DistillConfig:
     scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code
     ladd: bool = False  # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
     ladd_weight: float = 0.5
+    rcm_dmd_weight: float = 1.0  # rcm: the DMD term's weight beside the sCM loss
     # the loop
     grad_accum: int = 1
     clip: float | None = None  # default: the method's (Method.default_clip: 1, DMD2 10)
@@ -152,7 +153,7 @@ class DistillConfig:
     def _check_ranges(self) -> None:
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema!r}")
-        for name in ("lr", "fake_lr", "huber_c", "clip", "scm_weight_lr"):
+        for name in ("lr", "fake_lr", "huber_c", "clip", "scm_weight_lr", "rcm_dmd_weight"):
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v!r}")

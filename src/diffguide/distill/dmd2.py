@@ -91,6 +91,9 @@ class DMD2Loss:
     bottleneck: Any = None
     gan_generator: float = 1e-3
     gan_fake: float = 1e-2
+    times: tuple | None = (
+        None  # the generator's times on the schedule itself (rCM: sCM's), not taus
+    )
 
     def __post_init__(self):
         if isinstance(self.guidance, str):
@@ -116,8 +119,8 @@ class DMD2Loss:
     ) -> tuple[torch.Tensor, int]:
         """G's x0 at a random stage k (with grad), from an input made by backward simulation: G run
         without grad through stages 0..k-1 from ``noise``, each x0 re-noised to the next tau."""
-        k = int(torch.randint(len(self.taus), (1,), generator=g))
-        taus = [self._time(i) for i in self.taus]
+        taus = self.times or [self._time(i) for i in self.taus]
+        k = int(torch.randint(len(taus), (1,), generator=g))
         x = noise * math.sqrt(
             float(self.teacher.schedule.alpha(taus[0])) ** 2
             + float(self.teacher.schedule.sigma(taus[0])) ** 2

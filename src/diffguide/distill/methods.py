@@ -11,6 +11,7 @@ accumulation, clipping, the EMA, checkpoints, validation and logs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -515,6 +516,74 @@ class SCM(Method):
         input where it is not the teacher's."""
         dense = {"time_input": "trigflow"} if self.cfg.scm_time == "dense" else {}
         return {"spacing": "scm", **dense}
+
+
+@register
+class RCM(SCM):
+    """rCM, score-regularised continuous-time consistency (Zheng et al. 2025, NVlabs/rcm): sCM plus
+    DMD's reverse-divergence term on the student's own few-step samples, against a fake score
+    fitted to them. As the authors' training step: sCM alone until the tangent warm-up ends, then
+    the student (sCM + DMD) every ``fake_ratio``-th step and the fake score on the others."""
+
+    name = "rcm"
+    adversarial = None
+
+    def build(self):
+        super().build()
+        self.fake = checkpointed(copy_network(self.family.net), self.cfg)
+        self.fake_optimiser = adamw(self.fake.parameters(), self.cfg.fake_lr or self.cfg.lr, 0.0)
+
+    def modules(self):
+        return {**super().modules(), "fake": self.fake}
+
+    def optimisers(self):
+        return {**super().optimisers(), "fake_opt": self.fake_optimiser}
+
+    def bind(self, prepared, accelerator):
+        super().bind(prepared, accelerator)
+        self.fake, self.fake_optimiser = prepared["fake"], prepared["fake_opt"]
+        info = self.teacher.info
+        times = tuple(info.timesteps(self.cfg.student_steps, "scm")[: self.cfg.student_steps])
+        self.dmd = DMD2Loss(
+            self.teacher.net_denoiser,
+            network_denoiser(self.teacher, self.fake),
+            self.loss.student,  # the student as sCM trains it (its dense time input included)
+            self.guidance,
+            times=times,
+        )
+
+    def updates(self, batch, step):
+        start = self.cfg.scm_fit_steps + self.cfg.scm_warmup
+        if step < start:
+            return super().updates(batch, step)
+        if (step - start) % self.cfg.fake_ratio:  # the fake score's steps
+            return [Update([self.fake], self.fake_optimiser, self._fake_loss(batch))]
+        scm = super().updates(batch, step)[0]
+
+        def loss(j):
+            value, logs = scm.loss(j)
+            m = batch[j]
+            guidance, cond = self._scales(m)
+            dmd = dataclasses.replace(self.dmd, guidance=guidance or self.guidance)
+            x0, _ = dmd.sample(self._noise(m), cond or m.pos, m.generator)
+            dm, dm_logs = dmd.generator_loss(x0, m.pos, m.neg, m.generator)
+            return value + self.cfg.rcm_dmd_weight * dm, {**logs, **dm_logs}
+
+        return [dataclasses.replace(scm, loss=loss)]
+
+    def _fake_loss(self, batch):
+        def loss(j):
+            m = batch[j]
+            guidance, cond = self._scales(m)
+            with torch.no_grad():
+                x0, _ = self.dmd.sample(self._noise(m), cond or m.pos, m.generator)
+            return self.dmd.fake_loss(x0, m.pos, m.generator)
+
+        return loss
+
+    @staticmethod
+    def _noise(m):
+        return torch.randn(m.x0.shape, generator=m.generator).to(m.x0.device, m.x0.dtype)
 
 
 @register
