@@ -140,3 +140,40 @@ def test_ict_drops_captions_so_its_student_takes_cfg(monkeypatch):
     assert DistillConfig(out="x").ict_caption_dropout == 0.1  # on by default
     with pytest.raises(ValueError, match="must be in"):
         DistillConfig(out="x", method="ict", ict_caption_dropout=1.0).check()
+
+
+def test_ect_pairs_start_at_the_data_and_close_stage_by_stage():
+    """ECT's mapping (locuslab/ect, sigmoid form, q = 2, k = 8, b = 1): r = t (1 - 2^-(s+1) (1 + 8
+    sigmoid(-t))) at least 0. Stage 0 pairs every level below about 2.3 with the data itself (a
+    diffusion loss); each stage halves the gap t - r where r > 0."""
+    import torch
+
+    from diffguide.distill.ict import ICTLoss, ect_r
+
+    t = torch.tensor([0.1, 1.0, 3.0, 20.0], dtype=torch.float64)
+    by_hand = t * (1 - 0.5 * (1 + 8 / (1 + torch.exp(t))))
+    assert torch.allclose(ect_r(t, 0), by_hand.clamp(min=0))
+    assert ect_r(t, 0)[:2].eq(0).all() and ect_r(t, 0)[3] > 0
+    gap = [(t - ect_r(t, s))[3] for s in (2, 3, 4)]
+    assert torch.allclose(torch.stack(gap[1:]), torch.stack(gap[:-1]) / 2)
+    # in the loss: where r = 0 the target is the data itself. A student that is off by 0.1 at every
+    # level agrees with itself (zero loss) wherever r > 0, and is 0.1 from the data where r = 0
+    import diffguide as dg
+
+    sched = dg.VPSchedule.from_betas(0.0001, 0.02, "linear")
+
+    class Off:
+        schedule = sched
+
+        def __call__(self, x, t, cond):
+            a, s = (f(torch.as_tensor(t)).view(-1, 1) for f in (sched.alpha, sched.sigma))
+            return dg.Pred(x0.expand_as(x) + 0.1, (x - a * (x0 + 0.1)) / s)
+
+    x0 = torch.full((64, 2), 0.3, dtype=torch.float64)
+    loss = ICTLoss(Off(), total=80, schedule="ect", timestep_scaling=None)
+    first, logs = loss(x0, None, 0, torch.Generator().manual_seed(0))
+    late, late_logs = loss(x0, None, 12 * 10, torch.Generator().manual_seed(0))
+    assert logs["stage"] == 0.0 and late_logs["stage"] == 12.0
+    assert float(first) > 0.01 and float(late) < 1e-9
+    with pytest.raises(ValueError, match="ict_schedule must be ict or ect"):
+        DistillConfig(out="x", method="ict", ict_schedule="edm").check()

@@ -76,6 +76,19 @@ def add_arguments(p) -> None:
         help="ict: the discretisation curriculum's length in steps (default: --max-steps)",
     )
     p.add_argument(
+        "--ict-schedule",
+        default="ict",
+        choices=("ict", "ect"),
+        help="ict: the paper's discrete curriculum, or ECT's continuous pairs (r = 0 at first: a "
+        "diffusion loss from the teacher's weights)",
+    )
+    p.add_argument(
+        "--ict-ect-stage",
+        type=int,
+        default=0,
+        help="ict --ict-schedule ect: steps per stage, each halving t - r (default: max-steps / 8)",
+    )
+    p.add_argument(
         "--ict-caption-dropout",
         type=float,
         default=0.1,
@@ -220,6 +233,8 @@ def run(args) -> int:
         init=args.init,
         ict_total=args.ict_total,
         ict_caption_dropout=args.ict_caption_dropout,
+        ict_schedule=args.ict_schedule,
+        ict_ect_stage=args.ict_ect_stage,
         scm_warmup=args.scm_warmup,
         scm_derivative=args.scm_derivative,
         scm_p_mean=args.scm_p_mean,

@@ -49,6 +49,8 @@ class DistillConfig:
     ict_p_std: float = 2.0
     ict_total: int = 0  # the curriculum's length K in steps (0: max_steps)
     ict_caption_dropout: float = 0.1  # empty captions in training, so the student takes CFG
+    ict_schedule: str = "ict"  # "ect": ECT's continuous pairs, a start from the teacher's weights
+    ict_ect_stage: int = 0  # ECT: steps per stage, each halving the gap t - r (0: K / 8)
     # sCM (Lu & Song 2024; SANA-Sprint's settings, arXiv 2503.09641): the time proposal
     # (SANA-Sprint's log-normal 0.2, 1.6) and the share of draws at the sampler's start, the
     # student's time input, the first steps that fit the student to the guided teacher on that
@@ -99,6 +101,8 @@ class DistillConfig:
         "ict_p_std",
         "ict_total",
         "ict_caption_dropout",
+        "ict_schedule",
+        "ict_ect_stage",
         "scm_p_mean",
         "scm_p_std",
         "scm_start_share",
@@ -145,7 +149,13 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("validate_every", "validate_prompts", "scm_fit_steps", "lr_warmup"):
+        for name in (
+            "validate_every",
+            "validate_prompts",
+            "scm_fit_steps",
+            "lr_warmup",
+            "ict_ect_stage",
+        ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -188,6 +198,8 @@ class DistillConfig:
             raise ValueError(f"scm_time must be dense or index, got {self.scm_time!r}")
         if not 0 <= self.scm_start_share < 1:
             raise ValueError(f"scm_start_share must be in [0, 1), got {self.scm_start_share!r}")
+        if self.ict_schedule not in ("ict", "ect"):
+            raise ValueError(f"ict_schedule must be ict or ect, got {self.ict_schedule!r}")
         if not 0 <= self.ict_caption_dropout < 1:
             raise ValueError(
                 f"ict_caption_dropout must be in [0, 1), got {self.ict_caption_dropout!r}"

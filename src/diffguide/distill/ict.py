@@ -7,6 +7,11 @@ output at sigma_i on the same noise z: x_sigma = a x0 + s z with s / a = sigma. 
 the discretisation curriculum N(k) (Sec. 3.4), Karras levels, lognormal level sampling (Sec. 3.5),
 weights 1 / (sigma_{i+1} - sigma_i) (Sec. 3.2), pseudo-Huber with c = 0.00054 sqrt(d) (Sec. 3.3),
 and no EMA target (Sec. 3.2: the teacher is the online network under a stop-gradient).
+
+``schedule="ect"``: ECT's continuous pairs instead (Geng et al. 2024, "Consistency models made
+easy", arXiv 2406.14548; locuslab/ect): t log-normal, r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t)))
+at least 0, so the first stage is mostly a diffusion loss against the data itself (a start from the
+teacher's weights) and each stage halves the gap t - r.
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ def lognormal_probs(sigmas: torch.Tensor, p_mean: float = -1.1, p_std: float = 2
     return p / p.sum()
 
 
+def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0):
+    """ECT's mapping from a level t to its partner r <= t at ``stage`` (the sigmoid form, with the
+    authors' q = 2, k = 8, b = 1), clamped at 0 (r = 0: the data itself)."""
+    ratio = 1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t))
+    return (t * ratio).clamp(min=0)
+
+
 def pseudo_huber_each(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     """sqrt(||a - b||^2 + c^2) - c per sample (the paper's metric on whole samples, Sec. 3.3)."""
     d = (a.float() - b.float()).flatten(1).pow(2).sum(1)
@@ -66,6 +78,8 @@ class ICTLoss:
     sigma_max: float | None = None
     huber_c: float | None = None  # None: 0.00054 sqrt(d)
     timestep_scaling: float | None = 10.0  # LCM's boundary; None: none (a flow student needs none)
+    schedule: str = "ict"  # "ict": the discrete curriculum; "ect": ECT's continuous pairs
+    ect_stage: int = 0  # ECT: steps per stage (0: total / 8)
 
     def __post_init__(self):
         sc = self.student.schedule
@@ -87,13 +101,20 @@ class ICTLoss:
         self, x0: torch.Tensor, cond, step: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict]:
         sc, b = self.student.schedule, x0.shape[0]
-        sig = self.levels(step)
-        i = torch.multinomial(
-            lognormal_probs(sig, self.p_mean, self.p_std), b, replacement=True, generator=generator
-        )
-        lo, hi = sig[i], sig[i + 1]
+        if self.schedule == "ect":
+            lo, hi = self.ect_pair(b, step, generator)
+            logs = {"stage": float(step // (self.ect_stage or max(1, self.total // 8)))}
+        else:
+            sig = self.levels(step)
+            probs = lognormal_probs(sig, self.p_mean, self.p_std)
+            i = torch.multinomial(probs, b, replacement=True, generator=generator)
+            lo, hi = sig[i], sig[i + 1]
+            logs = {"levels": float(len(sig))}
         z = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        t_lo, t_hi = sc.t_of_ve(lo), sc.t_of_ve(hi)
+        at_data = torch.zeros_like(lo, dtype=torch.bool)
+        if self.schedule == "ect":  # r = 0: the data itself; else at least the table's lowest level
+            at_data, lo_in = lo == 0, lo.clamp(min=self.sigma_min)
+        t_lo, t_hi = sc.t_of_ve(lo if self.schedule != "ect" else lo_in), sc.t_of_ve(hi)
 
         def noised(t):
             a, s = (
@@ -106,7 +127,18 @@ class ICTLoss:
         online = f(noised(t_hi), t_hi, cond).x0
         with torch.no_grad():
             target = f(noised(t_lo), t_lo, cond).x0
+            mask = at_data.to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
+            target = torch.where(mask, x0.to(target.dtype), target)
         c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
         w = (1.0 / (hi - lo)).to(x0.device, torch.float32)
         loss = (w * pseudo_huber_each(online, target, c)).mean()
-        return loss, {"loss": float(loss.detach()), "levels": float(len(sig))}
+        return loss, {"loss": float(loss.detach()), **logs}
+
+    def ect_pair(self, b: int, step: int, generator: torch.Generator):
+        """(r, t) per sample: t log-normal (P_mean, P_std) within the schedule's range, r by
+        ``ect_r`` at this step's stage."""
+        tau = self.p_mean + self.p_std * torch.randn(b, generator=generator, dtype=torch.float64)
+        t = tau.exp().clamp(self.sigma_min, self.sigma_max)
+        stage = step // (self.ect_stage or max(1, self.total // 8))
+        # r stays below t: from about stage 50 the ratio rounds to 1 and the weight 1/(t - r) to inf
+        return torch.minimum(ect_r(t, stage), t * (1 - 1e-9)), t

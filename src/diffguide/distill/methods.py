@@ -612,6 +612,8 @@ class ICT(Method):
             p_mean=cfg.ict_p_mean,
             p_std=cfg.ict_p_std,
             timestep_scaling=self.boundary,
+            schedule=cfg.ict_schedule,
+            ect_stage=cfg.ict_ect_stage,
         )
 
     def updates(self, batch, step):
