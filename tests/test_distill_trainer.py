@@ -251,6 +251,10 @@ def test_cli_distill_then_generate_with_the_students_steps(
         (["dmd2", "--ladd"], "ladd is an sCM option (SANA-Sprint's hybrid); dmd2 has --gan"),
         (["scm", "--gan"], "gan is a DMD2 option; scm has --ladd"),
         (["scm", "--ladd", "--ladd-weight", "0"], "--ladd-weight must be > 0, got 0.0"),
+        (
+            ["scm", "--ladd", "--ladd-start-share", "1.5"],
+            "--ladd-start-share must be in [0, 1], got 1.5",
+        ),
     ],
 )
 def test_cli_distill_bad_arguments(tmp_path, capsys, argv, message):

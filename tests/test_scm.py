@@ -212,18 +212,26 @@ def test_jvp_falls_back_to_a_finite_difference_and_says_so(monkeypatch):
 
 @pytest.mark.parametrize("name", ["pixel_sd", "dit", "sd3", "flux"])
 def test_ladd_heads_read_the_teachers_image_features_and_learn(name):
-    """LADD on each network kind: the heads see the image stream of the teacher's blocks
-    (dual-stream
-    blocks return text and image), the head loss falls on a fixed real/fake pair, the student's
-    adversarial gradient passes through the frozen teacher without touching its weights."""
-    from diffguide.distill.dmd2 import GANHead
-    from diffguide.distill.ladd import LADD, feature_modules, feature_widths
+    """LADD on each network kind: per-token heads (SANA-Sprint's, StyleGAN-T's: spectral-norm
+    convolutions over the tokens) give one logit per token of the image stream of the teacher's
+    blocks (a UNet block's H*W, a transformer's N; dual-stream blocks return text and image), the
+    head loss falls on a fixed real/fake pair, the student's adversarial gradient passes through
+    the frozen teacher without touching its weights."""
+    from torch.nn.utils import parametrize
+
+    from diffguide.distill.ladd import LADD, TokenHead, feature_modules, feature_widths
 
     gp = GuidedPipeline.from_pipe(tm.BUILDERS[name](), progress=False)
     net = gp.family.net.requires_grad_(False)
     mods = feature_modules(net)
     assert 1 <= len(mods) <= 5 and len(feature_widths(net)) == len(mods)
-    heads = torch.nn.ModuleList(GANHead(w) for w in feature_widths(net))
+    heads = torch.nn.ModuleList(TokenHead(w) for w in feature_widths(net))
+    convs = [m for m in heads.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert len(convs) == 3 * len(heads)  # kernel-1 block, kernel-9 block, classifier
+    for conv in convs:  # every head layer spectral-normalised: largest singular value 1
+        assert parametrize.is_parametrized(conv, "weight")
+        assert "SpectralNorm" in type(conv.parametrizations.weight[0]).__name__
+        assert 0.9 < float(torch.linalg.matrix_norm(conv.weight.detach().flatten(1), 2)) < 1.1
     ladd = LADD(gp.net_denoiser, mods, heads)
     c = gp.info.latent_channels if hasattr(gp.info, "latent_channels") else None
     size = gp.family.default_size // gp.family.factor
@@ -243,7 +251,33 @@ def test_ladd_heads_read_the_teachers_image_features_and_learn(name):
     g = torch.Generator().manual_seed(0)
     real = torch.randn(shape, generator=g) * 0.5
     fake = torch.zeros(shape, requires_grad=True)
+    # one logit per token: the image features' positions (H*W of a UNet block's map, a
+    # transformer's N image tokens), read off the blocks by hooks of the test's own
+    feats: list = []
+    hooks = [m.register_forward_hook(lambda m, i, o: feats.append(o)) for m in mods]
+    with torch.no_grad():
+        logits = ladd.logits(real, cond, torch.Generator().manual_seed(3))
+    for h in hooks:
+        h.remove()
+    tokens = []
+    for o in feats:
+        o = [x for x in o if torch.is_tensor(x)][-1] if isinstance(o, tuple) else o
+        tokens.append(o.shape[2] * o.shape[3] if o.ndim == 4 else o.shape[1])
+    assert [tuple(x.shape) for x in logits] == [(2, n) for n in tokens]
+    patch = 2 if name == "flux" else getattr(net.config, "patch_size", None) or 1  # Flux packs 2x2
+    n_image = (size // patch) ** 2
+    if name == "pixel_sd":  # the mid block at a coarser grid than the last up block's
+        assert tokens[0] < tokens[-1] == size * size
+    else:  # the image tokens, not the text's
+        assert set(tokens) == {n_image}
+
+    def vectors():  # spectral norm's power-iteration state
+        return [conv.parametrizations.weight[0]._u.clone() for conv in convs]
+
+    before = vectors()
     adv = ladd.generator_loss(fake, cond, torch.Generator().manual_seed(1))
+    # the generator's pass leaves the heads as it found them (evaluation mode inside)
+    assert heads.training and all(torch.equal(a, b) for a, b in zip(before, vectors()))
     adv.backward()
     assert fake.grad is not None and float(fake.grad.abs().sum()) > 0
     assert all(p.grad is None for p in net.parameters())
@@ -256,6 +290,7 @@ def test_ladd_heads_read_the_teachers_image_features_and_learn(name):
         opt.step()
         values.append(d.item())
     assert values[-1] < values[0] - 0.1, values
+    assert not all(torch.equal(a, b) for a, b in zip(before, vectors()))  # the heads' own steps
 
 
 def test_scm_with_ladd_resumes_bit_identically(tmp_path):
@@ -281,6 +316,10 @@ def test_scm_with_ladd_resumes_bit_identically(tmp_path):
         scm_prior_weight=True,
         clip=0.1,
         scm_fit_steps=1,  # no LADD update while the student fits its time input
+        # SANA-Sprint's LADD (the defaults): the fresh estimate with half its times at t_max, the
+        # real images under each other's captions among the heads' fakes
+        ladd_start_share=0.5,
+        ladd_misaligned=True,
     )
     train(DistillConfig(out=str(tmp_path / "whole"), max_steps=3, **base), progress=False)
     train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
@@ -289,6 +328,8 @@ def test_scm_with_ladd_resumes_bit_identically(tmp_path):
     )
     a, b = (checkpoint.load(str(tmp_path / r / "checkpoint.pt")) for r in ("whole", "part"))
     assert states_equal(a, b) and "head" in a and "fake_opt" in a
+    # the per-token heads' spectral-norm vectors (moved by the heads' own steps) resume with them
+    assert any(k.endswith("parametrizations.weight.0._u") for k in a["head"])
     import json
 
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 from .generate import UsageError
@@ -157,6 +158,21 @@ def add_arguments(p) -> None:
         "--ladd-weight", type=float, default=0.5, help="scm --ladd: the adversarial term's weight"
     )
     p.add_argument(
+        "--ladd-start-share",
+        type=float,
+        default=0.5,
+        help="scm --ladd: the adversarial term judges the student's x0 from a fresh x_t, this "
+        "share of its times at the sampler's start (SANA-Sprint's 0.5; 0: the sCM pass's x0, "
+        "one student pass fewer)",
+    )
+    p.add_argument(
+        "--ladd-misaligned",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="scm --ladd: the heads also see real images under other examples' captions as fakes "
+        "(SANA-Sprint's misaligned pairs; default on)",
+    )
+    p.add_argument(
         "--clip",
         type=float,
         default=None,
@@ -251,6 +267,8 @@ def run(args) -> int:
         ladd=args.ladd,
         ladd_weight=args.ladd_weight,
         rcm_dmd_weight=args.rcm_dmd_weight,
+        ladd_start_share=args.ladd_start_share,
+        ladd_misaligned=args.ladd_misaligned,
         grad_accum=args.grad_accum,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,

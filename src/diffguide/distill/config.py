@@ -68,6 +68,11 @@ class DistillConfig:
     ladd: bool = False  # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
     ladd_weight: float = 0.5
     rcm_dmd_weight: float = 1.0  # rcm: the DMD term's weight beside the sCM loss
+    # SANA-Sprint's LADD: the student's estimate for the adversarial term from a fresh x_t, this
+    # share of its times at t_max (train_largest_timestep; 0: the sCM pass's estimate), and real
+    # images under other examples' captions among the heads' fakes (misaligned_pairs_D)
+    ladd_start_share: float = 0.5
+    ladd_misaligned: bool = True
     # the loop
     grad_accum: int = 1
     clip: float | None = None  # default: the method's (Method.default_clip: 1, DMD2 10)
@@ -113,6 +118,8 @@ class DistillConfig:
         "scm_derivative",
         "scm_prior_weight",
         "ladd",
+        "ladd_start_share",
+        "ladd_misaligned",
     )
 
     def check(self) -> None:
@@ -127,6 +134,8 @@ class DistillConfig:
                 raise ValueError(f"{flag} is {owner}; {method.name} has {has}")
         if not self.ladd_weight > 0:
             raise ValueError(f"ladd_weight must be > 0, got {self.ladd_weight!r}")
+        if not 0 <= self.ladd_start_share <= 1:
+            raise ValueError(f"ladd_start_share must be in [0, 1], got {self.ladd_start_share!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(
                 f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"

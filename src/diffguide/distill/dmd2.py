@@ -30,6 +30,15 @@ def conditioning_times(steps: int, num_train_timesteps: int = 1000) -> list[int]
     return [num_train_timesteps - 1 - k * c for k in range(steps)]
 
 
+def image_stream(h) -> torch.Tensor:
+    """A block's output as image features: a tensor as it is ([B, C, H, W] from a UNet, tokens
+    [B, N, C] from a transformer); of a dual-stream block's (text, image) tuple, the image
+    stream."""
+    if isinstance(h, tuple):
+        h = [o for o in h if torch.is_tensor(o)][-1]
+    return h
+
+
 class GANHead(torch.nn.Module):
     """DMD2's classifier on the fake network's bottleneck (mid-block) features: conv stack to a
     logit."""
@@ -50,10 +59,7 @@ class GANHead(torch.nn.Module):
         )
 
     def forward(self, h) -> torch.Tensor:
-        if isinstance(
-            h, tuple
-        ):  # dual-stream transformer blocks return (text, image): the image stream
-            h = [o for o in h if torch.is_tensor(o)][-1]
+        h = image_stream(h)
         if h.ndim == 3:  # transformer tokens [B, N, C]: a 1-pixel-wide image of N rows
             h = h.transpose(1, 2).unsqueeze(-1)
         return self.net(h.float()).squeeze(1)

@@ -26,7 +26,7 @@ from .consistency import ConsistencyLoss, PerSampleCFG, draw_scales, student_une
 from .data import drop_captions
 from .dmd2 import DMD2Loss, GANHead, conditioning_times
 from .ict import ICTLoss
-from .ladd import LADD, feature_modules, feature_widths
+from .ladd import LADD, TokenHead, feature_modules, feature_widths
 from .scm import SIGMA_D, AdaptiveWeight, SCMLoss
 
 if TYPE_CHECKING:
@@ -385,15 +385,16 @@ class DMD2(Method):
 
 
 class LADDAddOn:
-    """LADD beside a method's own loss (Sauer et al. 2024; SANA-Sprint's sCM + LADD): heads on the
-    frozen teacher's feature blocks (``Family.feature_blocks``) with their own optimiser and hinge
-    loss. The method adds ``term``'s generator loss to its own and keeps its x0 estimates for
-    ``update``."""
+    """LADD beside a method's own loss (Sauer et al. 2024; SANA-Sprint's sCM + LADD): per-token
+    heads on the frozen teacher's feature blocks (``Family.feature_blocks``) with their own
+    optimiser and hinge loss. The method adds ``term``'s generator loss to its own and keeps its x0
+    estimates for ``update``."""
 
     def __init__(self, cfg: DistillConfig, teacher):
         self.teacher, net = teacher, teacher.family.net
         widths = feature_widths(net, teacher.family)
-        self.heads = torch.nn.ModuleList(GANHead(w) for w in widths).to(net.device)
+        self.misaligned = cfg.ladd_misaligned
+        self.heads = torch.nn.ModuleList(TokenHead(w) for w in widths).to(net.device)
         self.optimiser = adamw(self.heads.parameters(), cfg.fake_lr or cfg.lr, 0.0)
 
     def modules(self) -> dict:
@@ -405,13 +406,18 @@ class LADDAddOn:
     def bind(self, prepared: dict, accelerator) -> None:
         self.heads, self.optimiser = prepared["head"], prepared["fake_opt"]
         family = self.teacher.family
-        self.term = LADD(self.teacher.net_denoiser, feature_modules(family.net, family), self.heads)
+        self.term = LADD(
+            self.teacher.net_denoiser,
+            feature_modules(family.net, family),
+            self.heads,
+            misaligned=self.misaligned,
+        )
         # the adversarial term reaches the student through the heads, not into them
         self.frozen = (accelerator.unwrap_model(self.heads),)
 
     def update(self, batch: list[MicroBatch], fakes: list) -> Update:
         """The heads' step on micro-batch j's kept student estimates ``fakes[j]`` against its
-        data."""
+        data (and, with misaligned pairs, its images under each other's captions as fakes)."""
 
         def loss(j):
             m = batch[j]
@@ -471,6 +477,7 @@ class SCM(Method):
             prior_weight=cfg.scm_prior_weight,
             ladd=self.ladd.term if self.ladd else None,
             ladd_weight=cfg.ladd_weight,
+            ladd_start_share=cfg.ladd_start_share,
         )
 
     def updates(self, batch, step):

@@ -201,9 +201,23 @@ class SCMLoss:
     prior_weight: bool = False  # SANA-Sprint's code: the loss also weighted by 1 / (sigma_d tan t)
     ladd: Any = None  # a LADD term (ladd.py) beside the consistency loss
     ladd_weight: float = 0.5  # SANA-Sprint's adv_lambda
+    # LADD's student estimate from a fresh x_t, this share of its times at t_max (SANA-Sprint's
+    # train_largest_timestep, largest_timestep_prob); 0: the estimate of the sCM pass
+    ladd_start_share: float = 0.5
 
     def __post_init__(self):
         self.t_max = math.atan(float(self.teacher.schedule.sigma_max) / self.sigma_d)
+
+    def ladd_estimate(self, x0: torch.Tensor, cond, generator: torch.Generator):
+        """(t, the student's x0 at t) for LADD's generator term, as SANA-Sprint's
+        train_largest_timestep: x0 noised afresh at a time from the proposal, a
+        ``ladd_start_share`` of them at t_max where one-step sampling starts (one more student
+        pass, with gradient)."""
+        sd = self.sigma_d
+        t, c, s, x_t = noised(
+            x0, generator, self.p_mean, self.p_std, sd, self.t_max, self.ladd_start_share
+        )
+        return t, c * x_t - s * sd * TrigFlowView(self.student, sd)(x_t / sd, t, cond)
 
     def __call__(
         self,
@@ -249,8 +263,11 @@ class SCMLoss:
             err = err / (sd * torch.tan(t)).to(err.dtype)
         loss = weighted(err, w, d)
         logs = {"loss": float(loss.detach()), "tangent_norm": float(gnorm.mean())}
-        if self.ladd is not None:  # the student's x0 at t, judged by the teacher's features
-            x0_hat = c * x_t - s * sd * F_theta
+        if self.ladd is not None:  # the student's x0, judged by the teacher's features
+            if self.ladd_start_share:
+                _, x0_hat = self.ladd_estimate(x0, cond, generator)
+            else:  # at the sCM time t, from the pass above
+                x0_hat = c * x_t - s * sd * F_theta
             adv = self.ladd.generator_loss(x0_hat, pos, generator)
             loss = loss + self.ladd_weight * adv
             logs["adv_g"] = float(adv.detach())
