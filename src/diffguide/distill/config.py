@@ -64,6 +64,10 @@ class DistillConfig:
     scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code
     ladd: bool = False  # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
     ladd_weight: float = 0.5
+    # LoRA (LCM-LoRA, Hyper-SD, PCM): rank R adapters on a frozen copy of the teacher's network,
+    # exported beside the merged student as a LoRA file the teacher's pipeline loads; 0: the whole
+    # network trains
+    lora_rank: int = 0
     # the loop
     grad_accum: int = 1
     clip: float | None = None  # default: the method's (Method.default_clip: 1, DMD2 10)
@@ -106,7 +110,10 @@ class DistillConfig:
         "scm_derivative",
         "scm_prior_weight",
         "ladd",
+        "lora_rank",
     )
+    # what a checkpoint saved before a FIXED setting existed was trained with
+    FIXED_BEFORE = {"lora_rank": 0}
 
     def check(self) -> None:
         """ValueError naming the first setting out of range (the CLI turns ``name`` into
@@ -142,7 +149,13 @@ class DistillConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("validate_every", "validate_prompts", "scm_fit_steps", "lr_warmup"):
+        for name in (
+            "validate_every",
+            "validate_prompts",
+            "scm_fit_steps",
+            "lr_warmup",
+            "lora_rank",
+        ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -160,6 +173,11 @@ class DistillConfig:
             )
         if self.init not in ("teacher", "random"):
             raise ValueError(f"init must be teacher or random, got {self.init!r}")
+        if self.lora_rank and self.init == "random":  # adapters on random weights adapt nothing
+            raise ValueError(
+                f"lora_rank must be 0 with init=random (LoRA adapts the teacher's weights), "
+                f"got {self.lora_rank!r}"
+            )
         if not 1 <= self.ict_s0 <= self.ict_s1:
             raise ValueError(
                 f"ict_s0 and ict_s1 must satisfy 1 <= s0 <= s1, got {self.ict_s0}, {self.ict_s1}"
