@@ -247,3 +247,28 @@ def test_rcm_alternates_as_the_authors_code_and_resumes_bit_identically(tmp_path
 
     with pytest.raises(ValueError, match="rcm has no adversarial term"):
         Config(out="x", method="rcm", ladd=True).check()
+
+
+def test_checkpoints_from_before_the_new_settings_resume_as_they_were_trained():
+    """A checkpoint written before a setting existed was trained with its old behaviour: an old sCM
+    run had the index time input, so resuming it on the new default (dense) is refused and on
+    --scm-time index accepted; a consistency run is not refused for sCM's or iCT's settings."""
+    from dataclasses import asdict
+
+    import pytest
+
+    from diffguide.distill.run import _check_resume
+
+    new = ("scm_time", "scm_fit_steps", "scm_start_share", "ict_caption_dropout", "lora_rank")
+
+    def old_state(cfg):
+        return {"config": {k: v for k, v in asdict(cfg).items() if k not in new}, "processes": 1}
+
+    scm = DistillConfig(out="x", method="scm")
+    with pytest.raises(ValueError, match="was trained with scm_"):
+        _check_resume(scm, old_state(scm), 1, "ckpt")
+    index = DistillConfig(out="x", method="scm", scm_time="index", scm_fit_steps=0)
+    index.scm_start_share = 0.0
+    _check_resume(index, old_state(index), 1, "ckpt")
+    consistency = DistillConfig(out="x", method="consistency")
+    _check_resume(consistency, old_state(consistency), 1, "ckpt")

@@ -19,7 +19,9 @@ def add_arguments(p) -> None:
         "--teacher", default="builtin", help="diffusers folder or hub id (default: built-in)"
     )
     p.add_argument(
-        "--out", required=True, help="run folder: checkpoint.pt, loss.jsonl, val/, student/"
+        "--out",
+        required=True,
+        help="run folder: checkpoint.pt, loss.jsonl, val/, student/ (and lora/)",
     )
     p.add_argument(
         "--guidance",
@@ -184,6 +186,15 @@ def add_arguments(p) -> None:
         default=None,
         help="linear learning-rate warm-up steps (default: scm 100, others 0)",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train rank-R LoRA adapters on a frozen copy of the teacher (LCM-LoRA) and write "
+        "OUT/lora, which the teacher's pipeline loads with load_lora_weights, beside the merged "
+        "student (default 0: train the whole network)",
+    )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -269,6 +280,7 @@ def run(args) -> int:
         rcm_dmd_weight=args.rcm_dmd_weight,
         ladd_start_share=args.ladd_start_share,
         ladd_misaligned=args.ladd_misaligned,
+        lora_rank=args.lora_rank,
         grad_accum=args.grad_accum,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,

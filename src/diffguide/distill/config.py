@@ -73,6 +73,10 @@ class DistillConfig:
     # images under other examples' captions among the heads' fakes (misaligned_pairs_D)
     ladd_start_share: float = 0.5
     ladd_misaligned: bool = True
+    # LoRA (LCM-LoRA, Hyper-SD, PCM): rank R adapters on a frozen copy of the teacher's network,
+    # exported beside the merged student as a LoRA file the teacher's pipeline loads; 0: the whole
+    # network trains
+    lora_rank: int = 0
     # the loop
     grad_accum: int = 1
     clip: float | None = None  # default: the method's (Method.default_clip: 1, DMD2 10)
@@ -120,7 +124,28 @@ class DistillConfig:
         "ladd",
         "ladd_start_share",
         "ladd_misaligned",
+        "lora_rank",
     )
+    # what a checkpoint saved before a FIXED setting existed was trained with
+    # what a checkpoint written before a setting existed was trained with (its old behaviour)
+    FIXED_BEFORE = {
+        "lora_rank": 0,
+        "scm_time": "index",
+        "scm_fit_steps": 0,
+        "scm_start_share": 0.0,
+        "ict_caption_dropout": 0.0,
+        "ict_schedule": "ict",
+        "ict_ect_stage": 0,
+        "ladd_start_share": 0.0,
+        "ladd_misaligned": False,
+    }
+    # settings that shape only some methods' runs (by their prefix)
+    OWNERS = {"scm_": ("scm", "rcm"), "ladd_": ("scm",), "ict_": ("ict",)}
+
+    def shapes(self, key: str) -> bool:
+        """Whether ``key`` shapes this config's method's run (a resumed run must keep it)."""
+        owners = next((m for p, m in self.OWNERS.items() if key.startswith(p)), None)
+        return owners is None or self.method in owners
 
     def check(self) -> None:
         """ValueError naming the first setting out of range (the CLI turns ``name`` into
@@ -164,6 +189,7 @@ class DistillConfig:
             "scm_fit_steps",
             "lr_warmup",
             "ict_ect_stage",
+            "lora_rank",
         ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -182,6 +208,11 @@ class DistillConfig:
             )
         if self.init not in ("teacher", "random"):
             raise ValueError(f"init must be teacher or random, got {self.init!r}")
+        if self.lora_rank and self.init == "random":  # adapters on random weights adapt nothing
+            raise ValueError(
+                f"lora_rank must be 0 with init=random (LoRA adapts the teacher's weights), "
+                f"got {self.lora_rank!r}"
+            )
         if not 1 <= self.ict_s0 <= self.ict_s1:
             raise ValueError(
                 f"ict_s0 and ict_s1 must satisfy 1 <= s0 <= s1, got {self.ict_s0}, {self.ict_s1}"

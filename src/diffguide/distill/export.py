@@ -23,9 +23,11 @@ def student_pipe(method, net):
 
 def export(method, net, folder: str) -> str:
     """Write the student folder (aside, then renamed) with ``diffguide.json`` giving its default
-    steps."""
+    steps. A LoRA student's adapters are merged into its weights: the folder loads as any other."""
+    from .methods import merged
+
     cfg = method.cfg
-    pipe = student_pipe(method, net)
+    pipe = student_pipe(method, merged(net))
     tmp = folder.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -51,6 +53,38 @@ def export(method, net, folder: str) -> str:
         shutil.rmtree(tmp)  # this run's own temporary folder, empty by now
     else:
         os.replace(tmp, folder)
+    return folder
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights looks for
+
+
+def export_lora(method, net, folder: str) -> str | None:
+    """A LoRA student's adapters as diffusers' LoRA file in ``folder``, saved by the teacher's
+    pipeline class so that its ``load_lora_weights(folder)`` puts them on the teacher's network
+    (written aside, then moved in by name). A whole student has none: a LoRA file left in
+    ``folder`` by an earlier run (``--overwrite``) is removed, as it is not this run's."""
+    from .methods import has_lora
+
+    path = os.path.join(folder, LORA_FILE)
+    if not has_lora(net):
+        if os.path.isfile(path):
+            os.remove(path)
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    # peft's own key names, as diffusers' LCM-LoRA script saves them: diffusers'
+    # convert_state_dict_to_diffusers renames only the attention projections' keys (to_q.lora.down)
+    # and its loader then silently drops those of a file mixing both namings (a test checks this)
+    layers = get_peft_model_state_dict(net)
+    tmp = folder.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    save = type(method.teacher.pipe).save_lora_weights
+    save(tmp, **{f"{method.family.component}_lora_layers": layers}, safe_serialization=True)
+    os.makedirs(folder, exist_ok=True)
+    os.replace(os.path.join(tmp, LORA_FILE), path)
+    shutil.rmtree(tmp)
     return folder
 
 

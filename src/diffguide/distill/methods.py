@@ -82,6 +82,109 @@ def copy_network(net):
     return copied.to(net.device, net.dtype)
 
 
+# the layers a LoRA student adapts: those of diffusers' LCM-LoRA script
+# (examples/consistency_distillation/train_lcm_distill_lora_sd.py): a UNet's attention projections,
+# its transformer blocks' in/out and feed-forward layers, its resnets' convolutions and time
+# projections and its resamplers; a transformer has the attention and feed-forward names among them
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+
+
+def check_lora(net, pipe, component: str) -> None:
+    """ValueError (one line) unless peft can adapt ``net`` and ``pipe``'s class saves and loads
+    LoRA weights for its ``component``: what a LoRA student needs to be used on its teacher."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ValueError("LoRA students need peft: pip install 'diffguide[lora]'") from None
+    if not hasattr(net, "add_adapter"):
+        raise ValueError(
+            f"--lora-rank: peft cannot adapt the teacher's {type(net).__name__} (diffusers gives "
+            f"it no LoRA adapters); distil it whole with --lora-rank 0"
+        )
+    if component not in getattr(type(pipe), "_lora_loadable_modules", ()):
+        raise ValueError(
+            f"--lora-rank: {type(pipe).__name__} loads no LoRA weights into its {component}; "
+            f"distil it whole with --lora-rank 0"
+        )
+
+
+def lora_student(net, rank: int):
+    """A frozen copy of the teacher's network with trainable LoRA adapters of rank ``rank`` (peft,
+    as diffusers' LCM-LoRA script; alpha = rank, so the adapters' scale is 1 wherever they are
+    loaded). lora_B starts at zero: the student starts as the teacher."""
+    from peft import LoraConfig
+
+    student = copy_network(net).requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS), init_lora_weights="gaussian"
+    )
+    try:
+        student.add_adapter(config)
+    except ValueError as e:  # peft's "Target modules ... not found" runs over several lines
+        raise ValueError(
+            f"--lora-rank: none of LoRA's target layers is in {type(net).__name__} "
+            f"({str(e).splitlines()[0][:120]})"
+        ) from None
+    return student
+
+
+def has_lora(net) -> bool:
+    """Whether ``net`` carries LoRA adapters (diffusers' flag on an adapted model)."""
+    return bool(getattr(net, "_hf_peft_config_loaded", False))
+
+
+def trainable(net) -> list:
+    """The parameters an optimiser moves: all of a whole student's, a LoRA student's adapters."""
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def network_state(net) -> dict:
+    """A network's checkpoint state: all its tensors, or a LoRA network's adapters alone (its
+    frozen base is the teacher's, rebuilt from it on resume; a checkpoint of SDXL's size less)."""
+    state = net.state_dict()
+    return {k: v for k, v in state.items() if ".lora_" in k} if has_lora(net) else state
+
+
+def load_network_state(net, state: dict) -> None:
+    """Load what ``network_state`` kept: strictly, or for a LoRA network every adapter tensor."""
+    if not has_lora(net):
+        net.load_state_dict(state)
+        return
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    lost = [k for k in missing if ".lora_" in k]
+    if unexpected or lost:
+        raise ValueError(
+            f"the checkpoint's LoRA adapters do not fit the student: missing {lost[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+
+
+def merged(net):
+    """``net`` as a plain network: a copy with its LoRA adapters merged into the weights (what a
+    student folder holds), or ``net`` itself when it has none."""
+    if not has_lora(net):
+        return net
+    out = copy.deepcopy(net)
+    out.fuse_lora()
+    out.unload_lora()
+    return out
+
+
 def checkpointed(net, cfg: DistillConfig):
     """``net`` with gradient checkpointing where asked for and supported."""
     if cfg.gradient_checkpointing and net._supports_gradient_checkpointing:
@@ -171,10 +274,16 @@ class Method:
                 f"scheduler); {type(net).__name__} has a {type(teacher.info.schedule).__name__}"
             )
         self.boundary = lcm_boundary(teacher.info.schedule) if self.lcm_boundary else None
-        # a scale embedding needs a UNet's time_cond_proj_dim; transformers bake the guidance in
+        # a scale embedding needs a UNet's time_cond_proj_dim; transformers bake the guidance in,
+        # and so does a LoRA student, whose adapters must load onto the teacher's own network
         self.embed = (
-            self.scale_input and isinstance(self.guidance, CFG) and self.family.scale_embedding
+            self.scale_input
+            and isinstance(self.guidance, CFG)
+            and self.family.scale_embedding
+            and not cfg.lora_rank
         )
+        if cfg.lora_rank:  # refused before any work on a network or pipeline without LoRA
+            check_lora(net, teacher.pipe, self.family.component)
         torch.manual_seed(cfg.seed)  # any fresh weights (the GAN heads) depend on the seed only
         self.student = checkpointed(self.initial_student(net), cfg)
         # the student's EMA (consistency: the target network), updated by the run loop; exported
@@ -182,13 +291,16 @@ class Method:
         self.build()
 
     def initial_student(self, net):
-        """The student before training: the teacher's copy (LCM's scale input where embedded)."""
+        """The student before training: the teacher's copy (LCM's scale input where embedded), or
+        with ``lora_rank`` its frozen copy with LoRA adapters."""
+        if self.cfg.lora_rank:
+            return lora_student(net, self.cfg.lora_rank)
         return student_unet(net, EMBED_DIM) if self.embed else copy_network(net)
 
     def build(self) -> None:
         """The trained networks beside the student, in the order their fresh weights are drawn, and
         the optimisers."""
-        self.optimiser = adamw(self.student.parameters(), self.cfg.lr, self.weight_decay)
+        self.optimiser = adamw(trainable(self.student), self.cfg.lr, self.weight_decay)
 
     def modules(self) -> dict:
         """The trained networks by checkpoint key (the student's EMA is the run's, key "ema")."""
@@ -444,7 +556,7 @@ class SCM(Method):
         self.weight = AdaptiveWeight().to(self.family.net.device)  # w_phi(t), Sec. 4.3
         # w's optimum (about log D) is far from its start: its own group, at its own rate
         groups = [
-            {"params": list(self.student.parameters())},
+            {"params": trainable(self.student)},
             {"params": list(self.weight.parameters()), "lr": cfg.scm_weight_lr},
         ]
         self.optimiser = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=self.weight_decay)

@@ -25,8 +25,15 @@ from ..files import atomic_text
 from . import checkpoint
 from .config import DistillConfig
 from .data import batches, load_data
-from .export import export, validate, write_json
-from .methods import Update, create, method_class
+from .export import export, export_lora, validate, write_json
+from .methods import (
+    Update,
+    check_lora,
+    create,
+    load_network_state,
+    method_class,
+    network_state,
+)
 
 RUN_FILES = (
     "config.json",
@@ -34,6 +41,7 @@ RUN_FILES = (
     "val.jsonl",
     "val",
     "student",
+    "lora",
 )  # what a run writes beside checkpoint.pt
 
 
@@ -75,15 +83,19 @@ class Run:
 
     def state(self, step: int) -> dict:
         bare = self.acc.unwrap_model
-        s = {"step": step, "config": asdict(self.cfg), "ema": self.method.ema.state_dict()}
+        s = {"step": step, "config": asdict(self.cfg), "ema": network_state(self.method.ema)}
         for key, part in self._parts().items():
-            s[key] = (bare(part) if isinstance(part, torch.nn.Module) else part).state_dict()
+            is_net = isinstance(part, torch.nn.Module)
+            s[key] = network_state(bare(part)) if is_net else part.state_dict()
         return s
 
     def load(self, s: dict) -> int:
-        self.method.ema.load_state_dict(s["ema"])
+        load_network_state(self.method.ema, s["ema"])
         for key, part in self._parts().items():
-            part.load_state_dict(s[key])
+            if isinstance(part, torch.nn.Module):
+                load_network_state(part, s[key])
+            else:
+                part.load_state_dict(s[key])
         return int(s["step"])
 
     def _apply(self, update: Update, n: int, step: int) -> dict:
@@ -136,9 +148,10 @@ class Run:
         for update in self.method.updates(batch, step):
             logs.update(self._apply(update, n, step))
         student = self.acc.unwrap_model(self.method.student)
-        with torch.no_grad():
+        with torch.no_grad():  # a LoRA student's frozen base is the EMA's already
             for pe, ps in zip(self.method.ema.parameters(), student.parameters()):
-                pe.lerp_(ps.detach(), 1 - self.cfg.ema)
+                if ps.requires_grad:
+                    pe.lerp_(ps.detach(), 1 - self.cfg.ema)
         if world > 1:  # the step's mean over every process's micro-batches
             keys = sorted(logs)
             mean = self.acc.reduce(
@@ -160,10 +173,11 @@ def _check_resume(cfg: DistillConfig, state: dict, processes: int, ckpt: str) ->
     """Settings that shape the run must match the checkpoint's; the effective batch must too,
     however it is split between processes and accumulation."""
     old = state["config"]
-    for k in DistillConfig.FIXED:
-        if old.get(k) != getattr(cfg, k):
+    for k in filter(cfg.shapes, DistillConfig.FIXED):
+        was = old.get(k, DistillConfig.FIXED_BEFORE.get(k))
+        if was != getattr(cfg, k):
             raise ValueError(
-                f"{ckpt} was trained with {k}={old.get(k)!r}, not {getattr(cfg, k)!r}; resume with "
+                f"{ckpt} was trained with {k}={was!r}, not {getattr(cfg, k)!r}; resume with "
                 "the same setting"
             )
     method_class(cfg).check_resume(cfg, old, ckpt)
@@ -207,7 +221,7 @@ def _tidy(out: str, step: int) -> None:
     """Before resuming at ``step``: remove temporary files a killed save left, and the log lines
     written after the checkpoint (they will be written again)."""
     for name in os.listdir(out):
-        if name.startswith(("checkpoint.pt.tmp", "student.tmp", ".checkpoint.pt.")):
+        if name.startswith(("checkpoint.pt.tmp", "student.tmp", "lora.tmp", ".checkpoint.pt.")):
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     for name in ("loss.jsonl", "val.jsonl"):
@@ -286,6 +300,8 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
     acc, state = _start(cfg, overwrite)
     world = acc.num_processes
     teacher = _teacher(cfg, acc)
+    if cfg.lora_rank:  # refused before the run folder is made: a run that cannot start leaves none
+        check_lora(teacher.family.net, teacher.pipe, teacher.family.component)
     if (
         acc.is_main_process
     ):  # made once the teacher loads: a run that cannot start leaves no empty folder
@@ -317,6 +333,7 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
     if acc.is_main_process:
         log.close()
         export(run.method, run.ema, folder)
+        export_lora(run.method, run.ema, os.path.join(cfg.out, "lora"))
         validate(run.method, run.ema, step)
     acc.wait_for_everyone()
     return folder
