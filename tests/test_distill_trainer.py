@@ -233,7 +233,10 @@ def test_cli_distill_then_generate_with_the_students_steps(
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["lcm"], "unknown distillation method 'lcm'; choose one of: consistency, dmd2, ict, rcm, scm"),
+        (
+            ["lcm"],
+            "unknown distillation method 'lcm'; choose one of: consistency, dmd2, ict, rcm, scm",
+        ),
         (
             ["ict", "--ict-total", "-1"],
             "--ict-total must be an integer >= 0 (0: max_steps), got -1",
