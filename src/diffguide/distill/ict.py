@@ -101,20 +101,20 @@ class ICTLoss:
         self, x0: torch.Tensor, cond, step: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict]:
         sc, b = self.student.schedule, x0.shape[0]
+        at_data = None
         if self.schedule == "ect":
-            lo, hi = self.ect_pair(b, step, generator)
-            logs = {"stage": float(step // (self.ect_stage or max(1, self.total // 8)))}
+            lo, hi, stage = self.ect_pair(b, step, generator)
+            logs = {"stage": float(stage)}
+            # r = 0: the data itself; else taken at least at the table's lowest level
+            at_data, lo_level = lo == 0, lo.clamp(min=self.sigma_min)
         else:
             sig = self.levels(step)
             probs = lognormal_probs(sig, self.p_mean, self.p_std)
             i = torch.multinomial(probs, b, replacement=True, generator=generator)
             lo, hi = sig[i], sig[i + 1]
-            logs = {"levels": float(len(sig))}
+            lo_level, logs = lo, {"levels": float(len(sig))}
         z = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        at_data = torch.zeros_like(lo, dtype=torch.bool)
-        if self.schedule == "ect":  # r = 0: the data itself; else at least the table's lowest level
-            at_data, lo_in = lo == 0, lo.clamp(min=self.sigma_min)
-        t_lo, t_hi = sc.t_of_ve(lo if self.schedule != "ect" else lo_in), sc.t_of_ve(hi)
+        t_lo, t_hi = sc.t_of_ve(lo_level), sc.t_of_ve(hi)
 
         def noised(t):
             a, s = (
@@ -127,18 +127,19 @@ class ICTLoss:
         online = f(noised(t_hi), t_hi, cond).x0
         with torch.no_grad():
             target = f(noised(t_lo), t_lo, cond).x0
-            mask = at_data.to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
-            target = torch.where(mask, x0.to(target.dtype), target)
+            if at_data is not None:
+                mask = at_data.to(x0.device).view(-1, *([1] * (x0.ndim - 1)))
+                target = torch.where(mask, x0.to(target.dtype), target)
         c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
         w = (1.0 / (hi - lo)).to(x0.device, torch.float32)
         loss = (w * pseudo_huber_each(online, target, c)).mean()
         return loss, {"loss": float(loss.detach()), **logs}
 
     def ect_pair(self, b: int, step: int, generator: torch.Generator):
-        """(r, t) per sample: t log-normal (P_mean, P_std) within the schedule's range, r by
+        """(r, t, stage): t per sample log-normal (P_mean, P_std) within the schedule's range, r by
         ``ect_r`` at this step's stage."""
         tau = self.p_mean + self.p_std * torch.randn(b, generator=generator, dtype=torch.float64)
         t = tau.exp().clamp(self.sigma_min, self.sigma_max)
         stage = step // (self.ect_stage or max(1, self.total // 8))
         # r stays below t: from about stage 50 the ratio rounds to 1 and the weight 1/(t - r) to inf
-        return torch.minimum(ect_r(t, stage), t * (1 - 1e-9)), t
+        return torch.minimum(ect_r(t, stage), t * (1 - 1e-9)), t, stage

@@ -117,9 +117,9 @@ class Run:
     def _warm_up(self, opt, step: int) -> None:
         """Each group's rate ramped linearly over the first ``lr_warmup`` steps (set from the step
         alone, so a resumed run repeats it exactly)."""
+        ramp = min(1.0, (step + 1) / self.lr_warmup) if self.lr_warmup else 1.0
         for group in opt.param_groups:
             group.setdefault("base_lr", group["lr"])
-            ramp = min(1.0, (step + 1) / self.lr_warmup) if self.lr_warmup else 1.0
             group["lr"] = group["base_lr"] * ramp
 
     def _accumulate(self, update: Update, n: int) -> dict:

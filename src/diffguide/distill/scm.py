@@ -190,7 +190,7 @@ class SCMLoss:
     student: Any
     weight: Any
     guidance: Any = "cfg"
-    sigma_d: float = 0.5
+    sigma_d: float = SIGMA_D
     p_mean: float = 0.2
     p_std: float = 1.6
     start_share: float = 0.0  # the share of times at t_max, where sampling starts

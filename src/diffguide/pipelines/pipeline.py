@@ -140,7 +140,7 @@ def read_defaults(folder: str) -> dict:
 
 # a student's time input other than its scheduler's timesteps (diffguide.json's "time_input"):
 # sCM's dense sin t / (sin t + cos t), as SANA-Sprint (distill/scm.py)
-TIME_INPUTS = {"trigflow": TrigFlowTime(0.5)}
+TIME_INPUTS = {"trigflow": TrigFlowTime()}  # sigma_d 0.5, as SCMScheduler's default
 
 
 def load_vae(path, dtype=None):
