@@ -94,10 +94,18 @@ def _train_toy(args) -> int:
     from ..pipelines import toy_model
     from ..pipelines.pipeline import quiet_loading
 
-    if args.size not in toy_model.SIZES:
+    if args.arch not in toy_model.ARCHES:
         raise UsageError(
-            f"unknown --size {args.size!r}; choose one of: {', '.join(toy_model.SIZES)}"
+            f"unknown --arch {args.arch!r}; choose one of: {', '.join(toy_model.ARCHES)}"
         )
+    arch = toy_model.arch_module(args.arch)
+    if args.size not in arch.SIZES:
+        raise UsageError(
+            f"unknown --size {args.size!r} for --arch {args.arch}; choose one of: "
+            f"{', '.join(arch.SIZES)}"
+        )
+    if args.arch != "unet" and args.min_snr is not None:
+        raise UsageError("--min-snr weights a VP model's loss; --arch mmdit is a flow model")
     for name in ("steps", "batch", "dataset", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -110,10 +118,11 @@ def _train_toy(args) -> int:
     cfg = toy_model.TrainConfig(
         out=args.out,
         size=args.size,
+        arch=args.arch,
         steps=args.steps,
         batch=args.batch,
-        lr=args.lr,
-        min_snr=args.min_snr,
+        lr=getattr(arch, "DEFAULT_LR", 1e-3) if args.lr is None else args.lr,
+        min_snr=5.0 if args.min_snr is None else args.min_snr,
         seed=args.seed,
         dataset=args.dataset,
         checkpoint_every=args.checkpoint_every,
@@ -228,16 +237,29 @@ def build_parser() -> argparse.ArgumentParser:
             "train a consistency model from data (ict)",
         )
     )
-    tr = sub.add_parser("train-toy", help="train (or resume) the built-in toy text-to-image model")
+    tr = sub.add_parser("train-toy", help="train (or resume) a built-in toy text-to-image model")
     tr.add_argument(
         "out", help="run folder: checkpoint.pt, loss.jsonl, model/ (resumes if present)"
     )
-    tr.add_argument("--size", default="main", help="main or small (the ~3x cheaper companion)")
+    tr.add_argument(
+        "--arch",
+        default="unet",
+        help="unet (v-prediction, the built-in model) or mmdit (an SD3-style flow transformer, "
+        "builtin-mmdit)",
+    )
+    tr.add_argument(
+        "--size",
+        default="main",
+        help="unet: main or small (the ~3x cheaper companion); mmdit: main (or tiny, for tests)",
+    )
     tr.add_argument("--steps", type=int, default=20000)
     tr.add_argument("--batch", type=int, default=64)
-    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--lr", type=float, default=None, help="default 1e-3 (unet), 5e-4 (mmdit)")
     tr.add_argument(
-        "--min-snr", type=float, default=5.0, help="Min-SNR-gamma loss weight; 0 turns it off"
+        "--min-snr",
+        type=float,
+        default=None,
+        help="Min-SNR-gamma loss weight of the unet (default 5); 0 turns it off",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--dataset", type=int, default=50000, help="distinct training scenes")

@@ -96,7 +96,12 @@ class ConfigNotReproduced(UserWarning):
     (``scheduler_keys``)."""
 
 
-BUILTIN = {"builtin": "toy", "builtin-small": "toy-small", "builtin-fast": "toy-fast"}
+BUILTIN = {
+    "builtin": "toy",
+    "builtin-small": "toy-small",
+    "builtin-fast": "toy-fast",
+    "builtin-mmdit": "toy-mmdit",
+}
 
 
 DEFAULTS_FILE = "diffguide.json"
@@ -128,6 +133,11 @@ def read_defaults(folder: str) -> dict:
             out[k] = raw[k]
     if isinstance(raw.get("original_steps"), int) and raw["original_steps"] >= 1:
         out["original_steps"] = raw["original_steps"]
+    if "max_sequence_length" in raw:  # what the network was trained on: never sampled without it
+        n = raw["max_sequence_length"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{path}: max_sequence_length must be an integer >= 0, got {n!r}")
+        out["max_sequence_length"] = n
     if "time_input" in raw:  # the network's time is not its scheduler's: never sampled without it
         if raw["time_input"] not in TIME_INPUTS:
             raise ValueError(
@@ -160,8 +170,8 @@ def load_vae(path, dtype=None):
 
 
 def builtin_path(name: str) -> str:
-    """'builtin' / 'builtin-small' / 'builtin-fast' (the distilled student) name the toy models
-    shipped in the package; other names pass."""
+    """'builtin' / 'builtin-small' / 'builtin-fast' (the distilled student) / 'builtin-mmdit'
+    (the flow transformer) name the toy models shipped in the package; other names pass."""
     if name not in BUILTIN:
         return name
     from ..assets import path
@@ -323,6 +333,13 @@ class GuidedPipeline:
             self.net_denoiser = dataclasses.replace(
                 self.net_denoiser, time_input=TIME_INPUTS[defaults["time_input"]]
             )
+        if "max_sequence_length" in defaults:
+            if not hasattr(self.family, "max_sequence_length"):
+                raise ValueError(
+                    f"max_sequence_length is set, but a {self.family.name} model has no text "
+                    "window to set"
+                )
+            self.family.max_sequence_length = defaults["max_sequence_length"]
         if "original_steps" in defaults:
             self.info = dataclasses.replace(
                 self.info, grid={"spacing": "lcm", "original_steps": defaults["original_steps"]}

@@ -104,24 +104,66 @@ def unet(size: str = "main"):
     )
 
 
+network = unet  # the training loop's name for a toy model's denoiser (toy.training)
+
+
+def condition(te, ids) -> dict:
+    """The UNet's text keywords: the encoder's last hidden state, as StableDiffusionPipeline's."""
+    return {"encoder_hidden_states": te(ids)[0]}
+
+
+def loss(net, x0, cond, g, cfg) -> torch.Tensor:
+    """Per-example v-prediction loss at a uniform training index, Min-SNR-weighted."""
+    ac = _alphas_cumprod().to(x0.device)
+    t = torch.randint(0, len(ac), (x0.shape[0],), generator=g).to(x0.device)
+    eps = torch.randn(x0.shape, generator=g).to(x0.device)
+    a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
+    out = net(a * x0 + s * eps, t, **cond).sample
+    err = (out.float() - (a * eps - s * x0)).pow(2).mean(dim=(1, 2, 3))  # v = a eps - s x0
+    if cfg.min_snr > 0:  # in v terms the Min-SNR weight is min(snr, gamma) / (snr + 1)
+        snr = ac[t] / (1 - ac[t])
+        err = err * snr.clamp(max=cfg.min_snr) / (snr + 1)
+    return err
+
+
+def _alphas_cumprod() -> torch.Tensor:
+    from ..core.schedule import VPSchedule
+
+    kw = {k: v for k, v in SCHEDULE.items() if k != "prediction_type"}
+    return VPSchedule.from_betas(**kw).alphas_cumprod.float()
+
+
 def scheduler():
     from diffusers import DPMSolverMultistepScheduler
 
     return DPMSolverMultistepScheduler(**SCHEDULE)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> str:
-    """Train (or resume) the toy model of ``cfg.size`` (``toy.training``); the exported folder."""
+ARCHES = ("unet", "mmdit")
+
+
+def arch_module(arch: str):
+    """The module that defines a toy architecture: this one (UNet) or ``toy_mmdit``."""
     import sys
 
-    return training.train(cfg, sys.modules[__name__], progress)
+    if arch not in ARCHES:
+        raise ValueError(f"unknown toy architecture {arch!r}; choose one of: {', '.join(ARCHES)}")
+    if arch == "mmdit":
+        from . import toy_mmdit
+
+        return toy_mmdit
+    return sys.modules[__name__]
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> str:
+    """Train (or resume) the toy model of ``cfg.arch`` and ``cfg.size`` (``toy.training``); the
+    exported folder."""
+    return training.train(cfg, arch_module(cfg.arch), progress)
 
 
 def export(net, te, tok, folder: str) -> str:
     """Save as a diffusers StableDiffusionPipeline folder without VAE (written aside, then
     renamed)."""
-    import shutil
-
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -134,13 +176,21 @@ def export(net, te, tok, folder: str) -> str:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return save_folder(pipe, folder)
+
+
+def save_folder(pipe, folder: str, extra=None) -> str:
+    """``pipe.save_pretrained`` into a temporary folder (``extra(tmp)`` adds files), then renamed
+    into place, or its files moved over an existing folder's model by name."""
+    import shutil
+
     tmp = folder.rstrip("/") + ".tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    if os.path.isdir(
-        folder
-    ):  # the model's files replaced by name; nothing else in the folder touched
+    if extra is not None:
+        extra(tmp)
+    if os.path.isdir(folder):  # the model's files replaced by name; nothing else touched
         replace_model_files(tmp, folder)
         shutil.rmtree(tmp)  # this export's own temporary folder, empty by now
     else:
@@ -151,11 +201,12 @@ def export(net, te, tok, folder: str) -> str:
 def export_checkpoint(run: str, folder: str | None = None) -> str:
     """Export the EMA weights of a training run's latest checkpoint (training may go on)."""
     state = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    tok = tokenizer()
-    te, net = text_encoder(len(tok)), unet(state["config"]["size"])
+    arch = arch_module(state["config"].get("arch", "unet"))
+    tok = arch.tokenizer()
+    te, net = arch.text_encoder(len(tok)), arch.network(state["config"]["size"])
     te.load_state_dict(state["ema_text"])
     net.load_state_dict(state["ema_unet"])
-    return export(net, te, tok, folder or os.path.join(run, "model"))
+    return arch.export(net, te, tok, folder or os.path.join(run, "model"))
 
 
 def flops(size: str, batch: int = 1) -> int:

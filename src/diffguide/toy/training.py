@@ -1,6 +1,6 @@
-"""The built-in model's training loop (v-prediction on the toy world, EMA, resumable bit for bit):
-torch and accelerate only; the architecture and its export come from the caller
-(``pipelines.toy_model``)."""
+"""The built-in models' training loop (on the toy world, EMA, resumable bit for bit): torch and
+accelerate only; the architecture, its loss and its export come from the caller
+(``pipelines.toy_model``: a v-prediction UNet; ``pipelines.toy_mmdit``: a flow-matching MMDiT)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..core.schedule import VPSchedule
 from ..files import atomic_write
 from .data import SceneData
 
@@ -21,11 +20,12 @@ from .data import SceneData
 class TrainConfig:
     out: str
     size: str = "main"
+    arch: str = "unet"  # the caller's model module (recorded so a resume cannot mix them)
     steps: int = 20000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
-    min_snr: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 turns it off
+    min_snr: float = 5.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 off; VP models only
     ema: float = 0.999
     dropout: float = 0.1
     seed: int = 0
@@ -37,8 +37,9 @@ class TrainConfig:
 def train(cfg: TrainConfig, model, progress: bool = True) -> str:
     """Train (or resume) a toy model; returns the exported folder ``cfg.out/model``. ``model``
     defines the architecture (``pipelines.toy_model``): ``tokenizer()``, ``text_encoder(vocab)``,
-    ``unet(size)``, ``export(net, text_encoder, tokenizer, folder)``, ``SCHEDULE`` and
-    ``MAX_TOKENS``."""
+    ``network(size)``, ``condition(text_encoder, ids)`` (the network's text keywords),
+    ``loss(net, x0, cond, g, cfg)`` (per example; draws its times and noise from ``g``),
+    ``export(net, text_encoder, tokenizer, folder)`` and ``MAX_TOKENS``."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -46,8 +47,8 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
     acc = Accelerator()
     torch.manual_seed(cfg.seed)
     tok = model.tokenizer()
-    te, net = model.text_encoder(len(tok)), model.unet(cfg.size)
-    ema_te, ema_net = model.text_encoder(len(tok)), model.unet(cfg.size)
+    te, net = model.text_encoder(len(tok)), model.network(cfg.size)
+    ema_te, ema_net = model.text_encoder(len(tok)), model.network(cfg.size)
     ema_te.load_state_dict(te.state_dict())
     ema_net.load_state_dict(net.state_dict())
     for m in (ema_te, ema_net):
@@ -58,12 +59,13 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
     step = 0
     if os.path.exists(ckpt):
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["config"]["size"] != cfg.size or state["config"]["seed"] != cfg.seed:
+        old = {"arch": "unet", **state["config"]}  # runs before the MMDiT were all UNets
+        if (old["arch"], old["size"], old["seed"]) != (cfg.arch, cfg.size, cfg.seed):
             raise ValueError(
-                f"{ckpt} was trained with size {state['config']['size']!r}, seed "
-                f"{state['config']['seed']}; resume with the same settings"
+                f"{ckpt} was trained with arch {old['arch']!r}, size {old['size']!r}, seed "
+                f"{old['seed']}; resume with the same settings"
             )
-        for m, k in (
+        for m, k in (  # the network's keys are "unet" whatever it is (they were named first)
             (net, "unet"),
             (te, "text"),
             (ema_net, "ema_unet"),
@@ -81,10 +83,6 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
     data = SceneData(
         cfg.dataset, cfg.seed, os.path.join(cfg.out, f"scenes_{cfg.seed}_{cfg.dataset}.npz")
     )
-    ac = VPSchedule.from_betas(
-        **{k: v for k, v in model.SCHEDULE.items() if k != "prediction_type"}
-    ).alphas_cumprod
-    ac = ac.float().to(acc.device)
     log = open(os.path.join(cfg.out, "loss.jsonl"), "a")
     bar = tqdm(
         total=cfg.steps,
@@ -111,20 +109,10 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(acc.device)
-        t = torch.randint(0, len(ac), (cfg.batch,), generator=g).to(acc.device)
-        eps = torch.randn(x0.shape, generator=g).to(acc.device)
-        x0 = x0.to(acc.device)
-        a = ac[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        out = net(a * x0 + s * eps, t, encoder_hidden_states=te(ids)[0]).sample
-        err = (out.float() - (a * eps - s * x0)).pow(2).mean(dim=(1, 2, 3))  # v = a eps - s x0
-        if cfg.min_snr > 0:  # in v terms the Min-SNR weight is min(snr, gamma) / (snr + 1)
-            snr = ac[t] / (1 - ac[t])
-            err = err * snr.clamp(max=cfg.min_snr) / (snr + 1)
-        loss = err.mean()
+        loss = model.loss(net, x0.to(acc.device), model.condition(te, ids), g, cfg).mean()
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)

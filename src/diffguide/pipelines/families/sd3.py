@@ -11,6 +11,9 @@ class StableDiffusion3(DiT):
     name = "sd3"
     default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
     vae_shift = True
+    # T5 tokens appended to the CLIP ones (zeros without a T5): diffusers' default, or a folder's
+    # diffguide.json "max_sequence_length" (the built-in MMDiT has none: 0)
+    max_sequence_length = 256
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
@@ -23,7 +26,7 @@ class StableDiffusion3(DiT):
             negative_prompt=negatives,
             negative_prompt_2=negatives,
             negative_prompt_3=negatives,
-            **extra,
+            **{"max_sequence_length": self.max_sequence_length, **extra},
         )
         return {"text": pos, "pooled": pooled}, {"text": neg, "pooled": neg_pooled}
 

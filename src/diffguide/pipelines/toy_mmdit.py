@@ -1,0 +1,130 @@
+"""The built-in flow-matching transformer: an SD3-style MMDiT on the toy world.
+
+diffusers' ``SD3Transformer2DModel`` (joint attention over image and text tokens, patch 2 on 32x32
+RGB pixels in [-1, 1], 256 image tokens, QK RMS-norm as SD 3.5) predicting the rectified-flow
+velocity eps - x0, trained with SD3's logit-normal times (Esser et al. 2024, Sec. 3.1) and no
+shift. Text as SD3: two CLIP encoders (both started from the built-in UNet's, with the same
+tokenizer), their penultimate states side by side and their pooled vectors concatenated; there is
+no T5, and no T5 padding either (``max_sequence_length`` 0, kept in the folder's
+``diffguide.json``): diffusers' pipeline would otherwise append 256 zero tokens, which doubles the
+cost. Trained by ``toy.training`` as the UNet is (``diffguide train-toy --arch mmdit``) and saved
+as a ``StableDiffusion3Pipeline`` folder without VAE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import toy_model
+from .toy_model import MAX_TOKENS, TEXT_DIM, tokenizer  # noqa: F401 (the training loop's names)
+
+SIZES = {  # "tiny" exists for tests: one block, a few thousand weights
+    "main": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32),
+    "tiny": dict(num_layers=1, num_attention_heads=2, attention_head_dim=8),
+}
+JOINT = 2 * TEXT_DIM  # the two CLIPs' states side by side: no padding to a T5 width
+SHIFT = 1.0
+MAX_SEQUENCE_LENGTH = 0  # T5 tokens: none (the folder's diffguide.json says so to diffguide)
+DEFAULTS = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
+DEFAULT_LR = 5e-4
+
+
+def text_encoder(vocab_size: int) -> torch.nn.ModuleList:
+    """SD3's two CLIP encoders (``text_encoder``, ``text_encoder_2``), each the built-in UNet's
+    trained encoder with a new projection for the pooled vector (random when the UNet's is not
+    installed)."""
+    from transformers import CLIPTextModelWithProjection
+
+    from ..assets import path
+
+    config = toy_model.text_encoder(vocab_size).config
+    shipped = path("toy", "text_encoder", "model.safetensors")
+    out = torch.nn.ModuleList()
+    for _ in range(2):
+        enc = CLIPTextModelWithProjection(config)
+        if os.path.isfile(shipped) and vocab_size == config.vocab_size:
+            from safetensors.torch import load_file
+
+            # the file's keys are the text model's, with or without its prefix (transformers 5 / 4)
+            state = {k.removeprefix("text_model."): v for k, v in load_file(shipped).items()}
+            enc.text_model.load_state_dict(state)
+        out.append(enc)
+    return out
+
+
+def network(size: str = "main"):
+    from diffusers import SD3Transformer2DModel
+
+    from ..toy import scenes
+
+    if size not in SIZES:
+        raise ValueError(f"unknown MMDiT size {size!r}; choose one of: {', '.join(SIZES)}")
+    dims = SIZES[size]
+    return SD3Transformer2DModel(
+        sample_size=scenes.SIZE,
+        patch_size=2,
+        in_channels=3,
+        out_channels=3,
+        joint_attention_dim=JOINT,
+        caption_projection_dim=dims["num_attention_heads"] * dims["attention_head_dim"],
+        pooled_projection_dim=2 * TEXT_DIM,
+        pos_embed_max_size=scenes.SIZE // 2,
+        qk_norm="rms_norm",
+        **dims,
+    )
+
+
+def condition(te, ids) -> dict:
+    """The MMDiT's text keywords as StableDiffusion3Pipeline.encode_prompt builds them without T5:
+    each CLIP's penultimate hidden state, concatenated on width; the pooled projections likewise."""
+    outs = [enc(ids, output_hidden_states=True) for enc in te]
+    return {
+        "encoder_hidden_states": torch.cat([o.hidden_states[-2] for o in outs], dim=-1),
+        "pooled_projections": torch.cat([o.text_embeds for o in outs], dim=-1),
+    }
+
+
+def loss(net, x0, cond, g, cfg) -> torch.Tensor:
+    """Per-example rectified-flow loss: x_s = (1 - s) x0 + s eps, target eps - x0, s logit-normal
+    (0, 1) (SD3, Eq. 19); the network sees 1000 s, as FlowMatchEulerDiscreteScheduler's
+    timesteps."""
+    s = torch.sigmoid(torch.randn(x0.shape[0], generator=g)).to(x0.device)
+    eps = torch.randn(x0.shape, generator=g).to(x0.device)
+    sv = s.view(-1, 1, 1, 1)
+    out = net(hidden_states=(1 - sv) * x0 + sv * eps, timestep=1000 * s, **cond).sample
+    return (out.float() - (eps - x0)).pow(2).mean(dim=(1, 2, 3))
+
+
+def scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+
+
+def export(net, te, tok, folder: str) -> str:
+    """Save as a diffusers StableDiffusion3Pipeline folder without VAE and T5, with its
+    ``diffguide.json`` (written aside, then renamed)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from .pipeline import DEFAULTS_FILE
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=net.cpu().eval(),
+        scheduler=scheduler(),
+        vae=None,
+        text_encoder=te[0].cpu().eval(),
+        tokenizer=tok,
+        text_encoder_2=te[1].cpu().eval(),
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+    def defaults(tmp):
+        with open(os.path.join(tmp, DEFAULTS_FILE), "w") as f:
+            json.dump(DEFAULTS, f, indent=1)
+
+    return toy_model.save_folder(pipe, folder, defaults)

@@ -1,0 +1,189 @@
+"""The built-in flow transformer's recipe (``pipelines.toy_mmdit``): its training resumes bit for
+bit, its loss is the rectified flow diffusers' scheduler samples, its text is SD3's, and its
+export loads in diffusers' own StableDiffusion3Pipeline as well as in GuidedPipeline."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffguide.pipelines import GuidedPipeline, toy_model, toy_mmdit
+
+
+def _cfg(out, steps):
+    return toy_model.TrainConfig(
+        out=str(out),
+        arch="mmdit",
+        size="tiny",
+        steps=steps,
+        batch=4,
+        lr=5e-4,
+        dataset=32,
+        checkpoint_every=2,
+        log_every=1,
+        warmup=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmdit")
+    straight, resumed = root / "a", root / "b"
+    toy_model.train(_cfg(straight, 4), progress=False)
+    toy_model.train(_cfg(resumed, 2), progress=False)
+    folder = toy_model.train(_cfg(resumed, 4), progress=False)  # picks up at step 2
+    return straight, resumed, folder
+
+
+def test_resume_equals_straight_run(runs):
+    straight, resumed, _ = runs
+    a, b = (torch.load(os.path.join(r, "checkpoint.pt"), weights_only=False) for r in runs[:2])
+    assert a["step"] == b["step"] == 4 and a["config"]["arch"] == "mmdit"
+    for key in ("unet", "ema_unet", "text", "ema_text"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert any(not torch.equal(a["unet"][k], a["ema_unet"][k]) for k in a["unet"])  # it trained
+    log = [json.loads(line) for line in open(resumed / "loss.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
+
+
+def test_resume_refuses_another_arch(runs):
+    _, resumed, _ = runs
+    cfg = toy_model.TrainConfig(out=str(resumed), arch="unet", size="small", steps=6, dataset=32)
+    with pytest.raises(ValueError, match="arch 'mmdit'"):
+        toy_model.train(cfg, progress=False)
+
+
+def test_export_samples_as_diffusers_stable_diffusion_3(runs):
+    """diffusers' own pipeline (its components saved as None passed as None; no VAE: height 8x,
+    latents out; max_sequence_length 0 as the folder's diffguide.json says) and GuidedPipeline's
+    CFG + Euler give the same images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = runs[2]
+    assert json.load(open(os.path.join(folder, "diffguide.json"))) == {"max_sequence_length": 0}
+    none = dict(vae=None, text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, **none)
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle on a blue background", "two shapes"]
+    kw = dict(num_inference_steps=6, guidance_scale=4.0, latents=x, output_type="latent")
+    ref = pipe(prompts, height=256, width=256, max_sequence_length=0, **kw).images
+    gp = GuidedPipeline.from_pretrained(folder, progress=False)
+    assert gp.family.name == "sd3" and gp.info.kind == "flow"
+    ours = gp(
+        prompts, steps=6, guidance_scale=4.0, sampler="euler", latents=x, output_type="latent"
+    )
+    ours = getattr(ours, "images", ours)
+    assert (ours - ref).abs().max() < 1e-4 * ref.abs().max()
+    # diffusers' default window (256 zero T5 tokens) is another model input: the file matters
+    other = pipe(prompts, height=256, width=256, **kw).images
+    assert (other - ref).abs().max() > 1e-3
+
+
+def test_condition_is_sd3_encode_prompt():
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    tok = toy_mmdit.tokenizer()
+    te = toy_mmdit.text_encoder(len(tok))
+    pipe = StableDiffusion3Pipeline(
+        transformer=toy_mmdit.network("tiny"),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=te[0],
+        tokenizer=tok,
+        text_encoder_2=te[1],
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    prompts = ["a green square", "orange cross, gray backdrop", ""]
+    text, _, pooled, _ = pipe.encode_prompt(
+        prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=0
+    )
+    ids = tok(prompts, padding="max_length", max_length=toy_mmdit.MAX_TOKENS, truncation=True)
+    with torch.no_grad():
+        got = toy_mmdit.condition(te, torch.tensor(ids.input_ids))
+    assert torch.equal(got["encoder_hidden_states"], text)
+    assert torch.equal(got["pooled_projections"], pooled)
+
+
+def test_text_encoders_start_from_the_built_in_unet():
+    from transformers import CLIPTextModel
+
+    from diffguide.assets import path
+
+    shipped = CLIPTextModel.from_pretrained(path("toy", "text_encoder"))
+    te = toy_mmdit.text_encoder(len(toy_mmdit.tokenizer()))
+    want = {k.removeprefix("text_model."): v for k, v in shipped.state_dict().items()}
+    for enc in te:
+        assert all(torch.equal(v, want[k]) for k, v in enc.text_model.state_dict().items())
+
+
+def test_loss_noises_as_the_flow_scheduler_and_targets_the_velocity():
+    """The noisy input is FlowMatchEulerDiscreteScheduler.scale_noise at the timestep the network
+    sees, and a network returning the exact velocity of a one-point data set has zero loss."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sch = FlowMatchEulerDiscreteScheduler(shift=toy_mmdit.SHIFT)
+    c = torch.linspace(-1, 1, 3 * 32 * 32).view(1, 3, 32, 32)
+    x0 = c.expand(6, -1, -1, -1)
+    seen = {}
+
+    class Exact(torch.nn.Module):
+        def forward(self, hidden_states, timestep, **cond):
+            seen["x"], seen["t"] = hidden_states, timestep
+            s = (timestep / 1000).view(-1, 1, 1, 1)
+            eps = (hidden_states - (1 - s) * c) / s
+            return type("Out", (), {"sample": eps - c})
+
+    err = toy_mmdit.loss(Exact(), x0, {}, torch.Generator().manual_seed(0), None)
+    assert err.shape == (6,) and err.max() < 1e-9
+    s = seen["t"] / 1000
+    assert 0 < s.min() and s.max() < 1 and s.std() > 0.05  # logit-normal times, not one level
+    g = torch.Generator().manual_seed(0)
+    torch.randn(6, generator=g)
+    eps = torch.randn(x0.shape, generator=g)  # the loss's draws, in its order
+    sch.set_timesteps(sigmas=s.tolist())  # any sigmas: scale_noise reads the one it is given
+    want = sch.scale_noise(x0, seen["t"], eps)
+    assert torch.allclose(seen["x"], want, atol=1e-5)
+    wrong = toy_mmdit.loss(
+        lambda **kw: type("O", (), {"sample": -Exact()(**kw).sample}),
+        x0,
+        {},
+        torch.Generator().manual_seed(0),
+        None,
+    )
+    assert wrong.min() > 0.1
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--arch", "vit"], "unknown --arch 'vit'"),
+        (["--arch", "mmdit", "--size", "small"], "unknown --size 'small' for --arch mmdit"),
+        (["--arch", "mmdit", "--min-snr", "5"], "--min-snr"),
+    ],
+)
+def test_train_toy_bad_input(args, words, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "diffguide", "train-toy", str(tmp_path / "run"), *args],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_folder_text_window_is_checked(tmp_path):
+    from diffguide.pipelines.pipeline import read_defaults
+
+    for bad in (-1, "0", 1.5, True):
+        (tmp_path / "diffguide.json").write_text(json.dumps({"max_sequence_length": bad}))
+        with pytest.raises(ValueError, match="max_sequence_length"):
+            read_defaults(str(tmp_path))
+    (tmp_path / "diffguide.json").write_text(json.dumps({"max_sequence_length": 0}))
+    assert read_defaults(str(tmp_path)) == {"max_sequence_length": 0}
