@@ -1,6 +1,7 @@
 """Every guidance method at several strengths on the built-in model (dpmpp_2m, 25 steps):
 adherence, Frechet distance, colour error, NFE and time, as JSON and a markdown table; plus one
-labelled comparison grid.
+labelled comparison grid. ``--methods transformer`` measures the flow transformer's set (CFG-Zero*,
+SLG, PAG and SEG on joint attention, TCFG, FDG...: ``--model builtin-mmdit --sampler euler``).
 
     python bench/guidance_methods.py [--n 8] [--steps 25] [--out
     bench/results/guidance_methods.json]
@@ -48,6 +49,27 @@ SPECS = [
     "linear_ag:scale=5,coefficients={lag}",
     "cfg:scale=5+tsg:scale=2",
 ]
+# --methods transformer: what users ask about on flow transformers (issue 34), each beside CFG
+SPECS_TRANSFORMER = [
+    "none",
+    "cfg:scale=3",
+    "cfg:scale=5",
+    "cfg:scale=7.5",
+    "apg:scale=7.5",
+    "cfg_zero_star:scale=5",
+    "cfg:scale=5+slg",
+    "cfg:scale=5+pag:scale=3",
+    "cfg:scale=5+seg:scale=3",
+    "tcfg:scale=5",
+    "fdg",
+    "ag:scale=5",
+]
+COMPARE_TRANSFORMER = [
+    ("cfg_zero_star:scale=5", "cfg:scale=5"),
+    ("cfg:scale=5+slg", "cfg:scale=5"),
+    ("cfg:scale=5+pag:scale=3", "cfg:scale=5"),
+    ("tcfg:scale=5", "cfg:scale=5"),
+]
 # (row, the CFG row it is compared with image by image)
 COMPARE = [
     ("apg:scale=12", "cfg:scale=12"),
@@ -67,6 +89,14 @@ GRID = [
     "icg:scale=5,condition=prompts",
     "tsg:scale=3",
     "ag:scale=5",
+]
+GRID_TRANSFORMER = [
+    "none",
+    "cfg:scale=5",
+    "cfg_zero_star:scale=5",
+    "cfg:scale=5+slg",
+    "cfg:scale=5+pag:scale=3",
+    "tcfg:scale=5",
 ]
 
 
@@ -100,7 +130,13 @@ def main():
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--model", default="builtin")
-    ap.add_argument("--only", default=None, help="comma-separated indices into SPECS")
+    ap.add_argument(
+        "--methods",
+        default="unet",
+        choices=("unet", "transformer"),
+        help="the method set: the UNet's table or the flow transformer's (SLG, PAG, CFG-Zero*...)",
+    )
+    ap.add_argument("--only", default=None, help="comma-separated indices into the method set")
     ap.add_argument(
         "--quick", action="store_true", help="every method once, 3 steps, 3 prompts (CI)"
     )
@@ -113,29 +149,35 @@ def main():
     t0 = time.perf_counter()
     if args.quick:
         args.n, args.steps = 1, 3
-    calibrate(gp, args.sampler, args.steps, 5.0, lag, prompts)
+    every = SPECS if args.methods == "unet" else SPECS_TRANSFORMER
+    specs = every if args.only is None else [every[int(i)] for i in args.only.split(",")]
+    if args.quick:
+        specs = [  # one strength per method: a composed row is judged by its first method
+            sp
+            for sp in specs
+            if not any(k in sp.split("+")[0] for k in (":scale=3", ":scale=12", "0.4"))
+        ]
+    if any("{lag}" in sp for sp in specs):  # calibrated and tuned only where a row uses them
+        calibrate(gp, args.sampler, args.steps, 5.0, lag, prompts)
     calib_seconds = time.perf_counter() - t0
     probe_n = 1 if args.quick else 2
     t0 = time.perf_counter()
-    tuned = {
-        "apg12": tune(gp, "apg", prompts, probe_n, 1, args.sampler, args.steps, 12.0),
-        "ag5": tune(gp, "ag", prompts, probe_n, 1, args.sampler, args.steps, 5.0, target_nfe=0.75),
-    }
+    tuned = {}
+    if "{apg12}" in specs:
+        tuned["apg12"] = tune(gp, "apg", prompts, probe_n, 1, args.sampler, args.steps, 12.0)
+    if "{ag5}" in specs:
+        tuned["ag5"] = tune(
+            gp, "ag", prompts, probe_n, 1, args.sampler, args.steps, 5.0, target_nfe=0.75
+        )
     tune_seconds = time.perf_counter() - t0
     names = {k: v["guidance"] for k, v in tuned.items()}
-    specs = SPECS if args.only is None else [SPECS[int(i)] for i in args.only.split(",")]
-    if args.quick:
-        specs = [
-            sp for sp in specs if ":scale=3" not in sp and ":scale=12" not in sp and "0.4" not in sp
-        ]
     rows, by_name = [], {}
     for spec in specs:
         concrete = spec.format(lag=lag, **names)
         g, s = gp.resolve(concrete, None, args.sampler)
         label = spec.replace(",coefficients={lag}", " (calibrated)")
-        label = {"{apg12}": f"{names['apg12']} (tuned)", "{ag5}": f"{names['ag5']} (tuned)"}.get(
-            spec, label
-        )
+        if spec in ("{apg12}", "{ag5}"):
+            label = f"{names[spec.strip('{}')]} (tuned)"
         rows.append(
             {
                 "guidance": label,
@@ -151,7 +193,7 @@ def main():
             "against": b,
             **paired(by_name[b]["adherent"], by_name[a]["adherent"]),
         }
-        for a, b in COMPARE
+        for a, b in (COMPARE if args.methods == "unet" else COMPARE_TRANSFORMER)
         if a in by_name and b in by_name
     ]
     for c in comparisons:
@@ -177,7 +219,7 @@ def main():
     if args.grid:
         text = "a red circle on a blue background"
         imgs = []
-        for spec in GRID:
+        for spec in GRID if args.methods == "unet" else GRID_TRANSFORMER:
             g, s = gp.resolve(spec, None, args.sampler)
             k = 2 if args.quick else 6
             imgs.append(

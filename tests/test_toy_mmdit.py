@@ -187,3 +187,25 @@ def test_folder_text_window_is_checked(tmp_path):
             read_defaults(str(tmp_path))
     (tmp_path / "diffguide.json").write_text(json.dumps({"max_sequence_length": 0}))
     assert read_defaults(str(tmp_path)) == {"max_sequence_length": 0}
+
+
+def test_guidance_bench_runs_the_transformer_set(tmp_path):
+    """bench/guidance_methods.py --methods transformer on an (untrained) MMDiT folder: every
+    method of the set makes a row, PAG and SEG on joint attention included."""
+    torch.manual_seed(0)
+    tok = toy_mmdit.tokenizer()
+    folder = toy_mmdit.export(
+        toy_mmdit.network("tiny"), toy_mmdit.text_encoder(len(tok)), tok, str(tmp_path / "m")
+    )
+    out = tmp_path / "r.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--quick", "--methods", "transformer", "--model", folder, "--sampler", "euler"]
+    r = subprocess.run(
+        [sys.executable, os.path.join(root, "bench", "guidance_methods.py"), *args, "--out", out],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["spec"] for row in json.loads(out.read_text())["rows"]}
+    assert {"cfg+slg", "cfg+pag", "cfg+seg", "cfg_zero_star", "tcfg", "fdg"} <= rows, rows
