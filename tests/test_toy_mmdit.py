@@ -49,6 +49,19 @@ def test_resume_equals_straight_run(runs):
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in log)
 
 
+def test_export_checkpoint_is_the_run_export(runs, tmp_path):
+    """``train-toy --export`` (the EMA of the latest checkpoint) writes the folder training ends
+    with."""
+    from safetensors.torch import load_file
+
+    again = toy_model.export_checkpoint(str(runs[1]), str(tmp_path / "x"))
+    for sub in ("transformer", "text_encoder", "text_encoder_2"):
+        (name,) = [f for f in os.listdir(os.path.join(again, sub)) if f.endswith(".safetensors")]
+        a, b = (load_file(os.path.join(f, sub, name)) for f in (again, runs[2]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert os.path.isfile(os.path.join(again, "diffguide.json"))
+
+
 def test_resume_refuses_another_arch(runs):
     _, resumed, _ = runs
     cfg = toy_model.TrainConfig(out=str(resumed), arch="unet", size="small", steps=6, dataset=32)
