@@ -47,6 +47,23 @@ def atomic_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), text=True)
 
 
+def trim_log(path: str, step: int) -> None:
+    """Keep the JSON lines of a training log with "step" <= ``step`` (resuming from a checkpoint
+    at ``step`` writes the later ones again; a line a kill cut short is dropped). No file: no-op."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+            if isinstance(rec, dict) and rec.get("step", step + 1) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_text(path, "".join(keep))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

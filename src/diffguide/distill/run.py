@@ -21,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from ..files import atomic_text
+from ..files import trim_log
 from . import checkpoint
 from .config import DistillConfig
 from .data import batches, load_data
@@ -225,23 +225,7 @@ def _tidy(out: str, step: int) -> None:
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     for name in ("loss.jsonl", "val.jsonl"):
-        path = os.path.join(out, name)
-        if os.path.exists(path):
-            atomic_text(path, "".join(_lines_up_to(path, step)))
-
-
-def _lines_up_to(path: str, step: int) -> list[str]:
-    """The JSON lines of a log with "step" <= ``step`` (lines a kill cut short are dropped)."""
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut short by the kill
-                continue
-            if isinstance(rec, dict) and rec.get("step", step + 1) <= step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    return keep
+        trim_log(os.path.join(out, name), step)
 
 
 def _start(cfg: DistillConfig, overwrite: bool):

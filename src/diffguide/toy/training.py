@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, trim_log
 from .data import SceneData
 
 
@@ -74,6 +74,7 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
         ):
             m.load_state_dict(state[k])
         step = state["step"]
+        trim_log(os.path.join(cfg.out, "loss.jsonl"), step)  # steps after it run again
     net, te, opt = acc.prepare(net, te, opt)
     ema_net.to(acc.device)
     ema_te.to(acc.device)
