@@ -98,6 +98,11 @@ GRID_TRANSFORMER = [
     "cfg:scale=5+pag:scale=3",
     "tcfg:scale=5",
 ]
+# --methods: (rows, paired comparisons, grid) per method set
+METHOD_SETS = {
+    "unet": (SPECS, COMPARE, GRID),
+    "transformer": (SPECS_TRANSFORMER, COMPARE_TRANSFORMER, GRID_TRANSFORMER),
+}
 
 
 def calibrate(gp, sampler, steps, scale, path, prompts):
@@ -133,7 +138,7 @@ def main():
     ap.add_argument(
         "--methods",
         default="unet",
-        choices=("unet", "transformer"),
+        choices=tuple(METHOD_SETS),
         help="the method set: the UNet's table or the flow transformer's (SLG, PAG, CFG-Zero*...)",
     )
     ap.add_argument("--only", default=None, help="comma-separated indices into the method set")
@@ -149,7 +154,7 @@ def main():
     t0 = time.perf_counter()
     if args.quick:
         args.n, args.steps = 1, 3
-    every = SPECS if args.methods == "unet" else SPECS_TRANSFORMER
+    every, compare, grid_specs = METHOD_SETS[args.methods]
     specs = every if args.only is None else [every[int(i)] for i in args.only.split(",")]
     if args.quick:
         specs = [  # one strength per method: a composed row is judged by its first method
@@ -193,7 +198,7 @@ def main():
             "against": b,
             **paired(by_name[b]["adherent"], by_name[a]["adherent"]),
         }
-        for a, b in (COMPARE if args.methods == "unet" else COMPARE_TRANSFORMER)
+        for a, b in compare
         if a in by_name and b in by_name
     ]
     for c in comparisons:
@@ -219,7 +224,7 @@ def main():
     if args.grid:
         text = "a red circle on a blue background"
         imgs = []
-        for spec in GRID if args.methods == "unet" else GRID_TRANSFORMER:
+        for spec in grid_specs:
             g, s = gp.resolve(spec, None, args.sampler)
             k = 2 if args.quick else 6
             imgs.append(

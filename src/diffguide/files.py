@@ -47,6 +47,11 @@ def atomic_text(path: str, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), text=True)
 
 
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON, written aside and renamed into place."""
+    atomic_text(path, json.dumps(obj, indent=1))
+
+
 def trim_log(path: str, step: int) -> None:
     """Keep the JSON lines of a training log with "step" <= ``step`` (resuming from a checkpoint
     at ``step`` writes the later ones again; a line a kill cut short is dropped). No file: no-op."""
@@ -337,6 +342,24 @@ def replace_model_files(source: str, target: str) -> None:
             )  # only when empty: a file of anyone else keeps it
         except OSError:
             pass
+
+
+def save_model(pipe, folder: str, json_files: dict | None = None) -> str:
+    """``pipe.save_pretrained`` into ``folder``.tmp with ``json_files`` (name: object) beside it,
+    then renamed into place, or its files moved over an existing folder's model by name
+    (``replace_model_files``: nothing else in the folder is touched)."""
+    tmp = folder.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    for name, obj in (json_files or {}).items():
+        write_json(os.path.join(tmp, name), obj)
+    if os.path.isdir(folder):
+        replace_model_files(tmp, folder)
+        shutil.rmtree(tmp)  # this save's own temporary folder, empty by now
+    else:
+        os.replace(tmp, folder)
+    return folder
 
 
 def _files_under(folder: str) -> list[str]:

@@ -7,11 +7,7 @@ import json
 import os
 import shutil
 
-from ..files import atomic_text, atomic_write, replace_model_files
-
-
-def write_json(path: str, obj) -> None:
-    atomic_text(path, json.dumps(obj, indent=1))
+from ..files import atomic_write, save_model
 
 
 def student_pipe(method, net):
@@ -28,10 +24,6 @@ def export(method, net, folder: str) -> str:
 
     cfg = method.cfg
     pipe = student_pipe(method, merged(net))
-    tmp = folder.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
     meta = {
         "steps": cfg.student_steps,
         "sampler": "consistency",
@@ -45,15 +37,7 @@ def export(method, net, folder: str) -> str:
         net.config, "time_cond_proj_dim", None
     ):  # the scale the student is sampled at by default
         meta["guidance_scale"] = default_scale(cfg)
-    write_json(os.path.join(tmp, "diffguide.json"), meta)
-    if os.path.isdir(
-        folder
-    ):  # the model's files replaced by name; nothing else in the folder touched
-        replace_model_files(tmp, folder)
-        shutil.rmtree(tmp)  # this run's own temporary folder, empty by now
-    else:
-        os.replace(tmp, folder)
-    return folder
+    return save_model(pipe, folder, {"diffguide.json": meta})
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, what load_lora_weights looks for

@@ -21,11 +21,11 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from ..files import trim_log
+from ..files import trim_log, write_json
 from . import checkpoint
 from .config import DistillConfig
 from .data import batches, load_data
-from .export import export, export_lora, validate, write_json
+from .export import export, export_lora, validate
 from .methods import (
     Update,
     check_lora,

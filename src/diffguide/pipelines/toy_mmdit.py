@@ -13,11 +13,11 @@ as a ``StableDiffusion3Pipeline`` folder without VAE.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from ..files import save_model
 from . import toy_model
 from .toy_model import MAX_TOKENS, TEXT_DIM, tokenizer  # noqa: F401 (the training loop's names)
 
@@ -106,7 +106,7 @@ def scheduler():
 
 def export(net, te, tok, folder: str) -> str:
     """Save as a diffusers StableDiffusion3Pipeline folder without VAE and T5, with its
-    ``diffguide.json`` (written aside, then renamed)."""
+    ``diffguide.json`` (written aside, then renamed: ``files.save_model``)."""
     from diffusers import StableDiffusion3Pipeline
 
     from .pipeline import DEFAULTS_FILE
@@ -123,8 +123,4 @@ def export(net, te, tok, folder: str) -> str:
         tokenizer_3=None,
     )
 
-    def defaults(tmp):
-        with open(os.path.join(tmp, DEFAULTS_FILE), "w") as f:
-            json.dump(DEFAULTS, f, indent=1)
-
-    return toy_model.save_folder(pipe, folder, defaults)
+    return save_model(pipe, folder, {DEFAULTS_FILE: DEFAULTS})

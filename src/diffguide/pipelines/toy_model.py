@@ -11,12 +11,13 @@ The folder has no VAE; ``GuidedPipeline.from_pretrained`` loads it like any othe
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
 import torch
 
-from ..files import replace_model_files
+from ..files import save_model
 from ..toy import scenes, training
 from ..toy.training import TrainConfig  # noqa: F401 (the command's config)
 from ..toy.data import SceneData  # noqa: F401  (the training data; also the distillation trainer's)
@@ -104,6 +105,7 @@ def unet(size: str = "main"):
     )
 
 
+DEFAULT_LR = TrainConfig.lr
 network = unet  # the training loop's name for a toy model's denoiser (toy.training)
 
 
@@ -126,6 +128,7 @@ def loss(net, x0, cond, g, cfg) -> torch.Tensor:
     return err
 
 
+@functools.cache  # the table once, not every training step
 def _alphas_cumprod() -> torch.Tensor:
     from ..core.schedule import VPSchedule
 
@@ -176,26 +179,7 @@ def export(net, te, tok, folder: str) -> str:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return save_folder(pipe, folder)
-
-
-def save_folder(pipe, folder: str, extra=None) -> str:
-    """``pipe.save_pretrained`` into a temporary folder (``extra(tmp)`` adds files), then renamed
-    into place, or its files moved over an existing folder's model by name."""
-    import shutil
-
-    tmp = folder.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if extra is not None:
-        extra(tmp)
-    if os.path.isdir(folder):  # the model's files replaced by name; nothing else touched
-        replace_model_files(tmp, folder)
-        shutil.rmtree(tmp)  # this export's own temporary folder, empty by now
-    else:
-        os.replace(tmp, folder)
-    return folder
+    return save_model(pipe, folder)
 
 
 def export_checkpoint(run: str, folder: str | None = None) -> str:
