@@ -1,6 +1,11 @@
 """diffguide: guidance methods and samplers for diffusion models, any guidance on any sampler."""
 
-from . import guidance as _guidance, noise as _noise, samplers as _samplers  # noqa: F401  (register the built-ins)
+from . import (  # noqa: F401  (register the built-ins)
+    cache as _cache,
+    guidance as _guidance,
+    noise as _noise,
+    samplers as _samplers,
+)
 from .core import (
     Branch,
     Clip,

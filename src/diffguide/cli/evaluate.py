@@ -125,6 +125,7 @@ def run_eval(args) -> int:
     prompts = metrics.read_prompts(args.prompts) if args.prompts else list(metrics.DEFAULT_PROMPTS)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
     guidance = parse_spec("guidance", args.guidance) if args.guidance else None
+    cache = parse_spec("cache", args.cache) if args.cache else None
     grid_out = _check_files(args)
     parse_stitch(args.stitch)
     noise = noise_spec(args)
@@ -162,14 +163,17 @@ def run_eval(args) -> int:
         process_state=state,
         guide_model=guide,
         on_batch=on_batch,
+        cache=cache,
     )
     if not is_main(state):
         return 0
+    share = costs.pop("cache_computed", None)
     records = []
     result = {
         "model": args.model,
         "guidance": to_spec(guidance),
         "sampler": to_spec(sampler),
+        **({"cache": to_spec(cache)} if cache is not None else {}),
         **({"stitch": args.stitch, "stitch_reset": args.stitch_reset} if stitch else {}),
         **({"guide_model": args.guide_model} if guide else {}),
         **({"noise_optimizer": noise, **costs} if noise else {}),
@@ -179,6 +183,14 @@ def run_eval(args) -> int:
         "prompts": len(prompts),
         "processes": state.num_processes if state is not None else 1,
         "nfe_per_image": nfe,
+        **(
+            {  # the unit: one transformer block for one image; the first block always runs
+                "cache_blocks_computed": share,
+                "nfe_computed_per_image": round(nfe * share, 4),
+            }
+            if share is not None
+            else {}
+        ),
         "seconds_per_image": round(seconds, 4),
         **metrics.evaluate(images, ids, prompts, judge, per_image=records),
         "version": __version__,

@@ -212,6 +212,13 @@ def add_model_arguments(p, guidance: bool = True) -> None:
         "for the built-in model)",
     )
     p.add_argument(
+        "--cache",
+        default=None,
+        metavar="SPEC",
+        help="step cache spec, e.g. first_block:threshold=0.1 (reuses the network's blocks "
+        "between steps, decided per guidance branch; default: none)",
+    )
+    p.add_argument(
         "--steps",
         type=int,
         default=None,
@@ -458,6 +465,7 @@ FROM_PNG = {
     "model": "--model",
     "guidance": "--guidance",
     "sampler": "--sampler",
+    "cache": "--cache",
     "steps": "--steps",
     "spacing": "--spacing",
     "height": "--height",
@@ -562,7 +570,7 @@ def png_value(parser, path: str, key: str, flag: str, value):
         parsed = parser.parse_args([f"{flag}={item}" for item in items])
     except UsageError as e:
         raise UsageError(f"{path}: {key} {value!r} is not allowed ({e})") from None
-    if key in ("guidance", "sampler") and any(
+    if key in ("guidance", "sampler", "cache") and any(
         term.strip().startswith("@") for term in terms(value)
     ):
         raise UsageError(
@@ -622,6 +630,7 @@ def check_png_settings(args, path: str, batch: list[int] | None) -> None:
         check_numbers(args)
         check_work(len(batch or [0]), args.steps, args.height, args.width, args.large)
         parse_spec("sampler", args.sampler) if args.sampler else None
+        parse_spec("cache", args.cache) if args.cache else None
         parse_guidance(args.guidance)
         parse_stitch(args.stitch)
         parse_loras(args.lora)
@@ -719,6 +728,7 @@ def run(args) -> int:
     args.model = args.model or "builtin"
     check_numbers(args)
     sampler = parse_spec("sampler", args.sampler) if args.sampler else None
+    cache = parse_spec("cache", args.cache) if args.cache else None
     guidance = parse_guidance(args.guidance)
     seeds = (
         parse_seeds(args.seeds)
@@ -779,6 +789,7 @@ def run(args) -> int:
         strength=args.strength,
         guide_model=guide,
         cuda_graph=args.cuda_graph,
+        cache=cache,
     )
     g, s, h, w, embedded, args.steps = (
         req.guidance,
@@ -799,6 +810,7 @@ def run(args) -> int:
         "model": stored_path(args.model),
         "guidance": to_spec(g),
         "sampler": to_spec(s),
+        **({"cache": to_spec(cache)} if cache is not None else {}),
         "steps": args.steps,
         "spacing": args.spacing,
         "width": w,

@@ -230,6 +230,18 @@ def _row_mask(flags: tuple, device: str) -> torch.Tensor:
     return mask
 
 
+def group_rows(keys: list, sizes: list, start: int, stop: int) -> list:
+    """The groups (key, rows) of rows [start, stop) of a forward whose branches ``keys`` hold
+    ``sizes`` rows each, in order; a branch cut by a chunk boundary is keyed by its offset too."""
+    out, offset = [], 0
+    for key, n in zip(keys, sizes):
+        lo, hi = max(start, offset), min(stop, offset + n)
+        if lo < hi:
+            out.append(((key, lo - offset), hi - lo))
+        offset += n
+    return out
+
+
 class GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable samplers consume. One per run; counts NFE.
 
@@ -245,6 +257,7 @@ class GuidedDenoiser:
         threshold=None,
         max_batch: int | None = None,
         stitch=None,
+        cache=None,
     ):
         if "main" not in models:
             raise ValueError("models must include a 'main' denoiser")
@@ -269,7 +282,10 @@ class GuidedDenoiser:
             getattr(main, "inner", None), "kind", None
         )
         self.stitch = stitch
+        self.cache = cache
         guidance.check(self.models)
+        if cache is not None:
+            cache.check(main)
         if stitch is not None:
             from .stitch import check_same_schedule
 
@@ -289,10 +305,13 @@ class GuidedDenoiser:
         self._batched = {}  # concatenated conditions per (branch conds, batch): fixed within a run
         self._main = "main"  # the model that "main" branches run on (T-Stitch swaps it)
         self._step = (None, None)
+        self.cache_state = None if self.cache is None else self.cache.init_state()
 
     def begin_step(self, st) -> bool:
         """Called by ``sample`` before each step; True when this step switches models (T-Stitch)."""
         self._step = (st.i, st.n)
+        if self.cache_state is not None:
+            self.cache_state.step = st.i
         if self.stitch is None:
             return False
         main = self.stitch.model if self.stitch.uses_small(st.i, st.n) else "main"
@@ -365,10 +384,10 @@ class GuidedDenoiser:
             xs = [x if br.rows is None else x[list(br.rows)] for br in brs]
             ts = [t if t.ndim == 0 or br.rows is None else t[list(br.rows)] for br in brs]
             if together:
-                preds = self._forward(model, grad, xs, ts, cond, [br.perturb for br in brs])
+                preds = self._forward(model, grad, xs, ts, cond, [br.perturb for br in brs], brs)
             else:
                 preds = [
-                    self._forward(model, grad, [xi], [ti], c, [br.perturb])[0]
+                    self._forward(model, grad, [xi], [ti], c, [br.perturb], [br])[0]
                     for xi, ti, c, br in zip(xs, ts, cond, brs)
                 ]
             if extra and any(br.cond in extra for br in brs):  # drawn afresh next time
@@ -379,10 +398,12 @@ class GuidedDenoiser:
             self.nfe = int(self.nfe)
         return {name: out[br] for name, br in branches.items()}
 
-    def _forward(self, model, grad, xs: list, ts: list, cond, perturbs: list) -> list[Pred]:
+    def _forward(
+        self, model, grad, xs: list, ts: list, cond, perturbs: list, keys: list
+    ) -> list[Pred]:
         """One batched pass over the branches' inputs (in max_batch chunks); a Pred per branch.
         ``perturbs`` holds each branch's perturbation (None: none); rowwise ones act on their
-        rows."""
+        rows. A step cache acts on the main network's forwards, keyed by branch (``keys``)."""
         net = self.models[model]
         sizes = [xi.shape[0] for xi in xs]
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
@@ -405,6 +426,9 @@ class GuidedDenoiser:
                         if any(flags[sl]):
                             rows = row_mask(tuple(flags[sl]), str(x.device))
                             stack.enter_context(p.apply(net, self.noise, rows))
+                    if self.cache is not None and model == "main":  # after the perturbations
+                        groups = group_rows(keys, sizes, i, min(i + step, x.shape[0]))
+                        stack.enter_context(self.cache.apply(net, self.cache_state, groups))
                     pred = net(x[sl], t if t.ndim == 0 else t[sl], _rows(cond, sl))
                 if not isinstance(pred, Pred):
                     raise ValueError(f"model {model!r} returned {type(pred).__name__}, not a Pred")
@@ -424,6 +448,7 @@ def guide(
     threshold=None,
     max_batch: int | None = None,
     stitch=None,
+    cache=None,
 ) -> GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable a sampler consumes: ``denoiser`` guided by ``guidance``.
 
@@ -431,7 +456,9 @@ def guide(
     cond / uncond become the conditions "pos" / "neg"; ``conds`` adds others, ``models`` adds
     models beside "main". ``threshold`` (e.g. DynamicThreshold()) post-processes the guided x0;
     ``max_batch`` caps the rows of one forward pass. ``stitch`` (a ``Stitch``) runs the model it
-    names (in ``models``) for the first steps (T-Stitch).
+    names (in ``models``) for the first steps (T-Stitch). ``cache`` (a step cache or a spec such
+    as ``"first_block:threshold=0.1"``) reuses the main network's blocks across steps, per
+    branch.
     """
     from .registry import parse_spec  # deferred: methods register on import
 
@@ -444,6 +471,14 @@ def guide(
     if uncond is not None:
         all_conds["neg"] = uncond
     all_conds.update(conds or {})
+    if isinstance(cache, str):
+        cache = parse_spec("cache", cache)
     return GuidedDenoiser(
-        all_models, guidance, all_conds, threshold=threshold, max_batch=max_batch, stitch=stitch
+        all_models,
+        guidance,
+        all_conds,
+        threshold=threshold,
+        max_batch=max_batch,
+        stitch=stitch,
+        cache=cache,
     )

@@ -1,5 +1,5 @@
-"""Name registry for samplers, guidance methods and noise optimisers: ``@register("sampler",
-"dpmpp_2m")``.
+"""Name registry for samplers, guidance methods, noise optimisers and step caches:
+``@register("sampler", "dpmpp_2m")``.
 
 Registered classes are frozen dataclasses whose fields are their options (diffusers' habit: the
 constructor arguments are the config). Specs ``name`` or ``name:key=value,key=value`` resolve here.
@@ -12,7 +12,7 @@ import math
 import re
 import typing
 
-_REGISTRY: dict[str, dict[str, type]] = {"sampler": {}, "guidance": {}, "noise": {}}
+_REGISTRY: dict[str, dict[str, type]] = {"sampler": {}, "guidance": {}, "noise": {}, "cache": {}}
 
 
 def register(kind: str, name: str):
@@ -214,4 +214,7 @@ def _kind_of(obj) -> str:
     for kind, table in _REGISTRY.items():
         if table.get(getattr(obj, "name", None)) is type(obj):
             return kind
-    raise ValueError(f"{type(obj).__name__} is not a registered sampler or guidance method")
+    raise ValueError(
+        f"{type(obj).__name__} is not a registered sampler, guidance method, noise optimiser or "
+        "cache"
+    )

@@ -29,11 +29,13 @@ def generate(
     noise=None,
     embedded_guidance=None,
     guide_model=None,
+    cache=None,
 ) -> tuple[np.ndarray, dict]:
     """One batch: images [len(seeds), H, W, 3] in [0, 1] for one prompt and what they cost per image
     (NFE of sampling; a noise optimiser's NFE, backward passes and seconds). ``embedded_guidance``:
     the value of the model's own guidance input (Flux.1-dev, LCM students), default the model's;
-    ``guide_model``: AutoGuidance's weaker model."""
+    ``guide_model``: AutoGuidance's weaker model; ``cache``: a step cache (its cost is the share
+    of the network's block evaluations that ran, ``computed``)."""
     res = gp(
         prompt,
         guidance=guidance,
@@ -48,8 +50,11 @@ def generate(
         noise_optimizer=noise,
         embedded_guidance=embedded_guidance,
         guide_model=guide_model,
+        **({"cache": cache} if cache is not None else {}),
     )
     cost = {"nfe": float(res.nfe)}
+    if res.computed is not None:
+        cost["computed"] = res.computed
     if res.noise:
         cost.update(
             noise_nfe=float(res.noise["nfe"]),
@@ -76,10 +81,12 @@ def prompt_set(
     process_state=None,
     guide_model=None,
     on_batch=None,
+    cache=None,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """n images per prompt (seeds from ``prompt_seeds``): images, prompt index per image, NFE per
     image (the mean over every image) and wall seconds per image. ``costs``, if given, gets a noise
-    optimiser's extra NFE, backward passes and seconds per image. ``on_batch(done, left)``, if
+    optimiser's extra NFE, backward passes and seconds per image, and a step ``cache``'s share of
+    block evaluations computed (``cache_computed``). ``on_batch(done, left)``, if
     given,
     is called once, after this process's first batch, with its image counts (for a time estimate).
 
@@ -112,6 +119,7 @@ def prompt_set(
                     noise,
                     embedded_guidance,
                     guide_model,
+                    cache,
                 ),
             )
         )
@@ -133,6 +141,8 @@ def prompt_set(
             noise_backward_per_image=total["noise_backward"] / m,
             noise_seconds_per_image=round(total["noise_seconds"] / m, 4),
         )
+    if costs is not None and "computed" in total:
+        costs["cache_computed"] = round(total["computed"] / m, 4)
     return images, ids, total["nfe"] / m, seconds / m
 
 

@@ -22,7 +22,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from ..core.guided import Branch, Guidance, Point, constant
+from ..core.guided import Branch, Guidance, Point, constant, row_mask
 
 _LOCK = threading.Lock()
 _INSTALLED: dict = {}  # (id(module), kind) -> [handle, users]
@@ -86,6 +86,24 @@ def _unperturbed():
     batch."""
     acts = getattr(_LOCAL, "acts", {})
     _LOCAL.acts = {}
+    try:
+        yield
+    finally:
+        _LOCAL.acts = acts
+
+
+@contextlib.contextmanager
+def narrowed(run: list, device: str):
+    """This thread's rowwise perturbations re-aimed at a sub-batch, the rows ``run`` of the forward
+    in that order: a step cache runs the later blocks on the rows that are not reused."""
+    acts = getattr(_LOCAL, "acts", {})
+    sub = {}
+    for key, rows in acts.items():
+        flags = rows.tolist()
+        picked = tuple(flags[i] for i in run)
+        if any(picked):
+            sub[key] = row_mask(picked, device)
+    _LOCAL.acts = sub
     try:
         yield
     finally:

@@ -25,6 +25,9 @@ class GuidedOutput:
     noise: dict | None = None  # a noise optimiser's report: extra NFE and backward passes per image
     indices: list | None = None  # with process_state: which of the call's images this process made
     notices: list = field(default_factory=list)  # e.g. a prompt longer than the text encoder reads
+    # under a step cache: the share of the main network's block evaluations that ran (1.0: none
+    # reused; the unit is one block for one row); None without a cache
+    computed: float | None = None
 
 
 def decode(pipe, req, x) -> tuple[Any, list | None]:

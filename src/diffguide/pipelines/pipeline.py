@@ -683,7 +683,7 @@ class GuidedPipeline:
             guided, make = sampling.guided_maker(self, req, conds)
             x, report = sampling.optimise(self, req, x, fork, conds, make)
             optimised, before = time.perf_counter(), len(self.graphs.notices)
-            x, nfe, forwards = sampling.loop(self, req, conds, guided, make, x, noise)
+            x, nfe, forwards, computed = sampling.loop(self, req, conds, guided, make, x, noise)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             sampled = time.perf_counter()
@@ -697,7 +697,10 @@ class GuidedPipeline:
             "total": end - start,
         }
         said = output.notices(self, req, truncated, self.graphs.notices[before:])
-        return output.result(req, images, nsfw, nfe, forwards, timings, seeds, report, said)
+        out = output.result(req, images, nsfw, nfe, forwards, timings, seeds, report, said)
+        if computed is not None and req.return_dict:
+            out.computed = computed
+        return out
 
     def _check_graph(self, g, callback, callback_on_step_end) -> None:
         if (

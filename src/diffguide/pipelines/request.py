@@ -68,6 +68,7 @@ class Request:
     cuda_graph: bool = False
     return_dict: bool = True
     sampler_given: bool = True  # False: the model's own (its scheduler's fallback notice applies)
+    cache: Any = None  # a step cache (cache registry), or None
 
     @property
     def batch(self) -> int:
@@ -325,6 +326,7 @@ def plan(
     strength=None,
     guide_model=None,
     cuda_graph=False,
+    cache=None,
 ) -> Request:
     """Check and resolve a call's arguments (those of ``GuidedPipeline.__call__``) into a
     Request."""
@@ -379,8 +381,14 @@ def plan(
         spacing,
     )
     g, s = pipe._diffusers_options(g, s, eta, guidance_rescale)
+    cache = _cache(pipe, cache)
     if cuda_graph:
         pipe._check_graph(g, callback, callback_on_step_end)
+        if cache is not None and not cache.capturable:
+            raise ValueError(
+                f"cache {to_spec(cache)!r} decides on the fly (it reads the network's work back "
+                "on the host); it cannot run in a captured loop (cuda_graph=False)"
+            )
     ts = info.timesteps(steps, spacing)
     stride = info.stride(
         steps, s, spacing
@@ -447,4 +455,22 @@ def plan(
         cuda_graph,
         return_dict,
         sampler is not None,
+        cache,
     )
+
+
+def _cache(pipe, cache):
+    """A step cache from a spec or object, checked against the network; None stays None."""
+    from ..cache import Cache
+
+    if cache is None:
+        return None
+    if isinstance(cache, str):
+        cache = parse_spec("cache", cache)
+    if not isinstance(cache, Cache):
+        raise ValueError(
+            f"cache must be a spec such as 'first_block:threshold=0.1' or a diffguide cache, "
+            f"got {type(cache).__name__}"
+        )
+    cache.check(pipe.net_denoiser)
+    return cache

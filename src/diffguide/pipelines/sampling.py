@@ -50,6 +50,7 @@ def guided_maker(pipe, req, conds):
             conds=c["extra"],
             models=conds.models,
             stitch=Stitch(req.stitch.fraction, reset=req.stitch.reset) if req.stitch else None,
+            cache=req.cache,
         )
 
     def make(rows=None):
@@ -108,6 +109,7 @@ def graph_key(pipe, req, models) -> tuple:
     st = req.stitch
     return (
         to_spec(req.guidance),
+        None if req.cache is None else to_spec(req.cache),
         repr(req.threshold),
         req.max_batch,
         (st.fraction, st.reset) if st else None,
@@ -121,8 +123,9 @@ def graph_key(pipe, req, models) -> tuple:
     )
 
 
-def loop(pipe, req, conds, guided, make, x, noise) -> tuple[torch.Tensor, int, int]:
-    """(x at the grid's end, NFE per image, forward passes): eagerly, or replayed from a capture."""
+def loop(pipe, req, conds, guided, make, x, noise) -> tuple[torch.Tensor, int, int, float | None]:
+    """(x at the grid's end, NFE per image, forward passes, the share of the network's block
+    evaluations that ran under a step cache or None): eagerly, or replayed from a capture."""
     from .pipeline import _bar
 
     bar = _bar(
@@ -131,7 +134,7 @@ def loop(pipe, req, conds, guided, make, x, noise) -> tuple[torch.Tensor, int, i
     )
     try:
         if req.cuda_graph:
-            return pipe.graphs.sample(
+            return *pipe.graphs.sample(
                 graph_key(pipe, req, conds.models),
                 guided,
                 conds.tree,
@@ -141,7 +144,7 @@ def loop(pipe, req, conds, guided, make, x, noise) -> tuple[torch.Tensor, int, i
                 noise,
                 req.check_finite,
                 req.stride,
-            )
+            ), None
         denoise = make()
         x = sample(
             denoise,
@@ -153,7 +156,8 @@ def loop(pipe, req, conds, guided, make, x, noise) -> tuple[torch.Tensor, int, i
             check_finite=req.check_finite,
             stride=req.stride,
         )
-        return x, denoise.nfe, denoise.forwards
+        state = denoise.cache_state
+        return x, denoise.nfe, denoise.forwards, None if state is None else state.computed
     except NonFiniteError as e:
         half = pipe.family.net.dtype == torch.float16
         raise NonFiniteError(

@@ -302,17 +302,21 @@ def sd3(shift=3.0, net=None):
 
     torch.manual_seed(10)
     tr = diffusers.SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        caption_projection_dim=32,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        out_channels=4,
-        **(net or {}),
+        **{
+            **dict(
+                sample_size=8,
+                patch_size=1,
+                in_channels=4,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=4,
+                caption_projection_dim=32,
+                joint_attention_dim=32,
+                pooled_projection_dim=32,
+                out_channels=4,
+            ),
+            **(net or {}),
+        }
     ).eval()
     _calm(tr, "proj_out")
     sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
@@ -329,23 +333,28 @@ def sd3(shift=3.0, net=None):
     )
 
 
-def flux(guidance_embeds: bool = True, dynamic: bool = True):
+def flux(guidance_embeds: bool = True, dynamic: bool = True, net=None):
     """Tiny Flux.1: dev-like (guidance embedded, resolution-dependent shift) by default;
-    schnell-like with guidance_embeds=False, dynamic=False."""
+    schnell-like with guidance_embeds=False, dynamic=False; ``net``: other transformer keys."""
     import diffusers
 
     torch.manual_seed(16)
     tr = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
+        **{
+            **dict(
+                patch_size=1,
+                in_channels=16,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                pooled_projection_dim=32,
+                guidance_embeds=guidance_embeds,
+                axes_dims_rope=(4, 6, 6),
+            ),
+            **(net or {}),
+        }
     ).eval()
     _calm(tr, "proj_out")
     sch = diffusers.FlowMatchEulerDiscreteScheduler(

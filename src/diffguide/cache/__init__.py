@@ -1,0 +1,6 @@
+"""Step caches, one file each; importing this package registers them (kind "cache")."""
+
+from .base import Cache, CacheState
+from .first_block import FirstBlockCache
+
+__all__ = ["Cache", "CacheState", "FirstBlockCache"]

@@ -1,0 +1,325 @@
+"""Step caches: a network's blocks reused across sampling steps, decided per branch of the batched
+forward pass.
+
+Every anchor (diffusers' hooks, ComfyUI, cache-dit) keeps one cache per forward call, so a
+pipeline that batches its branches shares one decision between them. Here the GuidedDenoiser
+tells the cache which rows of a forward belong to which branch (``groups``); the cache decides per
+group whether the blocks after the first run for those rows, and the rows that run go through
+them as a smaller batch, so a group that reuses its work saves its share of the forward. Rowwise
+perturbations (PAG, SEG, SLG) follow the rows that run (``guidance.perturb.narrowed``).
+
+Mechanism: for the duration of one forward (``Cache.apply``), each block of the network's block
+lists gets a wrapper ``forward`` (a skipped block passes its inputs on; a block after the first
+sees only the running rows), and the first and last blocks a forward hook (the decision; the
+full batch put back together). Both act only for the thread that entered, as the perturbations'
+hooks do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from dataclasses import dataclass, field
+import torch
+
+from ..guidance.perturb import narrowed
+
+# the top-level block lists of diffusers' transformers, in call order (diffusers' first-block cache
+# walks the same names: _ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+# dual-stream blocks return (text, image) (SD3, Flux, Qwen-Image); these return (image, text)
+IMAGE_FIRST = frozenset(
+    {
+        "CogVideoXBlock",
+        "CogView4TransformerBlock",
+        "HunyuanVideoTransformerBlock",
+        "HunyuanVideoSingleTransformerBlock",
+        "HunyuanVideoTokenReplaceTransformerBlock",
+        "HunyuanVideoTokenReplaceSingleTransformerBlock",
+        "HunyuanImageTransformerBlock",
+        "MochiTransformerBlock",
+    }
+)
+# inputs that are per token, not per sample: never cut to the running rows
+_NOT_PER_SAMPLE = ("rotary", "rope", "freqs", "pos_embed")
+
+_LOCK = threading.Lock()
+_INSTALLED: dict = {}  # id(block) -> [restore, users]
+_LOCAL = threading.local()
+
+
+@dataclass
+class CacheState:
+    """A run's cache: ``entries`` per group key (what each method keeps); ``work`` counts block
+    evaluations per row, [computed, asked for]; ``decisions`` (step, key, computed) where the
+    denoiser reports steps."""
+
+    entries: dict = field(default_factory=dict)
+    work: list = field(default_factory=lambda: [0, 0])
+    decisions: list = field(default_factory=list)
+    step: int | None = None
+
+    @property
+    def computed(self) -> float:
+        """The share of block evaluations that ran (1.0: nothing reused)."""
+        return self.work[0] / self.work[1] if self.work[1] else 1.0
+
+
+class Cache:
+    """Base of the step caches (frozen dataclasses registered under kind "cache")."""
+
+    # a cache whose decisions read data back on the host cannot run in a captured CUDA graph
+    capturable = False
+    per: str = "branch"
+
+    def init_state(self) -> CacheState:
+        return CacheState()
+
+    def check(self, denoiser) -> None:
+        """Refuse, before sampling, a network this cache cannot act on."""
+        blocks(_module(denoiser, self.name), self.name)
+
+    def apply(self, denoiser, state: CacheState, groups: list):
+        """A context for one forward pass over rows ``groups`` ((key, rows) in row order)."""
+        net = _module(denoiser, self.name)
+        if self.per == "batch":  # one decision for the whole forward, as the anchors make it
+            groups = [(("batch",), sum(n for _, n in groups))]
+        return _forward_context(self, state, groups, blocks(net, self.name))
+
+    def decide(self, state: CacheState, key, residual: torch.Tensor) -> bool:
+        """True: run the remaining blocks for this group (its first block's residual given)."""
+        raise NotImplementedError
+
+
+def _module(denoiser, name: str) -> torch.nn.Module:
+    module = getattr(denoiser, "module", None)
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(
+            f"cache {name!r} needs a denoiser with .module (the network) to reach its blocks; "
+            "NetDenoiser(..., module=net) or a GuidedPipeline provides it"
+        )
+    return module
+
+
+def blocks(net: torch.nn.Module, name: str) -> list:
+    """The network's transformer blocks in call order (its top-level block lists)."""
+    found = [
+        b
+        for n, child in net.named_children()
+        if n in BLOCK_LISTS and isinstance(child, torch.nn.ModuleList)
+        for b in child
+    ]
+    if len(found) < 2:
+        raise ValueError(
+            f"cache {name!r} needs a transformer with at least two blocks in "
+            f"{' / '.join(BLOCK_LISTS[:2])}; {type(net).__name__} has {len(found)}"
+        )
+    return found
+
+
+def _streams(block, out):
+    """(image, text) of a block's output (text None for a one-stream block)."""
+    if not isinstance(out, tuple):
+        return out, None
+    return (out[0], out[1]) if type(block).__name__ in IMAGE_FIRST else (out[1], out[0])
+
+
+def _pack(block, image, text, like):
+    """An output shaped as the block's own: a tensor, or its two streams in its order."""
+    if not isinstance(like, tuple):
+        return image
+    return (image, text) if type(block).__name__ in IMAGE_FIRST else (text, image)
+
+
+_PARAMETERS: dict = {}
+
+
+def _parameters(forward) -> list:
+    """The names of a block's forward arguments, in order (read once per class)."""
+    key = getattr(forward, "__func__", forward)
+    if key not in _PARAMETERS:
+        _PARAMETERS[key] = list(inspect.signature(forward).parameters)
+    return _PARAMETERS[key]
+
+
+def _inputs(args, kwargs):
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return h, e
+
+
+class _Forward:
+    """One forward pass under a cache: the groups' decisions and the rows that run."""
+
+    def __init__(self, cache, state, groups, blocks_):
+        self.cache, self.state, self.groups = cache, state, groups
+        self.first, self.last, self.n = blocks_[0], blocks_[-1], len(blocks_)
+        self.batch = sum(n for _, n in groups)
+        self.mode = "all"  # "all" rows run; "some" (self.index) run; "none": the head ends it
+        self.narrow = None
+
+    def call(self, block, inner, args, kwargs):
+        """A block's forward: as is, on the running rows only, or passed through."""
+        if block is self.first or self.mode == "all":
+            return inner(*args, **kwargs)
+        if self.mode == "none":
+            h, e = _inputs(args, kwargs)
+            return _pack(block, h, e, self.head_out)
+        names = _parameters(inner)
+        args = [self._cut(n, a) for n, a in zip(names, args)]
+        kwargs = {k: self._cut(k, v) for k, v in kwargs.items()}
+        return inner(*args, **kwargs)
+
+    def _cut(self, name, value):
+        if (
+            isinstance(value, torch.Tensor)
+            and value.ndim
+            and value.shape[0] == self.batch
+            and not any(w in name for w in _NOT_PER_SAMPLE)
+        ):
+            return value.index_select(0, self.index)
+        return value
+
+    def head(self, block, args, kwargs, out):
+        """After the first block: each group decides; the rest of the forward is arranged."""
+        h_in, _ = _inputs(args, kwargs)
+        image, text = _streams(block, out)
+        residual = image - h_in
+        run, start, self.ran = [], 0, set()
+        for key, n in self.groups:
+            go = self.cache.decide(self.state, key, residual[start : start + n])
+            if go:
+                run += range(start, start + n)
+                self.ran.add(key)
+            self.state.decisions.append((self.state.step, key, go))
+            start += n
+        self.state.work[0] += self.batch + len(run) * (self.n - 1)
+        self.state.work[1] += self.batch * self.n
+        self.head_out, self.image, self.text = out, image, text
+        if len(run) == self.batch:
+            return None
+        reused_image, reused_text = self._reused(image, text)
+        if not run:
+            self.mode = "none"
+            return _pack(block, reused_image, reused_text, out)
+        self.mode = "some"
+        self.index = torch.tensor(run, dtype=torch.long, device=image.device)
+        self.reused = (reused_image, reused_text)
+        self.narrow = narrowed(run, str(image.device))
+        self.narrow.__enter__()
+        return _pack(
+            block,
+            image.index_select(0, self.index),
+            None if text is None else text.index_select(0, self.index),
+            out,
+        )
+
+    def _reused(self, image, text):
+        """The first block's streams plus each group's kept residual of the rest (run rows: as
+        is, replaced later)."""
+        image, text = image.clone(), None if text is None else text.clone()
+        start = 0
+        for key, n in self.groups:
+            kept = self.state.entries.get(key, {}).get("rest")
+            if kept is not None:
+                image[start : start + n] += kept[0]
+                if text is not None and kept[1] is not None:
+                    text[start : start + n] += kept[1]
+            start += n
+        return image, text
+
+    def tail(self, block, args, kwargs, out):
+        """After the last block: the full batch put back together; the run groups keep the
+        residual of the blocks after the first."""
+        if self.mode == "none":
+            return None
+        image, text = _streams(block, out)
+        if self.mode == "some":
+            self.close()
+            image = self.reused[0].index_copy(0, self.index, image)
+            if text is not None:
+                text = self.reused[1].index_copy(0, self.index, text)
+        start = 0
+        for key, n in self.groups:
+            sl = slice(start, start + n)
+            if key in self.ran:
+                rest_text = None if text is None else (text[sl] - self.text[sl]).detach()
+                entry = self.state.entries.setdefault(key, {})
+                entry["rest"] = ((image[sl] - self.image[sl]).detach(), rest_text)
+            start += n
+        return _pack(block, image, text, out) if self.mode == "some" else None
+
+    def close(self):
+        if self.narrow is not None:
+            self.narrow.__exit__(None, None, None)
+            self.narrow = None
+
+
+class _Wrapper:
+    """A block's forward that defers to this thread's cached forward pass, if any."""
+
+    def __init__(self, block, inner):
+        self.block, self.inner = block, inner
+
+    def __call__(self, *args, **kwargs):
+        fwd = getattr(_LOCAL, "forward", None)
+        if fwd is None or id(self.block) not in fwd[1]:
+            return self.inner(*args, **kwargs)
+        return fwd[0].call(self.block, self.inner, args, kwargs)
+
+
+def _hook(role):
+    def hook(block, args, kwargs, out):
+        fwd = getattr(_LOCAL, "forward", None)
+        if fwd is None or id(block) not in fwd[1]:
+            return None
+        return getattr(fwd[0], role)(block, args, kwargs, out)
+
+    return hook
+
+
+def _install(block, first: bool, last: bool):
+    """The block's wrapper forward (and hooks); returns what undoes it."""
+    own = block.__dict__.get("forward")  # a forward set on the instance (diffusers' hooks)
+    block.forward = _Wrapper(block, block.forward)
+    handles = [
+        block.register_forward_hook(_hook(role), with_kwargs=True)
+        for role, on in (("head", first), ("tail", last))
+        if on
+    ]
+
+    def restore():
+        for h in handles:
+            h.remove()
+        if own is None:
+            del block.forward
+        else:
+            block.forward = own
+
+    return restore
+
+
+@contextlib.contextmanager
+def _forward_context(cache, state, groups, blocks_):
+    fwd = _Forward(cache, state, groups, blocks_)
+    ids = {id(b) for b in blocks_}
+    with _LOCK:
+        for b in blocks_:
+            if id(b) not in _INSTALLED:
+                _INSTALLED[id(b)] = [_install(b, b is blocks_[0], b is blocks_[-1]), 0]
+            _INSTALLED[id(b)][1] += 1
+    saved = getattr(_LOCAL, "forward", None)
+    _LOCAL.forward = (fwd, ids)
+    try:
+        yield fwd
+    finally:
+        fwd.close()
+        _LOCAL.forward = saved
+        with _LOCK:
+            for b in blocks_:
+                entry = _INSTALLED[id(b)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    entry[0]()
+                    del _INSTALLED[id(b)]

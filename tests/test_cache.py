@@ -1,0 +1,216 @@
+"""Step caches (issue 35): the first-block cache against diffusers' own hook (per branch on Flux's
+true CFG, once per batched forward on PixArt), the share of work it skips in closed form, per-row
+decisions in a shared forward equal to separate forwards (PAG and SLG rows included), refusals,
+and the command line."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffguide.core import guided
+from diffguide.core.registry import parse_spec
+from diffguide.pipelines import GuidedPipeline
+from diffguide.pipelines import tiny as tm
+
+TWO = ["a red cube", "a blue ball"]
+DEEP_FLUX = {"num_layers": 2, "num_single_layers": 2}
+DEEP_SD3 = {"num_layers": 4}
+
+
+@pytest.fixture
+def denoisers(monkeypatch):
+    """Every GuidedDenoiser a run resets (its cache state is read after the run)."""
+    seen = []
+    reset = guided.GuidedDenoiser.reset
+
+    def keep(self, noise=None):
+        reset(self, noise)
+        seen.append(self)
+
+    monkeypatch.setattr(guided.GuidedDenoiser, "reset", keep)
+    return seen
+
+
+def _decisions(state):
+    """{step: {branch condition: computed}} from a run's cache state."""
+    out = {}
+    for step, key, go in state.decisions:
+        branch = key[0]
+        label = branch if isinstance(branch, str) else branch.cond + (
+            "" if branch.perturb is None else "+" + type(branch.perturb).__name__
+        )
+        out.setdefault(step, {})[label] = go
+    return out
+
+
+def _diffusers_fbc(pipe, threshold, context=None):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    apply_first_block_cache(pipe.transformer, FirstBlockCacheConfig(threshold=threshold))
+    if context is not None:  # one cache context around every forward: the pipeline's batch
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        forward = pipe.transformer.forward
+
+        def within(*args, **kwargs):
+            _set_cache_context(pipe.transformer, CacheContext(context))
+            return forward(*args, **kwargs)
+
+        pipe.transformer.forward = within
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generators():
+    return [torch.Generator().manual_seed(s) for s in (0, 1)]
+
+
+def test_first_block_per_branch_matches_diffusers_hook_on_flux_true_cfg(denoisers):
+    """FluxPipeline runs true CFG as two forwards in cache contexts "cond" and "uncond"; diffguide
+    batches both branches in one forward and decides per branch: the same decisions, the same
+    images, including steps where one branch runs and the other reuses."""
+    threshold = 0.35
+    ref = _diffusers_fbc(tm.flux(net=DEEP_FLUX), threshold)(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        true_cfg_scale=4.0,
+        guidance_scale=2.0,
+        num_inference_steps=10,
+        height=16,
+        width=16,
+        generator=_generators(),
+        output_type="np",
+    ).images
+    gp = GuidedPipeline(tm.flux(net=DEEP_FLUX), progress=False)
+    kw = dict(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        guidance="cfg:scale=4",
+        embedded_guidance=2.0,
+        steps=10,
+        height=16,
+        width=16,
+        sampler="euler",
+        seed=[0, 1],
+        output_type="np",
+    )
+    plain = gp(**kw).images
+    out = gp(**kw, cache=f"first_block:threshold={threshold}")
+    np.testing.assert_allclose(out.images, ref, atol=1e-5)
+    assert np.abs(out.images - plain).max() > 1e-4  # the cache changed the images
+    steps = _decisions(denoisers[-1].cache_state)
+    assert any(d["pos"] != d["neg"] for d in steps.values())  # one branch ran, one reused
+    assert any(not d["pos"] and not d["neg"] for d in steps.values())  # a step with no rest
+    assert 0 < out.computed < 1
+
+
+def test_first_block_per_batch_matches_diffusers_hook_on_batched_cfg():
+    """per=batch: one decision for the whole batched forward, as diffusers' hook makes it on a
+    pipeline that batches CFG (PixArt; the hook under one cache context)."""
+    threshold = 0.2
+    ref = _diffusers_fbc(tm.pixart(net=DEEP_SD3), threshold, context="batch")(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        guidance_scale=4.5,
+        num_inference_steps=10,
+        height=16,
+        width=16,
+        use_resolution_binning=False,
+        generator=_generators(),
+        output_type="np",
+    ).images
+    gp = GuidedPipeline(tm.pixart(net=DEEP_SD3), progress=False)
+    out = gp(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        guidance_scale=4.5,
+        steps=10,
+        height=16,
+        width=16,
+        sampler="dpmpp_2m",
+        seed=[0, 1],
+        output_type="np",
+        cache=f"first_block:threshold={threshold},per=batch",
+    )
+    np.testing.assert_allclose(out.images, ref, atol=1e-5)
+    assert 0 < out.computed < 1
+
+
+def test_work_skipped_in_closed_form_and_threshold_zero_is_exact():
+    """SD3 (whose last block returns no text stream: diffusers' hook fails there): threshold 0
+    changes nothing; an unreachable threshold runs all 4 blocks at the first step and only the
+    first block after it, (steps + 3) / (4 steps) of the work."""
+    gp = GuidedPipeline(tm.sd3(net=DEEP_SD3), progress=False)
+    kw = dict(prompt=TWO, guidance="cfg:scale=5", sampler="euler", steps=6, seed=[0, 1])
+    kw.update(output_type="latent")
+    plain = gp(**kw)
+    assert plain.computed is None
+    exact = gp(**kw, cache="first_block:threshold=0")
+    torch.testing.assert_close(exact.images, plain.images, rtol=0, atol=0)
+    assert exact.computed == 1.0
+    lazy = gp(**kw, cache="first_block:threshold=1e9")
+    assert lazy.computed == pytest.approx((6 + 3) / (4 * 6))
+    assert (lazy.images - plain.images).abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["cfg:scale=5+pag:scale=3", "cfg:scale=5+slg:scale=3"])
+def test_rows_of_a_shared_forward_decide_as_separate_forwards(method, denoisers):
+    """Branches batched in one forward (the later blocks running on some rows only, PAG's and
+    SLG's perturbed rows following them) give what one forward per branch gives (max_batch = the
+    rows of one branch), with the same decisions; some steps mix them."""
+    gp = GuidedPipeline(tm.sd3(net=DEEP_SD3), progress=False)
+    kw = dict(prompt=TWO, guidance=method, sampler="euler", steps=10, seed=[0, 1])
+    kw.update(output_type="latent", negative_prompt=["", "blurry"])
+    found = None
+    for threshold in (0.02, 0.05, 0.1, 0.2):  # the first with a step that mixes decisions
+        shared = gp(**kw, cache=f"first_block:threshold={threshold}")
+        steps = _decisions(denoisers[-1].cache_state)
+        if any(len(set(d.values())) > 1 for d in steps.values()):
+            found = threshold
+            break
+    assert found is not None, "no threshold made the branches decide differently"
+    apart = gp(**kw, cache=f"first_block:threshold={found}", max_batch=2)
+    assert _decisions(denoisers[-1].cache_state) == steps
+    torch.testing.assert_close(shared.images, apart.images, rtol=1e-5, atol=1e-5)
+    assert shared.computed == pytest.approx(apart.computed)
+
+
+def test_cache_refusals():
+    with pytest.raises(ValueError, match="needs a transformer"):
+        GuidedPipeline(tm.sd(), progress=False)(
+            "a cat", steps=2, output_type="latent", cache="first_block"
+        )
+    gp = GuidedPipeline(tm.sd3(), progress=False)
+    for spec, message in (
+        ("first_block:threshold=-1", "threshold must be >= 0"),
+        ("first_block:per=row", "per must be one of"),
+        ("teacup", "unknown cache"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            gp("a cat", steps=2, output_type="latent", cache=spec)
+    with pytest.raises(ValueError, match="cache must be a spec"):
+        gp("a cat", steps=2, output_type="latent", cache=3)
+    assert parse_spec("cache", "first_block:threshold=0.1,per=batch").per == "batch"
+
+
+def test_cli_cache_recorded_and_replayed(tmp_path, capsys):
+    from diffguide.cli.main import main
+    from diffguide.images import read_settings
+
+    folder = tmp_path / "sd3"
+    tm.sd3(net=DEEP_SD3).save_pretrained(folder)
+    out = tmp_path / "a.png"
+    args = ["a red cube", "--model", str(folder), "--steps", "6", "--quiet"]
+    cache = "first_block:threshold=0.2"
+    assert main(["generate", *args, "--cache", cache, "-o", str(out)]) == 0
+    meta, _ = read_settings(str(out))
+    assert meta["cache"] == cache
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(out), "-o", str(again), "--quiet"]) == 0
+    assert out.read_bytes() == again.read_bytes()
+    capsys.readouterr()
+    for bad in ("teacup", "first_block:threshold=x"):
+        assert main(["generate", *args, "--cache", bad, "-o", str(tmp_path / "b.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cache" in err
+    assert not (tmp_path / "b.png").exists()
