@@ -36,8 +36,11 @@ def _decisions(state):
     out = {}
     for step, key, go in state.decisions:
         branch = key[0]
-        label = branch if isinstance(branch, str) else branch.cond + (
-            "" if branch.perturb is None else "+" + type(branch.perturb).__name__
+        label = (
+            branch
+            if isinstance(branch, str)
+            else branch.cond
+            + ("" if branch.perturb is None else "+" + type(branch.perturb).__name__)
         )
         out.setdefault(step, {})[label] = go
     return out
