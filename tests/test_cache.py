@@ -217,3 +217,129 @@ def test_cli_cache_recorded_and_replayed(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "cache" in err
     assert not (tmp_path / "b.png").exists()
+
+
+RATIOS = [1.0, 1.05, 1.01, 0.99, 1.02, 1.0, 0.98, 1.03, 0.97, 0.9]
+
+
+@pytest.mark.parametrize("threshold", [0.03, 0.06])
+def test_magcache_matches_diffusers_hook_on_flux_true_cfg(threshold):
+    """MagCache per branch against diffusers' MagCacheConfig (per cache context) on Flux's true
+    CFG: the same images; the share of work run is what its step-only rule gives in closed form."""
+    from diffusers.hooks import MagCacheConfig, apply_mag_cache
+
+    from diffguide.cache.magcache import share
+
+    ref_pipe = tm.flux(net=DEEP_FLUX)
+    apply_mag_cache(
+        ref_pipe.transformer,
+        MagCacheConfig(threshold=threshold, num_inference_steps=10, mag_ratios=RATIOS),
+    )
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        true_cfg_scale=4.0,
+        guidance_scale=2.0,
+        num_inference_steps=10,
+        height=16,
+        width=16,
+        generator=_generators(),
+        output_type="np",
+    ).images
+    gp = GuidedPipeline(tm.flux(net=DEEP_FLUX), progress=False)
+    out = gp(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        guidance="cfg:scale=4",
+        embedded_guidance=2.0,
+        steps=10,
+        height=16,
+        width=16,
+        sampler="euler",
+        seed=[0, 1],
+        output_type="np",
+        cache=f"magcache:threshold={threshold},ratios={';'.join(map(str, RATIOS))}",
+    )
+    np.testing.assert_allclose(out.images, ref, atol=1e-5)
+    assert out.computed == pytest.approx(share(tuple(RATIOS), 10, threshold, 3, 0.2))
+    assert out.computed < 1
+
+
+def test_magcache_ratios_resampled_and_refusals():
+    from diffguide.cache.magcache import nearest
+
+    # index round(i * 2 / 4), halves to even as numpy.round in the authors' code and torch.round
+    # in diffusers': 0, 0, 1, 2, 2
+    assert nearest((1.0, 2.0, 3.0), 5) == (1.0, 1.0, 2.0, 3.0, 3.0)
+    assert nearest((1.0, 2.0, 3.0), 1) == (3.0,)
+    for spec, message in (
+        ("magcache", "needs its model's ratios"),
+        ("magcache:ratios=1;x", "ratios must be"),
+        ("magcache:ratios=1;-1", "positive"),
+        ("magcache:ratios=1,retention=2", "retention"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_spec("cache", spec)
+    assert parse_spec("cache", "magcache:ratios=flux").capturable
+
+
+def test_teacache_first_and_last_steps_run_and_zero_threshold_is_exact():
+    gp = GuidedPipeline(tm.sd3(net=DEEP_SD3), progress=False)
+    kw = dict(prompt=TWO, guidance="cfg:scale=5", sampler="euler", steps=8, seed=[0, 1])
+    kw.update(output_type="latent")
+    plain = gp(**kw).images
+    exact = gp(**kw, cache="teacache:threshold=0")
+    torch.testing.assert_close(exact.images, plain, rtol=0, atol=0)
+    lazy = gp(**kw, cache="teacache:threshold=1e9")  # only the first and the last step run
+    assert lazy.computed == pytest.approx(2 / 8)
+    with pytest.raises(ValueError, match="coefficients must be"):
+        parse_spec("cache", "teacache:coefficients=a;b")
+
+
+@pytest.mark.parametrize("method", ["cfg:scale=5+pag:scale=3", "cfg:scale=5+slg:scale=3"])
+def test_teacache_rows_decide_apart_in_a_shared_forward(method, denoisers):
+    """TeaCache decides before the first block, so the rows that run go through every block as a
+    smaller batch: the same images and decisions as one forward per branch."""
+    gp = GuidedPipeline(tm.sd3(net=DEEP_SD3), progress=False)
+    kw = dict(prompt=TWO, guidance=method, sampler="euler", steps=10, seed=[0, 1])
+    kw.update(output_type="latent", negative_prompt=["", "blurry"])
+    found = None
+    for threshold in (0.05, 0.1, 0.15, 0.2, 0.3):
+        shared = gp(**kw, cache=f"teacache:threshold={threshold}")
+        steps = _decisions(denoisers[-1].cache_state)
+        if any(len(set(d.values())) > 1 for d in steps.values()):
+            found = threshold
+            break
+    assert found is not None, "no threshold made the branches decide differently"
+    apart = gp(**kw, cache=f"teacache:threshold={found}", max_batch=2)
+    assert _decisions(denoisers[-1].cache_state) == steps
+    torch.testing.assert_close(shared.images, apart.images, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_cache_writes_a_spec_that_meets_its_target(tmp_path, capsys):
+    """diffguide tune cache: MagCache's ratios from calibration runs and the lowest threshold
+    that runs at most the target share of forwards; --cache @FILE loads it and runs that share."""
+    import json
+
+    from diffguide.cli.main import main
+
+    folder = tmp_path / "sd3"
+    tm.sd3(net=DEEP_SD3).save_pretrained(folder)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cube\na blue ball\n")
+    spec = tmp_path / "cache.json"
+    argv = ["tune", "cache", "--model", str(folder), "--steps", "10", "--n", "1"]
+    argv += ["--prompts", str(prompts), "--target-nfe", "0.6", "-o", str(spec), "--quiet"]
+    assert main(argv) == 0
+    data = json.loads(spec.read_text())
+    assert data["cache"].startswith("magcache:ratios=1;")
+    assert set(data["probe"]["ratios_per_branch"]) == {"pos", "neg"}
+    assert data["probe"]["computed"] <= 0.6
+    out = GuidedPipeline.from_pretrained(str(folder), progress=False)(
+        "a red cube", steps=10, output_type="latent", cache=f"@{spec}", seed=0
+    )
+    assert out.computed == pytest.approx(data["probe"]["computed"])
+    capsys.readouterr()
+    assert main([*argv[:2], "--model", str(folder), "--target-nfe", "2", "-o", str(spec)]) == 2
+    assert "--target-nfe must be in (0, 1]" in capsys.readouterr().err

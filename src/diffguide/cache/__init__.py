@@ -2,5 +2,7 @@
 
 from .base import Cache, CacheState
 from .first_block import FirstBlockCache
+from .magcache import MagCache
+from .teacache import TeaCache
 
-__all__ = ["Cache", "CacheState", "FirstBlockCache"]
+__all__ = ["Cache", "CacheState", "FirstBlockCache", "MagCache", "TeaCache"]

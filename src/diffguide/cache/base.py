@@ -59,6 +59,8 @@ class CacheState:
     work: list = field(default_factory=lambda: [0, 0])
     decisions: list = field(default_factory=list)
     step: int | None = None
+    steps: int | None = None  # the run's step count, where the sampler reports it
+    two_streams: bool = False  # the blocks return (text, image) pairs
 
     @property
     def computed(self) -> float:
@@ -67,10 +69,14 @@ class CacheState:
 
 
 class Cache:
-    """Base of the step caches (frozen dataclasses registered under kind "cache")."""
+    """Base of the step caches (frozen dataclasses registered under kind "cache").
+
+    ``decide(state, key, rows)`` says whether a group's rows run (``rows``: a ``Rows``);
+    ``ran(state, key, entry)`` is told when they did, after the last block."""
 
     # a cache whose decisions read data back on the host cannot run in a captured CUDA graph
     capturable = False
+    decides = "first"  # from the first block's residual; "input": from the stack's input
     per: str = "branch"
 
     def init_state(self) -> CacheState:
@@ -87,9 +93,12 @@ class Cache:
             groups = [(("batch",), sum(n for _, n in groups))]
         return _forward_context(self, state, groups, blocks(net, self.name))
 
-    def decide(self, state: CacheState, key, residual: torch.Tensor) -> bool:
-        """True: run the remaining blocks for this group (its first block's residual given)."""
+    def decide(self, state: CacheState, key, rows) -> bool:
+        """True: run the blocks for this group's rows."""
         raise NotImplementedError
+
+    def ran(self, state: CacheState, key, entry: dict) -> None:
+        """The group's rows ran every block; ``entry["rest"]`` holds their new residual."""
 
 
 def _module(denoiser, name: str) -> torch.nn.Module:
@@ -150,26 +159,39 @@ def _inputs(args, kwargs):
 
 
 class _Forward:
-    """One forward pass under a cache: the groups' decisions and the rows that run."""
+    """One forward pass under a cache: the groups' decisions and the rows that run.
+
+    A cache decides before the first block (``decides = "input"``: from the inputs, the whole
+    stack reusable) or after it (``"first"``: from its residual, the first block always runs).
+    What is reused is the residual of the blocks after that point (``base``: the first block's
+    input or output), kept per group at its last full pass; the last block's hook puts the
+    batch back together."""
 
     def __init__(self, cache, state, groups, blocks_):
         self.cache, self.state, self.groups = cache, state, groups
         self.first, self.last, self.n = blocks_[0], blocks_[-1], len(blocks_)
         self.batch = sum(n for _, n in groups)
-        self.mode = "all"  # "all" rows run; "some" (self.index) run; "none": the head ends it
+        self.mode = "all"  # "all" rows run; "some" (self.index) run; "none" run
         self.narrow = None
+        self.ran = set()
 
     def call(self, block, inner, args, kwargs):
         """A block's forward: as is, on the running rows only, or passed through."""
-        if block is self.first or self.mode == "all":
+        if self.mode == "all" or (block is self.first and self.cache.decides == "first"):
             return inner(*args, **kwargs)
         if self.mode == "none":
             h, e = _inputs(args, kwargs)
-            return _pack(block, h, e, self.head_out)
-        names = _parameters(inner)
-        args = [self._cut(n, a) for n, a in zip(names, args)]
-        kwargs = {k: self._cut(k, v) for k, v in kwargs.items()}
+            return _pack(block, h, e, self.like)
+        if block is not self.first:  # the first block's inputs were cut by its pre-hook
+            args, kwargs = self._cut_all(inner, args, kwargs)
         return inner(*args, **kwargs)
+
+    def _cut_all(self, forward, args, kwargs):
+        names = _parameters(forward)
+        return (
+            [self._cut(n, a) for n, a in zip(names, args)],
+            {k: self._cut(k, v) for k, v in kwargs.items()},
+        )
 
     def _cut(self, name, value):
         if (
@@ -181,48 +203,67 @@ class _Forward:
             return value.index_select(0, self.index)
         return value
 
-    def head(self, block, args, kwargs, out):
-        """After the first block: each group decides; the rest of the forward is arranged."""
-        h_in, _ = _inputs(args, kwargs)
+    def before(self, block, args, kwargs):
+        """Before the first block, for a cache that decides from the inputs."""
+        if self.cache.decides != "input":
+            return None
+        h, e = _inputs(args, kwargs)
+        self._decide(h, e, h, block, args, kwargs)
+        if self.mode != "some":
+            return None
+        forward = block.__dict__.get("forward")
+        return tuple(self._cut_all(getattr(forward, "inner", block.forward), args, kwargs))
+
+    def after(self, block, args, kwargs, out):
+        """After the first block, for a cache that decides from its residual."""
+        if self.cache.decides != "first":
+            return None
+        h, _ = _inputs(args, kwargs)
         image, text = _streams(block, out)
-        residual = image - h_in
-        run, start, self.ran = [], 0, set()
+        self._decide(image, text, image - h, block, args, kwargs)
+        if self.mode != "some":
+            return None
+        return _pack(block, self._take(image), self._take(text), out)
+
+    def _take(self, t):
+        return None if t is None else t.index_select(0, self.index)
+
+    def _decide(self, image, text, probe, block, args, kwargs):
+        """Each group's decision; the rest of the forward arranged."""
+        run, start = [], 0
+        first = self.cache.decides == "first"
         for key, n in self.groups:
-            go = self.cache.decide(self.state, key, residual[start : start + n])
+            view = Rows(block, probe, args, kwargs, start, n)
+            go = self.cache.decide(self.state, key, view)
+            go = go or "rest" not in self.state.entries.get(key, {})  # nothing kept yet
             if go:
                 run += range(start, start + n)
                 self.ran.add(key)
             self.state.decisions.append((self.state.step, key, go))
             start += n
-        self.state.work[0] += self.batch + len(run) * (self.n - 1)
+        self.state.work[0] += (self.batch if first else 0) + len(run) * (self.n - first)
         self.state.work[1] += self.batch * self.n
-        self.head_out, self.image, self.text = out, image, text
+        self.base = (image, text)
+        # a passed-through block returns what the blocks return (seen at the first full pass)
+        self.like = (None, None) if self.state.two_streams else None
         if len(run) == self.batch:
-            return None
-        reused_image, reused_text = self._reused(image, text)
+            return
         if not run:
             self.mode = "none"
-            return _pack(block, reused_image, reused_text, out)
+            return
         self.mode = "some"
         self.index = torch.tensor(run, dtype=torch.long, device=image.device)
-        self.reused = (reused_image, reused_text)
         self.narrow = narrowed(run, str(image.device))
         self.narrow.__enter__()
-        return _pack(
-            block,
-            image.index_select(0, self.index),
-            None if text is None else text.index_select(0, self.index),
-            out,
-        )
 
-    def _reused(self, image, text):
-        """The first block's streams plus each group's kept residual of the rest (run rows: as
-        is, replaced later)."""
+    def _reused(self):
+        """The base streams plus each group's kept residual (rows that ran: replaced later)."""
+        image, text = self.base
         image, text = image.clone(), None if text is None else text.clone()
         start = 0
         for key, n in self.groups:
             kept = self.state.entries.get(key, {}).get("rest")
-            if kept is not None:
+            if kept is not None and key not in self.ran:
                 image[start : start + n] += kept[0]
                 if text is not None and kept[1] is not None:
                     text[start : start + n] += kept[1]
@@ -230,30 +271,66 @@ class _Forward:
         return image, text
 
     def tail(self, block, args, kwargs, out):
-        """After the last block: the full batch put back together; the run groups keep the
-        residual of the blocks after the first."""
-        if self.mode == "none":
-            return None
-        image, text = _streams(block, out)
-        if self.mode == "some":
+        """After the last block: the full batch put back together; the groups that ran keep the
+        residual of the blocks after the base."""
+        if self.mode == "all":
+            image, text = _streams(block, out)
+            self.state.two_streams = isinstance(out, tuple)
+        else:
             self.close()
-            image = self.reused[0].index_copy(0, self.index, image)
-            if text is not None:
-                text = self.reused[1].index_copy(0, self.index, text)
+            image, text = self._reused()
+            if self.mode == "some":
+                ran_image, ran_text = _streams(block, out)
+                image = image.index_copy(0, self.index, ran_image)
+                text = (
+                    None
+                    if ran_text is None or text is None
+                    else text.index_copy(0, self.index, ran_text)
+                )
+            elif _streams(block, out)[1] is None:
+                text = None  # a last block that returns no text stream (SD3's)
+        base_image, base_text = self.base
         start = 0
         for key, n in self.groups:
             sl = slice(start, start + n)
             if key in self.ran:
-                rest_text = None if text is None else (text[sl] - self.text[sl]).detach()
+                rest_text = None if text is None else (text[sl] - base_text[sl]).detach()
                 entry = self.state.entries.setdefault(key, {})
-                entry["rest"] = ((image[sl] - self.image[sl]).detach(), rest_text)
+                entry["rest"] = ((image[sl] - base_image[sl]).detach(), rest_text)
+                self.cache.ran(self.state, key, entry)
             start += n
-        return _pack(block, image, text, out) if self.mode == "some" else None
+        return None if self.mode == "all" else _pack(block, image, text, out)
 
     def close(self):
         if self.narrow is not None:
             self.narrow.__exit__(None, None, None)
             self.narrow = None
+
+
+class Rows:
+    """What a cache decides from, for one group's rows: ``probe`` (the first block's residual, or
+    its input for a cache that decides before it), and the block and its arguments where it needs
+    more (TeaCache's modulated input)."""
+
+    def __init__(self, block, probe, args, kwargs, start, n):
+        self.block, self._probe, self.args, self.kwargs = block, probe, args, kwargs
+        self.rows = slice(start, start + n)
+
+    @property
+    def probe(self) -> torch.Tensor:
+        return self._probe[self.rows]
+
+    def argument(self, name: str):
+        """The block's argument ``name`` for these rows (a per-sample tensor cut), or None."""
+        value = self.kwargs.get(name)
+        if value is None:
+            forward = self.block.__dict__.get("forward")
+            names = _parameters(getattr(forward, "inner", self.block.forward))
+            if name in names and names.index(name) < len(self.args):
+                value = self.args[names.index(name)]
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(self._probe):
+            return value[self.rows]
+        return value
 
 
 class _Wrapper:
@@ -270,11 +347,11 @@ class _Wrapper:
 
 
 def _hook(role):
-    def hook(block, args, kwargs, out):
+    def hook(block, args, kwargs, *out):
         fwd = getattr(_LOCAL, "forward", None)
         if fwd is None or id(block) not in fwd[1]:
             return None
-        return getattr(fwd[0], role)(block, args, kwargs, out)
+        return getattr(fwd[0], role)(block, args, kwargs, *out)
 
     return hook
 
@@ -283,11 +360,12 @@ def _install(block, first: bool, last: bool):
     """The block's wrapper forward (and hooks); returns what undoes it."""
     own = block.__dict__.get("forward")  # a forward set on the instance (diffusers' hooks)
     block.forward = _Wrapper(block, block.forward)
-    handles = [
-        block.register_forward_hook(_hook(role), with_kwargs=True)
-        for role, on in (("head", first), ("tail", last))
-        if on
-    ]
+    handles = []
+    if first:
+        handles.append(block.register_forward_pre_hook(_hook("before"), with_kwargs=True))
+        handles.append(block.register_forward_hook(_hook("after"), with_kwargs=True))
+    if last:
+        handles.append(block.register_forward_hook(_hook("tail"), with_kwargs=True))
 
     def restore():
         for h in handles:

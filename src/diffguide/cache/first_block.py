@@ -27,7 +27,8 @@ class FirstBlockCache(Cache):
         if self.per not in PER:
             raise ValueError(f"per must be one of {', '.join(PER)}, got {self.per!r}")
 
-    def decide(self, state, key, residual) -> bool:
+    def decide(self, state, key, rows) -> bool:
+        residual = rows.probe
         entry = state.entries.setdefault(key, {})
         kept = entry.get("first")
         if kept is None or kept.shape != residual.shape:

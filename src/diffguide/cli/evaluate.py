@@ -369,7 +369,7 @@ def run_calibrate(args) -> int:
 
 
 def add_tune_arguments(p) -> None:
-    p.add_argument("method", help="ag, apg or linear_ag")
+    p.add_argument("method", help="ag, apg, linear_ag, or cache (MagCache's ratios and threshold)")
     _common(p)
     p.set_defaults(seed=1)  # other images than eval's seed 0
     p.add_argument(
@@ -384,8 +384,9 @@ def add_tune_arguments(p) -> None:
     p.add_argument(
         "--target-nfe",
         type=float,
-        default=0.75,
-        help="ag: the NFE to reach, as a fraction of CFG's (default 0.75: 25%% fewer)",
+        default=None,
+        help="ag: the NFE to reach, as a fraction of CFG's (default 0.75: 25%% fewer); cache: "
+        "the share of the network's work to run (default 0.5)",
     )
     p.add_argument(
         "--quantile",
@@ -401,15 +402,34 @@ def add_tune_arguments(p) -> None:
 
 def run_tune(args) -> int:
     """Pick a method's options for this model from probe runs; write a spec file."""
-    from ..evaluate.tune import METHODS, tune, write
+    from ..evaluate.tune import CACHES, METHODS, tune, tune_cache, write
 
     _check(args)
-    if args.method not in METHODS:
+    if args.method not in METHODS + CACHES:
         raise UsageError(
-            f"unknown method {args.method!r} to tune; choose one of: {', '.join(METHODS)}"
+            f"unknown method {args.method!r} to tune; choose one of: {', '.join(METHODS + CACHES)}"
         )
+    if args.target_nfe is not None and not 0 < args.target_nfe <= 1:
+        raise UsageError(f"--target-nfe must be in (0, 1], got {args.target_nfe}")
     prompts, sampler, gp = _probe_setup(args)
     t0 = time.perf_counter()
+    if args.method == "cache":
+        result = tune_cache(
+            gp,
+            prompts,
+            args.n,
+            args.seed,
+            sampler,
+            args.steps,
+            args.scale,
+            0.5 if args.target_nfe is None else args.target_nfe,
+            args.spacing,
+        )
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        spec = write(result, args.output, args.model, args.overwrite, kind="cache")
+        print(spec)
+        print(f"written to {args.output}; use it with --cache @{args.output}", file=sys.stderr)
+        return 0
     result = tune(
         gp,
         args.method,
@@ -419,7 +439,7 @@ def run_tune(args) -> int:
         sampler,
         args.steps,
         args.scale,
-        args.target_nfe,
+        0.75 if args.target_nfe is None else args.target_nfe,
         args.quantile,
         args.spacing,
     )

@@ -311,7 +311,7 @@ class GuidedDenoiser:
         """Called by ``sample`` before each step; True when this step switches models (T-Stitch)."""
         self._step = (st.i, st.n)
         if self.cache_state is not None:
-            self.cache_state.step = st.i
+            self.cache_state.step, self.cache_state.steps = st.i, st.n
         if self.stitch is None:
             return False
         main = self.stitch.model if self.stitch.uses_small(st.i, st.n) else "main"

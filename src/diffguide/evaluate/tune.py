@@ -23,6 +23,7 @@ from ..files import write_text
 from . import prompt_set, record
 
 METHODS = ("ag", "apg", "linear_ag")
+CACHES = ("cache",)  # diffguide tune cache: MagCache's ratios and threshold
 
 
 def ag_threshold(runs: list, target_nfe: float) -> tuple[float, dict]:
@@ -163,12 +164,84 @@ def _tune_apg(gp, runs, probe, prompts, n, seed, sampler, steps, scale, quantile
     }
 
 
-def write(result: dict, path: str, model: str, overwrite: bool = True) -> str:
+def tune_cache(
+    gp,
+    prompts: list[str],
+    n: int = 2,
+    seed: int = 1,
+    sampler=None,
+    steps: int = 25,
+    scale: float = 5.0,
+    target: float = 0.5,
+    spacing=None,
+    guidance=None,
+) -> dict:
+    """MagCache for this model: its ratios calibrated on CFG runs of the probe prompts (the mean
+    over runs of the conditional branch's), and the lowest threshold whose decisions run at most
+    ``target`` of the forwards (exact: they depend on the step only)."""
+    from ..cache.magcache import Calibration, MagCache, share
+    from ..core.registry import to_spec
+
+    if not 0 < target <= 1:
+        raise ValueError(f"target share of the work must be in (0, 1], got {target!r}")
+    guidance = guidance or f"cfg:scale={scale:g}"
+    _, sampler = gp.resolve("none", None, sampler)
+    calibration = Calibration()
+    prompt_set(gp, prompts, n, seed, guidance, sampler, steps, spacing, cache=calibration)
+    tables = {}
+    for run in calibration.sink:
+        for branch, ratios in run.items():
+            tables.setdefault(branch, []).append(ratios)
+    means = {b: np.mean(np.array(t), axis=0).round(5).tolist() for b, t in tables.items()}
+    ratios = tuple(means.get("pos", next(iter(means.values()))))
+    defaults = MagCache("1")
+    errors = sorted({0.0} | _errors(ratios, defaults.retention, len(ratios)))
+    th = next(
+        (
+            e
+            for e in errors
+            if share(ratios, len(ratios), e, defaults.max_skip, defaults.retention) <= target
+        ),
+        errors[-1],
+    )
+    spec = f"magcache:ratios={';'.join(f'{r:g}' for r in ratios)},threshold={th:.6g}"
+    return {
+        "cache": spec,
+        "probe": {
+            "prompts": len(prompts),
+            "images_per_prompt": n,
+            "seed": seed,
+            "steps": steps,
+            "sampler": to_spec(sampler),
+            "guidance": guidance if isinstance(guidance, str) else to_spec(guidance),
+            "target": target,
+            "computed": share(ratios, len(ratios), th, defaults.max_skip, defaults.retention),
+            "ratios_per_branch": means,
+        },
+    }
+
+
+def _errors(ratios: tuple, retention: float, n: int) -> set:
+    """Every accumulated error MagCache can meet on these ratios (the thresholds that differ)."""
+    out = set()
+    start = int(retention * n + 0.5)
+    for i in range(start, n):
+        ratio, err = 1.0, 0.0
+        for j in range(i, n):
+            ratio *= ratios[j]
+            err += abs(1.0 - ratio)
+            out.add(round(err, 9))
+    return out
+
+
+def write(
+    result: dict, path: str, model: str, overwrite: bool = True, kind: str = "guidance"
+) -> str:
     """The spec file (written aside, then given its name: only if no file has it, unless
     ``overwrite``); a LinearAG file is its own coefficients file."""
     from .. import __version__
 
     data = {**result, "model": model, "version": __version__}
-    data["guidance"] = data["guidance"].replace("@self", os.path.abspath(path))
+    data[kind] = data[kind].replace("@self", os.path.abspath(path))
     write_text(path, json.dumps(data, indent=1), overwrite)
-    return data["guidance"]
+    return data[kind]
