@@ -343,3 +343,105 @@ def test_tune_cache_writes_a_spec_that_meets_its_target(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv[:2], "--model", str(folder), "--target-nfe", "2", "-o", str(spec)]) == 2
     assert "--target-nfe must be in (0, 1]" in capsys.readouterr().err
+
+
+def _authors_deepcache(pipe, interval, branch):
+    """DeepCacheSDHelper's rule written out (horseee/DeepCache, DeepCache/extension): every layer
+    of the UNet past the branch point returns its output of the last step whose index is a
+    multiple of ``interval``; the step index is the timestep's place in the scheduler's list."""
+    unet, cached, step = pipe.unet, {}, [0]
+    block_id, layer_id = branch // 3, branch % 3
+
+    def skip(kind, b, i):
+        if step[0] % interval == 0:
+            return False
+        if b > block_id or kind == "mid":
+            return True
+        if b < block_id:
+            return False
+        return i >= layer_id if kind == "down" else i > layer_id
+
+    def wrapped(module, key):
+        forward = module.forward
+
+        def run(*args, **kwargs):
+            if skip(*key[1:]):
+                return cached[key]
+            cached[key] = forward(*args, **kwargs)
+            return cached[key]
+
+        module.forward = run
+
+    for b, block in enumerate(unet.down_blocks):
+        for name in ("attentions", "resnets"):
+            for i, m in enumerate(getattr(block, name, None) or []):
+                wrapped(m, (id(m), "down", b, i))
+        for m in block.downsamplers or []:
+            wrapped(m, (id(m), "down", b, len(block.resnets)))
+        wrapped(block, (id(block), "down", b, 0))
+    wrapped(unet.mid_block, (id(unet.mid_block), "mid", 0, 0))
+    n = len(unet.up_blocks)
+    for j, block in enumerate(unet.up_blocks):
+        k = len(block.resnets)
+        for name in ("attentions", "resnets"):
+            for i, m in enumerate(getattr(block, name, None) or []):
+                wrapped(m, (id(m), "up", n - j - 1, k - i - 1))
+        for m in block.upsamplers or []:
+            wrapped(m, (id(m), "up", n - j - 1, 0))
+        wrapped(block, (id(block), "up", n - j - 1, 0))
+    forward = unet.forward
+
+    def counted(*args, **kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        step[0] = [float(v) for v in pipe.scheduler.timesteps].index(float(t))
+        return forward(*args, **kwargs)
+
+    unet.forward = counted
+    return pipe
+
+
+@pytest.mark.parametrize("branch", [0, 1, 3])
+def test_deepcache_matches_the_authors_rule_on_batched_cfg(branch):
+    """per=batch (diffusers' SD pipeline batches CFG in one forward): the same images as the
+    authors' helper rule, at their branch numbering."""
+    theirs = dict(prompt=TWO, negative_prompt=["", "green"], num_inference_steps=10)
+    theirs.update(guidance_scale=6.0, generator=_generators(), output_type="np")
+    ref = _authors_deepcache(tm.sd(), 3, branch)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(**theirs).images
+    gp = GuidedPipeline(tm.sd(), progress=False)
+    kw = dict(prompt=TWO, negative_prompt=["", "green"], steps=10, guidance_scale=6.0)
+    kw.update(sampler="dpmpp_2m", seed=[0, 1], output_type="np")
+    plain = gp(**kw).images
+    out = gp(**kw, cache=f"deepcache:interval=3,branch={branch},per=batch")
+    np.testing.assert_allclose(out.images, expected, atol=1e-5)
+    assert np.abs(out.images - plain).max() > 1e-4
+    assert 0 < out.computed < 1
+
+
+def test_deepcache_rows_of_a_shared_forward_decide_apart(denoisers):
+    """other_interval: the unconditional and PAG rows reuse their deep features longer than the
+    conditional rows; in one forward the deep layers run on the conditional rows alone at those
+    steps, with the same images and decisions as one forward per branch."""
+    gp = GuidedPipeline(tm.sd(), progress=False)
+    kw = dict(prompt=TWO, negative_prompt=["", "green"], steps=10, seed=[0, 1])
+    kw.update(guidance="cfg:scale=6+pag:scale=2", sampler="euler", output_type="latent")
+    spec = "deepcache:interval=2,other_interval=3"
+    shared = gp(**kw, cache=spec)
+    steps = _decisions(denoisers[-1].cache_state)
+    assert any(len(set(d.values())) > 1 for d in steps.values())
+    apart = gp(**kw, cache=spec, max_batch=2)
+    assert _decisions(denoisers[-1].cache_state) == steps
+    torch.testing.assert_close(shared.images, apart.images, rtol=1e-5, atol=1e-5)
+    exact = gp(**kw, cache="deepcache:interval=1")
+    torch.testing.assert_close(exact.images, gp(**kw).images, rtol=0, atol=0)
+    assert exact.computed == 1.0
+
+
+def test_deepcache_refusals():
+    with pytest.raises(ValueError, match="needs a UNet"):
+        GuidedPipeline(tm.sd3(), progress=False)("a", steps=2, cache="deepcache")
+    with pytest.raises(ValueError, match="past this UNet"):
+        GuidedPipeline(tm.sd(), progress=False)("a", steps=2, cache="deepcache:branch=6")
+    with pytest.raises(ValueError, match="interval >= 1"):
+        parse_spec("cache", "deepcache:interval=0")

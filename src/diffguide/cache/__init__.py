@@ -1,8 +1,9 @@
 """Step caches, one file each; importing this package registers them (kind "cache")."""
 
 from .base import Cache, CacheState
+from .deepcache import DeepCache
 from .first_block import FirstBlockCache
 from .magcache import MagCache
 from .teacache import TeaCache
 
-__all__ = ["Cache", "CacheState", "FirstBlockCache", "MagCache", "TeaCache"]
+__all__ = ["Cache", "CacheState", "DeepCache", "FirstBlockCache", "MagCache", "TeaCache"]

@@ -381,12 +381,21 @@ def _install(block, first: bool, last: bool):
 @contextlib.contextmanager
 def _forward_context(cache, state, groups, blocks_):
     fwd = _Forward(cache, state, groups, blocks_)
-    ids = {id(b) for b in blocks_}
+    first, last = blocks_[0], blocks_[-1]
+    with active(fwd, blocks_, lambda b: _install(b, b is first, b is last)):
+        yield fwd
+
+
+@contextlib.contextmanager
+def active(fwd, modules: list, install):
+    """``fwd`` handles ``modules``' forwards in this thread meanwhile; ``install(module)`` (which
+    returns what undoes it) runs once per module across threads, as the perturbations' hooks."""
+    ids = {id(m) for m in modules}
     with _LOCK:
-        for b in blocks_:
-            if id(b) not in _INSTALLED:
-                _INSTALLED[id(b)] = [_install(b, b is blocks_[0], b is blocks_[-1]), 0]
-            _INSTALLED[id(b)][1] += 1
+        for m in modules:
+            if id(m) not in _INSTALLED:
+                _INSTALLED[id(m)] = [install(m), 0]
+            _INSTALLED[id(m)][1] += 1
     saved = getattr(_LOCAL, "forward", None)
     _LOCAL.forward = (fwd, ids)
     try:
@@ -395,9 +404,24 @@ def _forward_context(cache, state, groups, blocks_):
         fwd.close()
         _LOCAL.forward = saved
         with _LOCK:
-            for b in blocks_:
-                entry = _INSTALLED[id(b)]
+            for m in modules:
+                entry = _INSTALLED[id(m)]
                 entry[1] -= 1
                 if entry[1] == 0:
                     entry[0]()
-                    del _INSTALLED[id(b)]
+                    del _INSTALLED[id(m)]
+
+
+def wrap(module):
+    """Install only the wrapper forward (for caches that work module by module); returns what
+    undoes it."""
+    own = module.__dict__.get("forward")
+    module.forward = _Wrapper(module, module.forward)
+
+    def restore():
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+    return restore

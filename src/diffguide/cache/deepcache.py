@@ -1,0 +1,209 @@
+"""DeepCache (Ma et al. 2024; horseee/DeepCache): a UNet's deep features reused between steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.registry import register
+from ..guidance.perturb import narrowed
+from .base import Cache, _module, active, wrap
+
+LAYERS = ("resnets", "attentions")
+
+
+@dataclass(frozen=True)
+class DeepCache(Cache):
+    """Every ``interval`` steps the whole UNet runs; in between, the layers deeper than the branch
+    point return their outputs of the last full step and only the shallow path runs (DeepCache,
+    Sec. 3.2, as the authors' ``DeepCacheSDHelper``: ``branch`` is their cache_branch_id, block
+    ``branch // 3``, layer ``branch % 3``; 0 is the shallowest). ``other_interval`` sets the
+    interval of every branch but the plain conditional one (the unconditional and perturbed rows,
+    which change more slowly); 0: the same. The decisions depend only on the step."""
+
+    interval: int = 3
+    branch: int = 0
+    other_interval: int = 0
+    per: str = "branch"
+
+    capturable = True
+
+    def __post_init__(self):
+        if self.interval < 1 or self.other_interval < 0 or self.branch < 0:
+            raise ValueError(
+                f"need interval >= 1, other_interval >= 0 and branch >= 0; got {self.interval!r}, "
+                f"{self.other_interval!r}, {self.branch!r}"
+            )
+        if self.per not in ("branch", "batch"):
+            raise ValueError(f"per must be one of branch, batch, got {self.per!r}")
+
+    def check(self, denoiser) -> None:
+        unet = _module(denoiser, self.name)
+        if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
+            raise ValueError(
+                f"cache 'deepcache' needs a UNet (down_blocks, up_blocks); {type(unet).__name__} "
+                "has none (transformers: first_block, teacache, magcache)"
+            )
+        if self.branch // 3 >= len(unet.down_blocks):
+            raise ValueError(
+                f"deepcache branch {self.branch} is past this UNet's {len(unet.down_blocks)} "
+                f"blocks (at most {3 * len(unet.down_blocks) - 1})"
+            )
+
+    def apply(self, denoiser, state, groups: list):
+        unet = _module(denoiser, self.name)
+        if self.per == "batch":
+            groups = [(("batch",), sum(n for _, n in groups))]
+        deep, leaves = _deep(unet, self.branch)
+        fwd = _DeepForward(self, state, groups, deep, leaves)
+        return active(fwd, deep, wrap)
+
+    def decide(self, state, key, rows) -> bool:
+        entry = state.entries.setdefault(key, {"calls": 0})
+        i, entry["calls"] = entry["calls"], entry["calls"] + 1
+        branch = key[0] if isinstance(key, tuple) else key
+        plain = isinstance(branch, str) or (branch.cond == "pos" and branch.perturb is None)
+        every = self.interval if plain or not self.other_interval else self.other_interval
+        return i % every == 0
+
+
+def _layers(unet) -> list:
+    """(module, kind, block, layer) as the authors' helper numbers them: up blocks and their layers
+    counted from the output end."""
+    out = []
+    for b, block in enumerate(unet.down_blocks):
+        for name in LAYERS:
+            out += [(m, "down", b, i) for i, m in enumerate(getattr(block, name, None) or [])]
+        out += [(m, "down", b, len(block.resnets)) for m in (block.downsamplers or [])]
+        out.append((block, "down", b, 0))
+    if unet.mid_block is not None:
+        out.append((unet.mid_block, "mid", 0, 0))
+    n = len(unet.up_blocks)
+    for i, block in enumerate(unet.up_blocks):
+        b, k = n - i - 1, len(block.resnets)
+        for name in LAYERS:
+            out += [(m, "up", b, k - j - 1) for j, m in enumerate(getattr(block, name, None) or [])]
+        out += [(m, "up", b, 0) for m in (block.upsamplers or [])]
+        out.append((block, "up", b, 0))
+    return out
+
+
+def _is_deep(kind, b, layer, block_id, layer_id) -> bool:
+    if b > block_id or kind == "mid":
+        return True
+    if b < block_id:
+        return False
+    return layer >= layer_id if kind == "down" else layer > layer_id
+
+
+def _deep(unet, branch: int) -> tuple[list, dict]:
+    """The modules that are reused past ``branch`` (outermost ones only) and the leaf layers
+    (resnets, attentions, resamplers) of the UNet: {id: deep or not}."""
+    layers = _layers(unet)
+    deep = [m for m, kind, b, i in layers if _is_deep(kind, b, i, branch // 3, branch % 3)]
+    inside = {id(c) for m in deep for c in m.modules() if c is not m}
+    outer = [m for m in deep if id(m) not in inside]
+    covered = {id(c) for m in outer for c in m.modules()}
+    leaves = {
+        id(c): id(c) in covered
+        for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)
+        if block is not None
+        for name in (*LAYERS, "downsamplers", "upsamplers")
+        for c in (getattr(block, name, None) or [])
+    }
+    return outer, leaves
+
+
+class _DeepForward:
+    """One UNet forward under DeepCache: which groups run their deep layers; the deep modules'
+    outputs kept per group and put together for the rows that reuse them."""
+
+    def __init__(self, cache, state, groups, deep, leaves):
+        self.state, self.groups, self.inside = state, groups, 0
+        self.batch = sum(n for _, n in groups)
+        run, start, self.ran = [], 0, set()
+        for key, n in groups:
+            go = cache.decide(state, key, None) or "out" not in state.entries[key]
+            if go:
+                run += range(start, start + n)
+                self.ran.add(key)
+            state.decisions.append((state.step, key, go))
+            start += n
+        self.run = run
+        self.mode = "all" if len(run) == self.batch else ("some" if run else "none")
+        n_deep = sum(leaves.values())
+        state.work[0] += self.batch * (len(leaves) - n_deep) + len(run) * n_deep
+        state.work[1] += self.batch * len(leaves)
+
+    def call(self, module, inner, args, kwargs):
+        if self.inside:  # a deep module's own deep parts: run with it
+            return inner(*args, **kwargs)
+        if self.mode == "none":
+            return self._assemble(module, None)
+        if self.mode == "all":
+            out = self._run(inner, args, kwargs)
+        else:
+            index = torch.tensor(self.run, dtype=torch.long, device=_device(args, kwargs))
+            args = [self._cut(a, index) for a in args]
+            kwargs = {k: self._cut(v, index) for k, v in kwargs.items()}
+            with narrowed(self.run, str(index.device)):  # PAG's rows follow the rows that run
+                out = self._run(inner, args, kwargs)
+        return self._assemble(module, out)
+
+    def _run(self, inner, args, kwargs):
+        self.inside += 1
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            self.inside -= 1
+
+    def _cut(self, value, index):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == self.batch:
+            return value.index_select(0, index)
+        if isinstance(value, tuple):
+            return tuple(self._cut(v, index) for v in value)
+        return value
+
+    def _assemble(self, module, out):
+        """The full batch's output: the rows that ran from ``out`` (kept for later steps), the
+        others from their group's last full step."""
+        pieces, start, at = [], 0, 0
+        for key, n in self.groups:
+            kept = self.state.entries[key].setdefault("out", {})
+            if key in self.ran:
+                kept[id(module)] = _tree(out, lambda t, a=at, n=n: t[a : a + n].detach())
+                at += n
+            pieces.append(kept[id(module)])
+            start += n
+        return pieces[0] if len(pieces) == 1 else _tree_cat(pieces)
+
+    def close(self):
+        pass
+
+
+def _device(args, kwargs):
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return "cpu"
+
+
+def _tree(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(_tree(v, fn) for v in value)
+    return value
+
+
+def _tree_cat(pieces: list):
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(pieces)
+    if isinstance(first, tuple):
+        return tuple(_tree_cat([p[i] for p in pieces]) for i in range(len(first)))
+    return first
+
+
+register("cache", "deepcache")(DeepCache)
