@@ -77,9 +77,11 @@ def scored(
     noise=None,
     guide_model=None,
     spacing=None,
+    cache=None,
 ) -> dict:
     """NFE, seconds per image and the toy-world metrics (without the per-prompt breakdown); with a
-    noise optimiser also its extra NFE, backward passes and seconds per image."""
+    noise optimiser also its extra NFE, backward passes and seconds per image; with a step cache
+    the share of the network's work it ran (``cache_computed``)."""
     from diffguide.evaluate import prompt_set
     from diffguide.toy import metrics
 
@@ -97,6 +99,7 @@ def scored(
         noise=noise,
         costs=costs,
         guide_model=guide_model,
+        cache=cache,
     )
     res = metrics.evaluate(images, ids, prompts, judge, per_image=per_image)
     res.pop("adherence_by_prompt")
@@ -105,7 +108,7 @@ def scored(
     return {
         "nfe_per_image": float(nfe),
         "seconds_per_image": round(seconds, 4),
-        **(costs if noise else {}),
+        **(costs if noise or cache else {}),
         **res,
         "adherence_se": round((p * (1 - p) / m) ** 0.5, 4),
         "adherent": [int(r["adherent"]) for r in per_image],

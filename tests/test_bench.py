@@ -27,6 +27,7 @@ SCRIPTS = [
         ["--quick", "--models", "sd15,dit", "--guidance", "cfg,cfg+pag,cfg cut", "--no-smoke"],
     ),
     ("graph_key.py", ["--quick"]),
+    ("cache.py", ["--quick"]),
 ]
 
 
