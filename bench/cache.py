@@ -42,6 +42,7 @@ def main():
     p.add_argument("--guidance", default="cfg:scale=5")
     p.add_argument("--sampler", default=None)
     p.add_argument("--n", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="the prompt set's seed (1: other images)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--timing-images", type=int, default=8)
@@ -57,10 +58,10 @@ def main():
     specs = [s.format(magcache=_magcache(gp, args)) if "{" in s else s for s in specs]
     _, sampler = gp.resolve(args.guidance, None, args.sampler)
     common = dict(guidance=args.guidance, sampler=sampler, steps=args.steps)
-    base = scored(gp, judge, prompts, args.n, **common)
+    base = scored(gp, judge, prompts, args.n, **common, seed=args.seed)
     rows = [{"cache": "none", **_public(base)}]
     for spec in specs:
-        res = scored(gp, judge, prompts, args.n, **common, cache=spec)
+        res = scored(gp, judge, prompts, args.n, **common, cache=spec, seed=args.seed)
         rows.append(
             {
                 "cache": spec,
@@ -92,6 +93,7 @@ def main():
         "steps": args.steps,
         "images_per_prompt": args.n,
         "prompts": len(prompts),
+        "seed": args.seed,
         "timing": {"images": args.timing_images, "rounds": args.repeats},
         "rows": rows,
     }

@@ -445,3 +445,69 @@ def test_deepcache_refusals():
         GuidedPipeline(tm.sd(), progress=False)("a", steps=2, cache="deepcache:branch=6")
     with pytest.raises(ValueError, match="interval >= 1"):
         parse_spec("cache", "deepcache:interval=0")
+
+
+@pytest.mark.parametrize(
+    "interval,warmup,order,lite", [(2, 2, 1, False), (3, 2, 2, False), (3, 3, 1, True)]
+)
+def test_taylorseer_matches_diffusers_hook_on_flux_true_cfg(interval, warmup, order, lite):
+    """TaylorSeer per branch against diffusers' TaylorSeerCacheConfig (float32 factors, per cache
+    context): the attention layers forecast, or in lite mode the output projection forecast and
+    the blocks skipped."""
+    from diffusers import TaylorSeerCacheConfig
+
+    ref_pipe = tm.flux(net=DEEP_FLUX)
+    ref_pipe.transformer.enable_cache(
+        TaylorSeerCacheConfig(
+            cache_interval=interval,
+            disable_cache_before_step=warmup,
+            max_order=order,
+            taylor_factors_dtype=torch.float32,
+            use_lite_mode=lite,
+        )
+    )
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        true_cfg_scale=4.0,
+        guidance_scale=2.0,
+        num_inference_steps=10,
+        height=16,
+        width=16,
+        generator=_generators(),
+        output_type="np",
+    ).images
+    spec = f"taylorseer:interval={interval},warmup={warmup},order={order}"
+    out = GuidedPipeline(tm.flux(net=DEEP_FLUX), progress=False)(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        guidance="cfg:scale=4",
+        embedded_guidance=2.0,
+        steps=10,
+        height=16,
+        width=16,
+        sampler="euler",
+        seed=[0, 1],
+        output_type="np",
+        cache=spec + (",modules=lite" if lite else ""),
+    )
+    np.testing.assert_allclose(out.images, ref, atol=1e-5)
+    # forecast steps: those past the warm-up that are not one in `interval`
+    ran = sum(i < warmup or (i - warmup - 1) % interval == 0 for i in range(10))
+    assert out.computed == pytest.approx(ran / 10)
+
+
+def test_taylorseer_with_pag_rows_shared_equals_separate():
+    gp = GuidedPipeline(tm.sd3(net=DEEP_SD3), progress=False)
+    kw = dict(prompt=TWO, negative_prompt=["", "blurry"], steps=10, seed=[0, 1])
+    kw.update(guidance="cfg:scale=5+pag:scale=3", sampler="euler", output_type="latent")
+    spec = "taylorseer:interval=2,warmup=2,order=2"
+    shared = gp(**kw, cache=spec)
+    apart = gp(**kw, cache=spec, max_batch=2)
+    torch.testing.assert_close(shared.images, apart.images, rtol=1e-5, atol=1e-5)
+    assert (shared.images - gp(**kw).images).abs().max() > 0
+    with pytest.raises(ValueError, match="no attention layer"):
+        GuidedPipeline(tm.sd(), progress=False)("a", steps=2, cache="taylorseer")
+    with pytest.raises(ValueError, match="modules must be one of"):
+        parse_spec("cache", "taylorseer:modules=mlp")

@@ -61,6 +61,7 @@ class CacheState:
     step: int | None = None
     steps: int | None = None  # the run's step count, where the sampler reports it
     two_streams: bool = False  # the blocks return (text, image) pairs
+    shared: dict = field(default_factory=dict)  # what a cache keeps for the whole run
 
     @property
     def computed(self) -> float:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.registry import register
-from ..guidance.perturb import narrowed
 from .base import Cache, _module, active, wrap
+from .modules import ModuleForward, tree
 
 LAYERS = ("resnets", "attentions")
 
@@ -56,8 +56,18 @@ class DeepCache(Cache):
         if self.per == "batch":
             groups = [(("batch",), sum(n for _, n in groups))]
         deep, leaves = _deep(unet, self.branch)
-        fwd = _DeepForward(self, state, groups, deep, leaves)
+        n_deep = sum(leaves.values())
+        fwd = ModuleForward(self, state, groups, (len(leaves) - n_deep, n_deep))
         return active(fwd, deep, wrap)
+
+    def ready(self, entry) -> bool:
+        return "out" in entry
+
+    def keep(self, state, entry, module, rows) -> None:
+        entry.setdefault("out", {})[module] = tree(rows, torch.Tensor.detach)
+
+    def reuse(self, state, entry, module):
+        return entry["out"][module]
 
     def decide(self, state, key, rows) -> bool:
         entry = state.entries.setdefault(key, {"calls": 0})
@@ -113,97 +123,6 @@ def _deep(unet, branch: int) -> tuple[list, dict]:
         for c in (getattr(block, name, None) or [])
     }
     return outer, leaves
-
-
-class _DeepForward:
-    """One UNet forward under DeepCache: which groups run their deep layers; the deep modules'
-    outputs kept per group and put together for the rows that reuse them."""
-
-    def __init__(self, cache, state, groups, deep, leaves):
-        self.state, self.groups, self.inside = state, groups, 0
-        self.batch = sum(n for _, n in groups)
-        run, start, self.ran = [], 0, set()
-        for key, n in groups:
-            go = cache.decide(state, key, None) or "out" not in state.entries[key]
-            if go:
-                run += range(start, start + n)
-                self.ran.add(key)
-            state.decisions.append((state.step, key, go))
-            start += n
-        self.run = run
-        self.mode = "all" if len(run) == self.batch else ("some" if run else "none")
-        n_deep = sum(leaves.values())
-        state.work[0] += self.batch * (len(leaves) - n_deep) + len(run) * n_deep
-        state.work[1] += self.batch * len(leaves)
-
-    def call(self, module, inner, args, kwargs):
-        if self.inside:  # a deep module's own deep parts: run with it
-            return inner(*args, **kwargs)
-        if self.mode == "none":
-            return self._assemble(module, None)
-        if self.mode == "all":
-            out = self._run(inner, args, kwargs)
-        else:
-            index = torch.tensor(self.run, dtype=torch.long, device=_device(args, kwargs))
-            args = [self._cut(a, index) for a in args]
-            kwargs = {k: self._cut(v, index) for k, v in kwargs.items()}
-            with narrowed(self.run, str(index.device)):  # PAG's rows follow the rows that run
-                out = self._run(inner, args, kwargs)
-        return self._assemble(module, out)
-
-    def _run(self, inner, args, kwargs):
-        self.inside += 1
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            self.inside -= 1
-
-    def _cut(self, value, index):
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == self.batch:
-            return value.index_select(0, index)
-        if isinstance(value, tuple):
-            return tuple(self._cut(v, index) for v in value)
-        return value
-
-    def _assemble(self, module, out):
-        """The full batch's output: the rows that ran from ``out`` (kept for later steps), the
-        others from their group's last full step."""
-        pieces, start, at = [], 0, 0
-        for key, n in self.groups:
-            kept = self.state.entries[key].setdefault("out", {})
-            if key in self.ran:
-                kept[id(module)] = _tree(out, lambda t, a=at, n=n: t[a : a + n].detach())
-                at += n
-            pieces.append(kept[id(module)])
-            start += n
-        return pieces[0] if len(pieces) == 1 else _tree_cat(pieces)
-
-    def close(self):
-        pass
-
-
-def _device(args, kwargs):
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            return v.device
-    return "cpu"
-
-
-def _tree(value, fn):
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple):
-        return tuple(_tree(v, fn) for v in value)
-    return value
-
-
-def _tree_cat(pieces: list):
-    first = pieces[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(pieces)
-    if isinstance(first, tuple):
-        return tuple(_tree_cat([p[i] for p in pieces]) for i in range(len(first)))
-    return first
 
 
 register("cache", "deepcache")(DeepCache)

@@ -33,6 +33,7 @@ def _list(args) -> int:
         "sampler": "samplers:",
         "guidance": "guidance methods:",
         "noise": "noise optimisers (--initno, --reno):",
+        "cache": "step caches (--cache, cache=):",
     }
     for kind, title in titles.items():
         print(title)

@@ -1,0 +1,105 @@
+"""Caches that work module by module (DeepCache's layers, TaylorSeer's attention layers): each
+group of rows runs the cached modules or takes their output from the cache, decided per step."""
+
+from __future__ import annotations
+
+import torch
+
+from ..guidance.perturb import narrowed
+
+
+class ModuleForward:
+    """One forward under a module cache: which groups run the cached modules this step; for the
+    others, each module's output comes from ``cache.reuse`` (``cache.keep`` is given the rows
+    that ran). ``units``: (always run, cached) work units per row, for the share of work run."""
+
+    def __init__(self, cache, state, groups, units):
+        self.cache, self.state, self.groups, self.inside = cache, state, groups, 0
+        self.batch = sum(n for _, n in groups)
+        run, start, self.ran = [], 0, set()
+        for key, n in groups:
+            go = cache.decide(state, key, None)
+            go = go or not cache.ready(state.entries[key])  # nothing kept yet
+            if go:
+                run += range(start, start + n)
+                self.ran.add(key)
+            state.decisions.append((state.step, key, go))
+            start += n
+        self.run = run
+        self.mode = "all" if len(run) == self.batch else ("some" if run else "none")
+        always, cached = units
+        state.work[0] += self.batch * always + len(run) * cached
+        state.work[1] += self.batch * (always + cached)
+
+    def call(self, module, inner, args, kwargs):
+        if self.inside:  # a cached module's own cached parts: run with it
+            return inner(*args, **kwargs)
+        if self.mode == "none":
+            return self._assemble(module, None)
+        if self.mode == "all":
+            out = self._run(inner, args, kwargs)
+        else:
+            index = torch.tensor(self.run, dtype=torch.long, device=_device(args, kwargs))
+            args = [self._cut(a, index) for a in args]
+            kwargs = {k: self._cut(v, index) for k, v in kwargs.items()}
+            with narrowed(self.run, str(index.device)):  # PAG's rows follow the rows that run
+                out = self._run(inner, args, kwargs)
+        return self._assemble(module, out)
+
+    def _run(self, inner, args, kwargs):
+        self.inside += 1
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            self.inside -= 1
+
+    def _cut(self, value, index):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == self.batch:
+            return value.index_select(0, index)
+        if isinstance(value, tuple):
+            return tuple(self._cut(v, index) for v in value)
+        return value
+
+    def _assemble(self, module, out):
+        """The full batch's output: the rows that ran from ``out`` (kept), the others from the
+        cache."""
+        pieces, at = [], 0
+        for key, n in self.groups:
+            entry = self.state.entries[key]
+            if key in self.ran:
+                rows = tree(out, lambda t, a=at, n=n: t[a : a + n])
+                self.cache.keep(self.state, entry, id(module), rows)
+                pieces.append(rows)
+                at += n
+            else:
+                pieces.append(self.cache.reuse(self.state, entry, id(module)))
+        return pieces[0] if len(pieces) == 1 else tree_cat(pieces)
+
+    def close(self):
+        pass
+
+
+def _device(args, kwargs):
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return "cpu"
+
+
+def tree(value, fn):
+    """fn applied to every tensor of a (nested) tuple output."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        return tuple(tree(v, fn) for v in value)
+    return value
+
+
+def tree_cat(pieces: list):
+    """Outputs of the same structure concatenated on the batch."""
+    first = pieces[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(pieces)
+    if isinstance(first, tuple):
+        return tuple(tree_cat([p[i] for p in pieces]) for i in range(len(first)))
+    return first
