@@ -572,3 +572,47 @@ def test_the_checker_refuses_a_one_element_host_copy(world):
             tape,
             finite="keep",
         )
+
+
+@pytest.mark.parametrize(
+    "family,guidance,cache",
+    [
+        ("sd", "cfg:scale=3+pag:scale=2", "deepcache:interval=2,other_interval=3"),
+        ("sd3", "cfg:scale=3", "magcache:ratios=1;0.99;1.01;0.98,threshold=0.1,retention=0"),
+        ("flux", "cfg:scale=3", "taylorseer:interval=2,warmup=1,order=2"),
+    ],
+)
+def test_step_only_caches_are_capturable(family, guidance, cache):
+    """A cache whose decisions depend on the step alone (DeepCache, MagCache, TaylorSeer) reads
+    nothing back and copies nothing in, rows cut by branch included; its replays equal eager
+    calls."""
+
+    class OnMeta(GuidedPipeline):
+        device = property(lambda self: torch.device("meta"))
+
+    pipe = getattr(tm, family)()
+    gp = OnMeta.from_pipe(pipe, progress=False)
+    pipe.to("meta")
+    gp.graphs = LoopGraphs(CheckedCapture())
+    out = gp(
+        "a red circle",
+        negative_prompt="",
+        seed=[0],
+        steps=4,
+        height=64,
+        width=64,
+        guidance=guidance,
+        output_type="latent",
+        cuda_graph=True,
+        check_finite=False,
+        cache=cache,
+    )
+    assert out.images.device.type == "meta"
+    assert gp.graphs.captures == 1 and not gp.graphs.notices, gp.graphs.notices
+    gp = GuidedPipeline.from_pipe(getattr(tm, family)(), progress=False)
+    gp.graphs = LoopGraphs(EagerReplay())
+    run = dict(prompt="a red circle", negative_prompt="", steps=4, guidance=guidance, cache=cache)
+    run.update(output_type="latent", height=64, width=64)
+    for seed in (0, 1):
+        want, got = gp(**run, seed=[seed]), gp(**run, seed=[seed], cuda_graph=True)
+        torch.testing.assert_close(got.images, want.images, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass, field
 import torch
 
+from ..core.guided import row_mask
 from ..guidance.perturb import narrowed
 
 # the top-level block lists of diffusers' transformers, in call order (diffusers' first-block cache
@@ -110,6 +111,13 @@ def _module(denoiser, name: str) -> torch.nn.Module:
             "NetDenoiser(..., module=net) or a GuidedPipeline provides it"
         )
     return module
+
+
+def rows_index(run: list, batch: int, device) -> torch.Tensor:
+    """The indices ``run`` on the device, made once per (rows, device) and held by a capture, so
+    that a step copies nothing from the host (a captured loop cannot)."""
+    run = set(run)
+    return row_mask(tuple(i in run for i in range(batch)), str(device)).row_index
 
 
 def blocks(net: torch.nn.Module, name: str) -> list:
@@ -253,7 +261,7 @@ class _Forward:
             self.mode = "none"
             return
         self.mode = "some"
-        self.index = torch.tensor(run, dtype=torch.long, device=image.device)
+        self.index = rows_index(run, self.batch, image.device)
         self.narrow = narrowed(run, str(image.device))
         self.narrow.__enter__()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..guidance.perturb import narrowed
+from .base import rows_index
 
 
 class ModuleForward:
@@ -39,7 +40,7 @@ class ModuleForward:
         if self.mode == "all":
             out = self._run(inner, args, kwargs)
         else:
-            index = torch.tensor(self.run, dtype=torch.long, device=_device(args, kwargs))
+            index = rows_index(self.run, self.batch, _device(args, kwargs))
             args = [self._cut(a, index) for a in args]
             kwargs = {k: self._cut(v, index) for k, v in kwargs.items()}
             with narrowed(self.run, str(index.device)):  # PAG's rows follow the rows that run

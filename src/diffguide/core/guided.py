@@ -213,7 +213,8 @@ def _constant(values: tuple, device: str, dtype: torch.dtype) -> torch.Tensor:
 def row_mask(flags: tuple, device: str) -> torch.Tensor:
     """The [B] bool mask a rowwise perturbation gets, made once per (flags, device) so that a step
     copies nothing from the host (a captured loop cannot); ``row_index`` holds its set rows' indices
-    and ``all_rows`` whether every row is set, so that hooks need not read the mask back."""
+    and ``all_rows`` whether every row is set, so that hooks need not read the mask back (``flags``:
+    the host's copy)."""
     mask = _row_mask(flags, device)
     _held(mask.row_index)
     return _held(mask)
@@ -227,6 +228,7 @@ def _row_mask(flags: tuple, device: str) -> torch.Tensor:
             [i for i, f in enumerate(flags) if f], dtype=torch.long, device=device
         )
     mask.all_rows = all(flags)
+    mask.flags = flags  # on the host too: a step cache re-aims the mask without reading it back
     return mask
 
 

@@ -99,7 +99,7 @@ def narrowed(run: list, device: str):
     acts = getattr(_LOCAL, "acts", {})
     sub = {}
     for key, rows in acts.items():
-        flags = rows.tolist()
+        flags = getattr(rows, "flags", None) or rows.tolist()
         picked = tuple(flags[i] for i in run)
         if any(picked):
             sub[key] = row_mask(picked, device)
