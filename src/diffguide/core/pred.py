@@ -113,3 +113,10 @@ class Pred:
     def cat(preds) -> "Pred":
         preds = list(preds)
         return Pred(torch.cat([p.x0 for p in preds]), torch.cat([p.eps for p in preds]))
+
+
+def as_images(t: torch.Tensor) -> torch.Tensor:
+    """[B, ..., H, W] as [B, C', H, W]: a video's frames (and channels) side by side as channels,
+    for the methods that work on an image's spatial structure (FDG's pyramid). 4-D stays as it
+    is."""
+    return t if t.ndim == 4 else t.flatten(1, -3)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.guided import Branch, Guidance, constant
-from ..core.pred import Pred
+from ..core.pred import as_images, Pred
 from ..core.registry import register
 from .cfg import check_space, output_space
 
@@ -115,8 +115,10 @@ class FDG(Guidance):
         ws, ps = self._weights
         space = output_space(self.space, pt)
         c, u = (preds[k].output(space, pt.a, pt.s) for k in ("c", "u"))
-        if c.ndim != 4:
+        if c.ndim < 4:
             raise ValueError(f"FDG needs image-shaped outputs (B, C, H, W), got {tuple(c.shape)}")
+        shape = c.shape
+        c, u = as_images(c), as_images(u)  # a video's frames are pyramids of their own
         out = []
         for cl, ul, w, p in zip(
             laplacian_pyramid(c, len(ws)), laplacian_pyramid(u, len(ws)), ws, ps
@@ -128,5 +130,5 @@ class FDG(Guidance):
                 par = (d.double() * unit).sum(dims, keepdim=True) * unit
                 d = (p * par + (d.double() - par)).to(d.dtype)
             out.append(ul + w * d)
-        guided = from_pyramid(out)[..., : c.shape[-2], : c.shape[-1]]
+        guided = from_pyramid(out)[..., : c.shape[-2], : c.shape[-1]].reshape(shape)
         return Pred.from_output(space, guided, x, pt.a, pt.s), state

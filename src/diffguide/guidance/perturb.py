@@ -139,19 +139,28 @@ def _items(layers: str) -> list[str]:
     return [s for s in re.split(r"[;\s]+", layers.strip()) if s]
 
 
-def _pattern(item: str) -> str:
-    """An integer names a block of the network's ``transformer_blocks``; anything else is a regular
+def main_blocks(module) -> str:
+    """The name of the network's block list: ``transformer_blocks`` (SD3, Flux, PixArt, CogVideoX)
+    or ``blocks`` (Wan)."""
+    names = dict(module.named_children())
+    if "transformer_blocks" not in names and "blocks" in names:
+        return "blocks"
+    return "transformer_blocks"
+
+
+def _pattern(item: str, top: str = "transformer_blocks") -> str:
+    """An integer names a block of the network's block list ``top``; anything else is a regular
     expression searched in module names (diffusers' pag_applied_layers)."""
-    return rf"(^|\.)transformer_blocks\.{item}\." if item.isdigit() else item
+    return rf"(^|\.){top}\.{item}\." if item.isdigit() else item
 
 
 def self_attention_layers(module, layers: str, method: str) -> list:
     """Self-attention modules matching ``layers`` as diffusers' PAG pipelines match
     pag_applied_layers (a regular expression searched in the module's name, except a bare number
     that equals the name's last part)."""
-    found = []
+    found, top = [], main_blocks(module)
     for item in _items(layers):
-        pat, hits = _pattern(item), []
+        pat, hits = _pattern(item, top), []
         for name, m in module.named_modules():
             last, pl = name.rsplit(".", 1)[-1], pat.rsplit(".", 1)[-1]
             fake = last.isnumeric() and pl.isnumeric() and last == pl
@@ -172,18 +181,22 @@ def blocks(module, layers: str, method: str) -> list:
     """Transformer blocks: an integer i is ``transformer_blocks.i``; other items are regular
     expressions searched in the names of the blocks (``...transformer_blocks.N``, also Flux's
     ``single_transformer_blocks.N``)."""
-    named = [(n, m) for n, m in module.named_modules() if re.search(r"transformer_blocks\.\d+$", n)]
-    found = []
+    named = [
+        (n, m)
+        for n, m in module.named_modules()
+        if re.search(r"(transformer_blocks|(^|\.)blocks)\.\d+$", n)
+    ]
+    found, top = [], main_blocks(module)
     for item in _items(layers):
         if item.isdigit():
-            hits = [m for n, m in named if n == f"transformer_blocks.{item}"]
+            hits = [m for n, m in named if n == f"{top}.{item}"]
         else:
             hits = [m for n, m in named if re.search(item, n)]
         if not hits:
-            top = sum(1 for n, _ in named if re.fullmatch(r"transformer_blocks\.\d+", n))
+            count = sum(1 for n, _ in named if re.fullmatch(rf"{top}\.\d+", n))
             raise ValueError(
                 f"{method} layer {item!r} matches no transformer block of {type(module).__name__} "
-                f"({top} in transformer_blocks; names such as {named[0][0] if named else 'none'})"
+                f"({count} in {top}; names such as {named[0][0] if named else 'none'})"
             )
         found += [m for m in hits if m not in found]
     return found
@@ -194,9 +207,8 @@ def default_layers(module) -> str:
     block."""
     if hasattr(module, "mid_block"):
         return "mid"
-    n = sum(
-        1 for name, _ in module.named_modules() if re.fullmatch(r"transformer_blocks\.\d+", name)
-    )
+    top = main_blocks(module)
+    n = sum(1 for name, _ in module.named_modules() if re.fullmatch(rf"{top}\.\d+", name))
     return str(n // 2)
 
 
@@ -512,7 +524,7 @@ class SkipBlocks:
             n = sum(
                 1
                 for name, _ in net.named_modules()
-                if re.fullmatch(r"transformer_blocks\.\d+", name)
+                if re.fullmatch(rf"{main_blocks(net)}\.\d+", name)
             )
             layers = "7;8;9" if n >= 10 else default_layers(net)
             layers = "mid_block" if layers == "mid" else layers

@@ -14,7 +14,7 @@ from ..core.sample import draw
 
 # where diffusers networks embed the time step: UNets' time_embedding, DiT/PixArt/SD3's
 # timestep_embedder (SDXL's add_embedding is also a TimestepEmbedding but embeds text and sizes)
-EMBEDDERS = ("time_embedding", "timestep_embedder")
+EMBEDDERS = ("time_embedding", "timestep_embedder", "time_embedder")  # the last: Wan's
 
 
 @dataclass(frozen=True)

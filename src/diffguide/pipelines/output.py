@@ -47,12 +47,24 @@ def decode(pipe, req, x) -> tuple[Any, list | None]:
             ),
             "decoding",
         )
+    if pipe.family.video:
+        return video_output(decoded, req.output_type), None
     images, nsfw = safety(pipe, decoded, pipe.device)
     if req.output_type != "pt":
         images = images.cpu().permute(0, 2, 3, 1).numpy()
         if req.output_type == "pil":
             images = to_pil(images)
     return images, nsfw
+
+
+def video_output(video: torch.Tensor, output_type: str):
+    """Decoded clips [B, 3, F, H, W] in [0, 1] as diffusers' VideoProcessor gives them: "pt"
+    [B, F, 3, H, W], "np" [B, F, H, W, 3], "pil" a list of frame lists."""
+    frames = video.permute(0, 2, 1, 3, 4)
+    if output_type == "pt":
+        return frames
+    arr = frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+    return arr if output_type == "np" else [to_pil(clip) for clip in arr]
 
 
 def safety(pipe, images, device):

@@ -494,8 +494,8 @@ class GuidedPipeline:
 
     def size(self, height, width) -> tuple[int, int]:
         fam = self.family
-        h = fam.default_size if height is None else height
-        w = fam.default_size if width is None else width
+        h = fam.default_hw[0] if height is None else height
+        w = fam.default_hw[1] if width is None else width
         for name, v in (("height", h), ("width", w)):
             if (
                 isinstance(v, bool)

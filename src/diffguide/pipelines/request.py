@@ -69,6 +69,7 @@ class Request:
     return_dict: bool = True
     sampler_given: bool = True  # False: the model's own (its scheduler's fallback notice applies)
     cache: Any = None  # a step cache (cache registry), or None
+    frames: int = 1  # a video model's frames per clip
 
     @property
     def batch(self) -> int:
@@ -327,6 +328,7 @@ def plan(
     guide_model=None,
     cuda_graph=False,
     cache=None,
+    num_frames=None,
 ) -> Request:
     """Check and resolve a call's arguments (those of ``GuidedPipeline.__call__``) into a
     Request."""
@@ -382,6 +384,7 @@ def plan(
     )
     g, s = pipe._diffusers_options(g, s, eta, guidance_rescale)
     cache = _cache(pipe, cache)
+    frames = _frames(pipe, num_frames)
     if cuda_graph:
         pipe._check_graph(g, callback, callback_on_step_end)
         if cache is not None and not cache.capturable:
@@ -456,6 +459,7 @@ def plan(
         return_dict,
         sampler is not None,
         cache,
+        frames,
     )
 
 
@@ -474,3 +478,18 @@ def _cache(pipe, cache):
         )
     cache.check(pipe.net_denoiser)
     return cache
+
+
+def _frames(pipe, frames) -> int:
+    """A video model's frame count (its pipeline's default when None); image models take none."""
+    fam = pipe.family
+    if not fam.video:
+        if frames not in (None, 1):
+            raise ValueError(
+                f"num_frames is for video models; {type(fam.net).__name__} makes images"
+            )
+        return 1
+    frames = fam.default_frames if frames is None else frames
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"num_frames must be a positive integer, got {frames!r}")
+    return fam.frames(frames)

@@ -31,7 +31,10 @@ def initial(pipe, req, noise, fork=None) -> torch.Tensor:
 
 def latent_shape(pipe, req) -> tuple:
     fam = pipe.family
-    return (req.batch, fam.channels, req.height // fam.factor, req.width // fam.factor)
+    cells = (req.height // fam.factor, req.width // fam.factor)
+    if fam.video:
+        return (req.batch, fam.channels, fam.latent_frames(req.frames), *cells)
+    return (req.batch, fam.channels, *cells)
 
 
 def guided_maker(pipe, req, conds):

@@ -91,6 +91,74 @@ def t5_text(seed: int, d_model: int = 32):
     ).eval()
 
 
+def umt5_text(seed: int, d_model: int = 32):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=64,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
+    ).eval()
+
+
+def wan(scheduler: str = "unipc", net=None):
+    """Tiny Wan 2.1 text-to-video at diffusers' fast-test sizes, with the published 1.3B model's
+    scheduler (UniPC on flow sigmas, flow_shift 3) or ``scheduler="euler"``
+    (FlowMatchEulerDiscreteScheduler, shift 7, as diffusers' fast test)."""
+    import diffusers
+
+    torch.manual_seed(20)
+    vae_ = diffusers.AutoencoderKLWan(
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    ).eval()
+    torch.manual_seed(21)
+    tr = diffusers.WanTransformer3DModel(
+        **{
+            **dict(
+                patch_size=(1, 2, 2),
+                num_attention_heads=2,
+                attention_head_dim=12,
+                in_channels=16,
+                out_channels=16,
+                text_dim=32,
+                freq_dim=256,
+                ffn_dim=32,
+                num_layers=2,
+                cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads",
+                rope_max_seq_len=32,
+            ),
+            **(net or {}),
+        }
+    ).eval()
+    _calm(tr, "proj_out")
+    sch = (
+        diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        )
+        if scheduler == "unipc"
+        else diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    )
+    return diffusers.WanPipeline(
+        tokenizer=t5_tokenizer(512),
+        text_encoder=umt5_text(22),
+        vae=vae_,
+        scheduler=sch,
+        transformer=tr,
+    )
+
+
 def vae(seed: int = 0, latent_channels: int = 4, **kw):
     from diffusers import AutoencoderKL
 

@@ -16,6 +16,7 @@ from .sana import Sana, SanaSprint
 from .sd import StableDiffusion, StableDiffusionXL, clip_window_states, clip_windows
 from .sd3 import StableDiffusion3
 from .unconditional import Unconditional
+from .wan import Wan
 
 __all__ = [
     "ENCODE_LOCK",
@@ -32,6 +33,7 @@ __all__ = [
     "StableDiffusionXL",
     "TransformerFamily",
     "Unconditional",
+    "Wan",
     "clip_window_states",
     "clip_windows",
     "family_of",
@@ -53,6 +55,7 @@ def family_of(pipe) -> Family:
             "FluxTransformer2DModel": Flux,
             "QwenImageTransformer2DModel": QwenImage,
             "SanaTransformer2DModel": Sana,
+            "WanTransformer3DModel": Wan,
         }
         if cls == "SanaTransformer2DModel" and type(pipe.scheduler).__name__ == "SCMScheduler":
             return SanaSprint(pipe)

@@ -42,6 +42,8 @@ class Family:
     # diffguide): shift_factor (SD3, Flux), latents_mean / latents_std and force_upcast in float16
     # (SDXL)
     vae_shift = vae_stats = vae_upcast = False
+    video = False  # latents [B, C, frames, h, w]; decode gives [B, 3, frames, H, W]
+    default_frames = 1
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -63,6 +65,15 @@ class Family:
     def default_size(self) -> int:
         size = self.net.config.sample_size
         return (size if isinstance(size, int) else size[0]) * self.factor
+
+    @property
+    def default_hw(self) -> tuple[int, int]:
+        """The default (height, width): square unless the family's pipeline says otherwise."""
+        return self.default_size, self.default_size
+
+    def latent_frames(self, frames: int) -> int:
+        """The latent frames of a clip of ``frames`` frames (1 for an image model)."""
+        return 1
 
     @property
     def multiple(self) -> int:

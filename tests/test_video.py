@@ -1,0 +1,121 @@
+"""Video (issue 36): Wan 2.1 text to video against diffusers' WanPipeline on tiny folders saved
+with save_pretrained (diffusers' fast-test sizes, the published 1.3B model's scheduler), every
+guidance method and sampler on a clip, and the frame rules."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffguide.core.registry import names
+from diffguide.pipelines import GuidedPipeline
+from diffguide.pipelines import tiny as tm
+
+TWO = ["a red cube", "a blue ball"]
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-wan")
+    tm.wan().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("scheduler,sampler", [("unipc", "unipc"), ("euler", "euler")])
+def test_wan_matches_wan_pipeline(scheduler, sampler, tmp_path):
+    """CFG 5 with negatives, two prompts, 9 frames: the same clips as WanPipeline, in [0, 1]."""
+    from diffusers import DiffusionPipeline
+
+    tm.wan(scheduler).save_pretrained(tmp_path)
+    ref_pipe = DiffusionPipeline.from_pretrained(tmp_path)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        height=16,
+        width=16,
+        num_frames=9,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="np",
+    ).frames
+    gp = GuidedPipeline.from_pretrained(str(tmp_path), progress=False)
+    out = gp(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        height=16,
+        width=16,
+        num_frames=9,
+        steps=6,
+        seed=[0, 1],
+        output_type="np",
+        sampler=sampler,
+    )
+    assert out.images.shape == ref.shape == (2, 9, 16, 16, 3)
+    np.testing.assert_allclose(out.images, ref, atol=1e-5)
+    assert out.nfe == 12 and not out.notices
+    torch.testing.assert_close(  # the model's own sampler and guidance are these
+        torch.as_tensor(gp(**_same(out), output_type="np").images), torch.as_tensor(out.images)
+    )
+
+
+def _same(out):
+    return dict(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        height=16,
+        width=16,
+        num_frames=9,
+        steps=6,
+        seed=[0, 1],
+    )
+
+
+def _runs(gp, guide, **kw):
+    base = dict(prompt="a cat", negative_prompt="blur", height=64, width=64, steps=3, seed=0)
+    if kw.get("guidance", "").startswith("autoguidance"):
+        kw["guide_model"] = guide
+    return gp(**base, **kw, output_type="latent")
+
+
+@pytest.fixture(scope="module")
+def wan_pair():
+    return (
+        GuidedPipeline(tm.wan(), progress=False),
+        GuidedPipeline(tm.wan(net={"num_layers": 1}), progress=False),
+    )
+
+
+@pytest.mark.parametrize("guidance", [g for g in names("guidance") if g != "seg"])
+def test_every_guidance_method_runs_on_a_clip(guidance, wan_pair):
+    """Each method on a 5-frame clip evaluates the network as often as on one frame."""
+    gp, guide = wan_pair
+    clip = _runs(gp, guide, guidance=guidance, sampler="euler", num_frames=5)
+    frame = _runs(gp, guide, guidance=guidance, sampler="euler", num_frames=1)
+    assert clip.images.shape == (1, 16, 2, 8, 8) and torch.isfinite(clip.images).all()
+    assert clip.nfe == frame.nfe
+
+
+@pytest.mark.parametrize("sampler", names("sampler"))
+def test_every_sampler_runs_on_a_clip(sampler, wan_pair):
+    gp, guide = wan_pair
+    clip = _runs(gp, guide, guidance="cfg", sampler=sampler, num_frames=5)
+    frame = _runs(gp, guide, guidance="cfg", sampler=sampler, num_frames=1)
+    assert torch.isfinite(clip.images).all() and clip.nfe == frame.nfe
+
+
+def test_frames_rules_and_outputs(wan_folder):
+    gp = GuidedPipeline.from_pretrained(wan_folder, progress=False)
+    kw = dict(prompt="a cat", height=16, width=16, steps=2, seed=0)
+    with pytest.raises(ValueError, match="num_frames must be 4 k \\+ 1"):
+        gp(**kw, num_frames=8)
+    with pytest.raises(ValueError, match="positive integer"):
+        gp(**kw, num_frames=0)
+    with pytest.raises(ValueError, match="num_frames is for video models"):
+        GuidedPipeline(tm.sd3(), progress=False)(**kw, num_frames=5)
+    with pytest.raises(ValueError, match="SEG blurs queries on a square token grid"):
+        gp(**kw, num_frames=5, guidance="seg")
+    clips = gp(**kw, num_frames=5, output_type="pil").images
+    assert len(clips) == 1 and len(clips[0]) == 5 and clips[0][0].size == (16, 16)
+    assert gp(**kw, num_frames=5, output_type="pt").images.shape == (1, 5, 3, 16, 16)
+    assert gp.size(None, None) == (480, 832)  # WanPipeline's defaults
