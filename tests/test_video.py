@@ -119,3 +119,41 @@ def test_frames_rules_and_outputs(wan_folder):
     assert len(clips) == 1 and len(clips[0]) == 5 and clips[0][0].size == (16, 16)
     assert gp(**kw, num_frames=5, output_type="pt").images.shape == (1, 5, 3, 16, 16)
     assert gp.size(None, None) == (480, 832)  # WanPipeline's defaults
+
+
+def test_cli_writes_clips_with_their_settings(wan_folder, tmp_path, capsys):
+    """MP4 (H.264 through PyAV, the settings in the container's comment), animated GIF and WebP;
+    a folder gets seed-named .mp4 files; image models refuse --frames, --fps and clip formats."""
+    import json
+
+    import av
+    from PIL import Image
+
+    from diffguide.cli.main import main
+
+    args = ["a red cube", "--model", wan_folder, "--height", "16", "--width", "16"]
+    args += ["--frames", "9", "--steps", "3", "--quiet"]
+    for name in ("a.mp4", "b.gif", "c.webp", "d"):
+        assert main(["generate", *args, "-o", str(tmp_path / name)]) == 0
+    with av.open(str(tmp_path / "a.mp4")) as clip:
+        meta = json.loads(clip.metadata["comment"])
+        frames = [f.to_ndarray(format="rgb24") for f in clip.decode(video=0)]
+    assert meta["frames"] == 9 and meta["fps"] == 16 and meta["model"].endswith(wan_folder[-8:])
+    assert len(frames) == 9 and frames[0].shape == (16, 16, 3)
+    with Image.open(tmp_path / "b.gif") as gif:
+        assert gif.n_frames == 9 and json.loads(gif.info["comment"])["frames"] == 9
+    with Image.open(tmp_path / "c.webp") as webp:
+        assert webp.n_frames == 9
+    assert (tmp_path / "d" / "000000.mp4").exists()
+    assert "1 clip(s)" in capsys.readouterr().err
+    image = ["a red cube", "--steps", "2", "--quiet"]
+    for extra, message in (
+        (["--frames", "9", "-o", str(tmp_path / "x.png")], "num_frames is for video models"),
+        (["--fps", "8", "-o", str(tmp_path / "y.png")], "--fps is for video models"),
+        (["-o", str(tmp_path / "z.mp4")], "cannot write .mp4 images"),
+        ([*args[1:3], "--frames", "8", "-o", str(tmp_path / "w.mp4")], "4 k \\+ 1"),
+    ):
+        assert main(["generate", *image, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+    assert not any((tmp_path / n).exists() for n in ("x.png", "y.png", "z.mp4", "w.mp4"))

@@ -24,6 +24,10 @@ from .files import check_link, check_path, check_space, make_folders, prove_writ
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 UNSUPPORTED = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl")
+# a video model's clips: MP4 (H.264 through PyAV, the settings in the container's comment tag),
+# animated GIF (the settings in its comment) and WebP (in EXIF, as a still's)
+VIDEO_FORMATS = {".mp4": "MP4", ".gif": "GIF", ".webp": "WEBP"}
+DEFAULT_FPS = 16  # diffusers' export_to_video for Wan
 DEFAULT_FOLDER = "outputs"
 _COUNTER = re.compile(r"^(\d+)-")
 
@@ -92,19 +96,30 @@ class Outputs:
     None for the default folder with counter names. Checked (and the folder proven writable) before
     any work."""
 
-    def __init__(self, output: str | None, seeds: list[int], overwrite: bool = False):
+    def __init__(
+        self,
+        output: str | None,
+        seeds: list[int],
+        overwrite: bool = False,
+        video: bool = False,
+        fps: int = DEFAULT_FPS,
+    ):
         self.overwrite, self.counter = overwrite, output is None
+        self.video, self.fps = video, fps
+        formats = VIDEO_FORMATS if video else FORMATS
+        self.default_ext = ".mp4" if video else ".png"
+        what = "clips" if video else "images"
         if output is not None and not output.strip():
             raise ValueError(
-                "the output path is empty; give a file (.png, .jpg, .webp) or a folder"
+                f"the output path is empty; give a file ({', '.join(formats)}) or a folder"
             )
         output = DEFAULT_FOLDER if output is None else os.path.expanduser(output)
         ext = os.path.splitext(output)[1].lower()
-        if ext in UNSUPPORTED:
+        if (ext in UNSUPPORTED or ext in FORMATS or ext in VIDEO_FORMATS) and ext not in formats:
             raise ValueError(
-                f"cannot write {ext} images ({output!r}); use {', '.join(FORMATS)} or a folder"
+                f"cannot write {ext} {what} ({output!r}); use {', '.join(formats)} or a folder"
             )
-        if ext in FORMATS and not os.path.isdir(output):
+        if ext in formats and not os.path.isdir(output):
             self.folder = os.path.dirname(os.path.abspath(output))
             stem = output[: -len(ext)]
             self.paths = [output] if len(seeds) == 1 else [f"{stem}-{s:06d}{ext}" for s in seeds]
@@ -112,13 +127,13 @@ class Outputs:
             if os.path.exists(output) and not os.path.isdir(output):
                 raise ValueError(
                     f"output {output!r} is a file without an image extension; give a folder, or "
-                    f"a path ending in {', '.join(FORMATS)}"
+                    f"a path ending in {', '.join(formats)}"
                 )
             self.folder = os.path.abspath(output)
             self.paths = (
                 [None] * len(seeds)
                 if self.counter
-                else [os.path.join(output, f"{s:06d}.png") for s in seeds]
+                else [os.path.join(output, f"{s:06d}{self.default_ext}") for s in seeds]
             )
         self.seeds, self.index = list(seeds), {s: i for i, s in enumerate(seeds)}
         self.made, self.written = (
@@ -131,7 +146,7 @@ class Outputs:
         longest = (
             max(self.paths, key=len)
             if not self.counter
-            else os.path.join(self.folder, f"99999-{max(seeds, default=0)}.png")
+            else os.path.join(self.folder, f"99999-{max(seeds, default=0)}{self.default_ext}")
         )
         check_path(longest)
         prove_writable(self.folder)
@@ -148,7 +163,7 @@ class Outputs:
     def write(self, image, seed: int, meta: dict, parameters: str | None = None) -> str:
         """Write one image (never replacing a file unless ``overwrite``); returns its path."""
         target = self.path_for(seed)
-        ext = ".png" if target is None else os.path.splitext(target)[1].lower()
+        ext = self.default_ext if target is None else os.path.splitext(target)[1].lower()
         self.made += make_folders(self.folder)
         try:
             path = self._place(image, target, seed, ext, meta, parameters)
@@ -162,7 +177,11 @@ class Outputs:
         return path
 
     def _place(self, image, target, seed: int, ext: str, meta: dict, parameters) -> str:
-        tmp = _encode(image, self.folder, ext, meta, parameters)
+        tmp = (
+            _encode_clip(image, self.folder, ext, meta, self.fps)
+            if self.video
+            else _encode(image, self.folder, ext, meta, parameters)
+        )
         try:
             if target is None:
                 return _claim_counter_name(tmp, self.folder, seed, ext)
@@ -235,6 +254,63 @@ def _encode(image, folder: str, ext: str, meta: dict, parameters: str | None) ->
     except BaseException:
         os.remove(tmp)
         raise
+
+
+def _encode_clip(frames: list, folder: str, ext: str, meta: dict, fps: int) -> str:
+    """A clip (a list of PIL frames) with its settings in a temporary file in ``folder``."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".diffguide-", suffix=ext + ".tmp")
+    text = json.dumps(meta, sort_keys=True)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if ext == ".mp4":
+                _write_mp4(f, frames, fps, text)
+            else:
+                from PIL import Image
+
+                extra = {"comment": text.encode()} if ext == ".gif" else {}
+                if ext == ".webp":
+                    exif = Image.Exif()
+                    exif[IMAGE_DESCRIPTION] = text
+                    extra = {"exif": exif, "quality": 95}
+                frames[0].save(
+                    f,
+                    format=VIDEO_FORMATS[ext],
+                    save_all=True,
+                    append_images=frames[1:],
+                    duration=round(1000 / fps),
+                    loop=0,
+                    **extra,
+                )
+        os.chmod(tmp, 0o666 & ~_umask())
+        return tmp
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def _write_mp4(f, frames: list, fps: int, comment: str) -> None:
+    """H.264 in MP4 through PyAV (yuv420p: the sides are padded to even numbers of pixels)."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(
+            "writing .mp4 needs PyAV (pip install 'diffguide[video]', or pip install av); .gif "
+            "and .webp need nothing more"
+        ) from None
+    import numpy as np
+
+    w, h = frames[0].size
+    with av.open(f, mode="w", format="mp4") as container:
+        container.metadata["comment"] = comment
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+        for frame in frames:
+            arr = np.asarray(frame.convert("RGB"))
+            arr = np.pad(arr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 def _link_exclusive(tmp: str, target: str) -> None:

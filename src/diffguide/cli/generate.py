@@ -110,14 +110,22 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="a video model's frames per clip (default: the model's; Wan: 81, 4 k + 1)",
+    )
+    p.add_argument("--fps", type=int, default=None, help="a clip's frames per second (default 16)")
     add_stitch_arguments(p)
     add_noise_arguments(p)
     p.add_argument(
         "-o",
         "--output",
         default=None,
-        help="a .png, .jpg or .webp path, or a folder (files named by seed); default: "
-        "outputs/ with A1111-style names, a running counter and the seed (00012-7.png)",
+        help="a .png, .jpg or .webp path (a video model: .mp4, .gif or .webp), or a folder "
+        "(files named by seed); default: outputs/ with A1111-style names, a running counter and "
+        "the seed (00012-7.png)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     add_large_argument(p)
@@ -643,6 +651,10 @@ def check_numbers(args) -> None:
     """The numbers generate takes, in range."""
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("frames", "fps"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be >= 1, got {v}")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
     for name in ("height", "width"):
@@ -735,7 +747,8 @@ def run(args) -> int:
         if args.seeds is not None
         else [check_seed(0 if args.seed is None else args.seed)]
     )
-    outputs = Outputs(args.output, seeds, args.overwrite)
+    clip = os.path.splitext(args.output or "")[1].lower() in (".mp4", ".gif")
+    outputs = Outputs(args.output, seeds, args.overwrite, video=clip)
     parse_stitch(args.stitch)
     parse_loras(args.lora)
     noise = noise_spec(args)
@@ -790,7 +803,20 @@ def run(args) -> int:
         guide_model=guide,
         cuda_graph=args.cuda_graph,
         cache=cache,
+        num_frames=args.frames,
     )
+    if gp.family.video != outputs.video or gp.family.video:  # now the model is known
+        from ..images import DEFAULT_FPS
+
+        outputs = Outputs(
+            args.output,
+            seeds,
+            args.overwrite,
+            video=gp.family.video,
+            fps=args.fps or DEFAULT_FPS,
+        )
+    elif args.fps is not None:
+        raise UsageError(f"--fps is for video models; {type(gp.family.net).__name__} makes images")
     g, s, h, w, embedded, args.steps = (
         req.guidance,
         req.sampler,
@@ -803,7 +829,7 @@ def run(args) -> int:
         computed, args.steps, h, w, args.large
     )  # again, exactly, with the model's own defaults
     if not args.large:
-        outputs.check_space(h, w, SPACE_HINT)
+        outputs.check_space(h * req.frames, w, SPACE_HINT)
     meta = {
         "prompt": prompt,
         "negative_prompt": args.negative or "",
@@ -811,6 +837,7 @@ def run(args) -> int:
         "guidance": to_spec(g),
         "sampler": to_spec(s),
         **({"cache": to_spec(cache)} if cache is not None else {}),
+        **({"frames": req.frames, "fps": outputs.fps} if outputs.video else {}),
         "steps": args.steps,
         "spacing": args.spacing,
         "width": w,
@@ -905,8 +932,9 @@ def run(args) -> int:
     if state is not None:
         print("\n".join(written))
     print(
-        f"{len(seeds)} image(s), {sum(nfe) / len(seeds):g} network evaluations each, "
-        f"{dt / len(seeds):.2f} s per image"
+        f"{len(seeds)} {'clip' if outputs.video else 'image'}(s), "
+        f"{sum(nfe) / len(seeds):g} network evaluations each, "
+        f"{dt / len(seeds):.2f} s per {'clip' if outputs.video else 'image'}"
         + (f" on {state.num_processes} processes" if state else ""),
         file=sys.stderr,
     )
