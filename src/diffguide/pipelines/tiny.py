@@ -656,6 +656,7 @@ BUILDERS = {
     "qwenimage": qwenimage,
     "sana": sana,
     "sana_sprint": sana_sprint,
+    "wan": wan,
 }
 
 
