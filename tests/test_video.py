@@ -54,6 +54,21 @@ def test_wan_matches_wan_pipeline(scheduler, sampler, tmp_path):
     assert out.images.shape == ref.shape == (2, 9, 16, 16, 3)
     np.testing.assert_allclose(out.images, ref, atol=1e-5)
     assert out.nfe == 12 and not out.notices
+    # the latents too: the tiny VAE flattens differences (UniPC's own flow grid, from sigma 1,
+    # once differed by 2e-3 here and by 3e-6 in the frames)
+    ref_latents = ref_pipe(
+        prompt=TWO,
+        negative_prompt=["", "blurry"],
+        height=16,
+        width=16,
+        num_frames=9,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="latent",
+    ).frames
+    latents = gp(**_same(out), sampler=sampler, output_type="latent").images
+    torch.testing.assert_close(latents, ref_latents, rtol=0, atol=1e-5)
     torch.testing.assert_close(  # the model's own sampler and guidance are these
         torch.as_tensor(gp(**_same(out), output_type="np").images), torch.as_tensor(out.images)
     )
@@ -157,3 +172,45 @@ def test_cli_writes_clips_with_their_settings(wan_folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
     assert not any((tmp_path / n).exists() for n in ("x.png", "y.png", "z.mp4", "w.mp4"))
+
+
+@pytest.mark.parametrize("scheduler,sampler", [("unipc", "unipc"), ("euler", "euler")])
+def test_wan22_two_experts_match_wan_pipeline(scheduler, sampler):
+    """Wan 2.2's A14B layout: transformer above boundary_ratio x 1000 with guidance_scale,
+    transformer_2 below it with guidance_scale_2 (T-Stitch's switch on a level rule, each expert
+    with its own guidance). Compared on latents, where both the switch and the second scale
+    show."""
+    kw = dict(prompt=TWO, negative_prompt=["", "blurry"], height=16, width=16, num_frames=9)
+    ref_pipe = tm.wan(scheduler, boundary_ratio=0.875)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        **kw,
+        num_inference_steps=8,
+        guidance_scale=5.0,
+        guidance_scale_2=3.0,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="latent",
+    ).frames
+    gp = GuidedPipeline(tm.wan(scheduler, boundary_ratio=0.875), progress=False)
+    ours = dict(kw, steps=8, seed=[0, 1], output_type="latent", sampler=sampler)
+    out = gp(**ours, guidance_scale=5.0, guidance_scale_2=3.0)
+    torch.testing.assert_close(out.images, ref, rtol=0, atol=1e-5)
+    assert out.nfe == 16
+    other = gp(**ours, guidance_scale=5.0, guidance_scale_2=9.0).images
+    assert (other - ref).abs().max() > 1e-3  # the second scale is applied
+    one = GuidedPipeline(tm.wan(scheduler), progress=False)(**ours, guidance_scale=5.0).images
+    assert (one - ref).abs().max() > 1e-2  # the second expert runs
+    same = gp(**ours, guidance="cfg:scale=5", guidance_2="cfg:scale=3").images
+    torch.testing.assert_close(same, out.images, rtol=0, atol=0)
+
+
+def test_expert_options_are_refused_where_they_do_not_apply():
+    from diffguide.pipelines import Stitching
+
+    one = GuidedPipeline(tm.wan(), progress=False)
+    kw = dict(prompt="a cat", height=16, width=16, num_frames=5, steps=2)
+    with pytest.raises(ValueError, match="for two-expert models"):
+        one(**kw, guidance_scale_2=3.0)
+    two = GuidedPipeline(tm.wan(boundary_ratio=0.875), progress=False)
+    with pytest.raises(ValueError, match="its experts already switch"):
+        two(**kw, stitch=Stitching(one, 0.4))

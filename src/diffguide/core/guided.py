@@ -296,11 +296,15 @@ class GuidedDenoiser:
                     f"stitch needs model {stitch.model!r}; this run has: {', '.join(self.models)}"
                 )
             check_same_schedule(self.models["main"], self.models[stitch.model])
+            if stitch.guidance is not None:
+                stitch.guidance.check(self.models)
         self.reset()
 
     def reset(self, noise=None) -> None:
         """Start a run: fresh guidance state and counters; ``noise`` is the run's noise source."""
         self.state = self.guidance.init_state()
+        g2 = self.stitch.guidance if self.stitch is not None else None
+        self.expert_state = None if g2 is None else g2.init_state()
         self.nfe = 0
         self.forwards = 0
         self.noise = noise
@@ -316,16 +320,36 @@ class GuidedDenoiser:
             self.cache_state.step, self.cache_state.steps = st.i, st.n
         if self.stitch is None:
             return False
-        main = self.stitch.model if self.stitch.uses_small(st.i, st.n) else "main"
+        main = self.stitch.model if self.stitch.uses_small(st.i, st.n, self._time(st.t)) else "main"
         switched, self._main = main != self._main and st.i > 0, main
         return switched
+
+    def _time(self, t) -> float:
+        """The main network's time at t (what a level rule compares: the scheduler's timestep)."""
+        main = self.models["main"]
+        inner = getattr(main, "inner", None)
+        fn = getattr(main, "time_fn", None) or getattr(inner, "time_fn", None)
+        return float(fn(t) if fn is not None else self.schedule.model_time(t))
+
+    @property
+    def _guidance(self) -> Guidance:
+        """The method guiding this step: the stitched model's own where it has one."""
+        g = self.stitch.guidance if self.stitch is not None else None
+        return g if g is not None and self._main != "main" else self.guidance
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
         pt = Point(t, self.schedule, *self._step, self._kind)
-        extra = self.guidance.conditions(pt, self.conds, x, self.noise)
-        preds = self.evaluate(x, t, self.guidance.branches(pt, self.state), extra)
-        pred, self.state = self.guidance.combine(x, pt, preds, self.state)
+        g = self._guidance
+        own = g is self.guidance  # an expert's own method keeps its own state
+        state = self.state if own else self.expert_state
+        extra = g.conditions(pt, self.conds, x, self.noise)
+        preds = self.evaluate(x, t, g.branches(pt, state), extra)
+        pred, state = g.combine(x, pt, preds, state)
+        if own:
+            self.state = state
+        else:
+            self.expert_state = state
         if self.threshold is not None:
             pred = self.threshold(pred, x, pt.a, pt.s)
         return pred

@@ -96,10 +96,20 @@ def beta_quantile(p: float, a: float, b: float) -> float:
     return (lo + hi) / 2
 
 
-def _uniform_t(schedule, n, t_start=None, t_end=None):
+def _uniform_t(schedule, n, t_start=None, t_end=None, stop=None, nudge=None):
+    """n times uniform from t_start to t_end; with ``stop``, the first n of n + 1 from t_start to
+    stop (diffusers' UniPC on flow sigmas: linspace(1, 1/T, n + 1)[:-1]); ``nudge`` lowers a first
+    level of exactly sigma 1 by that much, as that scheduler does (log alpha is -inf there)."""
     hi = schedule.t_max if t_start is None else float(t_start)
-    lo = _t_sigma_min(schedule) if t_end is None else float(t_end)
-    return torch.linspace(hi, lo, n, dtype=F64)
+    if stop is not None:
+        ts = torch.linspace(hi, float(stop), n + 1, dtype=F64)[:-1]
+    else:
+        lo = _t_sigma_min(schedule) if t_end is None else float(t_end)
+        ts = torch.linspace(hi, lo, n, dtype=F64)
+    if nudge is not None and abs(float(schedule.sigma(ts[0])) - 1) < float(nudge):
+        e = float(nudge)  # a flow's sigma 1 - e, alpha e
+        ts[0] = schedule.t_of_ve(torch.tensor((1 - e) / e, dtype=F64))
+    return ts
 
 
 def _polyexponential(schedule, n, rho=1.0, sigma_min=None, sigma_max=None):
@@ -336,7 +346,7 @@ SPACING_OPTIONS = {
     "kl_optimal_a1111": ("sigma_min", "sigma_max"),
     "ays_a1111": ("model",),
     "uniform_lam": ("sigma_min", "sigma_max"),
-    "uniform_t": ("t_start", "t_end"),
+    "uniform_t": ("t_start", "t_end", "stop", "nudge"),
     "linspace": ("round",),
     "leading": ("steps_offset",),
     "trailing": (),
@@ -437,7 +447,12 @@ def timesteps(
         points = _diffusers_grid(schedule, n, spacing, **options)[:steps]
         end = schedule.t_min if final == "zero" else 0.0
         ts = torch.cat([points, torch.tensor([end], dtype=F64)])
-    elif spacing == "uniform_t" and final == "zero" and options.get("t_end") is None:
+    elif (
+        spacing == "uniform_t"
+        and final == "zero"
+        and options.get("t_end") is None
+        and options.get("stop") is None
+    ):
         # uniform in t all the way to the data end (trailing-like for VP, SD3-like for flow)
         ts = _uniform_t(schedule, steps + 1, t_start=options.get("t_start"), t_end=schedule.t_min)
     else:

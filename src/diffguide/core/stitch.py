@@ -11,15 +11,19 @@ import torch
 
 @dataclass(frozen=True)
 class Stitch:
-    """The first floor(fraction * n) of n steps evaluate model ``model`` wherever a guidance method
-    asks for "main" (the authors' SD rule: small while (i + 1) / n <= fraction). ``reset``: start
-    the
-    sampler's history afresh at the switch (a first-order step); by default it is kept, as in the
-    authors' pipelines, so the first large-model step extrapolates from small-model predictions."""
+    """Which network runs which steps, on one trajectory: model ``model`` wherever a guidance
+    method asks for "main" on the first floor(fraction * n) of n steps (T-Stitch, the authors' SD
+    rule: small while (i + 1) / n <= fraction) or, with ``below``, on the steps whose network time
+    is below it (Wan 2.2's low-noise expert under ``boundary_ratio`` x 1000). ``guidance``, if
+    given, guides those steps instead of the run's method (Wan 2.2's ``guidance_scale_2``).
+    ``reset``: start the sampler's history afresh at the switch (a first-order step); by default it
+    is kept, as in the authors' pipelines."""
 
     fraction: float = 0.4
     model: str = "small"
     reset: bool = False
+    below: float | None = None
+    guidance: object = None
 
     def __post_init__(self):
         if not 0 <= self.fraction <= 1 or not math.isfinite(self.fraction):
@@ -28,7 +32,9 @@ class Stitch:
     def small_steps(self, n: int) -> int:
         return int(math.floor(self.fraction * n + 1e-9))
 
-    def uses_small(self, i: int, n: int) -> bool:
+    def uses_small(self, i: int, n: int, time: float | None = None) -> bool:
+        if self.below is not None:
+            return time is not None and time < self.below
         return i < self.small_steps(n)
 
 

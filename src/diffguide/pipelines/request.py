@@ -70,6 +70,7 @@ class Request:
     sampler_given: bool = True  # False: the model's own (its scheduler's fallback notice applies)
     cache: Any = None  # a step cache (cache registry), or None
     frames: int = 1  # a video model's frames per clip
+    expert_guidance: Any = None  # a two-expert model's guidance on its second expert's steps
 
     @property
     def batch(self) -> int:
@@ -329,6 +330,8 @@ def plan(
     cuda_graph=False,
     cache=None,
     num_frames=None,
+    guidance_2=None,
+    guidance_scale_2=None,
 ) -> Request:
     """Check and resolve a call's arguments (those of ``GuidedPipeline.__call__``) into a
     Request."""
@@ -383,6 +386,7 @@ def plan(
         spacing,
     )
     g, s = pipe._diffusers_options(g, s, eta, guidance_rescale)
+    g2 = _expert_guidance(pipe, guidance, guidance_scale, guidance_2, guidance_scale_2, stitch)
     cache = _cache(pipe, cache)
     frames = _frames(pipe, num_frames)
     if cuda_graph:
@@ -460,6 +464,7 @@ def plan(
         sampler is not None,
         cache,
         frames,
+        g2,
     )
 
 
@@ -493,3 +498,25 @@ def _frames(pipe, frames) -> int:
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {frames!r}")
     return fam.frames(frames)
+
+
+def _expert_guidance(pipe, guidance, scale, guidance_2, scale_2, stitch):
+    """A two-expert model's guidance on its second expert's steps (Wan 2.2): ``guidance_2`` (else
+    the run's method) at ``guidance_scale_2`` (else the run's scale), as WanPipeline defaults
+    guidance_scale_2 to guidance_scale; None for a one-network model, which refuses both."""
+    if pipe.family.expert() is None:
+        if guidance_2 is not None or scale_2 is not None:
+            raise ValueError(
+                f"guidance_2 and guidance_scale_2 are for two-expert models (Wan 2.2); "
+                f"{type(pipe.family.net).__name__} has one network"
+            )
+        return None
+    if stitch is not None:
+        raise ValueError("stitch cannot run on a two-expert model: its experts already switch")
+    g2, _ = pipe.resolve(
+        guidance if guidance_2 is None else guidance_2,
+        scale if scale_2 is None else scale_2,
+        None,
+        negative=True,
+    )
+    return g2

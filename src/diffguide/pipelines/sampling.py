@@ -3,6 +3,9 @@ noise optimised where asked, and the loop itself (eager, or replayed from a capt
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 from ..core.guided import _rows, guide
@@ -41,6 +44,16 @@ def guided_maker(pipe, req, conds):
     """make(rows=None): the run's guided denoiser on all rows or some (a noise optimiser's
     re-renders)."""
     main = pipe.denoiser_for(req.spacing, req.round_timesteps, req.info)
+    models, stitch = dict(conds.models), None
+    if req.stitch:
+        stitch = Stitch(req.stitch.fraction, reset=req.stitch.reset)
+    expert = pipe.family.expert()
+    if expert is not None:  # Wan 2.2: the second expert below the boundary, with its guidance
+        net, below = expert
+        models["expert"] = dataclasses.replace(
+            main, forward=functools.partial(pipe.family.forward, net=net), module=net
+        )
+        stitch = Stitch(0.0, "expert", below=below, guidance=req.expert_guidance)
 
     def guided(c):
         return guide(
@@ -51,8 +64,8 @@ def guided_maker(pipe, req, conds):
             threshold=req.threshold,
             max_batch=req.max_batch,
             conds=c["extra"],
-            models=conds.models,
-            stitch=Stitch(req.stitch.fraction, reset=req.stitch.reset) if req.stitch else None,
+            models=models,
+            stitch=stitch,
             cache=req.cache,
         )
 
@@ -113,6 +126,7 @@ def graph_key(pipe, req, models) -> tuple:
     return (
         to_spec(req.guidance),
         None if req.cache is None else to_spec(req.cache),
+        None if req.expert_guidance is None else to_spec(req.expert_guidance),
         repr(req.threshold),
         req.max_batch,
         (st.fraction, st.reset) if st else None,

@@ -458,6 +458,8 @@ def from_scheduler(scheduler) -> SchedulerInfo:
             "spacing": "uniform_t",
             "t_start": 1 - 1 / T,
         }  # 1 - linspace(1, 1/T, n + 1), the last dropped
+        if name == "UniPCMultistepScheduler":  # its own: linspace(1, 1/T, n + 1)[:-1], sigma 1
+            grid = {"spacing": "uniform_t", "t_start": 1.0, "stop": 1 / T, "nudge": 1e-6}
         if cfg.get("final_sigmas_type") == "sigma_min":
             raise ValueError(
                 f"{name} with flow sigmas and final_sigmas_type sigma_min is not supported"

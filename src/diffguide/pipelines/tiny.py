@@ -108,10 +108,11 @@ def umt5_text(seed: int, d_model: int = 32):
     ).eval()
 
 
-def wan(scheduler: str = "unipc", net=None):
+def wan(scheduler: str = "unipc", net=None, boundary_ratio: float | None = None):
     """Tiny Wan 2.1 text-to-video at diffusers' fast-test sizes, with the published 1.3B model's
     scheduler (UniPC on flow sigmas, flow_shift 3) or ``scheduler="euler"``
-    (FlowMatchEulerDiscreteScheduler, shift 7, as diffusers' fast test)."""
+    (FlowMatchEulerDiscreteScheduler, shift 7, as diffusers' fast test); with ``boundary_ratio``
+    Wan 2.2's two experts (A14B: 0.875 for text to video), the second of other weights."""
     import diffusers
 
     torch.manual_seed(20)
@@ -143,6 +144,11 @@ def wan(scheduler: str = "unipc", net=None):
         }
     ).eval()
     _calm(tr, "proj_out")
+    second = None
+    if boundary_ratio is not None:
+        torch.manual_seed(23)
+        second = type(tr)(**tr.config).eval()
+        _calm(second, "proj_out")
     sch = (
         diffusers.UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
@@ -156,6 +162,8 @@ def wan(scheduler: str = "unipc", net=None):
         vae=vae_,
         scheduler=sch,
         transformer=tr,
+        transformer_2=second,
+        boundary_ratio=boundary_ratio,
     )
 
 

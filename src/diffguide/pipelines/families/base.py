@@ -71,6 +71,11 @@ class Family:
         """The default (height, width): square unless the family's pipeline says otherwise."""
         return self.default_size, self.default_size
 
+    def expert(self):
+        """A two-expert model's second network and the network time below which it runs (Wan
+        2.2's transformer_2 under boundary_ratio x 1000); None for one network."""
+        return None
+
     def latent_frames(self, frames: int) -> int:
         """The latent frames of a clip of ``frames`` frames (1 for an image model)."""
         return 1

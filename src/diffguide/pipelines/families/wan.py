@@ -38,6 +38,13 @@ class Wan(TransformerFamily):
     def default_hw(self) -> tuple[int, int]:
         return 480, 832
 
+    def expert(self):
+        second = getattr(self.pipe, "transformer_2", None)
+        ratio = getattr(self.pipe.config, "boundary_ratio", None)
+        if second is None or ratio is None:
+            return None
+        return second, ratio * self.pipe.scheduler.config.num_train_timesteps
+
     def frames(self, frames: int) -> int:
         if frames % self.temporal != 1:
             raise ValueError(
