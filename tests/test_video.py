@@ -86,36 +86,42 @@ def _same(out):
     )
 
 
-def _runs(gp, guide, **kw):
-    base = dict(prompt="a cat", negative_prompt="blur", height=64, width=64, steps=3, seed=0)
+def _runs(gp, guide, size, **kw):
+    base = dict(prompt="a cat", negative_prompt="blur", height=size, width=size, steps=3, seed=0)
     if kw.get("guidance", "").startswith("autoguidance"):
         kw["guide_model"] = guide
     return gp(**base, **kw, output_type="latent")
 
 
-@pytest.fixture(scope="module")
-def wan_pair():
+FAMILIES = {"wan": (tm.wan, 64), "cogvideox": (tm.cogvideox, 32)}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def wan_pair(request):
+    """(a video model, a weaker one of its kind for AutoGuidance, its test size)."""
+    build, size = FAMILIES[request.param]
     return (
-        GuidedPipeline(tm.wan(), progress=False),
-        GuidedPipeline(tm.wan(net={"num_layers": 1}), progress=False),
+        GuidedPipeline(build(), progress=False),
+        GuidedPipeline(build(net={"num_layers": 1}), progress=False),
+        size,
     )
 
 
 @pytest.mark.parametrize("guidance", [g for g in names("guidance") if g != "seg"])
 def test_every_guidance_method_runs_on_a_clip(guidance, wan_pair):
     """Each method on a 5-frame clip evaluates the network as often as on one frame."""
-    gp, guide = wan_pair
-    clip = _runs(gp, guide, guidance=guidance, sampler="euler", num_frames=5)
-    frame = _runs(gp, guide, guidance=guidance, sampler="euler", num_frames=1)
-    assert clip.images.shape == (1, 16, 2, 8, 8) and torch.isfinite(clip.images).all()
+    gp, guide, size = wan_pair
+    clip = _runs(gp, guide, size, guidance=guidance, sampler="euler", num_frames=5)
+    frame = _runs(gp, guide, size, guidance=guidance, sampler="euler", num_frames=1)
+    assert clip.images.shape[2] == 2 and torch.isfinite(clip.images).all()
     assert clip.nfe == frame.nfe
 
 
 @pytest.mark.parametrize("sampler", names("sampler"))
 def test_every_sampler_runs_on_a_clip(sampler, wan_pair):
-    gp, guide = wan_pair
-    clip = _runs(gp, guide, guidance="cfg", sampler=sampler, num_frames=5)
-    frame = _runs(gp, guide, guidance="cfg", sampler=sampler, num_frames=1)
+    gp, guide, size = wan_pair
+    clip = _runs(gp, guide, size, guidance="cfg", sampler=sampler, num_frames=5)
+    frame = _runs(gp, guide, size, guidance="cfg", sampler=sampler, num_frames=1)
     assert torch.isfinite(clip.images).all() and clip.nfe == frame.nfe
 
 
@@ -214,3 +220,56 @@ def test_expert_options_are_refused_where_they_do_not_apply():
     two = GuidedPipeline(tm.wan(boundary_ratio=0.875), progress=False)
     with pytest.raises(ValueError, match="its experts already switch"):
         two(**kw, stitch=Stitching(one, 0.4))
+
+
+@pytest.mark.parametrize("rotary", [True, False])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_cogvideox_matches_cogvideox_pipeline(rotary, dynamic):
+    """CogVideoX 1.0 (5b's 3-D rotary table, or 2b's sine-cosine positions) with DDIM on its
+    zero-SNR v-prediction table: the same latents as CogVideoXPipeline (frames-first there, its
+    first noise drawn in that layout), and its dynamic CFG as cfg:weight_schedule=cogvideox."""
+    kw = dict(prompt=TWO, negative_prompt=["", "blurry"], height=16, width=16, num_frames=9)
+    ref_pipe = tm.cogvideox(rotary)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        **kw,
+        num_inference_steps=6,
+        guidance_scale=6.0,
+        use_dynamic_cfg=dynamic,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="latent",
+    ).frames
+    gp = GuidedPipeline(tm.cogvideox(rotary), progress=False)
+    spec = "cfg:scale=6" + (",weight_schedule=cogvideox" if dynamic else "")
+    ours = dict(kw, steps=6, seed=[0, 1], output_type="latent", sampler="ddim")
+    out = gp(**ours, guidance=spec)
+    torch.testing.assert_close(out.images.permute(0, 2, 1, 3, 4), ref, rtol=0, atol=1e-5)
+    other = gp(**ours, guidance="cfg:scale=6" + ("" if dynamic else ",weight_schedule=cogvideox"))
+    assert (other.images - out.images).abs().max() > 1e-4  # the schedule is applied
+    assert gp.size(None, None) == (16, 16) and gp.family.default_frames == 9  # the config's
+
+
+def test_pag_on_cogvideox_masks_the_image_block_to_its_diagonal():
+    """CogVideoX attends over text and video tokens with one set of projections and rotates only
+    the video tokens: PAG's diagonal rule equals its own processor under a mask that lets each
+    video token see itself and the text."""
+    from diffguide.guidance.perturb import _diagonal_attention
+
+    pipe = tm.cogvideox()
+    attn = pipe.transformer.transformer_blocks[0].attn1
+    g = torch.Generator().manual_seed(0)
+    b, nt, ni = 2, 5, 12
+    h, e = torch.randn(b, ni, 32, generator=g), torch.randn(b, nt, 32, generator=g)
+    rope = pipe._prepare_rotary_positional_embeddings(32, 32, 3, "cpu")
+    allowed = torch.ones(nt + ni, nt + ni, dtype=torch.bool)
+    allowed[nt:, nt:] = torch.eye(ni, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        ref, _ = attn(
+            hidden_states=h,
+            encoder_hidden_states=e,
+            attention_mask=mask.expand(b, -1, -1).contiguous(),
+            image_rotary_emb=rope,
+        )
+        ours = _diagonal_attention(attn, h, e, None, rope)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

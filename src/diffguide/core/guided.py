@@ -53,6 +53,7 @@ class Point:
     step: int | None = None  # the sampler's step index and step count, where a sampler reports them
     steps: int | None = None
     kind: str | None = None  # the main network's output kind (eps, v, flow, x0), where known
+    time: float | None = None  # the main network's time input at t (one level), where known
 
     @cached_property
     def _scalar(self):
@@ -339,7 +340,8 @@ class GuidedDenoiser:
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
-        pt = Point(t, self.schedule, *self._step, self._kind)
+        time = self._time(t) if t.ndim == 0 else None
+        pt = Point(t, self.schedule, *self._step, self._kind, time)
         g = self._guidance
         own = g is self.guidance  # an expert's own method keeps its own state
         state = self.state if own else self.expert_state

@@ -11,13 +11,16 @@ from ..core.guided import Branch, Guidance, Point
 from ..core.pred import Pred
 from ..core.registry import register
 
-WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "clamp_linear", "clamp_cosine")
+# "cogvideox": CFG's own (CogVideoXPipeline's use_dynamic_cfg), not a multiplier of a delta
+WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "clamp_linear", "clamp_cosine", "cogvideox")
 RESCALE_SPACES = ("x0", "eps", "v", "flow")
 
 
 def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
     """The schedule's multiplier at progress p (mean 1 over p in [0, 1]); clamp_* floored at floor.
     A float in sampling, a [B] tensor when pt has one level per sample."""
+    if schedule == "cogvideox":
+        raise ValueError("weight_schedule cogvideox is CFG's own (its scale, not a multiplier)")
     p = pt.progress
     if isinstance(p, torch.Tensor):
         p = p.to(torch.float64)
@@ -35,6 +38,8 @@ def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
 
 def check_shaping(g) -> None:
     """Validate the weight_schedule, interval and rescale options (CFG's and Modulated's)."""
+    if g.weight_schedule == "cogvideox" and type(g).__name__ != "CFG":
+        raise ValueError("weight_schedule cogvideox is CFG's own; give it as cfg:weight_schedule=")
     if g.weight_schedule not in WEIGHT_SCHEDULES:
         raise ValueError(
             f"unknown weight_schedule {g.weight_schedule!r}; choose one of: "
@@ -145,6 +150,8 @@ class CFG(Guidance):
     def scale_at(self, pt: Point):
         """The diffusers-convention scale at this point: a float in sampling, [B] in training."""
         ve, sched = pt.ve, self.weight_schedule
+        if sched == "cogvideox":
+            return self._cogvideox(pt)
         w = (self.scale - 1.0) * weight_factor(pt, sched.replace("clamp_", ""))
         if isinstance(w, torch.Tensor) or isinstance(ve, torch.Tensor):
             w, ve = (
@@ -158,6 +165,15 @@ class CFG(Guidance):
             w = clamp(w)
         inside = (ve >= self.sigma_lo) & (ve <= self.sigma_hi)
         return where(inside, 1 + w, 1 + 0 * w)
+
+    def _cogvideox(self, pt: Point) -> float:
+        """CogVideoXPipeline's use_dynamic_cfg, as written there: 1 + scale (1 - cos(pi ((n - t) /
+        n)^5)) / 2 with n the step count and t the network's (integer) timestep."""
+        if pt.steps is None or pt.time is None:  # a plan's probe of the branches: both are needed
+            return 1 + self.scale
+        n = pt.steps
+        w = 1 + self.scale * (1 - math.cos(math.pi * ((n - pt.time) / n) ** 5.0)) / 2
+        return w if self.sigma_lo <= pt.ve <= self.sigma_hi else 1.0
 
     def branches(self, pt: Point, state=None):
         g = self.scale_at(pt)

@@ -369,13 +369,15 @@ def _diagonal_attention(attn, h, e, text_mask, rope):
         _heads(attn, f(h), norm)
         for f, norm in ((attn.to_q, "norm_q"), (attn.to_k, "norm_k"), (attn.to_v, None))
     )
-    kt, vt = (
-        _heads(attn, f(e), norm)
-        for f, norm in ((attn.add_k_proj, "norm_added_k"), (attn.add_v_proj, None))
-    )
+    if getattr(attn, "add_k_proj", None) is None:  # one set of projections for both (CogVideoX)
+        text_k, text_v = (attn.to_k, "norm_k"), (attn.to_v, None)
+    else:
+        text_k, text_v = (attn.add_k_proj, "norm_added_k"), (attn.add_v_proj, None)
+    kt, vt = (_heads(attn, f(e), norm) for f, norm in (text_k, text_v))
     if rope is not None:
-        text_angles, image_angles = _rotary_tables(rope, e.shape[1])
-        q, k, kt = _rotate(q, *image_angles), _rotate(k, *image_angles), _rotate(kt, *text_angles)
+        text_angles, image_angles = _rotary_tables(rope, e.shape[1], h.shape[1])
+        q, k = _rotate(q, *image_angles), _rotate(k, *image_angles)
+        kt = kt if text_angles is None else _rotate(kt, *text_angles)
     own = (q * k).sum(-1, keepdim=True)  # (b, n, heads, 1): the diagonal
     text = torch.einsum("bnhd,bthd->bnht", q, kt)
     if text_mask is not None:
@@ -395,13 +397,15 @@ def _heads(attn, x, norm):
     return x if norm is None else norm(x)
 
 
-def _rotary_tables(rope, n_text):
+def _rotary_tables(rope, n_text, n_image=None):
     """(text, image) (cos, sin) tables over interleaved channel pairs from a joint layer's rotary
-    embedding: Flux's one real (cos, sin) pair over the text-then-image sequence, or Qwen-Image's
-    complex (image, text) tables."""
+    embedding: Flux's one real (cos, sin) pair over the text-then-image sequence, Qwen-Image's
+    complex (image, text) tables, or CogVideoX's image-only pair (text None: not rotated)."""
     a, b = rope
     if a.is_complex():
         return _cos_sin(b), _cos_sin(a)
+    if n_image is not None and a.shape[0] == n_image != n_text + n_image:
+        return None, (a, b)
     return (a[:n_text], b[:n_text]), (a[n_text:], b[n_text:])
 
 

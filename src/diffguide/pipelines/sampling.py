@@ -29,7 +29,7 @@ def initial(pipe, req, noise, fork=None) -> torch.Tensor:
         return req.latents.to(device, torch.float32) * info.start_scale(req.ts)
     if fork is not None:
         fork.initial = shape
-    return noise.randn(shape, device=device) * info.start_scale(req.ts)
+    return fam.draw(noise, shape, device) * info.start_scale(req.ts)
 
 
 def latent_shape(pipe, req) -> tuple:

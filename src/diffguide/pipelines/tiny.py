@@ -167,6 +167,69 @@ def wan(scheduler: str = "unipc", net=None, boundary_ratio: float | None = None)
     )
 
 
+def cogvideox(rotary: bool = True, net=None):
+    """Tiny CogVideoX at diffusers' fast-test sizes, with the published CogVideoX-5b scheduler
+    (CogVideoXDDIMScheduler: v-prediction, zero-SNR trailing table, SNR shift 1) and its 3-D
+    rotary table (``rotary=False``: the 2b's sine-cosine positions)."""
+    import diffusers
+
+    torch.manual_seed(30)
+    tr = diffusers.CogVideoXTransformer3DModel(
+        **{
+            **dict(
+                num_attention_heads=2,
+                attention_head_dim=16,  # the 3-D rotary table splits it 4 / 6 / 6
+                in_channels=4,
+                out_channels=4,
+                time_embed_dim=2,
+                text_embed_dim=32,
+                num_layers=2,
+                sample_width=2,
+                sample_height=2,
+                sample_frames=9,
+                patch_size=2,
+                temporal_compression_ratio=4,
+                max_text_seq_length=226,
+                use_rotary_positional_embeddings=rotary,
+            ),
+            **(net or {}),
+        }
+    ).eval()
+    _calm(tr, "proj_out")
+    torch.manual_seed(31)
+    vae_ = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    ).eval()
+    sch = diffusers.CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=1.0,
+        steps_offset=0,
+        timestep_spacing="trailing",
+    )
+    pipe = diffusers.CogVideoXPipeline(
+        tokenizer=t5_tokenizer(226),
+        text_encoder=t5_text(32),
+        vae=vae_,
+        transformer=tr,
+        scheduler=sch,
+    )
+    return pipe
+
+
 def vae(seed: int = 0, latent_channels: int = 4, **kw):
     from diffusers import AutoencoderKL
 
@@ -665,6 +728,7 @@ BUILDERS = {
     "sana": sana,
     "sana_sprint": sana_sprint,
     "wan": wan,
+    "cogvideox": cogvideox,
 }
 
 

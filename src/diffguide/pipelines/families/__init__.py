@@ -8,6 +8,7 @@ One module per model line; ``family_of`` picks the recipe from the pipeline's ne
 
 from __future__ import annotations
 
+from .cogvideox import CogVideoX
 from .base import ENCODE_LOCK, UPCAST_LOCK, Family, TransformerFamily, guidance_embedding
 from .dit import DiT, PixArt
 from .flux import Flux, pack2, unpack2
@@ -19,6 +20,7 @@ from .unconditional import Unconditional
 from .wan import Wan
 
 __all__ = [
+    "CogVideoX",
     "ENCODE_LOCK",
     "UPCAST_LOCK",
     "DiT",
@@ -56,6 +58,7 @@ def family_of(pipe) -> Family:
             "QwenImageTransformer2DModel": QwenImage,
             "SanaTransformer2DModel": Sana,
             "WanTransformer3DModel": Wan,
+            "CogVideoXTransformer3DModel": CogVideoX,
         }
         if cls == "SanaTransformer2DModel" and type(pipe.scheduler).__name__ == "SCMScheduler":
             return SanaSprint(pipe)

@@ -71,6 +71,10 @@ class Family:
         """The default (height, width): square unless the family's pipeline says otherwise."""
         return self.default_size, self.default_size
 
+    def draw(self, noise, shape: tuple, device) -> torch.Tensor:
+        """The initial noise of ``shape`` as the family's pipeline draws it (its own layout)."""
+        return noise.randn(shape, device=device)
+
     def expert(self):
         """A two-expert model's second network and the network time below which it runs (Wan
         2.2's transformer_2 under boundary_ratio x 1000); None for one network."""
