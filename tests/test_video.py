@@ -273,3 +273,25 @@ def test_pag_on_cogvideox_masks_the_image_block_to_its_diagonal():
         )
         ours = _diagonal_attention(attn, h, e, None, rope)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,other", [("r", "slg"), ("a", "pag")])
+def test_stg_is_cfg_plus_a_skipped_or_identity_branch(mode, other):
+    """Without rescaling STG is CFG plus SLG's (STG-R) or PAG's (STG-A) perturbed branch on the
+    same layers, over every step: U + cfg (C - U) + scale (C - P), all three in one forward."""
+    gp = GuidedPipeline(tm.cogvideox(), progress=False)
+    kw = dict(prompt=TWO, negative_prompt=["", "blurry"], height=32, width=32, num_frames=9)
+    kw.update(steps=4, seed=[0, 1], output_type="latent", sampler="ddim")
+    stg = gp(**kw, guidance=f"stg:scale=2,cfg=6,mode={mode},layers=1,rescale=0")
+    spec = f"cfg:scale=6+{other}:scale=2,layers=1" + (",start=0,stop=1" if other == "slg" else "")
+    torch.testing.assert_close(stg.images, gp(**kw, guidance=spec).images, rtol=1e-6, atol=1e-6)
+    assert stg.nfe == 12 and stg.forwards == 4
+    scaled = gp(**kw, guidance=f"stg:scale=2,cfg=6,mode={mode},layers=1")
+    assert (scaled.images - stg.images).abs().max() > 1e-4  # rescale 0.7 by default
+    alone = gp(
+        **dict(kw, prompt=TWO[:1], negative_prompt=[""], seed=[0]),
+        guidance=f"stg:scale=2,cfg=6,mode={mode},layers=1",
+    )
+    torch.testing.assert_close(alone.images, scaled.images[:1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="STG mode 'x'"):
+        gp(**kw, guidance="stg:mode=x")

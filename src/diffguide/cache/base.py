@@ -24,24 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.guided import row_mask
-from ..guidance.perturb import narrowed
+from ..guidance.perturb import IMAGE_FIRST, narrowed
 
 # the top-level block lists of diffusers' transformers, in call order (diffusers' first-block cache
 # walks the same names: _ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
-# dual-stream blocks return (text, image) (SD3, Flux, Qwen-Image); these return (image, text)
-IMAGE_FIRST = frozenset(
-    {
-        "CogVideoXBlock",
-        "CogView4TransformerBlock",
-        "HunyuanVideoTransformerBlock",
-        "HunyuanVideoSingleTransformerBlock",
-        "HunyuanVideoTokenReplaceTransformerBlock",
-        "HunyuanVideoTokenReplaceSingleTransformerBlock",
-        "HunyuanImageTransformerBlock",
-        "MochiTransformerBlock",
-    }
-)
 # inputs that are per token, not per sample: never cut to the running rows
 _NOT_PER_SAMPLE = ("rotary", "rope", "freqs", "pos_embed")
 

@@ -11,6 +11,7 @@ from .linear_ag import LinearAG
 from .pag import PAG
 from .seg import SEG
 from .slg import SLG
+from .stg import STG
 from .cfg_zero_star import CFGZeroStar
 from .tcfg import TCFG
 from .fdg import FDG

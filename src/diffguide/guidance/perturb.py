@@ -24,6 +24,20 @@ import torch.nn.functional as F
 
 from ..core.guided import Branch, Guidance, Point, constant, row_mask
 
+# dual-stream blocks return (text, image) (SD3, Flux, Qwen-Image); these return (image, text)
+IMAGE_FIRST = frozenset(
+    {
+        "CogVideoXBlock",
+        "CogView4TransformerBlock",
+        "HunyuanVideoTransformerBlock",
+        "HunyuanVideoSingleTransformerBlock",
+        "HunyuanVideoTokenReplaceTransformerBlock",
+        "HunyuanVideoTokenReplaceSingleTransformerBlock",
+        "HunyuanImageTransformerBlock",
+        "MochiTransformerBlock",
+    }
+)
+
 _LOCK = threading.Lock()
 _INSTALLED: dict = {}  # (id(module), kind) -> [handle, users]
 _LOCAL = threading.local()
@@ -543,10 +557,12 @@ def _skip_hook(block, args, kwargs, out):
     if rows is None:
         return None
     h, e = _split_inputs(args, kwargs)
-    if isinstance(out, tuple):  # diffusers' dual-stream blocks return (text stream, image stream)
-        enc, hid = out[0], out[1]
+    if isinstance(out, tuple):  # dual-stream blocks: (text, image), or (image, text) for some
+        first = type(block).__name__ in IMAGE_FIRST
+        hid, enc = (out[0], out[1]) if first else (out[1], out[0])
         enc = enc if enc is None or e is None else _where(rows, e.to(enc.dtype), enc)
-        return (enc, _where(rows, h.to(hid.dtype), hid), *out[2:])
+        hid = _where(rows, h.to(hid.dtype), hid)
+        return ((hid, enc) if first else (enc, hid)) + tuple(out[2:])
     return _where(rows, h.to(out.dtype), out)
 
 
