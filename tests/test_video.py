@@ -295,3 +295,26 @@ def test_stg_is_cfg_plus_a_skipped_or_identity_branch(mode, other):
     torch.testing.assert_close(alone.images, scaled.images[:1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="STG mode 'x'"):
         gp(**kw, guidance="stg:mode=x")
+
+
+def test_wan22_ti2v_per_token_timesteps_match_wan_pipeline():
+    """TI2V-5B's expand_timesteps (text to video): one timestep per latent token, as WanPipeline
+    passes them."""
+    kw = dict(prompt=TWO, negative_prompt=["", "blurry"], height=16, width=16, num_frames=9)
+    ref_pipe = tm.wan(expand_timesteps=True)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        **kw,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+        output_type="latent",
+    ).frames
+    seen = []
+    gp = GuidedPipeline(tm.wan(expand_timesteps=True), progress=False)
+    gp.family.net.register_forward_pre_hook(
+        lambda m, a, k: seen.append(tuple(k["timestep"].shape)), with_kwargs=True
+    )
+    out = gp(**kw, steps=6, seed=[0, 1], output_type="latent", sampler="unipc")
+    torch.testing.assert_close(out.images, ref, rtol=0, atol=1e-5)
+    assert seen[0] == (4, 3 * 1 * 1)  # 4 rows (2 prompts x CFG), 3 latent frames of 1 x 1 tokens

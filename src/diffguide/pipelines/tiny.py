@@ -108,11 +108,17 @@ def umt5_text(seed: int, d_model: int = 32):
     ).eval()
 
 
-def wan(scheduler: str = "unipc", net=None, boundary_ratio: float | None = None):
+def wan(
+    scheduler: str = "unipc",
+    net=None,
+    boundary_ratio: float | None = None,
+    expand_timesteps: bool = False,
+):
     """Tiny Wan 2.1 text-to-video at diffusers' fast-test sizes, with the published 1.3B model's
     scheduler (UniPC on flow sigmas, flow_shift 3) or ``scheduler="euler"``
     (FlowMatchEulerDiscreteScheduler, shift 7, as diffusers' fast test); with ``boundary_ratio``
-    Wan 2.2's two experts (A14B: 0.875 for text to video), the second of other weights."""
+    Wan 2.2's two experts (A14B: 0.875 for text to video), the second of other weights; with
+    ``expand_timesteps`` TI2V-5B's per-token timesteps."""
     import diffusers
 
     torch.manual_seed(20)
@@ -164,6 +170,7 @@ def wan(scheduler: str = "unipc", net=None, boundary_ratio: float | None = None)
         transformer=tr,
         transformer_2=second,
         boundary_ratio=boundary_ratio,
+        expand_timesteps=expand_timesteps,
     )
 
 

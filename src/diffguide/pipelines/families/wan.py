@@ -75,6 +75,10 @@ class Wan(TransformerFamily):
         return {"text": pos}, ({"text": neg} if neg is not None else {"text": pos})
 
     def forward(self, x, tm, cond, net=None):
+        if getattr(self.pipe.config, "expand_timesteps", False):  # Wan 2.2 TI2V: one per token
+            _, p_h, p_w = self.net.config.patch_size
+            b, _, f, h, w = x.shape
+            tm = tm.reshape(-1, 1).expand(b, f * (h // p_h) * (w // p_w))
         return (self.net if net is None else net)(
             hidden_states=x,
             timestep=tm,
