@@ -318,3 +318,54 @@ def test_wan22_ti2v_per_token_timesteps_match_wan_pipeline():
     out = gp(**kw, steps=6, seed=[0, 1], output_type="latent", sampler="unipc")
     torch.testing.assert_close(out.images, ref, rtol=0, atol=1e-5)
     assert seen[0] == (4, 3 * 1 * 1)  # 4 rows (2 prompts x CFG), 3 latent frames of 1 x 1 tokens
+
+
+@pytest.mark.parametrize("scheduler,sampler", [("unipc", "unipc"), ("euler", "euler")])
+def test_wan_image_to_video_matches_its_pipeline(scheduler, sampler):
+    """Wan 2.1 I2V: the first frame's VAE latents and mask beside the noisy latents, the CLIP
+    vision states as the network's image input; the same latents as WanImageToVideoPipeline."""
+    from PIL import Image
+
+    image = Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8"))
+    kw = dict(prompt=["a red cube"], negative_prompt=["blurry"], height=16, width=16, num_frames=9)
+    ref_pipe = tm.wan_i2v(scheduler)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(
+        image=image,
+        **kw,
+        num_inference_steps=6,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(0)],
+        output_type="latent",
+    ).frames
+    gp = GuidedPipeline(tm.wan_i2v(scheduler), progress=False)
+    out = gp(image=image, **kw, steps=6, seed=[0], output_type="latent", sampler=sampler)
+    torch.testing.assert_close(out.images, ref, rtol=0, atol=1e-5)
+    other = Image.fromarray(np.zeros((16, 16, 3), dtype="uint8"))
+    moved = gp(image=other, **kw, steps=6, seed=[0], output_type="latent", sampler=sampler)
+    assert (moved.images - out.images).abs().max() > 1e-4  # the frame is read
+    with pytest.raises(ValueError, match="makes a clip from its first frame"):
+        gp(**kw, steps=2)
+    with pytest.raises(ValueError, match="strength is image-to-image's"):
+        gp(image=image, strength=0.5, **kw, steps=2)
+
+
+def test_cli_image_to_video(tmp_path):
+    import json
+
+    import av
+    from PIL import Image
+
+    from diffguide.cli.main import main
+
+    folder = tmp_path / "i2v"
+    tm.wan_i2v().save_pretrained(folder)
+    frame = tmp_path / "first.png"
+    Image.fromarray((np.random.RandomState(1).rand(16, 16, 3) * 255).astype("uint8")).save(frame)
+    out = tmp_path / "clip.mp4"
+    argv = ["generate", "a red cube", "--model", str(folder), "--init-image", str(frame)]
+    argv += ["--frames", "9", "--height", "16", "--width", "16", "--steps", "3", "--quiet"]
+    assert main([*argv, "-o", str(out)]) == 0
+    with av.open(str(out)) as clip:
+        meta = json.loads(clip.metadata["comment"])
+    assert meta["init_image"] == str(frame) and "strength" not in meta

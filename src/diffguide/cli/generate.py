@@ -861,9 +861,15 @@ def run(args) -> int:
         **(
             {
                 "init_image": os.path.abspath(args.init_image),
-                "strength": req.strength
-                if req.strength is not None
-                else gp.family.default_strength,
+                **(
+                    {}
+                    if gp.family.first_frame  # a clip's first frame: no strength
+                    else {
+                        "strength": req.strength
+                        if req.strength is not None
+                        else gp.family.default_strength
+                    }
+                ),
             }
             if init is not None
             else {}

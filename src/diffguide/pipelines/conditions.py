@@ -113,6 +113,12 @@ def encode(pipe, req) -> Conditions:
     """Every condition the run reads, encoded once per call."""
     device = pipe.device
     pos, neg = _main(pipe, req, device)
+    if req.frame is not None:  # image to video: every branch reads the first frame
+        image, raw = req.frame
+        with ENCODE_LOCK:
+            extra = pipe.family.frame_conditions(raw, image, req.batch, req.frames, device)
+        pos = {**pos, **extra}
+        neg = None if neg is None else {**neg, **extra}
     extra = _prompt_sets(pipe, req, device)
     models, companion = _companions(pipe, req)
     return Conditions({"pos": pos, "neg": neg, "extra": {**extra, **companion}}, models)

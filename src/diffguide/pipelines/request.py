@@ -71,6 +71,7 @@ class Request:
     cache: Any = None  # a step cache (cache registry), or None
     frames: int = 1  # a video model's frames per clip
     expert_guidance: Any = None  # a two-expert model's guidance on its second expert's steps
+    frame: Any = None  # image to video: (the first frame in [-1, 1] [1, 3, H, W], as given)
 
     @property
     def batch(self) -> int:
@@ -366,6 +367,10 @@ def plan(
         )
     embedded = pipe.embedded_guidance if embedded_guidance is None else float(embedded_guidance)
     opt = _noise_optimizer(noise_optimizer, prompt_embeds is not None)
+    frame = None
+    if pipe.family.first_frame:  # image to video: the image is the clip's first frame
+        frame, height, width = _first_frame(pipe, image, strength, height, width)
+        image = None
     init, height, width = _image(pipe, image, strength, latents, opt, height, width)
     h, w = pipe.size(height, width)
     info = pipe.info.at_size(pipe.family.seq_len(h, w))
@@ -465,6 +470,7 @@ def plan(
         cache,
         frames,
         g2,
+        frame,
     )
 
 
@@ -520,3 +526,20 @@ def _expert_guidance(pipe, guidance, scale, guidance_2, scale_2, stitch):
         negative=True,
     )
     return g2
+
+
+def _first_frame(pipe, image, strength, height, width):
+    """((the first frame prepared, as given), height, width) for an image-to-video model."""
+    if image is None:
+        raise ValueError(
+            f"{type(pipe.pipe).__name__} makes a clip from its first frame: give image= "
+            "(--init-image on the command line)"
+        )
+    if strength is not None:
+        raise ValueError("strength is image-to-image's; an image-to-video model takes none")
+    if isinstance(image, (list, tuple)) and len(image) != 1:
+        raise ValueError(f"give one first frame for the clips, got {len(image)}")
+    raw = image[0] if isinstance(image, (list, tuple)) else image
+    h, w = pipe.family.default_hw
+    prepared, height, width = pipe.prepare_image(raw, height or h, width or w)
+    return (prepared, raw), height, width

@@ -174,6 +174,36 @@ def wan(
     )
 
 
+def wan_i2v(scheduler: str = "unipc"):
+    """Tiny Wan 2.1 image to video at diffusers' fast-test sizes (a CLIP vision encoder of hidden
+    size 4 read at 32 x 32, the network's image input 4 wide, 36 input channels)."""
+    import diffusers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    t2v = wan(scheduler, net={"in_channels": 36, "image_dim": 4})
+    torch.manual_seed(24)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=4,
+            projection_dim=4,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            intermediate_size=16,
+            patch_size=1,
+        )
+    ).eval()
+    return diffusers.WanImageToVideoPipeline(
+        tokenizer=t2v.tokenizer,
+        text_encoder=t2v.text_encoder,
+        vae=t2v.vae,
+        scheduler=t2v.scheduler,
+        transformer=t2v.transformer,
+        image_encoder=encoder,
+        image_processor=CLIPImageProcessor(crop_size=32, size=32),
+    )
+
+
 def cogvideox(rotary: bool = True, net=None):
     """Tiny CogVideoX at diffusers' fast-test sizes, with the published CogVideoX-5b scheduler
     (CogVideoXDDIMScheduler: v-prediction, zero-SNR trailing table, SNR shift 1) and its 3-D
@@ -736,6 +766,7 @@ BUILDERS = {
     "sana_sprint": sana_sprint,
     "wan": wan,
     "cogvideox": cogvideox,
+    "wan_i2v": wan_i2v,
 }
 
 

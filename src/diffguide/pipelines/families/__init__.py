@@ -17,7 +17,7 @@ from .sana import Sana, SanaSprint
 from .sd import StableDiffusion, StableDiffusionXL, clip_window_states, clip_windows
 from .sd3 import StableDiffusion3
 from .unconditional import Unconditional
-from .wan import Wan
+from .wan import Wan, WanImageToVideo
 
 __all__ = [
     "CogVideoX",
@@ -36,6 +36,7 @@ __all__ = [
     "TransformerFamily",
     "Unconditional",
     "Wan",
+    "WanImageToVideo",
     "clip_window_states",
     "clip_windows",
     "family_of",
@@ -60,6 +61,8 @@ def family_of(pipe) -> Family:
             "WanTransformer3DModel": Wan,
             "CogVideoXTransformer3DModel": CogVideoX,
         }
+        if cls == "WanTransformer3DModel" and type(pipe).__name__ == "WanImageToVideoPipeline":
+            return WanImageToVideo(pipe)
         if cls == "SanaTransformer2DModel" and type(pipe.scheduler).__name__ == "SCMScheduler":
             return SanaSprint(pipe)
         if cls in table:

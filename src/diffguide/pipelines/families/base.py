@@ -44,6 +44,7 @@ class Family:
     vae_shift = vae_stats = vae_upcast = False
     video = False  # latents [B, C, frames, h, w]; decode gives [B, 3, frames, H, W]
     default_frames = 1
+    first_frame = False  # image= is the clip's first frame (image to video), not an SDEdit start
 
     def __init__(self, pipe):
         self.pipe = pipe

@@ -100,3 +100,49 @@ class Wan(TransformerFamily):
         mean, std = self._stats(x)
         video = vae.decode((x.float() * std + mean).to(vae.dtype), return_dict=False)[0]
         return (video.float() / 2 + 0.5).clamp(0, 1)
+
+
+class WanImageToVideo(Wan):
+    """WanImageToVideoPipeline (Wan 2.1 I2V): ``image`` is the clip's first frame, not an SDEdit
+    start. The network reads the noisy latents beside a mask of the given frames and the VAE's
+    encoding of the first frame followed by black frames (channels 16 + 4 + 16), and, where it has
+    an image input (``image_dim``), the CLIP vision encoder's penultimate states."""
+
+    name = "wan_i2v"
+    first_frame = True
+
+    @property
+    def channels(self) -> int:
+        return self.pipe.vae.config.z_dim
+
+    def frame_conditions(self, raw, image, b: int, frames: int, device) -> dict:
+        """What every branch reads beside the text: the image states and the first frame's
+        latent condition with its mask, for ``b`` rows."""
+        out = {}
+        if self.net.config.image_dim is not None:
+            out["image"] = self.pipe.encode_image(raw, device).repeat(b, 1, 1).to(self.net.dtype)
+        vae = self.pipe.vae
+        first = image.to(device, torch.float32)[:, :, None]
+        video = torch.cat(
+            [first, first.new_zeros(*first.shape[:2], frames - 1, *first.shape[3:])], 2
+        )
+        z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
+        mean, std = self._stats(z)
+        z = ((z - mean) / std).repeat(b, 1, 1, 1, 1)
+        _, _, f, h, w = z.shape
+        t = self.temporal  # the first frame's mask spans the temporal factor, then one per frame
+        mask = torch.zeros(b, 1, (f - 1) * t + t, h, w, device=device)
+        mask[:, :, :t] = 1
+        mask = mask.view(b, f, t, h, w).transpose(1, 2)
+        out["condition"] = torch.cat([mask, z], 1)
+        return out
+
+    def forward(self, x, tm, cond, net=None):
+        return (self.net if net is None else net)(
+            hidden_states=torch.cat([x, cond["condition"].to(x.dtype)], 1),
+            timestep=tm,
+            encoder_hidden_states=cond["text"],
+            encoder_hidden_states_image=cond.get("image"),
+            attention_kwargs=cond.get("attention"),
+            return_dict=False,
+        )[0]
