@@ -369,3 +369,17 @@ def test_cli_image_to_video(tmp_path):
     with av.open(str(out)) as clip:
         meta = json.loads(clip.metadata["comment"])
     assert meta["init_image"] == str(frame) and "strength" not in meta
+
+
+def test_from_png_replays_a_clip(wan_folder, tmp_path):
+    """--from-png reads a clip's settings (MP4's comment tag, GIF's comment, WebP's EXIF) and
+    makes the same file again, byte for byte."""
+    from diffguide.cli.main import main
+
+    args = ["a red cube", "--model", wan_folder, "--height", "16", "--width", "16"]
+    args += ["--frames", "5", "--steps", "3", "--fps", "8", "--quiet"]
+    for ext in (".mp4", ".gif", ".webp"):
+        first, again = tmp_path / f"a{ext}", tmp_path / f"b{ext}"
+        assert main(["generate", *args, "-o", str(first)]) == 0
+        assert main(["generate", "--from-png", str(first), "-o", str(again), "--quiet"]) == 0
+        assert first.read_bytes() == again.read_bytes(), ext

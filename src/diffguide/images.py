@@ -499,11 +499,16 @@ def _read_texts(path: str) -> tuple[str | None, str | None]:
     ImageDescription and UserComment in JPEG and WebP."""
     from PIL import Image, UnidentifiedImageError
 
+    if path.lower().endswith(".mp4"):
+        return _mp4_comment(path), None
     try:
         with Image.open(path) as im:
             if im.format == "PNG":
                 text = getattr(im, "text", {})
                 return text.get("diffguide"), text.get("parameters")
+            if im.format == "GIF":  # a clip: the settings in its comment
+                comment = im.info.get("comment")
+                return (comment.decode("utf-8", "replace") if comment else None), None
             exif = im.getexif()
             return exif.get(IMAGE_DESCRIPTION), _user_comment(
                 exif.get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
@@ -511,6 +516,19 @@ def _read_texts(path: str) -> tuple[str | None, str | None]:
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         # ValueError: Pillow's limits on text chunks (an image is untrusted input)
         raise ValueError(f"cannot read image {path!r}: {e}") from None
+
+
+def _mp4_comment(path: str) -> str | None:
+    """The comment tag of an MP4 clip diffguide wrote (its settings), read through PyAV."""
+    try:
+        import av
+    except ImportError:
+        raise ValueError(f"reading {path!r} needs PyAV (pip install av)") from None
+    try:
+        with av.open(path) as clip:
+            return clip.metadata.get("comment")
+    except (OSError, av.error.FFmpegError) as e:
+        raise ValueError(f"cannot read clip {path!r}: {e}") from None
 
 
 def _user_comment(raw) -> str | None:

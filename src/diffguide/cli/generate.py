@@ -488,6 +488,8 @@ FROM_PNG = {
     "embedded_guidance": "--embedded-guidance",
     "init_image": "--init-image",
     "strength": "--strength",
+    "frames": "--frames",
+    "fps": "--fps",
 }
 # read apart (the prompt, the seeds, the noise optimiser, T-Stitch's reset), or no setting (version)
 FROM_PNG_OWN = ("prompt", "seed", "batch_seeds", "noise_optimizer", "stitch_reset", "version")
