@@ -107,7 +107,7 @@ def wan_pair(request):
     )
 
 
-@pytest.mark.parametrize("guidance", [g for g in names("guidance") if g != "seg"])
+@pytest.mark.parametrize("guidance", names("guidance"))
 def test_every_guidance_method_runs_on_a_clip(guidance, wan_pair):
     """Each method on a 5-frame clip evaluates the network as often as on one frame."""
     gp, guide, size = wan_pair
@@ -134,8 +134,6 @@ def test_frames_rules_and_outputs(wan_folder):
         gp(**kw, num_frames=0)
     with pytest.raises(ValueError, match="num_frames is for video models"):
         GuidedPipeline(tm.sd3(), progress=False)(**kw, num_frames=5)
-    with pytest.raises(ValueError, match="SEG blurs queries on a square token grid"):
-        gp(**kw, num_frames=5, guidance="seg")
     clips = gp(**kw, num_frames=5, output_type="pil").images
     assert len(clips) == 1 and len(clips[0]) == 5 and clips[0][0].size == (16, 16)
     assert gp(**kw, num_frames=5, output_type="pt").images.shape == (1, 5, 3, 16, 16)
@@ -383,3 +381,32 @@ def test_from_png_replays_a_clip(wan_folder, tmp_path):
         assert main(["generate", *args, "-o", str(first)]) == 0
         assert main(["generate", "--from-png", str(first), "-o", str(again), "--quiet"]) == 0
         assert first.read_bytes() == again.read_bytes(), ext
+
+
+def test_seg_blurs_each_frame_of_the_latent_layout():
+    """SEG's blur on a clip's (or a non-square image's) tokens: each frame on its own grid in the
+    latent's proportions, as the square path blurs one square frame; a joint layer's text tokens
+    ahead of the image ones are left alone."""
+    from diffguide.guidance.perturb import blur_tokens, token_grid
+
+    q = torch.randn(2, 3 * 16, 5, generator=torch.Generator().manual_seed(0))
+    per_frame = torch.cat([blur_tokens(q[:, 16 * i : 16 * (i + 1)], 1.0) for i in range(3)], 1)
+    torch.testing.assert_close(blur_tokens(q, 1.0, grid=(3, 8, 8)), per_frame, rtol=0, atol=0)
+    assert token_grid(3 * 4 * 6, (3, 8, 12)) == (3, 4, 6)  # patch 2 on an 8 x 12 latent
+    assert token_grid(7, (3, 8, 12)) is None
+    rect = torch.randn(1, 24, 2, generator=torch.Generator().manual_seed(1))
+    flat = rect.transpose(1, 2).reshape(1, 2, 4, 6)
+    # sigma 1: a kernel of 7 capped by the short side 4 at 5 (the authors' odd cap: side + 1)
+    k = torch.exp(-0.5 * torch.linspace(-2, 2, 5) ** 2)
+    k = k / k.sum()
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(flat, [2] * 4, mode="reflect"),
+        (k[:, None] * k[None, :]).expand(2, 1, 5, 5),
+        groups=2,
+    )
+    torch.testing.assert_close(
+        blur_tokens(rect, 1.0, grid=(1, 4, 6)), ref.reshape(1, 2, 24).transpose(1, 2)
+    )
+    gp = GuidedPipeline(tm.cogvideox(), progress=False)
+    out = gp("a cat", height=32, width=32, num_frames=5, steps=3, guidance="cfg+seg", seed=0)
+    assert out.nfe == 9

@@ -476,52 +476,121 @@ class BlurredQuery:
     inf_threshold: float = 9999.0
     rowwise = True
 
-    def targets(self, denoiser) -> list:
+    def _layers(self, denoiser) -> list:
         net = _module(denoiser, "SEG")
         layers = default_layers(net) if self.layers == "auto" else self.layers
-        return [
-            m.to_q
-            for m in _cached(
-                net, ("attention", self.layers), lambda: self_attention_layers(net, layers, "SEG")
-            )
-        ]
+        return _cached(
+            net, ("attention", self.layers), lambda: self_attention_layers(net, layers, "SEG")
+        )
+
+    def targets(self, denoiser) -> list:
+        return [m.to_q for m in self._layers(denoiser)]
 
     def apply(self, denoiser, noise, rows):
-        return _hooked(
-            self.targets(denoiser),
-            ("seg", self.sigma, self.inf_threshold),
-            _installer(self._hook, with_kwargs=False),
-            rows,
+        net = _module(denoiser, "SEG")
+        stack = contextlib.ExitStack()
+        stack.enter_context(  # a joint layer's text tokens ahead of the image ones (CogVideoX)
+            _hooked(
+                self._layers(denoiser),
+                "seg-prefix",
+                lambda m: m.register_forward_pre_hook(_prefix_hook, with_kwargs=True),
+                rows,
+            )
         )
+        stack.enter_context(  # the network's input shape: the token grid's frames and sides
+            _hooked(
+                [net],
+                "seg-grid",
+                lambda m: m.register_forward_pre_hook(_grid_hook, with_kwargs=True),
+                rows,
+            )
+        )
+        stack.enter_context(
+            _hooked(
+                self.targets(denoiser),
+                ("seg", self.sigma, self.inf_threshold),
+                _installer(self._hook, with_kwargs=False),
+                rows,
+            )
+        )
+        return stack
 
     def _hook(self, proj, args, out):
         rows = _active(proj, ("seg", self.sigma, self.inf_threshold))
         if rows is None:
             return None
-        return _put(rows, blur_tokens(_take(rows, out), self.sigma, self.inf_threshold), out)
+        grid, text = getattr(_LOCAL, "grid", None), getattr(_LOCAL, "prefix", 0)
+        q = _take(rows, out)
+        blurred = blur_tokens(q[:, text:], self.sigma, self.inf_threshold, grid)
+        return _put(rows, torch.cat([q[:, :text], blurred], 1) if text else blurred, out)
 
 
-def blur_tokens(q: torch.Tensor, sigma: float, inf_threshold: float = 9999.0) -> torch.Tensor:
-    """Gaussian blur of (B, N, C) tokens on their square grid (SEG, eq. 9 and the authors' code)."""
+def _prefix_hook(attn, args, kwargs):
+    """The text tokens a layer's query projection sees ahead of the image ones: a joint layer with
+    one set of projections (CogVideoX) concatenates them; SD3's and Flux's project them apart."""
+    e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    shared = getattr(attn, "add_q_proj", None) is None
+    _LOCAL.prefix = e.shape[1] if e is not None and shared and e.ndim == 3 else 0
+    return None
+
+
+def _grid_hook(net, args, kwargs):
+    """Keep the latent's (frames, height, width) of this forward (a video's or an image's; a
+    video's frames after its channels, or before them as CogVideoX takes them)."""
+    x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+    _LOCAL.grid = None
+    if not isinstance(x, torch.Tensor) or x.ndim not in (4, 5):
+        return None
+    frames = 1
+    if x.ndim == 5:
+        channels = getattr(getattr(net, "config", None), "in_channels", None)
+        frames = x.shape[1] if x.shape[2] == channels and x.shape[1] != channels else x.shape[2]
+    _LOCAL.grid = (frames, x.shape[-2], x.shape[-1])
+    return None
+
+
+def token_grid(n: int, grid) -> tuple[int, int, int] | None:
+    """(frames, rows, columns) of n tokens laid out as the latent ``grid`` (frames, height,
+    width), at whatever patch or downsampling this layer works: the frames' sides in the latent's
+    proportion; None where n does not fit it."""
+    if grid is None:
+        return None
+    f, h, w = grid
+    if n % f:
+        return None
+    m = n // f
+    rows = round(math.sqrt(m * h / w))
+    return (f, rows, m // rows) if rows and rows * (m // rows) == m else None
+
+
+def blur_tokens(q, sigma: float, inf_threshold: float = 9999.0, grid=None) -> torch.Tensor:
+    """Gaussian blur of (B, N, C) tokens over each frame of their grid (SEG, eq. 9 and the
+    authors' code): the latent's layout where ``grid`` (frames, height, width) fits, else a square
+    grid of one frame."""
     b, n, c = q.shape
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(
-            f"SEG blurs queries on a square token grid; this layer has {n} tokens "
-            "(use a square image, or choose other layers)"
-        )
-    grid = q.transpose(1, 2).reshape(b, c, side, side)
+    shape = token_grid(n, grid)
+    if shape is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(
+                f"SEG blurs queries on each frame's token grid; this layer has {n} tokens, "
+                f"which fit neither the latent's layout {grid} nor a square (choose other layers)"
+            )
+        shape = (1, side, side)
+    f, rows, cols = shape
+    frames = q.reshape(b, f, rows * cols, c).transpose(2, 3).reshape(b * f, c, rows, cols)
     if sigma > inf_threshold:
-        grid = grid.mean(dim=(-2, -1), keepdim=True).expand_as(grid)
+        frames = frames.mean(dim=(-2, -1), keepdim=True).expand_as(frames)
     else:
         k = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+        side = min(rows, cols)
         k = min(k, side - (side % 2 - 1))
         x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
         pdf = torch.exp(-0.5 * (x / sigma) ** 2)
         k1 = constant(tuple((pdf / pdf.sum()).tolist()), str(q.device), q.dtype)
         kernel = (k1[:, None] * k1[None, :]).expand(c, 1, k, k)
-        grid = F.conv2d(F.pad(grid, [k // 2] * 4, mode="reflect"), kernel, groups=c)
-    return grid.reshape(b, c, n).transpose(1, 2)
+        frames = F.conv2d(F.pad(frames, [k // 2] * 4, mode="reflect"), kernel, groups=c)
+    return frames.reshape(b, f, c, rows * cols).transpose(2, 3).reshape(b, n, c)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ class SEG(PerturbedGuidance):
     attention weights, Sec. 3.3); ``sigma=inf`` (or above 9999, the authors' threshold) replaces
     them by their mean. Defaults as the authors' SDXL example (scale 3, sigma 100, the mid block).
     Layers as PAG's. diffusers' SmoothedEnergyGuidance hook swaps the two cases (finite sigma
-    averages, infinite blurs); this follows the authors' code. Needs a square token grid.
+    averages, infinite blurs); this follows the authors' code. The grid is the latent's: each
+    frame of a clip, and a non-square image, blurred on its own sides.
     """
 
     layers: str = "auto"
