@@ -318,15 +318,18 @@ def test_wan22_ti2v_per_token_timesteps_match_wan_pipeline():
     assert seen[0] == (4, 3 * 1 * 1)  # 4 rows (2 prompts x CFG), 3 latent frames of 1 x 1 tokens
 
 
+@pytest.mark.parametrize("ti2v", [False, True])
 @pytest.mark.parametrize("scheduler,sampler", [("unipc", "unipc"), ("euler", "euler")])
-def test_wan_image_to_video_matches_its_pipeline(scheduler, sampler):
+def test_wan_image_to_video_matches_its_pipeline(scheduler, sampler, ti2v):
     """Wan 2.1 I2V: the first frame's VAE latents and mask beside the noisy latents, the CLIP
-    vision states as the network's image input; the same latents as WanImageToVideoPipeline."""
+    vision states as the network's image input; Wan 2.2 TI2V-5B: the first frame's latents in
+    place of the first latent frame, its tokens at time 0. The same latents as
+    WanImageToVideoPipeline."""
     from PIL import Image
 
     image = Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8"))
     kw = dict(prompt=["a red cube"], negative_prompt=["blurry"], height=16, width=16, num_frames=9)
-    ref_pipe = tm.wan_i2v(scheduler)
+    ref_pipe = tm.wan_i2v(scheduler, ti2v=ti2v)
     ref_pipe.set_progress_bar_config(disable=True)
     ref = ref_pipe(
         image=image,
@@ -336,7 +339,7 @@ def test_wan_image_to_video_matches_its_pipeline(scheduler, sampler):
         generator=[torch.Generator().manual_seed(0)],
         output_type="latent",
     ).frames
-    gp = GuidedPipeline(tm.wan_i2v(scheduler), progress=False)
+    gp = GuidedPipeline(tm.wan_i2v(scheduler, ti2v=ti2v), progress=False)
     out = gp(image=image, **kw, steps=6, seed=[0], output_type="latent", sampler=sampler)
     torch.testing.assert_close(out.images, ref, rtol=0, atol=1e-5)
     other = Image.fromarray(np.zeros((16, 16, 3), dtype="uint8"))

@@ -684,6 +684,7 @@ class GuidedPipeline:
             x, report = sampling.optimise(self, req, x, fork, conds, make)
             optimised, before = time.perf_counter(), len(self.graphs.notices)
             x, nfe, forwards, computed = sampling.loop(self, req, conds, guided, make, x, noise)
+            x = self.family.finish(x, conds.tree["pos"])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             sampled = time.perf_counter()

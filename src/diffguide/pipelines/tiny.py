@@ -174,12 +174,24 @@ def wan(
     )
 
 
-def wan_i2v(scheduler: str = "unipc"):
+def wan_i2v(scheduler: str = "unipc", ti2v: bool = False):
     """Tiny Wan 2.1 image to video at diffusers' fast-test sizes (a CLIP vision encoder of hidden
-    size 4 read at 32 x 32, the network's image input 4 wide, 36 input channels)."""
+    size 4 read at 32 x 32, the network's image input 4 wide, 36 input channels); ``ti2v``: Wan
+    2.2 TI2V-5B's layout instead (no image encoder, the first frame's latents in place,
+    per-token times)."""
     import diffusers
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    if ti2v:
+        t2v = wan(scheduler)
+        return diffusers.WanImageToVideoPipeline(
+            tokenizer=t2v.tokenizer,
+            text_encoder=t2v.text_encoder,
+            vae=t2v.vae,
+            scheduler=t2v.scheduler,
+            transformer=t2v.transformer,
+            expand_timesteps=True,
+        )
     t2v = wan(scheduler, net={"in_channels": 36, "image_dim": 4})
     torch.manual_seed(24)
     encoder = CLIPVisionModelWithProjection(

@@ -72,6 +72,11 @@ class Family:
         """The default (height, width): square unless the family's pipeline says otherwise."""
         return self.default_size, self.default_size
 
+    def finish(self, x: torch.Tensor, cond) -> torch.Tensor:
+        """The sampled latents as the family's pipeline leaves them before decoding (``cond``:
+        the conditional branch's conditions)."""
+        return x
+
     def draw(self, noise, shape: tuple, device) -> torch.Tensor:
         """The initial noise of ``shape`` as the family's pipeline draws it (its own layout)."""
         return noise.randn(shape, device=device)

@@ -115,6 +115,12 @@ class WanImageToVideo(Wan):
     def channels(self) -> int:
         return self.pipe.vae.config.z_dim
 
+    @property
+    def per_token(self) -> bool:
+        """Wan 2.2 TI2V: the first frame's latents replace the clip's first latent frame, whose
+        tokens run at time 0 (expand_timesteps)."""
+        return bool(getattr(self.pipe.config, "expand_timesteps", False))
+
     def frame_conditions(self, raw, image, b: int, frames: int, device) -> dict:
         """What every branch reads beside the text: the image states and the first frame's
         latent condition with its mask, for ``b`` rows."""
@@ -122,13 +128,16 @@ class WanImageToVideo(Wan):
         if self.net.config.image_dim is not None:
             out["image"] = self.pipe.encode_image(raw, device).repeat(b, 1, 1).to(self.net.dtype)
         vae = self.pipe.vae
-        first = image.to(device, torch.float32)[:, :, None]
-        video = torch.cat(
-            [first, first.new_zeros(*first.shape[:2], frames - 1, *first.shape[3:])], 2
-        )
+        video = image.to(device, torch.float32)[:, :, None]
+        if not self.per_token:  # Wan 2.1: the first frame, then black ones, encoded together
+            blank = video.new_zeros(*video.shape[:2], frames - 1, *video.shape[3:])
+            video = torch.cat([video, blank], 2)
         z = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
         mean, std = self._stats(z)
         z = ((z - mean) / std).repeat(b, 1, 1, 1, 1)
+        if self.per_token:
+            out["first"] = z
+            return out
         _, _, f, h, w = z.shape
         t = self.temporal  # the first frame's mask spans the temporal factor, then one per frame
         mask = torch.zeros(b, 1, (f - 1) * t + t, h, w, device=device)
@@ -138,11 +147,32 @@ class WanImageToVideo(Wan):
         return out
 
     def forward(self, x, tm, cond, net=None):
+        if self.per_token:
+            keep = self._keep(x)  # 0 on the first latent frame, 1 elsewhere
+            x_in = (1 - keep) * cond["first"].to(x.dtype) + keep * x
+            _, p_h, p_w = self.net.config.patch_size
+            times = keep[0, 0, :, ::p_h, ::p_w].flatten()
+            tm = tm.reshape(-1, 1) * times[None].to(tm.dtype)
+        else:
+            x_in = torch.cat([x, cond["condition"].to(x.dtype)], 1)
         return (self.net if net is None else net)(
-            hidden_states=torch.cat([x, cond["condition"].to(x.dtype)], 1),
+            hidden_states=x_in,
             timestep=tm,
             encoder_hidden_states=cond["text"],
             encoder_hidden_states_image=cond.get("image"),
             attention_kwargs=cond.get("attention"),
             return_dict=False,
         )[0]
+
+    @staticmethod
+    def _keep(x):
+        keep = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
+        keep[:, :, 0] = 0
+        return keep
+
+    def finish(self, x, cond):
+        """TI2V: the given first frame's latents in the clip's first latent frame."""
+        if not self.per_token or cond is None:
+            return x
+        keep = self._keep(x)
+        return (1 - keep) * cond["first"][: x.shape[0]].to(x.dtype) + keep * x
