@@ -86,42 +86,51 @@ def _same(out):
     )
 
 
-def _runs(gp, guide, size, **kw):
+def _runs(gp, guide, size, extra, **kw):
     base = dict(prompt="a cat", negative_prompt="blur", height=size, width=size, steps=3, seed=0)
+    base.update(extra)
     if kw.get("guidance", "").startswith("autoguidance"):
         kw["guide_model"] = guide
     return gp(**base, **kw, output_type="latent")
 
 
-FAMILIES = {"wan": (tm.wan, 64), "cogvideox": (tm.cogvideox, 32)}
+FAMILIES = {"wan": (tm.wan, 64), "cogvideox": (tm.cogvideox, 32), "wan_i2v": (tm.wan_i2v, 32)}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def wan_pair(request):
-    """(a video model, a weaker one of its kind for AutoGuidance, its test size)."""
+    """(a video model, a weaker one of its kind for AutoGuidance, its test size, its extra
+    arguments: image to video's first frame)."""
+    from PIL import Image
+
     build, size = FAMILIES[request.param]
+    extra = {}
+    if request.param == "wan_i2v":
+        frame = (np.random.RandomState(2).rand(size, size, 3) * 255).astype("uint8")
+        extra["image"] = Image.fromarray(frame)
     return (
         GuidedPipeline(build(), progress=False),
         GuidedPipeline(build(net={"num_layers": 1}), progress=False),
         size,
+        extra,
     )
 
 
 @pytest.mark.parametrize("guidance", names("guidance"))
 def test_every_guidance_method_runs_on_a_clip(guidance, wan_pair):
     """Each method on a 5-frame clip evaluates the network as often as on one frame."""
-    gp, guide, size = wan_pair
-    clip = _runs(gp, guide, size, guidance=guidance, sampler="euler", num_frames=5)
-    frame = _runs(gp, guide, size, guidance=guidance, sampler="euler", num_frames=1)
+    gp, guide, size, extra = wan_pair
+    clip = _runs(gp, guide, size, extra, guidance=guidance, sampler="euler", num_frames=5)
+    frame = _runs(gp, guide, size, extra, guidance=guidance, sampler="euler", num_frames=1)
     assert clip.images.shape[2] == 2 and torch.isfinite(clip.images).all()
     assert clip.nfe == frame.nfe
 
 
 @pytest.mark.parametrize("sampler", names("sampler"))
 def test_every_sampler_runs_on_a_clip(sampler, wan_pair):
-    gp, guide, size = wan_pair
-    clip = _runs(gp, guide, size, guidance="cfg", sampler=sampler, num_frames=5)
-    frame = _runs(gp, guide, size, guidance="cfg", sampler=sampler, num_frames=1)
+    gp, guide, size, extra = wan_pair
+    clip = _runs(gp, guide, size, extra, guidance="cfg", sampler=sampler, num_frames=5)
+    frame = _runs(gp, guide, size, extra, guidance="cfg", sampler=sampler, num_frames=1)
     assert torch.isfinite(clip.images).all() and clip.nfe == frame.nfe
 
 

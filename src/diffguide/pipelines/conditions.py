@@ -100,6 +100,12 @@ def _companions(pipe, req) -> tuple[dict, dict]:
             )
         value = other.embedded_guidance if req.embedded is None else req.embedded
         fam = other.family
+        if req.frame is not None and fam.first_frame:  # image to video: its own first frame
+            image, raw = req.frame
+            with ENCODE_LOCK:
+                frame = fam.frame_conditions(raw, image, req.batch, req.frames, other.device)
+            sp = {**sp, **frame}
+            sn = None if sn is None else {**sn, **frame}
         conds[f"pos@{key}"] = embed(fam, fam.extra(sp, req.height, req.width), value, req.batch)
         conds[f"neg@{key}"] = (
             embed(fam, fam.extra(sn, req.height, req.width), value, req.batch)

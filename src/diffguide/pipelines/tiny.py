@@ -174,7 +174,7 @@ def wan(
     )
 
 
-def wan_i2v(scheduler: str = "unipc", ti2v: bool = False):
+def wan_i2v(scheduler: str = "unipc", ti2v: bool = False, net=None):
     """Tiny Wan 2.1 image to video at diffusers' fast-test sizes (a CLIP vision encoder of hidden
     size 4 read at 32 x 32, the network's image input 4 wide, 36 input channels); ``ti2v``: Wan
     2.2 TI2V-5B's layout instead (no image encoder, the first frame's latents in place,
@@ -192,7 +192,7 @@ def wan_i2v(scheduler: str = "unipc", ti2v: bool = False):
             transformer=t2v.transformer,
             expand_timesteps=True,
         )
-    t2v = wan(scheduler, net={"in_channels": 36, "image_dim": 4})
+    t2v = wan(scheduler, net={"in_channels": 36, "image_dim": 4, **(net or {})})
     torch.manual_seed(24)
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
