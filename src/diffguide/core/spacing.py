@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .schedule import F64, Schedule, TrigFlowSchedule, VPSchedule
+from .schedule import F64, FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
 
 FINALS = ("zero", "sigma_min")
 
@@ -254,6 +254,158 @@ def _kl_optimal_a1111(schedule, n, sigma_min=None, sigma_max=None):
     return _kl_optimal(schedule, n + 1, sigma_min, sigma_max)
 
 
+# -- ComfyUI's other schedulers. ComfyUI's "sigma" is the VE level on VP and EDM models and the
+# (shifted) flow time s on flow models; these spacings compute in those units, as ComfyUI does, and
+# map the levels onto the schedule's times.
+
+
+def _comfy_t(schedule, sigmas) -> torch.Tensor:
+    """Times of ComfyUI sigmas: on a flow schedule the flow time s (VE s / (1 - s), s = 1 pure
+    noise), on any other the VE level itself."""
+    sig = torch.as_tensor(sigmas, dtype=F64)
+    if isinstance(schedule, FlowSchedule):
+        sig = torch.where(sig >= 1, torch.full_like(sig, math.inf), sig / (1 - sig))
+    return schedule.t_of_ve(sig)
+
+
+def _comfy_range(schedule) -> tuple[float, float]:
+    """ComfyUI's model_sampling.sigma_min and sigma_max: on a flow its first training level
+    s(1 / T) and 1, else the schedule's own VE range (a VP table's ends)."""
+    if isinstance(schedule, FlowSchedule):
+        return float(schedule.flow_time(schedule.index_time(0))), 1.0
+    return schedule.sigma_min, schedule.sigma_max
+
+
+def _normal(schedule, n):
+    """ComfyUI's normal_scheduler: n model timesteps uniform from the top training level's to the
+    lowest's, both included, read back through its model_sampling.sigma. On a VP table that is
+    the index grid T - 1 .. 0 with levels log-linear between entries; a flow's timestep is 1000 s
+    and its sigma(timestep) applies the shift again, so the grid is uniform in unshifted time from
+    1 down to s(1 / T) (not 1 / T)."""
+    _indexed(schedule, "normal")
+    if isinstance(schedule, FlowSchedule):
+        return torch.linspace(1.0, _comfy_range(schedule)[0], n, dtype=F64)
+    idx = torch.linspace(schedule.num_train_timesteps - 1, 0, n, dtype=F64)
+    return schedule.t_of_ve(_table_levels(schedule, idx))
+
+
+def _ddim_uniform(schedule, n, trim=False):
+    """ComfyUI's ddim_scheduler: every (T // n)-th training level from index 1 up, noise end
+    first. Like ComfyUI's that is ceil((T - 1) / (T // n)) levels, n or more (31 for n = 30 on
+    1000 levels; its KSampler runs them all); ``trim`` keeps the lowest n, as its BasicScheduler
+    node does."""
+    _indexed(schedule, "ddim_uniform")
+    T = schedule.num_train_timesteps
+    idx = torch.arange(1, T, max(T // n, 1), dtype=F64).flip(0)
+    return schedule.index_time(idx[-n:] if trim else idx)
+
+
+def _linear_quadratic(schedule, n, threshold_noise=0.025, linear_steps=None, sigma_max=None):
+    """ComfyUI's linear_quadratic_schedule (Mochi's): sigma_max (1 - f_i), f rising linearly to
+    ``threshold_noise`` over the first ``linear_steps`` (n // 2) steps, then on the quadratic that
+    continues it and reaches 1 at step n (the data end)."""
+    if not 0 < threshold_noise < 1:
+        raise ValueError(
+            f"spacing 'linear_quadratic' needs 0 < threshold_noise < 1, got {threshold_noise}"
+        )
+    top = _comfy_range(schedule)[1] if sigma_max is None else float(sigma_max)
+    if not 0 < top < math.inf:
+        raise ValueError(
+            f"spacing 'linear_quadratic' needs a finite sigma_max > 0, got {top:g} (a "
+            "zero-terminal-SNR schedule must be given one)"
+        )
+    if n == 1:
+        frac = [0.0]
+    else:
+        k = n // 2 if linear_steps is None else int(linear_steps)
+        if not 0 < k < n:
+            raise ValueError(f"spacing 'linear_quadratic' needs 0 < linear_steps < {n}, got {k}")
+        q, gap = n - k, k - threshold_noise * n
+        a, b = gap / (k * q**2), threshold_noise / k - 2 * gap / q**2
+        frac = [i * threshold_noise / k for i in range(k)]
+        frac += [a * i * i + b * i + a * k * k for i in range(k, n)]
+    return _comfy_t(schedule, torch.tensor([top * (1 - f) for f in frac], dtype=F64))
+
+
+def _laplace(schedule, n, mu=0.0, beta=0.5, sigma_min=None, sigma_max=None):
+    """k-diffusion's get_sigmas_laplace in ComfyUI (Tiankai et al. 2024): log sigma = mu - beta
+    sign(1/2 - x) log(1 - 2 |1/2 - x| + 1e-5) at n points x uniform on [0, 1], clamped to
+    [sigma_min, sigma_max] (in ComfyUI's units; the model's range by default)."""
+    lo, hi = _comfy_range(schedule)
+    lo = lo if sigma_min is None else float(sigma_min)
+    hi = hi if sigma_max is None else float(sigma_max)
+    if not (0 < lo < hi and beta > 0):
+        raise ValueError(
+            f"spacing 'laplace' needs 0 < sigma_min < sigma_max and beta > 0, got "
+            f"sigma_min={lo:g}, sigma_max={hi:g}, beta={beta}"
+        )
+    x = torch.linspace(0, 1, n, dtype=F64)
+    lam = mu - beta * torch.sign(0.5 - x) * torch.log(1 - 2 * (0.5 - x).abs() + 1e-5)
+    return _comfy_t(schedule, torch.exp(lam).clamp(lo, hi))
+
+
+def _tangent_arc(k, slope, pivot, start, end):
+    """RES4LYF's get_bong_tangent_sigmas: k points of an arctangent step around ``pivot``, scaled
+    to run from ``start`` to ``end``."""
+
+    def step(x):
+        return (2 / math.pi * math.atan(-slope * (x - pivot)) + 1) / 2
+
+    top, bottom = step(0), step(k - 1)
+    return [(step(x) - bottom) / (top - bottom) * (start - end) + end for x in range(k)]
+
+
+def _bong_tangent(
+    schedule, n, start=1.0, middle=0.5, pivot_1=0.6, pivot_2=0.6, slope_1=0.2, slope_2=0.2
+):
+    """RES4LYF's bong_tangent_scheduler (a ComfyUI scheduler of that node pack): two arctangent
+    stages over n + 2 points, ``start`` to ``middle`` then ``middle`` to 0 (the data end), their
+    pivots at fractions of the points and slopes scaled by 40 / (n + 2). Levels in ComfyUI's units,
+    whatever the model: start 1 is pure noise on a flow, VE 1 on a VP model (as RES4LYF gives)."""
+    m = n + 2
+    split = int((m * pivot_1 + m * pivot_2) / 2)
+    if not (2 <= split <= m - 2 and start > middle > 0):
+        raise ValueError(
+            f"spacing 'bong_tangent' needs two stages of 2 points or more and start > middle > 0; "
+            f"steps={n}, pivots ({pivot_1}, {pivot_2}) split {m} points at {split}"
+        )
+    first = _tangent_arc(split, slope_1 / (m / 40), int(m * pivot_1), start, middle)
+    second = _tangent_arc(m - split, slope_2 / (m / 40), int(m * pivot_2) - split, middle, 0.0)
+    return _comfy_t(schedule, torch.tensor(first[:-1] + second[:-1], dtype=F64))
+
+
+# OptimalSteps (Pei et al. 2025): the published flow-sigma tables of ComfyUI's OptimalStepsScheduler
+OPTIMAL_STEPS_LEVELS = {
+    name: [float(v) for v in text.split()]
+    for name, text in {
+        "flux": "0.9968 0.9886 0.9819 0.975 0.966 0.9471 0.9158 0.8287 0.5512 0.2808 0.001",
+        "wan": "1.0 0.997 0.995 0.993 0.991 0.989 0.987 0.985 0.98 0.975 0.973 0.968 0.96 0.946 "
+        "0.927 0.902 0.864 0.776 0.539 0.208 0.001",
+        "chroma": "0.992 0.99 0.988 0.985 0.982 0.978 0.973 0.968 0.961 0.953 0.943 0.931 0.917 "
+        "0.9 0.881 0.858 0.832 0.802 0.769 0.731 0.69 0.646 0.599 0.55 0.501 0.451 0.402 0.355 "
+        "0.311 0.27 0.232 0.199 0.169 0.143 0.12 0.101 0.084 0.07 0.058 0.048 0.001",
+    }.items()
+}
+
+
+def _optimal_steps(schedule, n, model="flux"):
+    """ComfyUI's OptimalStepsScheduler: the table for ``model`` (flux, wan, chroma) as it is for
+    n + 1 levels, else interpolated linearly in log sigma onto n + 1 (its loglinear_interp); the
+    last becomes the data end. Levels in ComfyUI's units (a flow's s)."""
+    if model not in OPTIMAL_STEPS_LEVELS:
+        raise ValueError(
+            f"spacing 'optimal_steps' has tables for {', '.join(OPTIMAL_STEPS_LEVELS)}, "
+            f"not {model!r}"
+        )
+    levels = np.asarray(OPTIMAL_STEPS_LEVELS[model])
+    if n + 1 != len(levels):
+        rising = np.log(levels[::-1])
+        levels = np.exp(
+            np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(rising)), rising)
+        )[::-1]
+    return _comfy_t(schedule, torch.from_numpy(levels[:-1].copy()))
+
+
 ABOVE_DATA = ("kl_optimal_a1111",)  # spacings whose grid ends at sigma_min, never at the data end
 
 
@@ -343,6 +495,12 @@ SPACING_OPTIONS = {
     "simple": (),
     "sgm_uniform": (),
     "ays": ("model",),
+    "normal": (),
+    "ddim_uniform": ("trim",),
+    "linear_quadratic": ("threshold_noise", "linear_steps", "sigma_max"),
+    "laplace": ("mu", "beta", "sigma_min", "sigma_max"),
+    "bong_tangent": ("start", "middle", "pivot_1", "pivot_2", "slope_1", "slope_2"),
+    "optimal_steps": ("model",),
     "kl_optimal_a1111": ("sigma_min", "sigma_max"),
     "ays_a1111": ("model",),
     "uniform_lam": ("sigma_min", "sigma_max"),
@@ -363,6 +521,16 @@ SPACING_DOCS = {
     "simple": "ComfyUI's simple: every T/n-th training level",
     "sgm_uniform": "ComfyUI's sgm_uniform: uniform in training time, endpoint excluded",
     "ays": "Align Your Steps' published tables (model sd1, sdxl), log-linear between (ComfyUI's)",
+    "normal": "ComfyUI's normal: uniform in model timestep, both ends included",
+    "ddim_uniform": "ComfyUI's ddim_uniform: every (T // n)-th level from index 1 (trim: n only)",
+    "linear_quadratic": "ComfyUI's linear_quadratic (Mochi's): linear to threshold_noise, then "
+    "quadratic",
+    "laplace": "ComfyUI's Laplace (Tiankai et al. 2024) around mu; its node gives no final 0 (that "
+    "is final='sigma_min' with one step fewer)",
+    "bong_tangent": "RES4LYF's bong_tangent (ComfyUI node pack): two arctangent stages in "
+    "ComfyUI's sigma units",
+    "optimal_steps": "OptimalSteps' published flow tables (model flux, wan, chroma), log-linear "
+    "between (ComfyUI's)",
     "kl_optimal_a1111": "A1111's KL Optimal: uniform in arctan(ve) down to sigma_min, no step onto "
     "data",
     "ays_a1111": "A1111's Align Your Steps: its rounded tables interpolated onto the steps' levels",
@@ -393,7 +561,11 @@ def timesteps(
     ``trailing``, or LCM's ``lcm`` (original_steps), or SCMScheduler's ``scm`` (intermediate), or
     the ComfyUI / k-diffusion schedules ``polyexponential`` (rho), ``kl_optimal``, ``simple``,
     ``sgm_uniform``
-    and Align Your Steps' ``ays`` (model: sd1, sdxl), or A1111's own ``kl_optimal_a1111`` (which
+    and Align Your Steps' ``ays`` (model: sd1, sdxl), ComfyUI's ``normal``, ``ddim_uniform``
+    (trim), ``linear_quadratic`` (threshold_noise, linear_steps, sigma_max), ``laplace`` (mu, beta,
+    sigma_min, sigma_max), RES4LYF's ``bong_tangent`` (start, middle, pivot_1, pivot_2, slope_1,
+    slope_2) and OptimalSteps' ``optimal_steps`` (model: flux, wan, chroma), whose levels are
+    ComfyUI's sigmas (a flow's s, else the VE level), or A1111's own ``kl_optimal_a1111`` (which
     ends at sigma_min whatever ``final`` says) and ``ays_a1111`` (model). ``uniform_t`` with
     ``final="zero"``
     and no ``t_end`` spaces all steps evenly down to the data end; with a ``t_end`` it puts
@@ -468,6 +640,12 @@ def timesteps(
             "sgm_uniform": _sgm_uniform,
             "ays": _ays,
             "ays_a1111": _ays_a1111,
+            "normal": _normal,
+            "ddim_uniform": _ddim_uniform,
+            "linear_quadratic": _linear_quadratic,
+            "laplace": _laplace,
+            "bong_tangent": _bong_tangent,
+            "optimal_steps": _optimal_steps,
         }[spacing]
         if final == "sigma_min":
             ts = rule(schedule, steps + 1, **options)
