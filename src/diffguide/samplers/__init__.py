@@ -18,3 +18,14 @@ from .consistency import Consistency
 from .unipc import UniPC
 from .pndm import IPNDM, PLMS
 from .deis import DEIS
+from .comfy import (
+    ERSDE,
+    ExpHeun2X0,
+    ExpHeun2X0SDE,
+    GradientEstimation,
+    HeunPP2,
+    ResMultistep,
+    ResMultistepAncestral,
+    Seeds2,
+    Seeds3,
+)
