@@ -68,37 +68,47 @@ def _generators():
     return [torch.Generator().manual_seed(s) for s in (0, 1)]
 
 
+# Flux.1 with true CFG: diffusers' call (two forwards in cache contexts "cond" and "uncond") and
+# diffguide's (both branches in one forward)
+FLUX_THEIRS = dict(
+    prompt=TWO,
+    negative_prompt=["", "blurry"],
+    true_cfg_scale=4.0,
+    guidance_scale=2.0,
+    num_inference_steps=10,
+    height=16,
+    width=16,
+    output_type="np",
+)
+FLUX_OURS = dict(
+    prompt=TWO,
+    negative_prompt=["", "blurry"],
+    guidance="cfg:scale=4",
+    embedded_guidance=2.0,
+    steps=10,
+    height=16,
+    width=16,
+    sampler="euler",
+    seed=[0, 1],
+    output_type="np",
+)
+
+
+def _flux_reference(pipe) -> np.ndarray:
+    """diffusers' FluxPipeline ``pipe`` (a hook applied) on FLUX_THEIRS."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(**FLUX_THEIRS, generator=_generators()).images
+
+
 def test_first_block_per_branch_matches_diffusers_hook_on_flux_true_cfg(denoisers):
     """FluxPipeline runs true CFG as two forwards in cache contexts "cond" and "uncond"; diffguide
     batches both branches in one forward and decides per branch: the same decisions, the same
     images, including steps where one branch runs and the other reuses."""
     threshold = 0.35
-    ref = _diffusers_fbc(tm.flux(net=DEEP_FLUX), threshold)(
-        prompt=TWO,
-        negative_prompt=["", "blurry"],
-        true_cfg_scale=4.0,
-        guidance_scale=2.0,
-        num_inference_steps=10,
-        height=16,
-        width=16,
-        generator=_generators(),
-        output_type="np",
-    ).images
+    ref = _flux_reference(_diffusers_fbc(tm.flux(net=DEEP_FLUX), threshold))
     gp = GuidedPipeline(tm.flux(net=DEEP_FLUX), progress=False)
-    kw = dict(
-        prompt=TWO,
-        negative_prompt=["", "blurry"],
-        guidance="cfg:scale=4",
-        embedded_guidance=2.0,
-        steps=10,
-        height=16,
-        width=16,
-        sampler="euler",
-        seed=[0, 1],
-        output_type="np",
-    )
-    plain = gp(**kw).images
-    out = gp(**kw, cache=f"first_block:threshold={threshold}")
+    plain = gp(**FLUX_OURS).images
+    out = gp(**FLUX_OURS, cache=f"first_block:threshold={threshold}")
     np.testing.assert_allclose(out.images, ref, atol=1e-5)
     assert np.abs(out.images - plain).max() > 1e-4  # the cache changed the images
     steps = _decisions(denoisers[-1].cache_state)
@@ -235,31 +245,9 @@ def test_magcache_matches_diffusers_hook_on_flux_true_cfg(threshold):
         ref_pipe.transformer,
         MagCacheConfig(threshold=threshold, num_inference_steps=10, mag_ratios=RATIOS),
     )
-    ref_pipe.set_progress_bar_config(disable=True)
-    ref = ref_pipe(
-        prompt=TWO,
-        negative_prompt=["", "blurry"],
-        true_cfg_scale=4.0,
-        guidance_scale=2.0,
-        num_inference_steps=10,
-        height=16,
-        width=16,
-        generator=_generators(),
-        output_type="np",
-    ).images
-    gp = GuidedPipeline(tm.flux(net=DEEP_FLUX), progress=False)
-    out = gp(
-        prompt=TWO,
-        negative_prompt=["", "blurry"],
-        guidance="cfg:scale=4",
-        embedded_guidance=2.0,
-        steps=10,
-        height=16,
-        width=16,
-        sampler="euler",
-        seed=[0, 1],
-        output_type="np",
-        cache=f"magcache:threshold={threshold},ratios={';'.join(map(str, RATIOS))}",
+    ref = _flux_reference(ref_pipe)
+    out = GuidedPipeline(tm.flux(net=DEEP_FLUX), progress=False)(
+        **FLUX_OURS, cache=f"magcache:threshold={threshold},ratios={';'.join(map(str, RATIOS))}"
     )
     np.testing.assert_allclose(out.images, ref, atol=1e-5)
     assert out.computed == pytest.approx(share(tuple(RATIOS), 10, threshold, 3, 0.2))
@@ -466,31 +454,10 @@ def test_taylorseer_matches_diffusers_hook_on_flux_true_cfg(interval, warmup, or
             use_lite_mode=lite,
         )
     )
-    ref_pipe.set_progress_bar_config(disable=True)
-    ref = ref_pipe(
-        prompt=TWO,
-        negative_prompt=["", "blurry"],
-        true_cfg_scale=4.0,
-        guidance_scale=2.0,
-        num_inference_steps=10,
-        height=16,
-        width=16,
-        generator=_generators(),
-        output_type="np",
-    ).images
+    ref = _flux_reference(ref_pipe)
     spec = f"taylorseer:interval={interval},warmup={warmup},order={order}"
     out = GuidedPipeline(tm.flux(net=DEEP_FLUX), progress=False)(
-        prompt=TWO,
-        negative_prompt=["", "blurry"],
-        guidance="cfg:scale=4",
-        embedded_guidance=2.0,
-        steps=10,
-        height=16,
-        width=16,
-        sampler="euler",
-        seed=[0, 1],
-        output_type="np",
-        cache=spec + (",modules=lite" if lite else ""),
+        **FLUX_OURS, cache=spec + (",modules=lite" if lite else "")
     )
     np.testing.assert_allclose(out.images, ref, atol=1e-5)
     # forecast steps: those past the warm-up that are not one in `interval`

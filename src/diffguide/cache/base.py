@@ -25,6 +25,7 @@ import torch
 
 from ..core.guided import row_mask
 from ..guidance.perturb import IMAGE_FIRST, narrowed
+from ..guidance.perturb import _module as module_of
 
 # the top-level block lists of diffusers' transformers, in call order (diffusers' first-block cache
 # walks the same names: _ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
@@ -91,13 +92,7 @@ class Cache:
 
 
 def _module(denoiser, name: str) -> torch.nn.Module:
-    module = getattr(denoiser, "module", None)
-    if not isinstance(module, torch.nn.Module):
-        raise ValueError(
-            f"cache {name!r} needs a denoiser with .module (the network) to reach its blocks; "
-            "NetDenoiser(..., module=net) or a GuidedPipeline provides it"
-        )
-    return module
+    return module_of(denoiser, f"cache {name!r}")
 
 
 def rows_index(run: list, batch: int, device) -> torch.Tensor:

@@ -413,40 +413,31 @@ def run_tune(args) -> int:
         raise UsageError(f"--target-nfe must be in (0, 1], got {args.target_nfe}")
     prompts, sampler, gp = _probe_setup(args)
     t0 = time.perf_counter()
-    if args.method == "cache":
+    cache = args.method == "cache"
+    if cache:
+        target = 0.5 if args.target_nfe is None else args.target_nfe
         result = tune_cache(
+            gp, prompts, args.n, args.seed, sampler, args.steps, args.scale, target, args.spacing
+        )
+    else:
+        result = tune(
             gp,
+            args.method,
             prompts,
             args.n,
             args.seed,
             sampler,
             args.steps,
             args.scale,
-            0.5 if args.target_nfe is None else args.target_nfe,
+            0.75 if args.target_nfe is None else args.target_nfe,
+            args.quantile,
             args.spacing,
         )
-        result["seconds"] = round(time.perf_counter() - t0, 2)
-        spec = write(result, args.output, args.model, args.overwrite, kind="cache")
-        print(spec)
-        print(f"written to {args.output}; use it with --cache @{args.output}", file=sys.stderr)
-        return 0
-    result = tune(
-        gp,
-        args.method,
-        prompts,
-        args.n,
-        args.seed,
-        sampler,
-        args.steps,
-        args.scale,
-        0.75 if args.target_nfe is None else args.target_nfe,
-        args.quantile,
-        args.spacing,
-    )
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    spec = write(result, args.output, args.model, args.overwrite)
+    kind = "cache" if cache else "guidance"
+    spec = write(result, args.output, args.model, args.overwrite, kind=kind)
     print(spec)
-    print(f"written to {args.output}; use it with --guidance @{args.output}", file=sys.stderr)
+    print(f"written to {args.output}; use it with --{kind} @{args.output}", file=sys.stderr)
     return 0
 
 

@@ -74,29 +74,14 @@ def clip_text(seed: int, hidden: int = 32, projection: int | None = None):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
-def t5_text(seed: int, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
+def t5_text(seed: int, d_model: int = 32, umt5: bool = False):
+    """A tiny T5 encoder (``umt5``: UMT5's, as Wan's)."""
+    import transformers
 
+    kind = "UMT5" if umt5 else "T5"
     torch.manual_seed(seed)
-    return T5EncoderModel(
-        T5Config(
-            vocab_size=64,
-            d_model=d_model,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-        )
-    ).eval()
-
-
-def umt5_text(seed: int, d_model: int = 32):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    return UMT5EncoderModel(
-        UMT5Config(
+    return getattr(transformers, f"{kind}EncoderModel")(
+        getattr(transformers, f"{kind}Config")(
             vocab_size=64,
             d_model=d_model,
             d_kv=8,
@@ -164,7 +149,7 @@ def wan(
     )
     return diffusers.WanPipeline(
         tokenizer=t5_tokenizer(512),
-        text_encoder=umt5_text(22),
+        text_encoder=t5_text(22, umt5=True),
         vae=vae_,
         scheduler=sch,
         transformer=tr,

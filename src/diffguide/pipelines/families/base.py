@@ -295,6 +295,32 @@ class TransformerFamily(Family):
         return [self.bottleneck_width(net)] * len(self.feature_blocks(net))
 
 
+def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-channel VAE's latents_mean and latents_std shaped to broadcast against ``like``
+    ([B, C, ...]: Qwen-Image's and Wan's 3-D VAEs)."""
+    cfg = vae.config
+    shape = (1, cfg.z_dim) + (1,) * (like.ndim - 2)
+    return (
+        torch.tensor(cfg.latents_mean, device=like.device).view(shape),
+        torch.tensor(cfg.latents_std, device=like.device).view(shape),
+    )
+
+
+def encode_pair(family, prompts, negatives, n, device, negative, **extra) -> tuple[dict, dict]:
+    """The text of pipelines whose encode_prompt returns (prompt, negative) embeddings and takes
+    num_videos_per_prompt (Wan, CogVideoX); no negative embedding: the prompt's stands in."""
+    pos, neg = family.pipe.encode_prompt(
+        prompt=prompts,
+        negative_prompt=None if negatives is None else [q or "" for q in negatives],
+        do_classifier_free_guidance=negative,
+        num_videos_per_prompt=n,
+        max_sequence_length=family.max_sequence_length,
+        device=device,
+        **extra,
+    )
+    return {"text": pos}, ({"text": neg} if neg is not None else {"text": pos})
+
+
 def _no_extra(family: Family, extra: dict) -> None:
     if extra:
         raise ValueError(f"{type(family.net).__name__} models take no {', '.join(sorted(extra))}")

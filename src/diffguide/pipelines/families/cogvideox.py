@@ -3,7 +3,7 @@ SNR shift, T5 text, a causal 3-D VAE; its latents are frames-first ([B, F, C, h,
 
 from __future__ import annotations
 
-from .base import TransformerFamily
+from .base import TransformerFamily, encode_pair
 
 
 class CogVideoX(TransformerFamily):
@@ -60,16 +60,7 @@ class CogVideoX(TransformerFamily):
         return noise.randn((b, f, c, h, w), device=device).permute(0, 2, 1, 3, 4)
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
-        pos, neg = self.pipe.encode_prompt(
-            prompt=prompts,
-            negative_prompt=None if negatives is None else [q or "" for q in negatives],
-            do_classifier_free_guidance=negative,
-            num_videos_per_prompt=n,
-            max_sequence_length=self.max_sequence_length,
-            device=device,
-            **extra,
-        )
-        return {"text": pos}, ({"text": neg} if neg is not None else {"text": pos})
+        return encode_pair(self, prompts, negatives, n, device, negative, **extra)
 
     def _rotary(self, x):
         if not self.net.config.use_rotary_positional_embeddings:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 
+from .base import latent_stats
 from .flux import Flux, pack2, unpack2
 
 
@@ -58,12 +58,7 @@ class QwenImage(Flux):
         return unpack2(out, c, h, w)
 
     def _stats(self, like):
-        cfg = self.pipe.vae.config
-        shape = (1, cfg.z_dim, 1, 1)
-        return (
-            torch.tensor(cfg.latents_mean, device=like.device).view(shape),
-            torch.tensor(cfg.latents_std, device=like.device).view(shape),
-        )
+        return latent_stats(self.pipe.vae, like)
 
     def decode(self, x):
         vae = self.pipe.vae

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TransformerFamily
+from .base import TransformerFamily, encode_pair, latent_stats
 
 
 class Wan(TransformerFamily):
@@ -63,16 +63,7 @@ class Wan(TransformerFamily):
         return None  # 512 tokens
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
-        pos, neg = self.pipe.encode_prompt(
-            prompt=prompts,
-            negative_prompt=None if negatives is None else [q or "" for q in negatives],
-            do_classifier_free_guidance=negative,
-            num_videos_per_prompt=n,
-            max_sequence_length=self.max_sequence_length,
-            device=device,
-            **extra,
-        )
-        return {"text": pos}, ({"text": neg} if neg is not None else {"text": pos})
+        return encode_pair(self, prompts, negatives, n, device, negative, **extra)
 
     def forward(self, x, tm, cond, net=None):
         if getattr(self.pipe.config, "expand_timesteps", False):  # Wan 2.2 TI2V: one per token
@@ -88,12 +79,7 @@ class Wan(TransformerFamily):
         )[0]
 
     def _stats(self, like):
-        cfg = self.pipe.vae.config
-        shape = (1, cfg.z_dim, 1, 1, 1)
-        return (
-            torch.tensor(cfg.latents_mean, device=like.device).view(shape),
-            torch.tensor(cfg.latents_std, device=like.device).view(shape),
-        )
+        return latent_stats(self.pipe.vae, like)
 
     def decode(self, x):
         vae = self.pipe.vae
