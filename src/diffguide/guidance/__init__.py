@@ -16,3 +16,9 @@ from .cfg_zero_star import CFGZeroStar
 from .tcfg import TCFG
 from .fdg import FDG
 from .autoguidance import AutoGuidance
+from .mambo import MAMBO
+from .apg_mix import APGMix
+from .cfg_renorm import CFGRenorm
+from .mahiro import Mahiro
+from .skimmed import SkimmedCFG
+from .fresca import FreSca
