@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from .gits import gits_sigmas
 from .schedule import F64, FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
 
 FINALS = ("zero", "sigma_min")
@@ -388,6 +389,16 @@ OPTIMAL_STEPS_LEVELS = {
 }
 
 
+def _gits(schedule, n, coeff=1.20):
+    """GITS (Chen et al. 2024): ComfyUI's GITSScheduler table of SD 1.5 VE levels (coeff 0.80 to
+    1.50 by 0.05, 2 to 20 steps), log-linear for other step counts; the data end follows."""
+    if isinstance(schedule, FlowSchedule):
+        raise ValueError(
+            "spacing 'gits' is a table of SD 1.5's VE levels; it has none for a flow schedule"
+        )
+    return schedule.t_of_ve(torch.tensor(gits_sigmas(n, coeff)[:-1], dtype=F64))
+
+
 def _optimal_steps(schedule, n, model="flux"):
     """ComfyUI's OptimalStepsScheduler: the table for ``model`` (flux, wan, chroma) as it is for
     n + 1 levels, else interpolated linearly in log sigma onto n + 1 (its loglinear_interp); the
@@ -501,6 +512,7 @@ SPACING_OPTIONS = {
     "laplace": ("mu", "beta", "sigma_min", "sigma_max"),
     "bong_tangent": ("start", "middle", "pivot_1", "pivot_2", "slope_1", "slope_2"),
     "optimal_steps": ("model",),
+    "gits": ("coeff",),
     "kl_optimal_a1111": ("sigma_min", "sigma_max"),
     "ays_a1111": ("model",),
     "uniform_lam": ("sigma_min", "sigma_max"),
@@ -529,6 +541,7 @@ SPACING_DOCS = {
     "is final='sigma_min' with one step fewer)",
     "bong_tangent": "RES4LYF's bong_tangent (ComfyUI node pack): two arctangent stages in "
     "ComfyUI's sigma units",
+    "gits": "GITS' published SD 1.5 tables (coeff 0.80..1.50), log-linear between (ComfyUI's)",
     "optimal_steps": "OptimalSteps' published flow tables (model flux, wan, chroma), log-linear "
     "between (ComfyUI's)",
     "kl_optimal_a1111": "A1111's KL Optimal: uniform in arctan(ve) down to sigma_min, no step onto "
@@ -646,6 +659,7 @@ def timesteps(
             "laplace": _laplace,
             "bong_tangent": _bong_tangent,
             "optimal_steps": _optimal_steps,
+            "gits": _gits,
         }[spacing]
         if final == "sigma_min":
             ts = rule(schedule, steps + 1, **options)

@@ -29,3 +29,4 @@ from .comfy import (
     Seeds2,
     Seeds3,
 )
+from .sa_solver import SASolver, SASolverPECE
