@@ -120,3 +120,33 @@ def test_readme_guidance_commands_run(tmp_path):
         assert r.returncode == 0, (line, r.stderr)
     assert (tmp_path / "lag.json").exists() and (tmp_path / "lag.png").exists()
     assert (tmp_path / "stitch.png").exists() and (tmp_path / "stitch.json").exists()
+
+
+def test_newcomer_small_items(tmp_path):
+    """Issue 40's small items: tiny-model folders have the umask's mode (not mkdtemp's private
+    700), outputs/ is ignored by git, distill --help explains --max-steps and --batch, and
+    diffguide list gives whole first sentences."""
+    r = _cli("tiny-model", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "m").st_mode & 0o777 == 0o777 & ~mask
+    assert "outputs/" in open(os.path.join(ROOT, ".gitignore")).read().split()
+    text = _cli("distill", "scm", "--help").stdout
+    assert "training steps in all" in text and "examples per training step" in text
+    listing = _cli("list").stdout
+    assert "(Lu et al. 2022, Sec. 5 and App. B); eta scales the" in listing
+
+
+def test_callback_on_step_end_warns_nothing():
+    import warnings
+
+    from diffguide.pipelines import GuidedPipeline
+    from diffguide.pipelines import tiny
+
+    gp = GuidedPipeline(tiny.sd(), progress=False)
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gp("a cat", steps=2, callback_on_step_end=lambda p, i, t, kw: seen.append(t) or kw)
+    assert len(seen) == 2 and not [w for w in caught if issubclass(w.category, UserWarning)]

@@ -32,8 +32,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--student-steps", type=int, default=4, help="the student's sampling steps (1-8)"
     )
-    p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument(
+        "--max-steps", type=int, default=2000, help="training steps in all (a resume counts on)"
+    )
+    p.add_argument("--batch", type=int, default=32, help="examples per training step")
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 (consistency), 1e-5 (dmd2)")
     p.add_argument(
         "--data",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import os
 import sys
@@ -28,6 +29,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+# a sentence ends at a period before a capital or an opening bracket, except after these
+_SENTENCE = re.compile(
+    r"(?<!\bal)(?<!\beq)(?<!\bcf)(?<!e\.g)(?<!i\.e)(?<!Sec)(?<!Alg)(?<!App)\.\s+(?=[A-Z(])"
+)
+
+
+def _summary(doc: str, width: int = 76) -> list[str]:
+    """A docstring's first sentence, whole, wrapped to ``width``."""
+    import textwrap
+
+    first = " ".join(doc.strip().split("\n\n")[0].split())
+    return textwrap.wrap(_SENTENCE.split(first, maxsplit=1)[0].rstrip(".") + ".", width) or [""]
+
+
 def _list(args) -> int:
     titles = {
         "sampler": "samplers:",
@@ -39,8 +54,8 @@ def _list(args) -> int:
         print(title)
         for name in registry.names(kind):
             opts = ", ".join(f"{k}={v}" for k, v in registry.options(kind, name).items())
-            doc = (registry.lookup(kind, name).__doc__ or "").strip().splitlines()[0]
-            print(f"  {name:20s} {doc}")
+            doc = _summary(registry.lookup(kind, name).__doc__ or "")
+            print(f"  {name:20s} {doc[0]}" + "".join(f"\n  {'':20s} {line}" for line in doc[1:]))
             if opts:
                 print(f"  {'':20s} options: {opts}")
     from ..core.spacing import SPACING_DOCS, SPACING_OPTIONS
@@ -159,6 +174,9 @@ def _tiny(args) -> int:
         dir=target if os.path.isdir(target) else parent, prefix=".diffguide-tiny-"
     )
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; a model folder is a plain one
         tiny.save(tmp, args.family)
         if os.path.isdir(target):  # a model's folder, or an empty one
             replace_model_files(tmp, target)

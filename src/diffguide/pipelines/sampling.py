@@ -108,7 +108,7 @@ def _each(pipe, req, bar):
         if req.callback is not None:
             req.callback(st, xt)
         if req.callback_on_step_end is not None:
-            tm = torch.tensor(req.info.schedule.model_time(st.t), dtype=torch.float32)
+            tm = torch.as_tensor(req.info.schedule.model_time(st.t)).to(torch.float32)
             got = req.callback_on_step_end(pipe, st.i, tm, {"latents": xt})
             if isinstance(got, dict) and got.get("latents") is not None:
                 return got["latents"].to(xt.device, xt.dtype)
