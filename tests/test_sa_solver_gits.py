@@ -383,7 +383,7 @@ def test_gits_default_and_refusals():
 
 
 def test_gits_is_a_spacing_on_vp_models_only():
-    """spacing="gits" gives the table's levels (and the data end) on the SD table; a flow refuses."""
+    """spacing="gits" gives the table's levels (then the data end) on SD's table; flows refuse."""
     import diffguide as dg
     from diffguide.core.gits import gits_sigmas
 

@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (register the built-ins)
 )
 from .core import (
     Branch,
+    BranchParallel,
     Clip,
     Denoiser,
     DynamicThreshold,
@@ -69,6 +70,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Branch",
+    "BranchParallel",
     "CFG",
     "Clip",
     "Denoiser",

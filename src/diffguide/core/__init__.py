@@ -2,6 +2,7 @@
 
 from .denoiser import Denoiser, NetDenoiser
 from .guided import Branch, Guidance, GuidedDenoiser, Point, guide
+from .parallel_branches import BranchParallel
 from .pred import Pred
 from .registry import parse_spec, register, to_spec
 from .sample import (

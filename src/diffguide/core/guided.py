@@ -261,6 +261,7 @@ class GuidedDenoiser:
         max_batch: int | None = None,
         stitch=None,
         cache=None,
+        parallel=None,
     ):
         if "main" not in models:
             raise ValueError("models must include a 'main' denoiser")
@@ -286,6 +287,11 @@ class GuidedDenoiser:
         )
         self.stitch = stitch
         self.cache = cache
+        from .parallel_branches import as_parallel
+
+        self.parallel = as_parallel(parallel)
+        if self.parallel is not None and cache is not None:
+            raise ValueError("a step cache cannot act on forwards split across processes")
         guidance.check(self.models)
         if cache is not None:
             cache.check(main)
@@ -437,6 +443,14 @@ class GuidedDenoiser:
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         t = ts[0] if len(ts) == 1 or ts[0].ndim == 0 else torch.cat(ts)
         step = x.shape[0] if self.max_batch is None else self.max_batch
+        n, world, lo = x.shape[0], 1, 0
+        if self.parallel is not None and not (grad or torch.is_grad_enabled()):
+            rank, world = self.parallel.world()  # an autograd forward runs whole on each process
+        if world > 1:  # this process's share of the rows; counted as one process would
+            lo, hi = self.parallel.bounds(n, rank, world)
+            x, t, cond = x[lo:hi], t if t.ndim == 0 else t[lo:hi], _rows(cond, slice(lo, hi))
+            step = max(x.shape[0], 1) if self.max_batch is None else self.max_batch
+            self.forwards += -(-n // (n if self.max_batch is None else self.max_batch))
         masks, whole = {}, contextlib.ExitStack()
         for p in dict.fromkeys(perturbs):
             if p is None:
@@ -444,7 +458,8 @@ class GuidedDenoiser:
             if not getattr(p, "rowwise", False):  # then it is this group's only branch
                 whole.enter_context(p.apply(net, self.noise))
                 continue
-            masks[p] = [q == p for n, q in zip(sizes, perturbs) for _ in range(n)]  # a flag per row
+            flags = [q == p for k, q in zip(sizes, perturbs) for _ in range(k)]  # a flag per row
+            masks[p] = flags[lo : lo + x.shape[0]]
         chunks = []
         with whole, torch.set_grad_enabled(grad or torch.is_grad_enabled()):
             for i in range(0, x.shape[0], step):
@@ -461,8 +476,11 @@ class GuidedDenoiser:
                 if not isinstance(pred, Pred):
                     raise ValueError(f"model {model!r} returned {type(pred).__name__}, not a Pred")
                 chunks.append(pred)
-                self.forwards += 1
-        return (Pred.cat(chunks) if len(chunks) > 1 else chunks[0]).split(sizes)
+                self.forwards += world == 1
+        pred = (Pred.cat(chunks) if len(chunks) > 1 else chunks[0]) if chunks else None
+        if world > 1:
+            pred = self.parallel.gather(pred, n, x, world)
+        return pred.split(sizes)
 
 
 def guide(
@@ -477,6 +495,7 @@ def guide(
     max_batch: int | None = None,
     stitch=None,
     cache=None,
+    parallel=None,
 ) -> GuidedDenoiser:
     """The ``(x, t) -> Pred`` callable a sampler consumes: ``denoiser`` guided by ``guidance``.
 
@@ -486,7 +505,8 @@ def guide(
     ``max_batch`` caps the rows of one forward pass. ``stitch`` (a ``Stitch``) runs the model it
     names (in ``models``) for the first steps (T-Stitch). ``cache`` (a step cache or a spec such
     as ``"first_block:threshold=0.1"``) reuses the main network's blocks across steps, per
-    branch.
+    branch. ``parallel`` (``"branches"`` or a ``BranchParallel``) splits the rows of every forward
+    across the processes of an initialised ``torch.distributed`` group (core.parallel_branches).
     """
     from .registry import parse_spec  # deferred: methods register on import
 
@@ -509,4 +529,5 @@ def guide(
         max_batch=max_batch,
         stitch=stitch,
         cache=cache,
+        parallel=parallel,
     )
