@@ -122,3 +122,51 @@ def test_a_cache_and_branch_parallelism_are_refused():
         )
     with pytest.raises(ValueError, match="parallel"):
         dg.guide(den, "cfg:scale=5", torch.zeros(1, 5, 32), parallel="rows")
+
+
+PIPELINE_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from diffguide.pipelines import GuidedPipeline
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+gp = GuidedPipeline.from_pretrained("builtin", progress=False)
+prompts, spec = ["a red circle", "a blue square"], "cfg:scale=5+pag:scale=2"
+out = gp(prompts, guidance=spec, steps=4, seed=[0, 1], output_type="latent", parallel="branches")
+torch.save((out.images, out.nfe), f"{sys.argv[1]}.{dist.get_rank()}")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_the_pipeline_option_shares_one_call_and_equals_one_process(tmp_path):
+    """GuidedPipeline(..., parallel="branches") under torchrun: both processes end with the images
+    one process makes alone; the option refuses a cache and a captured loop."""
+    from diffguide.pipelines import GuidedPipeline
+
+    script = tmp_path / "pipe.py"
+    script.write_text(PIPELINE_SCRIPT)
+    res = subprocess.run(
+        LAUNCH + [str(script), str(tmp_path / "out")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    gp = GuidedPipeline.from_pretrained("builtin", progress=False)
+    ref = gp(
+        ["a red circle", "a blue square"],
+        guidance="cfg:scale=5+pag:scale=2",
+        steps=4,
+        seed=[0, 1],
+        output_type="latent",
+    )
+    for r in range(2):
+        images, nfe = torch.load(tmp_path / f"out.{r}")
+        assert float((images - ref.images).abs().max()) <= 1e-5 and nfe == ref.nfe
+    with pytest.raises(ValueError, match="without a step cache"):
+        gp("a cat", steps=2, parallel="branches", cache="deepcache")
+    with pytest.raises(ValueError, match="parallel must be"):
+        gp("a cat", steps=2, parallel="rows")

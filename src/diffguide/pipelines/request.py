@@ -72,6 +72,7 @@ class Request:
     frames: int = 1  # a video model's frames per clip
     expert_guidance: Any = None  # a two-expert model's guidance on its second expert's steps
     frame: Any = None  # image to video: (the first frame in [-1, 1] [1, 3, H, W], as given)
+    parallel: Any = None  # "branches": each forward's rows shared by the torch.distributed group
 
     @property
     def batch(self) -> int:
@@ -333,6 +334,7 @@ def plan(
     num_frames=None,
     guidance_2=None,
     guidance_scale_2=None,
+    parallel=None,
 ) -> Request:
     """Check and resolve a call's arguments (those of ``GuidedPipeline.__call__``) into a
     Request."""
@@ -394,6 +396,13 @@ def plan(
     g2 = _expert_guidance(pipe, guidance, guidance_scale, guidance_2, guidance_scale_2, stitch)
     cache = _cache(pipe, cache)
     frames = _frames(pipe, num_frames)
+    if parallel not in (None, "branches"):
+        raise ValueError(f"parallel must be None or 'branches', got {parallel!r}")
+    if parallel and (cache is not None or cuda_graph):
+        raise ValueError(
+            "parallel='branches' gathers every forward across processes: it runs without a step "
+            "cache and outside a captured CUDA graph"
+        )
     if cuda_graph:
         pipe._check_graph(g, callback, callback_on_step_end)
         if cache is not None and not cache.capturable:
@@ -471,6 +480,7 @@ def plan(
         frames,
         g2,
         frame,
+        parallel,
     )
 
 

@@ -67,6 +67,7 @@ def guided_maker(pipe, req, conds):
             models=models,
             stitch=stitch,
             cache=req.cache,
+            parallel=req.parallel,
         )
 
     def make(rows=None):
