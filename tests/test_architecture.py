@@ -18,6 +18,7 @@ LAYERS = {
     "toy": 1,
     "images": 1,
     "noise": 2,
+    "cache": 2,  # step caches: hooks on the network's blocks, beside the perturbations they follow
     "pipelines": 3,
     "evaluate": 4,
     "distill": 5,
