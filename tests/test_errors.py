@@ -14,8 +14,8 @@ def test_unknown_names_list_the_valid_ones():
         dg.get_sampler("dpm_2m")
     with pytest.raises(
         ValueError,
-        match=r"unknown guidance 'cgf'; choose one of: ag, apg, autoguidance, cfg, cfg_zero_star, "
-        r"cfgpp, fdg, icg, .*, tsg",
+        match=r"unknown guidance 'cgf'; choose one of: ag, apg, apg_mix, autoguidance, cfg, "
+        r"cfg_renorm, cfg_zero_star, cfgpp, fdg, fresca, icg, .*, tsg",
     ):
         dg.get_guidance("cgf")
     with pytest.raises(ValueError, match=r"unknown sampler 'nope'"):

@@ -73,6 +73,8 @@ def test_every_guidance(family, spec):
         )  # from step 1 (0.01 n < i)
     elif spec == "cfg_zero_star":  # the first step is zero-initialised, with no network
         assert nfe == 2 * (STEPS - 1)
+    elif spec == "stg":  # CFG's two branches and the skipped-block one, at every step
+        assert nfe == 3 * STEPS
     else:
         assert nfe == 2 * STEPS
 

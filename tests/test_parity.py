@@ -14,6 +14,10 @@ import torch
 from helpers import PARITY_CASES, WellPosed, gmm_eps_model, parity_run, sd_schedule, tiny_unet
 
 TOL = 1e-5
+# diffusers' DEISMultistepScheduler at order 3 builds its coefficients in float32: its samples moved
+# by about 1e-5 between installs (2.7e-5 on the mixture with numpy 2.4.6), where every other case
+# stays under 3e-6
+TOLS = {"deis_3": 5e-5}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,7 @@ def test_unet_eps(case, steps, unet):
     model = WellPosed(sc, unet, "eps")
     x, ref = parity_run(case, steps, model, model.denoiser(), sc, (2, 4, 8, 8), *_text(3))
     assert 0.5 < ref.std() < 2  # unit-variance samples
-    assert (x - ref).abs().max() < TOL
+    assert (x - ref).abs().max() < TOLS.get(case, TOL)
 
 
 @pytest.mark.parametrize("case", ["dpmpp_2m", "ddim", "euler", "heun"])
@@ -51,4 +55,4 @@ def test_gaussian_mixture(case, gmm, sd):
     x, ref = parity_run(
         case, 15, gmm_eps_model(gmm), gmm, sd, (2, 2), torch.tensor([0, 2]), torch.tensor([-1, -1])
     )
-    assert (x - ref).abs().max() < TOL
+    assert (x - ref).abs().max() < TOLS.get(case, TOL)
