@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.guided import row_mask
-from ..guidance.perturb import IMAGE_FIRST, narrowed
+from ..guidance.perturb import IMAGE_FIRST, _cached, narrowed
 from ..guidance.perturb import _module as module_of
 
 # the top-level block lists of diffusers' transformers, in call order (diffusers' first-block cache
@@ -81,7 +81,8 @@ class Cache:
         net = _module(denoiser, self.name)
         if self.per == "batch":  # one decision for the whole forward, as the anchors make it
             groups = [(("batch",), sum(n for _, n in groups))]
-        return _forward_context(self, state, groups, blocks(net, self.name))
+        found = _cached(net, ("cache blocks",), lambda: blocks(net, self.name))
+        return _forward_context(self, state, groups, found)
 
     def decide(self, state: CacheState, key, rows) -> bool:
         """True: run the blocks for this group's rows."""

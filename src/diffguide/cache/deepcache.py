@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.registry import register
+from ..guidance.perturb import _cached
 from .base import Cache, _module, active, wrap
 from .modules import ModuleForward, tree
 
@@ -55,7 +56,7 @@ class DeepCache(Cache):
         unet = _module(denoiser, self.name)
         if self.per == "batch":
             groups = [(("batch",), sum(n for _, n in groups))]
-        deep, leaves = _deep(unet, self.branch)
+        deep, leaves = _cached(unet, ("deepcache", self.branch), lambda: _deep(unet, self.branch))
         n_deep = sum(leaves.values())
         fwd = ModuleForward(self, state, groups, (len(leaves) - n_deep, n_deep))
         return active(fwd, deep, wrap)

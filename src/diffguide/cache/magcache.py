@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from ..core.registry import register
@@ -15,6 +16,7 @@ FLUX_RATIOS = (
 )
 
 
+@functools.lru_cache(maxsize=64)
 def ratio_list(text: str) -> tuple[float, ...]:
     """'1.0;0.98;...' -> floats (a spec's list is separated by ';')."""
     try:
@@ -26,6 +28,7 @@ def ratio_list(text: str) -> tuple[float, ...]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def nearest(ratios: tuple, n: int) -> tuple:
     """The calibrated ratios at n steps: nearest-index resampling, as the authors and diffusers."""
     if n == 1:

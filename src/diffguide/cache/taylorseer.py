@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.registry import register
+from ..guidance.perturb import _cached
 from .base import Cache, _module, active, wrap
 from .modules import ModuleForward
 
@@ -75,7 +76,8 @@ class TaylorSeer(Cache):
     def apply(self, denoiser, state, groups: list):
         if self.per == "batch":
             groups = [(("batch",), sum(n for _, n in groups))]
-        targets, forecast = self._targets(_module(denoiser, self.name))
+        net = _module(denoiser, self.name)
+        targets, forecast = _cached(net, ("taylorseer", self.modules), lambda: self._targets(net))
         state.shared["skipped"] = {id(m) for m in targets} - forecast
         fwd = ModuleForward(self, state, groups, (0, len(targets)))
         return active(fwd, targets, wrap)

@@ -3,6 +3,7 @@ Model"; ali-vilab/TeaCache)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from ..core.registry import register
@@ -59,6 +60,7 @@ class TeaCache(Cache):
         return _poly(name)
 
 
+@functools.lru_cache(maxsize=32)
 def _poly(name: str) -> tuple:
     text = COEFFICIENTS.get(name, name)
     try:

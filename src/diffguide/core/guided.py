@@ -53,7 +53,12 @@ class Point:
     step: int | None = None  # the sampler's step index and step count, where a sampler reports them
     steps: int | None = None
     kind: str | None = None  # the main network's output kind (eps, v, flow, x0), where known
-    time: float | None = None  # the main network's time input at t (one level), where known
+    clock: Any = None  # t -> the main network's time input (the denoiser's), where known
+
+    @cached_property
+    def time(self) -> float | None:
+        """The main network's time input at t (one level in sampling), read when a method asks."""
+        return None if self.clock is None or self.t.ndim else self.clock(self.t)
 
     @cached_property
     def _scalar(self):
@@ -346,8 +351,7 @@ class GuidedDenoiser:
 
     def __call__(self, x: torch.Tensor, t) -> Pred:
         t = torch.as_tensor(t, dtype=torch.float64)
-        time = self._time(t) if t.ndim == 0 else None
-        pt = Point(t, self.schedule, *self._step, self._kind, time)
+        pt = Point(t, self.schedule, *self._step, self._kind, self._time)
         g = self._guidance
         own = g is self.guidance  # an expert's own method keeps its own state
         state = self.state if own else self.expert_state
