@@ -202,9 +202,10 @@ def wan_i2v(scheduler: str = "unipc", ti2v: bool = False, net=None):
 
 
 def cogvideox(rotary: bool = True, net=None):
-    """Tiny CogVideoX at diffusers' fast-test sizes, with the published CogVideoX-5b scheduler
-    (CogVideoXDDIMScheduler: v-prediction, zero-SNR trailing table, SNR shift 1) and its 3-D
-    rotary table (``rotary=False``: the 2b's sine-cosine positions)."""
+    """Tiny CogVideoX at diffusers' fast-test sizes, with a CogVideoX-style scheduler
+    (CogVideoXDDIMScheduler: v-prediction, zero-SNR trailing table, SNR shift 1; not checked
+    against a published scheduler_config.json) and 5b's 3-D rotary table (``rotary=False``: the
+    2b's sine-cosine positions)."""
     import diffusers
 
     torch.manual_seed(30)
