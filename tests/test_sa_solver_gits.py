@@ -277,20 +277,6 @@ def test_runs_on_a_flow_schedule_and_converges(gmm):
         assert torch.isfinite(dg.sample(bound, spec, grid, z, dg.SeededNoise(SEEDS))).all()
 
 
-@pytest.mark.parametrize("spec", ["sa_solver", "sa_solver_pece", "sa_solver:simple_order_2=True"])
-def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
-    sc = gmm.schedule
-    ts = dg.timesteps(sc, 8, "karras")
-    labels = torch.tensor([1, 3])
-    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
-    z = z * float(sc.ve(ts[0])) * float(sc.alpha(ts[0]))
-    outs = [
-        dg.sample(dg.guide(gmm, g, labels, labels), spec, ts, z, dg.SeededNoise(SEEDS))
-        for g in (dg.parse_spec("guidance", "none"), dg.parse_spec("guidance", "cfgpp:scale=0.6"))
-    ]
-    assert torch.allclose(outs[0], outs[1], atol=1e-9)
-
-
 @pytest.mark.parametrize(
     "bad", ["sa_solver:eta=-1", "sa_solver:predictor_order=0", "sa_solver:corrector_order=7"]
 )

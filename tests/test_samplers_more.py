@@ -254,6 +254,21 @@ def test_dpm2_ancestral_matches_k_diffusion(gmm):
         "dpmpp_2s_singlestep",
         "deis:order=3",
         "ipndm",
+        # ComfyUI's samplers (samplers/comfy.py) and SA-Solver
+        "res_multistep",
+        "res_multistep_ancestral",
+        "gradient_estimation",
+        "heunpp2",
+        "heunpp2:churn=3",
+        "exp_heun_2_x0",
+        "exp_heun_2_x0_sde",
+        "er_sde",
+        "seeds_2",
+        "seeds_2:solver_type=phi_2",
+        "seeds_3",
+        "sa_solver",
+        "sa_solver_pece",
+        "sa_solver:simple_order_2=True",
     ],
 )
 def test_cfgpp_with_equal_branches_is_the_sampler(gmm, spec):
