@@ -279,6 +279,37 @@ REPRODUCED = {
         sd_call(7),
         TOL,
     ),
+    "cogvideox_2b_published": (  # the keys convert_cogvideox_to_diffusers.py writes: the SNR
+        "sd",  # shift comes before the zero-SNR rescale
+        {},
+        "CogVideoXDDIMScheduler",
+        {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": False,
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+            "set_alpha_to_one": True,
+            "snr_shift_scale": 3.0,
+            "timestep_spacing": "trailing",
+        },
+        sd_call(7),
+        TOL,
+    ),
+    "ddim_trained_betas_zero_snr": (  # trained betas are rescaled as the built ones are
+        "sd",
+        {},
+        "DDIMScheduler",
+        {
+            "trained_betas": (torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2).tolist(),
+            "rescale_betas_zero_snr": True,
+            "timestep_spacing": "trailing",
+            "prediction_type": "v_prediction",
+        },
+        sd_call(7),
+        TOL,
+    ),
     **{
         f"edm_{cls[3:7]}_{pred}_{sch}": (
             "sd",

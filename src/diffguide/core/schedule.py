@@ -91,6 +91,13 @@ def _at(schedule: Schedule, t: float) -> tuple[float, float, float, float]:
     )
 
 
+def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: sqrt(alpha_bar) moved to end at 0, its start kept."""
+    ab = alphas_cumprod.sqrt()
+    ab0, abT = ab[0].clone(), ab[-1].clone()
+    return ((ab - abT) * (ab0 / (ab0 - abT))) ** 2
+
+
 @dataclass(frozen=True, eq=False)
 class VPSchedule(Schedule):
     """Discrete variance-preserving schedule from a table of alphas_cumprod (DDPM, SD 1/2/XL, DiT).
@@ -133,11 +140,16 @@ class VPSchedule(Schedule):
         beta_schedule: str = "scaled_linear",
         num_train_timesteps: int = 1000,
         rescale_betas_zero_snr: bool = False,
+        snr_shift_scale: float | None = None,
+        trained_betas=None,
         **kwargs,
     ) -> "VPSchedule":
-        """The tables diffusers builds from a scheduler config (same float32 arithmetic)."""
+        """The tables diffusers builds from a scheduler config (same float32 arithmetic);
+        ``snr_shift_scale``: CogVideoX's shift, which comes before the zero-SNR rescale."""
         n = int(num_train_timesteps)
-        if beta_schedule == "linear":
+        if trained_betas is not None:
+            betas = torch.as_tensor(trained_betas, dtype=F64)
+        elif beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
             betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
@@ -151,11 +163,13 @@ class VPSchedule(Schedule):
                 f"unknown beta_schedule {beta_schedule!r}; choose one of: "
                 "linear, scaled_linear, squaredcos_cap_v2"
             )
-        if rescale_betas_zero_snr:  # Lin et al. 2023, Algorithm 1
-            ab = torch.cumprod(1 - betas, 0).sqrt()
-            ab0, abT = ab[0].clone(), ab[-1].clone()
-            ab = (ab - abT) * (ab0 / (ab0 - abT))
-            ab2 = ab**2
+        if snr_shift_scale is not None:  # CogVideoX: the SNR divided by k (SD3's shift)
+            k = float(snr_shift_scale)
+            ac = torch.cumprod(1 - betas, 0)
+            ac = ac / (k + (1 - k) * ac)
+            return cls(rescale_zero_terminal_snr(ac) if rescale_betas_zero_snr else ac, **kwargs)
+        if rescale_betas_zero_snr:  # the other schedulers rescale through their betas
+            ab2 = rescale_zero_terminal_snr(torch.cumprod(1 - betas, 0))
             betas = 1 - torch.cat([ab2[:1], ab2[1:] / ab2[:-1]])
         return cls(torch.cumprod(1.0 - betas, dim=0), **kwargs)
 

@@ -283,23 +283,16 @@ _TINY_TERMINAL = {
 
 
 def _vp_schedule(cfg, name: str = "") -> VPSchedule:
-    if cfg.get("trained_betas") is not None:
-        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
-        schedule = VPSchedule(torch.cumprod(1 - betas, 0))
-    else:
-        schedule = VPSchedule.from_betas(
-            beta_start=cfg.get("beta_start", 0.0001),
-            beta_end=cfg.get("beta_end", 0.02),
-            beta_schedule=cfg.get("beta_schedule", "linear"),
-            num_train_timesteps=cfg.get("num_train_timesteps", 1000),
-            rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False),
-        )
+    schedule = VPSchedule.from_betas(
+        beta_start=cfg.get("beta_start", 0.0001),
+        beta_end=cfg.get("beta_end", 0.02),
+        beta_schedule=cfg.get("beta_schedule", "linear"),
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        rescale_betas_zero_snr=cfg.get("rescale_betas_zero_snr", False),
+        snr_shift_scale=cfg.get("snr_shift_scale"),  # CogVideoX's schedulers
+        trained_betas=cfg.get("trained_betas"),
+    )
     ac = schedule.alphas_cumprod
-    if (
-        cfg.get("snr_shift_scale") is not None
-    ):  # CogVideoX's schedulers: the SNR divided by the scale (SD3's shift)
-        k = float(cfg["snr_shift_scale"])
-        return VPSchedule(ac / (k + (1 - k) * ac))
     if name in _TINY_TERMINAL and float(ac[-1]) == 0.0:
         ac = ac.clone()
         ac[-1] = 2.0**-24

@@ -202,10 +202,10 @@ def wan_i2v(scheduler: str = "unipc", ti2v: bool = False, net=None):
 
 
 def cogvideox(rotary: bool = True, net=None):
-    """Tiny CogVideoX at diffusers' fast-test sizes, with a CogVideoX-style scheduler
-    (CogVideoXDDIMScheduler: v-prediction, zero-SNR trailing table, SNR shift 1; not checked
-    against a published scheduler_config.json) and 5b's 3-D rotary table (``rotary=False``: the
-    2b's sine-cosine positions)."""
+    """Tiny CogVideoX at diffusers' fast-test sizes with 5b's settings: the 3-D rotary table, SNR
+    shift 1 and VAE scale 0.7 (``rotary=False``: 2b's sine-cosine positions, SNR shift 3, scale
+    1.15258426). The scheduler's keys and values are those diffusers' conversion script
+    (convert_cogvideox_to_diffusers.py) writes into the published folders."""
     import diffusers
 
     torch.manual_seed(30)
@@ -242,6 +242,7 @@ def cogvideox(rotary: bool = True, net=None):
         layers_per_block=1,
         norm_num_groups=2,
         temporal_compression_ratio=4,
+        scaling_factor=0.7 if rotary else 1.15258426,
     ).eval()
     sch = diffusers.CogVideoXDDIMScheduler(
         beta_schedule="scaled_linear",
@@ -251,7 +252,7 @@ def cogvideox(rotary: bool = True, net=None):
         prediction_type="v_prediction",
         rescale_betas_zero_snr=True,
         set_alpha_to_one=True,
-        snr_shift_scale=1.0,
+        snr_shift_scale=1.0 if rotary else 3.0,
         steps_offset=0,
         timestep_spacing="trailing",
     )
