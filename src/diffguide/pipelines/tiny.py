@@ -167,17 +167,12 @@ def wan_i2v(scheduler: str = "unipc", ti2v: bool = False, net=None):
     import diffusers
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    t2v = wan(scheduler, net=None if ti2v else {"in_channels": 36, "image_dim": 4, **(net or {})})
+    parts = {k: getattr(t2v, k) for k in ("tokenizer", "text_encoder", "vae", "scheduler")}
     if ti2v:
-        t2v = wan(scheduler)
         return diffusers.WanImageToVideoPipeline(
-            tokenizer=t2v.tokenizer,
-            text_encoder=t2v.text_encoder,
-            vae=t2v.vae,
-            scheduler=t2v.scheduler,
-            transformer=t2v.transformer,
-            expand_timesteps=True,
+            **parts, transformer=t2v.transformer, expand_timesteps=True
         )
-    t2v = wan(scheduler, net={"in_channels": 36, "image_dim": 4, **(net or {})})
     torch.manual_seed(24)
     encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
@@ -191,10 +186,7 @@ def wan_i2v(scheduler: str = "unipc", ti2v: bool = False, net=None):
         )
     ).eval()
     return diffusers.WanImageToVideoPipeline(
-        tokenizer=t2v.tokenizer,
-        text_encoder=t2v.text_encoder,
-        vae=t2v.vae,
-        scheduler=t2v.scheduler,
+        **parts,
         transformer=t2v.transformer,
         image_encoder=encoder,
         image_processor=CLIPImageProcessor(crop_size=32, size=32),
