@@ -1351,6 +1351,574 @@ PUBLISHED = {
             "net: derived from the conversion script",
         ],
     },
+    # ------------------------------------------------------------------------------ Wan 2.1 T2V
+    # 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers).  Scheduler: the dict ostris/ai-toolkit@1bf2f2e3
+    # toolkit/models/wan21/wan21.py keeps as scheduler_configUniPC (_diffusers_version 0.33.0.dev0,
+    # used for Wan 2.1 generation); it is what diffusers@58eb52c0 scripts/convert_wan_to_diffusers.py
+    # writes for T2V (UniPCMultistepScheduler(prediction_type="flow_prediction",
+    # use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0) on the class defaults), and it
+    # serialises to 751 bytes, the size the hub's tree page (docs corpus:
+    # huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/tree/main/scheduler, commit b7f0d36 "Update
+    # scheduler/scheduler_config.json (#4)") shows.  VAE: AutoencoderKLWan, no scaling_factor; the
+    # per-channel latents_mean / latents_std of huggingface.co/ai-toolkit/wan2.1-vae config.json
+    # (saved from this folder: _name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers) and
+    # huggingface.co/diffusers/Wan2.1-VAE config.json (0.33.0.dev0), also the class defaults.
+    # Transformer: the conversion script's Wan-T2V-1.3B dict.  Call: WanPipeline.__call__ defaults
+    # (480x832, 81 frames, 50 steps, guidance 5.0); negative prompt of Wan-Video/Wan2.1@9737cba9
+    # README.md's diffusers example (the same in diffusers' pipeline_wan.py EXAMPLE_DOC_STRING).
+    # The original code (Wan2.1 generate.py) defaults sample_shift to 5.0 for every T2V task; the
+    # diffusers folder keeps 3.0.
+    # ------------------------------------------------------------------------------
+    "wan21_t2v_1_3b": {
+        "repo": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        "scheduler": {
+            "folder": {
+                "class": "UniPCMultistepScheduler",
+                "config": {
+                    "beta_end": 0.02,
+                    "beta_schedule": "linear",
+                    "beta_start": 0.0001,
+                    "disable_corrector": [],
+                    "dynamic_thresholding_ratio": 0.995,
+                    "final_sigmas_type": "zero",
+                    "flow_shift": 3.0,
+                    "lower_order_final": True,
+                    "num_train_timesteps": 1000,
+                    "predict_x0": True,
+                    "prediction_type": "flow_prediction",
+                    "rescale_betas_zero_snr": False,
+                    "sample_max_value": 1.0,
+                    "solver_order": 2,
+                    "solver_p": None,
+                    "solver_type": "bh2",
+                    "steps_offset": 0,
+                    "thresholding": False,
+                    "timestep_spacing": "linspace",
+                    "trained_betas": None,
+                    "use_beta_sigmas": False,
+                    "use_exponential_sigmas": False,
+                    "use_flow_sigmas": True,
+                    "use_karras_sigmas": False,
+                },
+            },
+            "recommended": None,
+        },
+        "vae": {
+            "class": "AutoencoderKLWan",
+            "config": {
+                "z_dim": 16,
+                "latents_mean": [
+                    -0.7571,
+                    -0.7089,
+                    -0.9113,
+                    0.1075,
+                    -0.1745,
+                    0.9653,
+                    -0.1517,
+                    1.5508,
+                    0.4134,
+                    -0.0715,
+                    0.5517,
+                    -0.3632,
+                    -0.1922,
+                    -0.9497,
+                    0.2503,
+                    -0.2921,
+                ],
+                "latents_std": [
+                    2.8184,
+                    1.4541,
+                    2.3275,
+                    2.6558,
+                    1.2196,
+                    1.7708,
+                    2.6052,
+                    2.0743,
+                    3.2687,
+                    2.1526,
+                    2.8652,
+                    1.5579,
+                    1.6382,
+                    1.1253,
+                    2.8251,
+                    1.916,
+                ],
+            },
+            "absent": {},
+            "note": "the class has no scaling_factor / shift_factor: WanPipeline normalises latents per "
+            "channel, (z - latents_mean) / latents_std",
+        },
+        "net": {
+            "class": "WanTransformer3DModel",
+            "config": {
+                "in_channels": 16,
+                "out_channels": 16,
+                "patch_size": [1, 2, 2],
+                "qk_norm": "rms_norm_across_heads",
+                "cross_attn_norm": True,
+                "eps": 1e-06,
+                "freq_dim": 256,
+                "text_dim": 4096,
+                "added_kv_proj_dim": None,
+            },
+            "absent": {"rope_max_seq_len": 1024, "image_dim": None, "pos_embed_seq_len": None},
+        },
+        "pipeline": {
+            "class": "WanPipeline",
+            "call": {
+                "num_inference_steps": 50,
+                "guidance_scale": 5.0,
+                "num_frames": 81,
+                "height": 480,
+                "width": 832,
+                "negative_prompt": "Bright tones, overexposed, static, blurred details, subtitles, style, "
+                "works, paintings, images, static, overall gray, worst quality, low quality, JPEG "
+                "compression residue, ugly, incomplete, extra fingers, poorly drawn hands, poorly drawn "
+                "faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+                "background, three legs, many people in the background, walking backwards",
+            },
+            "note": "CFG with the negative prompt (guidance_scale > 1); the 1.3B model is 480P only "
+            "(Wan2.1 configs SUPPORTED_SIZES t2v-1.3B: 480*832, 832*480)",
+        },
+        "source": {
+            "scheduler": "ostris/ai-toolkit@1bf2f2e3 toolkit/models/wan21/wan21.py (scheduler_configUniPC, "
+            "0.33.0.dev0); diffusers@58eb52c0 scripts/convert_wan_to_diffusers.py (T2V flow_shift 3.0); "
+            "hub tree page huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/tree/main/scheduler (751 bytes)",
+            "vae": "huggingface.co/ai-toolkit/wan2.1-vae config.json (_name_or_path this folder, 0.35.0.dev0); "
+            "huggingface.co/diffusers/Wan2.1-VAE config.json; AutoencoderKLWan defaults (diffusers 0.42.1)",
+            "net": "diffusers@58eb52c0 scripts/convert_wan_to_diffusers.py (get_transformer_config Wan-T2V-1.3B)",
+            "pipeline": "WanPipeline.__call__ (diffusers 0.42.1); Wan-Video/Wan2.1@9737cba9 README.md "
+            "(diffusers example: negative_prompt, guidance_scale=5.0, num_frames=81)",
+        },
+        "unconfirmed": [
+            "scheduler.folder: the hub file itself was not seen; the values are ai-toolkit's copy for Wan 2.1 "
+            "(not named as this folder's), which agrees with the conversion script and the hub's file size",
+            "net: from the conversion script; whether the file carries rope_max_seq_len / image_dim / "
+            "pos_embed_seq_len is unconfirmed (absent: the class defaults)",
+            "pipeline.call: the Wan-AI/Wan2.1-T2V-1.3B-Diffusers card itself was not seen; size, frames, "
+            "steps and guidance are WanPipeline's defaults, the negative prompt the Wan2.1 README's",
+        ],
+    },
+    # ------------------------------------------------------------------------------ Wan 2.1 T2V 14B
+    # (Wan-AI/Wan2.1-T2V-14B-Diffusers).  Its scheduler file was not seen.  The hub's model_index.json
+    # names FlowMatchEulerDiscreteScheduler at the first diffusers upload (docs corpus:
+    # .../Wan2.1-T2V-14B-Diffusers/blob/refs%2Fpr%2F4/model_index.json, 6061db4) and
+    # UniPCMultistepScheduler later (.../blob/refs%2Fpr%2F5/model_index.json), as for the 1.3B
+    # folder; the conversion script writes flow_shift 3.0 for every T2V model, recorded here.  The
+    # card recommends flow_shift 5.0 for 720P: diffusers pipeline_wan.py EXAMPLE_DOC_STRING
+    # (UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=5.0), 720x1280, 81
+    # frames, guidance 5.0, "5.0 for 720P, 3.0 for 480P"), the same in Wan-Video/Wan2.1@9737cba9
+    # README.md (a fresh UniPCMultistepScheduler(prediction_type='flow_prediction',
+    # use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0): equal, the other keys being
+    # the class defaults).  Transformer: the conversion script's Wan-T2V-14B dict.
+    # ------------------------------------------------------------------------------
+    "wan21_t2v_14b": {
+        "repo": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+        "scheduler": {
+            "folder": {
+                "class": "UniPCMultistepScheduler",
+                "derived": True,
+                "config": {
+                    "beta_end": 0.02,
+                    "beta_schedule": "linear",
+                    "beta_start": 0.0001,
+                    "disable_corrector": [],
+                    "dynamic_thresholding_ratio": 0.995,
+                    "final_sigmas_type": "zero",
+                    "flow_shift": 3.0,
+                    "lower_order_final": True,
+                    "num_train_timesteps": 1000,
+                    "predict_x0": True,
+                    "prediction_type": "flow_prediction",
+                    "rescale_betas_zero_snr": False,
+                    "sample_max_value": 1.0,
+                    "solver_order": 2,
+                    "solver_p": None,
+                    "solver_type": "bh2",
+                    "steps_offset": 0,
+                    "thresholding": False,
+                    "timestep_spacing": "linspace",
+                    "trained_betas": None,
+                    "use_beta_sigmas": False,
+                    "use_exponential_sigmas": False,
+                    "use_flow_sigmas": True,
+                    "use_karras_sigmas": False,
+                },
+            },
+            "recommended": {
+                "class": "UniPCMultistepScheduler",
+                "base": "wan21_t2v_14b",
+                "overrides": {"flow_shift": 5.0},
+                "call": {"height": 720, "width": 1280},
+                "source": "diffusers pipeline_wan.py EXAMPLE_DOC_STRING (diffusers 0.42.1) and "
+                "Wan-Video/Wan2.1@9737cba9 README.md: flow_shift = 5.0 '# 5.0 for 720P, 3.0 for 480P', "
+                "height=720, width=1280",
+            },
+        },
+        "vae": {"same_as": "wan21_t2v_1_3b"},
+        "net": {
+            "class": "WanTransformer3DModel",
+            "config": {
+                "in_channels": 16,
+                "out_channels": 16,
+                "patch_size": [1, 2, 2],
+                "qk_norm": "rms_norm_across_heads",
+                "cross_attn_norm": True,
+                "eps": 1e-06,
+                "freq_dim": 256,
+                "text_dim": 4096,
+                "added_kv_proj_dim": None,
+            },
+            "absent": {"rope_max_seq_len": 1024, "image_dim": None, "pos_embed_seq_len": None},
+        },
+        "pipeline": {
+            "class": "WanPipeline",
+            "call": {
+                "num_inference_steps": 50,
+                "guidance_scale": 5.0,
+                "num_frames": 81,
+                "height": 480,
+                "width": 832,
+                "negative_prompt": "Bright tones, overexposed, static, blurred details, subtitles, style, "
+                "works, paintings, images, static, overall gray, worst quality, low quality, JPEG "
+                "compression residue, ugly, incomplete, extra fingers, poorly drawn hands, poorly drawn "
+                "faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+                "background, three legs, many people in the background, walking backwards",
+            },
+            "note": "the folder's scheduler (flow_shift 3.0) is the 480P setting; the card's 720P call is "
+            "the recommended scheduler (flow_shift 5.0) at 720x1280",
+        },
+        "source": {
+            "scheduler": "derived: diffusers@58eb52c0 scripts/convert_wan_to_diffusers.py (T2V flow_shift 3.0) on "
+            "UniPCMultistepScheduler's defaults, the key set of the 1.3B folder's file (0.33.0.dev0); "
+            "hub model_index.json refs/pr/4 and refs/pr/5 (docs corpus)",
+            "vae": "same VAE as the 1.3B folder: convert_wan_to_diffusers.py convert_vae() (Wan2.1_VAE.pth)",
+            "net": "diffusers@58eb52c0 scripts/convert_wan_to_diffusers.py (get_transformer_config Wan-T2V-14B)",
+            "pipeline": "WanPipeline.__call__ (diffusers 0.42.1); Wan-Video/Wan2.1@9737cba9 README.md "
+            "(negative_prompt, guidance_scale=5.0, num_frames=81)",
+        },
+        "unconfirmed": [
+            "scheduler.folder: derived, the hub scheduler_config.json was not seen; brief suggested flow_shift "
+            "5.0 (720P per card): the card applies 5.0 by replacing the scheduler (recorded as 'recommended'), "
+            "and the conversion script writes 3.0 for T2V; the folder's own value is unconfirmed",
+            "vae: same_as the 1.3B folder by the conversion script; this folder's vae/config.json not seen",
+            "net: from the conversion script (optional keys as in the 1.3B entry)",
+        ],
+    },
+    # ------------------------------------------------------------------------------ Wan 2.2 T2V
+    # A14B (Wan-AI/Wan2.2-T2V-A14B-Diffusers): two experts, transformer above boundary_ratio x 1000
+    # and transformer_2 below.  Scheduler: ostris/ai-toolkit@0c1f6aa1
+    # extensions_built_in/diffusion_models/wan22/wan22_14b_model.py scheduler_configUniPC
+    # (_diffusers_version 0.35.0.dev0, with time_shift_type / use_dynamic_shifting; used with
+    # boundary_ratio_t2v 0.875); the conversion script writes flow_shift 3.0 and boundary_ratio 0.875
+    # for "Wan2.2-T2V-A14B".  NOTE: the original Wan2.2 config (Wan-Video/Wan2.2@42bf4cfa
+    # wan/configs/wan_t2v_A14B.py) samples with shift 12.0, 40 steps, guide (3.0 low, 4.0 high),
+    # boundary 0.875; the diffusers folder keeps flow_shift 3.0 (diffusers issue #12094).
+    # transformer_2/config.json: docs corpus huggingface.co/Wan-AI/Wan2.2-T2V-A14B-Diffusers/blob/
+    # refs%2Fpr%2F2/transformer_2/config.json (0.35.0.dev0).  Call: guidance_scale=4.0,
+    # guidance_scale_2=3.0, num_inference_steps=40, 720x1280, 81 frames, the Chinese negative
+    # prompt (Wan2.2's sample_neg_prompt), as copies of the card's example show.
+    # ------------------------------------------------------------------------------
+    "wan22_t2v_a14b": {
+        "repo": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        "scheduler": {
+            "folder": {
+                "class": "UniPCMultistepScheduler",
+                "config": {
+                    "beta_end": 0.02,
+                    "beta_schedule": "linear",
+                    "beta_start": 0.0001,
+                    "disable_corrector": [],
+                    "dynamic_thresholding_ratio": 0.995,
+                    "final_sigmas_type": "zero",
+                    "flow_shift": 3.0,
+                    "lower_order_final": True,
+                    "num_train_timesteps": 1000,
+                    "predict_x0": True,
+                    "prediction_type": "flow_prediction",
+                    "rescale_betas_zero_snr": False,
+                    "sample_max_value": 1.0,
+                    "solver_order": 2,
+                    "solver_p": None,
+                    "solver_type": "bh2",
+                    "steps_offset": 0,
+                    "thresholding": False,
+                    "time_shift_type": "exponential",
+                    "timestep_spacing": "linspace",
+                    "trained_betas": None,
+                    "use_beta_sigmas": False,
+                    "use_dynamic_shifting": False,
+                    "use_exponential_sigmas": False,
+                    "use_flow_sigmas": True,
+                    "use_karras_sigmas": False,
+                },
+            },
+            "recommended": None,
+        },
+        "vae": {"same_as": "wan21_t2v_1_3b"},
+        "net": {
+            "class": "WanTransformer3DModel",
+            "config": {
+                "in_channels": 16,
+                "out_channels": 16,
+                "patch_size": [1, 2, 2],
+                "qk_norm": "rms_norm_across_heads",
+                "cross_attn_norm": True,
+                "eps": 1e-06,
+                "freq_dim": 256,
+                "text_dim": 4096,
+                "added_kv_proj_dim": None,
+                "image_dim": None,
+                "pos_embed_seq_len": None,
+                "rope_max_seq_len": 1024,
+            },
+            "absent": {},
+            "model_index": {"boundary_ratio": 0.875, "transformer_2": "WanTransformer3DModel"},
+            "note": "transformer (high noise) runs while t >= boundary_ratio * num_train_timesteps, "
+            "transformer_2 (low noise) below it; both share this config",
+        },
+        "pipeline": {
+            "class": "WanPipeline",
+            "call": {
+                "num_inference_steps": 40,
+                "guidance_scale": 4.0,
+                "guidance_scale_2": 3.0,
+                "num_frames": 81,
+                "height": 720,
+                "width": 1280,
+                "negative_prompt": "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，"
+                "最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，"
+                "畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走",
+            },
+            "note": "guidance_scale on transformer's steps, guidance_scale_2 on transformer_2's "
+            "(WanPipeline defaults guidance_scale_2 to guidance_scale)",
+        },
+        "source": {
+            "scheduler": "ostris/ai-toolkit@0c1f6aa1 extensions_built_in/diffusion_models/wan22/wan22_14b_model.py "
+            "(scheduler_configUniPC, 0.35.0.dev0); diffusers@58eb52c0 scripts/convert_wan_to_diffusers.py",
+            "vae": "convert_wan_to_diffusers.py convert_vae() for every Wan2.2 model but TI2V (Wan2.1_VAE.pth)",
+            "net": "hub transformer_2/config.json (docs corpus, refs/pr/2 page); model_index boundary_ratio: "
+            "convert_wan_to_diffusers.py (WanPipeline(..., boundary_ratio=0.875) for Wan2.2 T2V)",
+            "pipeline": "card example as copied in public repos (e.g. the QEfficient Wan example and other "
+            "callers: guidance_scale=4.0, guidance_scale_2=3.0, num_inference_steps=40, num_frames=81, "
+            "720x1280, Chinese negative prompt); Wan-Video/Wan2.2@42bf4cfa wan/configs/shared_config.py "
+            "sample_neg_prompt",
+        },
+        "unconfirmed": [
+            "scheduler.folder: ai-toolkit's copy for Wan 2.2 14B, not a mirror of the folder's file",
+            "net: only transformer_2/config.json was seen (a PR ref page); transformer/config.json assumed equal",
+            "pipeline.call: the card itself was not seen; values from third-party copies of its example",
+            "vae: this folder's vae/config.json not seen (same_as the 1.3B folder by the conversion script)",
+        ],
+    },
+    # ------------------------------------------------------------------------------ CogVideoX-2b
+    # (THUDM/CogVideoX-2b).  Scheduler: docs corpus huggingface.co/THUDM/CogVideoX-2b/blob/
+    # refs%2Fpr%2F2/scheduler/scheduler_config.json (00da947 "Update scheduler/scheduler_config.json",
+    # 482 bytes, the size main's bf24ed3 shows), identical to kijai/ComfyUI-CogVideoXWrapper@645365c0
+    # configs/scheduler_config_2b.json (0.30.0.dev0); diffusers@58eb52c0
+    # scripts/convert_cogvideox_to_diffusers.py writes these keys (snr_shift_scale 3.0 for 2b).
+    # VAE: scaling_factor 1.15258426 (conversion script "For CogVideoX-2B, scaling_factor is
+    # 1.15258426"; THUDM/CogVideo@e519eced sat/configs/cogvideox_2b.yaml scale_factor 1.15258426).
+    # Transformer: kijai/ComfyUI-CogVideoXWrapper@645365c0 configs/transformer_config_2b.json (sine-
+    # cosine positions, use_rotary_positional_embeddings false).  Call: CogVideoXPipeline defaults
+    # and the card's example (guidance_scale=6, num_inference_steps=50, num_frames=49; 480x720 from
+    # the transformer's sample size 60x90 x 8).
+    # ------------------------------------------------------------------------------
+    "cogvideox_2b": {
+        "repo": "THUDM/CogVideoX-2b",
+        "scheduler": {
+            "folder": {
+                "class": "CogVideoXDDIMScheduler",
+                "config": {
+                    "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear",
+                    "beta_start": 0.00085,
+                    "clip_sample": False,
+                    "clip_sample_range": 1.0,
+                    "num_train_timesteps": 1000,
+                    "prediction_type": "v_prediction",
+                    "rescale_betas_zero_snr": True,
+                    "sample_max_value": 1.0,
+                    "set_alpha_to_one": True,
+                    "snr_shift_scale": 3.0,
+                    "steps_offset": 0,
+                    "timestep_spacing": "trailing",
+                    "trained_betas": None,
+                },
+            },
+            "recommended": None,
+        },
+        "vae": {
+            "class": "AutoencoderKLCogVideoX",
+            "config": {
+                "scaling_factor": 1.15258426,
+                "shift_factor": None,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
+            "absent": {},
+        },
+        "net": {
+            "class": "CogVideoXTransformer3DModel",
+            "config": {
+                "in_channels": 16,
+                "out_channels": 16,
+                "patch_size": 2,
+                "sample_frames": 49,
+                "sample_height": 60,
+                "sample_width": 90,
+                "time_embed_dim": 512,
+                "max_text_seq_length": 226,
+                "flip_sin_to_cos": True,
+                "freq_shift": 0,
+                "spatial_interpolation_scale": 1.875,
+                "temporal_interpolation_scale": 1.0,
+                "temporal_compression_ratio": 4,
+                "use_rotary_positional_embeddings": False,
+            },
+            "absent": {
+                "patch_size_t": None,
+                "use_learned_positional_embeddings": False,
+                "ofs_embed_dim": None,
+                "patch_bias": True,
+            },
+        },
+        "pipeline": {
+            "class": "CogVideoXPipeline",
+            "call": {
+                "num_inference_steps": 50,
+                "guidance_scale": 6.0,
+                "num_frames": 49,
+                "height": 480,
+                "width": 720,
+                "use_dynamic_cfg": False,
+            },
+            "note": "no negative prompt (the pipeline uses ''); use_dynamic_cfg is the pipeline default "
+            "(False): the card's example does not pass it.  THUDM/CogVideo inference/cli_demo.py swaps in "
+            "CogVideoXDPMScheduler with use_dynamic_cfg=True ('for DDIM scheduler, it should be False')",
+        },
+        "source": {
+            "scheduler": "huggingface.co/THUDM/CogVideoX-2b/blob/refs%2Fpr%2F2/scheduler/scheduler_config.json "
+            "(docs corpus); kijai/ComfyUI-CogVideoXWrapper@645365c0 configs/scheduler_config_2b.json; "
+            "diffusers@58eb52c0 scripts/convert_cogvideox_to_diffusers.py",
+            "vae": "diffusers@58eb52c0 scripts/convert_cogvideox_to_diffusers.py (--scaling_factor default "
+            "1.15258426, 'For CogVideoX-2B'); THUDM/CogVideo@e519eced sat/configs/cogvideox_2b.yaml",
+            "net": "kijai/ComfyUI-CogVideoXWrapper@645365c0 configs/transformer_config_2b.json (0.30.0.dev0)",
+            "pipeline": "CogVideoXPipeline.__call__ (diffusers 0.42.1: 50 steps, guidance_scale 6, "
+            "use_dynamic_cfg False; size and frames from the transformer config); card example as copied "
+            "in kungfuai/CVlization examples/generative/video_generation/cogvideox/generate.py "
+            "(num_inference_steps=50, num_frames=49, guidance_scale=6)",
+        },
+        "unconfirmed": [
+            "vae: the folder's vae/config.json not seen (scaling_factor from the conversion script and the "
+            "training config; force_upcast / shift / latents_* as the 5b copy and the class defaults)",
+            "net: the transformer config is kijai's copy, not a mirror of the hub page",
+            "pipeline.call: the card itself was not seen; brief said 'use_dynamic_cfg per the card': the "
+            "copies of the card's example do not pass it (pipeline default False)",
+        ],
+    },
+    # ------------------------------------------------------------------------------ CogVideoX-5b
+    # (THUDM/CogVideoX-5b).  Scheduler: kijai/ComfyUI-CogVideoXWrapper@1e269716
+    # configs/scheduler_config_5b.json (0.31.0.dev0; snr_shift_scale 1.0), the conversion script's
+    # keys with "For 5B, it is 1.0"; THUDM/CogVideo@e519eced sat/configs/cogvideox_5b.yaml
+    # shift_scale 1.0, scale_factor 0.7.  VAE: kijai/ComfyUI-CogVideoXWrapper@1e269716
+    # configs/vae_config.json (scaling_factor 0.7, force_upcast true).  Transformer:
+    # kijai/ComfyUI-CogVideoXWrapper@645365c0 configs/transformer_config_5b.json (3-D rotary
+    # positions).  Call: as the 2b.
+    # ------------------------------------------------------------------------------
+    "cogvideox_5b": {
+        "repo": "THUDM/CogVideoX-5b",
+        "scheduler": {
+            "folder": {
+                "class": "CogVideoXDDIMScheduler",
+                "config": {
+                    "beta_end": 0.012,
+                    "beta_schedule": "scaled_linear",
+                    "beta_start": 0.00085,
+                    "clip_sample": False,
+                    "clip_sample_range": 1.0,
+                    "num_train_timesteps": 1000,
+                    "prediction_type": "v_prediction",
+                    "rescale_betas_zero_snr": True,
+                    "sample_max_value": 1.0,
+                    "set_alpha_to_one": True,
+                    "snr_shift_scale": 1.0,
+                    "steps_offset": 0,
+                    "timestep_spacing": "trailing",
+                    "trained_betas": None,
+                },
+            },
+            "recommended": None,
+        },
+        "vae": {
+            "class": "AutoencoderKLCogVideoX",
+            "config": {
+                "scaling_factor": 0.7,
+                "shift_factor": None,
+                "latents_mean": None,
+                "latents_std": None,
+                "force_upcast": True,
+            },
+            "absent": {},
+        },
+        "net": {
+            "class": "CogVideoXTransformer3DModel",
+            "config": {
+                "in_channels": 16,
+                "out_channels": 16,
+                "patch_size": 2,
+                "sample_frames": 49,
+                "sample_height": 60,
+                "sample_width": 90,
+                "time_embed_dim": 512,
+                "max_text_seq_length": 226,
+                "flip_sin_to_cos": True,
+                "freq_shift": 0,
+                "spatial_interpolation_scale": 1.875,
+                "temporal_interpolation_scale": 1.0,
+                "temporal_compression_ratio": 4,
+                "use_rotary_positional_embeddings": True,
+            },
+            "absent": {
+                "patch_size_t": None,
+                "use_learned_positional_embeddings": False,
+                "ofs_embed_dim": None,
+                "patch_bias": True,
+            },
+        },
+        "pipeline": {
+            "class": "CogVideoXPipeline",
+            "call": {
+                "num_inference_steps": 50,
+                "guidance_scale": 6.0,
+                "num_frames": 49,
+                "height": 480,
+                "width": 720,
+                "use_dynamic_cfg": False,
+            },
+            "note": "as the 2b; THUDM/CogVideo cli_demo.py recommends CogVideoXDPMScheduler with "
+            "use_dynamic_cfg=True for 5B (not the folder's scheduler, not recorded here)",
+        },
+        "source": {
+            "scheduler": "kijai/ComfyUI-CogVideoXWrapper@1e269716 configs/scheduler_config_5b.json; diffusers@58eb52c0 "
+            "scripts/convert_cogvideox_to_diffusers.py ('For 5B, it is 1.0'); THUDM/CogVideo@e519eced "
+            "sat/configs/cogvideox_5b.yaml (shift_scale 1.0)",
+            "vae": "kijai/ComfyUI-CogVideoXWrapper@1e269716 configs/vae_config.json (scaling_factor 0.7); "
+            "THUDM/CogVideo@e519eced sat/configs/cogvideox_5b.yaml (scale_factor 0.7)",
+            "net": "kijai/ComfyUI-CogVideoXWrapper@645365c0 configs/transformer_config_5b.json",
+            "pipeline": "CogVideoXPipeline.__call__ (diffusers 0.42.1); card example as copied in "
+            "kungfuai/CVlization examples/generative/video_generation/cogvideox/generate.py",
+        },
+        "unconfirmed": [
+            "scheduler.folder: kijai's copy (named for 5b, 0.31.0.dev0), not a mirror of the hub file; the hub "
+            "tree pages show a 482-byte file for CogVideoX-5b mirrors (vdo/CogVideoX-5b), kijai's copy is 481 "
+            "bytes (no final newline): same content as far as can be told",
+            "vae: kijai's vae_config.json is not named for 5b, but carries 5b's scaling_factor 0.7",
+            "net: kijai's transformer_config_5b.json lacks _class_name; not a verbatim hub copy",
+            "pipeline.call: the card itself was not seen (see cogvideox_2b)",
+        ],
+    },
 }
 
 

@@ -65,7 +65,13 @@ MODELS = {
     "pixart_alpha": ("pixart", {}, "cfg"),
     "pixart_sigma": ("pixart", {"sigma": True}, "cfg"),
     "dit_xl_2": ("dit", {}, "cfg"),
+    "wan21_t2v_1_3b": ("wan", {}, "cfg"),
+    "wan21_t2v_14b": ("wan", {}, "cfg"),
+    "wan22_t2v_a14b": ("wan", {"boundary_ratio": 0.875}, "cfg"),
+    "cogvideox_2b": ("cogvideox", {"rotary": False}, "cfg"),
+    "cogvideox_5b": ("cogvideox", {}, "cfg"),
 }
+VIDEO = ("wan", "cogvideox")  # builders whose pipelines return clips (.frames [B, F, H, W, 3])
 # (key, scheduler) pairs left out, with the reason
 SKIPPED = {
     (
@@ -174,6 +180,8 @@ def calls(key: str, which: str) -> tuple[dict, dict]:
         size = 32 if builder.startswith("sana") else 16
         theirs.update(height=size, width=size)
         ours.update(height=size, width=size)
+    if builder in VIDEO:  # a short clip at the tiny size (4 k + 1 frames)
+        theirs["num_frames"] = ours["num_frames"] = 9
     if builder.startswith(("sana", "pixart")):
         theirs["use_resolution_binning"] = False
     scale = card.get("guidance_scale")
@@ -182,6 +190,14 @@ def calls(key: str, which: str) -> tuple[dict, dict]:
     net = _net(key, which)
     if mode == "cfg" and scale is not None:
         ours.update({"guidance": "none"} if scale <= 1 else {"guidance_scale": scale})
+        if card.get("use_dynamic_cfg"):  # CogVideoX's dynamic CFG is diffguide's weight schedule
+            theirs["use_dynamic_cfg"] = True
+            del ours["guidance_scale"]
+            ours["guidance"] = f"cfg:scale={scale},weight_schedule=cogvideox"
+        if "guidance_scale_2" in card:  # Wan 2.2's second expert's scale
+            theirs["guidance_scale_2"] = ours["guidance_scale_2"] = card["guidance_scale_2"]
+        if card.get("negative_prompt") is not None:
+            theirs["negative_prompt"] = ours["negative_prompt"] = card["negative_prompt"]
     elif (
         mode == "embedded"
         and scale is not None
@@ -226,6 +242,8 @@ def test_every_supported_family_has_a_published_config():
         "pixart",
         "dit",
         "lcm",
+        "wan",
+        "cogvideox",
     } <= families
     for key, entry in PUBLISHED.items():
         assert entry.get("source"), f"{key}: no source"
@@ -260,9 +278,11 @@ def test_published_config_gives_the_pipelines_images(key, which):
         ref = ref_pipe(latents=z.double(), output_type="np", **theirs).images
         out = gp(latents=z, seed=SEEDS, output_type="np", **ours)
     else:
-        ref = ref_pipe(
+        result = ref_pipe(
             generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np", **theirs
-        ).images
+        )
+        # a video pipeline's clips are .frames, [B, F, H, W, 3] as diffguide's "np" clips
+        ref = result.frames if MODELS[key][0] in VIDEO else result.images
         out = gp(seed=SEEDS, output_type="np", **ours)
     diff = float(np.abs(out.images - ref).max())
     between = float(np.abs(ref[0] - ref[1]).max())
@@ -272,3 +292,17 @@ def test_published_config_gives_the_pipelines_images(key, which):
     )
     assert between > 50 * TOL, f"images hardly depend on the noise ({between})"
     assert diff < TOL, f"{key}/{which}: {diff:.2e} from {type(ref_pipe).__name__}"
+    if MODELS[key][0] in VIDEO:
+        # a tiny video VAE flattens differences (Wan's flow_shift 3 against 5 moves the tiny clip's
+        # pixels by 3e-5 but its latents by 8e-3): the latents too, [B, C, F, h, w] on both sides
+        ref_z = ref_pipe(
+            generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+            output_type="latent",
+            **theirs,
+        ).frames
+        if MODELS[key][0] == "cogvideox":  # CogVideoXPipeline's latents are frames-first
+            ref_z = ref_z.permute(0, 2, 1, 3, 4)
+        z = gp(seed=SEEDS, output_type="latent", **ours).images
+        diff_z = float((z - ref_z).abs().max())
+        print(f"published {key}/{which}: latents max diff {diff_z:.2e}")
+        assert diff_z < TOL, f"{key}/{which}: latents {diff_z:.2e} from {type(ref_pipe).__name__}"
