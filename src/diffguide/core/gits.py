@@ -438,6 +438,14 @@ GITS_ROWS = {
 GITS_COEFFS = tuple(GITS_ROWS)
 
 
+def loglinear_interp(levels, k: int) -> np.ndarray:
+    """``levels`` (descending, positive) resampled to k levels, linear in log level over a uniform
+    position from first to last: ComfyUI's loglinear_interp (Align Your Steps', GITS' and
+    OptimalSteps' nodes). Here, next to GITS' table, because core.spacing imports this module."""
+    rising = np.log(np.asarray(levels, dtype=np.float64)[::-1])
+    return np.exp(np.interp(np.linspace(0, 1, k), np.linspace(0, 1, len(rising)), rising))[::-1]
+
+
 def gits_sigmas(steps: int, coeff: float = 1.20, denoise: float = 1.0) -> list[float]:
     """GITS' VE levels for ``steps`` steps ending in 0 (ComfyUI's GITSScheduler(coeff, steps,
     denoise)): the table's row for 2..20 steps, else its 20-step row interpolated log-linearly onto
@@ -458,10 +466,8 @@ def gits_sigmas(steps: int, coeff: float = 1.20, denoise: float = 1.0) -> list[f
     rows = GITS_ROWS[key]
     if 2 <= steps <= 20:
         levels = [GITS_LEVELS[k] for k in rows[steps - 2]]
-    else:  # loglinear_interp of the 20-step row (ComfyUI's node takes no step count below 2)
-        top = np.log(np.asarray([GITS_LEVELS[k] for k in rows[-1]])[::-1])
-        new = np.interp(np.linspace(0, 1, steps + 1), np.linspace(0, 1, len(top)), top)
-        levels = [float(v) for v in np.exp(new)[::-1]]
+    else:  # the 20-step row interpolated (ComfyUI's node takes no step count below 2)
+        levels = [float(v) for v in loglinear_interp([GITS_LEVELS[k] for k in rows[-1]], steps + 1)]
     levels = levels[-(total + 1) :]
     levels[-1] = 0.0
     return levels

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .pred import Pred
-from .schedule import F64, Schedule
+from .schedule import F64, Schedule, ode_scale
 from .spacing import check_timesteps
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], Pred]
@@ -90,6 +90,10 @@ class Step:
         """True when this step lands on clean data (sigma = 0): only x0 matters there."""
         return self.s_next == 0.0
 
+    def to_lam(self, lam_next: float) -> "Step":
+        """This step ending at the half log-SNR ``lam_next`` instead (a substep's level)."""
+        return self.to(t_next=self.schedule.t_of_lam(torch.tensor(lam_next, dtype=F64)))
+
     def to(self, t=None, t_next=None) -> "Step":
         """The same step position with other endpoints (churn, ancestral and singlestep
         substeps)."""
@@ -140,13 +144,31 @@ def ancestral(st: Step, eta: float) -> tuple[float, float]:
     return math.sqrt(max(st.ve_next**2 - up**2, 0.0)), up
 
 
+def sde_factors(h: float, eta: float) -> tuple[float, float]:
+    """(e^{-eta h}, sqrt(1 - e^{-2 eta h})): the part of the current eps a data-prediction SDE step
+    of length h in lambda keeps, and the std of the fresh noise it adds, both in units of s'
+    (Lu et al. 2022, SDE-DPM-Solver++; eta = 0 is the ODE: 1 and 0)."""
+    if not eta:
+        return 1.0, 0.0
+    return math.exp(-eta * h), math.sqrt(-math.expm1(-2 * eta * h))
+
+
+def data_sde_step(st: Step, x0, eps, eta: float, s_noise: float, z=None):
+    """a' x0 + s' e^{-eta h} eps (+ s' sqrt(1 - e^{-2 eta h}) s_noise z): the first-order step of
+    ``sde_factors``. The caller draws z or passes None, so whether a step uses the random stream
+    stays its own rule."""
+    keep, fresh = sde_factors(st.h, eta)
+    out = st.a_next * x0 + (st.s_next * keep) * eps
+    return out if z is None else out + (st.s_next * fresh * s_noise) * z
+
+
 def straight(st: Step, nxt: bool = False) -> tuple[float, float, bool]:
     """(c, u, flow) at the step's start (or end) for the straight coordinates y = x / c with level
     u = s / c, where the probability-flow ODE is dy/du = d: c = a and u the VE level on VP schedules
     (EDM), c = a + s = 1 and u the flow time on flow schedules (``ode_space``)."""
     a, s = (st.a_next, st.s_next) if nxt else (st.a, st.s)
+    c = ode_scale(st.schedule, a, s)
     flow = getattr(st.schedule, "ode_space", "ve") == "flow"
-    c = (a + s) if flow else a
     return c, (s / c if c > 0 else math.inf), flow  # a = 0: zero terminal SNR, infinitely far
 
 

@@ -91,6 +91,13 @@ def _at(schedule: Schedule, t: float) -> tuple[float, float, float, float]:
     )
 
 
+def ode_scale(schedule, a, s):
+    """c of the straight coordinates y = x / c in which the probability-flow ODE is integrated
+    (``ode_space``): a + s on flow schedules (ComfyUI's CONST models, where it is 1), else a (the
+    VE coordinates x / a). a and s may be floats or tensors."""
+    return (a + s) if getattr(schedule, "ode_space", "ve") == "flow" else a
+
+
 def rescale_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Lin et al. 2023, Algorithm 1: sqrt(alpha_bar) moved to end at 0, its start kept."""
     ab = alphas_cumprod.sqrt()
@@ -261,6 +268,12 @@ class FlowSchedule(Schedule):
     def flow_time(self, t) -> torch.Tensor:
         t = _t64(t)
         return self.shift * t / (1 + (self.shift - 1) * t)
+
+    def t_of_flow_time(self, s) -> torch.Tensor:
+        """The inverse of ``flow_time``: the time of flow time s (ComfyUI's and diffusers' flow
+        sigma), through its VE level s / (1 - s), which is inf from s = 1 on (pure noise)."""
+        s = _t64(s)
+        return self.t_of_ve(torch.where(s >= 1, torch.full_like(s, math.inf), s / (1 - s)))
 
     def index_time(self, i) -> torch.Tensor:
         """The time of training timestep index i: (i + 1) / n, as FlowMatchEulerDiscreteScheduler's

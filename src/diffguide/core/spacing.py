@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .gits import gits_sigmas
+from .gits import gits_sigmas, loglinear_interp
 from .schedule import F64, FlowSchedule, Schedule, TrigFlowSchedule, VPSchedule
 
 FINALS = ("zero", "sigma_min")
@@ -215,11 +215,8 @@ def _ays(schedule, n, model="sd1"):
     the data end."""
     if model not in AYS_LEVELS:
         raise ValueError(f"spacing 'ays' has tables for {', '.join(AYS_LEVELS)}, not {model!r}")
-    lv = np.log(np.asarray(AYS_LEVELS[model])[::-1])
-    ve = np.exp(np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(lv)), lv))[::-1][
-        :-1
-    ].copy()
-    return schedule.t_of_ve(torch.from_numpy(ve))
+    ve = loglinear_interp(AYS_LEVELS[model], n + 1)[:-1]
+    return schedule.t_of_ve(torch.from_numpy(ve.copy()))
 
 
 # A1111's Align Your Steps tables (its sd_schedulers.py): the published levels to three decimals,
@@ -241,10 +238,7 @@ def _ays_a1111(schedule, n, model="sd1"):
         )
     levels = np.asarray(AYS_LEVELS_A1111[model])
     if n != len(levels):
-        rising = np.log(levels[::-1])
-        levels = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(rising)), rising))[
-            ::-1
-        ]
+        levels = loglinear_interp(levels, n)
     return schedule.t_of_ve(torch.from_numpy(levels.copy()))
 
 
@@ -265,7 +259,7 @@ def _comfy_t(schedule, sigmas) -> torch.Tensor:
     noise), on any other the VE level itself."""
     sig = torch.as_tensor(sigmas, dtype=F64)
     if isinstance(schedule, FlowSchedule):
-        sig = torch.where(sig >= 1, torch.full_like(sig, math.inf), sig / (1 - sig))
+        return schedule.t_of_flow_time(sig)
     return schedule.t_of_ve(sig)
 
 
@@ -410,10 +404,7 @@ def _optimal_steps(schedule, n, model="flux"):
         )
     levels = np.asarray(OPTIMAL_STEPS_LEVELS[model])
     if n + 1 != len(levels):
-        rising = np.log(levels[::-1])
-        levels = np.exp(
-            np.interp(np.linspace(0, 1, n + 1), np.linspace(0, 1, len(rising)), rising)
-        )[::-1]
+        levels = loglinear_interp(levels, n + 1)
     return _comfy_t(schedule, torch.from_numpy(levels[:-1].copy()))
 
 

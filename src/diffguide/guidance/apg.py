@@ -19,6 +19,20 @@ NORMS = ("rms", "l2")
 PAPER_RMS = 15.0 / math.sqrt(4 * 128 * 128)
 
 
+def project(diff: torch.Tensor, onto: torch.Tensor, radius: float):
+    """APG's projection (Sadat et al. 2024, Alg. 1): diff clamped to the L2 ``radius`` per sample
+    (radius <= 0: no clamp), split into its parts orthogonal and parallel to ``onto``, both in
+    float64 over all non-batch dims. The caller mixes them (orth + eta par): APG in float64,
+    APGMix in the output's dtype as diffusers does, so the two round differently."""
+    dims = tuple(range(1, diff.ndim))
+    if radius > 0:
+        norm = diff.norm(p=2, dim=dims, keepdim=True)
+        diff = diff * torch.clamp(radius / norm, max=1.0)
+    d, unit = diff.double(), torch.nn.functional.normalize(onto.double(), dim=dims)
+    par = (d * unit).sum(dim=dims, keepdim=True) * unit
+    return d - par, par
+
+
 @register("guidance", "apg")
 @dataclass(frozen=True)
 class APG(Guidance):
@@ -69,15 +83,8 @@ class APG(Guidance):
         if self.momentum != 0:
             diff = diff if state is None else diff + self.momentum * state
             state = diff
-        dims = tuple(range(1, diff.ndim))
-        if self.norm_threshold > 0:
-            radius = self.norm_threshold * (
-                math.sqrt(diff[0].numel()) if self.norm == "rms" else 1.0
-            )
-            norm = diff.norm(p=2, dim=dims, keepdim=True)
-            diff = diff * torch.clamp(radius / norm, max=1.0)
-        d, unit = diff.double(), torch.nn.functional.normalize(pc.double(), dim=dims)
-        par = (d * unit).sum(dim=dims, keepdim=True) * unit
-        update = ((d - par) + self.eta * par).to(diff.dtype)
+        radius = self.norm_threshold * (math.sqrt(diff[0].numel()) if self.norm == "rms" else 1.0)
+        orth, par = project(diff, pc, radius)
+        update = (orth + self.eta * par).to(diff.dtype)
         out = pc + (self.scale - 1) * update if self.base == "cond" else pu + self.scale * update
         return Pred.from_output(self.space, out, x, pt.a, pt.s), state

@@ -5,26 +5,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ..core.guided import Branch, Guidance, Point
 from ..core.pred import Pred
 from ..core.registry import register
-from .cfg import check_space, output_space, rescaled
-from .mambo import check_finite, check_rescale, check_window, in_window
-
-
-def projected(diff: torch.Tensor, onto: torch.Tensor, eta: float, radius: float) -> torch.Tensor:
-    """APG's update (Sadat et al. 2024, Alg. 1): diff clamped to L2 ``radius`` per sample (0: no
-    clamp), then its part orthogonal to ``onto`` plus eta times its parallel part (in float64,
-    over all non-batch dims)."""
-    dims = tuple(range(1, diff.ndim))
-    if radius > 0:
-        norm = diff.norm(p=2, dim=dims, keepdim=True)
-        diff = diff * torch.minimum(torch.ones_like(diff), radius / norm)
-    d, unit = diff.double(), torch.nn.functional.normalize(onto.double(), dim=dims)
-    par = (d * unit).sum(dim=dims, keepdim=True) * unit
-    return ((d - par).to(diff.dtype)) + eta * par.to(diff.dtype)
+from .apg import project
+from .cfg import (
+    _in_guider_window,
+    check_finite,
+    check_rescale,
+    check_space,
+    check_window,
+    output_space,
+    rescaled,
+)
 
 
 @register("guidance", "apg_mix")
@@ -67,7 +60,7 @@ class APGMix(Guidance):
         return math.isclose(scale, 0.0 if self.original else 1.0)
 
     def _cfg_on(self, pt: Point) -> bool:
-        return in_window(pt, self.start, self.stop) and not self._off(self.scale)
+        return _in_guider_window(pt, self.start, self.stop) and not self._off(self.scale)
 
     def _apg_on(self, pt: Point) -> bool:
         return (
@@ -93,7 +86,10 @@ class APGMix(Guidance):
         base = c if self.original else u
         if self._apg_on(pt):
             avg = diff if self.momentum == 0 else state
-            out = base + self.apg_scale * projected(avg, c, self.eta, self.norm_threshold)
+            orth, par = project(avg, c, self.norm_threshold)
+            # rounded to the output's dtype before they are added, as diffusers' normalized_guidance
+            update = orth.to(avg.dtype) + self.eta * par.to(avg.dtype)
+            out = base + self.apg_scale * update
         else:
             out = base + self.scale * diff
         guided = Pred.from_output(space, out, x, pt.a, pt.s)

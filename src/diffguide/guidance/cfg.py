@@ -11,16 +11,17 @@ from ..core.guided import Branch, Guidance, Point
 from ..core.pred import Pred
 from ..core.registry import register
 
-# "cogvideox": CFG's own (CogVideoXPipeline's use_dynamic_cfg), not a multiplier of a delta
+# "cogvideox": CFG's own (CogVideoXPipeline's use_dynamic_cfg), not a multiplier of a delta; only
+# a guider that names it in check_shaping's ``own`` takes it
 WEIGHT_SCHEDULES = ("constant", "linear", "cosine", "clamp_linear", "clamp_cosine", "cogvideox")
+OWN_SCHEDULES = ("cogvideox",)
 RESCALE_SPACES = ("x0", "eps", "v", "flow")
 
 
 def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
     """The schedule's multiplier at progress p (mean 1 over p in [0, 1]); clamp_* floored at floor.
-    A float in sampling, a [B] tensor when pt has one level per sample."""
-    if schedule == "cogvideox":
-        raise ValueError("weight_schedule cogvideox is CFG's own (its scale, not a multiplier)")
+    A float in sampling, a [B] tensor when pt has one level per sample. ``schedule`` is one that
+    check_shaping let through without ``own`` (not a guider's own rule)."""
     p = pt.progress
     if isinstance(p, torch.Tensor):
         p = p.to(torch.float64)
@@ -36,10 +37,13 @@ def weight_factor(pt: Point, schedule: str, floor: float = 0.0):
     return clamp(k) if schedule.startswith("clamp") else k
 
 
-def check_shaping(g) -> None:
-    """Validate the weight_schedule, interval and rescale options (CFG's and Modulated's)."""
-    if g.weight_schedule == "cogvideox" and type(g).__name__ != "CFG":
-        raise ValueError("weight_schedule cogvideox is CFG's own; give it as cfg:weight_schedule=")
+def check_shaping(g, own: tuple = ()) -> None:
+    """Validate the weight_schedule, interval and rescale options (CFG's and Modulated's); ``own``:
+    the OWN_SCHEDULES that g computes itself (CFG's cogvideox), refused elsewhere."""
+    if g.weight_schedule in OWN_SCHEDULES and g.weight_schedule not in own:
+        raise ValueError(
+            f"weight_schedule {g.weight_schedule} is CFG's own; give it as cfg:weight_schedule="
+        )
     if g.weight_schedule not in WEIGHT_SCHEDULES:
         raise ValueError(
             f"unknown weight_schedule {g.weight_schedule!r}; choose one of: "
@@ -70,6 +74,31 @@ def output_space(space: str, pt: Point) -> str:
 def check_space(space: str) -> None:
     if space not in OUTPUT_SPACES:
         raise ValueError(f"unknown space {space!r}; choose one of: {', '.join(OUTPUT_SPACES)}")
+
+
+def check_finite(g, *names: str) -> None:
+    for name in names:
+        if not math.isfinite(getattr(g, name)):
+            raise ValueError(f"{name} must be a finite number, got {getattr(g, name)!r}")
+
+
+def check_rescale(rescale: float) -> None:
+    if not 0 <= rescale <= 1:
+        raise ValueError(f"rescale must be in [0, 1], got {rescale!r}")
+
+
+def check_window(start: float, stop: float) -> None:
+    if not 0 <= start <= stop <= 1:
+        raise ValueError(f"need 0 <= start <= stop <= 1, got start={start!r}, stop={stop!r}")
+
+
+def _in_guider_window(pt: Point, start: float, stop: float) -> bool:
+    """diffusers' guider window: int(start n) <= step < int(stop n) for step ``step`` of ``n``;
+    True where the sampler reports no step count (as diffusers with no num_inference_steps).
+    (perturb.in_window is another rule: SD3's for SLG.)"""
+    if pt.step is None or pt.steps is None:
+        return True
+    return int(start * pt.steps) <= pt.step < int(stop * pt.steps)
 
 
 def rescaled(x, pt: Point, c: Pred, guided: Pred, phi: float, space: str) -> Pred:
@@ -141,7 +170,7 @@ class CFG(Guidance):
     renorm: int = 0
 
     def __post_init__(self):
-        check_shaping(self)
+        check_shaping(self, own=OWN_SCHEDULES)
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be a finite number, got {self.scale!r}")
         if self.renorm < 0:
@@ -197,3 +226,26 @@ class CFG(Guidance):
         if self.renorm:
             guided = renormed(x, pt, c, guided, self.renorm, self.rescale_space)
         return guided, state
+
+
+@dataclass(frozen=True)
+class ComfyPatch(Guidance):
+    """Base of ComfyUI's cfg-function patches (Mahiro, Skimmed CFG, FreSca): ``scale`` is the
+    sampler's CFG scale (ComfyUI's KSampler default 8), and at scale 1 ComfyUI runs no uncond and
+    leaves c as it is, so only c is evaluated then. Subclasses write ``guide(x, pt, c, u)``."""
+
+    scale: float = 8.0
+
+    def __post_init__(self):
+        check_finite(self, "scale")
+
+    def branches(self, pt: Point, state=None):
+        return {"c": Branch("pos")} if self.scale == 1 else {"c": Branch("pos"), "u": Branch("neg")}
+
+    def combine(self, x, pt, preds, state):
+        if "u" not in preds:
+            return preds["c"], state
+        return self.guide(x, pt, preds["c"], preds["u"]), state
+
+    def guide(self, x, pt: Point, c: Pred, u: Pred) -> Pred:
+        raise NotImplementedError

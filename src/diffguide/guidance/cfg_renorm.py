@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from ..core.guided import Branch, Guidance, Point
 from ..core.pred import Pred
 from ..core.registry import register
-from .cfg import check_space, output_space
+from .cfg import check_finite, check_space, output_space
 
 
 @register("guidance", "cfg_renorm")
@@ -30,8 +29,7 @@ class CFGRenorm(Guidance):
     space: str = "auto"
 
     def __post_init__(self):
-        if not math.isfinite(self.scale):
-            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        check_finite(self, "scale")
         if not 0 <= self.trunc_ratio <= 1:
             raise ValueError(f"trunc_ratio must be in [0, 1], got {self.trunc_ratio!r}")
         check_space(self.space)

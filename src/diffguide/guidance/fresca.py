@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.fft as fft
 
-from ..core.guided import Branch, Guidance, Point
 from ..core.pred import as_images, Pred
 from ..core.registry import register
+from .cfg import ComfyPatch
 
 
 def fourier_filter(x: torch.Tensor, low: float, high: float, cutoff: int) -> torch.Tensor:
@@ -30,21 +29,19 @@ def fourier_filter(x: torch.Tensor, low: float, high: float, cutoff: int) -> tor
 
 @register("guidance", "fresca")
 @dataclass(frozen=True)
-class FreSca(Guidance):
+class FreSca(ComfyPatch):
     """FreSca (ComfyUI's nodes_fresca.py): CFG with the guidance c - u scaled in the Fourier domain,
     u + scale F(c - u), F multiplying the centred (2 freq_cutoff)^2 low-frequency box of each
     image's spectrum by scale_low and the rest by scale_high. On x0 as the node (deltas in every
     output space are proportional, so the space does not matter); a video's frames are filtered
     one by one. ``scale`` is the sampler's CFG scale (ComfyUI's KSampler default 8)."""
 
-    scale: float = 8.0
     scale_low: float = 1.0
     scale_high: float = 1.25
     freq_cutoff: int = 20
 
     def __post_init__(self):
-        if not math.isfinite(self.scale):
-            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        super().__post_init__()
         for name in ("scale_low", "scale_high"):
             v = getattr(self, name)
             if not 0 <= v <= 10:
@@ -58,21 +55,15 @@ class FreSca(Guidance):
                 f"freq_cutoff must be an integer in [1, 10000], got {self.freq_cutoff!r}"
             )
 
-    def branches(self, pt: Point, state=None):
-        return {"c": Branch("pos")} if self.scale == 1 else {"c": Branch("pos"), "u": Branch("neg")}
-
-    def combine(self, x, pt, preds, state):
-        if "u" not in preds:  # scale 1: ComfyUI runs no uncond and leaves c as it is
-            return preds["c"], state
-        c, u = preds["c"], preds["u"]
+    def guide(self, x, pt, c, u):
         if c.x0.ndim < 4:
             raise ValueError(
                 f"FreSca needs image-shaped outputs (B, C, H, W) or videos, got {tuple(c.x0.shape)}"
             )
-
-        def filtered(d):  # F is linear: filtering x0's and eps's deltas keeps x = a x0 + s eps
-            f = fourier_filter(as_images(d), self.scale_low, self.scale_high, self.freq_cutoff)
-            return f.reshape(d.shape)
-
+        # F is linear, so filtering x0's and eps's deltas keeps x = a x0 + s eps; and it acts per
+        # image, so both go through one FFT round trip, stacked on the batch axis
         d = c - u
-        return Pred(u.x0 + self.scale * filtered(d.x0), u.eps + self.scale * filtered(d.eps)), state
+        both = torch.cat([d.x0, d.eps])
+        f = fourier_filter(as_images(both), self.scale_low, self.scale_high, self.freq_cutoff)
+        fx, fe = f.reshape(both.shape).split(d.x0.shape[0])
+        return Pred(u.x0 + self.scale * fx, u.eps + self.scale * fe)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..core.guided import Branch, Guidance, Point
 from ..core.pred import Pred
 from ..core.registry import register
+from .cfg import ComfyPatch
 
 
 def signed_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -19,7 +18,7 @@ def signed_sqrt(v: torch.Tensor) -> torch.Tensor:
 
 @register("guidance", "mahiro")
 @dataclass(frozen=True)
-class Mahiro(Guidance):
+class Mahiro(ComfyPatch):
     """Mahiro (ComfyUI's nodes_mahiro.py): CFG on x0, g = u + scale (c - u), mixed with the "leap"
     scale c by their similarity: with sim the cosine over channels of signed square roots of
     scale u and (scale c + g) / 2, averaged over the other axes, and k = 2 (sim + 1), the output is
@@ -27,19 +26,8 @@ class Mahiro(Guidance):
     CFG scale (ComfyUI's KSampler defaults to 8). sim is averaged per sample; the node averages it
     over the batch too (the same for a batch of one)."""
 
-    scale: float = 8.0
-
-    def __post_init__(self):
-        if not math.isfinite(self.scale):
-            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
-
-    def branches(self, pt: Point, state=None):
-        return {"c": Branch("pos")} if self.scale == 1 else {"c": Branch("pos"), "u": Branch("neg")}
-
-    def combine(self, x, pt, preds, state):
-        if "u" not in preds:  # scale 1: ComfyUI runs no uncond, and the rule then gives c
-            return preds["c"], state
-        c, u = preds["c"].x0, preds["u"].x0
+    def guide(self, x, pt, pc, pu):
+        c, u = pc.x0, pu.x0
         cfg = u + self.scale * (c - u)
         leap = c * self.scale
         merge = (leap + cfg) / 2
@@ -47,4 +35,4 @@ class Mahiro(Guidance):
         sim = cos.flatten(1).mean(1) if cos.ndim > 1 else cos  # per sample
         k = (2 * (sim + 1)).view(-1, *([1] * (c.ndim - 1)))
         out = (k * cfg + (4 - k) * leap) / 4
-        return Pred.from_x0(x, out, pt.a, pt.s), state
+        return Pred.from_x0(x, out, pt.a, pt.s)

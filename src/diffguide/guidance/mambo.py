@@ -10,31 +10,15 @@ import torch
 from ..core.guided import Branch, Guidance, Point
 from ..core.pred import Pred
 from ..core.registry import register
-from .cfg import check_space, output_space, rescaled
-
-
-def in_window(pt: Point, start: float, stop: float) -> bool:
-    """diffusers' guider window: int(start n) <= step < int(stop n) for step ``step`` of ``n``;
-    True where the sampler reports no step count (as diffusers with no num_inference_steps)."""
-    if pt.step is None or pt.steps is None:
-        return True
-    return int(start * pt.steps) <= pt.step < int(stop * pt.steps)
-
-
-def check_window(start: float, stop: float) -> None:
-    if not 0 <= start <= stop <= 1:
-        raise ValueError(f"need 0 <= start <= stop <= 1, got start={start!r}, stop={stop!r}")
-
-
-def check_finite(g, *names: str) -> None:
-    for name in names:
-        if not math.isfinite(getattr(g, name)):
-            raise ValueError(f"{name} must be a finite number, got {getattr(g, name)!r}")
-
-
-def check_rescale(rescale: float) -> None:
-    if not 0 <= rescale <= 1:
-        raise ValueError(f"rescale must be in [0, 1], got {rescale!r}")
+from .cfg import (
+    _in_guider_window,
+    check_finite,
+    check_rescale,
+    check_space,
+    check_window,
+    output_space,
+    rescaled,
+)
 
 
 @register("guidance", "mambo")
@@ -65,7 +49,7 @@ class MAMBO(Guidance):
 
     def _on(self, pt: Point) -> bool:
         off = math.isclose(self.scale, 0.0 if self.original else 1.0)
-        return in_window(pt, self.start, self.stop) and not off
+        return _in_guider_window(pt, self.start, self.stop) and not off
 
     def branches(self, pt: Point, state=None):
         return {"c": Branch("pos"), "u": Branch("neg")} if self._on(pt) else {"c": Branch("pos")}

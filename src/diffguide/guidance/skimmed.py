@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.guided import Branch, Guidance, Point
+from ..core.guided import Point
 from ..core.pred import Pred, _coef
 from ..core.registry import register
+from ..core.schedule import ode_scale
+from .cfg import ComfyPatch
 
 MAX_SKIM = 10.0  # the node's widget range for Skimming_CFG: [0, 10]
 
@@ -17,10 +19,8 @@ MAX_SKIM = 10.0  # the node's widget range for Skimming_CFG: [0, 10]
 def comfy_input(x: torch.Tensor, pt: Point) -> torch.Tensor:
     """ComfyUI's sampling-space x: x / a on VP-type (eps, v) models, x itself on flow (CONST)
     models, where a + s = 1 (the schedule's ode_space: x/a or x/(a+s))."""
-    a = _coef(pt.a, x)
-    if pt.schedule.ode_space == "flow":
-        return x / (a + _coef(pt.s, x))
-    return x / a  # inf where alpha is 0 (a zero-terminal-SNR table's first level)
+    # inf where alpha is 0 on VP (a zero-terminal-SNR table's first level)
+    return x / ode_scale(pt.schedule, _coef(pt.a, x), _coef(pt.s, x))
 
 
 def skim(x, cond, uncond, scale, skimming_scale, disable_flipping_filter):
@@ -41,7 +41,7 @@ def skim(x, cond, uncond, scale, skimming_scale, disable_flipping_filter):
 
 @register("guidance", "skimmed_cfg")
 @dataclass(frozen=True)
-class SkimmedCFG(Guidance):
+class SkimmedCFG(ComfyPatch):
     """Skimmed CFG (Extraltodeus/Skimmed_CFG, node "Skimmed CFG", its default use): before CFG on
     x0, u then c are "skimmed" where CFG at ``scale`` overshoots (the signs of c - u, c, the guided
     x0 and its step from x agree), falling back to CFG at ``skimming_cfg`` there; u is skimmed
@@ -49,12 +49,11 @@ class SkimmedCFG(Guidance):
     as the node does. disable_flipping_filter drops the x-dependent sign test (ComfyUI's x: x/a,
     or x on flow models). ``scale`` is the sampler's CFG scale (ComfyUI's KSampler default 8)."""
 
-    scale: float = 8.0
     skimming_cfg: float = 7.0
     full_skim_negative: bool = False
     disable_flipping_filter: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self):  # stricter than ComfyPatch's: skim divides by the scale
         if not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError(f"scale must be a finite number other than 0, got {self.scale!r}")
         if not 0 <= self.skimming_cfg <= MAX_SKIM:
@@ -62,13 +61,8 @@ class SkimmedCFG(Guidance):
                 f"skimming_cfg must be in [0, {MAX_SKIM:g}], got {self.skimming_cfg!r}"
             )
 
-    def branches(self, pt: Point, state=None):
-        return {"c": Branch("pos")} if self.scale == 1 else {"c": Branch("pos"), "u": Branch("neg")}
-
-    def combine(self, x, pt, preds, state):
-        if "u" not in preds:  # scale 1: ComfyUI runs no uncond and leaves c as it is
-            return preds["c"], state
-        c, u = preds["c"].x0, preds["u"].x0
+    def guide(self, x, pt, pc, pu):
+        c, u = pc.x0, pu.x0
         xc = comfy_input(x.to(c.dtype), pt)
         flip, g = self.disable_flipping_filter, self.scale
         u = skim(xc, u, c, g, 0.0 if self.full_skim_negative else self.skimming_cfg, flip)
@@ -76,7 +70,7 @@ class SkimmedCFG(Guidance):
         guided = u + (c - u) * g
         if isinstance(pt.ve, torch.Tensor):  # the node skips sigma <= 0 (never, in sampling)
             keep = _coef(pt.ve > 0, guided)
-            guided = torch.where(keep, guided, preds["u"].x0 + (preds["c"].x0 - preds["u"].x0) * g)
+            guided = torch.where(keep, guided, pu.x0 + (pc.x0 - pu.x0) * g)
         elif pt.ve <= 0:
-            guided = preds["u"].x0 + (preds["c"].x0 - preds["u"].x0) * g
-        return Pred.from_x0(x, guided, pt.a, pt.s), state
+            guided = pu.x0 + (pc.x0 - pu.x0) * g
+        return Pred.from_x0(x, guided, pt.a, pt.s)

@@ -154,8 +154,7 @@ class FlowGrid:
             s = 1 - z * (1 - self.terminal) / z[-1]
         if self.respace is not None:
             s = respaced(s, self.respace)
-        t = schedule.t_of_ve(torch.where(s >= 1, torch.full_like(s, math.inf), s / (1 - s)))
-        return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+        return torch.cat([schedule.t_of_flow_time(s), torch.zeros(1, dtype=torch.float64)])
 
 
 def respaced(s: torch.Tensor, kind: str) -> torch.Tensor:

@@ -20,11 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
 
 from ..core.registry import register
-from ..core.sample import Ancestral, Churn, Sampler, straight, straight_point
-from ..core.schedule import F64
+from ..core.sample import Ancestral, Churn, Sampler, data_sde_step, straight, straight_point
 
 SEEDS_SOLVERS = ("phi_1", "phi_2")
 
@@ -49,9 +47,7 @@ def _phi2(z: float) -> float:
 
 def _at_lam(st, r: float):
     """The step from st.t to the level lam + r h (st itself when r = 1)."""
-    if r == 1:
-        return st
-    return st.to(t_next=st.schedule.t_of_lam(torch.tensor(st.lam + r * st.h, dtype=F64)))
+    return st if r == 1 else st.to_lam(st.lam + r * st.h)
 
 
 def _chain(n, seg: float, z):
@@ -147,12 +143,20 @@ class HeunPP2(Churn):
 
 def _first_order(st, p, eta, s_noise, x, noise):
     """The data-prediction SDE step from lambda = -inf (a = 0) or onto data: a' x0 + s' E."""
-    e = math.exp(-eta * st.h) if eta else 1.0
-    out = st.a_next * p.x0 + (st.s_next * e) * p.eps
-    if eta > 0 and s_noise > 0 and st.s_next > 0:
-        z = noise(x, st.t, st.t_next)
-        out = out + (st.s_next * s_noise * math.sqrt(-math.expm1(-2 * eta * st.h))) * z
-    return out
+    draw = eta > 0 and s_noise > 0 and st.s_next > 0
+    return data_sde_step(st, p.x0, p.eps, eta, s_noise, noise(x, st.t, st.t_next) if draw else None)
+
+
+def _seeds_stage(denoise, x, st, p, r, eta, s_noise, noise):
+    """SEEDS' first stage: the SDE step from st.t to lam + r h, evaluated there. Returns the
+    prediction, that substep, and its noise (None without noise), which later stages carry on."""
+    h, mid = st.h, _at_lam(st, r)
+    x2 = mid.a_next * p.x0 + (mid.s_next * math.exp(-r * h * eta)) * p.eps
+    n = None
+    if eta > 0 and s_noise > 0:
+        n = math.sqrt(-math.expm1(-2 * r * h * eta)) * noise(x, st.t, mid.t_next)
+        x2 = x2 + (mid.s_next * s_noise) * n
+    return denoise(x2, mid.t_next), mid, n
 
 
 def _seeds_2(denoise, x, st, noise, eta, s_noise, r, solver_type):
@@ -161,17 +165,12 @@ def _seeds_2(denoise, x, st, noise, eta, s_noise, r, solver_type):
     if st.last or not math.isfinite(st.lam):
         return _first_order(st, p, eta, s_noise, x, noise)
     h = st.h
-    H, inject = h * (eta + 1), eta > 0 and s_noise > 0
-    mid = _at_lam(st, r)
-    x2 = mid.a_next * p.x0 + (mid.s_next * math.exp(-r * h * eta)) * p.eps
-    if inject:
-        n = math.sqrt(-math.expm1(-2 * r * h * eta)) * noise(x, st.t, mid.t_next)
-        x2 = x2 + (mid.s_next * s_noise) * n
-    q = denoise(x2, mid.t_next)
+    H = h * (eta + 1)
+    q, mid, n = _seeds_stage(denoise, x, st, p, r, eta, s_noise, noise)
     k = -_phi1(-H) / (2 * r) if solver_type == "phi_1" else -_phi2(-H) / r
-    out = st.a_next * p.x0 + (st.s_next * math.exp(-h * eta)) * p.eps
+    out = data_sde_step(st, p.x0, p.eps, eta, s_noise)
     out = out + (st.a_next * k) * (q.x0 - p.x0)
-    if inject:
+    if n is not None:
         n = _chain(n, (r - 1) * h * eta, noise(x, mid.t_next, st.t_next))
         out = out + (st.s_next * s_noise) * n
     return out
@@ -259,22 +258,18 @@ class Seeds3(Sampler):
         if st.last or not math.isfinite(st.lam):
             return _first_order(st, p, eta, s_noise, x, noise), state
         h = st.h
-        H, inject = h * (eta + 1), eta > 0 and s_noise > 0
-        m1, m2 = _at_lam(st, r1), _at_lam(st, r2)
-        x2 = m1.a_next * p.x0 + (m1.s_next * math.exp(-r1 * h * eta)) * p.eps
-        if inject:
-            n = math.sqrt(-math.expm1(-2 * r1 * h * eta)) * noise(x, st.t, m1.t_next)
-            x2 = x2 + (m1.s_next * s_noise) * n
-        q = denoise(x2, m1.t_next)
+        H = h * (eta + 1)
+        q, m1, n = _seeds_stage(denoise, x, st, p, r1, eta, s_noise, noise)
+        m2 = _at_lam(st, r2)
         x3 = m2.a_next * p.x0 + (m2.s_next * math.exp(-r2 * h * eta)) * p.eps
         x3 = x3 - (m2.a_next * r2 / r1 * _phi2(-r2 * H)) * (q.x0 - p.x0)
-        if inject:
+        if n is not None:
             n = _chain(n, (r1 - r2) * h * eta, noise(x, m1.t_next, m2.t_next))
             x3 = x3 + (m2.s_next * s_noise) * n
         w = denoise(x3, m2.t_next)
-        out = st.a_next * p.x0 + (st.s_next * math.exp(-h * eta)) * p.eps
+        out = data_sde_step(st, p.x0, p.eps, eta, s_noise)
         out = out - (st.a_next * _phi2(-H) / r2) * (w.x0 - p.x0)
-        if inject:
+        if n is not None:
             n = _chain(n, (r2 - 1) * h * eta, noise(x, m2.t_next, st.t_next))
             out = out + (st.s_next * s_noise) * n
         return out, state
@@ -312,13 +307,14 @@ class ERSDE(Sampler):
             if state and self.max_stage >= 2:
                 dv, du = v1 - v, (v - v1) / 200  # a 200-point sum from v1 towards v
                 pts = [v1 + k * du for k in range(200)]
+                scales = [_er_scale(q) for q in pts]  # shared by both sums
                 d1 = (p.x0 - state[0][0]) / (v - state[0][1])
-                s = sum(1 / _er_scale(q) for q in pts) * du
+                s = sum(1 / e for e in scales) * du
                 out = out + (a1 * (dv + s * _er_scale(v1))) * d1
                 if len(state) > 1 and self.max_stage >= 3:
                     (h1, v_1), (h2, v_2) = state
                     d2 = (d1 - (h1 - h2) / (v_1 - v_2)) / ((v - v_2) / 2)
-                    su = sum((q - v) / _er_scale(q) for q in pts) * du
+                    su = sum((q - v) / e for q, e in zip(pts, scales)) * du
                     out = out + (a1 * (dv * dv / 2 + su * _er_scale(v1))) * d2
             keep = ((p.history, v),) + tuple(state[:1])
         if self.s_noise > 0:

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..core.registry import register
-from ..core.sample import Ancestral, BrownianTree, Sampler, ancestral
+from ..core.sample import Ancestral, BrownianTree, Sampler, ancestral, data_sde_step
 
 SOLVER_TYPES = ("midpoint", "heun")
 WARMUPS = ("lower_order", "singlestep")
@@ -33,7 +33,7 @@ def _singlestep(denoise, p, st, r, eta, s_noise, noise):
         y = p.x0 + down * p.eps
     else:
         h = -math.log(down) - st.lam
-        mid = st.to(t_next=st.schedule.t_of_lam(torch.tensor(st.lam + r * h, dtype=torch.float64)))
+        mid = st.to_lam(st.lam + r * h)
         q = denoise(mid.a_next * p.x0 + mid.s_next * p.eps, mid.t_next)
         y = p.x0 + down * p.eps + (-math.expm1(-h) / (2 * r)) * (q.x0 - p.x0)
     if up > 0:
@@ -112,18 +112,10 @@ class _Multistep(Sampler):
                 d2 = (d1_0 - d1_1) / (r0 + r1)  # = h^2 D''/2 from the Newton interpolant
                 phi3 = phi2 / H - 0.5
                 D = D + phi2 * d1 - ((2.0 if self.corrected else 1.0) * phi3) * d2
-        x_next = st.a_next * D
-        if st.s_next > 0:
-            x_next = (
-                x_next + (st.s_next * (math.exp(-self.eta * st.h) if self.eta else 1.0)) * p.eps
-            )
-            if self.eta > 0:
-                z = noise(x, st.t, st.t_next)
-                x_next = (
-                    x_next
-                    + (st.s_next * math.sqrt(-math.expm1(-2 * self.eta * st.h)) * self.s_noise) * z
-                )
-        return x_next, keep
+        if st.s_next == 0:
+            return st.a_next * D, keep
+        z = noise(x, st.t, st.t_next) if self.eta > 0 else None  # drawn even when s_noise is 0
+        return data_sde_step(st, D, p.eps, self.eta, self.s_noise, z), keep
 
 
 @register("sampler", "dpmpp_2m")

@@ -20,6 +20,7 @@ evaluation and lambda are those of 0.01% of the way in (offset_first_sigma_for_s
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 
 from ..core.registry import register
-from ..core.sample import Sampler, Step
+from ..core.sample import Sampler, sde_factors
 from ..core.schedule import F64, EDMSchedule, FlowSchedule, VPSchedule
+from ..core.spacing import _table_levels
 
 
 def _percent_t(schedule, p: float) -> float:
@@ -44,6 +46,7 @@ def _percent_t(schedule, p: float) -> float:
     return schedule.t_min + (1.0 - p) * (schedule.t_max - schedule.t_min)
 
 
+@functools.lru_cache(maxsize=256)  # SA-Solver asks for the same two levels at every step
 def percent_ve(schedule, p: float) -> float:
     """ComfyUI's percent_to_sigma as a VE level (a VP table interpolated log-linearly, as its
     ModelSamplingDiscrete.sigma does); inf at p <= 0 and 0 at p >= 1, as there."""
@@ -53,11 +56,8 @@ def percent_ve(schedule, p: float) -> float:
         return 0.0
     t = _percent_t(schedule, p)
     if isinstance(schedule, VPSchedule):
-        ve = torch.sqrt((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod)
-        lo = min(int(math.floor(t)), ve.numel() - 1)
-        hi, w = min(lo + 1, ve.numel() - 1), t - lo
-        return math.exp((1 - w) * math.log(float(ve[lo])) + w * math.log(float(ve[hi])))
-    return float(schedule.ve(torch.tensor(t, dtype=F64)))
+        return float(_table_levels(schedule, torch.tensor(t, dtype=F64)))
+    return schedule.at(t)[2]
 
 
 def sa_weights(lams, lam_s: float, lam_t: float, tau: float, simple: bool, corrector: bool):
@@ -126,7 +126,7 @@ class SASolver(Sampler):
         hist, carry = state if state is not None else ((), None)
         if not math.isfinite(st.lam):  # offset_first_sigma_for_snr
             t0 = torch.tensor(_percent_t(st.schedule, 1e-4), dtype=F64)
-            st = Step.make(st.i, st.n, t0, st.t_next, st.schedule, st.stride)
+            st = st.to(t=t0)
         keep = max(self.predictor_order, self.corrector_order) + 1
         p = denoise(x, st.t)
         hist = (hist + ((p.history, st.lam),))[-keep:]
@@ -140,7 +140,8 @@ class SASolver(Sampler):
             lams = [lam for _, lam in hist[-c_order:]]
             w_c = sa_weights(lams, lam_s, st.lam, tau, self.simple_order_2, corrector=True)
             cur = hist[-1][0]
-            diff = sum(w * (h - cur) for w, (h, _) in zip(w_c, hist[-c_order:]))
+            # the Adams terms as differences from the newest point, whose own term is 0 (left out)
+            diff = sum(w * (h - cur) for w, (h, _) in zip(w_c, hist[-c_order:-1]))
             diff = diff - sum(w * (h - cur) for w, (h, _) in zip(w_p, hist[-len(w_p) - 1 : -1]))
             offset = st.a * diff
             if self.use_pece:  # evaluate the corrected sample; its prediction replaces the point's
@@ -152,15 +153,14 @@ class SASolver(Sampler):
         lams = [lam for _, lam in hist[-p_order:]]
         w_p = sa_weights(lams, st.lam, st.lam_next, tau, self.simple_order_2, corrector=False)
         cur = hist[-1][0]
-        damp = math.exp(-tau * tau * h)
+        damp, fresh = sde_factors(h, tau * tau)  # DPM-Solver++'s SDE step with eta = tau^2
         out = st.a_next * p.x0 + (st.s_next * damp) * p.eps
-        if p_order > 1:
-            out = out + st.a_next * sum(w * (g - cur) for w, (g, _) in zip(w_p, hist[-p_order:]))
+        if p_order > 1:  # (the newest point's term, w (cur - cur), left out)
+            out = out + st.a_next * sum(w * (g - cur) for w, (g, _) in zip(w_p, hist[-p_order:-1]))
         if offset is not None:
             out = out + (st.s_next / st.s * damp) * offset
         if tau > 0 and self.s_noise > 0:
-            std = st.s_next * math.sqrt(-math.expm1(-2 * tau * tau * h)) * self.s_noise
-            out = out + std * noise(x, st.t, st.t_next)
+            out = out + (st.s_next * fresh * self.s_noise) * noise(x, st.t, st.t_next)
         return out, (hist, (w_p, tau, st.lam))
 
 
