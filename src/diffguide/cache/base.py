@@ -21,10 +21,11 @@ import contextlib
 import inspect
 import threading
 from dataclasses import dataclass, field
+
 import torch
 
 from ..core.guided import row_mask
-from ..guidance.perturb import IMAGE_FIRST, _cached, narrowed
+from ..guidance.perturb import _cached, _pack, _split_inputs, _streams, acting, installed, narrowed
 from ..guidance.perturb import _module as module_of
 
 # the top-level block lists of diffusers' transformers, in call order (diffusers' first-block cache
@@ -33,8 +34,7 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "lay
 # inputs that are per token, not per sample: never cut to the running rows
 _NOT_PER_SAMPLE = ("rotary", "rope", "freqs", "pos_embed")
 
-_LOCK = threading.Lock()
-_INSTALLED: dict = {}  # id(block) -> [restore, users]
+PER = ("branch", "batch")
 _LOCAL = threading.local()
 
 
@@ -69,6 +69,10 @@ class Cache:
     decides = "first"  # from the first block's residual; "input": from the stack's input
     per: str = "branch"
 
+    def __post_init__(self):
+        if self.per not in PER:
+            raise ValueError(f"per must be one of {', '.join(PER)}, got {self.per!r}")
+
     def init_state(self) -> CacheState:
         return CacheState()
 
@@ -79,14 +83,35 @@ class Cache:
     def apply(self, denoiser, state: CacheState, groups: list):
         """A context for one forward pass over rows ``groups`` ((key, rows) in row order)."""
         net = _module(denoiser, self.name)
-        if self.per == "batch":  # one decision for the whole forward, as the anchors make it
-            groups = [(("batch",), sum(n for _, n in groups))]
         found = _cached(net, ("cache blocks",), lambda: blocks(net, self.name))
-        return _forward_context(self, state, groups, found)
+        return _forward_context(self, state, self.folded(groups), found)
+
+    def folded(self, groups: list) -> list:
+        """The groups a forward decides for: per "batch", one for the whole forward, as the
+        anchors make it."""
+        return [(("batch",), sum(n for _, n in groups))] if self.per == "batch" else groups
+
+    def decide_groups(self, state: CacheState, groups: list, view) -> tuple[list, set]:
+        """Each group's decision, recorded: (the rows that run, the keys of the groups that run).
+        ``view(start, n)``: what ``decide`` reads for the group's rows."""
+        run, ran, start = [], set(), 0
+        for key, n in groups:
+            go = self.decide(state, key, view(start, n))
+            go = go or not self.ready(state.entries.get(key, {}))  # nothing kept yet
+            if go:
+                run += range(start, start + n)
+                ran.add(key)
+            state.decisions.append((state.step, key, go))
+            start += n
+        return run, ran
 
     def decide(self, state: CacheState, key, rows) -> bool:
         """True: run the blocks for this group's rows."""
         raise NotImplementedError
+
+    def ready(self, entry: dict) -> bool:
+        """Whether a group's entry holds what a skipped forward reuses."""
+        return "rest" in entry
 
     def ran(self, state: CacheState, key, entry: dict) -> None:
         """The group's rows ran every block; ``entry["rest"]`` holds their new residual."""
@@ -119,35 +144,17 @@ def blocks(net: torch.nn.Module, name: str) -> list:
     return found
 
 
-def _streams(block, out):
-    """(image, text) of a block's output (text None for a one-stream block)."""
-    if not isinstance(out, tuple):
-        return out, None
-    return (out[0], out[1]) if type(block).__name__ in IMAGE_FIRST else (out[1], out[0])
-
-
-def _pack(block, image, text, like):
-    """An output shaped as the block's own: a tensor, or its two streams in its order."""
-    if not isinstance(like, tuple):
-        return image
-    return (image, text) if type(block).__name__ in IMAGE_FIRST else (text, image)
-
-
 _PARAMETERS: dict = {}
 
 
-def _parameters(forward) -> list:
-    """The names of a block's forward arguments, in order (read once per class)."""
+def _parameters(block) -> list:
+    """The names of a block's own forward arguments (under the cache's wrapper), in order (read
+    once per class)."""
+    forward = getattr(block.__dict__.get("forward"), "inner", block.forward)
     key = getattr(forward, "__func__", forward)
     if key not in _PARAMETERS:
         _PARAMETERS[key] = list(inspect.signature(forward).parameters)
     return _PARAMETERS[key]
-
-
-def _inputs(args, kwargs):
-    h = kwargs.get("hidden_states", args[0] if args else None)
-    e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-    return h, e
 
 
 class _Forward:
@@ -165,52 +172,55 @@ class _Forward:
         self.batch = sum(n for _, n in groups)
         self.mode = "all"  # "all" rows run; "some" (self.index) run; "none" run
         self.narrow = None
-        self.ran = set()
+        self.cuts = {}  # id(input) -> (input, its running rows): a forward's inputs cut once
 
     def call(self, block, inner, args, kwargs):
         """A block's forward: as is, on the running rows only, or passed through."""
         if self.mode == "all" or (block is self.first and self.cache.decides == "first"):
             return inner(*args, **kwargs)
         if self.mode == "none":
-            h, e = _inputs(args, kwargs)
+            h, e = _split_inputs(args, kwargs)
             return _pack(block, h, e, self.like)
         if block is not self.first:  # the first block's inputs were cut by its pre-hook
-            args, kwargs = self._cut_all(inner, args, kwargs)
+            args, kwargs = self._cut_all(block, args, kwargs)
         return inner(*args, **kwargs)
 
-    def _cut_all(self, forward, args, kwargs):
-        names = _parameters(forward)
+    def _cut_all(self, block, args, kwargs):
+        names = _parameters(block)
         return (
             [self._cut(n, a) for n, a in zip(names, args)],
             {k: self._cut(k, v) for k, v in kwargs.items()},
         )
 
     def _cut(self, name, value):
-        if (
+        if not (
             isinstance(value, torch.Tensor)
             and value.ndim
             and value.shape[0] == self.batch
             and not any(w in name for w in _NOT_PER_SAMPLE)
         ):
-            return value.index_select(0, self.index)
-        return value
+            return value
+        # every block gets the same temb (masks, ...): cut it once; the input is held with its
+        # cut, so that its id is not a later tensor's
+        if id(value) not in self.cuts:
+            self.cuts[id(value)] = (value, value.index_select(0, self.index))
+        return self.cuts[id(value)][1]
 
     def before(self, block, args, kwargs):
         """Before the first block, for a cache that decides from the inputs."""
         if self.cache.decides != "input":
             return None
-        h, e = _inputs(args, kwargs)
+        h, e = _split_inputs(args, kwargs)
         self._decide(h, e, h, block, args, kwargs)
         if self.mode != "some":
             return None
-        forward = block.__dict__.get("forward")
-        return tuple(self._cut_all(getattr(forward, "inner", block.forward), args, kwargs))
+        return tuple(self._cut_all(block, args, kwargs))
 
     def after(self, block, args, kwargs, out):
         """After the first block, for a cache that decides from its residual."""
         if self.cache.decides != "first":
             return None
-        h, _ = _inputs(args, kwargs)
+        h, _ = _split_inputs(args, kwargs)
         image, text = _streams(block, out)
         self._decide(image, text, image - h, block, args, kwargs)
         if self.mode != "some":
@@ -222,17 +232,10 @@ class _Forward:
 
     def _decide(self, image, text, probe, block, args, kwargs):
         """Each group's decision; the rest of the forward arranged."""
-        run, start = [], 0
+        run, self.ran = self.cache.decide_groups(
+            self.state, self.groups, lambda start, n: Rows(block, probe, args, kwargs, start, n)
+        )
         first = self.cache.decides == "first"
-        for key, n in self.groups:
-            view = Rows(block, probe, args, kwargs, start, n)
-            go = self.cache.decide(self.state, key, view)
-            go = go or "rest" not in self.state.entries.get(key, {})  # nothing kept yet
-            if go:
-                run += range(start, start + n)
-                self.ran.add(key)
-            self.state.decisions.append((self.state.step, key, go))
-            start += n
         self.state.work[0] += (self.batch if first else 0) + len(run) * (self.n - first)
         self.state.work[1] += self.batch * self.n
         self.base = (image, text)
@@ -245,7 +248,7 @@ class _Forward:
             return
         self.mode = "some"
         self.index = rows_index(run, self.batch, image.device)
-        self.narrow = narrowed(run, str(image.device))
+        self.narrow = acting(narrowed(run, str(image.device)))
         self.narrow.__enter__()
 
     def _reused(self):
@@ -294,6 +297,7 @@ class _Forward:
         return None if self.mode == "all" else _pack(block, image, text, out)
 
     def close(self):
+        self.cuts.clear()
         if self.narrow is not None:
             self.narrow.__exit__(None, None, None)
             self.narrow = None
@@ -316,8 +320,7 @@ class Rows:
         """The block's argument ``name`` for these rows (a per-sample tensor cut), or None."""
         value = self.kwargs.get(name)
         if value is None:
-            forward = self.block.__dict__.get("forward")
-            names = _parameters(getattr(forward, "inner", self.block.forward))
+            names = _parameters(self.block)
             if name in names and names.index(name) < len(self.args):
                 value = self.args[names.index(name)]
         if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == len(self._probe):
@@ -382,38 +385,17 @@ def _forward_context(cache, state, groups, blocks_):
 def active(fwd, modules: list, install):
     """``fwd`` handles ``modules``' forwards in this thread meanwhile; ``install(module)`` (which
     returns what undoes it) runs once per module across threads, as the perturbations' hooks."""
-    ids = {id(m) for m in modules}
-    with _LOCK:
-        for m in modules:
-            if id(m) not in _INSTALLED:
-                _INSTALLED[id(m)] = [install(m), 0]
-            _INSTALLED[id(m)][1] += 1
-    saved = getattr(_LOCAL, "forward", None)
-    _LOCAL.forward = (fwd, ids)
-    try:
-        yield fwd
-    finally:
-        fwd.close()
-        _LOCAL.forward = saved
-        with _LOCK:
-            for m in modules:
-                entry = _INSTALLED[id(m)]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    entry[0]()
-                    del _INSTALLED[id(m)]
+    with installed(modules, "cache", install):
+        saved = getattr(_LOCAL, "forward", None)
+        _LOCAL.forward = (fwd, {id(m) for m in modules})
+        try:
+            yield fwd
+        finally:
+            fwd.close()
+            _LOCAL.forward = saved
 
 
 def wrap(module):
     """Install only the wrapper forward (for caches that work module by module); returns what
     undoes it."""
-    own = module.__dict__.get("forward")
-    module.forward = _Wrapper(module, module.forward)
-
-    def restore():
-        if own is None:
-            del module.forward
-        else:
-            module.forward = own
-
-    return restore
+    return _install(module, first=False, last=False)

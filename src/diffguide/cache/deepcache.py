@@ -36,8 +36,7 @@ class DeepCache(Cache):
                 f"need interval >= 1, other_interval >= 0 and branch >= 0; got {self.interval!r}, "
                 f"{self.other_interval!r}, {self.branch!r}"
             )
-        if self.per not in ("branch", "batch"):
-            raise ValueError(f"per must be one of branch, batch, got {self.per!r}")
+        super().__post_init__()
 
     def check(self, denoiser) -> None:
         unet = _module(denoiser, self.name)
@@ -54,12 +53,8 @@ class DeepCache(Cache):
 
     def apply(self, denoiser, state, groups: list):
         unet = _module(denoiser, self.name)
-        if self.per == "batch":
-            groups = [(("batch",), sum(n for _, n in groups))]
-        deep, leaves = _cached(unet, ("deepcache", self.branch), lambda: _deep(unet, self.branch))
-        n_deep = sum(leaves.values())
-        fwd = ModuleForward(self, state, groups, (len(leaves) - n_deep, n_deep))
-        return active(fwd, deep, wrap)
+        deep, units = _cached(unet, ("deepcache", self.branch), lambda: _deep(unet, self.branch))
+        return active(ModuleForward(self, state, self.folded(groups), units), deep, wrap)
 
     def ready(self, entry) -> bool:
         return "out" in entry
@@ -108,9 +103,9 @@ def _is_deep(kind, b, layer, block_id, layer_id) -> bool:
     return layer >= layer_id if kind == "down" else layer > layer_id
 
 
-def _deep(unet, branch: int) -> tuple[list, dict]:
-    """The modules that are reused past ``branch`` (outermost ones only) and the leaf layers
-    (resnets, attentions, resamplers) of the UNet: {id: deep or not}."""
+def _deep(unet, branch: int) -> tuple[list, tuple[int, int]]:
+    """The modules that are reused past ``branch`` (outermost ones only), and the UNet's leaf
+    layers (resnets, attentions, resamplers) counted: (always run, deep)."""
     layers = _layers(unet)
     deep = [m for m, kind, b, i in layers if _is_deep(kind, b, i, branch // 3, branch % 3)]
     inside = {id(c) for m in deep for c in m.modules() if c is not m}
@@ -122,8 +117,9 @@ def _deep(unet, branch: int) -> tuple[list, dict]:
         if block is not None
         for name in (*LAYERS, "downsamplers", "upsamplers")
         for c in (getattr(block, name, None) or [])
-    }
-    return outer, leaves
+    }  # by id: a layer listed twice counts once
+    n_deep = sum(leaves.values())
+    return outer, (len(leaves) - n_deep, n_deep)
 
 
 register("cache", "deepcache")(DeepCache)

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from ..core.registry import register
 from .base import Cache
 
-PER = ("branch", "batch")
-
 
 @dataclass(frozen=True)
 class FirstBlockCache(Cache):
@@ -24,8 +22,7 @@ class FirstBlockCache(Cache):
     def __post_init__(self):
         if not self.threshold >= 0:
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
-        if self.per not in PER:
-            raise ValueError(f"per must be one of {', '.join(PER)}, got {self.per!r}")
+        super().__post_init__()
 
     def decide(self, state, key, rows) -> bool:
         residual = rows.probe

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from functools import cached_property
 
+from ..core.registry import number_list
 from ..core.registry import register
 from .base import Cache, CacheState
 
@@ -19,10 +21,7 @@ FLUX_RATIOS = (
 @functools.lru_cache(maxsize=64)
 def ratio_list(text: str) -> tuple[float, ...]:
     """'1.0;0.98;...' -> floats (a spec's list is separated by ';')."""
-    try:
-        out = tuple(float(v) for v in str(text).replace(",", ";").split(";") if v.strip())
-    except ValueError:
-        raise ValueError(f"ratios must be numbers separated by ';', got {text!r}") from None
+    out = number_list(text, f"ratios must be numbers separated by ';', got {text!r}")
     if not out or not all(r > 0 for r in out):
         raise ValueError(f"ratios must be positive numbers separated by ';', got {text!r}")
     return out
@@ -63,20 +62,23 @@ class MagCache(Cache):
                 "magcache needs its model's ratios: ratios=... from 'diffguide tune cache', or "
                 "ratios=flux (Flux.1-dev's)"
             )
-        ratio_list(FLUX_RATIOS if self.ratios == "flux" else self.ratios)
+        self._ratios  # parsed (and checked) now
         if not self.threshold >= 0 or self.max_skip < 0 or not 0 <= self.retention <= 1:
             raise ValueError(
                 f"need threshold >= 0, max_skip >= 0 and 0 <= retention <= 1; got "
                 f"{self.threshold!r}, {self.max_skip!r}, {self.retention!r}"
             )
-        if self.per not in ("branch", "batch"):
-            raise ValueError(f"per must be one of branch, batch, got {self.per!r}")
+        super().__post_init__()
+
+    @cached_property
+    def _ratios(self) -> tuple[float, ...]:
+        return ratio_list(FLUX_RATIOS if self.ratios == "flux" else self.ratios)
 
     def decide(self, state, key, rows) -> bool:
         entry = state.entries.setdefault(key, {"calls": 0, "ratio": 1.0, "err": 0.0, "run": 0})
         i, entry["calls"] = entry["calls"], entry["calls"] + 1  # this group's forward count
         n = self.steps or state.steps or i + 1
-        table = nearest(ratio_list(FLUX_RATIOS if self.ratios == "flux" else self.ratios), n)
+        table = nearest(self._ratios, n)
         if i < int(self.retention * n + 0.5):
             return True
         entry["ratio"] *= table[i] if i < len(table) else 1.0

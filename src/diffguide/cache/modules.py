@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..guidance.perturb import narrowed
+from ..guidance.perturb import acting, narrowed
 from .base import rows_index
 
 
@@ -17,19 +17,11 @@ class ModuleForward:
     def __init__(self, cache, state, groups, units):
         self.cache, self.state, self.groups, self.inside = cache, state, groups, 0
         self.batch = sum(n for _, n in groups)
-        run, start, self.ran = [], 0, set()
-        for key, n in groups:
-            go = cache.decide(state, key, None)
-            go = go or not cache.ready(state.entries[key])  # nothing kept yet
-            if go:
-                run += range(start, start + n)
-                self.ran.add(key)
-            state.decisions.append((state.step, key, go))
-            start += n
-        self.run = run
-        self.mode = "all" if len(run) == self.batch else ("some" if run else "none")
+        self.run, self.ran = cache.decide_groups(state, groups, lambda start, n: None)
+        self.mode = "all" if len(self.run) == self.batch else ("some" if self.run else "none")
+        self.index = self.acts = None  # "some": made at the first call, on the inputs' device
         always, cached = units
-        state.work[0] += self.batch * always + len(run) * cached
+        state.work[0] += self.batch * always + len(self.run) * cached
         state.work[1] += self.batch * (always + cached)
 
     def call(self, module, inner, args, kwargs):
@@ -40,10 +32,12 @@ class ModuleForward:
         if self.mode == "all":
             out = self._run(inner, args, kwargs)
         else:
-            index = rows_index(self.run, self.batch, _device(args, kwargs))
-            args = [self._cut(a, index) for a in args]
-            kwargs = {k: self._cut(v, index) for k, v in kwargs.items()}
-            with narrowed(self.run, str(index.device)):  # PAG's rows follow the rows that run
+            if self.index is None:  # once per forward: the rows' indices, PAG's rows narrowed
+                self.index = rows_index(self.run, self.batch, _device(args, kwargs))
+                self.acts = narrowed(self.run, str(self.index.device))
+            args = [self._cut(a, self.index) for a in args]
+            kwargs = {k: self._cut(v, self.index) for k, v in kwargs.items()}
+            with acting(self.acts):  # PAG's rows follow the rows that run
                 out = self._run(inner, args, kwargs)
         return self._assemble(module, out)
 

@@ -51,8 +51,7 @@ class TaylorSeer(Cache):
             )
         if self.modules not in MODULES:
             raise ValueError(f"modules must be one of {', '.join(MODULES)}, got {self.modules!r}")
-        if self.per not in ("branch", "batch"):
-            raise ValueError(f"per must be one of branch, batch, got {self.per!r}")
+        super().__post_init__()
 
     def check(self, denoiser) -> None:
         if not self._targets(_module(denoiser, self.name))[0]:
@@ -63,23 +62,22 @@ class TaylorSeer(Cache):
             )
 
     def _targets(self, net) -> tuple[list, set]:
-        """(modules, the ones whose output is forecast: the others are skipped)."""
+        """(modules, the ids of the ones skipped: the others' output is forecast)."""
         if self.modules == "lite":
             blocks = [
                 m for n, m in net.named_modules() if re.fullmatch(r"[^.]*block[^.]*\.[^.]+", n)
             ]
             out = getattr(net, "proj_out", None)
-            return ([*blocks, out] if out is not None and blocks else []), {id(out)}
+            found = [*blocks, out] if out is not None and blocks else []
+            return found, {id(m) for m in found} - {id(out)}
         found = [m for n, m in net.named_modules() if any(re.fullmatch(p, n) for p in ATTENTION)]
-        return found, {id(m) for m in found}
+        return found, set()
 
     def apply(self, denoiser, state, groups: list):
-        if self.per == "batch":
-            groups = [(("batch",), sum(n for _, n in groups))]
         net = _module(denoiser, self.name)
-        targets, forecast = _cached(net, ("taylorseer", self.modules), lambda: self._targets(net))
-        state.shared["skipped"] = {id(m) for m in targets} - forecast
-        fwd = ModuleForward(self, state, groups, (0, len(targets)))
+        targets, skipped = _cached(net, ("taylorseer", self.modules), lambda: self._targets(net))
+        state.shared["skipped"] = skipped  # for ``keep``, which sees module ids only
+        fwd = ModuleForward(self, state, self.folded(groups), (0, len(targets)))
         return active(fwd, targets, wrap)
 
     def decide(self, state, key, rows) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from ..core.registry import number_list
 from ..core.registry import register
 from .base import Cache
 
@@ -35,8 +36,7 @@ class TeaCache(Cache):
             raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
         if self.coefficients != "auto":
             _poly(self.coefficients)
-        if self.per not in ("branch", "batch"):
-            raise ValueError(f"per must be one of branch, batch, got {self.per!r}")
+        super().__post_init__()
 
     def decide(self, state, key, rows) -> bool:
         entry = state.entries.setdefault(key, {"calls": 0, "acc": 0.0})
@@ -62,16 +62,13 @@ class TeaCache(Cache):
 
 @functools.lru_cache(maxsize=32)
 def _poly(name: str) -> tuple:
-    text = COEFFICIENTS.get(name, name)
-    try:
-        out = tuple(float(v) for v in text.split(";") if v.strip())
-    except ValueError:
-        out = ()
+    error = (
+        f"coefficients must be auto, {', '.join(COEFFICIENTS)} or numbers separated by ';', "
+        f"got {name!r}"
+    )
+    out = number_list(COEFFICIENTS.get(name, name), error)
     if not out:
-        raise ValueError(
-            f"coefficients must be auto, {', '.join(COEFFICIENTS)} or numbers separated by ';', "
-            f"got {name!r}"
-        )
+        raise ValueError(error)
     return out
 
 

@@ -107,7 +107,7 @@ class NetDenoiser:
             if self.time_input is not None:
                 tm = self.time_input(a, s)
             else:
-                tm = self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t)
+                tm = self.timestep(t)
             tm = torch.as_tensor(tm).to(device=x.device, dtype=torch.float32)
         pre = self.precondition
         x_in = x if pre is None else x * _per_sample(pre.scale_in(a, s), x)
@@ -117,6 +117,11 @@ class NetDenoiser:
         if pre is not None:
             return pre.pred(out, x, _per_sample(a, x), _per_sample(s, x))
         return Pred.from_output(self.kind, out, x, a, s)
+
+    def timestep(self, t):
+        """The scheduler's timestep at t: ``time_fn``'s where given, else the schedule's model time
+        (what the network sees, unless ``time_input`` gives it a time of its own)."""
+        return self.schedule.model_time(t) if self.time_fn is None else self.time_fn(t)
 
 
 def _per_sample(c, like: torch.Tensor):

@@ -323,6 +323,7 @@ class GuidedDenoiser:
         self._batched = {}  # concatenated conditions per (branch conds, batch): fixed within a run
         self._main = "main"  # the model that "main" branches run on (T-Stitch swaps it)
         self._step = (None, None)
+        self._dtypes = {}  # (model, x dtype) -> output dtype, for processes with no rows
         self.cache_state = None if self.cache is None else self.cache.init_state()
 
     def begin_step(self, st) -> bool:
@@ -332,15 +333,16 @@ class GuidedDenoiser:
             self.cache_state.step, self.cache_state.steps = st.i, st.n
         if self.stitch is None:
             return False
-        main = self.stitch.model if self.stitch.uses_small(st.i, st.n, self._time(st.t)) else "main"
+        time = None if self.stitch.below is None else self._time(st.t)  # read by a level rule
+        main = self.stitch.model if self.stitch.uses_small(st.i, st.n, time) else "main"
         switched, self._main = main != self._main and st.i > 0, main
         return switched
 
     def _time(self, t) -> float:
         """The main network's time at t (what a level rule compares: the scheduler's timestep)."""
         main = self.models["main"]
-        inner = getattr(main, "inner", None)
-        fn = getattr(main, "time_fn", None) or getattr(inner, "time_fn", None)
+        net = main if hasattr(main, "timestep") else getattr(main, "inner", None)  # LCM's Boundary
+        fn = getattr(net, "timestep", None)  # a NetDenoiser's; else the schedule's model time
         return float(fn(t) if fn is not None else self.schedule.model_time(t))
 
     @property
@@ -451,10 +453,10 @@ class GuidedDenoiser:
         if self.parallel is not None and not (grad or torch.is_grad_enabled()):
             rank, world = self.parallel.world()  # an autograd forward runs whole on each process
         if world > 1:  # this process's share of the rows; counted as one process would
+            self.forwards += -(-n // step)
             lo, hi = self.parallel.bounds(n, rank, world)
             x, t, cond = x[lo:hi], t if t.ndim == 0 else t[lo:hi], _rows(cond, slice(lo, hi))
-            step = max(x.shape[0], 1) if self.max_batch is None else self.max_batch
-            self.forwards += -(-n // (n if self.max_batch is None else self.max_batch))
+            step = self.max_batch or max(x.shape[0], 1)
         masks, whole = {}, contextlib.ExitStack()
         for p in dict.fromkeys(perturbs):
             if p is None:
@@ -483,7 +485,9 @@ class GuidedDenoiser:
                 self.forwards += world == 1
         pred = (Pred.cat(chunks) if len(chunks) > 1 else chunks[0]) if chunks else None
         if world > 1:
-            pred = self.parallel.gather(pred, n, x, world)
+            known = (model, x.dtype)
+            pred = self.parallel.gather(pred, n, x, rank, world, self._dtypes.get(known))
+            self._dtypes[known] = pred.x0.dtype
         return pred.split(sizes)
 
 

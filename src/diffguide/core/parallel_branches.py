@@ -41,31 +41,28 @@ class BranchParallel:
         start = rank * per + min(rank, extra)
         return start, start + per + (rank < extra)
 
-    def gather(self, pred: Pred | None, n: int, like: torch.Tensor, world: int) -> Pred:
+    def gather(
+        self, pred: Pred | None, n: int, like: torch.Tensor, rank: int, world: int, dtype=None
+    ) -> Pred:
         """The whole forward's Pred (n rows, in row order) from every process's share (``pred``:
-        this process's; None where its share is empty). ``like``: the forward's input x."""
+        this process's; None where its share is empty). ``like``: the forward's input x;
+        ``dtype``: the output's, where an earlier forward of the run told it."""
         import torch.distributed as dist
 
-        per = -(-n // world)  # the largest share
-        sizes = [self.bounds(n, r, world) for r in range(world)]
-        sizes = [b - a for a, b in sizes]
-        if pred is None or min(sizes) == 0:
-            # a process without rows cannot tell the output dtype: take it from one with rows
+        sizes = [b - a for a, b in (self.bounds(n, r, world) for r in range(world))]
+        if min(sizes) > 0:
+            dtype = pred.x0.dtype
+        elif dtype is None:  # a process without rows cannot tell it: take it from one with rows
             dtypes = [None] * world
             dist.all_gather_object(dtypes, None if pred is None else pred.x0.dtype, self.group)
             dtype = next(d for d in dtypes if d is not None)
-        else:
-            dtype = pred.x0.dtype
-        shape = (per, *like.shape[1:])
-        out = []
-        for part in ("x0", "eps"):
-            mine = torch.zeros(shape, dtype=dtype, device=like.device)
-            if pred is not None:
-                mine[: sizes[self.world()[0]]] = getattr(pred, part)
-            bufs = [torch.empty_like(mine) for _ in range(world)]
-            dist.all_gather(bufs, mine, self.group)
-            out.append(torch.cat([b[:k] for b, k in zip(bufs, sizes)]))
-        return Pred(*out)
+        # x0 and eps in one buffer of the largest share (the first's), one gather for both
+        mine = torch.zeros((2, sizes[0], *like.shape[1:]), dtype=dtype, device=like.device)
+        if pred is not None:
+            mine[0, : sizes[rank]], mine[1, : sizes[rank]] = pred.x0, pred.eps
+        bufs = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(bufs, mine, self.group)
+        return Pred(*(torch.cat([b[i, :k] for b, k in zip(bufs, sizes)]) for i in (0, 1)))
 
 
 def as_parallel(parallel) -> BranchParallel | None:

@@ -99,6 +99,16 @@ MAX_SPEC_LENGTH, MAX_TERMS = (
 )  # far beyond any real spec; a spec is also read from image files
 
 
+def number_list(text, error: str) -> tuple[float, ...]:
+    """A spec's list of numbers, '10;5' (',' separates too; a list or tuple is taken as is) ->
+    floats, () where none is given; ValueError(error) where a part is not a number."""
+    parts = text if isinstance(text, (list, tuple)) else str(text).replace(",", ";").split(";")
+    try:
+        return tuple(float(v) for v in parts if str(v).strip())
+    except ValueError:
+        raise ValueError(error) from None
+
+
 def terms(spec: str) -> list[str]:
     """A guidance spec's composed terms: 'cfg:scale=1e+3+tsg' -> ['cfg:scale=1e+3', 'tsg']."""
     return _SUM.split(spec)

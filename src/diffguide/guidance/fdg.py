@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.guided import Branch, Guidance, constant
+from ..core.registry import number_list
 from ..core.pred import as_images, Pred
 from ..core.registry import register
 from .cfg import check_space, output_space
@@ -65,20 +66,13 @@ def _pow2(n: int) -> bool:
 
 
 def _floats(text, n: int | None, name: str) -> list:
-    parts = text if isinstance(text, (list, tuple)) else str(text).replace(",", ";").split(";")
-    try:
-        vals = [float(v) for v in parts if str(v).strip()]
-    except ValueError:
-        vals = []
-    if (
-        not vals
-        or (n is not None and len(vals) not in (1, n))
-        or not all(math.isfinite(v) for v in vals)
-    ):
-        raise ValueError(
-            f"FDG {name} must be {'one number or ' + str(n) if n else 'one or more'} finite "
-            f"numbers separated by ';', got {text!r}"
-        )
+    error = (
+        f"FDG {name} must be {'one number or ' + str(n) if n else 'one or more'} finite "
+        f"numbers separated by ';', got {text!r}"
+    )
+    vals = list(number_list(text, error))
+    if not vals or (n is not None and len(vals) not in (1, n)) or not all(map(math.isfinite, vals)):
+        raise ValueError(error)
     return vals * n if n and len(vals) == 1 else vals
 
 

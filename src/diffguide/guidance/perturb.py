@@ -38,8 +38,23 @@ IMAGE_FIRST = frozenset(
     }
 )
 
+
+def _streams(block, out):
+    """(image, text) of a block's output (text None for a one-stream block)."""
+    if not isinstance(out, tuple):
+        return out, None
+    return (out[0], out[1]) if type(block).__name__ in IMAGE_FIRST else (out[1], out[0])
+
+
+def _pack(block, image, text, like):
+    """An output shaped as the block's own ``like``: a tensor, or its two streams in its order."""
+    if not isinstance(like, tuple):
+        return image
+    return (image, text) if type(block).__name__ in IMAGE_FIRST else (text, image)
+
+
 _LOCK = threading.Lock()
-_INSTALLED: dict = {}  # (id(module), kind) -> [handle, users]
+_INSTALLED: dict = {}  # (id(module), kind) -> [undo, users]
 _LOCAL = threading.local()
 
 
@@ -49,34 +64,53 @@ def _active(module, kind):
 
 
 @contextlib.contextmanager
-def _hooked(targets, kind, install, rows):
-    """Install ``install(module)`` (returns a hook handle) once per module across threads, and mark
-    ``rows`` active for these modules in this thread."""
-    acts = _LOCAL.__dict__.setdefault("acts", {})
-    keys = [(id(m), kind) for m in targets]
+def installed(modules, kind, install):
+    """``install(module)`` (returns what undoes it) in place while any thread is inside: run once
+    per (module, kind) across threads, undone when the last one leaves. The perturbations' hooks
+    and the step caches' wrappers both live by it."""
+    keys = [(id(m), kind) for m in modules]
     with _LOCK:
-        for m, key in zip(targets, keys):
+        for m, key in zip(modules, keys):
             if key not in _INSTALLED:
                 _INSTALLED[key] = [install(m), 0]
             _INSTALLED[key][1] += 1
-    saved = {k: acts.get(k) for k in keys}
-    for k in keys:  # two perturbations of one kind on a layer (e.g. two PAG terms): the union
-        acts[k] = rows if saved[k] is None else rows | saved[k]
     try:
         yield
     finally:
-        for k in keys:
-            if saved[k] is None:
-                acts.pop(k, None)
-            else:
-                acts[k] = saved[k]
         with _LOCK:
             for key in keys:
                 entry = _INSTALLED[key]
                 entry[1] -= 1
                 if entry[1] == 0:
-                    entry[0].remove()
+                    entry[0]()
                     del _INSTALLED[key]
+
+
+@contextlib.contextmanager
+def _hooked(targets, kind, install, rows):
+    """Install ``install(module)`` (returns a hook handle) once per module across threads, and mark
+    ``rows`` active for these modules in this thread."""
+    if getattr(rows, "flags", None) is None:  # a mask given by hand: every active mask carries
+        rows = row_mask(tuple(rows.tolist()), str(rows.device))  # its flags (``narrowed``)
+    acts = _LOCAL.__dict__.setdefault("acts", {})
+    keys = [(id(m), kind) for m in targets]
+    with installed(targets, kind, lambda m: install(m).remove):
+        saved = {k: acts.get(k) for k in keys}
+        for k in keys:  # two perturbations of one kind on a layer (e.g. two PAG terms): the union
+            acts[k] = rows if saved[k] is None else _union(rows, saved[k])
+        try:
+            yield
+        finally:
+            for k in keys:
+                if saved[k] is None:
+                    acts.pop(k, None)
+                else:
+                    acts[k] = saved[k]
+
+
+def _union(a, b):
+    """a | b as a ``row_mask``, made from the flags (no read of the masks)."""
+    return row_mask(tuple(x or y for x, y in zip(a.flags, b.flags)), str(a.device))
 
 
 _FOUND: "weakref.WeakKeyDictionary" = (
@@ -94,34 +128,33 @@ def _cached(net, key, find):
 
 
 @contextlib.contextmanager
+def acting(acts: dict):
+    """This thread's perturbations replaced by ``acts`` ({(id(module), kind): rows}) meanwhile."""
+    saved = getattr(_LOCAL, "acts", {})
+    _LOCAL.acts = acts
+    try:
+        yield
+    finally:
+        _LOCAL.acts = saved
+
+
 def _unperturbed():
     """This thread's perturbations paused: a hook recomputing its own rows (a sub-batch) through
     submodules must not meet the hooks of other branches (SEG's on to_q) meant for the whole
     batch."""
-    acts = getattr(_LOCAL, "acts", {})
-    _LOCAL.acts = {}
-    try:
-        yield
-    finally:
-        _LOCAL.acts = acts
+    return acting({})
 
 
-@contextlib.contextmanager
-def narrowed(run: list, device: str):
+def narrowed(run: list, device: str) -> dict:
     """This thread's rowwise perturbations re-aimed at a sub-batch, the rows ``run`` of the forward
-    in that order: a step cache runs the later blocks on the rows that are not reused."""
-    acts = getattr(_LOCAL, "acts", {})
+    in that order (for ``acting``): a step cache runs the later blocks on the rows that are not
+    reused. Every active mask is a ``row_mask`` (``_hooked``), so its rows are read on the host."""
     sub = {}
-    for key, rows in acts.items():
-        flags = getattr(rows, "flags", None) or rows.tolist()
-        picked = tuple(flags[i] for i in run)
+    for key, rows in getattr(_LOCAL, "acts", {}).items():
+        picked = tuple(rows.flags[i] for i in run)
         if any(picked):
             sub[key] = row_mask(picked, device)
-    _LOCAL.acts = sub
-    try:
-        yield
-    finally:
-        _LOCAL.acts = acts
+    return sub
 
 
 def _installer(hook, with_kwargs: bool = True):
@@ -528,7 +561,7 @@ class BlurredQuery:
 def _prefix_hook(attn, args, kwargs):
     """The text tokens a layer's query projection sees ahead of the image ones: a joint layer with
     one set of projections (CogVideoX) concatenates them; SD3's and Flux's project them apart."""
-    e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    _, e = _split_inputs(args, kwargs)
     shared = getattr(attn, "add_q_proj", None) is None
     _LOCAL.prefix = e.shape[1] if e is not None and shared and e.ndim == 3 else 0
     return None
@@ -626,13 +659,12 @@ def _skip_hook(block, args, kwargs, out):
     if rows is None:
         return None
     h, e = _split_inputs(args, kwargs)
-    if isinstance(out, tuple):  # dual-stream blocks: (text, image), or (image, text) for some
-        first = type(block).__name__ in IMAGE_FIRST
-        hid, enc = (out[0], out[1]) if first else (out[1], out[0])
-        enc = enc if enc is None or e is None else _where(rows, e.to(enc.dtype), enc)
-        hid = _where(rows, h.to(hid.dtype), hid)
-        return ((hid, enc) if first else (enc, hid)) + tuple(out[2:])
-    return _where(rows, h.to(out.dtype), out)
+    hid, enc = _streams(block, out)  # dual-stream blocks: (text, image), or (image, text) for some
+    hid = _where(rows, h.to(hid.dtype), hid)
+    if not isinstance(out, tuple):
+        return hid
+    enc = enc if enc is None or e is None else _where(rows, e.to(enc.dtype), enc)
+    return _pack(block, hid, enc, out) + out[2:]
 
 
 def in_window(pt: Point, start: float, stop: float) -> bool:
