@@ -20,7 +20,15 @@ import os
 import re
 import tempfile
 
-from .files import check_link, check_path, check_space, make_folders, prove_writable, remove_empty
+from .files import (
+    _umask,
+    check_link,
+    check_path,
+    check_space,
+    make_folders,
+    prove_writable,
+    remove_empty,
+)
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 UNSUPPORTED = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl")
@@ -222,33 +230,13 @@ def image_bytes(height: int, width: int) -> int:
     return raw + raw // 1000 + 16 * 1024
 
 
-def _encode(image, folder: str, ext: str, meta: dict, parameters: str | None) -> str:
-    """The image with its metadata in a temporary file in ``folder`` (readable as a plain file)."""
+def _temp_file(folder: str, ext: str, write) -> str:
+    """``write(f)`` into a temporary file in ``folder`` readable as a plain file; its path (removed
+    again if writing fails)."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".diffguide-", suffix=ext + ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            fmt = FORMATS[ext]
-            if fmt == "PNG":
-                from PIL.PngImagePlugin import PngInfo
-
-                info = PngInfo()
-                if parameters is not None:
-                    info.add_text("parameters", parameters)
-                info.add_text("diffguide", json.dumps(meta, sort_keys=True))
-                image.save(f, format="PNG", pnginfo=info)
-            else:
-                from PIL import Image
-
-                exif = Image.Exif()
-                exif[IMAGE_DESCRIPTION] = json.dumps(
-                    meta, sort_keys=True
-                )  # ASCII: json escapes the rest
-                if parameters is not None:  # A1111's own encoding: 'UNICODE\0' + UTF-16 big-endian
-                    # (a dict set on the IFD tag: Pillow before 13 drops edits made through get_ifd)
-                    exif[EXIF_IFD] = {
-                        EXIF_USER_COMMENT: b"UNICODE\0" + parameters.encode("utf-16-be")
-                    }
-                image.save(f, format=fmt, quality=95, exif=exif)
+            write(f)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a plain file is expected
         return tmp
     except BaseException:
@@ -256,36 +244,59 @@ def _encode(image, folder: str, ext: str, meta: dict, parameters: str | None) ->
         raise
 
 
+def _encode(image, folder: str, ext: str, meta: dict, parameters: str | None) -> str:
+    """The image with its metadata in a temporary file in ``folder`` (readable as a plain file)."""
+
+    def write(f):
+        fmt = FORMATS[ext]
+        if fmt == "PNG":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            if parameters is not None:
+                info.add_text("parameters", parameters)
+            info.add_text("diffguide", json.dumps(meta, sort_keys=True))
+            image.save(f, format="PNG", pnginfo=info)
+        else:
+            from PIL import Image
+
+            exif = Image.Exif()
+            # ASCII: json escapes the rest
+            exif[IMAGE_DESCRIPTION] = json.dumps(meta, sort_keys=True)
+            if parameters is not None:  # A1111's own encoding: 'UNICODE\0' + UTF-16 big-endian
+                # (a dict set on the IFD tag: Pillow before 13 drops edits made through get_ifd)
+                exif[EXIF_IFD] = {EXIF_USER_COMMENT: b"UNICODE\0" + parameters.encode("utf-16-be")}
+            image.save(f, format=fmt, quality=95, exif=exif)
+
+    return _temp_file(folder, ext, write)
+
+
 def _encode_clip(frames: list, folder: str, ext: str, meta: dict, fps: int) -> str:
     """A clip (a list of PIL frames) with its settings in a temporary file in ``folder``."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".diffguide-", suffix=ext + ".tmp")
     text = json.dumps(meta, sort_keys=True)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if ext == ".mp4":
-                _write_mp4(f, frames, fps, text)
-            else:
-                from PIL import Image
 
-                extra = {"comment": text.encode()} if ext == ".gif" else {}
-                if ext == ".webp":
-                    exif = Image.Exif()
-                    exif[IMAGE_DESCRIPTION] = text
-                    extra = {"exif": exif, "quality": 95}
-                frames[0].save(
-                    f,
-                    format=VIDEO_FORMATS[ext],
-                    save_all=True,
-                    append_images=frames[1:],
-                    duration=round(1000 / fps),
-                    loop=0,
-                    **extra,
-                )
-        os.chmod(tmp, 0o666 & ~_umask())
-        return tmp
-    except BaseException:
-        os.remove(tmp)
-        raise
+    def write(f):
+        if ext == ".mp4":
+            _write_mp4(f, frames, fps, text)
+            return
+        from PIL import Image
+
+        extra = {"comment": text.encode()} if ext == ".gif" else {}
+        if ext == ".webp":
+            exif = Image.Exif()
+            exif[IMAGE_DESCRIPTION] = text
+            extra = {"exif": exif, "quality": 95}
+        frames[0].save(
+            f,
+            format=VIDEO_FORMATS[ext],
+            save_all=True,
+            append_images=frames[1:],
+            duration=round(1000 / fps),
+            loop=0,
+            **extra,
+        )
+
+    return _temp_file(folder, ext, write)
 
 
 def _write_mp4(f, frames: list, fps: int, comment: str) -> None:
@@ -356,12 +367,6 @@ def _claim_counter_name(tmp: str, folder: str, seed: int, ext: str) -> str:
             return path
         except ValueError:
             k += 1
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # -- A1111's "parameters" text --------------------------------------------------------------------

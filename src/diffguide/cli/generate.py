@@ -728,7 +728,7 @@ def load_init_image(args, noise):
 
 
 def run(args) -> int:
-    from ..images import Outputs, parameters_text
+    from ..images import DEFAULT_FPS, Outputs, parameters_text
 
     # everything that can be checked before loading the model is checked first
     batch_seeds = apply_png(args) if args.from_png else None
@@ -750,7 +750,8 @@ def run(args) -> int:
         else [check_seed(0 if args.seed is None else args.seed)]
     )
     clip = os.path.splitext(args.output or "")[1].lower() in (".mp4", ".gif")
-    outputs = Outputs(args.output, seeds, args.overwrite, video=clip)
+    fps = args.fps or DEFAULT_FPS
+    outputs = Outputs(args.output, seeds, args.overwrite, video=clip, fps=fps)
     parse_stitch(args.stitch)
     parse_loras(args.lora)
     noise = noise_spec(args)
@@ -807,17 +808,9 @@ def run(args) -> int:
         cache=cache,
         num_frames=args.frames,
     )
-    if gp.family.video != outputs.video or gp.family.video:  # now the model is known
-        from ..images import DEFAULT_FPS
-
-        outputs = Outputs(
-            args.output,
-            seeds,
-            args.overwrite,
-            video=gp.family.video,
-            fps=args.fps or DEFAULT_FPS,
-        )
-    elif args.fps is not None:
+    if gp.family.video != outputs.video:  # now the model is known
+        outputs = Outputs(args.output, seeds, args.overwrite, video=gp.family.video, fps=fps)
+    if not gp.family.video and args.fps is not None:
         raise UsageError(f"--fps is for video models; {type(gp.family.net).__name__} makes images")
     g, s, h, w, embedded, args.steps = (
         req.guidance,

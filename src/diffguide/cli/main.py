@@ -153,7 +153,7 @@ def _tiny(args) -> int:
     import shutil
     import tempfile
 
-    from ..files import check_link, check_path, replace_model_files
+    from ..files import _umask, check_link, check_path, replace_model_files
     from ..pipelines import tiny
     from ..pipelines.pipeline import quiet_loading
 
@@ -174,9 +174,7 @@ def _tiny(args) -> int:
         dir=target if os.path.isdir(target) else parent, prefix=".diffguide-tiny-"
     )
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; a model folder is a plain one
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a model folder is a plain one
         tiny.save(tmp, args.family)
         if os.path.isdir(target):  # a model's folder, or an empty one
             replace_model_files(tmp, target)

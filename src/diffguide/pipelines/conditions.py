@@ -77,6 +77,14 @@ def _prompt_sets(pipe, req, device) -> dict:
     return out
 
 
+def _with_frame(fam, req, device, pos: dict, neg: dict | None) -> tuple[dict, dict | None]:
+    """pos and neg with the first frame's conditions (image to video), encoded by ``fam``."""
+    image, raw = req.frame
+    with ENCODE_LOCK:
+        frame = fam.frame_conditions(raw, image, req.batch, req.frames, device)
+    return {**pos, **frame}, None if neg is None else {**neg, **frame}
+
+
 def _companions(pipe, req) -> tuple[dict, dict]:
     """(models by role, their conditions): a second model reads its own encoding of the prompts,
     with its own embedded guidance input."""
@@ -101,11 +109,7 @@ def _companions(pipe, req) -> tuple[dict, dict]:
         value = other.embedded_guidance if req.embedded is None else req.embedded
         fam = other.family
         if req.frame is not None and fam.first_frame:  # image to video: its own first frame
-            image, raw = req.frame
-            with ENCODE_LOCK:
-                frame = fam.frame_conditions(raw, image, req.batch, req.frames, other.device)
-            sp = {**sp, **frame}
-            sn = None if sn is None else {**sn, **frame}
+            sp, sn = _with_frame(fam, req, other.device, sp, sn)
         conds[f"pos@{key}"] = embed(fam, fam.extra(sp, req.height, req.width), value, req.batch)
         conds[f"neg@{key}"] = (
             embed(fam, fam.extra(sn, req.height, req.width), value, req.batch)
@@ -120,11 +124,7 @@ def encode(pipe, req) -> Conditions:
     device = pipe.device
     pos, neg = _main(pipe, req, device)
     if req.frame is not None:  # image to video: every branch reads the first frame
-        image, raw = req.frame
-        with ENCODE_LOCK:
-            extra = pipe.family.frame_conditions(raw, image, req.batch, req.frames, device)
-        pos = {**pos, **extra}
-        neg = None if neg is None else {**neg, **extra}
+        pos, neg = _with_frame(pipe.family, req, device, pos, neg)
     extra = _prompt_sets(pipe, req, device)
     models, companion = _companions(pipe, req)
     return Conditions({"pos": pos, "neg": neg, "extra": {**extra, **companion}}, models)

@@ -370,6 +370,11 @@ def plan(
     embedded = pipe.embedded_guidance if embedded_guidance is None else float(embedded_guidance)
     opt = _noise_optimizer(noise_optimizer, prompt_embeds is not None)
     frame = None
+    if image is not None and pipe.family.video and not pipe.family.first_frame:
+        raise ValueError(
+            f"{type(pipe.pipe).__name__} makes clips from text alone; image= (--init-image) is "
+            "for image-to-video models (WanImageToVideoPipeline)"
+        )
     if pipe.family.first_frame:  # image to video: the image is the clip's first frame
         frame, height, width = _first_frame(pipe, image, strength, height, width)
         image = None

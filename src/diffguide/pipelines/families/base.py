@@ -45,6 +45,10 @@ class Family:
     video = False  # latents [B, C, frames, h, w]; decode gives [B, 3, frames, H, W]
     default_frames = 1
     first_frame = False  # image= is the clip's first frame (image to video), not an SDEdit start
+    temporal = 1  # frames per latent frame (a video VAE's temporal compression)
+    # the diffusers pipeline classes the family serves (a subclass of one too; none listed: any):
+    # ``family_of`` refuses another pipeline on the same network (CogVideoX image to video)
+    pipelines: tuple[str, ...] = ()
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -88,7 +92,19 @@ class Family:
 
     def latent_frames(self, frames: int) -> int:
         """The latent frames of a clip of ``frames`` frames (1 for an image model)."""
-        return 1
+        return (frames - 1) // self.temporal + 1
+
+    def _memo(self, key, make):
+        """``make()`` once per ``key`` (shapes, dtypes, devices of recent calls: a few kept), made
+        as ordinary tensors: a later call that differentiates (a noise optimiser, distillation)
+        may save them for backward, which an inference-mode tensor refuses."""
+        memo = self.__dict__.setdefault("_memos", {})
+        if key not in memo:
+            if len(memo) >= 16:
+                memo.clear()
+            with torch.inference_mode(False):
+                memo[key] = make()
+        return memo[key]
 
     @property
     def multiple(self) -> int:
@@ -145,6 +161,25 @@ class Family:
         )
 
     chunks = False  # long prompts are encoded in windows and concatenated (A1111's practice)
+
+    def long_prompts(self, prompts: Sequence, tok, max_length: int, encoder: str = "T5"):
+        """The notice of a T5-style encoder that reads ``max_length`` tokens, the last of them its
+        end token (diffusers' encode_prompt truncates the rest); None when ``tok`` is None or all
+        fit."""
+        if tok is None:
+            return None
+        long = [
+            p
+            for p in prompts
+            if isinstance(p, str)
+            and len(tok(p, add_special_tokens=False).input_ids) > max_length - 1
+        ]
+        if not long:
+            return None
+        return (
+            f"{len(long)} prompt(s) longer than {type(self.net).__name__}'s {encoder} window of "
+            f"{max_length} tokens; the rest is not read ({long[0][:40]!r}...)"
+        )
 
     def extra(self, cond: dict, height: int, width: int) -> dict:
         """Resolution-dependent conditions (SDXL time ids, PixArt resolution); none by default."""

@@ -15,6 +15,8 @@ class CogVideoX(TransformerFamily):
     name = "cogvideox"
     video = True
     max_sequence_length = 226
+    default_guidance = "cfg:scale=6"  # CogVideoXPipeline's default scale
+    pipelines = ("CogVideoXPipeline",)
 
     @property
     def net(self):
@@ -49,11 +51,9 @@ class CogVideoX(TransformerFamily):
             )
         return frames
 
-    def latent_frames(self, frames: int) -> int:
-        return (frames - 1) // self.temporal + 1
-
     def notice(self, prompts):
-        return None
+        tok = getattr(self.pipe, "tokenizer", None)
+        return self.long_prompts(prompts, tok, self.max_sequence_length)
 
     def draw(self, noise, shape, device):
         b, c, f, h, w = shape  # CogVideoXPipeline draws [B, F, C, h, w]
@@ -63,11 +63,15 @@ class CogVideoX(TransformerFamily):
         return encode_pair(self, prompts, negatives, n, device, negative, **extra)
 
     def _rotary(self, x):
+        """The 3-D rotary table (cos, sin), made once per clip size, dtype and device."""
         if not self.net.config.use_rotary_positional_embeddings:
             return None
         b, c, f, h, w = x.shape
-        return self.pipe._prepare_rotary_positional_embeddings(
-            h * self.factor, w * self.factor, f, x.device
+        return self._memo(
+            ("rotary", f, h, w, x.device, x.dtype),
+            lambda: self.pipe._prepare_rotary_positional_embeddings(
+                h * self.factor, w * self.factor, f, x.device
+            ),
         )
 
     def forward(self, x, tm, cond, net=None):
@@ -80,8 +84,3 @@ class CogVideoX(TransformerFamily):
             return_dict=False,
         )[0]
         return out.permute(0, 2, 1, 3, 4)
-
-    def decode(self, x):
-        vae = self.pipe.vae
-        video = vae.decode((x.float() / vae.config.scaling_factor).to(vae.dtype)).sample
-        return (video.float() / 2 + 0.5).clamp(0, 1)

@@ -13,6 +13,7 @@ class DiT(TransformerFamily):
     """DiTTransformer2DModel: class-conditional; the negative is the null class (num_classes)."""
 
     name = "dit"
+    pipelines = ("DiTPipeline",)
 
     @property
     def net(self):
@@ -61,6 +62,7 @@ class PixArt(DiT):
     """PixArtTransformer2DModel with T5 text conditioning and an attention mask."""
 
     name = "pixart"
+    pipelines = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "PixArtSigmaPAGPipeline")
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
         if prompts is not None:

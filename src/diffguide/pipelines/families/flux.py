@@ -37,6 +37,7 @@ class Flux(TransformerFamily):
     default_guidance = "none"  # guidance-distilled (dev) or timestep-distilled (schnell)
     grid = {"spacing": "uniform_t"}  # FluxPipeline passes sigmas linspace(1, 1/n, n), then 0
     max_sequence_length = 512
+    pipelines = ("FluxPipeline", "FluxImg2ImgPipeline")
 
     @property
     def net(self):
@@ -68,20 +69,8 @@ class Flux(TransformerFamily):
 
     def notice(self, prompts):
         """T5 reads up to max_sequence_length tokens (CLIP only feeds the pooled vector)."""
-        tok = getattr(self.pipe, "tokenizer_2", None)
-        if tok is None:
-            return None
-        long = [
-            p
-            for p in prompts
-            if isinstance(p, str)
-            and len(tok(p, add_special_tokens=False).input_ids) > self.max_sequence_length - 1
-        ]
-        if not long:
-            return None
-        return (
-            f"{len(long)} prompt(s) longer than Flux's T5 window of {self.max_sequence_length} "
-            f"tokens; the rest is not read ({long[0][:40]!r}...)"
+        return self.long_prompts(
+            prompts, getattr(self.pipe, "tokenizer_2", None), self.max_sequence_length
         )
 
     def embed_guidance(self, cond, value, b):

@@ -16,6 +16,7 @@ class QwenImage(Flux):
     when a negative prompt is given (like diffusers, no guidance without one)."""
 
     name = "qwenimage"
+    pipelines = ("QwenImagePipeline", "QwenImageImg2ImgPipeline")
     max_sequence_length = 1024
     true_cfg = "cfg:scale=4,renorm=2,rescale_space=flow"
 

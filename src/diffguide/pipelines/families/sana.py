@@ -14,6 +14,7 @@ class Sana(TransformerFamily):
     rectified flow. Without resolution binning (the pipeline's option), as PixArt here."""
 
     name = "sana"
+    pipelines = ("SanaPipeline", "SanaPAGPipeline")
     default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
     default_guidance = "cfg:scale=4.5"  # SanaPipeline's default scale
     max_sequence_length = 300
@@ -81,6 +82,7 @@ class SanaSprint(Sana):
     every sampler and guidance method runs on it; its own sampler is ``consistency``."""
 
     name = "sana_sprint"
+    pipelines = ("SanaSprintPipeline", "SanaSprintImg2ImgPipeline")
     default_guidance = "none"
 
     def embedded_default(self):

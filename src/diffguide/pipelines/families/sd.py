@@ -47,6 +47,14 @@ class StableDiffusion(Family):
     Prompts longer than the CLIP window are encoded in windows of 75 tokens and concatenated."""
 
     name = "sd"
+    pipelines = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionPAGPipeline",
+        "StableDiffusionPAGImg2ImgPipeline",
+        "LatentConsistencyModelPipeline",
+        "LatentConsistencyModelImg2ImgPipeline",
+    )
 
     @property
     def chunks(self) -> bool:
@@ -150,6 +158,12 @@ class StableDiffusionXL(StableDiffusion):
     Long prompts: windows through both encoders, the pooled embedding of the first window."""
 
     name = "sdxl"
+    pipelines = (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLPAGPipeline",
+        "StableDiffusionXLPAGImg2ImgPipeline",
+    )
     default_strength = 0.3  # StableDiffusionXLImg2ImgPipeline's
     vae_stats = vae_upcast = True
 

@@ -9,6 +9,12 @@ class StableDiffusion3(DiT):
     """SD3Transformer2DModel: rectified flow (velocity), CLIP x2 + T5 text, pooled projections."""
 
     name = "sd3"
+    pipelines = (
+        "StableDiffusion3Pipeline",
+        "StableDiffusion3Img2ImgPipeline",
+        "StableDiffusion3PAGPipeline",
+        "StableDiffusion3PAGImg2ImgPipeline",
+    )
     default_strength, truncate_strength = 0.6, False  # as its img2img pipeline
     vae_shift = True
     # T5 tokens appended to the CLIP ones (zeros without a T5): diffusers' default, or a folder's

@@ -10,6 +10,7 @@ class Unconditional(Family):
 
     name = "unconditional"
     conditional = False
+    pipelines = ()  # any pipeline of a UNet2DModel (DDPMPipeline, DDIMPipeline, ...)
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
         _no_extra(self, extra)

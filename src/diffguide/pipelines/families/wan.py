@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import TransformerFamily, encode_pair, latent_stats
@@ -17,6 +19,7 @@ class Wan(TransformerFamily):
     video = True
     default_frames = 81
     max_sequence_length = 512
+    pipelines = ("WanPipeline",)
 
     @property
     def net(self):
@@ -53,27 +56,34 @@ class Wan(TransformerFamily):
             )
         return frames
 
-    def latent_frames(self, frames: int) -> int:
-        return (frames - 1) // self.temporal + 1
-
-    def seq_len(self, height, width):
-        return (height // self.factor) * (width // self.factor)
+    @functools.cached_property
+    def per_token(self) -> bool:
+        """Wan 2.2 TI2V-5B (expand_timesteps): one time per latent token; image to video puts the
+        first frame's latents in the clip's first latent frame, whose tokens run at time 0."""
+        return bool(getattr(self.pipe.config, "expand_timesteps", False))
 
     def notice(self, prompts):
-        return None  # 512 tokens
+        tok = getattr(self.pipe, "tokenizer", None)
+        return self.long_prompts(prompts, tok, self.max_sequence_length, "UMT5")
 
     def encode(self, prompts, negatives, n, device, negative=True, **extra):
         return encode_pair(self, prompts, negatives, n, device, negative, **extra)
 
-    def forward(self, x, tm, cond, net=None):
-        if getattr(self.pipe.config, "expand_timesteps", False):  # Wan 2.2 TI2V: one per token
+    def inputs(self, x, tm, cond):
+        """The network's hidden states and timestep at latents x, model time tm."""
+        if self.per_token:  # one per token, as WanPipeline passes them
             _, p_h, p_w = self.net.config.patch_size
             b, _, f, h, w = x.shape
             tm = tm.reshape(-1, 1).expand(b, f * (h // p_h) * (w // p_w))
+        return x, tm
+
+    def forward(self, x, tm, cond, net=None):
+        x_in, tm = self.inputs(x, tm, cond)
         return (self.net if net is None else net)(
-            hidden_states=x,
+            hidden_states=x_in,
             timestep=tm,
             encoder_hidden_states=cond["text"],
+            encoder_hidden_states_image=cond.get("image"),
             attention_kwargs=cond.get("attention"),
             return_dict=False,
         )[0]
@@ -96,23 +106,28 @@ class WanImageToVideo(Wan):
 
     name = "wan_i2v"
     first_frame = True
+    pipelines = ("WanImageToVideoPipeline",)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        if getattr(self.net.config, "pos_embed_seq_len", None) is not None:
+            raise ValueError(
+                "Wan first-last-frame models (FLF2V: the transformer's pos_embed_seq_len) are not "
+                "supported yet; Wan 2.1 I2V and Wan 2.2 TI2V / I2V folders are"
+            )
 
     @property
     def channels(self) -> int:
         return self.pipe.vae.config.z_dim
 
-    @property
-    def per_token(self) -> bool:
-        """Wan 2.2 TI2V: the first frame's latents replace the clip's first latent frame, whose
-        tokens run at time 0 (expand_timesteps)."""
-        return bool(getattr(self.pipe.config, "expand_timesteps", False))
-
     def frame_conditions(self, raw, image, b: int, frames: int, device) -> dict:
         """What every branch reads beside the text: the image states and the first frame's
-        latent condition with its mask, for ``b`` rows."""
+        latent condition with its mask, for ``b`` rows, in the network's dtype (TI2V: the first
+        frame's latents, in float32 for ``finish``, and in the network's dtype)."""
         out = {}
+        dtype = self.net.dtype
         if self.net.config.image_dim is not None:
-            out["image"] = self.pipe.encode_image(raw, device).repeat(b, 1, 1).to(self.net.dtype)
+            out["image"] = self.pipe.encode_image(raw, device).repeat(b, 1, 1).to(dtype)
         vae = self.pipe.vae
         video = image.to(device, torch.float32)[:, :, None]
         if not self.per_token:  # Wan 2.1: the first frame, then black ones, encoded together
@@ -122,43 +137,39 @@ class WanImageToVideo(Wan):
         mean, std = self._stats(z)
         z = ((z - mean) / std).repeat(b, 1, 1, 1, 1)
         if self.per_token:
-            out["first"] = z
+            out["first"], out["first_in"] = z, z.to(dtype)
             return out
         _, _, f, h, w = z.shape
         t = self.temporal  # the first frame's mask spans the temporal factor, then one per frame
         mask = torch.zeros(b, 1, (f - 1) * t + t, h, w, device=device)
         mask[:, :, :t] = 1
         mask = mask.view(b, f, t, h, w).transpose(1, 2)
-        out["condition"] = torch.cat([mask, z], 1)
+        out["condition"] = torch.cat([mask, z], 1).to(dtype)
         return out
 
-    def forward(self, x, tm, cond, net=None):
-        if self.per_token:
-            keep = self._keep(x)  # 0 on the first latent frame, 1 elsewhere
-            x_in = (1 - keep) * cond["first"].to(x.dtype) + keep * x
-            _, p_h, p_w = self.net.config.patch_size
-            times = keep[0, 0, :, ::p_h, ::p_w].flatten()
-            tm = tm.reshape(-1, 1) * times[None].to(tm.dtype)
-        else:
-            x_in = torch.cat([x, cond["condition"].to(x.dtype)], 1)
-        return (self.net if net is None else net)(
-            hidden_states=x_in,
-            timestep=tm,
-            encoder_hidden_states=cond["text"],
-            encoder_hidden_states_image=cond.get("image"),
-            attention_kwargs=cond.get("attention"),
-            return_dict=False,
-        )[0]
+    def inputs(self, x, tm, cond):
+        # the casts are no-ops in the network's dtype (a distillation student's may differ)
+        if not self.per_token:
+            return torch.cat([x, cond["condition"].to(x.dtype)], 1), tm
+        keep, times = self._keep(x, tm.dtype)  # keep: 0 on the first latent frame, 1 elsewhere
+        x_in = (1 - keep) * cond["first_in"].to(x.dtype) + keep * x
+        return x_in, tm.reshape(-1, 1) * times[None]
 
-    @staticmethod
-    def _keep(x):
-        keep = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
-        keep[:, :, 0] = 0
-        return keep
+    def _keep(self, x, time_dtype=torch.float32):
+        """(keep: 0 on the first latent frame, 1 elsewhere, shaped as one row of x; the time
+        factor of each token), made once per shape."""
+
+        def make():
+            keep = torch.ones(1, 1, *x.shape[2:], dtype=x.dtype, device=x.device)
+            keep[:, :, 0] = 0
+            _, p_h, p_w = self.net.config.patch_size
+            return keep, keep[0, 0, :, ::p_h, ::p_w].flatten().to(time_dtype)
+
+        return self._memo(("keep", tuple(x.shape[2:]), x.dtype, time_dtype, x.device), make)
 
     def finish(self, x, cond):
         """TI2V: the given first frame's latents in the clip's first latent frame."""
         if not self.per_token or cond is None:
             return x
-        keep = self._keep(x)
+        keep, _ = self._keep(x)
         return (1 - keep) * cond["first"][: x.shape[0]].to(x.dtype) + keep * x
