@@ -7,12 +7,14 @@ Frechet distance about 0, colour error about the generator's own jitter.
 
 from __future__ import annotations
 
+import collections
 import colorsys
 import itertools
 
 import numpy as np
 import torch
 
+from . import count as objects_count
 from . import evaluator as ev
 from . import scenes
 
@@ -69,10 +71,28 @@ def read_prompts(path: str) -> list[str]:
     return out
 
 
-def check(p: scenes.Prompt, present: set, background: str) -> dict:
+def counted_right(p: scenes.Prompt, counts: dict) -> bool:
+    """Whether the objects counted per colour are exactly the prompted ones: as many as prompted,
+    each named colour as often as named, and no other colour twice (a scene's colours differ)."""
+    named = collections.Counter(c for c, _ in p.objects if c is not None)
+    return (
+        sum(counts.values()) == len(p.objects)
+        and all(counts.get(c, 0) == k for c, k in named.items())
+        and all(n <= max(1, named[c]) for c, n in counts.items())
+    )
+
+
+def check(p: scenes.Prompt, present: set, background: str, counts: dict | None = None) -> dict:
     """Which prompted attributes an image gets right. Objects must match with colour and shape bound
-    together (each prompted object to a distinct detected one), and the object count must match."""
+    together (each prompted object to a distinct detected one), and the object count must match.
+
+    ``counts`` ({colour: objects}, from ``count.counts``) is what the image shows; the evaluator
+    CNN's ``present`` names each colour once whatever it sees, so without counts a duplicated
+    object (two blue squares for "a red circle and a blue square") would pass. Default: one object
+    per pair in ``present`` (right for a scene's exact labels)."""
     found = list(present)
+    if counts is None:
+        counts = collections.Counter(c for c, _ in found)
     colour = all(any(c is None or c == fc for fc, _ in found) for c, _ in p.objects)
     shape = all(any(s is None or s == fs for _, fs in found) for _, s in p.objects)
     bound = (
@@ -87,7 +107,9 @@ def check(p: scenes.Prompt, present: set, background: str) -> dict:
         else False
     )
     out = {
-        "count": len(found) == len(p.objects),
+        # both readers: the CNN's pairs (an extra colour-shape pair it reads stays wrong) and the
+        # counter's objects (a duplicate the CNN cannot see)
+        "count": len(found) == len(p.objects) and counted_right(p, counts),
         "colour": colour,
         "shape": shape,
         "binding": bound,
@@ -188,7 +210,8 @@ def evaluate(
 
     true_images default to as many exact samples per prompt as there are generated ones. A
     ``per_image`` list gets one record per image: its prompt, what the evaluator read (objects as
-    [colour, shape], background) and which prompted attributes it got right.
+    [colour, shape], background), the objects counted per colour and which prompted attributes it
+    got right.
     """
     parsed = [scenes.parse_prompt(t) for t in prompts]
     prompt_ids = np.asarray(prompt_ids)
@@ -205,17 +228,21 @@ def evaluate(
     _, _, true_feats = ev.read(model, to_t(true_images))
     feats, true_feats = feats.numpy(), true_feats.numpy()
 
-    checks = [check(parsed[k], pr, bg) for k, pr, bg in zip(prompt_ids, present, backs)]
+    counts = objects_count.counts(images)
+    checks = [
+        check(parsed[k], pr, bg, n) for k, pr, bg, n in zip(prompt_ids, present, backs, counts)
+    ]
     if per_image is not None:
         per_image.extend(
             {
                 "prompt": prompts[k],
                 "objects": sorted([c, s] for c, s in pr),
                 "background": bg,
+                "counted": n,
                 "adherent": c["all"],
                 "checks": {a: v for a, v in c.items() if a != "all"},
             }
-            for k, pr, bg, c in zip(prompt_ids, present, backs, checks)
+            for k, pr, bg, n, c in zip(prompt_ids, present, backs, counts, checks)
         )
     groups = {}
     for k, c in zip(prompt_ids, checks):
