@@ -26,7 +26,7 @@ LAYERS = {
     "__main__": 7,
     "__init__": 7,
 }
-ROOT_NAMES = {"__version__"}  # the package root's version string, readable from anywhere
+ROOT_NAMES = {"__version__", "_threads"}  # the version string; the command's thread policy, first
 CORE_MAY_IMPORT = {"torch", "numpy", "__future__"}
 DIFFUSERS_IN = {"pipelines", "distill"}
 

@@ -23,11 +23,27 @@ def test_readme_python_example_runs(capsys):
     assert "true CFG NFE per image: 12" in out
 
 
+CPU_TORCH = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
+
 def test_readme_starts_with_the_two_commands():
     text = open(os.path.join(ROOT, "README.md")).read()
     cmds = re.findall(r"```bash\n(.*?)```", text, re.S)
-    assert cmds[0].strip().startswith('pip install torch==2.13.0 && pip install -e ".[test]"')
+    assert cmds[0].strip().startswith(CPU_TORCH + ' && pip install -e ".[test]"')
     assert cmds[1].strip() == "pytest"
+
+
+def test_ci_installs_torch_as_the_readme_says():
+    """The README's first command takes torch from PyTorch's CPU index (the public index's
+    torch==2.13.0 is the CUDA build), and CI installs it with that same line in every environment
+    and checks it got the CPU build."""
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    body = re.search(r"^cpu_torch\(\) \{\n(.*?)\n\}", ci, re.S | re.M)[1]
+    assert CPU_TORCH.replace("pip install", "pip install -q") in body
+    assert "torch.version.cuda" in body and "cuda is None and v.endswith('+cpu')" in body
+    # every environment CI makes gets torch through it, and in no other way
+    assert ci.count("python3 -m venv") == ci.count("\ncpu_torch\n") == 3
+    assert ci.count("pip install -q torch") == 1
 
 
 def _cli(*args):

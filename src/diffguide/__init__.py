@@ -1,5 +1,6 @@
 """diffguide: guidance methods and samplers for diffusion models, any guidance on any sampler."""
 
+from . import _threads  # noqa: F401  (first: the command's OMP_WAIT_POLICY, before torch loads)
 from . import (  # noqa: F401  (register the built-ins)
     cache as _cache,
     guidance as _guidance,

@@ -201,7 +201,13 @@ def add_arguments(p) -> None:
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=200)
-    p.add_argument("--log-every", type=int, default=20, help="a loss.jsonl line every N steps")
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=20,
+        help="a loss.jsonl line every N steps (the mean since the last), and at step 1 and the "
+        "run's last step",
+    )
     p.add_argument(
         "--validate-every",
         type=int,
@@ -225,7 +231,6 @@ def run(args) -> int:
     from ..distill.config import DistillConfig
     from ..distill.run import train
     from ..parallel import launched_rank
-    from ..pipelines.pipeline import quiet_loading
 
     try:
         method = methods.get(args.method)
@@ -296,8 +301,9 @@ def run(args) -> int:
     except ValueError as e:  # "batch must be ..." -> "--batch must be ..."
         m = re.match(r"([a-z_]+) (must .*)", str(e))
         raise UsageError(f"--{m[1].replace('_', '-')} {m[2]}" if m else str(e)) from None
-    quiet_loading()
-    folder = train(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    # the libraries are quietened inside train, after its checks and its first line: importing
+    # diffusers and transformers for that takes seconds
+    folder = train(cfg, progress=not args.quiet, overwrite=args.overwrite, quiet=True)
     if launched_rank() == 0:  # one line, however many processes trained
         print(folder)
     return 0

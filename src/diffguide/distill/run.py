@@ -270,7 +270,9 @@ def _teacher(cfg: DistillConfig, acc):
     return teacher
 
 
-def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) -> str:
+def train(
+    cfg: DistillConfig, progress: bool = True, overwrite: bool = False, quiet: bool = False
+) -> str:
     """Distil (or resume with ``cfg.resume``); returns the exported student folder
     ``cfg.out/student``.
     A new run into a folder that holds a run's files (config, logs, validation, a student) is
@@ -280,9 +282,20 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
 
     Launched on several processes (``torchrun``, ``accelerate launch``) each process trains on its
     own micro-batches and the gradients are averaged: the effective batch is batch x processes x
-    grad_accum. Only the main process writes; the others wait for it."""
+    grad_accum. Only the main process writes; the others wait for it.
+
+    ``quiet`` (the CLI's): no loading bars or warnings from diffusers and transformers, set once the
+    run's checks pass and its first line is out (importing them to say so takes seconds)."""
     acc, state = _start(cfg, overwrite)
     world = acc.num_processes
+    # what the run is doing before its first step (loading and building take a while): one line each
+    note = _notes(progress and acc.is_main_process, method_class(cfg).name)
+    resumed = f" (resuming at step {state['step']})" if state is not None else ""
+    note(f"loading teacher {cfg.teacher}{resumed}")
+    if quiet:
+        from ..pipelines.pipeline import quiet_loading
+
+        quiet_loading()
     teacher = _teacher(cfg, acc)
     if cfg.lora_rank:  # refused before the run folder is made: a run that cannot start leaves none
         check_lora(teacher.family.net, teacher.pipe, teacher.family.component)
@@ -290,9 +303,14 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
         acc.is_main_process
     ):  # made once the teacher loads: a run that cannot start leaves no empty folder
         os.makedirs(cfg.out, exist_ok=True)
-    with acc.main_process_first():  # the main process renders and caches the toy scenes once
+    if cfg.data == "toy":
+        note(f"data: the toy world's first {cfg.dataset} scenes, each rendered when a batch asks")
+    else:
+        note(f"data: reading the images {os.path.join(cfg.data, 'metadata.jsonl')} lists")
+    with acc.main_process_first():  # a data folder is read by the main process first
         data = load_data(cfg)
     get = batches(cfg, data, teacher, acc.device, world * cfg.grad_accum)
+    note("building the student and its optimisers")
     run = Run(cfg, teacher, acc, state)
     log = None
     if acc.is_main_process:
@@ -305,12 +323,7 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
             },
         )
         log = open(os.path.join(cfg.out, "loss.jsonl"), "a")
-        if progress:
-            print(
-                f"distill {run.method.name}: effective batch "
-                f"{effective_batch(cfg.batch, world, cfg.grad_accum)}",
-                file=sys.stderr,
-            )
+        note(f"effective batch {effective_batch(cfg.batch, world, cfg.grad_accum)}")
     window = dict(state.get("log_window", {})) if state is not None else {}
     step = _loop(cfg, run, get, log, window, progress)
     folder = os.path.join(cfg.out, "student")
@@ -321,6 +334,16 @@ def train(cfg: DistillConfig, progress: bool = True, overwrite: bool = False) ->
         validate(run.method, run.ema, step)
     acc.wait_for_everyone()
     return folder
+
+
+def _notes(on: bool, method: str):
+    """A function printing ``distill METHOD: text`` on stderr at once (nothing unless ``on``)."""
+
+    def note(text: str) -> None:
+        if on:
+            print(f"distill {method}: {text}", file=sys.stderr, flush=True)
+
+    return note
 
 
 def _loop(cfg: DistillConfig, run: Run, get, log, running: dict, progress: bool) -> int:
@@ -344,7 +367,11 @@ def _loop(cfg: DistillConfig, run: Run, get, log, running: dict, progress: bool)
         bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
         bar.update(1)  # the bar shows steps per second and the time left beside the loss
         if acc.is_main_process:
-            if step % cfg.log_every == 0:
+            # a line every log_every steps, each the mean since the last; also step 1 and the run's
+            # last step (a short run logs something), which leave the window running, so the
+            # regular lines and a resumed run's lines are what they would be without them
+            regular = step % cfg.log_every == 0
+            if regular or step == 1 or step == cfg.max_steps:
                 rec = {
                     "step": step,
                     **{k: float(np.mean(v)) for k, v in running.items()},
@@ -352,7 +379,8 @@ def _loop(cfg: DistillConfig, run: Run, get, log, running: dict, progress: bool)
                 }
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                running = {}
+                if regular:
+                    running = {}
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint.save(
                     ckpt, {**run.state(step), "processes": acc.num_processes, "log_window": running}
