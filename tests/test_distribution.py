@@ -26,11 +26,12 @@ def gaussian(sd):
 # hours (its noise is checked against k-diffusion's algorithm in test_samplers_more.py). TCD with
 # gamma > 0 jumps back by a fixed fraction of t at every step whatever the step count, a sampler for
 # consistency models that does not converge to the data distribution with a plain denoiser (std
-# 0.374 here); with gamma = 0 it is DDIM
+# 0.374 here); with gamma = 0 it is DDIM. dpm_adaptive's default tolerance (k-diffusion's rtol 0.05)
+# is loose enough to move the std by 0.013 here, as k-diffusion's own function does: a tighter one
 @pytest.mark.parametrize(
     "spec",
-    [s for s in dg.list_samplers() if s not in ("consistency", "dpmpp_sde", "tcd")]
-    + ["euler:churn=5", "heun:churn=20", "ddim:eta=0.5", "tcd:gamma=0"],
+    [s for s in dg.list_samplers() if s not in ("consistency", "dpmpp_sde", "tcd", "dpm_adaptive")]
+    + ["euler:churn=5", "heun:churn=20", "ddim:eta=0.5", "tcd:gamma=0", "dpm_adaptive:rtol=1e-3"],
 )
 def test_moments(spec, gaussian, sd):
     ts = dg.timesteps(sd, 200, "karras")

@@ -51,7 +51,11 @@ def run(gp, hw, **kw):
 def test_every_sampler_with_cfg(family, spec):
     name, gp = family
     hw = SIZES[name]
-    assert run(gp, hw, guidance="cfg", sampler=spec) == 2 * sampler_evaluations(gp, spec, hw)
+    nfe = run(gp, hw, guidance="cfg", sampler=spec)
+    if spec == "dpm_adaptive":  # its evaluations depend on the data: two branches each
+        assert nfe > 0 and nfe % 2 == 0
+    else:
+        assert nfe == 2 * sampler_evaluations(gp, spec, hw)
 
 
 @pytest.mark.parametrize("spec", dg.list_guidance())

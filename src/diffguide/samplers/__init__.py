@@ -30,3 +30,4 @@ from .comfy import (
     Seeds3,
 )
 from .sa_solver import SASolver, SASolverPECE
+from .dpm_solver import DPMAdaptive, DPMFast
