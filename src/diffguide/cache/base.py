@@ -19,13 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from ..core.guided import row_mask
-from ..guidance.perturb import _cached, _pack, _split_inputs, _streams, acting, installed, narrowed
+from ..guidance.perturb import (
+    CACHE_LOCAL,
+    _cached,
+    _pack,
+    _split_inputs,
+    _streams,
+    acting,
+    installed,
+    narrowed,
+)
 from ..guidance.perturb import _module as module_of
 
 # the top-level block lists of diffusers' transformers, in call order (diffusers' first-block cache
@@ -35,7 +43,7 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "lay
 _NOT_PER_SAMPLE = ("rotary", "rope", "freqs", "pos_embed")
 
 PER = ("branch", "batch")
-_LOCAL = threading.local()
+_LOCAL = CACHE_LOCAL  # in the perturbations' module, so that a perturbation can see it
 
 
 @dataclass

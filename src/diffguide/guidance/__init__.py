@@ -22,3 +22,5 @@ from .cfg_renorm import CFGRenorm
 from .mahiro import Mahiro
 from .skimmed import SkimmedCFG
 from .fresca import FreSca
+from .nag import NAG
+from .tpg import TPG

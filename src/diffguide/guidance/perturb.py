@@ -56,6 +56,8 @@ def _pack(block, image, text, like):
 _LOCK = threading.Lock()
 _INSTALLED: dict = {}  # (id(module), kind) -> [undo, users]
 _LOCAL = threading.local()
+# the step cache's forward in this thread (cache.base sets it; NAG on joint attention reads it)
+CACHE_LOCAL = threading.local()
 
 
 def _active(module, kind):

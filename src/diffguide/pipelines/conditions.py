@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..core.guided import Guidance
 from .families import ENCODE_LOCK
 
 
@@ -37,6 +38,15 @@ def _negative_texts(req) -> list | None:
     )
 
 
+def _reads_negative(g) -> bool:
+    """A method that reads the negative prompt inside the conditional forward (NAG's attention)
+    rather than in a branch of its own; a sum or a modulated method reads what its parts read."""
+    parts = [*getattr(g, "parts", ()), getattr(g, "inner", None)]
+    return bool(getattr(g, "reads_negative", False)) or any(
+        _reads_negative(p) for p in parts if isinstance(p, Guidance)
+    )
+
+
 def _main(pipe, req, device) -> tuple[dict | None, dict | None]:
     fam = pipe.family
     if not fam.conditional:
@@ -47,7 +57,7 @@ def _main(pipe, req, device) -> tuple[dict | None, dict | None]:
             _negative_texts(req),
             req.per_prompt,
             device,
-            negative="neg" in req.needed,
+            negative="neg" in req.needed or _reads_negative(req.guidance),
             **req.text_extra,
         )
     pos = fam.extra(pos, req.height, req.width)
