@@ -165,7 +165,9 @@ def test_the_pipeline_option_shares_one_call_and_equals_one_process(tmp_path):
     )
     for r in range(2):
         images, nfe = torch.load(tmp_path / f"out.{r}")
-        assert float((images - ref.images).abs().max()) <= 1e-5 and nfe == ref.nfe
+        # each process runs 3 of the 6 rows: the UNet's kernels block a batch of 3 otherwise than
+        # one of 6, float32 rounding that 4 steps grow to about 1.6e-5 (a wrong row is O(1))
+        assert float((images - ref.images).abs().max()) <= 5e-5 and nfe == ref.nfe
     with pytest.raises(ValueError, match="without a step cache"):
         gp("a cat", steps=2, parallel="branches", cache="deepcache")
     with pytest.raises(ValueError, match="parallel must be"):

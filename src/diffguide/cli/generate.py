@@ -98,6 +98,15 @@ def add_arguments(p) -> None:
         help="capture the whole sampling loop in one CUDA graph on the first --batch and replay it "
         "on the next ones (same images; needs --device cuda)",
     )
+    p.add_argument(
+        "--parallel",
+        default=None,
+        metavar="SPEC",
+        help="share each image's work between the processes of torchrun or accelerate launch: "
+        "branches (each forward's guidance rows), sequence (each row's tokens, Flux.1, "
+        "Qwen-Image, Wan) or both, e.g. branches=2,sequence=2 on 4 processes; the processes make "
+        "every image together and the first writes it (no --cache, --cuda-graph)",
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
     seeds.add_argument("--seeds", default=None, help="several seeds, e.g. 0-15 or 1,4,9")
@@ -491,8 +500,17 @@ FROM_PNG = {
     "frames": "--frames",
     "fps": "--fps",
 }
-# read apart (the prompt, the seeds, the noise optimiser, T-Stitch's reset), or no setting (version)
-FROM_PNG_OWN = ("prompt", "seed", "batch_seeds", "noise_optimizer", "stitch_reset", "version")
+# read apart (the prompt, the seeds, the noise optimiser, T-Stitch's reset), or no setting (version,
+# parallel)
+FROM_PNG_OWN = (
+    "prompt",
+    "seed",
+    "batch_seeds",
+    "noise_optimizer",
+    "stitch_reset",
+    "version",
+    "parallel",  # how processes shared the work: the image is the same without it
+)
 GUIDANCE_OPTIONS = (
     "scale",
     "guide_model",
@@ -727,6 +745,27 @@ def load_init_image(args, noise):
         raise UsageError(f"cannot read --init-image {args.init_image!r}: {e}") from None
 
 
+def check_parallel(args) -> None:
+    """--parallel, checked before the model loads: its spec, on the processes the launcher started,
+    with options it can run with."""
+    if args.parallel is None:
+        return
+    from ..parallel import launched
+    from ..pipelines.parallel_layout import layout
+
+    if not launched():
+        raise UsageError(
+            "--parallel shares each image's work between processes: launch several, e.g. "
+            "torchrun --nproc_per_node 2 -m diffguide generate ... --parallel branches"
+        )
+    for flag, given in (("--cache", args.cache), ("--cuda-graph", args.cuda_graph)):
+        if given:
+            raise UsageError(
+                f"--parallel gathers every forward across processes: it cannot run with {flag}"
+            )
+    layout(args.parallel, int(os.environ["WORLD_SIZE"]))  # a ValueError: one line, as usage
+
+
 def run(args) -> int:
     from ..images import DEFAULT_FPS, Outputs, parameters_text
 
@@ -765,6 +804,7 @@ def run(args) -> int:
     if args.height and args.width and not args.large:
         outputs.check_space(args.height, args.width, SPACE_HINT)
 
+    check_parallel(args)
     state = process_state(cpu=args.device == "cpu")
     if args.cuda_graph:
         import torch
@@ -807,6 +847,7 @@ def run(args) -> int:
         cuda_graph=args.cuda_graph,
         cache=cache,
         num_frames=args.frames,
+        parallel=args.parallel,
     )
     if gp.family.video != outputs.video:  # now the model is known
         outputs = Outputs(args.output, seeds, args.overwrite, video=gp.family.video, fps=fps)
@@ -879,6 +920,7 @@ def run(args) -> int:
         ),
         **({"guide_model": stored_path(args.guide_model)} if guide else {}),
         **({"noise_optimizer": noise} if noise else {}),
+        **({"parallel": args.parallel} if args.parallel else {}),
     }
     own_grid = model_grid(gp, args.spacing)  # the grid the A1111 "Schedule type" names
     t0 = time.perf_counter()
@@ -891,7 +933,9 @@ def run(args) -> int:
     from ..pipelines.pipeline import PromptTruncated
 
     warnings.filterwarnings("ignore", category=PromptTruncated)  # said once below, as a notice
-    mine, wanted = shard(batches, state), set(seeds)
+    # with --parallel every process makes every batch, together; otherwise each makes its share
+    parallel = args.parallel is not None
+    mine, wanted = (batches if parallel else shard(batches, state)), set(seeds)
     if len(batches) > 1 and is_main(state):
         print(
             f"diffguide: {len(seeds):,} images x {args.steps} steps at {w}x{h}, in "
@@ -911,6 +955,8 @@ def run(args) -> int:
                 f"with --initno subjects=word|word)",
                 file=sys.stderr,
             )
+        if parallel and not is_main(state):
+            continue  # every process holds the batch's images: the first writes them
         for seed, img in zip(chunk, out.images):
             if seed not in wanted:  # --from-png: the batch's other images are not asked for
                 continue
@@ -925,7 +971,8 @@ def run(args) -> int:
                 estimate(time.perf_counter() - t0, len(chunk), sum(map(len, mine[1:]))),
                 file=sys.stderr,
             )
-    written, nfe = gather(written, state), gather(nfe, state)
+    if not parallel:
+        written, nfe = gather(written, state), gather(nfe, state)
     barrier(state)
     dt = time.perf_counter() - t0
     if not is_main(state):
@@ -936,7 +983,8 @@ def run(args) -> int:
         f"{len(seeds)} {'clip' if outputs.video else 'image'}(s), "
         f"{sum(nfe) / len(seeds):g} network evaluations each, "
         f"{dt / len(seeds):.2f} s per {'clip' if outputs.video else 'image'}"
-        + (f" on {state.num_processes} processes" if state else ""),
+        + (f" on {state.num_processes} processes" if state else "")
+        + (f" (--parallel {args.parallel})" if parallel else ""),
         file=sys.stderr,
     )
     return 0

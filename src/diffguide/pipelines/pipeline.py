@@ -616,6 +616,12 @@ class GuidedPipeline:
         (``guidance="autoguidance"``) guides away from
         (a GuidedPipeline, folder, hub id or 'builtin-small'); it must share this model's latent
         space and schedule, and encodes the prompts with its own text encoder.
+        parallel: one image's work shared by the processes of an initialised torch.distributed
+        group, every process running the same call and ending with the whole images
+        (``pipelines.parallel_layout``): "branches" splits each forward's rows, "sequence" each
+        row's tokens (diffusers' Ulysses context parallelism: Flux.1, Qwen-Image, Wan), and
+        "branches=2,sequence=2" both on 4 processes. No step cache, CUDA graph, or (with
+        sequence) noise optimiser, gradient or perturbation guidance.
         """
         return plan(
             self,
@@ -654,6 +660,11 @@ class GuidedPipeline:
         part, in one batch; ``indices`` and ``seeds`` say which images it holds.
         """
         if process_state is not None:
+            if kwargs.get("parallel"):  # images to processes, or each image's work to them all
+                raise ValueError(
+                    "process_state shares a call's images between processes and parallel shares "
+                    "each image's work between them: give one"
+                )
             if args or kwargs.get("latents") is not None or kwargs.get("prompt_embeds") is not None:
                 raise ValueError(
                     "with process_state, give prompts and seeds (not latents or prompt_embeds), by "

@@ -19,6 +19,7 @@ import torch
 from ..core.guided import Guidance, Point
 from ..core.registry import parse_spec, to_spec
 from ..core.sample import IndexStride, RandomNoise, Sampler, SeededNoise
+from . import parallel_layout
 from .schedulers import SchedulerInfo
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -72,7 +73,9 @@ class Request:
     frames: int = 1  # a video model's frames per clip
     expert_guidance: Any = None  # a two-expert model's guidance on its second expert's steps
     frame: Any = None  # image to video: (the first frame in [-1, 1] [1, 3, H, W], as given)
-    parallel: Any = None  # "branches": each forward's rows shared by the torch.distributed group
+    # each forward's rows shared by a torch.distributed group (a BranchParallel), or None; a
+    # sequence layout (pipelines.parallel_layout) has made the transformer context-parallel
+    parallel: Any = None
 
     @property
     def batch(self) -> int:
@@ -401,13 +404,6 @@ def plan(
     g2 = _expert_guidance(pipe, guidance, guidance_scale, guidance_2, guidance_scale_2, stitch)
     cache = _cache(pipe, cache)
     frames = _frames(pipe, num_frames)
-    if parallel not in (None, "branches"):
-        raise ValueError(f"parallel must be None or 'branches', got {parallel!r}")
-    if parallel and (cache is not None or cuda_graph):
-        raise ValueError(
-            "parallel='branches' gathers every forward across processes: it runs without a step "
-            "cache and outside a captured CUDA graph"
-        )
     if cuda_graph:
         pipe._check_graph(g, callback, callback_on_step_end)
         if cache is not None and not cache.capturable:
@@ -444,6 +440,8 @@ def plan(
                 f"threshold must be 'scheduler', None or a threshold object, got {threshold!r}"
             )
         threshold = info.threshold
+    # last, once the call is known good: a sequence layout readies the transformer (once)
+    parallel = parallel_layout.resolve(pipe, parallel, (g, g2), ts, info, cache, cuda_graph, opt)
     return Request(
         tuple(prompts),
         tuple(negs),

@@ -1,0 +1,107 @@
+"""``diffguide generate --parallel`` under torchrun (2 CPU processes, gloo): the processes make each
+image together, the first writes it, and its pixels are one process's; refusals are one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffguide.cli.main import main
+from diffguide.pipelines import tiny as tm
+
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The one-process reference runs with the launched processes' thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def launched(args: list[str]) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        LAUNCH + ["-m", "diffguide", "generate", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(int)
+
+
+def settings(path) -> dict:
+    return json.loads(Image.open(path).text["diffguide"])
+
+
+def test_branches_on_two_processes_write_one_process_images(tmp_path, capsys):
+    """CFG on the built-in model, two seeds (two batches, each made by both processes): one file
+    per seed, written once, equal to one process's, its settings naming the parallel layout."""
+    common = ["a red circle", "--steps", "3", "--seeds", "0-1", "--quiet"]
+    assert main(["generate", *common, "-o", str(tmp_path / "one")]) == 0
+    res = launched([*common, "-o", str(tmp_path / "two"), "--parallel", "branches"])
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    assert len(os.listdir(tmp_path / "two")) == 2
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert res.stdout.split() == [str(tmp_path / "two" / f) for f in names]
+    assert res.stderr.count("2 image(s)") == 1 and "(--parallel branches)" in res.stderr
+    for name in names:
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        assert np.array_equal(pixels(one), pixels(two)), name
+        meta = settings(two)
+        assert meta["parallel"] == "branches" and "parallel" not in settings(one)
+        assert {k: v for k, v in meta.items() if k != "parallel"} == settings(one)
+    # made again from its file on one process: the layout is no setting, and goes unmentioned
+    capsys.readouterr()
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(two), "-o", str(again), "--quiet"]) == 0
+    assert "not read" not in capsys.readouterr().err
+    assert np.array_equal(pixels(again), pixels(two))
+
+
+def test_sequence_on_two_processes_writes_one_process_image(tmp_path):
+    """A tiny Flux.1 folder with the transformer's tokens split between the processes."""
+    model = str(tmp_path / "flux")
+    tm.save(model, "flux")
+    common = ["a red circle", "--model", model, "--guidance", "cfg:scale=4", "--steps", "3"]
+    common += ["--height", "32", "--width", "32", "--quiet"]
+    assert main(["generate", *common, "-o", str(tmp_path / "one.png")]) == 0
+    launched([*common, "-o", str(tmp_path / "two.png"), "--parallel", "sequence"])
+    assert np.array_equal(pixels(tmp_path / "one.png"), pixels(tmp_path / "two.png"))
+    assert settings(tmp_path / "two.png")["parallel"] == "sequence"
+
+
+@pytest.mark.parametrize(
+    "world, extra, said",
+    [
+        (None, [], "launch several, e.g. torchrun --nproc_per_node 2"),
+        ("2", ["--cache", "deepcache"], "it cannot run with --cache"),
+        ("2", ["--cuda-graph"], "it cannot run with --cuda-graph"),
+        ("2", ["--parallel", "branches=4"], "needs 4 processes; this run has 2"),
+        ("2", ["--parallel", "rows"], "parallel must be None or a spec"),
+    ],
+)
+def test_refusals_are_one_line_before_any_loading(monkeypatch, capsys, world, extra, said):
+    """Checked before the model loads (and before a process group starts): exit status 2, one
+    line."""
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    args = ["generate", "a cat", "--parallel", "branches", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("diffguide: error:") and said in err, err
