@@ -28,6 +28,7 @@ SCRIPTS = [
     ),
     ("graph_key.py", ["--quick"]),
     ("cache.py", ["--quick"]),
+    ("nag.py", ["--quick"]),
 ]
 
 
