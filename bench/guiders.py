@@ -6,7 +6,7 @@ time per image of "cfg+pag" with its three branches in one forward against the s
 separate forwards (the way diffusers' guiders run them), interleaved, in wall and process CPU time.
 
     python bench/guiders.py [--n 8] [--steps 25] [--out bench/results/guiders.json]
-        [--md bench/results/guiders.md] [--repeats 9]
+        [--md bench/results/guiders.md] [--repeats 9] [--set diffusers|new]
 """
 
 import argparse
@@ -40,6 +40,36 @@ SPECS = [
     "fdg:scales=10;5",
     "tcfg:scale=5",
     "tcfg:scale=7.5",
+]
+# the guiders users asked for in 2025-26 (issue 37), each paired with CFG at its NFE
+NEW_SPECS = [
+    "cfg:scale=5",
+    "cfg:scale=7.5",
+    "mambo:scale=5",
+    "mambo:scale=7.5",
+    "apg_mix:scale=5",
+    "cfg_renorm:scale=5",
+    "cfg_renorm:scale=7.5",
+    "mahiro:scale=5",
+    "skimmed_cfg:scale=7.5",
+    "fresca:scale=5,freq_cutoff=5",  # ComfyUI's 20 is for 128-wide latents: all of 32x32 is below
+    "tpg:scale=3",
+    "cfg:scale=5+tpg:scale=1.5",
+    "cfg:scale=5+pag:scale=1.5",
+    "nag:cfg=5",
+]
+NEW_COMPARE = [
+    ("mambo:scale=5", "cfg:scale=5"),
+    ("mambo:scale=7.5", "cfg:scale=7.5"),
+    ("apg_mix:scale=5", "cfg:scale=5"),
+    ("cfg_renorm:scale=5", "cfg:scale=5"),
+    ("cfg_renorm:scale=7.5", "cfg:scale=7.5"),
+    ("mahiro:scale=5", "cfg:scale=5"),
+    ("skimmed_cfg:scale=7.5", "cfg:scale=7.5"),
+    ("fresca:scale=5,freq_cutoff=5", "cfg:scale=5"),
+    ("tpg:scale=3", "cfg:scale=5"),
+    ("cfg:scale=5+tpg:scale=1.5", "cfg:scale=5+pag:scale=1.5"),
+    ("nag:cfg=5", "cfg:scale=5"),
 ]
 COMPARE = [
     ("cfg:scale=5+pag:scale=1.5", "cfg:scale=5"),
@@ -111,6 +141,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batch-images", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="every spec once, 3 steps, 3 prompts (CI)")
+    ap.add_argument(
+        "--set",
+        choices=("diffusers", "new"),
+        default="diffusers",
+        help="the guiders diffusers ships (default) or issue 37's (2025-26), each against CFG",
+    )
     ap.add_argument("--out")
     ap.add_argument("--md")
     args = ap.parse_args()
@@ -118,8 +154,9 @@ def main():
     guide = GuidedPipeline.from_pretrained("builtin-small", progress=False)
     if args.quick:
         args.n, args.steps, args.repeats = 1, 3, 1
+    specs, compare = (NEW_SPECS, NEW_COMPARE) if args.set == "new" else (SPECS, COMPARE)
     rows, by = [], {}
-    for spec in SPECS:
+    for spec in specs:
         g, s = gp.resolve(spec, None, args.sampler)
         rows.append(
             {
@@ -140,9 +177,14 @@ def main():
         by[spec] = rows[-1]
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     comparisons = [
-        {"row": a, "against": b, **paired(by[b]["adherent"], by[a]["adherent"])} for a, b in COMPARE
+        {"row": a, "against": b, **paired(by[b]["adherent"], by[a]["adherent"])} for a, b in compare
     ]
-    timing = batching(gp, args.steps, args.batch_images, args.repeats)
+    # the batching timing is the diffusers set's (cfg+pag); the new set only scores
+    timing = (
+        batching(gp, args.steps, args.batch_images, args.repeats)
+        if args.set == "diffusers"
+        else None
+    )
     emit(
         {
             "model": "builtin",
