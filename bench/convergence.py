@@ -112,6 +112,15 @@ def _schedules():
     return {"vp (SD1.x)": sd, "flow (shift 3)": flow}
 
 
+def _problem(gm, hi: float, lo: float):
+    """(y0, labels, yref): 16 starting points (seed 0, labels 0..3) in VE coordinates at level hi
+    and the probability-flow ODE's solution from them at lo."""
+    g = torch.Generator().manual_seed(0)
+    y0 = torch.randn(16, 2, dtype=torch.float64, generator=g) * math.sqrt(1 + hi**2)
+    labels = torch.arange(16) % 4
+    return y0, labels, ode_reference(gm, y0, hi, lo, labels)
+
+
 def _runs(spec: str, quick: bool):
     """(spec, steps) pairs measured for a sampler, and what the fit is against."""
     if spec == "dpm_adaptive":
@@ -123,14 +132,12 @@ def _runs(spec: str, quick: bool):
 
 def measure(spec, gm, y0, labels, yref, hi, lo, quick=False) -> dict:
     """Errors, NFEs and the fitted order (first point excluded) of one sampler on one schedule."""
-    sc, runs, against = gm.schedule, *_runs(spec, quick)
+    runs, against = _runs(spec, quick)
     errs, nfes, steps = [], [], []
     for s, n in runs:
-        ts = dg.timesteps(sc, n, "uniform_lam", final="sigma_min", sigma_min=lo, sigma_max=hi)
-        den = dg.guide(gm, None, labels)
-        x = dg.sample(den, s, ts, y0 * float(sc.alpha(ts[0])))
-        errs.append(float((x / float(sc.alpha(ts[-1])) - yref).abs().max()))
-        nfes.append(den.nfe)
+        (err,), (nfe,) = convergence_errors(s, gm, y0, labels, yref, [n], hi, lo)
+        errs.append(err)
+        nfes.append(nfe)
         steps.append(n)
     xs = nfes if against == "nfe" else steps
     return {
@@ -151,10 +158,7 @@ def orders(quick: bool = False, specs=None, hi: float = 2.0, lo: float = 0.05) -
     out = {}
     for name, sc in _schedules().items():
         gm = dg.GaussianMixture.ring(sc)
-        g = torch.Generator().manual_seed(0)
-        y0 = torch.randn(16, 2, dtype=torch.float64, generator=g) * math.sqrt(1 + hi**2)
-        labels = torch.arange(16) % 4
-        yref = ode_reference(gm, y0, hi, lo, labels)
+        y0, labels, yref = _problem(gm, hi, lo)
         out[name] = {s: measure(s, gm, y0, labels, yref, hi, lo, quick) for s in (specs or ODE)}
     return out
 
@@ -211,10 +215,7 @@ def main():
         "ranges": {},
     }
     for hi, lo in [(2.0, 0.05), (sc.sigma_max, sc.sigma_min)]:
-        g = torch.Generator().manual_seed(0)
-        y0 = torch.randn(16, 2, dtype=torch.float64, generator=g) * math.sqrt(1 + hi**2)
-        labels = torch.arange(16) % 4
-        yref = ode_reference(gm, y0, hi, lo, labels)
+        y0, labels, yref = _problem(gm, hi, lo)
         rows = {}
         for spec in SPECS:
             errs, nfes = convergence_errors(spec, gm, y0, labels, yref, steps, hi, lo)

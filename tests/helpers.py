@@ -1,10 +1,15 @@
 """Shared by tests and bench: SD settings, a tiny UNet with a well-posed output, reference loops,
-the convergence measurement and the diffusers parity cases."""
+the convergence measurement, the diffusers parity cases, the mixture as ComfyUI runs it and runs on
+several CPU processes."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -582,3 +587,129 @@ for _pred in ("epsilon", "v_prediction"):
             dict(prompt=_TWO, num_inference_steps=8, guidance_scale=6.0),
             dict(prompt=_TWO, steps=8, guidance_scale=6.0),
         )
+
+
+# --- the mixture as ComfyUI runs a model (references transcribed from comfy/k_diffusion) ----------
+
+
+def flow_mixture(gmm, shift: float = 3.0) -> dg.GaussianMixture:
+    """gmm's components on a flow schedule (CONST in ComfyUI) of the given shift."""
+    return dg.GaussianMixture(
+        gmm.means, gmm.stds, gmm.weights, gmm.labels, dg.FlowSchedule(shift=shift)
+    )
+
+
+def comfy_setup(gmm, steps: int, flow: bool, spacing: str = "karras", **grid):
+    """gmm (labels 0 and 2) as ComfyUI sees it: on its VP schedule in VE coordinates (sigma the VE
+    level, x / a) or, with ``flow``, on ``flow_mixture(gmm)`` with sigma the flow time.
+
+    (bound denoiser, grid, ComfyUI's sigmas, D(x, sigma) the model's denoised counting its calls
+    in ``D.calls``, c0 with x = c0 x_comfy, lam, sig): lam and sig are ComfyUI's
+    sigma_to_half_log_snr and half_log_snr_to_sigma."""
+    gm = flow_mixture(gmm) if flow else gmm
+    sc, labels = gm.schedule, torch.tensor([0, 2])
+    ts = dg.timesteps(sc, steps, spacing, **grid)
+    sigmas = [float(sc.sigma(t) if flow else sc.ve(t)) for t in ts]
+
+    def D(x, sigma):  # ComfyUI's denoised at its sigma
+        D.calls += 1
+        if sigma == 0:
+            return x
+        t = sc.t_of_ve(torch.tensor(sigma / (1 - sigma) if flow else sigma, dtype=torch.float64))
+        return gm(x if flow else float(sc.alpha(t)) * x, t, labels).x0
+
+    def lam(sigma):  # ComfyUI's sigma_to_half_log_snr
+        if sigma == 0:
+            return math.inf
+        return math.log((1 - sigma) / sigma) if flow else -math.log(sigma)
+
+    def sig(lam):  # ComfyUI's half_log_snr_to_sigma
+        return 1 / (1 + math.exp(lam)) if flow else math.exp(-lam)
+
+    D.calls = 0
+    bound = dg.guide(gm, dg.parse_spec("guidance", "none"), labels)
+    return bound, ts, sigmas, D, 1.0 if flow else float(sc.alpha(ts[0])), lam, sig
+
+
+class Tape:
+    """A noise source that replays a fixed list of 2 x 2 float64 draws (and counts them)."""
+
+    def __init__(self, seed: int = 11, n: int = 400):
+        g = torch.Generator().manual_seed(seed)
+        self.draws = [torch.randn(2, 2, generator=g, dtype=torch.float64) for _ in range(n)]
+        self.used = 0
+
+    def randn(self, shape=(2, 2), dtype=torch.float64, device=None):
+        z = self.draws[self.used]
+        assert tuple(shape) == tuple(z.shape)
+        self.used += 1
+        return z.to(dtype)
+
+    def __call__(self, like, t=None, t_next=None):
+        return self.randn(like.shape, like.dtype)
+
+
+def k_ancestral_step(s: float, s1: float, eta: float):
+    """k-diffusion's get_ancestral_step: (sigma_down, sigma_up) from s to s1."""
+    if not eta:
+        return s1, 0.0
+    up = min(s1, eta * math.sqrt(s1**2 * (s**2 - s1**2) / s**2))
+    return math.sqrt(s1**2 - up**2), up
+
+
+# --- several CPU processes (torchrun, gloo) ------------------------------------------------------
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGS`` on CPU
+    (accelerate told so, one OpenMP thread a process), its output captured; it must exit 0 (the end
+    of its stderr otherwise)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + ["--nproc_per_node", str(nproc), *args],
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+_PROCESS_HEAD = """import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+"""
+_PROCESS_TAIL = """
+torch.save(result, f"{sys.argv[1]}.{dist.get_rank()}")
+dist.barrier()
+# a gloo group left to interpreter exit sometimes aborts ("terminate called ...")
+dist.destroy_process_group()
+"""
+
+
+def torchrun_script(tmp_path, body: str, args=(), nproc: int = 2, timeout: float = 600) -> list:
+    """``body`` run under ``torchrun`` on nproc processes, each with argv [OUT, the tests folder,
+    *args]: it runs in a gloo process group, on one thread, with sys, torch and torch.distributed
+    (dist) imported and the tests folder importable, and sets ``result``, which each process saves
+    to f"{OUT}.{rank}". The results, by rank."""
+    script, out = tmp_path / "launched.py", tmp_path / "out"
+    script.write_text(_PROCESS_HEAD + body + _PROCESS_TAIL)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    torchrun([str(script), str(out), tests, *args], nproc, timeout)
+    return [torch.load(f"{out}.{r}") for r in range(nproc)]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n for the block (a one-process reference runs with the
+    launched processes' count: CPU kernels sum in another order on another number of threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -10,52 +10,12 @@ import pytest
 import torch
 
 import diffguide as dg
+from helpers import Tape, comfy_setup, k_ancestral_step
 
 F64 = torch.float64
 
 
-def _setup(gmm, steps, flow, spacing="karras", **kw):
-    """(bound denoiser, grid, ComfyUI's sigmas, D(x, sigma) counting its calls, x = c0 x_comfy)."""
-    gm = dg.GaussianMixture(gmm.means, gmm.stds, gmm.weights, gmm.labels, dg.FlowSchedule(3.0))
-    gm = gm if flow else gmm
-    sc, labels = gm.schedule, torch.tensor([0, 2])
-    ts = dg.timesteps(sc, steps, spacing, **kw)
-    sigmas = [float(sc.sigma(t) if flow else sc.ve(t)) for t in ts]
-
-    def D(x, sigma):
-        D.calls += 1
-        t = sc.t_of_ve(torch.tensor(sigma / (1 - sigma) if flow else sigma, dtype=F64))
-        return gm(x if flow else float(sc.alpha(t)) * x, t, labels).x0
-
-    D.calls = 0
-    bound = dg.guide(gm, dg.parse_spec("guidance", "none"), labels)
-    return bound, ts, sigmas, D, 1.0 if flow else float(sc.alpha(ts[0]))
-
-
-class Tape:
-    """A noise source that replays a fixed list of draws (and counts them)."""
-
-    def __init__(self, seed=11, n=400):
-        g = torch.Generator().manual_seed(seed)
-        self.draws = [torch.randn(2, 2, generator=g, dtype=F64) for _ in range(n)]
-        self.used = 0
-
-    def randn(self, shape=(2, 2), dtype=F64, device=None):
-        self.used += 1
-        return self.draws[self.used - 1].to(dtype)
-
-    def __call__(self, like, t=None, t_next=None):
-        return self.randn(like.shape, like.dtype)
-
-
 # -- k-diffusion's DPMSolver, transcribed (t = -log sigma; eps = (x - D) / sigma) ------------------
-
-
-def _ancestral(s, s1, eta):  # get_ancestral_step
-    if not eta:
-        return s1, 0.0
-    up = min(s1, eta * math.sqrt(s1**2 * (s**2 - s1**2) / s**2))
-    return math.sqrt(s1**2 - up**2), up
 
 
 class RefDPMSolver:
@@ -101,7 +61,7 @@ class RefDPMSolver:
         for i, order in enumerate(orders):
             cache, t, t1 = {}, ts[i], ts[i + 1]
             if eta:
-                sd, su = _ancestral(math.exp(-t), math.exp(-t1), eta)
+                sd, su = k_ancestral_step(math.exp(-t), math.exp(-t1), eta)
                 t1_ = min(t_end, -math.log(sd))
                 su = (math.exp(-t1) ** 2 - math.exp(-t1_) ** 2) ** 0.5
             else:
@@ -122,7 +82,7 @@ class RefDPMSolver:
             cache = {}
             t = min(t_end, s + h)
             if eta:
-                sd, su = _ancestral(math.exp(-s), math.exp(-t), eta)
+                sd, su = k_ancestral_step(math.exp(-s), math.exp(-t), eta)
                 t_ = min(t_end, -math.log(sd))
                 su = (math.exp(-t) ** 2 - math.exp(-t_) ** 2) ** 0.5
             else:
@@ -164,7 +124,7 @@ def _comfy(name, D, x, sigmas, noise, **opts):
 
 
 def _compare(gmm, spec, opts, flow, steps=10, seed=11, **grid):
-    bound, ts, sigmas, D, c0 = _setup(gmm, steps, flow, **grid)
+    bound, ts, sigmas, D, c0, _, _ = comfy_setup(gmm, steps, flow, **grid)
     x = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64) * sigmas[0]
     ref_tape, tape = Tape(seed), Tape(seed)
     expect, rejected = _comfy(spec.split(":")[0], D, x, sigmas, ref_tape.randn, **opts)
@@ -227,7 +187,7 @@ def test_a_grid_that_ends_above_data_is_solved_to_its_end(gmm):
 
 def test_dpm_adaptive_rejects_and_the_controller_matters(gmm):
     """The parity cases are not trivial: tries are rejected, and the options move the result."""
-    bound, ts, sigmas, D, c0 = _setup(gmm, 10, False)
+    bound, ts, sigmas, D, c0, _, _ = comfy_setup(gmm, 10, False)
     x = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64) * sigmas[0]
     _, info = RefDPMSolver(D).adaptive(x, -math.log(sigmas[0]), -math.log(sigmas[-2]), h_init=0.3)
     assert info["n_reject"] > 0
@@ -240,14 +200,14 @@ def test_evaluations(gmm):
     ignores ``steps``: the same ends give the same sample whatever lies between."""
     for flow in (False, True):
         for steps in (2, 5, 9, 13):
-            bound, ts, sigmas, _, c0 = _setup(gmm, steps, flow)
+            bound, ts, sigmas, _, c0, _, _ = comfy_setup(gmm, steps, flow)
             seen = []
             dg.sample(bound, "dpm_fast", ts, torch.ones(2, 2, dtype=F64) * sigmas[0] * c0,
                       callback=lambda st, x: seen.append(bound.nfe))  # fmt: skip
             assert bound.nfe == steps and seen == [0] * (steps - 1) + [steps]
-    a, ts_a, sigmas, _, c0 = _setup(gmm, 6, False)
-    b, ts_b, _, _, _ = _setup(gmm, 25, False)
-    c, ts_c, _, _, _ = _setup(gmm, 25, False, spacing="exponential")
+    a, ts_a, sigmas, _, c0, _, _ = comfy_setup(gmm, 6, False)
+    b, ts_b, *_ = comfy_setup(gmm, 25, False)
+    c, ts_c, *_ = comfy_setup(gmm, 25, False, spacing="exponential")
     assert ts_c[1] != ts_b[1] and torch.allclose(ts_c[[0, -2]], ts_b[[0, -2]], rtol=0, atol=1e-12)
     x = torch.ones(2, 2, dtype=F64) * sigmas[0] * c0
     out = [dg.sample(d, "dpm_adaptive", ts, x) for d, ts in ((a, ts_a), (b, ts_b), (c, ts_c))]
@@ -260,19 +220,19 @@ def test_denoise_to_zero_lands_on_the_last_prediction(gmm, flow):
     """One more evaluation at the last nonzero level, its x0 the sample (on a grid ending there,
     nothing changes)."""
     for name in ("dpm_fast", "dpm_adaptive"):
-        bound, ts, sigmas, D, c0 = _setup(gmm, 9, flow)
+        bound, ts, sigmas, D, c0, _, _ = comfy_setup(gmm, 9, flow)
         x = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64) * sigmas[0]
         y, rejected = _comfy(name, D, x, sigmas, None)
         got = dg.sample(bound, f"{name}:denoise_to_zero=True", ts, x * c0)
         assert bound.nfe == D.calls - rejected + 1
         assert (got - D(y, sigmas[-2])).abs().max() < 1e-6
-        bound, ts, *_ = _setup(gmm, 9, flow, final="sigma_min")
+        bound, ts, *_ = comfy_setup(gmm, 9, flow, final="sigma_min")
         a, b = (dg.sample(bound, f"{name}:denoise_to_zero={v}", ts, x * c0) for v in (0, 1))
         assert torch.equal(a, b)
 
 
 def test_a_callback_change_carries_over(gmm):
-    bound, ts, sigmas, _, c0 = _setup(gmm, 6, False)
+    bound, ts, sigmas, _, c0, _, _ = comfy_setup(gmm, 6, False)
     x = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64) * sigmas[0] * c0
     plain = dg.sample(bound, "dpm_fast", ts, x)
     moved = dg.sample(
@@ -349,7 +309,7 @@ def test_bad_options_are_refused(spec, match):
 
 
 def test_what_they_cannot_run_is_refused(gmm):
-    bound, ts, sigmas, _, c0 = _setup(gmm, 1, False)
+    bound, ts, sigmas, _, c0, _, _ = comfy_setup(gmm, 1, False)
     x = torch.ones(2, 2, dtype=F64) * sigmas[0] * c0
     for spec in ("dpm_fast", "dpm_adaptive"):  # one step onto data: nothing between the ends
         with pytest.raises(ValueError, match="needs a nonzero level below the first"):

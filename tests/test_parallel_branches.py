@@ -1,20 +1,14 @@
 """Branch parallelism (core.parallel_branches) on two real CPU processes (torchrun, gloo): each
 process runs its share of every guided forward's rows, and both end with one process's result."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import diffguide as dg
 from diffguide.core.parallel_branches import BranchParallel
 
-from helpers import WellPosed, sd_schedule, tiny_unet
+from helpers import WellPosed, sd_schedule, tiny_unet, torch_threads, torchrun_script
 
-LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 # CFG (cond + uncond rows), CFG + PAG (a rowwise perturbation on some rows of the shared forward),
 # AG (drops the unconditional rows after the third step: the forward shrinks mid-run)
 SPECS = ["cfg:scale=5", "cfg:scale=5+pag:scale=3", "ag:scale=5,threshold=0.999"]
@@ -51,41 +45,20 @@ def run(parallel=None):
 
 
 SCRIPT = """
-import sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, sys.argv[2])
 from test_parallel_branches import run
-dist.init_process_group("gloo")
-torch.set_num_threads(1)
-torch.save(run("branches"), f"{sys.argv[1]}.{dist.get_rank()}")
-dist.barrier()
-# a gloo group left to interpreter exit sometimes aborts ("terminate called ...")
-dist.destroy_process_group()
+result = run("branches")
 """
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """The one-process reference runs with the launched processes' thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def test_two_processes_share_the_branches_and_equal_one(tmp_path):
-    script = tmp_path / "branches.py"
-    script.write_text(SCRIPT)
-    res = subprocess.run(
-        LAUNCH + [str(script), str(tmp_path / "out"), os.path.dirname(__file__)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"out.{r}") for r in range(2)]
+    ranks = torchrun_script(tmp_path, SCRIPT, timeout=300)
     ref = run()
     for spec, (y, nfe, forwards, rows) in ref.items():
         for r, got in enumerate(ranks):
@@ -125,18 +98,11 @@ def test_a_cache_and_branch_parallelism_are_refused():
 
 
 PIPELINE_SCRIPT = """
-import sys
-import torch
-import torch.distributed as dist
 from diffguide.pipelines import GuidedPipeline
-dist.init_process_group("gloo")
-torch.set_num_threads(1)
 gp = GuidedPipeline.from_pretrained("builtin", progress=False)
 prompts, spec = ["a red circle", "a blue square"], "cfg:scale=5+pag:scale=2"
 out = gp(prompts, guidance=spec, steps=4, seed=[0, 1], output_type="latent", parallel="branches")
-torch.save((out.images, out.nfe), f"{sys.argv[1]}.{dist.get_rank()}")
-dist.barrier()
-dist.destroy_process_group()
+result = (out.images, out.nfe)
 """
 
 
@@ -145,16 +111,7 @@ def test_the_pipeline_option_shares_one_call_and_equals_one_process(tmp_path):
     one process makes alone; the option refuses a cache and a captured loop."""
     from diffguide.pipelines import GuidedPipeline
 
-    script = tmp_path / "pipe.py"
-    script.write_text(PIPELINE_SCRIPT)
-    res = subprocess.run(
-        LAUNCH + [str(script), str(tmp_path / "out")],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = torchrun_script(tmp_path, PIPELINE_SCRIPT, timeout=300)
     gp = GuidedPipeline.from_pretrained("builtin", progress=False)
     ref = gp(
         ["a red circle", "a blue square"],
@@ -163,8 +120,7 @@ def test_the_pipeline_option_shares_one_call_and_equals_one_process(tmp_path):
         seed=[0, 1],
         output_type="latent",
     )
-    for r in range(2):
-        images, nfe = torch.load(tmp_path / f"out.{r}")
+    for images, nfe in ranks:
         # each process runs 3 of the 6 rows: the UNet's kernels block a batch of 3 otherwise than
         # one of 6, float32 rounding that 4 steps grow to about 1.6e-5 (a wrong row is O(1))
         assert float((images - ref.images).abs().max()) <= 5e-5 and nfe == ref.nfe

@@ -4,39 +4,25 @@ image together, the first writes it, and its pixels are one process's; refusals 
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from diffguide.cli.main import main
 from diffguide.pipelines import tiny as tm
-
-LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+from helpers import torch_threads, torchrun
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """The one-process reference runs with the launched processes' thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def launched(args: list[str]) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        LAUNCH + ["-m", "diffguide", "generate", *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
+    return torchrun(["-m", "diffguide", "generate", *args])
 
 
 def pixels(path) -> np.ndarray:

@@ -2,19 +2,14 @@
 transformer's tokens split by diffusers' own context parallelism (Ulysses), alone and composed with
 branch parallelism, give one process's latents; and what it cannot run is refused in one line."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from diffguide.pipelines import GuidedPipeline
 from diffguide.pipelines import tiny as tm
 from diffguide.pipelines.parallel_layout import Layout, layout
+from helpers import torch_threads, torchrun_script
 
-LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 # families whose transformer declares diffusers' _cp_plan, at a small size: (builder, size, extra)
 CASES = {
     "flux": (tm.flux, 32, {}),
@@ -53,42 +48,19 @@ def run(family: str, parallel=None):
 
 
 SCRIPT = """
-import sys
-import torch
-import torch.distributed as dist
-sys.path.insert(0, sys.argv[2])
 from test_parallel_sequence import run
-dist.init_process_group("gloo")
-torch.set_num_threads(1)
-out = {f: run(f, sys.argv[3]) for f in sys.argv[4].split(",")}
-torch.save(out, f"{sys.argv[1]}.{dist.get_rank()}")
-dist.barrier()
-dist.destroy_process_group()
+result = {f: run(f, sys.argv[3]) for f in sys.argv[4].split(",")}
 """
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def launch(tmp_path, processes: int, parallel: str, families: list[str]) -> list[dict]:
-    script = tmp_path / "sequence.py"
-    script.write_text(SCRIPT)
-    res = subprocess.run(
-        LAUNCH
-        + [str(processes), str(script), str(tmp_path / "out"), os.path.dirname(__file__)]
-        + [parallel, ",".join(families)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return [torch.load(tmp_path / f"out.{r}") for r in range(processes)]
+    return torchrun_script(tmp_path, SCRIPT, [parallel, ",".join(families)], processes)
 
 
 def test_two_processes_split_the_sequence_and_equal_one(tmp_path):

@@ -10,67 +10,13 @@ import pytest
 import torch
 
 import diffguide as dg
+from helpers import Tape, comfy_setup, flow_mixture, k_ancestral_step
 
 F64 = torch.float64
 SEEDS = [5, 6]
 
 
-def _flow_mixture(gmm):
-    flow = dg.FlowSchedule(shift=3.0)
-    return dg.GaussianMixture(gmm.means, gmm.stds, gmm.weights, gmm.labels, flow)
-
-
-def _setup(gmm, steps, flow):
-    """(bound denoiser, grid, ComfyUI's sigmas, D(x, sigma), c0 with x = c0 x_comfy, lam, sig)."""
-    gm = _flow_mixture(gmm) if flow else gmm
-    sc, labels = gm.schedule, torch.tensor([0, 2])
-    ts = dg.timesteps(sc, steps, "karras")
-    sigmas = [float(sc.sigma(t) if flow else sc.ve(t)) for t in ts]
-
-    def D(x, sigma):  # ComfyUI's denoised at its sigma
-        if sigma == 0:
-            return x
-        t = sc.t_of_ve(torch.tensor(sigma / (1 - sigma) if flow else sigma, dtype=F64))
-        return gm(x if flow else float(sc.alpha(t)) * x, t, labels).x0
-
-    def lam(sigma):  # ComfyUI's sigma_to_half_log_snr
-        if sigma == 0:
-            return math.inf
-        return math.log((1 - sigma) / sigma) if flow else -math.log(sigma)
-
-    def sig(lam):  # ComfyUI's half_log_snr_to_sigma
-        return 1 / (1 + math.exp(lam)) if flow else math.exp(-lam)
-
-    bound = dg.guide(gm, dg.parse_spec("guidance", "none"), labels)
-    return bound, ts, sigmas, D, 1.0 if flow else float(sc.alpha(ts[0])), lam, sig
-
-
-class Tape:
-    """A noise source that replays a fixed list of draws (and counts them)."""
-
-    def __init__(self, n=400, seed=11):
-        g = torch.Generator().manual_seed(seed)
-        self.draws = [torch.randn(2, 2, generator=g, dtype=F64) for _ in range(n)]
-        self.used = 0
-
-    def randn(self, shape, dtype=F64, device=None):
-        z = self.draws[self.used]
-        assert tuple(shape) == tuple(z.shape)
-        self.used += 1
-        return z.to(dtype)
-
-    def __call__(self, like, t=None, t_next=None):
-        return self.randn(like.shape, like.dtype)
-
-
 # -- references: ComfyUI's functions transcribed (sigmas a list, D(x, sigma) the model) ------------
-
-
-def _ancestral(s, s1, eta):  # get_ancestral_step
-    if not eta:
-        return s1, 0.0
-    up = min(s1, eta * math.sqrt(s1**2 * (s**2 - s1**2) / s**2))
-    return math.sqrt(s1**2 - up**2), up
 
 
 def ref_res_multistep(D, x, sigmas, eta=0.0, s_noise=1.0, noise=None, **_):
@@ -79,7 +25,7 @@ def ref_res_multistep(D, x, sigmas, eta=0.0, s_noise=1.0, noise=None, **_):
     for i in range(len(sigmas) - 1):
         s, s1 = sigmas[i], sigmas[i + 1]
         den = D(x, s)
-        down, up = _ancestral(s, s1, eta)
+        down, up = k_ancestral_step(s, s1, eta)
         if down == 0 or old is None:
             x = x + (x - den) / s * (down - s)
         else:
@@ -314,7 +260,7 @@ NEW = [
 
 
 def _compare(gmm, spec, name, opts, flow, steps=12, seed=11):
-    bound, ts, sigmas, D, c0, lam, sig = _setup(gmm, steps, flow)
+    bound, ts, sigmas, D, c0, lam, sig = comfy_setup(gmm, steps, flow)
     z = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     x = z * sigmas[0]
     ref_tape, tape = Tape(seed=seed), Tape(seed=seed)
@@ -345,7 +291,7 @@ def test_stochastic_samplers_match_comfyui_with_the_same_draws(gmm, spec, name, 
 
 
 def test_the_samplers_differ_from_each_other_and_from_euler(gmm):
-    bound, ts, sigmas, _, c0, _, _ = _setup(gmm, 8, False)
+    bound, ts, sigmas, _, c0, _, _ = comfy_setup(gmm, 8, False)
     z = torch.randn(2, 2, generator=torch.Generator().manual_seed(4), dtype=F64) * sigmas[0] * c0
     outs = {s: dg.sample(bound, s, ts, z, Tape()) for s in ["euler", "heun", *NEW]}
     names = list(outs)
@@ -358,7 +304,7 @@ def test_heunpp2_evaluates_as_comfyui_does(gmm):
     """Three evaluations a step, two on the one before the last, one on the last (the look-ahead
     evaluations are made one step later, so the count per step shifts, not the total)."""
     for steps in (1, 2, 3, 7):
-        bound, ts, sigmas, _, c0, _, _ = _setup(gmm, steps, False)
+        bound, ts, sigmas, _, c0, _, _ = comfy_setup(gmm, steps, False)
         dg.sample(bound, "heunpp2", ts, torch.ones(2, 2, dtype=F64) * sigmas[0] * c0)
         assert bound.nfe == (1 if steps == 1 else 3 * (steps - 2) + 3), steps
 
@@ -376,7 +322,7 @@ def test_heunpp2_evaluates_as_comfyui_does(gmm):
 )
 def test_evaluations_per_step(gmm, spec, nfe):
     """As ComfyUI: the step onto sigma = 0 is one evaluation (x = denoised)."""
-    bound, ts, sigmas, _, c0, _, _ = _setup(gmm, 6, False)
+    bound, ts, sigmas, _, c0, _, _ = comfy_setup(gmm, 6, False)
     dg.sample(bound, spec, ts, torch.ones(2, 2, dtype=F64) * sigmas[0] * c0, Tape())
     assert bound.nfe == 5 * nfe + 1
 
@@ -385,7 +331,7 @@ def test_every_new_sampler_runs_on_a_flow_schedule(gmm):
     """From flow t = 1 (lambda = -inf at the first point). The deterministic ones come closer to
     the ODE's solution than Euler (0.040 at 60 steps here; gradient_estimation and heunpp2 are
     first order too, res_multistep and exp_heun_2_x0 second order)."""
-    fgm = _flow_mixture(gmm)
+    fgm = flow_mixture(gmm)
     flow = fgm.schedule
     bound = dg.guide(fgm, dg.parse_spec("guidance", "none"), torch.tensor([0, 1]))
     z = torch.randn(2, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
