@@ -1,7 +1,8 @@
 """LoRA students (``--lora-rank``): only the adapters train (the base stays the teacher's) and a run
 resumes bit-identically; the exported LoRA file, loaded by diffusers onto the teacher's pipeline
-(fused or not) and by diffguide's ``loras=``, gives the merged student's network output; a bad rank
-and a teacher peft cannot adapt are refused in one line."""
+(fused or not) and by diffguide's ``loras=``, gives the merged student's network output, for
+consistency distillation and iCT / ECT from the teacher's weights; a bad rank and a teacher peft
+cannot adapt are refused in one line (two processes: test_distill_lora_processes.py)."""
 
 import os
 
@@ -184,3 +185,41 @@ def test_cli_bad_lora_rank_is_one_line(tmp_path, capsys, data, argv, message):
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("schedule", ["ict", "ect"])
+def test_ict_lora_from_the_teachers_weights_exports_a_lora_of_the_merged_student(
+    tmp_path, teacher, data, schedule
+):
+    """iCT (and ECT, its schedule for a start from a diffusion model) with ``--lora-rank`` through
+    the CLI: only adapters train, and the exported LoRA on the teacher's pipeline is the merged
+    student (diffusers' loader and diffguide's ``loras=``, sampling the student folder's images)."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    from diffguide.cli.main import main
+
+    out = tmp_path / "run"
+    args = ["--teacher", teacher, "--data", data, "--out", str(out), "--quiet"]
+    args += ["--lora-rank", "4", "--ict-schedule", schedule, "--batch", "2", "--max-steps", "3"]
+    args += ["--lr", "1e-2", "--ema", "0.5", "--validate-n", "1", "--validate-prompts", "1"]
+    assert main(["distill", "ict", *args]) == 0
+    a = checkpoint.load(str(out / "checkpoint.pt"))
+    assert a["config"]["method"] == "ict" and a["config"]["lora_rank"] == 4
+    assert a["student"] and all(".lora_" in k for k in [*a["student"], *a["ema"]])
+    folder, lora = str(out / "student"), str(out / "lora")
+    student = _forward(UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")))
+    pipe = _diffusers_teacher(teacher)
+    bare = _forward(pipe.unet)
+    assert (student - bare).abs().max() > 100 * 1e-5 * bare.abs().max()  # the adapters moved
+    pipe.load_lora_weights(lora)
+    torch.testing.assert_close(_forward(pipe.unet), student, rtol=0, atol=1e-5)
+    sched = LCMScheduler.from_pretrained(folder, subfolder="scheduler")
+    gp = GuidedPipeline.from_pretrained(
+        teacher, loras=[(lora, 1.0)], scheduler=sched, progress=False
+    )
+    gp.set_defaults(read_defaults(folder))
+    kw = dict(seed=0, output_type="np", progress=False)
+    ours = gp("a red circle", **kw)
+    theirs = GuidedPipeline.from_pretrained(folder, progress=False)("a red circle", **kw)
+    assert ours.nfe == theirs.nfe == 4
+    np.testing.assert_allclose(ours.images, theirs.images, rtol=0, atol=1e-5)
