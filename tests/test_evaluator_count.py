@@ -189,3 +189,11 @@ def test_label_matches_scipy():
             # the same partition: each of ours maps to one of scipy's and back
             pairs = np.unique(np.stack([ours, ref[cls[i] == c]]), axis=1)
             assert pairs.shape[1] == n
+
+
+def test_images_out_of_range_are_refused():
+    """uint8 (0-255) or [-1, 1] images would match no palette colour and count nothing."""
+    img = np.zeros((1, 32, 32, 3), np.float32)
+    for bad in (img + 200, img - 1, img[..., :2]):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            count.count(bad)

@@ -152,6 +152,12 @@ def count(images: np.ndarray) -> np.ndarray:
     x = np.asarray(images, np.float32)
     if not len(x):
         return np.zeros((0, len(COLOURS)), np.int64)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.min() < -0.01 or x.max() > 1.01:
+        # uint8 images (0-255) or [-1, 1] ones would find no palette colour: say so, not zero
+        raise ValueError(
+            f"count reads images [N, H, W, 3] in [0, 1]; got shape {tuple(x.shape)}, values "
+            f"{x.min():g} to {x.max():g}"
+        )
     cls = classify(x)
     lab = label(cls)
     ids, area = _objects(cls, lab)
