@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import diffguide as dg
-from helpers import Tape, comfy_setup, k_ancestral_step
+from helpers import Tape, comfy_setup, flow_mixture, k_ancestral_step, sd_schedule
 
 F64 = torch.float64
 
@@ -293,6 +293,104 @@ def test_cfgpp_reaches_them(gmm):
         assert (a - b).abs().max() > 1e-3, spec
 
 
+def _grid_step(ts, t) -> int:
+    """The step i of the grid ts whose interval holds t: ts[i] >= t > ts[i + 1] (0 from ts[0] up;
+    a t within rounding of a grid point is that point)."""
+    n, t = len(ts) - 1, float(t)
+    near = [k for k in range(n + 1) if abs(t - float(ts[k])) <= 1e-9 * max(1.0, abs(t))]
+    if near:
+        return min(near[0], n - 1)
+    return min(max(sum(float(ts[k]) > t for k in range(n + 1)) - 1, 0), n - 1)
+
+
+class _Seen(dg.Guidance):
+    """The conditional prediction, recording (t, step, steps) of every evaluation."""
+
+    def __init__(self):
+        self.seen = []
+
+    def branches(self, pt, state=None):
+        self.seen.append((float(pt.t), pt.step, pt.steps))
+        return {"c": dg.Branch("pos")}
+
+    def combine(self, x, pt, preds, state):
+        return preds["c"], state
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["vp", "flow"])
+@pytest.mark.parametrize("spec", ["dpm_fast", "dpm_adaptive", "dpm_adaptive:denoise_to_zero=1"])
+def test_each_evaluation_sees_the_step_of_its_level(gmm, spec, flow):
+    """The solve runs inside the grid's last step, but guidance that reads the step (start/stop
+    windows) sees, at each evaluation, the step whose interval holds its level."""
+    gm, n = flow_mixture(gmm) if flow else gmm, 9
+    ts = dg.timesteps(gm.schedule, n, "karras")
+    seen = _Seen()
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    x = z * float(gm.schedule.sigma(ts[0]))
+    dg.sample(dg.guide(gm, seen, torch.tensor([0, 2])), spec, ts, x)
+    assert len(seen.seen) > n // 2
+    assert [(i, m) for _, i, m in seen.seen] == [(_grid_step(ts, t), n) for t, _, _ in seen.seen]
+    assert seen.seen[0][1] == 0 and len({i for _, i, _ in seen.seen}) > 2
+
+
+def test_from_infinite_noise_the_steps_start_after_the_ddim_step():
+    sc = sd_schedule(rescale_betas_zero_snr=True)
+    ts = dg.timesteps(sc, 8, "uniform_t")
+    seen = _Seen()
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    dg.sample(dg.guide(dg.GaussianMixture.ring(sc), seen, torch.tensor([0, 2])), "dpm_fast", ts, z)
+    assert [i for _, i, _ in seen.seen] == [_grid_step(ts, t) for t, _, _ in seen.seen]
+    assert [i for _, i, _ in seen.seen[:2]] == [0, 1]
+
+
+@pytest.mark.parametrize("spec", ["dpm_fast", "dpm_adaptive"])
+def test_a_step_window_acts_on_the_levels_in_its_steps(gmm, spec):
+    """cfg_renorm's truncation (the unconditional branch on steps i with (i + 1) / n <= 0.5):
+    exactly the evaluations whose level lies in those steps run it, and the window matters (it
+    used to see the last step only, so it equalled the conditional prediction alone)."""
+    labels, null = torch.tensor([1, 3]), torch.tensor([-1, -1])
+    calls = []
+
+    class Recorded:  # the mixture, recording each forward's t and whether it had the neg branch
+        schedule = gmm.schedule
+
+        def __call__(self, x, t, cond):
+            calls.append((float(t), bool((cond == -1).any())))
+            return gmm(x, t, cond)
+
+    n = 10
+    ts = dg.timesteps(gmm.schedule, n, "karras")
+    z = torch.randn(2, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    z = z * float(gmm.schedule.ve(ts[0])) * float(gmm.schedule.alpha(ts[0]))
+    out = {}
+    for g in ("none", "cfg_renorm:scale=5,normalize=0", "cfg_renorm:scale=5,trunc_ratio=0.5"):
+        calls.clear()
+        out[g] = dg.sample(dg.guide(Recorded(), g, labels, null), spec, ts, z)
+    on = [(_grid_step(ts, t) + 1) / n <= 0.5 for t, _ in calls]
+    assert [neg for _, neg in calls] == on and 0 < sum(on) < len(on)
+    windowed = out["cfg_renorm:scale=5,trunc_ratio=0.5"]
+    assert (windowed - out["none"]).abs().max() > 1e-3
+    assert (windowed - out["cfg_renorm:scale=5,normalize=0"]).abs().max() > 1e-3
+
+
+def test_dpm_adaptive_with_atol_0_solves_a_channel_at_exactly_0():
+    """atol=0 and a channel at exactly 0 in y_low, y_prev and y_high: it adds no error (not
+    0 / 0 = NaN, which stopped the solve at its first level and returned the noise)."""
+    sc = sd_schedule()
+    gm = dg.GaussianMixture(torch.zeros(1, 2, dtype=F64), [0.5], [1.0], [0], sc)
+    ts = dg.timesteps(sc, 10, "karras")
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = x * float(sc.ve(ts[0]) * sc.alpha(ts[0]))
+    x[:, 1] = 0.0
+    runs = {}
+    for spec in ("dpm_adaptive:atol=0", "dpm_adaptive:atol=1e-30"):
+        den = dg.guide(gm, None, None)
+        runs[spec] = (dg.sample(den, spec, ts, x), den.nfe)
+    (out, nfe), (same, nfe_same) = runs.values()
+    assert nfe == nfe_same > 6 and torch.equal(out, same)  # a tolerance too small to matter
+    assert (out[:, 1] == 0).all() and abs(float(out[:, 0].std()) - 0.5) < 0.15
+
+
 @pytest.mark.parametrize(
     "spec,match",
     [
@@ -325,9 +423,9 @@ def test_what_they_cannot_run_is_refused(gmm):
         def __call__(self, x, t):
             return gmm(x, t, torch.tensor([0, 2]))
 
-    assert torch.isfinite(dg.sample(Cached(), "dpm_fast", ts, x)).all()
-    with pytest.raises(ValueError, match="a step cache plans by step"):
-        dg.sample(Cached(), "dpm_adaptive", ts, x)
+    for spec in ("dpm_fast", "dpm_adaptive"):  # a cache would see every evaluation in one step
+        with pytest.raises(ValueError, match="a step cache plans by step"):
+            dg.sample(Cached(), spec, ts, x)
 
 
 def test_list_shows_them_with_their_options(capsys):

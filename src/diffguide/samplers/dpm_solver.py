@@ -5,11 +5,15 @@ Levels. Both integrate from the grid's first level to its last nonzero one (Comf
 sigmas[0] and sigma_min = the smallest nonzero sigma) and ignore the levels in between. A Step knows
 only its own interval, and the grid's end is known only at its last step, so the first n - 1 steps
 hold x at the first level without evaluating the network, and the last step runs the whole solve.
-A callback sees x unchanged until then (a change it makes carries over), and T-Stitch, which
-switches models by step, is refused. As in k-diffusion there is no final denoising: on a grid that
-ends at data the sample keeps the noise of the last nonzero level (VE 0.03 on SD's Karras grids, but
-the flow time 0.14 on a 20-step SD3 grid); ``denoise_to_zero=True`` spends one more evaluation there
-and returns its x0, as every other diffguide sampler ends such a grid.
+A callback sees x unchanged until then (a change it makes carries over); T-Stitch, which switches
+models by step, and step caches, which plan by step, are refused. Guidance that reads the step
+(start/stop windows, step counts) sees, at each evaluation, the step of the grid whose interval
+holds its level: step i for levels in (the grid's level i + 1, its level i], step 0 at or above
+the first. As in k-diffusion there is no
+final denoising: on a grid that ends at data the sample keeps the noise of the last nonzero level
+(VE 0.03 on SD's Karras grids, but the flow time 0.14 on a 20-step SD3 grid);
+``denoise_to_zero=True`` spends one more evaluation there and returns its x0, as every other
+diffguide sampler ends such a grid.
 
 Coordinates. The solve runs in the straight coordinates of ``core.sample.straight``, y = x / c at
 level u (the VE level on VP schedules, the flow time on flows: ComfyUI's sigma on both), with
@@ -20,6 +24,8 @@ level plus corrections from differences of slopes; nothing is re-derived from x.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -32,20 +38,44 @@ from .comfy import _split
 
 
 class _Solve:
-    """One solve's network evaluations at straight levels u (x = c y there)."""
+    """One solve's network evaluations at straight levels u (x = c y there). ``levels``: the grid's
+    straight levels, first to last (n + 1 of them, decreasing), to tell the guided denoiser which of
+    the grid's steps each evaluation falls in."""
 
-    def __init__(self, denoise, schedule):
+    def __init__(self, denoise, schedule, levels=()):
         self.denoise, self.schedule = denoise, schedule
         self.flow = getattr(schedule, "ode_space", "ve") == "flow"
+        self.levels = tuple(levels)
+        self._inner = [-v for v in self.levels[1:-1]]  # ascending: the inner grid levels, negated
 
     def t(self, u: float):
         ve = (u / (1 - u) if u < 1 else math.inf) if self.flow else u
         return self.schedule.t_of_ve(torch.tensor(ve, dtype=F64))
 
+    def step_of(self, u: float) -> int:
+        """The grid step i whose interval holds u: level i >= u > level i + 1 (0 from the first
+        level up; the last step below its start)."""
+        return bisect.bisect_right(self._inner, -u)
+
+    @contextlib.contextmanager
+    def at(self, u: float):
+        """Evaluations meanwhile report the grid step of level u to the guided denoiser (its
+        ``_step``: what ``begin_step`` sets for the loop's own step), restored after."""
+        held = getattr(self.denoise, "_step", None)
+        if not self.levels or held is None or held[1] is None:  # no grid, or no step reported
+            yield
+            return
+        self.denoise._step = (self.step_of(u), held[1])
+        try:
+            yield
+        finally:
+            self.denoise._step = held
+
     def __call__(self, y, u: float):
         t = self.t(u)
         a, s, _, _ = self.schedule.at(t)
-        return self.denoise(ode_scale(self.schedule, a, s) * y, t)
+        with self.at(u):
+            return self.denoise(ode_scale(self.schedule, a, s) * y, t)
 
     def dpm(self, p, u: float, u1: float, order: int):
         """DPM-Solver-k from level u to u1 given the prediction p at u (Lu et al. 2022: k = 2 with
@@ -87,24 +117,35 @@ def _solve_range(sampler, denoise, x, st, state):
     """Hold, then solve: (x, state, run), run None while holding (x stays at the first level), else
     (solver, the first prediction, y and level u there, the last nonzero level, evaluations spent).
     From infinite noise (zero-terminal-SNR VP) the first step is the DDIM step to the grid's next
-    level, as Heun's, and the solve starts there (the prediction is None if nothing is left)."""
+    level, as Heun's, and the solve starts there (the prediction is None if nothing is left). The
+    state holds (start, evaluations spent, the straight levels of the steps seen so far)."""
     name = type(sampler).name
+    if getattr(denoise, "cache", None) is not None:  # every evaluation falls in the last step
+        raise ValueError(
+            f"{name} solves on its own levels inside the grid's last step; a step cache "
+            "plans by step (run without one)"
+        )
     if getattr(denoise, "stitch", None) is not None:
         raise ValueError(f"{name} solves on its own levels in one step; T-Stitch switches by step")
-    if state is None and not math.isfinite(straight(st)[1]):
+    t0, spent, levels = state if state is not None else (st.t, 0, ())
+    levels = (*levels, straight(st)[1])
+    if state is None and not math.isfinite(levels[0]):
         p = denoise(x, st.t)
-        x, state = st.a_next * p.x0 + st.s_next * p.eps, (st.t_next, 1)
+        x, t0, spent = st.a_next * p.x0 + st.s_next * p.eps, st.t_next, 1
         if st.i == st.n - 1:
-            return x, state, None
-    t0, spent = state if state is not None else (st.t, 0)
+            return x, (t0, spent, levels), None
     if st.i < st.n - 1:
-        return x, (t0, spent), None
+        return x, (t0, spent, levels), None
     c0, u0, _ = straight(st.to(t=t0))
     u_end = straight(st)[1] if st.last else straight(st, nxt=True)[1]
     if not (u_end < u0 or spent):
         raise ValueError(f"{name} needs a nonzero level below the first: give at least 2 steps")
-    p = denoise(x, t0) if u_end < u0 else None
-    return x, None, (_Solve(denoise, st.schedule), p, x / c0, u0, u_end, spent)
+    solve = _Solve(denoise, st.schedule, (*levels, straight(st, nxt=True)[1]))
+    p = None
+    if u_end < u0:
+        with solve.at(u0):
+            p = denoise(x, t0)
+    return x, None, (solve, p, x / c0, u0, u_end, spent)
 
 
 def _land(sampler, solve, y, u_end: float, st):
@@ -202,11 +243,6 @@ class DPMAdaptive(Sampler):
         return None
 
     def step(self, denoise, x, st, state, noise):
-        if getattr(denoise, "cache", None) is not None:
-            raise ValueError(
-                "dpm_adaptive's evaluations are not known in advance; a step cache "
-                "plans by step (run without one)"
-            )
         x, state, run = _solve_range(self, denoise, x, st, state)
         if run is None:
             return x, state
@@ -226,14 +262,22 @@ class DPMAdaptive(Sampler):
             down, up = solve.ancestral(u, u1, u_end, self.eta)
             p = solve(y, u) if p is None else p
             y_low, y_high = solve.dpm(p, u, down, order)
-            tol = torch.maximum(y_low.abs(), y_prev.abs()) * self.rtol
-            error = float(((y_low - y_high) / tol.clamp(min=self.atol)).square().mean().sqrt())
+            tol = (torch.maximum(y_low.abs(), y_prev.abs()) * self.rtol).clamp(min=self.atol)
+            diff = y_low - y_high
+            # with atol = 0 an element where y_low = y_prev = 0 has tolerance 0: no error where
+            # the two results agree there (not 0 / 0), infinite where they differ
+            error = float(torch.where(diff == 0, 0.0, diff / tol).square().mean().sqrt())
+            if not math.isfinite(error):
+                if not torch.isfinite(y_high).all():  # a NaN from the network: the loop reports it
+                    y = y_high
+                    break
+                raise ValueError(  # y_high finite: a zero tolerance where the results differ
+                    f"dpm_adaptive's error estimate is not finite at level {u:.4g} (with atol=0: "
+                    "an element where y_low and y_prev are 0 and y_high is not); give atol > 0"
+                )
             # PIDStepSizeController.propose_step: errs holds the last three inverse errors
             errs[:] = errs or [1 / (error + 1e-8)] * 3
             errs[0] = 1 / (error + 1e-8)
-            if not math.isfinite(error):  # a NaN from the network: stop, the loop reports it
-                y = y_high
-                break
             factor = 1 + math.atan(errs[0] ** b[0] * errs[1] ** b[1] * errs[2] ** b[2] - 1)
             h *= factor
             if factor >= self.accept_safety:  # accepted: the next try starts from y_high at u1
