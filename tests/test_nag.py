@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import diffguide as dg
-from diffguide.guidance.nag import normalized
-from diffguide.pipelines import GuidedPipeline, tiny
+from diffguide.guidance import nag as nag_module
+from diffguide.guidance.nag import NAG_NEGATIVE, normalized
+from diffguide.pipelines import GuidedPipeline, conditions, tiny
 
 P = ["a red circle", "a blue square"]
 N = ["blurry", "a green triangle"]
@@ -391,6 +392,7 @@ def test_what_nag_cannot_run_is_refused_in_one_line(sd):
             refusals.append(e)
             raise
     assert all("\n" not in str(e) for e in refusals)
+    assert _left() == ({}, {})  # a refused run holds nothing either
 
 
 def test_on_joint_attention_what_changes_a_blocks_batch_is_refused():
@@ -398,5 +400,66 @@ def test_on_joint_attention_what_changes_a_blocks_batch_is_refused():
     kw = dict(prompt=P, negative_prompt=N, steps=3, seed=[0, 1], height=16, width=16)
     with pytest.raises(ValueError, match=r"^NAG on SD3 and Flux runs without a step cache"):
         gp(**kw, guidance="nag", cache="first_block", output_type="latent")
+    assert _left() == ({}, {})  # the negative's activations of the refused forward went too
     with pytest.raises(ValueError, match=r"^NAG on SD3 and Flux does not combine with skipped"):
         gp(**kw, guidance="nag+slg:stop=1", output_type="latent")
+
+
+def _left():
+    """What this thread's NAG still holds: (negatives, a forward's activations)."""
+    local = nag_module._LOCAL.__dict__
+    return dict(local.get("held", {})), dict(local.get("state", {}))
+
+
+def test_nothing_is_held_after_a_run(sd):
+    for scale in (2, 3):  # one entry per setting was kept for the thread's life
+        _run(sd, f"nag:scale={scale}")
+        assert _left() == ({}, {})
+    _run(sd, "nag:cfg=3")
+    assert _left() == ({}, {})
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return GuidedPipeline(tiny.sdxl(), progress=False)
+
+
+def _empty(gp):
+    """The empty prompt's encoding, as a negative, for P."""
+    fam = gp.family
+    return fam.extra(fam.encode(P, ["", ""], 1, "cpu")[1], 16, 16)
+
+
+def test_without_a_negative_nag_reads_the_empty_prompt_not_sdxls_zeros(sdxl, monkeypatch):
+    """SDXL zeroes an empty negative (force_zeros_for_empty_prompt): NAG would then rescale every
+    cross-attention output by a constant. NAG reads the encoding of "", as the authors
+    (nag_negative_prompt = ""); CFG's unconditional branch keeps the zeros (diffusers')."""
+    assert sdxl.family.pipe.config.force_zeros_for_empty_prompt
+    kw = dict(prompt=P, steps=2, seed=[0, 1], height=16, width=16, output_type="latent")
+    empty = _empty(sdxl)
+    assert empty["text"].abs().max() > 0.1
+    held, hold = [], nag_module.NormalizedAttention.hold
+    monkeypatch.setattr(
+        nag_module.NormalizedAttention,
+        "hold",
+        lambda self, neg, b: (held.append(neg), hold(self, neg, b))[1],
+    )
+    for spec in ("nag", "nag:cfg=3"):
+        held.clear()
+        sdxl(**kw, guidance=spec)
+        for name in ("text", "added"):
+            torch.testing.assert_close(held[0][name], empty[name], rtol=0, atol=0)
+    # the conditions: "neg" is NAG's alone at CFG 1; beside CFG's branch it stays SDXL's zeros
+    alone = conditions.encode(sdxl, sdxl.plan(P, None, "nag", steps=2, height=16, width=16))
+    torch.testing.assert_close(alone.tree["neg"]["text"], empty["text"], rtol=0, atol=0)
+    assert NAG_NEGATIVE not in alone.tree["extra"]
+    both = conditions.encode(sdxl, sdxl.plan(P, None, "nag:cfg=3", steps=2, height=16, width=16))
+    assert both.tree["neg"]["text"].abs().max() == 0
+    assert both.tree["neg"]["added"]["text_embeds"].abs().max() == 0
+    torch.testing.assert_close(both.tree["extra"][NAG_NEGATIVE]["text"], empty["text"])
+    # neutral NAG with CFG is the zero-negative CFG of diffusers' SDXL pipeline
+    neutral = sdxl(**kw, guidance="nag:cfg=3,scale=1").images
+    torch.testing.assert_close(neutral, sdxl(**kw, guidance="cfg:scale=3").images, rtol=0, atol=0)
+    # a negative prompt given is what NAG reads, with or without CFG
+    given = conditions.encode(sdxl, sdxl.plan(P, N, "nag:cfg=3", steps=2, height=16, width=16)).tree
+    assert NAG_NEGATIVE not in given["extra"] and given["neg"]["text"].abs().max() > 0.1

@@ -2,17 +2,23 @@
 chosen BasicTransformerBlocks' classes swapped for one that shuffles the perturbed chunk's input
 tokens (x[:, permutation], one permutation per call, no unshuffle), the batch [C, P] or
 [U, C, P] in one UNet call, then C + s (C - P) or C + (g - 1) (C - U) + s (C - P). The
-permutations are the ones diffguide drew (recorded), one sample, as the authors draw one for the
-whole batch; diffguide draws one per sample (tested below: an image depends on its seed alone)."""
+permutations are the ones diffguide made (recorded), one sample, as the authors draw one for the
+whole batch; diffguide makes one per sample from its image's seed, the evaluation and the block,
+drawing nothing from the sampler's noise (tested below: an image depends on its seed alone, not on
+its batch, max_batch or the processes sharing its rows)."""
 
 import dataclasses
+import types
 
 import pytest
 import torch
 
 import diffguide as dg
+from diffguide.core.sample import SeededNoise
 from diffguide.guidance import tpg as tpg_module
-from diffguide.pipelines import GuidedPipeline, tiny
+from diffguide.pipelines import GuidedPipeline, parallel_layout, tiny
+
+from helpers import torch_threads, torchrun_script
 
 TOL = 1e-5
 STEPS = 4
@@ -129,8 +135,9 @@ def sd():
     return GuidedPipeline(tiny.sd(), progress=False)
 
 
-def test_an_image_depends_on_its_seed_not_on_its_batch(sd):
-    kw = dict(steps=3, guidance="tpg:layers=d0;u0", output_type="latent")
+@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral"])
+def test_an_image_depends_on_its_seed_not_on_its_batch(sd, sampler):
+    kw = dict(steps=3, guidance="tpg:layers=d0;u0", output_type="latent", sampler=sampler)
     both = sd(["a red circle", "a red circle"], seed=[0, 1], **kw)
     alone = sd("a red circle", seed=1, **kw)
     torch.testing.assert_close(both.images[1:], alone.images, rtol=1e-5, atol=1e-5)  # batch kernels
@@ -146,6 +153,98 @@ def test_layers_are_found_as_the_authors_name_them(sd):
     assert tpg_module.tpg_blocks(net, "u0-u1;m0") == unet["u"] + unet["m"]
     pixart = GuidedPipeline(tiny.pixart(), progress=False).family.net
     assert tpg_module.tpg_blocks(pixart, "auto") == [pixart.transformer_blocks[1]]  # the middle
+
+
+def test_max_batch_and_a_second_run_give_the_same_image(sd):
+    """A chunk of max_batch rows may hold some of the perturbed rows (C0, C1, P0 | P1): their
+    permutations are still their images'. They fell back to torch's own generator, so that the
+    same seeds gave other images."""
+    kw = dict(
+        prompt=["a red circle"] * 2,
+        steps=3,
+        seed=[0, 1],
+        guidance="tpg:layers=d0;u0",
+        sampler="euler_ancestral",
+        output_type="latent",
+    )
+    whole = sd(**kw).images
+    for max_batch in (3, 1):
+        runs = []
+        for g in (1, 2):
+            torch.manual_seed(g)  # torch's own generator: TPG must not read it
+            runs.append(sd(**kw, max_batch=max_batch).images)
+        assert torch.equal(runs[0], runs[1]), max_batch
+        torch.testing.assert_close(runs[0], whole, rtol=1e-5, atol=1e-5)  # batch kernels
+
+
+def test_the_permutations_draw_nothing_from_the_samplers_noise(sd):
+    """The sampler's noise streams advance as without TPG (TPG drew its permutations from them,
+    only where a forward held the perturbed rows: the processes sharing a forward's rows then
+    drifted apart with an ancestral sampler)."""
+    fam, den = sd.family, sd.net_denoiser
+    pos, neg = fam.encode(["a red circle"] * 2, ["blurry"] * 2, 1, "cpu")
+    x = torch.randn(2, fam.channels, 8, 8, generator=torch.Generator().manual_seed(4))
+    ts = dg.timesteps(den.schedule, 3)
+    states = {}
+    for spec in ("cfg:scale=4", "cfg:scale=4+tpg:layers=d0;u0"):
+        noise = SeededNoise([0, 1])
+        with torch.no_grad():
+            dg.sample(dg.guide(den, spec, pos, neg), "euler_ancestral", ts, x, noise=noise)
+        states[spec] = [g.get_state() for g in noise.generators]
+    assert all(torch.equal(a, b) for a, b in zip(*states.values()))
+
+
+def branches_run(parallel=None):
+    """CFG + TPG with an ancestral sampler on a batch of 2, the rows of each forward shared by the
+    processes of ``parallel`` (the perturbed ones on the second of two)."""
+    gp = GuidedPipeline(tiny.sd(), progress=False)
+    return gp(
+        ["a red circle", "a blue square"],
+        negative_prompt=["blurry"] * 2,
+        steps=4,
+        seed=[0, 1],
+        sampler="euler_ancestral",
+        guidance="cfg:scale=4+tpg:layers=d0;u0",
+        output_type="latent",
+        parallel=parallel,
+    ).images
+
+
+BRANCHES_SCRIPT = """
+from test_tpg import branches_run
+result = branches_run("branches")
+"""
+
+
+def test_two_processes_sharing_the_branches_equal_one(tmp_path):
+    ranks = torchrun_script(tmp_path, BRANCHES_SCRIPT, timeout=300)
+    with torch_threads(1):
+        one = branches_run()
+    size = float(one.abs().max())  # latents reach about 45: each process batches 3 rows of 6
+    for got in ranks:
+        assert float((got - one).abs().max()) <= 1e-5 * size
+
+
+def test_parallel_branches_that_could_split_tpgs_rows_are_refused(sd):
+    """A process holding only the later perturbed rows cannot tell their images: refused before
+    sampling where some batch size puts a process boundary inside TPG's rows (NAG's too: it reads
+    them in one forward)."""
+    info = types.SimpleNamespace(schedule=sd.net_denoiser.schedule)
+    ts = dg.timesteps(info.schedule, 3)
+    check = parallel_layout.check_whole_rows
+    for spec in ("tpg", "cfg:scale=4+tpg", "cfg:scale=4+pag", "nag:cfg=3"):
+        check((dg.parse_spec("guidance", spec), None), ts, info, 2)
+    check((dg.parse_spec("guidance", "cfg:scale=4+tpg"),), ts, info, 3)  # rows b, b, b
+    refused = [
+        ("cfg:scale=4+tpg", 4, "TPG's perturbed rows"),
+        ("tpg", 3, "TPG's perturbed rows"),
+        ("tpg+pag", 2, "TPG's perturbed rows"),  # [C, P_tpg, P_pag]
+        ("nag", 2, "NAG's conditional rows"),
+    ]
+    for spec, world, what in refused:
+        with pytest.raises(ValueError, match=f"would split {what} between processes") as err:
+            check((dg.parse_spec("guidance", spec),), ts, info, world)
+        assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

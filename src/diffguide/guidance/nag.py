@@ -37,7 +37,13 @@ JOINT = ("SD3Transformer2DModel", "FluxTransformer2DModel")  # text and image in
 EPS = 1e-6  # the authors' floor under both L1 norms (ComfyUI-NAG utils.nag)
 BLOCK_INPUTS = ("hidden_states", "encoder_hidden_states", "temb")  # SD3's and Flux's blocks
 _SINGLE: weakref.WeakSet = weakref.WeakSet()  # Flux's single-stream blocks
+# this thread's negatives held for the next forward ("held") and a forward's negative activations
+# ("state"), by perturbation: both let go when the forward leaves (``release``)
 _LOCAL = threading.local()
+# the condition NAG reads as its negative where a run has one apart from "neg": a pipeline's call
+# without a negative prompt where "neg" also feeds a branch (nag:cfg= on SDXL, whose branch reads
+# zeros while NAG reads the empty prompt's encoding, as the authors do)
+NAG_NEGATIVE = "neg.nag"
 
 
 @register("guidance", "nag")
@@ -81,9 +87,14 @@ class NAG(Guidance):
     def _on(self, pt: Point) -> bool:  # scale 1 or alpha 0 leave Z+ as it is: skip the work
         return self.scale != 1 and self.alpha != 0 and in_window(pt, self.start, self.stop)
 
+    def init_state(self):
+        self._perturb.release()  # nothing of an earlier run of this thread stays held
+        return None
+
     def conditions(self, pt, conds, x, noise):
         if self._on(pt):  # the hooks read the negative of each conditional row from here
-            self._perturb.hold(conds.get("neg"), x.shape[0])
+            neg = conds.get(NAG_NEGATIVE)
+            self._perturb.hold(conds.get("neg") if neg is None else neg, x.shape[0])
         return {}
 
     def branches(self, pt: Point, state=None):
@@ -91,6 +102,7 @@ class NAG(Guidance):
         return {"c": c} if self.cfg == 1 else {"c": c, "u": Branch("neg")}
 
     def combine(self, x, pt, preds, state):
+        self._perturb.release()  # where no forward held NAG's rows (another process's share)
         c, u = preds["c"], preds.get("u")
         return (c if u is None else u + self.cfg * (c - u)), state
 
@@ -165,11 +177,21 @@ class NormalizedAttention:
     tau: float
     alpha: float
     rowwise = True
+    # all its rows in one forward (pipelines.parallel_layout refuses a layout of processes that
+    # could split them, before sampling; max_batch at the first forward)
+    one_process = "NAG's conditional rows"
 
     def hold(self, neg, b: int) -> None:
-        """The run's negative condition (b rows) for this thread's next forwards."""
+        """The run's negative condition (b rows) for this thread's next forward with NAG's rows
+        (its conditional rows are all in one: the forward lets it go, ``release``)."""
         held = _LOCAL.__dict__.setdefault("held", {})
         held[self] = (None if neg is None else _fit(neg, b, "neg"), b)
+
+    def release(self) -> None:
+        """This thread's held negative and the negative's activations let go: when a forward with
+        NAG's rows leaves, having run or raised, and when a run starts."""
+        for name in ("held", "state"):
+            getattr(_LOCAL, name, {}).pop(self, None)
 
     def _negative(self, rows):
         neg, b = getattr(_LOCAL, "held", {}).get(self, (None, 0))
@@ -194,6 +216,7 @@ class NormalizedAttention:
     def apply(self, denoiser, noise, rows):
         net, lay = _module(denoiser, "NAG"), self.layout(denoiser)
         stack = contextlib.ExitStack()
+        stack.callback(self.release)  # last out: after the hooks, whether the forward ran or raised
 
         def hook(mods, role, fn, pre=False):
             if pre:
@@ -203,7 +226,6 @@ class NormalizedAttention:
             stack.enter_context(_hooked(mods, (role, self), install, rows))
 
         hook([net], "nag-net", self._start, pre=True)
-        hook([net], "nag-end", self._end)
         if "attn" in lay:
             hook(lay["attn"], "nag-in", self._cross_in, pre=True)
             hook([a.to_out[0] for a in lay["attn"]], "nag-mix", self._mix, pre=True)
@@ -243,10 +265,6 @@ class NormalizedAttention:
             mask = ((1 - mask.to(pos.dtype)) * -10000.0).unsqueeze(1)
         st["ctx"], st["bias"] = ctx, mask
         return None
-
-    def _end(self, net, args, kwargs, out):
-        if _active(net, ("nag-end", self)) is not None:  # the negative's activations go
-            _LOCAL.__dict__.get("state", {}).pop(self, None)
 
     # -- cross-attention --------------------------------------------------------------------
     def _cross_in(self, attn, args, kwargs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import threading
 from dataclasses import dataclass
@@ -10,13 +11,14 @@ from dataclasses import dataclass
 import torch
 
 from ..core.registry import register
-from ..core.sample import draw
 from .perturb import PerturbedGuidance, _active, _cached, _hooked, _items, _module, _put, _take
 from .perturb import blocks, default_layers
 
 # the authors' default (pipeline_sdxl_tpg.py): SDXL's down-path transformer blocks 6 to 23
 AUTHORS_FIRST = 6
 PATHS = {"down": "d", "mid": "m", "up": "u"}  # UNet parts, as the authors name the blocks
+# this thread's evaluation of each TPG perturbation ("runs": its images' seeds, its key, the
+# perturbed rows met so far) and the image seed of each perturbed row of the forward ("rows")
 _LOCAL = threading.local()
 
 
@@ -33,39 +35,106 @@ class TPG(PerturbedGuidance):
     """
 
     layers: str = "auto"
+    # the permutations are made on the host at every block call, from the images' seeds: a
+    # captured loop would replay the first run's
+    capturable = False
 
     def perturbation(self):
         return ShuffledTokens(self.layers)
+
+    def conditions(self, pt, conds, x, noise):
+        self._perturb.begin(pt, x.shape[0], noise)  # on every process alike, before the forwards
+        return {}
 
 
 @dataclass(frozen=True)
 class ShuffledTokens:
     """TPG's perturbation: the perturbed rows' tokens (the image stream) at the input of each
-    chosen block permuted, as the authors' make_tpg_block does, and left in that order. Each row
-    draws its own permutation from its noise source (so an image depends on its seed, not on its
-    batch); the authors draw one torch.randperm per call for the whole batch."""
+    chosen block permuted, as the authors' make_tpg_block does, and left in that order. Each row's
+    permutation at a block is a function of its image's seed, the evaluation (step and time) and the
+    block alone (``permutations``): it draws nothing from the run's noise (the sampler's), so an
+    image is the same whatever its batch, ``max_batch`` and the processes sharing its rows; the
+    authors draw one torch.randperm per call for the whole batch."""
 
     layers: str = "auto"
     rowwise = True
+    # a process holding only the later perturbed rows of a shared forward cannot tell their images
+    # (pipelines.parallel_layout refuses such layouts before sampling)
+    one_process = "TPG's perturbed rows"
 
     def targets(self, denoiser) -> list:
         net = _module(denoiser, "TPG")
         return _cached(net, ("tpg", self.layers), lambda: tpg_blocks(net, self.layers))
 
+    def begin(self, pt, b: int, noise) -> None:
+        """An evaluation starts (``TPG.conditions``): its b images' seeds and its key; the
+        perturbed rows of its forwards are the images in order, over the chunks ``max_batch``
+        makes."""
+        if pt.step is None:  # outside a sampling loop (training): fresh from torch's generator
+            key = (None, int(torch.randint(2**62, (1,))))
+        else:  # the time too: a second evaluation in a step (Heun's) gets fresh permutations
+            key = (int(pt.step), float(pt.t) if pt.t.ndim == 0 else None)
+        runs = _LOCAL.__dict__.setdefault("runs", {})
+        runs[self] = {"seeds": image_seeds(noise, b), "key": key, "met": 0}
+
     @contextlib.contextmanager
     def apply(self, denoiser, noise, rows):
-        saved, _LOCAL.noise = getattr(_LOCAL, "noise", None), noise
+        run = getattr(_LOCAL, "runs", {}).get(self)
+        if run is None:
+            raise ValueError(
+                "TPG's perturbation draws its permutations in a run of the tpg guidance"
+            )
+        flags = getattr(rows, "flags", None) or tuple(bool(f) for f in rows.tolist())
+        seeds, b = run["seeds"], len(run["seeds"])
+        mine = [i for i, f in enumerate(flags) if f]
+        here = {i: seeds[(run["met"] + k) % b] for k, i in enumerate(mine)}  # a row's image seed
+        run["met"] += len(mine)
+        net = _module(denoiser, "TPG")
+        index = _cached(
+            net, ("tpg-order",), lambda: {id(m): i for i, m in enumerate(net.modules())}
+        )
+        saved = getattr(_LOCAL, "rows", None)
+        merged = {**(saved[0] if saved else {}), **here}  # two TPG terms: the rows of both
+        _LOCAL.rows = (merged, len(flags), run["key"], index)
         install = lambda m: m.register_forward_pre_hook(_shuffle_hook, with_kwargs=True)  # noqa: E731
         try:
             with _hooked(self.targets(denoiser), "tpg", install, rows):
                 yield
         finally:
-            _LOCAL.noise = saved
+            _LOCAL.rows = saved
 
 
-def permutations(noise, k: int, n: int, device) -> torch.Tensor:
-    """[k, n] token orders, one uniformly random permutation per row (argsort of normal draws)."""
-    return draw(noise, torch.empty(k, n, device=device)).argsort(dim=1)
+def image_seeds(noise, b: int) -> tuple:
+    """An integer per image fixed by its own noise stream, read without drawing from it: its
+    generator's seed (per-image generators, as a pipeline's seeds make), else the shared
+    generator's (torch's own without one) mixed with the image's row (its images depend on their
+    batch anyway)."""
+    rows = None
+    while hasattr(noise, "source"):  # a captured loop's tape, a sub-batch of a shared stream
+        if getattr(noise, "rows", None) is not None:  # image i is row rows[i] of the source
+            rows = list(noise.rows) if rows is None else [noise.rows[r] for r in rows]
+        noise = noise.source
+    gens = getattr(noise, "generators", None)
+    if gens is not None and len(gens) == b:
+        return tuple(int(g.initial_seed()) for g in gens)
+    g = getattr(noise, "generator", None)
+    base = int(g.initial_seed()) if g is not None else torch.initial_seed()
+    return tuple(_mix(base, i if rows is None else rows[i]) for i in range(b))
+
+
+def _mix(*parts) -> int:
+    """A 63-bit seed from integers and floats, the same on every process and platform."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def permutations(seeds, key, block: int, n: int, device) -> torch.Tensor:
+    """[k, n] token orders, one uniform random permutation (torch.randperm, as the authors) per
+    image seed in ``seeds``, at evaluation ``key`` and the block numbered ``block`` (its place among
+    the network's modules), made on the host (the same on every device)."""
+    gen = torch.Generator()
+    orders = [torch.randperm(n, generator=gen.manual_seed(_mix(s, *key, block))) for s in seeds]
+    return torch.stack(orders).to(device)
 
 
 def _shuffle_hook(block, args, kwargs):
@@ -73,8 +142,18 @@ def _shuffle_hook(block, args, kwargs):
     if rows is None:
         return None
     h = kwargs.get("hidden_states", args[0] if args else None)
+    here, size, key, index = _LOCAL.rows
+    set_rows = [i for i, f in enumerate(rows.flags) if f]
+    if len(rows.flags) == size:
+        seeds = [here[i] for i in set_rows]
+    elif len(set_rows) == len(here):  # a step cache runs this block on some rows: TPG's all here
+        seeds = list(here.values())
+    else:
+        raise ValueError(
+            "TPG needs all its perturbed rows in each block of a forward; use no step cache"
+        )
     picked = _take(rows, h)
-    order = permutations(getattr(_LOCAL, "noise", None), picked.shape[0], picked.shape[1], h.device)
+    order = permutations(seeds, key, index[id(block)], picked.shape[1], h.device)
     shuffled = _put(rows, picked.gather(1, order[..., None].expand_as(picked)), h)
     if "hidden_states" in kwargs:
         return args, {**kwargs, "hidden_states": shuffled}

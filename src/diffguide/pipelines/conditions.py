@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.guided import Guidance
+from ..guidance.nag import NAG_NEGATIVE
 from .families import ENCODE_LOCK
 
 
@@ -47,25 +48,49 @@ def _reads_negative(g) -> bool:
     )
 
 
-def _main(pipe, req, device) -> tuple[dict | None, dict | None]:
+def _empty_for_nag(req) -> bool:
+    """The method reads the negative inside its forward (NAG) and the call gives none: it reads the
+    empty prompt's encoding, the authors' ``nag_negative_prompt = ""``, which is not what a branch
+    without a negative reads on SDXL (zeros: force_zeros_for_empty_prompt)."""
+    return (
+        _reads_negative(req.guidance)
+        and all(q is None for q in req.negatives)
+        and "negative_prompt_embeds" not in req.text_extra
+    )
+
+
+def _main(pipe, req, device) -> tuple[dict | None, dict | None, dict | None]:
+    """(pos, neg, NAG's own negative or None): NAG's negative is "neg" unless "neg" also feeds a
+    branch (an unconditional one) and no negative prompt is given, where diffusers' negative (SDXL's
+    zeros) stays the branch's and NAG's is the encoding of "" (``NAG_NEGATIVE``)."""
     fam = pipe.family
     if not fam.conditional:
-        return None, None
+        return None, None, None
+    texts, own = _negative_texts(req), _empty_for_nag(req)
+    if own and "neg" not in req.needed:  # "neg" is read by NAG alone: make it ""'s encoding
+        texts, own = [""] * len(req.negatives), False
+    prompts = None if req.has_embeds else list(req.prompts)
     with ENCODE_LOCK:
         pos, neg = fam.encode(
-            None if req.has_embeds else list(req.prompts),
-            _negative_texts(req),
+            prompts,
+            texts,
             req.per_prompt,
             device,
             negative="neg" in req.needed or _reads_negative(req.guidance),
             **req.text_extra,
         )
-    pos = fam.extra(pos, req.height, req.width)
-    neg = fam.extra(neg, req.height, req.width) if neg is not None else None
-    if req.attention is not None:
-        pos = {**pos, "attention": req.attention}
-        neg = {**neg, "attention": req.attention} if neg is not None else None
-    return embed(fam, pos, req.embedded, req.batch), embed(fam, neg, req.embedded, req.batch)
+        if own:
+            nag = fam.encode(
+                prompts, [""] * len(req.negatives), req.per_prompt, device, **req.text_extra
+            )[1]
+    conds = [pos, neg, nag if own else None]
+    for i, c in enumerate(conds):
+        if c is not None:
+            c = fam.extra(c, req.height, req.width)
+            if req.attention is not None:
+                c = {**c, "attention": req.attention}
+            conds[i] = embed(fam, c, req.embedded, req.batch)
+    return tuple(conds)
 
 
 def embed(fam, cond, value, rows):
@@ -132,9 +157,11 @@ def _companions(pipe, req) -> tuple[dict, dict]:
 def encode(pipe, req) -> Conditions:
     """Every condition the run reads, encoded once per call."""
     device = pipe.device
-    pos, neg = _main(pipe, req, device)
+    pos, neg, nag = _main(pipe, req, device)
     if req.frame is not None:  # image to video: every branch reads the first frame
         pos, neg = _with_frame(pipe.family, req, device, pos, neg)
     extra = _prompt_sets(pipe, req, device)
+    if nag is not None:
+        extra[NAG_NEGATIVE] = nag
     models, companion = _companions(pipe, req)
     return Conditions({"pos": pos, "neg": neg, "extra": {**extra, **companion}}, models)

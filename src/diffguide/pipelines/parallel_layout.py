@@ -118,9 +118,11 @@ def resolve(
             _refuse_other(done[0], parallel)
         if parallel:
             check_branches(cache, cuda_graph)
+            check_whole_rows(guidances, ts, info, parallel.world()[1])
         return parallel or None
     lay = layout(parallel, world_size())
     check_branches(cache, cuda_graph)
+    check_whole_rows(guidances, ts, info, lay.branches)
     if "sequence" in parse(parallel):  # refused alike on one process, where nothing is split
         check_sequence(pipe, guidances, ts, info, noise)
     if done is not None:
@@ -156,6 +158,44 @@ def check_branches(cache, cuda_graph) -> None:
             "parallel gathers every forward across processes: it runs without a step cache and "
             "outside a captured CUDA graph"
         )
+
+
+def check_whole_rows(guidances, ts, info, world: int) -> None:
+    """Refuse, before sampling, a perturbation whose rows must sit on one process
+    (``one_process``: TPG's, whose permutations follow each row's image, which a process holding
+    only the later rows cannot tell; NAG's, read in one forward) where ``world`` processes sharing
+    a forward's rows would split them for some batch size (b rows a branch, the branches grouped
+    into forwards as ``GuidedDenoiser.evaluate`` does)."""
+    if world < 2 or ts is None or info is None:
+        return
+    for g in guidances:
+        if g is None:
+            continue
+        state, n, places = g.init_state(), ts.numel() - 1, {}
+        for i, t in enumerate(ts[:-1]):
+            unique = dict.fromkeys(g.branches(Point(t, info.schedule, i, n), state).values())
+            groups: dict = {}
+            for br in unique:
+                alone = br.perturb if not getattr(br.perturb, "rowwise", False) else None
+                groups.setdefault((br.model, alone, br.grad), []).append(br)
+            for brs in groups.values():
+                for j, br in enumerate(brs):
+                    what = getattr(br.perturb, "one_process", None)
+                    if what:
+                        places[len(brs), j] = what
+        for (m, j), what in sorted(places.items()):
+            if any(_splits(j * b, (j + 1) * b, m * b, world) for b in range(1, 257)):
+                raise ValueError(
+                    f"guidance {to_spec(g)!r}: parallel branches={world} would split {what} "
+                    "between processes for some batch sizes; run it on fewer processes (branches=2 "
+                    "runs tpg, cfg+tpg and nag:cfg=)"
+                )
+
+
+def _splits(lo: int, hi: int, n: int, world: int) -> bool:
+    """Whether rows [lo, hi) of n are shared by more than one of ``world`` processes."""
+    starts = [BranchParallel.bounds(n, r, world)[0] for r in range(1, world)]
+    return any(lo < s < hi for s in starts)
 
 
 def check_sequence(pipe, guidances, ts, info, noise_optimizer) -> None:
