@@ -252,7 +252,9 @@ class NormalizedAttention:
             if getattr(CACHE_LOCAL, "forward", None) is not None:
                 raise ValueError("NAG on SD3 and Flux runs without a step cache (cache=None)")
             return None
-        given = inspect.signature(net.forward).bind_partial(*args, **kwargs).arguments
+        # the forward's signature, read once per network (not at every step)
+        sig = _cached(net, ("nag-signature",), lambda: inspect.signature(net.forward))
+        given = sig.bind_partial(*args, **kwargs).arguments
         pos = given.get("encoder_hidden_states")
         if pos is None:
             raise ValueError(f"NAG found no encoder_hidden_states given to {type(net).__name__}")

@@ -157,9 +157,20 @@ def _land(sampler, solve, y, u_end: float, st):
     return straight(st, nxt=True)[0] * y
 
 
+class _OwnLevels(Sampler):
+    """What dpm_fast and dpm_adaptive share: no state across runs, eta checked."""
+
+    def __post_init__(self):
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+
+    def init_state(self):
+        return None
+
+
 @register("sampler", "dpm_fast")
 @dataclass(frozen=True)
-class DPMFast(Sampler):
+class DPMFast(_OwnLevels):
     """DPM-Solver-fast (Lu et al. 2022, arXiv 2206.00927; k-diffusion's and ComfyUI's
     sample_dpm_fast, A1111's "DPM fast").
 
@@ -172,13 +183,6 @@ class DPMFast(Sampler):
     eta: float = 0.0
     s_noise: float = 1.0
     denoise_to_zero: bool = False
-
-    def __post_init__(self):
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
-
-    def init_state(self):
-        return None
 
     def step(self, denoise, x, st, state, noise):
         x, state, run = _solve_range(self, denoise, x, st, state)
@@ -202,7 +206,7 @@ class DPMFast(Sampler):
 
 @register("sampler", "dpm_adaptive")
 @dataclass(frozen=True)
-class DPMAdaptive(Sampler):
+class DPMAdaptive(_OwnLevels):
     """DPM-Solver-12 and -23 with adaptive step size (Lu et al. 2022, arXiv 2206.00927;
     k-diffusion's and ComfyUI's sample_dpm_adaptive, A1111's "DPM adaptive").
 
@@ -236,11 +240,7 @@ class DPMAdaptive(Sampler):
             raise ValueError(f"need rtol, atol >= 0, not both 0; got {self.rtol!r}, {self.atol!r}")
         if not self.h_init > 0:
             raise ValueError(f"h_init must be > 0, got {self.h_init!r}")
-        if not self.eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta!r}")
-
-    def init_state(self):
-        return None
+        super().__post_init__()
 
     def step(self, denoise, x, st, state, noise):
         x, state, run = _solve_range(self, denoise, x, st, state)
