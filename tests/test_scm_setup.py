@@ -5,6 +5,8 @@ rendered only as it is asked for."""
 
 import math
 
+import pytest
+
 import torch
 
 import diffguide as dg
@@ -143,7 +145,7 @@ def test_only_the_students_gradient_is_clipped_and_the_rate_warms_up():
         torch.nn.init.zeros_(m.weight)
     opt = torch.optim.SGD([{"params": student.parameters()}, {"params": weight.parameters()}], 1.0)
     run = object.__new__(Run)
-    run.acc, run.clip, run.lr_warmup = Accelerator(cpu=True), 0.1, 4
+    run.acc, run.clip, run.lr_warmup, run.decay_steps = Accelerator(cpu=True), 0.1, 4, 0
 
     def loss(j):  # gradients 10 (student) and 20 (weight)
         value = -10 * student.weight.sum() - 20 * weight.weight.sum()
@@ -155,6 +157,27 @@ def test_only_the_students_gradient_is_clipped_and_the_rate_warms_up():
     assert math.isclose(float(weight.weight), 0.25 * 20, rel_tol=1e-5)
     run._apply(Update([student, weight], opt, loss, clipped=[student]), 1, step=3)
     assert math.isclose(float(weight.weight), 0.25 * 20 + 20, rel_tol=1e-5)  # fully warm
+
+
+def test_the_cosine_decay_reaches_zero_at_max_steps():
+    """--lr-decay cosine: after the warm-up's ramp, rate x (1 + cos(pi step / max_steps)) / 2,
+    from the step alone (a resumed run repeats it)."""
+    from diffguide.distill.run import Run
+
+    run = object.__new__(Run)
+    run.lr_warmup, run.decay_steps = 10, 100
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], 2.0)
+    for step, want in (
+        (0, 2.0 * 0.1 * (1 + math.cos(0)) / 2),
+        (50, 1.0),
+        (75, 2.0 * (1 - 0.5**0.5) / 2),
+        (100, 0.0),
+    ):
+        run._schedule(opt, step)
+        assert math.isclose(opt.param_groups[0]["lr"], want, abs_tol=1e-12), step
+    DistillConfig(out="x", lr_decay="cosine").check()
+    with pytest.raises(ValueError, match="lr_decay"):
+        DistillConfig(out="x", lr_decay="linear").check()
 
 
 def test_training_data_is_rendered_as_it_is_asked_for(tmp_path, monkeypatch):

@@ -189,6 +189,12 @@ def add_arguments(p) -> None:
         help="linear learning-rate warm-up steps (default: scm 100, others 0)",
     )
     p.add_argument(
+        "--lr-decay",
+        choices=("none", "cosine"),
+        default="none",
+        help="cosine: every learning rate falls to 0 at --max-steps (default none: constant)",
+    )
+    p.add_argument(
         "--lora-rank",
         type=int,
         default=0,
@@ -278,6 +284,7 @@ def run(args) -> int:
         scm_fit_steps=args.scm_fit_steps,
         scm_weight_lr=args.scm_weight_lr,
         lr_warmup=args.lr_warmup,
+        lr_decay=args.lr_decay,
         validate_n=args.validate_n,
         validate_prompts=args.validate_prompts,
         scm_prior_weight=args.scm_prior_weight,

@@ -81,6 +81,7 @@ class DistillConfig:
     grad_accum: int = 1
     clip: float | None = None  # default: the method's (Method.default_clip: 1, DMD2 10)
     lr_warmup: int | None = None  # linear warm-up steps; default: the method's (sCM 100, else 0)
+    lr_decay: str = "none"  # "cosine": every rate to 0 at max_steps (after the warm-up's ramp)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 200
@@ -161,6 +162,8 @@ class DistillConfig:
             raise ValueError(f"ladd_weight must be > 0, got {self.ladd_weight!r}")
         if not 0 <= self.ladd_start_share <= 1:
             raise ValueError(f"ladd_start_share must be in [0, 1], got {self.ladd_start_share!r}")
+        if self.lr_decay not in ("none", "cosine"):
+            raise ValueError(f"lr_decay must be none or cosine, got {self.lr_decay!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(
                 f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}"

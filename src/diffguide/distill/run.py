@@ -10,6 +10,7 @@ effective batch is batch x processes x grad_accum.
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 import os
 import shutil
@@ -55,6 +56,7 @@ class Run:
         self.clip = cfg.clip or self.method.default_clip
         warm = cfg.lr_warmup
         self.lr_warmup = self.method.default_lr_warmup if warm is None else warm
+        self.decay_steps = cfg.max_steps if cfg.lr_decay == "cosine" else 0
         self.step0 = self.load(state) if state is not None else 0
         self._prepare()
 
@@ -109,15 +111,18 @@ class Run:
             logs = self._accumulate(update, n)
             clipped = update.modules if update.clipped is None else update.clipped
             self.acc.clip_grad_norm_([p for m in clipped for p in m.parameters()], self.clip)
-            self._warm_up(opt, step)
+            self._schedule(opt, step)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return logs
 
-    def _warm_up(self, opt, step: int) -> None:
-        """Each group's rate ramped linearly over the first ``lr_warmup`` steps (set from the step
-        alone, so a resumed run repeats it exactly)."""
+    def _schedule(self, opt, step: int) -> None:
+        """Each group's rate ramped linearly over the first ``lr_warmup`` steps, then (``lr_decay``
+        cosine) falling to 0 at ``max_steps``; set from the step alone, so a resumed run repeats it
+        exactly."""
         ramp = min(1.0, (step + 1) / self.lr_warmup) if self.lr_warmup else 1.0
+        if self.decay_steps:
+            ramp *= 0.5 * (1 + math.cos(math.pi * min(step, self.decay_steps) / self.decay_steps))
         for group in opt.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * ramp
