@@ -62,7 +62,7 @@ def list_guidance() -> list[str]:
 def __getattr__(name: str):
     """``diffguide.GuidedPipeline`` (and ``GuidedOutput``, ``Stitching``) without importing
     diffusers until they are used: the core stays torch-only."""
-    if name in ("GuidedPipeline", "GuidedOutput", "Stitching"):
+    if name in ("GuidedPipeline", "GuidedOutput", "Stitching", "as_diffusers_guider"):
         from . import pipelines
 
         return getattr(pipelines, name)
