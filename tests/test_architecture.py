@@ -20,6 +20,7 @@ LAYERS = {
     "noise": 2,
     "cache": 2,  # step caches: hooks on the network's blocks, beside the perturbations they follow
     "pipelines": 3,
+    "comfy": 3,  # the ComfyUI node pack: beside pipelines, never importing them
     "evaluate": 4,
     "distill": 5,
     "cli": 6,

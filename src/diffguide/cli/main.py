@@ -20,7 +20,7 @@ from ..core.spacing import SPACINGS, timesteps
 from ..toy.mixture import GaussianMixture
 
 
-from . import bench, distill, evaluate, generate
+from . import bench, comfy, distill, evaluate, generate
 from .generate import MAX_SEED, UsageError
 
 
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the model in a model folder: its files by name, the old model's other own "
         "files removed, nothing else in the folder touched",
     )
+    comfy.add_arguments(
+        sub.add_parser("comfy", help="install the ComfyUI node pack: comfy install COMFYUI_DIR")
+    )
     m = sub.add_parser("mixture", help="sample the built-in 2-D Gaussian mixture (exact reference)")
     m.add_argument(
         "--sampler", default="dpmpp_2m", help="sampler spec, e.g. dpmpp_2m:solver_type=heun"
@@ -335,6 +338,8 @@ def main(argv=None) -> int:
             return evaluate.run_tune(args)
         if args.command == "distill":
             return distill.run(args)
+        if args.command == "comfy":
+            return comfy.run(args)
         if args.command == "train-toy":
             return _train_toy(args)
         if args.command == "tiny-model":
