@@ -3,7 +3,10 @@ a few step counts, CFG 5, with each row's adherence compared image by image (sam
 with the reference, CFG-5 dpmpp_2m at 25 steps; "reaches" is the smallest NFE whose adherence is
 within one standard error of the reference's.
 
-    python bench/samplers.py [--n 8] [--steps 6,10,15] [--out FILE] [--md FILE] [--quick]
+    python bench/samplers.py [--n 8] [--steps 6,10,15] [--set new] [--out FILE] [--md FILE]
+        [--quick]
+
+``--set new``: ComfyUI's samplers and schedules added for issue 37 instead of the first table's.
 """
 
 import argparse
@@ -25,6 +28,20 @@ SAMPLERS = (
     "restart",
 )
 SPACINGS = ("karras", "exponential", "kl_optimal", "sgm_uniform", "simple", "ays")
+NEW_SAMPLERS = (  # ComfyUI's entries added in issue 37 (dpm_adaptive picks its own step count)
+    "res_multistep",
+    "res_multistep_ancestral",
+    "er_sde",
+    "sa_solver",
+    "sa_solver_pece",
+    "seeds_2",
+    "seeds_3",
+    "gradient_estimation",
+    "heunpp2",
+    "dpm_fast",
+    "exp_heun_2_x0",
+)
+NEW_SPACINGS = ("normal", "ddim_uniform", "linear_quadratic", "laplace", "bong_tangent", "gits")
 
 
 def table(rows, ref) -> str:
@@ -52,6 +69,7 @@ def main():
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--steps", default="6,10,15")
     ap.add_argument("--model", default="builtin")
+    ap.add_argument("--set", choices=("first", "new"), default="first")
     ap.add_argument(
         "--quick", action="store_true", help="two samplers, one spacing, 3 steps, 1 image (CI)"
     )
@@ -61,7 +79,18 @@ def main():
     judge, (gp,), prompts = toy_setup([args.model], args.quick)
     n = 1 if args.quick else args.n
     steps = [3] if args.quick else [int(v) for v in args.steps.split(",")]
-    samplers, spacings = (("unipc", "plms"), ("ays",)) if args.quick else (SAMPLERS, SPACINGS)
+    samplers, spacings = (
+        (SAMPLERS, SPACINGS) if args.set == "first" else (NEW_SAMPLERS, NEW_SPACINGS)
+    )
+    if args.quick:  # two samplers, one spacing
+        samplers, spacings = (
+            (("unipc", "plms"), ("ays",))
+            if args.set == "first"
+            else (
+                samplers[:2],
+                spacings[:1],
+            )
+        )
     g = gp.resolve("cfg:scale=5", None, "dpmpp_2m")[0]
     ref = scored(
         gp, judge, prompts, n, g, gp.resolve(None, None, "dpmpp_2m")[1], 4 if args.quick else 25
