@@ -46,3 +46,25 @@ def test_tokenizer_spells_every_caption_word_as_one_token():
     tok = toy_model.tokenizer()
     for w in scenes.vocabulary():
         assert len(tok(w).input_ids) == 3, w  # start, the word, end
+
+
+def test_the_rate_decays_from_decay_from_to_zero_at_the_last_step():
+    """--decay-from K: the warm-up's rate until step K, then lr (1 + cos(pi (step - K) / (steps -
+    K))) / 2; without it the rate stays at lr after the warm-up."""
+    import math
+
+    from diffguide.toy.training import TrainConfig, rate
+
+    cfg = TrainConfig(out="x", lr=1e-3, warmup=10, steps=300, decay_from=100)
+    assert math.isclose(rate(cfg, 0), 1e-4) and rate(cfg, 99) == 1e-3
+    assert math.isclose(rate(cfg, 200), 0.5e-3) and rate(cfg, 300) == 0
+    assert math.isclose(rate(cfg, 150), 1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert rate(TrainConfig(out="x", lr=1e-3, warmup=10, steps=300), 299) == 1e-3
+
+
+def test_decay_from_outside_the_run_is_refused(tmp_path, capsys):
+    from diffguide.cli.main import main
+
+    assert main(["train-toy", str(tmp_path), "--steps", "10", "--decay-from", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "--decay-from" in err and "Traceback" not in err and not list(tmp_path.iterdir())

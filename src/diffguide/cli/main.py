@@ -125,6 +125,8 @@ def _train_toy(args) -> int:
     for name in ("steps", "batch", "dataset", "checkpoint_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.decay_from is not None and not 0 <= args.decay_from < args.steps:
+        raise UsageError(f"--decay-from must be in [0, --steps), got {args.decay_from}")
     quiet_loading()
     if args.export:
         if not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
@@ -142,6 +144,7 @@ def _train_toy(args) -> int:
         seed=args.seed,
         dataset=args.dataset,
         checkpoint_every=args.checkpoint_every,
+        decay_from=args.decay_from,
     )
     print(toy_model.train(cfg, progress=not args.quiet))
     return 0
@@ -277,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="Min-SNR-gamma loss weight of the unet (default 5); 0 turns it off",
+    )
+    tr.add_argument(
+        "--decay-from",
+        type=int,
+        default=None,
+        help="from this step on, the rate falls along a half cosine to 0 at --steps (default: "
+        "constant after the warm-up)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--dataset", type=int, default=50000, help="distinct training scenes")

@@ -5,6 +5,7 @@ accelerate only; the architecture, its loss and its export come from the caller
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,17 @@ class TrainConfig:
     dataset: int = 50000  # distinct scenes, rendered once; captions are redrawn every epoch
     checkpoint_every: int = 500
     log_every: int = 50
+    decay_from: int | None = None  # from this step, a half cosine to 0 at `steps` (None: constant)
+
+
+def rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate at ``step``: a linear warm-up, then constant, or (``decay_from``) a half
+    cosine from there to 0 at ``cfg.steps``; from the step alone, so a resume repeats it."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if cfg.decay_from is not None and step >= cfg.decay_from:
+        done = (step - cfg.decay_from) / (cfg.steps - cfg.decay_from)
+        lr *= 0.5 * (1 + math.cos(math.pi * done))
+    return lr
 
 
 def train(cfg: TrainConfig, model, progress: bool = True) -> str:
@@ -110,7 +122,7 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(acc.device)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        lr = rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = model.loss(net, x0.to(acc.device), model.condition(te, ids), g, cfg).mean()
