@@ -56,9 +56,8 @@ class Models:
         self.modular.update_components(guider=guider)
         out = self.modular(
             prompt=PROMPTS,
-            num_inference_steps=self.steps,
             generator=[torch.Generator().manual_seed(s) for s in SEEDS],
-            **{**self.common, **kw},
+            **{"num_inference_steps": self.steps, **self.common, **kw},
             **(dict(output="latents") if self.latents else dict(output="images", output_type="np")),
         )
         return np.asarray(out)
@@ -102,6 +101,13 @@ def sd3(tmp_path_factory):
 def wan(tmp_path_factory):
     """Video (5-D latents); its modular pipeline hands the guider its block state."""
     folder = _folder(tmp_path_factory, "wan", scheduler="euler")
+    return Models(folder, steps=4, negatives=NEGATIVES, latents=True, num_frames=5)
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory):
+    """Wan 2.2's two experts: the second guider (guider_2) runs the low-noise steps only."""
+    folder = _folder(tmp_path_factory, "wan", scheduler="euler", boundary_ratio=0.875)
     return Models(folder, steps=4, negatives=NEGATIVES, latents=True, num_frames=5)
 
 
@@ -229,17 +235,235 @@ def test_qwenimage_cfg_with_the_pipeline_renorm(qwenimage):
     assert np.abs(ours - qwenimage.ours("cfg:scale=4,renorm=2,rescale_space=flow")).max() > 20 * TOL
 
 
+def _hooks(net: torch.nn.Module) -> dict:
+    """The forward hooks and pre-hooks of each module of ``net``, counted."""
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in net.named_modules()}
+
+
 def test_state_is_fresh_each_run_and_hooks_are_removed(sdxl):
     """APG's momentum starts again at step 0 (a second run gives the same images), and PAG's hooks
-    and the sample hook leave the network as they found it."""
+    and the guider's forward wrapper leave the network as they found it."""
     unet = sdxl.modular.unet
-    hooks = {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in unet.named_modules()}
+    hooks = _hooks(unet)
     guider = as_diffusers_guider("apg:scale=5+pag:scale=3,layers=mid", sdxl.modular)
     first = sdxl.theirs(guider)
     assert np.array_equal(sdxl.theirs(guider), first)
     assert np.array_equal(sdxl.theirs(guider.new()), first)
-    after = {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in unet.named_modules()}
-    assert after == hooks
+    assert _hooks(unet) == hooks and "forward" not in vars(unet)
+
+
+def test_wan22_second_guider_state_is_fresh_each_run(wan22):
+    """Wan 2.2's guider_2 runs the low-noise steps (2 and 3 of 4) and never sees step 0: APG's
+    momentum still starts again at each run, so a second run gives the same latents."""
+    wan22.modular.update_components(guider_2=as_diffusers_guider("apg:scale=5", wan22.modular))
+    guider = as_diffusers_guider("apg:scale=5", wan22.modular)
+    first = wan22.theirs(guider)
+    assert np.array_equal(wan22.theirs(guider), first)
+
+
+@pytest.mark.parametrize("where,error", [("", RuntimeError), ("mid_block", KeyboardInterrupt)])
+def test_a_failed_forward_leaves_no_perturbation_behind(sdxl, where, error):
+    """The perturbed forward fails: an error before it (another pre-hook on the UNet), or an
+    interrupt inside it. The loop never reaches cleanup_models, yet the network is as it was and
+    a run with diffusers' own CFG gives its images."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    unet = sdxl.modular.unet
+    hooks = _hooks(unet)
+    ref = sdxl.theirs(ClassifierFreeGuidance(guidance_scale=5.0), num_inference_steps=2)
+    guider = as_diffusers_guider("cfg:scale=5+pag:scale=3,layers=mid", sdxl.modular)
+
+    def fail(*_):
+        if guider._batches[guider._count_prepared - 1].perturb is not None:
+            raise error("the perturbed forward failed")
+
+    handle = unet.get_submodule(where).register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(error):
+            sdxl.theirs(guider, num_inference_steps=2)
+    finally:
+        handle.remove()
+    assert _hooks(unet) == hooks and "forward" not in vars(unet)
+    after = sdxl.theirs(ClassifierFreeGuidance(guidance_scale=5.0), num_inference_steps=2)
+    assert np.array_equal(after, ref)
+
+
+def test_an_interrupted_step_leaves_the_next_run_whole(sdxl):
+    """A run interrupted in a step that runs one branch (CFG-Zero*'s zeroed first step): the next
+    run still has the negative encoded (num_conditions is 2, 1 when disabled) and gives a fresh
+    guider's images."""
+    guider = as_diffusers_guider("cfg_zero_star:scale=5", sdxl.modular)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    handle = sdxl.modular.unet.mid_block.register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sdxl.theirs(guider, num_inference_steps=3)
+    finally:
+        handle.remove()
+    assert guider.num_conditions == 2 and guider.new(enabled=False).num_conditions == 1
+    fresh = as_diffusers_guider("cfg_zero_star:scale=5", sdxl.modular)
+    ref = sdxl.theirs(fresh, num_inference_steps=3)
+    assert np.array_equal(sdxl.theirs(guider, num_inference_steps=3), ref)
+
+
+# Heun, KDPM2 and DPMSolverSDE evaluate twice a step; KDPM2 scales its second evaluation's input
+# at an interpolated level, DPMSolverSDE at a mid-point, KDPM2Ancestral at the last step's
+# interpolated level
+TWO_EVALUATIONS = [
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler",
+]
+
+
+@pytest.mark.parametrize("name", TWO_EVALUATIONS)
+@pytest.mark.filterwarnings("ignore:Should have ta>=t0")  # torchsde, on DPMSolverSDE's last step
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")  # KDPM2's set_timesteps, numpy 2
+def test_the_level_is_the_one_the_input_is_scaled_with(sdxl, name):
+    """At every evaluation the guider's level is the sigma the scheduler's scale_model_input
+    divides the network's input by sqrt(1 + sigma^2) with."""
+    import diffusers
+
+    own = sdxl.modular.scheduler
+    scheduler = getattr(diffusers, name).from_config(own.config)
+    guider = as_diffusers_guider("cfg:scale=5", sdxl.modular)
+    levels, set_state = [], guider.set_state
+
+    def spy(step, num_inference_steps, timestep):
+        set_state(step, num_inference_steps, timestep)
+        one = scheduler.scale_model_input(torch.ones((), dtype=torch.float64), timestep)
+        levels.append((1 + float(guider._point.ve) ** 2, float(one) ** -2))
+
+    guider.set_state = spy
+    sdxl.modular.update_components(scheduler=scheduler)
+    try:
+        sdxl.theirs(guider, num_inference_steps=3)
+    finally:
+        sdxl.modular.update_components(scheduler=own)
+    assert len(levels) == 5  # the first step evaluates once
+    ours, theirs = np.array(levels).T
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+class _Net(torch.nn.Module):
+    """A stand-in network: one output per input position."""
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        return torch.tanh(hidden_states) * (1 + encoder_hidden_states.mean())
+
+
+def _step(guider, x, keep, t) -> torch.Tensor:
+    """Step 0 of a diffusers denoise loop on the stand-in network: set_state, a forward per batch
+    (``keep`` picks the part of its output the loop gives the guider), the guided output."""
+    net, conds = _Net(), (torch.zeros(2, 3, 8), torch.ones(2, 3, 8))
+    guider.set_state(0, 4, t)
+    batches = guider.prepare_inputs({"encoder_hidden_states": conds})
+    for batch in batches:
+        guider.prepare_models(net)
+        out = net(hidden_states=x, encoder_hidden_states=batch.encoder_hidden_states)
+        batch.noise_pred = keep(out)
+        guider.cleanup_models(net)
+    return guider(batches).pred
+
+
+def test_a_sample_joined_with_condition_tokens_is_refused():
+    """Qwen-Image 2.1's image-conditioned loop puts the condition image's tokens before the
+    sample's and gives the guider the last ones; which input tokens are the sample's cannot be
+    told, so the guider refuses in one line. An inpainting UNet's extra channels (B, C, H, W)
+    follow the sample's, which are the input's leading ones."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    guider = DiffguideGuidance("apg:scale=5").bind(scheduler)
+    t, g = scheduler.timesteps[0], torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 24, 8, generator=g)  # 8 condition tokens, then the sample's 16
+    with pytest.raises(ValueError) as err:
+        _step(guider, tokens, lambda out: out[:, -16:], t)
+    assert "has 16 of its input's 24 tokens" in str(err.value) and "\n" not in str(err.value)
+    channels = torch.randn(2, 9, 4, 4, generator=g)  # the sample's 4, the mask, the image's 4
+    assert _step(guider, channels, lambda out: out[:, :4], t).shape == (2, 4, 4, 4)
+
+
+# schedulers from_scheduler does not know by name, which it would read as VP ones on eps
+UNKNOWN = [
+    "FlowMatchLCMScheduler",
+    "CosineDPMSolverMultistepScheduler",
+    "ScoreSdeVeScheduler",
+    "CMStochasticIterativeScheduler",
+]
+
+
+@pytest.mark.parametrize("name", UNKNOWN)
+def test_schedulers_it_does_not_know_are_refused(name):
+    import diffusers
+
+    scheduler = getattr(diffusers, name)()
+    scheduler.set_timesteps(4)
+    guider = DiffguideGuidance("cfg:scale=5").bind(scheduler)
+    with pytest.raises(ValueError) as err:
+        guider.set_state(0, 4, scheduler.timesteps[0])
+    assert str(err.value).startswith(f"DiffguideGuidance does not know {name}'s noise levels")
+    assert "\n" not in str(err.value)
+
+
+def test_a_guider_on_another_pipelines_scheduler_is_refused():
+    """A guider moved to a pipeline it is not bound to reads the first one's scheduler: at the end
+    of its run, or at another timestep mid-run. It refuses in one line saying how to rebind."""
+    from diffusers import EulerDiscreteScheduler
+
+    first, second = EulerDiscreteScheduler(), EulerDiscreteScheduler()
+    first.set_timesteps(6)
+    second.set_timesteps(4)
+    guider = DiffguideGuidance("apg:scale=5").bind(first)
+    x = torch.zeros(1)
+    for i, t in enumerate(first.timesteps):  # the first pipeline's run
+        first.step(torch.zeros(1), t, first.scale_model_input(x, t))
+        if i in (0, 5):
+            with pytest.raises(ValueError) as err:
+                guider.set_state(0, 4, second.timesteps[0])
+            why = str(err.value)
+            assert why.endswith("rebind with guider.bind(pipe)") and "\n" not in why
+    guider.bind(second).set_state(0, 4, second.timesteps[0])
+
+
+def test_branch_names_are_the_same_at_every_step():
+    """Pipelines key caches by a batch's name (Qwen-Image 2.1's kv_caches, cache_context): each
+    branch keeps its name over the steps and no two share one; the plain prompt and negative are
+    diffusers' pred_cond and pred_uncond."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler()
+    scheduler.set_timesteps(4)
+    spec = "cfg:scale=5+pag:scale=3,layers=mid,stop=0.5+slg:scale=3,layers=mid_block,start=0.5"
+    spec += ",stop=1"
+    guider = DiffguideGuidance(spec).bind(scheduler)
+    conds = (torch.zeros(2, 3), torch.ones(2, 3))
+    names = []
+    for i, t in enumerate(scheduler.timesteps):  # PAG at steps 0 and 1, SLG at 3
+        guider.set_state(i, 4, t)
+        batches = guider.prepare_inputs({"encoder_hidden_states": conds})
+        names.append([getattr(b, guider._identifier_key) for b in batches])
+    plain = ["pred_cond", "pred_uncond"]
+    assert names[0] == names[1] == [*plain, names[0][2]] and names[2] == plain
+    assert names[3] == [*plain, names[3][2]] and names[3][2] != names[0][2]
+
+
+def test_new_keeps_an_argument_given_by_position():
+    """diffusers marks an argument given by position as a default value; new() keeps it."""
+    guider = DiffguideGuidance("apg:scale=7", False)
+    assert guider.new()._enabled is False and guider.new(enabled=True)._enabled is True
+
+
+def test_qwenimage_step_without_the_prompt_branch(qwenimage):
+    """cfg:scale=0 runs only the negative; Qwen-Image's rescale to pred_cond's norm gets the
+    guided output as pred_cond and leaves it as the method gave it (GuidedPipeline's images)."""
+    theirs = qwenimage.theirs(as_diffusers_guider("cfg:scale=0", qwenimage.modular))
+    assert np.abs(theirs - qwenimage.ours("cfg:scale=0")).max() < TOL
 
 
 REFUSED = {
