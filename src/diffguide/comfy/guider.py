@@ -5,9 +5,12 @@ Each evaluation asks the method for its branches, runs the conditions they need 
 negative) through ComfyUI's ``calc_cond_batch`` in one batched call, turns each denoised output
 into Pred(x0, eps) at the model's level (``levels``) and hands them to the method's own
 ``combine``: the guidance maths is diffguide's. ComfyUI's model patches around a guider still act:
+``sampler_calc_cond_batch_function`` in place of calc_cond_batch (SkipLayerGuidanceDiTSimple's),
 ``sampler_pre_cfg_function`` on the branch outputs, ``sampler_post_cfg_function`` on the result
 (with the conditional and unconditional outputs, as ComfyUI's own guiders pass them); a
-``sampler_cfg_function`` does not, the method takes its place.
+``sampler_cfg_function`` does not, the method takes its place. ComfyUI's cfg stands for the
+method's scale: a wrapper that sets the guider's cfg for some evaluations (CFGOverride) sets the
+method's scale there, and a spec without one numeric scale is refused when that happens.
 
 What a guider cannot give is refused by name before sampling (``refusal``): branches that perturb
 the network (PAG, SEG, SLG, STG, TPG, NAG, TSG), a second model (AutoGuidance), conditions the
@@ -17,6 +20,7 @@ the denoised sample) and gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -81,6 +85,42 @@ def checked_guidance(spec: str) -> Guidance:
     return guidance
 
 
+def scale_of(guidance: Guidance) -> float | None:
+    """The method's one numeric scale, which ComfyUI's cfg stands for (through '@' modulations;
+    1 for none, the conditional alone); None for a sum, a scale schedule or a method without one."""
+    if isinstance(getattr(guidance, "inner", None), Guidance):
+        return scale_of(guidance.inner)
+    if getattr(guidance, "name", None) == "none":
+        return 1.0
+    scale = getattr(guidance, "scale", None)
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    return float(scale) if number and math.isfinite(scale) else None
+
+
+def _settable(guidance: Guidance) -> bool:
+    """True when the method (or the one a modulation wraps) has a numeric scale field to set."""
+    if isinstance(getattr(guidance, "inner", None), Guidance):
+        return _settable(guidance.inner)
+    fields = dataclasses.fields(guidance) if dataclasses.is_dataclass(guidance) else ()
+    return any(f.name == "scale" for f in fields) and scale_of(guidance) is not None
+
+
+def with_scale(guidance: Guidance, cfg: float, spec: str) -> Guidance:
+    """The method with ComfyUI's cfg as its scale (a wrapper such as CFGOverride set the guider's
+    cfg); ValueError in one line where the spec has no single scale for it to set."""
+    if scale_of(guidance) == cfg:
+        return guidance
+    if not _settable(guidance):
+        raise ValueError(
+            f"DiffguideGuider: a model wrapper (ComfyUI's CFGOverride, ...) set the guider's cfg "
+            f"to {cfg:g}, and {spec!r} has no single scale for it to set; give the range in the "
+            "spec instead (e.g. its @sigma_lo=,sigma_hi= interval)"
+        )
+    if isinstance(getattr(guidance, "inner", None), Guidance):
+        return dataclasses.replace(guidance, inner=with_scale(guidance.inner, cfg, spec))
+    return dataclasses.replace(guidance, scale=cfg)
+
+
 def _branch_error(name, branch) -> str | None:
     """Why a branch the method asked for cannot run in a guider (a safety net behind
     ``refusal``)."""
@@ -104,26 +144,33 @@ class GuidedRun:
         self.grid = None  # the run's sigmas as floats, read once
 
     def point(self, sigma: float, model_options: dict) -> Point:
-        """Where the sampler is: the level's time, and its step of ComfyUI's grid (the count of
-        grid levels above it: a Heun correction at the next level counts as the next step)."""
+        """Where the sampler is: the level's time, and its step of ComfyUI's grid: i for a level in
+        (sigma_i+1, sigma_i], so a midpoint (dpm_2's, dpmpp_sde's) and a first flow sigma of 1
+        moved down (offset_first_sigma_for_snr) stay in their step, while an evaluation at
+        sigma_i+1 itself (a Heun correction) counts as the next step."""
         t = levels.times(self.schedule, torch.tensor([sigma]))[0]
         if self.grid is None:
             grid = model_options.get("transformer_options", {}).get("sample_sigmas")
             self.grid = [] if grid is None else [float(v) for v in grid]
         step = steps = None
         if len(self.grid) > 1:
-            step = sum(v > sigma * (1 + 1e-6) for v in self.grid)
+            # grid levels at or above sigma (float32 rounding aside), less the step's own
+            step = max(0, sum(v >= sigma * (1 - 1e-6) for v in self.grid) - 1)
             steps = len(self.grid) - 1
         clock = lambda t: float(self.schedule.model_time(t))
         return Point(t, self.schedule, step, steps, self.kind, clock)
 
-    def denoised(self, model, conds: dict, x, timestep, model_options: dict, calc) -> torch.Tensor:
-        """The guided denoised sample at ComfyUI's x and sigma; ``calc`` is calc_cond_batch."""
+    def denoised(
+        self, model, conds: dict, x, timestep, model_options: dict, calc, guidance=None
+    ) -> torch.Tensor:
+        """The guided denoised sample at ComfyUI's x and sigma; ``calc`` is calc_cond_batch;
+        ``guidance``: the run's method with another scale for this evaluation (ComfyUI's cfg)."""
         sigma = float(timestep.flatten()[0])
         if not torch.all(timestep == timestep.flatten()[0]):
             raise ValueError("DiffguideGuider needs one noise level for the whole batch")
+        guidance = self.guidance if guidance is None else guidance
         pt = self.point(sigma, model_options)
-        branches = dict(self.guidance.branches(pt, self.state))
+        branches = dict(guidance.branches(pt, self.state))
         for name, branch in branches.items():
             why = _branch_error(name, branch)
             if why is not None:
@@ -133,18 +180,25 @@ class GuidedRun:
             needed.add("neg")  # a hook reads the negative's output (ComfyUI's *_cfg_pp samplers)
         # ComfyUI's order, [cond, uncond], with None for a condition that is not evaluated
         wanted = [conds.get(CONDITIONS[k]) if k in needed else None for k in ("pos", "neg")]
-        out = calc(model, wanted, x, timestep, model_options)
+        hook = model_options.get("sampler_calc_cond_batch_function")
+        if hook is None:
+            out = calc(model, wanted, x, timestep, model_options)
+        else:  # as ComfyUI's sampling_function calls it (SkipLayerGuidanceDiTSimple's)
+            args = {"conds": wanted, "input": x, "sigma": timestep, "model": model}
+            out = hook({**args, "model_options": model_options})
+        scale = _scale(guidance)
         for fn in model_options.get("sampler_pre_cfg_function", []):
-            out = fn(self._pre_args(wanted, out, model, x, timestep, model_options))
+            out = fn(_pre_args(wanted, out, scale, model, x, timestep, model_options))
         by_cond = dict(zip(("pos", "neg"), out))
         if sigma == 0:  # no eps at the data end: nothing left to guide
             return by_cond["pos" if "pos" in needed else "neg"]
-        guided = self._combine(x, pt, branches, by_cond)
+        guided = self._combine(guidance, x, pt, branches, by_cond)
         for fn in model_options.get("sampler_post_cfg_function", []):
-            guided = fn(self._post_args(guided, model, wanted, out, x, timestep, model_options))
+            args = _post_args(guided, scale, model, wanted, out, x, timestep, model_options)
+            guided = fn(args)
         return guided
 
-    def _combine(self, x, pt: Point, branches: dict, by_cond: dict) -> torch.Tensor:
+    def _combine(self, guidance, x, pt: Point, branches: dict, by_cond: dict) -> torch.Tensor:
         """The method's combine on Preds in the schedule's coordinates; the guided x0 back."""
         c = levels.scale_at(self.schedule, pt.t)
         xs = x * c
@@ -152,41 +206,44 @@ class GuidedRun:
         for name, b in branches.items():
             rows = slice(None) if b.rows is None else list(b.rows)
             preds[name] = Pred.from_x0(xs[rows], by_cond[b.cond][rows].to(x.dtype), pt.a, pt.s)
-        guided, self.state = self.guidance.combine(xs, pt, preds, self.state)
+        guided, self.state = guidance.combine(xs, pt, preds, self.state)
         return guided.x0.to(x.dtype)
 
-    def _scale(self) -> float:
-        """The method's scale where it has one (ComfyUI's hooks read a cond_scale)."""
-        scale = getattr(self.guidance, "scale", 1.0)
-        return float(scale) if isinstance(scale, (int, float)) and math.isfinite(scale) else 1.0
 
-    def _pre_args(self, wanted, out, model, x, timestep, model_options) -> dict:
-        """The arguments ComfyUI's sampling_function gives a sampler_pre_cfg_function."""
-        return {
-            "conds": wanted,
-            "conds_out": out,
-            "cond_scale": self._scale(),
-            "timestep": timestep,
-            "input": x,
-            "sigma": timestep,
-            "model": model,
-            "model_options": model_options,
-        }
+def _scale(guidance: Guidance) -> float:
+    """The method's scale where it has one (ComfyUI's hooks read a cond_scale), else 1."""
+    scale = scale_of(guidance)
+    return 1.0 if scale is None else scale
 
-    def _post_args(self, guided, model, wanted, out, x, timestep, model_options) -> dict:
-        """The arguments ComfyUI's cfg_function gives a sampler_post_cfg_function."""
-        return {
-            "denoised": guided,
-            "cond": wanted[0],
-            "uncond": wanted[1],
-            "cond_scale": self._scale(),
-            "model": model,
-            "uncond_denoised": out[1],
-            "cond_denoised": out[0],
-            "sigma": timestep,
-            "model_options": model_options,
-            "input": x,
-        }
+
+def _pre_args(wanted, out, scale, model, x, timestep, model_options) -> dict:
+    """The arguments ComfyUI's sampling_function gives a sampler_pre_cfg_function."""
+    return {
+        "conds": wanted,
+        "conds_out": out,
+        "cond_scale": scale,
+        "timestep": timestep,
+        "input": x,
+        "sigma": timestep,
+        "model": model,
+        "model_options": model_options,
+    }
+
+
+def _post_args(guided, scale, model, wanted, out, x, timestep, model_options) -> dict:
+    """The arguments ComfyUI's cfg_function gives a sampler_post_cfg_function."""
+    return {
+        "denoised": guided,
+        "cond": wanted[0],
+        "uncond": wanted[1],
+        "cond_scale": scale,
+        "model": model,
+        "uncond_denoised": out[1],
+        "cond_denoised": out[0],
+        "sigma": timestep,
+        "model_options": model_options,
+        "input": x,
+    }
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,9 +254,13 @@ def guider_class():
     class DiffguideCFGGuider(comfy.samplers.CFGGuider):
         """ComfyUI's CFGGuider with a diffguide guidance method in place of its CFG."""
 
-        def set_guidance(self, guidance: Guidance):
-            self.guidance = guidance
-            self.run = None
+        def set_guidance(self, guidance: Guidance, spec: str | None = None):
+            self.guidance, self.run = guidance, None
+            self.spec = repr(guidance) if spec is None else spec
+            # ComfyUI's cfg stands for the method's scale (None: it has no single one); a wrapper
+            # that changes it (CFGOverride) changes the scale of the evaluations it wraps
+            self.cfg = self.own_cfg = scale_of(guidance)
+            self.rescaled = {}
 
         def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
             # a fresh run (the method's state: APG's momentum, AG's switches) for every sampling
@@ -212,7 +273,18 @@ def guider_class():
                 ms = self.model_patcher.get_model_object("model_sampling")
                 self.run = GuidedRun(self.guidance, ms)
             calc = comfy.samplers.calc_cond_batch
-            return self.run.denoised(self.inner_model, self.conds, x, timestep, model_options, calc)
+            guidance = self._guidance()
+            args = (self.inner_model, self.conds, x, timestep, model_options, calc)
+            return self.run.denoised(*args, guidance=guidance)
+
+        def _guidance(self) -> Guidance:
+            """The method at the guider's cfg as a wrapper left it for this evaluation."""
+            cfg = self.cfg
+            if cfg == self.own_cfg:
+                return self.guidance
+            if cfg not in self.rescaled:
+                self.rescaled[cfg] = with_scale(self.guidance, float(cfg), self.spec)
+            return self.rescaled[cfg]
 
     return DiffguideCFGGuider
 
@@ -222,5 +294,5 @@ def make_guider(model, positive, negative, spec: str):
     guidance = checked_guidance(spec)
     guider = guider_class()(model)
     guider.set_conds(positive, negative)
-    guider.set_guidance(guidance)
+    guider.set_guidance(guidance, spec)
     return guider

@@ -32,7 +32,12 @@ def _check_comfyui(folder: str) -> None:
     """Refuse a folder that is not ComfyUI's (it has custom_nodes/, or main.py and comfy/)."""
     if not os.path.isdir(folder):
         raise ValueError(f"ComfyUI folder {folder!r} does not exist or is not a folder")
-    has_nodes = os.path.isdir(os.path.join(folder, "custom_nodes"))
+    nodes = os.path.join(folder, "custom_nodes")
+    if os.path.lexists(nodes) and not os.path.isdir(nodes):
+        raise ValueError(
+            f"{nodes!r} exists and is not a folder; ComfyUI loads its node packs there"
+        )
+    has_nodes = os.path.isdir(nodes)
     has_engine = os.path.isdir(os.path.join(folder, "comfy")) and os.path.isfile(
         os.path.join(folder, "main.py")
     )

@@ -88,7 +88,8 @@ def model_schedule(model_sampling, top: float | None = None) -> Schedule:
     try:
         return VPSchedule(1 / (1 + sigmas * sigmas))
     except ValueError:  # a table with repeated levels (Stable Cascade's clamped ends)
-        return EDMSchedule(sigma_lo=lo, sigma_hi=hi)
+        # up to the run's top, which ComfyUI's float32 karras grid puts a little above hi
+        return EDMSchedule(sigma_lo=lo, sigma_hi=max(hi, top or 0.0))
 
 
 def times(schedule: Schedule, sigmas) -> torch.Tensor:
@@ -104,6 +105,12 @@ def sigmas_of(schedule: Schedule, ts) -> torch.Tensor:
     """ComfyUI sigmas of diffguide times (float64): the inverse of ``times``."""
     ts = torch.as_tensor(ts, dtype=F64)
     return schedule.sigma(ts) if isinstance(schedule, FlowSchedule) else schedule.ve(ts)
+
+
+def noise_scale(model_sampling) -> float:
+    """The std of ComfyUI's noise on a flow model (its noise_scale: x = (1 - sigma) x0 +
+    sigma noise_scale eps; HiDream-O1's is 8); 1 elsewhere, where ComfyUI does not read it."""
+    return float(getattr(model_sampling, "noise_scale", 1.0)) if is_flow(model_sampling) else 1.0
 
 
 def scale_at(schedule: Schedule, t) -> float:

@@ -13,8 +13,12 @@ from .sigmas import grid_sigmas
 CATEGORY = "sampling/custom_sampling/diffguide"
 
 
-def _valid(check, spec: str):
-    """True when ``check(spec)`` passes, else its message (ComfyUI shows it on the node)."""
+def _valid(check, spec: str | None):
+    """True when ``check(spec)`` passes, else its message (ComfyUI shows it on the node). None is
+    a widget turned into a linked input, whose value ComfyUI validates only at run time: the node
+    checks it then."""
+    if spec is None:
+        return True
     try:
         check(spec)
     except ValueError as e:

@@ -5,7 +5,10 @@ ComfyUI calls a sampler function as ``fn(model, x, sigmas, extra_args, callback,
 (``levels``). The function below maps the sigmas onto the model's diffguide schedule, runs
 ``core.sample`` there on a denoiser that calls ComfyUI's model and returns Pred(x0, eps), and maps
 the result back. The noise is ComfyUI's own per-seed stream (its default_noise_sampler), so an
-ancestral sampler draws what ComfyUI's of the same name draws.
+ancestral sampler draws what ComfyUI's of the same name draws. On a flow model whose noise has std
+noise_scale (``levels.noise_scale``), diffguide samples x / noise_scale, whose noise has std 1:
+each step is linear in x and the denoised sample, so a deterministic step is the same and every
+fresh draw (ancestral, SDE, Brownian tree) is scaled by noise_scale as ComfyUI scales its own.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from . import levels
 
 
 class ComfyDenoiser:
-    """ComfyUI's model as diffguide's ``(x, t) -> Pred``, x in the schedule's coordinates; at the
-    grid's own times it passes the grid's sigmas unchanged. Keeps the last evaluation's denoised
-    sample for ComfyUI's callback."""
+    """ComfyUI's model as diffguide's ``(x, t) -> Pred``, x in the schedule's coordinates divided
+    by ``unit`` (the noise's std); at the grid's own times it passes the grid's sigmas unchanged.
+    Keeps the last evaluation's denoised sample for ComfyUI's callback."""
 
-    def __init__(self, model, schedule, extra_args: dict, ts, sigmas):
-        self.model, self.schedule, self.extra_args = model, schedule, extra_args
+    def __init__(self, model, schedule, extra_args: dict, ts, sigmas, unit: float = 1.0):
+        self.model, self.schedule, self.extra_args, self.unit = model, schedule, extra_args, unit
         self.grid = dict(zip(ts.tolist(), sigmas.tolist()))
         self.denoised = None
 
@@ -37,9 +40,10 @@ class ComfyDenoiser:
             sigma = levels.sigma_at(self.schedule, t)
         # as ComfyUI's samplers pass it: sigma * x.new_ones(batch), in x's dtype
         sigmas = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
-        denoised = self.model(x / levels.scale_at(self.schedule, t), sigmas, **self.extra_args)
+        to_comfy = self.unit / levels.scale_at(self.schedule, t)
+        denoised = self.model(x * to_comfy, sigmas, **self.extra_args)
         self.denoised = denoised
-        return Pred.from_x0(x, denoised.to(x.dtype), a, s)
+        return Pred.from_x0(x, denoised.to(x.dtype) / self.unit, a, s)
 
 
 class ComfyNoise:
@@ -64,9 +68,9 @@ def _progress(callback, denoiser: ComfyDenoiser, sigmas):
     def report(st, x):
         if denoiser.denoised is None:  # no evaluation yet (dpm_fast solves its range at the end)
             return
-        c = levels.scale_at(st.schedule, st.t_next)
+        to_comfy = denoiser.unit / levels.scale_at(st.schedule, st.t_next)
         sigma = sigmas[st.i]
-        info = {"x": x / c, "i": st.i, "sigma": sigma, "sigma_hat": sigma}
+        info = {"x": x * to_comfy, "i": st.i, "sigma": sigma, "sigma_hat": sigma}
         callback({**info, "denoised": denoiser.denoised})
 
     return report
@@ -87,12 +91,13 @@ def run(sampler: Sampler, model, x, sigmas, extra_args=None, callback=None, disa
             f"diffguide samplers need strictly descending sigmas; sigma {i + 1} is "
             f"{float(sigmas[i]):.6g} and sigma {i + 2} is {float(sigmas[i + 1]):.6g}"
         )
-    denoiser = ComfyDenoiser(model, schedule, extra_args, ts, sigmas)
+    unit = levels.noise_scale(model_sampling)
+    denoiser = ComfyDenoiser(model, schedule, extra_args, ts, sigmas, unit)
     noise = ComfyNoise(x, extra_args.get("seed"))
-    start = x * levels.scale_at(schedule, ts[0])
+    start = x * (levels.scale_at(schedule, ts[0]) / unit)
     report = _progress(callback, denoiser, sigmas)
     out = sample(denoiser, sampler, ts, start, noise, callback=report)
-    return out / levels.scale_at(schedule, ts[-1])
+    return out * (unit / levels.scale_at(schedule, ts[-1]))
 
 
 def sampler_function(spec: str):
