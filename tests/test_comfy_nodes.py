@@ -794,6 +794,17 @@ def test_guider_runs_comfyuis_calc_cond_batch_hook(comfy):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_with_a_cfg_function_patch_is_refused(comfy):
+    """A sampler_cfg_function (RescaleCFG's) would be replaced by the method: refused, not
+    dropped."""
+    patched = tiny_patcher(comfy, False).clone()
+    patched.set_model_sampler_cfg_function(lambda args: args["cond"])
+    pos, neg = prompts()
+    ours = NODE_CLASS_MAPPINGS["DiffguideGuider"]().get_guider(patched, pos, neg, "cfg:scale=4.5")
+    with pytest.raises(ValueError, match="sampler_cfg_function"):
+        sample(comfy, ours[0], patched)
+
+
 def test_guider_takes_comfyuis_cfg_override_as_the_methods_scale(comfy):
     """CFGOverride (a wrapper setting the guider's cfg over a sigma range) sets cfg's scale there,
     as in CFGGuider; a spec with no single scale is refused in one line when it acts."""

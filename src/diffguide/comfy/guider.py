@@ -168,6 +168,13 @@ class GuidedRun:
         sigma = float(timestep.flatten()[0])
         if not torch.all(timestep == timestep.flatten()[0]):
             raise ValueError("DiffguideGuider needs one noise level for the whole batch")
+        if model_options.get("sampler_cfg_function") is not None:
+            # it would replace the method's combine; ignoring it would drop the user's patch
+            raise ValueError(
+                "DiffguideGuider: the model carries a sampler_cfg_function (a patch such as "
+                "RescaleCFG's that replaces CFG's combine), which the guidance method takes the "
+                "place of; remove the patch (diffguide's cfg:rescale=R is RescaleCFG)"
+            )
         guidance = self.guidance if guidance is None else guidance
         pt = self.point(sigma, model_options)
         branches = dict(guidance.branches(pt, self.state))
