@@ -4,32 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..core.spacing import SPACINGS, timesteps
+from ..core.registry import parse_options
+from ..core.spacing import SPACING_OPTIONS, SPACINGS, timesteps
 from . import levels
-
-
-def _value(text: str):
-    """A spacing option's value: true/false, an integer, a number, else the text (a model name)."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for kind in (int, float):
-        try:
-            return kind(low)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def spacing_options(text: str) -> dict:
-    """'rho=5, sigma_min=0.1' as {'rho': 5, 'sigma_min': 0.1}; '' as {}."""
-    options = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"spacing option {item!r} is not key=value")
-        options[key.strip()] = _value(value)
-    return options
 
 
 def grid_sigmas(
@@ -46,5 +23,7 @@ def grid_sigmas(
         return torch.zeros(0)
     schedule = levels.model_schedule(model_sampling)
     total = steps if denoise == 1 else int(steps / denoise)
-    ts = timesteps(schedule, total, spacing, **spacing_options(options))
+    # the spec grammar's parser; an option the spacing lacks is named by timesteps()
+    grid = parse_options("spacing", options, dict.fromkeys(SPACING_OPTIONS[spacing]))
+    ts = timesteps(schedule, total, spacing, **grid)
     return levels.sigmas_of(schedule, ts)[-(steps + 1) :].float()

@@ -146,6 +146,12 @@ def _parse_options(kind: str, what: str, spec: str, rest: str, allowed: dict) ->
     return opts
 
 
+def parse_options(kind: str, text: str, allowed: dict) -> dict:
+    """``'rho=5,model=sdxl'`` as {'rho': 5, 'model': 'sdxl'}: each value typed like ``allowed``'s
+    default (None: a number where it reads as one, else the text), as a spec's options are."""
+    return _parse_options(kind, kind, text, text, allowed)
+
+
 def _spec_file(kind: str, path: str) -> str:
     """The ``kind`` entry (e.g. "guidance") of a JSON spec file."""
     import json

@@ -10,7 +10,6 @@ effective batch is batch x processes x grad_accum.
 from __future__ import annotations
 
 import contextlib
-import math
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ..files import trim_log, write_json
+from ..toy.training import cosine_decay
 from . import checkpoint
 from .config import DistillConfig
 from .data import batches, load_data
@@ -122,7 +122,7 @@ class Run:
         exactly."""
         ramp = min(1.0, (step + 1) / self.lr_warmup) if self.lr_warmup else 1.0
         if self.decay_steps:
-            ramp *= 0.5 * (1 + math.cos(math.pi * min(step, self.decay_steps) / self.decay_steps))
+            ramp *= cosine_decay(step, 0, self.decay_steps)
         for group in opt.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * ramp

@@ -40,10 +40,15 @@ def rate(cfg: TrainConfig, step: int) -> float:
     """The learning rate at ``step``: a linear warm-up, then constant, or (``decay_from``) a half
     cosine from there to 0 at ``cfg.steps``; from the step alone, so a resume repeats it."""
     lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-    if cfg.decay_from is not None and step >= cfg.decay_from:
-        done = (step - cfg.decay_from) / (cfg.steps - cfg.decay_from)
-        lr *= 0.5 * (1 + math.cos(math.pi * done))
+    if cfg.decay_from is not None:
+        lr *= cosine_decay(step, cfg.decay_from, cfg.steps)
     return lr
+
+
+def cosine_decay(step: int, start: int, end: int) -> float:
+    """1 until ``start``, then a half cosine to 0 at ``end`` (and 0 after): a rate's factor."""
+    done = min(max(step - start, 0) / (end - start), 1.0)
+    return 0.5 * (1 + math.cos(math.pi * done))
 
 
 def train(cfg: TrainConfig, model, progress: bool = True) -> str:
