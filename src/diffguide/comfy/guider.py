@@ -29,6 +29,7 @@ import torch
 from ..core.guided import Guidance, Point
 from ..core.pred import Pred
 from ..core.registry import parse_spec
+from ..core.spacing import comfy_times
 from . import levels
 
 _PERTURBED = (
@@ -148,7 +149,7 @@ class GuidedRun:
         (sigma_i+1, sigma_i], so a midpoint (dpm_2's, dpmpp_sde's) and a first flow sigma of 1
         moved down (offset_first_sigma_for_snr) stay in their step, while an evaluation at
         sigma_i+1 itself (a Heun correction) counts as the next step."""
-        t = levels.times(self.schedule, torch.tensor([sigma]))[0]
+        t = comfy_times(self.schedule, torch.tensor([sigma]))[0]
         if self.grid is None:
             grid = model_options.get("transformer_options", {}).get("sample_sigmas")
             self.grid = [] if grid is None else [float(v) for v in grid]

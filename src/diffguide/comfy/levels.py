@@ -92,15 +92,6 @@ def model_schedule(model_sampling, top: float | None = None) -> Schedule:
         return EDMSchedule(sigma_lo=lo, sigma_hi=max(hi, top or 0.0))
 
 
-def times(schedule: Schedule, sigmas) -> torch.Tensor:
-    """diffguide times of ComfyUI sigmas (float64): a flow's sigma is its flow time, any other
-    model's the VE level."""
-    sig = torch.as_tensor(sigmas).detach().to("cpu", F64)
-    if isinstance(schedule, FlowSchedule):
-        return schedule.t_of_flow_time(sig)
-    return schedule.t_of_ve(sig)
-
-
 def sigmas_of(schedule: Schedule, ts) -> torch.Tensor:
     """ComfyUI sigmas of diffguide times (float64): the inverse of ``times``."""
     ts = torch.as_tensor(ts, dtype=F64)

@@ -20,6 +20,7 @@ import torch
 from ..core.pred import Pred
 from ..core.registry import parse_spec
 from ..core.sample import Sampler, sample
+from ..core.spacing import comfy_times
 from . import levels
 
 
@@ -83,7 +84,7 @@ def run(sampler: Sampler, model, x, sigmas, extra_args=None, callback=None, disa
         return x
     model_sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
     schedule = levels.model_schedule(model_sampling, top=levels.finite_top(sigmas))
-    ts = levels.times(schedule, sigmas)
+    ts = comfy_times(schedule, sigmas)
     rising = (ts[1:] >= ts[:-1]).nonzero()
     if len(rising):
         i = int(rising[0])

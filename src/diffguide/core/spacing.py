@@ -254,10 +254,10 @@ def _kl_optimal_a1111(schedule, n, sigma_min=None, sigma_max=None):
 # map the levels onto the schedule's times.
 
 
-def _comfy_t(schedule, sigmas) -> torch.Tensor:
+def comfy_times(schedule, sigmas) -> torch.Tensor:
     """Times of ComfyUI sigmas: on a flow schedule the flow time s (VE s / (1 - s), s = 1 pure
-    noise), on any other the VE level itself."""
-    sig = torch.as_tensor(sigmas, dtype=F64)
+    noise), on any other the VE level itself (float64; the ComfyUI node pack's reading too)."""
+    sig = torch.as_tensor(sigmas).detach().to("cpu", F64)
     if isinstance(schedule, FlowSchedule):
         return schedule.t_of_flow_time(sig)
     return schedule.t_of_ve(sig)
@@ -319,7 +319,7 @@ def _linear_quadratic(schedule, n, threshold_noise=0.025, linear_steps=None, sig
         a, b = gap / (k * q**2), threshold_noise / k - 2 * gap / q**2
         frac = [i * threshold_noise / k for i in range(k)]
         frac += [a * i * i + b * i + a * k * k for i in range(k, n)]
-    return _comfy_t(schedule, torch.tensor([top * (1 - f) for f in frac], dtype=F64))
+    return comfy_times(schedule, torch.tensor([top * (1 - f) for f in frac], dtype=F64))
 
 
 def _laplace(schedule, n, mu=0.0, beta=0.5, sigma_min=None, sigma_max=None):
@@ -336,7 +336,7 @@ def _laplace(schedule, n, mu=0.0, beta=0.5, sigma_min=None, sigma_max=None):
         )
     x = torch.linspace(0, 1, n, dtype=F64)
     lam = mu - beta * torch.sign(0.5 - x) * torch.log(1 - 2 * (0.5 - x).abs() + 1e-5)
-    return _comfy_t(schedule, torch.exp(lam).clamp(lo, hi))
+    return comfy_times(schedule, torch.exp(lam).clamp(lo, hi))
 
 
 def _tangent_arc(k, slope, pivot, start, end):
@@ -366,7 +366,7 @@ def _bong_tangent(
         )
     first = _tangent_arc(split, slope_1 / (m / 40), int(m * pivot_1), start, middle)
     second = _tangent_arc(m - split, slope_2 / (m / 40), int(m * pivot_2) - split, middle, 0.0)
-    return _comfy_t(schedule, torch.tensor(first[:-1] + second[:-1], dtype=F64))
+    return comfy_times(schedule, torch.tensor(first[:-1] + second[:-1], dtype=F64))
 
 
 # OptimalSteps (Pei et al. 2025): the published flow-sigma tables of ComfyUI's OptimalStepsScheduler
@@ -405,7 +405,7 @@ def _optimal_steps(schedule, n, model="flux"):
     levels = np.asarray(OPTIMAL_STEPS_LEVELS[model])
     if n + 1 != len(levels):
         levels = loglinear_interp(levels, n + 1)
-    return _comfy_t(schedule, torch.from_numpy(levels[:-1].copy()))
+    return comfy_times(schedule, torch.from_numpy(levels[:-1].copy()))
 
 
 ABOVE_DATA = ("kl_optimal_a1111",)  # spacings whose grid ends at sigma_min, never at the data end
