@@ -1,9 +1,22 @@
+import os
 import warnings
 
-import pytest
+# Under pytest-xdist (pyproject's addopts: one worker per core) each worker, and every process a
+# test launches, computes on one thread: two workers of torch's default thread count would put twice
+# as many busy-waiting threads as cores on the machine, which slows every kernel many times over.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 import diffguide as dg
 from helpers import sd_schedule
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin loaded torch before the variable above was set
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
