@@ -29,6 +29,7 @@ SCRIPTS = [
     ("graph_key.py", ["--quick"]),
     ("cache.py", ["--quick"]),
     ("nag.py", ["--quick"]),
+    ("scm_levels.py", ["builtin-fast", "--quick"]),
 ]
 
 

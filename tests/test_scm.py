@@ -12,7 +12,9 @@ from diffguide.distill.scm import (
     AdaptiveWeight,
     SCMLoss,
     TrigFlowView,
+    index_neighbours,
     sample_times,
+    secant,
     time_derivative,
     trig_output,
     trig_pred,
@@ -99,6 +101,52 @@ def test_the_time_derivative_by_jvp_matches_a_finite_difference(name):
     assert scale > 1 and float((dF - fd).abs().max()) <= 1e-3 * scale
 
 
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_the_secant_spans_one_training_timestep_either_side(schedule):
+    """index_neighbours: TrigFlow times whose teacher levels are exactly one training index below
+    and above (read back through the schedule's own ve and index tables), clamped to the data end
+    and to the largest level."""
+    sc = dg.VPSchedule.from_betas() if schedule == "vp" else dg.FlowSchedule()
+    top = math.atan(float(sc.sigma_max) / SD) if schedule == "vp" else math.pi / 2
+    t = torch.tensor([0.3, 0.9, 1.3, 1.5], dtype=torch.float64).clamp(max=top - 0.01)
+    lo, hi = index_neighbours(sc, t, SD)
+    one = float(sc.index_time(1) - sc.index_time(0))
+    here = sc.t_of_ve(SD * torch.tan(t))
+    for side, sign in ((lo, -1), (hi, 1)):
+        back = sc.t_of_ve(SD * torch.tan(side))
+        assert torch.allclose(back, here + sign * one, atol=1e-6 * max(1.0, float(sc.t_max)))
+    end = torch.tensor([1e-6, top], dtype=torch.float64)
+    lo, hi = index_neighbours(sc, end, SD)
+    assert float(lo[0]) == 0.0 and abs(float(hi[1]) - top) < 1e-9
+
+
+def test_the_secant_is_the_slope_between_its_two_times():
+    """secant(F, x, t, dx, lo, hi): for F linear in (x, t) the exact directional derivative
+    whatever the times; for a curved F, (F(hi) - F(lo)) / (hi - lo) along the line, and at t -+ h
+    the central difference of time_derivative."""
+    g = torch.Generator().manual_seed(0)
+    A, b = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    x, dx = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g)
+    dx = dx.double()
+    t = torch.tensor([0.2, 0.5, 0.9, 1.2], dtype=torch.float64)
+    lo, hi = t - torch.tensor([0.1, 0.0, 0.05, 0.3]), t + torch.tensor([0.2, 0.1, 0.0, 0.01])
+
+    def linear(x, s, c):
+        return x @ A.T + s[:, None] * b
+
+    assert torch.allclose(secant(linear, x, t, dx, None, lo, hi), dx @ A.T + b)
+
+    def curved(x, s, c):
+        return torch.sin(x) * s[:, None] ** 2
+
+    exact = (
+        curved(x + (hi - t)[:, None] * dx, hi, None) - curved(x - (t - lo)[:, None] * dx, lo, None)
+    ) / (hi - lo)[:, None]
+    assert torch.allclose(secant(curved, x, t, dx, None, lo, hi), exact)
+    _, central = time_derivative(curved, x, t, dx, None, "finite_difference", h=1e-3)
+    assert torch.allclose(secant(curved, x, t, dx, None, t - 1e-3, t + 1e-3), central)
+
+
 def test_time_sampling_and_weight():
     t = sample_times(10000, torch.Generator().manual_seed(0), -0.8, 1.6, SD, math.pi / 2)
     tau = torch.log(SD * torch.tan(t))  # tan t = e^tau / sigma_d: tau ~ N(-0.8, 1.6^2)
@@ -108,9 +156,10 @@ def test_time_sampling_and_weight():
     assert torch.equal(w(t[:5]), torch.zeros(5))
 
 
-def test_scm_loss_trains_the_student_towards_consistency():
+@pytest.mark.parametrize("method", ["jvp", "secant"])
+def test_scm_loss_trains_the_student_towards_consistency(method):
     """On a fixed batch with the teacher as the student's start, the loss (with its learned weight)
-    falls and the normalised tangent shrinks."""
+    falls and the normalised tangent shrinks, with either time derivative."""
     import copy
 
     gp = GuidedPipeline.from_pipe(tm.pixel_sd(), progress=False)
@@ -123,7 +172,7 @@ def test_scm_loss_trains_the_student_towards_consistency():
         module=net,
     )
     weight = AdaptiveWeight()
-    loss = SCMLoss(teacher, student, weight, guidance="cfg:scale=3", warmup=0)
+    loss = SCMLoss(teacher, student, weight, guidance="cfg:scale=3", warmup=0, method=method)
     x0 = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         pos, neg = gp.family.encode(["a red circle"] * 4, [""] * 4, 1, "cpu")

@@ -103,9 +103,10 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--scm-derivative",
         default="jvp",
-        choices=("jvp", "finite_difference"),
-        help="scm: the student's time derivative by forward-mode AD (default) or a central "
-        "difference",
+        choices=("jvp", "finite_difference", "secant"),
+        help="scm: the student's time derivative by forward-mode AD (default), a central "
+        "difference, or the secant over one teacher timestep either side (for a teacher trained "
+        "at integer timesteps, with --scm-time index)",
     )
     p.add_argument(
         "--scm-p-mean",

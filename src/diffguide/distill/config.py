@@ -62,7 +62,7 @@ class DistillConfig:
     scm_fit_steps: int = 200
     scm_warmup: int = 10000
     scm_tangent_c: float = 0.1
-    scm_derivative: str = "jvp"  # or finite_difference
+    scm_derivative: str = "jvp"  # or finite_difference, or secant (one teacher timestep each side)
     scm_weight_lr: float = 1e-2
     scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code
     ladd: bool = False  # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
@@ -228,9 +228,10 @@ class DistillConfig:
             raise ValueError(
                 f"ict_total must be an integer >= 0 (0: max_steps), got {self.ict_total!r}"
             )
-        if self.scm_derivative not in ("jvp", "finite_difference"):
+        if self.scm_derivative not in ("jvp", "finite_difference", "secant"):
             raise ValueError(
-                f"scm_derivative must be jvp or finite_difference, got {self.scm_derivative!r}"
+                "scm_derivative must be jvp, finite_difference or secant, got "
+                f"{self.scm_derivative!r}"
             )
         if not (self.scm_p_std > 0 and self.scm_tangent_c > 0) or self.scm_warmup < 0:
             raise ValueError(

@@ -173,11 +173,34 @@ def time_derivative(F, x_in, t, dx_in, cond, method: str = "jvp", h: float = 1e-
                 _warned.append(True)
             method = "finite_difference"
     if method != "finite_difference":
-        raise ValueError(f"method must be jvp or finite_difference, got {method!r}")
-    out = F(x_in, t, cond)
-    plus = F(x_in + h * dx_in, t + h, cond)
-    minus = F(x_in - h * dx_in, t - h, cond)
-    return out, (plus - minus) / (2 * h)
+        raise ValueError(f"method must be jvp, finite_difference or secant, got {method!r}")
+    return F(x_in, t, cond), secant(F, x_in, t, dx_in, cond, t - h, t + h)
+
+
+def secant(F, x_in, t, dx_in, cond, lo, hi):
+    """(F(x_in + (hi - t) dx_in, hi) - F(x_in - (t - lo) dx_in, lo)) / (hi - lo): the derivative
+    along (dx_in, 1) as the slope between two times per sample (a central difference where they are
+    t -+ h)."""
+    shape = (-1, *([1] * (x_in.ndim - 1)))
+    up, down = (hi - t).to(x_in.dtype).view(shape), (t - lo).to(x_in.dtype).view(shape)
+    plus, minus = F(x_in + up * dx_in, hi, cond), F(x_in - down * dx_in, lo, cond)
+    return (plus - minus) / (up + down)
+
+
+def index_neighbours(schedule, t: torch.Tensor, sigma_d: float):
+    """TrigFlow times one training timestep below and above t on ``schedule`` (kept inside [0,
+    the schedule's largest level]): the sCM tangent's secant of a teacher trained at integer
+    timesteps. Its network is smooth between those levels only where it was trained: the built-in
+    UNet's F, differenced over a fraction of one timestep, has 4-8x the slope it has over ten near
+    index 800 (bench/scm_levels.py)."""
+    tn = schedule.t_of_ve(sigma_d * torch.tan(t.double()))
+    one = schedule.index_time(1) - schedule.index_time(0)
+
+    def trig(u):  # the data end (ve 0) is TrigFlow's 0, the noise end its largest time
+        ve = schedule.ve(u.clamp(schedule.t_min, schedule.t_max))
+        return torch.atan(ve / sigma_d).to(t.dtype)
+
+    return trig(tn - one), trig(tn + one)
 
 
 @dataclass
@@ -197,7 +220,7 @@ class SCMLoss:
     fit_steps: int = 0  # first steps: the student fitted to the guided teacher's F, no tangent
     tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c)
     warmup: int = 10000  # tangent warm-up: r = min(1, step / warmup)
-    method: str = "jvp"  # or finite_difference
+    method: str = "jvp"  # or finite_difference, or secant (over one teacher timestep either side)
     prior_weight: bool = False  # SANA-Sprint's code: the loss also weighted by 1 / (sigma_d tan t)
     ladd: Any = None  # a LADD term (ladd.py) beside the consistency loss
     ladd_weight: float = 0.5  # SANA-Sprint's adv_lambda
@@ -249,7 +272,12 @@ class SCMLoss:
             loss = err.mean()
             return loss, {"loss": float(loss.detach()), "fit": float(loss.detach())}
         with torch.no_grad():
-            F_minus, dFdt = time_derivative(F, x_t / sd, t, dxdt / sd, cond, self.method)
+            if self.method == "secant":
+                lo, hi = index_neighbours(self.teacher.schedule, t, sd)
+                F_minus = F(x_t / sd, t, cond)
+                dFdt = secant(F, x_t / sd, t, dxdt / sd, cond, lo, hi)
+            else:
+                F_minus, dFdt = time_derivative(F, x_t / sd, t, dxdt / sd, cond, self.method)
         step = step - self.fit_steps  # the tangent warm-up starts after the fit
         r = min(1.0, step / self.warmup) if self.warmup else 1.0
         g = -c * c * (sd * F_minus - dxdt) - r * c * s * (x_t + sd * dFdt)
