@@ -101,22 +101,22 @@ def test_the_time_derivative_by_jvp_matches_a_finite_difference(name):
     assert scale > 1 and float((dF - fd).abs().max()) <= 1e-3 * scale
 
 
-@pytest.mark.parametrize("schedule", ["vp", "flow"])
-def test_the_secant_spans_one_training_timestep_either_side(schedule):
-    """index_neighbours: TrigFlow times whose teacher levels are exactly one training index below
-    and above (read back through the schedule's own ve and index tables), clamped to the data end
-    and to the largest level."""
+@pytest.mark.parametrize("schedule,steps", [("vp", 1), ("vp", 8), ("flow", 3)])
+def test_the_secant_spans_training_timesteps_either_side(schedule, steps):
+    """index_neighbours: TrigFlow times whose teacher levels are exactly ``steps`` training indices
+    below and above (read back through the schedule's own ve and index tables), clamped to the data
+    end and to the largest level."""
     sc = dg.VPSchedule.from_betas() if schedule == "vp" else dg.FlowSchedule()
     top = math.atan(float(sc.sigma_max) / SD) if schedule == "vp" else math.pi / 2
     t = torch.tensor([0.3, 0.9, 1.3, 1.5], dtype=torch.float64).clamp(max=top - 0.01)
-    lo, hi = index_neighbours(sc, t, SD)
-    one = float(sc.index_time(1) - sc.index_time(0))
+    lo, hi = index_neighbours(sc, t, SD, steps)
+    one = steps * float(sc.index_time(1) - sc.index_time(0))
     here = sc.t_of_ve(SD * torch.tan(t))
     for side, sign in ((lo, -1), (hi, 1)):
         back = sc.t_of_ve(SD * torch.tan(side))
         assert torch.allclose(back, here + sign * one, atol=1e-6 * max(1.0, float(sc.t_max)))
     end = torch.tensor([1e-6, top], dtype=torch.float64)
-    lo, hi = index_neighbours(sc, end, SD)
+    lo, hi = index_neighbours(sc, end, SD, steps)
     assert float(lo[0]) == 0.0 and abs(float(hi[1]) - top) < 1e-9
 
 

@@ -105,8 +105,15 @@ def add_arguments(p) -> None:
         default="jvp",
         choices=("jvp", "finite_difference", "secant"),
         help="scm: the student's time derivative by forward-mode AD (default), a central "
-        "difference, or the secant over one teacher timestep either side (for a teacher trained "
-        "at integer timesteps, with --scm-time index)",
+        "difference, or the secant over --scm-secant-steps teacher timesteps either side (for a "
+        "teacher trained at integer timesteps, with --scm-time index)",
+    )
+    p.add_argument(
+        "--scm-secant-steps",
+        type=int,
+        default=8,
+        help="scm: the secant's span, in the teacher's training timesteps either side (default 8: "
+        "the built-in UNet's time embedding turns a radian per timestep)",
     )
     p.add_argument(
         "--scm-p-mean",
@@ -278,6 +285,7 @@ def run(args) -> int:
         ict_ect_stage=args.ict_ect_stage,
         scm_warmup=args.scm_warmup,
         scm_derivative=args.scm_derivative,
+        scm_secant_steps=args.scm_secant_steps,
         scm_p_mean=args.scm_p_mean,
         scm_p_std=args.scm_p_std,
         scm_start_share=args.scm_start_share,

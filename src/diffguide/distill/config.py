@@ -62,7 +62,8 @@ class DistillConfig:
     scm_fit_steps: int = 200
     scm_warmup: int = 10000
     scm_tangent_c: float = 0.1
-    scm_derivative: str = "jvp"  # or finite_difference, or secant (one teacher timestep each side)
+    scm_derivative: str = "jvp"  # or finite_difference, or secant (over teacher timesteps)
+    scm_secant_steps: int = 8  # secant: the teacher timesteps either side
     scm_weight_lr: float = 1e-2
     scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code
     ladd: bool = False  # scm: add LADD, heads on the frozen teacher's features (SANA-Sprint)
@@ -121,14 +122,14 @@ class DistillConfig:
         "scm_warmup",
         "scm_tangent_c",
         "scm_derivative",
+        "scm_secant_steps",
         "scm_prior_weight",
         "ladd",
         "ladd_start_share",
         "ladd_misaligned",
         "lora_rank",
     )
-    # what a checkpoint saved before a FIXED setting existed was trained with
-    # what a checkpoint written before a setting existed was trained with (its old behaviour)
+    # what a checkpoint written before a FIXED setting existed was trained with (its old behaviour)
     FIXED_BEFORE = {
         "lora_rank": 0,
         "scm_time": "index",
@@ -139,6 +140,7 @@ class DistillConfig:
         "ict_ect_stage": 0,
         "ladd_start_share": 0.0,
         "ladd_misaligned": False,
+        "scm_secant_steps": 8,  # no run before it used the secant
     }
     # settings that shape only some methods' runs (by their prefix)
     OWNERS = {"scm_": ("scm", "rcm"), "ladd_": ("scm",), "ict_": ("ict",)}
@@ -228,6 +230,8 @@ class DistillConfig:
             raise ValueError(
                 f"ict_total must be an integer >= 0 (0: max_steps), got {self.ict_total!r}"
             )
+        if self.scm_secant_steps < 1:
+            raise ValueError(f"scm_secant_steps must be >= 1, got {self.scm_secant_steps!r}")
         if self.scm_derivative not in ("jvp", "finite_difference", "secant"):
             raise ValueError(
                 "scm_derivative must be jvp, finite_difference or secant, got "

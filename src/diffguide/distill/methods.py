@@ -586,6 +586,7 @@ class SCM(Method):
             tangent_c=cfg.scm_tangent_c,
             warmup=cfg.scm_warmup,
             method=cfg.scm_derivative,
+            secant_steps=cfg.scm_secant_steps,
             prior_weight=cfg.scm_prior_weight,
             ladd=self.ladd.term if self.ladd else None,
             ladd_weight=cfg.ladd_weight,

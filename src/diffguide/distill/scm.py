@@ -187,14 +187,15 @@ def secant(F, x_in, t, dx_in, cond, lo, hi):
     return (plus - minus) / (up + down)
 
 
-def index_neighbours(schedule, t: torch.Tensor, sigma_d: float):
-    """TrigFlow times one training timestep below and above t on ``schedule`` (kept inside [0,
-    the schedule's largest level]): the sCM tangent's secant of a teacher trained at integer
-    timesteps. Its network is smooth between those levels only where it was trained: the built-in
-    UNet's F, differenced over a fraction of one timestep, has 4-8x the slope it has over ten near
-    index 800 (bench/scm_levels.py)."""
+def index_neighbours(schedule, t: torch.Tensor, sigma_d: float, steps: int = 1):
+    """TrigFlow times ``steps`` training timesteps below and above t on ``schedule`` (kept inside
+    [0, the schedule's largest level]): the span of the sCM tangent's secant for a teacher trained
+    at integer timesteps. Such a teacher's F, differenced over a fraction of one timestep, has 4x
+    the slope it has over 12 timesteps near index 800 (bench/scm_levels.py on the built-in UNet:
+    2,900 against 716; 165 against 100-155 at index 375): its time embedding turns by about a
+    radian per timestep, and the network saw only the integers."""
     tn = schedule.t_of_ve(sigma_d * torch.tan(t.double()))
-    one = schedule.index_time(1) - schedule.index_time(0)
+    one = steps * (schedule.index_time(1) - schedule.index_time(0))
 
     def trig(u):  # the data end (ve 0) is TrigFlow's 0, the noise end its largest time
         ve = schedule.ve(u.clamp(schedule.t_min, schedule.t_max))
@@ -220,7 +221,8 @@ class SCMLoss:
     fit_steps: int = 0  # first steps: the student fitted to the guided teacher's F, no tangent
     tangent_c: float = 0.1  # tangent normalisation g / (||g|| + c)
     warmup: int = 10000  # tangent warm-up: r = min(1, step / warmup)
-    method: str = "jvp"  # or finite_difference, or secant (over one teacher timestep either side)
+    method: str = "jvp"  # or finite_difference, or secant (over teacher timesteps either side)
+    secant_steps: int = 8  # the secant's span: teacher timesteps either side
     prior_weight: bool = False  # SANA-Sprint's code: the loss also weighted by 1 / (sigma_d tan t)
     ladd: Any = None  # a LADD term (ladd.py) beside the consistency loss
     ladd_weight: float = 0.5  # SANA-Sprint's adv_lambda
@@ -273,7 +275,7 @@ class SCMLoss:
             return loss, {"loss": float(loss.detach()), "fit": float(loss.detach())}
         with torch.no_grad():
             if self.method == "secant":
-                lo, hi = index_neighbours(self.teacher.schedule, t, sd)
+                lo, hi = index_neighbours(self.teacher.schedule, t, sd, self.secant_steps)
                 F_minus = F(x_t / sd, t, cond)
                 dFdt = secant(F, x_t / sd, t, dxdt / sd, cond, lo, hi)
             else:
