@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--size",
         default="main",
-        help="unet: main or small (the ~3x cheaper companion); mmdit: main (or tiny, for tests)",
+        help="unet: main or small (the ~3x cheaper companion); mmdit: main (patch 4), p2 (the "
+        "first recipe: patch 2, width 128) or tiny (for tests)",
     )
     tr.add_argument("--steps", type=int, default=20000)
     tr.add_argument("--batch", type=int, default=64)

@@ -1,14 +1,14 @@
 """The built-in flow-matching transformer: an SD3-style MMDiT on the toy world.
 
-diffusers' ``SD3Transformer2DModel`` (joint attention over image and text tokens, patch 2 on 32x32
-RGB pixels in [-1, 1], 256 image tokens, QK RMS-norm as SD 3.5) predicting the rectified-flow
-velocity eps - x0, trained with SD3's logit-normal times (Esser et al. 2024, Sec. 3.1) and no
-shift. Text as SD3: two CLIP encoders (both started from the built-in UNet's, with the same
-tokenizer), their penultimate states side by side and their pooled vectors concatenated; there is
-no T5, and no T5 padding either (``max_sequence_length`` 0, kept in the folder's
-``diffguide.json``): diffusers' pipeline would otherwise append 256 zero tokens, which doubles the
-cost. Trained by ``toy.training`` as the UNet is (``diffguide train-toy --arch mmdit``) and saved
-as a ``StableDiffusion3Pipeline`` folder without VAE.
+diffusers' ``SD3Transformer2DModel`` (joint attention over image and text tokens, patch 4 on 32x32
+RGB pixels in [-1, 1], 64 image tokens, QK RMS-norm as SD 3.5, started as DiT's adaLN-Zero)
+predicting the rectified-flow velocity eps - x0, trained with SD3's logit-normal times (Esser et al.
+2024, Sec. 3.1) and no shift. Text as SD3: two CLIP encoders (both started from the built-in UNet's,
+with the same tokenizer), their penultimate states side by side and their pooled vectors
+concatenated; there is no T5, and no T5 padding either (``max_sequence_length`` 0, kept in the
+folder's ``diffguide.json``): diffusers' pipeline would otherwise append 256 zero tokens, which
+doubles the cost. Trained by ``toy.training`` as the UNet is (``diffguide train-toy --arch mmdit``)
+and saved as a ``StableDiffusion3Pipeline`` folder without VAE.
 """
 
 from __future__ import annotations
@@ -22,9 +22,15 @@ from . import toy_model
 from .toy_model import MAX_TOKENS, TEXT_DIM, tokenizer  # noqa: F401 (the training loop's names)
 
 SIZES = {  # "tiny" exists for tests: one block, a few thousand weights
-    "main": dict(num_layers=6, num_attention_heads=4, attention_head_dim=32),
-    "tiny": dict(num_layers=1, num_attention_heads=2, attention_head_dim=8),
+    # patch 4 (64 tokens) at width 160: 5.4M weights for about 0.4x the FLOPs per step of "p2"
+    "main": dict(patch_size=4, num_layers=6, num_attention_heads=5, attention_head_dim=32),
+    # the first recipe (issue 34's runs to step 6,000: colour-right blobs), PyTorch's default init
+    "p2": dict(patch_size=2, num_layers=6, num_attention_heads=4, attention_head_dim=32),
+    "tiny": dict(patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8),
 }
+# sizes started as DiT's adaLN-Zero (Peebles & Xie 2023, Sec. 3.2); not "tiny": its tests need a
+# network whose output depends on its input after a few steps
+ZERO_INIT = ("main",)
 JOINT = 2 * TEXT_DIM  # the two CLIPs' states side by side: no padding to a T5 width
 SHIFT = 1.0
 MAX_SEQUENCE_LENGTH = 0  # T5 tokens: none (the folder's diffguide.json says so to diffguide)
@@ -63,18 +69,33 @@ def network(size: str = "main"):
     if size not in SIZES:
         raise ValueError(f"unknown MMDiT size {size!r}; choose one of: {', '.join(SIZES)}")
     dims = SIZES[size]
-    return SD3Transformer2DModel(
+    net = SD3Transformer2DModel(
         sample_size=scenes.SIZE,
-        patch_size=2,
         in_channels=3,
         out_channels=3,
         joint_attention_dim=JOINT,
         caption_projection_dim=dims["num_attention_heads"] * dims["attention_head_dim"],
         pooled_projection_dim=2 * TEXT_DIM,
-        pos_embed_max_size=scenes.SIZE // 2,
+        pos_embed_max_size=scenes.SIZE // dims["patch_size"],
         qk_norm="rms_norm",
         **dims,
     )
+    if size in ZERO_INIT:
+        adaln_zero(net)
+    return net
+
+
+def adaln_zero(net) -> None:
+    """DiT's adaLN-Zero start (Peebles & Xie 2023, Sec. 3.2): every modulation layer and the
+    output projection at zero, so each block starts as the identity and the network outputs 0;
+    DiT found it well ahead of a random start (their Fig. 5). diffusers' classes are built to load
+    weights and start at PyTorch's default init."""
+    mods = [net.norm_out.linear, net.proj_out]
+    for block in net.transformer_blocks:
+        mods += [block.norm1.linear, block.norm1_context.linear]
+    for m in mods:
+        torch.nn.init.zeros_(m.weight)
+        torch.nn.init.zeros_(m.bias)
 
 
 def condition(te, ids) -> dict:
