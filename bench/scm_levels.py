@@ -72,6 +72,7 @@ def x0_error(net, x, x0, z, a, s, time, kw):
 
 
 def levels_table(student_dir, n):
+    from diffguide.core.denoiser import TrigFlowTime
     from diffguide.distill.methods import embed_scale
     from diffguide.pipelines.pipeline import builtin_path
     from diffguide.pipelines.toy_model import _alphas_cumprod
@@ -85,7 +86,7 @@ def levels_table(student_dir, n):
     t_top = math.atan(math.sqrt(1 / float(ac[-1]) - 1) / SD)
 
     def student_time(a, s):
-        return s / (s + SD * a) if dense else index_of(a, ac)
+        return TrigFlowTime(SD)(a, s) if dense else index_of(a, ac)
 
     rows = []
     with torch.no_grad():

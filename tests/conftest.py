@@ -7,16 +7,14 @@ import warnings
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    torch.set_num_threads(1)  # in case a plugin loaded torch before the variable above was set
 
 import pytest  # noqa: E402
 
 import diffguide as dg
 from helpers import sd_schedule
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    import torch
-
-    torch.set_num_threads(1)  # in case a plugin loaded torch before the variable above was set
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
