@@ -175,12 +175,100 @@ def test_loss_noises_as_the_flow_scheduler_and_targets_the_velocity():
     assert wrong.min() > 0.1
 
 
+@pytest.fixture(scope="module")
+def teacher():
+    return toy_mmdit.UNetTeacher("builtin")
+
+
+def test_teacher_levels_are_the_unet_levels_in_flow_terms(teacher):
+    """Flow level s = sigma / (a + sigma) of each VP index (so x_vp = (a + sigma) x_s and the
+    two share their signal-to-noise ratio), and snap picks the nearest of them."""
+    from diffguide.core.schedule import VPSchedule
+
+    ac = VPSchedule.from_betas(0.0001, 0.02, "linear", 1000).alphas_cumprod.double()
+    s = teacher.s.double()
+    assert torch.allclose(((1 - s) / s) ** 2, ac / (1 - ac), rtol=1e-4)
+    want = torch.rand(500, generator=torch.Generator().manual_seed(0))
+    got = teacher.snap(want)
+    nearest = teacher.s[(want[:, None] - teacher.s[None]).abs().argmin(1)]
+    assert torch.equal(got, nearest)
+
+
+def test_teacher_target_is_the_velocity_of_its_x0(teacher):
+    """With the UNet replaced by the exact v of known (x0, eps), the teacher returns x0 and the
+    loss's target is eps - x0 at every level: a network returning that velocity has zero loss
+    (a wrong VP/flow conversion fails both)."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    ids = torch.ones(6, 24, dtype=torch.long)
+    t = teacher.given(ids)
+    real = t.unet
+
+    class ExactV(torch.nn.Module):
+        def forward(self, x, i, encoder_hidden_states):
+            a, sg = (v[i].view(-1, 1, 1, 1) for v in (t.a, t.sigma))
+            assert torch.allclose(x, a * x0 + sg * eps, atol=1e-5)  # the VP sample of the pair
+            return type("O", (), {"sample": a * eps - sg * x0})
+
+    try:
+        t.unet = ExactV()
+        s = t.snap(torch.linspace(0.15, 0.95, 6))
+        sv = s.view(-1, 1, 1, 1)
+        assert torch.allclose(t((1 - sv) * x0 + sv * eps, s), x0, atol=1e-4)
+
+        class Velocity(torch.nn.Module):  # the exact field of the pairs drawn inside loss()
+            def forward(self, hidden_states, timestep, **cond):
+                s = (timestep / 1000).view(-1, 1, 1, 1)
+                return type("O", (), {"sample": (hidden_states - x0) / s})
+
+        gen = torch.Generator().manual_seed(2)
+        seen = {}
+
+        def exact(x, i, encoder_hidden_states):
+            a, sg = (v[i].view(-1, 1, 1, 1) for v in (t.a, t.sigma))
+            e = (x - a * x0) / sg  # the pair's noise, read back from the VP sample
+            seen["i"] = i
+            return type("O", (), {"sample": a * e - sg * x0})
+
+        t.unet = exact
+        err = toy_mmdit.loss(Velocity(), x0, {}, gen, None, teacher=t)
+        assert err.max() < 1e-6 and "i" in seen
+    finally:
+        t.unet = real
+
+
+def test_resume_with_a_teacher_equals_straight_run(tmp_path):
+    import dataclasses
+
+    cfgs = [
+        dataclasses.replace(_cfg(tmp_path / r, n), teacher="builtin")
+        for r, n in (("a", 3), ("b", 2))
+    ]
+    toy_model.train(cfgs[0], progress=False)
+    toy_model.train(cfgs[1], progress=False)
+    toy_model.train(dataclasses.replace(cfgs[1], steps=3), progress=False)
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in "ab")
+    assert a["step"] == b["step"] == 3 and a["config"]["teacher"] == "builtin"
+    assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
+
+
+def test_teacher_refuses_a_flow_folder(tmp_path):
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"})
+    )
+    with pytest.raises(ValueError, match="v-prediction UNet"):
+        toy_mmdit.UNetTeacher(str(tmp_path))
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
         (["--arch", "vit"], "unknown --arch 'vit'"),
         (["--arch", "mmdit", "--size", "small"], "unknown --size 'small' for --arch mmdit"),
         (["--arch", "mmdit", "--min-snr", "5"], "--min-snr"),
+        (["--teacher", "builtin"], "--teacher gives a flow model's targets; it needs --arch mmdit"),
     ],
 )
 def test_train_toy_bad_input(args, words, tmp_path):

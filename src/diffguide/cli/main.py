@@ -127,6 +127,8 @@ def _train_toy(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.decay_from is not None and not 0 <= args.decay_from < args.steps:
         raise UsageError(f"--decay-from must be in [0, --steps), got {args.decay_from}")
+    if args.teacher is not None and args.arch != "mmdit":
+        raise UsageError("--teacher gives a flow model's targets; it needs --arch mmdit")
     quiet_loading()
     if args.export:
         if not os.path.exists(os.path.join(args.out, "checkpoint.pt")):
@@ -145,6 +147,7 @@ def _train_toy(args) -> int:
         dataset=args.dataset,
         checkpoint_every=args.checkpoint_every,
         decay_from=args.decay_from,
+        teacher=args.teacher,
     )
     print(toy_model.train(cfg, progress=not args.quiet))
     return 0
@@ -288,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="from this step on, the rate falls along a half cosine to 0 at --steps (default: "
         "constant after the warm-up)",
+    )
+    tr.add_argument(
+        "--teacher",
+        default=None,
+        help="mmdit only: a v-prediction UNet (builtin, or a folder of its layout) whose x0 "
+        "estimates give the targets instead of each draw's noise (default: none)",
     )
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--dataset", type=int, default=50000, help="distinct training scenes")

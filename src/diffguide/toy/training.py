@@ -34,6 +34,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     decay_from: int | None = None  # from this step, a half cosine to 0 at `steps` (None: constant)
+    teacher: str | None = None  # a v-prediction UNet folder whose x0 estimates are the targets
 
 
 def rate(cfg: TrainConfig, step: int) -> float:
@@ -93,6 +94,7 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
         step = state["step"]
         trim_log(os.path.join(cfg.out, "loss.jsonl"), step)  # steps after it run again
     net, te, opt = acc.prepare(net, te, opt)
+    teacher = model.UNetTeacher(cfg.teacher, acc.device) if cfg.teacher else None
     ema_net.to(acc.device)
     ema_te.to(acc.device)
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -130,7 +132,9 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
         lr = rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = model.loss(net, x0.to(acc.device), model.condition(te, ids), g, cfg).mean()
+        extra = {} if teacher is None else {"teacher": teacher.given(ids)}
+        loss = model.loss(net, x0.to(acc.device), model.condition(te, ids), g, cfg, **extra)
+        loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(params, 1.0)
