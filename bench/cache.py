@@ -44,7 +44,13 @@ def main():
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="the prompt set's seed (1: other images)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="interleaved timing rounds; 0 scores only (for a re-measure of quality on a busy "
+        "machine)",
+    )
     p.add_argument("--timing-images", type=int, default=8)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
@@ -52,6 +58,8 @@ def main():
     args = p.parse_args()
     if args.quick:
         args.n, args.steps, args.repeats, args.timing_images = 1, 4, 1, 2
+    if args.repeats < 0:
+        p.error(f"--repeats must be >= 0, got {args.repeats}")
     judge, (gp,), prompts = toy_setup([args.model], args.quick)
     unet = hasattr(gp.family.net, "down_blocks")
     specs = args.caches.split(";") if args.caches else (UNET if unet else TRANSFORMER)
@@ -81,8 +89,9 @@ def main():
             **({"cache": spec} if spec else {}),
         )
 
-    times = interleaved({"none": call(None), **{s: call(s) for s in specs}}, args.repeats)
-    for row in rows[1:]:
+    fns = {"none": call(None), **{s: call(s) for s in specs}}
+    times = interleaved(fns, args.repeats) if args.repeats else {}
+    for row in rows[1:] if args.repeats else ():
         t = times[row["cache"]]
         row["speedup_cpu"] = ratio_summary(times["none"]["cpu"], t["cpu"])
         row["speedup_wall"] = ratio_summary(times["none"]["wall"], t["wall"])

@@ -4,6 +4,12 @@ process, gathered each step) against one process, each process on one thread: se
     python bench/parallel.py [--pairs 15] [--steps 25] [--images 1] [--model builtin]
         [--guidance cfg] [--out bench/results/parallel.json]
     python bench/parallel.py --quick     # 3 pairs, 4 steps: checks that it runs
+    python bench/parallel.py --device cuda   # NCCL, one GPU per process (the device check's step)
+
+With ``--device cuda`` each process takes one GPU through accelerate's process state (NCCL), as
+``diffguide generate --parallel`` does, and the clocks stop after a CUDA synchronize; with fewer
+than two GPUs it writes and prints one line saying so and exits 0 (issue 38: a one-GPU machine
+cannot measure it).
 
 Both are timed inside one torchrun launch of two gloo processes, after a warm-up of each, so that
 start-up and loading count for neither: the one-process run is the first process alone (the second
@@ -37,11 +43,17 @@ def worker(args) -> None:
     from diffguide.pipelines import GuidedPipeline
     from diffguide.pipelines.pipeline import quiet_loading
 
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+    if args.device == "cuda":
+        from diffguide.parallel import process_state
+
+        device = process_state().device  # NCCL, this process's GPU
+    else:
+        dist.init_process_group("gloo")
+        torch.set_num_threads(1)
+        device = None
     rank = dist.get_rank()
     quiet_loading()
-    gp = GuidedPipeline.from_pretrained(args.model, progress=False)
+    gp = GuidedPipeline.from_pretrained(args.model, progress=False, device=device)
     kw = dict(
         guidance=args.guidance,
         steps=args.steps,
@@ -52,14 +64,19 @@ def worker(args) -> None:
     )
     out = {}
 
+    def done():
+        if device is not None:
+            torch.cuda.synchronize()
+        dist.barrier()
+
     def alone():
         if rank == 0:
             out["one"] = gp(args.prompt, **kw).images
-        dist.barrier()
+        done()
 
     def together():
         out["two"] = gp(args.prompt, parallel="branches", **kw).images
-        dist.barrier()
+        done()
 
     alone(), together()  # warm-up
     rec = {k: {"wall": [], "cpu": [], "idle_cpu": []} for k in ("one", "two")}
@@ -123,26 +140,46 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt", default="a red circle above a blue square")
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--quick", action="store_true", help="3 pairs, 4 steps")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
     if args.quick:
         args.pairs, args.steps = 3, 4
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            line = (
+                f"bench/parallel.py: {torch.cuda.device_count()} CUDA device(s) here; one image on "
+                "several GPUs needs at least 2, so it is not measured"
+            )
+            print(line, file=sys.stderr)
+            emit({"skipped": line, "device": "cuda"}, args.out)
+            return {"skipped": line}
     tmp = os.path.join(tempfile.mkdtemp(), "rec.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [os.path.abspath(__file__), "--worker", tmp, "--pairs", str(args.pairs)]
     cmd += ["--steps", str(args.steps), "--images", str(args.images), "--model", args.model]
-    cmd += ["--guidance", args.guidance, "--prompt", args.prompt]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd += ["--guidance", args.guidance, "--prompt", args.prompt, "--device", args.device]
+    env = dict(os.environ)
+    if args.device == "cpu":
+        env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"the launch failed:\n{res.stderr[-3000:]}")
     with open(tmp) as f:
         got = json.load(f)
+    what = (
+        "2 gloo processes of 1 thread vs 1 process of 1 thread"
+        if args.device == "cpu"
+        else "2 NCCL processes of one GPU each vs 1 process on one GPU"
+    )
     result = {
-        "what": "one image, parallel='branches' on 2 gloo processes of 1 thread vs 1 process of "
-        "1 thread, timed in one launch (start-up and loading excluded)",
+        "what": f"one image, parallel='branches' on {what}, timed in one launch (start-up and "
+        "loading excluded)",
+        "device": args.device,
         "model": args.model,
         "guidance": args.guidance,
         "steps": args.steps,

@@ -30,7 +30,9 @@ def main():
     ap.add_argument("--small", default="builtin-small")
     ap.add_argument("--reset", action="store_true")
     ap.add_argument("--timing-batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--repeats", type=int, default=5, help="timing rounds; 0 scores only (a busy machine)"
+    )
     ap.add_argument("--quick", action="store_true", help="1 image, 3 steps, 3 prompts (CI)")
     ap.add_argument("--out")
     ap.add_argument("--plot")
@@ -62,7 +64,7 @@ def main():
         print(rows[-1], flush=True)
     times = {r: [] for r in FRACTIONS}
     seeds = list(range(args.timing_batch))
-    for rep in range(args.repeats + 1):  # round 0 warms up
+    for rep in range(args.repeats + 1 if args.repeats else 0):  # round 0 warms up
         for r in FRACTIONS:
             t0 = time.perf_counter()
             large(
@@ -78,11 +80,12 @@ def main():
             )
             if rep:
                 times[r].append((time.perf_counter() - t0) / len(seeds))
-    for row in rows:
-        row["seconds_per_image"] = round(statistics.median(times[row["fraction"]]), 4)
-    base = rows[0]["seconds_per_image"]
-    for row in rows:
-        row["speedup"] = round(base / row["seconds_per_image"], 3)
+    if args.repeats:
+        for row in rows:
+            row["seconds_per_image"] = round(statistics.median(times[row["fraction"]]), 4)
+        base = rows[0]["seconds_per_image"]
+        for row in rows:
+            row["speedup"] = round(base / row["seconds_per_image"], 3)
     emit(
         {
             "large": args.large,
@@ -98,7 +101,7 @@ def main():
         },
         args.out,
     )
-    if args.plot:
+    if args.plot and args.repeats:
         line_plot(
             args.plot,
             [r["fraction"] for r in rows],

@@ -76,6 +76,9 @@ def test_device_check_script_quick_mode_and_parity_gate(tmp_path):
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    # issue 38's multi-GPU step says in one line that this machine cannot measure it
+    skipped = json.loads((tmp_path / "out" / "parallel.json").read_text())["skipped"]
+    assert "0 CUDA device(s) here" in skipped and skipped in r.stderr
     data = json.loads((tmp_path / "out" / "device.json").read_text())
     assert data["parity"] and all(
         p["ok"] and p["nfe_diffusers"] == p["nfe_diffguide"] for p in data["parity"]
