@@ -32,13 +32,14 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 # issue 38's GPU step: one image on two GPUs (NCCL) against one (bench/parallel.py); with fewer
 # than two GPUs it writes and prints one line saying so. Not a gate: a failure is reported, and on.
+rm -f "$out/parallel.json"  # a reused folder's old result would pass for this run's
 if [ "${1:-}" = "--quick" ]; then
-    "$py" "$root/bench/parallel.py" --device cuda --quick --out "$out/parallel.json" \
+    timeout -k 10 90 "$py" "$root/bench/parallel.py" --device cuda --quick --out "$out/parallel.json" \
         || echo "device_check: the multi-GPU step failed; going on" >&2
     exec "$py" "$root/bench/device_bench.py" --out "$out" "$@"
 fi
 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'device_check: no CUDA device')" || exit 2
-timeout 90 "$py" "$root/bench/parallel.py" --device cuda --out "$out/parallel.json" \
+timeout -k 10 90 "$py" "$root/bench/parallel.py" --device cuda --out "$out/parallel.json" \
     || echo "device_check: the multi-GPU step failed or ran out of its 90 s; going on" >&2
 # the plan's budget leaves room for the last case and the write-out inside 8 minutes
 exec timeout 480 "$py" "$root/bench/device_bench.py" --out "$out" --budget-s 400 "$@"

@@ -47,6 +47,8 @@ def worker(args) -> None:
         from diffguide.parallel import process_state
 
         device = process_state().device  # NCCL, this process's GPU
+        if device.type != "cuda":  # e.g. ACCELERATE_USE_CPU set: gloo, not what is reported
+            raise SystemExit(f"--device cuda: this process got {device}")
     else:
         dist.init_process_group("gloo")
         torch.set_num_threads(1)
@@ -174,7 +176,8 @@ def main(argv=None) -> dict:
     what = (
         "2 gloo processes of 1 thread vs 1 process of 1 thread"
         if args.device == "cpu"
-        else "2 NCCL processes of one GPU each vs 1 process on one GPU"
+        else "2 NCCL processes of one GPU each vs 1 process on one GPU (CPU times are the host's "
+        "waits on the GPU)"
     )
     result = {
         "what": f"one image, parallel='branches' on {what}, timed in one launch (start-up and "

@@ -19,7 +19,7 @@ STEPS = (10, 15, 25, 50)
 def settings(quick: bool, steps=STEPS):
     samplers, steps = (("ddim", "dpmpp_2m"), (3, 4)) if quick else (SAMPLERS, steps)
     out = [dict(sampler=s, steps=n, guidance="cfg:scale=5") for s in samplers for n in steps]
-    n = 25 if 25 in steps else steps[-2] if len(steps) > 1 else steps[-1]
+    n = 25 if 25 in steps else sorted(steps)[-2] if len(steps) > 1 else steps[-1]
     out += [
         dict(sampler="dpmpp_2m", steps=n, guidance="ag:scale=5"),
         dict(sampler="dpmpp_2m", steps=n, guidance="cfg:scale=5", stitch=0.4),
@@ -45,7 +45,12 @@ def main():
     judge, (gp, small), prompts = toy_setup([args.model, args.small], args.quick)
     n = 1 if args.quick else args.n
     rows = []
-    steps = tuple(int(v) for v in args.steps.split(","))
+    try:
+        steps = tuple(int(v) for v in args.steps.split(","))
+    except ValueError:
+        ap.error(f"--steps takes comma-separated step counts, got {args.steps!r}")
+    if min(steps) < 1:
+        ap.error(f"--steps must be >= 1 each, got {args.steps!r}")
     for cfg in settings(args.quick, steps):
         g, s = gp.resolve(cfg["guidance"], None, cfg["sampler"])
         st = Stitching(small, cfg["stitch"]) if "stitch" in cfg else None

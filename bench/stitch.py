@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--plot")
     args = ap.parse_args()
+    if args.repeats < 0:
+        ap.error(f"--repeats must be >= 0, got {args.repeats}")
     judge, (large, small), prompts = toy_setup([args.large, args.small], args.quick)
     if args.quick:
         args.n, args.steps, args.timing_batch, args.repeats = 1, 3, 1, 1

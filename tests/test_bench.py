@@ -73,7 +73,7 @@ def test_device_check_script_quick_mode_and_parity_gate(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={**os.environ, "PYTHON": sys.executable},
+        env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert r.returncode == 0, r.stderr[-2000:]
     # issue 38's multi-GPU step says in one line that this machine cannot measure it

@@ -195,9 +195,9 @@ def test_teacher_levels_are_the_unet_levels_in_flow_terms(teacher):
 
 
 def test_teacher_target_is_the_velocity_of_its_x0(teacher):
-    """With the UNet replaced by the exact v of known (x0, eps), the teacher returns x0 and the
-    loss's target is eps - x0 at every level: a network returning that velocity has zero loss
-    (a wrong VP/flow conversion fails both)."""
+    """With the UNet replaced by the exact v of known (x0, eps), the teacher returns x0 (a wrong
+    VP/flow conversion fails); with a teacher off by c, loss() is off by c / s exactly where it
+    uses the teacher (s snapped, from TEACHER_FROM up) and exact below."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
     eps = torch.randn(x0.shape, generator=g)
@@ -222,23 +222,32 @@ def test_teacher_target_is_the_velocity_of_its_x0(teacher):
                 s = (timestep / 1000).view(-1, 1, 1, 1)
                 return type("O", (), {"sample": (hidden_states - x0) / s})
 
-        gen = torch.Generator().manual_seed(2)
-        seen = {}
+        # loss(): s snapped, the teacher's target from TEACHER_FROM up and the data's below. A
+        # teacher off by c gives a target off by -c / s there, so the loss of the exact network
+        # is (c / s)^2 exactly where the teacher is used
+        c = 0.01
 
-        def exact(x, i, encoder_hidden_states):
+        def off(x, i, encoder_hidden_states):
             a, sg = (v[i].view(-1, 1, 1, 1) for v in (t.a, t.sigma))
             e = (x - a * x0) / sg  # the pair's noise, read back from the VP sample
-            seen["i"] = i
-            return type("O", (), {"sample": a * e - sg * x0})
+            return type("O", (), {"sample": a * e - sg * x0 - c / sg})  # x0_hat = x0 + c
 
-        t.unet = exact
-        err = toy_mmdit.loss(Velocity(), x0, {}, gen, None, teacher=t)
-        assert err.max() < 1e-6 and "i" in seen
+        t.unet = off
+        x0 = x0.repeat(8, 1, 1, 1)
+        t.states = t.states.repeat(8, 1, 1)
+        err = toy_mmdit.loss(Velocity(), x0, {}, torch.Generator().manual_seed(1), None, teacher=t)
+        g = torch.Generator().manual_seed(1)  # a seed with a draw below TEACHER_FROM
+        s = t.snap(torch.sigmoid(torch.randn(48, generator=g)))  # the loss's draws, in its order
+        want = torch.where(s >= toy_mmdit.TEACHER_FROM, (c / s) ** 2, torch.zeros_like(s))
+        assert (s < toy_mmdit.TEACHER_FROM).any() and (s >= toy_mmdit.TEACHER_FROM).any()
+        assert torch.allclose(err, want, rtol=1e-3, atol=1e-8)
+        with pytest.raises(ValueError, match="its own levels"):
+            t(x0[:1], torch.tensor([0.5]))
     finally:
         t.unet = real
 
 
-def test_resume_with_a_teacher_equals_straight_run(tmp_path):
+def test_resume_with_a_teacher_equals_straight_run(tmp_path, capsys):
     import dataclasses
 
     cfgs = [
@@ -248,18 +257,49 @@ def test_resume_with_a_teacher_equals_straight_run(tmp_path):
     toy_model.train(cfgs[0], progress=False)
     toy_model.train(cfgs[1], progress=False)
     toy_model.train(dataclasses.replace(cfgs[1], steps=3), progress=False)
-    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in "ab")
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert a["step"] == b["step"] == 3 and a["config"]["teacher"] == "builtin"
     assert all(torch.equal(a["unet"][k], b["unet"][k]) for k in a["unet"])
+    # a run may switch to a teacher (or off it) on resume, with a notice
+    capsys.readouterr()
+    toy_model.train(dataclasses.replace(cfgs[1], steps=4, teacher=None), progress=False)
+    assert "trained with teacher 'builtin'; going on with None" in capsys.readouterr().err
+    toy_model.train(_cfg(tmp_path / "c", 3), progress=False)  # the data's targets: other weights
+    c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert any(not torch.equal(a["unet"][k], c["unet"][k]) for k in a["unet"])
 
 
-def test_teacher_refuses_a_flow_folder(tmp_path):
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"_class_name": "FlowMatchEulerDiscreteScheduler"}, "v-prediction diffusion UNet"),
+        ({"_class_name": "LCMScheduler", "prediction_type": "v_prediction"}, "LCMScheduler"),
+        (
+            {
+                "_class_name": "DDPMScheduler",
+                "prediction_type": "v_prediction",
+                "rescale_betas_zero_snr": True,
+            },
+            "from its betas alone",
+        ),
+        ({"_class_name": "DDPMScheduler", "prediction_type": "v_prediction"}, "needs"),
+    ],
+)
+def test_teacher_refuses_what_it_cannot_read(tmp_path, config, words):
     (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler"})
-    )
-    with pytest.raises(ValueError, match="v-prediction UNet"):
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=words):
         toy_mmdit.UNetTeacher(str(tmp_path))
+    with pytest.raises(ValueError, match="LCMScheduler"):
+        toy_mmdit.UNetTeacher("builtin-fast")  # a consistency student: samples, not means
+
+
+def test_a_unet_run_refuses_a_teacher(tmp_path):
+    cfg = toy_model.TrainConfig(out=str(tmp_path / "r"), size="small", steps=1, teacher="builtin")
+    with pytest.raises(ValueError, match="arch 'unet' takes none"):
+        toy_model.train(cfg, progress=False)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize(
@@ -269,6 +309,7 @@ def test_teacher_refuses_a_flow_folder(tmp_path):
         (["--arch", "mmdit", "--size", "small"], "unknown --size 'small' for --arch mmdit"),
         (["--arch", "mmdit", "--min-snr", "5"], "--min-snr"),
         (["--teacher", "builtin"], "--teacher gives a flow model's targets; it needs --arch mmdit"),
+        (["--arch", "mmdit", "--teacher", "builtin", "--export"], "--teacher trains"),
     ],
 )
 def test_train_toy_bad_input(args, words, tmp_path):

@@ -129,6 +129,8 @@ def _train_toy(args) -> int:
         raise UsageError(f"--decay-from must be in [0, --steps), got {args.decay_from}")
     if args.teacher is not None and args.arch != "mmdit":
         raise UsageError("--teacher gives a flow model's targets; it needs --arch mmdit")
+    if args.teacher is not None and args.export:
+        raise UsageError("--export only writes the latest checkpoint's EMA; --teacher trains")
     quiet_loading()
     if args.export:
         if not os.path.exists(os.path.join(args.out, "checkpoint.pt")):

@@ -141,24 +141,27 @@ class UNetTeacher:
         from transformers import CLIPTextModel
 
         from ..core.schedule import VPSchedule
-        from .pipeline import BUILTIN
+        from .pipeline import builtin_path
 
-        if folder in BUILTIN:
-            from ..assets import path
-
-            folder = path(BUILTIN[folder])
+        folder = builtin_path(folder)
         sched = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-        if sched.get("prediction_type") != "v_prediction":
+        kind = sched.get("_class_name", "")
+        # a consistency student's outputs are samples, not E[x0 | x_t]; the table must be the
+        # betas' own (no trained betas, no zero-SNR rescale)
+        if sched.get("prediction_type") != "v_prediction" or "LCM" in kind or "TCD" in kind:
             raise ValueError(
-                f"a teacher must be a v-prediction UNet; {folder!r} predicts "
-                f"{sched.get('prediction_type')!r}"
+                f"a teacher must be a v-prediction diffusion UNet; {folder!r} has a {kind or '?'} "
+                f"scheduler predicting {sched.get('prediction_type')!r}"
             )
-        kw = {
-            k: sched[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
-        }
+        if sched.get("trained_betas") or sched.get("rescale_betas_zero_snr"):
+            raise ValueError(f"{folder!r}: a teacher's schedule must come from its betas alone")
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+        if any(k not in sched for k in keys):
+            raise ValueError(f"{folder!r}: a teacher's scheduler config needs {', '.join(keys)}")
+        kw = {k: sched[k] for k in keys}
         ac = VPSchedule.from_betas(**kw).alphas_cumprod.double()
-        self.a, self.sigma = ac.sqrt().float(), (1 - ac).sqrt().float()
-        self.s = (self.sigma / (self.a + self.sigma)).to(device)  # increasing with the index
+        self.a, self.sigma = ac.sqrt().float().to(device), (1 - ac).sqrt().float().to(device)
+        self.s = self.sigma / (self.a + self.sigma)  # increasing with the index
         self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device)
         self.text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").to(device)
         for m in (self.unet, self.text):
@@ -180,7 +183,9 @@ class UNetTeacher:
     def __call__(self, xs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """The teacher's x0 estimate at flow levels ``s`` (each one of ``snap``'s)."""
         i = torch.searchsorted(self.s, s.contiguous()).clamp(max=len(self.s) - 1)
-        a, sg = (v.to(xs.device)[i].view(-1, 1, 1, 1) for v in (self.a, self.sigma))
+        if not torch.equal(self.s[i], s):
+            raise ValueError("the teacher takes only its own levels (UNetTeacher.snap)")
+        a, sg = (v[i].view(-1, 1, 1, 1) for v in (self.a, self.sigma))
         x = (a + sg) * xs
         v = self.unet(x, i, encoder_hidden_states=self.states).sample.float()
         return a * x - sg * v

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -61,6 +62,8 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    if cfg.teacher and not hasattr(model, "UNetTeacher"):
+        raise ValueError(f"a teacher gives a flow model's targets; arch {cfg.arch!r} takes none")
     os.makedirs(cfg.out, exist_ok=True)
     acc = Accelerator()
     torch.manual_seed(cfg.seed)
@@ -92,6 +95,12 @@ def train(cfg: TrainConfig, model, progress: bool = True) -> str:
         ):
             m.load_state_dict(state[k])
         step = state["step"]
+        if old.get("teacher") != cfg.teacher:  # allowed (a run may switch), never silent
+            print(
+                f"train-toy: {ckpt} (step {step}) was trained with teacher {old.get('teacher')!r}; "
+                f"going on with {cfg.teacher!r}",
+                file=sys.stderr,
+            )
         trim_log(os.path.join(cfg.out, "loss.jsonl"), step)  # steps after it run again
     net, te, opt = acc.prepare(net, te, opt)
     teacher = model.UNetTeacher(cfg.teacher, acc.device) if cfg.teacher else None
