@@ -141,10 +141,11 @@ class UNetTeacher:
         from transformers import CLIPTextModel
 
         from ..core.schedule import VPSchedule
+        from .loading import read_json
         from .pipeline import builtin_path
 
         folder = builtin_path(folder)
-        sched = _read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+        sched = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
         kind = sched.get("_class_name", "")
         # a consistency student's outputs are samples, not E[x0 | x_t]; the table must be the
         # betas' own (no trained betas, no zero-SNR rescale)
@@ -185,17 +186,12 @@ class UNetTeacher:
         i = torch.searchsorted(self.s, s.contiguous()).clamp(max=len(self.s) - 1)
         if not torch.equal(self.s[i], s):
             raise ValueError("the teacher takes only its own levels (UNetTeacher.snap)")
+        from ..core.pred import Pred
+
         a, sg = (v[i].view(-1, 1, 1, 1) for v in (self.a, self.sigma))
         x = (a + sg) * xs
-        v = self.unet(x, i, encoder_hidden_states=self.states).sample.float()
-        return a * x - sg * v
-
-
-def _read_json(path: str) -> dict:
-    import json
-
-    with open(path) as f:
-        return json.load(f)
+        v = self.unet(x, i, encoder_hidden_states=self.states).sample
+        return Pred.from_output("v", v, x, a, sg).x0
 
 
 def scheduler():
