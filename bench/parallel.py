@@ -40,6 +40,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from diffguide.parallel import exit_launched
     from diffguide.pipelines import GuidedPipeline
     from diffguide.pipelines.pipeline import quiet_loading
 
@@ -93,7 +94,7 @@ def worker(args) -> None:
         with open(args.worker, "w") as f:
             json.dump({"rec": rec, "max_abs_difference": diff}, f)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_launched(0)  # gloo's teardown at interpreter exit sometimes aborts a finished process
 
 
 def timed(fn) -> tuple[float, list[float]]:

@@ -686,8 +686,8 @@ torch.set_num_threads(1)
 _PROCESS_TAIL = """
 torch.save(result, f"{sys.argv[1]}.{dist.get_rank()}")
 dist.barrier()
-# a gloo group left to interpreter exit sometimes aborts ("terminate called ...")
-dist.destroy_process_group()
+from diffguide.parallel import exit_launched
+exit_launched(0)  # gloo's teardown at interpreter exit sometimes aborts ("terminate called ...")
 """
 
 

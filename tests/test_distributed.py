@@ -360,9 +360,8 @@ if state.is_main_process:
              seeds=np.concatenate([p[1] for p in parts]),
              images=np.concatenate([p[2] for p in parts]))
 state.wait_for_everyone()
-import torch.distributed as dist
-# a gloo group left to interpreter exit sometimes aborts ("terminate called ...")
-dist.destroy_process_group()
+from diffguide.parallel import exit_launched
+exit_launched(0)  # gloo's teardown at interpreter exit sometimes aborts ("terminate called ...")
 """
 
 

@@ -4,6 +4,7 @@ image together, the first writes it, and its pixels are one process's; refusals 
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,3 +92,26 @@ def test_refusals_are_one_line_before_any_loading(monkeypatch, capsys, world, ex
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("diffguide: error:") and said in err, err
+
+
+def test_a_launched_process_ends_with_its_status_and_its_output(tmp_path):
+    """``exit_launched``: the process group closed, unflushed output kept, the given status, and no
+    interpreter teardown (an atexit hook never runs: that is where gloo's threads could abort)."""
+    script = tmp_path / "end.py"
+    script.write_text(
+        "import atexit, sys, torch.distributed as dist\n"
+        "from diffguide.parallel import exit_launched\n"
+        "url = f'file://{sys.argv[1]}'\n"
+        "dist.init_process_group('gloo', init_method=url, rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "sys.stdout.write('done')\n"
+        "exit_launched(3)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "rendezvous")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (res.returncode, res.stdout) == (3, "done"), res.stderr[-2000:]

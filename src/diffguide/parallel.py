@@ -97,3 +97,32 @@ def gather(items: list, state) -> list:
 def barrier(state) -> None:
     if state is not None and rank_and_world(state)[1] > 1:
         state.wait_for_everyone()
+
+
+def end_processes() -> None:
+    """Close the process group this process opened, if any: left to interpreter exit, gloo's
+    threads sometimes abort a process whose work is done ("terminate called without an active
+    exception")."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already torn down by accelerate or a failed peer: nothing left to close
+            pass
+
+
+def exit_launched(code: int = 0):
+    """End a launched process with ``code`` once its work is written: close its group, flush, and
+    leave without the interpreter's teardown, where gloo's threads can still abort the process after
+    the group is closed (seen as exit -6 of a run that had finished)."""
+    import sys
+
+    end_processes()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -17,6 +17,7 @@ from ..core.registry import parse_spec, to_spec
 from ..core.sample import SeededNoise, sample
 from ..core.schedule import VPSchedule
 from ..core.spacing import SPACINGS, timesteps
+from ..parallel import end_processes, exit_launched, launched
 from ..toy.mixture import GaussianMixture
 
 
@@ -383,19 +384,16 @@ def main(argv=None) -> int:
             raise
         return _fail(f"{type(e).__name__}: {e}", 1)
     finally:
-        _end_processes()
+        end_processes()
 
 
-def _end_processes() -> None:
-    """Close a process group the command opened (torchrun): left to interpreter exit, gloo's threads
-    sometimes abort the process after its work is done ("terminate called without an active
-    exception")."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # already torn down by accelerate or a failed peer: nothing left to close
-            pass
+def entry() -> None:
+    """The ``diffguide`` command: ``main`` with its status, and a launched process's end made safe
+    from gloo's teardown (``parallel.exit_launched``)."""
+    code = main()
+    if launched():
+        exit_launched(code)
+    raise SystemExit(code)
 
 
 def _quiet_stdout() -> None:
