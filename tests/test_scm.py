@@ -188,7 +188,12 @@ def test_scm_loss_trains_the_student_towards_consistency(method):
     assert values[-1] < values[0] - 0.1, values
 
 
-def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_steps(tmp_path):
+@pytest.mark.parametrize("time_input", ["index", "dense"])
+def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_steps(
+    tmp_path, time_input
+):
+    """Both time inputs: the default (the teacher's timestep, the secant, no fit) and the dense one
+    (a first step fitting it, recorded in the student folder and applied on loading)."""
     import json
 
     import numpy as np
@@ -213,7 +218,9 @@ def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_step
         guidance="cfg:scale=4",
         scale_min=2.0,
         scale_max=6.0,
-        scm_fit_steps=1,  # step 1 fits the dense time input, steps 2-4 are sCM's
+        scm_time=time_input,
+        # dense: step 1 fits the time input, steps 2-4 are sCM's; index: the default, no fit
+        **({"scm_fit_steps": 1} if time_input == "dense" else {}),
     )
     train(DistillConfig(out=str(tmp_path / "whole"), max_steps=4, **base), progress=False)
     train(DistillConfig(out=str(tmp_path / "part"), max_steps=2, **base), progress=False)
@@ -224,11 +231,14 @@ def test_scm_trainer_resumes_bit_identically_and_its_student_samples_in_two_step
     assert states_equal(a, b) and "weight" in a
     log = [json.loads(x) for x in open(tmp_path / "whole" / "loss.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in log)
-    assert "fit" in log[0] and all("tangent_norm" in r for r in log[1:])
+    fits = 1 if time_input == "dense" else 0
+    assert all(("fit" in r) == (i < fits) for i, r in enumerate(log))
+    assert all("tangent_norm" in r for r in log[fits:])
     gp = GuidedPipeline.from_pretrained(folder, progress=False)
     assert gp.defaults["spacing"] == "scm" and gp.embedded_guidance == 4.0
-    # the student sees the dense time it was trained on, not its scheduler's timesteps
-    assert gp.net_denoiser.time_input == TrigFlowTime(0.5)
+    # the student sees the time it was trained on: the dense one, or its scheduler's timesteps
+    dense = TrigFlowTime(0.5) if time_input == "dense" else None
+    assert gp.net_denoiser.time_input == dense
     out = gp("a red circle", seed=0, output_type="np")
     assert out.nfe == 2 and np.isfinite(out.images).all()
     ts = gp.info.timesteps(2, "scm")

@@ -244,6 +244,7 @@ def test_rcm_alternates_as_the_authors_code_and_resumes_bit_identically(tmp_path
         validate_prompts=2,
         method="rcm",
         student_steps=2,
+        scm_time="dense",  # the dense input's fit is the first phase
         scm_fit_steps=1,
         scm_warmup=1,
         fake_ratio=2,
@@ -295,3 +296,18 @@ def test_checkpoints_from_before_the_new_settings_resume_as_they_were_trained():
     _check_resume(index, old_state(index), 1, "ckpt")
     consistency = DistillConfig(out="x", method="consistency")
     _check_resume(consistency, old_state(consistency), 1, "ckpt")
+
+
+def test_the_default_input_is_the_teachers_timestep_with_a_secant_and_no_fit():
+    """The defaults follow the built-in UNet's evidence (docs/distillation.md): the teacher's own
+    timestep, the secant tangent, no fit; the dense input still gets its 200 fit steps, and a
+    fit given explicitly is kept."""
+    cfg = DistillConfig(out="x", method="scm")
+    assert (cfg.scm_time, cfg.scm_derivative, cfg.scm_fit_steps) == ("index", "secant", 0)
+    assert DistillConfig(out="x", method="scm", scm_time="dense").scm_fit_steps == 200
+    given = DistillConfig(out="x", method="scm", scm_time="dense", scm_fit_steps=7)
+    assert given.scm_fit_steps == 7
+    from diffguide.cli.main import build_parser
+
+    args = build_parser().parse_args(["distill", "scm", "--out", "x"])
+    assert (args.scm_time, args.scm_derivative, args.scm_fit_steps) == ("index", "secant", None)

@@ -102,11 +102,11 @@ def add_arguments(p) -> None:
     p.add_argument("--scm-warmup", type=int, default=10000, help="scm: tangent warm-up steps")
     p.add_argument(
         "--scm-derivative",
-        default="jvp",
+        default="secant",
         choices=("jvp", "finite_difference", "secant"),
-        help="scm: the student's time derivative by forward-mode AD (default), a central "
-        "difference, or the secant over --scm-secant-steps teacher timesteps either side (for a "
-        "teacher trained at integer timesteps, with --scm-time index)",
+        help="scm: the student's time derivative as the secant over --scm-secant-steps teacher "
+        "timesteps either side (default: a teacher trained at integer timesteps is steep between "
+        "them), by forward-mode AD, or a central difference",
     )
     p.add_argument(
         "--scm-secant-steps",
@@ -131,16 +131,18 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--scm-time",
-        default="dense",
-        choices=("dense", "index"),
-        help="scm: the student's time input, dense sin t/(sin t + cos t) as SANA-Sprint (default) "
-        "or the teacher's own timestep",
+        default="index",
+        choices=("index", "dense"),
+        help="scm: the student's time input, the teacher's own timestep (default; the student "
+        "starts as the teacher) or dense sin t/(sin t + cos t) as SANA-Sprint, which the built-in "
+        "teacher's time embedding hardly reads (docs/distillation.md)",
     )
     p.add_argument(
         "--scm-fit-steps",
         type=int,
-        default=200,
-        help="scm: first steps fitting the student to the guided teacher on its time input",
+        default=None,
+        help="scm: first steps fitting the student to the guided teacher on its time input "
+        "(default: 200 with --scm-time dense, 0 with index)",
     )
     p.add_argument(
         "--scm-weight-lr",

@@ -58,11 +58,11 @@ class DistillConfig:
     scm_p_mean: float = 0.2
     scm_p_std: float = 1.6
     scm_start_share: float = 0.1
-    scm_time: str = "dense"  # "dense": sin t / (sin t + cos t) (SANA-Sprint); "index": teacher's
-    scm_fit_steps: int = 200
+    scm_time: str = "index"  # the teacher's own timestep; "dense": sin t / (sin t + cos t)
+    scm_fit_steps: int | None = None  # default: 200 with the dense input, 0 with the index
     scm_warmup: int = 10000
     scm_tangent_c: float = 0.1
-    scm_derivative: str = "jvp"  # or finite_difference, or secant (over teacher timesteps)
+    scm_derivative: str = "secant"  # over teacher timesteps; or jvp, or finite_difference
     scm_secant_steps: int = 8  # secant: the teacher timesteps either side
     scm_weight_lr: float = 1e-2
     scm_prior_weight: bool = False  # weight the loss by 1 / (sigma_d tan t), as SANA-Sprint's code
@@ -144,6 +144,11 @@ class DistillConfig:
     }
     # settings that shape only some methods' runs (by their prefix)
     OWNERS = {"scm_": ("scm", "rcm"), "ladd_": ("scm",), "ict_": ("ict",)}
+
+    def __post_init__(self) -> None:
+        # only the dense input needs a fit: with its own timestep the student starts as the teacher
+        if self.scm_fit_steps is None:
+            self.scm_fit_steps = 200 if self.scm_time == "dense" else 0
 
     def shapes(self, key: str) -> bool:
         """Whether ``key`` shapes this config's method's run (a resumed run must keep it)."""
