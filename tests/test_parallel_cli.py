@@ -1,5 +1,6 @@
 """``diffguide generate --parallel`` under torchrun (2 CPU processes, gloo): the processes make each
-image together, the first writes it, and its pixels are one process's; refusals are one line."""
+image together, the first writes it, and its pixels are one process's (to 8-bit rounding); refusals
+are one line."""
 
 import json
 import os
@@ -30,6 +31,15 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path)).astype(int)
 
 
+def close_pixels(a, b) -> bool:
+    """The same image but for 8-bit rounding: a process running one branch row computes a batch of 1
+    where one process computes both rows together, and the last float bit can differ (the float
+    images agree to 5e-5 in test_parallel_branches.py), which may flip a pixel's rounding by one
+    level (seen: one value of 3,072)."""
+    d = np.abs(pixels(a) - pixels(b))
+    return d.max() <= 1 and (d > 0).mean() <= 0.01
+
+
 def settings(path) -> dict:
     return json.loads(Image.open(path).text["diffguide"])
 
@@ -47,7 +57,7 @@ def test_branches_on_two_processes_write_one_process_images(tmp_path, capsys):
     assert res.stderr.count("2 image(s)") == 1 and "(--parallel branches)" in res.stderr
     for name in names:
         one, two = tmp_path / "one" / name, tmp_path / "two" / name
-        assert np.array_equal(pixels(one), pixels(two)), name
+        assert close_pixels(one, two), name
         meta = settings(two)
         assert meta["parallel"] == "branches" and "parallel" not in settings(one)
         assert {k: v for k, v in meta.items() if k != "parallel"} == settings(one)
@@ -56,7 +66,7 @@ def test_branches_on_two_processes_write_one_process_images(tmp_path, capsys):
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(two), "-o", str(again), "--quiet"]) == 0
     assert "not read" not in capsys.readouterr().err
-    assert np.array_equal(pixels(again), pixels(two))
+    assert close_pixels(again, two)
 
 
 def test_sequence_on_two_processes_writes_one_process_image(tmp_path):
