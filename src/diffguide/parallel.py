@@ -9,7 +9,8 @@ when the work does not divide).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import sys
+from typing import Any, NoReturn, Sequence
 
 
 def launched() -> bool:
@@ -103,8 +104,6 @@ def end_processes() -> None:
     """Close the process group this process opened, if any: left to interpreter exit, gloo's
     threads sometimes abort a process whose work is done ("terminate called without an active
     exception")."""
-    import sys
-
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         try:
@@ -113,12 +112,10 @@ def end_processes() -> None:
             pass
 
 
-def exit_launched(code: int = 0):
+def exit_launched(code: int = 0) -> NoReturn:
     """End a launched process with ``code`` once its work is written: close its group, flush, and
     leave without the interpreter's teardown, where gloo's threads can still abort the process after
     the group is closed (seen as exit -6 of a run that had finished)."""
-    import sys
-
     end_processes()
     for stream in (sys.stdout, sys.stderr):
         try:
